@@ -1,0 +1,125 @@
+"""Command-line streaming chat: `python -m streaming_engine.chat` (the reference `run_streaming_llama.py`).
+
+Reads prompts from a file (a `.jsonl` of MT-Bench style `{"turns": [...]}` records, a `.json` list, or plain text
+with one prompt per line) or from standard input, feeds them one after another into ONE streaming session, prints
+each answer as it streams and the cache statistics after it. Interactive when stdin is a terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .engine import EngineConfig, StreamingEngine
+from .loading import load
+from .session import MODES
+
+
+def read_prompts(path: str | None) -> list[str]:
+    """Prompts from `path` (jsonl / json / text) or, with no path, from stdin (one per line)."""
+    if path is None:
+        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    file = Path(path)
+    if not file.is_file():
+        raise SystemExit(f"error: prompt file {path!r} does not exist")
+    text = file.read_text(encoding="utf-8")
+    if file.suffix == ".jsonl":
+        prompts = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SystemExit(f"error: {path}:{number} is not JSON ({exc.msg})") from exc
+            turns = record.get("turns") if isinstance(record, dict) else None
+            prompts.extend(turns if isinstance(turns, list) else [str(record.get("prompt", record))])
+        return prompts
+    if file.suffix == ".json":
+        data = json.loads(text)
+        if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
+            raise SystemExit(f"error: {path} must hold a JSON list of strings")
+        return data
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m streaming_engine.chat", description=__doc__.split("\n\n")[0])
+    p.add_argument("prompts", nargs="?", help="prompt file (.jsonl, .json or text); default: stdin")
+    p.add_argument("--model", default=None, help="Hugging Face id or local path (default: offline SmolLM2-135M-Instruct)")
+    p.add_argument("--start-size", type=int, default=4, help="attention sinks kept (default 4)")
+    p.add_argument("--recent-size", type=int, default=2000, help="recent tokens kept (default 2000)")
+    p.add_argument("--mode", choices=MODES, default="streaming")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    interactive = args.prompts is None and sys.stdin.isatty()
+    prompts = [] if interactive else read_prompts(args.prompts)
+    try:
+        config = EngineConfig(
+            start_size=args.start_size,
+            recent_size=args.recent_size,
+            prefill_chunk_size=min(512, max(1, args.recent_size // 2)),
+        )
+        model, tokenizer = load(args.model, args.device, args.dtype)
+        engine = StreamingEngine(model, tokenizer, config)
+        session = engine.new_session(args.mode, args.system)
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    sampling = dict(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+    )
+
+    def ask(prompt: str) -> bool:
+        print(f"\nUSER: {prompt}\n\nASSISTANT: ", end="", flush=True)
+        for event in engine.chat(session, prompt, **sampling):
+            if event.kind == "delta":
+                print(event.text, end="", flush=True)
+            elif event.kind == "error":
+                print(f"\n[error] {event.text}", file=sys.stderr)
+                return True
+            else:
+                s = event.stats
+                rate = f"{s['tokens_per_s']:.1f} tok/s" if s.get("tokens_per_s") else "-"
+                print(
+                    f"\n[cache {s['cache_tokens']}/{s['cache_capacity']} tokens | evicted {s['evicted_tokens']} | "
+                    f"seen {s['seen_tokens']} | {rate} | finish: {event.finish_reason}]",
+                    flush=True,
+                )
+                return event.finish_reason != "context_full"
+        return True
+
+    try:
+        if interactive:
+            print("Type a message (Ctrl-D to quit).")
+            for line in sys.stdin:
+                if line.strip() and not ask(line.rstrip("\n")):
+                    break
+        else:
+            for prompt in prompts:
+                if not ask(prompt):
+                    break
+    except KeyboardInterrupt:
+        engine.stop(session)
+        print("\n[interrupted]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
