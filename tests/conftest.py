@@ -14,12 +14,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 VOCAB = 96
 
 
-def tiny_config(family: str, layers: int = 1, max_positions: int = 512):
+def tiny_config(family: str, layers: int = 1, max_positions: int = 512, vocab_size: int = VOCAB):
     """A small config of `family` whose random weights give clearly position-dependent logits."""
     from transformers import FalconConfig, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
-        vocab_size=VOCAB,
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=layers,
@@ -52,11 +52,11 @@ def tiny_config(family: str, layers: int = 1, max_positions: int = 512):
     raise ValueError(family)
 
 
-def tiny_model(family: str, layers: int = 1, seed: int = 0, max_positions: int = 512):
+def tiny_model(family: str, layers: int = 1, seed: int = 0, max_positions: int = 512, vocab_size: int = VOCAB):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = tiny_config(family, layers, max_positions)
+    config = tiny_config(family, layers, max_positions, vocab_size)
     config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     return model.eval()
@@ -68,3 +68,21 @@ def default_model():
     import streaming_engine
 
     return streaming_engine.load()
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer():
+    """The default model's tokenizer (chat template included), without loading its weights."""
+    from transformers import AutoTokenizer
+
+    from streaming_engine.loading import ensure_default_model
+
+    return AutoTokenizer.from_pretrained(ensure_default_model())
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(default_tokenizer):
+    """A 2-layer random Llama over the default tokenizer's vocabulary: real chat templating, instant forward."""
+    model = tiny_model("llama", layers=2, vocab_size=len(default_tokenizer), max_positions=4096)
+    model.generation_config.eos_token_id = default_tokenizer.eos_token_id
+    return model
