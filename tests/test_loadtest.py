@@ -1,0 +1,102 @@
+"""The load-test CLI and the HTTP API it drives: isolation, errors and memory under concurrent sessions."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from streaming_engine import EngineConfig, StreamingEngine
+from streaming_engine import loadtest
+
+#: Peak resident memory the tiny-model server may reach under this test's load (model, gradio, torch included).
+TINY_SERVER_PEAK_RSS_BOUND = 3 * 1024**3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def api_server(tiny_chat_model, default_tokenizer):
+    import gradio as gr
+
+    import webapi
+
+    engine = StreamingEngine(tiny_chat_model, default_tokenizer,
+                             EngineConfig(start_size=4, recent_size=64, prefill_chunk_size=32))
+    with gr.Blocks() as demo:
+        webapi.register(engine)
+    port = free_port()
+    demo.queue(default_concurrency_limit=16).launch(server_name="127.0.0.1", server_port=port,
+                                                    prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}", engine
+    demo.close()
+
+
+def test_concurrent_sessions_complete_with_no_errors_no_cross_talk_and_bounded_memory(api_server):
+    url, engine = api_server
+    report = loadtest.run_load(url, sessions=4, turns=4, max_new_tokens=8, deadline_s=300)
+    assert report["errors"] == 0, report["error_messages"]
+    assert report["cross_talk"] == 0
+    assert report["turns_completed"] == 16
+    assert report["ttft_p50_s"] is not None and report["ttft_p95_s"] >= report["ttft_p50_s"]
+    assert 0 < report["peak_rss_bytes"] < TINY_SERVER_PEAK_RSS_BOUND
+    assert engine.session_ids() == []  # every virtual user closed its session
+
+
+def test_cross_talk_is_detected_when_a_history_holds_someone_elses_turn(monkeypatch):
+    """A fake server whose history answers with another user's conversation must be flagged."""
+
+    class FakeJob:
+        def __init__(self, reply):
+            self.reply = reply
+
+        def __iter__(self):
+            yield self.reply, json.dumps({"tokens_per_s": 10.0})
+
+        def result(self):
+            return self.reply, json.dumps({"time_to_first_token_s": 0.1, "tokens_per_s": 10.0})
+
+    class FakeClient:
+        def __init__(self, url, verbose=False):
+            pass
+
+        def submit(self, session, message, max_new_tokens, api_name):
+            return FakeJob("reply")
+
+        def predict(self, *args, api_name):
+            if api_name == "/new_session":
+                return "s"
+            if api_name == "/history":
+                return json.dumps([{"role": "user", "content": "[u9-t0-abc] not mine"},
+                                   {"role": "assistant", "content": "reply"}])
+            return "closed"
+
+    import gradio_client
+
+    monkeypatch.setattr(gradio_client, "Client", FakeClient)
+    result = loadtest.UserResult()
+    loadtest.run_user("http://127.0.0.1:1", 0, 1, 8, float("inf"), result)
+    assert result.turns_completed == 1
+    assert result.cross_talk == 2  # a foreign message, and our own reply missing from our history
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--url", "http://10.0.0.5:7860"], "not a loopback"),
+    (["--sessions", "0"], "--sessions"),
+    (["--turns", "1000"], "--turns"),
+])
+def test_cli_refuses_remote_targets_and_unbounded_runs(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        loadtest.main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_loopback_detection():
+    assert loadtest.is_loopback("http://127.0.0.1:7860") and loadtest.is_loopback("http://localhost:1")
+    assert loadtest.is_loopback("http://[::1]:80")
+    assert not loadtest.is_loopback("http://192.168.1.2:7860") and not loadtest.is_loopback("http://example.com")
