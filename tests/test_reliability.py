@@ -1,0 +1,103 @@
+"""Hostile and careless input, limits and faults: clear messages, nothing lost, other users unaffected."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from streaming_engine import EngineBusy, EngineConfig, StreamingEngine, load
+
+GREEDY = dict(temperature=0.0, repetition_penalty=1.0)
+
+
+def engine_for(model, tokenizer, **overrides):
+    config = dict(start_size=4, recent_size=64, prefill_chunk_size=32)
+    config.update(overrides)
+    return StreamingEngine(model, tokenizer, EngineConfig(**config))
+
+
+def final_event(engine, sid, message, **sampling):
+    return list(engine.chat(sid, message, **{**GREEDY, **sampling}))[-1]
+
+
+def test_a_200k_character_paste_is_answered_in_bounded_memory(tiny_chat_model, default_tokenizer):
+    engine = engine_for(tiny_chat_model, default_tokenizer, recent_size=508, prefill_chunk_size=254)
+    sid = engine.new_session()
+    paste = ("All work and no play makes Jack a dull boy. " * 4600)[:200_000]
+    peak = 0
+    for event in engine.chat(sid, paste, max_new_tokens=4, **GREEDY):
+        peak = max(peak, event.stats.get("cache_tokens", 0))
+    assert event.kind == "done"
+    assert peak <= 512 and event.stats["evicted_tokens"] > 30_000
+    assert engine.history(sid)[0]["content"] == paste  # nothing the user wrote is lost
+
+
+def test_control_characters_and_lone_surrogates_are_cleaned_not_fatal(tiny_chat_model, default_tokenizer):
+    engine = engine_for(tiny_chat_model, default_tokenizer)
+    sid = engine.new_session()
+    final = final_event(engine, sid, "a\x00b\x07c\ud800d\te\nf \u202eRTL 👋", max_new_tokens=3)
+    assert final.kind == "done"
+    assert engine.history(sid)[0]["content"] == "abc\ufffdd\te\nf \u202eRTL 👋"
+
+
+def test_too_many_sessions_get_a_polite_busy_message(tiny_chat_model, default_tokenizer):
+    engine = engine_for(tiny_chat_model, default_tokenizer, max_sessions=2)
+    engine.new_session(), engine.new_session()
+    with pytest.raises(EngineBusy, match="Server busy"):
+        engine.new_session()
+
+
+def test_too_many_running_replies_get_a_polite_busy_message(tiny_chat_model, default_tokenizer):
+    engine = engine_for(tiny_chat_model, default_tokenizer, max_active_turns=1, recent_size=600,
+                        prefill_chunk_size=256)
+    first, second = engine.new_session(), engine.new_session()
+    running = engine.chat(first, "Tell me a long story.", max_new_tokens=400, **GREEDY)
+    next(running)  # the first reply is now being generated
+    refused = list(engine.chat(second, "Me too!", max_new_tokens=3, **GREEDY))
+    assert len(refused) == 1 and refused[0].kind == "error" and "Server busy" in refused[0].text
+    engine.stop(first)
+    assert list(running)[-1].finish_reason == "stopped"
+    assert final_event(engine, second, "Me too!", max_new_tokens=3).kind == "done"
+
+
+def test_idle_sessions_are_closed_and_their_cache_freed(tiny_chat_model, default_tokenizer):
+    engine = engine_for(tiny_chat_model, default_tokenizer, idle_timeout_s=0.2)
+    sid = engine.new_session()
+    final_event(engine, sid, "hello", max_new_tokens=3)
+    cache = engine._get(sid).cache
+    assert cache.kv_bytes() > 0
+    time.sleep(0.3)
+    assert engine.close_idle() == 1 and sid not in engine.session_ids()
+    assert cache.kv_bytes() == 0
+    events = list(engine.chat(sid, "still there?"))
+    assert events[-1].kind == "error" and "expired" in events[-1].text
+
+
+def test_a_reader_that_goes_away_mid_reply_stops_the_turn_and_keeps_the_partial_reply(
+    tiny_chat_model, default_tokenizer
+):
+    engine = engine_for(tiny_chat_model, default_tokenizer, recent_size=600, prefill_chunk_size=256)
+    sid, other = engine.new_session(), engine.new_session()
+    reader = engine.chat(sid, "Talk for a long time.", max_new_tokens=400, **GREEDY)
+    for event in reader:
+        if event.stats.get("reply_tokens", 0) >= 3:
+            break
+    reader.close()  # what happens when a browser tab closes mid-stream
+    handle = engine._get(sid).current
+    assert handle.finished.wait(10)
+    history = engine.history(sid)
+    assert history[-1]["role"] == "assistant" and engine.stats(sid)["reply_tokens"] < 400
+    assert final_event(engine, other, "Are you there?", max_new_tokens=3).kind == "done"
+    assert final_event(engine, sid, "Back again", max_new_tokens=3).kind == "done"
+
+
+def test_unknown_model_ids_and_unsupported_families_fail_at_startup_with_a_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="could not load model"):
+        load("no-such-org/no-such-model-xyz")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="supported families .*llama, mistral, qwen2, gpt_neox, falcon"):
+        load(str(tmp_path))
