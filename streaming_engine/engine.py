@@ -306,12 +306,10 @@ class StreamingEngine:
                 yield Event("error", "Server busy: too many replies are being written right now. Try again shortly.",
                             session.stats(), "error")
                 return
-            stop_event = threading.Event()
             handle = TurnHandle(
-                session.turn(self.runtime, message, params, stop_event),
-                on_crash=lambda exc: Event("error", f"Generation failed ({type(exc).__name__}).", {}, "error"),
+                on_crash=lambda exc: Event("error", f"Generation failed ({type(exc).__name__}).", {}, "error")
             )
-            handle.stop_event = stop_event
+            handle.steps = session.turn(self.runtime, message, params, handle.stop_event)
             session.current = handle
             self.scheduler.submit(handle)
         yield from self.scheduler.read(handle)

@@ -25,8 +25,8 @@ POLL_INTERVAL_S = 0.1
 class TurnHandle:
     """A submitted turn: its step generator, the queue its events go to, and its stop flag."""
 
-    def __init__(self, steps: Iterator, on_crash: Callable[[BaseException], object]):
-        self.steps = steps
+    def __init__(self, on_crash: Callable[[BaseException], object]):
+        self.steps: Iterator | None = None  # set by the owner, usually from a generator that reads `stop_event`
         self.on_crash = on_crash  # turns an exception that escaped `steps` into a final event
         self.events: queue.Queue = queue.Queue()
         self.stop_event = threading.Event()
