@@ -101,14 +101,16 @@ class StartRecentKVCache(Cache):
             if not layer.is_initialized or layer.get_seq_length() == 0:
                 continue
             keys, values = layer.keys, layer.values  # [batch, kv_heads, held, head_dim]
-            tail = keys[:, :, end:]
-            if self.pos_shift:
-                tail = shift_keys(tail, count, self.rotary_emb)
+            tail = self._moved_keys(keys[:, :, end:], count)
             layer.keys = torch.cat((keys[:, :, :start], tail), dim=-2)
             layer.values = torch.cat((values[:, :, :start], values[:, :, end:]), dim=-2)
         self._stream_index = torch.cat((self._stream_index[:start], self._stream_index[end:]))
         self.evicted_tokens += count
         return count
+
+    def _moved_keys(self, keys: torch.Tensor, shift: int) -> torch.Tensor:
+        """Keys that sat behind an evicted gap of `shift` tokens, placed at their new positions."""
+        return shift_keys(keys, shift, self.rotary_emb) if self.pos_shift else keys
 
     def evict_for_space(self, num_coming: int) -> int:
         """Evict the oldest non-sink tokens so `num_coming` more fit in `cache_size`; returns how many.

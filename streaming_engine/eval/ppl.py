@@ -1,0 +1,124 @@
+"""Per-token perplexity over a long text: `python -m streaming_engine.eval.ppl`.
+
+One token per forward pass, as the paper's `eval_long_ppl.py`: every method sees the same tokens and predicts
+the next one from its own cache. Writes JSON (`config`, and per method `ppl`, `ppl_last` over the last quarter,
+per-token `nll`, `tokens_per_s`, `peak_memory_bytes`) and a PNG of rolling log-PPL beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..loading import DEFAULT_MODEL_NAME, load
+from .methods import PPL_METHODS, make_runner, parse_methods
+from .plots import plot_ppl
+from .texts import DATASETS, load_text
+
+
+def peak_memory(device: torch.device, kv_peak: int) -> int:
+    """CUDA: allocator peak. CPU: the peak KV-cache bytes (process RSS mixes in everything else)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return kv_peak
+
+
+def evaluate(model, ids: list[int], method: str, start_size: int, recent_size: int, progress: bool = True) -> dict:
+    """NLL of every token after the first, predicted by `method`."""
+    device = model.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    runner = make_runner(method, model, start_size, recent_size)
+    nll, kv_peak = [], 0
+    bar = tqdm(range(len(ids) - 1), desc=f"{method:>17}", disable=not progress, dynamic_ncols=True)
+    started = time.perf_counter()
+    for t in bar:
+        logits = runner.step(ids[t])
+        nll.append(float(-torch.log_softmax(logits.float(), dim=-1)[ids[t + 1]]))
+        kv_peak = max(kv_peak, runner.kv_bytes())
+        if t % 50 == 0:
+            bar.set_postfix(ppl=f"{math.exp(sum(nll) / len(nll)):.2f}")
+    elapsed = time.perf_counter() - started
+    last = nll[-max(1, len(nll) // 4):]
+    return {
+        "ppl": math.exp(sum(nll) / len(nll)),
+        "ppl_last": math.exp(sum(last) / len(last)),
+        "nll": [round(x, 4) for x in nll],
+        "tokens_per_s": len(nll) / elapsed,
+        "peak_memory_bytes": peak_memory(device, kv_peak),
+    }
+
+
+def run(model, tokenizer, text: str, *, methods: list[str], start_size: int, recent_size: int, max_tokens: int,
+        model_name: str, source: str, progress: bool = True) -> dict:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    if len(ids) < 2:
+        raise ValueError("the text is too short: it needs at least 2 tokens")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if "dense" in methods and limit and len(ids) > limit:
+        raise ValueError(f"dense attention cannot go past the model's {limit} positions: use --max-tokens {limit}")
+    result = {
+        "config": {
+            "model": model_name, "source": source, "tokens": len(ids), "start_size": start_size,
+            "recent_size": recent_size, "cache_size": start_size + recent_size, "methods": methods,
+            "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "methods": {},
+    }
+    for method in methods:
+        result["methods"][method] = evaluate(model, ids, method, start_size, recent_size, progress)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m streaming_engine.eval.ppl", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help=f"hub id or local path (default: offline {DEFAULT_MODEL_NAME})")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text", default=None, help="a UTF-8 text file")
+    src.add_argument("--dataset", default=None, choices=sorted(DATASETS), help="built-in long text (default gutenberg-milton)")
+    p.add_argument("--start-size", type=int, default=4)
+    p.add_argument("--recent-size", type=int, default=252)
+    p.add_argument("--max-tokens", type=int, default=2000)
+    p.add_argument("--methods", default=",".join(PPL_METHODS), help=f"comma list of {', '.join(PPL_METHODS)}")
+    p.add_argument("--output", default="runs/ppl.json", help="JSON path; the PNG plot goes beside it")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        methods = parse_methods(args.methods, PPL_METHODS)
+        if args.start_size < 0 or args.recent_size < 1 or args.max_tokens < 2:
+            raise ValueError("need --start-size >= 0, --recent-size >= 1 and --max-tokens >= 2")
+        text, source = load_text(args.text, None if args.text else (args.dataset or "gutenberg-milton"))
+        model, tokenizer = load(args.model, args.device, args.dtype)
+        result = run(model, tokenizer, text, methods=methods, start_size=args.start_size,
+                     recent_size=args.recent_size, max_tokens=args.max_tokens,
+                     model_name=args.model or DEFAULT_MODEL_NAME, source=source)
+    except (ValueError, RuntimeError) as exc:
+        parser.exit(2, f"error: {exc}\n")
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    plot_ppl(result, str(output.with_suffix(".png")))
+    print(f"{'method':>18} {'PPL':>8} {'PPL last 25%':>13} {'tok/s':>7} {'peak mem':>10}")
+    for method, data in result["methods"].items():
+        print(f"{method:>18} {data['ppl']:8.3f} {data['ppl_last']:13.3f} {data['tokens_per_s']:7.1f} "
+              f"{data['peak_memory_bytes'] / 2**20:8.1f}MB")
+    print(f"wrote {output} and {output.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
