@@ -242,6 +242,16 @@ class StreamingEngine:
         with session.lock:
             session.clear()
 
+    def rewind(self, session_id: str) -> str:
+        """Drop the last user turn and its reply (for "retry"); returns that user message.
+
+        The cache is rebuilt from the remaining history on the next turn, like a restored session.
+        """
+        session = self._get(session_id)
+        self._wait_idle(session)
+        with session.lock:
+            return session.rewind()
+
     def close(self, session_id: str) -> None:
         """Stop and free the session. Closing an unknown id is a no-op (a tab may close twice)."""
         with self._lock:

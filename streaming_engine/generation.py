@@ -91,8 +91,11 @@ def generate_reply(
     def fits(count: int) -> bool:
         return context_limit is None or cache.get_seq_length() + count <= context_limit
 
-    if evict and len(prompt_ids) + max_new_tokens <= cache.recent_size:
-        cache.evict_for_space(len(prompt_ids) + max_new_tokens)
+    # At most len(prompt) + max_new_tokens - 1 tokens are fed this turn (the last sampled one waits for the next
+    # turn), so reserving exactly that leaves the cache full, not short, after a reply that runs to the limit.
+    reserve = len(prompt_ids) + max_new_tokens - 1
+    if evict and reserve <= cache.recent_size:
+        cache.evict_for_space(reserve)
     if not fits(len(prompt_ids)):
         yield Step("finish", reason="context_full")
         return

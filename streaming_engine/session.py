@@ -152,6 +152,17 @@ class Session:
         self.turns = sum(1 for m in messages if m["role"] == "user")
         self.needs_prime = bool(messages)
 
+    def rewind(self) -> str:
+        """Remove the last user message and everything after it; the cache is rebuilt on the next turn."""
+        last_user = max((i for i, m in enumerate(self.history) if m["role"] == "user"), default=None)
+        if last_user is None:
+            raise ValueError("there is no message to retry yet")
+        message = self.history[last_user]["content"]
+        kept = self.history[:last_user]
+        self.clear()
+        self.load_history(kept)
+        return message
+
     def clear(self) -> None:
         """Forget everything (the `reset` of a conversation)."""
         self.cache.reset()

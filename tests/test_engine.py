@@ -307,3 +307,29 @@ def test_default_model_answers_three_rounds_on_topic(default_model):
         _, final, _ = run(engine, sid, question, max_new_tokens=40, **GREEDY)
         assert final.kind == "done" and final.text.strip()
         assert any(w in final.text.lower() for w in words), final.text
+
+
+def test_rewind_drops_the_last_exchange_and_the_retry_follows_the_earlier_history(tiny_chat_model, default_tokenizer):
+    engine = make_engine(tiny_chat_model, default_tokenizer, 4, 200)
+    sid = engine.new_session()
+    first, _, _ = run(engine, sid, "First question", max_new_tokens=6, **GREEDY)
+    snapshot = engine.export(sid)
+    run(engine, sid, "Second question", max_new_tokens=6, **GREEDY)
+    assert engine.rewind(sid) == "Second question"
+    assert [m["content"] for m in engine.history(sid)] == ["First question", first]
+    again, final, _ = run(engine, sid, "Second question", max_new_tokens=6, **GREEDY)
+    # The retry sees exactly the history a restore of the first exchange sees.
+    restored, _, _ = run(engine, engine.restore(snapshot), "Second question", max_new_tokens=6, **GREEDY)
+    assert final.kind == "done" and again == restored
+    fresh = engine.new_session()
+    with pytest.raises(ValueError, match="no message"):
+        engine.rewind(fresh)
+
+
+def test_a_reply_that_runs_to_the_limit_leaves_the_streaming_cache_exactly_full(tiny_chat_model, default_tokenizer):
+    engine = make_engine(tiny_chat_model, default_tokenizer, 4, 64)
+    sid = engine.new_session()
+    for i in range(4):
+        _, final, _ = run(engine, sid, f"Tell me more, part {i}.", max_new_tokens=16, **GREEDY)
+    assert final.finish_reason == "length" and final.stats["evicted_tokens"] > 0
+    assert final.stats["cache_tokens"] == final.stats["cache_capacity"] == 68
