@@ -61,9 +61,10 @@ def register(engine: StreamingEngine, max_new_tokens_default: int = 128) -> None
         return "closed"
 
     def health() -> str:
+        rss = psutil.Process().memory_info().rss
         return json.dumps({
-            "rss_bytes": psutil.Process().memory_info().rss,
-            "peak_rss_bytes": peak_rss_bytes(),
+            "rss_bytes": rss,
+            "peak_rss_bytes": max(rss, peak_rss_bytes()),  # the two readings are a moment apart
             "sessions": len(engine.session_ids()),
             "active_turns": engine.scheduler.active_turns,
         })
