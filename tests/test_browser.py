@@ -1,0 +1,179 @@
+"""The app in a real browser: Playwright driving the system Chromium against the app on the default model.
+
+Skipped (with the reason) only when Chromium or Playwright is missing. Screenshots land in `test-artifacts/`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+import app
+from streaming_engine import EngineConfig, StreamingEngine
+
+pytestmark = [pytest.mark.browser, pytest.mark.model]
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+               "--disable-sync"]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+START, RECENT, MAX_NEW = 4, 96, 24
+TIMEOUT_MS = 120_000
+
+
+@pytest.fixture(scope="module")
+def server(default_model):
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    pytest.importorskip("playwright.sync_api", reason="python playwright is not installed")
+    model, tokenizer = default_model
+    engine = StreamingEngine(model, tokenizer, EngineConfig(start_size=START, recent_size=RECENT,
+                                                            prefill_chunk_size=48, max_new_tokens=MAX_NEW))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = app.AppSettings(start_size=START, recent_size=RECENT, port=port)
+    demo = app.build_ui(engine, settings, "SmolLM2-135M-Instruct")
+    app.launch(demo, settings, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}", engine
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        instance = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        yield instance
+        instance.close()
+
+
+def open_page(browser, url):
+    page = browser.new_context(viewport={"width": 1360, "height": 980}).new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    page.wait_for_selector("#msg textarea")
+    return page
+
+
+def gauge(page, key, root="#gauges") -> float:
+    return float(page.get_attribute(f"{root} [data-key={key}]", "data-value"))
+
+
+def send_and_wait(page, text, turn):
+    page.fill("#msg textarea", text)
+    page.click("#send")
+    page.wait_for_function(
+        f"""() => {{ const g = document.querySelector('#gauges .gauges');
+                     return g && g.dataset.phase === 'idle' &&
+                            g.querySelector('[data-key=turns]').dataset.value === '{turn}'; }}""")
+
+
+def bot_texts(page, root="#chatbot"):
+    return [t.strip() for t in page.locator(f"{root} .bot").all_inner_texts() if t.strip()]
+
+
+def test_a_reply_streams_in_and_the_gauges_move(browser, server):
+    url, _ = server
+    page = open_page(browser, url)
+    assert gauge(page, "seen_tokens") == 0
+    page.fill("#msg textarea", "Write a short poem about the sea.")
+    page.click("#send")
+    lengths = set()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        texts = bot_texts(page)
+        if texts:
+            lengths.add(len(texts[-1]))
+        if page.get_attribute("#gauges .gauges", "data-phase") == "idle" and gauge(page, "turns") == 1:
+            break
+        time.sleep(0.05)
+    assert len(lengths) >= 2, "the reply should appear piece by piece"
+    assert gauge(page, "seen_tokens") > 20 and gauge(page, "kv_bytes") > 0 and gauge(page, "tokens_per_s") > 0
+    page.screenshot(path=str(ARTIFACTS / "chat-first-reply.png"), full_page=True)
+    page.context.close()
+
+
+def test_on_a_tiny_cache_evictions_climb_while_the_fill_stays_at_capacity(browser, server):
+    url, _ = server
+    page = open_page(browser, url)
+    prompts = ["What is the capital of France?", "Tell me a story about a dragon.",
+               "Describe the ocean in detail.", "Explain how rain forms, step by step.",
+               "Write a long poem about autumn leaves."]
+    evicted = []
+    for turn, prompt in enumerate(prompts, 1):
+        send_and_wait(page, prompt, turn)
+        evicted.append(gauge(page, "evicted_tokens"))
+    assert evicted[-1] > 0 and evicted == sorted(evicted)
+    bar = page.locator("#gauges [data-key=fill]")
+    assert bar.get_attribute("data-capacity") == str(START + RECENT)
+    assert bar.get_attribute("data-held") == str(START + RECENT)  # the last reply ran to max_new_tokens
+    assert gauge(page, "sink_tokens") == START
+    page.screenshot(path=str(ARTIFACTS / "chat-tiny-cache.png"), full_page=True)
+    page.context.close()
+
+
+def test_two_pages_at_once_get_independent_conversations(browser, server):
+    url, engine = server
+    before = len(engine.session_ids())
+    first, second = open_page(browser, url), open_page(browser, url)
+    first.fill("#msg textarea", "My favourite color is green. What is 2+2?")
+    second.fill("#msg textarea", "Name a large animal.")
+    first.click("#send")
+    second.click("#send")
+    for page in (first, second):
+        page.wait_for_function("document.querySelector('#gauges .gauges').dataset.phase === 'idle' && "
+                               "document.querySelector('#gauges [data-key=turns]').dataset.value === '1'")
+    assert "green" in first.inner_text("#chatbot") and "green" not in second.inner_text("#chatbot")
+    assert "large animal" in second.inner_text("#chatbot") and "large animal" not in first.inner_text("#chatbot")
+    assert len(engine.session_ids()) == before + 2
+    for page in (first, second):
+        page.context.close()
+
+
+def test_html_in_a_message_is_shown_as_text_and_never_runs(browser, server):
+    url, _ = server
+    page = open_page(browser, url)
+    payload = '<script>window.__xss=1</script><img src=x onerror="window.__xss=2"> hello'
+    send_and_wait(page, payload, 1)
+    assert page.evaluate("window.__xss") is None
+    assert "<script>window.__xss=1</script>" in page.inner_text("#chatbot")
+    assert page.locator("#chatbot img[src='x']").count() == 0
+    page.context.close()
+
+
+def test_a_reload_brings_the_conversation_back(browser, server):
+    url, _ = server
+    page = open_page(browser, url)
+    send_and_wait(page, "Remember the word pineapple.", 1)
+    page.reload()
+    page.wait_for_selector("#msg textarea")
+    page.wait_for_function("document.querySelector('#chatbot').innerText.includes('pineapple')")
+    assert gauge(page, "turns") == 1
+    send_and_wait(page, "What word did I ask you to remember?", 2)
+    page.context.close()
+
+
+def test_the_dense_vs_streaming_tab_answers_on_every_side(browser, server):
+    url, _ = server
+    page = open_page(browser, url)
+    page.get_by_role("tab", name="Dense vs Streaming").click()
+    page.fill("#compare-msg textarea", "What is the capital of Italy?")
+    page.click("#compare-send")
+    page.wait_for_function(
+        """() => ['streaming', 'dense', 'window'].every(m => {
+               const g = document.querySelector(`#gauges-${m} .gauges`);
+               return g && g.dataset.phase === 'idle' && g.querySelector('[data-key=turns]').dataset.value === '1';
+           })""")
+    for mode in ("streaming", "dense", "window"):
+        assert bot_texts(page, f"#chat-{mode}"), mode
+    assert int(page.get_attribute("#gauges-dense [data-key=fill]", "data-held")) > 0
+    page.wait_for_selector("#plot-memory img, #plot-memory svg, #plot-memory canvas")
+    page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
+    page.context.close()
