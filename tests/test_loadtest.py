@@ -100,3 +100,33 @@ def test_loopback_detection():
     assert loadtest.is_loopback("http://127.0.0.1:7860") and loadtest.is_loopback("http://localhost:1")
     assert loadtest.is_loopback("http://[::1]:80")
     assert not loadtest.is_loopback("http://192.168.1.2:7860") and not loadtest.is_loopback("http://example.com")
+
+
+#: README's stated bound for the default-model server under 8 sessions x 10 turns (model, torch, gradio included).
+DEFAULT_SERVER_PEAK_RSS_BOUND = 3 * 1024**3
+#: Resident memory may not climb by more than this from the first to the last reading of the run.
+RSS_GROWTH_BOUND = 256 * 1024**2
+
+
+@pytest.mark.model
+def test_default_model_serves_8_sessions_by_10_turns_with_zero_errors_and_flat_memory(default_model):
+    import gradio as gr
+
+    import webapi
+
+    model, tokenizer = default_model
+    engine = StreamingEngine(model, tokenizer, EngineConfig(start_size=4, recent_size=252, prefill_chunk_size=128))
+    with gr.Blocks() as demo:
+        webapi.register(engine)
+    port = free_port()
+    demo.queue(default_concurrency_limit=16).launch(server_name="127.0.0.1", server_port=port,
+                                                    prevent_thread_lock=True, quiet=True)
+    try:
+        report = loadtest.run_load(f"http://127.0.0.1:{port}", sessions=8, turns=10, max_new_tokens=16,
+                                   deadline_s=1200)
+    finally:
+        demo.close()
+    assert report["errors"] == 0, report["error_messages"]
+    assert report["cross_talk"] == 0 and report["turns_completed"] == 80
+    assert report["peak_rss_bytes"] < DEFAULT_SERVER_PEAK_RSS_BOUND
+    assert report["rss_last_bytes"] - report["rss_first_bytes"] < RSS_GROWTH_BOUND
