@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
+from conftest import free_port
 
 import app
 from streaming_engine import EngineConfig, StreamingEngine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,13 @@ Skipped (with the reason) only when Chromium or Playwright is missing. Screensho
 from __future__ import annotations
 
 import shutil
-import socket
 import time
 from pathlib import Path
 
 import pytest
 
 import app
+from conftest import free_port
 from streaming_engine import EngineConfig, StreamingEngine
 
 pytestmark = [pytest.mark.browser, pytest.mark.model]
@@ -33,9 +33,7 @@ def server(default_model):
     model, tokenizer = default_model
     engine = StreamingEngine(model, tokenizer, EngineConfig(start_size=START, recent_size=RECENT,
                                                             prefill_chunk_size=48, max_new_tokens=MAX_NEW))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     settings = app.AppSettings(start_size=START, recent_size=RECENT, port=port)
     demo = app.build_ui(engine, settings, "SmolLM2-135M-Instruct")
     app.launch(demo, settings, prevent_thread_lock=True, quiet=True)

