@@ -114,17 +114,52 @@ def parse_settings(argv: list[str] | None = None, env: dict | None = None) -> Ap
 
 # --- rendering ------------------------------------------------------------------------------------------------
 
+#: A fence line opens or closes a fenced code block (``` or ~~~, three or more).
+_FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})")
+#: An inline code span: a backtick run closed by a run of the same length, within one paragraph (no blank line).
+_CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`)(?:(?!\n[ \t]*\n).)+?(?<!`)\1(?!`)", re.DOTALL)
+#: Prose that a markdown renderer would turn into a tag (`<b`, `</`, `<!--`, `<?`) or an image (`![`).
+_TAG_OPEN = re.compile(r"<(?=[A-Za-z/!?])")
 _MD_IMAGE = re.compile(r"!\[")
 
 
+def _inert_prose(text: str) -> str:
+    return _MD_IMAGE.sub(r"!\\[", _TAG_OPEN.sub("&lt;", text))
+
+
+def _inert_inline(text: str) -> str:
+    """Escape prose between inline code spans; the spans are shown verbatim by the renderer, so they stay raw."""
+    out, last = [], 0
+    for match in _CODE_SPAN.finditer(text):
+        out += [_inert_prose(text[last:match.start()]), match.group(0)]
+        last = match.end()
+    return "".join(out + [_inert_prose(text[last:])])
+
+
 def inert(text: str) -> str:
-    """User text for display: HTML escaped and markdown images defused, so nothing runs or loads."""
-    return _MD_IMAGE.sub(r"!\\[", html.escape(text, quote=False))
+    """Chat text (user or model) for the Chatbot: markdown still renders (lists, code), but no tag is ever
+    interpreted and no image is loaded.
 
-
-def inert_reply(text: str) -> str:
-    """Model text keeps its markdown (lists, code) but cannot load images or inject tags."""
-    return _MD_IMAGE.sub(r"!\\[", text.replace("<", "&lt;"))
+    Tags and `![` outside code become literal text. Code (fenced blocks, inline spans) is left alone because the
+    renderer already shows it verbatim, and an entity there would show up as "&lt;". A fence still open at the end
+    (a reply mid-stream) runs to the end, as markdown renders it. Gradio's sanitizer stays on as a second layer.
+    """
+    out, prose, fence = [], [], None
+    for line in text.splitlines(keepends=True):
+        match = _FENCE.match(line)
+        if fence is None and match:
+            out.append(_inert_inline("".join(prose)))
+            prose, fence = [], match.group(1)
+            out.append(line)
+        elif fence is not None:
+            out.append(line)
+            if match and match.group(1)[0] == fence[0] and len(match.group(1)) >= len(fence) \
+                    and not line.strip()[len(match.group(1)):].strip():
+                fence = None
+        else:
+            prose.append(line)
+    out.append(_inert_inline("".join(prose)))
+    return "".join(out)
 
 
 def human_bytes(n: int | None) -> str:
@@ -157,7 +192,8 @@ def gauges_html(stats: dict | None, title: str = "Cache", phase: str = "idle") -
         note = '<div class="gauge-note">Evicting: the cache is at capacity, memory stays flat.</div>'
     mode = s.get("mode", "")
     return (
-        f'<div class="gauges" data-mode="{mode}" data-phase="{phase}"><h4>{html.escape(title)}</h4>'
+        f'<div class="gauges" data-mode="{mode}" data-phase="{phase}" '
+        f'data-context-full="{str(bool(s.get("context_full"))).lower()}"><h4>{html.escape(title)}</h4>'
         f'<div class="gauge-bar" data-key="fill" data-held="{held}" data-capacity="{capacity}">'
         f'<div class="{fill_class}" style="width:{fill:.1f}%"></div>'
         f'<div class="gauge-sinks" style="width:{100.0 * sinks / capacity:.2f}%"></div></div>'
@@ -176,7 +212,7 @@ def gauges_html(stats: dict | None, title: str = "Cache", phase: str = "idle") -
 def display_messages(history: list[dict]) -> list[dict]:
     """Engine history -> Chatbot messages (system prompt hidden, text made inert)."""
     return [
-        {"role": m["role"], "content": inert(m["content"]) if m["role"] == "user" else inert_reply(m["content"])}
+        {"role": m["role"], "content": inert(m["content"])}
         for m in history if m["role"] in ("user", "assistant")
     ]
 
@@ -296,10 +332,10 @@ def build_ui(engine: StreamingEngine, settings: AppSettings, model_label: str) -
                     reply += event.text
                     if time.monotonic() - last_ui >= STREAM_UI_INTERVAL_S:
                         last_ui = time.monotonic()
-                        messages[-1] = {"role": "assistant", "content": inert_reply(reply)}
+                        messages[-1] = {"role": "assistant", "content": inert(reply)}
                         yield messages, "", gauges_html(event.stats, phase="generating"), state, gr.skip()
                 elif event.kind == "done":
-                    text = inert_reply(event.text) if event.text else "…"
+                    text = inert(event.text) if event.text else "…"
                     if event.finish_reason == "context_full":
                         text += "\n\n*(context full)*"
                     messages[-1] = {"role": "assistant", "content": text}
@@ -500,7 +536,7 @@ def build_ui(engine: StreamingEngine, settings: AppSettings, model_label: str) -
                         replies[mode] += "\n\n**Context full** — dense attention cannot continue."
                 else:
                     replies[mode] = f"⚠️ {event.text}"
-                chats[mode][-1] = {"role": "assistant", "content": inert_reply(replies[mode])}
+                chats[mode][-1] = {"role": "assistant", "content": inert(replies[mode])}
                 if time.monotonic() - last_ui >= STREAM_UI_INTERVAL_S or not open_modes:
                     last_ui = time.monotonic()
                     yield stats
@@ -518,8 +554,20 @@ def build_ui(engine: StreamingEngine, settings: AppSettings, model_label: str) -
 
         compare_out = [progress, *cmp_chats.values(), *cmp_gauges.values(), plot_memory, plot_latency, compare_state]
 
-        def run_script(prompts, chats_in, state, include_window, new_tokens, label):
-            state = dict(state or {})
+        def autopilot_note(number: int, total: int, prompt: str, stats: dict, finished: str = "") -> str:
+            head = (f"**Autopilot {finished}** after {number} of {total} prompts." if finished else
+                    f"**Autopilot** prompt {number}/{total}: *{html.escape(prompt[:80])}*")
+            dense = stats.get("dense") or {}
+            if dense.get("context_full"):
+                head += (f" Dense ran out of context at {dense.get('cache_tokens', 0):,} tokens; streaming has "
+                         f"seen {(stats.get('streaming') or {}).get('seen_tokens', 0):,} in a "
+                         f"{COMPARE_START_SIZE + COMPARE_RECENT_SIZE}-token cache.")
+            return head
+
+        def run_script(prompts, chats_in, state, include_window, new_tokens, autopilot=False):
+            # Mutated in place, not copied: gradio keeps this very dict as the tab's state, so the Stop button
+            # (which receives it) can flag a running autopilot even before its first refresh.
+            state = state if isinstance(state, dict) else {}
             state["stop"] = False
             modes = [m for m in COMPARE_MODES if include_window or m != "window"]
             chats = {m: list(chats_in[i] or []) for i, m in enumerate(COMPARE_MODES)}
@@ -529,30 +577,34 @@ def build_ui(engine: StreamingEngine, settings: AppSettings, model_label: str) -
                 gr.Warning(str(exc))
                 yield compare_outputs(chats, {}, state, "")
                 return
-            stats = {}
+            stats, sent = {}, 0
             for number, prompt in enumerate(prompts, 1):
                 if state.get("stop"):
                     break
-                note = f"{label} {number}/{len(prompts)}: *{html.escape(prompt[:80])}*" if len(prompts) > 1 else ""
+                note = autopilot_note(number, len(prompts), prompt, stats) if autopilot else ""
                 for stats in compare_turn(state, prompt, modes, new_tokens, chats):
                     yield compare_outputs(chats, stats, state, note, phase="generating")
+                sent = number
+                note = autopilot_note(number, len(prompts), prompt, stats) if autopilot else ""
                 yield compare_outputs(chats, stats, state, note, compare_plots(state["series"]))
-            done = "stopped" if state.get("stop") else "finished"
-            yield compare_outputs(chats, stats, state, f"{label} {done}." if len(prompts) > 1 else "",
-                                  compare_plots(state["series"]))
+            if autopilot:
+                finished = "stopped" if state.get("stop") else "finished"
+                yield compare_outputs(chats, stats, state, autopilot_note(sent, len(prompts), "", stats, finished),
+                                      compare_plots(state["series"]))
 
         @gpu_task
         def compare_send(message, c1, c2, c3, state, include_window, new_tokens):
             if not isinstance(message, str) or not message.strip():
                 gr.Warning("The message is empty: type something first.")
-                yield compare_outputs({}, {}, state, "")
+                yield [gr.skip()] * (1 + len(compare_out))  # nothing changes
                 return
-            yield from run_script([message], [c1, c2, c3], state, include_window, new_tokens, "")
+            for outputs in run_script([message], [c1, c2, c3], state, include_window, new_tokens):
+                yield ["", *outputs]  # the input box empties with the first refresh
 
         @gpu_task
         def compare_autopilot(c1, c2, c3, state, include_window, new_tokens):
             prompts = load_json_list("autopilot.json") or ["Tell me a long story."]
-            yield from run_script(prompts, [c1, c2, c3], state, include_window, new_tokens, "Autopilot: prompt")
+            yield from run_script(prompts, [c1, c2, c3], state, include_window, new_tokens, autopilot=True)
 
         def compare_stop(state):
             if isinstance(state, dict):
@@ -571,12 +623,17 @@ def build_ui(engine: StreamingEngine, settings: AppSettings, model_label: str) -
             return ["", [], [], [], *empty, None, None, {}]
 
         cmp_inputs = [*cmp_chats.values(), compare_state, with_window, cmp_new]
-        for trigger in (cmp_msg.submit, cmp_send.click):
-            trigger(compare_send, [cmp_msg, *cmp_inputs], compare_out, concurrency_id="chat",
-                    api_visibility="private").then(lambda: "", None, cmp_msg, queue=False, api_visibility="private")
-        cmp_auto.click(compare_autopilot, cmp_inputs, compare_out, concurrency_id="chat", api_visibility="private")
+        running = [
+            trigger(compare_send, [cmp_msg, *cmp_inputs], [cmp_msg, *compare_out], concurrency_id="chat",
+                    api_visibility="private")
+            for trigger in (cmp_msg.submit, cmp_send.click)
+        ]
+        running.append(cmp_auto.click(compare_autopilot, cmp_inputs, compare_out, concurrency_id="chat",
+                                      api_visibility="private"))
         cmp_stop.click(compare_stop, [compare_state], [compare_state], queue=False, api_visibility="private")
-        cmp_reset.click(compare_reset, [compare_state], compare_out, queue=False, api_visibility="private")
+        # Reset also cancels a running send/autopilot, whose last refresh would otherwise repaint the old chats.
+        cmp_reset.click(compare_reset, [compare_state], compare_out, queue=False, api_visibility="private",
+                        cancels=running)
 
         with gr.Tab("About", id="about"):
             gr.Markdown(

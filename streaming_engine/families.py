@@ -7,6 +7,9 @@ sliding-window layers, linear attention) is refused with a clear error rather th
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
 #: `config.model_type` values known to work (tested with tiny random models of each).
@@ -51,3 +54,18 @@ def find_rotary_embedding(model: torch.nn.Module) -> torch.nn.Module:
         if type(module).__name__.endswith("RotaryEmbedding"):
             return module
     raise ValueError(f"could not find a rotary embedding module in {type(model).__name__}")
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The forward keyword that takes a cache: `cache` in recent transformers 5.x, `past_key_values` before.
+
+    transformers 5.24 renamed the argument and announced the old name's removal; asking the signature keeps
+    us working on both sides of that change without a deprecation warning on every decode step.
+    """
+    return _cache_keyword_of(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword_of(model_class: type) -> str:
+    params = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"

@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from .families import cache_keyword
 from .positions import next_position_ids
 
 
@@ -42,10 +43,10 @@ def forward(model, cache, ids: list[int]) -> torch.Tensor:
     input_ids = torch.tensor([ids], device=device, dtype=torch.long)  # [1, n]
     out = model(
         input_ids=input_ids,
-        past_key_values=cache,
         position_ids=next_position_ids(cache, len(ids), device),
         use_cache=True,
         logits_to_keep=1,
+        **{cache_keyword(model): cache},
     )
     return out.logits[0, -1]  # [vocab]
 

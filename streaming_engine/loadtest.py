@@ -137,8 +137,9 @@ def run_load(url: str, sessions: int, turns: int, max_new_tokens: int = 48,
     from gradio_client import Client
 
     monitor = Client(url, verbose=False)
-    health = {"peak": 0, "samples": []}
+    health = {"peak": 0, "samples": []}  # samples: (seconds since start, resident bytes)
     done = threading.Event()
+    started = time.monotonic()
 
     def poll():
         while not done.is_set():
@@ -146,12 +147,11 @@ def run_load(url: str, sessions: int, turns: int, max_new_tokens: int = 48,
                 h = monitor.predict(api_name="/health")
                 h = json.loads(h) if isinstance(h, str) else h
                 health["peak"] = max(health["peak"], int(h["peak_rss_bytes"]))
-                health["samples"].append(int(h["rss_bytes"]))
+                health["samples"].append((round(time.monotonic() - started, 1), int(h["rss_bytes"])))
             except Exception:  # noqa: BLE001 - monitoring is best effort; the main report still comes out
                 pass
             done.wait(HEALTH_POLL_S)
 
-    started = time.monotonic()
     deadline = started + deadline_s
     results = [UserResult() for _ in range(sessions)]
     poller = threading.Thread(target=poll, daemon=True)
@@ -170,6 +170,8 @@ def run_load(url: str, sessions: int, turns: int, max_new_tokens: int = 48,
     rates = [t for r in results for t in r.tokens_per_s]
     errors = [e for r in results for e in r.errors]
     samples = health["samples"]
+    # The first turns allocate buffers once (warm-up); what must stay flat is memory after that.
+    warm = samples[len(samples) // 4][1] if samples else None
     return {
         "url": url,
         "sessions": sessions,
@@ -183,8 +185,11 @@ def run_load(url: str, sessions: int, turns: int, max_new_tokens: int = 48,
         "ttft_p95_s": percentile(ttft, 0.95),
         "tokens_per_s": statistics.median(rates) if rates else None,
         "peak_rss_bytes": health["peak"],
-        "rss_first_bytes": samples[0] if samples else None,
-        "rss_last_bytes": samples[-1] if samples else None,
+        "rss_first_bytes": samples[0][1] if samples else None,
+        "rss_after_warmup_bytes": warm,
+        "rss_last_bytes": samples[-1][1] if samples else None,
+        "rss_growth_after_warmup_bytes": samples[-1][1] - warm if samples else None,
+        "rss_timeline": samples,
         "duration_s": round(time.monotonic() - started, 2),
     }
 

@@ -68,11 +68,27 @@ def test_gauges_show_fill_sinks_evictions_and_context_full():
 
 
 @pytest.mark.parametrize("text", ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>",
-                                  "![track](http://example.com/p.png)"])
-def test_user_and_model_text_is_rendered_inert(text):
-    for render in (app.inert, app.inert_reply):
-        shown = render(text)
-        assert "<script" not in shown and "<img" not in shown and "![" not in shown
+                                  "![track](http://example.com/p.png)", "<!-- hidden --><b>bold</b>",
+                                  "`code` then <iframe src=x>", "```\ncode\n```\n<svg onload=alert(1)>"])
+def test_tags_and_images_outside_code_are_rendered_inert(text):
+    shown = app.inert(text)
+    for opener in ("<script", "<img", "![", "<!--", "<b>", "<iframe", "<svg"):
+        assert opener not in shown
+
+
+@pytest.mark.parametrize("text", ["```python\nif a < b:\n    print('<b>')\n```", "use `x<y` here",
+                                  "``a ` <b>`` and", "~~~\n<div>\n~~~", "```\nstill streaming <tag"])
+def test_code_is_shown_verbatim_because_the_renderer_escapes_it_itself(text):
+    assert app.inert(text) == text
+
+
+def test_plain_comparisons_and_markdown_survive():
+    text = "1 < 2 and 3 > 2\n\n* item **bold**\n\n[link](https://arxiv.org/abs/2309.17453)"
+    assert app.inert(text) == text
+
+
+def test_a_code_span_cannot_hide_a_tag_across_paragraphs():
+    assert "<img" not in app.inert("`a\n\n<img src=x>\n\nb`")
 
 
 def test_settings_come_from_flags_or_environment_and_bind_to_loopback_by_default():

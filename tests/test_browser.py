@@ -175,3 +175,45 @@ def test_the_dense_vs_streaming_tab_answers_on_every_side(browser, server):
     page.wait_for_selector("#plot-memory img, #plot-memory svg, #plot-memory canvas")
     page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
     page.context.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_server(browser, tiny_chat_model, default_tokenizer):
+    """The app on a 2-layer random model: decoding is instant, so the autopilot can run dense out of context
+    in seconds. (The comparison tab's sizes are the app's own: 4 + 252 streaming, 512 dense, 256 window.)"""
+    engine = StreamingEngine(tiny_chat_model, default_tokenizer,
+                             EngineConfig(start_size=START, recent_size=RECENT, prefill_chunk_size=48))
+    port = free_port()
+    settings = app.AppSettings(start_size=START, recent_size=RECENT, port=port)
+    demo = app.build_ui(engine, settings, "tiny random model")
+    app.launch(demo, settings, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}", engine
+    demo.close()
+
+
+def test_autopilot_runs_dense_out_of_context_while_streaming_keeps_answering_with_a_full_flat_cache(
+        browser, tiny_server):
+    url, _ = tiny_server
+    page = open_page(browser, url)
+    page.get_by_role("tab", name="Dense vs Streaming").click()
+    page.click("#compare-autopilot")
+    page.wait_for_function("() => document.querySelector('#gauges-dense .gauges')?.dataset.contextFull === 'true'")
+    turns_when_dense_full = gauge(page, "turns", "#gauges-streaming")
+    page.wait_for_function(
+        f"""() => {{ const g = document.querySelector('#gauges-streaming .gauges');
+                     return Number(g.querySelector('[data-key=turns]').dataset.value) > {turns_when_dense_full}; }}""")
+    page.click("#compare-stop")
+    page.wait_for_function("() => document.querySelector('#compare-progress').innerText.includes('Autopilot stopped')")
+    assert "Dense ran out of context" in page.inner_text("#compare-progress")
+    capacity = app.COMPARE_START_SIZE + app.COMPARE_RECENT_SIZE
+    streaming_bar = page.locator("#gauges-streaming [data-key=fill]")
+    assert streaming_bar.get_attribute("data-capacity") == str(capacity)
+    assert int(streaming_bar.get_attribute("data-held")) == capacity
+    assert gauge(page, "evicted_tokens", "#gauges-streaming") > 0
+    assert gauge(page, "sink_tokens", "#gauges-streaming") == app.COMPARE_START_SIZE
+    assert gauge(page, "sink_tokens", "#gauges-window") == 0
+    assert int(page.get_attribute("#gauges-dense [data-key=fill]", "data-held")) <= app.COMPARE_DENSE_CONTEXT
+    assert "Context full" in page.inner_text("#chat-dense")
+    page.wait_for_selector("#plot-memory img, #plot-memory svg, #plot-memory canvas")
+    page.screenshot(path=str(ARTIFACTS / "compare-autopilot-tiny.png"), full_page=True)
+    page.context.close()

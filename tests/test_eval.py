@@ -6,11 +6,14 @@ measurements exist, are finite, and that methods which must agree do agree.
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import math
+import struct
 import subprocess
 import tarfile
+import zlib
 
 import pytest
 import torch
@@ -19,6 +22,7 @@ from conftest import VOCAB, tiny_model
 from streaming_engine.eval import bench, chat, ppl, texts
 from streaming_engine.eval.methods import BENCH_METHODS, PPL_METHODS, make_runner, parse_methods
 from streaming_engine.eval.plots import plot_bench, plot_chat, plot_ppl
+from streaming_engine.eval.rdata import RReader, read_rdata
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -344,3 +348,42 @@ def test_text_sources_are_exclusive_and_checked(tmp_path):
         texts.load_text(str(f), "gutenberg-milton")
     with pytest.raises(ValueError, match="unknown dataset"):
         texts.load_text(dataset="gutenberg-nope")
+
+
+def _xdr(*ints: int) -> bytes:
+    return struct.pack(f">{len(ints)}i", *ints)
+
+
+def _r_strings(values: list[str]) -> bytes:
+    return _xdr(16, len(values)) + b"".join(_xdr(9 | (1 << 15), len(v.encode())) + v.encode() for v in values)
+
+
+def _r_named_list(items: dict[str, bytes], names_symbol: bytes) -> bytes:
+    """VECSXP with a `names` attribute; `names_symbol` is the SYMSXP (or a REFSXP back to it)."""
+    body = _xdr(19 | (1 << 9), len(items)) + b"".join(items.values())
+    return body + _xdr(2 | (1 << 10)) + names_symbol + _r_strings(list(items)) + _xdr(254)
+
+
+def test_r_data_reader_reads_text_vectors_by_name(tmp_path):
+    """An R data folder written by hand in R's XDR format (symbols, back-references, named lists, strings)."""
+    header = b"X\n" + _xdr(3, 0x040201, 0x030500, 5) + b"UTF-8"
+    books = {"emma": ["EMMA", "", "By Jane Austen", "Emma Woodhouse, handsome, clever, and rich"],
+             "persuasion": ["Persuasion", "Sir Walter Elliot"]}
+    blob, offsets = b"", {}
+    for name, lines in books.items():
+        payload = header + _r_strings(lines)
+        record = struct.pack(">I", len(payload)) + zlib.compress(payload)
+        offsets[name] = (len(blob), len(record))
+        blob += record
+    names_symbol = _xdr(1) + _xdr(9, 5) + b"names"
+    back_reference = _xdr((1 << 8) | 255)  # the first symbol read, "names"
+    variables = {name: _xdr(13, 2, *offsets[name]) for name in books}
+    index = _r_named_list({"variables": _r_named_list(variables, names_symbol)}, back_reference)
+    (tmp_path / "Rdata.rdb").write_bytes(blob)
+    (tmp_path / "Rdata.rdx").write_bytes(gzip.compress(header + index))
+    assert read_rdata(tmp_path) == books
+
+
+def test_r_data_reader_refuses_other_formats():
+    with pytest.raises(ValueError, match="XDR"):
+        RReader(b"A\n1\n")

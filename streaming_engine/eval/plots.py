@@ -16,7 +16,11 @@ COLORS = {
     "streaming-noshift": "#9467bd",
     "recompute": "#2ca02c",
     "perstep-rope": "#ff7f0e",
+    "streaming-block": "#17becf",
 }
+#: Cache sizes are told apart by line style in the benchmark plots.
+STYLES = ("-", "--", ":", "-.")
+MIB = 2**20
 
 
 def rolling_mean(values: list[float], window: int) -> list[float]:
@@ -66,6 +70,125 @@ def plot_lines(series: dict[str, tuple[list, list]], path: str, xlabel: str, yla
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _bench_label(run: dict) -> str:
+    return run["method"] if run["cache_size"] is None else f"{run['method']} @{run['cache_size']}"
+
+
+def _bench_style(run: dict, sizes: list[int]) -> dict:
+    style = STYLES[sizes.index(run["cache_size"]) % len(STYLES)] if run["cache_size"] in sizes else "-"
+    return dict(color=COLORS.get(run["method"]), linestyle=style, linewidth=1.3)
+
+
+def plot_bench(result: dict, output) -> list[str]:
+    """Three PNGs beside `output` (a Path to the JSON): latency and memory against tokens, and steady latency
+    against cache size. Returns their paths."""
+    cfg, runs = result["config"], result["runs"]
+    sizes = cfg["cache_sizes"]
+    stem = output.with_suffix("")
+    paths = [f"{stem}_latency.png", f"{stem}_memory.png", f"{stem}_steady.png"]
+    title = f"{cfg.get('model', '')} · {cfg['device']} {cfg['dtype']} · {cfg['torch_threads']} threads"
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for run in runs:
+        xs = [w["tokens"] for w in run["windows"]]
+        ax.plot(xs, [w["median_ms"] for w in run["windows"]], label=_bench_label(run), **_bench_style(run, sizes))
+    ax.set_xlabel("tokens processed")
+    ax.set_ylabel(f"median latency per token (ms, windows of {cfg['window']})")
+    ax.set_yscale("log")
+    ax.set_title(f"Decode latency · {title}", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    cuda = any("cuda_bytes" in w for run in runs for w in run["windows"])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for run in runs:
+        xs = [w["tokens"] for w in run["windows"]]
+        axes[0].plot(xs, [w["kv_bytes"] / MIB for w in run["windows"]], label=_bench_label(run),
+                     **_bench_style(run, sizes))
+        key = "cuda_bytes" if cuda else "rss_bytes"
+        axes[1].plot(xs, [w[key] / MIB for w in run["windows"]], label=_bench_label(run), **_bench_style(run, sizes))
+    axes[0].set_ylabel("KV cache (MiB)")
+    axes[1].set_ylabel("CUDA memory allocated (MiB)" if cuda else "process RSS (MiB)")
+    for ax in axes:
+        ax.set_xlabel("tokens processed")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"Memory · {title}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    methods = list(dict.fromkeys(run["method"] for run in runs))
+    for method in methods:
+        if method == "dense":
+            # Dense holds as many tokens as it has seen: its latency at the window ending nearest each size.
+            run = next(r for r in runs if r["method"] == "dense")
+            pts = [(s, min(run["windows"], key=lambda w: abs(w["tokens"] - s))["median_ms"]) for s in sizes
+                   if s <= run["tokens"]]
+            label = "dense (holding that many tokens)"
+        else:
+            pts = [(r["cache_size"], r["summary"]["steady_median_ms"]) for r in runs if r["method"] == method]
+            label = method
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label, color=COLORS.get(method), linewidth=1.4)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_xlabel("cache size (tokens attended)")
+    ax.set_ylabel("median ms per token, cache full")
+    ax.set_title(f"Steady-state decode latency · {title}", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(paths[2], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def plot_chat(result: dict, path: str) -> None:
+    """Four panels against user turn, one line per mode: time to first token, decode speed, KV memory, and the
+    repeated-4-gram share of each reply (a loop detector). Turns that got no reply (context full) are blank."""
+    cfg = result["config"]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7.5), sharex=True)
+    panels = [
+        (axes[0, 0], "time_to_first_token_s", 1.0, "time to first token (s)"),
+        (axes[0, 1], "tokens_per_s", 1.0, "decode tokens/s"),
+        (axes[1, 0], "kv_bytes", 1 / MIB, "KV cache held after the turn (MiB)"),
+        (axes[1, 1], "repeated_4gram_share", 1.0, "repeated 4-gram share of the reply"),
+    ]
+    for mode, data in result["modes"].items():
+        turns = data["turns"]
+        answered = [r for r in turns if r["finish_reason"] not in ("context_full", "error")]
+        for ax, key, scale, _ in panels:
+            rows = turns if key == "kv_bytes" else answered
+            pts = [(r["turn"], r[key] * scale) for r in rows if r[key] is not None]
+            if pts:
+                ax.plot(*zip(*pts), label=mode, color=COLORS.get(mode), linewidth=1.2,
+                        marker="." if len(pts) < 60 else None)
+        full = data["summary"].get("context_full_from_turn")
+        if full:
+            for ax, *_ in panels:
+                ax.axvline(full, color=COLORS.get(mode), linestyle=":", linewidth=1)
+            axes[0, 0].annotate(f"{mode}: context full", (full, 0), xycoords=("data", "axes fraction"),
+                                xytext=(3, 6), textcoords="offset points", fontsize=8, color=COLORS.get(mode))
+    for ax, _, _, label in panels:
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("user turn (MT-Bench, one session)")
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"Streaming chat · {cfg.get('model', '')} · cache {cfg['start_size']}+{cfg['recent_size']}, "
+                 f"window {cfg['window_size']}, dense up to {cfg['dense_max_context']} · "
+                 f"{cfg['max_new_tokens']} new tokens max · {cfg['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -7,7 +7,6 @@ per-token `nll`, `tokens_per_s`, `peak_memory_bytes`) and a PNG of rolling log-P
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -17,14 +16,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..loading import DEFAULT_MODEL_NAME, load
+from ..loading import DEFAULT_MODEL_NAME
 from .methods import PPL_METHODS, make_runner, parse_methods
+from . import cli
 from .plots import plot_ppl
 from .texts import DATASETS, load_text
 
 
 def peak_memory(device: torch.device, kv_peak: int) -> int:
-    """CUDA: allocator peak. CPU: the peak KV-cache bytes (process RSS mixes in everything else)."""
+    """CUDA: the allocator's peak (weights and activations included). CPU: the peak KV-cache bytes, since the
+    process RSS mixes in everything else the process ever held (and earlier methods' garbage)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return kv_peak
@@ -48,25 +49,28 @@ def evaluate(model, ids: list[int], method: str, start_size: int, recent_size: i
     elapsed = time.perf_counter() - started
     last = nll[-max(1, len(nll) // 4):]
     return {
-        "ppl": math.exp(sum(nll) / len(nll)),
-        "ppl_last": math.exp(sum(last) / len(last)),
+        "ppl": round(math.exp(sum(nll) / len(nll)), 4),
+        "ppl_last": round(math.exp(sum(last) / len(last)), 4),
         "nll": [round(x, 4) for x in nll],
-        "tokens_per_s": len(nll) / elapsed,
+        "tokens_per_s": round(len(nll) / elapsed, 2),
         "peak_memory_bytes": peak_memory(device, kv_peak),
+        "peak_kv_bytes": kv_peak,
     }
 
 
-def run(model, tokenizer, text: str, *, methods: list[str], start_size: int, recent_size: int, max_tokens: int,
-        model_name: str, source: str, progress: bool = True) -> dict:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+def run(model, ids: list[int], *, methods: list[str], start_size: int, recent_size: int,
+        progress: bool = True, config: dict | None = None) -> dict:
+    """Every method over the same token ids; returns the JSON-ready result."""
     if len(ids) < 2:
         raise ValueError("the text is too short: it needs at least 2 tokens")
     limit = getattr(model.config, "max_position_embeddings", None)
     if "dense" in methods and limit and len(ids) > limit:
         raise ValueError(f"dense attention cannot go past the model's {limit} positions: use --max-tokens {limit}")
+    if limit and start_size + recent_size > limit:
+        raise ValueError(f"start_size + recent_size = {start_size + recent_size} exceeds the model's {limit} positions")
     result = {
         "config": {
-            "model": model_name, "source": source, "tokens": len(ids), "start_size": start_size,
+            **(config or {}), "tokens": len(ids), "start_size": start_size,
             "recent_size": recent_size, "cache_size": start_size + recent_size, "methods": methods,
             "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
             "torch_threads": torch.get_num_threads(),
@@ -78,19 +82,29 @@ def run(model, tokenizer, text: str, *, methods: list[str], start_size: int, rec
     return result
 
 
+def format_table(result: dict) -> str:
+    """Markdown table, one row per method."""
+    dense = result["methods"].get("dense")
+    rows = ["| method | PPL | PPL, last 25% | vs dense | tokens/s | peak KV MiB |", "|---|---:|---:|---:|---:|---:|"]
+    for method, data in result["methods"].items():
+        rel = f"{(data['ppl'] / dense['ppl'] - 1) * 100:+.1f}%" if dense else "n/a"
+        rows.append(f"| {method} | {data['ppl']:.2f} | {data['ppl_last']:.2f} | {rel} | {data['tokens_per_s']:.1f} | "
+                    f"{data['peak_memory_bytes'] / 2**20:.1f} |")
+    return "\n".join(rows)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m streaming_engine.eval.ppl", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help=f"hub id or local path (default: offline {DEFAULT_MODEL_NAME})")
+    p = cli.parser("streaming_engine.eval.ppl", __doc__)
+    cli.add_model_args(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--text", default=None, help="a UTF-8 text file")
     src.add_argument("--dataset", default=None, choices=sorted(DATASETS), help="built-in long text (default gutenberg-milton)")
-    p.add_argument("--start-size", type=int, default=4)
-    p.add_argument("--recent-size", type=int, default=252)
-    p.add_argument("--max-tokens", type=int, default=2000)
+    p.add_argument("--start-size", type=int, default=4, help="attention sinks (window: none)")
+    p.add_argument("--recent-size", type=int, default=252, help="recent tokens; window and recompute keep "
+                   "start + recent recent tokens")
+    p.add_argument("--max-tokens", type=int, default=2000, help="evaluate the first N tokens of the text")
     p.add_argument("--methods", default=",".join(PPL_METHODS), help=f"comma list of {', '.join(PPL_METHODS)}")
     p.add_argument("--output", default="runs/ppl.json", help="JSON path; the PNG plot goes beside it")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
     return p
 
 
@@ -99,23 +113,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         methods = parse_methods(args.methods, PPL_METHODS)
-        if args.start_size < 0 or args.recent_size < 1 or args.max_tokens < 2:
-            raise ValueError("need --start-size >= 0, --recent-size >= 1 and --max-tokens >= 2")
+        cli.check_min(start_size=(args.start_size, 0), recent_size=(args.recent_size, 1), max_tokens=(args.max_tokens, 2))
         text, source = load_text(args.text, None if args.text else (args.dataset or "gutenberg-milton"))
-        model, tokenizer = load(args.model, args.device, args.dtype)
-        result = run(model, tokenizer, text, methods=methods, start_size=args.start_size,
-                     recent_size=args.recent_size, max_tokens=args.max_tokens,
-                     model_name=args.model or DEFAULT_MODEL_NAME, source=source)
+        model, tokenizer = cli.load_model(args)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.max_tokens]
+        result = run(model, ids, methods=methods, start_size=args.start_size, recent_size=args.recent_size,
+                     config={"model": args.model or DEFAULT_MODEL_NAME, "source": source})
     except (ValueError, RuntimeError) as exc:
         parser.exit(2, f"error: {exc}\n")
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     plot_ppl(result, str(output.with_suffix(".png")))
-    print(f"{'method':>18} {'PPL':>8} {'PPL last 25%':>13} {'tok/s':>7} {'peak mem':>10}")
-    for method, data in result["methods"].items():
-        print(f"{method:>18} {data['ppl']:8.3f} {data['ppl_last']:13.3f} {data['tokens_per_s']:7.1f} "
-              f"{data['peak_memory_bytes'] / 2**20:8.1f}MB")
+    print(format_table(result))
     print(f"wrote {output} and {output.with_suffix('.png')}")
     return 0
 

@@ -1,0 +1,249 @@
+"""Decode benchmark: per-token latency and memory against tokens processed. `python -m streaming_engine.eval.bench`.
+
+Every method is fed the same tokens one forward pass at a time (no sampling: the speed of a step does not depend
+on which token it is). Per window of `--window` tokens the JSON keeps the median and p95 step latency, the KV bytes
+held, the process RSS and (on CUDA) the allocated GPU memory. Methods (see `methods.py`):
+
+* `dense` (once, up to the model's positions), and for every `--cache-sizes` entry:
+* `streaming` (evicts one token per step, re-rotating the keys behind the gap each step, as the paper's eval loop),
+* `streaming-block` (evicts `--evict-block` tokens at once: one re-rotation per block, as the chat engine does),
+* `perstep-rope` (the reference code: un-rotated keys, the whole cache re-rotated on every step),
+* `recompute` (the window re-encoded every step; run only until it is full plus two windows, since its cost is
+  flat after that and quadratic in the window).
+
+Writes `--output FILE.json` and PNGs beside it: `FILE_latency.png`, `FILE_memory.png`, `FILE_steady.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from tqdm import tqdm
+
+from ..loading import DEFAULT_MODEL_NAME
+from .methods import BENCH_METHODS, DEFAULT_EVICT_BLOCK, make_runner, parse_methods
+from . import cli
+from .plots import plot_bench
+from .texts import DATASETS, load_text
+
+DEFAULT_CACHE_SIZES = "256,512,1024"
+#: Tokens the synthetic stream draws from: skip the lowest ids, which are special tokens in most vocabularies.
+FIRST_PLAIN_TOKEN = 3
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]); enough for latency windows of a few dozen samples."""
+    ordered = sorted(values)
+    rank = math.ceil(q / 100 * len(ordered))  # 1-based: the smallest value with at least q% of values <= it
+    return ordered[min(max(rank, 1), len(ordered)) - 1]
+
+
+def synthetic_ids(vocab_size: int, count: int, seed: int = 0) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(FIRST_PLAIN_TOKEN, vocab_size, (count,), generator=generator).tolist()
+
+
+class MemoryProbe:
+    """Process RSS, and CUDA allocator memory when the model is on a GPU (peaks since `reset`)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.process = psutil.Process()
+        self.peak_rss = 0
+
+    def reset(self) -> None:
+        self.peak_rss = self.process.memory_info().rss
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def sample(self) -> dict:
+        rss = self.process.memory_info().rss
+        self.peak_rss = max(self.peak_rss, rss)
+        out = {"rss_bytes": rss}
+        if self.device.type == "cuda":
+            out["cuda_bytes"] = int(torch.cuda.memory_allocated(self.device))
+        return out
+
+    def peaks(self) -> dict:
+        out = {"peak_rss_bytes": self.peak_rss}
+        if self.device.type == "cuda":
+            out["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
+        return out
+
+
+def time_run(model, ids: list[int], method: str, start_size: int, recent_size: int, *, window: int,
+             evict_block: int, label: str, progress: bool = True) -> dict:
+    """Feed `ids` one per step through `method`; per-window latency and memory, plus a summary."""
+    device = model.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    probe = MemoryProbe(device)
+    probe.reset()
+    runner = make_runner(method, model, start_size, recent_size, evict_block=evict_block)
+    windows, latencies = [], []
+    total = 0.0
+    for t in tqdm(range(len(ids)), desc=f"{label:>24}", disable=not progress, dynamic_ncols=True, leave=False):
+        sync()
+        began = time.perf_counter()
+        runner.step(ids[t])
+        sync()
+        elapsed = time.perf_counter() - began
+        total += elapsed
+        latencies.append(elapsed * 1000.0)
+        if len(latencies) == window or t == len(ids) - 1:
+            windows.append({
+                "tokens": t + 1,
+                "median_ms": round(statistics.median(latencies), 3),
+                "p95_ms": round(percentile(latencies, 95), 3),
+                "held_tokens": runner.held(),
+                "kv_bytes": runner.kv_bytes(),
+                **probe.sample(),
+            })
+            latencies = []
+    last = windows[-1]
+    return {
+        "method": method,
+        "cache_size": None if method == "dense" else start_size + recent_size,
+        "tokens": len(ids),
+        "windows": windows,
+        "summary": {
+            "steady_median_ms": last["median_ms"],
+            "steady_p95_ms": last["p95_ms"],
+            "tokens_per_s": round(len(ids) / total, 2),
+            "final_kv_bytes": last["kv_bytes"],
+            "max_kv_bytes": max(w["kv_bytes"] for w in windows),
+            **probe.peaks(),
+        },
+    }
+
+
+def run(model, ids: list[int], *, methods: list[str], cache_sizes: list[int], start_size: int, window: int,
+        evict_block: int, recompute_tokens: int = 0, progress: bool = True, config: dict | None = None) -> dict:
+    """The whole benchmark; returns the JSON-ready result."""
+    limit = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+    for size in cache_sizes:
+        if size <= start_size:
+            raise ValueError(f"cache size {size} must exceed --start-size {start_size}")
+        if limit and size > limit:
+            raise ValueError(f"cache size {size} exceeds the model's {limit} positions")
+    if "streaming-block" in methods and evict_block > min(cache_sizes) - start_size:
+        raise ValueError(f"--evict-block {evict_block} must fit in the smallest recent window "
+                         f"({min(cache_sizes) - start_size} tokens)")
+    result = {
+        "config": {
+            **(config or {}), "tokens": len(ids), "methods": methods, "cache_sizes": cache_sizes,
+            "start_size": start_size, "window": window, "evict_block": evict_block,
+            "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "runs": [],
+        "notes": [],
+    }
+    make_runner("dense", model, start_size, 1).step(ids[0])  # warm-up: first-call allocations are not a method's cost
+    plan = []
+    for method in methods:
+        if method == "dense":
+            steps = min(len(ids), limit) if limit else len(ids)
+            if steps < len(ids):
+                result["notes"].append(f"dense stops at the model's {limit} positions")
+            plan.append((method, start_size, 1, steps))
+            continue
+        for size in cache_sizes:
+            steps = len(ids)
+            if method == "recompute":
+                auto = size + 2 * window
+                steps = min(len(ids), recompute_tokens or auto)
+                if steps < len(ids):
+                    result["notes"].append(f"recompute@{size} timed for {steps} tokens (flat after the window fills)")
+            plan.append((method, start_size, size - start_size, steps))
+    for method, start, recent, steps in plan:
+        label = method if method == "dense" else f"{method}@{start + recent}"
+        result["runs"].append(time_run(model, ids[:steps], method, start, recent, window=window,
+                                       evict_block=evict_block, label=label, progress=progress))
+        if progress:
+            s = result["runs"][-1]["summary"]
+            tqdm.write(f"{label:>24}: steady median {s['steady_median_ms']:.1f} ms, p95 {s['steady_p95_ms']:.1f} ms, "
+                       f"{s['tokens_per_s']:.1f} tok/s, KV {s['final_kv_bytes'] / 2**20:.1f} MiB")
+    return result
+
+
+def parse_sizes(text: str) -> list[int]:
+    try:
+        sizes = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise ValueError(f"--cache-sizes takes a comma list of integers (got {text!r})") from None
+    if not sizes or sizes[0] < 2:
+        raise ValueError(f"--cache-sizes needs integers >= 2 (got {text!r})")
+    return sizes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser("streaming_engine.eval.bench", __doc__)
+    cli.add_model_args(p)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text", default=None, help="feed this UTF-8 text file's tokens (default: random tokens)")
+    src.add_argument("--dataset", default=None, choices=sorted(DATASETS), help="feed a built-in long text")
+    p.add_argument("--tokens", type=int, default=2048, help="tokens fed to every method")
+    p.add_argument("--cache-sizes", default=DEFAULT_CACHE_SIZES, help="comma list of start_size + recent_size")
+    p.add_argument("--start-size", type=int, default=4, help="attention sinks")
+    p.add_argument("--methods", default=",".join(BENCH_METHODS), help=f"comma list of {', '.join(BENCH_METHODS)}")
+    p.add_argument("--window", type=int, default=64, help="tokens per latency window (median and p95)")
+    p.add_argument("--evict-block", type=int, default=DEFAULT_EVICT_BLOCK, help="tokens evicted at once by streaming-block")
+    p.add_argument("--recompute-tokens", type=int, default=0,
+                   help="tokens timed for recompute (0: cache size + 2 windows)")
+    p.add_argument("--output", default="runs/bench.json", help="JSON path; PNG plots go beside it")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random token stream")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        methods = parse_methods(args.methods, BENCH_METHODS)
+        sizes = parse_sizes(args.cache_sizes)
+        cli.check_min(tokens=(args.tokens, 2), window=(args.window, 1), start_size=(args.start_size, 0),
+                      evict_block=(args.evict_block, 1), recompute_tokens=(args.recompute_tokens, 0))
+        model, tokenizer = cli.load_model(args)
+        if args.text or args.dataset:
+            text, source = load_text(args.text, args.dataset)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.tokens]
+            if len(ids) < args.tokens:
+                raise ValueError(f"the text has only {len(ids)} tokens; lower --tokens")
+        else:
+            ids, source = synthetic_ids(len(tokenizer), args.tokens, args.seed), f"random tokens (seed {args.seed})"
+        config = {"model": args.model or DEFAULT_MODEL_NAME, "source": source}
+        result = run(model, ids, methods=methods, cache_sizes=sizes, start_size=args.start_size,
+                     window=args.window, evict_block=args.evict_block, recompute_tokens=args.recompute_tokens,
+                     config=config)
+    except (ValueError, RuntimeError) as exc:
+        parser.exit(2, f"error: {exc}\n")
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    written = plot_bench(result, output)
+    print(format_table(result))
+    print("wrote", output, *written)
+    return 0
+
+
+def format_table(result: dict) -> str:
+    """Markdown table of the steady state (last window) of every run."""
+    rows = ["| method | cache | tokens | median ms/token | p95 ms/token | tokens/s | KV MiB (end) | peak RSS MiB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["runs"]:
+        s = r["summary"]
+        rows.append(f"| {r['method']} | {r['cache_size'] or 'all'} | {r['tokens']} | {s['steady_median_ms']:.1f} | "
+                    f"{s['steady_p95_ms']:.1f} | {s['tokens_per_s']:.1f} | {s['final_kv_bytes'] / 2**20:.1f} | "
+                    f"{s['peak_rss_bytes'] / 2**20:.0f} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
