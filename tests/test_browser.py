@@ -191,7 +191,7 @@ def tiny_server(browser, tiny_chat_model, default_tokenizer):
     demo.close()
 
 
-def test_autopilot_runs_dense_out_of_context_while_streaming_keeps_answering_with_a_full_flat_cache(
+def test_autopilot_runs_dense_out_of_context_while_streaming_keeps_answering_within_its_flat_cache(
         browser, tiny_server):
     url, _ = tiny_server
     page = open_page(browser, url)
@@ -208,7 +208,8 @@ def test_autopilot_runs_dense_out_of_context_while_streaming_keeps_answering_wit
     capacity = app.COMPARE_START_SIZE + app.COMPARE_RECENT_SIZE
     streaming_bar = page.locator("#gauges-streaming [data-key=fill]")
     assert streaming_bar.get_attribute("data-capacity") == str(capacity)
-    assert int(streaming_bar.get_attribute("data-held")) == capacity
+    # Stop cuts the current reply short, so the cache may sit a little below capacity, never above it.
+    assert app.COMPARE_START_SIZE < int(streaming_bar.get_attribute("data-held")) <= capacity
     assert gauge(page, "evicted_tokens", "#gauges-streaming") > 0
     assert gauge(page, "sink_tokens", "#gauges-streaming") == app.COMPARE_START_SIZE
     assert gauge(page, "sink_tokens", "#gauges-window") == 0

@@ -13,6 +13,7 @@ resource, never downloaded here.
 
 from __future__ import annotations
 
+import argparse
 import importlib.resources
 import importlib.util
 import json
@@ -255,12 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                              "questions_source": args.questions or f"MT-Bench ({QUESTIONS_PACKAGE})"})
     except (ValueError, RuntimeError) as exc:
         parser.exit(2, f"error: {exc}\n")
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    plot_chat(result, str(output.with_suffix(".png")))
-    print(format_table(result))
-    print(f"wrote {output} and {output.with_suffix('.png')}")
+    cli.write_outputs(args.output, result, plot_chat, format_table(result))
     return 0
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -48,3 +51,13 @@ def check_min(**values: tuple[int | float, int | float]) -> None:
     for name, (value, low) in values.items():
         if value < low:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
+def write_outputs(output: str, result: dict, plot: Callable[[dict, Path], list[str]], table: str) -> None:
+    """Save `result` as JSON at `output`, draw its plot(s) beside it, print the results table and the paths."""
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    written = plot(result, path)
+    print(table)
+    print("wrote", path, *written)

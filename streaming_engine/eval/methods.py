@@ -24,8 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from ..cache import StartRecentKVCache, enable_streaming_llm
-from ..families import cache_keyword
-from ..families import find_rotary_embedding
+from ..families import cache_keyword, find_rotary_embedding
 from ..generation import forward
 from ..positions import rotate_half
 
@@ -74,6 +73,11 @@ class RecomputeRunner:
             layer.keys.numel() * layer.keys.element_size() * 2 for layer in fresh.layers if layer.is_initialized
         )
         return logits[0, -1]
+
+    def prime(self, token_ids: list[int]) -> None:
+        """Fill the window without running the model: every step re-encodes the whole window anyway, so a step's
+        cost depends only on how many tokens the window holds, never on how they got there."""
+        self.tokens.extend(token_ids)
 
     def kv_bytes(self) -> int:
         return self._kv_bytes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import matplotlib
 
@@ -33,8 +34,10 @@ def rolling_mean(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_ppl(result: dict, path: str, window: int = 100) -> None:
-    """Rolling log-perplexity against token index, one line per method."""
+def plot_ppl(result: dict, output, window: int = 100) -> list[str]:
+    """Rolling log-perplexity against token index, one line per method, saved beside `output` (the JSON path) as
+    a PNG of the same name. Returns its path."""
+    path = str(Path(output).with_suffix(".png"))
     fig, ax = plt.subplots(figsize=(9, 4.8))
     for method, data in result["methods"].items():
         nll = data["nll"]
@@ -51,6 +54,7 @@ def plot_ppl(result: dict, path: str, window: int = 100) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return [path]
 
 
 def plot_lines(series: dict[str, tuple[list, list]], path: str, xlabel: str, ylabel: str, title: str,
@@ -152,9 +156,11 @@ def plot_bench(result: dict, output) -> list[str]:
     return paths
 
 
-def plot_chat(result: dict, path: str) -> None:
+def plot_chat(result: dict, output) -> list[str]:
     """Four panels against user turn, one line per mode: time to first token, decode speed, KV memory, and the
-    repeated-4-gram share of each reply (a loop detector). Turns that got no reply (context full) are blank."""
+    repeated-4-gram share of each reply (a loop detector). Turns that got no reply (context full) are blank.
+    Saved beside `output` (the JSON path) as a PNG of the same name; returns its path."""
+    path = str(Path(output).with_suffix(".png"))
     cfg = result["config"]
     fig, axes = plt.subplots(2, 2, figsize=(12, 7.5), sharex=True)
     panels = [
@@ -190,6 +196,7 @@ def plot_chat(result: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return [path]
 
 
 def finite(x) -> bool:

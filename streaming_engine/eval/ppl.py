@@ -7,11 +7,10 @@ per-token `nll`, `tokens_per_s`, `peak_memory_bytes`) and a PNG of rolling log-P
 
 from __future__ import annotations
 
-import json
+import argparse
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -121,12 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                      config={"model": args.model or DEFAULT_MODEL_NAME, "source": source})
     except (ValueError, RuntimeError) as exc:
         parser.exit(2, f"error: {exc}\n")
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    plot_ppl(result, str(output.with_suffix(".png")))
-    print(format_table(result))
-    print(f"wrote {output} and {output.with_suffix('.png')}")
+    cli.write_outputs(args.output, result, plot_ppl, format_table(result))
     return 0
 
 
