@@ -20,7 +20,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .families import check_supported, find_rotary_embedding
-from .positions import shift_keys
+from .positions import rotation_for_offset, shift_keys
 
 
 class StartRecentKVCache(Cache):
@@ -97,20 +97,25 @@ class StartRecentKVCache(Cache):
         count = end - start
         if count == 0:
             return 0
+        rotations: dict = {}  # device -> (cos, sin): one rotation per eviction, shared by every layer on a device
         for layer in self.layers:
             if not layer.is_initialized or layer.get_seq_length() == 0:
                 continue
             keys, values = layer.keys, layer.values  # [batch, kv_heads, held, head_dim]
-            tail = self._moved_keys(keys[:, :, end:], count)
+            tail = self._moved_keys(keys[:, :, end:], count, rotations)
             layer.keys = torch.cat((keys[:, :, :start], tail), dim=-2)
             layer.values = torch.cat((values[:, :, :start], values[:, :, end:]), dim=-2)
         self._stream_index = torch.cat((self._stream_index[:start], self._stream_index[end:]))
         self.evicted_tokens += count
         return count
 
-    def _moved_keys(self, keys: torch.Tensor, shift: int) -> torch.Tensor:
+    def _moved_keys(self, keys: torch.Tensor, shift: int, rotations: dict) -> torch.Tensor:
         """Keys that sat behind an evicted gap of `shift` tokens, placed at their new positions."""
-        return shift_keys(keys, shift, self.rotary_emb) if self.pos_shift else keys
+        if not self.pos_shift or shift == 0 or keys.shape[-2] == 0:
+            return keys
+        if keys.device not in rotations:
+            rotations[keys.device] = rotation_for_offset(self.rotary_emb, -shift, keys.device)
+        return shift_keys(keys, shift, self.rotary_emb, rotations[keys.device])
 
     def evict_for_space(self, num_coming: int) -> int:
         """Evict the oldest non-sink tokens so `num_coming` more fit in `cache_size`; returns how many.

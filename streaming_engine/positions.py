@@ -49,15 +49,22 @@ def rotation_for_offset(rotary_emb: torch.nn.Module, offset: int, device: torch.
     return cos[0, 0].float() / scale, sin[0, 0].float() / scale
 
 
-def shift_keys(keys: torch.Tensor, shift: int, rotary_emb: torch.nn.Module) -> torch.Tensor:
+def shift_keys(
+    keys: torch.Tensor,
+    shift: int,
+    rotary_emb: torch.nn.Module,
+    rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Move post-RoPE `keys` `shift` positions to the left (towards 0).
 
     keys: `[batch, kv_heads, seq, head_dim]`; only the first `rotary_dim` channels are rotated (partial rotary
-    leaves the rest untouched). Computed in fp32, returned in `keys.dtype`.
+    leaves the rest untouched). Computed in fp32, returned in `keys.dtype`. `rotation` is
+    `rotation_for_offset(rotary_emb, -shift, keys.device)` when the caller already has it: every layer of one
+    eviction uses the same rotation, so the cache computes it once per eviction rather than once per layer.
     """
     if shift == 0 or keys.shape[-2] == 0:
         return keys
-    cos, sin = rotation_for_offset(rotary_emb, -shift, keys.device)
+    cos, sin = rotation if rotation is not None else rotation_for_offset(rotary_emb, -shift, keys.device)
     rotary_dim = cos.shape[-1]
     k32 = keys.float()
     rotated, passthrough = k32[..., :rotary_dim], k32[..., rotary_dim:]
