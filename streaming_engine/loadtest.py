@@ -195,11 +195,12 @@ def run_load(url: str, sessions: int, turns: int, max_new_tokens: int = 48,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m streaming_engine.loadtest", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m streaming_engine.loadtest", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:7860", help="the running app (loopback only by default)")
     p.add_argument("--sessions", type=int, default=8, help=f"concurrent conversations (1..{MAX_SESSIONS})")
     p.add_argument("--turns", type=int, default=10, help=f"turns per conversation (1..{MAX_TURNS})")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=48, help="longest reply per turn")
     p.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE_S, help="stop after this many seconds")
     p.add_argument("--output", default=None, help="write the JSON report here too")
     p.add_argument("--allow-remote", action="store_true", help="permit a non-loopback URL (your own server only)")

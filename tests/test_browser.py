@@ -104,14 +104,17 @@ def test_on_a_tiny_cache_evictions_climb_while_the_fill_stays_at_capacity(browse
     prompts = ["What is the capital of France?", "Tell me a story about a dragon.",
                "Describe the ocean in detail.", "Explain how rain forms, step by step.",
                "Write a long poem about autumn leaves."]
-    evicted = []
+    bar = page.locator("#gauges [data-key=fill]")
+    evicted, held = [], []
     for turn, prompt in enumerate(prompts, 1):
         send_and_wait(page, prompt, turn)
         evicted.append(gauge(page, "evicted_tokens"))
+        held.append(int(bar.get_attribute("data-held")))
     assert evicted[-1] > 0 and evicted == sorted(evicted)
-    bar = page.locator("#gauges [data-key=fill]")
     assert bar.get_attribute("data-capacity") == str(START + RECENT)
-    assert bar.get_attribute("data-held") == str(START + RECENT)  # the last reply ran to max_new_tokens
+    # Room for the whole reply is made before the prompt goes in, so a reply that runs to max_new_tokens ends
+    # with the cache exactly full; one that stops early (end of turn) leaves it a little below, never above.
+    assert max(held) == START + RECENT and all(h <= START + RECENT for h in held)
     assert gauge(page, "sink_tokens") == START
     page.screenshot(path=str(ARTIFACTS / "chat-tiny-cache.png"), full_page=True)
     page.context.close()
