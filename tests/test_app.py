@@ -111,3 +111,10 @@ def test_example_and_autopilot_prompts_ship_in_assets():
     assert len(app.load_json_list("examples.json")) >= 4
     assert len(app.load_json_list("autopilot.json")) >= 10
     assert (app.ASSETS / "attention_sinks.png").stat().st_size > 10_000
+
+
+def test_uploads_are_size_limited_and_the_queue_is_bounded(launched):
+    *_, demo = launched
+    assert demo.max_file_size == app.MAX_HISTORY_BYTES  # gradio refuses bigger uploads before any handler runs
+    assert demo._queue.max_size == app.QUEUE_MAX_SIZE
+    assert demo._queue.default_concurrency_limit == app.QUEUE_CONCURRENCY

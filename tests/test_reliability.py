@@ -101,3 +101,50 @@ def test_unknown_model_ids_and_unsupported_families_fail_at_startup_with_a_clear
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="supported families .*llama, mistral, qwen2, gpt_neox, falcon"):
         load(str(tmp_path))
+
+
+def test_remote_code_stays_off_unless_asked(tmp_path, monkeypatch):
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                 num_key_value_heads=1, vocab_size=64)).save_pretrained(tmp_path)
+    seen = []
+    original = transformers.AutoConfig.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", spy)
+    # The folder has no tokenizer, so loading stops there; every config read before it is what we check.
+    with pytest.raises((OSError, ValueError, TypeError)):
+        load(str(tmp_path))
+    assert seen and set(seen) == {False}
+    seen.clear()
+    with pytest.raises((OSError, ValueError, TypeError)):
+        load(str(tmp_path), trust_remote_code=True)
+    assert seen and set(seen) == {True}
+
+
+#: Calls through which text could become code, a command or an object graph. None may appear in the app's code.
+FORBIDDEN = {
+    "eval/exec": r"(?<![\w.])(eval|exec)\(",
+    "pickle": r"\b(pickle|cPickle|dill|marshal)\b",
+    "shell": r"shell\s*=\s*True|os\.system\(|os\.popen\(",
+    "torch.load": r"torch\.load\(",
+}
+
+
+@pytest.mark.parametrize("name", sorted(FORBIDDEN))
+def test_no_user_input_can_reach_a_shell_eval_or_pickle(name):
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    sources = [root / "app.py", root / "webapi.py", *sorted((root / "streaming_engine").rglob("*.py"))]
+    hits = [f"{path.relative_to(root)}:{number}: {line.strip()}"
+            for path in sources
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+            if re.search(FORBIDDEN[name], line)]
+    assert not hits, "\n".join(hits)
