@@ -209,6 +209,17 @@ def gauges_html(stats: dict | None, title: str = "Cache", phase: str = "idle") -
     )
 
 
+def final_reply(event, context_full_note: str) -> str:
+    """The Chatbot text of a finished reply: the reply made inert, plus why it ended when that is not obvious
+    (stopped by the user, context full). A reply stopped before its first token says so instead of showing nothing."""
+    text = inert(event.text) if event.text else ""
+    if event.finish_reason == "stopped":
+        text += ("\n\n" if text else "") + "*(stopped)*"
+    elif event.finish_reason == "context_full":
+        text += ("\n\n" if text else "") + context_full_note
+    return text or "…"
+
+
 def display_messages(history: list[dict]) -> list[dict]:
     """Engine history -> Chatbot messages (system prompt hidden, text made inert)."""
     return [
@@ -335,10 +346,7 @@ def build_ui(engine: StreamingEngine, settings: AppSettings, model_label: str) -
                         messages[-1] = {"role": "assistant", "content": inert(reply)}
                         yield messages, "", gauges_html(event.stats, phase="generating"), state, gr.skip()
                 elif event.kind == "done":
-                    text = inert(event.text) if event.text else "…"
-                    if event.finish_reason == "context_full":
-                        text += "\n\n*(context full)*"
-                    messages[-1] = {"role": "assistant", "content": text}
+                    messages[-1] = {"role": "assistant", "content": final_reply(event, "*(context full)*")}
                     yield messages, "", gauges_html(event.stats), state, engine.export(sid)
                 else:
                     gr.Warning(event.text)
@@ -485,13 +493,16 @@ def build_ui(engine: StreamingEngine, settings: AppSettings, model_label: str) -
             from matplotlib import pyplot as plt
 
             colors = {"streaming": "#1f77b4", "dense": "#6c757d", "window": "#d62728"}
+            # Streaming and window hold the same number of tokens, so their memory lines coincide: dash window's.
+            styles = {"window": "--"}
             figures = []
             for key, ylabel, scale in (("kv", "KV cache (MiB)", 1 / 2**20), ("latency", "ms per token", 1000)):
                 fig, ax = plt.subplots(figsize=(6, 3.2))
                 for mode, points in series.items():
                     pts = [(p["seen"], p[key] * scale) for p in points if p.get(key) is not None]
                     if pts:
-                        ax.plot(*zip(*pts), label=mode, color=colors.get(mode), linewidth=1.3)
+                        ax.plot(*zip(*pts), label=mode, color=colors.get(mode), linestyle=styles.get(mode, "-"),
+                                linewidth=1.3)
                 ax.set_xlabel("tokens seen")
                 ax.set_ylabel(ylabel)
                 ax.grid(alpha=0.3)
@@ -530,13 +541,12 @@ def build_ui(engine: StreamingEngine, settings: AppSettings, model_label: str) -
                     s = event.stats
                     series[mode].append({"seen": s["seen_tokens"], "kv": s["kv_bytes"],
                                          "latency": s.get("last_token_latency_s")})
+                    shown = inert(replies[mode])
                 elif event.kind == "done":
-                    replies[mode] = event.text or "…"
-                    if event.finish_reason == "context_full":
-                        replies[mode] += "\n\n**Context full** — dense attention cannot continue."
+                    shown = final_reply(event, "**Context full** — dense attention cannot continue.")
                 else:
-                    replies[mode] = f"⚠️ {event.text}"
-                chats[mode][-1] = {"role": "assistant", "content": inert(replies[mode])}
+                    shown = f"⚠️ {inert(event.text)}"
+                chats[mode][-1] = {"role": "assistant", "content": shown}
                 if time.monotonic() - last_ui >= STREAM_UI_INTERVAL_S or not open_modes:
                     last_ui = time.monotonic()
                     yield stats

@@ -91,6 +91,21 @@ def test_a_code_span_cannot_hide_a_tag_across_paragraphs():
     assert "<img" not in app.inert("`a\n\n<img src=x>\n\nb`")
 
 
+@pytest.mark.parametrize("text,reason,expected", [
+    ("Paris.", "eos", "Paris."),
+    ("Par", "stopped", "Par\n\n*(stopped)*"),
+    ("", "stopped", "*(stopped)*"),  # stopped before the first token: say so, never an empty bubble
+    ("The end", "context_full", "The end\n\nFULL"),
+    ("", "context_full", "FULL"),
+    ("", "eos", "…"),
+    ("<b>x</b>", "eos", "&lt;b>x&lt;/b>"),
+])
+def test_a_finished_reply_says_why_it_ended_when_that_is_not_obvious(text, reason, expected):
+    from streaming_engine import Event
+
+    assert app.final_reply(Event("done", text, {}, reason), "FULL") == expected
+
+
 def test_settings_come_from_flags_or_environment_and_bind_to_loopback_by_default():
     settings = app.parse_settings([], env={})
     assert settings.host == "127.0.0.1" and settings.port == 7860 and settings.auth is None
