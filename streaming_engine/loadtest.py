@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--turns", type=int, default=10, help=f"turns per conversation (1..{MAX_TURNS})")
     p.add_argument("--max-new-tokens", type=int, default=48, help="longest reply per turn")
     p.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE_S, help="stop after this many seconds")
-    p.add_argument("--output", default=None, help="write the JSON report here too")
+    p.add_argument("--output", default=None, help="write the JSON report here too, and a PNG of server memory beside it")
     p.add_argument("--allow-remote", action="store_true", help="permit a non-loopback URL (your own server only)")
     return p
 
@@ -222,8 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:
+        from .eval.plots import plot_load  # matplotlib only when a file is asked for
+
         with open(args.output, "w", encoding="utf-8") as handle:
             handle.write(text + "\n")
+        print("wrote", args.output, *plot_load(report, args.output), file=sys.stderr)
     return 0 if report["errors"] == 0 and report["cross_talk"] == 0 else 1
 
 

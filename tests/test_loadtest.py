@@ -42,6 +42,22 @@ def test_concurrent_sessions_complete_with_no_errors_no_cross_talk_and_bounded_m
     assert engine.session_ids() == []  # every virtual user closed its session
 
 
+def test_cli_writes_the_report_and_a_memory_plot_and_exits_zero_on_a_clean_run(api_server, tmp_path, capsys):
+    url, _ = api_server
+    output = tmp_path / "load.json"
+    code = loadtest.main(["--url", url, "--sessions", "2", "--turns", "2", "--max-new-tokens", "4",
+                          "--output", str(output)])
+    assert code == 0
+    report = json.loads(output.read_text(encoding="utf-8"))
+    assert report["turns_completed"] == 4 and report["errors"] == 0 and report["cross_talk"] == 0
+    for key in ("turns_completed", "errors", "cross_talk", "ttft_p50_s", "ttft_p95_s", "tokens_per_s",
+                "peak_rss_bytes"):
+        assert key in report, key
+    png = output.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(png) in capsys.readouterr().err
+
+
 def test_cross_talk_is_detected_when_a_history_holds_someone_elses_turn(monkeypatch):
     """A fake server whose history answers with another user's conversation must be flagged."""
 
