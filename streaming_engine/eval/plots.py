@@ -39,16 +39,23 @@ def plot_ppl(result: dict, output, window: int = 100) -> list[str]:
     a PNG of the same name. Returns its path."""
     path = str(Path(output).with_suffix(".png"))
     fig, ax = plt.subplots(figsize=(9, 4.8))
+    settled = []  # values once the rolling window is full: the first few tokens' NLL would squash the y-axis
     for method, data in result["methods"].items():
         nll = data["nll"]
-        ax.plot(range(1, len(nll) + 1), rolling_mean(nll, window), label=f"{method} (PPL {data['ppl']:.2f})",
+        curve = rolling_mean(nll, window)
+        settled.extend(curve[window:])
+        ax.plot(range(1, len(nll) + 1), curve, label=f"{method} (PPL {data['ppl']:.2f})",
                 color=COLORS.get(method), linewidth=1.4)
+    if settled:
+        low, high = min(settled), max(settled)
+        pad = 0.1 * (high - low or 1.0)
+        ax.set_ylim(low - pad, high + pad)
     cfg = result["config"]
     if cfg.get("cache_size"):
         ax.axvline(cfg["cache_size"], color="black", linestyle=":", linewidth=1, label="cache full")
     ax.set_xlabel("token index")
     ax.set_ylabel(f"log PPL (rolling mean of NLL over {window} tokens)")
-    ax.set_title(f"{cfg['model']} · cache {cfg['start_size']}+{cfg['recent_size']} · {cfg['source'][:60]}")
+    ax.set_title(f"{cfg['model']} · cache {cfg['start_size']}+{cfg['recent_size']} · {cfg['source'].split(' (')[0][:60]}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -201,3 +208,28 @@ def plot_chat(result: dict, output) -> list[str]:
 
 def finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def plot_load(report: dict, output) -> list[str]:
+    """The server's resident memory over the load test (`loadtest --output`), with its peak: flat after the
+    warm-up is what bounded caches buy. Saved beside `output` as a PNG of the same name; returns its path."""
+    path = str(Path(output).with_suffix(".png"))
+    samples = report.get("rss_timeline") or []
+    fig, ax = plt.subplots(figsize=(8, 4))
+    if samples:
+        ax.plot([t for t, _ in samples], [rss / MIB for _, rss in samples], color=COLORS["streaming"],
+                linewidth=1.4, label="server resident memory")
+    if report.get("peak_rss_bytes"):
+        ax.axhline(report["peak_rss_bytes"] / MIB, color="black", linestyle=":", linewidth=1,
+                   label=f"peak {report['peak_rss_bytes'] / MIB:,.0f} MiB")
+    ax.set_xlabel("seconds since the load began")
+    ax.set_ylabel("MiB")
+    ax.set_title(f"Load test · {report['sessions']} sessions × {report['turns_per_session']} turns · "
+                 f"{report['turns_completed']} turns completed, {report['errors']} errors, "
+                 f"{report['cross_talk']} cross-talk", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
