@@ -212,12 +212,8 @@ def gauges_html(stats: dict | None, title: str = "Cache", phase: str = "idle") -
 def final_reply(event, context_full_note: str) -> str:
     """The Chatbot text of a finished reply: the reply made inert, plus why it ended when that is not obvious
     (stopped by the user, context full). A reply stopped before its first token says so instead of showing nothing."""
-    text = inert(event.text) if event.text else ""
-    if event.finish_reason == "stopped":
-        text += ("\n\n" if text else "") + "*(stopped)*"
-    elif event.finish_reason == "context_full":
-        text += ("\n\n" if text else "") + context_full_note
-    return text or "…"
+    note = {"stopped": "*(stopped)*", "context_full": context_full_note}.get(event.finish_reason)
+    return "\n\n".join(part for part in (inert(event.text), note) if part) or "…"
 
 
 def display_messages(history: list[dict]) -> list[dict]:
