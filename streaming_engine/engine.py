@@ -296,6 +296,13 @@ class StreamingEngine:
         if handle is not None:
             handle.stop()
 
+    def settle(self, session_id: str, timeout: float = STOP_WAIT_S) -> None:
+        """Wait (at most `timeout`) for a turn that was told to stop to end, so that its partial reply is in the
+        history; a turn still running normally is left alone. For a page re-attaching after its reader left."""
+        handle = self._get(session_id).current
+        if handle is not None and handle.stop_event.is_set():
+            handle.finished.wait(timeout)
+
     def _wait_idle(self, session: Session) -> None:
         handle = session.current
         if handle is not None:
