@@ -1,19 +1,24 @@
 """StreamingLLM (attention sinks + position shift) for transformers models, with a threaded chat engine.
 
-Public API: `StartRecentKVCache`, `enable_streaming_llm`, `load`, `SUPPORTED_FAMILIES`, and the chat engine
-(`StreamingEngine`, `EngineConfig`, `Event`). This package never imports
-gradio; the web UI lives in `app.py`.
+Public API: `StartRecentKVCache`, `enable_streaming_llm`, `load`, `SUPPORTED_FAMILIES`, the chat engine
+(`StreamingEngine`, `EngineConfig`, `Event`) and persistent conversations (`ChatStore`, `Conversations`). This
+package never imports gradio; the web UI lives in `app.py`.
 """
 
 from .cache import StartRecentKVCache, enable_streaming_llm
+from .conversations import ConversationNotFound, Conversations
 from .engine import EngineBusy, EngineConfig, SessionNotFound, StreamingEngine
 from .families import SUPPORTED_FAMILIES, check_supported
 from .loading import load
 from .positions import next_position_ids
 from .session import MODES, Event
+from .store import ChatStore, StoreError, StoreFull
 
 __all__ = [
     "MODES",
+    "ChatStore",
+    "ConversationNotFound",
+    "Conversations",
     "EngineBusy",
     "EngineConfig",
     "Event",
@@ -21,6 +26,8 @@ __all__ = [
     "StreamingEngine",
     "SUPPORTED_FAMILIES",
     "StartRecentKVCache",
+    "StoreError",
+    "StoreFull",
     "check_supported",
     "enable_streaming_llm",
     "load",

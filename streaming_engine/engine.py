@@ -5,6 +5,12 @@ sessions (`streaming`: attention sinks + recent window, the paper; `dense`: a gr
 "context_full" at its limit; `window`: recent window without sinks, the baseline that collapses), and turns each
 `chat()` call into a turn on the shared scheduler. It holds no threading code of its own (see `scheduler.py`) and
 no model arithmetic (see `generation.py`).
+
+Fairness: every session may carry an opaque `owner` (the UI passes the client address, or the login user) and an
+`origin` ("browser" or "api"). One owner can hold at most `max_sessions_per_owner` sessions, far below the global
+`max_sessions`, so a single client can never lock everyone else out; API sessions, which nobody closes for the
+caller, are reaped after the shorter `api_idle_timeout_s`. Persistence is not the engine's business: see
+`conversations.py` (live sessions bound to stored conversations) and `store.py` (the database).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
+from .apivalidate import SESSION_ID_MAX_CHARS, parse_json, preview
 from .cache import StartRecentKVCache, enable_streaming_llm
 from .sampling import SamplingParams
 from .scheduler import Scheduler, TurnHandle
@@ -30,10 +37,22 @@ MAX_HISTORY_BYTES = 8 * 1024 * 1024
 MAX_HISTORY_MESSAGES = 20_000
 #: Sessions alive at once before `new_session` answers "busy".
 MAX_SESSIONS = 64
+#: Sessions one owner (client address or login user) may hold at once; far below `MAX_SESSIONS` so that one
+#: client (a script, a tab-reloading user) cannot fill the server: 8 covers a chat and a comparison (3 sessions)
+#: in each of two tabs with room to spare.
+MAX_SESSIONS_PER_OWNER = 8
+#: Longest accepted `owner` string (an address or a user name; longer ones are a caller bug).
+MAX_OWNER_CHARS = 256
 #: Turns generating at once before `chat` answers "busy".
 MAX_ACTIVE_TURNS = 16
 #: A session untouched this long is closed (its cache freed).
 IDLE_TIMEOUT_S = 3600.0
+#: An API session untouched this long is closed: scripts that forget `/close_session` must not hold a slot for an
+#: hour. Long enough for a script that thinks between calls.
+API_IDLE_TIMEOUT_S = 300.0
+#: Where a session comes from: "browser" sessions are closed by their tab (or after `IDLE_TIMEOUT_S`); "api"
+#: sessions after `API_IDLE_TIMEOUT_S`.
+ORIGINS = ("browser", "api")
 #: How long `reset`/`close` wait for a running turn to notice its stop flag.
 STOP_WAIT_S = 30.0
 
@@ -51,6 +70,22 @@ class SessionNotFound(KeyError):
         return str(self.args[0]) if self.args else "unknown session"
 
 
+@dataclass(frozen=True)
+class SessionTag:
+    """Who holds a session: an opaque `owner` (None: not counted against a per-owner cap) and its `origin`."""
+
+    owner: str | None = None
+    origin: str = "browser"
+
+    @classmethod
+    def checked(cls, owner, origin) -> "SessionTag":
+        if owner is not None and (not isinstance(owner, str) or not 0 < len(owner) <= MAX_OWNER_CHARS):
+            raise ValueError(f"owner must be None or a non-empty string of at most {MAX_OWNER_CHARS} characters")
+        if origin not in ORIGINS:
+            raise ValueError(f"origin must be one of {', '.join(ORIGINS)}; got {preview(origin)}")
+        return cls(owner, origin)
+
+
 @dataclass
 class EngineConfig:
     """Engine-wide settings. Sampling fields are the defaults for every `chat` call."""
@@ -65,9 +100,11 @@ class EngineConfig:
     prefill_chunk_size: int = 512
     dense_max_tokens: int | None = None  # None: the model's maximum positions
     max_sessions: int = MAX_SESSIONS
+    max_sessions_per_owner: int = MAX_SESSIONS_PER_OWNER
     max_active_turns: int = MAX_ACTIVE_TURNS
     max_message_chars: int = MAX_MESSAGE_CHARS
     idle_timeout_s: float = IDLE_TIMEOUT_S
+    api_idle_timeout_s: float = API_IDLE_TIMEOUT_S
 
     def __post_init__(self):
         def positive_int(name, minimum=1):
@@ -79,6 +116,7 @@ class EngineConfig:
         positive_int("recent_size")
         positive_int("prefill_chunk_size")
         positive_int("max_sessions")
+        positive_int("max_sessions_per_owner")
         positive_int("max_active_turns")
         positive_int("max_message_chars")
         if self.dense_max_tokens is not None:
@@ -88,8 +126,10 @@ class EngineConfig:
                 f"recent_size ({self.recent_size}) must exceed the largest prompt chunk "
                 f"(prefill_chunk_size={self.prefill_chunk_size}), or a chunk would evict itself"
             )
-        if not (isinstance(self.idle_timeout_s, (int, float)) and self.idle_timeout_s > 0):
-            raise ValueError(f"idle_timeout_s must be > 0, got {self.idle_timeout_s!r}")
+        for name in ("idle_timeout_s", "api_idle_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
         self.default_sampling()  # validates the sampling defaults
 
     @property
@@ -136,6 +176,7 @@ class StreamingEngine:
         self.runtime = Runtime(model, tokenizer, ChatTemplater(tokenizer), eos_ids, model.device)
         self.scheduler = Scheduler()
         self._sessions: dict[str, Session] = {}
+        self._tags: dict[str, SessionTag] = {}  # session id -> who holds it (same keys as `_sessions`)
         self._lock = threading.Lock()
 
     # --- sessions ----------------------------------------------------------------------------------------------
@@ -148,22 +189,45 @@ class StreamingEngine:
         start_size: int | None = None,
         recent_size: int | None = None,
         max_context: int | None = None,
+        owner: str | None = None,
+        origin: str = "browser",
     ) -> str:
-        """Create a conversation and return its id. Sizes default to the engine config (window: no sinks)."""
+        """Create a conversation and return its id. Sizes default to the engine config (window: no sinks).
+
+        `owner` (opaque: a client address or login user; None = not counted) may hold at most
+        `max_sessions_per_owner` sessions; `origin` ("browser" or "api") picks the idle timeout.
+        Raises `EngineBusy` (message safe to show) at either cap, `ValueError` on bad arguments.
+        """
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {preview(mode)}")
+        tag = SessionTag.checked(owner, origin)
         if system_prompt is not None:
             system_prompt = self._check_text(system_prompt, "system prompt", allow_empty=True) or None
         session = self._make_session(mode, system_prompt, start_size, recent_size, max_context)
         with self._lock:
             self._close_idle_locked()
+            cap = self.config.max_sessions_per_owner
+            if tag.owner is not None and (held := self._held_by_locked(tag.owner)) >= cap:
+                raise EngineBusy(
+                    f"You have {held} conversations open (limit {cap} per user). Close another tab or chat, "
+                    "or wait a few minutes for an idle one to be closed."
+                )
             if len(self._sessions) >= self.config.max_sessions:
                 raise EngineBusy(
                     f"Server busy: {len(self._sessions)} conversations are open (limit {self.config.max_sessions}). "
                     "Please try again in a few minutes."
                 )
             self._sessions[session.id] = session
+            self._tags[session.id] = tag
         return session.id
+
+    def _held_by_locked(self, owner: str) -> int:
+        return sum(1 for tag in self._tags.values() if tag.owner == owner)
+
+    def open_sessions(self, owner: str | None = None) -> int:
+        """How many sessions are open (all of them, or those of `owner`)."""
+        with self._lock:
+            return len(self._sessions) if owner is None else self._held_by_locked(owner)
 
     def _make_session(self, mode, system_prompt, start_size, recent_size, max_context) -> Session:
         cfg = self.config
@@ -204,10 +268,14 @@ class StreamingEngine:
         )
 
     def _get(self, session_id: str) -> Session:
-        with self._lock:
-            session = self._sessions.get(session_id)
+        # A malformed id is refused before any lookup, and never echoed whole (it may be megabytes long).
+        if isinstance(session_id, str) and len(session_id) <= SESSION_ID_MAX_CHARS:
+            with self._lock:
+                session = self._sessions.get(session_id)
+        else:
+            session = None
         if session is None:
-            raise SessionNotFound(f"unknown or expired session {session_id!r}; start a new chat")
+            raise SessionNotFound(f"unknown or expired session {preview(session_id)}; start a new chat")
         return session
 
     def session_ids(self) -> list[str]:
@@ -227,6 +295,13 @@ class StreamingEngine:
         handle = self._get(session_id).current
         if handle is not None:
             handle.stop()
+
+    def settle(self, session_id: str, timeout: float = STOP_WAIT_S) -> None:
+        """Wait (at most `timeout`) for a turn that was told to stop to end, so that its partial reply is in the
+        history; a turn still running normally is left alone. For a page re-attaching after its reader left."""
+        handle = self._get(session_id).current
+        if handle is not None and handle.stop_event.is_set():
+            handle.finished.wait(timeout)
 
     def _wait_idle(self, session: Session) -> None:
         handle = session.current
@@ -254,8 +329,11 @@ class StreamingEngine:
 
     def close(self, session_id: str) -> None:
         """Stop and free the session. Closing an unknown id is a no-op (a tab may close twice)."""
+        if not isinstance(session_id, str):
+            return
         with self._lock:
             session = self._sessions.pop(session_id, None)
+            self._tags.pop(session_id, None)
         if session is not None:
             handle = session.current
             if handle is not None:
@@ -263,19 +341,22 @@ class StreamingEngine:
             session.cache.reset()
 
     def close_idle(self) -> int:
-        """Close sessions idle for longer than `idle_timeout_s`; returns how many."""
+        """Close sessions idle for longer than their origin's timeout; returns how many."""
         with self._lock:
             return self._close_idle_locked()
 
     def _close_idle_locked(self) -> int:
-        cutoff = time.monotonic() - self.config.idle_timeout_s
+        now = time.monotonic()
+        timeout = {"browser": self.config.idle_timeout_s, "api": self.config.api_idle_timeout_s}
         stale = [
             sid
             for sid, s in self._sessions.items()
-            if s.last_active < cutoff and (s.current is None or s.current.finished.is_set())
+            if s.last_active < now - timeout[self._tags[sid].origin]
+            and (s.current is None or s.current.finished.is_set())
         ]
         for sid in stale:
             self._sessions.pop(sid).cache.reset()
+            del self._tags[sid]
         return len(stale)
 
     # --- chatting ----------------------------------------------------------------------------------------------
@@ -330,9 +411,22 @@ class StreamingEngine:
         """The conversation as JSON (format `streaming-llm-chat`), for download and `restore`."""
         return json.dumps(self._get(session_id).export(), ensure_ascii=False, indent=2)
 
-    def restore(self, exported: str | bytes, mode: str | None = None) -> str:
+    def restore(
+        self,
+        exported: str | bytes,
+        mode: str | None = None,
+        *,
+        allow_file_mode: bool = False,
+        owner: str | None = None,
+        origin: str = "browser",
+    ) -> str:
         """Open a new session holding an exported history; its cache is rebuilt (sinks + the tail that fits)
-        on the first turn. Raises `ValueError` with a clear message on a corrupt or oversized file."""
+        on the first turn. Raises `ValueError` with a clear message on a corrupt or oversized file.
+
+        The server, not the file, decides the session's mode and sizes: `mode` (default "streaming") with the
+        engine's sizes. A file's `"mode"` is only read when the caller passes `allow_file_mode=True`; otherwise an
+        uploaded `"mode": "dense"` could turn a bounded chat into a cache that grows to the model's limit.
+        """
         if isinstance(exported, bytes):
             if len(exported) > MAX_HISTORY_BYTES:
                 raise ValueError(f"history file is too large (limit {MAX_HISTORY_BYTES // (1024 * 1024)} MiB)")
@@ -342,13 +436,27 @@ class StreamingEngine:
                 raise ValueError("history file is not UTF-8 text") from exc
         if not isinstance(exported, str) or len(exported.encode("utf-8", "surrogatepass")) > MAX_HISTORY_BYTES:
             raise ValueError(f"history must be JSON text of at most {MAX_HISTORY_BYTES // (1024 * 1024)} MiB")
-        try:
-            data = json.loads(exported)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"history file is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+        data = parse_json(exported, "history file")
         if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
             raise ValueError(f"not a chat history exported by this app (expected format {EXPORT_FORMAT!r})")
-        messages = data.get("messages")
+        mode = mode or (data.get("mode") if allow_file_mode else None) or "streaming"
+        system_prompt = data.get("system_prompt")
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise ValueError("history 'system_prompt' must be text or null")
+        return self.open_history(data.get("messages"), system_prompt, mode=mode, owner=owner, origin=origin)
+
+    def open_history(
+        self,
+        messages: list[dict],
+        system_prompt: str | None = None,
+        *,
+        mode: str = "streaming",
+        owner: str | None = None,
+        origin: str = "browser",
+    ) -> str:
+        """Open a new session (engine sizes) that continues `messages` ({"role": "user"|"assistant", "content"}
+        dicts, extra keys ignored). Nothing is computed now: the cache is re-primed from the history (sinks + the
+        tail that fits) on the next turn. `restore` and re-opening a stored conversation both come here."""
         if not isinstance(messages, list) or len(messages) > MAX_HISTORY_MESSAGES:
             raise ValueError(f"history 'messages' must be a list of at most {MAX_HISTORY_MESSAGES} messages")
         clean = []
@@ -356,13 +464,7 @@ class StreamingEngine:
             if not isinstance(m, dict) or m.get("role") not in ("user", "assistant") or not isinstance(m.get("content"), str):
                 raise ValueError(f"history message {i} must be {{'role': 'user'|'assistant', 'content': text}}")
             clean.append({"role": m["role"], "content": self._check_text(m["content"], f"message {i}", allow_empty=True)})
-        mode = mode or data.get("mode") or "streaming"
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-        system_prompt = data.get("system_prompt")
-        if system_prompt is not None and not isinstance(system_prompt, str):
-            raise ValueError("history 'system_prompt' must be text or null")
-        session_id = self.new_session(mode, system_prompt)
+        session_id = self.new_session(mode, system_prompt, owner=owner, origin=origin)
         self._get(session_id).load_history(clean)
         return session_id
 

@@ -8,21 +8,78 @@ reply stopped early), the new user message and the assistant header.
 tokenizer's own template and cutting off `stream_text`, the exact text fed so far. When a template rewrites past
 turns (some strip reasoning, some date-stamp the system prompt) that prefix test fails, and the text the template
 adds for one more user turn is taken instead. Tokenizers without a template get a plain `User:`/`Assistant:` format.
+
+Template injection. The rendered text is encoded with special tokens parsed (the template's own markers such as
+`<|im_start|>` must become control tokens), so a message that *spells* a marker would otherwise become one too: a
+user, or an uploaded history, could forge system or assistant turns. Every message's content is therefore
+neutralized before rendering (`neutralize`): each spelling of a special or added token inside it is broken by an
+invisible WORD JOINER (U+2060) after its first character, so the tokenizer reads it as ordinary text. Only the
+template's own framing is left to become control tokens. Chosen over encoding content segments separately with
+special-token parsing off, because that needs the content's exact place in the rendered text (templates trim,
+rewrite or date-stamp content) and tokenizes segment edges differently on SentencePiece tokenizers that prepend
+"▁" to the first segment only; neutralizing the input works for any template and leaves the text-to-ids step
+untouched. The joiner is checked once per tokenizer (`_pick_breaker`): if a tokenizer's normalizer dropped it,
+a visible separator is used instead. The history the user sees keeps exactly what was typed; only the model's
+view is neutralized, and benign text is rendered unchanged.
 """
 
 from __future__ import annotations
 
+import re
+
 PLAIN_USER = "User: "
 PLAIN_ASSISTANT = "Assistant:"
+#: Inserted after the first character of a marker spelled inside a message: invisible, and not a token part.
+WORD_JOINER = "\u2060"
+#: Tried in order when a tokenizer's normalizer removes the joiner (then the marker would form again).
+BREAKER_FALLBACKS = ("\u200b", " ")
+
+
+def control_spellings(tokenizer) -> list[str]:
+    """Texts the tokenizer turns into one control token: its special tokens and every added token that is not
+    plain whitespace (e.g. Qwen's `<tool_call>`), longest first so that overlapping spellings break fully."""
+    spellings = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        content = getattr(added, "content", str(added))
+        if getattr(added, "special", False) or not any(ch.isspace() for ch in content):
+            spellings.add(content)
+    return sorted((s for s in spellings if isinstance(s, str) and len(s) >= 2), key=len, reverse=True)
 
 
 class ChatTemplater:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
+        spellings = control_spellings(tokenizer)
+        self._markers = re.compile("|".join(map(re.escape, spellings))) if spellings else None
+        self._breaker = self._pick_breaker(spellings)
+
+    def _pick_breaker(self, spellings: list[str]) -> str:
+        """The joiner, unless this tokenizer still finds a control token in joiner-broken spellings."""
+        if not spellings:
+            return WORD_JOINER
+        ids = {i for s in spellings for i in self.tokenizer.convert_tokens_to_ids([s]) if i is not None}
+        for breaker in (WORD_JOINER, *BREAKER_FALLBACKS):
+            probe = " ".join(s[0] + breaker + s[1:] for s in spellings)
+            if not ids & set(self.tokenizer(probe, add_special_tokens=False)["input_ids"]):
+                return breaker
+        raise ValueError("this tokenizer turns every tried spelling of its markers into control tokens")
+
+    def neutralize(self, text: str) -> str:
+        """`text` with every control-token spelling broken apart (by the joiner after its first character).
+
+        Repeated until none is left: breaking one spelling may leave an overlapping one intact (specials
+        `<a>` and `>b`: breaking `<a>` in `<a>b` leaves `>b`). Each pass breaks at least one, so this ends."""
+        if self._markers is None:
+            return text
+        while self._markers.search(text):
+            text = self._markers.sub(lambda m: m.group(0)[0] + self._breaker + m.group(0)[1:], text)
+        return text
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        """The whole conversation as text, exactly as the tokenizer's template writes it."""
+        """The whole conversation as text, as the tokenizer's template writes it, with every message's content
+        neutralized (see the module docstring): the only control tokens are the template's own."""
+        messages = [{**m, "content": self.neutralize(m["content"])} for m in messages]
         if self.has_template:
             return self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=add_generation_prompt

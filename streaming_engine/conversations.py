@@ -1,0 +1,300 @@
+"""Conversations that outlive a tab, a reload and a restart: live engine sessions bound to stored conversations.
+
+A browser holds one random token per conversation (see `store.py`); the UI passes that token here and never
+handles session ids. This module keeps the map token -> live session and writes every change to the store:
+
+* `start` — a new conversation: a fresh token and a live session. Nothing is stored before the first message.
+* `open` — a page load with a token: re-attach to the token's live session if it still exists (a reload creates
+  no session), else re-create it from the store, its cache re-primed from the stored history on the next turn
+  exactly as `StreamingEngine.restore` does. After `kill -9` and a restart this brings the conversation back.
+* `chat` — `StreamingEngine.chat` plus persistence: the user's message as soon as the turn is accepted, the
+  partial reply every `partial_save_interval_s` (marked interrupted), and the whole history once the turn ends.
+  If the live session was closed meanwhile (idle, restart) it is re-created from the store first.
+* `retry`, `stop`, `release` (tab closed: free the session now; the stored conversation stays), `delete` (the
+  session and the stored rows), `rename`, `list`, `import_history` (an uploaded file becomes a new conversation;
+  the server decides its mode and sizes) and `export`.
+
+A storage failure (disk full, store full) never breaks a chat: it is logged, the chat goes on unsaved, and
+`save_error(token)` tells the UI. Which owner a session counts against (client address, login user) is the
+caller's to say: see the per-owner cap in `engine.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from .engine import EngineBusy, StreamingEngine
+from .session import Event
+from .store import ChatStore, ConversationSummary, StoreError, new_token, valid_token
+
+logger = logging.getLogger(__name__)
+
+#: While a reply streams, its partial text is saved at most this often (and always when the turn ends).
+PARTIAL_SAVE_INTERVAL_S = 2.0
+#: A new conversation's title: the first line of its first message, cut to this many characters.
+AUTO_TITLE_CHARS = 60
+#: Storage failures remembered for `save_error` at most (the oldest are forgotten first).
+MAX_PENDING_ERRORS = 1000
+
+
+class ConversationNotFound(KeyError):
+    """The token is unknown, malformed, deleted, or its session ended while persistence is off."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "conversation not found"
+
+
+@dataclass
+class Opened:
+    """What a page needs to show a conversation."""
+
+    token: str  # keep it in the browser: it is the only key to this conversation
+    session_id: str  # the live engine session (for stats and export)
+    messages: list[dict]  # visible history; an assistant message cut off by a stop has "interrupted": True
+    system_prompt: str | None
+    title: str
+    reattached: bool  # True: the live session was still open (a reload); no session was created
+
+
+def auto_title(messages: list[dict]) -> str:
+    first = next((m["content"] for m in messages if m["role"] == "user" and m["content"].strip()), "")
+    line = first.strip().splitlines()[0] if first.strip() else ""
+    return line if len(line) <= AUTO_TITLE_CHARS else line[: AUTO_TITLE_CHARS - 1] + "…"
+
+
+class Conversations:
+    """Token-addressed conversations over an engine and a store (thread-safe)."""
+
+    def __init__(self, engine: StreamingEngine, store: ChatStore, *,
+                 partial_save_interval_s: float = PARTIAL_SAVE_INTERVAL_S):
+        if isinstance(partial_save_interval_s, bool) or not isinstance(partial_save_interval_s, (int, float)) \
+                or partial_save_interval_s < 0:
+            raise ValueError(f"partial_save_interval_s must be a number >= 0, got {partial_save_interval_s!r}")
+        self.engine = engine
+        self.store = store
+        self.partial_save_interval_s = partial_save_interval_s
+        self._live: dict[str, str] = {}  # token -> live session id
+        self._marks: dict[str, set[int]] = {}  # token -> indices of interrupted replies
+        self._errors: dict[str, str] = {}  # token -> last storage failure, until `save_error` reads it
+        self._lock = threading.RLock()
+
+    @property
+    def persistent(self) -> bool:
+        return self.store.enabled
+
+    # --- opening ---------------------------------------------------------------------------------------------------
+
+    def start(self, *, owner: str | None = None, origin: str = "browser", system_prompt: str | None = None) -> Opened:
+        """A new, empty conversation with its live session. Raises `EngineBusy` at a session cap."""
+        sid = self.engine.new_session("streaming", system_prompt, owner=owner, origin=origin)
+        token = new_token()
+        with self._lock:
+            self._forget_closed()
+            self._live[token] = sid
+        return self._opened(token, sid, "", reattached=False)
+
+    def open(self, token: str, *, owner: str | None = None, origin: str = "browser") -> Opened:
+        """Re-attach to `token`'s live session, or re-create it from the store.
+
+        Raises `ConversationNotFound` (unknown token, or gone with persistence off), `EngineBusy` (a cap) and
+        `ValueError` (a stored history the engine's current limits refuse)."""
+        with self._lock:
+            sid = self._live_session(token)
+        if sid is not None:
+            try:
+                self.engine.settle(sid)  # a reply stopped by the old page's leaving: let it land in the history
+                summary = self.store.list([token])
+                return self._opened(token, sid, summary[0].title if summary else "", reattached=True)
+            except KeyError:  # closed while we waited: re-create it below
+                pass
+        with self._lock:
+            sid = self._live_session(token)
+            if sid is not None:  # another page re-created it meanwhile
+                return self._opened(token, sid, "", reattached=True)
+            return self._reopen(token, owner, origin)
+
+    def _live_session(self, token: str) -> str | None:
+        sid = self._live.get(token) if isinstance(token, str) else None
+        if sid is not None and sid not in self.engine.session_ids():
+            self._forget(token)  # closed meanwhile (idle timeout)
+            sid = None
+        return sid
+
+    def _forget(self, token: str) -> None:
+        """Drop what is kept in memory for a conversation whose session is gone (the store keeps the rest)."""
+        self._live.pop(token, None)
+        self._marks.pop(token, None)
+
+    def _reopen(self, token: str, owner: str | None, origin: str) -> Opened:
+        stored = self.store.load(token) if valid_token(token) else None
+        if stored is None:
+            raise ConversationNotFound("this conversation is no longer available; start a new chat")
+        history = [{"role": m["role"], "content": m["content"]} for m in stored.messages]
+        sid = self.engine.open_history(history, stored.system_prompt, owner=owner, origin=origin)
+        self._live[token] = sid
+        self._marks[token] = {i for i, m in enumerate(stored.messages) if m.get("interrupted")}
+        return self._opened(token, sid, stored.title, reattached=False)
+
+    def _session(self, token: str, owner: str | None, origin: str = "browser") -> str:
+        with self._lock:
+            sid = self._live_session(token)
+            return sid if sid is not None else self._reopen(token, owner, origin).session_id
+
+    def _forget_closed(self) -> None:
+        alive = set(self.engine.session_ids())
+        for token in [t for t, sid in self._live.items() if sid not in alive]:
+            self._forget(token)
+
+    def _opened(self, token: str, sid: str, title: str, reattached: bool) -> Opened:
+        history = self.engine.history(sid)
+        system = history[0]["content"] if history and history[0]["role"] == "system" else None
+        return Opened(token, sid, self.messages(token, sid), system, title, reattached)
+
+    def messages(self, token: str, sid: str | None = None) -> list[dict]:
+        """The visible history of a live conversation, interrupted replies marked."""
+        sid = sid or self._live.get(token)
+        if sid is None:
+            raise ConversationNotFound("this conversation is not open")
+        marks = self._marks.get(token, set())
+        visible = [m for m in self.engine.history(sid) if m["role"] != "system"]
+        return [{**m, "interrupted": True} if i in marks and m["role"] == "assistant" else m
+                for i, m in enumerate(visible)]
+
+    # --- chatting --------------------------------------------------------------------------------------------------
+
+    def chat(self, token: str, message: str, *, owner: str | None = None, **sampling) -> Iterator[Event]:
+        """`StreamingEngine.chat` on the token's conversation, saving as it goes (see the module docstring)."""
+        try:
+            sid = self._session(token, owner)
+            before = len(self.messages(token, sid))
+        except (ConversationNotFound, EngineBusy, ValueError) as exc:  # busy: a cap, while re-creating it
+            yield Event("error", str(exc), {}, "error")
+            return
+        with self._lock:
+            self._marks[token] = {i for i in self._marks.get(token, set()) if i < before}
+        reply, started, ended, last_save = "", False, None, time.monotonic()
+        try:
+            for event in self.engine.chat(sid, message, **sampling):
+                if event.kind == "delta":
+                    reply += event.text
+                    if not started:  # the turn was accepted: its user message is in the history now
+                        started, last_save = True, time.monotonic()
+                        self._persist(token, sid)
+                    elif time.monotonic() - last_save >= self.partial_save_interval_s:
+                        last_save = time.monotonic()
+                        self._guarded(token, self.store.save_partial, token, reply)
+                else:
+                    ended = event
+                yield event
+        finally:
+            self._after_turn(token, sid, before, ended, started, reply)
+
+    def _after_turn(self, token: str, sid: str, before: int, ended, started: bool, reply: str) -> None:
+        """Save the turn's outcome. A reply cut off by a failure, or by its reader going away, is marked
+        interrupted; one the user stopped is not (it ends where they wanted)."""
+        try:
+            now = len(self.messages(token, sid))
+        except KeyError:  # the session was closed meanwhile (tab closed, deleted): nothing left to add
+            if started:
+                self._guarded(token, self.store.save_partial, token, reply)
+            return
+        if ended:
+            if now > before:  # a refused message changed nothing
+                if ended.kind == "error" and now > before + 1:
+                    with self._lock:
+                        self._marks.setdefault(token, set()).add(before + 1)
+                self._persist(token, sid)
+        elif started:  # the reader went away mid-reply: keep what it saw, marked interrupted
+            with self._lock:
+                self._marks.setdefault(token, set()).add(before + 1)
+            self._guarded(token, self.store.save_partial, token, reply)
+
+    def retry(self, token: str, *, owner: str | None = None) -> str:
+        """Drop the last exchange (saved at once) and return its user message, to send again with `chat`."""
+        sid = self._session(token, owner)
+        message = self.engine.rewind(sid)
+        with self._lock:
+            kept = len(self.messages(token, sid))
+            self._marks[token] = {i for i in self._marks.get(token, set()) if i < kept}
+        self._persist(token, sid)
+        return message
+
+    def stop(self, token: str) -> None:
+        """Stop the reply being written (no-op when none is)."""
+        sid = self._live.get(token) if isinstance(token, str) else None
+        if sid is not None:
+            try:
+                self.engine.stop(sid)
+            except KeyError:
+                pass
+
+    def _persist(self, token: str, sid: str) -> None:
+        history = self.engine.history(sid)
+        system = history[0]["content"] if history and history[0]["role"] == "system" else None
+        messages = self.messages(token, sid)
+        self._guarded(token, self.store.replace, token, messages, system_prompt=system, title=auto_title(messages))
+
+    def _guarded(self, token: str, write, *args, **kwargs) -> None:
+        try:
+            write(*args, **kwargs)
+        except KeyError:  # deleted meanwhile (`save_partial` after a delete): nothing to save into
+            pass
+        except (sqlite3.Error, StoreError, OSError, ValueError) as exc:
+            logger.warning("could not save conversation: %s", exc)
+            with self._lock:
+                self._errors.pop(token, None)
+                self._errors[token] = f"This chat could not be saved ({exc}); it continues unsaved."
+                while len(self._errors) > MAX_PENDING_ERRORS:
+                    del self._errors[next(iter(self._errors))]
+
+    def save_error(self, token: str) -> str | None:
+        """The last storage failure for `token` since the previous call (then forgotten), or None."""
+        with self._lock:
+            return self._errors.pop(token, None)
+
+    # --- closing, listing, files -----------------------------------------------------------------------------------
+
+    def release(self, token: str) -> None:
+        """The tab closed: free the live session now. The stored conversation stays (a later `open` revives it)."""
+        if not isinstance(token, str):
+            return
+        with self._lock:
+            sid = self._live.get(token)
+            self._forget(token)
+        if sid is not None:
+            self.engine.close(sid)
+
+    def delete(self, token: str) -> bool:
+        """Close the session and delete the stored conversation and its messages; False when nothing was stored."""
+        self.release(token)
+        if isinstance(token, str):
+            with self._lock:
+                self._errors.pop(token, None)
+        return self.store.delete(token)
+
+    def rename(self, token: str, title: str) -> bool:
+        return self.store.rename(token, title)
+
+    def list(self, tokens: Iterable[str]) -> list[ConversationSummary]:
+        """The stored conversations among the tokens a browser holds, newest first."""
+        return self.store.list(tokens)
+
+    def import_history(self, exported: str | bytes, *, owner: str | None = None, origin: str = "browser") -> Opened:
+        """An uploaded history as a new conversation (stored at once). The server decides mode and sizes."""
+        sid = self.engine.restore(exported, owner=owner, origin=origin)
+        token = new_token()
+        with self._lock:
+            self._live[token] = sid
+        self._persist(token, sid)
+        return self._opened(token, sid, auto_title(self.messages(token, sid)), reattached=False)
+
+    def export(self, token: str) -> str:
+        sid = self._live.get(token) if isinstance(token, str) else None
+        if sid is None:
+            raise ConversationNotFound("this conversation is not open")
+        return self.engine.export(sid)

@@ -1,0 +1,455 @@
+"""Server-side chat storage: conversations in one SQLite file, each keyed by an unguessable random token.
+
+A conversation is found only by its token (`secrets.token_urlsafe`, 192 bits), which only the owning browser
+holds: there is no listing of "all conversations", `list` answers for the tokens the caller presents. Stored per
+conversation: title, system prompt, times, and its visible messages (`{"role", "content"}`, plus
+`"interrupted": True` on a reply that was still being written when it was last saved).
+
+Durability: the standard library's `sqlite3` in WAL mode with `synchronous=NORMAL`, every change one transaction.
+A process killed at any instant (`kill -9`, out of memory) leaves the file consistent and holding every
+committed change; only a power loss may lose the last transactions. `secure_delete` overwrites deleted rows and
+a checkpoint after each delete moves them out of the WAL, so a deleted conversation is gone from the files.
+
+Threads: one connection, used under a lock (SQLite serializes writers anyway; the volume is a few small writes
+per second). Schema changes bump `SCHEMA_VERSION` (kept in `PRAGMA user_version`); a file from a newer version
+is refused rather than guessed at. A store opened without a path (`ChatStore(None)`, persistence off) writes
+nothing anywhere: it still mints tokens, everything else is a no-op that finds nothing.
+
+This module knows nothing about models or sessions; `conversations.py` connects it to the engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+#: Bumped whenever the tables change; a database with a higher number is refused.
+SCHEMA_VERSION = 1
+#: File name of the database inside the data directory.
+DB_FILE_NAME = "chats.sqlite"
+#: Random bytes in a conversation token (192 bits: unguessable), written as 32 URL-safe characters.
+TOKEN_BYTES = 24
+#: What a token may look like; anything else is refused before it reaches SQL and never echoed.
+TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]{16,64}")
+#: Longest stored title (longer ones are cut).
+MAX_TITLE_CHARS = 80
+#: Most messages kept per conversation: beyond it the oldest are dropped (the model only sees the tail anyway).
+MAX_STORED_MESSAGES = 20_000
+#: Longest stored message or system prompt, in characters (the engine accepts at most 250,000).
+MAX_STORED_MESSAGE_CHARS = 250_000
+#: Most tokens one `list` call looks up.
+MAX_LIST_TOKENS = 500
+#: Most conversations in one database; `create` beyond it raises `StoreFull` (after dropping expired ones).
+MAX_CONVERSATIONS = 100_000
+#: Conversations untouched for this many days are deleted by `purge_expired` (run at open and on create).
+RETENTION_DAYS = 90
+#: How long a write waits for another process's write to finish before failing.
+BUSY_TIMEOUT_S = 5.0
+
+_SCHEMA = """
+CREATE TABLE conversations (
+    token TEXT PRIMARY KEY,
+    title TEXT NOT NULL DEFAULT '',
+    system_prompt TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX conversations_by_update ON conversations(updated_at);
+CREATE TABLE messages (
+    token TEXT NOT NULL REFERENCES conversations(token) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+    content TEXT NOT NULL,
+    interrupted INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (token, seq)
+);
+CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class StoreError(RuntimeError):
+    """The database cannot be used (not a chat database, written by a newer version, unwritable)."""
+
+
+class StoreFull(StoreError):
+    """`MAX_CONVERSATIONS` conversations are stored; the message is safe to show to users."""
+
+
+def default_data_dir() -> Path:
+    """`~/.cache/streaming-llm`, next to the converted default model."""
+    return Path(os.path.expanduser("~")) / ".cache" / "streaming-llm"
+
+
+def new_token() -> str:
+    """A fresh conversation token (random; only its holder can find the conversation)."""
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def valid_token(token) -> bool:
+    return isinstance(token, str) and TOKEN_PATTERN.fullmatch(token) is not None
+
+
+def _check_token(token) -> str:
+    if not valid_token(token):
+        raise ValueError("conversation token is malformed")
+    return token
+
+
+def _clean_title(title) -> str:
+    if title is None:
+        return ""
+    if not isinstance(title, str):
+        raise ValueError("title must be text")
+    return " ".join(title.split())[:MAX_TITLE_CHARS]
+
+
+def _check_text(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be text")
+    if len(value) > MAX_STORED_MESSAGE_CHARS:
+        raise ValueError(f"{what} is too long to store ({len(value):,} characters, limit {MAX_STORED_MESSAGE_CHARS:,})")
+    return value
+
+
+def _rows(messages: Iterable[dict]) -> list[tuple[str, str, int]]:
+    """(role, content, interrupted) for each message, validated; only the newest `MAX_STORED_MESSAGES`."""
+    rows = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+            raise ValueError(f"message {i} must be {{'role': 'user'|'assistant', 'content': text}}")
+        rows.append((m["role"], _check_text(m.get("content"), f"message {i}"), int(bool(m.get("interrupted")))))
+    return rows[-MAX_STORED_MESSAGES:]
+
+
+def _message(role: str, content: str, interrupted: int) -> dict:
+    return {"role": role, "content": content, **({"interrupted": True} if interrupted else {})}
+
+
+@dataclass
+class ConversationSummary:
+    """One line of a conversation list."""
+
+    token: str
+    title: str
+    updated_at: float  # Unix time
+    message_count: int
+    interrupted: bool  # the last reply was cut off (the server stopped while writing it)
+
+
+@dataclass
+class StoredConversation:
+    token: str
+    title: str
+    system_prompt: str | None
+    created_at: float
+    updated_at: float
+    messages: list[dict] = field(default_factory=list)
+
+    @property
+    def interrupted(self) -> bool:
+        return bool(self.messages) and bool(self.messages[-1].get("interrupted"))
+
+
+class ChatStore:
+    """Conversations in SQLite (see the module docstring). `ChatStore(None)` is the no-persistence store."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike | None,
+        *,
+        max_conversations: int = MAX_CONVERSATIONS,
+        retention_days: float = RETENTION_DAYS,
+    ):
+        if isinstance(max_conversations, bool) or not isinstance(max_conversations, int) or max_conversations < 1:
+            raise ValueError(f"max_conversations must be an integer >= 1, got {max_conversations!r}")
+        if isinstance(retention_days, bool) or not isinstance(retention_days, (int, float)) or not retention_days > 0:
+            raise ValueError(f"retention_days must be a number > 0, got {retention_days!r}")
+        self.path = Path(path).expanduser() if path is not None else None
+        self.max_conversations = max_conversations
+        self.retention_days = retention_days
+        self._lock = threading.RLock()
+        self._secrets: dict[str, str] = {}
+        self._db: sqlite3.Connection | None = None
+        if self.path is not None:
+            self._db = self._connect(self.path)
+            self.purge_expired()
+
+    @classmethod
+    def open(cls, data_dir: str | os.PathLike | None = None, *, persist: bool = True, **limits) -> "ChatStore":
+        """The store for an app: `<data_dir>/chats.sqlite` (default `default_data_dir()`), or none at all."""
+        if not persist:
+            return cls(None, **limits)
+        folder = Path(data_dir).expanduser() if data_dir else default_data_dir()
+        return cls(folder / DB_FILE_NAME, **limits)
+
+    @property
+    def enabled(self) -> bool:
+        return self._db is not None
+
+    # --- connection and schema -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _connect(path: Path) -> sqlite3.Connection:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fresh = not path.exists()
+            if fresh:  # private chats: readable by this user only
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+            db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        except OSError as exc:
+            raise StoreError(f"cannot open the chat database {path}: {exc.strerror or exc}") from exc
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA secure_delete=ON")
+            # One transaction: a crash mid-creation leaves no half schema, and two processes starting at once
+            # cannot both create it (the second waits for the write lock, then sees the version).
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                if version == 0:
+                    if db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                        raise StoreError(f"{path} holds other tables: not a chat database of this app")
+                    for statement in filter(str.strip, _SCHEMA.split(";")):
+                        db.execute(statement)
+                    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                elif version > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"{path} was written by a newer version of this app (schema {version}, this one reads "
+                        f"{SCHEMA_VERSION}); upgrade, or use another --data-dir"
+                    )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            raise StoreError(f"{path} is not a usable chat database ({exc}); move it away or use another "
+                             "--data-dir") from exc
+        except StoreError:
+            db.close()
+            raise
+        return db
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @contextlib.contextmanager
+    def _write(self):
+        """A write transaction (`BEGIN IMMEDIATE` takes the write lock at once, so what it reads is current)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # --- conversations -------------------------------------------------------------------------------------------
+
+    def secret(self, name: str) -> str:
+        """A random secret kept in the database under `name` (e.g. for encrypting browser storage), created on
+        first use; stable across restarts. Without persistence it lives as long as this object."""
+        if self._db is None:
+            return self._secrets.setdefault(name, secrets.token_urlsafe(32))
+        with self._write() as db:
+            row = db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+            if row:
+                return row[0]
+            value = secrets.token_urlsafe(32)
+            db.execute("INSERT INTO meta(name, value) VALUES (?, ?)", (name, value))
+            return value
+
+    def create(self, *, title: str | None = None, system_prompt: str | None = None, messages: Iterable[dict] = (),
+               token: str | None = None) -> str:
+        """Store a new conversation and return its token (a fresh one unless `token` is given)."""
+        token = _check_token(token) if token is not None else new_token()
+        if self._db is None:
+            return token
+        rows = _rows(messages)
+        title = _clean_title(title)
+        system_prompt = None if system_prompt is None else _check_text(system_prompt, "system prompt")
+        if self._count() >= self.max_conversations:
+            self.purge_expired()
+        now = time.time()
+        with self._write() as db:
+            if db.execute("SELECT count(*) FROM conversations").fetchone()[0] >= self.max_conversations:
+                raise StoreFull("The conversation store is full; new chats are not saved until older ones expire "
+                                f"(after {self.retention_days:g} days unused).")
+            if db.execute("SELECT 1 FROM conversations WHERE token = ?", (token,)).fetchone():
+                raise ValueError("a conversation with this token exists already")
+            db.execute("INSERT INTO conversations(token, title, system_prompt, created_at, updated_at) "
+                       "VALUES (?, ?, ?, ?, ?)", (token, title, system_prompt, now, now))
+            db.executemany("INSERT INTO messages(token, seq, role, content, interrupted) VALUES (?, ?, ?, ?, ?)",
+                           [(token, seq, *row) for seq, row in enumerate(rows)])
+        return token
+
+    def _count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT count(*) FROM conversations").fetchone()[0]
+
+    def exists(self, token: str) -> bool:
+        if self._db is None or not valid_token(token):
+            return False
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM conversations WHERE token = ?", (token,)).fetchone() is not None
+
+    def load(self, token: str) -> StoredConversation | None:
+        """The whole conversation, or None when the token is unknown, malformed or persistence is off."""
+        if self._db is None or not valid_token(token):
+            return None
+        with self._lock:
+            head = self._db.execute("SELECT title, system_prompt, created_at, updated_at FROM conversations "
+                                    "WHERE token = ?", (token,)).fetchone()
+            if head is None:
+                return None
+            rows = self._db.execute("SELECT role, content, interrupted FROM messages WHERE token = ? ORDER BY seq",
+                                    (token,)).fetchall()
+        return StoredConversation(token, head[0], head[1], head[2], head[3], [_message(*r) for r in rows])
+
+    def list(self, tokens: Iterable[str]) -> list[ConversationSummary]:
+        """The stored conversations among `tokens` (the ones a browser holds), most recently updated first.
+        Unknown and malformed tokens are skipped; at most `MAX_LIST_TOKENS` are looked up."""
+        if self._db is None:
+            return []
+        wanted = list(dict.fromkeys(t for t in tokens if valid_token(t)))[:MAX_LIST_TOKENS]
+        if not wanted:
+            return []
+        marks = ",".join("?" * len(wanted))
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT c.token, c.title, c.updated_at, count(m.seq), "
+                "coalesce((SELECT interrupted FROM messages WHERE token = c.token ORDER BY seq DESC LIMIT 1), 0) "
+                f"FROM conversations c LEFT JOIN messages m ON m.token = c.token WHERE c.token IN ({marks}) "
+                "GROUP BY c.token ORDER BY c.updated_at DESC",
+                wanted,
+            ).fetchall()
+        return [ConversationSummary(t, title, updated, count, bool(cut)) for t, title, updated, count, cut in rows]
+
+    def rename(self, token: str, title: str) -> bool:
+        """Set the title; False when there is no such conversation."""
+        title = _clean_title(title)
+        if self._db is None or not valid_token(token):
+            return False
+        with self._write() as db:
+            return db.execute("UPDATE conversations SET title = ?, updated_at = ? WHERE token = ?",
+                              (title, time.time(), token)).rowcount > 0
+
+    def delete(self, token: str) -> bool:
+        """Delete the conversation and all its messages (overwritten on disk); False when there was none."""
+        if self._db is None or not valid_token(token):
+            return False
+        with self._write() as db:
+            found = db.execute("DELETE FROM conversations WHERE token = ?", (token,)).rowcount > 0
+        if found:
+            self._checkpoint()
+        return found
+
+    def _checkpoint(self) -> None:
+        """Copy the WAL into the main file and empty it, so deleted text does not linger in the WAL."""
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def replace(self, token: str, messages: Iterable[dict], *, system_prompt: str | None = None,
+                title: str | None = None) -> None:
+        """Make the stored messages equal `messages` (creating the conversation if needed), in one transaction.
+
+        Only what changed is written: rows up to the first difference stay, the rest is replaced (a finished
+        reply replaces its interrupted partial; a retry drops the last exchange). `title` is set only while the
+        conversation has none."""
+        token = _check_token(token)
+        if self._db is None:
+            return
+        rows = _rows(messages)
+        system_prompt = None if system_prompt is None else _check_text(system_prompt, "system prompt")
+        if not self.exists(token):
+            try:
+                self.create(token=token, title=title, system_prompt=system_prompt, messages=[
+                    _message(*row) for row in rows])
+                return
+            except ValueError:  # created meanwhile by another thread: fall through to the update
+                pass
+        now = time.time()
+        with self._write() as db:
+            stored = db.execute("SELECT seq, role, content, interrupted FROM messages WHERE token = ? ORDER BY seq",
+                                (token,)).fetchall()
+            keep = 0
+            while keep < min(len(stored), len(rows)) and tuple(stored[keep][1:]) == rows[keep]:
+                keep += 1
+            if keep < len(stored):
+                db.execute("DELETE FROM messages WHERE token = ? AND seq >= ?", (token, stored[keep][0]))
+            first = stored[keep - 1][0] + 1 if keep else 0
+            db.executemany("INSERT INTO messages(token, seq, role, content, interrupted) VALUES (?, ?, ?, ?, ?)",
+                           [(token, first + i, *row) for i, row in enumerate(rows[keep:])])
+            db.execute("UPDATE conversations SET system_prompt = ?, updated_at = ?, "
+                       "title = CASE WHEN title = '' THEN ? ELSE title END WHERE token = ?",
+                       (system_prompt, now, _clean_title(title), token))
+
+    def append(self, token: str, messages: Iterable[dict]) -> None:
+        """Add messages at the end (the conversation must exist); the oldest go beyond `MAX_STORED_MESSAGES`."""
+        token = _check_token(token)
+        if self._db is None:
+            return
+        rows = _rows(messages)
+        with self._write() as db:
+            last = self._last_seq(db, token)
+            db.executemany("INSERT INTO messages(token, seq, role, content, interrupted) VALUES (?, ?, ?, ?, ?)",
+                           [(token, last + 1 + i, *row) for i, row in enumerate(rows)])
+            db.execute("DELETE FROM messages WHERE token = ? AND seq <= ?", (token, last + len(rows) -
+                                                                              MAX_STORED_MESSAGES))
+            db.execute("UPDATE conversations SET updated_at = ? WHERE token = ?", (time.time(), token))
+
+    def save_partial(self, token: str, content: str) -> None:
+        """Save the reply being written: the trailing assistant message marked interrupted (added if the last
+        message is not one). Cheap (one row), for saving every few seconds while a reply streams; the
+        conversation must exist. `replace` with the finished reply clears the mark."""
+        token = _check_token(token)
+        if self._db is None:
+            return
+        content = _check_text(content, "reply")
+        with self._write() as db:
+            last = self._last_seq(db, token)
+            row = db.execute("SELECT role, interrupted FROM messages WHERE token = ? AND seq = ?",
+                             (token, last)).fetchone()
+            if row == ("assistant", 1):
+                db.execute("UPDATE messages SET content = ? WHERE token = ? AND seq = ?", (content, token, last))
+            else:
+                db.execute("INSERT INTO messages(token, seq, role, content, interrupted) VALUES (?, ?, 'assistant', "
+                           "?, 1)", (token, last + 1, content))
+            db.execute("UPDATE conversations SET updated_at = ? WHERE token = ?", (time.time(), token))
+
+    @staticmethod
+    def _last_seq(db: sqlite3.Connection, token: str) -> int:
+        if db.execute("SELECT 1 FROM conversations WHERE token = ?", (token,)).fetchone() is None:
+            raise KeyError("no stored conversation has this token")
+        return db.execute("SELECT coalesce(max(seq), -1) FROM messages WHERE token = ?", (token,)).fetchone()[0]
+
+    def purge_expired(self, now: float | None = None) -> int:
+        """Delete conversations not updated for `retention_days`; returns how many."""
+        if self._db is None:
+            return 0
+        cutoff = (time.time() if now is None else now) - self.retention_days * 86400
+        with self._write() as db:
+            gone = db.execute("DELETE FROM conversations WHERE updated_at < ?", (cutoff,)).rowcount
+        if gone:
+            self._checkpoint()
+        return gone

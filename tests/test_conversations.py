@@ -1,0 +1,257 @@
+"""Reloads re-attach, closed tabs free their session, and a conversation survives kill -9 with its context."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from streaming_engine import EngineBusy, EngineConfig, StreamingEngine
+from streaming_engine.conversations import ConversationNotFound, Conversations
+from streaming_engine.store import ChatStore
+
+ROOT = Path(__file__).resolve().parent.parent
+GREEDY = dict(temperature=0.0, repetition_penalty=1.0)
+CONFIG = dict(start_size=4, recent_size=1000, prefill_chunk_size=256)
+
+
+def engine_for(model, tokenizer, **overrides):
+    return StreamingEngine(model, tokenizer, EngineConfig(**{**CONFIG, **overrides}))
+
+
+def say(conversations, token, message, **kwargs):
+    events = list(conversations.chat(token, message, **{**GREEDY, "max_new_tokens": 4, **kwargs}))
+    assert events[-1].kind == "done", events[-1].text
+    return events[-1].text
+
+
+@pytest.fixture
+def make(tiny_chat_model, default_tokenizer, tmp_path):
+    """Conversations over a fresh engine and a store in tmp_path: each call is a (re)started server."""
+    made = []
+
+    def build(persist=True, store_kwargs=None, **config):
+        store = ChatStore.open(tmp_path / "data", persist=persist, **(store_kwargs or {}))
+        made.append(store)
+        return Conversations(engine_for(tiny_chat_model, default_tokenizer, **config), store,
+                             partial_save_interval_s=0.0)
+
+    yield build
+    for store in made:
+        store.close()
+
+
+@pytest.mark.parametrize("reloads", [1, 5])
+def test_a_reload_reattaches_to_its_own_session_and_creates_none(make, reloads):
+    conversations = make()
+    opened = conversations.start(owner="10.0.0.1")
+    say(conversations, opened.token, "Hello")
+    for _ in range(reloads):
+        again = conversations.open(opened.token, owner="10.0.0.1")
+        assert again.reattached and again.session_id == opened.session_id
+        assert [m["content"] for m in again.messages][0] == "Hello"
+    assert conversations.engine.open_sessions() == 1
+
+
+def test_a_closed_tab_frees_its_session_at_once_and_the_conversation_comes_back(make):
+    conversations = make(max_sessions_per_owner=1)
+    opened = conversations.start(owner="me")
+    say(conversations, opened.token, "Remember the word tangerine.")
+    conversations.release(opened.token)
+    assert conversations.engine.open_sessions() == 0
+    other = conversations.start(owner="me")  # the freed slot is usable at once
+    with pytest.raises(EngineBusy, match="limit 1 per user"):  # the cap holds for re-created sessions too
+        conversations.open(opened.token, owner="me")
+    conversations.release(other.token)
+    back = conversations.open(opened.token, owner="me")
+    assert not back.reattached and back.messages[0]["content"] == "Remember the word tangerine."
+
+
+def test_after_a_restart_the_conversation_continues_with_its_earlier_content_in_context(
+    make, tiny_chat_model, default_tokenizer
+):
+    first = make()
+    token = first.start(system_prompt="You are terse.").token
+    for message in ("My cat is called Zanzibar.", "She is seven."):
+        say(first, token, message)
+    exported = first.export(token)
+    # Restart: a new engine and a new store object on the same file; nothing carried over in memory.
+    second = make()
+    opened = second.open(token)
+    assert not opened.reattached and opened.system_prompt == "You are terse."
+    assert [m["content"] for m in opened.messages] == [m["content"] for m in json.loads(exported)["messages"]]
+    assert opened.title == "My cat is called Zanzibar."
+    reply = say(second, token, "What is her name?")
+    session = second.engine._get(opened.session_id)
+    assert "Zanzibar" in session.stream_text and session.stats()["seen_tokens"] > 40
+    # Exactly what restoring the downloaded history gives.
+    restored = second.engine.restore(exported)
+    events = list(second.engine.chat(restored, "What is her name?", max_new_tokens=4, **GREEDY))
+    assert events[-1].text == reply
+    assert len(second.store.load(token).messages) == 6
+
+
+def test_partial_replies_are_saved_while_streaming_and_replaced_when_the_turn_ends(make):
+    conversations = make()
+    token = conversations.start().token
+    seen = []
+    for event in conversations.chat(token, "Write a lot.", max_new_tokens=12, **GREEDY):
+        stored = conversations.store.load(token)
+        if stored is not None and len(stored.messages) == 2:
+            seen.append(stored.messages[-1])
+    assert seen and all(m.get("interrupted") for m in seen)
+    final = conversations.store.load(token).messages[-1]
+    assert not final.get("interrupted") and final["content"] == event.text
+
+
+def test_a_reader_that_goes_away_leaves_its_reply_saved_as_interrupted(make):
+    conversations = make()
+    token = conversations.start().token
+    stream = conversations.chat(token, "Tell me a long story.", max_new_tokens=400, **GREEDY)
+    shown = ""
+    for event in stream:
+        shown += event.text
+        if len(shown) > 20:
+            break
+    stream.close()  # the tab closed mid-reply
+    last = conversations.store.load(token).messages[-1]
+    assert last["interrupted"] and last["content"] == shown
+    assert conversations.open(token).messages[-1].get("interrupted")
+
+
+def test_retry_delete_rename_and_list_change_the_store(make):
+    conversations = make()
+    token = conversations.start().token
+    say(conversations, token, "first")
+    say(conversations, token, "second")
+    assert conversations.retry(token) == "second"
+    assert [m["content"] for m in conversations.store.load(token).messages][:1] == ["first"]
+    assert len(conversations.store.load(token).messages) == 2
+    assert conversations.rename(token, "My chat") and conversations.list([token])[0].title == "My chat"
+    assert conversations.delete(token)
+    assert conversations.list([token]) == [] and conversations.engine.open_sessions() == 0
+    with pytest.raises(ConversationNotFound):
+        conversations.open(token)
+
+
+def test_nothing_is_stored_before_the_first_message_or_for_a_refused_one(make):
+    conversations = make()
+    token = conversations.start().token
+    assert conversations.store.load(token) is None
+    assert list(conversations.chat(token, "   "))[-1].kind == "error"
+    assert conversations.store.load(token) is None
+
+
+def test_an_uploaded_history_becomes_a_stored_bounded_conversation(make):
+    conversations = make()
+    upload = json.dumps({"format": "streaming-llm-chat", "mode": "dense", "messages": [
+        {"role": "user", "content": "Old question"}, {"role": "assistant", "content": "Old answer"}]})
+    opened = conversations.import_history(upload, owner="me")
+    assert conversations.engine.stats(opened.session_id)["mode"] == "streaming"
+    assert [m["content"] for m in conversations.store.load(opened.token).messages] == ["Old question", "Old answer"]
+
+
+def test_without_persistence_a_reload_still_reattaches_and_nothing_is_written(make, tmp_path):
+    conversations = make(persist=False)
+    token = conversations.start().token
+    say(conversations, token, "Hello")
+    assert conversations.open(token).reattached
+    conversations.release(token)
+    with pytest.raises(ConversationNotFound):
+        conversations.open(token)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_store_never_breaks_the_chat(make):
+    conversations = make(store_kwargs=dict(max_conversations=1))
+    conversations.store.create()
+    token = conversations.start().token
+    say(conversations, token, "Hello")
+    assert "could not be saved" in conversations.save_error(token)
+    assert conversations.save_error(token) is None and len(conversations.messages(token)) == 2
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 100_000, None, "../etc"], ids=["empty", "huge", "null", "path"])
+def test_malformed_tokens_are_refused_without_echo(make, bad):
+    conversations = make()
+    with pytest.raises(ConversationNotFound) as caught:
+        conversations.open(bad)
+    assert len(str(caught.value)) < 100
+    events = list(conversations.chat(bad, "hi"))
+    assert events[-1].kind == "error" and len(events[-1].text) < 100
+
+
+CHILD = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from conftest import tiny_model
+from transformers import AutoTokenizer
+from streaming_engine import EngineConfig, StreamingEngine
+from streaming_engine.conversations import Conversations
+from streaming_engine.loading import ensure_default_model
+from streaming_engine.store import ChatStore
+tokenizer = AutoTokenizer.from_pretrained(ensure_default_model())
+model = tiny_model("llama", layers=2, vocab_size=len(tokenizer), max_positions=4096)
+model.generation_config.eos_token_id = tokenizer.eos_token_id
+engine = StreamingEngine(model, tokenizer, EngineConfig(start_size=4, recent_size=1000, prefill_chunk_size=256))
+conversations = Conversations(engine, ChatStore(sys.argv[2]), partial_save_interval_s=0.0)
+token = conversations.start().token
+print(token, flush=True)
+greedy = dict(temperature=0.0, repetition_penalty=1.0)
+for message in ("My cat is called Zanzibar.", "She is seven.", "She likes fish."):
+    assert list(conversations.chat(token, message, max_new_tokens=4, **greedy))[-1].kind == "done"
+for event in conversations.chat(token, "Tell me everything.", max_new_tokens=4096, **greedy):
+    pass
+print("finished before the kill", flush=True)
+"""
+
+
+def test_kill_9_mid_reply_then_restart_brings_back_three_turns_and_the_interrupted_reply(
+    tiny_chat_model, default_tokenizer, tmp_path
+):
+    path = tmp_path / "chats.sqlite"
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(ROOT / "tests"), str(path)], cwd=ROOT,
+                             stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        token = child.stdout.readline().strip()
+        assert token, "the child did not start"
+        deadline = time.monotonic() + 120
+        with ChatStore(path) as watcher:
+            while time.monotonic() < deadline:  # wait until the 4th reply is being written
+                stored = watcher.load(token)
+                if stored and len(stored.messages) == 8 and len(stored.messages[-1]["content"]) > 10:
+                    break
+                assert child.poll() is None, "the child ended early"
+                time.sleep(0.02)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    with ChatStore(path) as store:  # the restarted server
+        conversations = Conversations(engine_for(tiny_chat_model, default_tokenizer), store)
+        opened = conversations.open(token)
+        users = [m["content"] for m in opened.messages if m["role"] == "user"]
+        assert users == ["My cat is called Zanzibar.", "She is seven.", "She likes fish.", "Tell me everything."]
+        assert len(opened.messages) == 8 and opened.messages[-1]["interrupted"]
+        assert not any(m.get("interrupted") for m in opened.messages[:-1])
+        say(conversations, token, "What is her name?")
+        assert "Zanzibar" in conversations.engine._get(opened.session_id).stream_text
+        stored = store.load(token).messages
+        assert len(stored) == 10 and stored[7]["interrupted"] and not stored[9].get("interrupted")
+
+
+def test_a_session_closed_for_idleness_is_recreated_from_the_store_on_the_next_message(make):
+    conversations = make(idle_timeout_s=0.2)
+    opened = conversations.start()
+    say(conversations, opened.token, "The password is swordfish.")
+    time.sleep(0.3)
+    assert conversations.engine.close_idle() == 1
+    say(conversations, opened.token, "What was the password?")
+    sid = conversations.open(opened.token).session_id
+    assert sid != opened.session_id and "swordfish" in conversations.engine._get(sid).stream_text
+    assert len(conversations.store.load(opened.token).messages) == 4

@@ -1,0 +1,242 @@
+"""The chat store: conversations survive restarts and kill -9, only token holders find them, deletes erase."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from streaming_engine import store as store_module
+from streaming_engine.store import ChatStore, StoreError, StoreFull, new_token
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def exchange(n: int, tag: str = "") -> list[dict]:
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": f"{tag}message {i}"} for i in range(n)]
+
+
+@pytest.fixture
+def db(tmp_path):
+    with ChatStore.open(tmp_path / "data") as store:
+        yield store
+
+
+def test_a_conversation_round_trips_through_a_fresh_process_view(db, tmp_path):
+    token = db.create(title="  Trip   planning ", system_prompt="Be brief.", messages=exchange(4))
+    assert len(token) == 32 and db.exists(token)
+    with ChatStore.open(tmp_path / "data") as again:  # what a restarted server sees
+        loaded = again.load(token)
+    assert (loaded.title, loaded.system_prompt, loaded.messages) == ("Trip planning", "Be brief.", exchange(4))
+    assert not loaded.interrupted and loaded.created_at <= loaded.updated_at
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_only_the_tokens_a_browser_presents_are_listed_newest_first(db, n):
+    mine = [db.create(title=f"mine {i}", messages=exchange(i + 1)) for i in range(n)]
+    theirs = db.create(title="someone else's")
+    listed = db.list([*mine, "not a token!", new_token(), "'; DROP TABLE conversations; --"])
+    assert [c.token for c in listed] == mine[::-1] and theirs not in [c.token for c in listed]
+    assert [c.message_count for c in listed] == list(range(n, 0, -1))
+    db.rename(mine[0], "renamed")
+    assert db.list(mine)[0].title == "renamed" and db.exists(theirs)
+
+
+def test_replace_rewrites_only_what_changed_and_a_finished_reply_clears_the_interrupted_mark(db):
+    token = db.create(messages=exchange(3))
+    db.save_partial(token, "Half a rep")
+    db.save_partial(token, "Half a reply")
+    assert db.load(token).messages[-1] == {"role": "assistant", "content": "Half a reply", "interrupted": True}
+    assert db.list([token])[0].interrupted
+    db.replace(token, exchange(3) + [{"role": "assistant", "content": "The whole reply."}])
+    assert db.load(token).messages == exchange(3) + [{"role": "assistant", "content": "The whole reply."}]
+    db.replace(token, exchange(2))  # a retry drops the last exchange
+    assert db.load(token).messages == exchange(2) and not db.list([token])[0].interrupted
+    db.append(token, [{"role": "user", "content": "next"}])
+    assert db.load(token).messages[-1]["content"] == "next"
+
+
+def test_replace_creates_a_missing_conversation_and_keeps_a_given_title(db):
+    token = new_token()
+    db.replace(token, exchange(2), system_prompt="sys", title="First title")
+    db.replace(token, exchange(4), system_prompt="sys", title="Another title")
+    loaded = db.load(token)
+    assert loaded.title == "First title" and loaded.messages == exchange(4)
+
+
+def test_delete_removes_the_rows_and_the_text_from_the_files(db):
+    secret = "my bank PIN is 9731-UNIQUE-MARKER"
+    token = db.create(title="private", messages=[{"role": "user", "content": secret}] + exchange(2))
+    keep = db.create(messages=exchange(2))
+    assert db.delete(token) and not db.delete(token)
+    assert db.load(token) is None and db.list([token]) == [] and db.load(keep).messages == exchange(2)
+    rows = sqlite3.connect(db.path).execute("SELECT count(*) FROM messages WHERE token = ?", (token,)).fetchone()
+    assert rows == (0,)
+    for file in db.path.parent.iterdir():
+        assert secret.encode() not in file.read_bytes(), file.name
+
+
+def test_without_persistence_nothing_is_written_anywhere(tmp_path):
+    folder = tmp_path / "data"
+    store = ChatStore.open(folder, persist=False)
+    token = store.create(messages=exchange(2))
+    store.replace(token, exchange(3))
+    store.save_partial(token, "x")
+    assert not store.enabled and store.load(token) is None and store.list([token]) == [] and not store.exists(token)
+    assert store.secret("browser") == store.secret("browser")
+    assert not folder.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_the_database_file_is_private_to_its_user(db):
+    assert db.path.stat().st_mode & 0o077 == 0
+
+
+def test_a_secret_is_stable_across_restarts(tmp_path):
+    with ChatStore.open(tmp_path) as first:
+        value = first.secret("browser-state")
+    with ChatStore.open(tmp_path) as second:
+        assert second.secret("browser-state") == value and second.secret("other") != value
+
+
+@pytest.mark.parametrize("bad", ["", "short", "x" * 65, "a b c d e f g h i j", "../../../../etc/passwd", None, 7])
+def test_malformed_tokens_find_nothing_and_are_never_echoed(db, bad):
+    assert db.load(bad) is None and not db.exists(bad) and not db.delete(bad) and not db.rename(bad, "t")
+    with pytest.raises(ValueError, match="^conversation token is malformed$"):
+        db.replace(bad, exchange(1))
+
+
+def test_bad_messages_are_refused_and_change_nothing(db):
+    token = db.create(messages=exchange(2))
+    for bad in ([{"role": "system", "content": "x"}], [{"role": "user", "content": 5}], ["text"],
+                [{"role": "user", "content": "x" * (store_module.MAX_STORED_MESSAGE_CHARS + 1)}]):
+        with pytest.raises(ValueError, match="message 0"):
+            db.replace(token, bad)
+    assert db.load(token).messages == exchange(2)
+
+
+def test_the_store_has_a_cap_and_expired_conversations_make_room(tmp_path):
+    with ChatStore.open(tmp_path, max_conversations=2, retention_days=1) as store:
+        old, _ = store.create(), store.create()
+        with pytest.raises(StoreFull, match="store is full"):
+            store.create()
+        with store._write() as conn:  # age one conversation past the retention time
+            conn.execute("UPDATE conversations SET updated_at = ? WHERE token = ?", (time.time() - 2 * 86400, old))
+        store.create()
+        assert not store.exists(old)
+
+
+def test_only_the_newest_messages_are_kept_beyond_the_limit(db, monkeypatch):
+    monkeypatch.setattr(store_module, "MAX_STORED_MESSAGES", 5)
+    token = db.create(messages=exchange(8))
+    assert db.load(token).messages == exchange(8)[-5:]
+    db.append(token, exchange(2, "new "))
+    assert db.load(token).messages == exchange(8)[-3:] + exchange(2, "new ")
+
+
+def test_files_that_are_not_our_database_are_refused_clearly(tmp_path):
+    junk = tmp_path / "junk" / store_module.DB_FILE_NAME
+    junk.parent.mkdir()
+    junk.write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(StoreError, match="not a usable chat database"):
+        ChatStore(junk)
+    other = tmp_path / "other.sqlite"
+    sqlite3.connect(other).execute("CREATE TABLE t(x)").connection.commit()
+    with pytest.raises(StoreError, match="not a chat database"):
+        ChatStore(other)
+    newer = tmp_path / "newer.sqlite"
+    ChatStore(newer).close()
+    conn = sqlite3.connect(newer)
+    conn.execute(f"PRAGMA user_version = {store_module.SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(StoreError, match="newer version"):
+        ChatStore(newer)
+
+
+def test_many_threads_writing_at_once_leave_every_conversation_whole(db):
+    tokens = [db.create() for _ in range(6)]
+    errors = []
+
+    def writer(token):
+        try:
+            for k in range(40):
+                db.replace(token, exchange(k % 7 + 1, f"{token}:{k}:"))
+                db.save_partial(token, f"{token}:{k}:partial")
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in tokens]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for token in tokens:
+        assert db.load(token).messages == exchange(39 % 7 + 1, f"{token}:39:") + [
+            {"role": "assistant", "content": f"{token}:39:partial", "interrupted": True}]
+
+
+WRITER = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("store", sys.argv[1])
+store = sys.modules["store"] = importlib.util.module_from_spec(spec)  # without torch: starts in a blink
+spec.loader.exec_module(store)
+db = store.ChatStore(sys.argv[2])
+tokens = [db.create(title="kill test") for _ in range(3)]
+print("ready", flush=True)
+k = 0
+while True:
+    k += 1
+    for t in tokens:
+        n = k % 25 + 1
+        db.replace(t, [{"role": "user" if i % 2 == 0 else "assistant", "content": f"{k}|{i}|" + "x" * 300}
+                       for i in range(n)])
+        db.save_partial(t, f"{k}|partial|" + "y" * (k % 500))
+"""
+
+
+def check_consistent(path: Path) -> tuple[int, int]:
+    """Every conversation holds one complete snapshot k (plus at most its partial reply).
+    Returns (conversations, messages)."""
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+    conn.close()
+    with ChatStore(path) as store:
+        tokens = [t for (t,) in store._db.execute("SELECT token FROM conversations")]
+        total = 0
+        for token in tokens:
+            messages = store.load(token).messages
+            done = [m for m in messages if not m.get("interrupted")]
+            ks = {m["content"].split("|")[0] for m in messages}
+            assert len(ks) <= 1, ks
+            if done:
+                k = int(done[0]["content"].split("|")[0])
+                assert [m["content"].split("|")[1] for m in done] == [str(i) for i in range(k % 25 + 1)]
+            assert all(m.get("interrupted") for m in messages[len(done):]) and len(messages) - len(done) <= 1
+            total += len(messages)
+    return len(tokens), total
+
+
+@pytest.mark.parametrize("delay_s", [0.05, 0.2, 0.5])
+def test_a_writer_killed_with_sigkill_mid_write_leaves_a_consistent_database(tmp_path, delay_s):
+    path = tmp_path / "chats.sqlite"
+    for run in range(2):  # the second run starts on the file the first one was killed over
+        child = subprocess.Popen([sys.executable, "-c", WRITER, str(ROOT / "streaming_engine" / "store.py"),
+                                  str(path)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout.readline().strip() == "ready"
+            time.sleep(delay_s * (run + 1))
+            assert child.poll() is None, "the writer must still be writing when it is killed"
+        finally:
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait()
+        assert child.returncode == -signal.SIGKILL
+        conversations, messages = check_consistent(path)
+        assert conversations == 3 * (run + 1) and messages > 0
