@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Iterator
 
 from .cache import StartRecentKVCache, enable_streaming_llm
+from .placement import input_device
 from .sampling import SamplingParams
 from .scheduler import Scheduler, TurnHandle
 from .session import EXPORT_FORMAT, MODES, Event, Runtime, Session
@@ -133,7 +134,7 @@ class StreamingEngine:
         eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
-        self.runtime = Runtime(model, tokenizer, ChatTemplater(tokenizer), eos_ids, model.device)
+        self.runtime = Runtime(model, tokenizer, ChatTemplater(tokenizer), eos_ids, input_device(model))
         self.scheduler = Scheduler()
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
