@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 
 from .engine import EngineConfig, StreamingEngine
+from .eval.cli import add_placement_args, placement_kwargs
 from .loading import load
+from .placement import describe_placement
 from .session import MODES
 
 
@@ -62,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
+    add_placement_args(p)
     return p
 
 
@@ -75,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             recent_size=args.recent_size,
             prefill_chunk_size=min(512, max(1, args.recent_size // 2)),
         )
-        model, tokenizer = load(args.model, args.device, args.dtype)
+        model, tokenizer = load(args.model, args.device, args.dtype, **placement_kwargs(args))
+        if args.device_map is not None:
+            print(f"[weights: {describe_placement(model)}]", file=sys.stderr, flush=True)
         engine = StreamingEngine(model, tokenizer, config)
         session = engine.new_session(args.mode, args.system)
     except (ValueError, RuntimeError) as exc:

@@ -24,6 +24,7 @@ from typing import Iterator
 
 from .apivalidate import SESSION_ID_MAX_CHARS, parse_json, preview
 from .cache import StartRecentKVCache, enable_streaming_llm
+from .placement import input_device
 from .sampling import SamplingParams
 from .scheduler import Scheduler, TurnHandle
 from .session import EXPORT_FORMAT, MODES, Event, Runtime, Session
@@ -173,7 +174,7 @@ class StreamingEngine:
         eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
-        self.runtime = Runtime(model, tokenizer, ChatTemplater(tokenizer), eos_ids, model.device)
+        self.runtime = Runtime(model, tokenizer, ChatTemplater(tokenizer), eos_ids, input_device(model))
         self.scheduler = Scheduler()
         self._sessions: dict[str, Session] = {}
         self._tags: dict[str, SessionTag] = {}  # session id -> who holds it (same keys as `_sessions`)

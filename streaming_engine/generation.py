@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 import torch
 
 from .families import cache_keyword
+from .placement import input_device
 from .positions import next_position_ids
 
 
@@ -39,7 +40,7 @@ class Step:
 @torch.inference_mode()
 def forward(model, cache, ids: list[int]) -> torch.Tensor:
     """Feed `ids` on top of `cache`; return the last position's logits `[vocab]`."""
-    device = model.device
+    device = input_device(model)  # not model.device: under a device map that can be `meta`
     input_ids = torch.tensor([ids], device=device, dtype=torch.long)  # [1, n]
     out = model(
         input_ids=input_ids,

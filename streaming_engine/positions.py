@@ -46,7 +46,8 @@ def rotation_for_offset(rotary_emb: torch.nn.Module, offset: int, device: torch.
     position_ids = torch.tensor([[offset]], device=device, dtype=torch.long)
     cos, sin = rotary_emb(probe, position_ids)  # [1, 1, rotary_dim]
     scale = float(getattr(rotary_emb, "attention_scaling", 1.0) or 1.0)
-    return cos[0, 0].float() / scale, sin[0, 0].float() / scale
+    # Under a device map, accelerate's hook runs the rotary module on *its* device; bring cos/sin to the keys'.
+    return cos[0, 0].float().to(device) / scale, sin[0, 0].float().to(device) / scale
 
 
 def shift_keys(

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from ..loading import DEFAULT_MODEL_NAME
+from ..placement import input_device
 from .methods import BENCH_METHODS, DEFAULT_EVICT_BLOCK, make_runner, parse_methods
 from . import cli
 from .plots import plot_bench
@@ -83,7 +84,7 @@ def time_run(model, ids: list[int], method: str, start_size: int, recent_size: i
     """Feed `ids` one per step through `method`; per-window latency and memory, plus a summary.
 
     `primed` (recompute only): the first `primed` tokens go into the window untimed and without a forward pass."""
-    device = model.device
+    device = input_device(model)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     probe = MemoryProbe(device)
     probe.reset()

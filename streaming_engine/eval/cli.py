@@ -1,4 +1,4 @@
-"""Command-line plumbing shared by the evaluation CLIs: help formatting and the model/device/dtype options."""
+"""Command-line plumbing shared by the evaluation CLIs (and the chat CLI): help formatting, model/device options."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from ..loading import DEFAULT_MODEL_NAME
+from ..placement import DEVICE_MAP_STRATEGIES
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -33,6 +34,24 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None,
                    help="float32, bfloat16 or float16 (default: bf16, or fp16 without bf16 support, on CUDA; fp32 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    add_placement_args(p)
+
+
+def add_placement_args(p: argparse.ArgumentParser) -> None:
+    """`--device-map`, `--max-memory`, `--offload-folder`: spread a model that does not fit one device."""
+    p.add_argument("--device-map", default=None, choices=DEVICE_MAP_STRATEGIES,
+                   help="spread the layers over GPUs, CPU and disk with accelerate (instead of --device)")
+    p.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
+                   help="memory budget per device for --device-map, e.g. 0=20GiB,1=20GiB,cpu=30GiB; "
+                        "what fits nowhere goes to disk")
+    p.add_argument("--offload-folder", default=None, metavar="DIR",
+                   help="where disk-offloaded weights are written when the checkpoint cannot be read in place "
+                        "(not needed for safetensors checkpoints)")
+
+
+def placement_kwargs(args) -> dict:
+    """The `load()` keywords of the parsed placement options."""
+    return dict(device_map=args.device_map, max_memory=args.max_memory, offload_folder=args.offload_folder)
 
 
 def load_model(args):
@@ -43,7 +62,7 @@ def load_model(args):
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    return load(args.model, args.device, args.dtype)
+    return load(args.model, args.device, args.dtype, **placement_kwargs(args))
 
 
 def check_min(**values: tuple[int | float, int | float]) -> None:

@@ -26,6 +26,7 @@ from transformers import DynamicCache
 from ..cache import StartRecentKVCache, enable_streaming_llm
 from ..families import cache_keyword, find_rotary_embedding
 from ..generation import forward
+from ..placement import input_device
 from ..positions import rotate_half
 
 PPL_METHODS = ("dense", "window", "streaming", "streaming-noshift", "recompute")
@@ -66,7 +67,7 @@ class RecomputeRunner:
     def step(self, token_id: int) -> torch.Tensor:
         self.tokens.append(token_id)
         fresh = DynamicCache()
-        ids = torch.tensor([list(self.tokens)], device=self.model.device)  # [1, window]
+        ids = torch.tensor([list(self.tokens)], device=input_device(self.model))  # [1, window]
         kwargs = {cache_keyword(self.model): fresh}
         logits = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs).logits
         self._kv_bytes = sum(
@@ -98,16 +99,18 @@ class PerStepRopeCache(StartRecentKVCache):
         # pos_shift=True: new tokens get in-cache positions, like the reference code.
         super().__init__(start_size, recent_size, rotary_emb=rotary_emb, pos_shift=True)
         self.scale = float(getattr(rotary_emb, "attention_scaling", 1.0) or 1.0)
-        self._rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _cos_sin(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's own (cos, sin) for positions 0..length-1, shaped `[1, 1, length, rotary_dim]`."""
-        if length not in self._rope_cache:
+        key = (length, torch.device(device))  # layers split over devices each need their own copy
+        if key not in self._rope_cache:
             probe = torch.empty(0, device=device, dtype=torch.float32)  # only its device and dtype are read
             cos, sin = self.rotary_emb(probe, torch.arange(length, device=device).unsqueeze(0))  # [1, n, rot]
             # Keep one length only: once the cache is full every step asks for the same one.
-            self._rope_cache = {length: (cos[:, None], sin[:, None])}
-        return self._rope_cache[length]
+            self._rope_cache = {k: v for k, v in self._rope_cache.items() if k[0] == length}
+            self._rope_cache[key] = (cos[:, None].to(device), sin[:, None].to(device))
+        return self._rope_cache[key]
 
     def _rotate(self, x: torch.Tensor, offset: int, inverse: bool) -> torch.Tensor:
         # x: [batch, kv_heads, seq, head_dim]; rotate token i to position offset+i (or undo that rotation)

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from ..loading import DEFAULT_MODEL_NAME
+from ..placement import input_device
 from .methods import PPL_METHODS, make_runner, parse_methods
 from . import cli
 from .plots import plot_ppl
@@ -32,7 +33,7 @@ def peak_memory(device: torch.device, kv_peak: int) -> int:
 
 def evaluate(model, ids: list[int], method: str, start_size: int, recent_size: int, progress: bool = True) -> dict:
     """NLL of every token after the first, predicted by `method`."""
-    device = model.device
+    device = input_device(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     runner = make_runner(method, model, start_size, recent_size)

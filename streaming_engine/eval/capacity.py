@@ -1,0 +1,263 @@
+"""Capacity planning: how many streaming conversations fit in a device's memory, for any model config.
+
+`python -m streaming_engine.eval.capacity` prints, per model, the KV-cache bytes of one token and of one
+conversation (a streaming conversation never holds more than `start_size + recent_size` tokens), the weights'
+bytes, and how many conversations fit in each `--memory`:
+
+    KV bytes per token        = 2 (keys and values) x layers x KV heads x head dim x bytes per element
+    KV bytes per conversation = KV bytes per token x (start_size + recent_size)
+    conversations that fit    = (memory - weights - overhead) / KV bytes per conversation
+
+A decode batch of B conversations needs B of them resident at once (plus its activations). `--measure` loads the
+first model, fills real caches and checks the formula against them (bytes per token per layer, process RSS).
+Boundary: arithmetic on configs plus one optional measurement; weights are counted on the `meta` device, so a
+70B config costs no memory. Presets are the public shapes of well-known models; `--model` also takes a local
+folder or a hub id (its config only, unless `--measure`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..loading import DEFAULT_MODEL_NAME, ensure_default_model
+from ..placement import parse_size
+from . import cli
+
+#: Public shapes of 1B/7B/70B-class models (Llama-3.2-1B, Llama-2-7B, Mistral-7B, Llama-3-70B).
+PRESETS: dict[str, dict] = {
+    "1b": dict(label="1B GQA (Llama-3.2-1B shape)", num_hidden_layers=16, hidden_size=2048, intermediate_size=8192,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+               tie_word_embeddings=True),
+    "7b": dict(label="7B MHA (Llama-2-7B shape)", num_hidden_layers=32, hidden_size=4096, intermediate_size=11008,
+               num_attention_heads=32, num_key_value_heads=32, head_dim=128, vocab_size=32000,
+               tie_word_embeddings=False),
+    "7b-gqa": dict(label="7B GQA (Mistral-7B shape)", num_hidden_layers=32, hidden_size=4096,
+                   intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                   vocab_size=32000, tie_word_embeddings=False),
+    "70b": dict(label="70B GQA (Llama-3-70B shape)", num_hidden_layers=80, hidden_size=8192,
+                intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+                vocab_size=128256, tie_word_embeddings=False),
+}
+DEFAULT_MODELS = ("default", "1b", "7b", "7b-gqa", "70b")
+DEFAULT_SIZES = "4+1020,4+2044"
+DEFAULT_MEMORY = "24GiB,80GiB,160GiB"
+MIB, GIB = 2**20, 2**30
+
+
+@dataclass
+class Row:
+    """One model's numbers (bytes throughout)."""
+
+    model: str
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+    weights_bytes: int
+    kv_bytes_per_token: int
+    kv_bytes_per_conversation: dict[str, int]
+    conversations_fit: dict[str, dict[str, int]]  # memory label -> cache size label -> conversations
+
+
+def kv_geometry(config) -> tuple[int, int, int]:
+    """`(layers, KV heads, head dim)` of a config, across the supported families' attribute names."""
+    heads = config.num_attention_heads
+    if getattr(config, "model_type", None) == "falcon":
+        # transformers' Falcon caches new-architecture (40B/180B-style) keys expanded to every query head.
+        if config.new_decoder_architecture:
+            kv_heads = heads
+        else:
+            kv_heads = 1 if config.multi_query else config.num_kv_heads
+    else:
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes of keys plus values that one cached token takes across all layers."""
+    layers, kv_heads, head_dim = kv_geometry(config)
+    return 2 * layers * kv_heads * head_dim * dtype.itemsize
+
+
+def weights_bytes(config, dtype: torch.dtype) -> int:
+    """Bytes of the model's parameters in `dtype` (tied weights once), counted without allocating them."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    unique = {id(p): p.numel() for p in model.parameters()}
+    return sum(unique.values()) * dtype.itemsize
+
+
+def conversations_fit(memory: int, weights: int, per_conversation: int, overhead: int = 0) -> int:
+    """How many conversations' full caches fit beside the weights (0 when the weights alone do not fit)."""
+    free = memory - weights - overhead
+    return max(0, free // per_conversation)
+
+
+def parse_cache_sizes(text: str) -> list[tuple[int, int]]:
+    """`"4+1020,4+2044"` -> `[(4, 1020), (4, 2044)]` (start_size + recent_size)."""
+    sizes = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        start, plus, recent = item.partition("+")
+        if not plus or not start.strip().isdigit() or not recent.strip().isdigit() or int(recent) < 1:
+            raise ValueError(f"bad cache size {item!r}: expected START+RECENT, e.g. 4+2044")
+        sizes.append((int(start), int(recent)))
+    if not sizes:
+        raise ValueError("--sizes is empty: give START+RECENT pairs, e.g. 4+1020,4+2044")
+    return sizes
+
+
+def parse_memories(text: str) -> dict[str, int]:
+    """`"24GiB,80GiB"` -> `{"24GiB": ..., "80GiB": ...}` (labels kept as written)."""
+    memories = {item.strip(): parse_size(item) for item in text.split(",") if item.strip()}
+    if not memories:
+        raise ValueError("--memory is empty: give sizes such as 24GiB,80GiB")
+    return memories
+
+
+def resolve_config(name: str):
+    """`(label, config)` of a preset name, "default", a local folder or a hub id."""
+    from transformers import AutoConfig, LlamaConfig
+
+    if name in PRESETS:
+        shape = dict(PRESETS[name])
+        return shape.pop("label"), LlamaConfig(**shape)
+    if name == "default":
+        return DEFAULT_MODEL_NAME, AutoConfig.from_pretrained(ensure_default_model())
+    try:
+        return name, AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read a config for {name!r}: use a preset ({', '.join(PRESETS)}), "
+                         f"'default', a local model folder or a reachable hub id") from exc
+
+
+def plan(label: str, config, dtype: torch.dtype, sizes, memories: dict[str, int], overhead: int = 0) -> Row:
+    layers, kv_heads, head_dim = kv_geometry(config)
+    per_token = kv_bytes_per_token(config, dtype)
+    weights = weights_bytes(config, dtype)
+    per_conversation = {f"{s}+{r}": per_token * (s + r) for s, r in sizes}
+    fit = {mem: {size: conversations_fit(total, weights, per_conv, overhead) for size, per_conv in per_conversation.items()}
+           for mem, total in memories.items()}
+    return Row(label, layers, kv_heads, head_dim, str(dtype).replace("torch.", ""), weights, per_token,
+               per_conversation, fit)
+
+
+def table(rows: list[Row]) -> str:
+    """A Markdown table of `rows` (sizes in binary units: KiB, MiB, GiB)."""
+    sizes = list(rows[0].kv_bytes_per_conversation)
+    memories = list(rows[0].conversations_fit)
+    head = ["model", "layers", "KV heads", "head dim", "dtype", "weights GiB", "KV KiB/token"]
+    head += [f"KV MiB/conv {s}" for s in sizes]
+    head += [f"conv. in {m} ({' / '.join(sizes)})" for m in memories]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r.model, str(r.layers), str(r.kv_heads), str(r.head_dim), r.dtype, f"{r.weights_bytes / GIB:.2f}",
+                 f"{r.kv_bytes_per_token / 1024:g}"]
+        cells += [f"{r.kv_bytes_per_conversation[s] / MIB:g}" for s in sizes]
+        cells += [" / ".join(f"{r.conversations_fit[m][s]:,}" for s in sizes) for m in memories]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def measure(name: str, device, dtype, start_size: int, recent_size: int, conversations: int) -> dict:
+    """Load `name`, fill `conversations` real caches to `start_size + recent_size` tokens; bytes and RSS."""
+    import psutil
+
+    from ..cache import enable_streaming_llm
+    from ..generation import prefill
+    from ..loading import load
+
+    process = psutil.Process()
+    rss_start = process.memory_info().rss
+    model, _ = load(None if name == "default" else name, device, dtype)
+    rss_loaded = process.memory_info().rss
+    held_dtype = model.dtype
+    cache_size = start_size + recent_size
+    generator = torch.Generator().manual_seed(0)
+    caches, chunk, rss_first = [], max(1, min(256, recent_size // 2)), 0
+    for _ in range(conversations):
+        cache = enable_streaming_llm(model, start_size, recent_size)
+        ids = torch.randint(3, model.config.vocab_size, (cache_size + chunk,), generator=generator).tolist()
+        for _ in prefill(model, cache, ids, chunk, evict=True):  # one chunk more than fits: evictions included
+            pass
+        caches.append(cache)
+        # The first conversation also pages in the (memory-mapped) weights and the activations' peak; growth
+        # is measured after it, so it is what one more conversation costs.
+        rss_first = rss_first or process.memory_info().rss
+    rss_filled = process.memory_info().rss
+    layers = model.config.num_hidden_layers
+    held = caches[0].get_seq_length()
+    measured_per_token_layer = caches[0].kv_bytes() / held / layers
+    formula = kv_bytes_per_token(model.config, held_dtype)
+    weights = sum({id(p): p.numel() * p.element_size() for p in model.parameters()}.values())
+    return {
+        "model": name, "device": str(model.device), "dtype": str(held_dtype).replace("torch.", ""),
+        "cache_tokens": held, "conversations": conversations,
+        "kv_bytes_per_token_per_layer": measured_per_token_layer,
+        "kv_bytes_per_token_per_layer_formula": formula / layers,
+        "kv_bytes_per_conversation": caches[0].kv_bytes(),
+        "weights_bytes": weights,
+        "rss_before_load_bytes": rss_start, "rss_after_load_bytes": rss_loaded,
+        "rss_after_first_conversation_bytes": rss_first, "rss_after_fill_bytes": rss_filled,
+        "rss_growth_per_further_conversation_bytes": (rss_filled - rss_first) / (conversations - 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def build_parser():
+    p = cli.parser("streaming_engine.eval.capacity", __doc__)
+    p.add_argument("--model", action="append", default=None,
+                   help=f"repeatable: a preset ({', '.join(PRESETS)}), 'default' ({DEFAULT_MODEL_NAME}), a local "
+                        f"folder or a hub id (default: {' '.join(DEFAULT_MODELS)})")
+    p.add_argument("--dtype", default="bfloat16", help="dtype of weights and cache in the table")
+    p.add_argument("--sizes", default=DEFAULT_SIZES, help="cache sizes START+RECENT, comma-separated")
+    p.add_argument("--memory", default=DEFAULT_MEMORY, help="device memory sizes to plan for, comma-separated")
+    p.add_argument("--overhead", default="0", help="memory kept for activations and runtime, e.g. 2GiB")
+    p.add_argument("--measure", action="store_true",
+                   help="also load the first --model and fill real caches (first --sizes) to check the formula")
+    p.add_argument("--conversations", type=int, default=4, help="caches filled by --measure (at least 2)")
+    p.add_argument("--device", default=None, help="device for --measure (default: CUDA when available)")
+    p.add_argument("--measure-dtype", default=None, help="dtype for --measure (default: load()'s choice)")
+    p.add_argument("--output", default=None, help="write the table and measurement as JSON here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from ..loading import pick_dtype
+
+        dtype = pick_dtype(args.dtype, torch.device("cpu"))
+        sizes = parse_cache_sizes(args.sizes)
+        memories = parse_memories(args.memory)
+        overhead = parse_size(args.overhead) if args.overhead.strip() not in ("", "0") else 0
+        cli.check_min(conversations=(args.conversations, 2))
+        names = args.model or list(DEFAULT_MODELS)
+        rows = [plan(*resolve_config(name), dtype, sizes, memories, overhead) for name in names]
+        measured = None
+        if args.measure:
+            measured = measure(names[0], args.device, args.measure_dtype, *sizes[0], args.conversations)
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(table(rows))
+    if measured is not None:
+        print(json.dumps(measured, indent=1))
+    if args.output:
+        path = Path(args.output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        result = {"command": "python -m streaming_engine.eval.capacity " + " ".join(argv or sys.argv[1:]),
+                  "overhead_bytes": overhead, "rows": [asdict(r) for r in rows], "measured": measured}
+        path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
