@@ -2,7 +2,7 @@
 
 Public API: `StartRecentKVCache`, `enable_streaming_llm`, `load`, `SUPPORTED_FAMILIES`, and the chat engine
 (`StreamingEngine`, `EngineConfig`, `Event`). This package never imports
-gradio; the web UI lives in `app.py`.
+gradio; the web UI lives in `webui/`, composed by `app.py`.
 """
 
 from .cache import StartRecentKVCache, enable_streaming_llm
