@@ -14,17 +14,16 @@ It needs Chromium (`apt-get install chromium`) and Python playwright; nothing is
 from __future__ import annotations
 
 import json
-import shutil
-import socket
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the app, and the helpers the browser tests use too
 
-import app  # noqa: E402
-from streaming_engine import EngineConfig, StreamingEngine, load  # noqa: E402
+from browser_util import LAUNCH_ARGS, find_chromium, gauge, open_page, served, wait_idle  # noqa: E402
+
+from streaming_engine import MODES, EngineConfig, StreamingEngine, load  # noqa: E402
 from streaming_engine.loading import DEFAULT_MODEL_NAME  # noqa: E402
 
 START, RECENT = 4, 252
@@ -32,34 +31,16 @@ CHAT_PROMPTS = ("What is the capital of France?", "Explain attention sinks in on
                 "Write a short poem about the sea.", "Tell me a story about a lighthouse keeper and a storm.",
                 "Describe the water cycle step by step.", "Write a letter from a cat to its owner.")
 MIN_CHAT_TURNS = 3
-LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-               "--disable-sync"]
 #: Longest wait for one reply.
 REPLY_TIMEOUT_MS = 300_000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_idle(page, root: str, turns: int) -> None:
-    """Until the gauges under `root` show `turns` finished turns and nothing generating."""
-    page.wait_for_function(
-        f"""() => {{ const g = document.querySelector('{root} .gauges');
-                     return g && g.dataset.phase === 'idle' &&
-                            g.querySelector('[data-key=turns]').dataset.value === '{turns}'; }}""",
-        timeout=REPLY_TIMEOUT_MS)
 
 
 def chat_tab(page, path: Path) -> None:
     for turn, prompt in enumerate(CHAT_PROMPTS, 1):
         page.fill("#msg textarea", prompt)
         page.click("#send")
-        wait_idle(page, "#gauges", turn)
-        evicted = float(page.get_attribute("#gauges [data-key=evicted_tokens]", "data-value"))
-        if turn >= MIN_CHAT_TURNS and evicted > 0:
+        wait_idle(page, "#gauges", turn, REPLY_TIMEOUT_MS)
+        if turn >= MIN_CHAT_TURNS and gauge(page, "evicted_tokens") > 0:
             break
     page.screenshot(path=str(path))
 
@@ -71,8 +52,8 @@ def compare_tab(page, path: Path) -> None:
     for turn, prompt in enumerate(prompts, 1):
         page.fill("#compare-msg textarea", prompt)
         page.click("#compare-send")
-        for mode in ("streaming", "dense", "window"):
-            wait_idle(page, f"#gauges-{mode}", turn)
+        for mode in MODES:
+            wait_idle(page, f"#gauges-{mode}", turn, REPLY_TIMEOUT_MS)
         if dense_was_full:
             break
         dense_was_full = page.get_attribute("#gauges-dense .gauges", "data-context-full") == "true"
@@ -84,7 +65,7 @@ def compare_tab(page, path: Path) -> None:
 
 
 def main() -> int:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    chromium = find_chromium()
     if chromium is None:
         print("error: chromium is not installed (apt-get install chromium)", file=sys.stderr)
         return 2
@@ -93,23 +74,14 @@ def main() -> int:
     model, tokenizer = load()
     engine = StreamingEngine(model, tokenizer, EngineConfig(start_size=START, recent_size=RECENT,
                                                             prefill_chunk_size=128))
-    settings = app.AppSettings(start_size=START, recent_size=RECENT, port=free_port())
-    demo = app.build_ui(engine, settings, DEFAULT_MODEL_NAME)
-    app.launch(demo, settings, prevent_thread_lock=True, quiet=True)
-    url = f"http://127.0.0.1:{settings.port}"
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=LAUNCH_ARGS)
-            for name, drive, height in (("screenshot.png", chat_tab, 900), ("screenshot-compare.png", compare_tab, 980)):
-                page = browser.new_context(viewport={"width": 1360, "height": height}).new_page()
-                page.goto(url)
-                page.wait_for_selector("#msg textarea")
-                drive(page, ROOT / "assets" / name)
-                print("wrote", ROOT / "assets" / name)
-                page.context.close()
-            browser.close()
-    finally:
-        demo.close()
+    with served(engine, DEFAULT_MODEL_NAME) as (url, _), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=LAUNCH_ARGS)
+        for name, drive, height in (("screenshot.png", chat_tab, 900), ("screenshot-compare.png", compare_tab, 980)):
+            page = open_page(browser, url, height)
+            drive(page, ROOT / "assets" / name)
+            print("wrote", ROOT / "assets" / name)
+            page.context.close()
+        browser.close()
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Public API: `StartRecentKVCache`, `enable_streaming_llm`, `load`, `SUPPORTED_FAMILIES`, the chat engine
 (`StreamingEngine`, `EngineConfig`, `Event`) and persistent conversations (`ChatStore`, `Conversations`). This
-package never imports gradio; the web UI lives in `app.py`.
+package never imports gradio; the web UI lives in `webui/`, composed by `app.py`.
 """
 
 from .cache import StartRecentKVCache, enable_streaming_llm

@@ -19,8 +19,14 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .checks import check_int
 from .families import check_supported, find_rotary_embedding
 from .positions import rotation_for_offset, shift_keys
+
+#: The library's default cache: the paper's reference code (`run_streaming_llama.py`) keeps 4 sinks and 2000
+#: recent tokens. The engine and the command-line chat use the same; the web app picks its own (webui/settings.py).
+DEFAULT_START_SIZE = 4
+DEFAULT_RECENT_SIZE = 2000
 
 
 class StartRecentKVCache(Cache):
@@ -33,19 +39,14 @@ class StartRecentKVCache(Cache):
 
     def __init__(
         self,
-        start_size: int = 4,
-        recent_size: int = 2000,
+        start_size: int = DEFAULT_START_SIZE,
+        recent_size: int = DEFAULT_RECENT_SIZE,
         *,
         rotary_emb: torch.nn.Module | None = None,
         pos_shift: bool = True,
     ):
-        for name, value in (("start_size", start_size), ("recent_size", recent_size)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if start_size < 0:
-            raise ValueError(f"start_size must be >= 0, got {start_size}")
-        if recent_size < 1:
-            raise ValueError(f"recent_size must be >= 1, got {recent_size}")
+        check_int("start_size", start_size, 0)
+        check_int("recent_size", recent_size, 1)
         if pos_shift and rotary_emb is None:
             raise ValueError(
                 "pos_shift=True needs the model's rotary embedding: use enable_streaming_llm(model, ...) "
@@ -166,7 +167,10 @@ class StartRecentKVCache(Cache):
 
 
 def enable_streaming_llm(
-    model: torch.nn.Module, start_size: int = 4, recent_size: int = 2000, pos_shift: bool = True
+    model: torch.nn.Module,
+    start_size: int = DEFAULT_START_SIZE,
+    recent_size: int = DEFAULT_RECENT_SIZE,
+    pos_shift: bool = True,
 ) -> StartRecentKVCache:
     """Bind a fresh `StartRecentKVCache` to `model` (the paper's reference-code entry point).
 

@@ -1,5 +1,7 @@
 """Command-line streaming chat: `python -m streaming_engine.chat` (the reference `run_streaming_llama.py`).
 
+A user-facing chat in the terminal (the MT-Bench *benchmark* of the same idea is `streaming_engine.eval.mtbench`).
+
 Reads prompts from a file (a `.jsonl` of MT-Bench style `{"turns": [...]}` records, a `.json` list, or plain text
 with one prompt per line) or from standard input, feeds them one after another into ONE streaming session, prints
 each answer as it streams and the cache statistics after it. Interactive when stdin is a terminal.
@@ -12,10 +14,12 @@ import json
 import sys
 from pathlib import Path
 
+from .cache import DEFAULT_RECENT_SIZE, DEFAULT_START_SIZE
 from .engine import EngineConfig, StreamingEngine
 from .eval.cli import add_placement_args, placement_kwargs
-from .loading import load
+from .loading import DEFAULT_MODEL_NAME, load
 from .placement import describe_placement
+from .prompts import jsonl_records
 from .session import MODES
 
 
@@ -29,15 +33,13 @@ def read_prompts(path: str | None) -> list[str]:
     text = file.read_text(encoding="utf-8")
     if file.suffix == ".jsonl":
         prompts = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SystemExit(f"error: {path}:{number} is not JSON ({exc.msg})") from exc
-            turns = record.get("turns") if isinstance(record, dict) else None
-            prompts.extend(turns if isinstance(turns, list) else [str(record.get("prompt", record))])
+        try:
+            for _, record in jsonl_records(text, path):
+                turns = record.get("turns") if isinstance(record, dict) else None
+                prompt = record.get("prompt", record) if isinstance(record, dict) else record
+                prompts.extend(turns if isinstance(turns, list) else [str(prompt)])
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from exc
         return prompts
     if file.suffix == ".json":
         data = json.loads(text)
@@ -50,9 +52,11 @@ def read_prompts(path: str | None) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m streaming_engine.chat", description=__doc__.split("\n\n")[0])
     p.add_argument("prompts", nargs="?", help="prompt file (.jsonl, .json or text); default: stdin")
-    p.add_argument("--model", default=None, help="Hugging Face id or local path (default: offline SmolLM2-135M-Instruct)")
-    p.add_argument("--start-size", type=int, default=4, help="attention sinks kept (default 4)")
-    p.add_argument("--recent-size", type=int, default=2000, help="recent tokens kept (default 2000)")
+    p.add_argument("--model", default=None, help=f"Hugging Face id or local path (default: offline {DEFAULT_MODEL_NAME})")
+    p.add_argument("--start-size", type=int, default=DEFAULT_START_SIZE,
+                   help=f"attention sinks kept (default {DEFAULT_START_SIZE})")
+    p.add_argument("--recent-size", type=int, default=DEFAULT_RECENT_SIZE,
+                   help=f"recent tokens kept (default {DEFAULT_RECENT_SIZE})")
     p.add_argument("--mode", choices=MODES, default="streaming")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -73,11 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     interactive = args.prompts is None and sys.stdin.isatty()
     prompts = [] if interactive else read_prompts(args.prompts)
     try:
-        config = EngineConfig(
-            start_size=args.start_size,
-            recent_size=args.recent_size,
-            prefill_chunk_size=min(512, max(1, args.recent_size // 2)),
-        )
+        config = EngineConfig(start_size=args.start_size, recent_size=args.recent_size)
         model, tokenizer = load(args.model, args.device, args.dtype, **placement_kwargs(args))
         if args.device_map is not None:
             print(f"[weights: {describe_placement(model)}]", file=sys.stderr, flush=True)

@@ -3,8 +3,9 @@
 The engine is the only thing the UI, the CLI and the benchmarks talk to. It validates input, creates and frees
 sessions (`streaming`: attention sinks + recent window, the paper; `dense`: a growing cache that stops with
 "context_full" at its limit; `window`: recent window without sinks, the baseline that collapses), and turns each
-`chat()` call into a turn on the shared scheduler. It holds no threading code of its own (see `scheduler.py`) and
-no model arithmetic (see `generation.py`).
+`chat()` call into a turn on the shared scheduler (`chat_many()` sends one message to several sessions at once).
+It holds no threading code of its own (see `scheduler.py`), no model arithmetic (see `generation.py`) and no file
+format (see `history.py`).
 
 Fairness: every session may carry an opaque `owner` (the UI passes the client address, or the login user) and an
 `origin` ("browser" or "api"). One owner can hold at most `max_sessions_per_owner` sessions, far below the global
@@ -15,27 +16,27 @@ caller, are reaped after the shorter `api_idle_timeout_s`. Persistence is not th
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Iterable, Iterator
 
-from .apivalidate import SESSION_ID_MAX_CHARS, parse_json, preview
-from .cache import StartRecentKVCache, enable_streaming_llm
+from .apivalidate import SESSION_ID_MAX_CHARS, preview
+from .cache import DEFAULT_RECENT_SIZE, DEFAULT_START_SIZE, StartRecentKVCache
+from .checks import check_int, check_number
+from .families import check_supported, find_rotary_embedding
+from .history import MAX_HISTORY_MESSAGES, dump_history, parse_history
 from .placement import input_device
-from .sampling import SamplingParams
+from .sampling import SamplingDefaults, SamplingParams
 from .scheduler import Scheduler, TurnHandle
-from .session import EXPORT_FORMAT, MODES, Event, Runtime, Session
+from .session import MODES, Event, Runtime, Session
 from .templating import ChatTemplater
 
 #: Longest accepted user message or system prompt, in characters (a 200,000-character paste must work).
 MAX_MESSAGE_CHARS = 250_000
-#: Largest accepted exported-history JSON, in bytes.
-MAX_HISTORY_BYTES = 8 * 1024 * 1024
-#: Most messages accepted in an exported history.
-MAX_HISTORY_MESSAGES = 20_000
+#: Most prompt tokens fed in one forward pass: bounds a prefill step's memory and how long it holds the worker.
+MAX_PREFILL_CHUNK = 512
 #: Sessions alive at once before `new_session` answers "busy".
 MAX_SESSIONS = 64
 #: Sessions one owner (client address or login user) may hold at once; far below `MAX_SESSIONS` so that one
@@ -87,18 +88,18 @@ class SessionTag:
         return cls(owner, origin)
 
 
-@dataclass
-class EngineConfig:
-    """Engine-wide settings. Sampling fields are the defaults for every `chat` call."""
+@dataclass(kw_only=True)
+class EngineConfig(SamplingDefaults):
+    """Engine-wide settings. The sampling fields (inherited from `SamplingDefaults`: max_new_tokens,
+    temperature, top_p, top_k, repetition_penalty) are the defaults for every `chat` call.
 
-    start_size: int = 4
-    recent_size: int = 2044
-    max_new_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 50
-    repetition_penalty: float = 1.1
-    prefill_chunk_size: int = 512
+    `prefill_chunk_size=None` (the default) derives the chunk from the window with `prefill_chunk_for`; after
+    construction the field always holds the chunk size in use.
+    """
+
+    start_size: int = DEFAULT_START_SIZE
+    recent_size: int = DEFAULT_RECENT_SIZE
+    prefill_chunk_size: int | None = None
     dense_max_tokens: int | None = None  # None: the model's maximum positions
     max_sessions: int = MAX_SESSIONS
     max_sessions_per_owner: int = MAX_SESSIONS_PER_OWNER
@@ -108,29 +109,22 @@ class EngineConfig:
     api_idle_timeout_s: float = API_IDLE_TIMEOUT_S
 
     def __post_init__(self):
-        def positive_int(name, minimum=1):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-        positive_int("start_size", 0)
-        positive_int("recent_size")
-        positive_int("prefill_chunk_size")
-        positive_int("max_sessions")
-        positive_int("max_sessions_per_owner")
-        positive_int("max_active_turns")
-        positive_int("max_message_chars")
+        check_int("start_size", self.start_size, 0)
+        check_int("recent_size", self.recent_size, 1)
+        if self.prefill_chunk_size is None:
+            self.prefill_chunk_size = prefill_chunk_for(self.recent_size)
+        check_int("prefill_chunk_size", self.prefill_chunk_size, 1)
+        for name in ("max_sessions", "max_sessions_per_owner", "max_active_turns", "max_message_chars"):
+            check_int(name, getattr(self, name), 1)
         if self.dense_max_tokens is not None:
-            positive_int("dense_max_tokens", 2)
+            check_int("dense_max_tokens", self.dense_max_tokens, 2)
         if self.recent_size <= self.prefill_chunk_size:
             raise ValueError(
                 f"recent_size ({self.recent_size}) must exceed the largest prompt chunk "
                 f"(prefill_chunk_size={self.prefill_chunk_size}), or a chunk would evict itself"
             )
-        for name in ("idle_timeout_s", "api_idle_timeout_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+        check_number("idle_timeout_s", self.idle_timeout_s, 0, low_open=True)
+        check_number("api_idle_timeout_s", self.api_idle_timeout_s, 0, low_open=True)
         self.default_sampling()  # validates the sampling defaults
 
     @property
@@ -138,15 +132,15 @@ class EngineConfig:
         return self.start_size + self.recent_size
 
     def default_sampling(self, **overrides) -> SamplingParams:
-        values = dict(
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            repetition_penalty=self.repetition_penalty,
-        )
+        values = self.sampling_defaults()
         values.update({k: v for k, v in overrides.items() if v is not None})
         return SamplingParams(**values)
+
+
+def prefill_chunk_for(recent_size: int, ceiling: int = MAX_PREFILL_CHUNK) -> int:
+    """The prompt chunk for a recent window of `recent_size` tokens: at most `ceiling`, and at most half the
+    window, so a chunk always leaves room in the window for itself and the tokens just before it."""
+    return max(1, min(ceiling, recent_size // 2))
 
 
 def clean_text(text: str) -> str:
@@ -169,7 +163,8 @@ class StreamingEngine:
                 f"start_size + recent_size = {self.config.cache_size} exceeds the model's "
                 f"{self.max_positions} positions"
             )
-        self._template_cache = enable_streaming_llm(model, self.config.start_size, self.config.recent_size)
+        check_supported(model.config)
+        self._rotary_emb = find_rotary_embedding(model)
         eos = getattr(model.generation_config, "eos_token_id", None)
         eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
@@ -232,18 +227,15 @@ class StreamingEngine:
 
     def _make_session(self, mode, system_prompt, start_size, recent_size, max_context) -> Session:
         cfg = self.config
-        start = (0 if mode == "window" else cfg.start_size) if start_size is None else start_size
-        recent = cfg.recent_size if recent_size is None else recent_size
-        for name, value, minimum in (("start_size", start, 0), ("recent_size", recent, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        start = check_int("start_size", (0 if mode == "window" else cfg.start_size) if start_size is None
+                          else start_size, 0)
+        recent = check_int("recent_size", cfg.recent_size if recent_size is None else recent_size, 1)
         if mode == "window" and start != 0:
             raise ValueError("window mode keeps no attention sinks: start_size must be 0")
         limit = None
         if mode == "dense":
-            limit = max_context or cfg.dense_max_tokens or self.max_positions or (start + recent)
-            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 2:
-                raise ValueError(f"max_context must be an integer >= 2, got {limit!r}")
+            limit = check_int("max_context", max_context or cfg.dense_max_tokens or self.max_positions
+                              or (start + recent), 2)
             if self.max_positions is not None and limit > self.max_positions:
                 raise ValueError(f"max_context ({limit}) exceeds the model's {self.max_positions} positions")
             # Dense never evicts; a plain growing cache with counters, positions = stream positions.
@@ -254,9 +246,9 @@ class StreamingEngine:
                 raise ValueError(
                     f"start_size + recent_size = {start + recent} exceeds the model's {self.max_positions} positions"
                 )
-            cache = StartRecentKVCache(start, recent, rotary_emb=self._template_cache.rotary_emb)
-        # A chunk must leave room in the window for itself; small windows get smaller chunks.
-        chunk = max(1, min(cfg.prefill_chunk_size, recent // 2))
+            cache = StartRecentKVCache(start, recent, rotary_emb=self._rotary_emb)
+        # A session's window may be smaller than the engine's: its chunk follows the same rule, capped by the config.
+        chunk = prefill_chunk_for(recent, cfg.prefill_chunk_size)
         return Session(
             uuid.uuid4().hex,
             mode,
@@ -378,8 +370,40 @@ class StreamingEngine:
         """Run one user turn; yields "delta" events and ends with one "done" or "error" event.
 
         Sampling keywords: max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop.
-        Problems the user can fix (empty message, bad setting, busy server) come back as an "error" event.
+        Problems the user can fix (empty message, bad setting, busy server) come back as one "error" event with
+        `accepted=False`: the message was not taken and the conversation is unchanged. An "error" event with
+        `accepted=True` means the turn ran and failed part-way; the message and any partial reply are kept.
         """
+        turn = self._start_turn(session_id, message, sampling)
+        if isinstance(turn, Event):
+            yield turn
+            return
+        yield from self.scheduler.read(turn)
+
+    def chat_many(self, session_ids: Iterable[str], message: str, **sampling) -> Iterator[tuple[str, Event]]:
+        """Send one user message to several sessions at once; yields `(session_id, event)` as events arrive.
+
+        Each session runs its own turn on the shared scheduler, exactly as a separate `chat` call would, and its
+        events end with one "done" or "error" event. Refusals (`accepted=False`) come first. Leaving the loop
+        early stops every turn still running.
+        """
+        refused, handles = [], {}
+        for sid in dict.fromkeys(session_ids):
+            turn = self._start_turn(sid, message, sampling)
+            if isinstance(turn, Event):
+                refused.append((sid, turn))
+            else:
+                handles[sid] = turn
+        try:
+            yield from refused
+        except GeneratorExit:  # the reader left before the fan-in began, so nobody else will stop these turns
+            for handle in handles.values():
+                handle.stop()
+            raise
+        yield from self.scheduler.read_many(handles)
+
+    def _start_turn(self, session_id: str, message: str, sampling: dict) -> TurnHandle | Event:
+        """Validate and submit one turn: its handle, or the refusal event when the message is not taken."""
         try:
             session = self._get(session_id)
             message = self._check_text(message, "message")
@@ -388,29 +412,28 @@ class StreamingEngine:
                 raise ValueError(f"unknown sampling setting(s): {', '.join(sorted(unknown))}")
             params = self.config.default_sampling(**sampling)
         except (ValueError, TypeError, SessionNotFound) as exc:
-            yield Event("error", str(exc), {}, "error")
-            return
+            return _refused(str(exc))
         with session.lock:
             if session.current is not None and not session.current.finished.is_set():
-                yield Event("error", "A reply is still being written in this chat; stop it or wait.", session.stats(), "error")
-                return
+                return _refused("A reply is still being written in this chat; stop it or wait.", session.stats())
             if self.scheduler.active_turns >= self.config.max_active_turns:
-                yield Event("error", "Server busy: too many replies are being written right now. Try again shortly.",
-                            session.stats(), "error")
-                return
+                return _refused("Server busy: too many replies are being written right now. Try again shortly.",
+                                session.stats())
             handle = TurnHandle(
                 on_crash=lambda exc: Event("error", f"Generation failed ({type(exc).__name__}).", {}, "error")
             )
             handle.steps = session.turn(self.runtime, message, params, handle.stop_event)
             session.current = handle
             self.scheduler.submit(handle)
-        yield from self.scheduler.read(handle)
+        return handle
 
     # --- export / restore --------------------------------------------------------------------------------------
 
     def export(self, session_id: str) -> str:
-        """The conversation as JSON (format `streaming-llm-chat`), for download and `restore`."""
-        return json.dumps(self._get(session_id).export(), ensure_ascii=False, indent=2)
+        """The conversation as JSON (see `history.py` for the format), for download and `restore`."""
+        s = self._get(session_id)
+        return dump_history(mode=s.mode, system_prompt=s.system_prompt, start_size=s.start_size,
+                            recent_size=s.recent_size, messages=s.history)
 
     def restore(
         self,
@@ -422,29 +445,16 @@ class StreamingEngine:
         origin: str = "browser",
     ) -> str:
         """Open a new session holding an exported history; its cache is rebuilt (sinks + the tail that fits)
-        on the first turn. Raises `ValueError` with a clear message on a corrupt or oversized file.
+        on the first turn. Raises `ValueError` with a clear message on a corrupt or oversized file, and then
+        changes nothing.
 
         The server, not the file, decides the session's mode and sizes: `mode` (default "streaming") with the
         engine's sizes. A file's `"mode"` is only read when the caller passes `allow_file_mode=True`; otherwise an
         uploaded `"mode": "dense"` could turn a bounded chat into a cache that grows to the model's limit.
         """
-        if isinstance(exported, bytes):
-            if len(exported) > MAX_HISTORY_BYTES:
-                raise ValueError(f"history file is too large (limit {MAX_HISTORY_BYTES // (1024 * 1024)} MiB)")
-            try:
-                exported = exported.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ValueError("history file is not UTF-8 text") from exc
-        if not isinstance(exported, str) or len(exported.encode("utf-8", "surrogatepass")) > MAX_HISTORY_BYTES:
-            raise ValueError(f"history must be JSON text of at most {MAX_HISTORY_BYTES // (1024 * 1024)} MiB")
-        data = parse_json(exported, "history file")
-        if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
-            raise ValueError(f"not a chat history exported by this app (expected format {EXPORT_FORMAT!r})")
-        mode = mode or (data.get("mode") if allow_file_mode else None) or "streaming"
-        system_prompt = data.get("system_prompt")
-        if system_prompt is not None and not isinstance(system_prompt, str):
-            raise ValueError("history 'system_prompt' must be text or null")
-        return self.open_history(data.get("messages"), system_prompt, mode=mode, owner=owner, origin=origin)
+        history = parse_history(exported)
+        mode = mode or (history.mode if allow_file_mode else None) or "streaming"
+        return self.open_history(history.messages, history.system_prompt, mode=mode, owner=owner, origin=origin)
 
     def open_history(
         self,
@@ -469,5 +479,7 @@ class StreamingEngine:
         self._get(session_id).load_history(clean)
         return session_id
 
-    def config_dict(self) -> dict:
-        return asdict(self.config)
+
+def _refused(text: str, stats: dict | None = None) -> Event:
+    """The one event of a turn that never started (bad input, busy): the message was not taken."""
+    return Event("error", text, stats or {}, "error", accepted=False)

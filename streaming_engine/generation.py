@@ -17,7 +17,7 @@ so it stays in the cache without spending a forward pass at the end of every rep
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 import torch
 
@@ -28,11 +28,10 @@ from .positions import next_position_ids
 
 @dataclass
 class Step:
-    """What one forward pass produced: `kind` is "prefill" (`count` tokens fed), "token" (`token_id` sampled)
+    """What one forward pass produced: `kind` is "prefill" (a prompt chunk fed), "token" (`token_id` sampled)
     or "finish" (`reason`: "eos", "length", "stopped" or "context_full")."""
 
-    kind: str
-    count: int = 0
+    kind: Literal["prefill", "token", "finish"]
     token_id: int = -1
     reason: str = ""
 
@@ -102,8 +101,8 @@ def generate_reply(
         yield Step("finish", reason="context_full")
         return
     logits = None
-    for count, logits in prefill(model, cache, prompt_ids, chunk_size, evict):
-        yield Step("prefill", count=count)
+    for _, logits in prefill(model, cache, prompt_ids, chunk_size, evict):
+        yield Step("prefill")
         if should_stop():
             yield Step("finish", reason="stopped")
             return

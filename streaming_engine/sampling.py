@@ -7,8 +7,7 @@ next token with a per-turn seeded generator. Temperature 0 means greedy (argmax,
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from transformers.generation.logits_process import (
@@ -19,33 +18,39 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from .checks import check_int, check_number
+
 #: Hard upper bound on `max_new_tokens` for one reply (the UI slider and the API share it).
 MAX_NEW_TOKENS_LIMIT = 4096
 MAX_TEMPERATURE = 5.0
 MAX_REPETITION_PENALTY = 10.0
 MAX_STOP_STRINGS = 8
 MAX_STOP_STRING_CHARS = 100
+MAX_SEED = 2**63 - 1
 #: The repetition penalty looks at most this many recent tokens.
 PENALTY_WINDOW = 1024
 
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-@dataclass
-class SamplingParams:
-    """One reply's decoding settings. Raises `ValueError` naming the allowed range on bad values."""
+@dataclass(kw_only=True)
+class SamplingDefaults:
+    """The decoding knobs with a library-wide default, declared once: `SamplingParams` (one reply) and
+    `EngineConfig` (an engine's per-call defaults) both inherit these fields. Keyword-only, so a subclass's own
+    fields can never be filled positionally by mistake."""
 
     max_new_tokens: int = 256
     temperature: float = 0.7
     top_p: float = 0.9
     top_k: int = 50
     repetition_penalty: float = 1.1
+
+    def sampling_defaults(self) -> dict:
+        """This object's values of the `SamplingDefaults` fields."""
+        return {f.name: getattr(self, f.name) for f in fields(SamplingDefaults)}
+
+
+@dataclass(kw_only=True)
+class SamplingParams(SamplingDefaults):
+    """One reply's decoding settings. Raises `ValueError` naming the allowed range on bad values."""
+
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
 
@@ -54,20 +59,14 @@ class SamplingParams:
             self.max_new_tokens = int(self.max_new_tokens)
         if isinstance(self.top_k, float) and self.top_k.is_integer():
             self.top_k = int(self.top_k)
-        if not _is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-            raise ValueError(f"max_new_tokens must be an integer in [1, {MAX_NEW_TOKENS_LIMIT}], got {self.max_new_tokens!r}")
-        if not _is_number(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
-            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE}] (0 = greedy), got {self.temperature!r}")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not _is_number(self.repetition_penalty) or not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
-            raise ValueError(
-                f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY}] (1 = off), got {self.repetition_penalty!r}"
-            )
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
-            raise ValueError(f"seed must be an integer in [0, 2**63) or None, got {self.seed!r}")
+        check_int("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS_LIMIT)
+        check_number("temperature", self.temperature, 0, MAX_TEMPERATURE, note=" (0 = greedy)")
+        check_number("top_p", self.top_p, 0, 1, low_open=True)
+        check_int("top_k", self.top_k, 0, note=" (0 = off)")
+        check_number("repetition_penalty", self.repetition_penalty, 0, MAX_REPETITION_PENALTY, low_open=True,
+                     note=" (1 = off)")
+        if self.seed is not None:
+            check_int("seed", self.seed, 0, MAX_SEED, note=" or None")
         if self.stop is None:
             self.stop = []
         if isinstance(self.stop, str):

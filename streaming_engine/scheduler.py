@@ -5,7 +5,8 @@ it takes the turn at the head of a round-robin queue, advances it one step, and 
 passes are therefore serialized (no two threads touch the model or a cache at once) and interleaved fairly: with
 N conversations generating, each gets every N-th step, so a long prompt in one tab cannot starve another.
 
-Callers read a turn's events from its own queue with a timeout, which is also how they notice a dead worker.
+Callers read a turn's events from its own queue with a timeout, which is also how they notice a dead worker;
+`read_many` lets one caller follow several turns at once without a thread per turn.
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
-from typing import Callable, Iterator
+from typing import Callable, Hashable, Iterator
 
 logger = logging.getLogger(__name__)
 
 #: How long a reader waits on its queue before checking that the worker is still alive.
 POLL_INTERVAL_S = 0.1
+#: How long `read_many` sleeps when none of its turns has a new event (bounds the delay it adds to a delta).
+FAN_IN_POLL_S = 0.01
 
 
 class TurnHandle:
@@ -106,3 +110,33 @@ class Scheduler:
         finally:
             if not handle.finished.is_set():
                 handle.stop()
+
+    def read_many(self, handles: dict[Hashable, TurnHandle]) -> Iterator[tuple[Hashable, object]]:
+        """Yield `(key, event)` from several turns' queues as events arrive, until each turn's final event.
+
+        Polls the queues in turn (no thread per turn); stops every unfinished turn if the reader goes away early.
+        """
+        pending = dict(handles)
+        try:
+            while pending:
+                quiet = True
+                for key, handle in list(pending.items()):
+                    try:
+                        event = handle.events.get_nowait()
+                    except queue.Empty:
+                        # The worker queues a turn's last event before marking it finished, so this is the end.
+                        if handle.finished.is_set() and handle.events.empty():
+                            del pending[key]
+                        continue
+                    quiet = False
+                    if getattr(event, "kind", None) in ("done", "error"):
+                        del pending[key]
+                    yield key, event
+                if quiet and pending:
+                    if not self.alive():
+                        raise RuntimeError("the generation worker stopped unexpectedly")
+                    time.sleep(FAN_IN_POLL_S)
+        finally:
+            for handle in handles.values():
+                if not handle.finished.is_set():
+                    handle.stop()

@@ -19,12 +19,11 @@ Bookkeeping that keeps multi-round chat exact:
 
 from __future__ import annotations
 
-import datetime as _dt
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Literal
 
 import torch
 
@@ -32,20 +31,30 @@ from .generation import generate_reply, prefill
 from .sampling import PENALTY_WINDOW, Sampler, SamplingParams
 from .textstream import TextStream
 
+#: The conversation kinds every layer offers (engine, CLIs, benchmarks, the comparison tab), in display order.
 MODES = ("streaming", "dense", "window")
-EXPORT_FORMAT = "streaming-llm-chat"
-EXPORT_VERSION = 1
+
+EventKind = Literal["delta", "done", "error"]
+#: Why a turn ended: the model's end of turn, `max_new_tokens`, a stop string, the user's Stop, a dense cache out
+#: of room, or a failure.
+FinishReason = Literal["eos", "length", "stop", "stopped", "context_full", "error"]
 
 
 @dataclass
 class Event:
     """What a turn reports: `kind` is "delta" (`text` is new text, maybe empty), "done" (`text` is the whole
-    reply, `finish_reason` says why it ended) or "error" (`text` is the message)."""
+    reply, `finish_reason` says why it ended) or "error" (`text` is the message).
 
-    kind: str
+    `accepted` is False only on the single error event of a turn that never started (bad input, busy server):
+    the message was not taken and the conversation is unchanged. Every other event belongs to a turn whose
+    message is in the history.
+    """
+
+    kind: EventKind
     text: str = ""
     stats: dict = field(default_factory=dict)
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
+    accepted: bool = True
 
 
 @dataclass
@@ -131,18 +140,6 @@ class Session:
             "last_token_latency_s": self.last_token_latency_s,
             "context_limit": self.capacity,
             "context_full": self.context_full,
-        }
-
-    def export(self) -> dict:
-        return {
-            "format": EXPORT_FORMAT,
-            "version": EXPORT_VERSION,
-            "mode": self.mode,
-            "system_prompt": self.system_prompt,
-            "start_size": self.start_size,
-            "recent_size": self.recent_size,
-            "messages": [dict(m) for m in self.history],
-            "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
 
     def load_history(self, messages: list[dict]) -> None:

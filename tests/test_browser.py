@@ -5,20 +5,17 @@ Skipped (with the reason) only when Chromium or Playwright is missing. Screensho
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
+from browser_util import LAUNCH_ARGS, find_chromium, gauge, open_page, served, wait_idle
 
-import app
-from conftest import free_port
-from streaming_engine import EngineConfig, StreamingEngine
+from streaming_engine import MODES, EngineConfig, StreamingEngine
+from webui import compare_tab
 
 pytestmark = [pytest.mark.browser, pytest.mark.model]
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-               "--disable-sync"]
+CHROMIUM = find_chromium()
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 START, RECENT, MAX_NEW = 4, 96, 24
 TIMEOUT_MS = 120_000
@@ -32,12 +29,8 @@ def server(default_model):
     model, tokenizer = default_model
     engine = StreamingEngine(model, tokenizer, EngineConfig(start_size=START, recent_size=RECENT,
                                                             prefill_chunk_size=48, max_new_tokens=MAX_NEW))
-    port = free_port()
-    settings = app.AppSettings(start_size=START, recent_size=RECENT, port=port)
-    demo = app.build_ui(engine, settings, "SmolLM2-135M-Instruct")
-    app.launch(demo, settings, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}", engine
-    demo.close()
+    with served(engine, "SmolLM2-135M-Instruct") as (url, _):
+        yield url, engine
 
 
 @pytest.fixture(scope="module")
@@ -51,25 +44,14 @@ def browser(server):
         instance.close()
 
 
-def open_page(browser, url):
-    page = browser.new_context(viewport={"width": 1360, "height": 980}).new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    page.goto(url)
-    page.wait_for_selector("#msg textarea")
-    return page
-
-
-def gauge(page, key, root="#gauges") -> float:
-    return float(page.get_attribute(f"{root} [data-key={key}]", "data-value"))
+def new_page(browser, url):
+    return open_page(browser, url, timeout_ms=TIMEOUT_MS)
 
 
 def send_and_wait(page, text, turn):
     page.fill("#msg textarea", text)
     page.click("#send")
-    page.wait_for_function(
-        f"""() => {{ const g = document.querySelector('#gauges .gauges');
-                     return g && g.dataset.phase === 'idle' &&
-                            g.querySelector('[data-key=turns]').dataset.value === '{turn}'; }}""")
+    wait_idle(page, "#gauges", turn)
 
 
 def bot_texts(page, root="#chatbot"):
@@ -78,7 +60,7 @@ def bot_texts(page, root="#chatbot"):
 
 def test_a_reply_streams_in_and_the_gauges_move(browser, server):
     url, _ = server
-    page = open_page(browser, url)
+    page = new_page(browser, url)
     assert gauge(page, "seen_tokens") == 0
     # The page itself records every length the reply shows (polling from here could miss a fast reply's steps).
     page.evaluate("""() => {
@@ -99,7 +81,7 @@ def test_a_reply_streams_in_and_the_gauges_move(browser, server):
 
 def test_on_a_tiny_cache_evictions_climb_while_the_fill_stays_at_capacity(browser, server):
     url, _ = server
-    page = open_page(browser, url)
+    page = new_page(browser, url)
     prompts = ["What is the capital of France?", "Tell me a story about a dragon.",
                "Describe the ocean in detail.", "Explain how rain forms, step by step.",
                "Write a long poem about autumn leaves."]
@@ -122,14 +104,13 @@ def test_on_a_tiny_cache_evictions_climb_while_the_fill_stays_at_capacity(browse
 def test_two_pages_at_once_get_independent_conversations(browser, server):
     url, engine = server
     before = len(engine.session_ids())
-    first, second = open_page(browser, url), open_page(browser, url)
+    first, second = new_page(browser, url), new_page(browser, url)
     first.fill("#msg textarea", "My favourite color is green. What is 2+2?")
     second.fill("#msg textarea", "Name a large animal.")
     first.click("#send")
     second.click("#send")
     for page in (first, second):
-        page.wait_for_function("document.querySelector('#gauges .gauges').dataset.phase === 'idle' && "
-                               "document.querySelector('#gauges [data-key=turns]').dataset.value === '1'")
+        wait_idle(page, "#gauges", 1)
     assert "green" in first.inner_text("#chatbot") and "green" not in second.inner_text("#chatbot")
     assert "large animal" in second.inner_text("#chatbot") and "large animal" not in first.inner_text("#chatbot")
     assert len(engine.session_ids()) == before + 2
@@ -139,7 +120,7 @@ def test_two_pages_at_once_get_independent_conversations(browser, server):
 
 def test_html_in_a_message_is_shown_as_text_and_never_runs(browser, server):
     url, _ = server
-    page = open_page(browser, url)
+    page = new_page(browser, url)
     payload = '<script>window.__xss=1</script><img src=x onerror="window.__xss=2"> hello'
     send_and_wait(page, payload, 1)
     assert page.evaluate("window.__xss") is None
@@ -150,7 +131,7 @@ def test_html_in_a_message_is_shown_as_text_and_never_runs(browser, server):
 
 def test_a_reload_brings_the_conversation_back(browser, server):
     url, _ = server
-    page = open_page(browser, url)
+    page = new_page(browser, url)
     send_and_wait(page, "Remember the word pineapple.", 1)
     page.reload()
     page.wait_for_selector("#msg textarea")
@@ -162,16 +143,13 @@ def test_a_reload_brings_the_conversation_back(browser, server):
 
 def test_the_dense_vs_streaming_tab_answers_on_every_side(browser, server):
     url, _ = server
-    page = open_page(browser, url)
+    page = new_page(browser, url)
     page.get_by_role("tab", name="Dense vs Streaming").click()
     page.fill("#compare-msg textarea", "What is the capital of Italy?")
     page.click("#compare-send")
-    page.wait_for_function(
-        """() => ['streaming', 'dense', 'window'].every(m => {
-               const g = document.querySelector(`#gauges-${m} .gauges`);
-               return g && g.dataset.phase === 'idle' && g.querySelector('[data-key=turns]').dataset.value === '1';
-           })""")
-    for mode in ("streaming", "dense", "window"):
+    for mode in MODES:
+        wait_idle(page, f"#gauges-{mode}", 1)
+    for mode in MODES:
         assert bot_texts(page, f"#chat-{mode}"), mode
     assert int(page.get_attribute("#gauges-dense [data-key=fill]", "data-held")) > 0
     page.wait_for_selector("#plot-memory img, #plot-memory svg, #plot-memory canvas")
@@ -185,18 +163,14 @@ def tiny_server(browser, tiny_chat_model, default_tokenizer):
     in seconds. (The comparison tab's sizes are the app's own: 4 + 252 streaming, 512 dense, 256 window.)"""
     engine = StreamingEngine(tiny_chat_model, default_tokenizer,
                              EngineConfig(start_size=START, recent_size=RECENT, prefill_chunk_size=48))
-    port = free_port()
-    settings = app.AppSettings(start_size=START, recent_size=RECENT, port=port)
-    demo = app.build_ui(engine, settings, "tiny random model")
-    app.launch(demo, settings, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}", engine
-    demo.close()
+    with served(engine, "tiny random model") as (url, _):
+        yield url, engine
 
 
 def test_autopilot_runs_dense_out_of_context_while_streaming_keeps_answering_within_its_flat_cache(
         browser, tiny_server):
     url, _ = tiny_server
-    page = open_page(browser, url)
+    page = new_page(browser, url)
     page.get_by_role("tab", name="Dense vs Streaming").click()
     page.click("#compare-autopilot")
     page.wait_for_function("() => document.querySelector('#gauges-dense .gauges')?.dataset.contextFull === 'true'")
@@ -207,15 +181,15 @@ def test_autopilot_runs_dense_out_of_context_while_streaming_keeps_answering_wit
     page.click("#compare-stop")
     page.wait_for_function("() => document.querySelector('#compare-progress').innerText.includes('Autopilot stopped')")
     assert "Dense ran out of context" in page.inner_text("#compare-progress")
-    capacity = app.COMPARE_START_SIZE + app.COMPARE_RECENT_SIZE
+    capacity = compare_tab.COMPARE_START_SIZE + compare_tab.COMPARE_RECENT_SIZE
     streaming_bar = page.locator("#gauges-streaming [data-key=fill]")
     assert streaming_bar.get_attribute("data-capacity") == str(capacity)
     # Stop cuts the current reply short, so the cache may sit a little below capacity, never above it.
-    assert app.COMPARE_START_SIZE < int(streaming_bar.get_attribute("data-held")) <= capacity
+    assert compare_tab.COMPARE_START_SIZE < int(streaming_bar.get_attribute("data-held")) <= capacity
     assert gauge(page, "evicted_tokens", "#gauges-streaming") > 0
-    assert gauge(page, "sink_tokens", "#gauges-streaming") == app.COMPARE_START_SIZE
+    assert gauge(page, "sink_tokens", "#gauges-streaming") == compare_tab.COMPARE_START_SIZE
     assert gauge(page, "sink_tokens", "#gauges-window") == 0
-    assert int(page.get_attribute("#gauges-dense [data-key=fill]", "data-held")) <= app.COMPARE_DENSE_CONTEXT
+    assert int(page.get_attribute("#gauges-dense [data-key=fill]", "data-held")) <= compare_tab.COMPARE_DENSE_CONTEXT
     assert "Context full" in page.inner_text("#chat-dense")
     page.wait_for_selector("#plot-memory img, #plot-memory svg, #plot-memory canvas")
     page.screenshot(path=str(ARTIFACTS / "compare-autopilot-tiny.png"), full_page=True)

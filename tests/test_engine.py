@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from streaming_engine import EngineConfig, StreamingEngine
+from streaming_engine import MODES, EngineConfig, StreamingEngine
 from streaming_engine.templating import ChatTemplater
 from streaming_engine.textstream import TextStream
 
@@ -226,14 +226,16 @@ def test_bad_input_gives_one_clear_error_event_and_the_session_stays_usable(
     sid = engine.new_session()
     events = list(engine.chat(sid, message, **settings))
     assert len(events) == 1 and events[0].kind == "error" and match in events[0].text
+    assert events[0].accepted is False and engine.history(sid) == [] and engine.stats(sid)["turns"] == 0
     _, final, _ = run(engine, sid, "hello", max_new_tokens=3, **GREEDY)
-    assert final.kind == "done"
+    assert final.kind == "done" and final.accepted
 
 
 def test_unknown_session_and_bad_session_settings(tiny_chat_model, default_tokenizer):
     engine = make_engine(tiny_chat_model, default_tokenizer)
     events = list(engine.chat("nope", "hi"))
     assert events[0].kind == "error" and "unknown or expired session" in events[0].text
+    assert events[0].accepted is False
     for kwargs, match in [
         (dict(mode="turbo"), "mode"),
         (dict(start_size=-1), "start_size"),
@@ -267,6 +269,7 @@ def test_a_failure_inside_generation_keeps_history_and_the_session_recovers(
     monkeypatch.setattr(generation, "forward", flaky)
     _, final, _ = run(engine, sid, "Second message", max_new_tokens=10, **GREEDY)
     assert final.kind == "error" and "out of memory" in final.text
+    assert final.accepted  # the turn ran: its message is in the history, unlike a refused one
     history = engine.history(sid)
     assert [m["content"] for m in history if m["role"] == "user"] == ["First message", "Second message"]
     _, final, _ = run(engine, other, "Other tab still works", max_new_tokens=3, **GREEDY)
@@ -333,3 +336,50 @@ def test_a_reply_that_runs_to_the_limit_leaves_the_streaming_cache_exactly_full(
         _, final, _ = run(engine, sid, f"Tell me more, part {i}.", max_new_tokens=16, **GREEDY)
     assert final.finish_reason == "length" and final.stats["evicted_tokens"] > 0
     assert final.stats["cache_tokens"] == final.stats["cache_capacity"] == 68
+
+
+@pytest.mark.parametrize("modes", [["streaming"], list(MODES), ["streaming", "streaming", "window"]])
+def test_chat_many_gives_every_session_the_reply_it_gets_alone(tiny_chat_model, default_tokenizer, modes):
+    engine = make_engine(tiny_chat_model, default_tokenizer, 4, 120)
+    question = "Tell me about the sea."
+    solo = [run(engine, engine.new_session(mode), question, max_new_tokens=12, **GREEDY)[0] for mode in modes]
+    sids = [engine.new_session(mode) for mode in modes]
+    texts, finals = {sid: "" for sid in sids}, {}
+    for sid, event in engine.chat_many(sids, question, max_new_tokens=12, **GREEDY):
+        assert sid not in finals, "no event after a session's final one"
+        if event.kind == "delta":
+            texts[sid] += event.text
+        else:
+            finals[sid] = event
+    assert [texts[sid] for sid in sids] == solo
+    assert all(finals[sid].kind == "done" and finals[sid].accepted and finals[sid].text == texts[sid]
+               for sid in sids)
+    assert all(engine.stats(sid)["turns"] == 1 for sid in sids)
+
+
+def test_chat_many_refuses_per_session_and_still_answers_the_others(tiny_chat_model, default_tokenizer):
+    engine = make_engine(tiny_chat_model, default_tokenizer)
+    good, gone = engine.new_session(), engine.new_session()
+    engine.close(gone)
+    events = list(engine.chat_many([gone, good], "hello", max_new_tokens=3, **GREEDY))
+    assert events[0][0] == gone and events[0][1].kind == "error" and events[0][1].accepted is False
+    assert [sid for sid, _ in events[1:]] == [good] * (len(events) - 1)
+    assert events[-1][1].kind == "done"
+    refused = list(engine.chat_many([good], "", max_new_tokens=3))
+    assert len(refused) == 1 and refused[0][1].accepted is False and "empty" in refused[0][1].text
+
+
+def test_leaving_chat_many_early_stops_every_turn_and_keeps_partial_replies(tiny_chat_model, default_tokenizer):
+    engine = make_engine(tiny_chat_model, default_tokenizer, 4, 600, prefill_chunk_size=256)
+    sids = [engine.new_session(), engine.new_session()]
+    reader = engine.chat_many(sids, "Talk for a long time.", max_new_tokens=400, **GREEDY)
+    for _, event in reader:
+        if event.stats.get("reply_tokens", 0) >= 2:
+            break
+    reader.close()  # what a closed browser tab does to the comparison handler
+    for sid in sids:
+        assert engine._get(sid).current.finished.wait(10)
+        assert engine.stats(sid)["reply_tokens"] < 400
+        assert engine.history(sid)[0]["content"] == "Talk for a long time."
+    _, final, _ = run(engine, sids[0], "Still there?", max_new_tokens=3, **GREEDY)
+    assert final.kind == "done"

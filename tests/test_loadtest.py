@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import free_port
+from browser_util import free_port
 
 from streaming_engine import EngineConfig, StreamingEngine
-from streaming_engine import loadtest
+from streaming_engine.eval import loadtest
 
 #: Peak resident memory the tiny-model server may reach under this test's load (model, gradio, torch included).
 TINY_SERVER_PEAK_RSS_BOUND = 3 * 1024**3
@@ -18,7 +18,7 @@ TINY_SERVER_PEAK_RSS_BOUND = 3 * 1024**3
 def api_server(tiny_chat_model, default_tokenizer):
     import gradio as gr
 
-    import webapi
+    from webui import webapi
 
     engine = StreamingEngine(tiny_chat_model, default_tokenizer,
                              EngineConfig(start_size=4, recent_size=64, prefill_chunk_size=32))
@@ -122,7 +122,7 @@ RSS_GROWTH_BOUND = 256 * 1024**2
 def test_default_model_serves_8_sessions_by_10_turns_with_zero_errors_and_flat_memory(default_model):
     import gradio as gr
 
-    import webapi
+    from webui import webapi
 
     model, tokenizer = default_model
     engine = StreamingEngine(model, tokenizer, EngineConfig(start_size=4, recent_size=252, prefill_chunk_size=128))

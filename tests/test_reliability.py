@@ -56,6 +56,7 @@ def test_too_many_running_replies_get_a_polite_busy_message(tiny_chat_model, def
     next(running)  # the first reply is now being generated
     refused = list(engine.chat(second, "Me too!", max_new_tokens=3, **GREEDY))
     assert len(refused) == 1 and refused[0].kind == "error" and "Server busy" in refused[0].text
+    assert refused[0].accepted is False and engine.history(second) == []
     engine.stop(first)
     assert list(running)[-1].finish_reason == "stopped"
     assert final_event(engine, second, "Me too!", max_new_tokens=3).kind == "done"
@@ -142,7 +143,8 @@ def test_no_user_input_can_reach_a_shell_eval_or_pickle(name):
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    sources = [root / "app.py", root / "webapi.py", *sorted((root / "streaming_engine").rglob("*.py"))]
+    sources = [root / "app.py", *sorted((root / "webui").rglob("*.py")),
+               *sorted((root / "streaming_engine").rglob("*.py"))]
     hits = [f"{path.relative_to(root)}:{number}: {line.strip()}"
             for path in sources
             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)

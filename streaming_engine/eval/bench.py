@@ -18,7 +18,6 @@ Writes `--output FILE.json` and PNGs beside it: `FILE_latency.png`, `FILE_memory
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -32,18 +31,12 @@ from ..placement import input_device
 from .methods import BENCH_METHODS, DEFAULT_EVICT_BLOCK, make_runner, parse_methods
 from . import cli
 from .plots import plot_bench
-from .texts import DATASETS, load_text
+from .stats import percentile
+from .texts import load_text
 
 DEFAULT_CACHE_SIZES = "256,512,1024"
 #: Tokens the synthetic stream draws from: skip the lowest ids, which are special tokens in most vocabularies.
 FIRST_PLAIN_TOKEN = 3
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in [0, 100]); enough for latency windows of a few dozen samples."""
-    ordered = sorted(values)
-    rank = math.ceil(q / 100 * len(ordered))  # 1-based: the smallest value with at least q% of values <= it
-    return ordered[min(max(rank, 1), len(ordered)) - 1]
 
 
 def synthetic_ids(vocab_size: int, count: int, seed: int = 0) -> list[int]:
@@ -193,9 +186,7 @@ def parse_sizes(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser("streaming_engine.eval.bench", __doc__)
     cli.add_model_args(p)
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--text", default=None, help="feed this UTF-8 text file's tokens (default: random tokens)")
-    src.add_argument("--dataset", default=None, choices=sorted(DATASETS), help="feed a built-in long text")
+    cli.add_text_args(p, "feed this UTF-8 text file's tokens (default: random tokens)", "feed a built-in long text")
     p.add_argument("--tokens", type=int, default=2048, help="tokens fed to every method")
     p.add_argument("--cache-sizes", default=DEFAULT_CACHE_SIZES, help="comma list of start_size + recent_size")
     p.add_argument("--start-size", type=int, default=4, help="attention sinks")
@@ -209,30 +200,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def measure(args: argparse.Namespace) -> dict:
+    """The run the parsed options ask for (raises `ValueError` naming a bad option)."""
+    methods = parse_methods(args.methods, BENCH_METHODS)
+    sizes = parse_sizes(args.cache_sizes)
+    cli.check_min(tokens=(args.tokens, 2), window=(args.window, 1), start_size=(args.start_size, 0),
+                  evict_block=(args.evict_block, 1), recompute_tokens=(args.recompute_tokens, 0))
+    model, tokenizer = cli.load_model(args)
+    if args.text or args.dataset:
+        text, source = load_text(args.text, args.dataset)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.tokens]
+        if len(ids) < args.tokens:
+            raise ValueError(f"the text has only {len(ids)} tokens; lower --tokens")
+    else:
+        ids, source = synthetic_ids(len(tokenizer), args.tokens, args.seed), f"random tokens (seed {args.seed})"
+    config = {"model": args.model or DEFAULT_MODEL_NAME, "source": source}
+    return run(model, ids, methods=methods, cache_sizes=sizes, start_size=args.start_size,
+               window=args.window, evict_block=args.evict_block, recompute_tokens=args.recompute_tokens,
+               config=config)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        methods = parse_methods(args.methods, BENCH_METHODS)
-        sizes = parse_sizes(args.cache_sizes)
-        cli.check_min(tokens=(args.tokens, 2), window=(args.window, 1), start_size=(args.start_size, 0),
-                      evict_block=(args.evict_block, 1), recompute_tokens=(args.recompute_tokens, 0))
-        model, tokenizer = cli.load_model(args)
-        if args.text or args.dataset:
-            text, source = load_text(args.text, args.dataset)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.tokens]
-            if len(ids) < args.tokens:
-                raise ValueError(f"the text has only {len(ids)} tokens; lower --tokens")
-        else:
-            ids, source = synthetic_ids(len(tokenizer), args.tokens, args.seed), f"random tokens (seed {args.seed})"
-        config = {"model": args.model or DEFAULT_MODEL_NAME, "source": source}
-        result = run(model, ids, methods=methods, cache_sizes=sizes, start_size=args.start_size,
-                     window=args.window, evict_block=args.evict_block, recompute_tokens=args.recompute_tokens,
-                     config=config)
-    except (ValueError, RuntimeError) as exc:
-        parser.exit(2, f"error: {exc}\n")
-    cli.write_outputs(args.output, result, plot_bench, format_table(result))
-    return 0
+    return cli.run_cli(build_parser(), argv, measure, plot_bench, format_table)
 
 
 def format_table(result: dict) -> str:

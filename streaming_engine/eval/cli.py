@@ -54,6 +54,15 @@ def placement_kwargs(args) -> dict:
     return dict(device_map=args.device_map, max_memory=args.max_memory, offload_folder=args.offload_folder)
 
 
+def add_text_args(p: argparse.ArgumentParser, text_help: str, dataset_help: str) -> None:
+    """`--text FILE` or `--dataset NAME` (one of `texts.DATASETS`), never both."""
+    from .texts import DATASETS
+
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--text", default=None, help=text_help)
+    source.add_argument("--dataset", default=None, choices=sorted(DATASETS), help=dataset_help)
+
+
 def load_model(args):
     """`(model, tokenizer)` from the parsed model options, after applying `--threads`."""
     from ..loading import load
@@ -70,6 +79,22 @@ def check_min(**values: tuple[int | float, int | float]) -> None:
     for name, (value, low) in values.items():
         if value < low:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
+def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None, measure: Callable[[argparse.Namespace], dict],
+            plot: Callable[[dict, Path], list[str]], table: Callable[[dict], str]) -> int:
+    """The body of every benchmark's `main`: parse `argv`, `measure(args)` into a result, write its outputs.
+
+    A `ValueError` or `RuntimeError` from `measure` (a bad option, a missing dataset) ends the run with
+    `error: ...` on stderr and exit status 2, before anything is written.
+    """
+    args = parser.parse_args(argv)
+    try:
+        result = measure(args)
+    except (ValueError, RuntimeError) as exc:
+        parser.exit(2, f"error: {exc}\n")
+    write_outputs(args.output, result, plot, table(result))
+    return 0
 
 
 def write_outputs(output: str, result: dict, plot: Callable[[dict, Path], list[str]], table: str) -> None:

@@ -158,10 +158,11 @@ def make_runner(method: str, model, start_size: int, recent_size: int, evict_blo
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
 
 
-def parse_methods(text: str, allowed: tuple[str, ...]) -> list[str]:
-    """`"a,b"` -> `["a", "b"]`, every name checked against `allowed` (duplicates dropped, order kept)."""
+def parse_methods(text: str, allowed: tuple[str, ...], option: str = "--methods") -> list[str]:
+    """`"a,b"` -> `["a", "b"]`, every name checked against `allowed` (duplicates dropped, order kept); the error
+    names `option`, the command-line flag the text came from."""
     methods = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
     unknown = [m for m in methods if m not in allowed]
     if not methods or unknown:
-        raise ValueError(f"--methods takes a comma list of: {', '.join(allowed)} (got {text!r})")
+        raise ValueError(f"{option} takes a comma list of: {', '.join(allowed)} (got {text!r})")
     return methods

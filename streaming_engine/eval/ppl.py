@@ -20,7 +20,7 @@ from ..placement import input_device
 from .methods import PPL_METHODS, make_runner, parse_methods
 from . import cli
 from .plots import plot_ppl
-from .texts import DATASETS, load_text
+from .texts import load_text
 
 
 def peak_memory(device: torch.device, kv_peak: int) -> int:
@@ -96,9 +96,7 @@ def format_table(result: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser("streaming_engine.eval.ppl", __doc__)
     cli.add_model_args(p)
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--text", default=None, help="a UTF-8 text file")
-    src.add_argument("--dataset", default=None, choices=sorted(DATASETS), help="built-in long text (default gutenberg-milton)")
+    cli.add_text_args(p, "a UTF-8 text file", "built-in long text (default gutenberg-milton)")
     p.add_argument("--start-size", type=int, default=4, help="attention sinks (window: none)")
     p.add_argument("--recent-size", type=int, default=252, help="recent tokens; window and recompute keep "
                    "start + recent recent tokens")
@@ -108,21 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def measure(args: argparse.Namespace) -> dict:
+    """The run the parsed options ask for (raises `ValueError` naming a bad option)."""
+    methods = parse_methods(args.methods, PPL_METHODS)
+    cli.check_min(start_size=(args.start_size, 0), recent_size=(args.recent_size, 1), max_tokens=(args.max_tokens, 2))
+    text, source = load_text(args.text, None if args.text else (args.dataset or "gutenberg-milton"))
+    model, tokenizer = cli.load_model(args)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.max_tokens]
+    return run(model, ids, methods=methods, start_size=args.start_size, recent_size=args.recent_size,
+               config={"model": args.model or DEFAULT_MODEL_NAME, "source": source})
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        methods = parse_methods(args.methods, PPL_METHODS)
-        cli.check_min(start_size=(args.start_size, 0), recent_size=(args.recent_size, 1), max_tokens=(args.max_tokens, 2))
-        text, source = load_text(args.text, None if args.text else (args.dataset or "gutenberg-milton"))
-        model, tokenizer = cli.load_model(args)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.max_tokens]
-        result = run(model, ids, methods=methods, start_size=args.start_size, recent_size=args.recent_size,
-                     config={"model": args.model or DEFAULT_MODEL_NAME, "source": source})
-    except (ValueError, RuntimeError) as exc:
-        parser.exit(2, f"error: {exc}\n")
-    cli.write_outputs(args.output, result, plot_ppl, format_table(result))
-    return 0
+    return cli.run_cli(build_parser(), argv, measure, plot_ppl, format_table)
 
 
 if __name__ == "__main__":

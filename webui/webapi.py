@@ -1,4 +1,4 @@
-"""The app's programmatic HTTP API (used by `streaming_engine.loadtest` and scripts), registered on the Blocks.
+"""The app's programmatic HTTP API (used by `streaming_engine.eval.loadtest` and scripts), registered on the Blocks.
 
 Endpoints (call them with `gradio_client.Client(url).predict(..., api_name=...)`):
 

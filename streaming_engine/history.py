@@ -1,0 +1,86 @@
+"""The chat-history file: its JSON schema, writing it, reading it back and its size limits. Nothing else.
+
+What users download and upload to continue a conversation elsewhere (format `streaming-llm-chat`, version 1)::
+
+    {"format": "streaming-llm-chat", "version": 1,
+     "mode": "streaming" | "dense" | "window", "system_prompt": text | null,
+     "start_size": int, "recent_size": int,               # informative: the restoring engine's sizes apply
+     "messages": [{"role": "user" | "assistant", "content": text}, ...],
+     "exported_at": "2025-01-31T12:00:00+00:00"}
+
+`parse_history` checks the size, the encoding and the schema and returns what a restore needs; it never touches a
+session. Whether a message's *text* is acceptable (length, control characters) and whether the mode exists are
+the engine's rules, applied when it restores (`StreamingEngine.restore`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import dataclass
+
+from .apivalidate import parse_json
+
+EXPORT_FORMAT = "streaming-llm-chat"
+EXPORT_VERSION = 1
+#: Largest accepted history file, in bytes (the app's upload limit too).
+MAX_HISTORY_BYTES = 8 * 1024 * 1024
+#: Most messages accepted in one history.
+MAX_HISTORY_MESSAGES = 20_000
+ROLES = ("user", "assistant")
+
+_LIMIT_TEXT = f"{MAX_HISTORY_BYTES // (1024 * 1024)} MiB"
+
+
+@dataclass
+class ChatHistory:
+    """A parsed history: `messages` are `{"role", "content"}` dicts with the roles in `ROLES`."""
+
+    messages: list[dict]
+    mode: str | None = None
+    system_prompt: str | None = None
+
+
+def dump_history(*, mode: str, system_prompt: str | None, start_size: int, recent_size: int,
+                 messages: list[dict]) -> str:
+    """The history as JSON text (indented, non-ASCII kept as is), stamped with the current UTC time."""
+    return json.dumps({
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "mode": mode,
+        "system_prompt": system_prompt,
+        "start_size": start_size,
+        "recent_size": recent_size,
+        "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+        "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }, ensure_ascii=False, indent=2)
+
+
+def parse_history(exported: str | bytes) -> ChatHistory:
+    """Read a history written by `dump_history`. Raises `ValueError` with a message fit for users on a file that
+    is too large, not UTF-8, not JSON, or not in this format."""
+    if isinstance(exported, (bytes, bytearray)):
+        if len(exported) > MAX_HISTORY_BYTES:
+            raise ValueError(f"history file is too large (limit {_LIMIT_TEXT})")
+        try:
+            exported = bytes(exported).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError("history file is not UTF-8 text") from exc
+    if not isinstance(exported, str) or len(exported.encode("utf-8", "surrogatepass")) > MAX_HISTORY_BYTES:
+        raise ValueError(f"history must be JSON text of at most {_LIMIT_TEXT}")
+    data = parse_json(exported, "history file")  # a nesting bomb is "not valid JSON (nested too deep)"
+    if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"not a chat history exported by this app (expected format {EXPORT_FORMAT!r})")
+    messages = data.get("messages")
+    if not isinstance(messages, list) or len(messages) > MAX_HISTORY_MESSAGES:
+        raise ValueError(f"history 'messages' must be a list of at most {MAX_HISTORY_MESSAGES} messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"history message {i} must be {{'role': 'user'|'assistant', 'content': text}}")
+    system_prompt = data.get("system_prompt")
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise ValueError("history 'system_prompt' must be text or null")
+    mode = data.get("mode")
+    if mode is not None and not isinstance(mode, str):
+        raise ValueError("history 'mode' must be text or null")
+    return ChatHistory([{"role": m["role"], "content": m["content"]} for m in messages], mode, system_prompt)

@@ -1,0 +1,111 @@
+"""Settings, defaults and the history file: one range check, derived defaults, and the chat-history format."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from streaming_engine import MODES, EngineConfig
+from streaming_engine.cache import DEFAULT_RECENT_SIZE, DEFAULT_START_SIZE
+from streaming_engine.checks import check_int, check_number
+from streaming_engine.engine import MAX_PREFILL_CHUNK, prefill_chunk_for
+from streaming_engine.history import (
+    EXPORT_FORMAT,
+    MAX_HISTORY_BYTES,
+    MAX_HISTORY_MESSAGES,
+    dump_history,
+    parse_history,
+)
+from streaming_engine.sampling import SamplingParams
+
+# --- range checks ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value,low,high,message", [
+    (-1, 0, None, "n must be an integer >= 0, got -1"),
+    (5, 1, 4, "n must be an integer in [1, 4], got 5"),
+    (2.0, 1, None, "n must be an integer >= 1, got 2.0"),
+    (True, 0, None, "n must be an integer >= 0, got True"),
+    ("3", 0, None, "n must be an integer >= 0, got '3'"),
+])
+def test_a_bad_integer_is_refused_with_its_name_range_and_value(value, low, high, message):
+    with pytest.raises(ValueError) as info:
+        check_int("n", value, low, high)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("value,kwargs,message", [
+    (0, dict(low=0, high=1, low_open=True), "x must be in (0, 1], got 0"),
+    (float("nan"), dict(low=0, high=1), "x must be in [0, 1], got nan"),
+    (float("inf"), dict(low=0), "x must be >= 0, got inf"),
+    (False, dict(low=0, high=1), "x must be in [0, 1], got False"),
+    (2, dict(low=0, high=1, note=" (0 = off)"), "x must be in [0, 1] (0 = off), got 2"),
+])
+def test_a_bad_number_is_refused_with_its_name_range_and_value(value, kwargs, message):
+    with pytest.raises(ValueError) as info:
+        check_number("x", value, **kwargs)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("value", [0, 1, 4])
+def test_a_value_in_range_comes_back_unchanged(value):
+    assert check_int("n", value, 0, 4) == value
+    assert check_number("x", value + 0.5, 0, 4.5) == value + 0.5
+
+
+# --- defaults -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recent_size,chunk", [(2, 1), (64, 32), (256, 128), (1020, 510), (2000, MAX_PREFILL_CHUNK)])
+def test_the_prefill_chunk_is_derived_from_the_window_unless_set(recent_size, chunk):
+    assert prefill_chunk_for(recent_size) == chunk
+    assert EngineConfig(recent_size=recent_size).prefill_chunk_size == chunk
+    assert EngineConfig(recent_size=recent_size, prefill_chunk_size=1).prefill_chunk_size == 1
+
+
+@pytest.mark.parametrize("recent_size", [2, 3, 100, 511, 4096])
+def test_a_derived_chunk_always_fits_in_its_window(recent_size):
+    assert 1 <= prefill_chunk_for(recent_size) < recent_size
+
+
+def test_an_explicit_chunk_that_fills_the_window_is_still_refused():
+    with pytest.raises(ValueError, match="prefill_chunk_size"):
+        EngineConfig(recent_size=64, prefill_chunk_size=64)
+
+
+def test_the_engine_starts_from_the_library_cache_and_sampling_defaults():
+    config = EngineConfig()
+    assert (config.start_size, config.recent_size) == (DEFAULT_START_SIZE, DEFAULT_RECENT_SIZE)
+    assert config.default_sampling() == SamplingParams()
+
+
+# --- the history file -----------------------------------------------------------------------------------------
+
+MESSAGES = [{"role": "user", "content": "Hi 👋 <b>"}, {"role": "assistant", "content": "Hello!\n\nשלום"}]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("system_prompt", [None, "Be brief."])
+def test_a_dumped_history_parses_back_to_the_same_conversation(mode, system_prompt):
+    text = dump_history(mode=mode, system_prompt=system_prompt, start_size=4, recent_size=60, messages=MESSAGES)
+    data = json.loads(text)
+    assert data["format"] == EXPORT_FORMAT and data["version"] == 1 and data["exported_at"]
+    for exported in (text, text.encode("utf-8")):
+        parsed = parse_history(exported)
+        assert (parsed.mode, parsed.system_prompt, parsed.messages) == (mode, system_prompt, MESSAGES)
+
+
+@pytest.mark.parametrize("payload,match", [
+    (b"x" * (MAX_HISTORY_BYTES + 1), "too large"),
+    ("x" * (MAX_HISTORY_BYTES + 1), "at most 8 MiB"),
+    (json.dumps({"format": EXPORT_FORMAT, "messages": [{"role": "user", "content": "a"}] * (MAX_HISTORY_MESSAGES + 1)}),
+     "at most 20000 messages"),
+    (json.dumps({"format": EXPORT_FORMAT, "messages": [], "system_prompt": 7}), "system_prompt"),
+    (json.dumps({"format": EXPORT_FORMAT, "messages": [], "mode": ["dense"]}), "mode"),
+    (json.dumps({"format": EXPORT_FORMAT, "messages": [{"role": "user", "content": None}]}), "message 0"),
+    (json.dumps([1, 2]), "not a chat history"),
+])
+def test_a_history_outside_the_schema_or_limits_is_refused_with_a_reason(payload, match):
+    with pytest.raises(ValueError, match=match):
+        parse_history(payload)

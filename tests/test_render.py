@@ -1,0 +1,57 @@
+"""What the page shows (`webui/render.py`): inert chat text, the cache gauges, how a finished reply reads."""
+
+from __future__ import annotations
+
+import pytest
+
+from streaming_engine import Event
+from webui.render import final_reply, gauges_html, inert
+
+
+def test_gauges_show_fill_sinks_evictions_and_context_full():
+    html = gauges_html({"cache_tokens": 100, "cache_capacity": 100, "sink_tokens": 4, "evicted_tokens": 1234,
+                            "seen_tokens": 1334, "kv_bytes": 3 * 2**20, "tokens_per_s": 19.5,
+                            "time_to_first_token_s": 0.25, "turns": 7, "mode": "streaming"})
+    assert 'data-key="evicted_tokens" data-value="1234"' in html and "1,234" in html
+    assert 'data-held="100" data-capacity="100"' in html and "width:100.0%" in html
+    assert "3.0 MiB" in html and "19.5 tok/s" in html and "Evicting" in html
+    full = gauges_html({"cache_tokens": 512, "cache_capacity": 512, "context_full": True, "mode": "dense"})
+    assert "Context full" in full and "dense-full" in full
+    assert 'data-value="0"' in gauges_html(None)
+
+
+@pytest.mark.parametrize("text", ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>",
+                                  "![track](http://example.com/p.png)", "<!-- hidden --><b>bold</b>",
+                                  "`code` then <iframe src=x>", "```\ncode\n```\n<svg onload=alert(1)>"])
+def test_tags_and_images_outside_code_are_rendered_inert(text):
+    shown = inert(text)
+    for opener in ("<script", "<img", "![", "<!--", "<b>", "<iframe", "<svg"):
+        assert opener not in shown
+
+
+@pytest.mark.parametrize("text", ["```python\nif a < b:\n    print('<b>')\n```", "use `x<y` here",
+                                  "``a ` <b>`` and", "~~~\n<div>\n~~~", "```\nstill streaming <tag"])
+def test_code_is_shown_verbatim_because_the_renderer_escapes_it_itself(text):
+    assert inert(text) == text
+
+
+def test_plain_comparisons_and_markdown_survive():
+    text = "1 < 2 and 3 > 2\n\n* item **bold**\n\n[link](https://arxiv.org/abs/2309.17453)"
+    assert inert(text) == text
+
+
+def test_a_code_span_cannot_hide_a_tag_across_paragraphs():
+    assert "<img" not in inert("`a\n\n<img src=x>\n\nb`")
+
+
+@pytest.mark.parametrize("text,reason,expected", [
+    ("Paris.", "eos", "Paris."),
+    ("Par", "stopped", "Par\n\n*(stopped)*"),
+    ("", "stopped", "*(stopped)*"),  # stopped before the first token: say so, never an empty bubble
+    ("The end", "context_full", "The end\n\nFULL"),
+    ("", "context_full", "FULL"),
+    ("", "eos", "…"),
+    ("<b>x</b>", "eos", "&lt;b>x&lt;/b>"),
+])
+def test_a_finished_reply_says_why_it_ended_when_that_is_not_obvious(text, reason, expected):
+    assert final_reply(Event("done", text, {}, reason), "FULL") == expected

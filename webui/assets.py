@@ -1,0 +1,22 @@
+"""The app's static files in `assets/`: the stylesheet, the diagram, and the prompt lists (examples, autopilot)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+def load_json_list(name: str) -> list[str]:
+    """The strings of `assets/<name>` (a JSON list); an empty list when the file is missing or unreadable, so a
+    missing example file hides the examples instead of stopping the app."""
+    try:
+        data = json.loads((ASSETS / name).read_text(encoding="utf-8"))
+        return [str(x) for x in data]
+    except (OSError, ValueError):
+        return []
+
+
+def read_css() -> str:
+    return (ASSETS / "style.css").read_text(encoding="utf-8")

@@ -1,0 +1,227 @@
+"""The Dense vs Streaming tab: one prompt drives a streaming, a dense and a window-without-sinks session side by
+side (greedy, the same settings), with their gauges, memory and latency plots, and an autopilot that feeds a
+scripted conversation until dense runs out of context while streaming keeps answering.
+
+Handlers are plain functions whose first argument is the engine; `build_compare_tab` lays out the tab and binds
+them. One message reaches every side through `engine.chat_many`, so the engine's scheduler interleaves them.
+Outputs of the streaming handlers (`compare_outputs`): progress note, the three chats, the three gauges, the two
+plots, the tab state.
+"""
+
+from __future__ import annotations
+
+import html
+
+import gradio as gr
+
+from streaming_engine import MODES, EngineBusy
+from streaming_engine.engine import MAX_MESSAGE_CHARS
+
+from .assets import load_json_list
+from .chat_tab import EMPTY_MESSAGE
+from .handlers import bind
+from .render import (
+    Throttle,
+    error_reply,
+    final_reply,
+    gauges_html,
+    inert,
+    memory_and_latency_figures,
+    series_point,
+    user_and_pending_reply,
+)
+from .sessions import close_sessions, session_ids, stop_replies, tab_state
+
+# The tab's deliberately small budgets, so dense runs out within a couple of minutes on CPU.
+COMPARE_START_SIZE = 4
+COMPARE_RECENT_SIZE = 252
+COMPARE_DENSE_CONTEXT = 512
+COMPARE_WINDOW_SIZE = 256
+#: Every side decodes greedily with the same penalty, so differences come from the cache alone.
+COMPARE_SAMPLING = dict(temperature=0.0, repetition_penalty=1.1)
+DEFAULT_COMPARE_NEW_TOKENS = 96
+CONTEXT_FULL_NOTE = "**Context full** — dense attention cannot continue."
+#: What the autopilot sends when `assets/autopilot.json` is missing.
+FALLBACK_SCRIPT = ["Tell me a long story."]
+
+
+# --- handlers -------------------------------------------------------------------------------------------------
+
+
+def compare_sessions(engine, state: dict, modes: list[str]) -> dict:
+    """The tab's session for each of `modes`, created on first use (raises `EngineBusy` when the server is full)."""
+    sids = state.setdefault("sids", {})
+    for mode in modes:
+        if sids.get(mode) in engine.session_ids():
+            continue
+        if mode == "streaming":
+            sids[mode] = engine.new_session("streaming", start_size=COMPARE_START_SIZE,
+                                            recent_size=COMPARE_RECENT_SIZE)
+        elif mode == "dense":
+            sids[mode] = engine.new_session("dense", max_context=COMPARE_DENSE_CONTEXT)
+        else:
+            sids[mode] = engine.new_session("window", start_size=0, recent_size=COMPARE_WINDOW_SIZE)
+    return sids
+
+
+def compare_turn(engine, state: dict, message: str, modes: list[str], new_tokens: int, chats: dict):
+    """Send one message to every side at once; updates `chats` and the plot series in `state`, and yields the
+    latest stats per mode after each (throttled) refresh and once at the end."""
+    sids = compare_sessions(engine, state, modes)
+    mode_of = {sids[m]: m for m in modes}
+    series = state.setdefault("series", {m: [] for m in MODES})
+    for mode in modes:
+        chats[mode] = list(chats.get(mode) or []) + user_and_pending_reply(message)
+    replies, stats, throttle = {m: "" for m in modes}, {}, Throttle()
+    for sid, event in engine.chat_many([sids[m] for m in modes], message, max_new_tokens=int(new_tokens),
+                                       **COMPARE_SAMPLING):
+        mode = mode_of[sid]
+        stats[mode] = event.stats or stats.get(mode)
+        if event.kind == "delta":
+            replies[mode] += event.text
+            series[mode].append(series_point(event.stats))
+            shown = inert(replies[mode])
+        elif event.kind == "done":
+            shown = final_reply(event, CONTEXT_FULL_NOTE)
+        else:
+            shown = error_reply(event.text)
+        chats[mode][-1] = {"role": "assistant", "content": shown}
+        if throttle.due():
+            yield stats
+    yield stats
+
+
+def compare_outputs(chats: dict, stats: dict, state: dict, note: str, plots=None, phase: str = "idle") -> list:
+    """The values of the tab's outputs; sides without news keep their gauges (and the plots unless given)."""
+    out = [note]
+    for mode in MODES:
+        out.append(chats.get(mode, []))
+    for mode in MODES:
+        out.append(gauges_html(stats.get(mode), mode, phase) if stats.get(mode) else gr.skip())
+    out += list(plots) if plots else [gr.skip(), gr.skip()]
+    out.append(state)
+    return out
+
+
+def autopilot_note(number: int, total: int, prompt: str, stats: dict, finished: str = "") -> str:
+    head = (f"**Autopilot {finished}** after {number} of {total} prompts." if finished else
+            f"**Autopilot** prompt {number}/{total}: *{html.escape(prompt[:80])}*")
+    dense = stats.get("dense") or {}
+    if dense.get("context_full"):
+        head += (f" Dense ran out of context at {dense.get('cache_tokens', 0):,} tokens; streaming has "
+                 f"seen {(stats.get('streaming') or {}).get('seen_tokens', 0):,} in a "
+                 f"{COMPARE_START_SIZE + COMPARE_RECENT_SIZE}-token cache.")
+    return head
+
+
+def run_script(engine, prompts, chats_in, state, include_window, new_tokens, autopilot=False):
+    """Send `prompts` one after another to every side; yields the outputs after each refresh."""
+    # Mutated in place, not copied: gradio keeps this very dict as the tab's state, so the Stop button
+    # (which receives it) can flag a running autopilot even before its first refresh.
+    state = state if isinstance(state, dict) else {}
+    state["stop"] = False
+    modes = [m for m in MODES if include_window or m != "window"]
+    chats = {m: list(chats_in[i] or []) for i, m in enumerate(MODES)}
+    try:
+        compare_sessions(engine, state, modes)
+    except EngineBusy as exc:
+        gr.Warning(str(exc))
+        yield compare_outputs(chats, {}, state, "")
+        return
+    stats, sent = {}, 0
+    for number, prompt in enumerate(prompts, 1):
+        if state.get("stop"):
+            break
+        note = autopilot_note(number, len(prompts), prompt, stats) if autopilot else ""
+        for stats in compare_turn(engine, state, prompt, modes, new_tokens, chats):
+            yield compare_outputs(chats, stats, state, note, phase="generating")
+        sent = number
+        note = autopilot_note(number, len(prompts), prompt, stats) if autopilot else ""
+        yield compare_outputs(chats, stats, state, note, memory_and_latency_figures(state["series"]))
+    if autopilot:
+        finished = "stopped" if state.get("stop") else "finished"
+        yield compare_outputs(chats, stats, state, autopilot_note(sent, len(prompts), "", stats, finished),
+                              memory_and_latency_figures(state["series"]))
+
+
+def compare_send(engine, message, c1, c2, c3, state, include_window, new_tokens):
+    """Send to all. Outputs: the message box, then `compare_outputs`."""
+    if not isinstance(message, str) or not message.strip():
+        gr.Warning(EMPTY_MESSAGE)
+        yield [gr.skip()] * (1 + len(compare_outputs({}, {}, {}, "")))  # nothing changes
+        return
+    for outputs in run_script(engine, [message], [c1, c2, c3], state, include_window, new_tokens):
+        yield ["", *outputs]  # the input box empties with the first refresh
+
+
+def compare_autopilot(engine, c1, c2, c3, state, include_window, new_tokens):
+    prompts = load_json_list("autopilot.json") or FALLBACK_SCRIPT
+    yield from run_script(engine, prompts, [c1, c2, c3], state, include_window, new_tokens, autopilot=True)
+
+
+def compare_stop(engine, state):
+    """Stop the replies being written and a running autopilot (before its next prompt)."""
+    if isinstance(state, dict):
+        state["stop"] = True
+        stop_replies(engine, session_ids(state))
+    return state
+
+
+def compare_reset(engine, state):
+    """Stop, close every side's session and clear the tab."""
+    compare_stop(engine, state)
+    close_sessions(engine, state)
+    empty = [gauges_html(None, m) for m in MODES]
+    return ["", [], [], [], *empty, None, None, {}]
+
+
+# --- layout ---------------------------------------------------------------------------------------------------
+
+
+def build_compare_tab(engine) -> None:
+    """The Dense vs Streaming tab inside the current `gr.Blocks`."""
+    compare_state = tab_state(engine)
+    with gr.Tab("Dense vs Streaming", id="compare"):
+        gr.Markdown(
+            "One prompt drives three conversations with the same greedy decoding. **Streaming** keeps "
+            f"{COMPARE_START_SIZE} sinks + {COMPARE_RECENT_SIZE} recent tokens; **dense** keeps everything up to "
+            f"a deliberately small {COMPARE_DENSE_CONTEXT}-token budget; **window** keeps the last "
+            f"{COMPARE_WINDOW_SIZE} tokens without sinks. Press **Autopilot** to feed a scripted conversation "
+            "and watch dense hit *context full* while streaming keeps answering with flat memory."
+        )
+        with gr.Row():
+            cmp_msg = gr.Textbox(elem_id="compare-msg", placeholder="One message for all sides…",
+                                 show_label=False, scale=6, max_length=MAX_MESSAGE_CHARS)
+            cmp_send = gr.Button("Send to all", variant="primary", elem_id="compare-send", scale=1)
+            cmp_auto = gr.Button("Autopilot", elem_id="compare-autopilot", scale=1)
+            cmp_stop = gr.Button("Stop", elem_id="compare-stop", scale=1)
+            cmp_reset = gr.Button("Reset", elem_id="compare-reset", scale=1)
+        with gr.Row():
+            with_window = gr.Checkbox(True, label="Include window attention (no sinks)", elem_id="with-window")
+            cmp_new = gr.Slider(16, 256, value=DEFAULT_COMPARE_NEW_TOKENS, step=8, label="Max new tokens per reply")
+        progress = gr.Markdown("", elem_id="compare-progress")
+        cmp_chats, cmp_gauges = {}, {}
+        with gr.Row():
+            for mode in MODES:
+                with gr.Column(min_width=260):
+                    cmp_chats[mode] = gr.Chatbot(label=mode, elem_id=f"chat-{mode}", height=340,
+                                                 sanitize_html=True, allow_tags=False, feedback_options=None)
+                    cmp_gauges[mode] = gr.HTML(gauges_html(None, mode), elem_id=f"gauges-{mode}")
+        with gr.Row():
+            plot_memory = gr.Plot(label="KV cache memory vs tokens seen", elem_id="plot-memory")
+            plot_latency = gr.Plot(label="Per-token decode latency vs tokens seen", elem_id="plot-latency")
+
+    outputs = [progress, *cmp_chats.values(), *cmp_gauges.values(), plot_memory, plot_latency, compare_state]
+    inputs = [*cmp_chats.values(), compare_state, with_window, cmp_new]
+    running = [
+        trigger(bind(compare_send, engine, gpu=True), [cmp_msg, *inputs], [cmp_msg, *outputs],
+                concurrency_id="chat", api_visibility="private")
+        for trigger in (cmp_msg.submit, cmp_send.click)
+    ]
+    running.append(cmp_auto.click(bind(compare_autopilot, engine, gpu=True), inputs, outputs, concurrency_id="chat",
+                                  api_visibility="private"))
+    cmp_stop.click(bind(compare_stop, engine), [compare_state], [compare_state], queue=False,
+                   api_visibility="private")
+    # Reset also cancels a running send/autopilot, whose last refresh would otherwise repaint the old chats.
+    cmp_reset.click(bind(compare_reset, engine), [compare_state], outputs, queue=False, api_visibility="private",
+                    cancels=running)
