@@ -30,8 +30,16 @@ from streaming_engine import EngineBusy, EngineConfig, SessionNotFound, Streamin
 from streaming_engine.engine import MAX_ACTIVE_TURNS, MAX_HISTORY_BYTES, MAX_MESSAGE_CHARS
 from streaming_engine.loading import DEFAULT_MODEL_NAME, default_model_available
 from streaming_engine.sampling import MAX_NEW_TOKENS_LIMIT
+from webui import metrics, openai_api
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+
+def _assets_dir() -> Path:
+    """`assets/` of a source checkout, else the copy an installed wheel ships inside the `webui` package."""
+    here = Path(__file__).resolve().parent / "assets"
+    return here if here.is_dir() else Path(metrics.__file__).resolve().parent / "assets"
+
+
+ASSETS = _assets_dir()
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 #: Used when the offline package is absent (e.g. on a Space): the same model from the hub.
@@ -682,13 +690,21 @@ def create_engine(settings: AppSettings) -> tuple[StreamingEngine, str]:
     return StreamingEngine(model, tokenizer, config), settings.model or DEFAULT_MODEL_NAME
 
 
-def launch(demo: gr.Blocks, settings: AppSettings, **kwargs):
+def launch(demo: gr.Blocks, settings: AppSettings, engine: StreamingEngine | None = None,
+           model_label: str = DEFAULT_MODEL_NAME, **kwargs):
     css = (ASSETS / "style.css").read_text(encoding="utf-8")
     demo.queue(default_concurrency_limit=QUEUE_CONCURRENCY, max_size=QUEUE_MAX_SIZE)
-    return demo.launch(
+    keep_running = not kwargs.pop("prevent_thread_lock", False)
+    result = demo.launch(
         server_name=settings.host, server_port=settings.port, share=settings.share, auth=settings.auth,
-        max_file_size=MAX_HISTORY_BYTES, css=css, footer_links=["api"], **kwargs,
+        max_file_size=MAX_HISTORY_BYTES, css=css, footer_links=["api"], prevent_thread_lock=True, **kwargs,
     )
+    if engine is not None:  # plain HTTP APIs on the same server (gradio's FastAPI app), behind the same login
+        openai_api.mount(demo.app, engine, model_name=model_label, auth=settings.auth)
+        metrics.mount(demo.app, engine, auth=settings.auth, queue_length=lambda: len(demo._queue))
+    if keep_running:
+        demo.block_thread()
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -697,7 +713,7 @@ def main(argv: list[str] | None = None) -> None:
         engine, label = create_engine(settings)
     except (ValueError, RuntimeError) as exc:
         raise SystemExit(f"error: {exc}") from exc
-    launch(build_ui(engine, settings, label), settings)
+    launch(build_ui(engine, settings, label), settings, engine=engine, model_label=label)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ gradio; the web UI lives in `app.py`.
 from .cache import StartRecentKVCache, enable_streaming_llm
 from .engine import EngineBusy, EngineConfig, SessionNotFound, StreamingEngine
 from .families import SUPPORTED_FAMILIES, check_supported
+from .hf_integration import stream_forward
 from .loading import load
 from .positions import next_position_ids
 from .session import MODES, Event
@@ -25,4 +26,5 @@ __all__ = [
     "enable_streaming_llm",
     "load",
     "next_position_ids",
+    "stream_forward",
 ]

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 from typing import Iterator
 
 from .cache import StartRecentKVCache, enable_streaming_llm
+from .counters import EngineCounters
+from .families import check_cache_size
 from .sampling import SamplingParams
 from .scheduler import Scheduler, TurnHandle
 from .session import EXPORT_FORMAT, MODES, Event, Runtime, Session
@@ -135,6 +137,7 @@ class StreamingEngine:
             eos_ids.add(tokenizer.eos_token_id)
         self.runtime = Runtime(model, tokenizer, ChatTemplater(tokenizer), eos_ids, model.device)
         self.scheduler = Scheduler()
+        self.counters = EngineCounters()  # process-wide totals for monitoring
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
@@ -189,7 +192,9 @@ class StreamingEngine:
                 raise ValueError(
                     f"start_size + recent_size = {start + recent} exceeds the model's {self.max_positions} positions"
                 )
-            cache = StartRecentKVCache(start, recent, rotary_emb=self._template_cache.rotary_emb)
+            check_cache_size(self.model.config, start + recent)
+            template = self._template_cache
+            cache = StartRecentKVCache(start, recent, rotary_emb=template.rotary_emb, layer_rope=template.layer_rope)
         # A chunk must leave room in the window for itself; small windows get smaller chunks.
         chunk = max(1, min(cfg.prefill_chunk_size, recent // 2))
         return Session(
@@ -319,7 +324,7 @@ class StreamingEngine:
             handle = TurnHandle(
                 on_crash=lambda exc: Event("error", f"Generation failed ({type(exc).__name__}).", {}, "error")
             )
-            handle.steps = session.turn(self.runtime, message, params, handle.stop_event)
+            handle.steps = self.counters.watch(session, session.turn(self.runtime, message, params, handle.stop_event))
             session.current = handle
             self.scheduler.submit(handle)
         yield from self.scheduler.read(handle)
@@ -368,3 +373,55 @@ class StreamingEngine:
 
     def config_dict(self) -> dict:
         return asdict(self.config)
+
+    # --- stateless clients: conversations sent whole with every request ----------------------------------------
+
+    def _conversation_messages(self, messages) -> list[dict]:
+        """`messages` validated and cleaned like `chat` input: an optional leading system message, then user and
+        assistant turns."""
+        if not isinstance(messages, list) or len(messages) > MAX_HISTORY_MESSAGES:
+            raise ValueError(f"messages must be a list of at most {MAX_HISTORY_MESSAGES} messages")
+        clean = []
+        for i, m in enumerate(messages):
+            roles = ("system", "user", "assistant") if i == 0 else ("user", "assistant")
+            if not isinstance(m, dict) or m.get("role") not in roles or not isinstance(m.get("content"), str):
+                raise ValueError(f"message {i} must be {{'role': {'|'.join(roles)}, 'content': text}}")
+            clean.append({"role": m["role"], "content": self._check_text(m["content"], f"message {i}", allow_empty=True)})
+        if clean and clean[0]["role"] == "system" and not clean[0]["content"]:
+            clean = clean[1:]  # an empty system prompt is no system prompt (as in new_session)
+        return clean
+
+    def find_conversation(self, messages: list[dict], owner: str, exclude=()) -> str | None:
+        """An idle live session opened by `owner` (see `open_conversation`) whose whole conversation, system
+        prompt first, equals `messages`, so one more user turn continues it on its cache as it stands; None when
+        there is none. Only sessions of the same owner are considered, so an API client never continues a
+        browser tab's chat; sessions in `exclude` (claimed by a concurrent request) are skipped."""
+        wanted = self._conversation_messages(messages)
+        with self._lock:
+            candidates = [s for sid, s in self._sessions.items() if getattr(s, "owner", None) == owner
+                          and sid not in exclude and (s.current is None or s.current.finished.is_set())]
+        best = None
+        for session in candidates:
+            system = [{"role": "system", "content": session.system_prompt}] if session.system_prompt else []
+            if len(system) + len(session.history) != len(wanted):
+                continue
+            # Replies are stored as generated; compare them cleaned, as the client's copy was.
+            held = [{"role": m["role"], "content": clean_text(m["content"])} for m in system + session.history]
+            if held == wanted:
+                if best is None or session.last_active > best.last_active:
+                    best = session
+        return best.id if best is not None else None
+
+    def open_conversation(self, messages: list[dict], owner: str, mode: str = "streaming") -> str:
+        """A new session for `owner` holding `messages` (an optional leading system message, then user and
+        assistant turns). Like `restore`, its cache is primed on the first turn from the sinks and the tail of the
+        conversation that fits."""
+        clean = self._conversation_messages(messages)
+        system = None
+        if clean and clean[0]["role"] == "system":
+            system, clean = clean[0]["content"], clean[1:]
+        session_id = self.new_session(mode, system)
+        session = self._get(session_id)
+        session.owner = owner
+        session.load_history(clean)
+        return session_id
