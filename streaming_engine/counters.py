@@ -45,27 +45,34 @@ class EngineCounters:
             self.turns_started += 1
         cache = session.cache
         seen, evicted, reply = cache.seen_tokens, cache.evicted_tokens, session.reply_tokens
-        kind = None
+        finished = crashed = False
         try:
             for event in steps:
                 now_seen, now_evicted, now_reply = cache.seen_tokens, cache.evicted_tokens, session.reply_tokens
                 sampled = _grown(reply, now_reply)
+                kind = getattr(event, "kind", None)
                 with self._lock:
                     self.tokens_processed += _grown(seen, now_seen)
                     self.tokens_evicted += _grown(evicted, now_evicted)
                     self.tokens_generated += sampled
                     if sampled:
                         self._recent.append((time.monotonic(), sampled))
+                    # Counted on the final event itself: the scheduler stops stepping a turn there, so this
+                    # generator may never be resumed to reach its end.
+                    if kind in ("done", "error") and not finished:
+                        finished = True
+                        self.turns_finished += 1
+                        self.turn_errors += kind == "error"
                 seen, evicted, reply = now_seen, now_evicted, now_reply
-                kind = getattr(event, "kind", None)
                 yield event
         except Exception:
-            kind = "error"  # the scheduler turns the exception into an error event
+            crashed = True  # the scheduler turns the exception into an error event
             raise
         finally:
-            with self._lock:
-                self.turns_finished += 1
-                self.turn_errors += kind == "error"
+            if not finished:
+                with self._lock:
+                    self.turns_finished += 1
+                    self.turn_errors += crashed
 
     def decode_tokens_per_s(self, now: float | None = None) -> float:
         """Tokens sampled per second over the last `window_s` seconds, all sessions together."""

@@ -87,9 +87,11 @@ def check_supported(config) -> None:
 
 
 def check_cache_size(config, cache_size: int) -> None:
-    """Refuse a cache whose sinks no layer could see: when *every* layer is local (Mistral, Phi-3 with a
+    """Refuse a cache size the model cannot stream with. When *every* layer is local (Mistral, Phi-3 with a
     `sliding_window`), a cache longer than the window pushes the attention sinks out of every layer's view, so it
-    would silently be plain window attention. Hybrid models keep the sinks visible on their global layers."""
+    would silently be plain window attention (hybrid models keep the sinks visible on their global layers); and
+    RoPE that changes frequencies with length (LongRoPE, dynamic NTK) must stay below its switch."""
+    _check_rope_scaling(_text_config(config), cache_size)
     windows = layer_windows(config)
     if windows and all(w is not None for w in windows):
         window = min(windows)
@@ -99,6 +101,21 @@ def check_cache_size(config, cache_size: int) -> None:
                 f"{window} tokens (sliding_window), so a cache of {cache_size} tokens would hide the attention "
                 f"sinks from every layer: use start_size + recent_size <= {window}"
             )
+
+
+def _check_rope_scaling(config, cache_size: int) -> None:
+    """LongRoPE and dynamic NTK switch frequencies once positions pass the original context; a key re-rotated
+    with the other set would land in the wrong place, so in-cache positions must stay below that switch."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type")) not in ("longrope", "dynamic"):
+        return
+    original = rope.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+    if original and cache_size > original:
+        raise ValueError(
+            f"this checkpoint's {rope.get('rope_type', rope.get('type'))} RoPE changes frequencies past "
+            f"{original} positions, so position shift needs start_size + recent_size <= {original} "
+            f"(got {cache_size})"
+        )
 
 
 def find_rotary_embedding(model: torch.nn.Module) -> torch.nn.Module:

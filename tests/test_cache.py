@@ -256,6 +256,20 @@ def test_a_cache_that_would_hide_the_sinks_from_every_local_layer_is_refused():
     assert enable_streaming_llm(hybrid, 4, 200).cache_size == 204
 
 
+def test_a_cache_past_the_switch_of_length_dependent_rope_is_refused():
+    from transformers import Phi3Config
+
+    from streaming_engine.families import check_cache_size
+
+    config = Phi3Config(num_hidden_layers=1, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                        max_position_embeddings=8192, rope_parameters={
+                            "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
+                            "long_factor": [4.0] * 8, "original_max_position_embeddings": 2048})
+    check_cache_size(config, 2048)
+    with pytest.raises(ValueError, match="longrope RoPE changes frequencies past 2048"):
+        check_cache_size(config, 2049)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(start_size=-1, recent_size=4), "start_size"),
     (dict(start_size=4, recent_size=0), "recent_size"),
