@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -56,7 +57,11 @@ def test_pip_install_gives_a_library_and_app_that_work_from_any_directory(tmp_pa
         isolation = ["--no-build-isolation"] if int(setuptools.__version__.split(".")[0]) >= 77 else []
     except ImportError:
         isolation = []
-    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", *isolation, str(ROOT), "-w", str(wheels))
+    # Build from a clean copy: an in-tree build would leave build/ behind, and stale files there leak into wheels.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", "__pycache__", "build", "*.egg-info", ".pytest_cache", "runs", "test-artifacts", ".venv*"))
+    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", *isolation, str(source), "-w", str(wheels))
     venv = tmp_path / "venv"
     _run(sys.executable, "-m", "venv", "--system-site-packages", str(venv))
     python = venv / "bin" / "python"
