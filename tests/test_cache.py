@@ -262,7 +262,7 @@ def test_a_cache_past_the_switch_of_length_dependent_rope_is_refused():
     from streaming_engine.families import check_cache_size
 
     config = Phi3Config(num_hidden_layers=1, hidden_size=64, num_attention_heads=4, intermediate_size=128,
-                        max_position_embeddings=8192, rope_parameters={
+                        max_position_embeddings=8192, original_max_position_embeddings=2048, rope_parameters={
                             "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
                             "long_factor": [4.0] * 8, "original_max_position_embeddings": 2048})
     check_cache_size(config, 2048)

