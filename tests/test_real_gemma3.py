@@ -22,7 +22,10 @@ gguf_package = pytest.importorskip(
 TEXT = (
     "The lighthouse keeper climbed the spiral stairs every evening at dusk. He trimmed the wick, polished the great "
     "lens and watched the ships pass far out at sea. In winter the storms came from the north, and the waves broke "
-    "white against the rocks below the tower, but the light never failed."
+    "white against the rocks below the tower, but the light never failed. Sailors told stories about him in the "
+    "harbour taverns: that he had never once left the island, that he spoke to the gulls, that he kept a logbook of "
+    "every ship he had ever seen. When the new electric lamp arrived, he read the manual twice and then went on "
+    "climbing the stairs each evening, just to be sure."
 )
 
 
@@ -36,7 +39,8 @@ def gemma3():
 @torch.no_grad()
 def test_gemma3_270m_streaming_logits_equal_the_per_step_rope_reference(gemma3):
     model, tokenizer = gemma3
-    ids = tokenizer(TEXT, return_tensors="pt").input_ids[:, :96]
+    ids = tokenizer(TEXT, return_tensors="pt").input_ids[:, :120]
+    assert ids.shape[1] == 120
     ours, reference = enable_streaming_llm(model, 4, 28), PerStepRopeCache(model, 4, 28)
     worst = 0.0
     for t in range(ids.shape[1]):
@@ -47,7 +51,7 @@ def test_gemma3_270m_streaming_logits_equal_the_per_step_rope_reference(gemma3):
                               position_ids=next_position_ids(cache, 1)).logits[0, -1])
         worst = max(worst, (step[0] - step[1]).abs().max().item())
     assert ours.evicted_tokens == ids.shape[1] - 32
-    assert worst <= 2e-3  # fp32 over 18 layers and logits of magnitude ~30
+    assert worst <= 2e-4  # fp32 over 18 layers, logits of magnitude ~30 (measured: ~3e-5)
 
 
 def test_gemma3_270m_generate_equals_the_engines_greedy_reply(gemma3):
