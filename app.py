@@ -17,7 +17,7 @@ import gradio as gr
 from streaming_engine import EngineConfig, StreamingEngine, load
 from streaming_engine.history import MAX_HISTORY_BYTES
 from streaming_engine.loading import DEFAULT_MODEL_NAME
-from webui import webapi
+from webui import metrics, openai_api, webapi
 from webui.about import build_about_tab
 from webui.assets import read_css
 from webui.chat_tab import build_chat_tab
@@ -53,13 +53,22 @@ def create_engine(settings: AppSettings) -> tuple[StreamingEngine, str]:
     return StreamingEngine(model, tokenizer, config), settings.model or DEFAULT_MODEL_NAME
 
 
-def launch(demo: gr.Blocks, settings: AppSettings, **kwargs):
-    """Serve `demo` with the queue bounds, the upload limit (a history file) and the stylesheet."""
+def launch(demo: gr.Blocks, settings: AppSettings, engine: StreamingEngine | None = None,
+           model_label: str = DEFAULT_MODEL_NAME, **kwargs):
+    """Serve `demo` with the queue bounds, the upload limit (a history file) and the stylesheet; with `engine`,
+    also mount the plain HTTP APIs (OpenAI-compatible, Prometheus) on the same server, behind the same login."""
     demo.queue(default_concurrency_limit=QUEUE_CONCURRENCY, max_size=QUEUE_MAX_SIZE)
-    return demo.launch(
+    keep_running = not kwargs.pop("prevent_thread_lock", False)
+    result = demo.launch(
         server_name=settings.host, server_port=settings.port, share=settings.share, auth=settings.auth,
-        max_file_size=MAX_HISTORY_BYTES, css=read_css(), footer_links=["api"], **kwargs,
+        max_file_size=MAX_HISTORY_BYTES, css=read_css(), footer_links=["api"], prevent_thread_lock=True, **kwargs,
     )
+    if engine is not None:  # gradio's FastAPI app exists once launched
+        openai_api.mount(demo.app, engine, model_name=model_label, auth=settings.auth)
+        metrics.mount(demo.app, engine, auth=settings.auth, queue_length=lambda: len(demo._queue))
+    if keep_running:
+        demo.block_thread()
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         engine, label = create_engine(settings)
     except (ValueError, RuntimeError) as exc:
         raise SystemExit(f"error: {exc}") from exc
-    launch(build_ui(engine, label), settings)
+    launch(build_ui(engine, label), settings, engine=engine, model_label=label)
 
 
 if __name__ == "__main__":

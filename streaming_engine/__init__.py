@@ -9,6 +9,7 @@ from .cache import StartRecentKVCache, enable_streaming_llm
 from .conversations import ConversationNotFound, Conversations
 from .engine import EngineBusy, EngineConfig, SessionNotFound, StreamingEngine
 from .families import SUPPORTED_FAMILIES, check_supported
+from .hf_integration import stream_forward
 from .loading import load
 from .positions import next_position_ids
 from .session import MODES, Event
@@ -32,4 +33,5 @@ __all__ = [
     "enable_streaming_llm",
     "load",
     "next_position_ids",
+    "stream_forward",
 ]

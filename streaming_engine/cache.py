@@ -1,12 +1,16 @@
 """The attention-sink KV cache: keep `start_size` sink tokens plus the last `recent_size` tokens.
 
 `StartRecentKVCache` is a `transformers.Cache` (a list of ordinary `DynamicLayer`s), so it is passed straight to
-`model(input_ids, past_key_values=cache)`; no attention code is patched. It only decides *which* tokens stay.
-Where the kept tokens sit afterwards is `positions.py`'s job: after an eviction the keys behind the gap are
-re-rotated once, so every kept key is exactly as if it had been encoded at its new in-cache position.
+the model's forward (`past_key_values=` / `cache=`, see `families.cache_keyword`); no attention code is patched.
+It only decides *which* tokens stay. Where the kept tokens sit afterwards is `positions.py`'s job: after an
+eviction the keys behind the gap are re-rotated once (per layer with that layer's own RoPE frequencies; layers
+without RoPE are left alone), so every kept key is exactly as if it had been encoded at its new in-cache position.
+Every layer holds the same tokens; local (sliding-window) layers see only the model's window of them, applied by
+the model's own masks over in-cache positions (see `families.py`).
 
 Eviction is explicit, as in the paper's reference code: call `evict_for_space(n)` before feeding `n` tokens (the
 cache then never holds more than `cache_size` tokens, even inside the forward pass), or `trim()` after a step.
+With `auto_evict` on (set by `model.generate()`, see `hf_integration.py`) every forward pass does that itself.
 Layout of the sequence axis at any time::
 
     [ sinks: start_size | ......evicted...... | recent window: up to recent_size ]
@@ -20,7 +24,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .checks import check_int
-from .families import check_supported, find_rotary_embedding
+from .families import SHARED_ROPE, check_cache_size, check_supported, find_rotary_embedding, layer_rope_kinds
 from .positions import rotation_for_offset, shift_keys
 
 #: The library's default cache: the paper's reference code (`run_streaming_llama.py`) keeps 4 sinks and 2000
@@ -34,7 +38,10 @@ class StartRecentKVCache(Cache):
 
     Attributes: `start_size`, `recent_size`, `cache_size` (their sum), `pos_shift`, and the counters
     `seen_tokens` (every token ever appended) and `evicted_tokens` (every token evicted), so that
-    `seen_tokens == get_seq_length() + evicted_tokens` always holds.
+    `seen_tokens == get_seq_length() + evicted_tokens` always holds. `layer_rope` says per layer how its keys
+    carry their position (`families.layer_rope_kinds`; None: every layer uses the rotary module's one
+    frequency set). `auto_evict`: every forward pass this cache takes part in makes room for its tokens and
+    places them at in-cache positions itself (needs the model hook that `enable_streaming_llm` installs).
     """
 
     def __init__(
@@ -44,6 +51,8 @@ class StartRecentKVCache(Cache):
         *,
         rotary_emb: torch.nn.Module | None = None,
         pos_shift: bool = True,
+        layer_rope: tuple[str | None, ...] | None = None,
+        auto_evict: bool = False,
     ):
         check_int("start_size", start_size, 0)
         check_int("recent_size", recent_size, 1)
@@ -58,6 +67,13 @@ class StartRecentKVCache(Cache):
         self.cache_size = start_size + recent_size
         self.pos_shift = pos_shift
         self.rotary_emb = rotary_emb
+        self.layer_rope = tuple(layer_rope) if layer_rope is not None else None
+        self.auto_evict = bool(auto_evict)
+        # Set by the model hook right before a forward pass it prepared; checked by `update` (see `hf_integration`).
+        self._prepared_forward = False
+        # Set when `model.generate()` takes this cache; the hook then lines up generate's full-sequence input.
+        self._generate_starting = False
+        self._handed_to_generate = False
         self.seen_tokens = 0
         self.evicted_tokens = 0
         # Index in the whole stream of every held token; tests and the UI use it to see what survived.
@@ -66,7 +82,8 @@ class StartRecentKVCache(Cache):
     def new(self) -> "StartRecentKVCache":
         """A fresh, empty cache with the same sizes and model binding (one per conversation)."""
         return StartRecentKVCache(
-            self.start_size, self.recent_size, rotary_emb=self.rotary_emb, pos_shift=self.pos_shift
+            self.start_size, self.recent_size, rotary_emb=self.rotary_emb, pos_shift=self.pos_shift,
+            layer_rope=self.layer_rope, auto_evict=self.auto_evict,
         )
 
     # --- transformers Cache interface -------------------------------------------------------------------------
@@ -74,12 +91,44 @@ class StartRecentKVCache(Cache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         # key_states: [batch, kv_heads, new_tokens, head_dim], already rotated at their in-cache positions.
         if layer_idx == 0:
+            if self.auto_evict and not self._prepared_forward:
+                # Without the hook nothing evicted or placed these tokens: refuse rather than grow silently.
+                raise RuntimeError(
+                    "this StartRecentKVCache has auto_evict on but the model has no StreamingLLM hook, so nothing "
+                    "would evict: create the cache with enable_streaming_llm(model, start_size, recent_size)"
+                )
+            self._prepared_forward = False
             new = key_states.shape[-2]
             self._stream_index = torch.cat(
                 (self._stream_index, torch.arange(self.seen_tokens, self.seen_tokens + new))
             )
             self.seen_tokens += new
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    @property
+    def _is_user_defined(self) -> bool:
+        return self._handed_to_generate
+
+    @_is_user_defined.setter
+    def _is_user_defined(self, value: bool) -> None:
+        # transformers' generate() sets this flag on a cache it was handed, once per call, before the first forward
+        # pass: the one moment a cache learns that generate (which neither evicts nor knows in-cache positions) is
+        # about to drive it. From then on every forward pass makes room and places its tokens (`auto_evict`).
+        self._handed_to_generate = bool(value)
+        if value:
+            self.auto_evict = True
+            self._generate_starting = True
+
+    @property
+    def is_croppable(self) -> bool:
+        """False: an eviction cannot be undone, so generate() must not plan on rolling this cache back."""
+        return False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "StartRecentKVCache cannot roll back tokens (evicted ones are gone), so assisted / speculative decoding "
+            "is not supported with it; use plain greedy or sampled generate(), or the StreamingEngine"
+        )
 
     def reset(self) -> None:
         """Drop every token and zero the counters (the cache object stays usable)."""
@@ -98,25 +147,32 @@ class StartRecentKVCache(Cache):
         count = end - start
         if count == 0:
             return 0
-        rotations: dict = {}  # device -> (cos, sin): one rotation per eviction, shared by every layer on a device
-        for layer in self.layers:
+        # (device, rope kind) -> (cos, sin): one rotation per eviction, shared by every layer of that kind
+        rotations: dict = {}
+        for index, layer in enumerate(self.layers):
             if not layer.is_initialized or layer.get_seq_length() == 0:
                 continue
             keys, values = layer.keys, layer.values  # [batch, kv_heads, held, head_dim]
-            tail = self._moved_keys(keys[:, :, end:], count, rotations)
+            tail = self._moved_keys(keys[:, :, end:], count, rotations, self._rope_kind(index))
             layer.keys = torch.cat((keys[:, :, :start], tail), dim=-2)
             layer.values = torch.cat((values[:, :, :start], values[:, :, end:]), dim=-2)
         self._stream_index = torch.cat((self._stream_index[:start], self._stream_index[end:]))
         self.evicted_tokens += count
         return count
 
-    def _moved_keys(self, keys: torch.Tensor, shift: int, rotations: dict) -> torch.Tensor:
+    def _rope_kind(self, layer_idx: int) -> str | None:
+        if self.layer_rope is None or layer_idx >= len(self.layer_rope):
+            return SHARED_ROPE
+        return self.layer_rope[layer_idx]
+
+    def _moved_keys(self, keys: torch.Tensor, shift: int, rotations: dict, kind: str | None) -> torch.Tensor:
         """Keys that sat behind an evicted gap of `shift` tokens, placed at their new positions."""
-        if not self.pos_shift or shift == 0 or keys.shape[-2] == 0:
+        if not self.pos_shift or shift == 0 or keys.shape[-2] == 0 or kind is None:  # None: a layer without RoPE
             return keys
-        if keys.device not in rotations:
-            rotations[keys.device] = rotation_for_offset(self.rotary_emb, -shift, keys.device)
-        return shift_keys(keys, shift, self.rotary_emb, rotations[keys.device])
+        key = (keys.device, kind)
+        if key not in rotations:
+            rotations[key] = rotation_for_offset(self.rotary_emb, -shift, keys.device, kind or None)
+        return shift_keys(keys, shift, self.rotary_emb, rotations[key])
 
     def evict_for_space(self, num_coming: int) -> int:
         """Evict the oldest non-sink tokens so `num_coming` more fit in `cache_size`; returns how many.
@@ -171,13 +227,23 @@ def enable_streaming_llm(
     start_size: int = DEFAULT_START_SIZE,
     recent_size: int = DEFAULT_RECENT_SIZE,
     pos_shift: bool = True,
+    *,
+    auto_evict: bool = False,
 ) -> StartRecentKVCache:
     """Bind a fresh `StartRecentKVCache` to `model` (the paper's reference-code entry point).
 
-    Raises `ValueError` naming the supported families when the model cannot stream. Call it again, or call
-    `.new()` on the result, for another conversation.
+    Raises `ValueError` naming the supported families when the model cannot stream. Also installs the model hook
+    that lets `model.generate(ids, past_key_values=cache)` (or any forward pass with `auto_evict=True`) evict as it
+    goes and place tokens at in-cache positions (see `hf_integration.py`). Call it again, or call `.new()` on the
+    result, for another conversation.
     """
+    from .hf_integration import install_hook
+
     check_supported(model.config)
+    check_cache_size(model.config, start_size + recent_size)
+    rotary = find_rotary_embedding(model)
+    install_hook(model)
     return StartRecentKVCache(
-        start_size, recent_size, rotary_emb=find_rotary_embedding(model), pos_shift=pos_shift
+        start_size, recent_size, rotary_emb=rotary, pos_shift=pos_shift,
+        layer_rope=layer_rope_kinds(model, rotary), auto_evict=auto_evict,
     )

@@ -25,7 +25,8 @@ from typing import Iterable, Iterator
 from .apivalidate import SESSION_ID_MAX_CHARS, preview
 from .cache import DEFAULT_RECENT_SIZE, DEFAULT_START_SIZE, StartRecentKVCache
 from .checks import check_int, check_number
-from .families import check_supported, find_rotary_embedding
+from .counters import EngineCounters
+from .families import check_cache_size, check_supported, find_rotary_embedding, layer_rope_kinds
 from .history import MAX_HISTORY_MESSAGES, dump_history, parse_history
 from .placement import input_device
 from .sampling import SamplingDefaults, SamplingParams
@@ -165,12 +166,14 @@ class StreamingEngine:
             )
         check_supported(model.config)
         self._rotary_emb = find_rotary_embedding(model)
+        self._layer_rope = layer_rope_kinds(model, self._rotary_emb)
         eos = getattr(model.generation_config, "eos_token_id", None)
         eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
         self.runtime = Runtime(model, tokenizer, ChatTemplater(tokenizer), eos_ids, input_device(model))
         self.scheduler = Scheduler()
+        self.counters = EngineCounters()  # process-wide totals for monitoring
         self._sessions: dict[str, Session] = {}
         self._tags: dict[str, SessionTag] = {}  # session id -> who holds it (same keys as `_sessions`)
         self._lock = threading.Lock()
@@ -246,7 +249,8 @@ class StreamingEngine:
                 raise ValueError(
                     f"start_size + recent_size = {start + recent} exceeds the model's {self.max_positions} positions"
                 )
-            cache = StartRecentKVCache(start, recent, rotary_emb=self._rotary_emb)
+            check_cache_size(self.model.config, start + recent)
+            cache = StartRecentKVCache(start, recent, rotary_emb=self._rotary_emb, layer_rope=self._layer_rope)
         # A session's window may be smaller than the engine's: its chunk follows the same rule, capped by the config.
         chunk = prefill_chunk_for(recent, cfg.prefill_chunk_size)
         return Session(
@@ -422,7 +426,7 @@ class StreamingEngine:
             handle = TurnHandle(
                 on_crash=lambda exc: Event("error", f"Generation failed ({type(exc).__name__}).", {}, "error")
             )
-            handle.steps = session.turn(self.runtime, message, params, handle.stop_event)
+            handle.steps = self.counters.watch(session, session.turn(self.runtime, message, params, handle.stop_event))
             session.current = handle
             self.scheduler.submit(handle)
         return handle
@@ -477,6 +481,60 @@ class StreamingEngine:
             clean.append({"role": m["role"], "content": self._check_text(m["content"], f"message {i}", allow_empty=True)})
         session_id = self.new_session(mode, system_prompt, owner=owner, origin=origin)
         self._get(session_id).load_history(clean)
+        return session_id
+
+    # --- stateless clients: conversations sent whole with every request ----------------------------------------
+
+    def _conversation_messages(self, messages) -> list[dict]:
+        """`messages` validated and cleaned like `chat` input: an optional leading system message, then user and
+        assistant turns."""
+        if not isinstance(messages, list) or len(messages) > MAX_HISTORY_MESSAGES:
+            raise ValueError(f"messages must be a list of at most {MAX_HISTORY_MESSAGES} messages")
+        clean = []
+        for i, m in enumerate(messages):
+            roles = ("system", "user", "assistant") if i == 0 else ("user", "assistant")
+            if not isinstance(m, dict) or m.get("role") not in roles or not isinstance(m.get("content"), str):
+                raise ValueError(f"message {i} must be {{'role': {'|'.join(roles)}, 'content': text}}")
+            clean.append({"role": m["role"], "content": self._check_text(m["content"], f"message {i}", allow_empty=True)})
+        if clean and clean[0]["role"] == "system" and not clean[0]["content"]:
+            clean = clean[1:]  # an empty system prompt is no system prompt (as in new_session)
+        return clean
+
+    def find_conversation(self, messages: list[dict], owner: str, exclude=()) -> str | None:
+        """An idle live session opened by `owner` (see `open_conversation`) whose whole conversation, system
+        prompt first, equals `messages`, so one more user turn continues it on its cache as it stands; None when
+        there is none. Only sessions of the same owner are considered, so an API client never continues a
+        browser tab's chat; sessions in `exclude` (claimed by a concurrent request) are skipped."""
+        wanted = self._conversation_messages(messages)
+        with self._lock:
+            candidates = [s for sid, s in self._sessions.items() if getattr(s, "owner", None) == owner
+                          and sid not in exclude and (s.current is None or s.current.finished.is_set())]
+        best = None
+        for session in candidates:
+            system = [{"role": "system", "content": session.system_prompt}] if session.system_prompt else []
+            if len(system) + len(session.history) != len(wanted):
+                continue
+            # Replies are stored as generated; compare them cleaned, as the client's copy was.
+            held = [{"role": m["role"], "content": clean_text(m["content"])} for m in system + session.history]
+            if held == wanted:
+                if best is None or session.last_active > best.last_active:
+                    best = session
+        return best.id if best is not None else None
+
+    def open_conversation(self, messages: list[dict], owner: str, mode: str = "streaming") -> str:
+        """A new session for `owner` holding `messages` (an optional leading system message, then user and
+        assistant turns). Like `restore`, its cache is primed on the first turn from the sinks and the tail of the
+        conversation that fits."""
+        clean = self._conversation_messages(messages)
+        system = None
+        if clean and clean[0]["role"] == "system":
+            system, clean = clean[0]["content"], clean[1:]
+        # origin "api": reaped on the API's shorter idle timeout. Not counted against a per-owner cap: the
+        # API's own pool bounds how many such sessions exist (see webui/openai_api.py).
+        session_id = self.new_session(mode, system, origin="api")
+        session = self._get(session_id)
+        session.owner = owner
+        session.load_history(clean)
         return session_id
 
 

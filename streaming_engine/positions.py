@@ -36,16 +36,25 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rotation_for_offset(rotary_emb: torch.nn.Module, offset: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def rotation_for_offset(
+    rotary_emb: torch.nn.Module, offset: int, device: torch.device, layer_type: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin) of the model's rotary embedding at position `offset`, in fp32, without attention scaling.
 
-    Returned shapes are `[rotary_dim]`. Some rope types (YaRN, LongRoPE) fold an attention scale into cos/sin;
-    composing two rotations would apply it twice, so it is divided out here.
+    Returned shapes are `[rotary_dim]`. `layer_type` names the frequency set of a rotary module that keeps one
+    per layer type (Gemma 3's local and global layers use different RoPE bases); None means its only set. Some
+    rope types (YaRN, LongRoPE) fold an attention scale into cos/sin; composing two rotations would apply it
+    twice, so it is divided out here.
     """
     probe = torch.empty(0, device=device, dtype=torch.float32)  # only its device and dtype are read
     position_ids = torch.tensor([[offset]], device=device, dtype=torch.long)
-    cos, sin = rotary_emb(probe, position_ids)  # [1, 1, rotary_dim]
-    scale = float(getattr(rotary_emb, "attention_scaling", 1.0) or 1.0)
+    if layer_type:
+        cos, sin = rotary_emb(probe, position_ids, layer_type)  # [1, 1, rotary_dim]
+        scale = getattr(rotary_emb, f"{layer_type}_attention_scaling", 1.0)
+    else:
+        cos, sin = rotary_emb(probe, position_ids)  # [1, 1, rotary_dim]
+        scale = getattr(rotary_emb, "attention_scaling", 1.0)
+    scale = float(scale or 1.0)
     # Under a device map, accelerate's hook runs the rotary module on *its* device; bring cos/sin to the keys'.
     return cos[0, 0].float().to(device) / scale, sin[0, 0].float().to(device) / scale
 
@@ -55,6 +64,7 @@ def shift_keys(
     shift: int,
     rotary_emb: torch.nn.Module,
     rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
+    layer_type: str | None = None,
 ) -> torch.Tensor:
     """Move post-RoPE `keys` `shift` positions to the left (towards 0).
 
@@ -62,10 +72,11 @@ def shift_keys(
     leaves the rest untouched). Computed in fp32, returned in `keys.dtype`. `rotation` is
     `rotation_for_offset(rotary_emb, -shift, keys.device)` when the caller already has it: every layer of one
     eviction uses the same rotation, so the cache computes it once per eviction rather than once per layer.
+    `layer_type` picks the rotary module's frequency set for this layer (see `rotation_for_offset`).
     """
     if shift == 0 or keys.shape[-2] == 0:
         return keys
-    cos, sin = rotation if rotation is not None else rotation_for_offset(rotary_emb, -shift, keys.device)
+    cos, sin = rotation if rotation is not None else rotation_for_offset(rotary_emb, -shift, keys.device, layer_type)
     rotary_dim = cos.shape[-1]
     k32 = keys.float()
     rotated, passthrough = k32[..., :rotary_dim], k32[..., rotary_dim:]

@@ -98,6 +98,7 @@ class Session:
         self.context_full = False
         self.needs_prime = False
         self.current = None  # the running TurnHandle, if any
+        self.owner: str | None = None  # who opened it, e.g. "openai" for the HTTP API (see engine.find_conversation)
         self.lock = threading.Lock()
         self.last_active = time.monotonic()
         self.time_to_first_token_s: float | None = None

@@ -14,9 +14,20 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 VOCAB = 96
 
 
+#: Every case the family tests run: each supported family, plus checkpoints whose layers differ from the family
+#: default (Mistral with a sliding window on every layer, Qwen2 with local layers above `max_window_layers`).
+FAMILY_CASES = (
+    "llama", "mistral", "qwen2", "gpt_neox", "falcon",
+    "qwen3", "phi3", "olmo2", "granite", "smollm3", "gemma",
+    "gemma2", "gemma3_text", "mistral_sliding", "qwen2_hybrid",
+)
+#: Sliding window of the tiny hybrid models: shorter than the test caches, so local layers really slide.
+TINY_WINDOW = 8
+
+
 def tiny_config(family: str, layers: int = 1, max_positions: int = 512, vocab_size: int = VOCAB):
     """A small config of `family` whose random weights give clearly position-dependent logits."""
-    from transformers import FalconConfig, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
+    import transformers as tf
 
     common = dict(
         vocab_size=vocab_size,
@@ -32,22 +43,54 @@ def tiny_config(family: str, layers: int = 1, max_positions: int = 512, vocab_si
         tie_word_embeddings=False,
     )
     if family == "llama":
-        return LlamaConfig(num_key_value_heads=2, **common)
+        return tf.LlamaConfig(num_key_value_heads=2, **common)
     if family == "mistral":
-        return MistralConfig(num_key_value_heads=2, sliding_window=None, **common)
+        return tf.MistralConfig(num_key_value_heads=2, sliding_window=None, **common)
+    if family == "mistral_sliding":
+        # Every layer local; the window is at least the test caches (4 + 28), as check_cache_size requires.
+        return tf.MistralConfig(num_key_value_heads=2, sliding_window=40, **common)
     if family == "qwen2":
-        return Qwen2Config(num_key_value_heads=2, use_sliding_window=False, **common)
+        return tf.Qwen2Config(num_key_value_heads=2, use_sliding_window=False, **common)
+    if family == "qwen2_hybrid":
+        return tf.Qwen2Config(num_key_value_heads=2, use_sliding_window=True, sliding_window=TINY_WINDOW,
+                              max_window_layers=1, **common)
     if family == "gpt_neox":
         # Partial rotary (a quarter of each head), as in Pythia.
-        return GPTNeoXConfig(
+        return tf.GPTNeoXConfig(
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
             **common,
         )
     if family == "falcon":
-        return FalconConfig(
+        return tf.FalconConfig(
             new_decoder_architecture=True, num_kv_heads=2, alibi=False, bias=False, parallel_attn=True,
             **{k: v for k, v in common.items() if k not in ("intermediate_size", "max_position_embeddings")},
             max_position_embeddings=max_positions,
+        )
+    if family == "qwen3":  # q/k RMSNorm per head before RoPE
+        return tf.Qwen3Config(num_key_value_heads=2, head_dim=16, **common)
+    if family == "phi3":  # fused qkv projection; half of each head rotary (as in Phi-4-mini)
+        return tf.Phi3Config(
+            num_key_value_heads=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+            **common,
+        )
+    if family == "olmo2":  # q/k RMSNorm over all heads before RoPE
+        return tf.Olmo2Config(num_key_value_heads=2, **common)
+    if family == "granite":  # embedding / attention / residual multipliers
+        return tf.GraniteConfig(num_key_value_heads=2, embedding_multiplier=2.0, attention_multiplier=0.3,
+                                residual_multiplier=0.5, logits_scaling=2.0, **common)
+    if family == "smollm3":  # every 2nd layer without RoPE (NoPE), so a 3-layer model mixes both
+        return tf.SmolLM3Config(num_key_value_heads=2, no_rope_layer_interval=2, **common)
+    if family == "gemma":
+        return tf.GemmaConfig(num_key_value_heads=2, head_dim=16, **common)
+    if family == "gemma2":  # local, global, local, ... (a 1-layer model is one local layer); logit soft-capping
+        return tf.Gemma2Config(num_key_value_heads=2, head_dim=16, sliding_window=TINY_WINDOW,
+                               query_pre_attn_scalar=16, **common)
+    if family == "gemma3_text":  # global, local, global, ... with separate RoPE bases; q/k norms
+        return tf.Gemma3TextConfig(
+            num_key_value_heads=2, head_dim=16, sliding_window=TINY_WINDOW, query_pre_attn_scalar=16,
+            layer_types=["full_attention" if i % 2 == 0 else "sliding_attention" for i in range(layers)],
+            **common,
         )
     raise ValueError(family)
 

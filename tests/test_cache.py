@@ -7,9 +7,9 @@ import torch
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 from transformers.cache_utils import Cache, DynamicLayer
 
-from conftest import VOCAB, tiny_config, tiny_model
+from conftest import FAMILY_CASES, VOCAB, tiny_config, tiny_model
 from streaming_engine import SUPPORTED_FAMILIES, StartRecentKVCache, enable_streaming_llm, next_position_ids
-from streaming_engine.families import find_rotary_embedding
+from streaming_engine.families import find_rotary_embedding, layer_rope_kinds
 from streaming_engine.positions import rotate_half
 
 TOL = 1e-4
@@ -34,10 +34,19 @@ def stream_logits(model, cache, ids: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
+def test_every_supported_family_has_a_test_case():
+    assert set(SUPPORTED_FAMILIES) <= set(FAMILY_CASES)
+
+
+@pytest.mark.parametrize("family", FAMILY_CASES)
 def test_one_layer_streaming_logits_equal_reencoding_the_kept_tokens(family):
     model = tiny_model(family, layers=1)
-    cache = enable_streaming_llm(model, start_size=4, recent_size=28)
+    if family == "gemma2":  # one local layer alone: enable_streaming_llm refuses it (no layer would see the sinks),
+        # but that layer's exactness against a re-encoding is what is checked here
+        rotary = find_rotary_embedding(model)
+        cache = StartRecentKVCache(4, 28, rotary_emb=rotary, layer_rope=layer_rope_kinds(model, rotary))
+    else:
+        cache = enable_streaming_llm(model, start_size=4, recent_size=28)
     ids = stream_ids(200)
     worst = 0.0
     with torch.no_grad():
@@ -52,16 +61,32 @@ def test_one_layer_streaming_logits_equal_reencoding_the_kept_tokens(family):
     assert worst <= TOL
 
 
+def reference_rope(model, layer_idx: int):
+    """`positions -> (cos, sin)` of layer `layer_idx`, read from the config on its own (not from the library's
+    family tables): None for SmolLM3's NoPE layers, Gemma 3's per-layer-type frequencies, the shared rotary else."""
+    config, rotary = model.config, find_rotary_embedding(model)
+    no_rope = getattr(config, "no_rope_layers", None)
+    if no_rope is not None and not no_rope[layer_idx]:
+        return None
+    if config.model_type == "gemma3_text":
+        return lambda positions: rotary(torch.empty(0), positions, config.layer_types[layer_idx])
+    return lambda positions: rotary(torch.empty(0), positions)
+
+
 class PerStepRopeCache(Cache):
     """The paper's method, written plainly: store keys *without* RoPE and rotate the whole cache at in-cache
-    positions 0..n-1 on every step. Eviction just drops tokens; nothing is ever re-rotated."""
+    positions 0..n-1 on every step. Eviction just drops tokens; nothing is ever re-rotated. Local layers see the
+    model's window of the held tokens through the model's own masks, as in a re-encoding."""
 
-    def __init__(self, rotary, start_size, recent_size):
+    def __init__(self, model, start_size, recent_size):
         super().__init__(layer_class_to_replicate=DynamicLayer)
-        self.rotary, self.start_size, self.cache_size = rotary, start_size, start_size + recent_size
+        self.model, self.start_size, self.cache_size = model, start_size, start_size + recent_size
 
-    def _rope(self, x, positions, sign):
-        cos, sin = self.rotary(torch.empty(0), positions.unsqueeze(0))  # [1, n, rot]
+    def _rope(self, x, positions, sign, layer_idx):
+        rope = reference_rope(self.model, layer_idx)
+        if rope is None:
+            return x
+        cos, sin = rope(positions.unsqueeze(0))  # [1, n, rot]
         cos, sin = cos[:, None], sign * sin[:, None]
         rot = cos.shape[-1]
         head, tail = x[..., :rot], x[..., rot:]
@@ -70,9 +95,9 @@ class PerStepRopeCache(Cache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         held = self.get_seq_length(layer_idx) if layer_idx < len(self.layers) else 0
         new = key_states.shape[-2]
-        raw = self._rope(key_states, torch.arange(held, held + new), -1.0)  # undo the model's rotation
+        raw = self._rope(key_states, torch.arange(held, held + new), -1.0, layer_idx)  # undo the model's rotation
         keys, values = super().update(raw, value_states, layer_idx)
-        return self._rope(keys, torch.arange(keys.shape[-2]), 1.0), values
+        return self._rope(keys, torch.arange(keys.shape[-2]), 1.0, layer_idx), values
 
     def evict_for_space(self, num_coming):
         held = self.get_seq_length()
@@ -84,22 +109,22 @@ class PerStepRopeCache(Cache):
                 layer.values = torch.cat((layer.values[:, :, :s], layer.values[:, :, e:]), dim=-2)
 
 
-@pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_CASES)
 def test_multi_layer_streaming_logits_equal_per_step_rope_reference(family):
     model = tiny_model(family, layers=3)
     ids = stream_ids(120)
     ours = stream_logits(model, enable_streaming_llm(model, 4, 28), ids)
-    reference = stream_logits(model, PerStepRopeCache(find_rotary_embedding(model), 4, 28), ids)
+    reference = stream_logits(model, PerStepRopeCache(model, 4, 28), ids)
     worst = max((a - b).abs().max().item() for a, b in zip(ours, reference))
     assert worst <= TOL
 
 
-@pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_CASES)
 def test_with_no_eviction_output_equals_a_plain_dynamic_cache(family):
-    model = tiny_model(family, layers=2)
+    model = tiny_model(family, layers=3)
     ids = stream_ids(40)
-    ours = stream_logits(model, enable_streaming_llm(model, 4, 60), ids)
-    plain = stream_logits(model, DynamicCache(), ids)
+    ours = stream_logits(model, enable_streaming_llm(model, 4, 36), ids)  # 40 tokens: full, nothing evicted
+    plain = stream_logits(model, DynamicCache(config=model.config), ids)  # transformers' own sliding layers
     assert max((a - b).abs().max().item() for a, b in zip(ours, plain)) <= TOL
 
 
@@ -216,14 +241,33 @@ def test_unsupported_families_are_refused_with_the_supported_list():
     alibi.alibi = True
     with pytest.raises(ValueError, match="ALiBi"):
         enable_streaming_llm(FalconForCausalLM(alibi))
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    chunked = tiny_model("llama", layers=2)
+    chunked.config.layer_types = ["full_attention", "chunked_attention"]
+    with pytest.raises(ValueError, match="chunked_attention"):
+        enable_streaming_llm(chunked)
 
-    hybrid = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, use_sliding_window=True, sliding_window=16, max_window_layers=1,
-    )
-    with pytest.raises(ValueError, match="sliding"):
-        enable_streaming_llm(Qwen2ForCausalLM(hybrid))
+
+def test_a_cache_that_would_hide_the_sinks_from_every_local_layer_is_refused():
+    model = tiny_model("mistral_sliding", layers=1)  # every layer sees its last 40 tokens only
+    with pytest.raises(ValueError, match="start_size \\+ recent_size <= 40"):
+        enable_streaming_llm(model, 4, 60)
+    assert enable_streaming_llm(model, 4, 36).cache_size == 40
+    hybrid = tiny_model("gemma2", layers=2)  # its global layers keep the sinks in view at any size
+    assert enable_streaming_llm(hybrid, 4, 200).cache_size == 204
+
+
+def test_a_cache_past_the_switch_of_length_dependent_rope_is_refused():
+    from transformers import Phi3Config
+
+    from streaming_engine.families import check_cache_size
+
+    config = Phi3Config(num_hidden_layers=1, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                        max_position_embeddings=8192, original_max_position_embeddings=2048, rope_parameters={
+                            "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
+                            "long_factor": [4.0] * 8, "original_max_position_embeddings": 2048})
+    check_cache_size(config, 2048)
+    with pytest.raises(ValueError, match="longrope RoPE changes frequencies past 2048"):
+        check_cache_size(config, 2049)
 
 
 @pytest.mark.parametrize("kwargs,match", [

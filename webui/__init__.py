@@ -2,6 +2,8 @@
 
 Rooms: `settings` (flags, environment, UI defaults), `render` (the inert markdown sanitizer, gauges, reply text,
 plots), `assets` (static files), `sessions` (a browser tab's engine sessions), `handlers` (binding handlers to the
-engine, ZeroGPU), one module per tab (`chat_tab`, `compare_tab`, `about`) and `webapi` (the HTTP API for scripts).
-Every model decision is the engine's (`streaming_engine`); nothing here computes with the model.
+engine, ZeroGPU), one module per tab (`chat_tab`, `compare_tab`, `about`), `webapi` (the HTTP API for scripts),
+and the HTTP APIs mounted on the same server: `openai_api` (OpenAI-compatible chat completions), `metrics`
+(Prometheus text) and `http_auth` (the UI's login for them). Every model decision is the engine's
+(`streaming_engine`); nothing here computes with the model.
 """

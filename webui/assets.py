@@ -5,7 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+def _assets_dir() -> Path:
+    """`assets/` of a source checkout, else the copy an installed wheel ships inside this package."""
+    checkout = Path(__file__).resolve().parent.parent / "assets"
+    return checkout if checkout.is_dir() else Path(__file__).resolve().parent / "assets"
+
+
+ASSETS = _assets_dir()
 
 
 def load_json_list(name: str) -> list[str]:

@@ -123,7 +123,7 @@ class PerStepRopeCache(StartRecentKVCache):
         head, tail = x[..., :rot], x[..., rot:]
         return torch.cat((head * cos + rotate_half(head) * sin, tail), dim=-1)
 
-    def _moved_keys(self, keys: torch.Tensor, shift: int, rotations: dict) -> torch.Tensor:
+    def _moved_keys(self, keys: torch.Tensor, shift: int, rotations: dict, kind=None) -> torch.Tensor:
         return keys  # stored without RoPE: nothing to move on eviction
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):

@@ -1,0 +1,94 @@
+"""Process-wide counters over every turn the engine runs, for monitoring (the app's `/metrics`).
+
+Sessions keep their own statistics, but those vanish when a session closes and restart when its cache is rebuilt;
+a monitoring system needs totals that only ever grow. `EngineCounters.watch` wraps a turn's step generator on the
+worker thread and adds, after every step, what the step changed on the session's cache: tokens that went through
+the model, tokens sampled, tokens evicted. It also keeps the recent decode rate over all sessions together.
+Reading happens from any thread under a lock; nothing here touches the model.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Iterator
+
+#: The decode rate is averaged over this many most recent seconds.
+RATE_WINDOW_S = 10.0
+
+
+def _grown(before: int, after: int) -> int:
+    """How much a counter grew over one step; a counter that went down was reset in between (a rebuilt cache,
+    a new reply) and then grew from zero."""
+    return after - before if after >= before else after
+
+
+class EngineCounters:
+    """Monotonic totals (`tokens_processed`, `tokens_generated`, `tokens_evicted`, `turns_started`,
+    `turns_finished`, `turn_errors`) and `decode_tokens_per_s()` over the last `RATE_WINDOW_S` seconds."""
+
+    def __init__(self, window_s: float = RATE_WINDOW_S):
+        self.window_s = window_s
+        self._lock = threading.Lock()
+        self.tokens_processed = 0
+        self.tokens_generated = 0
+        self.tokens_evicted = 0
+        self.turns_started = 0
+        self.turns_finished = 0
+        self.turn_errors = 0
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens sampled in that step)
+
+    def watch(self, session, steps: Iterator) -> Iterator:
+        """`steps` (a session's turn generator), counting what every step did to `session`."""
+        with self._lock:
+            self.turns_started += 1
+        cache = session.cache
+        seen, evicted, reply = cache.seen_tokens, cache.evicted_tokens, session.reply_tokens
+        finished = crashed = False
+        try:
+            for event in steps:
+                now_seen, now_evicted, now_reply = cache.seen_tokens, cache.evicted_tokens, session.reply_tokens
+                sampled = _grown(reply, now_reply)
+                kind = getattr(event, "kind", None)
+                with self._lock:
+                    self.tokens_processed += _grown(seen, now_seen)
+                    self.tokens_evicted += _grown(evicted, now_evicted)
+                    self.tokens_generated += sampled
+                    if sampled:
+                        self._recent.append((time.monotonic(), sampled))
+                    # Counted on the final event itself: the scheduler stops stepping a turn there, so this
+                    # generator may never be resumed to reach its end.
+                    if kind in ("done", "error") and not finished:
+                        finished = True
+                        self.turns_finished += 1
+                        self.turn_errors += kind == "error"
+                seen, evicted, reply = now_seen, now_evicted, now_reply
+                yield event
+        except Exception:
+            crashed = True  # the scheduler turns the exception into an error event
+            raise
+        finally:
+            if not finished:
+                with self._lock:
+                    self.turns_finished += 1
+                    self.turn_errors += crashed
+
+    def decode_tokens_per_s(self, now: float | None = None) -> float:
+        """Tokens sampled per second over the last `window_s` seconds, all sessions together."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            while self._recent and self._recent[0][0] < now - self.window_s:
+                self._recent.popleft()
+            return sum(n for _, n in self._recent) / self.window_s
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {
+                "tokens_processed": self.tokens_processed,
+                "tokens_generated": self.tokens_generated,
+                "tokens_evicted": self.tokens_evicted,
+                "turns_started": self.turns_started,
+                "turns_finished": self.turns_finished,
+                "turn_errors": self.turn_errors,
+            }

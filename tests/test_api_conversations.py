@@ -1,0 +1,70 @@
+"""Conversations sent whole (stateless HTTP clients): the engine finds the live session a message list continues,
+opens one from a message list otherwise, and keeps process-wide counters that survive closed sessions."""
+
+from __future__ import annotations
+
+import pytest
+
+from streaming_engine import EngineConfig, StreamingEngine
+
+
+@pytest.fixture
+def engine(tiny_chat_model, default_tokenizer):
+    return StreamingEngine(tiny_chat_model, default_tokenizer,
+                           EngineConfig(start_size=4, recent_size=96, prefill_chunk_size=32, max_new_tokens=8,
+                                        temperature=0))
+
+
+def reply(engine, sid, text):
+    events = list(engine.chat(sid, text))
+    assert events[-1].kind == "done", events[-1].text
+    return events[-1].text
+
+
+def test_a_message_list_continues_its_own_live_session_and_no_other(engine):
+    system = {"role": "system", "content": "Be brief."}
+    assert engine.find_conversation([system], "api") is None
+    sid = engine.open_conversation([system], "api")
+    answer = reply(engine, sid, "first")
+    conversation = [system, {"role": "user", "content": "first"}, {"role": "assistant", "content": answer}]
+    assert engine.find_conversation(conversation, "api") == sid
+    assert engine.find_conversation(conversation, "someone-else") is None  # never another owner's chat
+    assert engine.find_conversation(conversation[:-1], "api") is None  # a prefix is not the whole conversation
+    assert engine.find_conversation(conversation, "api", exclude={sid}) is None
+    ui = engine.new_session("streaming", "Be brief.")  # a browser tab with the same history: not the API's
+    reply(engine, ui, "first")
+    assert engine.find_conversation(conversation, "api") == sid
+    seen = engine.stats(sid)["seen_tokens"]
+    reply(engine, sid, "second")
+    assert engine.stats(sid)["seen_tokens"] - seen < 40  # only the new turn (and the reply) went in
+
+
+def test_a_long_message_list_opens_a_session_primed_from_the_tail_that_fits(engine):
+    history = []
+    for i in range(40):
+        history += [{"role": "user", "content": f"question {i} " * 3}, {"role": "assistant", "content": f"answer {i}"}]
+    sid = engine.open_conversation(history, "api")
+    assert engine.history(sid) == history
+    reply(engine, sid, "and now?")
+    stats = engine.stats(sid)
+    assert stats["cache_tokens"] <= stats["cache_capacity"] == 100
+    with pytest.raises(ValueError, match="message 1"):
+        engine.open_conversation([{"role": "user", "content": "a"}, {"role": "system", "content": "late"}], "api")
+
+
+def test_counters_only_grow_and_outlive_closed_sessions(engine):
+    before = engine.counters.snapshot()
+    sids = [engine.new_session("streaming") for _ in range(2)]
+    for sid in sids:
+        for turn in range(6):
+            reply(engine, sid, f"tell me more, part {turn} " * 4)
+    evicted = sum(engine.stats(sid)["evicted_tokens"] for sid in sids)
+    after = engine.counters.snapshot()
+    assert after["turns_finished"] - before["turns_finished"] == 12 == after["turns_started"] - before["turns_started"]
+    assert after["tokens_evicted"] - before["tokens_evicted"] == evicted > 0
+    assert after["tokens_generated"] - before["tokens_generated"] >= 12
+    assert after["tokens_processed"] - before["tokens_processed"] == sum(engine.stats(s)["seen_tokens"] for s in sids)
+    for sid in sids:
+        engine.close(sid)
+    assert engine.counters.snapshot() == after  # closing a session takes nothing back
+    assert engine.counters.decode_tokens_per_s() > 0
