@@ -18,7 +18,7 @@ from typing import Iterator
 
 from .cache import StartRecentKVCache, enable_streaming_llm
 from .sampling import SamplingParams
-from .scheduler import Scheduler, TurnHandle
+from .scheduler import SCHEDULERS, TurnHandle, make_scheduler
 from .session import EXPORT_FORMAT, MODES, Event, Runtime, Session
 from .templating import ChatTemplater
 
@@ -36,6 +36,8 @@ MAX_ACTIVE_TURNS = 16
 IDLE_TIMEOUT_S = 3600.0
 #: How long `reset`/`close` wait for a running turn to notice its stop flag.
 STOP_WAIT_S = 30.0
+#: Most conversations decoded together in one forward pass (rows of the batch); more wait for a free row.
+MAX_BATCH = 16
 
 _CONTROL = {c for c in range(32) if chr(c) not in "\n\t"} | {127}
 
@@ -68,6 +70,8 @@ class EngineConfig:
     max_active_turns: int = MAX_ACTIVE_TURNS
     max_message_chars: int = MAX_MESSAGE_CHARS
     idle_timeout_s: float = IDLE_TIMEOUT_S
+    scheduler: str = "batched"  # "batched": continuous batching; "round-robin": the one-per-pass baseline
+    max_batch: int = MAX_BATCH
 
     def __post_init__(self):
         def positive_int(name, minimum=1):
@@ -81,6 +85,9 @@ class EngineConfig:
         positive_int("max_sessions")
         positive_int("max_active_turns")
         positive_int("max_message_chars")
+        positive_int("max_batch")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}; got {self.scheduler!r}")
         if self.dense_max_tokens is not None:
             positive_int("dense_max_tokens", 2)
         if self.recent_size <= self.prefill_chunk_size:
@@ -134,7 +141,10 @@ class StreamingEngine:
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
         self.runtime = Runtime(model, tokenizer, ChatTemplater(tokenizer), eos_ids, model.device)
-        self.scheduler = Scheduler()
+        # Prompt chunks per worker iteration are bounded by one chunk's worth of tokens, so a long paste in one
+        # chat delays the others' next token by at most one chunk's forward pass.
+        self.scheduler = make_scheduler(self.config.scheduler, model, max_batch=self.config.max_batch,
+                                        prefill_budget=self.config.prefill_chunk_size)
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
@@ -260,6 +270,9 @@ class StreamingEngine:
             handle = session.current
             if handle is not None:
                 handle.stop()
+                # The worker owns the cache until the turn ends (it may be a row of the shared batch right now).
+                if not handle.finished.wait(STOP_WAIT_S):
+                    return
             session.cache.reset()
 
     def close_idle(self) -> int:

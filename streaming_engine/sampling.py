@@ -91,7 +91,9 @@ class Sampler:
     def __init__(self, params: SamplingParams, device: torch.device):
         self.params = params
         processors = LogitsProcessorList()
-        if params.repetition_penalty != 1.0:
+        # Only the repetition penalty reads the recent tokens; the other processors look at the scores alone.
+        self.needs_history = params.repetition_penalty != 1.0
+        if self.needs_history:
             processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
         if not params.greedy:
             processors.append(TemperatureLogitsWarper(params.temperature))
@@ -108,12 +110,15 @@ class Sampler:
             else:
                 self.generator.manual_seed(params.seed)
 
-    def __call__(self, logits: torch.Tensor, recent_ids: list[int]) -> int:
-        """logits: `[vocab]` for the last position; `recent_ids`: tokens the repetition penalty looks at."""
+    def __call__(self, logits: torch.Tensor, recent_ids) -> int:
+        """logits: `[vocab]` for the last position; `recent_ids`: the tokens the repetition penalty looks at (any
+        iterable; at most the last `PENALTY_WINDOW` are used, so the cost per token is bounded)."""
         scores = logits.float().unsqueeze(0)  # [1, vocab]
         if self.processors:
-            history = torch.tensor([recent_ids[-PENALTY_WINDOW:] or [0]], device=logits.device, dtype=torch.long)
-            scores = self.processors(history, scores)
+            history = [0]
+            if self.needs_history:
+                history = list(recent_ids)[-PENALTY_WINDOW:] or [0]
+            scores = self.processors(torch.tensor([history], device=logits.device, dtype=torch.long), scores)
         if self.params.greedy:
             return int(scores.argmax(dim=-1).item())
         probs = torch.softmax(scores, dim=-1)
