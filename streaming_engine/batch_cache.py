@@ -27,7 +27,8 @@ Layout, per layer, preallocated and written in place (no concatenation per token
   row is padded), so it builds the right 4D mask for whichever attention kernel the model runs (eager, SDPA,
   flash) on CPU or GPU.
 * **Memory.** Buffers grow (rows by doubling up to `max_batch`, columns up to the largest row capacity) and are
-  freed when the last row leaves; they never grow per step.
+  freed when the last row leaves; they never grow per step. Every method that touches them runs in inference
+  mode, as the forward pass does, so buffers grown inside a forward pass stay writable outside it.
 
 A `ConversationCache` answers the single-conversation cache's questions (`get_seq_length`, `seen_tokens`,
 `evict_for_space`, `stream_positions`, `kv_bytes`, ...) wherever its tokens are, so the turn logic in
@@ -190,6 +191,7 @@ class BatchedSinkCache(Cache):
 
     # --- rows joining and leaving -----------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def join(self, conv: ConversationCache) -> None:
         """Move `conv`'s tokens from its own cache into a new last row."""
         if conv.attached:
@@ -224,6 +226,7 @@ class BatchedSinkCache(Cache):
         conv.batch, conv.row = self, b
         self.rows.append(conv)
 
+    @torch.inference_mode()
     def leave(self, conv: ConversationCache, keep: bool = True) -> None:
         """Remove `conv`'s row; with `keep`, its tokens go back to its own cache in order (counters included).
         The last row moves into the gap, so rows stay `0..len(rows)-1`."""
@@ -258,6 +261,7 @@ class BatchedSinkCache(Cache):
         if not self.rows:  # nobody is decoding: give the memory back
             self._keys, self._values, self._valid, self._stream = [], [], None, None
 
+    @torch.inference_mode()
     def evict_oldest(self, conv: ConversationCache, count: int) -> int:
         """Evict `conv`'s `count` oldest non-sink tokens: the ring head moves, the keys that stay are re-rotated
         in place once (one rotation shared by all layers on a device). Returns `count`."""
@@ -290,6 +294,7 @@ class BatchedSinkCache(Cache):
 
     # --- one batched decode step ------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def begin_step(self, rows: range | None = None) -> torch.Tensor | None:
         """Prepare one new token for each row in `rows` (default: all); returns the 2D padding mask
         `[len(rows), width]` for the forward pass, or `None` when no row is padded."""
@@ -332,6 +337,7 @@ class BatchedSinkCache(Cache):
         rows, width = step["rows"], step["width"]
         return keys[rows.start:rows.stop, :, :width], values[rows.start:rows.stop, :, :width]
 
+    @torch.inference_mode()
     def end_step(self) -> None:
         """The forward pass succeeded: every row in it now holds its new token."""
         step, self._step = self._step, None
@@ -342,6 +348,7 @@ class BatchedSinkCache(Cache):
             conv._seen += 1
             conv._max_col = max(conv._max_col, column)
 
+    @torch.inference_mode()
     def abort_step(self) -> None:
         """The forward pass failed: forget its new tokens (their columns are free again; nothing else changed)."""
         step, self._step = self._step, None
@@ -366,6 +373,7 @@ class BatchedSinkCache(Cache):
 
     # --- introspection ----------------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def stream_index(self, conv: ConversationCache) -> torch.Tensor:
         """Stream index of every token `conv` holds, in cache order."""
         return self._stream[conv.row].index_select(0, self._logical_columns(conv).cpu())

@@ -98,6 +98,21 @@ def test_a_row_in_a_batch_evicts_only_its_oldest_tokens_and_refuses_other_ranges
         one.join(cache)
 
 
+def test_buffers_grown_inside_a_forward_pass_stay_writable_after_it():
+    model = tiny_model("qwen2")
+    cache = conversation(find_rotary_embedding(model), 4, 300, True)
+    forward(model, cache.solo, [5, 6, 7])
+    batch = BatchedSinkCache(max_batch=2)
+    batch.join(cache)
+    allocated = batch.column_capacity
+    for step in range(allocated):  # the row outgrows its columns during a forward pass
+        forward_batch(model, batch, [step % 90 + 3])
+    assert batch.column_capacity > allocated
+    assert cache.evict_range(4, 24) == 20  # in-place writes outside the forward pass
+    batch.leave(cache)
+    assert cache.get_seq_length() == 3 + allocated - 20 and not cache.attached
+
+
 # --- the engine -----------------------------------------------------------------------------------------------
 
 
