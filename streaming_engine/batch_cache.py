@@ -312,14 +312,19 @@ class BatchedSinkCache(Cache):
         self._ensure(rows=len(self.rows), columns=max(columns) + 1,
                      largest=max(c.cache_size for c in self.rows))
         width = max(max(c._max_col for c in convs), max(columns)) + 1
+        # Where each row's new key goes, as row indices into the buffer viewed as [rows * kv_heads * columns,
+        # head_dim]: one index_copy_ per layer writes every row's token (per-row slicing costs B small copies).
+        row_idx = torch.arange(rows.start, rows.stop)
+        col_idx = torch.tensor(columns)
         index = {}
         for buf in self._keys:
-            if buf.device not in index:
-                index[buf.device] = (torch.arange(rows.start, rows.stop, device=buf.device),
-                                     torch.tensor(columns, device=buf.device))
-        row_idx, col_idx = index[self._valid.device]
-        self._valid[row_idx, col_idx] = True
-        self._step = {"rows": rows, "columns": columns, "width": width, "index": index}
+            key = (buf.device, buf.shape[1])
+            if key not in index:
+                heads = torch.arange(buf.shape[1])
+                flat = ((row_idx[:, None] * buf.shape[1] + heads) * buf.shape[2] + col_idx[:, None]).reshape(-1)
+                index[key] = flat.to(buf.device)  # [rows * kv_heads], row-major like key_states[:, :, 0]
+        self._valid[row_idx.to(self._valid.device), col_idx.to(self._valid.device)] = True
+        self._step = {"rows": rows, "columns": columns, "width": width, "index": index, "cells": (row_idx, col_idx)}
         padded = any(conv._held + 1 != width for conv in convs)
         return self._valid[rows.start:rows.stop, :width] if padded else None
 
@@ -331,9 +336,9 @@ class BatchedSinkCache(Cache):
         if key_states.shape[-2] != 1:
             raise ValueError("a batched step feeds exactly one token per row (prompts are prefilled per conversation)")
         keys, values = self._keys[layer_idx], self._values[layer_idx]
-        row_idx, col_idx = step["index"][keys.device]
-        keys[row_idx, :, col_idx] = key_states[:, :, 0]
-        values[row_idx, :, col_idx] = value_states[:, :, 0]
+        flat = step["index"][(keys.device, keys.shape[1])]
+        keys.view(-1, keys.shape[3]).index_copy_(0, flat, key_states.reshape(-1, keys.shape[3]))
+        values.view(-1, values.shape[3]).index_copy_(0, flat, value_states.reshape(-1, values.shape[3]))
         rows, width = step["rows"], step["width"]
         return keys[rows.start:rows.stop, :, :width], values[rows.start:rows.stop, :, :width]
 
@@ -353,8 +358,8 @@ class BatchedSinkCache(Cache):
         """The forward pass failed: forget its new tokens (their columns are free again; nothing else changed)."""
         step, self._step = self._step, None
         if step is not None:
-            row_idx, col_idx = step["index"][self._valid.device]
-            self._valid[row_idx, col_idx] = False
+            row_idx, col_idx = step["cells"]
+            self._valid[row_idx.to(self._valid.device), col_idx.to(self._valid.device)] = False
 
     # --- transformers Cache interface (the attention mask's geometry) -----------------------------------------
 
