@@ -38,12 +38,17 @@ BATCH_SIZES = (1, 8, 16)
 PPL_CHUNK = 1024
 
 
+def token(model, i: int) -> int:
+    """A deterministic ordinary token id (the lowest ids are special tokens in most vocabularies)."""
+    return 3 + i % (model.config.vocab_size - 3)
+
+
 def filled_batch(model, rows: int, held: int, cache_size: int) -> BatchedSinkCache:
     rotary = find_rotary_embedding(model)
     batch = BatchedSinkCache(max_batch=rows)
     for r in range(rows):
         conv = ConversationCache(StartRecentKVCache(4, cache_size - 4, rotary_emb=rotary))
-        forward(model, conv.solo, [(7 * i + r) % 1000 + 100 for i in range(held)])
+        forward(model, conv.solo, [token(model, 7 * i + r + 100) for i in range(held)])
         batch.join(conv)
     return batch
 
@@ -78,10 +83,10 @@ def run(models: dict, ids: list[int], *, rounds: int, steps: int, held: int, pre
         for d in order:
             model = models[d]
             for b in BATCH_SIZES:
-                forward_batch(model, batches[(d, b)], [11] * b)  # untimed: settle this shape's buffers
+                forward_batch(model, batches[(d, b)], [token(model, 11)] * b)  # untimed: settle this shape's buffers
                 began = time.perf_counter()
                 for i in range(steps):
-                    forward_batch(model, batches[(d, b)], [(13 * i + j) % 1000 + 100 for j in range(b)])
+                    forward_batch(model, batches[(d, b)], [token(model, 13 * i + j + 100) for j in range(b)])
                 decode[(d, b)].append((time.perf_counter() - began) / steps * 1000)
             cache = StartRecentKVCache(4, max(prefill_tokens, 8), rotary_emb=find_rotary_embedding(model))
             began = time.perf_counter()
