@@ -56,8 +56,9 @@ class TurnHandle:
         self.stop_event.set()
 
 
-class _Worker:
-    """What both schedulers share: the thread, submission, advancing a coroutine, reading events."""
+class Scheduler:
+    """What every scheduler shares: the worker thread, submission, advancing a turn's coroutine, reading its
+    events. Subclasses decide which forward passes each iteration runs (`_iterate`)."""
 
     def __init__(self, model, name: str = "streaming-engine"):
         self.model = model
@@ -181,7 +182,7 @@ class _Worker:
         self._advance(handle, answer)
 
 
-class RoundRobinScheduler(_Worker):
+class RoundRobinScheduler(Scheduler):
     """The baseline: one forward pass per turn per iteration, turns taking turns, nothing batched."""
 
     def __init__(self, model, name: str = "streaming-engine"):
@@ -212,7 +213,7 @@ class RoundRobinScheduler(_Worker):
             self._queue.append(handle)
 
 
-class BatchedScheduler(_Worker):
+class BatchedScheduler(Scheduler):
     """Continuous batching: every decoding turn is a row of one forward pass per iteration (see the module doc)."""
 
     def __init__(self, model, *, max_batch: int = 16, prefill_budget: int = 512, name: str = "streaming-engine"):
@@ -299,7 +300,7 @@ class BatchedScheduler(_Worker):
                 self._place(handle, alive)
 
 
-def make_scheduler(kind: str, model, *, max_batch: int = 16, prefill_budget: int = 512) -> _Worker:
+def make_scheduler(kind: str, model, *, max_batch: int = 16, prefill_budget: int = 512) -> Scheduler:
     """`"batched"` (continuous batching) or `"round-robin"` (the one-conversation-per-pass baseline)."""
     if kind == "batched":
         return BatchedScheduler(model, max_batch=max_batch, prefill_budget=prefill_budget)
