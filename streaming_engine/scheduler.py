@@ -267,9 +267,15 @@ class BatchedScheduler(Scheduler):
             if len(batch.rows) >= batch.max_batch:
                 break
             cache = handle.request.cache
-            if not cache.attached:
+            if cache.attached:
+                continue
+            try:
                 batch.join(cache)
-                self._owner[id(cache)] = handle
+            except Exception as exc:  # noqa: BLE001 - e.g. a cache from another model: this turn fails alone
+                self._decoding.remove(handle)
+                self._place(handle, self._advance(handle, exc))
+                continue
+            self._owner[id(cache)] = handle
         if not batch.rows:
             return
         rows = list(batch.rows)

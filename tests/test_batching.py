@@ -221,6 +221,18 @@ def test_rows_join_and_leave_mid_batch_and_every_reply_equals_its_solo_reply(tin
     assert joined_midway and left_midway
 
 
+def test_more_decoding_chats_than_rows_wait_their_turn_and_reply_as_alone(tiny_chat_model, default_tokenizer):
+    engine = make_engine(tiny_chat_model, default_tokenizer, max_batch=2)
+    reference = make_engine(tiny_chat_model, default_tokenizer, "round-robin")
+    plans = {f"u{i}": [(f"Question {i}", dict(max_new_tokens=6 + 3 * i, **GREEDY))] for i in range(5)}
+    alone = {n: reply(reference, reference.new_session(), *turns[0][:1], **turns[0][1]).text
+             for n, turns in plans.items()}
+    passes = record_passes(engine)
+    together = run_together(engine, {n: (engine.new_session(), turns) for n, turns in plans.items()})
+    assert {n: events[0].text for n, events in together.items()} == alone
+    assert max(len(handles) for kind, handles in passes if kind == "decode") == 2
+
+
 def test_a_stopped_row_leaves_within_one_step_and_the_others_are_unaffected(tiny_chat_model, default_tokenizer):
     engine = make_engine(tiny_chat_model, default_tokenizer, recent_size=400)
     sampling = dict(max_new_tokens=60, **GREEDY)
