@@ -23,7 +23,7 @@ def test_serve_measures_every_cell_both_schedulers_and_engine_against_generate(
     eos = tiny_chat_model.generation_config.eos_token_id
     result = serve.run(tiny_chat_model, default_tokenizer, sessions=[1, 3], schedulers=list(serve.SCHEDULERS),
                        new_tokens=5, rounds=2, single_tokens=6, single_rounds=1, start_size=4, recent_size=60,
-                       max_batch=4, prefill_chunk=32, progress=False, config={"model": "tiny"})
+                       max_batch=4, prefill_chunk=32, detok_lengths=[20], progress=False, config={"model": "tiny"})
     assert tiny_chat_model.generation_config.eos_token_id == eos  # generate's settings are put back
     cells = {(c["sessions"], c["scheduler"]): c for c in result["cells"]}
     assert set(cells) == {(n, s) for n in (1, 3) for s in serve.SCHEDULERS}
@@ -39,6 +39,7 @@ def test_serve_measures_every_cell_both_schedulers_and_engine_against_generate(
     json.dumps(result)
     table = serve.format_table(result)
     assert "| 3 | batched |" in table and "engine ÷ generate" in table and "batched ÷ round-robin" in table
+    assert result["detokenize"]["20"]["incremental_s"] > 0 and "| 20 |" in table
     out = tmp_path / "serve.json"
     assert plot_serve(result, out) == [str(out.with_suffix(".png"))]
     assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
@@ -50,6 +51,7 @@ def test_serve_measures_every_cell_both_schedulers_and_engine_against_generate(
     (["--schedulers", "batched,fifo"], "--schedulers takes a comma list"),
     (["--new-tokens", "1"], "--new-tokens must be >= 2"),
     (["--max-batch", "0"], "--max-batch must be >= 1"),
+    (["--detok-tokens", "x"], "--detok-tokens takes a comma list"),
 ])
 def test_serve_cli_rejects_bad_arguments_clearly(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

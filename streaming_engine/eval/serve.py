@@ -13,6 +13,8 @@ every variant alike (compare ratios within a run, not across runs):
 * **Single stream.** One conversation through the engine against `model.generate` with its default
   `DynamicCache`, same model, dtype, prompt and greedy decoding, `--single-tokens` tokens each: decode tokens/s
   after the first token, and time to first token.
+* **Detokenization.** The text-delta cost of a whole reply (`--detok-tokens` long): re-decoding the reply on every
+  token, as the engine once did, against the incremental `TextStream`.
 
 Writes `--output FILE.json` and `FILE.png` beside it, and prints Markdown tables. `--quick` shrinks everything to
 a run of a couple of minutes (also on a GPU: `--device cuda --dtype bfloat16`).
@@ -133,6 +135,29 @@ def single_generate(model, tokenizer, prompt: str, tokens: int) -> dict:
     return {"ttft_s": times[0] - started, "decode_tok_s": (tokens - 1) / (times[-1] - times[0])}
 
 
+def detokenize_costs(tokenizer, lengths: list[int]) -> dict:
+    """Seconds spent turning a reply of n tokens into text deltas, per token: re-decoding the whole reply every
+    token (the former `TextStream`) against the incremental `TextStream` (`DecodeStream`)."""
+    from ..textstream import TextStream
+
+    words = " ".join(QUESTIONS) + " 👋🏽 世界 "
+    ids = tokenizer(words * (1 + max(lengths) // 40), add_special_tokens=False)["input_ids"]
+    out = {}
+    for n in lengths:
+        reply = ids[:n]
+        began = time.perf_counter()
+        for i in range(1, n + 1):
+            tokenizer.decode(reply[:i], skip_special_tokens=True)
+        whole = time.perf_counter() - began
+        stream = TextStream(tokenizer)
+        began = time.perf_counter()
+        for token in reply:
+            stream.push(token)
+        stream.finish()
+        out[str(n)] = {"whole_reply_redecode_s": whole, "incremental_s": time.perf_counter() - began}
+    return out
+
+
 def summarize_cells(cells: list[dict]) -> dict:
     """Pool one (sessions, scheduler) cell's rounds: medians of the rates, percentiles over every session."""
     ttft = [t for c in cells for t in c["ttft_s"]]
@@ -148,7 +173,7 @@ def summarize_cells(cells: list[dict]) -> dict:
 
 def run(model, tokenizer, *, sessions: list[int], schedulers: list[str], new_tokens: int, rounds: int,
         single_tokens: int, single_rounds: int, start_size: int, recent_size: int, max_batch: int,
-        prefill_chunk: int, progress: bool = True, config: dict | None = None) -> dict:
+        prefill_chunk: int, detok_lengths: list[int] = (), progress: bool = True, config: dict | None = None) -> dict:
     engines = {}
     for kind in schedulers:
         engines[kind] = StreamingEngine(model, tokenizer, EngineConfig(
@@ -208,6 +233,8 @@ def run(model, tokenizer, *, sessions: list[int], schedulers: list[str], new_tok
             }
         result["single"]["engine_vs_generate"] = (result["single"]["engine"]["decode_tok_s"]
                                                   / result["single"]["generate"]["decode_tok_s"])
+    if detok_lengths:
+        result["detokenize"] = detokenize_costs(tokenizer, list(detok_lengths))
     return result
 
 
@@ -230,16 +257,23 @@ def format_table(result: dict) -> str:
         for name in ("engine", "generate"):
             rows.append(f"| {name} | {single[name]['decode_tok_s']:.1f} | {single[name]['ttft_s']:.3f} |")
         rows.append(f"| engine ÷ generate | {single['engine_vs_generate']:.3f} | |")
+    detok = result.get("detokenize")
+    if detok:
+        rows += ["", "| reply tokens | re-decode the whole reply every token | incremental (`DecodeStream`) |",
+                 "|---:|---:|---:|"]
+        for n, d in detok.items():
+            rows.append(f"| {n} | {d['whole_reply_redecode_s'] * 1000:,.1f} ms | {d['incremental_s'] * 1000:,.1f} ms |")
     return "\n".join(rows)
 
 
-def parse_sessions(text: str) -> list[int]:
+def parse_counts(text: str, option: str = "--sessions") -> list[int]:
+    """`"1,2,4"` -> `[1, 2, 4]` (sorted, duplicates dropped); a clear error naming `option` otherwise."""
     try:
         values = sorted({int(x) for x in text.split(",") if x.strip()})
     except ValueError:
-        raise ValueError(f"--sessions takes a comma list of integers (got {text!r})") from None
+        raise ValueError(f"{option} takes a comma list of integers (got {text!r})") from None
     if not values or values[0] < 1:
-        raise ValueError(f"--sessions needs integers >= 1 (got {text!r})")
+        raise ValueError(f"{option} needs integers >= 1 (got {text!r})")
     return values
 
 
@@ -256,8 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recent-size", type=int, default=1020, help="recent window")
     p.add_argument("--max-batch", type=int, default=16, help="rows of the batched scheduler")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward pass")
+    p.add_argument("--detok-tokens", default="1024,4096",
+                   help="reply lengths for the detokenization comparison (comma list; empty: skip)")
     p.add_argument("--quick", action="store_true",
-                   help="a couple of minutes in all: 32 new tokens, one round, 64 single-stream tokens, 2 rounds")
+                   help="a couple of minutes in all: 32 new tokens, one round, 64 single-stream tokens, 2 rounds, "
+                        "detokenization at 1024 tokens")
     p.add_argument("--output", default="runs/serve.json", help="JSON path; the PNG goes beside it")
     return p
 
@@ -267,8 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.new_tokens, args.rounds, args.single_tokens, args.single_rounds = 32, 1, 64, 2
+        args.detok_tokens = "1024"
     try:
-        sessions = parse_sessions(args.sessions)
+        sessions = parse_counts(args.sessions)
+        detok = parse_counts(args.detok_tokens, "--detok-tokens") if args.detok_tokens.strip() else []
         schedulers = [s.strip() for s in args.schedulers.split(",") if s.strip()]
         unknown = set(schedulers) - set(SCHEDULERS)
         if unknown or not schedulers:
@@ -283,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run(model, tokenizer, sessions=sessions, schedulers=schedulers, new_tokens=args.new_tokens,
                      rounds=args.rounds, single_tokens=args.single_tokens, single_rounds=args.single_rounds,
                      start_size=args.start_size, recent_size=args.recent_size, max_batch=args.max_batch,
-                     prefill_chunk=min(args.prefill_chunk, max(1, args.recent_size // 2)), config=config)
+                     prefill_chunk=min(args.prefill_chunk, max(1, args.recent_size // 2)), detok_lengths=detok,
+                     config=config)
     except (ValueError, RuntimeError) as exc:
         parser.exit(2, f"error: {exc}\n")
     from .plots import plot_serve
