@@ -198,6 +198,30 @@ class StartRecentKVCache(Cache):
         self.trim()
         return self
 
+    # --- hand-over to and from a batch row (see batch_cache.py) ----------------------------------------------
+
+    def _take_tokens(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Every layer's `(keys, values)` `[1, kv_heads, held, head_dim]` and the stream index of each held token,
+        leaving this cache empty; the counters stay (the batch row that takes the tokens carries them on)."""
+        layers = [(layer.keys, layer.values) for layer in self.layers if layer.is_initialized]
+        stream_index = self._stream_index
+        self.layers = []
+        self._stream_index = torch.empty(0, dtype=torch.long)
+        return layers, stream_index
+
+    def _put_tokens(self, layers: list[tuple[torch.Tensor, torch.Tensor]], stream_index: torch.Tensor,
+                    seen_tokens: int, evicted_tokens: int) -> None:
+        """Hold exactly `layers` (as `_take_tokens` returns them) with these counters, replacing what was held."""
+        self.layers = []
+        for keys, values in layers:
+            layer = DynamicLayer()
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+            self.layers.append(layer)
+        self._stream_index = stream_index
+        self.seen_tokens = seen_tokens
+        self.evicted_tokens = evicted_tokens
+
     # --- introspection ----------------------------------------------------------------------------------------
 
     @property

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import Iterator
+from typing import Generator
 
 #: The decode rate is averaged over this many most recent seconds.
 RATE_WINDOW_S = 10.0
@@ -39,18 +39,23 @@ class EngineCounters:
         self.turn_errors = 0
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens sampled in that step)
 
-    def watch(self, session, steps: Iterator) -> Iterator:
-        """`steps` (a session's turn generator), counting what every step did to `session`."""
+    def watch(self, session, steps: Generator) -> Generator:
+        """`steps` (a session's turn coroutine), counting what every step did to `session`.
+
+        Transparent to the scheduler: whatever it sends (a forward pass's logits, `STOP`) goes on to the turn,
+        and closing this closes the turn. Items without a `kind` (the turn's forward-pass requests) pass through.
+        """
         with self._lock:
             self.turns_started += 1
         cache = session.cache
         seen, evicted, reply = cache.seen_tokens, cache.evicted_tokens, session.reply_tokens
         finished = crashed = False
         try:
-            for event in steps:
+            item = steps.send(None)
+            while True:
                 now_seen, now_evicted, now_reply = cache.seen_tokens, cache.evicted_tokens, session.reply_tokens
                 sampled = _grown(reply, now_reply)
-                kind = getattr(event, "kind", None)
+                kind = getattr(item, "kind", None)
                 with self._lock:
                     self.tokens_processed += _grown(seen, now_seen)
                     self.tokens_evicted += _grown(evicted, now_evicted)
@@ -64,7 +69,14 @@ class EngineCounters:
                         self.turns_finished += 1
                         self.turn_errors += kind == "error"
                 seen, evicted, reply = now_seen, now_evicted, now_reply
-                yield event
+                try:
+                    answer = yield item
+                except GeneratorExit:
+                    steps.close()
+                    raise
+                item = steps.send(answer)
+        except StopIteration:
+            return
         except Exception:
             crashed = True  # the scheduler turns the exception into an error event
             raise

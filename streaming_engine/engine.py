@@ -30,7 +30,7 @@ from .families import check_cache_size, check_supported, find_rotary_embedding, 
 from .history import MAX_HISTORY_MESSAGES, dump_history, parse_history
 from .placement import input_device
 from .sampling import SamplingDefaults, SamplingParams
-from .scheduler import Scheduler, TurnHandle
+from .scheduler import SCHEDULERS, TurnHandle, make_scheduler
 from .session import MODES, Event, Runtime, Session
 from .templating import ChatTemplater
 
@@ -58,6 +58,8 @@ API_IDLE_TIMEOUT_S = 300.0
 ORIGINS = ("browser", "api")
 #: How long `reset`/`close` wait for a running turn to notice its stop flag.
 STOP_WAIT_S = 30.0
+#: Most conversations decoded together in one forward pass (rows of the batch); more wait for a free row.
+MAX_BATCH = 16
 
 _CONTROL = {c for c in range(32) if chr(c) not in "\n\t"} | {127}
 
@@ -108,6 +110,8 @@ class EngineConfig(SamplingDefaults):
     max_message_chars: int = MAX_MESSAGE_CHARS
     idle_timeout_s: float = IDLE_TIMEOUT_S
     api_idle_timeout_s: float = API_IDLE_TIMEOUT_S
+    scheduler: str = "batched"  # "batched": continuous batching; "round-robin": the one-per-pass baseline
+    max_batch: int = MAX_BATCH
 
     def __post_init__(self):
         check_int("start_size", self.start_size, 0)
@@ -115,8 +119,11 @@ class EngineConfig(SamplingDefaults):
         if self.prefill_chunk_size is None:
             self.prefill_chunk_size = prefill_chunk_for(self.recent_size)
         check_int("prefill_chunk_size", self.prefill_chunk_size, 1)
-        for name in ("max_sessions", "max_sessions_per_owner", "max_active_turns", "max_message_chars"):
+        for name in ("max_sessions", "max_sessions_per_owner", "max_active_turns", "max_message_chars",
+                     "max_batch"):
             check_int(name, getattr(self, name), 1)
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}; got {self.scheduler!r}")
         if self.dense_max_tokens is not None:
             check_int("dense_max_tokens", self.dense_max_tokens, 2)
         if self.recent_size <= self.prefill_chunk_size:
@@ -172,7 +179,10 @@ class StreamingEngine:
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
         self.runtime = Runtime(model, tokenizer, ChatTemplater(tokenizer), eos_ids, input_device(model))
-        self.scheduler = Scheduler()
+        # Prompt chunks per worker iteration are bounded by one chunk's worth of tokens, so a long paste in one
+        # chat delays the others' next token by at most one chunk's forward pass.
+        self.scheduler = make_scheduler(self.config.scheduler, model, max_batch=self.config.max_batch,
+                                        prefill_budget=self.config.prefill_chunk_size)
         self.counters = EngineCounters()  # process-wide totals for monitoring
         self._sessions: dict[str, Session] = {}
         self._tags: dict[str, SessionTag] = {}  # session id -> who holds it (same keys as `_sessions`)
@@ -335,6 +345,9 @@ class StreamingEngine:
             handle = session.current
             if handle is not None:
                 handle.stop()
+                # The worker owns the cache until the turn ends (it may be a row of the shared batch right now).
+                if not handle.finished.wait(STOP_WAIT_S):
+                    return
             session.cache.reset()
 
     def close_idle(self) -> int:

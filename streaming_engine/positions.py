@@ -23,6 +23,11 @@ GPT-NeoX and the head layout right) and cast back to the cache dtype once. Value
 
 With `pos_shift=False` (the ablation), kept keys keep the rotation they were encoded with and new tokens get their
 position in the original stream (`seen_tokens + i`); this is what "no position shift" means in the paper.
+
+Batched decoding (`batch_cache.py`) stores each conversation's tokens in ring-buffer columns of a shared padded
+tensor; the column a key sits in never matters, because its position is baked into the key when it is written
+and re-rotated here when tokens before it are evicted. `batch_position_ids` gives every row the position it would
+get alone.
 """
 
 from __future__ import annotations
@@ -84,16 +89,34 @@ def shift_keys(
     return torch.cat((rotated, passthrough), dim=-1).to(keys.dtype)
 
 
+def first_position(cache) -> int:
+    """Position of the next token fed on top of `cache` (`None`: an empty cache).
+
+    Its in-cache position (tokens held) with position shift, its index in the whole stream without.
+    """
+    if cache is None:
+        return 0
+    if getattr(cache, "pos_shift", True):
+        return cache.get_seq_length()
+    return cache.seen_tokens
+
+
 def next_position_ids(cache, num_new: int, device: torch.device | str = "cpu") -> torch.LongTensor:
     """Position ids `[1, num_new]` for the next `num_new` tokens fed on top of `cache`.
 
     In-cache positions (`held .. held+num_new-1`) with position shift, the token's index in the whole stream
     (`seen .. seen+num_new-1`) without. A `cache` of `None` means an empty cache.
     """
-    if cache is None:
-        first = 0
-    elif getattr(cache, "pos_shift", True):
-        first = cache.get_seq_length()
-    else:
-        first = cache.seen_tokens
+    first = first_position(cache)
     return torch.arange(first, first + num_new, device=device, dtype=torch.long).unsqueeze(0)
+
+
+def batch_position_ids(caches, device: torch.device | str = "cpu") -> torch.LongTensor:
+    """Position ids `[rows, 1]` for one token fed on top of each of `caches` (the rows of a batched decode step).
+
+    Every row gets exactly the position it would get alone (`first_position`), whatever column its token is
+    stored in: in a batch, rows of different lengths share one padded tensor, and the position is what keeps
+    each row's arithmetic identical to a conversation run by itself.
+    """
+    firsts = [first_position(cache) for cache in caches]
+    return torch.tensor(firsts, dtype=torch.long).unsqueeze(1).to(device)

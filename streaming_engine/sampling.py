@@ -1,8 +1,9 @@
 """Sampling settings and next-token choice.
 
 `SamplingParams` validates every user-facing knob with the allowed range in the message; `Sampler` turns the
-settings into transformers' own logits processors (repetition penalty, temperature, top-k, top-p) and draws the
-next token with a per-turn seeded generator. Temperature 0 means greedy (argmax, after the repetition penalty).
+settings into transformers' own logits processors (repetition penalty, temperature, top-p) plus a top-k cut, and
+draws the next token with a per-turn seeded generator. Temperature 0 means greedy (argmax, after the repetition
+penalty).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from transformers.generation.logits_process import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
-    TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
@@ -85,20 +85,25 @@ class SamplingParams(SamplingDefaults):
 
 
 class Sampler:
-    """Chooses the next token from last-position logits, with transformers' processors and a seeded generator."""
+    """Chooses the next token from last-position logits, with transformers' processors and a seeded generator.
+
+    With top-k on (the default), only the k best tokens can be drawn, so temperature, top-p, softmax and the draw
+    run on those k scores instead of the whole vocabulary: the same distribution (top-k keeps exactly k tokens
+    here; transformers' warper would also keep ties with the k-th score) at a fraction of the cost, which matters
+    because every row of a batched step samples on the worker thread.
+    """
 
     def __init__(self, params: SamplingParams, device: torch.device):
         self.params = params
-        processors = LogitsProcessorList()
-        if params.repetition_penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+        # Only the repetition penalty reads the recent tokens; the other processors look at the scores alone.
+        self.penalty = (RepetitionPenaltyLogitsProcessor(params.repetition_penalty)
+                        if params.repetition_penalty != 1.0 else None)
+        warpers = LogitsProcessorList()
         if not params.greedy:
-            processors.append(TemperatureLogitsWarper(params.temperature))
-            if params.top_k > 0:
-                processors.append(TopKLogitsWarper(params.top_k))
+            warpers.append(TemperatureLogitsWarper(params.temperature))
             if params.top_p < 1.0:
-                processors.append(TopPLogitsWarper(params.top_p))
-        self.processors = processors
+                warpers.append(TopPLogitsWarper(params.top_p))
+        self.warpers = warpers
         self.generator = None
         if not params.greedy:
             self.generator = torch.Generator(device=device)
@@ -107,13 +112,21 @@ class Sampler:
             else:
                 self.generator.manual_seed(params.seed)
 
-    def __call__(self, logits: torch.Tensor, recent_ids: list[int]) -> int:
-        """logits: `[vocab]` for the last position; `recent_ids`: tokens the repetition penalty looks at."""
+    def __call__(self, logits: torch.Tensor, recent_ids) -> int:
+        """logits: `[vocab]` for the last position; `recent_ids`: the tokens the repetition penalty looks at (any
+        iterable; at most the last `PENALTY_WINDOW` are used, so the cost per token is bounded)."""
         scores = logits.float().unsqueeze(0)  # [1, vocab]
-        if self.processors:
-            history = torch.tensor([recent_ids[-PENALTY_WINDOW:] or [0]], device=logits.device, dtype=torch.long)
-            scores = self.processors(history, scores)
+        if self.penalty is not None:
+            history = list(recent_ids)[-PENALTY_WINDOW:] or [0]
+            scores = self.penalty(torch.tensor([history], device=logits.device, dtype=torch.long), scores)
         if self.params.greedy:
             return int(scores.argmax(dim=-1).item())
+        candidates = None
+        if 0 < self.params.top_k < scores.shape[-1]:
+            scores, candidates = torch.topk(scores, self.params.top_k, dim=-1)  # [1, k], best first
+        scores = self.warpers(None, scores)  # temperature, then top-p (neither reads input_ids)
         probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator).item())
+        choice = torch.multinomial(probs, 1, generator=self.generator)  # [1, 1]
+        if candidates is not None:
+            choice = candidates.gather(-1, choice)
+        return int(choice.item())

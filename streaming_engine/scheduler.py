@@ -1,9 +1,21 @@
-"""Threading for the engine: one worker thread, per-turn event queues and stop events. Nothing else here.
+"""Threading for the engine: one worker thread that owns the model, and per-turn event queues. Nothing else here.
 
-Every running turn is a generator that does at most one forward pass per `next()`. The worker owns the model:
-it takes the turn at the head of a round-robin queue, advances it one step, and puts it back at the tail. Forward
-passes are therefore serialized (no two threads touch the model or a cache at once) and interleaved fairly: with
-N conversations generating, each gets every N-th step, so a long prompt in one tab cannot starve another.
+A running turn is a coroutine (`Session.turn`) that yields `Event`s for its reader and *requests* for forward
+passes (`generation.Prefill`: a prompt chunk; `generation.Decode`: one sampled token), and is sent back each
+request's logits. The worker alone touches the model and the caches, so forward passes never overlap. Two workers:
+
+* `BatchedScheduler` (the default, continuous batching). Each iteration of its loop
+  1. starts newly submitted turns and honours stops (a stopped turn is answered `STOP` at its next request, so it
+     leaves before the next forward pass and never delays the others);
+  2. feeds prompt chunks, one turn after another in arrival order, until `prefill_budget` prompt tokens have gone
+     through (a long paste therefore advances one bounded chunk per iteration, however long it is);
+  3. runs **one** forward pass for every turn that is decoding: each is a row of a `BatchedSinkCache`, up to
+     `max_batch` rows (more wait for a free row, first come first served). Rows join when their prompt is done
+     and leave when their reply ends, between steps; each row is sampled with its own settings and seed by its own
+     coroutine and streams to its own queue.
+  If the batched pass fails, every row is retried alone, so an error fails only the conversation that causes it.
+* `RoundRobinScheduler` (the baseline it replaced, kept for comparison): one forward pass per turn per iteration,
+  turns taking turns; decoding stays on each conversation's own cache.
 
 Callers read a turn's events from its own queue with a timeout, which is also how they notice a dead worker;
 `read_many` lets one caller follow several turns at once without a thread per turn.
@@ -18,42 +30,57 @@ import time
 from collections import deque
 from typing import Callable, Hashable, Iterator
 
+from .batch_cache import BatchedSinkCache
+from .families import batchable
+from .generation import STOP, Decode, Prefill, forward, forward_batch
+
 logger = logging.getLogger(__name__)
 
 #: How long a reader waits on its queue before checking that the worker is still alive.
 POLL_INTERVAL_S = 0.1
 #: How long `read_many` sleeps when none of its turns has a new event (bounds the delay it adds to a delta).
 FAN_IN_POLL_S = 0.01
+#: The schedulers `make_scheduler` knows.
+SCHEDULERS = ("batched", "round-robin")
+
+_FINAL = ("done", "error")
 
 
 class TurnHandle:
-    """A submitted turn: its step generator, the queue its events go to, and its stop flag."""
+    """A submitted turn: its coroutine, the queue its events go to, and its stop flag."""
 
     def __init__(self, on_crash: Callable[[BaseException], object]):
-        self.steps: Iterator | None = None  # set by the owner, usually from a generator that reads `stop_event`
+        self.steps = None  # the turn's coroutine, set by the owner (usually `Session.turn`, which reads `stop_event`)
         self.on_crash = on_crash  # turns an exception that escaped `steps` into a final event
         self.events: queue.Queue = queue.Queue()
         self.stop_event = threading.Event()
         self.finished = threading.Event()
+        self.request = None  # the forward pass it waits for (`Prefill` / `Decode`), None before it starts
 
     def stop(self) -> None:
         self.stop_event.set()
 
 
 class Scheduler:
-    """Round-robin single worker over active turns."""
+    """What every scheduler shares: the worker thread, submission, advancing a turn's coroutine, reading its
+    events. Subclasses decide which forward passes each iteration runs (`_iterate`)."""
 
-    def __init__(self, name: str = "streaming-engine"):
+    def __init__(self, model, name: str = "streaming-engine"):
+        self.model = model
         self._name = name
-        self._active: deque[TurnHandle] = deque()
         self._cv = threading.Condition()
+        self._incoming: deque[TurnHandle] = deque()
         self._thread: threading.Thread | None = None
-        self._busy = False  # a turn is being stepped right now (it is out of `_active` meanwhile)
+        self._running = 0  # turns submitted and not finished (read by other threads under `_cv`)
+        #: Forward passes so far, by kind ("prefill", "decode"): lets tests and benchmarks count steps, not seconds.
+        self.passes = {"prefill": 0, "decode": 0}
+        #: Called (on the worker thread) after every forward pass with its kind and the handles it served.
+        self.on_pass: Callable[[str, list[TurnHandle]], None] | None = None
 
     @property
     def active_turns(self) -> int:
         with self._cv:
-            return len(self._active) + (1 if self._busy else 0)
+            return self._running
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -63,34 +90,72 @@ class Scheduler:
             if not self.alive():
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
-            self._active.append(handle)
+            self._incoming.append(handle)
+            self._running += 1
             self._cv.notify()
+
+    def _take_incoming(self, block: bool) -> list[TurnHandle]:
+        with self._cv:
+            while block and not self._incoming:
+                self._cv.wait()
+            taken = list(self._incoming)
+            self._incoming.clear()
+            return taken
 
     def _run(self) -> None:
         while True:
-            with self._cv:
-                while not self._active:
-                    self._cv.wait()
-                handle = self._active.popleft()
-                self._busy = True
-            finished = False
             try:
-                event = next(handle.steps)
-                if event is not None:
-                    handle.events.put(event)
-                    finished = getattr(event, "kind", None) in ("done", "error")
+                self._iterate()
+            except BaseException:  # noqa: BLE001 - never let the worker die; each turn's errors are handled below
+                logger.exception("scheduler iteration failed")
+
+    def _iterate(self) -> None:
+        raise NotImplementedError
+
+    def _served(self, kind: str, handles: list[TurnHandle]) -> None:
+        self.passes[kind] += 1
+        if self.on_pass is not None:
+            self.on_pass(kind, handles)
+
+    def _advance(self, handle: TurnHandle, answer=None) -> bool:
+        """Send `answer` to the turn and deliver its events until it asks for a forward pass (returns True, with
+        `handle.request` set) or ends (returns False; its final event is delivered, `finished` is set)."""
+        final = None
+        while True:
+            try:
+                item = handle.steps.send(answer)
             except StopIteration:
-                finished = True
-            except BaseException as exc:  # noqa: BLE001 - the worker must survive any one turn's failure
+                break
+            except BaseException as exc:  # noqa: BLE001 - one turn's failure must not stop the others
                 logger.exception("turn crashed")
-                handle.events.put(handle.on_crash(exc))
-                finished = True
-            with self._cv:
-                self._busy = False
-                if finished:
-                    handle.finished.set()
-                else:
-                    self._active.append(handle)
+                final = handle.on_crash(exc)
+                break
+            answer = None
+            if isinstance(item, (Prefill, Decode)):
+                handle.request = item
+                return True
+            if item is None:
+                continue
+            if getattr(item, "kind", None) in _FINAL:
+                final = item
+                handle.steps.close()  # runs the turn's `finally`; nothing more comes from it
+                break
+            handle.events.put(item)
+        self._finish(handle, final)
+        return False
+
+    def _finish(self, handle: TurnHandle, final) -> None:
+        request, handle.request = handle.request, None
+        cache = getattr(request, "cache", None)
+        if cache is not None and cache.attached:
+            cache.batch.leave(cache)  # the reply is over: its tokens go back to the conversation's own cache
+        if final is None:
+            final = handle.on_crash(RuntimeError("the turn ended without a final event"))
+        with self._cv:
+            self._running -= 1
+        # `finished` first: a reader that gets the final event may start the next turn of this chat at once.
+        handle.finished.set()
+        handle.events.put(final)
 
     def read(self, handle: TurnHandle) -> Iterator:
         """Yield `handle`'s events until its final one; stop the turn if the reader goes away early."""
@@ -99,13 +164,11 @@ class Scheduler:
                 try:
                     event = handle.events.get(timeout=POLL_INTERVAL_S)
                 except queue.Empty:
-                    if handle.finished.is_set() and handle.events.empty():
-                        return
                     if not self.alive():
-                        raise RuntimeError("the generation worker stopped unexpectedly")
+                        raise RuntimeError("the generation worker stopped unexpectedly") from None
                     continue
                 yield event
-                if getattr(event, "kind", None) in ("done", "error"):
+                if getattr(event, "kind", None) in _FINAL:
                     return
         finally:
             if not handle.finished.is_set():
@@ -140,3 +203,155 @@ class Scheduler:
             for handle in handles.values():
                 if not handle.finished.is_set():
                     handle.stop()
+
+    def _prefill(self, handle: TurnHandle) -> None:
+        """Run `handle`'s `Prefill` request on its conversation's own cache and advance it with the logits."""
+        request = handle.request
+        if request.cache.attached:  # a prompt after decoding (not done by turns today): leave the batch first
+            request.cache.batch.leave(request.cache)
+        try:
+            answer = forward(self.model, request.cache.solo, request.ids)
+        except Exception as exc:  # noqa: BLE001 - the turn reports it
+            answer = exc
+        self._served("prefill", [handle])
+        self._advance(handle, answer)
+
+
+class RoundRobinScheduler(Scheduler):
+    """The baseline: one forward pass per turn per iteration, turns taking turns, nothing batched."""
+
+    def __init__(self, model, name: str = "streaming-engine"):
+        super().__init__(model, name)
+        self._queue: deque[TurnHandle] = deque()
+
+    def _iterate(self) -> None:
+        for handle in self._take_incoming(block=not self._queue):
+            if self._advance(handle):
+                self._queue.append(handle)
+        if not self._queue:
+            return
+        handle = self._queue.popleft()
+        if handle.stop_event.is_set():
+            alive = self._advance(handle, STOP)
+        elif isinstance(handle.request, Prefill):
+            self._prefill(handle)
+            alive = handle.request is not None
+        else:
+            request = handle.request
+            try:
+                answer = forward(self.model, request.cache.solo, [request.token_id])
+            except Exception as exc:  # noqa: BLE001
+                answer = exc
+            self._served("decode", [handle])
+            alive = self._advance(handle, answer)
+        if alive:
+            self._queue.append(handle)
+
+
+class BatchedScheduler(Scheduler):
+    """Continuous batching: every decoding turn is a row of one forward pass per iteration (see the module doc)."""
+
+    def __init__(self, model, *, max_batch: int = 16, prefill_budget: int = 512, name: str = "streaming-engine"):
+        super().__init__(model, name)
+        if isinstance(prefill_budget, bool) or not isinstance(prefill_budget, int) or prefill_budget < 1:
+            raise ValueError(f"prefill_budget must be an integer >= 1, got {prefill_budget!r}")
+        self.batch = BatchedSinkCache(max_batch)
+        self.prefill_budget = prefill_budget
+        self._prefilling: deque[TurnHandle] = deque()
+        self._decoding: deque[TurnHandle] = deque()  # in arrival order; the first `max_batch` hold rows
+        self._owner: dict[int, TurnHandle] = {}  # id(ConversationCache) -> the turn decoding on that row
+
+    def _iterate(self) -> None:
+        idle = not self._prefilling and not self._decoding
+        for handle in self._take_incoming(block=idle):
+            self._place(handle, self._advance(handle))
+        self._honour_stops()
+        self._prefill_round()
+        self._decode_round()
+
+    def _place(self, handle: TurnHandle, alive: bool) -> None:
+        """Queue a turn by the request it now waits for."""
+        if not alive:
+            return
+        if isinstance(handle.request, Prefill):
+            self._prefilling.append(handle)
+        else:
+            self._decoding.append(handle)
+
+    def _honour_stops(self) -> None:
+        for waiting in (self._prefilling, self._decoding):
+            for handle in [h for h in waiting if h.stop_event.is_set()]:
+                waiting.remove(handle)
+                self._owner.pop(id(handle.request.cache), None)
+                self._place(handle, self._advance(handle, STOP))
+
+    def _prefill_round(self) -> None:
+        """Prompt chunks for up to `prefill_budget` tokens, each waiting turn at most once, in arrival order."""
+        spent = 0
+        for _ in range(len(self._prefilling)):
+            if spent >= self.prefill_budget or not self._prefilling:
+                return
+            handle = self._prefilling.popleft()
+            spent += len(handle.request.ids)
+            self._prefill(handle)
+            self._place(handle, handle.request is not None)
+
+    def _decode_round(self) -> None:
+        batch = self.batch
+        for handle in list(self._decoding):  # free rows go to the longest-waiting turns
+            if len(batch.rows) >= batch.max_batch:
+                break
+            cache = handle.request.cache
+            if cache.attached:
+                continue
+            try:
+                batch.join(cache)
+            except Exception as exc:  # noqa: BLE001 - e.g. a cache from another model: this turn fails alone
+                self._decoding.remove(handle)
+                self._place(handle, self._advance(handle, exc))
+                continue
+            self._owner[id(cache)] = handle
+        if not batch.rows:
+            return
+        rows = list(batch.rows)
+        handles = [self._owner[id(cache)] for cache in rows]
+        tokens = [handle.request.token_id for handle in handles]
+        try:
+            logits = forward_batch(self.model, batch, tokens)
+            answers = [logits[b] for b in range(len(rows))]
+        except Exception:  # noqa: BLE001 - find the row that fails: run each alone
+            logger.exception("batched decode failed; retrying its %d rows one by one", len(rows))
+            answers = []
+            for cache, token in zip(rows, tokens):
+                try:
+                    answers.append(forward_batch(self.model, batch, [token], range(cache.row, cache.row + 1))[0])
+                except Exception as exc:  # noqa: BLE001 - this conversation's error, reported to it alone
+                    answers.append(exc)
+        self._served("decode", handles)
+        for cache, handle, answer in zip(rows, handles, answers):
+            if isinstance(answer, BaseException) and cache.attached:
+                cache.batch.leave(cache, keep=False)  # its row holds a half-written step: drop it
+            self._decoding.remove(handle)
+            self._owner.pop(id(cache), None)
+            alive = self._advance(handle, answer)
+            if alive and isinstance(handle.request, Decode):
+                self._owner[id(handle.request.cache)] = handle
+                self._decoding.append(handle)
+            else:
+                self._place(handle, alive)
+
+
+def make_scheduler(kind: str, model, *, max_batch: int = 16, prefill_budget: int = 512) -> Scheduler:
+    """`"batched"` (continuous batching) or `"round-robin"` (the one-conversation-per-pass baseline).
+
+    A model whose conversations cannot share a batched pass (`families.batchable`: local sliding-window layers,
+    per-layer-type RoPE) gets the round-robin worker even when "batched" is asked for: same replies, no batching.
+    """
+    if kind not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}; got {kind!r}")
+    if kind == "batched" and batchable(model):
+        return BatchedScheduler(model, max_batch=max_batch, prefill_budget=prefill_budget)
+    if kind == "batched":
+        logger.info("%s has local or per-layer-type attention layers: decoding one conversation per pass",
+                    type(model).__name__)
+    return RoundRobinScheduler(model)

@@ -1,8 +1,9 @@
 """One conversation: its cache, its history, its live statistics, and how a turn runs on them.
 
 A `Session` is touched by one thread at a time: its turns run on the scheduler's worker, and the engine only reads
-counters from other threads. `Session.turn()` is the generator the scheduler steps; each `next()` does at most one
-forward pass and returns an `Event` (or `None` for silent progress).
+counters from other threads. `Session.turn()` is the coroutine the scheduler drives: it yields `Event`s for the
+reader and forward-pass requests (`generation.Prefill` for a prompt chunk, `generation.Decode` for one token, which
+the batched worker gathers across sessions), and receives each request's logits. It runs no forward pass itself.
 
 Bookkeeping that keeps multi-round chat exact:
 
@@ -23,11 +24,12 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from typing import Generator, Iterator, Literal
 
 import torch
 
-from .generation import generate_reply, prefill
+from .batch_cache import ConversationCache
+from .generation import Decode, Prefill, TurnStopped, generate_reply, prefill_requests
 from .sampling import PENALTY_WINDOW, Sampler, SamplingParams
 from .textstream import TextStream
 
@@ -83,7 +85,8 @@ class Session:
     ):
         self.id = session_id
         self.mode = mode
-        self.cache = cache
+        # Where this conversation's tokens are: its own cache, or a batch row while it decodes (see batch_cache.py).
+        self.cache = cache if isinstance(cache, ConversationCache) else ConversationCache(cache)
         self.system_prompt = system_prompt or None
         self.start_size = start_size
         self.recent_size = recent_size
@@ -173,8 +176,9 @@ class Session:
 
     # --- a turn ------------------------------------------------------------------------------------------------
 
-    def turn(self, rt: Runtime, message: str, params: SamplingParams, stop_event: threading.Event) -> Iterator:
-        """Generator of events for one user turn; every `next()` does at most one forward pass."""
+    def turn(self, rt: Runtime, message: str, params: SamplingParams, stop_event: threading.Event) -> Generator:
+        """Coroutine of one user turn for the scheduler: yields `Event`s for the reader and forward-pass requests
+        (`generation.Prefill` / `Decode`), and receives each request's answer (see `generation.py`)."""
         started = time.perf_counter()
         self.last_active = time.monotonic()
         self.turns += 1
@@ -189,20 +193,17 @@ class Session:
         reply_ids: list[int] = []
         try:
             if self.needs_prime:
-                for _ in self._prime(rt):
-                    yield None
+                yield from self._prime(rt)
             text = rt.templater.turn_text(self.stream_text, self.template_messages())
             prompt_ids = self.pending_ids + rt.templater.encode(text)
             self.pending_ids = []
             self.stream_text += text
             self.recent_ids.extend(prompt_ids)
             sampler = Sampler(params, rt.device)
-            last_time = None
             steps = generate_reply(
-                rt.model,
                 self.cache,
                 prompt_ids,
-                lambda logits: sampler(logits, list(self.recent_ids)),
+                lambda logits: sampler(logits, self.recent_ids),
                 max_new_tokens=params.max_new_tokens,
                 eos_ids=rt.eos_ids,
                 evict=self.evicts,
@@ -211,8 +212,17 @@ class Session:
                 should_stop=lambda: stop_event.is_set() or stream.stopped_at is not None,
             )
             reason = "stopped"
-            for step in steps:
-                if step.kind == "prefill":
+            last_time = first_time = None
+            answer = None
+            while True:
+                try:
+                    step = steps.send(answer)
+                except StopIteration:
+                    break
+                answer = None
+                if isinstance(step, (Prefill, Decode)):
+                    answer = yield step  # the worker runs the forward pass (batched with others for a Decode)
+                elif step.kind == "prefill":
                     yield Event("delta", "", self.stats())
                 elif step.kind == "token":
                     now = time.perf_counter()
@@ -221,7 +231,7 @@ class Session:
                         first_time = now
                     else:
                         self.last_token_latency_s = now - last_time
-                        self.tokens_per_s = (len(reply_ids)) / max(now - first_time, 1e-9)
+                        self.tokens_per_s = len(reply_ids) / max(now - first_time, 1e-9)
                     last_time = now
                     reply_ids.append(step.token_id)
                     self.recent_ids.append(step.token_id)
@@ -236,6 +246,9 @@ class Session:
             if tail:
                 yield Event("delta", tail, self.stats())
             yield self._final(stream.emitted, reason)
+        except TurnStopped:  # stopped while the history was being re-encoded: it is re-encoded next turn
+            self._record_reply(rt, reply_ids, stream, "stopped")
+            yield self._final(stream.emitted, "stopped")
         except Exception as exc:  # noqa: BLE001 - report, keep the history, rebuild the cache next turn
             self._record_reply(rt, reply_ids, stream, "error")
             self.cache.reset()
@@ -267,13 +280,14 @@ class Session:
         self.history.append({"role": "assistant", "content": shown})
         self._raw.append({"role": "assistant", "content": raw})
 
-    def _prime(self, rt: Runtime) -> Iterator[None]:
-        """Re-encode the history into an empty cache, keeping the sinks and the tail that fits."""
+    def _prime(self, rt: Runtime) -> Generator:
+        """Re-encode the history into an empty cache, keeping the sinks and the tail that fits (yields `Prefill`
+        requests). Until it completes, `needs_prime` stays set, so a stop or a failure half-way is retried."""
         self.cache.reset()
         self.stream_text, self.pending_ids = "", []
-        self.needs_prime = False
         messages = self.template_messages()[:-1]  # everything before the user turn now running
         if not any(m["role"] != "system" for m in messages):
+            self.needs_prime = False
             return
         text = rt.templater.render(messages, add_generation_prompt=False)
         ids = rt.templater.encode(text)
@@ -286,7 +300,7 @@ class Session:
             head = self.start_size
         if len(ids) > budget:
             ids = ids[:head] + ids[len(ids) - (budget - head):]
-        for _ in prefill(rt.model, self.cache, ids, self.chunk_size, self.evicts):
-            yield None
+        yield from prefill_requests(self.cache, ids, self.chunk_size, self.evicts)
+        self.needs_prime = False
         self.stream_text = text
         self.recent_ids.extend(ids)

@@ -32,7 +32,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help=f"Hugging Face id or local path (default: the offline {DEFAULT_MODEL_NAME})")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
     p.add_argument("--dtype", default=None,
-                   help="float32, bfloat16 or float16 (default: bf16, or fp16 without bf16 support, on CUDA; fp32 on CPU)")
+                   help="float32, bfloat16 or float16 (default: $STREAMING_LLM_DTYPE, else bf16 (fp16 without bf16 "
+                        "support) on CUDA; on CPU bf16 where it has native bf16 units, fp32 otherwise)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     add_placement_args(p)
 

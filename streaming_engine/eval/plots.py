@@ -233,3 +233,70 @@ def plot_load(report: dict, output) -> list[str]:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return [path]
+
+
+SCHEDULER_COLORS = {"batched": "#1f77b4", "round-robin": "#ff7f0e"}
+
+
+def plot_serve(result: dict, output) -> list[str]:
+    """Three panels against concurrent sessions, one line per scheduler: aggregate tokens/s, each session's
+    decode tokens/s, time to first token (p50 solid, p95 dashed). Saved beside `output` as a PNG of the same
+    name; returns its path."""
+    path = str(Path(output).with_suffix(".png"))
+    cfg = result["config"]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.3))
+    for kind in cfg["schedulers"]:
+        cells = [c for c in result["cells"] if c["scheduler"] == kind]
+        xs = [c["sessions"] for c in cells]
+        color = SCHEDULER_COLORS.get(kind)
+        axes[0].plot(xs, [c["aggregate_tok_s"] for c in cells], marker="o", color=color, label=kind)
+        axes[1].plot(xs, [c["per_session_tok_s"] for c in cells], marker="o", color=color, label=kind)
+        axes[2].plot(xs, [c["ttft_p50_s"] for c in cells], marker="o", color=color, label=f"{kind} p50")
+        axes[2].plot(xs, [c["ttft_p95_s"] for c in cells], marker="^", color=color, linestyle="--",
+                     label=f"{kind} p95")
+    for ax, label in zip(axes, ("aggregate tokens/s (all sessions)", "decode tokens/s per session (median)",
+                                "time to first token (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(cfg["sessions"], [str(s) for s in cfg["sessions"]])
+        ax.set_xlabel("concurrent sessions")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    single = result.get("single") or {}
+    extra = (f" · single stream: engine {single['engine']['decode_tok_s']:.1f} vs generate "
+             f"{single['generate']['decode_tok_s']:.1f} tok/s" if single else "")
+    fig.suptitle(f"Serving · {cfg.get('model', '')} · {cfg['device_name']} · {cfg['dtype']} · "
+                 f"{cfg['new_tokens']} tokens per reply{extra}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
+def plot_dtype(result: dict, output) -> list[str]:
+    """Decode step time per batch size and prefill speed, fp32 beside bf16. Saved beside `output` as a PNG of
+    the same name; returns its path."""
+    path = str(Path(output).with_suffix(".png"))
+    dtypes = list(result["dtypes"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
+    sizes = list(next(iter(result["dtypes"].values()))["decode_ms"])
+    width = 0.8 / len(dtypes)
+    for i, d in enumerate(dtypes):
+        data = result["dtypes"][d]
+        xs = [j + i * width for j in range(len(sizes))]
+        axes[0].bar(xs, [data["decode_ms"][s] for s in sizes], width, label=f"{d} (dense PPL {data['ppl_dense']:.2f})")
+        axes[1].bar([i], [data["prefill_tok_s"]], 0.6, label=d)
+    axes[0].set_xticks([j + width * (len(dtypes) - 1) / 2 for j in range(len(sizes))], [f"{s} rows" for s in sizes])
+    axes[0].set_ylabel("ms per batched decode step (median)")
+    axes[1].set_xticks(range(len(dtypes)), dtypes)
+    axes[1].set_ylabel("prefill tokens/s")
+    for ax in axes:
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=8)
+    cfg = result["config"]
+    fig.suptitle(f"fp32 vs bf16 · {cfg.get('model', '')} · {cfg['device_name']} · {cfg['torch_threads']} thread(s)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]

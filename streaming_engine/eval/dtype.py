@@ -1,0 +1,174 @@
+"""fp32 against bf16 on this machine: decode and prefill speed, and perplexity. `python -m streaming_engine.eval.dtype`.
+
+The evidence behind `loading.default_cpu_dtype()`. Both copies of the model are loaded side by side and timed in
+alternation, round after round, so a machine shared with other work slows both alike:
+
+* **decode**: one batched step (`forward_batch` over a `BatchedSinkCache`, as the engine decodes) for 1, 8 and 16
+  rows, each row holding `--held` tokens;
+* **prefill**: one `--prefill-tokens` chunk of a prompt;
+* **perplexity**: dense, teacher-forced over `--ppl-tokens` tokens of an eval text (chunks of 1,024 tokens), and
+  streaming, one token per step with a 4 + 252 cache over `--stream-tokens` tokens (keys re-rotated on every
+  eviction, where bf16 rounding could add up).
+
+Writes `--output FILE.json`, `FILE.png` beside it, and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from ..batch_cache import BatchedSinkCache, ConversationCache
+from ..cache import StartRecentKVCache
+from ..families import find_rotary_embedding
+from ..generation import forward, forward_batch
+from ..loading import DEFAULT_MODEL_NAME, default_cpu_dtype, describe_cpu, load
+from . import cli
+from .ppl import evaluate
+from .texts import DATASETS, load_text
+
+DTYPES = ("float32", "bfloat16")
+BATCH_SIZES = (1, 8, 16)
+PPL_CHUNK = 1024
+
+
+def token(model, i: int) -> int:
+    """A deterministic ordinary token id (the lowest ids are special tokens in most vocabularies)."""
+    return 3 + i % (model.config.vocab_size - 3)
+
+
+def filled_batch(model, rows: int, held: int, cache_size: int) -> BatchedSinkCache:
+    rotary = find_rotary_embedding(model)
+    batch = BatchedSinkCache(max_batch=rows)
+    for r in range(rows):
+        conv = ConversationCache(StartRecentKVCache(4, cache_size - 4, rotary_emb=rotary))
+        forward(model, conv.solo, [token(model, 7 * i + r + 100) for i in range(held)])
+        batch.join(conv)
+    return batch
+
+
+@torch.inference_mode()
+def dense_ppl(model, ids: list[int]) -> float:
+    """Teacher-forced perplexity over `ids`, in independent chunks of `PPL_CHUNK` tokens."""
+    total, count = 0.0, 0
+    for begin in range(0, len(ids) - 1, PPL_CHUNK):
+        chunk = torch.tensor([ids[begin : begin + PPL_CHUNK + 1]], device=model.device)
+        logits = model(input_ids=chunk[:, :-1]).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum")
+        total, count = total + float(nll), count + chunk.shape[1] - 1
+    return math.exp(total / count)
+
+
+def run(models: dict, ids: list[int], *, rounds: int, steps: int, held: int, prefill_tokens: int,
+        stream_tokens: int, progress: bool = True, config: dict | None = None) -> dict:
+    device = next(iter(models.values())).device
+    result = {"config": {**(config or {}), "rounds": rounds, "steps": steps, "held": held,
+                         "prefill_tokens": prefill_tokens, "ppl_tokens": len(ids), "stream_tokens": stream_tokens,
+                         "device": str(device), "device_name": describe_cpu() if device.type == "cpu"
+                         else torch.cuda.get_device_name(device), "torch_threads": torch.get_num_threads(),
+                         "default_dtype_here": str(default_cpu_dtype()).replace("torch.", "")},
+              "dtypes": {}}
+    batches = {(d, b): filled_batch(m, b, held, held + 256) for d, m in models.items() for b in BATCH_SIZES}
+    decode = {key: [] for key in batches}
+    prefill = {d: [] for d in models}
+    prompt = ids[:prefill_tokens]
+    for r in tqdm(range(rounds), desc="speed rounds", disable=not progress, dynamic_ncols=True):
+        order = list(models) if r % 2 == 0 else list(models)[::-1]
+        for d in order:
+            model = models[d]
+            for b in BATCH_SIZES:
+                forward_batch(model, batches[(d, b)], [token(model, 11)] * b)  # untimed: settle this shape's buffers
+                began = time.perf_counter()
+                for i in range(steps):
+                    forward_batch(model, batches[(d, b)], [token(model, 13 * i + j + 100) for j in range(b)])
+                decode[(d, b)].append((time.perf_counter() - began) / steps * 1000)
+            cache = StartRecentKVCache(4, max(prefill_tokens, 8), rotary_emb=find_rotary_embedding(model))
+            began = time.perf_counter()
+            forward(model, cache, prompt)
+            prefill[d].append(len(prompt) / (time.perf_counter() - began))
+    for d, model in models.items():
+        streaming = evaluate(model, ids[:stream_tokens], "streaming", 4, 252, progress=progress)
+        result["dtypes"][d] = {
+            "decode_ms": {str(b): statistics.median(decode[(d, b)]) for b in BATCH_SIZES},
+            "decode_ms_rounds": {str(b): [round(x, 2) for x in decode[(d, b)]] for b in BATCH_SIZES},
+            "prefill_tok_s": statistics.median(prefill[d]),
+            "ppl_dense": dense_ppl(model, ids),
+            "ppl_streaming": streaming["ppl"],
+        }
+    if set(models) == set(DTYPES):
+        f32, b16 = result["dtypes"]["float32"], result["dtypes"]["bfloat16"]
+        result["bf16_vs_fp32"] = {
+            "decode_speedup": {str(b): f32["decode_ms"][str(b)] / b16["decode_ms"][str(b)] for b in BATCH_SIZES},
+            "prefill_speedup": b16["prefill_tok_s"] / f32["prefill_tok_s"],
+            "ppl_dense_change": b16["ppl_dense"] / f32["ppl_dense"] - 1,
+            "ppl_streaming_change": b16["ppl_streaming"] / f32["ppl_streaming"] - 1,
+        }
+    return result
+
+
+def format_table(result: dict) -> str:
+    rows = ["| dtype | decode ms/step, 1 row | 8 rows | 16 rows | prefill tok/s | PPL dense | PPL streaming |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for d, r in result["dtypes"].items():
+        ms = r["decode_ms"]
+        rows.append(f"| {d} | {ms['1']:.1f} | {ms['8']:.1f} | {ms['16']:.1f} | {r['prefill_tok_s']:.0f} | "
+                    f"{r['ppl_dense']:.3f} | {r['ppl_streaming']:.3f} |")
+    rel = result.get("bf16_vs_fp32")
+    if rel:
+        sp = rel["decode_speedup"]
+        rows.append(f"| bf16 ÷ fp32 | ×{sp['1']:.2f} faster | ×{sp['8']:.2f} | ×{sp['16']:.2f} | "
+                    f"×{rel['prefill_speedup']:.2f} | {rel['ppl_dense_change'] * 100:+.2f}% | "
+                    f"{rel['ppl_streaming_change'] * 100:+.2f}% |")
+    return "\n".join(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser("streaming_engine.eval.dtype", __doc__)
+    p.add_argument("--model", default=None, help=f"Hugging Face id or local path (default: the offline {DEFAULT_MODEL_NAME})")
+    p.add_argument("--device", default="cpu", help="where to compare (the default dtype question is a CPU one)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
+    p.add_argument("--dataset", default="austen-pride-and-prejudice", choices=sorted(DATASETS), help="eval text")
+    p.add_argument("--ppl-tokens", type=int, default=8192, help="tokens of dense perplexity")
+    p.add_argument("--stream-tokens", type=int, default=1000, help="tokens of streaming perplexity")
+    p.add_argument("--rounds", type=int, default=6, help="alternating speed rounds")
+    p.add_argument("--steps", type=int, default=8, help="decode steps timed per round and batch size")
+    p.add_argument("--held", type=int, default=256, help="tokens each row holds while decoding")
+    p.add_argument("--prefill-tokens", type=int, default=512, help="prompt tokens of the prefill timing")
+    p.add_argument("--output", default="runs/dtype.json", help="JSON path; the PNG goes beside it")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cli.check_min(ppl_tokens=(args.ppl_tokens, 2), stream_tokens=(args.stream_tokens, 2), rounds=(args.rounds, 1),
+                      steps=(args.steps, 1), held=(args.held, 1), prefill_tokens=(args.prefill_tokens, 1),
+                      threads=(args.threads, 1))
+        torch.set_num_threads(args.threads)
+        text, source = load_text(None, args.dataset)
+        models = {}
+        for d in DTYPES:
+            models[d], tokenizer = load(args.model, args.device, d)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.ppl_tokens]
+        if len(ids) < max(args.stream_tokens, args.prefill_tokens, 2):
+            raise ValueError(f"the text has only {len(ids)} tokens")
+        result = run(models, ids, rounds=args.rounds, steps=args.steps, held=args.held,
+                     prefill_tokens=args.prefill_tokens, stream_tokens=args.stream_tokens,
+                     config={"model": args.model or DEFAULT_MODEL_NAME, "source": source})
+    except (ValueError, RuntimeError) as exc:
+        parser.exit(2, f"error: {exc}\n")
+    from .plots import plot_dtype
+
+    cli.write_outputs(args.output, result, plot_dtype, format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

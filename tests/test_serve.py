@@ -1,0 +1,99 @@
+"""The serving benchmark, the dtype comparison and the per-machine dtype choice (tiny models; no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from streaming_engine.eval import dtype as dtype_eval
+from streaming_engine.eval import serve
+from streaming_engine.eval.plots import plot_dtype, plot_serve
+from streaming_engine.loading import DTYPE_ENV, default_cpu_dtype, pick_dtype
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_serve_measures_every_cell_both_schedulers_and_engine_against_generate(
+    tiny_chat_model, default_tokenizer, tmp_path
+):
+    eos = tiny_chat_model.generation_config.eos_token_id
+    result = serve.run(tiny_chat_model, default_tokenizer, sessions=[1, 3], schedulers=list(serve.SCHEDULERS),
+                       new_tokens=5, rounds=2, single_tokens=6, single_rounds=1, start_size=4, recent_size=60,
+                       max_batch=4, prefill_chunk=32, detok_lengths=[20], progress=False, config={"model": "tiny"})
+    assert tiny_chat_model.generation_config.eos_token_id == eos  # generate's settings are put back
+    cells = {(c["sessions"], c["scheduler"]): c for c in result["cells"]}
+    assert set(cells) == {(n, s) for n in (1, 3) for s in serve.SCHEDULERS}
+    for cell in cells.values():
+        assert cell["rounds"] == 2
+        for key in ("aggregate_tok_s", "per_session_tok_s", "ttft_p50_s", "ttft_p95_s", "aggregate_vs_1_session"):
+            assert math.isfinite(cell[key]) and cell[key] > 0, key
+        assert cell["ttft_p95_s"] >= cell["ttft_p50_s"]
+    assert cells[(1, "batched")]["aggregate_vs_1_session"] == 1.0
+    for name in ("engine", "generate"):
+        assert result["single"][name]["decode_tok_s"] > 0 and result["single"][name]["ttft_s"] > 0
+    assert result["single"]["engine_vs_generate"] > 0
+    json.dumps(result)
+    table = serve.format_table(result)
+    assert "| 3 | batched |" in table and "engine ÷ generate" in table and "batched ÷ round-robin" in table
+    assert result["detokenize"]["20"]["incremental_s"] > 0 and "| 20 |" in table
+    out = tmp_path / "serve.json"
+    assert plot_serve(result, out) == [str(out.with_suffix(".png"))]
+    assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--sessions", "0,2"], "--sessions needs integers >= 1"),
+    (["--sessions", "a"], "--sessions takes a comma list"),
+    (["--schedulers", "batched,fifo"], "--schedulers takes a comma list"),
+    (["--new-tokens", "1"], "--new-tokens must be >= 2"),
+    (["--max-batch", "0"], "--max-batch must be >= 1"),
+    (["--detok-tokens", "x"], "--detok-tokens takes a comma list"),
+])
+def test_serve_cli_rejects_bad_arguments_clearly(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        serve.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_dtype_comparison_reports_speed_and_perplexity_for_both_dtypes(tmp_path):
+    models = {"float32": tiny_model("llama", layers=2)}
+    models["bfloat16"] = tiny_model("llama", layers=2).to(torch.bfloat16)
+    ids = [(7 * i) % 90 + 3 for i in range(80)]
+    result = dtype_eval.run(models, ids, rounds=2, steps=2, held=8, prefill_tokens=16, stream_tokens=20,
+                            progress=False, config={"model": "tiny"})
+    for data in result["dtypes"].values():
+        assert set(data["decode_ms"]) == {"1", "8", "16"} and all(v > 0 for v in data["decode_ms"].values())
+        assert data["prefill_tok_s"] > 0 and math.isfinite(data["ppl_dense"]) and math.isfinite(data["ppl_streaming"])
+    rel = result["bf16_vs_fp32"]
+    assert abs(rel["ppl_dense_change"]) < 0.05  # same weights, two precisions: close, not equal
+    assert "| bf16 ÷ fp32 |" in dtype_eval.format_table(result)
+    out = tmp_path / "dtype.json"
+    plot_dtype(result, out)
+    assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("flags,expected", [
+    ({"avx2", "avx512f", "avx512_bf16"}, torch.bfloat16),
+    ({"avx2", "amx_bf16", "amx_tile"}, torch.bfloat16),
+    ({"avx2", "avx512f", "avx512_vnni"}, torch.float32),
+    (set(), torch.float32),  # unknown CPU: the safe choice
+])
+def test_cpu_default_dtype_is_bf16_only_with_native_bf16_units(flags, expected):
+    assert default_cpu_dtype(frozenset(flags)) == expected
+
+
+def test_an_explicit_dtype_beats_the_environment_which_beats_the_machine_default(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(DTYPE_ENV, raising=False)
+    assert pick_dtype(None, cpu) == default_cpu_dtype()
+    monkeypatch.setenv(DTYPE_ENV, "fp32")
+    assert pick_dtype(None, cpu) == torch.float32
+    assert pick_dtype("bf16", cpu) == torch.bfloat16
+    monkeypatch.setenv(DTYPE_ENV, "float8")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        pick_dtype(None, cpu)
