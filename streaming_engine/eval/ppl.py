@@ -50,7 +50,7 @@ from .methods import MethodSpec, make_block_runner, parse_specs
 from .plots import plot_ppl
 from .texts import DATASETS, load_texts
 
-DEFAULT_METHODS = "streaming:4+1020,streaming:4+252,streaming-noshift:4+1020,window:1024,dense"
+DEFAULT_METHODS = "streaming:4+1020,streaming-noshift:4+1020,dense,window:1024,streaming:4+252"
 #: Fields of the JSONL log that depend on the machine's mood, not on the numbers: left out when logs are compared.
 TIMING_FIELDS = ("seconds", "rss_bytes", "cuda_bytes")
 #: Decimals kept of every NLL in the log (1e-5 nats: far below any difference the tables show).
@@ -476,7 +476,8 @@ def merge_summaries(summaries: list[dict]) -> dict:
                 continue
             merged["config"]["runs"].append(described)
             merged["runs"][described["label"]] = s["runs"][described["label"]]
-    merged["complete"] = all(s["complete"] for s in summaries)
+    # Complete when every run it holds finished (a process stopped early may have left its later runs to another).
+    merged["complete"] = bool(merged["runs"]) and all(r["complete"] for r in merged["runs"].values())
     return merged
 
 
@@ -582,6 +583,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def model_label(model: str | None) -> str:
+    """How the model is named in the summary: a local folder by its name (machines differ in paths)."""
+    if model is None:
+        return DEFAULT_MODEL_NAME
+    return Path(model).name if Path(model).is_dir() else model
+
+
 def parse_blocks(text: str) -> tuple[int, ...]:
     try:
         blocks = tuple(dict.fromkeys(int(x) for x in text.split(",") if x.strip()))
@@ -628,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         summary = run(model, data, specs, plan, output, resume=args.resume, overwrite=args.overwrite,
                       should_stop=lambda: stop["asked"],
-                      config={"model": args.model or DEFAULT_MODEL_NAME, "source": source})
+                      config={"model": model_label(args.model), "source": source})
     except (ValueError, RuntimeError) as exc:
         parser.exit(2, f"error: {exc}\n")
     print(format_table(summary))
