@@ -292,8 +292,18 @@ def test_streaming_equals_dense_until_the_first_eviction_then_departs(llama, tmp
 def test_logs_of_different_methods_over_the_same_streams_merge(llama, tmp_path, capsys):
     data = stream(2, 40, seed=10)
     plan = ppl.Plan(rows=2, tokens=40, blocks=(4,), segment=20)
-    for name, methods in (("a", "streaming:2+14"), ("b", "window:16,dense"), ("c", "streaming:2+14,window:16")):
-        ppl.run(llama, data, parse_specs(methods), plan, tmp_path / f"{name}.json", progress=False, plot=False)
+    calls = {"n": 0}
+
+    def stop_during_the_second_run():
+        calls["n"] += 1
+        return calls["n"] == 12
+
+    # a: streaming, then stopped early into window (which b runs in full); b: window and dense.
+    ppl.run(llama, data, parse_specs("streaming:2+14,window:16"), plan, tmp_path / "a.json", progress=False,
+            plot=False, should_stop=stop_during_the_second_run)
+    ppl.run(llama, data, parse_specs("window:16,dense"), plan, tmp_path / "b.json", progress=False, plot=False)
+    partial = json.loads((tmp_path / "a.json").read_text())["runs"]["window 16"]
+    assert not partial["complete"] and partial["predictions"] == 8  # two blocks of window
     out = tmp_path / "merged.json"
     assert ppl.main(["--report", "--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
                      "--output", str(out)]) == 0

@@ -472,10 +472,16 @@ def merge_summaries(summaries: list[dict]) -> dict:
         if diff:
             raise ValueError(f"these logs evaluate different streams or models ({', '.join(diff)} differ)")
         for described in s["config"]["runs"]:
-            if described["label"] in merged["runs"] or described["label"] not in s["runs"]:
+            label = described["label"]
+            if label not in s["runs"]:
                 continue
-            merged["config"]["runs"].append(described)
-            merged["runs"][described["label"]] = s["runs"][described["label"]]
+            if label not in merged["runs"]:
+                merged["config"]["runs"].append(described)
+            # A run two processes both started: keep the one that got furthest (a finished one if any).
+            held = merged["runs"].get(label)
+            if held is None or (s["runs"][label]["complete"], s["runs"][label]["predictions"]) > (
+                    held["complete"], held["predictions"]):
+                merged["runs"][label] = s["runs"][label]
     # Complete when every run it holds finished (a process stopped early may have left its later runs to another).
     merged["complete"] = bool(merged["runs"]) and all(r["complete"] for r in merged["runs"].values())
     return merged
