@@ -93,18 +93,18 @@ def plot_ppl(summary: dict, output) -> list[str]:
             key = "cuda_bytes" if cuda else "rss_bytes"
             axes[1].plot(xs, [m[key] / MIB for m in mem], label=label, linewidth=1.4, **styles[label])
         segs = [s for s in r["segments"] if s["ms_per_token"] is not None]
-        axes[2].plot([s["end"] for s in segs], [s["ms_per_token"] for s in segs], marker="o", markersize=3,
-                     label=label, linewidth=1.4, **styles[label])
+        axes[2].plot([(s["start"] + s["end"]) / 2 for s in segs], [s["ms_per_token"] for s in segs], marker="o",
+                     markersize=3, label=label, linewidth=1.4, **styles[label])
     axes[0].set_ylabel("KV cache, all rows (MiB)")
     axes[1].set_ylabel("CUDA memory allocated (MiB)" if cuda else "process RSS (MiB)")
     axes[2].set_ylabel(f"ms per token, all rows (mean per {cfg['segment']:,}-token segment)")
     for ax in axes:
         ax.set_xlabel("tokens per row")
         ax.grid(alpha=0.3)
+        ax.set_ylim(bottom=0)  # flat is flat only against zero
         if limit:
             ax.axvline(limit, color="black", linestyle=":", linewidth=1)
-    axes[1].set_ylim(bottom=0)
-    axes[2].set_ylim(bottom=0)
+    axes[2].set_xlabel("tokens per row (middle of the segment)")
     axes[2].legend(fontsize=7)
     fig.suptitle(f"Memory and latency · {title}", fontsize=9)
     fig.tight_layout()

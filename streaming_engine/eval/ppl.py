@@ -489,6 +489,7 @@ def merge_summaries(summaries: list[dict]) -> dict:
 
 def write_summary(summary: dict, output: Path, plot: bool = True) -> list[str]:
     """The summary JSON at `output`, and (with `plot`) its PNGs beside it; returns the paths written."""
+    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return [str(output), *(plot_ppl(summary, output) if plot else [])]
 
