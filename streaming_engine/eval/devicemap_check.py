@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
+from ..batch_cache import ConversationCache
 from ..cache import enable_streaming_llm
 from ..families import cache_keyword
-from ..generation import generate_reply
+from ..generation import generate_reply, run_alone
 from ..loading import default_model_available, ensure_default_model, load
 from ..placement import describe_placement, weight_bytes_by_placement
 from . import cli
@@ -129,6 +130,7 @@ def run_conversation(model, prompts: list[list[int]], forced: list[int] | None =
     every sampled position `[steps, vocab]`, the tokens, the cache and the wall time.
     """
     cache = enable_streaming_llm(model, START_SIZE, RECENT_SIZE)
+    conversation = ConversationCache(cache)  # the turn's view of its cache, as in the engine
     logits, tokens = [], []
 
     def sample(step_logits: torch.Tensor) -> int:
@@ -140,9 +142,8 @@ def run_conversation(model, prompts: list[list[int]], forced: list[int] | None =
     began = time.perf_counter()
     carry: list[int] = []
     for (_, new_tokens), prompt in zip(TURNS, prompts):
-        for _ in generate_reply(model, cache, carry + prompt, sample, max_new_tokens=new_tokens, eos_ids=set(),
-                                evict=True, chunk_size=CHUNK_SIZE):
-            pass
+        run_alone(model, generate_reply(conversation, carry + prompt, sample, max_new_tokens=new_tokens,
+                                        eos_ids=set(), evict=True, chunk_size=CHUNK_SIZE))
         carry = [tokens[-1]]
     return {"logits": torch.stack(logits), "tokens": tokens, "cache": cache, "seconds": time.perf_counter() - began}
 
