@@ -141,6 +141,18 @@ def default_cpu_dtype(flags: frozenset[str] | None = None) -> torch.dtype:
     return torch.bfloat16 if flags & NATIVE_BF16_CPU_FLAGS else torch.float32
 
 
+def prefer_fast_attention(model, device: torch.device, dtype: torch.dtype) -> None:
+    """On CPU in bf16, switch a model that would use SDPA to transformers' eager attention.
+
+    Measured here (torch 2.13, AVX-512 BF16): PyTorch's CPU SDPA kernel is many times slower in bf16 than in fp32
+    for one-token decode steps (10 ms against 0.9 ms for one row over 1,024 cached tokens), which made bf16 decode
+    slower than fp32 overall; eager attention (two bf16 matrix products and an fp32 softmax) is fast in bf16.
+    Only the attention kernel changes, not the arithmetic it computes.
+    """
+    if device.type == "cpu" and dtype == torch.bfloat16 and getattr(model.config, "_attn_implementation", None) == "sdpa":
+        model.set_attn_implementation("eager")
+
+
 def describe_cpu() -> str:
     """A one-line description of the CPU for benchmark records: model name, torch's ISA level, bf16 support."""
     name = ""
@@ -224,4 +236,6 @@ def load(
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if device_map is None:
         model.to(device)
-    return model.eval(), tokenizer
+    model.eval()
+    prefer_fast_attention(model, device, dtype)
+    return model, tokenizer

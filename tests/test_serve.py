@@ -64,14 +64,15 @@ def test_dtype_comparison_reports_speed_and_perplexity_for_both_dtypes(tmp_path)
     models = {"float32": tiny_model("llama", layers=2)}
     models["bfloat16"] = tiny_model("llama", layers=2).to(torch.bfloat16)
     ids = [(7 * i) % 90 + 3 for i in range(80)]
-    result = dtype_eval.run(models, ids, rounds=2, steps=2, held=8, prefill_tokens=16, stream_tokens=20,
+    result = dtype_eval.run(models, ids, rounds=2, steps=2, held=[8, 20], prefill_tokens=16, stream_tokens=20,
                             progress=False, config={"model": "tiny"})
     for data in result["dtypes"].values():
-        assert set(data["decode_ms"]) == {"1", "8", "16"} and all(v > 0 for v in data["decode_ms"].values())
+        assert set(data["decode_ms"]) == {f"{b}x{h}" for b in (1, 8, 16) for h in (8, 20)}
+        assert all(v > 0 for v in data["decode_ms"].values())
         assert data["prefill_tok_s"] > 0 and math.isfinite(data["ppl_dense"]) and math.isfinite(data["ppl_streaming"])
     rel = result["bf16_vs_fp32"]
     assert abs(rel["ppl_dense_change"]) < 0.05  # same weights, two precisions: close, not equal
-    assert "| bf16 ÷ fp32 |" in dtype_eval.format_table(result)
+    assert "| bf16 speed-up, PPL change |" in dtype_eval.format_table(result)
     out = tmp_path / "dtype.json"
     plot_dtype(result, out)
     assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC

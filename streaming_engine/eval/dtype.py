@@ -1,10 +1,11 @@
 """fp32 against bf16 on this machine: decode and prefill speed, and perplexity. `python -m streaming_engine.eval.dtype`.
 
-The evidence behind `loading.default_cpu_dtype()`. Both copies of the model are loaded side by side and timed in
-alternation, round after round, so a machine shared with other work slows both alike:
+The evidence behind `loading.default_cpu_dtype()`. Both copies of the model are loaded side by side, as `load()`
+gives them (bf16 on CPU with eager attention, see `loading.prefer_fast_attention`), and timed in alternation, round
+after round, so a machine shared with other work slows both alike:
 
 * **decode**: one batched step (`forward_batch` over a `BatchedSinkCache`, as the engine decodes) for 1, 8 and 16
-  rows, each row holding `--held` tokens;
+  rows, each row holding `--held` tokens (attention's share of a step grows with it);
 * **prefill**: one `--prefill-tokens` chunk of a prompt;
 * **perplexity**: dense, teacher-forced over `--ppl-tokens` tokens of an eval text (chunks of 1,024 tokens), and
   streaming, one token per step with a 4 + 252 cache over `--stream-tokens` tokens (keys re-rotated on every
@@ -31,6 +32,7 @@ from ..generation import forward, forward_batch
 from ..loading import DEFAULT_MODEL_NAME, default_cpu_dtype, describe_cpu, load
 from . import cli
 from .ppl import evaluate
+from .serve import parse_counts
 from .texts import DATASETS, load_text
 
 DTYPES = ("float32", "bfloat16")
@@ -44,12 +46,16 @@ def token(model, i: int) -> int:
 
 
 def filled_batch(model, rows: int, held: int, cache_size: int) -> BatchedSinkCache:
+    """A batch of `rows` conversations holding `held` tokens each (one prefill, copied: timing ignores content)."""
     rotary = find_rotary_embedding(model)
+    first = StartRecentKVCache(4, cache_size - 4, rotary_emb=rotary)
+    forward(model, first, [token(model, 7 * i + 100) for i in range(held)])
+    layers, stream_index = first._take_tokens()
     batch = BatchedSinkCache(max_batch=rows)
-    for r in range(rows):
-        conv = ConversationCache(StartRecentKVCache(4, cache_size - 4, rotary_emb=rotary))
-        forward(model, conv.solo, [token(model, 7 * i + r + 100) for i in range(held)])
-        batch.join(conv)
+    for _ in range(rows):
+        solo = StartRecentKVCache(4, cache_size - 4, rotary_emb=rotary)
+        solo._put_tokens([(k.clone(), v.clone()) for k, v in layers], stream_index.clone(), held, 0)
+        batch.join(ConversationCache(solo))
     return batch
 
 
@@ -65,7 +71,7 @@ def dense_ppl(model, ids: list[int]) -> float:
     return math.exp(total / count)
 
 
-def run(models: dict, ids: list[int], *, rounds: int, steps: int, held: int, prefill_tokens: int,
+def run(models: dict, ids: list[int], *, rounds: int, steps: int, held: list[int], prefill_tokens: int,
         stream_tokens: int, progress: bool = True, config: dict | None = None) -> dict:
     device = next(iter(models.values())).device
     result = {"config": {**(config or {}), "rounds": rounds, "steps": steps, "held": held,
@@ -74,20 +80,22 @@ def run(models: dict, ids: list[int], *, rounds: int, steps: int, held: int, pre
                          else torch.cuda.get_device_name(device), "torch_threads": torch.get_num_threads(),
                          "default_dtype_here": str(default_cpu_dtype()).replace("torch.", "")},
               "dtypes": {}}
-    batches = {(d, b): filled_batch(m, b, held, held + 256) for d, m in models.items() for b in BATCH_SIZES}
-    decode = {key: [] for key in batches}
+    cells = [(b, h) for h in held for b in BATCH_SIZES]
+    batches = {(d, b, h): filled_batch(m, b, h, h + 256) for d, m in models.items() for b, h in cells}
+    decode = {key: [] for key in batches}  # (dtype, rows, held) -> ms per step, one entry per round
     prefill = {d: [] for d in models}
     prompt = ids[:prefill_tokens]
     for r in tqdm(range(rounds), desc="speed rounds", disable=not progress, dynamic_ncols=True):
         order = list(models) if r % 2 == 0 else list(models)[::-1]
         for d in order:
             model = models[d]
-            for b in BATCH_SIZES:
-                forward_batch(model, batches[(d, b)], [token(model, 11)] * b)  # untimed: settle this shape's buffers
+            for b, h in cells:
+                batch = batches[(d, b, h)]
+                forward_batch(model, batch, [token(model, 11)] * b)  # untimed: settle this shape's buffers
                 began = time.perf_counter()
                 for i in range(steps):
-                    forward_batch(model, batches[(d, b)], [token(model, 13 * i + j + 100) for j in range(b)])
-                decode[(d, b)].append((time.perf_counter() - began) / steps * 1000)
+                    forward_batch(model, batch, [token(model, 13 * i + j + 100) for j in range(b)])
+                decode[(d, b, h)].append((time.perf_counter() - began) / steps * 1000)
             cache = StartRecentKVCache(4, max(prefill_tokens, 8), rotary_emb=find_rotary_embedding(model))
             began = time.perf_counter()
             forward(model, cache, prompt)
@@ -95,8 +103,9 @@ def run(models: dict, ids: list[int], *, rounds: int, steps: int, held: int, pre
     for d, model in models.items():
         streaming = evaluate(model, ids[:stream_tokens], "streaming", 4, 252, progress=progress)
         result["dtypes"][d] = {
-            "decode_ms": {str(b): statistics.median(decode[(d, b)]) for b in BATCH_SIZES},
-            "decode_ms_rounds": {str(b): [round(x, 2) for x in decode[(d, b)]] for b in BATCH_SIZES},
+            "decode_ms": {f"{b}x{h}": statistics.median(decode[(d, b, h)]) for b, h in cells},
+            "decode_ms_rounds": {f"{b}x{h}": [round(x, 2) for x in decode[(d, b, h)]] for b, h in cells},
+            "attention": models[d].config._attn_implementation,
             "prefill_tok_s": statistics.median(prefill[d]),
             "ppl_dense": dense_ppl(model, ids),
             "ppl_streaming": streaming["ppl"],
@@ -104,7 +113,7 @@ def run(models: dict, ids: list[int], *, rounds: int, steps: int, held: int, pre
     if set(models) == set(DTYPES):
         f32, b16 = result["dtypes"]["float32"], result["dtypes"]["bfloat16"]
         result["bf16_vs_fp32"] = {
-            "decode_speedup": {str(b): f32["decode_ms"][str(b)] / b16["decode_ms"][str(b)] for b in BATCH_SIZES},
+            "decode_speedup": {key: f32["decode_ms"][key] / b16["decode_ms"][key] for key in f32["decode_ms"]},
             "prefill_speedup": b16["prefill_tok_s"] / f32["prefill_tok_s"],
             "ppl_dense_change": b16["ppl_dense"] / f32["ppl_dense"] - 1,
             "ppl_streaming_change": b16["ppl_streaming"] / f32["ppl_streaming"] - 1,
@@ -113,18 +122,19 @@ def run(models: dict, ids: list[int], *, rounds: int, steps: int, held: int, pre
 
 
 def format_table(result: dict) -> str:
-    rows = ["| dtype | decode ms/step, 1 row | 8 rows | 16 rows | prefill tok/s | PPL dense | PPL streaming |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+    keys = list(next(iter(result["dtypes"].values()))["decode_ms"])
+    head = " | ".join(f"{k.split('x')[0]} rows × {k.split('x')[1]} held" for k in keys)
+    rows = [f"| dtype (attention) | decode ms/step: {head} | prefill tok/s | PPL dense | PPL streaming |",
+            "|---|" + "---:|" * (len(keys) + 3)]
     for d, r in result["dtypes"].items():
-        ms = r["decode_ms"]
-        rows.append(f"| {d} | {ms['1']:.1f} | {ms['8']:.1f} | {ms['16']:.1f} | {r['prefill_tok_s']:.0f} | "
-                    f"{r['ppl_dense']:.3f} | {r['ppl_streaming']:.3f} |")
+        ms = " | ".join(f"{r['decode_ms'][k]:.1f}" for k in keys)
+        rows.append(f"| {d} ({r['attention']}) | {ms} | {r['prefill_tok_s']:.0f} | {r['ppl_dense']:.3f} | "
+                    f"{r['ppl_streaming']:.3f} |")
     rel = result.get("bf16_vs_fp32")
     if rel:
-        sp = rel["decode_speedup"]
-        rows.append(f"| bf16 ÷ fp32 | ×{sp['1']:.2f} faster | ×{sp['8']:.2f} | ×{sp['16']:.2f} | "
-                    f"×{rel['prefill_speedup']:.2f} | {rel['ppl_dense_change'] * 100:+.2f}% | "
-                    f"{rel['ppl_streaming_change'] * 100:+.2f}% |")
+        sp = " | ".join(f"×{rel['decode_speedup'][k]:.2f}" for k in keys)
+        rows.append(f"| bf16 speed-up, PPL change | {sp} | ×{rel['prefill_speedup']:.2f} | "
+                    f"{rel['ppl_dense_change'] * 100:+.2f}% | {rel['ppl_streaming_change'] * 100:+.2f}% |")
     return "\n".join(rows)
 
 
@@ -138,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream-tokens", type=int, default=1000, help="tokens of streaming perplexity")
     p.add_argument("--rounds", type=int, default=6, help="alternating speed rounds")
     p.add_argument("--steps", type=int, default=8, help="decode steps timed per round and batch size")
-    p.add_argument("--held", type=int, default=256, help="tokens each row holds while decoding")
+    p.add_argument("--held", default="256,1000", help="comma list: tokens each row holds while decoding")
     p.add_argument("--prefill-tokens", type=int, default=512, help="prompt tokens of the prefill timing")
     p.add_argument("--output", default="runs/dtype.json", help="JSON path; the PNG goes beside it")
     return p
@@ -149,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cli.check_min(ppl_tokens=(args.ppl_tokens, 2), stream_tokens=(args.stream_tokens, 2), rounds=(args.rounds, 1),
-                      steps=(args.steps, 1), held=(args.held, 1), prefill_tokens=(args.prefill_tokens, 1),
-                      threads=(args.threads, 1))
+                      steps=(args.steps, 1), prefill_tokens=(args.prefill_tokens, 1), threads=(args.threads, 1))
+        held = parse_counts(args.held, "--held")
         torch.set_num_threads(args.threads)
         text, source = load_text(None, args.dataset)
         models = {}
@@ -159,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.ppl_tokens]
         if len(ids) < max(args.stream_tokens, args.prefill_tokens, 2):
             raise ValueError(f"the text has only {len(ids)} tokens")
-        result = run(models, ids, rounds=args.rounds, steps=args.steps, held=args.held,
+        result = run(models, ids, rounds=args.rounds, steps=args.steps, held=held,
                      prefill_tokens=args.prefill_tokens, stream_tokens=args.stream_tokens,
                      config={"model": args.model or DEFAULT_MODEL_NAME, "source": source})
     except (ValueError, RuntimeError) as exc:

@@ -333,9 +333,11 @@ def plot_dtype(result: dict, output) -> list[str]:
     for i, d in enumerate(dtypes):
         data = result["dtypes"][d]
         xs = [j + i * width for j in range(len(sizes))]
-        axes[0].bar(xs, [data["decode_ms"][s] for s in sizes], width, label=f"{d} (dense PPL {data['ppl_dense']:.2f})")
+        axes[0].bar(xs, [data["decode_ms"][s] for s in sizes], width,
+                    label=f"{d}, {data.get('attention', '?')} attention (dense PPL {data['ppl_dense']:.2f})")
         axes[1].bar([i], [data["prefill_tok_s"]], 0.6, label=d)
-    axes[0].set_xticks([j + width * (len(dtypes) - 1) / 2 for j in range(len(sizes))], [f"{s} rows" for s in sizes])
+    axes[0].set_xticks([j + width * (len(dtypes) - 1) / 2 for j in range(len(sizes))],
+                       [f"{s.split('x')[0]} rows\n{s.split('x')[1]} held" for s in sizes])
     axes[0].set_ylabel("ms per batched decode step (median)")
     axes[1].set_xticks(range(len(dtypes)), dtypes)
     axes[1].set_ylabel("prefill tokens/s")
