@@ -31,7 +31,7 @@ from ..families import find_rotary_embedding
 from ..generation import forward, forward_batch
 from ..loading import DEFAULT_MODEL_NAME, default_cpu_dtype, describe_cpu, load
 from . import cli
-from .ppl import evaluate
+from .methods import make_runner
 from .serve import parse_counts
 from .texts import DATASETS, load_text
 
@@ -60,6 +60,16 @@ def filled_batch(model, rows: int, held: int, cache_size: int) -> BatchedSinkCac
 
 
 @torch.inference_mode()
+def streaming_ppl(model, ids: list[int], progress: bool = True) -> float:
+    """Perplexity of `ids` fed one token at a time through a 4 + 252 streaming cache (the paper's protocol)."""
+    runner = make_runner("streaming", model, 4, 252)
+    total = 0.0
+    for t in tqdm(range(len(ids) - 1), desc="streaming ppl", disable=not progress, dynamic_ncols=True):
+        logits = runner.step(ids[t])
+        total -= float(torch.log_softmax(logits.float(), dim=-1)[ids[t + 1]])
+    return round(math.exp(total / max(1, len(ids) - 1)), 4)
+
+
 def dense_ppl(model, ids: list[int]) -> float:
     """Teacher-forced perplexity over `ids`, in independent chunks of `PPL_CHUNK` tokens."""
     total, count = 0.0, 0
@@ -101,7 +111,7 @@ def run(models: dict, ids: list[int], *, rounds: int, steps: int, held: list[int
             forward(model, cache, prompt)
             prefill[d].append(len(prompt) / (time.perf_counter() - began))
     for d, model in models.items():
-        streaming = evaluate(model, ids[:stream_tokens], "streaming", 4, 252, progress=progress)
+        streaming = {"ppl": streaming_ppl(model, ids[:stream_tokens], progress)}
         result["dtypes"][d] = {
             "decode_ms": {f"{b}x{h}": statistics.median(decode[(d, b, h)]) for b, h in cells},
             "decode_ms_rounds": {f"{b}x{h}": [round(x, 2) for x in decode[(d, b, h)]] for b, h in cells},
