@@ -174,13 +174,7 @@ def run(model, ids: list[int], *, methods: list[str], cache_sizes: list[int], st
 
 
 def parse_sizes(text: str) -> list[int]:
-    try:
-        sizes = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise ValueError(f"--cache-sizes takes a comma list of integers (got {text!r})") from None
-    if not sizes or sizes[0] < 2:
-        raise ValueError(f"--cache-sizes needs integers >= 2 (got {text!r})")
-    return sizes
+    return cli.parse_int_list(text, "--cache-sizes", 2)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -75,6 +75,17 @@ def load_model(args):
     return load(args.model, args.device, args.dtype, **placement_kwargs(args))
 
 
+def parse_int_list(text: str, option: str, minimum: int = 1) -> list[int]:
+    """`"1,2,4"` -> `[1, 2, 4]` (sorted, duplicates dropped); a `ValueError` naming `option` otherwise."""
+    try:
+        values = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise ValueError(f"{option} takes a comma list of integers (got {text!r})") from None
+    if not values or values[0] < minimum:
+        raise ValueError(f"{option} needs integers >= {minimum} (got {text!r})")
+    return values
+
+
 def check_min(**values: tuple[int | float, int | float]) -> None:
     """`check_min(tokens=(args.tokens, 2))`: raise `ValueError` naming the option when a value is too small."""
     for name, (value, low) in values.items():

@@ -268,13 +268,7 @@ def format_table(result: dict) -> str:
 
 def parse_counts(text: str, option: str = "--sessions") -> list[int]:
     """`"1,2,4"` -> `[1, 2, 4]` (sorted, duplicates dropped); a clear error naming `option` otherwise."""
-    try:
-        values = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise ValueError(f"{option} takes a comma list of integers (got {text!r})") from None
-    if not values or values[0] < 1:
-        raise ValueError(f"{option} needs integers >= 1 (got {text!r})")
-    return values
+    return cli.parse_int_list(text, option, 1)
 
 
 def build_parser() -> argparse.ArgumentParser:
