@@ -19,9 +19,8 @@ The eviction policy lives here, so that a conversation makes exactly the same ev
   when it fits in the recent window (one eviction, one key re-rotation per turn);
 * a prompt longer than that is fed in chunks, evicting before each chunk, so a 50,000-token paste runs in bounded
   memory;
-* a reply that outgrows the window evicts a block of up to `DECODE_EVICT_BLOCK` tokens (at most a quarter of the
-  window) when it is full: one key re-rotation per block instead of one per token, and never more than the reply
-  can still use, so a reply that runs to `max_new_tokens` leaves the cache exactly full;
+* a reply that outgrows the window (rare: room is reserved up front whenever it fits) evicts one token per step
+  when the cache is full, exactly as the paper and `model.generate` with the cache do, so both give the same text;
 * a dense cache (no eviction) reports `context_full` instead of growing past its limit.
 
 The last sampled token (often the end-of-turn token) is not fed here; the caller feeds it first thing next turn,
@@ -38,9 +37,6 @@ import torch
 from .families import cache_keyword
 from .placement import input_device
 from .positions import batch_position_ids, next_position_ids
-
-#: Tokens evicted at once when a reply fills a window it could not reserve room in up front.
-DECODE_EVICT_BLOCK = 64
 
 
 @dataclass
@@ -226,10 +222,8 @@ def generate_reply(
             if not fits(2):
                 yield Step("finish", reason="context_full")
                 return
-            if evict and cache.get_seq_length() + 1 > cache.cache_size:
-                # Tokens this turn may still feed, this one included: max_new_tokens - 1 in all, generated - 1 fed.
-                block = min(max_new_tokens - generated, DECODE_EVICT_BLOCK, max(1, cache.recent_size // 4))
-                cache.evict_for_space(block)
+            if evict:
+                cache.evict_for_space(1)  # a no-op when room was reserved up front
             logits = answer_logits((yield Decode(cache, token_id)))
     except TurnStopped:
         yield Step("finish", reason="stopped")

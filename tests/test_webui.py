@@ -78,12 +78,14 @@ def test_a_refused_message_goes_back_to_the_box_and_the_chat_is_unchanged(engine
 
 
 def test_a_failure_mid_reply_keeps_the_message_and_says_what_went_wrong(engine, monkeypatch):
-    import streaming_engine.generation as generation
+    import streaming_engine.scheduler as scheduler
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated device failure")
 
-    monkeypatch.setattr(generation, "forward", broken)
+    # The worker runs every forward pass: a prompt chunk (`forward`) and the batched decode step (`forward_batch`).
+    monkeypatch.setattr(scheduler, "forward", broken)
+    monkeypatch.setattr(scheduler, "forward_batch", broken)
     with pytest.warns(UserWarning, match="simulated device failure"):
         chat, box, _, state, saved = last(send(engine, "Will this work?"))
     assert box == "" and chat[0]["content"] == "Will this work?"
