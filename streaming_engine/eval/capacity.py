@@ -171,7 +171,7 @@ def measure(name: str, device, dtype, start_size: int, recent_size: int, convers
     import psutil
 
     from ..cache import enable_streaming_llm
-    from ..generation import prefill
+    from ..generation import forward
     from ..loading import load
 
     process = psutil.Process()
@@ -185,8 +185,9 @@ def measure(name: str, device, dtype, start_size: int, recent_size: int, convers
     for _ in range(conversations):
         cache = enable_streaming_llm(model, start_size, recent_size)
         ids = torch.randint(3, model.config.vocab_size, (cache_size + chunk,), generator=generator).tolist()
-        for _ in prefill(model, cache, ids, chunk, evict=True):  # one chunk more than fits: evictions included
-            pass
+        for begin in range(0, len(ids), chunk):  # one chunk more than fits: evictions included
+            cache.evict_for_space(len(ids[begin:begin + chunk]))
+            forward(model, cache, ids[begin:begin + chunk])
         caches.append(cache)
         # The first conversation also pages in the (memory-mapped) weights and the activations' peak; growth
         # is measured after it, so it is what one more conversation costs.
