@@ -44,6 +44,8 @@ def plot_ppl(summary: dict, output) -> list[str]:
     cfg, runs = summary["config"], summary["runs"]
     styles = _run_styles(runs)
     limit = cfg.get("position_limit")
+    if limit and max((r["predictions"] for r in runs.values()), default=0) < limit:
+        limit = None  # the streams never reach the model's positions: no line to draw
     title = (f"{cfg.get('model', '')} · {cfg['rows']} rows × {cfg['tokens']:,} tokens · "
              f"{cfg.get('source', '').split(' (')[0][:50]} · {cfg['device']} {cfg['dtype']}")
 
