@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from typing import Callable, Iterator
 
@@ -35,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 #: How long a reader waits on its queue before checking that the worker is still alive.
 POLL_INTERVAL_S = 0.1
+#: Pause after an iteration that failed outside any one turn (a bug), before the worker tries again.
+ITERATION_RETRY_S = 0.05
 #: The schedulers `make_scheduler` knows.
 SCHEDULERS = ("batched", "round-robin")
 
@@ -103,6 +106,7 @@ class Scheduler:
                 self._iterate()
             except BaseException:  # noqa: BLE001 - never let the worker die; each turn's errors are handled below
                 logger.exception("scheduler iteration failed")
+                time.sleep(ITERATION_RETRY_S)  # a fault that repeats must not spin the CPU
 
     def _iterate(self) -> None:
         raise NotImplementedError
