@@ -213,18 +213,18 @@ class BatchedSinkCache(Cache):
         b = len(self.rows)
         self._ensure(rows=b + 1, columns=max(held + 1, min(conv.cache_size, held + MIN_COLUMNS)),
                      largest=max([conv.cache_size] + [c.cache_size for c in self.rows]))
-        taken, stream_index = solo._take_tokens()
         # Logical token i sits in column i: sinks first, then the ring starting at head 0.
-        for buf_k, buf_v, (keys, values) in zip(self._keys, self._values, taken):
-            buf_k[b, :, :held].copy_(keys[0])
-            buf_v[b, :, :held].copy_(values[0])
+        for buf_k, buf_v, layer in zip(self._keys, self._values, layers):
+            buf_k[b, :, :held].copy_(layer.keys[0])
+            buf_v[b, :, :held].copy_(layer.values[0])
         self._valid[b].zero_()
         self._valid[b, :held] = True
-        self._stream[b, :held] = stream_index
+        self._stream[b, :held] = solo._stream_index
         conv._held, conv._seen, conv._evicted = held, solo.seen_tokens, solo.evicted_tokens
         conv._head, conv._max_col = 0, held - 1
-        conv.batch, conv.row = self, b
+        conv.batch, conv.row = self, b  # attached: readers on other threads now see the row's counters
         self.rows.append(conv)
+        solo._take_tokens()  # only now let the conversation's own copy go
 
     @torch.inference_mode()
     def leave(self, conv: ConversationCache, keep: bool = True) -> None:

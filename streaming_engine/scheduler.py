@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 POLL_INTERVAL_S = 0.1
 #: How long `read_many` sleeps when none of its turns has a new event (bounds the delay it adds to a delta).
 FAN_IN_POLL_S = 0.01
+#: Pause after an iteration that failed outside any one turn (a bug), before the worker tries again.
+ITERATION_RETRY_S = 0.05
 #: The schedulers `make_scheduler` knows.
 SCHEDULERS = ("batched", "round-robin")
 
@@ -108,6 +110,7 @@ class Scheduler:
                 self._iterate()
             except BaseException:  # noqa: BLE001 - never let the worker die; each turn's errors are handled below
                 logger.exception("scheduler iteration failed")
+                time.sleep(ITERATION_RETRY_S)  # a fault that repeats must not spin the CPU
 
     def _iterate(self) -> None:
         raise NotImplementedError

@@ -63,13 +63,18 @@ def test_serve_cli_rejects_bad_arguments_clearly(argv, message, capsys):
 def test_dtype_comparison_reports_speed_and_perplexity_for_both_dtypes(tmp_path):
     models = {"float32": tiny_model("llama", layers=2)}
     models["bfloat16"] = tiny_model("llama", layers=2).to(torch.bfloat16)
+    models["bfloat16-sdpa"] = tiny_model("llama", layers=2).to(torch.bfloat16)
+    models["bfloat16-sdpa"].set_attn_implementation("sdpa")
     ids = [(7 * i) % 90 + 3 for i in range(80)]
     result = dtype_eval.run(models, ids, rounds=2, steps=2, held=[8, 20], prefill_tokens=16, stream_tokens=20,
                             progress=False, config={"model": "tiny"})
-    for data in result["dtypes"].values():
+    for name, data in result["dtypes"].items():
         assert set(data["decode_ms"]) == {f"{b}x{h}" for b in (1, 8, 16) for h in (8, 20)}
-        assert all(v > 0 for v in data["decode_ms"].values())
-        assert data["prefill_tok_s"] > 0 and math.isfinite(data["ppl_dense"]) and math.isfinite(data["ppl_streaming"])
+        assert all(v > 0 for v in data["decode_ms"].values()) and data["prefill_tok_s"] > 0
+        if name == "bfloat16-sdpa":  # same arithmetic as eager: speed only
+            assert data["attention"] == "sdpa" and data["ppl_dense"] is None
+        else:
+            assert math.isfinite(data["ppl_dense"]) and math.isfinite(data["ppl_streaming"])
     rel = result["bf16_vs_fp32"]
     assert abs(rel["ppl_dense_change"]) < 0.05  # same weights, two precisions: close, not equal
     assert "| bf16 speed-up, PPL change |" in dtype_eval.format_table(result)
@@ -98,3 +103,15 @@ def test_an_explicit_dtype_beats_the_environment_which_beats_the_machine_default
     monkeypatch.setenv(DTYPE_ENV, "float8")
     with pytest.raises(ValueError, match="unknown dtype"):
         pick_dtype(None, cpu)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--variants", "float32,int8"], "--variants takes a comma list"),
+    (["--held", "0"], "--held needs integers >= 1"),
+    (["--rounds", "0"], "--rounds must be >= 1"),
+])
+def test_dtype_cli_rejects_bad_arguments_clearly(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        dtype_eval.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -36,6 +36,9 @@ from .serve import parse_counts
 from .texts import DATASETS, load_text
 
 DTYPES = ("float32", "bfloat16")
+#: Variants compared: the two dtypes as `load()` gives them, and bf16 kept on PyTorch's SDPA kernel (the reason
+#: `load()` moves bf16 on CPU to eager attention). The SDPA variant computes the same thing as eager: no perplexity.
+VARIANTS = ("float32", "bfloat16", "bfloat16-sdpa")
 BATCH_SIZES = (1, 8, 16)
 PPL_CHUNK = 1024
 
@@ -111,16 +114,17 @@ def run(models: dict, ids: list[int], *, rounds: int, steps: int, held: list[int
             forward(model, cache, prompt)
             prefill[d].append(len(prompt) / (time.perf_counter() - began))
     for d, model in models.items():
-        streaming = {"ppl": streaming_ppl(model, ids[:stream_tokens], progress)}
+        quality = not d.endswith("-sdpa")  # the SDPA variant computes what eager does: speed only
+        streaming = {"ppl": streaming_ppl(model, ids[:stream_tokens], progress)} if quality else None
         result["dtypes"][d] = {
             "decode_ms": {f"{b}x{h}": statistics.median(decode[(d, b, h)]) for b, h in cells},
             "decode_ms_rounds": {f"{b}x{h}": [round(x, 2) for x in decode[(d, b, h)]] for b, h in cells},
             "attention": models[d].config._attn_implementation,
             "prefill_tok_s": statistics.median(prefill[d]),
-            "ppl_dense": dense_ppl(model, ids),
-            "ppl_streaming": streaming["ppl"],
+            "ppl_dense": dense_ppl(model, ids) if quality else None,
+            "ppl_streaming": streaming["ppl"] if quality else None,
         }
-    if set(models) == set(DTYPES):
+    if set(DTYPES) <= set(models):
         f32, b16 = result["dtypes"]["float32"], result["dtypes"]["bfloat16"]
         result["bf16_vs_fp32"] = {
             "decode_speedup": {key: f32["decode_ms"][key] / b16["decode_ms"][key] for key in f32["decode_ms"]},
@@ -138,8 +142,8 @@ def format_table(result: dict) -> str:
             "|---|" + "---:|" * (len(keys) + 3)]
     for d, r in result["dtypes"].items():
         ms = " | ".join(f"{r['decode_ms'][k]:.1f}" for k in keys)
-        rows.append(f"| {d} ({r['attention']}) | {ms} | {r['prefill_tok_s']:.0f} | {r['ppl_dense']:.3f} | "
-                    f"{r['ppl_streaming']:.3f} |")
+        ppl = " | ".join("same as eager" if r[k] is None else f"{r[k]:.3f}" for k in ("ppl_dense", "ppl_streaming"))
+        rows.append(f"| {d.split('-')[0]} ({r['attention']}) | {ms} | {r['prefill_tok_s']:.0f} | {ppl} |")
     rel = result.get("bf16_vs_fp32")
     if rel:
         sp = " | ".join(f"×{rel['decode_speedup'][k]:.2f}" for k in keys)
@@ -153,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help=f"Hugging Face id or local path (default: the offline {DEFAULT_MODEL_NAME})")
     p.add_argument("--device", default="cpu", help="where to compare (the default dtype question is a CPU one)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--dataset", default="austen-pride-and-prejudice", choices=sorted(DATASETS), help="eval text")
     p.add_argument("--ppl-tokens", type=int, default=8192, help="tokens of dense perplexity")
     p.add_argument("--stream-tokens", type=int, default=1000, help="tokens of streaming perplexity")
@@ -173,9 +178,14 @@ def main(argv: list[str] | None = None) -> int:
         held = parse_counts(args.held, "--held")
         torch.set_num_threads(args.threads)
         text, source = load_text(None, args.dataset)
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        if not variants or set(variants) - set(VARIANTS):
+            raise ValueError(f"--variants takes a comma list of {', '.join(VARIANTS)} (got {args.variants!r})")
         models = {}
-        for d in DTYPES:
-            models[d], tokenizer = load(args.model, args.device, d)
+        for variant in variants:
+            models[variant], tokenizer = load(args.model, args.device, variant.split("-")[0])
+            if variant.endswith("-sdpa"):
+                models[variant].set_attn_implementation("sdpa")
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.ppl_tokens]
         if len(ids) < max(args.stream_tokens, args.prefill_tokens, 2):
             raise ValueError(f"the text has only {len(ids)} tokens")

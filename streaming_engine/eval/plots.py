@@ -335,13 +335,15 @@ def plot_dtype(result: dict, output) -> list[str]:
     for i, d in enumerate(dtypes):
         data = result["dtypes"][d]
         xs = [j + i * width for j in range(len(sizes))]
+        ppl = f" (dense PPL {data['ppl_dense']:.2f})" if data.get("ppl_dense") else ""
         axes[0].bar(xs, [data["decode_ms"][s] for s in sizes], width,
-                    label=f"{d}, {data.get('attention', '?')} attention (dense PPL {data['ppl_dense']:.2f})")
+                    label=f"{d.split('-')[0]}, {data.get('attention', '?')} attention{ppl}")
         axes[1].bar([i], [data["prefill_tok_s"]], 0.6, label=d)
     axes[0].set_xticks([j + width * (len(dtypes) - 1) / 2 for j in range(len(sizes))],
                        [f"{s.split('x')[0]} rows\n{s.split('x')[1]} held" for s in sizes])
     axes[0].set_ylabel("ms per batched decode step (median)")
-    axes[1].set_xticks(range(len(dtypes)), dtypes)
+    axes[1].set_xticks(range(len(dtypes)), [f"{d.split('-')[0]}\n{result['dtypes'][d].get('attention', '')}"
+                                            for d in dtypes])
     axes[1].set_ylabel("prefill tokens/s")
     for ax in axes:
         ax.grid(alpha=0.3, axis="y")

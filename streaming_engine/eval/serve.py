@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sessions", default=DEFAULT_SESSIONS, help="comma list of concurrent session counts")
     p.add_argument("--schedulers", default=",".join(SCHEDULERS), help=f"comma list of {', '.join(SCHEDULERS)}")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens every reply runs to")
-    p.add_argument("--rounds", type=int, default=3, help="repetitions of every concurrency cell (interleaved)")
+    p.add_argument("--rounds", type=int, default=2, help="repetitions of every concurrency cell (interleaved)")
     p.add_argument("--single-tokens", type=int, default=128, help="tokens of the single-stream comparison")
     p.add_argument("--single-rounds", type=int, default=5, help="repetitions of engine and generate (0: skip)")
     p.add_argument("--start-size", type=int, default=4, help="attention sinks")
