@@ -1,7 +1,9 @@
 """The Gradio web UI of StreamingLLM chat: one module per tab, composed by the root `app.py`.
 
 Rooms: `settings` (flags, environment, UI defaults), `render` (the inert markdown sanitizer, gauges, reply text,
-plots), `assets` (static files), `sessions` (a browser tab's engine sessions), `handlers` (binding handlers to the
-engine, ZeroGPU), one module per tab (`chat_tab`, `compare_tab`, `about`) and `webapi` (the HTTP API for scripts).
+plots), `assets` (static files), `sessions` (whom a tab's sessions count against, and freeing them when the tab
+goes), `handlers` (binding handlers to the engine, ZeroGPU), one module per tab (`chat_tab` with its
+`conversation_list`, `compare_tab`, `about`), `webapi` (the HTTP API for scripts) and `security` (response
+headers).
 Every model decision is the engine's (`streaming_engine`); nothing here computes with the model.
 """
