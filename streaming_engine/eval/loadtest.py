@@ -124,7 +124,7 @@ def run_user(url: str, index: int, turns: int, max_new_tokens: int, deadline: fl
             result = job.result(timeout=TURN_TIMEOUT_S)
             reply, stats = result[0], json.loads(result[1]) if result[1] else stats
         except Exception as exc:  # noqa: BLE001
-            out.errors.append(f"user {index} turn {turn}: {exc}")
+            out.errors.append(f"user {index} turn {turn}: {type(exc).__name__}: {exc}")
             continue
         if stats.get("error"):
             out.errors.append(f"user {index} turn {turn}: {stats['error']}")
