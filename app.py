@@ -5,28 +5,36 @@ It loads the model, builds the engine, composes the tabs of `webui/` into one pa
 plus the HTTP API for scripts (`webui/webapi.py`). Every model decision is `StreamingEngine`'s.
 
 Run `python app.py --help`. Every flag has an environment variable for Spaces (see `webui/settings.py`). The model
-loads once per process; each browser tab gets its own engine sessions, freed when the tab goes away.
+loads once per process; conversations are kept server-side (`streaming_engine.conversations`, in the SQLite
+database under `--data-dir` unless `--no-persist`), each browser tab's live sessions are freed within seconds of the
+tab going away, and every response carries the security headers of `webui/security.py`.
 """
 
 from __future__ import annotations
 
 import html
+import os
 
 import gradio as gr
 
 from streaming_engine import EngineConfig, StreamingEngine, load
+from streaming_engine.conversations import Conversations
+from streaming_engine.store import ChatStore
 from streaming_engine.history import MAX_HISTORY_BYTES
 from streaming_engine.loading import DEFAULT_MODEL_NAME
-from webui import metrics, openai_api, webapi
+from webui import metrics, openai_api, security, webapi
 from webui.about import build_about_tab
 from webui.assets import read_css
 from webui.chat_tab import build_chat_tab
 from webui.compare_tab import build_compare_tab
+from webui.sessions import tab_closed
 from webui.settings import QUEUE_CONCURRENCY, QUEUE_MAX_SIZE, AppSettings, parse_settings
 
 
-def build_ui(engine: StreamingEngine, model_label: str) -> gr.Blocks:
-    """The whole page over `engine`: header, the tabs in order, the status footer and the HTTP API."""
+def build_ui(engine: StreamingEngine, model_label: str, conversations: Conversations | None = None) -> gr.Blocks:
+    """The whole page over `engine`: header, the tabs in order, the status footer and the HTTP API.
+    `conversations` keeps the chat tab's conversations (default: in memory only, nothing written)."""
+    conversations = conversations or Conversations(engine, ChatStore(None))
     cfg = engine.config
     with gr.Blocks(title="StreamingLLM chat") as demo:
         gr.Markdown(
@@ -34,7 +42,7 @@ def build_ui(engine: StreamingEngine, model_label: str) -> gr.Blocks:
             f"**{cfg.start_size} attention sinks** plus the **{cfg.recent_size} most recent tokens**, so memory "
             "stays flat however long you chat. Watch the gauges while the reply streams."
         )
-        build_chat_tab(demo, engine)
+        build_chat_tab(demo, conversations)
         build_compare_tab(engine)
         build_about_tab()
         gr.Markdown(
@@ -43,25 +51,36 @@ def build_ui(engine: StreamingEngine, model_label: str) -> gr.Blocks:
             "recent tokens", elem_classes=["footer-status"], elem_id="status",
         )
         webapi.register(engine)
+        demo.unload(tab_closed)  # a page went away: free its sessions (see webui/sessions.py)
     return demo
 
 
 def create_engine(settings: AppSettings) -> tuple[StreamingEngine, str]:
     """Load the model the settings name and wrap it in an engine; returns it with the model's display name."""
     model, tokenizer = load(settings.model, trust_remote_code=settings.trust_remote_code)
-    config = EngineConfig(start_size=settings.start_size, recent_size=settings.recent_size)
+    config = EngineConfig(start_size=settings.start_size, recent_size=settings.recent_size,
+                          max_sessions=settings.max_sessions, max_sessions_per_owner=settings.max_sessions_per_client)
     return StreamingEngine(model, tokenizer, config), settings.model or DEFAULT_MODEL_NAME
+
+
+def open_conversations(engine: StreamingEngine, settings: AppSettings) -> Conversations:
+    """The engine's conversations over the store the settings name (raises `StoreError` when it is unusable)."""
+    return Conversations(engine, ChatStore.open(settings.data_dir, persist=settings.persist))
 
 
 def launch(demo: gr.Blocks, settings: AppSettings, engine: StreamingEngine | None = None,
            model_label: str = DEFAULT_MODEL_NAME, **kwargs):
-    """Serve `demo` with the queue bounds, the upload limit (a history file) and the stylesheet; with `engine`,
-    also mount the plain HTTP APIs (OpenAI-compatible, Prometheus) on the same server, behind the same login."""
+    """Serve `demo` with the queue bounds, the upload limit (a history file), the stylesheet and the security
+    headers on every response; with `engine`, also mount the plain HTTP APIs (OpenAI-compatible, Prometheus) on
+    the same server, behind the same login. The proxies trusted to name the client go to uvicorn (it reads
+    `FORWARDED_ALLOW_IPS` when the server starts)."""
     demo.queue(default_concurrency_limit=QUEUE_CONCURRENCY, max_size=QUEUE_MAX_SIZE)
+    os.environ["FORWARDED_ALLOW_IPS"] = settings.forwarded_allow_ips
     keep_running = not kwargs.pop("prevent_thread_lock", False)
     result = demo.launch(
         server_name=settings.host, server_port=settings.port, share=settings.share, auth=settings.auth,
-        max_file_size=MAX_HISTORY_BYTES, css=read_css(), footer_links=["api"], prevent_thread_lock=True, **kwargs,
+        max_file_size=MAX_HISTORY_BYTES, css=read_css(), footer_links=["api"], prevent_thread_lock=True,
+        app_kwargs={"middleware": [security.middleware(settings.frame_ancestors)]}, **kwargs,
     )
     if engine is not None:  # gradio's FastAPI app exists once launched
         openai_api.mount(demo.app, engine, model_name=model_label, auth=settings.auth)
@@ -75,9 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(argv)
     try:
         engine, label = create_engine(settings)
-    except (ValueError, RuntimeError) as exc:
+        conversations = open_conversations(engine, settings)
+    except (ValueError, RuntimeError) as exc:  # StoreError is a RuntimeError
         raise SystemExit(f"error: {exc}") from exc
-    launch(build_ui(engine, label), settings, engine=engine, model_label=label)
+    launch(build_ui(engine, label, conversations), settings, engine=engine, model_label=label)
 
 
 if __name__ == "__main__":

@@ -2,20 +2,31 @@
 and `assets/make_screenshots.py`.
 
 Imports nothing from pytest or the test fixtures (the screenshot script is not a test), and the app only when a
-server is started.
+server is started in this process (`served`); `app_process` runs it as a separate process, to be killed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 from typing import Iterator
 
 #: Chromium flags for a headless run on a machine with no GPU, no network and no sandbox (CI containers).
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                "--disable-sync"]
 VIEWPORT_WIDTH = 1360
+ROOT = Path(__file__).resolve().parent.parent
+#: How long a started app process may take to answer (model load included, on a busy shared CPU).
+APP_START_TIMEOUT_S = 300.0
 
 
 def free_port() -> int:
@@ -31,17 +42,69 @@ def find_chromium() -> str | None:
 
 
 @contextlib.contextmanager
-def served(engine, model_label: str) -> Iterator[tuple[str, object]]:
-    """The whole app over `engine`, launched in this process; yields `(url, demo)` and closes it afterwards."""
+def served(engine, model_label: str, conversations=None, **settings) -> Iterator[tuple[str, object]]:
+    """The whole app over `engine`, launched in this process; yields `(url, demo)` and closes it afterwards.
+    `conversations`: the chat tab's (default: in memory only); `settings`: other `AppSettings` fields."""
     import app
 
-    settings = app.AppSettings(port=free_port())
-    demo = app.build_ui(engine, model_label)
+    settings = app.AppSettings(port=free_port(), **settings)
+    demo = app.build_ui(engine, model_label, conversations)
     app.launch(demo, settings, prevent_thread_lock=True, quiet=True)
     try:
         yield f"http://127.0.0.1:{settings.port}", demo
     finally:
         demo.close()
+
+
+def wait_until_serving(url: str, process: subprocess.Popen | None = None,
+                       timeout_s: float = APP_START_TIMEOUT_S) -> None:
+    """Until `url` answers HTTP 200 (raises if `process` exits first or the time runs out)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the app exited with code {process.returncode} before serving {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+def start_app(args: list[str], port: int, log: Path, module: str | None = None) -> subprocess.Popen:
+    """`python app.py --port PORT ARGS...` (or `python -m MODULE ...`) from the repository root, output to `log`,
+    returned once it serves. One thread for torch: the test machine's cores are shared."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, *(["-m", module] if module else ["app.py"]), "--port", str(port), *args]
+    with open(log, "ab") as out:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until_serving(f"http://127.0.0.1:{port}/", process)
+    except BaseException:
+        stop_app(process)
+        raise
+    return process
+
+
+def stop_app(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Send `sig` (SIGKILL: a crash) and wait for the process to be gone."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(60)
+
+
+def save_model(model, tokenizer, folder: Path) -> Path:
+    """A model and its tokenizer written where `app.py --model FOLDER` loads them (safetensors, no code)."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def open_page(browser, url: str, height: int = 980, timeout_ms: float | None = None):

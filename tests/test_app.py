@@ -50,6 +50,7 @@ def test_ui_handlers_are_private_and_the_layout_has_every_control(launched):
     _, _, demo = launched
     ids = {getattr(block, "elem_id", None) for block in demo.blocks.values()}
     for needed in ("chatbot", "msg", "send", "stop", "retry", "new-chat", "export", "upload", "gauges",
+                   "conversations", "conversation-title", "rename-conversation", "delete-conversation",
                    "chat-streaming", "chat-dense", "chat-window", "compare-autopilot", "plot-memory", "diagram"):
         assert needed in ids, needed
     public = {d.get("api_name") for d in demo.config["dependencies"] if d.get("api_visibility") == "public"}
@@ -78,6 +79,85 @@ def test_settings_come_from_flags_or_environment_and_bind_to_loopback_by_default
     for argv in (["--auth", "nopassword"], ["--recent-size", "0"], ["--port", "70000"]):
         with pytest.raises(SystemExit):
             app_settings.parse_settings(argv, env={})
+
+
+def test_storage_caps_and_header_settings_come_from_flags_or_environment(tmp_path):
+    settings = app_settings.parse_settings([], env={})
+    assert settings.data_dir is None and settings.persist  # the store's default folder, written to
+    assert (settings.max_sessions, settings.max_sessions_per_client) == (64, 8)
+    assert settings.frame_ancestors == "'self' https://huggingface.co"
+    assert settings.forwarded_allow_ips == "127.0.0.1,::1"
+    env = {"DATA_DIR": str(tmp_path), "NO_PERSIST": "1", "MAX_SESSIONS": "20", "MAX_SESSIONS_PER_CLIENT": "3",
+           "FRAME_ANCESTORS": "'none'", "FORWARDED_ALLOW_IPS": "10.0.0.5"}
+    settings = app_settings.parse_settings([], env=env)
+    assert (settings.data_dir, settings.persist, settings.max_sessions, settings.max_sessions_per_client) == (
+        str(tmp_path), False, 20, 3)
+    assert settings.frame_ancestors == "'none'" and settings.forwarded_allow_ips == "10.0.0.5"
+    flags = app_settings.parse_settings(["--data-dir", "/srv/chats", "--no-persist", "--max-sessions-per-client",
+                                         "2"], env={})
+    assert (flags.data_dir, flags.persist, flags.max_sessions_per_client) == ("/srv/chats", False, 2)
+    assert app_settings.parse_settings([], env={"SPACE_ID": "me/space"}).forwarded_allow_ips == "*"
+    for argv in (["--max-sessions-per-client", "0"], ["--max-sessions", "4", "--max-sessions-per-client", "5"],
+                 ["--frame-ancestors", "x; script-src *"], ["--max-sessions", "lots"]):
+        with pytest.raises(SystemExit):
+            app_settings.parse_settings(argv, env={})
+
+
+def test_the_app_refuses_to_start_on_an_unusable_database(tmp_path, tiny_chat_model, default_tokenizer):
+    import app
+    from streaming_engine.store import StoreError
+
+    (tmp_path / "chats.sqlite").write_bytes(b"not a database at all" * 100)
+    engine = StreamingEngine(tiny_chat_model, default_tokenizer, EngineConfig(start_size=4, recent_size=96))
+    settings = app_settings.parse_settings(["--data-dir", str(tmp_path)], env={})
+    with pytest.raises(StoreError, match="not a usable chat database"):
+        app.open_conversations(engine, settings)
+    settings = app_settings.parse_settings(["--data-dir", str(tmp_path / "new"), "--no-persist"], env={})
+    assert not app.open_conversations(engine, settings).persistent and not (tmp_path / "new").exists()
+
+
+SECURITY_HEADERS = {"x-content-type-options": "nosniff", "referrer-policy": "same-origin",
+                    "content-security-policy": "frame-ancestors 'self' https://huggingface.co"}
+
+
+def fetch(url, data=None):
+    """(status, headers, body) of one request; error statuses are answers too."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"} if data else {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as response:
+            return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
+def test_every_response_carries_the_security_headers(launched):
+    url, *_ = launched
+    status, _, body = fetch(f"{url}/gradio_api/call/health", data=b'{"data": []}')
+    event_id = json.loads(body)["event_id"]
+    answers = {
+        "page": fetch(f"{url}/"),
+        "config": fetch(f"{url}/config"),
+        "api info": fetch(f"{url}/gradio_api/info"),
+        "API call": (status, *fetch(f"{url}/gradio_api/call/health", data=b'{"data": []}')[1:]),
+        "event stream": fetch(f"{url}/gradio_api/call/health/{event_id}"),
+        "missing file": fetch(f"{url}/gradio_api/file=/etc/passwd"),
+        "not found": fetch(f"{url}/no-such-page"),
+    }
+    for name, (status, headers, _) in answers.items():
+        for header, value in SECURITY_HEADERS.items():
+            assert headers.get(header) == value, (name, status, header, headers.get(header))
+    assert answers["page"][0] == 200 and answers["event stream"][0] == 200
+    assert b"rss_bytes" in answers["event stream"][2]  # the stream itself came through whole
+
+
+def test_frame_ancestors_are_configurable_for_embedding(tiny_chat_model, default_tokenizer):
+    engine = StreamingEngine(tiny_chat_model, default_tokenizer, EngineConfig(start_size=4, recent_size=96))
+    with served(engine, "tiny", frame_ancestors="https://huggingface.co https://example.org") as (url, _):
+        _, headers, _ = fetch(f"{url}/")
+    assert headers["content-security-policy"] == "frame-ancestors https://huggingface.co https://example.org"
 
 
 def test_example_and_autopilot_prompts_ship_in_assets():

@@ -40,6 +40,34 @@ def test_concurrent_sessions_complete_with_no_errors_no_cross_talk_and_bounded_m
     assert report["ttft_p50_s"] is not None and report["ttft_p95_s"] >= report["ttft_p50_s"]
     assert 0 < report["peak_rss_bytes"] < TINY_SERVER_PEAK_RSS_BOUND
     assert engine.session_ids() == []  # every virtual user closed its session
+    assert report["by_route"] == {"": {"users": 4, "turns_completed": 16, "errors": 0, "cross_talk": 0}}
+    assert report["busy_probe"] is None
+
+
+def test_an_extra_user_beyond_the_turn_limit_is_answered_busy_and_the_probe_reports_it(
+        tiny_chat_model, default_tokenizer):
+    import gradio as gr
+
+    from webui import webapi
+
+    engine = StreamingEngine(tiny_chat_model, default_tokenizer,
+                             EngineConfig(start_size=4, recent_size=64, prefill_chunk_size=32, max_active_turns=2))
+    with gr.Blocks() as demo:
+        webapi.register(engine)
+    port = free_port()
+    demo.queue(default_concurrency_limit=16).launch(server_name="127.0.0.1", server_port=port,
+                                                    prevent_thread_lock=True, quiet=True)
+    try:
+        report = loadtest.run_load(f"http://127.0.0.1:{port}", sessions=2, turns=4, max_new_tokens=400,
+                                   deadline_s=300, busy_probes=2)
+    finally:
+        demo.close()
+    assert report["errors"] == 0 and report["turns_completed"] == 8  # the load itself is never refused
+    probe = report["busy_probe"]
+    assert probe["tries"] >= 1 and probe["busy"] >= 1, probe
+    for sample in probe["samples"]:
+        if sample.get("busy"):
+            assert sample["error"].startswith("Server busy") and sample["active_turns_before"] >= 2
 
 
 def test_cli_writes_the_report_and_a_memory_plot_and_exits_zero_on_a_clean_run(api_server, tmp_path, capsys):
@@ -65,10 +93,13 @@ def test_cross_talk_is_detected_when_a_history_holds_someone_elses_turn(monkeypa
         def __init__(self, reply):
             self.reply = reply
 
-        def __iter__(self):
-            yield self.reply, json.dumps({"tokens_per_s": 10.0})
+        def outputs(self):
+            return [(self.reply, json.dumps({"tokens_per_s": 10.0}))]
 
-        def result(self):
+        def done(self):
+            return True
+
+        def result(self, timeout=None):
             return self.reply, json.dumps({"time_to_first_token_s": 0.1, "tokens_per_s": 10.0})
 
     class FakeClient:

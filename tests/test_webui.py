@@ -1,21 +1,29 @@
 """The tabs' handlers called directly, without a browser or a server: what each returns for the page.
 
-Handlers are plain functions over the engine (`webui/chat_tab.py`, `webui/compare_tab.py`). Outside a gradio
-request, `gr.Warning` is a Python `UserWarning`, which is how these tests see what the user would be told.
+Handlers are plain functions over the engine or the `Conversations` (`webui/chat_tab.py`, `webui/compare_tab.py`).
+Outside a gradio request, `gr.Warning` is a Python `UserWarning`, which is how these tests see what the user would
+be told. A handler's `request` is a stand-in with the three fields the app reads (client address, login user,
+page id).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import sqlite3
+from types import SimpleNamespace
 
 import gradio as gr
 import pytest
 from matplotlib.figure import Figure
 
 from streaming_engine import MODES, EngineConfig, StreamingEngine
+from streaming_engine.conversations import Conversations
 from streaming_engine.history import MAX_HISTORY_BYTES
+from streaming_engine.store import ChatStore
 from webui import chat_tab, compare_tab
+from webui.conversation_list import empty_record
+from webui.sessions import TABS, TabRegistry, owner_of
 
 SKIP = gr.skip()
 #: Chat-tab sampling inputs in slider order: system prompt, temperature, top-p, top-k, max new tokens, penalty.
@@ -31,6 +39,18 @@ def engine(tiny_chat_model, default_tokenizer):
         engine.close(sid)
 
 
+@pytest.fixture
+def conv(engine, tmp_path):
+    """The chat tab's conversations, stored in a fresh database."""
+    store = ChatStore.open(tmp_path / "data")
+    yield Conversations(engine, store, partial_save_interval_s=0.0)
+    store.close()
+
+
+def request(host="10.0.0.1", tab="page-1", user=None):
+    return SimpleNamespace(client=SimpleNamespace(host=host), username=user, session_hash=tab)
+
+
 def gauge_value(html: str, key: str) -> float:
     return float(re.search(rf'data-key="{key}" data-value="([^"]*)"', html).group(1))
 
@@ -43,41 +63,84 @@ def last(outputs):
     return list(outputs)[-1]
 
 
-def send(engine, message, messages=None, state=None, inputs=GREEDY_INPUTS):
-    """Every output tuple of one Send: (chatbot, message box, gauges, state, saved history)."""
-    return list(chat_tab.respond(engine, message, messages or [], state or {}, *inputs))
+class Page:
+    """One browser page of the chat tab: its outputs fed back as the next event's inputs, as gradio does."""
+
+    def __init__(self, conv, record=None, req=None):
+        self.conv, self.req = conv, req
+        self.chat, self.state, self.record, self.listing = [], {}, record or empty_record(), None
+
+    def send(self, message, inputs=GREEDY_INPUTS):
+        outputs = list(chat_tab.respond(self.conv, message, self.chat, self.state, self.record, *inputs,
+                                        request=self.req))
+        self._take_turn(outputs)
+        return outputs
+
+    def retry(self, inputs=GREEDY_INPUTS):
+        outputs = list(chat_tab.retry_last(self.conv, self.chat, self.state, self.record, *inputs,
+                                           request=self.req))
+        self._take_turn(outputs)
+        return outputs
+
+    def _take_turn(self, outputs):
+        for chat, _box, _gauges, state, record, listing in outputs:
+            self.chat, self.state = chat, state
+            self.record = record if record != SKIP else self.record
+            self.listing = listing if listing != SKIP else self.listing
+
+    def show(self, outputs):
+        """Take a `view` (load, new chat, switch, delete, upload)."""
+        chat, gauges, state, record, listing, title, _file = outputs
+        for name, value in (("chat", chat), ("state", state), ("record", record), ("listing", listing)):
+            if value != SKIP:
+                setattr(self, name, value)
+        self.gauges, self.title = gauges, title
+        return outputs
+
+    def load(self):
+        return self.show(chat_tab.load_conversation(self.conv, self.record, self.state, request=self.req))
+
+    @property
+    def token(self):
+        return self.state.get("token")
+
+    def titles(self):
+        return [label for label, _ in self.listing["choices"]]
 
 
 # --- chat tab -------------------------------------------------------------------------------------------------
 
 
-def test_send_streams_a_reply_then_settles_with_idle_gauges_and_a_saved_history(engine):
-    outputs = send(engine, "Hello <b>there</b>")
-    chat, box, gauges, state, saved = outputs[-1]
+def test_send_streams_a_reply_then_settles_with_idle_gauges_and_a_stored_conversation(conv):
+    page = Page(conv)
+    outputs = page.send("Hello <b>there</b>")
+    chat, box, gauges, state, record, listing = outputs[-1]
     assert outputs[0][1] == ""  # the box empties at once
     assert chat[0] == {"role": "user", "content": "Hello &lt;b>there&lt;/b>"}
     assert chat[1]["role"] == "assistant" and chat[1]["content"]
     assert box == "" and phase(gauges) == "idle" and gauge_value(gauges, "turns") == 1
-    history = json.loads(saved)["messages"]
-    assert [m["content"] for m in history][0] == "Hello <b>there</b>"
-    assert state["sid"] in engine.session_ids()
-    chat2, *_ = last(chat_tab.respond(engine, "Again", chat, state, *GREEDY_INPUTS))
-    assert len(chat2) == 4 and engine.stats(state["sid"])["turns"] == 2  # the same conversation goes on
+    assert page.record == {"tokens": [page.token], "current": page.token}  # all the browser keeps
+    stored = conv.store.load(page.token)
+    assert stored.messages[0]["content"] == "Hello <b>there</b>" and len(stored.messages) == 2
+    assert page.titles() == ["Hello <b>there</b> · 2 messages"] and listing["value"] == page.token
+    page.send("Again")
+    assert len(page.chat) == 4 and len(conv.store.load(page.token).messages) == 4  # the same conversation goes on
 
 
 @pytest.mark.parametrize("inputs,match", [
     (("", 0.0, 1.0, 0, 0, 1.0), "max_new_tokens"),
     (("", 0.0, 0.0, 0, 8, 1.0), "top_p"),
 ])
-def test_a_refused_message_goes_back_to_the_box_and_the_chat_is_unchanged(engine, inputs, match):
+def test_a_refused_message_goes_back_to_the_box_and_the_chat_is_unchanged(conv, inputs, match):
     earlier = [{"role": "user", "content": "before"}, {"role": "assistant", "content": "reply"}]
     with pytest.warns(UserWarning, match=match):
-        chat, box, _, state, saved = last(chat_tab.respond(engine, "Keep this text", earlier, {}, *inputs))
-    assert chat == earlier and box == "Keep this text" and saved == SKIP
-    assert engine.history(state["sid"]) == []  # the engine never took it
+        chat, box, _, state, record, listing = last(chat_tab.respond(conv, "Keep this text", earlier, {},
+                                                                     empty_record(), *inputs))
+    assert chat == earlier and box == "Keep this text" and listing == SKIP
+    assert conv.messages(state["token"]) == [] and not conv.store.exists(state["token"])  # never taken
 
 
-def test_a_failure_mid_reply_keeps_the_message_and_says_what_went_wrong(engine, monkeypatch):
+def test_a_failure_mid_reply_keeps_the_message_and_says_what_went_wrong(conv, monkeypatch):
     import streaming_engine.scheduler as scheduler
 
     def broken(*args, **kwargs):
@@ -86,70 +149,214 @@ def test_a_failure_mid_reply_keeps_the_message_and_says_what_went_wrong(engine, 
     # The worker runs every forward pass: a prompt chunk (`forward`) and the batched decode step (`forward_batch`).
     monkeypatch.setattr(scheduler, "forward", broken)
     monkeypatch.setattr(scheduler, "forward_batch", broken)
+    page = Page(conv)
     with pytest.warns(UserWarning, match="simulated device failure"):
-        chat, box, _, state, saved = last(send(engine, "Will this work?"))
-    assert box == "" and chat[0]["content"] == "Will this work?"
-    assert chat[1]["content"].startswith("⚠️") and "simulated device failure" in chat[1]["content"]
-    assert json.loads(saved)["messages"][0]["content"] == "Will this work?"  # accepted: kept for the reload
+        page.send("Will this work?")
+    assert page.chat[0]["content"] == "Will this work?"
+    assert page.chat[1]["content"].startswith("⚠️") and "simulated device failure" in page.chat[1]["content"]
+    assert conv.store.load(page.token).messages[0]["content"] == "Will this work?"  # accepted: kept for the reload
 
 
-def test_an_empty_message_changes_nothing(engine):
+def test_an_empty_message_changes_nothing(conv, engine):
     with pytest.warns(UserWarning, match="empty"):
-        outputs = send(engine, "   ")
-    assert outputs == [([], "   ", SKIP, {}, SKIP)]
+        outputs = list(chat_tab.respond(conv, "   ", [], {}, empty_record(), *GREEDY_INPUTS))
+    assert outputs == [([], "   ", SKIP, {}, SKIP, SKIP)]
     assert engine.session_ids() == []
 
 
-def test_retry_replaces_the_last_exchange_instead_of_adding_one(engine):
-    chat, _, _, state, _ = last(send(engine, "First"))
-    chat, _, _, state, _ = last(chat_tab.respond(engine, "Second", chat, state, *GREEDY_INPUTS))
-    chat, _, gauges, state, _ = last(chat_tab.retry_last(engine, chat, state, *GREEDY_INPUTS))
-    assert [m["content"] for m in chat if m["role"] == "user"] == ["First", "Second"]
-    assert gauge_value(gauges, "turns") == 2
+def test_retry_replaces_the_last_exchange_instead_of_adding_one(conv):
+    page = Page(conv)
+    page.send("First")
+    page.send("Second")
+    outputs = page.retry()
+    assert [m["content"] for m in page.chat if m["role"] == "user"] == ["First", "Second"]
+    assert gauge_value(outputs[-1][2], "turns") == 2
+    assert [m["content"] for m in conv.store.load(page.token).messages if m["role"] == "user"] == ["First", "Second"]
     with pytest.warns(UserWarning, match="no message to retry"):
-        assert last(chat_tab.retry_last(engine, [], {}, *GREEDY_INPUTS))[1] == SKIP
+        assert last(chat_tab.retry_last(conv, [], {}, empty_record(), *GREEDY_INPUTS))[1] == SKIP
 
 
-def test_a_downloaded_history_uploads_into_a_new_conversation_that_continues(engine, tmp_path):
-    chat, _, _, state, _ = last(send(engine, "Remember: pineapple"))
-    download = chat_tab.export_history(engine, state)
+def test_a_downloaded_history_uploads_into_a_new_conversation_that_continues(conv):
+    page = Page(conv)
+    page.send("Remember: pineapple")
+    first = page.token
+    download = chat_tab.export_history(conv, page.state, page.record)
     assert download["visible"] is True
     data = open(download["value"], "rb").read()
-    shown, new_state, gauges, saved = chat_tab.upload_history(engine, data, [], {"sid": "stale"})
-    assert shown == chat and new_state["sid"] != state["sid"] and gauge_value(gauges, "turns") == 1
-    assert json.loads(saved)["messages"] == engine.history(state["sid"])
-    chat2, *_ = last(chat_tab.respond(engine, "What was the word?", shown, new_state, *GREEDY_INPUTS))
-    assert len(chat2) == 4
+    page.show(chat_tab.upload_history(conv, data, page.state, page.record))
+    assert page.token != first and page.chat == [{"role": m["role"], "content": m["content"]}
+                                                 for m in conv.messages(page.token)]
+    assert gauge_value(page.gauges, "turns") == 1 and conv.store.exists(page.token)  # stored at once
+    assert page.record["tokens"] == [first, page.token] and len(page.listing["choices"]) == 2
+    page.send("What was the word?")
+    assert len(page.chat) == 4
 
 
 @pytest.mark.parametrize("data,match", [
     (b"{not json", "not valid JSON"),
+    (b"[" * 200_000, "nested too deep"),
     (b"x" * (MAX_HISTORY_BYTES + 1), "too large"),
     (None, "no file"),
 ])
-def test_a_bad_upload_is_refused_and_the_chat_stays(engine, data, match):
-    before = [{"role": "user", "content": "kept"}]
+def test_a_bad_upload_is_refused_and_the_chat_stays(conv, data, match):
     with pytest.warns(UserWarning, match=match):
-        shown, state, gauges, saved = chat_tab.upload_history(engine, data, before, {"sid": "mine"})
-    assert (shown, state, gauges, saved) == (before, {"sid": "mine"}, SKIP, SKIP)
+        outputs = chat_tab.upload_history(conv, data, {"token": "mine"}, empty_record())
+    assert outputs == [SKIP] * 7
 
 
-def test_a_reload_restores_the_saved_conversation_once(engine):
-    chat, _, _, state, saved = last(send(engine, "Remember me"))
-    shown, restored_state, gauges = chat_tab.restore_saved(engine, saved, {})
-    assert shown == chat and gauge_value(gauges, "turns") == 1 and restored_state["sid"] != state["sid"]
-    assert chat_tab.restore_saved(engine, saved, restored_state)[0] == SKIP  # this tab already has its chat
-    assert chat_tab.restore_saved(engine, "{broken", {})[0] == SKIP  # stale storage is ignored
+def test_an_uploaded_dense_history_becomes_a_bounded_streaming_conversation(conv, engine):
+    """Defect 2 of issue 12: the file's mode and sizes are ignored; the chat tab's cache stays bounded."""
+    history = {"format": "streaming-llm-chat", "version": 1, "mode": "dense", "start_size": 0,
+               "recent_size": 100_000, "messages": [{"role": "user", "content": "word " * 600},
+                                                    {"role": "assistant", "content": "ok " * 600}]}
+    page = Page(conv)
+    page.show(chat_tab.upload_history(conv, json.dumps(history).encode(), page.state, page.record))
+    page.send("And now?" + " more" * 200)
+    stats = engine.stats(conv.open(page.token).session_id)
+    assert stats["mode"] == "streaming" and stats["cache_capacity"] == engine.config.cache_size
+    assert stats["cache_tokens"] <= engine.config.cache_size < stats["seen_tokens"]
 
 
-def test_new_chat_closes_the_conversation_and_clears_the_tab(engine):
-    _, _, _, state, _ = last(send(engine, "Hi"))
-    chat, new_state, gauges, saved, download = chat_tab.start_new_chat(engine, state)
-    assert (chat, new_state, saved) == ([], {}, "") and download["visible"] is False
-    assert gauge_value(gauges, "turns") == 0 and state["sid"] not in engine.session_ids()
+def test_a_reload_reattaches_to_the_same_session_and_creates_none(conv, engine):
+    page = Page(conv, req=request(tab="first-load"))
+    page.send("Remember me")
+    sid, chat = conv.open(page.token).session_id, page.chat
+    for reload in range(3):
+        again = Page(conv, record=page.record, req=request(tab=f"reload-{reload}"))
+        again.load()
+        assert again.chat == chat and again.token == page.token and gauge_value(again.gauges, "turns") == 1
+        assert engine.session_ids() == [sid]
+    assert again.load() == [SKIP] * 7  # this page already shows its chat
+
+
+def test_a_page_left_open_across_a_restart_continues_its_conversation(conv, engine):
+    page = Page(conv)
+    page.send("Remember the word tangerine.")
+    token = page.token
+    conv.release(token)  # what a restart does to the live session; the store keeps the conversation
+    page.state = {}  # and gradio's per-page state is gone too; the page still has its browser record
+    page.send("What was the word?")
+    assert page.token == token
+    assert [m["content"] for m in conv.messages(token) if m["role"] == "user"] == [
+        "Remember the word tangerine.", "What was the word?"]
+
+
+def test_stale_or_forged_browser_records_are_ignored(conv, engine):
+    page = Page(conv, record={"tokens": ["A" * 32, "../etc", 7], "current": "A" * 32})
+    page.load()
+    assert page.chat == [] and page.record == empty_record() and page.listing["choices"] == []
+    assert engine.session_ids() == []
+
+
+def test_an_interrupted_reply_is_marked_on_the_page(conv):
+    token = conv.store.create(title="cut", messages=[{"role": "user", "content": "Tell me a story"},
+                                                     {"role": "assistant", "content": "Once upon",
+                                                      "interrupted": True}])
+    page = Page(conv, record={"tokens": [token], "current": token})
+    page.load()
+    assert page.chat[1]["content"] == f"Once upon\n\n{chat_tab.INTERRUPTED_NOTE}"
+    assert page.titles() == ["cut · 2 messages · interrupted"]
+
+
+def test_new_chat_leaves_the_conversation_in_the_list_and_frees_its_session(conv, engine):
+    page = Page(conv)
+    page.send("Hi")
+    first = page.token
+    outputs = page.show(chat_tab.start_new_chat(conv, page.state, page.record))
+    assert page.chat == [] and page.state == {} and outputs[6]["visible"] is False
+    assert gauge_value(page.gauges, "turns") == 0 and engine.session_ids() == []
+    assert page.record == {"tokens": [first], "current": None} and page.listing["value"] is None
     with pytest.warns(UserWarning, match="Nothing to download"):
-        assert chat_tab.export_history(engine, new_state)["visible"] is False
-    chat_tab.stop_reply(engine, state)  # stopping a closed conversation is harmless
+        assert chat_tab.export_history(conv, page.state, page.record)["visible"] is False
+    chat_tab.stop_reply(conv, page.state)  # stopping with no conversation is harmless
+    page.send("Second chat")
+    assert page.token != first and len(page.listing["choices"]) == 2
+
+
+def test_the_list_switches_renames_and_deletes_conversations(conv, engine, tmp_path):
+    page = Page(conv)
+    page.send("About apples")
+    apples = page.token
+    page.show(chat_tab.start_new_chat(conv, page.state, page.record))
+    page.send("About pears")
+    pears = page.token
+    assert page.titles() == ["About pears · 2 messages", "About apples · 2 messages"]
+    page.show(chat_tab.switch_conversation(conv, apples, page.state, page.record))
+    assert page.token == apples and page.chat[0]["content"] == "About apples" and page.title == "About apples"
+    assert len(engine.session_ids()) == 1  # the conversation switched away from was freed
+    listing, _ = chat_tab.rename_conversation(conv, "  Fruit   talk ", page.state, page.record)
+    assert "Fruit talk · 2 messages" in [label for label, _ in listing["choices"]]
+    page.show(chat_tab.delete_conversation(conv, page.state, page.record))
+    assert page.chat == [] and page.record == {"tokens": [pears], "current": None}
+    assert not conv.store.exists(apples) and engine.session_ids() == []
+    with sqlite3.connect(tmp_path / "data" / "chats.sqlite") as db:
+        assert db.execute("SELECT count(*) FROM messages WHERE token = ?", (apples,)).fetchone()[0] == 0
+    with pytest.warns(UserWarning, match="no longer available"):
+        outputs = chat_tab.switch_conversation(conv, apples, page.state, {"tokens": [apples, pears], "current": None})
+    assert outputs[3] == {"tokens": [pears], "current": None}
+
+
+def test_without_persistence_the_list_shows_live_conversations_and_nothing_is_written(engine, tmp_path):
+    conv = Conversations(engine, ChatStore.open(tmp_path / "data", persist=False))
+    page = Page(conv)
+    page.send("Only in memory")
+    assert page.titles() == ["Only in memory · 2 messages"]
+    with pytest.warns(UserWarning, match="keeps no conversations"):
+        chat_tab.rename_conversation(conv, "x", page.state, page.record)
+    assert not (tmp_path / "data").exists()
+
+
+def test_every_session_counts_against_its_client_and_one_client_cannot_take_the_server(
+        tiny_chat_model, default_tokenizer, tmp_path):
+    """Defect 1 of issue 12, in the chat tab: a client at its cap is told so; other clients still get a chat."""
+    engine = StreamingEngine(tiny_chat_model, default_tokenizer,
+                             EngineConfig(start_size=4, recent_size=96, max_new_tokens=4, max_sessions=6,
+                                          max_sessions_per_owner=2))
+    conv = Conversations(engine, ChatStore(None))
+    pages = [Page(conv, req=request(host="10.0.0.9", tab=f"tab-{i}")) for i in range(3)]
+    pages[0].send("one"), pages[1].send("two")
+    with pytest.warns(UserWarning, match="limit 2 per user"):
+        pages[2].send("three")
+    assert pages[2].chat == [] and engine.open_sessions("addr:10.0.0.9") == 2
+    other = Page(conv, req=request(host="10.0.0.10", tab="elsewhere"))
+    other.send("I still get a chat")
+    assert len(other.chat) == 2
+    user = Page(conv, req=request(host="10.0.0.9", user="ann", tab="login"))
+    user.send("logged in users count by name")
+    assert engine.open_sessions("user:ann") == 1
+
+
+def test_owner_is_the_login_user_else_the_client_address():
+    assert owner_of(None) is None
+    assert owner_of(request(host="192.0.2.7")) == "addr:192.0.2.7"
+    assert owner_of(request(host="192.0.2.7", user="ann")) == "user:ann"
+    assert owner_of(SimpleNamespace(client=None, username=None)) is None
+
+
+def test_a_closed_page_frees_its_session_after_the_grace_period_unless_a_reload_shows_it_again(conv, engine):
+    scheduled = []
+    tabs = TabRegistry(grace_s=5.0, schedule=lambda delay, fn: scheduled.append((delay, fn)))
+    page = Page(conv)
+    page.send("Hello")
+    tabs.show("old-page", page.token, conv.release)
+    tabs.show("reloaded-page", page.token, conv.release)  # the reload showed it before the old page's unload
+    tabs.leave("old-page")
+    assert [delay for delay, _ in scheduled] == [5.0]
+    scheduled.pop()[1]()  # the grace period ends
+    assert len(engine.session_ids()) == 1  # the reloaded page still shows it
+    tabs.leave("reloaded-page")
+    scheduled.pop()[1]()
+    assert engine.session_ids() == [] and tabs.tabs() == 0
+    assert conv.store.exists(page.token)  # only the live session went
+
+
+def test_the_compare_tab_sessions_are_counted_and_closed_when_the_page_goes(engine):
+    req = request(host="10.1.1.1", tab="compare-page")
+    state = {}
+    last(compare_tab.compare_send(engine, "Hi", [], [], [], state, True, 4, request=req))
+    assert engine.open_sessions("addr:10.1.1.1") == 3
+    TABS.leave("compare-page")
+    assert engine.session_ids() == []
 
 
 # --- Dense vs Streaming tab -----------------------------------------------------------------------------------

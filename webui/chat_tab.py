@@ -1,9 +1,16 @@
-"""The Chat tab: one streaming conversation per browser tab beside live cache gauges, with stop, retry, new chat,
-history download/upload, and the conversation brought back after a page reload (browser storage).
+"""The Chat tab: one streaming conversation at a time beside live cache gauges, with stop, retry, new chat, history
+download/upload, and the list of this browser's conversations (switch, rename, delete).
 
-Handlers are plain functions whose first argument is the engine; `build_chat_tab` lays out the tab and binds
-them. Each returns (or yields) the values of its event's outputs, in the order named on it. A refused message
-(empty, bad setting, busy server) goes back into the input box; nothing else changes.
+Conversations live on the server (`streaming_engine.conversations`; stored in SQLite unless `--no-persist`). The
+browser keeps only their random tokens (`conversation_list.py`). A page load re-attaches to the conversation the
+page showed (a reload creates no session; after a server restart it is re-created from the store), a closed
+page frees its session within seconds (`sessions.TABS`), and every session counts against its client's cap
+(`sessions.owner_of`). An uploaded history becomes a new conversation whose mode and sizes the server decides.
+
+Handlers are plain functions whose first argument is the `Conversations`; `build_chat_tab` lays out the tab and
+binds them. Each returns (or yields) the values of its event's outputs, in the order named on it; a trailing
+`request` parameter is gradio's (None when a test calls the handler). A refused message (empty, bad setting,
+busy server) goes back into the input box; nothing else changes.
 """
 
 from __future__ import annotations
@@ -14,169 +21,328 @@ from pathlib import Path
 
 import gradio as gr
 
-from streaming_engine import EngineBusy, SessionNotFound
+from streaming_engine import EngineBusy
+from streaming_engine.conversations import ConversationNotFound, Conversations, Opened
 from streaming_engine.engine import MAX_MESSAGE_CHARS
 from streaming_engine.sampling import MAX_NEW_TOKENS_LIMIT
 
 from .assets import load_json_list
+from .conversation_list import (
+    BROWSER_STORAGE_KEY,
+    browser_record,
+    build_conversation_list,
+    empty_record,
+    forget,
+    list_update,
+    remember,
+    summaries,
+)
 from .handlers import bind
 from .render import (
     Throttle,
-    display_messages,
     error_reply,
     final_reply,
     gauges_html,
     inert,
     user_and_pending_reply,
 )
-from .sessions import close_sessions, session_ids, stop_replies, tab_state
+from .sessions import TABS, conversation_state, owner_of, tab_of
 
-BROWSER_STORAGE_KEY = "streaming-llm-chat-history"
 CONTEXT_FULL_NOTE = "*(context full)*"
+#: Shown under a reply that was cut off (the server stopped, or the page went away, while it was written).
+INTERRUPTED_NOTE = "*(interrupted: this reply was cut off)*"
 EMPTY_MESSAGE = "The message is empty: type something first."
+NOTHING_YET = "Nothing to download yet: send a message first."
 #: Longest system prompt the settings box takes (the engine's own limit is far larger).
 MAX_SYSTEM_PROMPT_CHARS = 4000
 #: The "Max new tokens" slider's top; the engine accepts up to `MAX_NEW_TOKENS_LIMIT`.
 MAX_NEW_TOKENS_SLIDER = min(1024, MAX_NEW_TOKENS_LIMIT)
 
-
-# --- handlers -------------------------------------------------------------------------------------------------
-# Outputs of a turn (respond, retry_last, stream_turn): chatbot, message box, gauges, state, saved history.
+SKIP = gr.skip()
 
 
-def session_for(engine, state: dict, system_prompt: str) -> str:
-    """The tab's conversation, created on first use (raises `EngineBusy` when the server is full)."""
-    sid = state.get("sid")
-    if sid and sid in engine.session_ids():
-        return sid
-    sid = engine.new_session("streaming", system_prompt or None)
-    state["sid"] = sid
-    return sid
+# --- what the page shows --------------------------------------------------------------------------------------
 
 
-def current_stats(engine, state) -> dict | None:
-    sid = (state or {}).get("sid")
+def shown_messages(messages: list[dict]) -> list[dict]:
+    """A conversation's messages for the Chatbot: text made inert, a cut-off reply marked."""
+    return [
+        {"role": m["role"], "content": inert(m["content"]) + (f"\n\n{INTERRUPTED_NOTE}" if m.get("interrupted") else "")}
+        for m in messages if m["role"] in ("user", "assistant")
+    ]
+
+
+def session_stats(conversations: Conversations, session_id: str | None) -> dict | None:
     try:
-        return engine.stats(sid) if sid else None
-    except SessionNotFound:
+        return conversations.engine.stats(session_id) if session_id else None
+    except KeyError:
         return None
 
 
-def stream_turn(engine, message, messages, state, system_prompt, temp, p, k, new_tokens, rep):
-    """Shared by Send and Retry: append the turn, stream the reply, keep the gauges live."""
-    state = dict(state or {})
+# Outputs of everything that changes which conversation the page shows (`view`): chatbot, gauges, state, browser
+# record, conversation list, title box, download file.
+
+
+def view(conversations: Conversations, opened: Opened | None, record: dict) -> list:
+    """The page showing `opened` (None: an empty new chat), with `record` as the browser's record."""
+    state = {"token": opened.token} if opened else {}
+    return [
+        shown_messages(opened.messages) if opened else [],
+        gauges_html(session_stats(conversations, opened.session_id) if opened else None),
+        state,
+        record,
+        list_update(conversations, record),
+        opened.title if opened else "",
+        gr.update(visible=False, value=None),
+    ]
+
+
+def unchanged(record=SKIP) -> list:
+    return [SKIP, SKIP, SKIP, record, SKIP, SKIP, SKIP]
+
+
+def attach(conversations: Conversations, state: dict, record: dict, request) -> str | None:
+    """The token of the conversation this page works on, re-opened if the page kept showing it across a server
+    restart (its state is gone but the browser record still names it); None when there is none (yet)."""
+    token = state.get("token")
+    if token:
+        return token
+    token = record["current"]
+    if not token:
+        return None
     try:
-        sid = session_for(engine, state, system_prompt)
-    except EngineBusy as exc:
+        conversations.open(token, owner=owner_of(request))
+    except ConversationNotFound:
+        return None
+    state["token"] = token
+    TABS.show(tab_of(request), token, conversations.release)
+    return token
+
+
+def leave(conversations: Conversations, token: str | None, request) -> None:
+    """This page stops showing `token`: free its live session unless another page shows it."""
+    TABS.show(tab_of(request), None)
+    if token and not TABS.held(token):
+        conversations.release(token)
+
+
+def switch_to(conversations: Conversations, state: dict, record: dict, opened: Opened | None, request) -> list:
+    """Show `opened` (None: an empty new chat) instead of the page's current conversation."""
+    previous = state.get("token")
+    if opened is None or opened.token != previous:
+        leave(conversations, previous, request)
+    if opened is not None:
+        TABS.show(tab_of(request), opened.token, conversations.release)
+    return view(conversations, opened, remember(record, opened.token if opened else None))
+
+
+# --- handlers -------------------------------------------------------------------------------------------------
+# Outputs of a turn (respond, retry_last, stream_turn): chatbot, message box, gauges, state, browser record,
+# conversation list.
+
+
+def stream_turn(conversations, message, messages, state, record, system_prompt, temp, p, k, new_tokens, rep,
+                request=None):
+    """Shared by Send and Retry: append the turn, stream the reply, keep the gauges live; the conversation saves
+    itself as it goes. A page without a conversation starts one here (the system prompt applies to it)."""
+    state, record = dict(state or {}), browser_record(record)
+    owner = owner_of(request)
+    try:
+        token = attach(conversations, state, record, request)
+        if token is None:
+            opened = conversations.start(owner=owner, system_prompt=system_prompt or None)
+            token = state["token"] = opened.token
+            TABS.show(tab_of(request), token, conversations.release)
+            record = remember(record, token)
+    except (EngineBusy, ValueError) as exc:
         gr.Warning(str(exc))
-        yield messages, message, gr.skip(), state, gr.skip()
+        yield messages, message, SKIP, state, SKIP, SKIP
         return
     messages = list(messages or []) + user_and_pending_reply(message)
-    yield messages, "", gr.skip(), state, gr.skip()
-    reply, throttle = "", Throttle()
+    yield messages, "", SKIP, state, record, SKIP
+    reply, throttle, taken = "", Throttle(), False
     sampling = dict(temperature=float(temp), top_p=float(p), top_k=int(k), max_new_tokens=int(new_tokens),
                     repetition_penalty=float(rep))
-    for event in engine.chat(sid, message, **sampling):
+    for event in conversations.chat(token, message, owner=owner, **sampling):
         if event.kind == "delta":
             reply += event.text
             if throttle.due():
                 messages[-1] = {"role": "assistant", "content": inert(reply)}
-                yield messages, "", gauges_html(event.stats, phase="generating"), state, gr.skip()
+                yield messages, "", gauges_html(event.stats, phase="generating"), state, SKIP, SKIP
         elif event.kind == "done":
+            taken, gauges = True, gauges_html(event.stats)
             messages[-1] = {"role": "assistant", "content": final_reply(event, CONTEXT_FULL_NOTE)}
-            yield messages, "", gauges_html(event.stats), state, engine.export(sid)
+            yield messages, "", gauges, state, SKIP, SKIP
         else:
             gr.Warning(event.text)
-            if event.accepted:  # generation failed part-way: the engine kept the message and the partial reply
+            gauges = gauges_html(event.stats) if event.stats else SKIP
+            if event.accepted:  # failed part-way: the conversation kept the message and the partial reply
+                taken = True
                 messages[-1] = {"role": "assistant", "content": error_reply(event.text)}
-                yield messages, "", gauges_html(current_stats(engine, state)), state, engine.export(sid)
+                yield messages, "", gauges, state, SKIP, SKIP
             else:  # refused (bad setting, busy): nothing happened, give the text back to edit
-                yield messages[:-2], message, gauges_html(current_stats(engine, state)), state, gr.skip()
+                yield messages[:-2], message, gauges, state, SKIP, SKIP
+    problem = conversations.save_error(token)
+    if problem:
+        gr.Warning(problem)
+    if taken:  # the turn is saved now (the conversation saves once its stream ends): list its new title and count
+        yield messages, "", gauges, state, SKIP, list_update(conversations, record)
 
 
-def respond(engine, message, messages, state, *sampling):
+def respond(conversations, message, messages, state, record, system_prompt, temp, p, k, new_tokens, rep,
+            request: gr.Request = None):
     """Send: one turn with the message in the box."""
     if not isinstance(message, str) or not message.strip():
         gr.Warning(EMPTY_MESSAGE)
-        yield messages, message, gr.skip(), state, gr.skip()
+        yield messages, message, SKIP, state, SKIP, SKIP
         return
-    yield from stream_turn(engine, message, messages, state, *sampling)
+    yield from stream_turn(conversations, message, messages, state, record, system_prompt, temp, p, k, new_tokens,
+                           rep, request)
 
 
-def retry_last(engine, messages, state, *sampling):
+def retry_last(conversations, messages, state, record, system_prompt, temp, p, k, new_tokens, rep,
+               request: gr.Request = None):
     """Retry: drop the last exchange and send its message again."""
-    state = dict(state or {})
-    sid = state.get("sid")
+    state, record = dict(state or {}), browser_record(record)
     try:
-        if not sid:
+        token = attach(conversations, state, record, request)
+        if not token:
             raise ValueError("there is no message to retry yet")
-        message = engine.rewind(sid)
-    except (ValueError, SessionNotFound, EngineBusy) as exc:
+        message = conversations.retry(token, owner=owner_of(request))
+        shown = shown_messages(conversations.messages(token))
+    except (ValueError, KeyError, EngineBusy) as exc:
         gr.Warning(str(exc))
-        yield messages, gr.skip(), gr.skip(), state, gr.skip()
+        yield messages, SKIP, SKIP, state, SKIP, SKIP
         return
-    yield from stream_turn(engine, message, display_messages(engine.history(sid)), state, *sampling)
+    yield from stream_turn(conversations, message, shown, state, record, system_prompt, temp, p, k, new_tokens,
+                           rep, request)
 
 
-def stop_reply(engine, state) -> None:
-    stop_replies(engine, session_ids(state))
+def stop_reply(conversations, state) -> None:
+    conversations.stop((state or {}).get("token"))
 
 
-def start_new_chat(engine, state):
-    """Outputs: chatbot, state, gauges, saved history, download file."""
-    close_sessions(engine, state)
-    return [], {}, gauges_html(None), "", gr.update(visible=False, value=None)
+def load_conversation(conversations, record, state, request: gr.Request = None):
+    """Page load: show the conversation this browser was on (re-attached, or re-created from the store) and the
+    list of its conversations; forget those that no longer exist. Outputs: `view`.
+
+    Only what changed is sent: this event may finish after the user's first message on a fresh page, whose
+    conversation and browser record it must not overwrite with empty ones."""
+    sent = browser_record(record)
+    if (state or {}).get("token"):  # this page already shows one
+        return unchanged()
+    items = summaries(conversations, sent)
+    alive = {s.token for s in items}
+    record = browser_record({"tokens": [t for t in sent["tokens"] if t in alive], "current": sent["current"]})
+    opened = None
+    if record["current"]:
+        try:
+            opened = conversations.open(record["current"], owner=owner_of(request))
+        except ConversationNotFound:
+            record = forget(record, record["current"])
+        except (EngineBusy, ValueError) as exc:
+            gr.Warning(f"Could not reopen your conversation: {exc}")
+    if opened is None:
+        changed = record if record != sent else SKIP
+        return [SKIP, SKIP, SKIP, changed, list_update(conversations, remember(record, None), items), SKIP, SKIP]
+    TABS.show(tab_of(request), opened.token, conversations.release)
+    return view(conversations, opened, record)
 
 
-def export_history(engine, state):
+def start_new_chat(conversations, state, record, request: gr.Request = None):
+    """New chat: leave the current conversation (it stays in the list); the next message starts a new one.
+    Outputs: `view`."""
+    return switch_to(conversations, dict(state or {}), browser_record(record), None, request)
+
+
+def switch_conversation(conversations, token, state, record, request: gr.Request = None):
+    """A conversation picked in the list. Outputs: `view`."""
+    state, record = dict(state or {}), browser_record(record)
+    if not token or token == state.get("token"):
+        return unchanged()
+    try:
+        opened = conversations.open(token, owner=owner_of(request))
+    except ConversationNotFound:
+        gr.Warning("That conversation is no longer available.")
+        record = forget(record, token)
+        return unchanged(record)[:4] + [list_update(conversations, record), SKIP, SKIP]
+    except (EngineBusy, ValueError) as exc:
+        gr.Warning(str(exc))
+        return unchanged()[:4] + [list_update(conversations, record), SKIP, SKIP]
+    return switch_to(conversations, state, record, opened, request)
+
+
+def rename_conversation(conversations, title, state, record, request: gr.Request = None):
+    """Rename the current conversation. Outputs: the conversation list, the title box."""
+    state, record = dict(state or {}), browser_record(record)
+    token = state.get("token") or record["current"]
+    try:
+        renamed = bool(token) and conversations.rename(token, title)
+    except ValueError as exc:
+        gr.Warning(str(exc))
+        return SKIP, SKIP
+    if not renamed:
+        gr.Warning("Only a saved conversation can be renamed: send a message first"
+                   + ("." if conversations.persistent else " (and this server keeps no conversations on disk)."))
+        return SKIP, SKIP
+    return list_update(conversations, record), SKIP
+
+
+def delete_conversation(conversations, state, record, request: gr.Request = None):
+    """Delete the current conversation: its live session and every stored row. Outputs: `view`."""
+    state, record = dict(state or {}), browser_record(record)
+    token = state.get("token") or record["current"]
+    if not token:
+        gr.Warning("There is no conversation to delete.")
+        return unchanged()
+    TABS.show(tab_of(request), None)
+    conversations.delete(token)
+    gr.Info("Conversation deleted.")
+    return view(conversations, None, forget(record, token))
+
+
+def export_history(conversations, state, record, request: gr.Request = None):
     """Output: the download file (a JSON history in a fresh temporary folder)."""
-    sid = (state or {}).get("sid")
-    if not sid or sid not in engine.session_ids():
-        gr.Warning("Nothing to download yet: send a message first.")
+    state, record = dict(state or {}), browser_record(record)
+    try:
+        token = attach(conversations, state, record, request)
+        data = conversations.export(token) if token else None
+    except (ConversationNotFound, EngineBusy):
+        data = None
+    if not data or not conversations.messages(token):
+        gr.Warning(NOTHING_YET)
         return gr.update(visible=False)
     folder = Path(tempfile.mkdtemp(prefix="streaming-llm-"))
     path = folder / f"chat-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(engine.export(sid), encoding="utf-8")
+    path.write_text(data, encoding="utf-8")
     return gr.update(visible=True, value=str(path))
 
 
-def upload_history(engine, data, messages, state):
-    """Outputs: chatbot, state, gauges, saved history. The engine checks size, encoding and schema."""
-    state = dict(state or {})
+def upload_history(conversations, data, state, record, request: gr.Request = None):
+    """An uploaded history becomes a new conversation (stored at once); the server decides its mode and cache
+    sizes, whatever the file says. Outputs: `view`."""
+    state, record = dict(state or {}), browser_record(record)
     try:
         if data is None:
             raise ValueError("no file received")
-        sid = engine.restore(bytes(data))
+        opened = conversations.import_history(bytes(data), owner=owner_of(request))
     except (ValueError, EngineBusy) as exc:
         gr.Warning(f"Could not load that history: {exc}")
-        return messages, state, gr.skip(), gr.skip()
-    close_sessions(engine, state)
-    state = {"sid": sid}
+        return unchanged()
     gr.Info("History loaded: the conversation continues from here.")
-    return display_messages(engine.history(sid)), state, gauges_html(engine.stats(sid)), engine.export(sid)
-
-
-def restore_saved(engine, saved_json, state):
-    """On page load: bring back the conversation kept in browser storage. Outputs: chatbot, state, gauges."""
-    state = dict(state or {})
-    if state.get("sid") or not saved_json:
-        return gr.skip(), state, gr.skip()
-    try:
-        sid = engine.restore(saved_json)
-    except (ValueError, EngineBusy):
-        return gr.skip(), state, gr.skip()
-    state["sid"] = sid
-    return display_messages(engine.history(sid)), state, gauges_html(engine.stats(sid))
+    return switch_to(conversations, state, record, opened, request)
 
 
 # --- layout ---------------------------------------------------------------------------------------------------
 
 
-def build_chat_tab(demo: gr.Blocks, engine) -> None:
-    """The Chat tab inside the current `gr.Blocks` (`demo`, whose page load restores a saved conversation)."""
-    cfg = engine.config
-    chat_state = tab_state(engine)
-    saved = gr.BrowserState("", storage_key=BROWSER_STORAGE_KEY)
+def build_chat_tab(demo: gr.Blocks, conversations: Conversations) -> None:
+    """The Chat tab inside the current `gr.Blocks` (`demo`, whose page load brings back the browser's
+    conversation). The browser record is encrypted with a key kept in the store, so it survives a restart."""
+    cfg = conversations.engine.config
+    chat_state = conversation_state(conversations)
+    saved = gr.BrowserState(empty_record(), storage_key=BROWSER_STORAGE_KEY,
+                            secret=conversations.store.secret("browser-state"))
     with gr.Tab("Chat", id="chat"):
         with gr.Row():
             with gr.Column(scale=3):
@@ -213,20 +379,32 @@ def build_chat_tab(demo: gr.Blocks, engine) -> None:
                         repetition = gr.Slider(1.0, 2.0, value=cfg.repetition_penalty, step=0.05,
                                                label="Repetition penalty")
             with gr.Column(scale=1, min_width=260):
+                listing, title, rename, delete = build_conversation_list()
                 gauges = gr.HTML(gauges_html(None), elem_id="gauges")
     sampling_inputs = [system, temperature, top_p, top_k, max_new, repetition]
 
-    turn_outputs = [chatbot, msg, gauges, chat_state, saved]
-    for trigger in (msg.submit, send.click):
-        trigger(bind(respond, engine, gpu=True), [msg, chatbot, chat_state, *sampling_inputs], turn_outputs,
+    c = conversations
+    turn_outputs = [chatbot, msg, gauges, chat_state, saved, listing]
+    view_outputs = [chatbot, gauges, chat_state, saved, listing, title, export_file]
+    turns = [
+        trigger(bind(respond, c, gpu=True), [msg, chatbot, chat_state, saved, *sampling_inputs], turn_outputs,
                 concurrency_id="chat", api_visibility="private")
-    retry.click(bind(retry_last, engine, gpu=True), [chatbot, chat_state, *sampling_inputs], turn_outputs,
-                concurrency_id="chat", api_visibility="private")
-    stop.click(bind(stop_reply, engine), [chat_state], None, queue=False, api_visibility="private")
-    new_chat.click(bind(start_new_chat, engine), [chat_state], [chatbot, chat_state, gauges, saved, export_file],
-                   queue=False, api_visibility="private")
-    export_btn.click(bind(export_history, engine), [chat_state], [export_file], api_visibility="private")
-    upload.upload(bind(upload_history, engine), [upload, chatbot, chat_state], [chatbot, chat_state, gauges, saved],
+        for trigger in (msg.submit, send.click)
+    ]
+    turns.append(retry.click(bind(retry_last, c, gpu=True), [chatbot, chat_state, saved, *sampling_inputs],
+                             turn_outputs, concurrency_id="chat", api_visibility="private"))
+    stop.click(bind(stop_reply, c), [chat_state], None, queue=False, api_visibility="private")
+    # Whatever replaces the conversation on the page first cancels a reply still streaming into it. Every event
+    # that reads the browser record is queued: gradio 6 hands an unqueued event the record's default value.
+    new_chat.click(bind(start_new_chat, c), [chat_state, saved], view_outputs, cancels=turns,
+                   api_visibility="private")
+    listing.input(bind(switch_conversation, c), [listing, chat_state, saved], view_outputs, cancels=turns,
                   api_visibility="private")
-    demo.load(bind(restore_saved, engine), [saved, chat_state], [chatbot, chat_state, gauges],
-              api_visibility="private")
+    delete.click(bind(delete_conversation, c), [chat_state, saved], view_outputs, cancels=turns,
+                 api_visibility="private")
+    for trigger in (rename.click, title.submit):
+        trigger(bind(rename_conversation, c), [title, chat_state, saved], [listing, title], api_visibility="private")
+    export_btn.click(bind(export_history, c), [chat_state, saved], [export_file], api_visibility="private")
+    upload.upload(bind(upload_history, c), [upload, chat_state, saved], view_outputs, cancels=turns,
+                  api_visibility="private")
+    demo.load(bind(load_conversation, c), [saved, chat_state], view_outputs, api_visibility="private")

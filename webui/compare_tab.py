@@ -30,7 +30,7 @@ from .render import (
     series_point,
     user_and_pending_reply,
 )
-from .sessions import close_sessions, session_ids, stop_replies, tab_state
+from .sessions import TABS, close_sessions, owner_of, session_ids, stop_replies, tab_of, tab_state
 
 # The tab's deliberately small budgets, so dense runs out within a couple of minutes on CPU.
 COMPARE_START_SIZE = 4
@@ -48,19 +48,20 @@ FALLBACK_SCRIPT = ["Tell me a long story."]
 # --- handlers -------------------------------------------------------------------------------------------------
 
 
-def compare_sessions(engine, state: dict, modes: list[str]) -> dict:
-    """The tab's session for each of `modes`, created on first use (raises `EngineBusy` when the server is full)."""
+def compare_sessions(engine, state: dict, modes: list[str], owner: str | None = None) -> dict:
+    """The tab's session for each of `modes`, created on first use and counted against `owner` (the client; see
+    `sessions.owner_of`). Raises `EngineBusy` when the client's or the server's cap is reached."""
     sids = state.setdefault("sids", {})
     for mode in modes:
         if sids.get(mode) in engine.session_ids():
             continue
         if mode == "streaming":
             sids[mode] = engine.new_session("streaming", start_size=COMPARE_START_SIZE,
-                                            recent_size=COMPARE_RECENT_SIZE)
+                                            recent_size=COMPARE_RECENT_SIZE, owner=owner)
         elif mode == "dense":
-            sids[mode] = engine.new_session("dense", max_context=COMPARE_DENSE_CONTEXT)
+            sids[mode] = engine.new_session("dense", max_context=COMPARE_DENSE_CONTEXT, owner=owner)
         else:
-            sids[mode] = engine.new_session("window", start_size=0, recent_size=COMPARE_WINDOW_SIZE)
+            sids[mode] = engine.new_session("window", start_size=0, recent_size=COMPARE_WINDOW_SIZE, owner=owner)
     return sids
 
 
@@ -114,8 +115,9 @@ def autopilot_note(number: int, total: int, prompt: str, stats: dict, finished: 
     return head
 
 
-def run_script(engine, prompts, chats_in, state, include_window, new_tokens, autopilot=False):
-    """Send `prompts` one after another to every side; yields the outputs after each refresh."""
+def run_script(engine, prompts, chats_in, state, include_window, new_tokens, autopilot=False, request=None):
+    """Send `prompts` one after another to every side; yields the outputs after each refresh. The sides'
+    sessions count against the client and are closed as soon as the page goes (`sessions.TABS`)."""
     # Mutated in place, not copied: gradio keeps this very dict as the tab's state, so the Stop button
     # (which receives it) can flag a running autopilot even before its first refresh.
     state = state if isinstance(state, dict) else {}
@@ -123,7 +125,8 @@ def run_script(engine, prompts, chats_in, state, include_window, new_tokens, aut
     modes = [m for m in MODES if include_window or m != "window"]
     chats = {m: list(chats_in[i] or []) for i, m in enumerate(MODES)}
     try:
-        compare_sessions(engine, state, modes)
+        compare_sessions(engine, state, modes, owner_of(request))
+        TABS.on_close(tab_of(request), "compare", lambda: close_sessions(engine, state))
     except EngineBusy as exc:
         gr.Warning(str(exc))
         yield compare_outputs(chats, {}, state, "")
@@ -144,19 +147,20 @@ def run_script(engine, prompts, chats_in, state, include_window, new_tokens, aut
                               memory_and_latency_figures(state["series"]))
 
 
-def compare_send(engine, message, c1, c2, c3, state, include_window, new_tokens):
+def compare_send(engine, message, c1, c2, c3, state, include_window, new_tokens, request: gr.Request = None):
     """Send to all. Outputs: the message box, then `compare_outputs`."""
     if not isinstance(message, str) or not message.strip():
         gr.Warning(EMPTY_MESSAGE)
         yield [gr.skip()] * (1 + len(compare_outputs({}, {}, {}, "")))  # nothing changes
         return
-    for outputs in run_script(engine, [message], [c1, c2, c3], state, include_window, new_tokens):
+    for outputs in run_script(engine, [message], [c1, c2, c3], state, include_window, new_tokens, request=request):
         yield ["", *outputs]  # the input box empties with the first refresh
 
 
-def compare_autopilot(engine, c1, c2, c3, state, include_window, new_tokens):
+def compare_autopilot(engine, c1, c2, c3, state, include_window, new_tokens, request: gr.Request = None):
     prompts = load_json_list("autopilot.json") or FALLBACK_SCRIPT
-    yield from run_script(engine, prompts, [c1, c2, c3], state, include_window, new_tokens, autopilot=True)
+    yield from run_script(engine, prompts, [c1, c2, c3], state, include_window, new_tokens, autopilot=True,
+                          request=request)
 
 
 def compare_stop(engine, state):

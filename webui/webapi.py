@@ -2,13 +2,19 @@
 
 Endpoints (call them with `gradio_client.Client(url).predict(..., api_name=...)`):
 
-* `/new_session() -> session_id` — a fresh streaming conversation (ids are random 128-bit: unguessable);
+* `/new_session() -> session_id` — a fresh streaming conversation (ids are random 128-bit: unguessable). It counts
+  against the caller's per-client cap (its address, or its login user) and is closed after
+  `API_IDLE_TIMEOUT_S` without calls (`origin="api"`);
 * `/chat(session_id, message, max_new_tokens) -> (reply_so_far, stats_json)`, streamed; a problem comes back as
-  `stats_json` holding `{"error": message}`, never as a traceback;
+  `stats_json` holding `{"error": message}` with a message that says what to change, never as a traceback. With
+  `MAX_ACTIVE_TURNS` replies already being written the answer is "Server busy" at once: the endpoint has no queue
+  limit of its own, so the engine's limit decides instead of a wait in gradio's queue;
 * `/history(session_id) -> json` and `/close_session(session_id) -> "closed"`;
 * `/health() -> json` with the process's current and peak resident memory, open sessions and running turns.
 
-UI glue only: every decision is the engine's.
+Every argument is checked by `streaming_engine.apivalidate` (type and range named in the message; a session id
+that cannot be one is refused before any lookup and never echoed whole). UI glue only: every decision is the
+engine's.
 """
 
 from __future__ import annotations
@@ -16,12 +22,17 @@ from __future__ import annotations
 import json
 import resource
 import sys
-from typing import Iterator
+from typing import Any, Iterator
 
 import gradio as gr
 import psutil
 
-from streaming_engine import EngineBusy, SessionNotFound, StreamingEngine
+from streaming_engine import EngineBusy, SessionNotFound, StreamingEngine, apivalidate
+
+from .sessions import owner_of
+
+#: `/chat`'s reply length when the caller gives none.
+DEFAULT_API_MAX_NEW_TOKENS = 128
 
 
 def peak_rss_bytes() -> int:
@@ -30,34 +41,53 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def register(engine: StreamingEngine, max_new_tokens_default: int = 128) -> None:
+def error_json(message: str, stats: dict | None = None) -> str:
+    return json.dumps({**(stats or {}), "error": str(message) or "request refused"})
+
+
+def register(engine: StreamingEngine, max_new_tokens_default: int = DEFAULT_API_MAX_NEW_TOKENS) -> None:
     """Add the API endpoints to the current `gr.Blocks` context."""
 
-    def new_session() -> str:
+    def new_session(request: gr.Request) -> str:
         try:
-            return engine.new_session("streaming")
+            return engine.new_session("streaming", owner=owner_of(request), origin="api")
         except EngineBusy as exc:
-            raise gr.Error(str(exc)) from exc
+            raise gr.Error(str(exc), print_exception=False) from exc
 
-    def chat(session_id: str, message: str, max_new_tokens: int = max_new_tokens_default) -> Iterator[tuple[str, str]]:
+    # Parameters typed `Any` so that gradio hands over exactly what the caller sent (text, null, a list …) and the
+    # checks below, not a silent conversion, decide; the docstring tells clients the expected types.
+    def chat(session_id: Any, message: Any, max_new_tokens: Any = max_new_tokens_default) -> Iterator[tuple[str, str]]:
+        """Stream one turn. session_id: str (from /new_session); message: str; max_new_tokens: int in [1, 4096].
+        Returns (reply so far, stats JSON); a refused or failed turn has "error" in the stats JSON."""
+        try:
+            sid, text, sampling = apivalidate.chat_arguments(session_id, message, engine.config.max_message_chars,
+                                                             max_new_tokens=max_new_tokens)
+        except ValueError as exc:
+            yield "", error_json(str(exc))
+            return
         reply = ""
-        for event in engine.chat(str(session_id), message, max_new_tokens=int(max_new_tokens)):
+        for event in engine.chat(sid, text, **sampling):
             if event.kind == "delta":
                 reply += event.text
                 yield reply, json.dumps(event.stats)
             elif event.kind == "done":
                 yield event.text, json.dumps({**event.stats, "finish_reason": event.finish_reason})
             else:
-                yield reply, json.dumps({**event.stats, "error": event.text})
+                yield reply, error_json(event.text, event.stats)
 
-    def history(session_id: str) -> str:
+    def history(session_id: Any) -> str:
+        """The conversation so far as JSON ([{role, content}, ...]). session_id: str (from /new_session)."""
         try:
-            return json.dumps(engine.history(str(session_id)), ensure_ascii=False)
-        except SessionNotFound as exc:
-            raise gr.Error(str(exc)) from exc
+            return json.dumps(engine.history(apivalidate.session_id(session_id)), ensure_ascii=False)
+        except (ValueError, SessionNotFound) as exc:
+            raise gr.Error(str(exc), print_exception=False) from exc
 
-    def close_session(session_id: str) -> str:
-        engine.close(str(session_id))
+    def close_session(session_id: Any) -> str:
+        """Close the conversation and free its cache. session_id: str (from /new_session)."""
+        try:
+            engine.close(apivalidate.session_id(session_id))
+        except ValueError as exc:
+            raise gr.Error(str(exc), print_exception=False) from exc
         return "closed"
 
     def health() -> str:
@@ -70,7 +100,8 @@ def register(engine: StreamingEngine, max_new_tokens_default: int = 128) -> None
         })
 
     gr.api(new_session, api_name="new_session")
-    gr.api(chat, api_name="chat")
+    # No queue limit: the engine answers "Server busy" at once beyond its active-turn limit.
+    gr.api(chat, api_name="chat", concurrency_limit=None)
     gr.api(history, api_name="history")
     gr.api(close_session, api_name="close_session")
     gr.api(health, api_name="health")

@@ -33,6 +33,12 @@ MAX_SESSIONS = 64
 MAX_TURNS = 100
 DEFAULT_DEADLINE_S = 1800.0
 HEALTH_POLL_S = 1.0
+#: Longest one turn may take before it counts as an error; how often a streaming turn's new output is looked at.
+TURN_TIMEOUT_S = 600.0
+UPDATE_POLL_S = 0.02
+#: The busy probe checks the server's running turns this often, and waits this long between its tries (seconds).
+BUSY_PROBE_POLL_S = 0.2
+BUSY_PROBE_GAP_S = 2.0
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -50,6 +56,7 @@ QUESTIONS = [
 
 @dataclass
 class UserResult:
+    route: str | None = None  # the cookies the server set on this user's first response (session affinity)
     turns_completed: int = 0
     errors: list[str] = field(default_factory=list)
     cross_talk: int = 0
@@ -67,11 +74,32 @@ def is_loopback(url: str) -> bool:
         return False
 
 
+def updates(job, deadline: float):
+    """A streaming job's outputs as they arrive, until it is done (successfully or not) or `deadline` passes.
+
+    Not `for update in job`: gradio_client's iterator waits for a "finished" status that never comes when the
+    connection breaks (a server killed mid-reply), and would hang the whole run."""
+    seen = 0
+    while True:
+        outputs = job.outputs()
+        yield from outputs[seen:]
+        seen = len(outputs)
+        if job.done():
+            yield from job.outputs()[seen:]
+            return
+        if time.monotonic() > deadline:
+            job.cancel()
+            raise TimeoutError(f"no complete answer within {TURN_TIMEOUT_S:.0f} s")
+        time.sleep(UPDATE_POLL_S)
+
+
 def run_user(url: str, index: int, turns: int, max_new_tokens: int, deadline: float, out: UserResult) -> None:
     from gradio_client import Client
 
     try:
         client = Client(url, verbose=False)
+        # Behind a session-affinity router, the cookies of the first response name this user's replica.
+        out.route = ";".join(f"{k}={v}" for k, v in sorted(getattr(client, "cookies", {}).items())) or None
         session = client.predict(api_name="/new_session")
     except Exception as exc:  # noqa: BLE001 - a load test reports failures, it does not raise them
         out.errors.append(f"user {index}: could not open a session: {exc}")
@@ -88,16 +116,15 @@ def run_user(url: str, index: int, turns: int, max_new_tokens: int, deadline: fl
         reply, stats = "", {}
         try:
             job = client.submit(session, message, max_new_tokens, api_name="/chat")
-            for update in job:
-                text, stats_json = update
+            for text, stats_json in updates(job, min(deadline, time.monotonic() + TURN_TIMEOUT_S)):
                 if first is None and text:
                     first = time.perf_counter() - started
                 reply = text
                 stats = json.loads(stats_json) if stats_json else stats
-            result = job.result()
+            result = job.result(timeout=TURN_TIMEOUT_S)
             reply, stats = result[0], json.loads(result[1]) if result[1] else stats
         except Exception as exc:  # noqa: BLE001
-            out.errors.append(f"user {index} turn {turn}: {exc}")
+            out.errors.append(f"user {index} turn {turn}: {type(exc).__name__}: {exc}")
             continue
         if stats.get("error"):
             out.errors.append(f"user {index} turn {turn}: {stats['error']}")
@@ -127,9 +154,50 @@ def run_user(url: str, index: int, turns: int, max_new_tokens: int, deadline: fl
         out.errors.append(f"user {index}: could not read back its history: {exc}")
 
 
+def probe_busy(url: str, tries: int, busy_at: int, done: threading.Event, out: list[dict]) -> None:
+    """One more user beyond the load: each time `/health` shows `busy_at` replies being written, send one turn
+    and record how fast the server answers and whether it said "Server busy" (at most `tries` times)."""
+    from gradio_client import Client
+
+    try:
+        client = Client(url, verbose=False)
+        session = client.predict(api_name="/new_session")
+    except Exception as exc:  # noqa: BLE001
+        out.append({"error": f"could not open a session: {exc}"})
+        return
+    while len(out) < tries and not done.is_set():
+        try:
+            active = json.loads(client.predict(api_name="/health"))["active_turns"]
+            if active < busy_at:
+                done.wait(BUSY_PROBE_POLL_S)
+                continue
+            started = time.perf_counter()
+            _, stats = client.predict(session, "Are you free?", 1, api_name="/chat")
+            error = json.loads(stats).get("error") if stats else None
+            out.append({"active_turns_before": active, "answer_s": round(time.perf_counter() - started, 3),
+                        "busy": bool(error) and error.startswith("Server busy"), "error": error})
+        except Exception as exc:  # noqa: BLE001 - a load test reports failures, it does not raise them
+            out.append({"error": str(exc)})
+        done.wait(BUSY_PROBE_GAP_S)
+    try:
+        client.predict(session, api_name="/close_session")
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def busy_summary(probes: list[dict]) -> dict | None:
+    if not probes:
+        return None
+    answered = [p["answer_s"] for p in probes if "answer_s" in p]
+    return {"tries": len(probes), "busy": sum(bool(p.get("busy")) for p in probes),
+            "answer_s_p50": percentile(answered, 50), "answer_s_max": max(answered) if answered else None,
+            "samples": probes}
+
+
 def run_load(url: str, sessions: int, turns: int, max_new_tokens: int = 48,
-             deadline_s: float = DEFAULT_DEADLINE_S) -> dict:
-    """Run the load and return the report (see module docstring)."""
+             deadline_s: float = DEFAULT_DEADLINE_S, busy_probes: int = 0) -> dict:
+    """Run the load and return the report (see module docstring). `busy_probes`: how many times an extra user
+    tries a turn while all `sessions` users' replies are being written (see `probe_busy`)."""
     from gradio_client import Client
 
     monitor = Client(url, verbose=False)
@@ -156,12 +224,18 @@ def run_load(url: str, sessions: int, turns: int, max_new_tokens: int = 48,
         threading.Thread(target=run_user, args=(url, i, turns, max_new_tokens, deadline, results[i]), daemon=True)
         for i in range(sessions)
     ]
+    probes: list[dict] = []
+    prober = threading.Thread(target=probe_busy, args=(url, busy_probes, sessions, done, probes), daemon=True)
+    if busy_probes:
+        prober.start()
     for user in users:
         user.start()
     for user in users:
         user.join(timeout=max(1.0, deadline - time.monotonic() + 60))
     done.set()
     poller.join(timeout=10)
+    if busy_probes:
+        prober.join(timeout=60)
     ttft = [t for r in results for t in r.ttft_s]
     rates = [t for r in results for t in r.tokens_per_s]
     errors = [e for r in results for e in r.errors]
@@ -187,7 +261,22 @@ def run_load(url: str, sessions: int, turns: int, max_new_tokens: int = 48,
         "rss_growth_after_warmup_bytes": samples[-1][1] - warm if samples else None,
         "rss_timeline": samples,
         "duration_s": round(time.monotonic() - started, 2),
+        "by_route": by_route(results),
+        "busy_probe": busy_summary(probes),
     }
+
+
+def by_route(results: list[UserResult]) -> dict:
+    """Users, turns, errors and cross-talk per route (the affinity cookies each user was given); one "" entry
+    when the server sets none (a single app)."""
+    routes: dict = {}
+    for r in results:
+        entry = routes.setdefault(r.route or "", {"users": 0, "turns_completed": 0, "errors": 0, "cross_talk": 0})
+        entry["users"] += 1
+        entry["turns_completed"] += r.turns_completed
+        entry["errors"] += len(r.errors)
+        entry["cross_talk"] += r.cross_talk
+    return routes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE_S, help="stop after this many seconds")
     p.add_argument("--output", default=None, help="write the JSON report here too, and a PNG of server memory beside it")
     p.add_argument("--allow-remote", action="store_true", help="permit a non-loopback URL (your own server only)")
+    p.add_argument("--busy-probes", type=int, default=0,
+                   help="times one extra user tries a turn while every load user's reply is being written, "
+                        "recording how fast it is answered and whether with \"Server busy\"")
     return p
 
 
@@ -214,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--deadline must be in (0, 14400] seconds")
     if not is_loopback(args.url) and not args.allow_remote:
         parser.error(f"{args.url} is not a loopback address; pass --allow-remote to load-test your own server")
-    report = run_load(args.url, args.sessions, args.turns, args.max_new_tokens, args.deadline)
+    if not 0 <= args.busy_probes <= MAX_TURNS:
+        parser.error(f"--busy-probes must be in [0, {MAX_TURNS}]")
+    report = run_load(args.url, args.sessions, args.turns, args.max_new_tokens, args.deadline, args.busy_probes)
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:
