@@ -16,6 +16,8 @@ from typing import Iterator
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                "--disable-sync"]
 VIEWPORT_WIDTH = 1360
+#: A phone (iPhone 12-15 class) in CSS pixels.
+PHONE_VIEWPORT = {"width": 390, "height": 844}
 
 
 def free_port() -> int:
@@ -31,25 +33,32 @@ def find_chromium() -> str | None:
 
 
 @contextlib.contextmanager
-def served(engine, model_label: str) -> Iterator[tuple[str, object]]:
-    """The whole app over `engine`, launched in this process; yields `(url, demo)` and closes it afterwards."""
+def served(engine, model_label: str, **settings) -> Iterator[tuple[str, object]]:
+    """The whole app over `engine`, launched in this process (`settings`: `AppSettings` fields); yields
+    `(url, demo)` and closes it afterwards."""
     import app
 
-    settings = app.AppSettings(port=free_port())
-    demo = app.build_ui(engine, model_label)
-    app.launch(demo, settings, prevent_thread_lock=True, quiet=True)
+    settings = app.AppSettings(port=free_port(), **settings)
+    demo = app.build_ui(engine, model_label, settings)
+    app.launch(demo, settings, engine, prevent_thread_lock=True, quiet=True)
     try:
         yield f"http://127.0.0.1:{settings.port}", demo
     finally:
         demo.close()
 
 
-def open_page(browser, url: str, height: int = 980, timeout_ms: float | None = None):
-    """A fresh browser context on `url`, returned once the chat input is on the page."""
-    page = browser.new_context(viewport={"width": VIEWPORT_WIDTH, "height": height}).new_page()
+def open_page(browser, url: str, height: int = 980, timeout_ms: float | None = None, viewport: dict | None = None,
+              dark: bool = False):
+    """A fresh browser context on `url` (desktop width unless `viewport`; gradio's dark theme with `dark`),
+    returned once the chat input is on the page."""
+    viewport = viewport or {"width": VIEWPORT_WIDTH, "height": height}
+    phone = viewport["width"] < VIEWPORT_WIDTH / 2
+    context = browser.new_context(viewport=viewport, color_scheme="dark" if dark else "light", is_mobile=phone,
+                                  has_touch=phone)
+    page = context.new_page()
     if timeout_ms is not None:
         page.set_default_timeout(timeout_ms)
-    page.goto(url)
+    page.goto(url + ("?__theme=dark" if dark else ""))
     page.wait_for_selector("#msg textarea")
     return page
 

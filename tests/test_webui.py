@@ -11,7 +11,7 @@ import re
 
 import gradio as gr
 import pytest
-from matplotlib.figure import Figure
+import pandas as pd
 
 from streaming_engine import MODES, EngineConfig, StreamingEngine
 from streaming_engine.history import MAX_HISTORY_BYTES
@@ -166,7 +166,7 @@ def test_one_message_reaches_every_side_and_the_plots_follow(engine):
     for mode, chat, html in zip(MODES, chats, gauges):
         assert chat[0]["content"] == "What is the capital of Italy?" and chat[1]["content"], mode
         assert gauge_value(html, "turns") == 1 and phase(html) == "idle" and f'data-mode="{mode}"' in html
-    assert all(isinstance(figure, Figure) for figure in plots)
+    assert all(isinstance(frame, pd.DataFrame) and set(frame["mode"]) == set(MODES) for frame in plots)
     assert set(state["sids"]) == set(MODES) and all(state["series"][m] for m in MODES)
     assert gauge_value(gauges[1], "sink_tokens") == 0 and gauge_value(gauges[0], "sink_tokens") == 4
 

@@ -18,7 +18,7 @@ from streaming_engine import EngineBusy, SessionNotFound
 from streaming_engine.engine import MAX_MESSAGE_CHARS
 from streaming_engine.sampling import MAX_NEW_TOKENS_LIMIT
 
-from .assets import load_json_list
+from .assets import icon, load_json_list
 from .handlers import bind
 from .render import (
     Throttle,
@@ -44,12 +44,14 @@ MAX_NEW_TOKENS_SLIDER = min(1024, MAX_NEW_TOKENS_LIMIT)
 # Outputs of a turn (respond, retry_last, stream_turn): chatbot, message box, gauges, state, saved history.
 
 
-def session_for(engine, state: dict, system_prompt: str) -> str:
-    """The tab's conversation, created on first use (raises `EngineBusy` when the server is full)."""
+def session_for(engine, state: dict, system_prompt: str, start=None, recent=None) -> str:
+    """The tab's conversation, created on first use (raises `EngineBusy` when the server is full). `start` and
+    `recent` are a visitor's cache sizes (only bound when the owner allows; None: the engine's)."""
     sid = state.get("sid")
     if sid and sid in engine.session_ids():
         return sid
-    sid = engine.new_session("streaming", system_prompt or None)
+    sid = engine.new_session("streaming", system_prompt or None, start_size=None if start is None else int(start),
+                             recent_size=None if recent is None else int(recent))
     state["sid"] = sid
     return sid
 
@@ -62,12 +64,13 @@ def current_stats(engine, state) -> dict | None:
         return None
 
 
-def stream_turn(engine, message, messages, state, system_prompt, temp, p, k, new_tokens, rep):
+def stream_turn(engine, message, messages, state, system_prompt, temp, p, k, new_tokens, rep, start=None,
+                recent=None):
     """Shared by Send and Retry: append the turn, stream the reply, keep the gauges live."""
     state = dict(state or {})
     try:
-        sid = session_for(engine, state, system_prompt)
-    except EngineBusy as exc:
+        sid = session_for(engine, state, system_prompt, start, recent)
+    except (EngineBusy, ValueError) as exc:
         gr.Warning(str(exc))
         yield messages, message, gr.skip(), state, gr.skip()
         return
@@ -125,7 +128,7 @@ def stop_reply(engine, state) -> None:
 def start_new_chat(engine, state):
     """Outputs: chatbot, state, gauges, saved history, download file."""
     close_sessions(engine, state)
-    return [], {}, gauges_html(None), "", gr.update(visible=False, value=None)
+    return [], {}, gauges_html(None, capacity=engine.config.cache_size), "", gr.update(visible=False, value=None)
 
 
 def export_history(engine, state):
@@ -172,55 +175,77 @@ def restore_saved(engine, saved_json, state):
 # --- layout ---------------------------------------------------------------------------------------------------
 
 
-def build_chat_tab(demo: gr.Blocks, engine) -> None:
-    """The Chat tab inside the current `gr.Blocks` (`demo`, whose page load restores a saved conversation)."""
+def build_chat_tab(demo: gr.Blocks, engine, visitor_cache_sizes: bool = False) -> None:
+    """The Chat tab inside the current `gr.Blocks` (`demo`, whose page load restores a saved conversation).
+
+    Layout: the chat and its controls beside the gauges, then examples and settings across the page. On a narrow
+    screen the two columns stack, so the gauges come right under the chat, before examples and settings
+    (`assets/style.css` makes them compact there and the buttons one row of icons). `visitor_cache_sizes` lets
+    visitors pick the cache sizes of new chats, up to the configured ones; otherwise they are shown read-only.
+    """
     cfg = engine.config
     chat_state = tab_state(engine)
     saved = gr.BrowserState("", storage_key=BROWSER_STORAGE_KEY)
     with gr.Tab("Chat", id="chat"):
-        with gr.Row():
-            with gr.Column(scale=3):
+        with gr.Row(elem_id="chat-row", equal_height=False):
+            with gr.Column(scale=3, min_width=300, elem_id="chat-main"):
                 chatbot = gr.Chatbot(elem_id="chatbot", height=520, sanitize_html=True, allow_tags=False,
                                      buttons=["copy"], feedback_options=None, show_label=False,
                                      placeholder="Ask anything. The conversation can go on forever.")
-                with gr.Row():
+                with gr.Row(elem_id="chat-input-row", equal_height=True):
                     msg = gr.Textbox(elem_id="msg", placeholder="Type a message and press Enter…",
                                      show_label=False, scale=8, lines=1, max_lines=8,
                                      max_length=MAX_MESSAGE_CHARS, autofocus=True)
-                    send = gr.Button("Send", variant="primary", elem_id="send", scale=1, min_width=80)
-                with gr.Row():
-                    stop = gr.Button("Stop", elem_id="stop", size="sm")
-                    retry = gr.Button("Retry", elem_id="retry", size="sm")
-                    new_chat = gr.Button("New chat", elem_id="new-chat", size="sm")
-                    export_btn = gr.Button("Download history", elem_id="export", size="sm")
-                    upload = gr.UploadButton("Upload history", file_types=[".json"], type="binary",
-                                             elem_id="upload", size="sm")
+                    send = gr.Button("Send", variant="primary", elem_id="send", scale=1, min_width=60,
+                                     icon=icon("send"))
+                with gr.Row(elem_id="chat-actions", elem_classes=["icon-row"]):
+                    stop = gr.Button("Stop", elem_id="stop", size="sm", icon=icon("stop"), min_width=40)
+                    retry = gr.Button("Retry", elem_id="retry", size="sm", icon=icon("retry"), min_width=40)
+                    new_chat = gr.Button("New chat", elem_id="new-chat", size="sm", icon=icon("new"), min_width=40)
+                    export_btn = gr.Button("Download history", elem_id="export", size="sm", icon=icon("download"),
+                                           min_width=40)
+                    upload = gr.UploadButton("Upload history", file_types=[".json"], type="binary", elem_id="upload",
+                                             size="sm", icon=icon("upload"), min_width=40)
                 export_file = gr.File(label="Your conversation (JSON)", visible=False, elem_id="export-file")
-                examples = load_json_list("examples.json")
-                if examples:
-                    gr.Examples([[e] for e in examples], inputs=msg, label="Try one")
-                with gr.Accordion("Settings", open=False):
-                    system = gr.Textbox(label="System prompt (applies to new chats)", lines=2,
-                                        max_length=MAX_SYSTEM_PROMPT_CHARS, elem_id="system")
-                    with gr.Row():
-                        temperature = gr.Slider(0, 2, value=cfg.temperature, step=0.05,
-                                                label="Temperature (0 = greedy)")
-                        top_p = gr.Slider(0.05, 1, value=cfg.top_p, step=0.05, label="Top-p")
-                    with gr.Row():
-                        top_k = gr.Slider(0, 200, value=cfg.top_k, step=1, label="Top-k (0 = off)")
-                        max_new = gr.Slider(1, MAX_NEW_TOKENS_SLIDER, value=cfg.max_new_tokens, step=1,
-                                            label="Max new tokens", elem_id="max-new-tokens")
-                        repetition = gr.Slider(1.0, 2.0, value=cfg.repetition_penalty, step=0.05,
-                                               label="Repetition penalty")
-            with gr.Column(scale=1, min_width=260):
-                gauges = gr.HTML(gauges_html(None), elem_id="gauges")
+            with gr.Column(scale=1, min_width=260, elem_id="gauges-col"):
+                gauges = gr.HTML(gauges_html(None, capacity=cfg.cache_size), elem_id="gauges")
+        examples = load_json_list("examples.json")
+        if examples:
+            gr.Examples([[e] for e in examples], inputs=msg, label="Try one", elem_id="examples")
+        with gr.Accordion("Settings", open=False, elem_id="settings"):
+            system = gr.Textbox(label="System prompt (applies to new chats)", lines=2,
+                                max_length=MAX_SYSTEM_PROMPT_CHARS, elem_id="system",
+                                placeholder="Empty: the model's own default, if its chat template has one.")
+            with gr.Row():
+                temperature = gr.Slider(0, 2, value=cfg.temperature, step=0.05, label="Temperature (0 = greedy)")
+                top_p = gr.Slider(0.05, 1, value=cfg.top_p, step=0.05, label="Top-p")
+            with gr.Row():
+                top_k = gr.Slider(0, 200, value=cfg.top_k, step=1, label="Top-k (0 = off)")
+                max_new = gr.Slider(1, MAX_NEW_TOKENS_SLIDER, value=cfg.max_new_tokens, step=1,
+                                    label="Max new tokens", elem_id="max-new-tokens")
+                repetition = gr.Slider(1.0, 2.0, value=cfg.repetition_penalty, step=0.05, label="Repetition penalty")
+            with gr.Row(elem_id="cache-sizes"):
+                start_size = gr.Slider(0, cfg.start_size, value=cfg.start_size, step=1,
+                                       label="Attention sinks (start_size, new chats)", elem_id="start-size",
+                                       interactive=visitor_cache_sizes)
+                recent_size = gr.Slider(min(16, cfg.recent_size), cfg.recent_size, value=cfg.recent_size, step=1,
+                                        label="Recent window (recent_size, new chats)", elem_id="recent-size",
+                                        interactive=visitor_cache_sizes)
+            gr.Markdown(
+                f"The cache keeps **{cfg.start_size} attention sinks + the {cfg.recent_size} most recent tokens** "
+                f"({cfg.cache_size:,} in all). " + (
+                    "You may choose a smaller cache for new chats." if visitor_cache_sizes else
+                    "Set by the server's owner (`--start-size`, `--recent-size`; `--visitor-cache-sizes` lets "
+                    "visitors choose smaller ones)."), elem_id="cache-sizes-note")
     sampling_inputs = [system, temperature, top_p, top_k, max_new, repetition]
+    if visitor_cache_sizes:
+        sampling_inputs += [start_size, recent_size]
 
     turn_outputs = [chatbot, msg, gauges, chat_state, saved]
     for trigger in (msg.submit, send.click):
-        trigger(bind(respond, engine, gpu=True), [msg, chatbot, chat_state, *sampling_inputs], turn_outputs,
+        trigger(bind(respond, engine), [msg, chatbot, chat_state, *sampling_inputs], turn_outputs,
                 concurrency_id="chat", api_visibility="private")
-    retry.click(bind(retry_last, engine, gpu=True), [chatbot, chat_state, *sampling_inputs], turn_outputs,
+    retry.click(bind(retry_last, engine), [chatbot, chat_state, *sampling_inputs], turn_outputs,
                 concurrency_id="chat", api_visibility="private")
     stop.click(bind(stop_reply, engine), [chat_state], None, queue=False, api_visibility="private")
     new_chat.click(bind(start_new_chat, engine), [chat_state], [chatbot, chat_state, gauges, saved, export_file],
