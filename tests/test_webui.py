@@ -208,3 +208,14 @@ def test_an_empty_comparison_message_changes_nothing(engine):
     with pytest.warns(UserWarning, match="empty"):
         outputs = list(compare_tab.compare_send(engine, "", [], [], [], {}, True, 8))
     assert outputs == [[SKIP] * 11] and engine.session_ids() == []
+
+
+def test_visitor_cache_sizes_apply_to_a_new_chat_and_can_only_shrink_the_cache(engine):
+    chat, _, gauges, state, _ = last(chat_tab.respond(engine, "Hi", [], {}, *GREEDY_INPUTS, 2, 32))
+    stats = engine.stats(state["sid"])
+    assert (stats["start_size"], stats["recent_size"], stats["cache_capacity"]) == (2, 32, 34)
+    assert gauge_value(gauges, "sink_tokens") == 2
+    for sizes in ((5, 32), (2, 97)):  # the owner's engine has 4 + 96: larger is refused, nothing is sent
+        with pytest.warns(UserWarning, match="must be between"):
+            chat, box, *_ = last(chat_tab.respond(engine, "Hi", [], {}, *GREEDY_INPUTS, *sizes))
+        assert chat == [] and box == "Hi"

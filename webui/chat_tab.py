@@ -50,6 +50,11 @@ def session_for(engine, state: dict, system_prompt: str, start=None, recent=None
     sid = state.get("sid")
     if sid and sid in engine.session_ids():
         return sid
+    cfg = engine.config  # a visitor may shrink the cache, never grow it past what the owner configured
+    if start is not None and not 0 <= int(start) <= cfg.start_size:
+        raise ValueError(f"attention sinks must be between 0 and {cfg.start_size}")
+    if recent is not None and not 1 <= int(recent) <= cfg.recent_size:
+        raise ValueError(f"the recent window must be between 1 and {cfg.recent_size} tokens")
     sid = engine.new_session("streaming", system_prompt or None, start_size=None if start is None else int(start),
                              recent_size=None if recent is None else int(recent))
     state["sid"] = sid
