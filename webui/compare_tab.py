@@ -50,6 +50,9 @@ COMPARE_CAPACITY = {"streaming": COMPARE_START_SIZE + COMPARE_RECENT_SIZE, "dens
 #: Every side decodes greedily with the same penalty, so differences come from the cache alone.
 COMPARE_SAMPLING = dict(temperature=0.0, repetition_penalty=1.1)
 DEFAULT_COMPARE_NEW_TOKENS = 96
+#: The three chats and gauges repaint at most this often while replies stream (seconds): three panes at the chat
+#: tab's pace kept a browser's main thread busy all the time with a fast model.
+COMPARE_UI_INTERVAL_S = 0.25
 CONTEXT_FULL_NOTE = "**Context full** — dense attention cannot continue."
 #: What the autopilot sends when `assets/autopilot.json` is missing.
 FALLBACK_SCRIPT = ["Tell me a long story."]
@@ -82,7 +85,7 @@ def compare_turn(engine, state: dict, message: str, modes: list[str], new_tokens
     series = state.setdefault("series", {m: [] for m in MODES})
     for mode in modes:
         chats[mode] = list(chats.get(mode) or []) + user_and_pending_reply(message)
-    replies, stats, throttle = {m: "" for m in modes}, {}, Throttle()
+    replies, stats, throttle = {m: "" for m in modes}, {}, Throttle(COMPARE_UI_INTERVAL_S)
     for sid, event in engine.chat_many([sids[m] for m in modes], message, max_new_tokens=int(new_tokens),
                                        **COMPARE_SAMPLING):
         mode = mode_of[sid]
@@ -234,11 +237,11 @@ def build_compare_tab(engine) -> None:
         with gr.Row(elem_id="compare-plots"):
             plot_memory = gr.LinePlot(
                 memory_frame, x=X_COLUMN, y=MEMORY_COLUMN, color=MODE_COLUMN, color_map=dict(COLORS),
-                colors_in_legend=[], label="KV cache memory vs tokens seen", elem_id="plot-memory", height=280,
-                min_width=280)
+                tooltip="none", colors_in_legend=[], label="KV cache memory vs tokens seen", elem_id="plot-memory",
+                height=280, min_width=280)
             plot_latency = gr.LinePlot(
                 latency_frame, x=X_COLUMN, y=LATENCY_COLUMN, color=MODE_COLUMN, color_map=dict(COLORS),
-                colors_in_legend=[], elem_id="plot-latency", height=280, min_width=280,
+                tooltip="none", colors_in_legend=[], elem_id="plot-latency", height=280, min_width=280,
                 label=f"Decode latency vs tokens seen (median of the last {LATENCY_MEDIAN_WINDOW} tokens)")
         with gr.Accordion("Settings", open=False, elem_id="compare-settings"):
             with gr.Row():
