@@ -140,6 +140,7 @@ def test_an_empty_chat_shows_the_cache_capacity_and_every_gauge_explains_itself(
     page.click("#gauges .gauge-help summary")  # and the same lines for touch screens, folded
     assert page.locator("#gauges .gauge-help li").first.is_visible()
     page.locator("#settings").get_by_text("Settings").click()
+    page.wait_for_selector("#recent-size input")
     sizes = page.locator("#start-size input, #recent-size input")  # shown, read-only for visitors
     assert sizes.count() >= 2 and all(sizes.nth(i).is_disabled() for i in range(sizes.count()))
     assert f"{START} attention sinks + the {RECENT} most recent tokens" in page.inner_text("#cache-sizes-note")
