@@ -2,10 +2,13 @@
 
 It loads the model, builds the engine, composes the tabs of `webui/` into one page and launches it. Tabs:
 **Chat** (`webui/chat_tab.py`), **Dense vs Streaming** (`webui/compare_tab.py`) and **About** (`webui/about.py`),
-plus the HTTP API for scripts (`webui/webapi.py`). Every model decision is `StreamingEngine`'s.
+plus the HTTP API for scripts (`webui/webapi.py`) and `GET /health` (`webui/health.py`). Every model decision is
+`StreamingEngine`'s.
 
 Run `python app.py --help`. Every flag has an environment variable for Spaces (see `webui/settings.py`). The model
-loads once per process; each browser tab gets its own engine sessions, freed when the tab goes away.
+loads once per process (`webui/startup.py` says from where); each browser tab gets its own engine sessions, freed
+when the tab goes away. On a ZeroGPU Space the engine is a `RemoteTurnsEngine`: sessions stay in this process and
+only each turn's forward passes run in a GPU worker (see `webui/handlers.py`).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ def status_line(engine: StreamingEngine, model_label: str) -> str:
     parts = [f"Model **{html.escape(model_label)}**", f"{device} ({describe_placement(model)})",
              str(model.dtype).replace("torch.", "")]
     if device.type == "cpu":
-        parts.append(f"{torch.get_num_threads()} CPU threads")
+        threads = torch.get_num_threads()
+        parts.append(f"{threads} CPU thread{'s' if threads != 1 else ''}")
     parts.append(f"cache {cfg.start_size} sinks + {cfg.recent_size} recent tokens")
     if isinstance(engine, RemoteTurnsEngine):
         parts.append("ZeroGPU: each reply runs in a GPU worker")

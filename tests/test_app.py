@@ -135,7 +135,7 @@ def test_the_engine_is_loaded_as_the_settings_say_and_the_footer_shows_where_it_
                         device_map=None, max_memory=None, offload_folder=None)
     assert label == "/some/local/model" and engine.config.recent_size == 96
     footer = app.status_line(engine, label)
-    assert "cpu (cpu " in footer and "float32" in footer and "1 CPU threads" in footer and "4 sinks + 96" in footer
+    assert "cpu (cpu " in footer and "float32" in footer and "1 CPU thread ·" in footer and "4 sinks + 96" in footer
 
 
 def test_on_a_zerogpu_space_turns_go_to_gpu_workers_and_nothing_else_is_decorated(

@@ -157,8 +157,10 @@ def test_two_pages_at_once_get_independent_conversations(browser, server):
     second.click("#send")
     for page in (first, second):
         wait_idle(page, "#gauges", 1)
-    assert "green" in first.inner_text("#chatbot") and "green" not in second.inner_text("#chatbot")
-    assert "large animal" in second.inner_text("#chatbot") and "large animal" not in first.inner_text("#chatbot")
+    # Each page shows only its own message (a sampled reply may well mention green, so replies are not compared).
+    user_texts = [[t.strip() for t in page.locator("#chatbot .user").all_inner_texts() if t.strip()]
+                  for page in (first, second)]
+    assert user_texts == [["My favourite color is green. What is 2+2?"], ["Name a large animal."]]
     assert len(engine.session_ids()) == before + 2
     for page in (first, second):
         page.context.close()
