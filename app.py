@@ -2,12 +2,15 @@
 
 It loads the model, builds the engine, composes the tabs of `webui/` into one page and launches it. Tabs:
 **Chat** (`webui/chat_tab.py`), **Dense vs Streaming** (`webui/compare_tab.py`) and **About** (`webui/about.py`),
-plus the HTTP API for scripts (`webui/webapi.py`). Every model decision is `StreamingEngine`'s.
+plus the HTTP API for scripts (`webui/webapi.py`), the OpenAI-compatible API and `/metrics` (`webui/openai_api.py`,
+`webui/metrics.py`) and `GET /health` (`webui/health.py`). Every model decision is `StreamingEngine`'s.
 
 Run `python app.py --help`. Every flag has an environment variable for Spaces (see `webui/settings.py`). The model
-loads once per process; conversations are kept server-side (`streaming_engine.conversations`, in the SQLite
-database under `--data-dir` unless `--no-persist`), each browser tab's live sessions are freed within seconds of the
-tab going away, and every response carries the security headers of `webui/security.py`.
+loads once per process (`webui/startup.py` says from where); conversations are kept server-side
+(`streaming_engine.conversations`, in the SQLite database under `--data-dir` unless `--no-persist`), each browser
+tab's live sessions are freed within seconds of the tab going away, and every response carries the security headers
+of `webui/security.py`. On a ZeroGPU Space the engine is a `RemoteTurnsEngine`: sessions stay in this process and
+only each turn's forward passes run in a GPU worker (see `webui/handlers.py`).
 """
 
 from __future__ import annotations
@@ -16,51 +19,76 @@ import html
 import os
 
 import gradio as gr
+import torch
 
-from streaming_engine import EngineConfig, StreamingEngine, load
+from streaming_engine import EngineConfig, StreamingEngine
 from streaming_engine.conversations import Conversations
-from streaming_engine.store import ChatStore
 from streaming_engine.history import MAX_HISTORY_BYTES
 from streaming_engine.loading import DEFAULT_MODEL_NAME
-from webui import metrics, openai_api, security, webapi
+from streaming_engine.placement import describe_placement, input_device
+from streaming_engine.remote import RemoteTurnsEngine
+from streaming_engine.store import ChatStore
+from webui import handlers, metrics, openai_api, security, startup, webapi
 from webui.about import build_about_tab
 from webui.assets import read_css
 from webui.chat_tab import build_chat_tab
 from webui.compare_tab import build_compare_tab
+from webui.health import add_health_route
 from webui.sessions import tab_closed
-from webui.settings import QUEUE_CONCURRENCY, QUEUE_MAX_SIZE, AppSettings, parse_settings
+from webui.settings import AppSettings, parse_settings
 
 
-def build_ui(engine: StreamingEngine, model_label: str, conversations: Conversations | None = None) -> gr.Blocks:
+def status_line(engine: StreamingEngine, model_label: str) -> str:
+    """The footer: model, where its inputs go and its weights sit, dtype, CPU threads, cache, ZeroGPU."""
+    model, cfg = engine.model, engine.config
+    device = input_device(model)  # not model.device: under offloading that reads "meta"
+    parts = [f"Model **{html.escape(model_label)}**", f"{device} ({describe_placement(model)})",
+             str(model.dtype).replace("torch.", "")]
+    if device.type == "cpu":
+        threads = torch.get_num_threads()
+        parts.append(f"{threads} CPU thread{'s' if threads != 1 else ''}")
+    parts.append(f"cache {cfg.start_size} sinks + {cfg.recent_size} recent tokens")
+    if isinstance(engine, RemoteTurnsEngine):
+        parts.append("ZeroGPU: each reply runs in a GPU worker")
+    return " · ".join(parts)
+
+
+def build_ui(engine: StreamingEngine, model_label: str, conversations: Conversations | None = None,
+             settings: AppSettings | None = None) -> gr.Blocks:
     """The whole page over `engine`: header, the tabs in order, the status footer and the HTTP API.
-    `conversations` keeps the chat tab's conversations (default: in memory only, nothing written)."""
+    `conversations` keeps the chat tab's conversations (default: in memory only, nothing written); `settings`
+    says what visitors may choose (default: nothing beyond sampling)."""
     conversations = conversations or Conversations(engine, ChatStore(None))
     cfg = engine.config
     with gr.Blocks(title="StreamingLLM chat") as demo:
         gr.Markdown(
             "# StreamingLLM chat\nConversations that never run out of context: the cache keeps "
             f"**{cfg.start_size} attention sinks** plus the **{cfg.recent_size} most recent tokens**, so memory "
-            "stays flat however long you chat. Watch the gauges while the reply streams."
+            "stays flat however long you chat. Watch the gauges while the reply streams.",
+            elem_id="intro",
         )
-        build_chat_tab(demo, conversations)
+        build_chat_tab(demo, conversations, visitor_cache_sizes=bool(settings and settings.visitor_cache_sizes))
         build_compare_tab(engine)
         build_about_tab()
-        gr.Markdown(
-            f"Model **{html.escape(model_label)}** · {engine.model.device} · "
-            f"{str(engine.model.dtype).replace('torch.', '')} · cache {cfg.start_size} sinks + {cfg.recent_size} "
-            "recent tokens", elem_classes=["footer-status"], elem_id="status",
-        )
+        gr.Markdown(status_line(engine, model_label), elem_classes=["footer-status"], elem_id="status")
         webapi.register(engine)
         demo.unload(tab_closed)  # a page went away: free its sessions (see webui/sessions.py)
     return demo
 
 
 def create_engine(settings: AppSettings) -> tuple[StreamingEngine, str]:
-    """Load the model the settings name and wrap it in an engine; returns it with the model's display name."""
-    model, tokenizer = load(settings.model, trust_remote_code=settings.trust_remote_code)
+    """Load the model the settings name and wrap it in an engine; returns it with the model's display name.
+    On a ZeroGPU Space the engine runs each turn in a GPU worker and keeps the sessions here (`handlers.py`)."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     config = EngineConfig(start_size=settings.start_size, recent_size=settings.recent_size,
                           max_sessions=settings.max_sessions, max_sessions_per_owner=settings.max_sessions_per_client)
-    return StreamingEngine(model, tokenizer, config), settings.model or DEFAULT_MODEL_NAME
+    gpu = handlers.zerogpu_decorator(config)  # before loading: `spaces` must patch torch first
+    source = startup.model_source(settings)
+    model, tokenizer = startup.load_model(source, settings)
+    if gpu is not None:
+        return RemoteTurnsEngine(model, tokenizer, config, run_elsewhere=gpu), source.label
+    return StreamingEngine(model, tokenizer, config), source.label
 
 
 def open_conversations(engine: StreamingEngine, settings: AppSettings) -> Conversations:
@@ -69,23 +97,25 @@ def open_conversations(engine: StreamingEngine, settings: AppSettings) -> Conver
 
 
 def launch(demo: gr.Blocks, settings: AppSettings, engine: StreamingEngine | None = None,
-           model_label: str = DEFAULT_MODEL_NAME, **kwargs):
-    """Serve `demo` with the queue bounds, the upload limit (a history file), the stylesheet and the security
-    headers on every response; with `engine`, also mount the plain HTTP APIs (OpenAI-compatible, Prometheus) on
-    the same server, behind the same login. The proxies trusted to name the client go to uvicorn (it reads
-    `FORWARDED_ALLOW_IPS` when the server starts)."""
-    demo.queue(default_concurrency_limit=QUEUE_CONCURRENCY, max_size=QUEUE_MAX_SIZE)
+           model_label: str = DEFAULT_MODEL_NAME, prevent_thread_lock: bool = False, **kwargs):
+    """Serve `demo` with the queue bounds, the upload limit (a history file), the stylesheet, `GET /health` and
+    the security headers on every response; with `engine`, also mount the plain HTTP APIs (OpenAI-compatible,
+    Prometheus) on the same server, behind the same login. The proxies trusted to name the client go to uvicorn
+    (it reads `FORWARDED_ALLOW_IPS` when the server starts). Blocks until the server stops unless
+    `prevent_thread_lock`."""
+    demo.queue(default_concurrency_limit=settings.queue_concurrency, max_size=settings.queue_max_size)
     os.environ["FORWARDED_ALLOW_IPS"] = settings.forwarded_allow_ips
-    keep_running = not kwargs.pop("prevent_thread_lock", False)
     result = demo.launch(
         server_name=settings.host, server_port=settings.port, share=settings.share, auth=settings.auth,
         max_file_size=MAX_HISTORY_BYTES, css=read_css(), footer_links=["api"], prevent_thread_lock=True,
         app_kwargs={"middleware": [security.middleware(settings.frame_ancestors)]}, **kwargs,
     )
-    if engine is not None:  # gradio's FastAPI app exists once launched
+    # Gradio's FastAPI app exists once launched.
+    add_health_route(demo.app, engine)
+    if engine is not None:
         openai_api.mount(demo.app, engine, model_name=model_label, auth=settings.auth)
         metrics.mount(demo.app, engine, auth=settings.auth, queue_length=lambda: len(demo._queue))
-    if keep_running:
+    if not prevent_thread_lock:
         demo.block_thread()
     return result
 
@@ -97,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         conversations = open_conversations(engine, settings)
     except (ValueError, RuntimeError) as exc:  # StoreError is a RuntimeError
         raise SystemExit(f"error: {exc}") from exc
-    launch(build_ui(engine, label, conversations), settings, engine=engine, model_label=label)
+    launch(build_ui(engine, label, conversations, settings), settings, engine, model_label=label)
 
 
 if __name__ == "__main__":

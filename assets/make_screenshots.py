@@ -6,9 +6,12 @@ with a 4 + 252 cache, then, as a visitor would:
 * `assets/screenshot.png`: chats on the Chat tab until tokens have been evicted (at least three turns), so the
   evicted count has climbed while the fill stays near capacity;
 * `assets/screenshot-compare.png`: sends the autopilot's prompts (`assets/autopilot.json`) one by one on the Dense
-  vs Streaming tab until dense reports *context full*, then one more, which streaming and window still answer.
+  vs Streaming tab until dense reports *context full*, then one more, which streaming and window still answer;
+* `assets/screenshot-phone.png`: the Chat tab on a 390 x 844 phone screen after two turns: the chat, the row of
+  icon buttons and the compact gauges on one screen.
 
 It needs Chromium (`apt-get install chromium`) and Python playwright; nothing is downloaded. A few minutes on CPU.
+Name some of them to retake only those: `python assets/make_screenshots.py screenshot-phone.png`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the app, and the helpers the browser tests use too
 
-from browser_util import LAUNCH_ARGS, find_chromium, gauge, open_page, served, wait_idle  # noqa: E402
+from browser_util import (  # noqa: E402
+    LAUNCH_ARGS,
+    PHONE_VIEWPORT,
+    find_chromium,
+    gauge,
+    open_page,
+    served,
+    wait_idle,
+)
 
 from streaming_engine import MODES, EngineConfig, StreamingEngine, load  # noqa: E402
 from streaming_engine.loading import DEFAULT_MODEL_NAME  # noqa: E402
@@ -59,12 +70,21 @@ def compare_tab(page, path: Path) -> None:
         dense_was_full = page.get_attribute("#gauges-dense .gauges", "data-context-full") == "true"
     else:
         raise RuntimeError("dense never reported context full; is COMPARE_DENSE_CONTEXT larger than the script?")
-    page.wait_for_selector("#plot-memory img, #plot-memory svg, #plot-memory canvas")
+    page.wait_for_selector("#plot-memory path[aria-roledescription='line mark'][stroke]")
     time.sleep(1.0)  # let the plots finish drawing
     page.screenshot(path=str(path), full_page=True)
 
 
-def main() -> int:
+def phone_chat(page, path: Path) -> None:
+    for turn, prompt in enumerate(CHAT_PROMPTS[:2], 1):
+        page.fill("#msg textarea", prompt)
+        page.click("#send")
+        wait_idle(page, "#gauges", turn, REPLY_TIMEOUT_MS)
+    page.screenshot(path=str(path))
+
+
+def main(argv: list[str] | None = None) -> int:
+    wanted = set(sys.argv[1:] if argv is None else argv)
     chromium = find_chromium()
     if chromium is None:
         print("error: chromium is not installed (apt-get install chromium)", file=sys.stderr)
@@ -76,8 +96,12 @@ def main() -> int:
                                                             prefill_chunk_size=128))
     with served(engine, DEFAULT_MODEL_NAME) as (url, _), sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=LAUNCH_ARGS)
-        for name, drive, height in (("screenshot.png", chat_tab, 900), ("screenshot-compare.png", compare_tab, 980)):
-            page = open_page(browser, url, height)
+        for name, drive, viewport in (("screenshot.png", chat_tab, None),
+                                      ("screenshot-compare.png", compare_tab, {"width": 1360, "height": 980}),
+                                      ("screenshot-phone.png", phone_chat, PHONE_VIEWPORT)):
+            if wanted and name not in wanted:
+                continue
+            page = open_page(browser, url, 900, viewport=viewport)
             drive(page, ROOT / "assets" / name)
             print("wrote", ROOT / "assets" / name)
             page.context.close()

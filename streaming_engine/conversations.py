@@ -89,9 +89,12 @@ class Conversations:
 
     # --- opening ---------------------------------------------------------------------------------------------------
 
-    def start(self, *, owner: str | None = None, origin: str = "browser", system_prompt: str | None = None) -> Opened:
-        """A new, empty conversation with its live session. Raises `EngineBusy` at a session cap."""
-        sid = self.engine.new_session("streaming", system_prompt, owner=owner, origin=origin)
+    def start(self, *, owner: str | None = None, origin: str = "browser", system_prompt: str | None = None,
+              start_size: int | None = None, recent_size: int | None = None) -> Opened:
+        """A new, empty conversation with its live session (cache sizes: the engine's unless given). Raises
+        `EngineBusy` at a session cap, `ValueError` on bad sizes."""
+        sid = self.engine.new_session("streaming", system_prompt, start_size=start_size, recent_size=recent_size,
+                                      owner=owner, origin=origin)
         token = new_token()
         with self._lock:
             self._forget_closed()

@@ -27,6 +27,7 @@ from .cache import DEFAULT_RECENT_SIZE, DEFAULT_START_SIZE, StartRecentKVCache
 from .checks import check_int, check_number
 from .counters import EngineCounters
 from .families import check_cache_size, check_supported, find_rotary_embedding, layer_rope_kinds
+from .handoff import SessionState, adopt, capture
 from .history import MAX_HISTORY_MESSAGES, dump_history, parse_history
 from .placement import input_device
 from .sampling import SamplingDefaults, SamplingParams
@@ -549,6 +550,40 @@ class StreamingEngine:
         session.owner = owner
         session.load_history(clean)
         return session_id
+
+    # --- handing a session to another process (ZeroGPU: see handoff.py, remote.py) ------------------------------
+
+    def export_state(self, session_id: str) -> SessionState:
+        """The session's whole state as a picklable value, cache tensors on the CPU (see `handoff.py`).
+
+        Taken between turns: a turn still running is waited for (at most `STOP_WAIT_S`), then `EngineBusy`."""
+        session = self._get(session_id)
+        handle = session.current
+        if handle is not None and not handle.finished.wait(STOP_WAIT_S):
+            raise EngineBusy("A reply is still being written in this chat; stop it or wait.")
+        with session.lock:
+            return capture(session)
+
+    def open_state(self, state: SessionState, *, owner: str | None = None, origin: str = "browser") -> str:
+        """A new session (its own id) holding an exported state, its cache on the devices the model runs on."""
+        fields = state.fields
+        mode = fields["mode"]
+        session_id = self.new_session(
+            mode, fields.get("system_prompt"),
+            start_size=None if mode == "dense" else fields["start_size"],
+            recent_size=None if mode == "dense" else fields["recent_size"],
+            max_context=fields.get("context_limit") if mode == "dense" else None,
+            owner=owner, origin=origin,
+        )
+        self.import_state(session_id, state, onto_devices=True)
+        return session_id
+
+    def import_state(self, session_id: str, state: SessionState, *, onto_devices: bool = False) -> None:
+        """Replace a session's state with `state` (its id, tag and running-turn handle stay). `onto_devices=False`
+        keeps the cache on the CPU: for a process that only holds conversations and never runs the model."""
+        session = self._get(session_id)
+        with session.lock:
+            adopt(session, state, onto_devices=onto_devices)
 
 
 def _refused(text: str, stats: dict | None = None) -> Event:

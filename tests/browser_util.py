@@ -27,6 +27,8 @@ VIEWPORT_WIDTH = 1360
 ROOT = Path(__file__).resolve().parent.parent
 #: How long a started app process may take to answer (model load included, on a busy shared CPU).
 APP_START_TIMEOUT_S = 300.0
+#: A phone (iPhone 12-15 class) in CSS pixels.
+PHONE_VIEWPORT = {"width": 390, "height": 844}
 
 
 def free_port() -> int:
@@ -48,8 +50,8 @@ def served(engine, model_label: str, conversations=None, **settings) -> Iterator
     import app
 
     settings = app.AppSettings(port=free_port(), **settings)
-    demo = app.build_ui(engine, model_label, conversations)
-    app.launch(demo, settings, prevent_thread_lock=True, quiet=True)
+    demo = app.build_ui(engine, model_label, conversations, settings=settings)
+    app.launch(demo, settings, engine, prevent_thread_lock=True, quiet=True)
     try:
         yield f"http://127.0.0.1:{settings.port}", demo
     finally:
@@ -107,12 +109,18 @@ def save_model(model, tokenizer, folder: Path) -> Path:
     return folder
 
 
-def open_page(browser, url: str, height: int = 980, timeout_ms: float | None = None):
-    """A fresh browser context on `url`, returned once the chat input is on the page."""
-    page = browser.new_context(viewport={"width": VIEWPORT_WIDTH, "height": height}).new_page()
+def open_page(browser, url: str, height: int = 980, timeout_ms: float | None = None, viewport: dict | None = None,
+              dark: bool = False):
+    """A fresh browser context on `url` (desktop width unless `viewport`; gradio's dark theme with `dark`),
+    returned once the chat input is on the page."""
+    viewport = viewport or {"width": VIEWPORT_WIDTH, "height": height}
+    phone = viewport["width"] < VIEWPORT_WIDTH / 2
+    context = browser.new_context(viewport=viewport, color_scheme="dark" if dark else "light", is_mobile=phone,
+                                  has_touch=phone)
+    page = context.new_page()
     if timeout_ms is not None:
         page.set_default_timeout(timeout_ms)
-    page.goto(url)
+    page.goto(url + ("?__theme=dark" if dark else ""))
     page.wait_for_selector("#msg textarea")
     return page
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 
 import pytest
 from browser_util import served
@@ -169,5 +170,106 @@ def test_example_and_autopilot_prompts_ship_in_assets():
 def test_uploads_are_size_limited_and_the_queue_is_bounded(launched):
     *_, demo = launched
     assert demo.max_file_size == MAX_HISTORY_BYTES  # gradio refuses bigger uploads before any handler runs
-    assert demo._queue.max_size == app_settings.QUEUE_MAX_SIZE
-    assert demo._queue.default_concurrency_limit == app_settings.QUEUE_CONCURRENCY
+    assert demo._queue.max_size == app_settings.DEFAULT_QUEUE_MAX_SIZE
+    assert demo._queue.default_concurrency_limit == app_settings.DEFAULT_QUEUE_CONCURRENCY
+
+
+def test_placement_dtype_threads_and_queue_settings_come_from_flags_or_environment():
+    settings = app_settings.parse_settings(
+        ["--dtype", "bfloat16", "--threads", "3", "--device-map", "auto", "--max-memory", "cpu=2GiB",
+         "--offload-folder", "/tmp/offload", "--queue-concurrency", "4", "--queue-max-size", "10"], env={})
+    assert settings.load_kwargs() == dict(trust_remote_code=False, device=None, dtype="bfloat16", device_map="auto",
+                                          max_memory="cpu=2GiB", offload_folder="/tmp/offload")
+    assert (settings.threads, settings.queue_concurrency, settings.queue_max_size) == (3, 4, 10)
+    env = {"DEVICE": "cpu", "DTYPE": "float32", "THREADS": "2", "QUEUE_CONCURRENCY": "8", "QUEUE_MAX_SIZE": "5",
+           "VISITOR_CACHE_SIZES": "1"}
+    settings = app_settings.parse_settings([], env=env)
+    assert (settings.device, settings.dtype, settings.threads) == ("cpu", "float32", 2)
+    assert (settings.queue_concurrency, settings.queue_max_size, settings.visitor_cache_sizes) == (8, 5, True)
+    assert app_settings.parse_settings([], env={"DEVICE_MAP": "balanced"}).device_map == "balanced"
+    for argv in (["--dtype", "int3"], ["--threads", "0"], ["--device", "cpu", "--device-map", "auto"],
+                 ["--max-memory", "cpu=2GiB"], ["--device-map", "everywhere"], ["--device-map", "auto",
+                 "--max-memory", "cpu=lots"], ["--queue-max-size", "0"], ["--device", "toaster"]):
+        with pytest.raises(SystemExit):
+            app_settings.parse_settings(argv, env={})
+    with pytest.raises(SystemExit, match="QUEUE_MAX_SIZE"):
+        app_settings.parse_settings([], env={"QUEUE_MAX_SIZE": "many"})
+
+
+def test_the_engine_is_loaded_as_the_settings_say_and_the_footer_shows_where_it_runs(
+        monkeypatch, tiny_chat_model, default_tokenizer):
+    import app
+    from webui import startup
+
+    seen = {}
+
+    def fake_load(name, **kwargs):
+        seen.update(kwargs, name=name)
+        return tiny_chat_model, default_tokenizer
+
+    monkeypatch.setattr(startup, "load", fake_load)
+    settings = app_settings.parse_settings(["--model", "/some/local/model", "--dtype", "float32", "--device", "cpu",
+                                            "--threads", "1", "--recent-size", "96"], env={})
+    engine, label = app.create_engine(settings)
+    assert seen == dict(name="/some/local/model", trust_remote_code=False, device="cpu", dtype="float32",
+                        device_map=None, max_memory=None, offload_folder=None)
+    assert label == "/some/local/model" and engine.config.recent_size == 96
+    footer = app.status_line(engine, label)
+    assert "cpu (cpu " in footer and "float32" in footer and "1 CPU thread ·" in footer and "4 sinks + 96" in footer
+
+
+def test_on_a_zerogpu_space_turns_go_to_gpu_workers_and_nothing_else_is_decorated(
+        monkeypatch, tiny_chat_model, default_tokenizer):
+    import types
+
+    import app
+    import zerogpu_standin
+    from webui import startup
+
+    from streaming_engine.remote import RemoteTurnsEngine
+
+    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=zerogpu_standin.GPU))
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    monkeypatch.setattr(startup, "load", lambda name, **kwargs: (tiny_chat_model, default_tokenizer))
+    engine, _ = app.create_engine(app_settings.parse_settings(["--recent-size", "96"], env={}))
+    assert isinstance(engine, RemoteTurnsEngine) and "ZeroGPU" in app.status_line(engine, "x")
+    monkeypatch.delenv("SPACES_ZERO_GPU")
+    assert type(app.create_engine(app_settings.parse_settings([], env={}))[0]) is StreamingEngine
+
+
+def test_without_the_offline_default_or_the_hub_the_error_says_how_to_get_a_model(monkeypatch, capsys):
+    import app
+    from webui import startup
+
+    from streaming_engine.loading import DEFAULT_MODEL_INSTALL
+
+    monkeypatch.setattr(startup, "default_model_available", lambda: False)
+    monkeypatch.setattr(startup, "hub_reachable", lambda *a, **k: False)  # as with no network at all
+    with pytest.raises(SystemExit) as stopped:
+        app.main([])
+    message = str(stopped.value)
+    assert DEFAULT_MODEL_INSTALL in message and "hub is unreachable" in message
+    assert "Omit the model" not in message  # no model was passed
+    assert DEFAULT_MODEL_INSTALL in capsys.readouterr().err  # said before loading starts, too
+
+
+def test_get_health_answers_plain_http(launched):
+    import urllib.request
+
+    url, engine, _ = launched
+    with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
+        assert response.status == 200
+        body = json.loads(response.read())
+    assert body == {"status": "ok", "sessions": len(engine.session_ids())}
+
+
+def test_the_space_front_matter_lists_and_preloads_the_default_hub_model():
+    import yaml
+
+    readme = (ASSETS.parent / "README.md").read_text(encoding="utf-8")
+    front = yaml.safe_load(readme.split("---\n")[1])
+    assert front["app_file"] == "app.py" and front["sdk"] == "gradio"
+    assert front["models"] == [app_settings.HUB_DEFAULT_MODEL]
+    repo, files = front["preload_from_hub"][0].split()
+    assert repo == app_settings.HUB_DEFAULT_MODEL and {"config.json", "model.safetensors", "tokenizer.json"} <= set(
+        files.split(","))

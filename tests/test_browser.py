@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from browser_util import (
     LAUNCH_ARGS,
+    PHONE_VIEWPORT,
     find_chromium,
     free_port,
     gauge,
@@ -99,9 +100,26 @@ def test_a_reply_streams_in_and_the_gauges_move(browser, server):
     page.context.close()
 
 
+#: Records every gauge the page shows (state label, held, capacity, evicted, phase), so a test can check states
+#: that last only a moment while a reply streams.
+RECORD_GAUGES = """() => {
+    window.gaugeSnapshots = [];
+    const root = document.querySelector('#gauges');
+    const take = () => { const g = root.querySelector('.gauges'); if (!g) return;
+        const bar = g.querySelector('[data-key=fill]');
+        window.gaugeSnapshots.push({state: g.dataset.state, phase: g.dataset.phase,
+            label: g.querySelector('[data-key=state]').innerText.trim(),
+            held: Number(bar.dataset.held), capacity: Number(bar.dataset.capacity),
+            evicted: Number(g.querySelector('[data-key=evicted_tokens]').dataset.value)}); };
+    take();
+    new MutationObserver(take).observe(root, {subtree: true, childList: true, characterData: true, attributes: true});
+}"""
+
+
 def test_on_a_tiny_cache_evictions_climb_while_the_fill_stays_at_capacity(browser, server):
     url, _ = server
     page = new_page(browser, url)
+    page.evaluate(RECORD_GAUGES)
     prompts = ["What is the capital of France?", "Tell me a story about a dragon.",
                "Describe the ocean in detail.", "Explain how rain forms, step by step.",
                "Write a long poem about autumn leaves."]
@@ -117,7 +135,36 @@ def test_on_a_tiny_cache_evictions_climb_while_the_fill_stays_at_capacity(browse
     # with the cache exactly full; one that stops early (end of turn) leaves it a little below, never above.
     assert max(held) == START + RECENT and all(h <= START + RECENT for h in held)
     assert gauge(page, "sink_tokens") == START
+    # The gauges never contradict themselves: "Evicting" only at capacity; below it after evictions, the page says
+    # room was reserved for the reply (the engine evicts for the prompt and the whole reply before the prompt).
+    snapshots = page.evaluate("() => window.gaugeSnapshots")
+    states = {snap["state"] for snap in snapshots}
+    assert {"empty", "filling", "reserved", "evicting"} <= states, states
+    for snap in snapshots:
+        assert snap["capacity"] == START + RECENT
+        assert (snap["label"] == "Evicting") == (snap["state"] == "evicting")
+        if snap["state"] == "evicting":
+            assert snap["held"] == snap["capacity"] and snap["evicted"] > 0
+        if snap["state"] == "reserved":
+            assert snap["held"] < snap["capacity"] and snap["evicted"] > 0
     page.screenshot(path=str(ARTIFACTS / "chat-tiny-cache.png"), full_page=True)
+    page.context.close()
+
+
+def test_an_empty_chat_shows_the_cache_capacity_and_every_gauge_explains_itself(browser, server):
+    url, _ = server
+    page = new_page(browser, url)
+    assert page.get_attribute("#gauges .gauges", "data-state") == "empty"
+    assert page.get_attribute("#gauges [data-key=fill]", "data-capacity") == str(START + RECENT)
+    assert f"0 / {START + RECENT} tokens" in page.inner_text("#gauges")
+    assert page.locator("#gauges .gauge-row[title]").count() == 7  # a tooltip on every number
+    page.click("#gauges .gauge-help summary")  # and the same lines for touch screens, folded
+    assert page.locator("#gauges .gauge-help li").first.is_visible()
+    page.locator("#settings").get_by_text("Settings").click()
+    page.wait_for_selector("#recent-size input")
+    sizes = page.locator("#start-size input, #recent-size input")  # shown, read-only for visitors
+    assert sizes.count() >= 2 and all(sizes.nth(i).is_disabled() for i in range(sizes.count()))
+    assert f"{START} attention sinks + the {RECENT} most recent tokens" in page.inner_text("#cache-sizes-note")
     page.context.close()
 
 
@@ -131,8 +178,10 @@ def test_two_pages_at_once_get_independent_conversations(browser, server):
     second.click("#send")
     for page in (first, second):
         wait_idle(page, "#gauges", 1)
-    assert "green" in first.inner_text("#chatbot") and "green" not in second.inner_text("#chatbot")
-    assert "large animal" in second.inner_text("#chatbot") and "large animal" not in first.inner_text("#chatbot")
+    # Each page shows only its own message (a sampled reply may well mention green, so replies are not compared).
+    user_texts = [[t.strip() for t in page.locator("#chatbot .user").all_inner_texts() if t.strip()]
+                  for page in (first, second)]
+    assert user_texts == [["My favourite color is green. What is 2+2?"], ["Name a large animal."]]
     assert len(set(engine.session_ids()) - before) == 2  # (earlier tests' pages may still be releasing theirs)
     for page in (first, second):
         page.context.close()
@@ -223,8 +272,72 @@ def test_the_dense_vs_streaming_tab_answers_on_every_side(browser, server):
     for mode in MODES:
         assert bot_texts(page, f"#chat-{mode}"), mode
     assert int(page.get_attribute("#gauges-dense [data-key=fill]", "data-held")) > 0
-    page.wait_for_selector("#plot-memory img, #plot-memory svg, #plot-memory canvas")
+    page.wait_for_function(f"({PLOTTED})('#plot-memory') >= 3 && ({PLOTTED})('#plot-latency') >= 3")
     page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
+    page.context.close()
+
+
+#: How many coloured lines (one per mode) a gr.LinePlot has drawn, each through at least 5 points.
+PLOTTED = """(root) => [...document.querySelectorAll(root + ' path[aria-roledescription="line mark"]')]
+    .filter(p => p.getAttribute('stroke') && (p.getAttribute('d') || '').split('L').length >= 5).length"""
+
+
+def test_autopilot_plots_update_while_the_first_reply_is_still_streaming(browser, server):
+    url, _ = server
+    page = new_page(browser, url)
+    page.get_by_role("tab", name="Dense vs Streaming").click()
+    page.click("#compare-autopilot")
+    # Lines for every mode, drawn while the first reply is still streaming (turn 1 counts from its start): the
+    # plots follow the tokens instead of waiting for the turn to end.
+    page.wait_for_function(f"""() => ({PLOTTED})('#plot-memory') >= 3 && ({PLOTTED})('#plot-latency') >= 3 &&
+        document.querySelector('#gauges-streaming .gauges').dataset.phase === 'generating' &&
+        document.querySelector('#gauges-streaming [data-key=turns]').dataset.value === '1'""")
+    page.click("#compare-stop")
+    page.wait_for_function("() => document.querySelector('#compare-progress').innerText.includes('Autopilot stopped')")
+    page.context.close()
+
+
+def test_on_a_phone_the_gauges_come_right_under_the_chat_and_the_buttons_are_one_row_of_icons(browser, server):
+    url, _ = server
+    page = open_page(browser, url, timeout_ms=TIMEOUT_MS, viewport=PHONE_VIEWPORT)
+    send_and_wait(page, "Hello!", 1)
+    box = {name: page.locator(sel).bounding_box() for name, sel in (
+        ("chat", "#chatbot"), ("gauges", "#gauges"), ("settings", "#settings"), ("examples", "#examples"),
+        ("bar", "#gauges [data-key=fill]"))}
+    assert box["chat"]["y"] < box["gauges"]["y"] < box["examples"]["y"] < box["settings"]["y"]
+    assert box["bar"]["y"] + box["bar"]["height"] <= PHONE_VIEWPORT["height"]  # the fill bar is on the first screen
+    buttons = [page.locator(sel).bounding_box() for sel in ("#stop", "#retry", "#new-chat", "#export", "#upload")]
+    assert len({round(b["y"]) for b in buttons}) == 1  # one row
+    assert all(b["x"] + b["width"] <= PHONE_VIEWPORT["width"] for b in buttons)
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= PHONE_VIEWPORT["width"]  # no sideways page
+    assert "Retry" in page.inner_text("#retry") or page.get_attribute("#retry", "aria-label")  # named for readers
+    page.screenshot(path=str(ARTIFACTS / "phone-chat.png"))
+
+    page.get_by_role("tab", name="Dense vs Streaming").click()
+    page.fill("#compare-msg textarea", "Hi!")
+    page.click("#compare-send")
+    for mode in MODES:
+        wait_idle(page, f"#gauges-{mode}", 1)
+    panes = [page.locator(f"#chat-{mode}").bounding_box() for mode in MODES]
+    assert len({round(p["y"]) for p in panes}) == 1  # side by side, not stacked
+    assert page.evaluate("() => { const r = document.querySelector('#compare-panes');"
+                         " return r.scrollWidth > r.clientWidth + 100; }")  # a row that scrolls sideways
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= PHONE_VIEWPORT["width"]
+    page.screenshot(path=str(ARTIFACTS / "phone-compare.png"), full_page=True)
+    page.context.close()
+
+
+LUMINANCE = """(sel) => { const c = getComputedStyle(document.querySelector(sel)).backgroundColor.match(/[\d.]+/g)
+    .map(Number); return (0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2]) / 255; }"""
+
+
+@pytest.mark.parametrize("dark", [False, True], ids=["light", "dark"])
+def test_gauge_tracks_follow_the_theme(browser, server, dark):
+    url, _ = server
+    page = open_page(browser, url, timeout_ms=TIMEOUT_MS, dark=dark)
+    track, body = (page.evaluate(f"({LUMINANCE})('{sel}')") for sel in ("#gauges .gauge-bar", "body"))
+    assert (track < 0.5) == dark and (body < 0.5) == dark
+    page.screenshot(path=str(ARTIFACTS / f"chat-{'dark' if dark else 'light'}.png"))
     page.context.close()
 
 
@@ -262,7 +375,7 @@ def test_autopilot_runs_dense_out_of_context_while_streaming_keeps_answering_wit
     assert gauge(page, "sink_tokens", "#gauges-window") == 0
     assert int(page.get_attribute("#gauges-dense [data-key=fill]", "data-held")) <= compare_tab.COMPARE_DENSE_CONTEXT
     assert "Context full" in page.inner_text("#chat-dense")
-    page.wait_for_selector("#plot-memory img, #plot-memory svg, #plot-memory canvas")
+    page.wait_for_function(f"({PLOTTED})('#plot-memory') >= 3")
     page.screenshot(path=str(ARTIFACTS / "compare-autopilot-tiny.png"), full_page=True)
     page.context.close()
 
@@ -314,8 +427,13 @@ def test_a_conversation_survives_kill_9_mid_reply_and_continues_with_its_context
             assert text in shown, text
         assert len(bot_texts(page)) == 4 and "interrupted" in bot_texts(page)[-1]
         assert gauge(page, "turns") == 4
+        # Turns 4 beside tokens seen 0 would contradict itself without the note: the history is back, the cache is
+        # rebuilt from it with the next message.
+        assert page.get_attribute("#gauges .gauges", "data-state") == "restored" and gauge(page, "seen_tokens") == 0
+        assert "not in the cache yet" in page.inner_text("#gauges [data-key=note]")
         set_max_new_tokens(page, 8)
         send_and_wait(page, "What is my name?", 5)
+        assert page.get_attribute("#gauges .gauges", "data-state") != "restored"
         # The new turn's cache holds the earlier turns again (re-primed from the stored history): it has seen
         # more tokens than the three finished turns, though its own message and reply are a few dozen.
         assert gauge(page, "seen_tokens") > seen_before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -14,21 +15,30 @@ from streaming_engine.eval import loadtest
 TINY_SERVER_PEAK_RSS_BOUND = 3 * 1024**3
 
 
-@pytest.fixture(scope="module")
-def api_server(tiny_chat_model, default_tokenizer):
+@contextlib.contextmanager
+def api_served(engine):
+    """Only the app's HTTP API over `engine` (no page), launched in this process; yields its URL."""
     import gradio as gr
 
     from webui import webapi
 
-    engine = StreamingEngine(tiny_chat_model, default_tokenizer,
-                             EngineConfig(start_size=4, recent_size=64, prefill_chunk_size=32))
     with gr.Blocks() as demo:
         webapi.register(engine)
     port = free_port()
     demo.queue(default_concurrency_limit=16).launch(server_name="127.0.0.1", server_port=port,
                                                     prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}", engine
-    demo.close()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def api_server(tiny_chat_model, default_tokenizer):
+    engine = StreamingEngine(tiny_chat_model, default_tokenizer,
+                             EngineConfig(start_size=4, recent_size=64, prefill_chunk_size=32))
+    with api_served(engine) as url:
+        yield url, engine
 
 
 def test_concurrent_sessions_complete_with_no_errors_no_cross_talk_and_bounded_memory(api_server):
@@ -46,22 +56,10 @@ def test_concurrent_sessions_complete_with_no_errors_no_cross_talk_and_bounded_m
 
 def test_an_extra_user_beyond_the_turn_limit_is_answered_busy_and_the_probe_reports_it(
         tiny_chat_model, default_tokenizer):
-    import gradio as gr
-
-    from webui import webapi
-
     engine = StreamingEngine(tiny_chat_model, default_tokenizer,
                              EngineConfig(start_size=4, recent_size=64, prefill_chunk_size=32, max_active_turns=2))
-    with gr.Blocks() as demo:
-        webapi.register(engine)
-    port = free_port()
-    demo.queue(default_concurrency_limit=16).launch(server_name="127.0.0.1", server_port=port,
-                                                    prevent_thread_lock=True, quiet=True)
-    try:
-        report = loadtest.run_load(f"http://127.0.0.1:{port}", sessions=2, turns=4, max_new_tokens=400,
-                                   deadline_s=300, busy_probes=2)
-    finally:
-        demo.close()
+    with api_served(engine) as url:
+        report = loadtest.run_load(url, sessions=2, turns=4, max_new_tokens=400, deadline_s=300, busy_probes=2)
     assert report["errors"] == 0 and report["turns_completed"] == 8  # the load itself is never refused
     probe = report["busy_probe"]
     assert probe["tries"] >= 1 and probe["busy"] >= 1, probe
@@ -151,22 +149,10 @@ RSS_GROWTH_BOUND = 256 * 1024**2
 
 @pytest.mark.model
 def test_default_model_serves_8_sessions_by_10_turns_with_zero_errors_and_flat_memory(default_model):
-    import gradio as gr
-
-    from webui import webapi
-
     model, tokenizer = default_model
     engine = StreamingEngine(model, tokenizer, EngineConfig(start_size=4, recent_size=252, prefill_chunk_size=128))
-    with gr.Blocks() as demo:
-        webapi.register(engine)
-    port = free_port()
-    demo.queue(default_concurrency_limit=16).launch(server_name="127.0.0.1", server_port=port,
-                                                    prevent_thread_lock=True, quiet=True)
-    try:
-        report = loadtest.run_load(f"http://127.0.0.1:{port}", sessions=8, turns=10, max_new_tokens=16,
-                                   deadline_s=1200)
-    finally:
-        demo.close()
+    with api_served(engine) as url:
+        report = loadtest.run_load(url, sessions=8, turns=10, max_new_tokens=16, deadline_s=1200)
     assert report["errors"] == 0, report["error_messages"]
     assert report["cross_talk"] == 0 and report["turns_completed"] == 80
     assert report["peak_rss_bytes"] < DEFAULT_SERVER_PEAK_RSS_BOUND

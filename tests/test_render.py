@@ -55,3 +55,38 @@ def test_a_code_span_cannot_hide_a_tag_across_paragraphs():
 ])
 def test_a_finished_reply_says_why_it_ended_when_that_is_not_obvious(text, reason, expected):
     assert final_reply(Event("done", text, {}, reason), "FULL") == expected
+
+
+CAPACITY = 1024
+
+
+@pytest.mark.parametrize("stats,state,label,says", [
+    (None, "empty", "Empty", "room for 1,024 tokens"),
+    ({"mode": "streaming", "cache_tokens": 300, "seen_tokens": 300, "turns": 1}, "filling", "Filling",
+     "724 tokens free before the first eviction"),
+    # The engine made room for the reply before the prompt went in: below capacity, yet evicting.
+    ({"mode": "streaming", "cache_tokens": 811, "evicted_tokens": 400, "seen_tokens": 1211, "turns": 5},
+     "reserved", "Room reserved", "Room made for the reply: 213 tokens free"),
+    ({"mode": "streaming", "cache_tokens": 1024, "evicted_tokens": 400, "seen_tokens": 1424, "turns": 5},
+     "evicting", "Evicting", "memory stays flat"),
+    # After a reload: the history has 8 turns, the cache is rebuilt on the next message.
+    ({"mode": "streaming", "cache_tokens": 0, "seen_tokens": 0, "turns": 8}, "restored", "Restored",
+     "8 earlier turn(s) are in the history but not in the cache yet"),
+    ({"mode": "dense", "cache_tokens": 512, "cache_capacity": 512, "context_full": True, "turns": 3},
+     "context-full", "Context full", "cannot go on"),
+])
+def test_every_gauge_state_says_what_the_cache_is_doing_without_contradicting_its_numbers(stats, state, label, says):
+    if stats is not None:
+        stats = {"cache_capacity": CAPACITY, "sink_tokens": min(4, stats["cache_tokens"]), "start_size": 4, **stats}
+    html = gauges_html(stats, capacity=CAPACITY)
+    assert f'data-state="{state}"' in html and f">{label}</span>" in html and says in html
+    capacity = (stats or {}).get("cache_capacity", CAPACITY)
+    assert f'data-capacity="{capacity}"' in html and f"/ {capacity:,} tokens" in html
+    if state != "evicting":
+        assert "Evicting" not in html  # "evicting" is only said at capacity
+    # Every number has a one-line explanation, as a tooltip and in the folded list.
+    assert html.count('class="gauge-row" title="') == 7 and html.count("<li>") == 8
+
+
+def test_an_empty_gauge_shows_the_configured_capacity_not_one_token():
+    assert "0 / 1,024 tokens" in gauges_html(None, capacity=1024)

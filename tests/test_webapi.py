@@ -111,15 +111,11 @@ def test_one_client_cannot_fill_the_server_and_api_sessions_are_marked_as_such(l
         engine.close(sid)
 
 
-def test_a_caller_beyond_the_active_turn_limit_is_told_busy_at_once(tiny_chat_model, default_tokenizer,
-                                                                    monkeypatch):
+def test_a_caller_beyond_the_active_turn_limit_is_told_busy_at_once(tiny_chat_model, default_tokenizer):
     """Defect 5 of issue 12: with the app's queue as wide as the engine's turn limit, the next caller used to wait
     in gradio's queue for a running reply to end; now the engine answers it while that reply is still running."""
-    import app
-
-    monkeypatch.setattr(app, "QUEUE_CONCURRENCY", 1)
     engine = engine_for(tiny_chat_model, default_tokenizer, max_active_turns=1)
-    with served(engine, "tiny-test-model") as (url, _):
+    with served(engine, "tiny-test-model", queue_concurrency=1) as (url, _):
         first, second = client(url, "192.0.2.1"), client(url, "192.0.2.2")
         long_sid, short_sid = first.predict(api_name="/new_session"), second.predict(api_name="/new_session")
         running = first.submit(long_sid, "Talk for a long time.", 4096, api_name="/chat")

@@ -8,14 +8,15 @@ page id).
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import sqlite3
 from types import SimpleNamespace
 
-import gradio as gr
+import pandas as pd
 import pytest
-from matplotlib.figure import Figure
+from chat_page import GREEDY_INPUTS, SKIP, Page
 
 from streaming_engine import MODES, EngineConfig, StreamingEngine
 from streaming_engine.conversations import Conversations
@@ -23,11 +24,8 @@ from streaming_engine.history import MAX_HISTORY_BYTES
 from streaming_engine.store import ChatStore
 from webui import chat_tab, compare_tab
 from webui.conversation_list import empty_record
+from webui.handlers import bind
 from webui.sessions import TABS, TabRegistry, owner_of
-
-SKIP = gr.skip()
-#: Chat-tab sampling inputs in slider order: system prompt, temperature, top-p, top-k, max new tokens, penalty.
-GREEDY_INPUTS = ("", 0.0, 1.0, 0, 8, 1.0)
 
 
 @pytest.fixture
@@ -61,51 +59,6 @@ def phase(html: str) -> str:
 
 def last(outputs):
     return list(outputs)[-1]
-
-
-class Page:
-    """One browser page of the chat tab: its outputs fed back as the next event's inputs, as gradio does."""
-
-    def __init__(self, conv, record=None, req=None):
-        self.conv, self.req = conv, req
-        self.chat, self.state, self.record, self.listing = [], {}, record or empty_record(), None
-
-    def send(self, message, inputs=GREEDY_INPUTS):
-        outputs = list(chat_tab.respond(self.conv, message, self.chat, self.state, self.record, *inputs,
-                                        request=self.req))
-        self._take_turn(outputs)
-        return outputs
-
-    def retry(self, inputs=GREEDY_INPUTS):
-        outputs = list(chat_tab.retry_last(self.conv, self.chat, self.state, self.record, *inputs,
-                                           request=self.req))
-        self._take_turn(outputs)
-        return outputs
-
-    def _take_turn(self, outputs):
-        for chat, _box, _gauges, state, record, listing in outputs:
-            self.chat, self.state = chat, state
-            self.record = record if record != SKIP else self.record
-            self.listing = listing if listing != SKIP else self.listing
-
-    def show(self, outputs):
-        """Take a `view` (load, new chat, switch, delete, upload)."""
-        chat, gauges, state, record, listing, title, _file = outputs
-        for name, value in (("chat", chat), ("state", state), ("record", record), ("listing", listing)):
-            if value != SKIP:
-                setattr(self, name, value)
-        self.gauges, self.title = gauges, title
-        return outputs
-
-    def load(self):
-        return self.show(chat_tab.load_conversation(self.conv, self.record, self.state, request=self.req))
-
-    @property
-    def token(self):
-        return self.state.get("token")
-
-    def titles(self):
-        return [label for label, _ in self.listing["choices"]]
 
 
 # --- chat tab -------------------------------------------------------------------------------------------------
@@ -375,7 +328,7 @@ def test_one_message_reaches_every_side_and_the_plots_follow(engine):
     for mode, chat, html in zip(MODES, chats, gauges):
         assert chat[0]["content"] == "What is the capital of Italy?" and chat[1]["content"], mode
         assert gauge_value(html, "turns") == 1 and phase(html) == "idle" and f'data-mode="{mode}"' in html
-    assert all(isinstance(figure, Figure) for figure in plots)
+    assert all(isinstance(frame, pd.DataFrame) and set(frame["mode"]) == set(MODES) for frame in plots)
     assert set(state["sids"]) == set(MODES) and all(state["series"][m] for m in MODES)
     assert gauge_value(gauges[1], "sink_tokens") == 0 and gauge_value(gauges[0], "sink_tokens") == 4
 
@@ -417,3 +370,32 @@ def test_an_empty_comparison_message_changes_nothing(engine):
     with pytest.warns(UserWarning, match="empty"):
         outputs = list(compare_tab.compare_send(engine, "", [], [], [], {}, True, 8))
     assert outputs == [[SKIP] * 11] and engine.session_ids() == []
+
+
+def test_visitor_cache_sizes_apply_to_a_new_chat_and_can_only_shrink_the_cache(conv, engine):
+    chat, _, gauges, state, *_ = last(chat_tab.respond(conv, "Hi", [], {}, empty_record(), *GREEDY_INPUTS,
+                                                       start=2, recent=32))
+    stats = engine.stats(conv.open(state["token"]).session_id)
+    assert (stats["start_size"], stats["recent_size"], stats["cache_capacity"]) == (2, 32, 34)
+    assert gauge_value(gauges, "sink_tokens") == 2
+    for start, recent in ((5, 32), (2, 97)):  # the owner's engine has 4 + 96: larger is refused, nothing is sent
+        with pytest.warns(UserWarning, match="must be between"):
+            chat, box, *_ = last(chat_tab.respond(conv, "Hi", [], {}, empty_record(), *GREEDY_INPUTS,
+                                                  start=start, recent=recent))
+        assert chat == [] and box == "Hi"
+
+
+@pytest.mark.parametrize("handler", [chat_tab.respond, chat_tab.retry_last])
+@pytest.mark.parametrize("sizes", [(), (2, 32)])
+def test_gradio_hands_the_request_and_the_optional_cache_sizes_to_their_own_parameters(conv, handler, sizes):
+    """The cache-size sliders are inputs only with `--visitor-cache-sizes`; gradio inserts the request by its
+    position in the signature, so the sizes must come after it whether or not they are passed."""
+    from gradio.helpers import special_args
+
+    inputs = ["message"] * (handler is chat_tab.respond) + [[], {}, empty_record(), *GREEDY_INPUTS, *sizes]
+    marker = request()
+    bound = bind(handler, conv)
+    arguments, *_ = special_args(bound, list(inputs), marker)
+    named = inspect.signature(bound).bind(*arguments).arguments
+    assert named["request"] is marker
+    assert (named.get("start"), named.get("recent")) == (sizes or (None, None))

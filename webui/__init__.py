@@ -2,10 +2,10 @@
 
 Rooms: `settings` (flags, environment, UI defaults), `render` (the inert markdown sanitizer, gauges, reply text,
 plots), `assets` (static files), `sessions` (whom a tab's sessions count against, and freeing them when the tab
-goes), `handlers` (binding handlers to the engine, ZeroGPU), one module per tab (`chat_tab` with its
-`conversation_list`, `compare_tab`, `about`), `webapi` (the HTTP API for scripts), `security` (response headers),
-the HTTP APIs mounted on the same server: `openai_api` (OpenAI-compatible chat completions), `metrics`
-(Prometheus text) and `http_auth` (the UI's login for them), and `router` (one address in front of several app
-processes; standard library only, imports nothing of the app). Every model decision is the engine's
-(`streaming_engine`); nothing here computes with the model.
+goes), `handlers` (binding handlers to the engine, ZeroGPU), `startup` (loading the model and saying so), `health`
+(`GET /health`), one module per tab (`chat_tab` with its `conversation_list`, `compare_tab`, `about`), `webapi`
+(the HTTP API for scripts), `security` (response headers), the HTTP APIs mounted on the same server: `openai_api`
+(OpenAI-compatible chat completions), `metrics` (Prometheus text) and `http_auth` (the UI's login for them), and
+`router` (one address in front of several app processes; standard library only, imports nothing of the app).
+Every model decision is the engine's (`streaming_engine`); nothing here computes with the model.
 """

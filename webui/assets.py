@@ -1,4 +1,5 @@
-"""The app's static files in `assets/`: the stylesheet, the diagram, and the prompt lists (examples, autopilot)."""
+"""The app's static files in `assets/`: the stylesheet, button icons, the diagram, and the prompt lists (examples,
+autopilot)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ def load_json_list(name: str) -> list[str]:
         return [str(x) for x in data]
     except (OSError, ValueError):
         return []
+
+
+def icon(name: str) -> str:
+    """The path of `assets/icons/<name>.svg` (a button icon)."""
+    return str(ASSETS / "icons" / f"{name}.svg")
 
 
 def read_css() -> str:

@@ -5,7 +5,8 @@ Conversations live on the server (`streaming_engine.conversations`; stored in SQ
 browser keeps only their random tokens (`conversation_list.py`). A page load re-attaches to the conversation the
 page showed (a reload creates no session; after a server restart it is re-created from the store), a closed
 page frees its session within seconds (`sessions.TABS`), and every session counts against its client's cap
-(`sessions.owner_of`). An uploaded history becomes a new conversation whose mode and sizes the server decides.
+(`sessions.owner_of`). An uploaded history becomes a new conversation whose mode and sizes the server decides;
+with `--visitor-cache-sizes` a visitor may give a new chat a smaller cache than the server's, never a larger one.
 
 Handlers are plain functions whose first argument is the `Conversations`; `build_chat_tab` lays out the tab and
 binds them. Each returns (or yields) the values of its event's outputs, in the order named on it; a trailing
@@ -26,7 +27,7 @@ from streaming_engine.conversations import ConversationNotFound, Conversations, 
 from streaming_engine.engine import MAX_MESSAGE_CHARS
 from streaming_engine.sampling import MAX_NEW_TOKENS_LIMIT
 
-from .assets import load_json_list
+from .assets import icon, load_json_list
 from .conversation_list import (
     BROWSER_STORAGE_KEY,
     browser_record,
@@ -88,7 +89,8 @@ def view(conversations: Conversations, opened: Opened | None, record: dict) -> l
     state = {"token": opened.token} if opened else {}
     return [
         shown_messages(opened.messages) if opened else [],
-        gauges_html(session_stats(conversations, opened.session_id) if opened else None),
+        gauges_html(session_stats(conversations, opened.session_id) if opened else None,
+                    capacity=conversations.engine.config.cache_size),
         state,
         record,
         list_update(conversations, record),
@@ -136,21 +138,34 @@ def switch_to(conversations: Conversations, state: dict, record: dict, opened: O
     return view(conversations, opened, remember(record, opened.token if opened else None))
 
 
+def visitor_cache_sizes(config, start=None, recent=None) -> dict:
+    """A visitor's cache sizes for a new chat as `new_session` arguments (None: the server's). They may shrink the
+    cache the server's owner configured, never grow it; raises `ValueError` naming the allowed range."""
+    if start is not None and not 0 <= int(start) <= config.start_size:
+        raise ValueError(f"attention sinks must be between 0 and {config.start_size}")
+    if recent is not None and not 1 <= int(recent) <= config.recent_size:
+        raise ValueError(f"the recent window must be between 1 and {config.recent_size} tokens")
+    return {"start_size": None if start is None else int(start), "recent_size": None if recent is None else int(recent)}
+
+
 # --- handlers -------------------------------------------------------------------------------------------------
 # Outputs of a turn (respond, retry_last, stream_turn): chatbot, message box, gauges, state, browser record,
-# conversation list.
+# conversation list. `start` and `recent` are a visitor's cache sizes for a new chat: inputs only when the owner
+# allows them (`--visitor-cache-sizes`), so they come after gradio's `request`, which it inserts by position.
 
 
 def stream_turn(conversations, message, messages, state, record, system_prompt, temp, p, k, new_tokens, rep,
-                request=None):
+                request=None, start=None, recent=None):
     """Shared by Send and Retry: append the turn, stream the reply, keep the gauges live; the conversation saves
-    itself as it goes. A page without a conversation starts one here (the system prompt applies to it)."""
+    itself as it goes. A page without a conversation starts one here (the system prompt and a visitor's cache
+    sizes apply to it)."""
     state, record = dict(state or {}), browser_record(record)
     owner = owner_of(request)
     try:
         token = attach(conversations, state, record, request)
         if token is None:
-            opened = conversations.start(owner=owner, system_prompt=system_prompt or None)
+            sizes = visitor_cache_sizes(conversations.engine.config, start, recent)
+            opened = conversations.start(owner=owner, system_prompt=system_prompt or None, **sizes)
             token = state["token"] = opened.token
             TABS.show(tab_of(request), token, conversations.release)
             record = remember(record, token)
@@ -190,18 +205,18 @@ def stream_turn(conversations, message, messages, state, record, system_prompt, 
 
 
 def respond(conversations, message, messages, state, record, system_prompt, temp, p, k, new_tokens, rep,
-            request: gr.Request = None):
+            request: gr.Request = None, start=None, recent=None):
     """Send: one turn with the message in the box."""
     if not isinstance(message, str) or not message.strip():
         gr.Warning(EMPTY_MESSAGE)
         yield messages, message, SKIP, state, SKIP, SKIP
         return
     yield from stream_turn(conversations, message, messages, state, record, system_prompt, temp, p, k, new_tokens,
-                           rep, request)
+                           rep, request, start, recent)
 
 
 def retry_last(conversations, messages, state, record, system_prompt, temp, p, k, new_tokens, rep,
-               request: gr.Request = None):
+               request: gr.Request = None, start=None, recent=None):
     """Retry: drop the last exchange and send its message again."""
     state, record = dict(state or {}), browser_record(record)
     try:
@@ -215,7 +230,7 @@ def retry_last(conversations, messages, state, record, system_prompt, temp, p, k
         yield messages, SKIP, SKIP, state, SKIP, SKIP
         return
     yield from stream_turn(conversations, message, shown, state, record, system_prompt, temp, p, k, new_tokens,
-                           rep, request)
+                           rep, request, start, recent)
 
 
 def stop_reply(conversations, state) -> None:
@@ -336,62 +351,85 @@ def upload_history(conversations, data, state, record, request: gr.Request = Non
 # --- layout ---------------------------------------------------------------------------------------------------
 
 
-def build_chat_tab(demo: gr.Blocks, conversations: Conversations) -> None:
+def build_chat_tab(demo: gr.Blocks, conversations: Conversations, visitor_cache_sizes: bool = False) -> None:
     """The Chat tab inside the current `gr.Blocks` (`demo`, whose page load brings back the browser's
-    conversation). The browser record is encrypted with a key kept in the store, so it survives a restart."""
+    conversation). The browser record is encrypted with a key kept in the store, so it survives a restart.
+
+    Layout: the chat and its controls beside the conversation list and the gauges, then examples and settings
+    across the page. On a narrow screen the two columns stack, so the gauges come right under the chat, before
+    examples and settings (`assets/style.css` makes them compact there and the buttons one row of icons).
+    `visitor_cache_sizes` lets visitors pick the cache sizes of new chats, up to the configured ones; otherwise
+    they are shown read-only.
+    """
     cfg = conversations.engine.config
     chat_state = conversation_state(conversations)
     saved = gr.BrowserState(empty_record(), storage_key=BROWSER_STORAGE_KEY,
                             secret=conversations.store.secret("browser-state"))
     with gr.Tab("Chat", id="chat"):
-        with gr.Row():
-            with gr.Column(scale=3):
+        with gr.Row(elem_id="chat-row", equal_height=False):
+            with gr.Column(scale=3, min_width=300, elem_id="chat-main"):
                 chatbot = gr.Chatbot(elem_id="chatbot", height=520, sanitize_html=True, allow_tags=False,
                                      buttons=["copy"], feedback_options=None, show_label=False,
                                      placeholder="Ask anything. The conversation can go on forever.")
-                with gr.Row():
+                with gr.Row(elem_id="chat-input-row", equal_height=True):
                     msg = gr.Textbox(elem_id="msg", placeholder="Type a message and press Enter…",
                                      show_label=False, scale=8, lines=1, max_lines=8,
                                      max_length=MAX_MESSAGE_CHARS, autofocus=True)
-                    send = gr.Button("Send", variant="primary", elem_id="send", scale=1, min_width=80)
-                with gr.Row():
-                    stop = gr.Button("Stop", elem_id="stop", size="sm")
-                    retry = gr.Button("Retry", elem_id="retry", size="sm")
-                    new_chat = gr.Button("New chat", elem_id="new-chat", size="sm")
-                    export_btn = gr.Button("Download history", elem_id="export", size="sm")
-                    upload = gr.UploadButton("Upload history", file_types=[".json"], type="binary",
-                                             elem_id="upload", size="sm")
+                    send = gr.Button("Send", variant="primary", elem_id="send", scale=1, min_width=60,
+                                     icon=icon("send"))
+                with gr.Row(elem_id="chat-actions", elem_classes=["icon-row"]):
+                    stop = gr.Button("Stop", elem_id="stop", size="sm", icon=icon("stop"), min_width=40)
+                    retry = gr.Button("Retry", elem_id="retry", size="sm", icon=icon("retry"), min_width=40)
+                    new_chat = gr.Button("New chat", elem_id="new-chat", size="sm", icon=icon("new"), min_width=40)
+                    export_btn = gr.Button("Download history", elem_id="export", size="sm", icon=icon("download"),
+                                           min_width=40)
+                    upload = gr.UploadButton("Upload history", file_types=[".json"], type="binary", elem_id="upload",
+                                             size="sm", icon=icon("upload"), min_width=40)
                 export_file = gr.File(label="Your conversation (JSON)", visible=False, elem_id="export-file")
-                examples = load_json_list("examples.json")
-                if examples:
-                    gr.Examples([[e] for e in examples], inputs=msg, label="Try one")
-                with gr.Accordion("Settings", open=False):
-                    system = gr.Textbox(label="System prompt (applies to new chats)", lines=2,
-                                        max_length=MAX_SYSTEM_PROMPT_CHARS, elem_id="system")
-                    with gr.Row():
-                        temperature = gr.Slider(0, 2, value=cfg.temperature, step=0.05,
-                                                label="Temperature (0 = greedy)")
-                        top_p = gr.Slider(0.05, 1, value=cfg.top_p, step=0.05, label="Top-p")
-                    with gr.Row():
-                        top_k = gr.Slider(0, 200, value=cfg.top_k, step=1, label="Top-k (0 = off)")
-                        max_new = gr.Slider(1, MAX_NEW_TOKENS_SLIDER, value=cfg.max_new_tokens, step=1,
-                                            label="Max new tokens", elem_id="max-new-tokens")
-                        repetition = gr.Slider(1.0, 2.0, value=cfg.repetition_penalty, step=0.05,
-                                               label="Repetition penalty")
-            with gr.Column(scale=1, min_width=260):
+            with gr.Column(scale=1, min_width=260, elem_id="gauges-col"):
+                gauges = gr.HTML(gauges_html(None, capacity=cfg.cache_size), elem_id="gauges")
                 listing, title, rename, delete = build_conversation_list()
-                gauges = gr.HTML(gauges_html(None), elem_id="gauges")
+        examples = load_json_list("examples.json")
+        if examples:
+            gr.Examples([[e] for e in examples], inputs=msg, label="Try one", elem_id="examples")
+        with gr.Accordion("Settings", open=False, elem_id="settings"):
+            system = gr.Textbox(label="System prompt (applies to new chats)", lines=2,
+                                max_length=MAX_SYSTEM_PROMPT_CHARS, elem_id="system",
+                                placeholder="Empty: the model's own default, if its chat template has one.")
+            with gr.Row():
+                temperature = gr.Slider(0, 2, value=cfg.temperature, step=0.05, label="Temperature (0 = greedy)")
+                top_p = gr.Slider(0.05, 1, value=cfg.top_p, step=0.05, label="Top-p")
+            with gr.Row():
+                top_k = gr.Slider(0, 200, value=cfg.top_k, step=1, label="Top-k (0 = off)")
+                max_new = gr.Slider(1, MAX_NEW_TOKENS_SLIDER, value=cfg.max_new_tokens, step=1,
+                                    label="Max new tokens", elem_id="max-new-tokens")
+                repetition = gr.Slider(1.0, 2.0, value=cfg.repetition_penalty, step=0.05, label="Repetition penalty")
+            with gr.Row(elem_id="cache-sizes"):
+                start_size = gr.Slider(0, cfg.start_size, value=cfg.start_size, step=1,
+                                       label="Attention sinks (start_size, new chats)", elem_id="start-size",
+                                       interactive=visitor_cache_sizes)
+                recent_size = gr.Slider(min(16, cfg.recent_size), cfg.recent_size, value=cfg.recent_size, step=1,
+                                        label="Recent window (recent_size, new chats)", elem_id="recent-size",
+                                        interactive=visitor_cache_sizes)
+            gr.Markdown(
+                f"The cache keeps **{cfg.start_size} attention sinks + the {cfg.recent_size} most recent tokens** "
+                f"({cfg.cache_size:,} in all). " + (
+                    "You may choose a smaller cache for new chats." if visitor_cache_sizes else
+                    "Set by the server's owner (`--start-size`, `--recent-size`; `--visitor-cache-sizes` lets "
+                    "visitors choose smaller ones)."), elem_id="cache-sizes-note")
     sampling_inputs = [system, temperature, top_p, top_k, max_new, repetition]
+    if visitor_cache_sizes:
+        sampling_inputs += [start_size, recent_size]
 
     c = conversations
     turn_outputs = [chatbot, msg, gauges, chat_state, saved, listing]
     view_outputs = [chatbot, gauges, chat_state, saved, listing, title, export_file]
     turns = [
-        trigger(bind(respond, c, gpu=True), [msg, chatbot, chat_state, saved, *sampling_inputs], turn_outputs,
+        trigger(bind(respond, c), [msg, chatbot, chat_state, saved, *sampling_inputs], turn_outputs,
                 concurrency_id="chat", api_visibility="private")
         for trigger in (msg.submit, send.click)
     ]
-    turns.append(retry.click(bind(retry_last, c, gpu=True), [chatbot, chat_state, saved, *sampling_inputs],
+    turns.append(retry.click(bind(retry_last, c), [chatbot, chat_state, saved, *sampling_inputs],
                              turn_outputs, concurrency_id="chat", api_visibility="private"))
     stop.click(bind(stop_reply, c), [chat_state], None, queue=False, api_visibility="private")
     # Whatever replaces the conversation on the page first cancels a reply still streaming into it. Every event

@@ -5,7 +5,8 @@ scripted conversation until dense runs out of context while streaming keeps answ
 Handlers are plain functions whose first argument is the engine; `build_compare_tab` lays out the tab and binds
 them. One message reaches every side through `engine.chat_many`, so the engine's scheduler interleaves them.
 Outputs of the streaming handlers (`compare_outputs`): progress note, the three chats, the three gauges, the two
-plots, the tab state.
+plots, the tab state. The plots are native `gr.LinePlot`s fed with small DataFrames (`render.plot_frames`), redrawn
+while tokens stream, at most every `PLOT_INTERVAL_S`.
 """
 
 from __future__ import annotations
@@ -17,16 +18,22 @@ import gradio as gr
 from streaming_engine import MODES, EngineBusy
 from streaming_engine.engine import MAX_MESSAGE_CHARS
 
-from .assets import load_json_list
+from .assets import icon, load_json_list
 from .chat_tab import EMPTY_MESSAGE
 from .handlers import bind
 from .render import (
+    LATENCY_COLUMN,
+    LATENCY_MEDIAN_WINDOW,
+    MEMORY_COLUMN,
+    MODE_COLUMN,
+    PLOT_INTERVAL_S,
+    X_COLUMN,
     Throttle,
     error_reply,
     final_reply,
     gauges_html,
     inert,
-    memory_and_latency_figures,
+    plot_frames,
     series_point,
     user_and_pending_reply,
 )
@@ -37,9 +44,15 @@ COMPARE_START_SIZE = 4
 COMPARE_RECENT_SIZE = 252
 COMPARE_DENSE_CONTEXT = 512
 COMPARE_WINDOW_SIZE = 256
+#: What each side's cache can hold, for its empty gauge.
+COMPARE_CAPACITY = {"streaming": COMPARE_START_SIZE + COMPARE_RECENT_SIZE, "dense": COMPARE_DENSE_CONTEXT,
+                    "window": COMPARE_WINDOW_SIZE}
 #: Every side decodes greedily with the same penalty, so differences come from the cache alone.
 COMPARE_SAMPLING = dict(temperature=0.0, repetition_penalty=1.1)
 DEFAULT_COMPARE_NEW_TOKENS = 96
+#: The three chats and gauges repaint at most this often while replies stream (seconds): three panes at the chat
+#: tab's pace kept a browser's main thread busy all the time with a fast model.
+COMPARE_UI_INTERVAL_S = 0.25
 CONTEXT_FULL_NOTE = "**Context full** — dense attention cannot continue."
 #: What the autopilot sends when `assets/autopilot.json` is missing.
 FALLBACK_SCRIPT = ["Tell me a long story."]
@@ -73,7 +86,7 @@ def compare_turn(engine, state: dict, message: str, modes: list[str], new_tokens
     series = state.setdefault("series", {m: [] for m in MODES})
     for mode in modes:
         chats[mode] = list(chats.get(mode) or []) + user_and_pending_reply(message)
-    replies, stats, throttle = {m: "" for m in modes}, {}, Throttle()
+    replies, stats, throttle = {m: "" for m in modes}, {}, Throttle(COMPARE_UI_INTERVAL_S)
     for sid, event in engine.chat_many([sids[m] for m in modes], message, max_new_tokens=int(new_tokens),
                                        **COMPARE_SAMPLING):
         mode = mode_of[sid]
@@ -131,20 +144,21 @@ def run_script(engine, prompts, chats_in, state, include_window, new_tokens, aut
         gr.Warning(str(exc))
         yield compare_outputs(chats, {}, state, "")
         return
-    stats, sent = {}, 0
+    stats, sent, plot_throttle = {}, 0, Throttle(PLOT_INTERVAL_S)
     for number, prompt in enumerate(prompts, 1):
         if state.get("stop"):
             break
         note = autopilot_note(number, len(prompts), prompt, stats) if autopilot else ""
         for stats in compare_turn(engine, state, prompt, modes, new_tokens, chats):
-            yield compare_outputs(chats, stats, state, note, phase="generating")
+            plots = plot_frames(state["series"]) if plot_throttle.due() else None  # live, a few times a second
+            yield compare_outputs(chats, stats, state, note, plots, phase="generating")
         sent = number
         note = autopilot_note(number, len(prompts), prompt, stats) if autopilot else ""
-        yield compare_outputs(chats, stats, state, note, memory_and_latency_figures(state["series"]))
+        yield compare_outputs(chats, stats, state, note, plot_frames(state["series"]))
     if autopilot:
         finished = "stopped" if state.get("stop") else "finished"
         yield compare_outputs(chats, stats, state, autopilot_note(sent, len(prompts), "", stats, finished),
-                              memory_and_latency_figures(state["series"]))
+                              plot_frames(state["series"]))
 
 
 def compare_send(engine, message, c1, c2, c3, state, include_window, new_tokens, request: gr.Request = None):
@@ -175,15 +189,21 @@ def compare_reset(engine, state):
     """Stop, close every side's session and clear the tab."""
     compare_stop(engine, state)
     close_sessions(engine, state)
-    empty = [gauges_html(None, m) for m in MODES]
-    return ["", [], [], [], *empty, None, None, {}]
+    empty = [gauges_html(None, m, capacity=COMPARE_CAPACITY[m]) for m in MODES]
+    return ["", [], [], [], *empty, *plot_frames({}), {}]
 
 
 # --- layout ---------------------------------------------------------------------------------------------------
 
 
 def build_compare_tab(engine) -> None:
-    """The Dense vs Streaming tab inside the current `gr.Blocks`."""
+    """The Dense vs Streaming tab inside the current `gr.Blocks`.
+
+    The three sides sit side by side; on a narrow screen they stay side by side in a row that scrolls sideways,
+    one side per screen width (`assets/style.css`), instead of stacking into a very long page.
+    """
+    from streaming_engine.eval.plots import COLORS  # the benchmarks' colours: a mode looks the same everywhere
+
     compare_state = tab_state(engine)
     with gr.Tab("Dense vs Streaming", id="compare"):
         gr.Markdown(
@@ -191,38 +211,56 @@ def build_compare_tab(engine) -> None:
             f"{COMPARE_START_SIZE} sinks + {COMPARE_RECENT_SIZE} recent tokens; **dense** keeps everything up to "
             f"a deliberately small {COMPARE_DENSE_CONTEXT}-token budget; **window** keeps the last "
             f"{COMPARE_WINDOW_SIZE} tokens without sinks. Press **Autopilot** to feed a scripted conversation "
-            "and watch dense hit *context full* while streaming keeps answering with flat memory."
+            "and watch dense hit *context full* while streaming keeps answering with flat memory.",
+            elem_id="compare-intro",
         )
-        with gr.Row():
+        with gr.Row(elem_id="compare-input-row", equal_height=True):
             cmp_msg = gr.Textbox(elem_id="compare-msg", placeholder="One message for all sides…",
                                  show_label=False, scale=6, max_length=MAX_MESSAGE_CHARS)
-            cmp_send = gr.Button("Send to all", variant="primary", elem_id="compare-send", scale=1)
-            cmp_auto = gr.Button("Autopilot", elem_id="compare-autopilot", scale=1)
-            cmp_stop = gr.Button("Stop", elem_id="compare-stop", scale=1)
-            cmp_reset = gr.Button("Reset", elem_id="compare-reset", scale=1)
-        with gr.Row():
-            with_window = gr.Checkbox(True, label="Include window attention (no sinks)", elem_id="with-window")
-            cmp_new = gr.Slider(16, 256, value=DEFAULT_COMPARE_NEW_TOKENS, step=8, label="Max new tokens per reply")
+            cmp_send = gr.Button("Send to all", variant="primary", elem_id="compare-send", scale=1, min_width=60,
+                                 icon=icon("send"))
+        with gr.Row(elem_id="compare-actions", elem_classes=["icon-row"]):
+            cmp_auto = gr.Button("Autopilot", elem_id="compare-autopilot", size="sm", icon=icon("autopilot"),
+                                 min_width=40)
+            cmp_stop = gr.Button("Stop", elem_id="compare-stop", size="sm", icon=icon("stop"), min_width=40)
+            cmp_reset = gr.Button("Reset", elem_id="compare-reset", size="sm", icon=icon("reset"), min_width=40)
         progress = gr.Markdown("", elem_id="compare-progress")
+        gr.Markdown("Swipe sideways for the other sides: streaming, dense, window.", elem_id="swipe-hint")
         cmp_chats, cmp_gauges = {}, {}
-        with gr.Row():
+        with gr.Row(elem_id="compare-panes", equal_height=False):
             for mode in MODES:
-                with gr.Column(min_width=260):
+                with gr.Column(min_width=260, elem_classes=["compare-pane"]):
                     cmp_chats[mode] = gr.Chatbot(label=mode, elem_id=f"chat-{mode}", height=340,
                                                  sanitize_html=True, allow_tags=False, feedback_options=None)
-                    cmp_gauges[mode] = gr.HTML(gauges_html(None, mode), elem_id=f"gauges-{mode}")
-        with gr.Row():
-            plot_memory = gr.Plot(label="KV cache memory vs tokens seen", elem_id="plot-memory")
-            plot_latency = gr.Plot(label="Per-token decode latency vs tokens seen", elem_id="plot-latency")
+                    cmp_gauges[mode] = gr.HTML(gauges_html(None, mode, capacity=COMPARE_CAPACITY[mode]),
+                                               elem_id=f"gauges-{mode}")
+        memory_frame, latency_frame = plot_frames({})
+        # One legend for both plots, in the page's own text (the plot's built-in legend gets clipped at this size).
+        gr.HTML("".join(f'<span class="legend-item"><span class="legend-swatch" style="background:{COLORS[m]}">'
+                        f'</span>{m}</span>' for m in MODES), elem_id="plot-legend")
+        with gr.Row(elem_id="compare-plots"):
+            plot_memory = gr.LinePlot(
+                memory_frame, x=X_COLUMN, y=MEMORY_COLUMN, color=MODE_COLUMN, color_map=dict(COLORS),
+                tooltip="none", colors_in_legend=[], label="KV cache memory vs tokens seen", elem_id="plot-memory",
+                height=280, min_width=280)
+            plot_latency = gr.LinePlot(
+                latency_frame, x=X_COLUMN, y=LATENCY_COLUMN, color=MODE_COLUMN, color_map=dict(COLORS),
+                tooltip="none", colors_in_legend=[], elem_id="plot-latency", height=280, min_width=280,
+                label=f"Decode latency vs tokens seen (median of the last {LATENCY_MEDIAN_WINDOW} tokens)")
+        with gr.Accordion("Settings", open=False, elem_id="compare-settings"):
+            with gr.Row():
+                with_window = gr.Checkbox(True, label="Include window attention (no sinks)", elem_id="with-window")
+                cmp_new = gr.Slider(16, 256, value=DEFAULT_COMPARE_NEW_TOKENS, step=8,
+                                    label="Max new tokens per reply")
 
     outputs = [progress, *cmp_chats.values(), *cmp_gauges.values(), plot_memory, plot_latency, compare_state]
     inputs = [*cmp_chats.values(), compare_state, with_window, cmp_new]
     running = [
-        trigger(bind(compare_send, engine, gpu=True), [cmp_msg, *inputs], [cmp_msg, *outputs],
+        trigger(bind(compare_send, engine), [cmp_msg, *inputs], [cmp_msg, *outputs],
                 concurrency_id="chat", api_visibility="private")
         for trigger in (cmp_msg.submit, cmp_send.click)
     ]
-    running.append(cmp_auto.click(bind(compare_autopilot, engine, gpu=True), inputs, outputs, concurrency_id="chat",
+    running.append(cmp_auto.click(bind(compare_autopilot, engine), inputs, outputs, concurrency_id="chat",
                                   api_visibility="private"))
     cmp_stop.click(bind(compare_stop, engine), [compare_state], [compare_state], queue=False,
                    api_visibility="private")

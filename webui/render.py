@@ -1,13 +1,16 @@
-"""What the page shows, as text, HTML and figures: the inert markdown sanitizer, the cache gauges, reply and error
-text, the comparison plots, and how often a streaming handler repaints. Pure functions of their inputs; no engine
-calls, no gradio components.
+"""What the page shows, as text, HTML and plot data: the inert markdown sanitizer, the cache gauges (each state
+named and every number explained), reply and error text, the comparison plots' data frames, and how often a
+streaming handler repaints. Pure functions of their inputs; no engine calls, no gradio components.
 """
 
 from __future__ import annotations
 
 import html
+import math
 import re
 import time
+
+from streaming_engine.session import MODES
 
 from .settings import STREAM_UI_INTERVAL_S
 
@@ -106,6 +109,47 @@ class Throttle:
 
 # --- gauges ---------------------------------------------------------------------------------------------------
 
+#: One line per gauge for people who have not read the paper: each row's tooltip, and the "What do these mean?"
+#: list under the gauges (a phone has no hover).
+GAUGE_HELP = {
+    "fill": "How many tokens the KV cache holds now, out of the most it may hold. Dark blue: the attention sinks.",
+    "sink_tokens": "The first tokens of the conversation, kept forever: the model parks unneeded attention on "
+                   "them, and removing them is what breaks plain sliding windows.",
+    "evicted_tokens": "Tokens dropped from the middle of the cache so far, oldest first, to keep memory flat.",
+    "seen_tokens": "Every token this cache has taken in since it was last (re)built: held + evicted.",
+    "kv_bytes": "Memory of the cached keys and values. It stops growing once the cache is full.",
+    "tokens_per_s": "Reply speed of the last turn, in tokens per second.",
+    "time_to_first_token_s": "Wait between sending and the first word of the reply.",
+    "turns": "Messages you have sent in this conversation (kept in the history, even when their tokens are "
+             "evicted from the cache).",
+}
+#: What the cache is doing, as a short label and one sentence (`{free}`, `{capacity}`, `{turns}` filled in).
+GAUGE_STATES = {
+    "empty": ("Empty", "The cache fills as you chat: room for {capacity:,} tokens."),
+    "filling": ("Filling", "{free:,} tokens free before the first eviction."),
+    "dense": ("Filling", "Dense attention never evicts: {free:,} of {capacity:,} tokens left."),
+    "reserved": ("Room reserved", "Room made for the reply: {free:,} tokens free. Each turn evicts once, up front, "
+                                  "enough for its prompt and the longest reply allowed."),
+    "evicting": ("Evicting", "At capacity: each new token pushes the oldest recent one out; memory stays flat."),
+    "restored": ("Restored", "{turns} earlier turn(s) are in the history but not in the cache yet: your next message "
+                             "rebuilds it (the sinks and the most recent part), and tokens seen count from there."),
+    "context-full": ("Context full", "Dense attention cannot go on. Reset to start over."),
+}
+
+
+def gauge_state(stats: dict) -> str:
+    """Which of `GAUGE_STATES` describes a session's stats."""
+    held, capacity = int(stats.get("cache_tokens", 0)), int(stats.get("cache_capacity", 0) or 0)
+    if stats.get("context_full"):
+        return "context-full"
+    if held == 0:
+        return "restored" if stats.get("turns") else "empty"
+    if stats.get("mode") == "dense":
+        return "dense"
+    if not stats.get("evicted_tokens"):
+        return "filling"
+    return "evicting" if held >= capacity else "reserved"
+
 
 def human_bytes(n: int | None) -> str:
     n = float(n or 0)
@@ -116,45 +160,70 @@ def human_bytes(n: int | None) -> str:
     return f"{n:.1f} GiB"
 
 
-def gauges_html(stats: dict | None, title: str = "Cache", phase: str = "idle") -> str:
+def gauges_html(stats: dict | None, title: str = "Cache", phase: str = "idle", capacity: int | None = None) -> str:
     """The live gauges. Every number carries `data-key`/`data-value` so tests can read it; `phase` is
-    "generating" while a reply streams and "idle" otherwise."""
+    "generating" while a reply streams and "idle" otherwise. `capacity` is what an empty gauge (no session yet)
+    shows as the cache's size."""
     s = dict(stats or {})
-    held, capacity = int(s.get("cache_tokens", 0)), int(s.get("cache_capacity", 0) or 1)
+    if not s.get("cache_capacity") and capacity:
+        s["cache_capacity"] = capacity
+    held, capacity = int(s.get("cache_tokens", 0)), int(s.get("cache_capacity", 0) or 0)
     sinks = int(s.get("sink_tokens", 0))
-    fill = min(100.0, 100.0 * held / capacity)
-    fill_class = "gauge-fill" + (" dense-full" if s.get("context_full") else " full" if held >= capacity else "")
+    start = int(s.get("start_size", sinks) or 0)
+    fill = min(100.0, 100.0 * held / capacity) if capacity else 0.0
+    state = gauge_state(s)
+    fill_class = "gauge-fill" + {"context-full": " dense-full", "evicting": " full"}.get(state, "")
+    label, sentence = GAUGE_STATES[state]
+    note = sentence.format(free=max(0, capacity - held), capacity=capacity, turns=s.get("turns", 0))
 
-    def row(label, key, value, shown):
-        return (f'<div class="gauge-row"><span class="gauge-label">{label}</span>'
+    def row(key, name, value, shown):
+        tip = html.escape(GAUGE_HELP[key], quote=True)
+        return (f'<div class="gauge-row" title="{tip}"><span class="gauge-label">{name}</span>'
                 f'<span class="gauge-value" data-key="{key}" data-value="{value}">{shown}</span></div>')
 
     rate, ttft = s.get("tokens_per_s"), s.get("time_to_first_token_s")
-    note = ""
-    if s.get("context_full"):
-        note = '<div class="gauge-note bad">Context full: dense attention cannot go on. Reset to start over.</div>'
-    elif s.get("evicted_tokens"):
-        note = '<div class="gauge-note">Evicting: the cache is at capacity, memory stays flat.</div>'
-    mode = s.get("mode", "")
+    evicted, seen = int(s.get("evicted_tokens", 0)), int(s.get("seen_tokens", 0))
+    help_items = "".join(f"<li><b>{name}</b>: {html.escape(GAUGE_HELP[key])}</li>" for key, name in (
+        ("fill", "Cache fill"), ("sink_tokens", "Attention sinks"), ("evicted_tokens", "Evicted"),
+        ("seen_tokens", "Tokens seen"), ("kv_bytes", "KV memory"), ("tokens_per_s", "Speed"),
+        ("time_to_first_token_s", "First token"), ("turns", "Turns")))
     return (
-        f'<div class="gauges" data-mode="{mode}" data-phase="{phase}" '
-        f'data-context-full="{str(bool(s.get("context_full"))).lower()}"><h4>{html.escape(title)}</h4>'
-        f'<div class="gauge-bar" data-key="fill" data-held="{held}" data-capacity="{capacity}">'
+        f'<div class="gauges" data-mode="{s.get("mode", "")}" data-phase="{phase}" data-state="{state}" '
+        f'data-context-full="{str(bool(s.get("context_full"))).lower()}">'
+        f'<div class="gauge-head"><h4>{html.escape(title)}</h4>'
+        f'<span class="gauge-state state-{state}" data-key="state">{label}</span></div>'
+        f'<div class="gauge-bar" data-key="fill" data-held="{held}" data-capacity="{capacity}" '
+        f'title="{html.escape(GAUGE_HELP["fill"], quote=True)}">'
         f'<div class="{fill_class}" style="width:{fill:.1f}%"></div>'
-        f'<div class="gauge-sinks" style="width:{100.0 * sinks / capacity:.2f}%"></div></div>'
+        f'<div class="gauge-sinks" style="width:{100.0 * sinks / capacity if capacity else 0:.2f}%"></div></div>'
         f'<div class="gauge-caption"><span>cache fill</span><span>{held:,} / {capacity:,} tokens</span></div>'
-        + row("Attention sinks held", "sink_tokens", sinks, f"{sinks}")
-        + row("Evicted tokens (total)", "evicted_tokens", s.get("evicted_tokens", 0), f"{s.get('evicted_tokens', 0):,}")
-        + row("Tokens seen (total)", "seen_tokens", s.get("seen_tokens", 0), f"{s.get('seen_tokens', 0):,}")
-        + row("KV memory", "kv_bytes", s.get("kv_bytes", 0), human_bytes(s.get("kv_bytes")))
-        + row("Decode speed", "tokens_per_s", rate or 0, f"{rate:.1f} tok/s" if rate else "–")
-        + row("Time to first token", "time_to_first_token_s", ttft or 0, f"{ttft:.2f} s" if ttft else "–")
-        + row("Turns", "turns", s.get("turns", 0), f"{s.get('turns', 0)}")
-        + note + "</div>"
+        f'<div class="gauge-note note-{state}" data-key="note">{html.escape(note)}</div>'
+        '<div class="gauge-rows">'
+        + row("sink_tokens", "Attention sinks", sinks, f"{sinks} / {start}")
+        + row("evicted_tokens", "Evicted (total)", evicted, f"{evicted:,}")
+        + row("seen_tokens", "Tokens seen", seen, f"{seen:,}")
+        + row("kv_bytes", "KV memory", s.get("kv_bytes", 0), human_bytes(s.get("kv_bytes")))
+        + row("tokens_per_s", "Speed", rate or 0, f"{rate:.1f} tok/s" if rate else "–")
+        + row("time_to_first_token_s", "First token", ttft or 0, f"{ttft:.2f} s" if ttft else "–")
+        + row("turns", "Turns", s.get("turns", 0), f"{s.get('turns', 0)}")
+        + '</div><details class="gauge-help"><summary>What do these mean?</summary>'
+        f'<ul>{help_items}</ul></details></div>'
     )
 
 
 # --- comparison plots -----------------------------------------------------------------------------------------
+
+#: Points per mode sent to a plot: a long autopilot run is thinned to this many (evenly, the last kept), so an
+#: update stays a few kilobytes and the browser redraws it quickly however long the run (measured: drawing 200
+#: points per mode took a busy page's main thread about three times as long as 50).
+PLOT_POINTS_PER_MODE = 120
+#: Per-token latency is plotted as a rolling median over this many tokens: single tokens jitter by a factor of two
+#: on a busy CPU, the median shows the trend (flat for a bounded cache, rising for dense).
+LATENCY_MEDIAN_WINDOW = 25
+#: The plots are redrawn at most this often while tokens stream (seconds): each redraw rebuilds the chart.
+PLOT_INTERVAL_S = 1.0
+#: Column names, which are also the plots' axis titles.
+X_COLUMN, MEMORY_COLUMN, LATENCY_COLUMN, MODE_COLUMN = "tokens seen", "KV cache (MiB)", "ms per token", "mode"
 
 
 def series_point(stats: dict) -> dict:
@@ -162,34 +231,44 @@ def series_point(stats: dict) -> dict:
     return {"seen": stats["seen_tokens"], "kv": stats["kv_bytes"], "latency": stats.get("last_token_latency_s")}
 
 
-def memory_and_latency_figures(series: dict[str, list[dict]]) -> list:
-    """Two matplotlib figures, KV memory and per-token latency against tokens seen, one line per mode.
+def _thin(rows: list, limit: int = PLOT_POINTS_PER_MODE) -> list:
+    if len(rows) <= limit:
+        return rows
+    step = len(rows) / limit
+    return [rows[int(i * step)] for i in range(limit - 1)] + [rows[-1]]
 
-    `series[mode]` is a list of `series_point` dicts. Colours are the benchmarks' (`eval/plots.py`), so a mode
-    looks the same in the app and in the README's plots.
-    """
-    from matplotlib import pyplot as plt
 
-    from streaming_engine.eval.plots import COLORS
+def _rolling_median(values: list[float], window: int) -> list[float]:
+    out = []
+    for i in range(len(values)):
+        chunk = sorted(values[max(0, i - window + 1): i + 1])
+        mid = len(chunk) // 2
+        out.append(chunk[mid] if len(chunk) % 2 else (chunk[mid - 1] + chunk[mid]) / 2)
+    return out
 
-    # Streaming and window hold the same number of tokens, so their memory lines coincide: dash window's.
-    styles = {"window": "--"}
-    figures = []
-    for key, ylabel, scale in (("kv", "KV cache (MiB)", 1 / 2**20), ("latency", "ms per token", 1000)):
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        drawn = False
-        for mode, points in series.items():
-            pts = [(p["seen"], p[key] * scale) for p in points if p.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), label=mode, color=COLORS.get(mode), linestyle=styles.get(mode, "-"),
-                        linewidth=1.3)
-                drawn = True
-        ax.set_xlabel("tokens seen")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if drawn:
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        figures.append(fig)
-        plt.close(fig)
-    return figures
+
+def plot_frames(series: dict[str, list[dict]]):
+    """The two plots' data as DataFrames (for `gr.LinePlot`): KV memory and rolling-median latency against tokens
+    seen, one line per mode. `series[mode]` is a list of `series_point` dicts."""
+    import pandas as pd
+
+    # Every mode starts with a point at 0 tokens seen (no memory yet; latency unknown, so NaN, which is not drawn):
+    # the plot fixes its colour legend from the data it first gets, so every mode must be in it from the start.
+    memory = [{X_COLUMN: 0, MEMORY_COLUMN: 0.0, MODE_COLUMN: mode} for mode in MODES]
+    latency = [{X_COLUMN: 0, LATENCY_COLUMN: math.nan, MODE_COLUMN: mode} for mode in MODES]
+    for mode, points in series.items():
+        memory += [{X_COLUMN: p["seen"], MEMORY_COLUMN: p["kv"] / 2**20, MODE_COLUMN: mode} for p in _thin(points)]
+        timed = [p for p in points if p.get("latency") is not None]
+        medians = _rolling_median([p["latency"] * 1000 for p in timed], LATENCY_MEDIAN_WINDOW)
+        latency += _thin([{X_COLUMN: p["seen"], LATENCY_COLUMN: m, MODE_COLUMN: mode}
+                          for p, m in zip(timed, medians)])
+    # Numeric dtypes even when empty: gradio reads an axis's type from the column's dtype, and an empty frame's
+    # default (object) would make every tick a category.
+    return (_frame(memory, MEMORY_COLUMN), _frame(latency, LATENCY_COLUMN))
+
+
+def _frame(rows: list[dict], y: str):
+    import pandas as pd
+
+    frame = pd.DataFrame(rows, columns=[X_COLUMN, y, MODE_COLUMN])
+    return frame.astype({X_COLUMN: "int64", y: "float64", MODE_COLUMN: "object"})

@@ -11,10 +11,13 @@ import argparse
 import os
 from dataclasses import dataclass
 
+import torch
+
 from streaming_engine.cache import DEFAULT_START_SIZE
 from streaming_engine.checks import check_int
 from streaming_engine.engine import MAX_ACTIVE_TURNS, MAX_SESSIONS, MAX_SESSIONS_PER_OWNER
-from streaming_engine.loading import DEFAULT_MODEL_NAME, default_model_available
+from streaming_engine.loading import DEFAULT_MODEL_NAME, pick_dtype
+from streaming_engine.placement import DEVICE_MAP_STRATEGIES, Placement
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -24,9 +27,10 @@ HUB_DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 #: step attends over the whole cache and a restored or retried chat re-encodes up to half of it, so on a CPU Space
 #: a smaller cache keeps replies quick while still holding several turns.
 DEFAULT_RECENT_SIZE = 1020
-#: Gradio queue: events running at once (the engine interleaves them) and events waiting before "busy".
-QUEUE_CONCURRENCY = MAX_ACTIVE_TURNS
-QUEUE_MAX_SIZE = 64
+#: Gradio queue defaults (`--queue-concurrency`, `--queue-max-size`): events running at once (the engine
+#: batches them, so as many as it runs turns) and events waiting before gradio answers "queue is full".
+DEFAULT_QUEUE_CONCURRENCY = MAX_ACTIVE_TURNS
+DEFAULT_QUEUE_MAX_SIZE = 64
 #: A browser tab's sessions are freed this long after its last activity, if its closing went unnoticed (a closed
 #: tab is noticed at once: see `UNLOAD_GRACE_S`).
 SESSION_TTL_S = 3600
@@ -66,6 +70,17 @@ class AppSettings:
     max_sessions_per_client: int = MAX_SESSIONS_PER_OWNER
     frame_ancestors: str = DEFAULT_FRAME_ANCESTORS
     forwarded_allow_ips: str = DEFAULT_FORWARDED_ALLOW_IPS
+    # Where and how the model runs (see `streaming_engine.loading.load` and `placement.py`).
+    device: str | None = None
+    dtype: str | None = None
+    threads: int | None = None
+    device_map: str | None = None
+    max_memory: str | None = None
+    offload_folder: str | None = None
+    queue_concurrency: int = DEFAULT_QUEUE_CONCURRENCY
+    queue_max_size: int = DEFAULT_QUEUE_MAX_SIZE
+    #: Visitors may pick the cache sizes of their new chats (at most the owner's `start_size`/`recent_size`).
+    visitor_cache_sizes: bool = False
 
     def __post_init__(self):
         check_int("--start-size", self.start_size, 0)
@@ -77,6 +92,25 @@ class AppSettings:
                 or any(c in self.frame_ancestors for c in ";,\r\n")):
             raise ValueError("--frame-ancestors must be a CSP source list such as \"'self' https://example.org\" "
                              "(no ';', ',' or line breaks)")
+        check_int("--queue-concurrency", self.queue_concurrency, 1)
+        check_int("--queue-max-size", self.queue_max_size, 1)
+        if self.threads is not None:
+            check_int("--threads", self.threads, 1)
+        if self.device is not None:
+            if self.device_map is not None:
+                raise ValueError("give either --device or --device-map, not both")
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError) as exc:
+                raise ValueError(f"--device {self.device!r} is not a device: use cpu, cuda, cuda:1, mps") from exc
+        if self.dtype is not None and not pick_dtype(self.dtype, torch.device("cpu")).is_floating_point:
+            raise ValueError(f"--dtype {self.dtype!r} is not a float type: use float32, bfloat16 or float16")
+        Placement(self.device_map, self.max_memory, self.offload_folder)  # raises ValueError naming the flag
+
+    def load_kwargs(self) -> dict:
+        """The keyword arguments of `streaming_engine.load` these settings ask for."""
+        return dict(trust_remote_code=self.trust_remote_code, device=self.device, dtype=self.dtype,
+                    device_map=self.device_map, max_memory=self.max_memory, offload_folder=self.offload_folder)
 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:
@@ -112,10 +146,10 @@ def parse_settings(argv: list[str] | None = None, env: dict | None = None) -> Ap
                         "~/.cache/streaming-llm)")
     p.add_argument("--no-persist", action="store_true", default=env.get("NO_PERSIST", "").lower() in _TRUE,
                    help="keep conversations in memory only; nothing is written to disk (env NO_PERSIST)")
-    p.add_argument("--max-sessions", type=int, default=env.get("MAX_SESSIONS") or MAX_SESSIONS,
+    p.add_argument("--max-sessions", type=int, default=_env_int(env, "MAX_SESSIONS", MAX_SESSIONS),
                    help=f"conversations open at once on this server (env MAX_SESSIONS; default {MAX_SESSIONS})")
     p.add_argument("--max-sessions-per-client", type=int,
-                   default=env.get("MAX_SESSIONS_PER_CLIENT") or MAX_SESSIONS_PER_OWNER,
+                   default=_env_int(env, "MAX_SESSIONS_PER_CLIENT", MAX_SESSIONS_PER_OWNER),
                    help="conversations one client address (or login user) may hold open (env "
                         f"MAX_SESSIONS_PER_CLIENT; default {MAX_SESSIONS_PER_OWNER})")
     p.add_argument("--frame-ancestors", default=env.get("FRAME_ANCESTORS") or DEFAULT_FRAME_ANCESTORS,
@@ -126,15 +160,50 @@ def parse_settings(argv: list[str] | None = None, env: dict | None = None) -> Ap
                                                                else DEFAULT_FORWARDED_ALLOW_IPS),
                    help="proxies trusted to name the client in X-Forwarded-For, comma-separated or * (env "
                         f"FORWARDED_ALLOW_IPS; default {DEFAULT_FORWARDED_ALLOW_IPS}, * on a Space)")
+    where = p.add_argument_group("where the model runs")
+    where.add_argument("--device", default=env.get("DEVICE") or None,
+                       help="cpu, cuda, cuda:1, mps (env DEVICE; default: cuda when available, else cpu)")
+    where.add_argument("--dtype", default=env.get("DTYPE") or None,
+                       help="float32, bfloat16 or float16 (env DTYPE; default: bf16/fp16 on CUDA, bf16 on a CPU with "
+                            "native bf16 units, else fp32)")
+    where.add_argument("--threads", type=int, default=_env_int(env, "THREADS"),
+                       help="CPU threads for the model (env THREADS; default: torch's choice, one per core)")
+    where.add_argument("--device-map", choices=DEVICE_MAP_STRATEGIES, default=env.get("DEVICE_MAP") or None,
+                       help="spread the model over every GPU, then CPU RAM, then disk (env DEVICE_MAP)")
+    where.add_argument("--max-memory", metavar="DEV=SIZE,...", default=env.get("MAX_MEMORY") or None,
+                       help="per-device budget for --device-map, e.g. 0=20GiB,cpu=30GiB (env MAX_MEMORY)")
+    where.add_argument("--offload-folder", metavar="DIR", default=env.get("OFFLOAD_FOLDER") or None,
+                       help="where --device-map writes weights offloaded to disk (env OFFLOAD_FOLDER)")
+    serving = p.add_argument_group("serving")
+    serving.add_argument("--queue-concurrency", type=int,
+                         default=_env_int(env, "QUEUE_CONCURRENCY", DEFAULT_QUEUE_CONCURRENCY),
+                         help=f"events handled at once (env QUEUE_CONCURRENCY; default {DEFAULT_QUEUE_CONCURRENCY})")
+    serving.add_argument("--queue-max-size", type=int, default=_env_int(env, "QUEUE_MAX_SIZE", DEFAULT_QUEUE_MAX_SIZE),
+                         help="events waiting before 'queue is full' "
+                              f"(env QUEUE_MAX_SIZE; default {DEFAULT_QUEUE_MAX_SIZE})")
+    serving.add_argument("--visitor-cache-sizes", action="store_true",
+                         default=env.get("VISITOR_CACHE_SIZES", "").lower() in _TRUE,
+                         help="let visitors choose the cache sizes of new chats, up to the configured ones "
+                              "(env VISITOR_CACHE_SIZES; default: shown read-only)")
     args = p.parse_args(argv)
-    model = args.model
-    if model is None and not default_model_available():
-        model = HUB_DEFAULT_MODEL
     try:
-        return AppSettings(model, args.start_size, args.recent_size, args.host, args.port, args.share,
+        return AppSettings(args.model, args.start_size, args.recent_size, args.host, args.port, args.share,
                            parse_auth(args.auth), args.trust_remote_code, data_dir=args.data_dir,
                            persist=not args.no_persist, max_sessions=args.max_sessions,
                            max_sessions_per_client=args.max_sessions_per_client,
-                           frame_ancestors=args.frame_ancestors, forwarded_allow_ips=args.forwarded_allow_ips)
+                           frame_ancestors=args.frame_ancestors, forwarded_allow_ips=args.forwarded_allow_ips,
+                           device=args.device, dtype=args.dtype, threads=args.threads, device_map=args.device_map,
+                           max_memory=args.max_memory, offload_folder=args.offload_folder,
+                           queue_concurrency=args.queue_concurrency, queue_max_size=args.queue_max_size,
+                           visitor_cache_sizes=args.visitor_cache_sizes)
     except ValueError as exc:
         p.error(str(exc))
+
+
+def _env_int(env, name: str, default: int | None = None) -> int | None:
+    """An integer environment variable (unset or empty: `default`); anything else stops with its name."""
+    text = env.get(name)
+    try:
+        return int(text) if text else default
+    except ValueError:
+        raise SystemExit(f"error: environment variable {name} must be a whole number, got {text!r}") from None
