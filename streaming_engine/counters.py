@@ -86,6 +86,18 @@ class EngineCounters:
                     self.turns_finished += 1
                     self.turn_errors += crashed
 
+    def count_turn(self, *, processed: int, generated: int, evicted: int, error: bool) -> None:
+        """A whole turn that ran elsewhere (a ZeroGPU worker, see `remote.py`), counted when it lands here."""
+        with self._lock:
+            self.turns_started += 1
+            self.turns_finished += 1
+            self.turn_errors += bool(error)
+            self.tokens_processed += processed
+            self.tokens_generated += generated
+            self.tokens_evicted += evicted
+            if generated:
+                self._recent.append((time.monotonic(), generated))
+
     def decode_tokens_per_s(self, now: float | None = None) -> float:
         """Tokens sampled per second over the last `window_s` seconds, all sessions together."""
         now = time.monotonic() if now is None else now

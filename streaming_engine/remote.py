@@ -32,6 +32,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
+from .counters import _grown
 from .engine import EngineBusy, EngineConfig, SessionNotFound, StreamingEngine
 from .handoff import SessionState, capture
 from .sampling import SamplingParams
@@ -199,7 +200,7 @@ class RemoteTurnsEngine(StreamingEngine):
                     claim.reply += event.text
                 else:
                     open_.discard(sid)
-                    self._settle(sid, claim, state)
+                    self._settle(sid, claim, state, error=event.kind == "error")
                 yield sid, event
         except Exception as exc:  # noqa: BLE001 - the worker died or the platform refused the call
             for sid in sorted(open_):
@@ -224,7 +225,7 @@ class RemoteTurnsEngine(StreamingEngine):
                         claims[sid].reply += event.text
                     else:
                         open_.discard(sid)
-                        self._settle(sid, claims[sid], state)
+                        self._settle(sid, claims[sid], state, error=event.kind == "error")
                 if not open_:
                     break
         except Exception:  # noqa: BLE001 - nothing more will come; record what we have below
@@ -234,15 +235,22 @@ class RemoteTurnsEngine(StreamingEngine):
             open_.discard(sid)
 
     def _settle(self, sid: str, claim: _Claim, state: SessionState | None,
-                failure: BaseException | None = None) -> Event | None:
+                failure: BaseException | None = None, error: bool = False) -> Event | None:
         """Land a finished remote turn in its session and free its claim: adopt the worker's state; without one,
-        keep what the user saw (a turn that started) or nothing (a refused one). With `failure`, returns the
-        final event to report in place of the one that never came."""
+        keep what the user saw (a turn that started) or nothing (a refused one). The engine's counters (`/metrics`)
+        take what the turn did, as if it had run here. With `failure`, returns the final event to report in place
+        of the one that never came."""
         message = self._inflight.pop(sid, None)
         try:
             if state is not None:
+                session = self._get(sid)
+                seen, evicted = session.cache.seen_tokens, session.cache.evicted_tokens
                 self.import_state(sid, state)
+                self.counters.count_turn(processed=_grown(seen, session.cache.seen_tokens),
+                                         generated=session.reply_tokens,
+                                         evicted=_grown(evicted, session.cache.evicted_tokens), error=error)
             elif claim.started and message is not None:
+                self.counters.count_turn(processed=0, generated=0, evicted=0, error=True)
                 # As after a local failure: the message and the partial reply stay, the cache is re-primed.
                 session = self._get(sid)
                 with session.lock:

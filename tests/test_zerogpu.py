@@ -121,6 +121,7 @@ def test_turns_run_in_forked_workers_reply_exactly_as_a_local_engine(
     if mode != "dense":
         assert kept["evicted_tokens"] > 0  # the cache that crossed the boundary had been evicted and re-rotated
     assert zs.stats.forks - forks == (1 if reuse else len(prompts))  # one worker per decorated function
+    assert remote.counters.snapshot() == local.counters.snapshot()  # /metrics counts the workers' turns too
 
 
 def test_send_download_retry_reload_restart_upload_and_new_chat_all_see_one_conversation(
