@@ -45,17 +45,20 @@ def test_serve_measures_every_cell_both_schedulers_and_engine_against_generate(
     assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--sessions", "0,2"], "--sessions needs integers >= 1"),
-    (["--sessions", "a"], "--sessions takes a comma list"),
-    (["--schedulers", "batched,fifo"], "--schedulers takes a comma list"),
-    (["--new-tokens", "1"], "--new-tokens must be >= 2"),
-    (["--max-batch", "0"], "--max-batch must be >= 1"),
-    (["--detok-tokens", "x"], "--detok-tokens takes a comma list"),
+@pytest.mark.parametrize("cli,argv,message", [
+    ("serve", ["--sessions", "0,2"], "--sessions needs integers >= 1"),
+    ("serve", ["--sessions", "a"], "--sessions takes a comma list"),
+    ("serve", ["--schedulers", "batched,fifo"], "--schedulers takes a comma list"),
+    ("serve", ["--new-tokens", "1"], "--new-tokens must be >= 2"),
+    ("serve", ["--max-batch", "0"], "--max-batch must be >= 1"),
+    ("serve", ["--detok-tokens", "x"], "--detok-tokens takes a comma list"),
+    ("dtype", ["--variants", "float32,int8"], "--variants takes a comma list"),
+    ("dtype", ["--held", "0"], "--held needs integers >= 1"),
+    ("dtype", ["--rounds", "0"], "--rounds must be >= 1"),
 ])
-def test_serve_cli_rejects_bad_arguments_clearly(argv, message, capsys):
+def test_serve_and_dtype_clis_reject_bad_arguments_clearly(cli, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        serve.main(argv)
+        {"serve": serve, "dtype": dtype_eval}[cli].main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -103,15 +106,3 @@ def test_an_explicit_dtype_beats_the_environment_which_beats_the_machine_default
     monkeypatch.setenv(DTYPE_ENV, "float8")
     with pytest.raises(ValueError, match="unknown dtype"):
         pick_dtype(None, cpu)
-
-
-@pytest.mark.parametrize("argv,message", [
-    (["--variants", "float32,int8"], "--variants takes a comma list"),
-    (["--held", "0"], "--held needs integers >= 1"),
-    (["--rounds", "0"], "--rounds must be >= 1"),
-])
-def test_dtype_cli_rejects_bad_arguments_clearly(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        dtype_eval.main(argv)
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
