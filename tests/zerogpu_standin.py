@@ -28,6 +28,7 @@ import multiprocessing
 import threading
 import traceback
 from datetime import timedelta
+from multiprocessing.connection import wait
 from multiprocessing.queues import SimpleQueue
 from typing import Callable
 
@@ -95,11 +96,18 @@ class _Worker:
                                     daemon=True)
         self.process.start()
         stats.forks += 1
-        threading.Thread(target=self._close_on_exit, daemon=True).start()
 
-    def _close_on_exit(self) -> None:
-        self.process.join()
-        self.res_queue.put(None)  # wakes the reader: the worker is gone
+    def get(self):
+        """The worker's next result, or None once it is gone. Its death is seen through the process sentinel, not
+        by writing into the result queue: a worker killed in the middle of a `put` leaves the queue's write lock
+        held, and a write from here would then wait forever."""
+        reader = self.res_queue._reader  # SimpleQueue's receiving end (what `get` reads)
+        while True:
+            ready = wait([reader, self.process.sentinel])
+            if reader in ready:
+                return self.res_queue.get()
+            if not reader.poll():  # gone, and everything it sent before has been read
+                return None
 
     def close(self) -> None:
         if self.process.is_alive():
@@ -111,7 +119,7 @@ _all_workers: list[_Worker] = []
 
 
 def _drain_then_idle(worker: _Worker, idle: list, lock: threading.Lock) -> None:
-    while (res := worker.res_queue.get()) is not None:
+    while (res := worker.get()) is not None:
         if res[0] == "end":
             with lock:
                 idle.append(worker)
@@ -158,7 +166,7 @@ def GPU(task=None, *, duration=None, reuse: bool = True, schedule: Callable[[flo
             _all_workers.append(worker)
         worker.arg_queue.put((args, kwargs))  # pickled, as on the platform
         while True:
-            res = worker.res_queue.get()
+            res = worker.get()
             if res is None:
                 raise _PlatformError("GPU task aborted")
             kind, value, detail = res
