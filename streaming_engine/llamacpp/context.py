@@ -63,6 +63,8 @@ class LlamaCppContext:
         params.n_seq_max = sequences
         params.kv_unified = False  # each sequence attends over its own cells only (module docstring)
         params.n_threads = params.n_threads_batch = model.n_threads
+        # As llama-cpp-python's `Llama` (its default), so a reply equals llama.cpp's own generation token for token.
+        params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ptr = lc.llama_init_from_model(model.ptr, params)
         if not self.ptr:
             raise RuntimeError(f"llama.cpp could not create a context of {sequences} x {seq_capacity} tokens")

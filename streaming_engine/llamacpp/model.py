@@ -198,3 +198,20 @@ def load_llamacpp(model_name_or_path=None, *, n_threads: int | None = None, trus
     if require_streaming_support:
         check_supported(config)
     return LlamaCppModel(gguf, config, n_threads=n_threads), tokenizer
+
+
+def plain_llama(path: str | Path, *, n_ctx: int, n_threads: int | None = None):
+    """llama-cpp-python's own `Llama` on `path` (one sequence, its own KV cache and sampler), the reference the
+    tests and the serve benchmark compare against. On AMX CPUs its weights are loaded without extra buffer types
+    as ours are (`Llama` does not expose the switch, so its default parameters are adjusted for this one load)."""
+    llama_cpp = require_llamacpp()
+    import llama_cpp.llama_cpp as bindings  # the module `Llama` reads its defaults from
+
+    defaults = bindings.llama_model_default_params
+    if has_amx():
+        bindings.llama_model_default_params = lambda: model_params(llama_cpp)
+    try:
+        return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=n_threads or default_threads(),
+                               n_threads_batch=n_threads or default_threads(), n_gpu_layers=0, verbose=False)
+    finally:
+        bindings.llama_model_default_params = defaults
