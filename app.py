@@ -48,7 +48,7 @@ def build_ui(engine: StreamingEngine, model_label: str) -> gr.Blocks:
 
 def create_engine(settings: AppSettings) -> tuple[StreamingEngine, str]:
     """Load the model the settings name and wrap it in an engine; returns it with the model's display name."""
-    model, tokenizer = load(settings.model, trust_remote_code=settings.trust_remote_code)
+    model, tokenizer = load(settings.model, trust_remote_code=settings.trust_remote_code, backend=settings.backend)
     config = EngineConfig(start_size=settings.start_size, recent_size=settings.recent_size)
     return StreamingEngine(model, tokenizer, config), settings.model or DEFAULT_MODEL_NAME
 

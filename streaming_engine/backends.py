@@ -30,8 +30,9 @@ def is_gguf(model_name_or_path) -> bool:
     return path.suffix.lower() == ".gguf" and path.is_file()
 
 
-def resolve_backend(backend: str, model_name_or_path=None, device=None, device_map=None) -> str:
-    """`backend` itself, or for `"auto"` the one to use (see the module docstring)."""
+def resolve_backend(backend: str, model_name_or_path=None, device=None, device_map=None, dtype=None) -> str:
+    """`backend` itself, or for `"auto"` the one to use (see the module docstring). A torch `dtype` or a device
+    map asked for means transformers."""
     if check_backend(backend) != "auto":
         return backend
     import torch
@@ -40,7 +41,7 @@ def resolve_backend(backend: str, model_name_or_path=None, device=None, device_m
 
     wants_gpu = device_map is not None or (
         str(device).startswith("cuda") if device is not None else torch.cuda.is_available())
-    if not wants_gpu and is_gguf(model_name_or_path) and llamacpp_available():
+    if not wants_gpu and dtype is None and is_gguf(model_name_or_path) and llamacpp_available():
         return "llama.cpp"
     return "transformers"
 

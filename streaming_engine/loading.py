@@ -214,7 +214,7 @@ def load(
     """
     from .backends import resolve_backend
 
-    if resolve_backend(backend, model_name_or_path, device, device_map) == "llama.cpp":
+    if resolve_backend(backend, model_name_or_path, device, device_map, dtype) == "llama.cpp":
         if device_map is not None or max_memory is not None or (device is not None and torch.device(device).type != "cpu"):
             raise ValueError("the llama.cpp backend runs on the CPU: drop --device / --device-map")
         if dtype is not None:

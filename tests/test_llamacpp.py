@@ -250,3 +250,37 @@ def test_dense_mode_stops_at_its_limit_on_llamacpp(llama):
     _, done = reply(engine, sid, "Tell me a long story about a cat.")
     assert done.finish_reason == "context_full" and done.stats["cache_tokens"] <= 48
     assert done.stats["evicted_tokens"] == 0
+
+
+# --- the app's handlers on both backends (tests/test_webui.py style: no browser, no server) ----------------------
+
+
+@pytest.fixture(params=["transformers", "llama.cpp"])
+def app_engine(request, default_model):
+    if request.param == "llama.cpp" and not llamacpp_available():
+        pytest.skip("llama-cpp-python is not installed (pip install -r requirements-cpu.txt)")
+    model, tokenizer = request.getfixturevalue("llama") if request.param == "llama.cpp" else default_model
+    engine = StreamingEngine(model, tokenizer, EngineConfig(start_size=4, recent_size=252, max_new_tokens=12))
+    yield engine
+    for sid in engine.session_ids():
+        engine.close(sid)
+
+
+@pytest.mark.model
+def test_the_chat_and_comparison_tabs_work_on_both_backends(app_engine):
+    import re
+
+    from webui import chat_tab, compare_tab
+
+    outputs = list(chat_tab.respond(app_engine, "What is the capital of Italy?", [], {}, "", 0.0, 1.0, 0, 12, 1.0))
+    chat, box, gauges, state, saved = outputs[-1]
+    assert chat[1]["role"] == "assistant" and chat[1]["content"] and box == ""
+    assert re.search(r'data-phase="idle"', gauges)
+    assert float(re.search(r'data-key="turns" data-value="([^"]*)"', gauges).group(1)) == 1
+    held = int(re.search(r'data-key="fill" data-held="(\d+)"', gauges).group(1))
+    assert held == app_engine.stats(state["sid"])["cache_tokens"] > 0
+    assert json.loads(saved)["messages"][0]["content"] == "What is the capital of Italy?"
+    compare_state = {}
+    box, note, streaming, dense, window, *_ = list(compare_tab.compare_send(
+        app_engine, "Name a color.", [], [], [], compare_state, True, 8))[-1]
+    assert all(side and side[-1]["role"] == "assistant" for side in (streaming, dense, window))

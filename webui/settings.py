@@ -11,6 +11,7 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from streaming_engine.backends import BACKENDS
 from streaming_engine.cache import DEFAULT_START_SIZE
 from streaming_engine.checks import check_int
 from streaming_engine.engine import MAX_ACTIVE_TURNS
@@ -46,8 +47,11 @@ class AppSettings:
     share: bool = False
     auth: tuple[str, str] | None = None
     trust_remote_code: bool = False
+    backend: str = "auto"  # see streaming_engine/backends.py: llama.cpp for a GGUF on the CPU when installed
 
     def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
         check_int("--start-size", self.start_size, 0)
         check_int("--recent-size", self.recent_size, 1)
         check_int("--port", self.port, 1, 65535)
@@ -81,12 +85,15 @@ def parse_settings(argv: list[str] | None = None, env: dict | None = None) -> Ap
                    help="create a public gradio.live link (env SHARE)")
     p.add_argument("--auth", default=env.get("APP_AUTH"), help="require a login, user:password (env APP_AUTH)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model's own Python code (off by default)")
+    p.add_argument("--backend", default=env.get("BACKEND", "auto"),
+                   help=f"{' | '.join(BACKENDS)} (env BACKEND; default auto: llama.cpp for a GGUF model on a CPU "
+                        "when llama-cpp-python is installed, else transformers)")
     args = p.parse_args(argv)
     model = args.model
     if model is None and not default_model_available():
         model = HUB_DEFAULT_MODEL
     try:
         return AppSettings(model, args.start_size, args.recent_size, args.host, args.port, args.share,
-                           parse_auth(args.auth), args.trust_remote_code)
+                           parse_auth(args.auth), args.trust_remote_code, args.backend)
     except ValueError as exc:
         p.error(str(exc))

@@ -34,6 +34,10 @@ import torch
 
 #: llama.cpp allocates KV cells per sequence in multiples of this (its context-size padding).
 CELL_PADDING = 256
+#: Fewest tokens a sequence holds, whatever the engine's window: a session may ask for a larger cache than the
+#: engine's (the app's comparison tab opens a 512-token dense side); for the default model that is 11 MiB per
+#: sequence.
+MIN_SEQ_TOKENS = 512
 
 
 def _padded(count: int) -> int:
@@ -204,8 +208,8 @@ class LlamaCppContext:
 def engine_context(model, config) -> LlamaCppContext:
     """The context an engine with `config` (an `EngineConfig`) needs: a sequence for every turn that may run at
     once (and every batch row), each as long as the largest cache a session gets by default (the dense limit
-    included), at most the model's trained context; passes as long as a prompt chunk."""
-    capacity = min(model.n_ctx_train, max(config.cache_size, config.dense_max_tokens or 0))
+    included, and at least `MIN_SEQ_TOKENS`), at most the model's trained context; passes as long as a prompt chunk."""
+    capacity = min(model.n_ctx_train, max(config.cache_size, config.dense_max_tokens or 0, MIN_SEQ_TOKENS))
     sequences = max(config.max_active_turns, config.max_batch)
     return model.new_context(sequences=min(sequences, int(model.lc.llama_max_parallel_sequences())),
                              seq_capacity=capacity, batch_tokens=max(config.prefill_chunk_size, config.max_batch))
