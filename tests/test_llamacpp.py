@@ -31,9 +31,28 @@ def llama():
     return load(backend="llama.cpp", n_threads=1)
 
 
+_ENGINES: list[StreamingEngine] = []
+
+
+@pytest.fixture(autouse=True)
+def free_contexts():
+    """Each test's llama.cpp contexts are freed when it ends: an engine's worker thread would keep them (and their
+    KV memory) for the rest of the test session."""
+    yield
+    while _ENGINES:
+        engine = _ENGINES.pop()
+        for sid in engine.session_ids():
+            engine.close(sid)
+        engine.llamacpp.close()
+
+
 def llama_engine(llama, **config) -> StreamingEngine:
+    """An engine on the llama.cpp model; two sequences unless a test asks for more (each holds KV memory)."""
     model, tokenizer = llama
-    return StreamingEngine(model, tokenizer, EngineConfig(**{"start_size": 4, "recent_size": 124, **config}))
+    config = {"start_size": 4, "recent_size": 124, "max_active_turns": 2, "max_batch": 2, **config}
+    engine = StreamingEngine(model, tokenizer, EngineConfig(**config))
+    _ENGINES.append(engine)
+    return engine
 
 
 def reply(engine, sid, message, **sampling) -> tuple[str, object]:
@@ -110,6 +129,7 @@ def test_without_eviction_a_greedy_reply_equals_llamacpps_own_generation(llama):
         if token in engine.runtime.eos_ids or len(ids) == 48:
             break
         ids.append(token)
+    reference.close()
     assert text == tokenizer.decode(ids, skip_special_tokens=True)
     assert len(ids) >= 16  # a real reply, not an immediate end of turn
 
@@ -130,7 +150,10 @@ def test_after_evictions_both_backends_keep_the_same_tokens_and_predict_alike(ll
     text = "\n\n".join(importlib.import_module(name).__doc__ for name in EVAL_MODULES)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:400]
     context = llama[0].new_context(sequences=1, seq_capacity=start_size + recent_size, batch_tokens=chunk)
-    result = compare(hf_model, context, ids, start_size=start_size, recent_size=recent_size, chunk=chunk)
+    try:
+        result = compare(hf_model, context, ids, start_size=start_size, recent_size=recent_size, chunk=chunk)
+    finally:
+        context.close()
     assert result["bookkeeping_mismatches"] == 0  # same held / evicted / seen and the same kept tokens
     final = result["final"]
     assert final["seen"] == 400 and final["held"] + final["evicted"] == 400
@@ -183,7 +206,7 @@ def test_conversations_are_isolated_even_when_they_outnumber_the_sequences(llama
 @pytest.mark.model
 def test_batched_replies_equal_replies_run_one_by_one(llama):
     question = "Describe your ideal weekend."
-    engine = llama_engine(llama, max_new_tokens=24)
+    engine = llama_engine(llama, max_new_tokens=24, max_active_turns=3, max_batch=3)
     sids = [engine.new_session() for _ in range(3)]
     texts = {}
     for sid, event in engine.chat_many(sids, question, **GREEDY, seed=3):
@@ -264,6 +287,8 @@ def app_engine(request, default_model):
     yield engine
     for sid in engine.session_ids():
         engine.close(sid)
+    if engine.llamacpp is not None:
+        engine.llamacpp.close()
 
 
 @pytest.mark.model

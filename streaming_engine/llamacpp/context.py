@@ -72,7 +72,7 @@ class LlamaCppContext:
         self.ptr = lc.llama_init_from_model(model.ptr, params)
         if not self.ptr:
             raise RuntimeError(f"llama.cpp could not create a context of {sequences} x {seq_capacity} tokens")
-        weakref.finalize(self, lc.llama_free, self.ptr)
+        self._finalizers = [weakref.finalize(self, lc.llama_free, self.ptr)]
         self.memory = lc.llama_get_memory(self.ptr)
         if not lc.llama_memory_can_shift(self.memory):
             raise ValueError(
@@ -82,12 +82,23 @@ class LlamaCppContext:
         self.seq_capacity = int(lc.llama_n_ctx_seq(self.ptr))
         self.bytes_per_token = model.kv_bytes_per_token
         batch = lc.llama_batch_init(batch_tokens, 0, 1)
-        weakref.finalize(self, lc.llama_batch_free, batch)
+        self._finalizers.append(weakref.finalize(self, lc.llama_batch_free, batch))
         self._batch = batch
         self.lock = threading.RLock()
         self._free = list(range(sequences - 1, -1, -1))  # pop() hands out 0, 1, 2, ...
         self._resident: OrderedDict[int, object] = OrderedDict()  # sequence -> its cache, least recently used first
         self.swaps = {"out": 0, "in": 0}  # copies to and from host memory, for tests and benchmarks
+
+    def close(self) -> None:
+        """Free llama.cpp's memory for this context now (an engine's worker keeps the context referenced for the
+        process's lifetime); every conversation on it is forgotten and a later forward pass raises."""
+        with self.lock:
+            for finalizer in reversed(self._finalizers):
+                finalizer()
+            self.ptr = None
+            for cache in list(self._resident.values()):
+                cache.seq = None
+            self._resident.clear()
 
     def allocated_bytes(self) -> int:
         """Bytes of the KV cells llama.cpp allocated for all sequences (F16 keys and values)."""
@@ -143,7 +154,7 @@ class LlamaCppContext:
         """Forget `cache`'s tokens (in a sequence or in host memory); its sequence becomes free."""
         with self.lock:
             cache.saved = None
-            if cache.seq is not None:
+            if cache.seq is not None and self.ptr is not None:
                 self.lc.llama_memory_seq_rm(self.memory, cache.seq, -1, -1)
                 self._resident.pop(cache.seq, None)
                 self._free.append(cache.seq)
@@ -164,6 +175,8 @@ class LlamaCppContext:
             raise ValueError("a conversation appears twice in one forward pass")
         lc, batch = self.lc, self._batch
         with self.lock:
+            if self.ptr is None:
+                raise RuntimeError("this llama.cpp context is closed")
             keep = {id(cache) for cache, _ in rows}
             for cache, ids in rows:
                 if cache.context is not self:
