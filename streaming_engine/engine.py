@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from .apivalidate import SESSION_ID_MAX_CHARS, preview
+from .backends import is_llamacpp_model
 from .cache import DEFAULT_RECENT_SIZE, DEFAULT_START_SIZE, StartRecentKVCache
 from .checks import check_int, check_number
 from .counters import EngineCounters
@@ -166,24 +167,40 @@ class StreamingEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
-        self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+        # A llama.cpp model (`load(..., backend="llama.cpp")`) runs on one llama.cpp context sized for this config:
+        # its caches, forward passes and worker come from `streaming_engine/llamacpp`, everything else is shared.
+        native = is_llamacpp_model(model)
+        self.llamacpp = None
+        if native:
+            from .llamacpp.context import engine_context
+
+            self.llamacpp = engine_context(model, self.config)
+        self.max_positions = (self.llamacpp.seq_capacity if native
+                              else int(getattr(model.config, "max_position_embeddings", 0) or 0) or None)
         if self.max_positions is not None and self.config.cache_size > self.max_positions:
             raise ValueError(
                 f"start_size + recent_size = {self.config.cache_size} exceeds the model's "
                 f"{self.max_positions} positions"
             )
         check_supported(model.config)
-        self._rotary_emb = find_rotary_embedding(model)
-        self._layer_rope = layer_rope_kinds(model, self._rotary_emb)
+        self._rotary_emb = None if native else find_rotary_embedding(model)
+        self._layer_rope = None if native else layer_rope_kinds(model, self._rotary_emb)
         eos = getattr(model.generation_config, "eos_token_id", None)
         eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
-        self.runtime = Runtime(model, tokenizer, ChatTemplater(tokenizer), eos_ids, input_device(model))
+        self.runtime = Runtime(model, tokenizer, ChatTemplater(tokenizer), eos_ids,
+                               model.device if native else input_device(model))
         # Prompt chunks per worker iteration are bounded by one chunk's worth of tokens, so a long paste in one
         # chat delays the others' next token by at most one chunk's forward pass.
-        self.scheduler = make_scheduler(self.config.scheduler, model, max_batch=self.config.max_batch,
-                                        prefill_budget=self.config.prefill_chunk_size)
+        if native:
+            from .llamacpp.scheduler import make_llamacpp_scheduler
+
+            self.scheduler = make_llamacpp_scheduler(self.llamacpp, self.config.scheduler, max_batch=self.config.max_batch,
+                                                     prefill_budget=self.config.prefill_chunk_size)
+        else:
+            self.scheduler = make_scheduler(self.config.scheduler, model, max_batch=self.config.max_batch,
+                                            prefill_budget=self.config.prefill_chunk_size)
         self.counters = EngineCounters()  # process-wide totals for monitoring
         self._sessions: dict[str, Session] = {}
         self._tags: dict[str, SessionTag] = {}  # session id -> who holds it (same keys as `_sessions`)
@@ -253,7 +270,7 @@ class StreamingEngine:
             if self.max_positions is not None and limit > self.max_positions:
                 raise ValueError(f"max_context ({limit}) exceeds the model's {self.max_positions} positions")
             # Dense never evicts; a plain growing cache with counters, positions = stream positions.
-            cache = StartRecentKVCache(0, limit, pos_shift=False)
+            cache = self._new_cache(0, limit, pos_shift=False)
             start, recent = 0, limit
         else:
             if self.max_positions is not None and start + recent > self.max_positions:
@@ -261,7 +278,7 @@ class StreamingEngine:
                     f"start_size + recent_size = {start + recent} exceeds the model's {self.max_positions} positions"
                 )
             check_cache_size(self.model.config, start + recent)
-            cache = StartRecentKVCache(start, recent, rotary_emb=self._rotary_emb, layer_rope=self._layer_rope)
+            cache = self._new_cache(start, recent)
         # A session's window may be smaller than the engine's: its chunk follows the same rule, capped by the config.
         chunk = prefill_chunk_for(recent, cfg.prefill_chunk_size)
         return Session(
@@ -274,6 +291,14 @@ class StreamingEngine:
             context_limit=limit,
             chunk_size=chunk,
         )
+
+    def _new_cache(self, start: int, recent: int, pos_shift: bool = True):
+        """An empty cache for one conversation on this engine's backend."""
+        if self.llamacpp is not None:
+            return self.llamacpp.new_cache(start, recent, pos_shift=pos_shift)
+        if not pos_shift:  # dense: a plain growing cache with counters, positions = stream positions
+            return StartRecentKVCache(start, recent, pos_shift=False)
+        return StartRecentKVCache(start, recent, rotary_emb=self._rotary_emb, layer_rope=self._layer_rope)
 
     def _get(self, session_id: str) -> Session:
         # A malformed id is refused before any lookup, and never echoed whole (it may be megabytes long).

@@ -198,8 +198,14 @@ def load(
     offload_folder: str | None = None,
     trust_remote_code: bool = False,
     require_streaming_support: bool = True,
+    backend: str = "transformers",
+    n_threads: int | None = None,
 ):
     """Load `(model, tokenizer)`, in eval mode on the chosen device, or spread by a device map.
+
+    `backend`: "transformers" (the default), "llama.cpp" (a GGUF file, or the offline default's, on the CPU with
+    `llama-cpp-python`: returns a `LlamaCppModel` that `StreamingEngine` runs the same way; `n_threads` sets its
+    threads) or "auto" (llama.cpp when it applies, see `backends.py`).
 
     `None` loads the offline default SmolLM2-135M-Instruct; a path to a `.gguf` file is converted once (see
     `convert_gguf`). Any other value goes to `AutoModelForCausalLM` (a hub id needs the hub; a local folder does
@@ -208,6 +214,17 @@ def load(
     or a dict) and `offload_folder` are passed to accelerate (see `placement.py`); `device` and `device_map`
     exclude each other.
     """
+    from .backends import resolve_backend
+
+    if resolve_backend(backend, model_name_or_path, device, device_map, dtype) == "llama.cpp":
+        if device_map is not None or max_memory is not None or (device is not None and torch.device(device).type != "cpu"):
+            raise ValueError("the llama.cpp backend runs on the CPU: drop --device / --device-map")
+        if dtype is not None:
+            raise ValueError("the llama.cpp backend runs the GGUF's own weight types: drop --dtype")
+        from .llamacpp.model import load_llamacpp
+
+        return load_llamacpp(model_name_or_path, n_threads=n_threads, trust_remote_code=trust_remote_code,
+                             require_streaming_support=require_streaming_support)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     placement = Placement(device_map, max_memory, offload_folder)

@@ -29,6 +29,7 @@ from typing import Generator, Iterator, Literal
 import torch
 
 from .batch_cache import ConversationCache
+from .cache import StartRecentKVCache
 from .generation import Decode, Prefill, TurnStopped, generate_reply, prefill_requests
 from .sampling import PENALTY_WINDOW, Sampler, SamplingParams
 from .textstream import TextStream
@@ -86,7 +87,8 @@ class Session:
         self.id = session_id
         self.mode = mode
         # Where this conversation's tokens are: its own cache, or a batch row while it decodes (see batch_cache.py).
-        self.cache = cache if isinstance(cache, ConversationCache) else ConversationCache(cache)
+        # (A llama.cpp cache, `llamacpp/cache.py`, is its own wrapper: it lives in a sequence of a shared context.)
+        self.cache = ConversationCache(cache) if isinstance(cache, StartRecentKVCache) else cache
         self.system_prompt = system_prompt or None
         self.start_size = start_size
         self.recent_size = recent_size

@@ -28,6 +28,7 @@ def test_requirement_files_say_what_pyproject_says():
     runtime = set(project["dependencies"]) | set(extras["app"]) | set(extras["eval"])
     assert requirement_lines(ROOT / "requirements.txt") == runtime
     assert requirement_lines(ROOT / "requirements-dev.txt") == set(extras["test"])
+    assert requirement_lines(ROOT / "requirements-cpu.txt") == set(extras["cpu"])
     assert not any(re.fullmatch(r"torch", r) for r in runtime)  # never an unbounded torch
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from streaming_engine.backends import BACKENDS
 from streaming_engine.cache import DEFAULT_START_SIZE
 from streaming_engine.checks import check_int
 from streaming_engine.engine import MAX_ACTIVE_TURNS, MAX_SESSIONS, MAX_SESSIONS_PER_OWNER
@@ -81,8 +82,11 @@ class AppSettings:
     queue_max_size: int = DEFAULT_QUEUE_MAX_SIZE
     #: Visitors may pick the cache sizes of their new chats (at most the owner's `start_size`/`recent_size`).
     visitor_cache_sizes: bool = False
+    backend: str = "auto"  # see streaming_engine/backends.py: llama.cpp for a GGUF on the CPU when installed
 
     def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
         check_int("--start-size", self.start_size, 0)
         check_int("--recent-size", self.recent_size, 1)
         check_int("--port", self.port, 1, 65535)
@@ -110,7 +114,8 @@ class AppSettings:
     def load_kwargs(self) -> dict:
         """The keyword arguments of `streaming_engine.load` these settings ask for."""
         return dict(trust_remote_code=self.trust_remote_code, device=self.device, dtype=self.dtype,
-                    device_map=self.device_map, max_memory=self.max_memory, offload_folder=self.offload_folder)
+                    device_map=self.device_map, max_memory=self.max_memory, offload_folder=self.offload_folder,
+                    backend=self.backend, n_threads=self.threads)
 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:
@@ -185,6 +190,9 @@ def parse_settings(argv: list[str] | None = None, env: dict | None = None) -> Ap
                          default=env.get("VISITOR_CACHE_SIZES", "").lower() in _TRUE,
                          help="let visitors choose the cache sizes of new chats, up to the configured ones "
                               "(env VISITOR_CACHE_SIZES; default: shown read-only)")
+    p.add_argument("--backend", default=env.get("BACKEND", "auto"),
+                   help=f"{' | '.join(BACKENDS)} (env BACKEND; default auto: llama.cpp for a GGUF model on a CPU "
+                        "when llama-cpp-python is installed, else transformers)")
     args = p.parse_args(argv)
     try:
         return AppSettings(args.model, args.start_size, args.recent_size, args.host, args.port, args.share,
@@ -195,7 +203,7 @@ def parse_settings(argv: list[str] | None = None, env: dict | None = None) -> Ap
                            device=args.device, dtype=args.dtype, threads=args.threads, device_map=args.device_map,
                            max_memory=args.max_memory, offload_folder=args.offload_folder,
                            queue_concurrency=args.queue_concurrency, queue_max_size=args.queue_max_size,
-                           visitor_cache_sizes=args.visitor_cache_sizes)
+                           visitor_cache_sizes=args.visitor_cache_sizes, backend=args.backend)
     except ValueError as exc:
         p.error(str(exc))
 

@@ -13,6 +13,10 @@ every variant alike (compare ratios within a run, not across runs):
 * **Single stream.** One conversation through the engine against `model.generate` with its default
   `DynamicCache`, same model, dtype, prompt and greedy decoding, `--single-tokens` tokens each: decode tokens/s
   after the first token, and time to first token.
+* **llama.cpp backend** (`--backend llama.cpp`: the GGUF on llama.cpp, see `streaming_engine/llamacpp/`). The
+  same cells; in the single stream the peer `generate` is llama.cpp's own (`Llama.generate`, greedy, its own KV
+  cache and sampler, same prompt ids), and the transformers engine on the same model runs in the same rounds
+  (`engine_transformers`), so both ratios come from one run.
 * **Detokenization.** The text-delta cost of a whole reply (`--detok-tokens` long): re-decoding the reply on every
   token, as the engine once did, against the incremental `TextStream`.
 
@@ -135,6 +139,20 @@ def single_generate(model, tokenizer, prompt: str, tokens: int) -> dict:
     return {"ttft_s": times[0] - started, "decode_tok_s": (tokens - 1) / (times[-1] - times[0])}
 
 
+def single_llamacpp_generate(llm, tokenizer, prompt: str, tokens: int) -> dict:
+    """llama-cpp-python's own generation (greedy, end-of-turn ignored) timed like `single_generate`."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=True)["input_ids"]
+    llm.reset()  # no prompt prefix reused from the previous round: every round prefills, as the engine does
+    times = []
+    started = time.perf_counter()
+    for _ in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+        times.append(time.perf_counter())
+        if len(times) == tokens:
+            break
+    return {"ttft_s": times[0] - started, "decode_tok_s": (tokens - 1) / (times[-1] - times[0])}
+
+
 def detokenize_costs(tokenizer, lengths: list[int]) -> dict:
     """Seconds spent turning a reply of n tokens into text deltas, per token: re-decoding the whole reply every
     token (the former `TextStream`) against the incremental `TextStream` (`DecodeStream`)."""
@@ -173,7 +191,9 @@ def summarize_cells(cells: list[dict]) -> dict:
 
 def run(model, tokenizer, *, sessions: list[int], schedulers: list[str], new_tokens: int, rounds: int,
         single_tokens: int, single_rounds: int, start_size: int, recent_size: int, max_batch: int,
-        prefill_chunk: int, detok_lengths: list[int] = (), progress: bool = True, config: dict | None = None) -> dict:
+        prefill_chunk: int, detok_lengths: list[int] = (), progress: bool = True, config: dict | None = None,
+        peers: dict | None = None) -> dict:
+    """`peers`: name -> `measure(prompt, tokens)` for the single stream (default: `generate`, transformers')."""
     engines = {}
     for kind in schedulers:
         engines[kind] = StreamingEngine(model, tokenizer, EngineConfig(
@@ -189,6 +209,7 @@ def run(model, tokenizer, *, sessions: list[int], schedulers: list[str], new_tok
             "prefill_chunk_size": prefill_chunk, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else describe_cpu(),
             "dtype": str(model.dtype).replace("torch.", ""), "torch_threads": torch.get_num_threads(),
+            "backend": "llama.cpp" if getattr(model, "is_llamacpp", False) else "transformers",
             "sampling": "engine defaults (temperature 0.7, top-p 0.9, top-k 50, repetition penalty 1.1), "
                         "seeded per session; end-of-turn tokens ignored",
         },
@@ -214,15 +235,17 @@ def run(model, tokenizer, *, sessions: list[int], schedulers: list[str], new_tok
         engine = engines.get("batched") or next(iter(engines.values()))
         saved_eos = model.generation_config.eos_token_id
         model.generation_config.eos_token_id = None  # generate too runs to its token budget
+        peers = peers or {"generate": lambda text, n: single_generate(model, tokenizer, text, n)}
+        measures = {"engine": lambda text, n: single_engine(engine, text, n), **peers}
         try:
-            runs = {"engine": [], "generate": []}
-            single_generate(model, tokenizer, prompt, 4)  # warm-up
+            runs = {name: [] for name in measures}
+            for measure in measures.values():  # warm-up
+                measure(prompt, 4)
             for r in tqdm(range(single_rounds), desc="single stream", disable=not progress, dynamic_ncols=True):
-                order = ("engine", "generate") if r % 2 == 0 else ("generate", "engine")
-                for name in order:
-                    measure = (single_engine(engine, prompt, single_tokens) if name == "engine"
-                               else single_generate(model, tokenizer, prompt, single_tokens))
-                    runs[name].append(measure)
+                names = list(measures)
+                shift = r % len(names)  # each variant goes first in turn
+                for name in names[shift:] + names[:shift]:
+                    runs[name].append(measures[name](prompt, single_tokens))
         finally:
             model.generation_config.eos_token_id = saved_eos
         for name, measures in runs.items():
@@ -231,8 +254,9 @@ def run(model, tokenizer, *, sessions: list[int], schedulers: list[str], new_tok
                 "ttft_s": statistics.median(m["ttft_s"] for m in measures),
                 "rounds": [{k: round(v, 4) for k, v in m.items()} for m in measures],
             }
-        result["single"]["engine_vs_generate"] = (result["single"]["engine"]["decode_tok_s"]
-                                                  / result["single"]["generate"]["decode_tok_s"])
+        for name in peers:
+            result["single"][f"engine_vs_{name}"] = (result["single"]["engine"]["decode_tok_s"]
+                                                    / result["single"][name]["decode_tok_s"])
     if detok_lengths:
         result["detokenize"] = detokenize_costs(tokenizer, list(detok_lengths))
     return result
@@ -254,9 +278,11 @@ def format_table(result: dict) -> str:
     single = result.get("single")
     if single:
         rows += ["", "| single stream | decode tok/s | TTFT s |", "|---|---:|---:|"]
-        for name in ("engine", "generate"):
+        names = [name for name in single if not name.startswith("engine_vs_")]
+        for name in names:
             rows.append(f"| {name} | {single[name]['decode_tok_s']:.1f} | {single[name]['ttft_s']:.3f} |")
-        rows.append(f"| engine ÷ generate | {single['engine_vs_generate']:.3f} | |")
+        for name in names[1:]:
+            rows.append(f"| engine ÷ {name} | {single[f'engine_vs_{name}']:.3f} | |")
     detok = result.get("detokenize")
     if detok:
         rows += ["", "| reply tokens | re-decode the whole reply every token | incremental (`DecodeStream`) |",
@@ -271,9 +297,32 @@ def parse_counts(text: str, option: str = "--sessions") -> list[int]:
     return cli.parse_int_list(text, option, 1)
 
 
+def llamacpp_setup(args):
+    """The llama.cpp model (as many threads as torch gets), and the single-stream peers: llama.cpp's own generate
+    on the same file, and the transformers engine on the same model with the same engine settings."""
+    from ..llamacpp.model import plain_llama
+    from ..loading import load
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load(args.model, backend="llama.cpp", n_threads=torch.get_num_threads())
+    llm = plain_llama(model.path, n_ctx=args.start_size + args.recent_size, n_threads=model.n_threads)
+    hf_model, hf_tokenizer = load(args.model, args.device, args.dtype, backend="transformers")
+    hf_engine = StreamingEngine(hf_model, hf_tokenizer, EngineConfig(
+        start_size=args.start_size, recent_size=args.recent_size,
+        prefill_chunk_size=min(args.prefill_chunk, max(1, args.recent_size // 2))))
+    hf_engine.runtime.eos_ids = set()
+    peers = {"generate": lambda text, n: single_llamacpp_generate(llm, tokenizer, text, n),
+             "engine_transformers": lambda text, n: single_engine(hf_engine, text, n)}
+    return model, tokenizer, peers
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser("streaming_engine.eval.serve", __doc__)
     cli.add_model_args(p)
+    p.add_argument("--backend", choices=("transformers", "llama.cpp"), default="transformers",
+                   help="the engine's backend; llama.cpp also measures llama.cpp's own generate and the transformers "
+                        "engine in the single stream")
     p.add_argument("--sessions", default=DEFAULT_SESSIONS, help="comma list of concurrent session counts")
     p.add_argument("--schedulers", default=",".join(SCHEDULERS), help=f"comma list of {', '.join(SCHEDULERS)}")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens every reply runs to")
@@ -311,13 +360,17 @@ def main(argv: list[str] | None = None) -> int:
                       recent_size=(args.recent_size, 2), max_batch=(args.max_batch, 1), prefill_chunk=(args.prefill_chunk, 1))
         if args.threads is None and (args.device or "cpu").startswith("cpu") and not torch.cuda.is_available():
             args.threads = 1  # one thread per process: machines running this are shared (see the README)
-        model, tokenizer = cli.load_model(args)
+        peers = None
+        if args.backend == "llama.cpp":
+            model, tokenizer, peers = llamacpp_setup(args)
+        else:
+            model, tokenizer = cli.load_model(args)
         config = {"model": args.model or DEFAULT_MODEL_NAME, "quick": args.quick}
         result = run(model, tokenizer, sessions=sessions, schedulers=schedulers, new_tokens=args.new_tokens,
                      rounds=args.rounds, single_tokens=args.single_tokens, single_rounds=args.single_rounds,
                      start_size=args.start_size, recent_size=args.recent_size, max_batch=args.max_batch,
                      prefill_chunk=min(args.prefill_chunk, max(1, args.recent_size // 2)), detok_lengths=detok,
-                     config=config)
+                     config=config, peers=peers)
     except (ValueError, RuntimeError) as exc:
         parser.exit(2, f"error: {exc}\n")
     from .plots import plot_serve

@@ -1,0 +1,120 @@
+"""One conversation's KV cache on llama.cpp: `StartRecentKVCache`'s contract over a llama.cpp sequence.
+
+Same sizes (`start_size` sinks + `recent_size` recent tokens), same eviction rule (`evict_for_space` drops the
+oldest non-sink tokens, `evict_range` any range), same counters (`seen_tokens == held + evicted_tokens`), same
+`stream_positions` and `kv_bytes`, so the turn logic in `generation.py`, the session statistics and the engine's
+counters read it exactly like the transformers cache. What differs is where the keys live: in a sequence of a
+`LlamaCppContext` (or, while the conversation is swapped out, in host memory).
+
+Positions follow `positions.py`'s rule: with position shift the tokens held sit at in-cache positions `0..held-1`
+and the next token gets `held` (`positions.first_position`); without it they keep their stream positions. An
+eviction only records itself here; the context applies it to llama.cpp right before the next forward pass (see
+`context.py`): remove the range, then move the tokens behind it left by its length, which llama.cpp does by
+re-rotating their keys, the same `R(-shift)` that `positions.shift_keys` applies on the transformers side.
+"""
+
+from __future__ import annotations
+
+from ..checks import check_int
+from ..positions import first_position
+
+
+class LlamaCppCache:
+    """Sinks + recent window on a llama.cpp sequence. Touched by the engine's worker thread; the counters may be
+    read from any thread, and `reset` may come from any thread once the conversation's turn has ended."""
+
+    #: Never a row of a transformers `BatchedSinkCache` (the shared scheduler code asks).
+    attached = False
+
+    def __init__(self, context, start_size: int, recent_size: int, *, pos_shift: bool = True):
+        check_int("start_size", start_size, 0)
+        check_int("recent_size", recent_size, 1)
+        if start_size + recent_size > context.seq_capacity:
+            raise ValueError(
+                f"start_size + recent_size = {start_size + recent_size} exceeds the {context.seq_capacity} tokens "
+                "a llama.cpp sequence of this engine holds"
+            )
+        self.context = context
+        self.start_size = start_size
+        self.recent_size = recent_size
+        self.cache_size = start_size + recent_size
+        self.pos_shift = pos_shift
+        self.seq: int | None = None  # the llama.cpp sequence holding the tokens (None: none yet, or swapped out)
+        self.saved: bytes | None = None  # the tokens while swapped out to host memory
+        self.seen_tokens = 0
+        self.evicted_tokens = 0
+        self._stream_index: list[int] = []  # index in the whole stream of every token held, in cache order
+        self._pending: list[tuple[int, int, int]] = []  # evictions not yet applied: (p0, p1, shift) in llama.cpp
+
+    # --- the cache contract ---------------------------------------------------------------------------------
+
+    def get_seq_length(self) -> int:
+        return len(self._stream_index)
+
+    def evict_range(self, start: int, end: int) -> int:
+        """Evict tokens `[start, end)` of the current cache (sinks included if named); returns how many."""
+        held = self.get_seq_length()
+        if not (0 <= start <= end <= held):
+            raise ValueError(f"evict_range({start}, {end}) is outside the {held} tokens held")
+        count = end - start
+        if count == 0:
+            return 0
+        if self.pos_shift:  # llama.cpp positions are cache indexes: drop [start, end), pull the rest left
+            self._pending.append((start, end, count))
+        else:  # positions are stream indexes (gaps from earlier evictions hold no cells): drop, keep the rest
+            self._pending.append((self._stream_index[start], self._stream_index[end - 1] + 1, 0))
+        del self._stream_index[start:end]
+        self.evicted_tokens += count
+        return count
+
+    def evict_for_space(self, num_coming: int) -> int:
+        """Evict the oldest non-sink tokens so `num_coming` more fit in `cache_size`; returns how many (the rule
+        of `StartRecentKVCache.evict_for_space`)."""
+        if num_coming < 0:
+            raise ValueError(f"num_coming must be >= 0, got {num_coming}")
+        held = self.get_seq_length()
+        count = min(held + num_coming - self.cache_size, held - self.start_size)
+        if count <= 0:
+            return 0
+        return self.evict_range(self.start_size, self.start_size + count)
+
+    def trim(self) -> int:
+        return self.evict_for_space(0)
+
+    def reset(self) -> None:
+        """Drop every token and zero the counters (the cache stays usable)."""
+        self.context.release(self)
+        self._pending = []
+        self._stream_index = []
+        self.seen_tokens = self.evicted_tokens = 0
+
+    @property
+    def stream_positions(self) -> list[int]:
+        return list(self._stream_index)
+
+    def kv_bytes(self) -> int:
+        """Bytes of keys and values held for this conversation (llama.cpp's F16 cells)."""
+        return self.get_seq_length() * self.context.bytes_per_token
+
+    # --- used by the context, under its lock ------------------------------------------------------------------
+
+    def next_position(self) -> int:
+        """llama.cpp position of the next token fed (in-cache with position shift, stream without)."""
+        return first_position(self)
+
+    def _apply_evictions(self) -> None:
+        lc, memory = self.context.lc, self.context.memory
+        for p0, p1, shift in self._pending:
+            lc.llama_memory_seq_rm(memory, self.seq, p0, p1)
+            if shift:
+                lc.llama_memory_seq_add(memory, self.seq, p1, -1, -shift)
+        self._pending = []
+
+    def _appended(self, count: int) -> None:
+        self._stream_index.extend(range(self.seen_tokens, self.seen_tokens + count))
+        self.seen_tokens += count
+
+    def __repr__(self) -> str:
+        where = f"sequence {self.seq}" if self.seq is not None else ("host memory" if self.saved else "empty")
+        return (f"LlamaCppCache(start_size={self.start_size}, recent_size={self.recent_size}, "
+                f"held={self.get_seq_length()}, seen={self.seen_tokens}, evicted={self.evicted_tokens}, in {where})")
