@@ -334,6 +334,7 @@ def test_recall_benchmark_runs_on_a_tiny_model_with_limit(tmp_path, tiny_chat_mo
     assert recall.main(["--model", str(folder), "--device", "cpu", "--dtype", "float32", "--start-size", "4",
                         "--recent-size", "100", "--dense-max-context", "600", "--distances", "0,40,240",
                         "--turns", "9", "--probe-every", "4", "--personas", "2", "--limit", "4", "--no-progress",
+                        "--recall-methods", ",".join(recall.METHODS), "--adherence-methods", ",".join(recall.METHODS),
                         "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert set(result["recall"]) == set(recall.METHODS)
@@ -351,4 +352,4 @@ def test_recall_benchmark_runs_on_a_tiny_model_with_limit(tmp_path, tiny_chat_mo
         assert far and far[0]["fact_state"] == "gone"
     assert (tmp_path / "recall.png").stat().st_size > 0
     with pytest.raises(SystemExit):
-        recall.main(["--methods", "streaming,bogus"])
+        recall.main(["--recall-methods", "streaming,bogus"])

@@ -13,7 +13,7 @@
   when it gives that name. Probes are further apart than the cache, so an earlier answer cannot keep the name
   alive by itself. Several names (`--personas`) give several runs per method.
 
-Methods: `streaming-tokens` / `streaming-turns` (sinks + recent window, pinned system prompt, evicting the oldest
+Methods (`--recall-methods`, `--adherence-methods`): `streaming-tokens` / `streaming-turns` (sinks + recent window, pinned system prompt, evicting the oldest
 tokens or whole oldest messages), the same `-unpinned`, `window` (the same number of recent tokens, no sinks) and
 `dense` (everything, until `--dense-max-context`; later probes are not run). Greedy decoding. Writes `--output`
 (JSON, every trial with its reply) and a PNG beside it (recall against distance, adherence against turn), and
@@ -45,10 +45,13 @@ METHODS = {
     "window": ("window", False, "tokens"),
     "dense": ("dense", False, "tokens"),
 }
-DEFAULT_METHODS = tuple(METHODS)
-#: Distances (stream tokens between a fact and its question) for the default 4 + 252 token cache: four inside the
-#: cache, the cache size itself, three beyond it.
-DEFAULT_DISTANCES = (0, 64, 128, 192, 256, 384, 512, 768)
+#: What each probe runs by default (about 25 minutes on one busy CPU core): recall compares the eviction policies
+#: and the baselines (pinning does not touch a fact in a user message); adherence compares pinned and unpinned.
+DEFAULT_RECALL_METHODS = ("streaming-tokens", "streaming-turns", "window", "dense")
+DEFAULT_ADHERENCE_METHODS = ("streaming-tokens", "streaming-tokens-unpinned", "streaming-turns", "window")
+#: Distances (stream tokens between a fact and its question) for the default 4 + 252 token cache: three inside the
+#: cache, the cache size itself, two beyond it.
+DEFAULT_DISTANCES = (0, 64, 128, 256, 384, 640)
 #: Longest reply to a filler message or a planted fact (they only have to go by), to a question, to a probe.
 FILLER_REPLY_TOKENS = 8
 ANSWER_TOKENS = 16
@@ -189,7 +192,7 @@ def share(rows: list[dict], flag: str, keep=lambda row: True) -> float | None:
     return round(statistics.fmean(picked), 4) if picked else None
 
 
-def run(model, tokenizer, *, methods: list[str], start_size: int, recent_size: int, dense_max_context: int,
+def run(model, tokenizer, *, recall_methods: list[str], adherence_methods: list[str], start_size: int, recent_size: int, dense_max_context: int,
         distances: list[int], repeats: int, turns: int, probe_every: int, personas: int, limit: int | None,
         seed: int = 0, progress: bool = True, config: dict | None = None) -> dict:
     cache_size = start_size + recent_size
@@ -199,7 +202,8 @@ def run(model, tokenizer, *, methods: list[str], start_size: int, recent_size: i
              "window": dict(start_size=0, recent_size=cache_size),
              "dense": dict(max_context=dense_max_context)}
     result = {
-        "config": {**(config or {}), "methods": methods, "start_size": start_size, "recent_size": recent_size,
+        "config": {**(config or {}), "recall_methods": recall_methods, "adherence_methods": adherence_methods,
+                   "start_size": start_size, "recent_size": recent_size,
                    "cache_size": cache_size, "dense_max_context": dense_max_context, "distances": distances,
                    "repeats": repeats, "turns": turns, "probe_every": probe_every, "personas": personas,
                    "limit": limit, "seed": seed, "decoding": "greedy", "device": str(model.device),
@@ -207,14 +211,14 @@ def run(model, tokenizer, *, methods: list[str], start_size: int, recent_size: i
                    "pinned_tokens": {"recall": engine.system_tokens(RECALL_SYSTEM)}},
         "recall": {}, "adherence": {},
     }
-    for method in methods:
+    for method in recall_methods:
         result["recall"][method] = run_recall(engine, method, sizes, distances, repeats, limit, seed, progress)
-    for method in methods:
+    for method in adherence_methods:
         result["adherence"][method] = run_adherence(engine, method, sizes, turns, probe_every,
                                                     list(PERSONAS[:personas]), limit, seed, progress)
-    for method in methods:
-        trials = result["recall"][method]["trials"]
-        probes = result["adherence"][method]["probes"]
+    for method in dict.fromkeys(recall_methods + adherence_methods):
+        trials = result["recall"].get(method, {}).get("trials", [])
+        probes = result["adherence"].get(method, {}).get("probes", [])
         result.setdefault("summary", {})[method] = {
             "facts": len(trials),
             "recall_inside_cache": share(trials, "recalled", lambda r: r["distance_target"] < cache_size),
@@ -253,16 +257,16 @@ def plot_recall(result: dict, output) -> list[str]:
     path = str(Path(output).with_suffix(".png"))
     cfg = result["config"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for i, method in enumerate(result["recall"]):
+    streaming_colors = {"tokens": "#1f77b4", "turns": "#2ca02c"}
+    for method in METHODS:
         mode, pinned, eviction = METHODS[method]
-        style = dict(color=MODE_COLORS.get(mode) if mode != "streaming" else None, marker="o", markersize=3,
-                     linestyle="-" if pinned or mode != "streaming" else "--", linewidth=1.3, label=method)
-        points = [(int(d), v) for d, v in result["recall"][method]["by_distance"].items()]
-        if points:
-            left.plot(*zip(*points), **style)
-        points = [(int(t), v) for t, v in result["adherence"][method]["by_turn"].items()]
-        if points:
-            right.plot(*zip(*points), **style)
+        color = streaming_colors[eviction] if mode == "streaming" else MODE_COLORS.get(mode)
+        style = dict(color=color, marker="o", markersize=3, linewidth=1.3, label=method,
+                     linestyle="-" if pinned or mode != "streaming" else "--")
+        for ax, probe, key in ((left, "recall", "by_distance"), (right, "adherence", "by_turn")):
+            points = [(int(x), v) for x, v in result[probe].get(method, {}).get(key, {}).items()]
+            if points:
+                ax.plot(*zip(*points), **style)
     left.axvline(cfg["cache_size"], color="#888", linestyle=":", linewidth=1)
     left.annotate("cache size", (cfg["cache_size"], 1.02), fontsize=8, color="#666")
     left.set_xlabel("distance from the fact to its question (tokens)")
@@ -284,7 +288,10 @@ def plot_recall(result: dict, output) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser("streaming_engine.eval.recall", __doc__)
     cli.add_model_args(p)
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--recall-methods", default=",".join(DEFAULT_RECALL_METHODS),
+                   help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--adherence-methods", default=",".join(DEFAULT_ADHERENCE_METHODS),
+                   help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--start-size", type=int, default=4, help="attention sinks (streaming)")
     p.add_argument("--recent-size", type=int, default=252, help="recent window (streaming); window mode keeps "
                    "start + recent recent tokens")
@@ -292,10 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "are not run")
     p.add_argument("--distances", default=",".join(map(str, DEFAULT_DISTANCES)),
                    help="comma list of fact-to-question distances in tokens")
-    p.add_argument("--repeats", type=int, default=4, help="rounds over the distances (a new fact each time)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds over the distances (a new fact each time)")
     p.add_argument("--turns", type=int, default=56, help="turns of the adherence chat")
     p.add_argument("--probe-every", type=int, default=8, help="ask the name every N turns (and at turn 1)")
-    p.add_argument("--personas", type=int, default=len(PERSONAS), help=f"adherence runs per method "
+    p.add_argument("--personas", type=int, default=2, help=f"adherence runs per method "
                    f"(1-{len(PERSONAS)}, each its own name)")
     p.add_argument("--limit", type=int, default=None, help="a short run: at most N facts and N adherence turns "
                    "per method")
@@ -306,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    methods = parse_methods(args.methods, tuple(METHODS), option="--methods")
+    recall_methods = parse_methods(args.recall_methods, tuple(METHODS), option="--recall-methods")
+    adherence_methods = parse_methods(args.adherence_methods, tuple(METHODS), option="--adherence-methods")
     distances = cli.parse_int_list(args.distances, "--distances", minimum=0)
     cli.check_min(start_size=(args.start_size, 0), recent_size=(args.recent_size, 2),
                   dense_max_context=(args.dense_max_context, 2), repeats=(args.repeats, 1), turns=(args.turns, 1),
@@ -316,7 +324,8 @@ def measure(args: argparse.Namespace) -> dict:
     if args.limit is not None:
         cli.check_min(limit=(args.limit, 1))
     model, tokenizer = cli.load_model(args)
-    return run(model, tokenizer, methods=methods, start_size=args.start_size, recent_size=args.recent_size,
+    return run(model, tokenizer, recall_methods=recall_methods, adherence_methods=adherence_methods,
+               start_size=args.start_size, recent_size=args.recent_size,
                dense_max_context=args.dense_max_context, distances=distances, repeats=args.repeats,
                turns=args.turns, probe_every=args.probe_every, personas=args.personas, limit=args.limit,
                seed=args.seed, progress=not args.no_progress, config={"model": args.model or DEFAULT_MODEL_NAME})
