@@ -27,6 +27,7 @@ from .render import (
     final_reply,
     gauges_html,
     inert,
+    mark_memory,
     user_and_pending_reply,
 )
 from .sessions import close_sessions, session_ids, stop_replies, tab_state
@@ -67,7 +68,7 @@ def stream_turn(engine, message, messages, state, system_prompt, temp, p, k, new
     state = dict(state or {})
     try:
         sid = session_for(engine, state, system_prompt)
-    except EngineBusy as exc:
+    except (EngineBusy, ValueError) as exc:  # busy, or a system prompt too long to pin (the message names the limit)
         gr.Warning(str(exc))
         yield messages, message, gr.skip(), state, gr.skip()
         return
@@ -81,9 +82,11 @@ def stream_turn(engine, message, messages, state, system_prompt, temp, p, k, new
             reply += event.text
             if throttle.due():
                 messages[-1] = {"role": "assistant", "content": inert(reply)}
+                messages = mark_memory(messages, engine.memory_map(sid))  # live: evictions fade older messages
                 yield messages, "", gauges_html(event.stats, phase="generating"), state, gr.skip()
         elif event.kind == "done":
             messages[-1] = {"role": "assistant", "content": final_reply(event, CONTEXT_FULL_NOTE)}
+            messages = mark_memory(messages, engine.memory_map(sid))
             yield messages, "", gauges_html(event.stats), state, engine.export(sid)
         else:
             gr.Warning(event.text)
@@ -115,7 +118,8 @@ def retry_last(engine, messages, state, *sampling):
         gr.Warning(str(exc))
         yield messages, gr.skip(), gr.skip(), state, gr.skip()
         return
-    yield from stream_turn(engine, message, display_messages(engine.history(sid)), state, *sampling)
+    messages = mark_memory(display_messages(engine.history(sid)), engine.memory_map(sid))
+    yield from stream_turn(engine, message, messages, state, *sampling)
 
 
 def stop_reply(engine, state) -> None:
@@ -153,7 +157,8 @@ def upload_history(engine, data, messages, state):
     close_sessions(engine, state)
     state = {"sid": sid}
     gr.Info("History loaded: the conversation continues from here.")
-    return display_messages(engine.history(sid)), state, gauges_html(engine.stats(sid)), engine.export(sid)
+    messages = mark_memory(display_messages(engine.history(sid)), engine.memory_map(sid))
+    return messages, state, gauges_html(engine.stats(sid)), engine.export(sid)
 
 
 def restore_saved(engine, saved_json, state):
@@ -166,7 +171,8 @@ def restore_saved(engine, saved_json, state):
     except (ValueError, EngineBusy):
         return gr.skip(), state, gr.skip()
     state["sid"] = sid
-    return display_messages(engine.history(sid)), state, gauges_html(engine.stats(sid))
+    messages = mark_memory(display_messages(engine.history(sid)), engine.memory_map(sid))
+    return messages, state, gauges_html(engine.stats(sid))
 
 
 # --- layout ---------------------------------------------------------------------------------------------------
@@ -200,7 +206,9 @@ def build_chat_tab(demo: gr.Blocks, engine) -> None:
                 if examples:
                     gr.Examples([[e] for e in examples], inputs=msg, label="Try one")
                 with gr.Accordion("Settings", open=False):
-                    system = gr.Textbox(label="System prompt (applies to new chats)", lines=2,
+                    pinned = (f"pinned in the model's memory, up to {cfg.pin_limit} tokens" if cfg.pin_system
+                              else "not pinned: it leaves the memory like any message")
+                    system = gr.Textbox(label=f"System prompt (applies to new chats; {pinned})", lines=2,
                                         max_length=MAX_SYSTEM_PROMPT_CHARS, elem_id="system")
                     with gr.Row():
                         temperature = gr.Slider(0, 2, value=cfg.temperature, step=0.05,

@@ -89,6 +89,44 @@ def display_messages(history: list[dict]) -> list[dict]:
     ]
 
 
+#: Put before a message the model can no longer see (all of it, or a part), so the page can fade it (style.css).
+FORGOTTEN_MARK = ('<span class="memory-gone" title="This message has left the KV cache: the model no longer sees '
+                  'it.">no longer in the model\'s memory</span>\n\n')
+PARTLY_FORGOTTEN_MARK = ('<span class="memory-partial" title="Part of this message has left the KV cache.">partly '
+                         'out of the model\'s memory ({held} of {tokens} tokens held)</span>\n\n')
+
+
+def mark_memory(messages: list[dict], memory: list[dict]) -> list[dict]:
+    """Chatbot `messages` with a marker before each one the model no longer holds in full, from the engine's
+    memory map (`engine.memory_map`, system prompt first when there is one; the reply being written may not be in
+    it yet). Markers already there are replaced, so this runs on every repaint while tokens are evicted."""
+    entries = [e for e in memory if e["role"] != "system"]
+    out = []
+    for i, message in enumerate(messages):
+        state = entries[i] if i < len(entries) else None
+        mark = ""
+        if state is not None and state["state"] == "gone":
+            mark = FORGOTTEN_MARK
+        elif state is not None and state["state"] == "partial":
+            mark = PARTLY_FORGOTTEN_MARK.format(held=state["held"], tokens=state["tokens"])
+        content = message["content"]
+        if isinstance(content, str):
+            content = mark + _unmarked(content)
+        elif isinstance(content, list) and content and isinstance(content[0], dict) and "text" in content[0]:
+            # The Chatbot hands its messages back as content parts ([{"type": "text", "text": ...}, ...]).
+            content = [{**content[0], "text": mark + _unmarked(content[0]["text"])}, *content[1:]]
+        out.append({**message, "content": content})
+    return out
+
+
+def _unmarked(content: str) -> str:
+    if content.startswith(FORGOTTEN_MARK):
+        return content[len(FORGOTTEN_MARK):]
+    if content.startswith('<span class="memory-partial"'):
+        return content.split("</span>\n\n", 1)[-1]
+    return content
+
+
 class Throttle:
     """`due()` is True at most once per `interval` seconds: how often a streaming handler repaints the page."""
 
@@ -150,6 +188,10 @@ def gauges_html(stats: dict | None, title: str = "Cache", phase: str = "idle") -
         + row("Decode speed", "tokens_per_s", rate or 0, f"{rate:.1f} tok/s" if rate else "–")
         + row("Time to first token", "time_to_first_token_s", ttft or 0, f"{ttft:.2f} s" if ttft else "–")
         + row("Turns", "turns", s.get("turns", 0), f"{s.get('turns', 0)}")
+        + row("Turns fully in memory", "turns_in_memory", s.get("turns_in_memory", 0),
+              f"{s.get('turns_in_memory', 0)} of {s.get('turns', 0)}")
+        + row("Pinned system prompt", "pinned_tokens", s.get("pinned_tokens", 0),
+              f"{s.get('pinned_tokens', 0)} tokens" if s.get("pinned_tokens") else "–")
         + note + "</div>"
     )
 
