@@ -355,8 +355,8 @@ class StreamingEngine:
 
     def memory_map(self, session_id: str) -> list[dict]:
         """What the model still holds of each message, aligned with `history(session_id)` (system prompt first
-        when there is one): dicts `{"role", "tokens", "held", "state"}`, `state` being "full", "partial" or
-        "gone"; `tokens` is None for a message never fed into this cache (skipped when the history was
+        when there is one): dicts `{"role", "tokens", "held", "state"}`, `state` being "full", "partial",
+        "gone", or "pending" until a restored history is re-encoded by its next turn; `tokens` is None for a message never fed into this cache (skipped when the history was
         re-encoded). Computed from the cache's stream positions as of the session's last event."""
         return self._get(session_id).memory_map()
 

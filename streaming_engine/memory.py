@@ -17,8 +17,9 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-#: A message's state in the memory map: every token held, some, or none.
-STATES = ("full", "partial", "gone")
+#: A message's state in the memory map: every token held, some, none; or "pending" (a restored history the next
+#: turn re-encodes, see `Session.memory_map`).
+STATES = ("full", "partial", "gone", "pending")
 
 
 @dataclass

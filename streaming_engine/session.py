@@ -142,7 +142,8 @@ class Session:
 
     def memory_map(self) -> list[dict]:
         """Per message (system prompt first when there is one, then the history): `role`, `tokens`, `held` and
-        `state` ("full", "partial", "gone"), as of the last event. A copy, safe to read from any thread."""
+        `state` ("full", "partial", "gone"; "pending" before a restored history is re-encoded), as of the last
+        event. A copy, safe to read from any thread."""
         return [dict(entry) for entry in self._memory]
 
     def _refresh_memory(self) -> None:
@@ -151,6 +152,8 @@ class Session:
         entries = [{"role": "system", **measure(self.system_span, held, seen)}] if self.system_prompt else []
         for message, span in zip(self.history, self.spans):
             entries.append({"role": message["role"], **measure(span, held, seen)})
+        if self.needs_prime:  # a restored history, not encoded yet: the next turn re-encodes what fits
+            entries = [{**entry, "state": "pending"} if entry["tokens"] is None else entry for entry in entries]
         self._memory = entries
 
     def _live_stats(self) -> dict:

@@ -137,7 +137,7 @@ def test_a_restored_history_keeps_its_pinned_prompt_and_whole_messages(tiny_chat
     for turn in range(10):
         chat(engine, sid, f"Question number {turn}: what do you think about ships?")
     restored = engine.restore(engine.export(sid))
-    assert [e["state"] for e in engine.memory_map(restored)] == ["gone"] * 21  # nothing encoded yet
+    assert [e["state"] for e in engine.memory_map(restored)] == ["pending"] * 21  # encoded by the next turn
     chat(engine, restored, "Do you remember?")
     entries = check_map_against_stream_positions(engine, restored)
     pinned = engine.system_tokens(SYSTEM)
@@ -163,3 +163,24 @@ def test_measure_counts_held_positions_per_span():
                                                        ("user", "partial"), ("assistant", "full"),
                                                        ("user", "full"), ("assistant", "full"), ("user", "full")]]
     assert turns_in_memory(entries) == 2
+
+
+def test_the_chat_marks_exactly_the_messages_the_model_no_longer_holds():
+    from webui.render import FORGOTTEN_MARK, mark_memory
+
+    memory = [{"role": "system", "tokens": 9, "held": 9, "state": "full"},
+              {"role": "user", "tokens": 5, "held": 0, "state": "gone"},
+              {"role": "assistant", "tokens": 8, "held": 3, "state": "partial"},
+              {"role": "user", "tokens": 4, "held": 4, "state": "full"},
+              {"role": "assistant", "tokens": None, "held": 0, "state": "pending"}]
+    shown = [{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "text", "text": "b"}]},
+             {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"},
+             {"role": "user", "content": "streaming now"}]
+    marked = mark_memory(shown, memory)
+    assert marked[0]["content"] == FORGOTTEN_MARK + "a"
+    assert "3 of 8 tokens held" in marked[1]["content"][0]["text"] and marked[1]["content"][0]["text"].endswith("b")
+    assert [m["content"] for m in marked[2:]] == ["c", "d", "streaming now"]  # held, pending, not in the map yet
+    # Repainting with a newer map replaces the markers instead of stacking them.
+    later = [dict(e, state="gone", held=0) for e in memory[:3]] + memory[3:]
+    again = mark_memory(marked, later)
+    assert again[0]["content"] == FORGOTTEN_MARK + "a" and again[1]["content"][0]["text"] == FORGOTTEN_MARK + "b"
