@@ -86,9 +86,21 @@ SENTENCES = (
 FILLER_ASKS = ("What do you think?", "Any thoughts?", "Does that sound nice?", "How would you describe that?")
 
 
-def filler_message(rng: random.Random) -> str:
+#: Sentences in a filler note (about 12 tokens each; a filler turn adds about 25 tokens of template and reply).
+FILLER_SENTENCES = 5
+#: Rough tokens per filler sentence and per filler turn's overhead, used only to size the last note before a
+#: question so the measured distance lands near its target (the distance reported is always the measured one).
+SENTENCE_TOKENS, TURN_OVERHEAD_TOKENS = 12, 25
+
+
+def filler_message(rng: random.Random, sentences: int = FILLER_SENTENCES) -> str:
     """A user message of other conversation: a short note of everyday sentences and a question about it."""
-    return "Here is a note from my day: " + " ".join(rng.sample(SENTENCES, 5)) + " " + rng.choice(FILLER_ASKS)
+    return "Here is a note from my day: " + " ".join(rng.sample(SENTENCES, sentences)) + " " + rng.choice(FILLER_ASKS)
+
+
+def sentences_for(remaining: int) -> int:
+    """Sentences of the next filler note when `remaining` tokens of distance are still to go."""
+    return max(1, min(FILLER_SENTENCES, (remaining - TURN_OVERHEAD_TOKENS) // SENTENCE_TOKENS))
 
 
 def turn(engine: StreamingEngine, sid: str, message: str, max_new_tokens: int) -> tuple[str, dict, str]:
@@ -132,7 +144,8 @@ def run_recall(engine, method: str, sizes: dict, distances: list[int], repeats: 
             fact_end = stats["seen_tokens"] - max(stats["reply_tokens"] - 1, 0)
             seen = stats["seen_tokens"]
             while seen - fact_end < target and reason != "context_full":
-                _, stats, reason = turn(engine, sid, filler_message(rng), FILLER_REPLY_TOKENS)
+                note = filler_message(rng, sentences_for(target - (seen - fact_end)))
+                _, stats, reason = turn(engine, sid, note, FILLER_REPLY_TOKENS)
                 seen = stats["seen_tokens"]
             if reason == "context_full":
                 break
@@ -147,7 +160,10 @@ def run_recall(engine, method: str, sizes: dict, distances: list[int], repeats: 
                            "turns_in_memory": stats.get("turns_in_memory")})
     finally:
         engine.close(sid)
-    return {"trials": trials, "by_distance": by_key(trials, "distance_target", "recalled")}
+    return {"trials": trials, "by_distance": by_key(trials, "distance_target", "recalled"),
+            "mean_distance": {str(d): round(statistics.fmean(t["distance"] for t in trials
+                                                             if t["distance_target"] == d), 1)
+                              for d in sorted({t["distance_target"] for t in trials})}}
 
 
 def run_adherence(engine, method: str, sizes: dict, turns: int, probe_every: int, personas: list[tuple[str, str]],
@@ -221,8 +237,8 @@ def run(model, tokenizer, *, recall_methods: list[str], adherence_methods: list[
         probes = result["adherence"].get(method, {}).get("probes", [])
         result.setdefault("summary", {})[method] = {
             "facts": len(trials),
-            "recall_inside_cache": share(trials, "recalled", lambda r: r["distance_target"] < cache_size),
-            "recall_beyond_cache": share(trials, "recalled", lambda r: r["distance_target"] >= cache_size),
+            "recall_inside_cache": share(trials, "recalled", lambda r: r["distance"] < cache_size),
+            "recall_beyond_cache": share(trials, "recalled", lambda r: r["distance"] >= cache_size),
             "recall_fact_held": share(trials, "recalled", lambda r: r["fact_state"] == "full"),
             "recall_fact_gone": share(trials, "recalled", lambda r: r["fact_state"] != "full"),
             "probes": len(probes),
@@ -263,13 +279,16 @@ def plot_recall(result: dict, output) -> list[str]:
         color = streaming_colors[eviction] if mode == "streaming" else MODE_COLORS.get(mode)
         style = dict(color=color, marker="o", markersize=3, linewidth=1.3, label=method,
                      linestyle="-" if pinned or mode != "streaming" else "--")
-        for ax, probe, key in ((left, "recall", "by_distance"), (right, "adherence", "by_turn")):
-            points = [(int(x), v) for x, v in result[probe].get(method, {}).get(key, {}).items()]
-            if points:
-                ax.plot(*zip(*points), **style)
+        recall = result["recall"].get(method)
+        if recall and recall["by_distance"]:  # x: the measured distance, averaged over the facts of each target
+            left.plot([recall["mean_distance"][d] for d in recall["by_distance"]], list(recall["by_distance"].values()),
+                      **style)
+        adherence = result["adherence"].get(method)
+        if adherence and adherence["by_turn"]:
+            right.plot([int(t) for t in adherence["by_turn"]], list(adherence["by_turn"].values()), **style)
     left.axvline(cfg["cache_size"], color="#888", linestyle=":", linewidth=1)
     left.annotate("cache size", (cfg["cache_size"], 1.02), fontsize=8, color="#666")
-    left.set_xlabel("distance from the fact to its question (tokens)")
+    left.set_xlabel("distance from the fact to its question (tokens, measured)")
     left.set_ylabel("facts recalled (share)")
     right.set_xlabel("turn")
     right.set_ylabel("replies giving the system prompt's name (share)")
@@ -289,9 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = cli.parser("streaming_engine.eval.recall", __doc__)
     cli.add_model_args(p)
     p.add_argument("--recall-methods", default=",".join(DEFAULT_RECALL_METHODS),
-                   help=f"comma list of {', '.join(METHODS)}")
+                   help=f"comma list of {', '.join(METHODS)} (empty: no recall probe)")
     p.add_argument("--adherence-methods", default=",".join(DEFAULT_ADHERENCE_METHODS),
-                   help=f"comma list of {', '.join(METHODS)}")
+                   help=f"comma list of {', '.join(METHODS)} (empty: no adherence probe)")
     p.add_argument("--start-size", type=int, default=4, help="attention sinks (streaming)")
     p.add_argument("--recent-size", type=int, default=252, help="recent window (streaming); window mode keeps "
                    "start + recent recent tokens")
@@ -313,8 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    recall_methods = parse_methods(args.recall_methods, tuple(METHODS), option="--recall-methods")
-    adherence_methods = parse_methods(args.adherence_methods, tuple(METHODS), option="--adherence-methods")
+    recall_methods, adherence_methods = (
+        parse_methods(text, tuple(METHODS), option=option) if text.strip() else []  # "": skip that probe
+        for text, option in ((args.recall_methods, "--recall-methods"), (args.adherence_methods, "--adherence-methods")))
     distances = cli.parse_int_list(args.distances, "--distances", minimum=0)
     cli.check_min(start_size=(args.start_size, 0), recent_size=(args.recent_size, 2),
                   dense_max_context=(args.dense_max_context, 2), repeats=(args.repeats, 1), turns=(args.turns, 1),
