@@ -7,7 +7,7 @@ package never imports gradio; the web UI lives in `webui/`, composed by `app.py`
 
 from .cache import StartRecentKVCache, enable_streaming_llm
 from .conversations import ConversationNotFound, Conversations
-from .engine import EngineBusy, EngineConfig, SessionNotFound, StreamingEngine
+from .engine import EngineBusy, EngineConfig, PinTooLong, SessionNotFound, StreamingEngine
 from .families import SUPPORTED_FAMILIES, check_supported
 from .hf_integration import stream_forward
 from .loading import load
@@ -23,6 +23,7 @@ __all__ = [
     "EngineBusy",
     "EngineConfig",
     "Event",
+    "PinTooLong",
     "SessionNotFound",
     "StreamingEngine",
     "SUPPORTED_FAMILIES",

@@ -11,12 +11,15 @@ Layout, per layer, preallocated and written in place (no concatenation per token
 
     keys, values: [rows, kv_heads, columns, head_dim]       valid: [rows, columns], True where a row holds a token
 
-    row b: | sinks: columns 0..start-1 | recent window as a ring: columns start..start+recent-1 | padding |
-           logical token i <  start  ->  column i
-           logical token i >= start  ->  column start + (head + i - start) % recent
+    row b: | protected head: columns 0..h-1 | recent window as a ring: columns h..cache_size-1 | padding |
+           logical token i <  h  ->  column i
+           logical token i >= h  ->  column h + (ring_head + i - h) % (cache_size - h)
 
-* **Per-row eviction without moving tokens.** Evicting a row's `k` oldest recent tokens advances its ring `head`
-  by `k` and re-rotates the keys that stay, in place, by `-k` positions (`positions.shift_keys`, exactly the
+    h = max(start_size, pinned) is the row's own protected head (sinks, or a pinned system prompt if longer), so
+    rows with heads of different lengths share the buffers; a row's head cannot change while it is in a batch.
+
+* **Per-row eviction without moving tokens.** Evicting a row's `k` oldest recent tokens (how many: `eviction.py`,
+  the same rule as alone, message boundaries included) advances its ring head by `k` and re-rotates the keys that stay, in place, by `-k` positions (`positions.shift_keys`, exactly the
   arithmetic of the single-conversation cache): one re-rotation per eviction block, per row. Values never move.
 * **Column order does not matter.** Keys carry their RoPE position from when they were written (and from the
   re-rotation), new tokens get explicit per-row position ids, and a decode query attends to every key its row
@@ -41,19 +44,13 @@ import torch
 from transformers.cache_utils import Cache
 
 from .cache import StartRecentKVCache
+from .eviction import round_to_message, tokens_needed
 from .positions import rotation_for_offset, shift_keys
 
 #: Rows allocated when the first conversation joins; the buffers double up to `max_batch` as more join.
 INITIAL_ROWS = 4
 #: Columns allocated at least (the buffers then grow to the largest capacity among the rows that joined).
 MIN_COLUMNS = 64
-
-
-def _evictable(held: int, start_size: int, cache_size: int, num_coming: int) -> int:
-    """How many of the oldest non-sink tokens must go so `num_coming` more fit (the rule of `evict_for_space`)."""
-    if num_coming < 0:
-        raise ValueError(f"num_coming must be >= 0, got {num_coming}")
-    return max(0, min(held + num_coming - cache_size, held - start_size))
 
 
 class ConversationCache:
@@ -81,6 +78,21 @@ class ConversationCache:
     cache_size = property(lambda self: self.solo.cache_size)
     pos_shift = property(lambda self: self.solo.pos_shift)
     rotary_emb = property(lambda self: self.solo.rotary_emb)
+    pinned = property(lambda self: self.solo.pinned)
+    protected = property(lambda self: self.solo.protected)
+    window = property(lambda self: self.solo.window)
+    eviction = property(lambda self: self.solo.eviction)
+    boundaries = property(lambda self: self.solo.boundaries)
+
+    def pin(self, tokens: int) -> int:
+        """As `StartRecentKVCache.pin`; not while in a batch (the row's ring is laid out around its head)."""
+        if self.attached:
+            raise RuntimeError("a conversation's pinned head cannot change while it is a row of a batch")
+        return self.solo.pin(tokens)
+
+    def mark_boundary(self, position: int | None = None) -> None:
+        """As `StartRecentKVCache.mark_boundary` (the boundaries stay with the conversation's own cache)."""
+        self.solo.mark_boundary(self.seen_tokens if position is None else position)
 
     @property
     def attached(self) -> bool:
@@ -100,22 +112,29 @@ class ConversationCache:
         return self._evicted if self.attached else self.solo.evicted_tokens
 
     def evict_for_space(self, num_coming: int) -> int:
-        """As `StartRecentKVCache.evict_for_space`: evict the oldest non-sink tokens so `num_coming` more fit."""
+        """As `StartRecentKVCache.evict_for_space`: evict the oldest tokens after the protected head so
+        `num_coming` more fit (rounded to a message boundary under eviction="turns")."""
         if not self.attached:
             return self.solo.evict_for_space(num_coming)
-        count = _evictable(self._held, self.start_size, self.cache_size, num_coming)
-        return self.batch.evict_oldest(self, count) if count > 0 else 0
+        head = self.protected
+        count = tokens_needed(self._held, head, self.cache_size, num_coming)
+        if count <= 0:
+            return 0
+        if self.eviction == "turns":
+            after_head = self.batch.stream_index(self)[head:]
+            count = round_to_message(after_head, count, self.solo.boundaries, self._seen)
+        return self.batch.evict_oldest(self, count)
 
     def evict_range(self, start: int, end: int) -> int:
-        """As `StartRecentKVCache.evict_range`; in a batch only the oldest non-sink tokens can go (`start` must be
-        the sink count), which is all that `evict_for_space` ever asks for."""
+        """As `StartRecentKVCache.evict_range`; in a batch only the oldest tokens after the protected head can go
+        (`start` must be the head's length), which is all that `evict_for_space` ever asks for."""
         if not self.attached:
             return self.solo.evict_range(start, end)
-        sinks = min(self.start_size, self._held)
-        if not (start == sinks and start <= end <= self._held):
+        head = min(self.protected, self._held)
+        if not (start == head and start <= end <= self._held):
             raise ValueError(
-                f"a batched row evicts only its oldest non-sink tokens: evict_range({sinks}, n) with n <= "
-                f"{self._held}, got evict_range({start}, {end})"
+                f"a batched row evicts only its oldest non-sink tokens after its protected head: "
+                f"evict_range({head}, n) with n <= {self._held}, got evict_range({start}, {end})"
             )
         return self.batch.evict_oldest(self, end - start) if end > start else 0
 
@@ -144,10 +163,10 @@ class ConversationCache:
     # --- where the next token goes (used by the batch) --------------------------------------------------------
 
     def _column(self, logical: int) -> int:
-        start = self.start_size
-        if logical < start:
+        head = self.protected
+        if logical < head:
             return logical
-        return start + (self._head + logical - start) % self.recent_size
+        return head + (self._head + logical - head) % self.window
 
     def __repr__(self) -> str:
         where = f"row {self.row} of a batch" if self.attached else "alone"
@@ -213,7 +232,7 @@ class BatchedSinkCache(Cache):
         b = len(self.rows)
         self._ensure(rows=b + 1, columns=max(held + 1, min(conv.cache_size, held + MIN_COLUMNS)),
                      largest=max([conv.cache_size] + [c.cache_size for c in self.rows]))
-        # Logical token i sits in column i: sinks first, then the ring starting at head 0.
+        # Logical token i sits in column i: the protected head first, then the ring starting at ring head 0.
         for buf_k, buf_v, layer in zip(self._keys, self._values, layers):
             buf_k[b, :, :held].copy_(layer.keys[0])
             buf_v[b, :, :held].copy_(layer.values[0])
@@ -263,9 +282,9 @@ class BatchedSinkCache(Cache):
 
     @torch.inference_mode()
     def evict_oldest(self, conv: ConversationCache, count: int) -> int:
-        """Evict `conv`'s `count` oldest non-sink tokens: the ring head moves, the keys that stay are re-rotated
-        in place once (one rotation shared by all layers on a device). Returns `count`."""
-        sinks = min(conv.start_size, conv._held)
+        """Evict `conv`'s `count` oldest tokens after its protected head: the ring head moves, the keys that stay
+        are re-rotated in place once (one rotation shared by all layers on a device). Returns `count`."""
+        sinks = min(conv.protected, conv._held)
         recent = conv._held - sinks
         if not 0 <= count <= recent:
             raise ValueError(f"cannot evict {count} of a row's {recent} recent tokens")
@@ -273,7 +292,7 @@ class BatchedSinkCache(Cache):
             return 0
         if self._step is not None:
             raise RuntimeError("a row cannot evict during a forward pass")
-        b, start, ring = conv.row, conv.start_size, conv.recent_size
+        b, start, ring = conv.row, conv.protected, conv.window
         gone = start + (conv._head + torch.arange(count)) % ring
         self._valid[b, gone.to(self._valid.device)] = False
         stay = recent - count
@@ -384,9 +403,9 @@ class BatchedSinkCache(Cache):
         return self._stream[conv.row].index_select(0, self._logical_columns(conv).cpu())
 
     def _logical_columns(self, conv: ConversationCache) -> torch.Tensor:
-        """Columns of `conv`'s tokens in cache order (sinks, then the ring from its head)."""
-        sinks = min(conv.start_size, conv._held)
-        ring = conv.start_size + (conv._head + torch.arange(conv._held - sinks)) % conv.recent_size
+        """Columns of `conv`'s tokens in cache order (the protected head, then the ring from its ring head)."""
+        sinks = min(conv.protected, conv._held)
+        ring = conv.protected + (conv._head + torch.arange(conv._held - sinks)) % conv.window
         return torch.cat((torch.arange(sinks), ring))
 
     # --- storage ----------------------------------------------------------------------------------------------

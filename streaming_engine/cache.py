@@ -13,17 +13,24 @@ cache then never holds more than `cache_size` tokens, even inside the forward pa
 With `auto_evict` on (set by `model.generate()`, see `hf_integration.py`) every forward pass does that itself.
 Layout of the sequence axis at any time::
 
-    [ sinks: start_size | ......evicted...... | recent window: up to recent_size ]
-      never evicted by                          oldest evicted first
-      evict_for_space / trim
+    [ protected head: max(start_size, pinned) | ......evicted...... | recent window: the rest of cache_size ]
+      never evicted by evict_for_space / trim                         oldest evicted first
+
+The protected head is the attention sinks, or a longer *pinned* prefix (`pin(n)`, e.g. a chat's system prompt)
+that stays for the whole stream; `cache_size` does not grow with it, the recent window gives up the room. Under
+the "turns" policy (`eviction="turns"`) an eviction is rounded up to the next message boundary recorded with
+`mark_boundary` (see `eviction.py`), so whole past messages leave together.
 """
 
 from __future__ import annotations
+
+import bisect
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .checks import check_int
+from .eviction import check_policy, round_to_message, tokens_needed
 from .families import SHARED_ROPE, check_cache_size, check_supported, find_rotary_embedding, layer_rope_kinds
 from .positions import rotation_for_offset, shift_keys
 
@@ -38,7 +45,9 @@ class StartRecentKVCache(Cache):
 
     Attributes: `start_size`, `recent_size`, `cache_size` (their sum), `pos_shift`, and the counters
     `seen_tokens` (every token ever appended) and `evicted_tokens` (every token evicted), so that
-    `seen_tokens == get_seq_length() + evicted_tokens` always holds. `layer_rope` says per layer how its keys
+    `seen_tokens == get_seq_length() + evicted_tokens` always holds. `pinned`: the first `pinned` tokens held are
+    never evicted (`pin`); `protected` is `max(start_size, pinned)`. `eviction`: "tokens" (the paper) or "turns"
+    (whole messages between the stream positions in `boundaries`, see `mark_boundary`). `layer_rope` says per layer how its keys
     carry their position (`families.layer_rope_kinds`; None: every layer uses the rotary module's one
     frequency set). `auto_evict`: every forward pass this cache takes part in makes room for its tokens and
     places them at in-cache positions itself (needs the model hook that `enable_streaming_llm` installs).
@@ -53,9 +62,12 @@ class StartRecentKVCache(Cache):
         pos_shift: bool = True,
         layer_rope: tuple[str | None, ...] | None = None,
         auto_evict: bool = False,
+        pin: int = 0,
+        eviction: str = "tokens",
     ):
         check_int("start_size", start_size, 0)
         check_int("recent_size", recent_size, 1)
+        check_policy(eviction)
         if pos_shift and rotary_emb is None:
             raise ValueError(
                 "pos_shift=True needs the model's rotary embedding: use enable_streaming_llm(model, ...) "
@@ -69,6 +81,10 @@ class StartRecentKVCache(Cache):
         self.rotary_emb = rotary_emb
         self.layer_rope = tuple(layer_rope) if layer_rope is not None else None
         self.auto_evict = bool(auto_evict)
+        self.eviction = eviction
+        self.pinned = 0
+        #: Sorted stream positions where a message begins (only read under the "turns" policy).
+        self.boundaries: list[int] = []
         # Set by the model hook right before a forward pass it prepared; checked by `update` (see `hf_integration`).
         self._prepared_forward = False
         # Set when `model.generate()` takes this cache; the hook then lines up generate's full-sequence input.
@@ -78,13 +94,44 @@ class StartRecentKVCache(Cache):
         self.evicted_tokens = 0
         # Index in the whole stream of every held token; tests and the UI use it to see what survived.
         self._stream_index = torch.empty(0, dtype=torch.long)
+        self.pin(pin)
 
     def new(self) -> "StartRecentKVCache":
-        """A fresh, empty cache with the same sizes and model binding (one per conversation)."""
+        """A fresh, empty cache with the same sizes, pinned head, policy and model binding (one per conversation)."""
         return StartRecentKVCache(
             self.start_size, self.recent_size, rotary_emb=self.rotary_emb, pos_shift=self.pos_shift,
-            layer_rope=self.layer_rope, auto_evict=self.auto_evict,
+            layer_rope=self.layer_rope, auto_evict=self.auto_evict, pin=self.pinned, eviction=self.eviction,
         )
+
+    # --- the protected head and message boundaries ------------------------------------------------------------
+
+    @property
+    def protected(self) -> int:
+        """Tokens at the head that `evict_for_space` never takes: the sinks or the pinned prefix, the longer."""
+        return max(self.start_size, self.pinned)
+
+    @property
+    def window(self) -> int:
+        """Room for tokens after the protected head (`cache_size - protected`)."""
+        return self.cache_size - self.protected
+
+    def pin(self, tokens: int) -> int:
+        """Protect the first `tokens` positions of the cache (held now or still to come) from every eviction,
+        e.g. a system prompt fed first; `pin(0)` unpins. At least one position must stay evictable. Returns it."""
+        check_int("pin", tokens, 0, self.cache_size - 1, note=f" (the cache holds {self.cache_size} tokens)")
+        self.pinned = tokens
+        return tokens
+
+    def mark_boundary(self, position: int | None = None) -> None:
+        """Record that a message begins at stream `position` (default: the next token fed, `seen_tokens`).
+
+        Under eviction="turns" an eviction then ends only at such a boundary (see `eviction.py`); a position may
+        lie ahead of the stream (a reply's first token, known before its prompt is fed)."""
+        position = self.seen_tokens if position is None else check_int("position", position, 0)
+        if not self.boundaries or position > self.boundaries[-1]:
+            self.boundaries.append(position)
+        elif position not in self.boundaries:
+            bisect.insort(self.boundaries, position)
 
     # --- transformers Cache interface -------------------------------------------------------------------------
 
@@ -136,17 +183,24 @@ class StartRecentKVCache(Cache):
         self.seen_tokens = 0
         self.evicted_tokens = 0
         self._stream_index = torch.empty(0, dtype=torch.long)
+        self.boundaries = []
 
     # --- eviction ---------------------------------------------------------------------------------------------
 
     def evict_range(self, start: int, end: int) -> int:
-        """Evict tokens `[start, end)` of the current cache (sinks included if named); returns how many."""
+        """Evict tokens `[start, end)` of the current cache (sinks included if named, pinned tokens never);
+        returns how many."""
         held = self.get_seq_length()
         if not (0 <= start <= end <= held):
             raise ValueError(f"evict_range({start}, {end}) is outside the {held} tokens held")
         count = end - start
         if count == 0:
             return 0
+        if start < self.pinned:
+            raise ValueError(
+                f"evict_range({start}, {end}) reaches into the {self.pinned} pinned tokens at the head; "
+                f"unpin them first (pin(0))"
+            )
         # (device, rope kind) -> (cos, sin): one rotation per eviction, shared by every layer of that kind
         rotations: dict = {}
         for index, layer in enumerate(self.layers):
@@ -175,19 +229,19 @@ class StartRecentKVCache(Cache):
         return shift_keys(keys, shift, self.rotary_emb, rotations[key])
 
     def evict_for_space(self, num_coming: int) -> int:
-        """Evict the oldest non-sink tokens so `num_coming` more fit in `cache_size`; returns how many.
+        """Evict the oldest tokens after the protected head so `num_coming` more fit in `cache_size`; returns how
+        many (under eviction="turns", up to the next message boundary: see `eviction.py`).
 
-        No-op when they already fit. Sinks are never evicted here, so when `num_coming > recent_size` the whole
-        recent window goes and the caller must feed its tokens in chunks.
+        No-op when they already fit. The head (sinks or pinned prefix) is never evicted here, so when
+        `num_coming > window` the whole recent window goes and the caller must feed its tokens in chunks.
         """
-        if num_coming < 0:
-            raise ValueError(f"num_coming must be >= 0, got {num_coming}")
-        held = self.get_seq_length()
-        overflow = held + num_coming - self.cache_size
-        count = min(overflow, held - self.start_size)
+        head = self.protected
+        count = tokens_needed(self.get_seq_length(), head, self.cache_size, num_coming)
         if count <= 0:
             return 0
-        return self.evict_range(self.start_size, self.start_size + count)
+        if self.eviction == "turns":
+            count = round_to_message(self._stream_index[head:], count, self.boundaries, self.seen_tokens)
+        return self.evict_range(head, head + count)
 
     def trim(self) -> int:
         """Evict down to `cache_size` tokens (the reference code's per-step behaviour); returns how many."""
@@ -242,7 +296,7 @@ class StartRecentKVCache(Cache):
         return (
             f"StartRecentKVCache(start_size={self.start_size}, recent_size={self.recent_size}, "
             f"held={self.get_seq_length()}, seen={self.seen_tokens}, evicted={self.evicted_tokens}, "
-            f"pos_shift={self.pos_shift})"
+            f"pinned={self.pinned}, eviction={self.eviction!r}, pos_shift={self.pos_shift})"
         )
 
 
@@ -253,8 +307,13 @@ def enable_streaming_llm(
     pos_shift: bool = True,
     *,
     auto_evict: bool = False,
+    pin: int = 0,
+    eviction: str = "tokens",
 ) -> StartRecentKVCache:
     """Bind a fresh `StartRecentKVCache` to `model` (the paper's reference-code entry point).
+
+    `pin=n` protects the first `n` tokens fed (e.g. a system prompt) from eviction, besides the sinks;
+    `eviction="turns"` evicts whole messages between the boundaries marked with `cache.mark_boundary()`.
 
     Raises `ValueError` naming the supported families when the model cannot stream. Also installs the model hook
     that lets `model.generate(ids, past_key_values=cache)` (or any forward pass with `auto_evict=True`) evict as it
@@ -269,5 +328,5 @@ def enable_streaming_llm(
     install_hook(model)
     return StartRecentKVCache(
         start_size, recent_size, rotary_emb=rotary, pos_shift=pos_shift,
-        layer_rope=layer_rope_kinds(model, rotary), auto_evict=auto_evict,
+        layer_rope=layer_rope_kinds(model, rotary), auto_evict=auto_evict, pin=pin, eviction=eviction,
     )

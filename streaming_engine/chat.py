@@ -16,7 +16,8 @@ from pathlib import Path
 
 from .backends import BACKENDS
 from .cache import DEFAULT_RECENT_SIZE, DEFAULT_START_SIZE
-from .engine import EngineConfig, StreamingEngine
+from .engine import DEFAULT_EVICTION, DEFAULT_PIN_LIMIT, EngineConfig, StreamingEngine
+from .eviction import EVICTION_POLICIES
 from .eval.cli import add_placement_args, placement_kwargs
 from .loading import DEFAULT_MODEL_NAME, load
 from .placement import describe_placement
@@ -70,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto (default): llama.cpp for a GGUF model on a CPU when llama-cpp-python is installed, "
                         "else transformers")
+    p.add_argument("--pin-system", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the system prompt in the cache for good, next to the sinks (default: on)")
+    p.add_argument("--pin-limit", type=int, default=DEFAULT_PIN_LIMIT,
+                   help=f"most tokens a pinned system prompt may take; a longer one is refused "
+                        f"(default {DEFAULT_PIN_LIMIT})")
+    p.add_argument("--eviction", choices=EVICTION_POLICIES, default=DEFAULT_EVICTION,
+                   help=f"what leaves a full cache: the oldest tokens, or whole oldest messages "
+                        f"(default {DEFAULT_EVICTION})")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     add_placement_args(p)
@@ -81,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     interactive = args.prompts is None and sys.stdin.isatty()
     prompts = [] if interactive else read_prompts(args.prompts)
     try:
-        config = EngineConfig(start_size=args.start_size, recent_size=args.recent_size)
+        config = EngineConfig(start_size=args.start_size, recent_size=args.recent_size, pin_system=args.pin_system,
+                              pin_limit=args.pin_limit, eviction=args.eviction)
         model, tokenizer = load(args.model, args.device, args.dtype, backend=args.backend, **placement_kwargs(args))
         if args.device_map is not None:
             print(f"[weights: {describe_placement(model)}]", file=sys.stderr, flush=True)
@@ -108,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                 rate = f"{s['tokens_per_s']:.1f} tok/s" if s.get("tokens_per_s") else "-"
                 print(
                     f"\n[cache {s['cache_tokens']}/{s['cache_capacity']} tokens | evicted {s['evicted_tokens']} | "
-                    f"seen {s['seen_tokens']} | {rate} | finish: {event.finish_reason}]",
+                    f"seen {s['seen_tokens']} | pinned {s['pinned_tokens']} | turns in memory "
+                    f"{s['turns_in_memory']}/{s['turns']} | {rate} | finish: {event.finish_reason}]",
                     flush=True,
                 )
                 return event.finish_reason != "context_full"

@@ -168,6 +168,15 @@ class Conversations:
         return [{**m, "interrupted": True} if i in marks and m["role"] == "assistant" else m
                 for i, m in enumerate(visible)]
 
+    def memory_map(self, token: str) -> list[dict]:
+        """`StreamingEngine.memory_map` of a live conversation (system prompt first when there is one); empty when
+        it is not open, so a page repainting after its session closed just shows no markers."""
+        sid = self._live.get(token) if isinstance(token, str) else None
+        try:
+            return self.engine.memory_map(sid) if sid is not None else []
+        except KeyError:
+            return []
+
     # --- chatting --------------------------------------------------------------------------------------------------
 
     def chat(self, token: str, message: str, *, owner: str | None = None, **sampling) -> Iterator[Event]:

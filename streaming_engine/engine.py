@@ -27,6 +27,7 @@ from .backends import is_llamacpp_model
 from .cache import DEFAULT_RECENT_SIZE, DEFAULT_START_SIZE, StartRecentKVCache
 from .checks import check_int, check_number
 from .counters import EngineCounters
+from .eviction import EVICTION_POLICIES, check_policy
 from .families import check_cache_size, check_supported, find_rotary_embedding, layer_rope_kinds
 from .handoff import SessionState, adopt, capture
 from .history import MAX_HISTORY_MESSAGES, dump_history, parse_history
@@ -62,12 +63,23 @@ ORIGINS = ("browser", "api")
 STOP_WAIT_S = 30.0
 #: Most conversations decoded together in one forward pass (rows of the batch); more wait for a free row.
 MAX_BATCH = 16
+#: Most tokens a pinned system prompt may take (the template's whole rendering of it). Pinned tokens come out of
+#: the recent window, so a longer prompt would crowd out the conversation; 256 holds a persona and a few rules.
+DEFAULT_PIN_LIMIT = 256
+#: The eviction policy new streaming sessions get, chosen by the recall benchmark (README "Recall benchmark"):
+#: "tokens" keeps the end of a message that "turns" would evict whole (better recall near the window's edge), and
+#: the system prompt, which matters most for adherence, is pinned under either policy.
+DEFAULT_EVICTION = "tokens"
 
 _CONTROL = {c for c in range(32) if chr(c) not in "\n\t"} | {127}
 
 
 class EngineBusy(RuntimeError):
     """A limit was reached (sessions or running turns); the message is safe to show to users."""
+
+
+class PinTooLong(ValueError):
+    """A system prompt too long to pin (over `pin_limit`); the message names the limit."""
 
 
 class SessionNotFound(KeyError):
@@ -114,6 +126,9 @@ class EngineConfig(SamplingDefaults):
     api_idle_timeout_s: float = API_IDLE_TIMEOUT_S
     scheduler: str = "batched"  # "batched": continuous batching; "round-robin": the one-per-pass baseline
     max_batch: int = MAX_BATCH
+    pin_system: bool = True  # streaming sessions keep their system prompt with the sinks (never evicted)
+    pin_limit: int = DEFAULT_PIN_LIMIT  # most tokens a pinned system prompt may take; a longer one is refused
+    eviction: str = DEFAULT_EVICTION  # "tokens" (the paper) or "turns" (whole past messages)
 
     def __post_init__(self):
         check_int("start_size", self.start_size, 0)
@@ -133,6 +148,10 @@ class EngineConfig(SamplingDefaults):
                 f"recent_size ({self.recent_size}) must exceed the largest prompt chunk "
                 f"(prefill_chunk_size={self.prefill_chunk_size}), or a chunk would evict itself"
             )
+        if not isinstance(self.pin_system, bool):
+            raise ValueError(f"pin_system must be True or False, got {self.pin_system!r}")
+        check_int("pin_limit", self.pin_limit, 1)
+        check_policy(self.eviction)
         check_number("idle_timeout_s", self.idle_timeout_s, 0, low_open=True)
         check_number("api_idle_timeout_s", self.api_idle_timeout_s, 0, low_open=True)
         self.default_sampling()  # validates the sampling defaults
@@ -218,8 +237,14 @@ class StreamingEngine:
         max_context: int | None = None,
         owner: str | None = None,
         origin: str = "browser",
+        pin_system: bool | None = None,
+        eviction: str | None = None,
     ) -> str:
-        """Create a conversation and return its id. Sizes default to the engine config (window: no sinks).
+        """Create a conversation and return its id. Sizes, `pin_system` and `eviction` default to the engine
+        config (window: no sinks, nothing pinned; dense: nothing evicted).
+
+        A pinned system prompt longer than `pin_limit` tokens (or than the cache can spare) is refused with a
+        `ValueError` naming the limit: the session would otherwise silently lose the instructions it was given.
 
         `owner` (opaque: a client address or login user; None = not counted) may hold at most
         `max_sessions_per_owner` sessions; `origin` ("browser" or "api") picks the idle timeout.
@@ -230,7 +255,9 @@ class StreamingEngine:
         tag = SessionTag.checked(owner, origin)
         if system_prompt is not None:
             system_prompt = self._check_text(system_prompt, "system prompt", allow_empty=True) or None
-        session = self._make_session(mode, system_prompt, start_size, recent_size, max_context)
+        session = self._make_session(mode, system_prompt, start_size, recent_size, max_context,
+                                     self.config.pin_system if pin_system is None else pin_system,
+                                     self.config.eviction if eviction is None else eviction)
         with self._lock:
             self._close_idle_locked()
             cap = self.config.max_sessions_per_owner
@@ -248,6 +275,14 @@ class StreamingEngine:
             self._tags[session.id] = tag
         return session.id
 
+    def _new_session_pinned_if_possible(self, mode, system_prompt, **kwargs) -> str:
+        """A session for a conversation that already exists (a restored file, an API request): a system prompt
+        too long to pin is kept unpinned rather than refused, so the conversation stays openable."""
+        try:
+            return self.new_session(mode, system_prompt, **kwargs)
+        except PinTooLong:
+            return self.new_session(mode, system_prompt, pin_system=False, **kwargs)
+
     def _held_by_locked(self, owner: str) -> int:
         return sum(1 for tag in self._tags.values() if tag.owner == owner)
 
@@ -256,8 +291,12 @@ class StreamingEngine:
         with self._lock:
             return len(self._sessions) if owner is None else self._held_by_locked(owner)
 
-    def _make_session(self, mode, system_prompt, start_size, recent_size, max_context) -> Session:
+    def _make_session(self, mode, system_prompt, start_size, recent_size, max_context, pin_system,
+                      eviction) -> Session:
         cfg = self.config
+        check_policy(eviction)
+        if not isinstance(pin_system, bool):
+            raise ValueError(f"pin_system must be True or False, got {pin_system!r}")
         start = check_int("start_size", (0 if mode == "window" else cfg.start_size) if start_size is None
                           else start_size, 0)
         recent = check_int("recent_size", cfg.recent_size if recent_size is None else recent_size, 1)
@@ -278,9 +317,12 @@ class StreamingEngine:
                     f"start_size + recent_size = {start + recent} exceeds the model's {self.max_positions} positions"
                 )
             check_cache_size(self.model.config, start + recent)
-            cache = self._new_cache(start, recent)
+            cache = self._new_cache(start, recent, eviction=eviction)
         # A session's window may be smaller than the engine's: its chunk follows the same rule, capped by the config.
         chunk = prefill_chunk_for(recent, cfg.prefill_chunk_size)
+        pin_system = pin_system and mode == "streaming" and system_prompt is not None
+        if pin_system:
+            self._check_pin(system_prompt, start + recent, chunk)
         return Session(
             uuid.uuid4().hex,
             mode,
@@ -290,15 +332,36 @@ class StreamingEngine:
             recent_size=recent,
             context_limit=limit,
             chunk_size=chunk,
+            pin_system=pin_system,
         )
 
-    def _new_cache(self, start: int, recent: int, pos_shift: bool = True):
-        """An empty cache for one conversation on this engine's backend."""
+    def _new_cache(self, start: int, recent: int, pos_shift: bool = True, eviction: str = DEFAULT_EVICTION):
+        """An empty cache for one conversation on this engine's backend (the session pins its system prompt on
+        it later, `Session.pin`; `eviction` is the policy of `eviction.py`, the same on both backends)."""
         if self.llamacpp is not None:
-            return self.llamacpp.new_cache(start, recent, pos_shift=pos_shift)
+            return self.llamacpp.new_cache(start, recent, pos_shift=pos_shift, eviction=eviction)
         if not pos_shift:  # dense: a plain growing cache with counters, positions = stream positions
             return StartRecentKVCache(start, recent, pos_shift=False)
-        return StartRecentKVCache(start, recent, rotary_emb=self._rotary_emb, layer_rope=self._layer_rope)
+        return StartRecentKVCache(start, recent, rotary_emb=self._rotary_emb, layer_rope=self._layer_rope,
+                                  eviction=eviction)
+
+    def system_tokens(self, system_prompt: str) -> int:
+        """Tokens of the chat template's whole rendering of `system_prompt`: what pinning it keeps."""
+        templater = self.runtime.templater
+        return len(templater.encode(templater.system_text(system_prompt)))
+
+    def _check_pin(self, system_prompt: str, cache_size: int, chunk: int) -> None:
+        """Refuse a system prompt too long to pin: over `pin_limit`, or leaving the window no room for a prompt
+        chunk next to the head (a chunk that does not fit would evict itself)."""
+        tokens = self.system_tokens(system_prompt)
+        limit = min(self.config.pin_limit, cache_size - chunk - 1)
+        if tokens > limit:
+            because = (f"the pin limit (pin_limit={self.config.pin_limit})" if limit == self.config.pin_limit else
+                       f"what this {cache_size}-token cache can spare ({limit})")
+            raise PinTooLong(
+                f"the system prompt takes {tokens} tokens as the chat template writes it, more than {because} "
+                f"allows to pin: shorten it, or turn pinning off (pin_system=False / --no-pin-system)"
+            )
 
     def _get(self, session_id: str) -> Session:
         # A malformed id is refused before any lookup, and never echoed whole (it may be megabytes long).
@@ -317,6 +380,13 @@ class StreamingEngine:
 
     def stats(self, session_id: str) -> dict:
         return self._get(session_id).stats()
+
+    def memory_map(self, session_id: str) -> list[dict]:
+        """What the model still holds of each message, aligned with `history(session_id)` (system prompt first
+        when there is one): dicts `{"role", "tokens", "held", "state"}`, `state` being "full", "partial",
+        "gone", or "pending" until a restored history is re-encoded by its next turn; `tokens` is None for a message never fed into this cache (skipped when the history was
+        re-encoded). Computed from the cache's stream positions as of the session's last event."""
+        return self._get(session_id).memory_map()
 
     def history(self, session_id: str) -> list[dict]:
         session = self._get(session_id)
@@ -518,7 +588,7 @@ class StreamingEngine:
             if not isinstance(m, dict) or m.get("role") not in ("user", "assistant") or not isinstance(m.get("content"), str):
                 raise ValueError(f"history message {i} must be {{'role': 'user'|'assistant', 'content': text}}")
             clean.append({"role": m["role"], "content": self._check_text(m["content"], f"message {i}", allow_empty=True)})
-        session_id = self.new_session(mode, system_prompt, owner=owner, origin=origin)
+        session_id = self._new_session_pinned_if_possible(mode, system_prompt, owner=owner, origin=origin)
         self._get(session_id).load_history(clean)
         return session_id
 
@@ -570,7 +640,7 @@ class StreamingEngine:
             system, clean = clean[0]["content"], clean[1:]
         # origin "api": reaped on the API's shorter idle timeout. Not counted against a per-owner cap: the
         # API's own pool bounds how many such sessions exist (see webui/openai_api.py).
-        session_id = self.new_session(mode, system, origin="api")
+        session_id = self._new_session_pinned_if_possible(mode, system, origin="api")
         session = self._get(session_id)
         session.owner = owner
         session.load_history(clean)

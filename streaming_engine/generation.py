@@ -16,7 +16,8 @@ pass failed for this conversation: it is raised here, so only this conversation 
 The eviction policy lives here, so that a conversation makes exactly the same evictions alone or batched:
 
 * before the prompt goes in, room for the prompt and the whole reply is made with one `evict_for_space` call
-  when it fits in the recent window (one eviction, one key re-rotation per turn);
+  when it fits in the window after the protected head (one eviction, one key re-rotation per turn); which tokens
+  that takes (oldest tokens, or whole oldest messages) is the cache's policy (`eviction.py`);
 * a prompt longer than that is fed in chunks, evicting before each chunk, so a 50,000-token paste runs in bounded
   memory;
 * a reply that outgrows the window (rare: room is reserved up front whenever it fits) evicts one token per step
@@ -188,7 +189,7 @@ def generate_reply(
     # At most len(prompt) + max_new_tokens - 1 tokens are fed this turn (the last sampled one waits for the next
     # turn), so reserving exactly that leaves the cache full, not short, after a reply that runs to the limit.
     reserve = len(prompt_ids) + max_new_tokens - 1
-    if evict and reserve <= cache.recent_size:
+    if evict and reserve <= cache.window:  # the room after the protected head (sinks or pinned prompt)
         cache.evict_for_space(reserve)
     if not fits(len(prompt_ids)):
         yield Step("finish", reason="context_full")

@@ -16,6 +16,16 @@ Bookkeeping that keeps multi-round chat exact:
   included, for the template). It is appended to before the model runs, so a failure never loses what was written.
   After a failure the cache is dropped and rebuilt from the history on the next turn (`_prime`), the same path a
   restored session takes.
+
+What the model still remembers (see `memory.py`):
+
+* Every message fed is recorded as a span of stream positions (`spans`, parallel to `history`; `system_span`), and
+  each message start is marked on the cache as a boundary, which eviction="turns" evicts whole messages between.
+* With `pin_system` (streaming mode) the template's whole rendering of the system prompt is fed first, encoded on
+  its own, and pinned: the cache's protected head becomes `max(start_size, its tokens)` and it is never evicted.
+  Window mode keeps no head by definition and dense never evicts, so neither pins.
+* The memory map (per message: tokens, tokens held, state) is recomputed from the cache's stream positions on the
+  worker thread before every event (`_refresh_memory`), so readers on other threads get a consistent snapshot.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import torch
 from .batch_cache import ConversationCache
 from .cache import StartRecentKVCache
 from .generation import Decode, Prefill, TurnStopped, generate_reply, prefill_requests
+from .memory import MessageSpan, measure, turns_in_memory
 from .sampling import PENALTY_WINDOW, Sampler, SamplingParams
 from .textstream import TextStream
 
@@ -83,6 +94,7 @@ class Session:
         recent_size: int,
         context_limit: int | None,
         chunk_size: int,
+        pin_system: bool = False,
     ):
         self.id = session_id
         self.mode = mode
@@ -94,7 +106,12 @@ class Session:
         self.recent_size = recent_size
         self.context_limit = context_limit  # dense only: most tokens the cache may hold
         self.chunk_size = chunk_size
+        self.pin_system = bool(pin_system) and mode == "streaming"
         self.history: list[dict] = []
+        self.spans: list[MessageSpan | None] = []  # parallel to `history`: stream positions of each message
+        self.system_span: MessageSpan | None = None
+        self._reply_start = 0  # stream position of the running reply's first token
+        self._memory: list[dict] = []  # the memory map as of the last event (see `_refresh_memory`)
         self._raw: list[dict] = []
         self.stream_text = ""
         self.pending_ids: list[int] = []
@@ -125,9 +142,30 @@ class Session:
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return system + [dict(m) for m in self._raw]
 
+    def memory_map(self) -> list[dict]:
+        """Per message (system prompt first when there is one, then the history): `role`, `tokens`, `held` and
+        `state` ("full", "partial", "gone"; "pending" before a restored history is re-encoded), as of the last
+        event. A copy, safe to read from any thread."""
+        return [dict(entry) for entry in self._memory]
+
+    def _refresh_memory(self) -> None:
+        """Recompute the memory map from the cache's stream positions (worker thread, or an idle session)."""
+        held, seen = self.cache.stream_positions, self.cache.seen_tokens
+        entries = [{"role": "system", **measure(self.system_span, held, seen)}] if self.system_prompt else []
+        for message, span in zip(self.history, self.spans):
+            entries.append({"role": message["role"], **measure(span, held, seen)})
+        if self.needs_prime:  # a restored history, not encoded yet: the next turn re-encodes what fits
+            entries = [{**entry, "state": "pending"} if entry["tokens"] is None else entry for entry in entries]
+        self._memory = entries
+
+    def _live_stats(self) -> dict:
+        self._refresh_memory()
+        return self.stats()
+
     def stats(self) -> dict:
         held = self.cache.get_seq_length()
         kv_bytes = self.cache.kv_bytes()
+        memory = self._memory
         return {
             "mode": self.mode,
             "cache_tokens": held,
@@ -146,14 +184,21 @@ class Session:
             "last_token_latency_s": self.last_token_latency_s,
             "context_limit": self.capacity,
             "context_full": self.context_full,
+            "pinned_tokens": self.cache.pinned,
+            "eviction": self.cache.eviction if self.evicts else None,
+            "turns_in_memory": turns_in_memory(memory),
+            "messages_in_memory": sum(e["state"] == "full" for e in memory if e["role"] != "system"),
+            "messages_forgotten": sum(e["state"] != "full" for e in memory if e["role"] != "system"),
         }
 
     def load_history(self, messages: list[dict]) -> None:
         """Adopt a validated history; the cache is rebuilt from it on the next turn."""
         self.history = [dict(m) for m in messages]
         self._raw = [dict(m) for m in messages]
+        self.spans = [None] * len(messages)  # nothing of it is in the cache until `_prime`
         self.turns = sum(1 for m in messages if m["role"] == "user")
         self.needs_prime = bool(messages)
+        self._refresh_memory()
 
     def rewind(self) -> str:
         """Remove the last user message and everything after it; the cache is rebuilt on the next turn."""
@@ -170,11 +215,13 @@ class Session:
         """Forget everything (the `reset` of a conversation)."""
         self.cache.reset()
         self.history, self._raw = [], []
+        self.spans, self.system_span = [], None
         self.stream_text, self.pending_ids = "", []
         self.recent_ids.clear()
         self.turns, self.reply_tokens = 0, 0
         self.context_full = self.needs_prime = False
         self.time_to_first_token_s = self.tokens_per_s = self.last_token_latency_s = None
+        self._refresh_memory()
 
     # --- a turn ------------------------------------------------------------------------------------------------
 
@@ -188,6 +235,7 @@ class Session:
         self.time_to_first_token_s = self.tokens_per_s = self.last_token_latency_s = None
         self.history.append({"role": "user", "content": message})
         self._raw.append({"role": "user", "content": message})
+        self.spans.append(None)
         if self.context_full:
             yield self._final("", "context_full")
             return
@@ -197,7 +245,7 @@ class Session:
             if self.needs_prime:
                 yield from self._prime(rt)
             text = rt.templater.turn_text(self.stream_text, self.template_messages())
-            prompt_ids = self.pending_ids + rt.templater.encode(text)
+            prompt_ids = self._turn_ids(rt, text)
             self.pending_ids = []
             self.stream_text += text
             self.recent_ids.extend(prompt_ids)
@@ -225,7 +273,7 @@ class Session:
                 if isinstance(step, (Prefill, Decode)):
                     answer = yield step  # the worker runs the forward pass (batched with others for a Decode)
                 elif step.kind == "prefill":
-                    yield Event("delta", "", self.stats())
+                    yield Event("delta", "", self._live_stats())
                 elif step.kind == "token":
                     now = time.perf_counter()
                     if last_time is None:
@@ -238,7 +286,7 @@ class Session:
                     reply_ids.append(step.token_id)
                     self.recent_ids.append(step.token_id)
                     self.reply_tokens = len(reply_ids)
-                    yield Event("delta", stream.push(step.token_id), self.stats())
+                    yield Event("delta", stream.push(step.token_id), self._live_stats())
                 else:
                     reason = step.reason
             if reason == "stopped" and stream.stopped_at is not None and not stop_event.is_set():
@@ -246,7 +294,7 @@ class Session:
             tail = stream.finish()
             self._record_reply(rt, reply_ids, stream, reason)
             if tail:
-                yield Event("delta", tail, self.stats())
+                yield Event("delta", tail, self._live_stats())
             yield self._final(stream.emitted, reason)
         except TurnStopped:  # stopped while the history was being re-encoded: it is re-encoded next turn
             self._record_reply(rt, reply_ids, stream, "stopped")
@@ -255,12 +303,13 @@ class Session:
             self._record_reply(rt, reply_ids, stream, "error")
             self.cache.reset()
             self.stream_text, self.pending_ids = "", []
+            self.spans, self.system_span = [None] * len(self.history), None
             self.needs_prime = True
             yield Event(
                 "error",
                 f"Generation failed ({type(exc).__name__}: {exc}). Your conversation is kept; "
                 "send a message to continue or start a new chat.",
-                self.stats(),
+                self._live_stats(),
                 "error",
             )
         finally:
@@ -269,7 +318,7 @@ class Session:
     def _final(self, text: str, reason: str) -> Event:
         if reason == "context_full":
             self.context_full = True
-        return Event("done", text, self.stats(), reason)
+        return Event("done", text, self._live_stats(), reason)
 
     def _record_reply(self, rt: Runtime, reply_ids: list[int], stream: TextStream, reason: str) -> None:
         if not reply_ids:
@@ -281,28 +330,130 @@ class Session:
         shown = stream.emitted if reason != "error" else stream.text()
         self.history.append({"role": "assistant", "content": shown})
         self._raw.append({"role": "assistant", "content": raw})
+        self.spans.append(None)
+        self._open_span(self._reply_start, len(self.history) - 1)
+
+    def _open_span(self, start: int, index: int | None) -> None:
+        """Message `index` of the history (None: the system prompt) begins at stream position `start`: the span
+        still open ends there, and the cache learns the boundary."""
+        for span in (self.system_span, *self.spans):
+            if span is not None and span.end is None:
+                span.end = max(span.start, start)
+        if index is None:
+            self.system_span = MessageSpan(start)
+        else:
+            self.spans[index] = MessageSpan(start)
+        self.cache.mark_boundary(start)
+
+    def _turn_ids(self, rt: Runtime, text: str) -> list[int]:
+        """Token ids of a turn's `text` (after the pending end-of-turn token), recording where each message
+        begins. The first text of a conversation opens with the system prompt: encoded on its own (and pinned)."""
+        start = self.cache.seen_tokens
+        system_ids: list[int] = []
+        if not self.stream_text and self.system_prompt:
+            system_text = rt.templater.system_text(self.system_prompt, text)
+            if system_text:
+                system_ids = rt.templater.encode(system_text)
+                text = text[len(system_text):]
+                self._open_span(start, None)
+                if self.pin_system:
+                    self.cache.pin(len(system_ids))
+        ids = self.pending_ids + system_ids + rt.templater.encode(text)
+        self._open_span(start + len(system_ids), len(self.history) - 1)
+        self._reply_start = start + len(ids)
+        self.cache.mark_boundary(self._reply_start)
+        return ids
 
     def _prime(self, rt: Runtime) -> Generator:
-        """Re-encode the history into an empty cache, keeping the sinks and the tail that fits (yields `Prefill`
-        requests). Until it completes, `needs_prime` stays set, so a stop or a failure half-way is retried."""
+        """Re-encode the history into an empty cache, keeping the protected head (the pinned system prompt, or the
+        sinks) and the tail that fits (yields `Prefill` requests). Each message is encoded on its own so that its
+        span is known; under eviction="turns" the tail starts at a message. Until it completes, `needs_prime`
+        stays set, so a stop or a failure half-way is retried."""
         self.cache.reset()
         self.stream_text, self.pending_ids = "", []
+        self.spans, self.system_span = [None] * len(self.history), None
         messages = self.template_messages()[:-1]  # everything before the user turn now running
         if not any(m["role"] != "system" for m in messages):
             self.needs_prime = False
             return
         text = rt.templater.render(messages, add_generation_prompt=False)
-        ids = rt.templater.encode(text)
-        if self.mode == "dense":
-            budget = max(1, self.context_limit // 2)
-            head = 0
+        parts = self._prime_parts(rt, messages)
+        if parts is None:  # a template that rewrites earlier turns: no per-message cut, so no spans either
+            ids = rt.templater.encode(text)
+            budget, head = self._prime_budget(0)
+            if len(ids) > budget:
+                ids = ids[:head] + ids[len(ids) - (budget - head):]
         else:
-            # Leave half of the recent window free for the coming turn.
-            budget = self.start_size + max(1, self.recent_size // 2)
-            head = self.start_size
-        if len(ids) > budget:
-            ids = ids[:head] + ids[len(ids) - (budget - head):]
+            offset = 1 if messages[0]["role"] == "system" else 0
+            ids, pinned = [], 0
+            for k, part, missing in parts:
+                self._open_span(len(ids), None if k < offset else k - offset)
+                (self.system_span if k < offset else self.spans[k - offset]).missing = missing
+                if k < offset and self.pin_system:
+                    pinned = len(part)
+                ids += part
+            self.cache.pin(pinned)
         yield from prefill_requests(self.cache, ids, self.chunk_size, self.evicts)
         self.needs_prime = False
         self.stream_text = text
         self.recent_ids.extend(ids)
+
+    def _prime_budget(self, pinned: int) -> tuple[int, int]:
+        """(tokens to re-encode, of which the head) for a cache rebuilt from the history: the head plus half of
+        the room after it, so the coming turn has the other half (dense: half its limit, no head)."""
+        if self.mode == "dense":
+            return max(1, self.context_limit // 2), 0
+        head = max(self.start_size, pinned)
+        return head + max(1, (self.start_size + self.recent_size - head) // 2), head
+
+    def _prime_parts(self, rt: Runtime, messages: list[dict]) -> list[tuple[int, list[int], int]] | None:
+        """What `_prime` feeds, as `(message index in messages, ids, tokens of it left out)` in stream order:
+        the head (the pinned system prompt whole, or the first tokens as sinks) and the tail that fits. None when
+        the template cannot be cut into messages."""
+        encode = rt.templater.encode
+
+        def piece(k: int) -> list[int] | None:
+            try:
+                text = rt.templater.piece(messages, k)
+            except Exception:  # noqa: BLE001 - a template that refuses a partial conversation
+                return None
+            return None if text is None else encode(text)
+
+        head: list[list] = []
+        if self.pin_system and messages[0]["role"] == "system":
+            ids = piece(0)
+            if ids is None:
+                return None
+            head = [[0, ids, 0]]
+            budget, sinks = self._prime_budget(len(ids))
+        else:
+            budget, sinks = self._prime_budget(0)
+            taken = 0
+            while taken < sinks and len(head) < len(messages):  # the sinks: the conversation's first tokens
+                ids = piece(len(head))
+                if ids is None:
+                    return None
+                take = min(sinks - taken, len(ids))
+                head.append([len(head), ids[:take], len(ids) - take, ids])
+                taken += take
+        room = budget - sum(len(part[1]) for part in head)
+        tail, used = [], 0
+        for k in range(len(messages) - 1, len(head) - 1, -1):
+            ids = piece(k)
+            if ids is None:
+                return None
+            tail.insert(0, [k, ids, 0])
+            used += len(ids)
+            if used > room:
+                break
+        else:  # everything after the head fits: the head's messages go in whole if they fit too
+            sink_parts = [part for part in head if len(part) == 4]  # [k, sink ids, missing, whole ids]
+            if sink_parts and used + sum(len(part[3]) for part in sink_parts) <= budget:
+                head = [[part[0], part[3], 0] for part in sink_parts]
+        if self.cache.eviction == "turns":
+            while len(tail) > 1 and used > room:  # whole messages from the front
+                used -= len(tail.pop(0)[1])
+        if used > room:  # the oldest message of the tail in part (one message longer than the room, or "tokens")
+            cut = used - room
+            tail[0][1], tail[0][2] = tail[0][1][cut:], tail[0][2] + cut
+        return [(k, ids, missing) for k, ids, missing, *_ in head + tail]

@@ -111,6 +111,32 @@ class ChatTemplater:
         # Last resort: render the new user message on its own (a template that cannot be diffed at all).
         return self.render(messages[-1:], add_generation_prompt=True)
 
+    def system_text(self, system_prompt: str, text: str | None = None) -> str:
+        """The leading part of `text` (a rendering that starts with this system prompt; default: the prompt of a
+        first user turn) that renders the system prompt: what a session pins. "" when it cannot be found.
+
+        Templates with a system role write it as a block of its own, which is `render([system])`; templates that
+        fold it into the first user turn (Gemma) get the text up to the end of the prompt's content."""
+        system = {"role": "system", "content": system_prompt}
+        if text is None:
+            text = self.render([system, {"role": "user", "content": "."}], add_generation_prompt=True)
+        try:
+            alone = self.render([system], add_generation_prompt=False)
+        except Exception:  # noqa: BLE001 - some templates refuse a conversation without a user turn
+            alone = ""
+        if alone and text.startswith(alone):
+            return alone
+        content = self.neutralize(system_prompt)
+        at = text.find(content) if content else -1
+        return text[: at + len(content)] if at >= 0 else ""
+
+    def piece(self, messages: list[dict], k: int) -> str | None:
+        """The text the template writes for message `k` of `messages` (the rendering of `messages[:k+1]` minus that
+        of `messages[:k]`), or None when the template rewrites earlier messages so that no such cut exists."""
+        before = self.render(messages[:k], add_generation_prompt=False) if k else ""
+        upto = self.render(messages[: k + 1], add_generation_prompt=False)
+        return upto[len(before):] if upto.startswith(before) else None
+
     def encode(self, text: str) -> list[int]:
         """Token ids of template text (special tokens are spelled out in the text, so none are added)."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -18,13 +18,17 @@ from streaming_engine.generation import forward, forward_batch
 GREEDY = dict(temperature=0.0, repetition_penalty=1.0)
 ROW_TOLERANCE = 1e-4
 
-# (start_size, recent_size, pos_shift, prompt length): rows that evict often, rarely, never (a window far larger
-# than the stream), one without sinks (window mode) and one dense row (no position shift, never evicts).
-ROWS = [(4, 20, True, 12), (2, 33, True, 30), (4, 200, True, 9), (0, 16, True, 5), (0, 120, False, 17)]
+# (start_size, recent_size, pos_shift, prompt length, pinned head, eviction): rows that evict often, rarely, never
+# (a window far larger than the stream), one without sinks (window mode), one dense row (no position shift, never
+# evicts), and rows with pinned heads of different lengths, evicting tokens or whole messages.
+ROWS = [(4, 20, True, 12, 0, "tokens"), (2, 33, True, 30, 9, "turns"), (4, 200, True, 9, 0, "tokens"),
+        (0, 16, True, 5, 0, "tokens"), (0, 120, False, 17, 0, "tokens"), (4, 24, True, 14, 13, "turns"),
+        (4, 20, True, 10, 7, "tokens")]
 
 
-def conversation(rotary, start, recent, pos_shift):
-    return ConversationCache(StartRecentKVCache(start, recent, rotary_emb=rotary, pos_shift=pos_shift))
+def conversation(rotary, start, recent, pos_shift, pin=0, eviction="tokens"):
+    return ConversationCache(StartRecentKVCache(start, recent, rotary_emb=rotary, pos_shift=pos_shift, pin=pin,
+                                                eviction=eviction))
 
 
 #: Families whose conversations share one batched pass; the hybrid ones (local sliding-window layers, Gemma 3's
@@ -51,16 +55,16 @@ def test_every_row_equals_its_conversation_alone_as_rows_evict_join_and_leave(fa
     model = tiny_model(family, layers=2)
     rotary = find_rotary_embedding(model)
     generator = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 90, (n,), generator=generator).tolist() for *_, n in ROWS]
-    alone = [conversation(rotary, s, r, p) for s, r, p, _ in ROWS]
-    batched = [conversation(rotary, s, r, p) for s, r, p, _ in ROWS]
+    prompts = [torch.randint(3, 90, (row[3],), generator=generator).tolist() for row in ROWS]
+    alone = [conversation(rotary, s, r, p, pin, ev) for s, r, p, _, pin, ev in ROWS]
+    batched = [conversation(rotary, s, r, p, pin, ev) for s, r, p, _, pin, ev in ROWS]
     for cache, prompt in zip(alone + batched, prompts + prompts):
         forward(model, cache.solo, prompt)
     batch = BatchedSinkCache(max_batch=8)
     # Rows join at different steps; row 1 leaves at step 20 and comes back at step 26; the others stay.
-    joins = {0: [0, 2], 5: [1, 4], 11: [3], 26: [1]}
+    joins = {0: [0, 2], 3: [5], 5: [1, 4], 8: [6], 11: [3], 26: [1]}
     leaves = {20: [1]}
-    evicted_rows, worst = set(), 0.0
+    evicted_rows, rounded_rows, worst = set(), set(), 0.0
     for step in range(60):
         for i in joins.get(step, []):
             batch.join(batched[i])
@@ -72,16 +76,23 @@ def test_every_row_equals_its_conversation_alone_as_rows_evict_join_and_leave(fa
         for i in members:
             block = 1 if step % 4 else 3  # evictions of one and of several tokens
             for cache in (alone[i], batched[i]):
+                if step % 5 == i % 3:  # messages of 5 tokens, at different offsets per row
+                    cache.mark_boundary()
                 if ROWS[i][2]:  # the dense row never evicts
                     evicted = cache.evict_for_space(block)
             if ROWS[i][2] and evicted:
                 evicted_rows.add(i)
+            if ROWS[i][2] and evicted > block:  # rounded up to a message boundary
+                rounded_rows.add(i)
             expected[i] = forward(model, alone[i].solo, [tokens[i]])
         logits = forward_batch(model, batch, [tokens[batched.index(c)] for c in batch.rows])
         for i in members:
             worst = max(worst, (logits[batched[i].row] - expected[i]).abs().max().item())
     assert worst <= ROW_TOLERANCE
-    assert evicted_rows == {0, 1, 3} and batched[2].evicted_tokens == 0 == batched[4].evicted_tokens
+    assert rounded_rows == {1, 5}  # the rows under eviction="turns"
+    assert evicted_rows == {0, 1, 3, 5, 6} and batched[2].evicted_tokens == 0 == batched[4].evicted_tokens
+    for i, (*_, pin, _) in enumerate(ROWS):
+        assert batched[i].stream_positions[:pin] == list(range(pin))  # pinned heads survive in a batch
     for a, b in zip(alone, batched):
         assert (a.get_seq_length(), a.seen_tokens, a.evicted_tokens) == (b.get_seq_length(), b.seen_tokens,
                                                                          b.evicted_tokens)

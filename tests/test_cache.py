@@ -38,15 +38,20 @@ def test_every_supported_family_has_a_test_case():
     assert set(SUPPORTED_FAMILIES) <= set(FAMILY_CASES)
 
 
+#: Pinned heads the exactness tests run with: none (the sinks alone) and one longer than the 4 sinks.
+PINS = (0, 11)
+
+
+@pytest.mark.parametrize("pin", PINS)
 @pytest.mark.parametrize("family", FAMILY_CASES)
-def test_one_layer_streaming_logits_equal_reencoding_the_kept_tokens(family):
+def test_one_layer_streaming_logits_equal_reencoding_the_kept_tokens(family, pin):
     model = tiny_model(family, layers=1)
     if family == "gemma2":  # one local layer alone: enable_streaming_llm refuses it (no layer would see the sinks),
         # but that layer's exactness against a re-encoding is what is checked here
         rotary = find_rotary_embedding(model)
-        cache = StartRecentKVCache(4, 28, rotary_emb=rotary, layer_rope=layer_rope_kinds(model, rotary))
+        cache = StartRecentKVCache(4, 28, rotary_emb=rotary, layer_rope=layer_rope_kinds(model, rotary), pin=pin)
     else:
-        cache = enable_streaming_llm(model, start_size=4, recent_size=28)
+        cache = enable_streaming_llm(model, start_size=4, recent_size=28, pin=pin)
     ids = stream_ids(200)
     worst = 0.0
     with torch.no_grad():
@@ -55,6 +60,7 @@ def test_one_layer_streaming_logits_equal_reencoding_the_kept_tokens(family):
             got = model(ids[:, t : t + 1], past_key_values=cache, position_ids=next_position_ids(cache, 1)).logits[0, -1]
             kept = cache.stream_positions  # stream index of every held token, this one included
             assert len(kept) <= 32
+            assert kept[: max(4, pin)] == list(range(min(t + 1, max(4, pin))))  # the protected head stays
             want = model(ids[:, kept]).logits[0, -1]  # fresh encoding at positions 0..n-1
             worst = max(worst, (got - want).abs().max().item())
     assert cache.evicted_tokens == 200 - 32
@@ -78,9 +84,9 @@ class PerStepRopeCache(Cache):
     positions 0..n-1 on every step. Eviction just drops tokens; nothing is ever re-rotated. Local layers see the
     model's window of the held tokens through the model's own masks, as in a re-encoding."""
 
-    def __init__(self, model, start_size, recent_size):
+    def __init__(self, model, start_size, recent_size, pin=0):
         super().__init__(layer_class_to_replicate=DynamicLayer)
-        self.model, self.start_size, self.cache_size = model, start_size, start_size + recent_size
+        self.model, self.start_size, self.cache_size = model, max(start_size, pin), start_size + recent_size
 
     def _rope(self, x, positions, sign, layer_idx):
         rope = reference_rope(self.model, layer_idx)
@@ -109,12 +115,13 @@ class PerStepRopeCache(Cache):
                 layer.values = torch.cat((layer.values[:, :, :s], layer.values[:, :, e:]), dim=-2)
 
 
+@pytest.mark.parametrize("pin", PINS)
 @pytest.mark.parametrize("family", FAMILY_CASES)
-def test_multi_layer_streaming_logits_equal_per_step_rope_reference(family):
+def test_multi_layer_streaming_logits_equal_per_step_rope_reference(family, pin):
     model = tiny_model(family, layers=3)
     ids = stream_ids(120)
-    ours = stream_logits(model, enable_streaming_llm(model, 4, 28), ids)
-    reference = stream_logits(model, PerStepRopeCache(model, 4, 28), ids)
+    ours = stream_logits(model, enable_streaming_llm(model, 4, 28, pin=pin), ids)
+    reference = stream_logits(model, PerStepRopeCache(model, 4, 28, pin), ids)
     worst = max((a - b).abs().max().item() for a, b in zip(ours, reference))
     assert worst <= TOL
 
@@ -229,6 +236,77 @@ def test_counters_kv_bytes_reset_and_new():
     assert (fresh.start_size, fresh.recent_size, fresh.get_seq_length(), fresh.seen_tokens) == (4, 12, 0, 0)
     cache.reset()
     assert (cache.get_seq_length(), cache.seen_tokens, cache.evicted_tokens, cache.kv_bytes()) == (0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("start_size,pin,recent_size", [(4, 9, 12), (0, 5, 8), (4, 2, 10), (1, 30, 40)])
+def test_a_pinned_head_survives_any_number_of_evictions(start_size, pin, recent_size):
+    model = tiny_model("llama", layers=2)
+    cache = enable_streaming_llm(model, start_size, recent_size, pin=pin)
+    head = max(start_size, pin)
+    assert (cache.protected, cache.window) == (head, start_size + recent_size - head)
+    ids = stream_ids(150)
+    with torch.no_grad():
+        for t in range(0, 150, 3):  # blocks of 3 and single tokens: evictions of every size
+            block = 3 if t % 2 else 1
+            cache.evict_for_space(block)
+            model(ids[:, t : t + block], past_key_values=cache, position_ids=next_position_ids(cache, block))
+            held = cache.stream_positions
+            assert len(held) <= cache.cache_size
+            assert held[:head] == list(range(min(head, len(held))))
+    assert cache.evicted_tokens == cache.seen_tokens - cache.get_seq_length() >= 100 - cache.cache_size
+    with pytest.raises(ValueError, match="pinned"):
+        cache.evict_range(pin - 1, pin + 1)
+    assert cache.evict_range(pin, pin + 1) == 1  # past the pinned tokens an explicit range may go (sinks too)
+    assert cache.new().pinned == pin
+    with pytest.raises(ValueError, match="pin must be an integer"):
+        cache.pin(cache.cache_size)
+
+
+def message_lengths(total: int, window: int, seed: int = 3) -> list[int]:
+    """Message lengths summing to `total`: mostly shorter than `window`, one of them longer (a long paste)."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = []
+    while sum(lengths) < total:
+        lengths.append(int(torch.randint(1, window // 2, (1,), generator=generator)))
+        if len(lengths) == 6:
+            lengths.append(window + 9)
+    lengths[-1] -= sum(lengths) - total
+    return lengths
+
+
+@pytest.mark.parametrize("eviction", ["tokens", "turns"])
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "qwen3", "gemma3_text"])
+def test_turn_eviction_keeps_whole_messages_and_the_position_shift_exact(family, eviction):
+    """Under "turns" every finished message is wholly held or wholly gone (only one longer than the window may be
+    cut); under "tokens" messages are cut. Either way the logits equal a re-encoding of the kept tokens."""
+    model = tiny_model(family, layers=1)
+    cache = enable_streaming_llm(model, 4, 28, pin=6, eviction=eviction)
+    lengths = [6] + message_lengths(194, cache.window)  # the first "message" is the pinned head
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    ids = stream_ids(200)
+    worst, partial = 0.0, 0
+    with torch.no_grad():
+        for t in range(200):
+            if t in starts:
+                cache.mark_boundary()
+            cache.evict_for_space(1)
+            got = model(ids[:, t : t + 1], past_key_values=cache, position_ids=next_position_ids(cache, 1)).logits[0, -1]
+            kept = cache.stream_positions
+            want = model(ids[:, kept]).logits[0, -1]
+            worst = max(worst, (got - want).abs().max().item())
+            current = max(i for i, s in enumerate(starts) if s <= t)
+            for i in range(current):  # finished messages
+                held = sum(starts[i] <= p < starts[i] + lengths[i] for p in kept)
+                if 0 < held < lengths[i]:
+                    partial += 1
+                    if eviction == "turns":
+                        assert lengths[i] > cache.window, (i, held, lengths[i])
+    assert worst <= TOL
+    assert cache.stream_positions[:6] == list(range(6))
+    if eviction == "tokens":
+        assert partial > 0  # the paper's policy cuts messages: the assertion above can fail
+    else:
+        assert cache.evicted_tokens > 150
 
 
 def test_unsupported_families_are_refused_with_the_supported_list():

@@ -40,3 +40,21 @@ def test_prompts_can_come_from_stdin_and_bad_files_are_reported(tiny_model_dir, 
     with pytest.raises(SystemExit, match="broken.jsonl:1"):
         chat.main([str(broken), "--model", tiny_model_dir])
     assert chat.main(["--model", tiny_model_dir, "--recent-size", "0"]) == 2
+
+
+@pytest.mark.parametrize("eviction", ["tokens", "turns"])
+def test_the_chat_pins_its_system_prompt_and_says_how_many_turns_it_still_holds(tiny_model_dir, tmp_path, capsys,
+                                                                                  eviction):
+    prompts = tmp_path / "questions.txt"
+    prompts.write_text("\n".join(f"Question {i}: what about ships?" for i in range(8)))
+    common = [str(prompts), "--model", tiny_model_dir, "--recent-size", "60", "--max-new-tokens", "12",
+              "--system", "Be brief.", "--eviction", eviction]
+    assert chat.main(common) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[cache ")]
+    pinned = {line.split("pinned ")[1].split()[0] for line in lines}
+    assert len(pinned) == 1 and int(pinned.pop()) > 4
+    assert "turns in memory 8/8" not in lines[-1] and "turns in memory" in lines[-1]
+    assert chat.main(common + ["--no-pin-system"]) == 0
+    assert "| pinned 0 |" in capsys.readouterr().out
+    assert chat.main(common + ["--pin-limit", "3"]) == 2
+    assert "pin_limit=3" in capsys.readouterr().err

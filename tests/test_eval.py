@@ -322,3 +322,34 @@ def test_r_data_reader_reads_text_vectors_by_name(tmp_path):
 def test_r_data_reader_refuses_other_formats():
     with pytest.raises(ValueError, match="XDR"):
         RReader(b"A\n1\n")
+
+
+def test_recall_benchmark_runs_on_a_tiny_model_with_limit(tmp_path, tiny_chat_model, default_tokenizer):
+    from streaming_engine.eval import recall
+
+    folder = tmp_path / "tiny"
+    tiny_chat_model.save_pretrained(folder)
+    default_tokenizer.save_pretrained(folder)
+    out = tmp_path / "recall.json"
+    assert recall.main(["--model", str(folder), "--device", "cpu", "--dtype", "float32", "--start-size", "4",
+                        "--recent-size", "100", "--dense-max-context", "600", "--distances", "0,40,240",
+                        "--turns", "9", "--probe-every", "4", "--personas", "2", "--limit", "4", "--no-progress",
+                        "--recall-methods", ",".join(recall.METHODS), "--adherence-methods", ",".join(recall.METHODS),
+                        "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["recall"]) == set(recall.METHODS)
+    for method, data in result["recall"].items():
+        trials = data["trials"]
+        assert 0 < len(trials) <= 4 and [t["distance_target"] for t in trials] == [0, 40, 240, 0][: len(trials)]
+        assert all(t["distance"] >= t["distance_target"] for t in trials)
+        probes = result["adherence"][method]["probes"]
+        assert [p["turn"] for p in probes] == [1, 4] * 2  # two personas, probes at turn 1 and 4 of 4
+        pinned = {p["pinned_tokens"] for p in probes}
+        assert (pinned != {0}) == (method in ("streaming-tokens", "streaming-turns"))
+    # A fact 240 tokens back has left the 104-token cache of every bounded method.
+    for method in ("streaming-tokens", "window"):
+        far = [t for t in result["recall"][method]["trials"] if t["distance_target"] == 240]
+        assert far and far[0]["fact_state"] == "gone"
+    assert (tmp_path / "recall.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        recall.main(["--recall-methods", "streaming,bogus"])

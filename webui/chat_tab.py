@@ -45,6 +45,7 @@ from .render import (
     final_reply,
     gauges_html,
     inert,
+    mark_memory,
     user_and_pending_reply,
 )
 from .sessions import TABS, conversation_state, owner_of, tab_of
@@ -88,7 +89,7 @@ def view(conversations: Conversations, opened: Opened | None, record: dict) -> l
     """The page showing `opened` (None: an empty new chat), with `record` as the browser's record."""
     state = {"token": opened.token} if opened else {}
     return [
-        shown_messages(opened.messages) if opened else [],
+        mark_memory(shown_messages(opened.messages), conversations.memory_map(opened.token)) if opened else [],
         gauges_html(session_stats(conversations, opened.session_id) if opened else None,
                     capacity=conversations.engine.config.cache_size),
         state,
@@ -183,10 +184,12 @@ def stream_turn(conversations, message, messages, state, record, system_prompt, 
             reply += event.text
             if throttle.due():
                 messages[-1] = {"role": "assistant", "content": inert(reply)}
+                messages = mark_memory(messages, conversations.memory_map(token))  # live: evictions fade older ones
                 yield messages, "", gauges_html(event.stats, phase="generating"), state, SKIP, SKIP
         elif event.kind == "done":
             taken, gauges = True, gauges_html(event.stats)
             messages[-1] = {"role": "assistant", "content": final_reply(event, CONTEXT_FULL_NOTE)}
+            messages = mark_memory(messages, conversations.memory_map(token))
             yield messages, "", gauges, state, SKIP, SKIP
         else:
             gr.Warning(event.text)
@@ -224,7 +227,7 @@ def retry_last(conversations, messages, state, record, system_prompt, temp, p, k
         if not token:
             raise ValueError("there is no message to retry yet")
         message = conversations.retry(token, owner=owner_of(request))
-        shown = shown_messages(conversations.messages(token))
+        shown = mark_memory(shown_messages(conversations.messages(token)), conversations.memory_map(token))
     except (ValueError, KeyError, EngineBusy) as exc:
         gr.Warning(str(exc))
         yield messages, SKIP, SKIP, state, SKIP, SKIP
@@ -393,7 +396,9 @@ def build_chat_tab(demo: gr.Blocks, conversations: Conversations, visitor_cache_
         if examples:
             gr.Examples([[e] for e in examples], inputs=msg, label="Try one", elem_id="examples")
         with gr.Accordion("Settings", open=False, elem_id="settings"):
-            system = gr.Textbox(label="System prompt (applies to new chats)", lines=2,
+            pinned = (f"pinned in the model's memory, up to {cfg.pin_limit} tokens" if cfg.pin_system
+                      else "not pinned: it leaves the memory like any message")
+            system = gr.Textbox(label=f"System prompt (applies to new chats; {pinned})", lines=2,
                                 max_length=MAX_SYSTEM_PROMPT_CHARS, elem_id="system",
                                 placeholder="Empty: the model's own default, if its chat template has one.")
             with gr.Row():

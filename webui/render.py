@@ -92,6 +92,44 @@ def display_messages(history: list[dict]) -> list[dict]:
     ]
 
 
+#: Put before a message the model can no longer see (all of it, or a part), so the page can fade it (style.css).
+FORGOTTEN_MARK = ('<span class="memory-gone" title="This message has left the KV cache: the model no longer sees '
+                  'it.">no longer in the model\'s memory</span>\n\n')
+PARTLY_FORGOTTEN_MARK = ('<span class="memory-partial" title="Part of this message has left the KV cache.">partly '
+                         'out of the model\'s memory ({held} of {tokens} tokens held)</span>\n\n')
+
+
+def mark_memory(messages: list[dict], memory: list[dict]) -> list[dict]:
+    """Chatbot `messages` with a marker before each one the model no longer holds in full, from the engine's
+    memory map (`engine.memory_map`, system prompt first when there is one; the reply being written may not be in
+    it yet). Markers already there are replaced, so this runs on every repaint while tokens are evicted."""
+    entries = [e for e in memory if e["role"] != "system"]
+    out = []
+    for i, message in enumerate(messages):
+        state = entries[i] if i < len(entries) else None
+        mark = ""
+        if state is not None and state["state"] == "gone":
+            mark = FORGOTTEN_MARK
+        elif state is not None and state["state"] == "partial":
+            mark = PARTLY_FORGOTTEN_MARK.format(held=state["held"], tokens=state["tokens"])
+        content = message["content"]
+        if isinstance(content, str):
+            content = mark + _unmarked(content)
+        elif isinstance(content, list) and content and isinstance(content[0], dict) and "text" in content[0]:
+            # The Chatbot hands its messages back as content parts ([{"type": "text", "text": ...}, ...]).
+            content = [{**content[0], "text": mark + _unmarked(content[0]["text"])}, *content[1:]]
+        out.append({**message, "content": content})
+    return out
+
+
+def _unmarked(content: str) -> str:
+    if content.startswith(FORGOTTEN_MARK):
+        return content[len(FORGOTTEN_MARK):]
+    if content.startswith('<span class="memory-partial"'):
+        return content.split("</span>\n\n", 1)[-1]
+    return content
+
+
 class Throttle:
     """`due()` is True at most once per `interval` seconds: how often a streaming handler repaints the page."""
 
@@ -122,6 +160,10 @@ GAUGE_HELP = {
     "time_to_first_token_s": "Wait between sending and the first word of the reply.",
     "turns": "Messages you have sent in this conversation (kept in the history, even when their tokens are "
              "evicted from the cache).",
+    "turns_in_memory": "Turns (your message and its reply) the model still sees whole; older ones have left the "
+                       "cache in part or in full, and are shown faded in the chat.",
+    "pinned_tokens": "Tokens of the system prompt kept in the cache for good, next to the attention sinks, so the "
+                     "model never forgets its instructions.",
 }
 #: What the cache is doing, as a short label and one sentence (`{free}`, `{capacity}`, `{turns}` filled in).
 GAUGE_STATES = {
@@ -186,7 +228,8 @@ def gauges_html(stats: dict | None, title: str = "Cache", phase: str = "idle", c
     help_items = "".join(f"<li><b>{name}</b>: {html.escape(GAUGE_HELP[key])}</li>" for key, name in (
         ("fill", "Cache fill"), ("sink_tokens", "Attention sinks"), ("evicted_tokens", "Evicted"),
         ("seen_tokens", "Tokens seen"), ("kv_bytes", "KV memory"), ("tokens_per_s", "Speed"),
-        ("time_to_first_token_s", "First token"), ("turns", "Turns")))
+        ("time_to_first_token_s", "First token"), ("turns", "Turns"), ("turns_in_memory", "Turns fully in memory"),
+        ("pinned_tokens", "Pinned system prompt")))
     return (
         f'<div class="gauges" data-mode="{s.get("mode", "")}" data-phase="{phase}" data-state="{state}" '
         f'data-context-full="{str(bool(s.get("context_full"))).lower()}">'
@@ -206,6 +249,10 @@ def gauges_html(stats: dict | None, title: str = "Cache", phase: str = "idle", c
         + row("tokens_per_s", "Speed", rate or 0, f"{rate:.1f} tok/s" if rate else "–")
         + row("time_to_first_token_s", "First token", ttft or 0, f"{ttft:.2f} s" if ttft else "–")
         + row("turns", "Turns", s.get("turns", 0), f"{s.get('turns', 0)}")
+        + row("turns_in_memory", "Turns fully in memory", s.get("turns_in_memory", 0),
+              f"{s.get('turns_in_memory', 0)} of {s.get('turns', 0)}")
+        + row("pinned_tokens", "Pinned system prompt", s.get("pinned_tokens", 0),
+              f"{s.get('pinned_tokens', 0)} tokens" if s.get("pinned_tokens") else "–")
         + '</div><details class="gauge-help"><summary>What do these mean?</summary>'
         f'<ul>{help_items}</ul></details></div>'
     )

@@ -1,0 +1,57 @@
+"""Which tokens an eviction takes: the oldest ones after the protected head, rounded to a message boundary.
+
+Both caches (`cache.StartRecentKVCache` alone, `batch_cache.ConversationCache` as a batch row) ask this module how
+many tokens `evict_for_space(n)` must remove, so a conversation makes the same evictions alone or batched. Which
+*position* the kept tokens get afterwards is not decided here (that is `positions.py`), nor how they move.
+
+* The **protected head** is `max(start_size, pinned)` tokens: the attention sinks, or a pinned prefix such as the
+  system prompt if that is longer (`StartRecentKVCache.pin`). `evict_for_space` never takes a head token.
+* Policy **"tokens"** is the paper's: the oldest tokens after the head, exactly as many as needed.
+* Policy **"turns"** rounds that count *up* to the next message boundary (a stream position where a message began,
+  recorded by whoever feeds messages: `mark_boundary`), so the model never sees the tail of a message without its
+  beginning. When the cut falls inside the message still being fed (one message longer than the window: a long
+  paste, a runaway reply), no boundary lies ahead of it and the count stays as it is: token eviction.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+#: Eviction policies: "tokens" (oldest tokens first, the paper) or "turns" (whole past messages, oldest first).
+EVICTION_POLICIES = ("tokens", "turns")
+
+
+def check_policy(eviction) -> str:
+    if eviction not in EVICTION_POLICIES:
+        raise ValueError(f"eviction must be one of {', '.join(EVICTION_POLICIES)}; got {eviction!r}")
+    return eviction
+
+
+def tokens_needed(held: int, protected: int, cache_size: int, num_coming: int) -> int:
+    """How many of the oldest tokens after the protected head must go so `num_coming` more fit in `cache_size`
+    (0 when they fit; never more than the tokens after the head)."""
+    if num_coming < 0:
+        raise ValueError(f"num_coming must be >= 0, got {num_coming}")
+    return max(0, min(held + num_coming - cache_size, held - protected))
+
+
+def round_to_message(after_head, count: int, boundaries: list[int], seen: int) -> int:
+    """`count` raised so that the eviction ends at a message boundary, or `count` itself when none lies ahead.
+
+    `after_head`: stream positions of the tokens held after the protected head, in cache (= stream) order, as a
+    list or a 1-D tensor; the `count` oldest of them must go. `boundaries`: sorted stream positions where messages
+    begin; a boundary counts only once reached (`<= seen`, the next stream position), so the reply or prompt still
+    being fed is never rounded away. Evicting everything up to boundary `b` removes every held token before `b`.
+    """
+    held = len(after_head)
+    if count <= 0 or count >= held:
+        return max(count, 0)
+    first_kept = int(after_head[count])  # the oldest token the plain eviction would keep
+    i = bisect.bisect_left(boundaries, first_kept)
+    if i == len(boundaries) or boundaries[i] > seen:
+        return count  # the cut is inside the message being fed: token eviction
+    b = boundaries[i]
+    # Tokens before b (after_head is sorted): all of them go, and nothing of the message starting at b.
+    if isinstance(after_head, list):
+        return bisect.bisect_left(after_head, b)
+    return int((after_head < b).sum())
