@@ -164,6 +164,62 @@ def test_after_evictions_both_backends_keep_the_same_tokens_and_predict_alike(ll
 
 @needs_llamacpp
 @pytest.mark.model
+@pytest.mark.parametrize("eviction", ["turns", "tokens"])
+@pytest.mark.parametrize("start_size,recent_size,pin,chunk", [(4, 92, 24, 16), (0, 80, 12, 8)])
+def test_with_a_pinned_head_both_backends_keep_the_same_tokens_and_predict_alike(llama, default_model, eviction,
+                                                                               start_size, recent_size, pin, chunk):
+    """As above, with a pinned head longer than the sinks and messages of irregular lengths: both caches evict
+    through `eviction.py`, so they keep the same stream positions after every chunk, the pinned head included; under
+    eviction="turns" what is kept after the head starts at a message."""
+    import importlib
+
+    from streaming_engine.eval.backend_agreement import compare
+
+    hf_model, tokenizer = default_model
+    text = "\n\n".join(importlib.import_module(name).__doc__ for name in EVAL_MODULES)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:300]
+    boundaries, position = [], pin
+    for length in (9, 23, 14, 31, 6, 27, 18, 11, 25, 20, 8, 29, 16, 22, 13, 30):
+        boundaries.append(position)
+        position += length
+    context = llama[0].new_context(sequences=1, seq_capacity=start_size + recent_size, batch_tokens=chunk)
+    try:
+        result = compare(hf_model, context, ids, start_size=start_size, recent_size=recent_size, chunk=chunk, pin=pin,
+                         eviction=eviction, boundaries=boundaries)
+    finally:
+        context.close()
+    assert result["bookkeeping_mismatches"] == 0  # same held / evicted / seen and the same kept tokens
+    final = result["final"]
+    assert final["seen"] == 300 and final["held"] + final["evicted"] == 300 and final["evicted"] > 0
+    head = max(start_size, pin)
+    assert final["kept"][:head] == list(range(head))  # the pinned head survived every eviction
+    if eviction == "turns":
+        assert final["kept"][head] in boundaries
+    assert result["kl_mean"] < 0.02 and result["top1_agreement"] > 0.9
+
+
+@needs_llamacpp
+@pytest.mark.model
+def test_a_pinned_system_prompt_stays_and_the_memory_map_works_on_llamacpp(llama):
+    engine = llama_engine(llama, recent_size=92, max_new_tokens=24, eviction="turns")
+    system = "You are Captain Lumen, a lighthouse keeper who answers briefly."
+    sid = engine.new_session("streaming", system)
+    for i in range(4):
+        _, done = reply(engine, sid, f"Question {i}: describe a walk through a busy market.")
+    stats, cache = done.stats, engine._get(sid).cache
+    pinned = engine.system_tokens(system)
+    assert stats["pinned_tokens"] == pinned > 4 and stats["evicted_tokens"] > 0
+    assert cache.stream_positions[:pinned] == list(range(pinned))
+    memory = engine.memory_map(sid)
+    assert memory[0]["role"] == "system" and memory[0]["state"] == "full"
+    assert memory[1]["state"] == "gone" and memory[-1]["state"] == "full"
+    assert 0 < stats["turns_in_memory"] < 4
+    # eviction="turns": no message is held in part except one longer than the window
+    assert all(entry["state"] != "partial" for entry in memory)
+
+
+@needs_llamacpp
+@pytest.mark.model
 def test_sinks_are_kept_and_the_counters_add_up_in_a_long_chat(llama):
     engine = llama_engine(llama, recent_size=60, max_new_tokens=24)
     sid = engine.new_session()

@@ -1,7 +1,8 @@
 """Do the two backends compute the same StreamingLLM? `python -m streaming_engine.eval.backend_agreement`.
 
 One text is streamed through a transformers `StartRecentKVCache` and a llama.cpp `LlamaCppCache` of the same sizes,
-in the same chunks, each evicting with its own `evict_for_space` before every chunk. After every chunk the two
+in the same chunks, each evicting with its own `evict_for_space` before every chunk (optionally with a pinned head
+and eviction="turns" at given message boundaries, as a chat session uses them). After every chunk the two
 caches must hold the same tokens (held / evicted / seen counters and the stream index of every kept token), and the
 next-token distributions the two models give on those kept tokens are compared token by token:
 
@@ -43,13 +44,19 @@ def _state(cache) -> tuple:
 
 
 def compare(hf_model, context, ids: list[int], *, start_size: int, recent_size: int, chunk: int,
-            progress: bool = False) -> dict:
-    """Stream `ids` through both backends (see the module docstring); returns the measurements."""
-    if chunk > recent_size:
-        raise ValueError(f"chunk ({chunk}) must not exceed recent_size ({recent_size})")
+            pin: int = 0, eviction: str = "tokens", boundaries: list[int] = (), progress: bool = False) -> dict:
+    """Stream `ids` through both backends (see the module docstring); returns the measurements. `pin` protects the
+    first tokens on both caches; `boundaries` (stream positions where messages begin) are marked on both before
+    the first chunk, for eviction="turns"."""
+    if chunk > start_size + recent_size - max(start_size, pin):
+        raise ValueError(f"chunk ({chunk}) must not exceed the room after the protected head")
     rotary = find_rotary_embedding(hf_model)
-    hf_cache = StartRecentKVCache(start_size, recent_size, rotary_emb=rotary, layer_rope=layer_rope_kinds(hf_model, rotary))
-    ll_cache = context.new_cache(start_size, recent_size)
+    hf_cache = StartRecentKVCache(start_size, recent_size, rotary_emb=rotary, layer_rope=layer_rope_kinds(hf_model, rotary),
+                                  pin=pin, eviction=eviction)
+    ll_cache = context.new_cache(start_size, recent_size, pin=pin, eviction=eviction)
+    for position in boundaries:
+        hf_cache.mark_boundary(position)
+        ll_cache.mark_boundary(position)
     kls, agree, nll = [], [], {"transformers": [], "llama.cpp": []}
     mismatches = 0
     try:
@@ -65,7 +72,8 @@ def compare(hf_model, context, ids: list[int], *, start_size: int, recent_size: 
             agree += (hf.argmax(-1) == ll.argmax(-1)).tolist()
             nll["transformers"] += (-hf.gather(1, targets[:, None])[:, 0]).tolist()
             nll["llama.cpp"] += (-ll.gather(1, targets[:, None])[:, 0]).tolist()
-        final = {"held": hf_cache.get_seq_length(), "evicted": hf_cache.evicted_tokens, "seen": hf_cache.seen_tokens}
+        final = {"held": hf_cache.get_seq_length(), "evicted": hf_cache.evicted_tokens, "seen": hf_cache.seen_tokens,
+                 "kept": hf_cache.stream_positions}
     finally:
         ll_cache.reset()
     ppl = {name: math.exp(statistics.fmean(values)) for name, values in nll.items()}

@@ -1,9 +1,11 @@
 """One conversation's KV cache on llama.cpp: `StartRecentKVCache`'s contract over a llama.cpp sequence.
 
-Same sizes (`start_size` sinks + `recent_size` recent tokens), same eviction rule (`evict_for_space` drops the
-oldest non-sink tokens, `evict_range` any range), same counters (`seen_tokens == held + evicted_tokens`), same
-`stream_positions` and `kv_bytes`, so the turn logic in `generation.py`, the session statistics and the engine's
-counters read it exactly like the transformers cache. What differs is where the keys live: in a sequence of a
+Same sizes (`start_size` sinks + `recent_size` recent tokens), same protected head (`pin`: `max(start_size,
+pinned)` tokens never evicted), same eviction rule (`evict_for_space` drops the oldest tokens after the head, rounded
+to a message boundary under eviction="turns", decided by the same functions of `eviction.py`; `evict_range` any
+range but the pinned head), same counters (`seen_tokens == held + evicted_tokens`), same `stream_positions` and
+`kv_bytes`, so the turn logic in `generation.py`, the session statistics and the engine's counters read it exactly
+like the transformers cache, and both backends make the same evictions. What differs is where the keys live: in a sequence of a
 `LlamaCppContext` (or, while the conversation is swapped out, in host memory).
 
 Positions follow `positions.py`'s rule: with position shift the tokens held sit at in-cache positions `0..held-1`
@@ -15,7 +17,10 @@ re-rotating their keys, the same `R(-shift)` that `positions.shift_keys` applies
 
 from __future__ import annotations
 
+import bisect
+
 from ..checks import check_int
+from ..eviction import check_policy, round_to_message, tokens_needed
 from ..positions import first_position
 
 
@@ -26,9 +31,11 @@ class LlamaCppCache:
     #: Never a row of a transformers `BatchedSinkCache` (the shared scheduler code asks).
     attached = False
 
-    def __init__(self, context, start_size: int, recent_size: int, *, pos_shift: bool = True):
+    def __init__(self, context, start_size: int, recent_size: int, *, pos_shift: bool = True, pin: int = 0,
+                 eviction: str = "tokens"):
         check_int("start_size", start_size, 0)
         check_int("recent_size", recent_size, 1)
+        check_policy(eviction)
         if start_size + recent_size > context.seq_capacity:
             raise ValueError(
                 f"start_size + recent_size = {start_size + recent_size} exceeds the {context.seq_capacity} tokens "
@@ -39,12 +46,45 @@ class LlamaCppCache:
         self.recent_size = recent_size
         self.cache_size = start_size + recent_size
         self.pos_shift = pos_shift
+        self.eviction = eviction
+        self.pinned = 0
+        #: Sorted stream positions where a message begins (only read under the "turns" policy).
+        self.boundaries: list[int] = []
         self.seq: int | None = None  # the llama.cpp sequence holding the tokens (None: none yet, or swapped out)
         self.saved: bytes | None = None  # the tokens while swapped out to host memory
         self.seen_tokens = 0
         self.evicted_tokens = 0
         self._stream_index: list[int] = []  # index in the whole stream of every token held, in cache order
         self._pending: list[tuple[int, int, int]] = []  # evictions not yet applied: (p0, p1, shift) in llama.cpp
+        self.pin(pin)
+
+    # --- the protected head and message boundaries (as `StartRecentKVCache`) --------------------------------
+
+    @property
+    def protected(self) -> int:
+        """Tokens at the head that `evict_for_space` never takes: the sinks or the pinned prefix, the longer."""
+        return max(self.start_size, self.pinned)
+
+    @property
+    def window(self) -> int:
+        """Room for tokens after the protected head (`cache_size - protected`)."""
+        return self.cache_size - self.protected
+
+    def pin(self, tokens: int) -> int:
+        """Protect the first `tokens` positions of the cache (held now or still to come) from every eviction;
+        `pin(0)` unpins. At least one position must stay evictable. Returns it."""
+        check_int("pin", tokens, 0, self.cache_size - 1, note=f" (the cache holds {self.cache_size} tokens)")
+        self.pinned = tokens
+        return tokens
+
+    def mark_boundary(self, position: int | None = None) -> None:
+        """Record that a message begins at stream `position` (default: the next token fed); see
+        `StartRecentKVCache.mark_boundary`."""
+        position = self.seen_tokens if position is None else check_int("position", position, 0)
+        if not self.boundaries or position > self.boundaries[-1]:
+            self.boundaries.append(position)
+        elif position not in self.boundaries:
+            bisect.insort(self.boundaries, position)
 
     # --- the cache contract ---------------------------------------------------------------------------------
 
@@ -52,13 +92,19 @@ class LlamaCppCache:
         return len(self._stream_index)
 
     def evict_range(self, start: int, end: int) -> int:
-        """Evict tokens `[start, end)` of the current cache (sinks included if named); returns how many."""
+        """Evict tokens `[start, end)` of the current cache (sinks included if named, pinned tokens never);
+        returns how many."""
         held = self.get_seq_length()
         if not (0 <= start <= end <= held):
             raise ValueError(f"evict_range({start}, {end}) is outside the {held} tokens held")
         count = end - start
         if count == 0:
             return 0
+        if start < self.pinned:
+            raise ValueError(
+                f"evict_range({start}, {end}) reaches into the {self.pinned} pinned tokens at the head; "
+                f"unpin them first (pin(0))"
+            )
         if self.pos_shift:  # llama.cpp positions are cache indexes: drop [start, end), pull the rest left
             self._pending.append((start, end, count))
         else:  # positions are stream indexes (gaps from earlier evictions hold no cells): drop, keep the rest
@@ -68,15 +114,15 @@ class LlamaCppCache:
         return count
 
     def evict_for_space(self, num_coming: int) -> int:
-        """Evict the oldest non-sink tokens so `num_coming` more fit in `cache_size`; returns how many (the rule
-        of `StartRecentKVCache.evict_for_space`)."""
-        if num_coming < 0:
-            raise ValueError(f"num_coming must be >= 0, got {num_coming}")
-        held = self.get_seq_length()
-        count = min(held + num_coming - self.cache_size, held - self.start_size)
+        """Evict the oldest tokens after the protected head so `num_coming` more fit in `cache_size`; returns how
+        many (the rule of `StartRecentKVCache.evict_for_space`, from the same `eviction.py` functions)."""
+        head = self.protected
+        count = tokens_needed(self.get_seq_length(), head, self.cache_size, num_coming)
         if count <= 0:
             return 0
-        return self.evict_range(self.start_size, self.start_size + count)
+        if self.eviction == "turns":
+            count = round_to_message(self._stream_index[head:], count, self.boundaries, self.seen_tokens)
+        return self.evict_range(head, head + count)
 
     def trim(self) -> int:
         return self.evict_for_space(0)
@@ -86,6 +132,7 @@ class LlamaCppCache:
         self.context.release(self)
         self._pending = []
         self._stream_index = []
+        self.boundaries = []
         self.seen_tokens = self.evicted_tokens = 0
 
     @property
@@ -117,4 +164,5 @@ class LlamaCppCache:
     def __repr__(self) -> str:
         where = f"sequence {self.seq}" if self.seq is not None else ("host memory" if self.saved else "empty")
         return (f"LlamaCppCache(start_size={self.start_size}, recent_size={self.recent_size}, "
-                f"held={self.get_seq_length()}, seen={self.seen_tokens}, evicted={self.evicted_tokens}, in {where})")
+                f"held={self.get_seq_length()}, seen={self.seen_tokens}, evicted={self.evicted_tokens}, "
+                f"pinned={self.pinned}, eviction={self.eviction!r}, in {where})")

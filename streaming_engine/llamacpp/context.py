@@ -104,11 +104,12 @@ class LlamaCppContext:
         """Bytes of the KV cells llama.cpp allocated for all sequences (F16 keys and values)."""
         return self.sequences * _padded(self.seq_capacity) * self.bytes_per_token
 
-    def new_cache(self, start_size: int, recent_size: int, *, pos_shift: bool = True):
+    def new_cache(self, start_size: int, recent_size: int, *, pos_shift: bool = True, pin: int = 0,
+                  eviction: str = "tokens"):
         """An empty conversation cache on this context (`cache.LlamaCppCache`)."""
         from .cache import LlamaCppCache
 
-        return LlamaCppCache(self, start_size, recent_size, pos_shift=pos_shift)
+        return LlamaCppCache(self, start_size, recent_size, pos_shift=pos_shift, pin=pin, eviction=eviction)
 
     # --- where a conversation's tokens are --------------------------------------------------------------------
 
