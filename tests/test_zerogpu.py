@@ -124,6 +124,31 @@ def test_turns_run_in_forked_workers_reply_exactly_as_a_local_engine(
     assert remote.counters.snapshot() == local.counters.snapshot()  # /metrics counts the workers' turns too
 
 
+@pytest.mark.parametrize("eviction", ["turns", "tokens"])
+def test_a_pinned_system_prompt_and_the_memory_map_cross_to_the_worker_and_back(
+        guarded_model, tiny_chat_model, default_tokenizer, eviction):
+    """What issue 11 added to a session (pinned head, message spans and boundaries, the memory map) travels with
+    its state: a fresh worker every turn evicts exactly as a local engine, and the main process reads the same map."""
+    config = dict(CONFIG, eviction=eviction)
+    local = StreamingEngine(tiny_chat_model, default_tokenizer, EngineConfig(**config))
+    remote = remote_engine(guarded_model, default_tokenizer, reuse=False, eviction=eviction)
+    system = "You are a careful assistant. Always answer in one short sentence."
+    sids = [engine.new_session("streaming", system) for engine in (local, remote)]
+    for prompt in ["Hello!", "Tell me about the sea.", "And the mountains?", "One more thing, please."]:
+        for engine, sid in zip((local, remote), sids):
+            list(engine.chat(sid, prompt, **GREEDY))
+    stats = [engine.stats(sid) for engine, sid in zip((local, remote), sids)]
+    assert stats[0]["pinned_tokens"] == stats[1]["pinned_tokens"] == local.system_tokens(system) > CONFIG["start_size"]
+    assert stats[1]["evicted_tokens"] > 0 and stats[1]["turns_in_memory"] == stats[0]["turns_in_memory"]
+    assert remote.memory_map(sids[1]) == local.memory_map(sids[0])
+    assert remote.memory_map(sids[1])[0] == {"role": "system", **remote.memory_map(sids[1])[0], "state": "full"}
+    caches = [engine._get(sid).cache for engine, sid in zip((local, remote), sids)]
+    assert caches[1].stream_positions == caches[0].stream_positions
+    assert caches[1].boundaries == caches[0].boundaries and caches[1].eviction == eviction
+    pinned = stats[1]["pinned_tokens"]
+    assert caches[1].stream_positions[:pinned] == list(range(pinned))
+
+
 def test_send_download_retry_reload_restart_upload_and_new_chat_all_see_one_conversation(
         engine, guarded_model, default_tokenizer, tmp_path):
     conv = conversations(engine, tmp_path / "data")
