@@ -7,6 +7,7 @@ import gradio as gr
 
 from webui import chat_tab
 from webui.conversation_list import empty_record
+from webui.render import unmarked
 
 SKIP = gr.skip()
 #: Chat-tab sampling inputs in slider order: system prompt, temperature, top-p, top-k, max new tokens, penalty.
@@ -49,6 +50,11 @@ class Page:
 
     def load(self):
         return self.show(chat_tab.load_conversation(self.conv, self.record, self.state, request=self.req))
+
+    def texts(self, role: str) -> list[str]:
+        """The text of this page's `role` messages, without the memory markers (a message that left the cache is
+        shown with one before it)."""
+        return [unmarked(m["content"]) for m in self.chat if m["role"] == role]
 
     @property
     def token(self):

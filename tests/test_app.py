@@ -179,7 +179,8 @@ def test_placement_dtype_threads_and_queue_settings_come_from_flags_or_environme
         ["--dtype", "bfloat16", "--threads", "3", "--device-map", "auto", "--max-memory", "cpu=2GiB",
          "--offload-folder", "/tmp/offload", "--queue-concurrency", "4", "--queue-max-size", "10"], env={})
     assert settings.load_kwargs() == dict(trust_remote_code=False, device=None, dtype="bfloat16", device_map="auto",
-                                          max_memory="cpu=2GiB", offload_folder="/tmp/offload")
+                                          max_memory="cpu=2GiB", offload_folder="/tmp/offload", backend="auto",
+                                          n_threads=3)
     assert (settings.threads, settings.queue_concurrency, settings.queue_max_size) == (3, 4, 10)
     env = {"DEVICE": "cpu", "DTYPE": "float32", "THREADS": "2", "QUEUE_CONCURRENCY": "8", "QUEUE_MAX_SIZE": "5",
            "VISITOR_CACHE_SIZES": "1"}
@@ -212,7 +213,7 @@ def test_the_engine_is_loaded_as_the_settings_say_and_the_footer_shows_where_it_
                                             "--threads", "1", "--recent-size", "96"], env={})
     engine, label = app.create_engine(settings)
     assert seen == dict(name="/some/local/model", trust_remote_code=False, device="cpu", dtype="float32",
-                        device_map=None, max_memory=None, offload_folder=None)
+                        device_map=None, max_memory=None, offload_folder=None, backend="auto", n_threads=1)
     assert label == "/some/local/model" and engine.config.recent_size == 96
     footer = app.status_line(engine, label)
     assert "cpu (cpu " in footer and "float32" in footer and "1 CPU thread ·" in footer and "4 sinks + 96" in footer

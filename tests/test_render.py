@@ -85,7 +85,9 @@ def test_every_gauge_state_says_what_the_cache_is_doing_without_contradicting_it
     if state != "evicting":
         assert "Evicting" not in html  # "evicting" is only said at capacity
     # Every number has a one-line explanation, as a tooltip and in the folded list.
-    assert html.count('class="gauge-row" title="') == 7 and html.count("<li>") == 8
+    # (9 rows: sinks, evicted, seen, KV memory, speed, first token, turns, turns fully in memory, pinned prompt;
+    # the list also explains the fill bar.)
+    assert html.count('class="gauge-row" title="') == 9 and html.count("<li>") == 10
 
 
 def test_an_empty_gauge_shows_the_configured_capacity_not_one_token():

@@ -24,6 +24,7 @@ from streaming_engine.remote import RemoteTurnsEngine
 from streaming_engine.store import ChatStore
 from webui import chat_tab, compare_tab, handlers
 from webui.conversation_list import empty_record
+from webui.render import mark_memory
 
 GREEDY = dict(temperature=0.0, repetition_penalty=1.0)
 #: Chat-tab sampling inputs: system prompt, temperature, top-p, top-k, max new tokens, penalty.
@@ -163,12 +164,13 @@ def test_send_download_retry_reload_restart_upload_and_new_chat_all_see_one_conv
 
     page.send("Second message")
     page.retry()
-    assert [m["content"] for m in page.chat if m["role"] == "user"] == ["Remember: pineapple", "Second message"]
+    assert page.texts("user") == ["Remember: pineapple", "Second message"]
     assert engine.stats(page.sid)["turns"] == 2 and len(engine.history(page.sid)) == 4
 
     reloaded = ChatPage(conv, record=page.record)  # a page reload re-attaches to the live session
     reloaded.load()
-    assert reloaded.chat == chat_tab.shown_messages(conv.messages(page.token)) and reloaded.sid == page.sid
+    shown = mark_memory(chat_tab.shown_messages(conv.messages(page.token)), conv.memory_map(page.token))
+    assert reloaded.chat == shown == page.chat and reloaded.sid == page.sid  # forgotten messages marked alike
 
     # A restart: a new engine and the same store. The conversation comes back with an empty cache; the next turn
     # re-primes it from the stored history, in a worker (the guard refuses the main process).

@@ -114,15 +114,16 @@ def mark_memory(messages: list[dict], memory: list[dict]) -> list[dict]:
             mark = PARTLY_FORGOTTEN_MARK.format(held=state["held"], tokens=state["tokens"])
         content = message["content"]
         if isinstance(content, str):
-            content = mark + _unmarked(content)
+            content = mark + unmarked(content)
         elif isinstance(content, list) and content and isinstance(content[0], dict) and "text" in content[0]:
             # The Chatbot hands its messages back as content parts ([{"type": "text", "text": ...}, ...]).
-            content = [{**content[0], "text": mark + _unmarked(content[0]["text"])}, *content[1:]]
+            content = [{**content[0], "text": mark + unmarked(content[0]["text"])}, *content[1:]]
         out.append({**message, "content": content})
     return out
 
 
-def _unmarked(content: str) -> str:
+def unmarked(content: str) -> str:
+    """A message's text without the memory marker `mark_memory` put before it (if any)."""
     if content.startswith(FORGOTTEN_MARK):
         return content[len(FORGOTTEN_MARK):]
     if content.startswith('<span class="memory-partial"'):
