@@ -669,6 +669,8 @@ class StreamingEngine:
             recent_size=None if mode == "dense" else fields["recent_size"],
             max_context=fields.get("context_limit") if mode == "dense" else None,
             owner=owner, origin=origin,
+            # As the session was made: one kept unpinned (a restored too-long system prompt) must not be refused.
+            pin_system=bool(fields.get("pin_system", False)), eviction=state.cache.get("eviction", "tokens"),
         )
         self.import_state(session_id, state, onto_devices=True)
         return session_id

@@ -150,6 +150,18 @@ def test_a_pinned_system_prompt_and_the_memory_map_cross_to_the_worker_and_back(
     assert caches[1].stream_positions[:pinned] == list(range(pinned))
 
 
+def test_a_restored_system_prompt_too_long_to_pin_still_runs_its_turns_in_a_worker(guarded_model, default_tokenizer):
+    engine = remote_engine(guarded_model, default_tokenizer, pin_limit=8)
+    system = "You are a careful assistant who always answers in one short sentence and never uses lists."
+    with pytest.raises(ValueError, match="pin_limit=8"):
+        engine.new_session("streaming", system)  # a new chat is refused, naming the limit
+    sid = engine.open_history([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}], system)
+    final = list(engine.chat(sid, "Tell me about the sea.", **GREEDY))[-1]
+    assert final.kind == "done" and final.stats["pinned_tokens"] == 0  # kept unpinned, in the worker too
+    assert engine.stats(sid)["turns"] == 2
+    engine.close(sid)
+
+
 def test_send_download_retry_reload_restart_upload_and_new_chat_all_see_one_conversation(
         engine, guarded_model, default_tokenizer, tmp_path):
     conv = conversations(engine, tmp_path / "data")
