@@ -352,8 +352,12 @@ def tiny_server(browser, tiny_chat_model, default_tokenizer):
 
 
 def test_autopilot_runs_dense_out_of_context_while_streaming_keeps_answering_within_its_flat_cache(
-        browser, tiny_server):
+        browser, tiny_server, monkeypatch):
     url, _ = tiny_server
+    # The tiny model runs the 16 scripted prompts in seconds: on a busy machine the whole script could end before
+    # the page gets to press Stop. Ten rounds of it outlast any page, so Stop always finds the autopilot running.
+    script = compare_tab.load_json_list("autopilot.json")
+    monkeypatch.setattr(compare_tab, "load_json_list", lambda name: script * 10)
     page = new_page(browser, url)
     page.get_by_role("tab", name="Dense vs Streaming").click()
     page.click("#compare-autopilot")
