@@ -157,7 +157,7 @@ def test_an_empty_chat_shows_the_cache_capacity_and_every_gauge_explains_itself(
     assert page.get_attribute("#gauges .gauges", "data-state") == "empty"
     assert page.get_attribute("#gauges [data-key=fill]", "data-capacity") == str(START + RECENT)
     assert f"0 / {START + RECENT} tokens" in page.inner_text("#gauges")
-    assert page.locator("#gauges .gauge-row[title]").count() == 7  # a tooltip on every number
+    assert page.locator("#gauges .gauge-row[title]").count() == 9  # a tooltip on every number
     page.click("#gauges .gauge-help summary")  # and the same lines for touch screens, folded
     assert page.locator("#gauges .gauge-help li").first.is_visible()
     page.locator("#settings").get_by_text("Settings").click()
