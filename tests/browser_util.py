@@ -137,3 +137,22 @@ def wait_idle(page, root: str, turns: int, timeout_ms: float | None = None) -> N
 def gauge(page, key: str, root: str = "#gauges") -> float:
     """The number a gauge row shows (its `data-value`)."""
     return float(page.get_attribute(f"{root} [data-key={key}]", "data-value"))
+
+
+def set_max_new_tokens(page, value: int, attempts: int = 3) -> None:
+    """Set the Settings accordion's "Max new tokens" field and wait until the page holds the value. Typed again
+    when it did not take (on a busy machine the accordion may still be opening, or a late update may reset it)."""
+    field = page.locator("#max-new-tokens input[type=number]")
+    script = f"() => document.querySelector('#max-new-tokens input[type=number]').value === '{value}'"
+    for attempt in range(attempts):
+        if not field.is_visible():  # inside the closed Settings accordion
+            page.get_by_text("Settings", exact=True).click()
+            field.wait_for(state="visible")
+        field.fill(str(value))
+        field.press("Enter")
+        try:
+            page.wait_for_function(script, timeout=20_000)
+            return
+        except Exception:
+            if attempt == attempts - 1:
+                raise

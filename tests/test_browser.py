@@ -20,6 +20,7 @@ from browser_util import (
     gauge,
     open_page,
     save_model,
+    set_max_new_tokens,
     served,
     start_app,
     stop_app,
@@ -390,15 +391,6 @@ def interrupted_rows(database: Path) -> int:
         return 0
     with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5) as db:
         return db.execute("SELECT count(*) FROM messages WHERE interrupted = 1").fetchone()[0]
-
-
-def set_max_new_tokens(page, value: int) -> None:
-    field = page.locator("#max-new-tokens input[type=number]")
-    if not field.is_visible():  # inside the closed Settings accordion
-        page.get_by_text("Settings", exact=True).click()
-    field.fill(str(value))
-    field.press("Enter")
-    page.wait_for_function(f"() => document.querySelector('#max-new-tokens input[type=number]').value === '{value}'")
 
 
 def test_a_conversation_survives_kill_9_mid_reply_and_continues_with_its_context(

@@ -69,6 +69,9 @@ CAPACITY = 1024
      "reserved", "Room reserved", "Room made for the reply: 213 tokens free"),
     ({"mode": "streaming", "cache_tokens": 1024, "evicted_tokens": 400, "seen_tokens": 1424, "turns": 5},
      "evicting", "Evicting", "memory stays flat"),
+    # Exactly full before the first eviction: the next token evicts, so not "Filling" with "0 tokens free".
+    ({"mode": "streaming", "cache_tokens": 1024, "seen_tokens": 1024, "turns": 2}, "evicting", "Evicting",
+     "memory stays flat"),
     # After a reload: the history has 8 turns, the cache is rebuilt on the next message.
     ({"mode": "streaming", "cache_tokens": 0, "seen_tokens": 0, "turns": 8}, "restored", "Restored",
      "8 earlier turn(s) are in the history but not in the cache yet"),

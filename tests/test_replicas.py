@@ -24,6 +24,7 @@ from browser_util import (
     free_port,
     gauge,
     save_model,
+    set_max_new_tokens,
     start_app,
     stop_app,
     wait_idle,
@@ -150,15 +151,6 @@ def pinned_page(browser, url: str, pins: dict, wanted: int):
             return page
         context.close()
     raise AssertionError(f"no new visitor was pinned to replica {wanted}")
-
-
-def set_max_new_tokens(page, value: int) -> None:
-    field = page.locator("#max-new-tokens input[type=number]")
-    if not field.is_visible():
-        page.get_by_text("Settings", exact=True).click()
-    field.fill(str(value))
-    field.press("Enter")
-    page.wait_for_function(f"() => document.querySelector('#max-new-tokens input[type=number]').value === '{value}'")
 
 
 def chat(page, text: str, turn: int) -> None:

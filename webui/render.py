@@ -189,6 +189,8 @@ def gauge_state(stats: dict) -> str:
         return "restored" if stats.get("turns") else "empty"
     if stats.get("mode") == "dense":
         return "dense"
+    if held >= capacity > 0:  # full, evicted yet or not: the next token pushes the oldest out ("0 free" is no filling)
+        return "evicting"
     if not stats.get("evicted_tokens"):
         return "filling"
     return "evicting" if held >= capacity else "reserved"
