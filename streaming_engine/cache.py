@@ -24,13 +24,11 @@ the "turns" policy (`eviction="turns"`) an eviction is rounded up to the next me
 
 from __future__ import annotations
 
-import bisect
-
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .checks import check_int
-from .eviction import check_policy, round_to_message, tokens_needed
+from .eviction import ProtectedHead, check_policy, round_to_message, tokens_needed
 from .families import SHARED_ROPE, check_cache_size, check_supported, find_rotary_embedding, layer_rope_kinds
 from .positions import rotation_for_offset, shift_keys
 
@@ -40,7 +38,7 @@ DEFAULT_START_SIZE = 4
 DEFAULT_RECENT_SIZE = 2000
 
 
-class StartRecentKVCache(Cache):
+class StartRecentKVCache(ProtectedHead, Cache):
     """Sinks + recent-window KV cache with StreamingLLM position shift.
 
     Attributes: `start_size`, `recent_size`, `cache_size` (their sum), `pos_shift`, and the counters
@@ -103,36 +101,6 @@ class StartRecentKVCache(Cache):
             layer_rope=self.layer_rope, auto_evict=self.auto_evict, pin=self.pinned, eviction=self.eviction,
         )
 
-    # --- the protected head and message boundaries ------------------------------------------------------------
-
-    @property
-    def protected(self) -> int:
-        """Tokens at the head that `evict_for_space` never takes: the sinks or the pinned prefix, the longer."""
-        return max(self.start_size, self.pinned)
-
-    @property
-    def window(self) -> int:
-        """Room for tokens after the protected head (`cache_size - protected`)."""
-        return self.cache_size - self.protected
-
-    def pin(self, tokens: int) -> int:
-        """Protect the first `tokens` positions of the cache (held now or still to come) from every eviction,
-        e.g. a system prompt fed first; `pin(0)` unpins. At least one position must stay evictable. Returns it."""
-        check_int("pin", tokens, 0, self.cache_size - 1, note=f" (the cache holds {self.cache_size} tokens)")
-        self.pinned = tokens
-        return tokens
-
-    def mark_boundary(self, position: int | None = None) -> None:
-        """Record that a message begins at stream `position` (default: the next token fed, `seen_tokens`).
-
-        Under eviction="turns" an eviction then ends only at such a boundary (see `eviction.py`); a position may
-        lie ahead of the stream (a reply's first token, known before its prompt is fed)."""
-        position = self.seen_tokens if position is None else check_int("position", position, 0)
-        if not self.boundaries or position > self.boundaries[-1]:
-            self.boundaries.append(position)
-        elif position not in self.boundaries:
-            bisect.insort(self.boundaries, position)
-
     # --- transformers Cache interface -------------------------------------------------------------------------
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -190,17 +158,9 @@ class StartRecentKVCache(Cache):
     def evict_range(self, start: int, end: int) -> int:
         """Evict tokens `[start, end)` of the current cache (sinks included if named, pinned tokens never);
         returns how many."""
-        held = self.get_seq_length()
-        if not (0 <= start <= end <= held):
-            raise ValueError(f"evict_range({start}, {end}) is outside the {held} tokens held")
-        count = end - start
+        count = self._range_to_evict(start, end)
         if count == 0:
             return 0
-        if start < self.pinned:
-            raise ValueError(
-                f"evict_range({start}, {end}) reaches into the {self.pinned} pinned tokens at the head; "
-                f"unpin them first (pin(0))"
-            )
         # (device, rope kind) -> (cos, sin): one rotation per eviction, shared by every layer of that kind
         rotations: dict = {}
         for index, layer in enumerate(self.layers):

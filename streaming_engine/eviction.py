@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import bisect
 
+from .checks import check_int
+
 #: Eviction policies: "tokens" (oldest tokens first, the paper) or "turns" (whole past messages, oldest first).
 EVICTION_POLICIES = ("tokens", "turns")
 
@@ -55,3 +57,50 @@ def round_to_message(after_head, count: int, boundaries: list[int], seen: int) -
     if isinstance(after_head, list):
         return bisect.bisect_left(after_head, b)
     return int((after_head < b).sum())
+
+
+class ProtectedHead:
+    """The protected head and message boundaries, shared by every sink cache (`StartRecentKVCache`, a batch row's
+    solo copy, `LlamaCppCache`), so they refuse and record the same way. The cache supplies `start_size`,
+    `cache_size`, `pinned`, `boundaries`, `seen_tokens` and `get_seq_length()`."""
+
+    @property
+    def protected(self) -> int:
+        """Tokens at the head that `evict_for_space` never takes: the sinks or the pinned prefix, the longer."""
+        return max(self.start_size, self.pinned)
+
+    @property
+    def window(self) -> int:
+        """Room for tokens after the protected head (`cache_size - protected`)."""
+        return self.cache_size - self.protected
+
+    def pin(self, tokens: int) -> int:
+        """Protect the first `tokens` positions of the cache (held now or still to come) from every eviction,
+        e.g. a system prompt fed first; `pin(0)` unpins. At least one position must stay evictable. Returns it."""
+        check_int("pin", tokens, 0, self.cache_size - 1, note=f" (the cache holds {self.cache_size} tokens)")
+        self.pinned = tokens
+        return tokens
+
+    def mark_boundary(self, position: int | None = None) -> None:
+        """Record that a message begins at stream `position` (default: the next token fed, `seen_tokens`).
+
+        Under eviction="turns" an eviction then ends only at such a boundary (see above); a position may lie ahead
+        of the stream (a reply's first token, known before its prompt is fed)."""
+        position = self.seen_tokens if position is None else check_int("position", position, 0)
+        if not self.boundaries or position > self.boundaries[-1]:
+            self.boundaries.append(position)
+        elif position not in self.boundaries:
+            bisect.insort(self.boundaries, position)
+
+    def _range_to_evict(self, start: int, end: int) -> int:
+        """How many tokens `evict_range(start, end)` removes, after refusing a range outside the cache or reaching
+        into the pinned head (sinks may be named; pinned tokens never)."""
+        held = self.get_seq_length()
+        if not (0 <= start <= end <= held):
+            raise ValueError(f"evict_range({start}, {end}) is outside the {held} tokens held")
+        if end > start and start < self.pinned:
+            raise ValueError(
+                f"evict_range({start}, {end}) reaches into the {self.pinned} pinned tokens at the head; "
+                f"unpin them first (pin(0))"
+            )
+        return end - start

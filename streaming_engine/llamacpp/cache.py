@@ -17,14 +17,12 @@ re-rotating their keys, the same `R(-shift)` that `positions.shift_keys` applies
 
 from __future__ import annotations
 
-import bisect
-
 from ..checks import check_int
-from ..eviction import check_policy, round_to_message, tokens_needed
+from ..eviction import ProtectedHead, check_policy, round_to_message, tokens_needed
 from ..positions import first_position
 
 
-class LlamaCppCache:
+class LlamaCppCache(ProtectedHead):
     """Sinks + recent window on a llama.cpp sequence. Touched by the engine's worker thread; the counters may be
     read from any thread, and `reset` may come from any thread once the conversation's turn has ended."""
 
@@ -58,34 +56,6 @@ class LlamaCppCache:
         self._pending: list[tuple[int, int, int]] = []  # evictions not yet applied: (p0, p1, shift) in llama.cpp
         self.pin(pin)
 
-    # --- the protected head and message boundaries (as `StartRecentKVCache`) --------------------------------
-
-    @property
-    def protected(self) -> int:
-        """Tokens at the head that `evict_for_space` never takes: the sinks or the pinned prefix, the longer."""
-        return max(self.start_size, self.pinned)
-
-    @property
-    def window(self) -> int:
-        """Room for tokens after the protected head (`cache_size - protected`)."""
-        return self.cache_size - self.protected
-
-    def pin(self, tokens: int) -> int:
-        """Protect the first `tokens` positions of the cache (held now or still to come) from every eviction;
-        `pin(0)` unpins. At least one position must stay evictable. Returns it."""
-        check_int("pin", tokens, 0, self.cache_size - 1, note=f" (the cache holds {self.cache_size} tokens)")
-        self.pinned = tokens
-        return tokens
-
-    def mark_boundary(self, position: int | None = None) -> None:
-        """Record that a message begins at stream `position` (default: the next token fed); see
-        `StartRecentKVCache.mark_boundary`."""
-        position = self.seen_tokens if position is None else check_int("position", position, 0)
-        if not self.boundaries or position > self.boundaries[-1]:
-            self.boundaries.append(position)
-        elif position not in self.boundaries:
-            bisect.insort(self.boundaries, position)
-
     # --- the cache contract ---------------------------------------------------------------------------------
 
     def get_seq_length(self) -> int:
@@ -94,17 +64,9 @@ class LlamaCppCache:
     def evict_range(self, start: int, end: int) -> int:
         """Evict tokens `[start, end)` of the current cache (sinks included if named, pinned tokens never);
         returns how many."""
-        held = self.get_seq_length()
-        if not (0 <= start <= end <= held):
-            raise ValueError(f"evict_range({start}, {end}) is outside the {held} tokens held")
-        count = end - start
+        count = self._range_to_evict(start, end)
         if count == 0:
             return 0
-        if start < self.pinned:
-            raise ValueError(
-                f"evict_range({start}, {end}) reaches into the {self.pinned} pinned tokens at the head; "
-                f"unpin them first (pin(0))"
-            )
         if self.pos_shift:  # llama.cpp positions are cache indexes: drop [start, end), pull the rest left
             self._pending.append((start, end, count))
         else:  # positions are stream indexes (gaps from earlier evictions hold no cells): drop, keep the rest
