@@ -120,6 +120,7 @@ RECORD_GAUGES = """() => {
 def test_on_a_tiny_cache_evictions_climb_while_the_fill_stays_at_capacity(browser, server):
     url, _ = server
     page = new_page(browser, url)
+    page.wait_for_selector("#gauges .gauges")  # the recorder observes the gauges' root, which renders after the box
     page.evaluate(RECORD_GAUGES)
     prompts = ["What is the capital of France?", "Tell me a story about a dragon.",
                "Describe the ocean in detail.", "Explain how rain forms, step by step.",
