@@ -28,7 +28,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .checks import check_int
-from .eviction import ProtectedHead, check_policy, round_to_message, tokens_needed
+from .eviction import ProtectedHead, check_policy
 from .families import SHARED_ROPE, check_cache_size, check_supported, find_rotary_embedding, layer_rope_kinds
 from .positions import rotation_for_offset, shift_keys
 
@@ -187,25 +187,6 @@ class StartRecentKVCache(ProtectedHead, Cache):
         if key not in rotations:
             rotations[key] = rotation_for_offset(self.rotary_emb, -shift, keys.device, kind or None)
         return shift_keys(keys, shift, self.rotary_emb, rotations[key])
-
-    def evict_for_space(self, num_coming: int) -> int:
-        """Evict the oldest tokens after the protected head so `num_coming` more fit in `cache_size`; returns how
-        many (under eviction="turns", up to the next message boundary: see `eviction.py`).
-
-        No-op when they already fit. The head (sinks or pinned prefix) is never evicted here, so when
-        `num_coming > window` the whole recent window goes and the caller must feed its tokens in chunks.
-        """
-        head = self.protected
-        count = tokens_needed(self.get_seq_length(), head, self.cache_size, num_coming)
-        if count <= 0:
-            return 0
-        if self.eviction == "turns":
-            count = round_to_message(self._stream_index[head:], count, self.boundaries, self.seen_tokens)
-        return self.evict_range(head, head + count)
-
-    def trim(self) -> int:
-        """Evict down to `cache_size` tokens (the reference code's per-step behaviour); returns how many."""
-        return self.evict_for_space(0)
 
     def __call__(self, past_key_values=None) -> "StartRecentKVCache":
         """Reference-code style `past = kv_cache(past)`: trims and returns this cache."""

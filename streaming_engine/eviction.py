@@ -60,9 +60,11 @@ def round_to_message(after_head, count: int, boundaries: list[int], seen: int) -
 
 
 class ProtectedHead:
-    """The protected head and message boundaries, shared by every sink cache (`StartRecentKVCache`, a batch row's
-    solo copy, `LlamaCppCache`), so they refuse and record the same way. The cache supplies `start_size`,
-    `cache_size`, `pinned`, `boundaries`, `seen_tokens` and `get_seq_length()`."""
+    """The protected head, message boundaries and the eviction rule, shared by every sink cache
+    (`StartRecentKVCache`, a batch row's solo copy, `LlamaCppCache`), so they refuse, record and evict the same way.
+    The cache supplies `start_size`, `cache_size`, `pinned`, `boundaries`, `eviction`, `seen_tokens`,
+    `_stream_index` (stream index of every held token, a list or a 1-D tensor), `get_seq_length()` and
+    `evict_range(start, end)` (how its storage drops a range)."""
 
     @property
     def protected(self) -> int:
@@ -104,3 +106,22 @@ class ProtectedHead:
                 f"unpin them first (pin(0))"
             )
         return end - start
+
+    def evict_for_space(self, num_coming: int) -> int:
+        """Evict the oldest tokens after the protected head so `num_coming` more fit in `cache_size`; returns how
+        many (under eviction="turns", up to the next message boundary).
+
+        No-op when they already fit. The head (sinks or pinned prefix) is never evicted here, so when
+        `num_coming > window` the whole recent window goes and the caller must feed its tokens in chunks.
+        """
+        head = self.protected
+        count = tokens_needed(self.get_seq_length(), head, self.cache_size, num_coming)
+        if count <= 0:
+            return 0
+        if self.eviction == "turns":
+            count = round_to_message(self._stream_index[head:], count, self.boundaries, self.seen_tokens)
+        return self.evict_range(head, head + count)
+
+    def trim(self) -> int:
+        """Evict down to `cache_size` tokens (the reference code's per-step behaviour); returns how many."""
+        return self.evict_for_space(0)

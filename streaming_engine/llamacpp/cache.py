@@ -18,7 +18,7 @@ re-rotating their keys, the same `R(-shift)` that `positions.shift_keys` applies
 from __future__ import annotations
 
 from ..checks import check_int
-from ..eviction import ProtectedHead, check_policy, round_to_message, tokens_needed
+from ..eviction import ProtectedHead, check_policy
 from ..positions import first_position
 
 
@@ -74,20 +74,6 @@ class LlamaCppCache(ProtectedHead):
         del self._stream_index[start:end]
         self.evicted_tokens += count
         return count
-
-    def evict_for_space(self, num_coming: int) -> int:
-        """Evict the oldest tokens after the protected head so `num_coming` more fit in `cache_size`; returns how
-        many (the rule of `StartRecentKVCache.evict_for_space`, from the same `eviction.py` functions)."""
-        head = self.protected
-        count = tokens_needed(self.get_seq_length(), head, self.cache_size, num_coming)
-        if count <= 0:
-            return 0
-        if self.eviction == "turns":
-            count = round_to_message(self._stream_index[head:], count, self.boundaries, self.seen_tokens)
-        return self.evict_range(head, head + count)
-
-    def trim(self) -> int:
-        return self.evict_for_space(0)
 
     def reset(self) -> None:
         """Drop every token and zero the counters (the cache stays usable)."""
