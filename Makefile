@@ -17,7 +17,7 @@ BACKEND ?= auto
 LLAMACPP_TEST_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 LLAMACPP_BUILD_TIMEOUT ?= 1500
 
-.PHONY: install install-cpu install-test run test
+.PHONY: install install-cpu install-test run test test-fast
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
@@ -38,10 +38,22 @@ install-test: install
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium not installed: browser tests will be skipped"; fi; }
+	@# nginx-light: the replica test's second front (deploy/nginx.conf); without it that case skips, saying why.
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; \
+	  else echo "nginx not installed: the nginx case of tests/test_replicas.py will be skipped"; fi; }
 
 run: install
 	@if [ "$(BACKEND)" = "llama.cpp" ]; then $(MAKE) --no-print-directory install-cpu; fi
 	$(PYTHON) app.py --backend $(BACKEND)
 
+# The whole suite; the 25 slowest tests are listed at the end (where the time goes on a new machine).
 test: install-test
-	GRADIO_ANALYTICS_ENABLED=False $(PYTHON) -m pytest -ra
+	GRADIO_ANALYTICS_ENABLED=False $(PYTHON) -m pytest -ra --durations=25
+
+# The edit-test loop: no real-model, browser, packaging or Docker tests, and no install step (run `make test` once
+# first). One torch thread per process: the default machine is 2 shared cores.
+FAST_MARKERS := not model and not browser and not packaging and not docker
+test-fast:
+	GRADIO_ANALYTICS_ENABLED=False OMP_NUM_THREADS=1 $(PYTHON) -m pytest -ra -q --durations=10 -m "$(FAST_MARKERS)"

@@ -27,7 +27,10 @@ EVAL_MODULES = ("streaming_engine.cache", "streaming_engine.positions", "streami
 
 @pytest.fixture(scope="module")
 def llama():
-    """The offline default model on llama.cpp, one thread (the test machines are shared)."""
+    """The offline default model on llama.cpp, one thread (the test machines are shared). Skips by itself where the
+    package is missing, so a test that forgets `needs_llamacpp` still skips with the reason instead of erroring."""
+    if not llamacpp_available():
+        pytest.skip("llama-cpp-python is not installed (pip install -r requirements-cpu.txt)")
     return load(backend="llama.cpp", n_threads=1)
 
 
@@ -375,6 +378,7 @@ def test_the_chat_and_comparison_tabs_work_on_both_backends(app_engine, tmp_path
     assert all(side and side[-1]["role"] == "assistant" for side in (streaming, dense, window))
 
 
+@needs_llamacpp
 @pytest.mark.model
 def test_the_footer_names_llamacpp_its_weights_and_threads(llama):
     from app import status_line

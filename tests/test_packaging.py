@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
-tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+try:  # Python 3.11+
+    import tomllib
+except ImportError:  # 3.10: the same parser as the `tomli` package (pip and setuptools bring it)
+    tomllib = pytest.importorskip("tomli", reason="Python 3.10 without tomli: pip install tomli")
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,6 +53,7 @@ def _run(*cmd, cwd=None, timeout=600):
     return done.stdout
 
 
+@pytest.mark.packaging
 def test_pip_install_gives_a_library_and_app_that_work_from_any_directory(tmp_path):
     wheels = tmp_path / "wheels"
     try:  # no network needed when setuptools here is new enough; otherwise pip fetches it for an isolated build
