@@ -246,10 +246,11 @@ def test_kill_9_mid_reply_then_restart_brings_back_three_turns_and_the_interrupt
 
 
 def test_a_session_closed_for_idleness_is_recreated_from_the_store_on_the_next_message(make):
-    conversations = make(idle_timeout_s=0.2)
+    conversations = make(idle_timeout_s=60)
     opened = conversations.start()
     say(conversations, opened.token, "The password is swordfish.")
-    time.sleep(0.3)
+    assert conversations.engine.close_idle() == 0  # just used: not idle
+    conversations.engine._get(opened.session_id).last_active -= 120  # idle twice the timeout, without a sleep
     assert conversations.engine.close_idle() == 1
     say(conversations, opened.token, "What was the password?")
     sid = conversations.open(opened.token).session_id

@@ -43,13 +43,15 @@ def test_the_global_cap_still_holds_across_owners(tiny_chat_model, default_token
 
 
 def test_api_sessions_are_reaped_sooner_than_browser_sessions(tiny_chat_model, default_tokenizer):
-    engine = engine_for(tiny_chat_model, default_tokenizer, idle_timeout_s=3600, api_idle_timeout_s=0.2,
+    engine = engine_for(tiny_chat_model, default_tokenizer, idle_timeout_s=3600, api_idle_timeout_s=60,
                         max_sessions_per_owner=2)
     browser = engine.new_session(owner="x")
     api = engine.new_session(owner="x", origin="api")
     cache = engine._get(api).cache
     assert list(engine.chat(api, "hi", max_new_tokens=2, **GREEDY))[-1].kind == "done"
-    time.sleep(0.3)
+    # Both sessions age past the API timeout but not the browser one (no sleep: their last activity is moved back).
+    for sid in (browser, api):
+        engine._get(sid).last_active -= 120
     engine.new_session(owner="x")  # creating a session reaps first: the idle API session's slot is reused
     assert api not in engine.session_ids() and browser in engine.session_ids()
     assert cache.kv_bytes() == 0 and engine.open_sessions("x") == 2

@@ -63,13 +63,14 @@ def test_too_many_running_replies_get_a_polite_busy_message(tiny_chat_model, def
 
 
 def test_idle_sessions_are_closed_and_their_cache_freed(tiny_chat_model, default_tokenizer):
-    engine = engine_for(tiny_chat_model, default_tokenizer, idle_timeout_s=0.2)
-    sid = engine.new_session()
+    engine = engine_for(tiny_chat_model, default_tokenizer, idle_timeout_s=60)
+    sid, fresh = engine.new_session(), engine.new_session()
     final_event(engine, sid, "hello", max_new_tokens=3)
     cache = engine._get(sid).cache
     assert cache.kv_bytes() > 0
-    time.sleep(0.3)
-    assert engine.close_idle() == 1 and sid not in engine.session_ids()
+    assert engine.close_idle() == 0  # just used: not idle
+    engine._get(sid).last_active -= 120  # idle for twice the timeout (moved back instead of slept)
+    assert engine.close_idle() == 1 and sid not in engine.session_ids() and fresh in engine.session_ids()
     assert cache.kv_bytes() == 0
     events = list(engine.chat(sid, "still there?"))
     assert events[-1].kind == "error" and "expired" in events[-1].text
