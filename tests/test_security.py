@@ -73,3 +73,165 @@ def test_pieces_that_disagree_with_the_rendering_are_refused(default_tokenizer):
     good = templater.pieces(messages, [0, 10, 11])
     assert templater.pieces_agree(messages, good)
     assert not templater.pieces_agree(messages, {**good, 11: good[11] + "forged"})
+
+
+# --- the OpenAI-compatible API on a real loopback server, clients told apart by their source address ----------
+
+import json  # noqa: E402
+import socket  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+import uvicorn  # noqa: E402
+from fastapi import FastAPI  # noqa: E402
+
+from browser_util import free_port  # noqa: E402
+from webui import openai_api  # noqa: E402
+
+MODEL = "tiny"
+#: Bounded polling: at most this many checks, `POLL_S` apart, for a server-side state to be reached.
+POLLS, POLL_S = 600, 0.05
+
+
+def wait_until(condition, what: str):
+    for _ in range(POLLS):
+        if condition():
+            return
+        time.sleep(POLL_S)
+    raise AssertionError(f"never reached: {what}")
+
+
+@pytest.fixture
+def api(tiny_chat_model, default_tokenizer):
+    engine = engine_for(tiny_chat_model, default_tokenizer, max_new_tokens=4)
+    app = FastAPI()
+    pool = openai_api.mount(app, engine, model_name=MODEL)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, "server started")
+    yield port, engine, pool
+    server.should_exit = True
+    thread.join(30)
+
+
+def send(port: int, source: str, body, *, raw: bytes | None = None) -> socket.socket:
+    """A POST to /v1/chat/completions from `source` (a loopback address), left open for the caller."""
+    payload = raw if raw is not None else json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60, source_address=(source, 0))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload)
+    return sock
+
+
+def answered(sock: socket.socket) -> bool:
+    """Whether the server has sent anything on `sock` yet (without reading it)."""
+    sock.setblocking(False)
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK))
+    except BlockingIOError:
+        return False
+    finally:
+        sock.settimeout(60)
+
+
+def answer(sock: socket.socket) -> tuple[int, bytes]:
+    data = b""
+    with sock:
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+def body_for(content="hello", **extra):
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "temperature": 0, **extra}
+
+
+def test_one_client_cannot_lock_others_out_and_gone_clients_free_their_slots(api):
+    """Attack 2: 16 long non-streamed requests from one client held all 16 reply slots (everyone else got 429),
+    and kept running after the client hung up. Now the client gets its share (4 running), 8 queue, the rest are
+    refused at once; another client's turn is admitted and finishes while they are pending; hanging up frees
+    every slot."""
+    port, engine, pool = api
+    gate, hog = pool.gate, f"{openai_api.OWNER}:127.0.0.2"
+    long = body_for(max_tokens=4096)
+    held = [send(port, "127.0.0.2", long) for _ in range(16)]
+    wait_until(lambda: gate.running(hog) == openai_api.MAX_API_TURNS_PER_CLIENT
+               and gate.waiting(hog) == openai_api.MAX_API_WAITING_PER_CLIENT, "the hog's share taken, rest queued")
+    over = 16 - openai_api.MAX_API_TURNS_PER_CLIENT - openai_api.MAX_API_WAITING_PER_CLIENT
+    wait_until(lambda: len([s for s in held if answered(s)]) >= over, "the over-queue requests answered")
+    refused = [s for s in held if answered(s)]
+    assert len(refused) == over
+    for sock in refused:
+        held.remove(sock)
+        status, body = answer(sock)
+        assert status == 429 and json.loads(body)["error"]["code"] == "client_queue_full"
+
+    status, body = answer(send(port, "127.0.0.3", body_for(max_tokens=2)))
+    assert status == 200, body
+    assert json.loads(body)["choices"][0]["message"]["content"] is not None
+    # Order, not time: the other client finished while every one of the hog's requests was still pending.
+    assert gate.running(hog) == openai_api.MAX_API_TURNS_PER_CLIENT and gate.waiting(hog) > 0
+
+    for sock in held:  # `curl -m 1`: the client goes away
+        sock.close()
+    wait_until(lambda: gate.running() == 0 and gate.waiting() == 0, "every slot freed after the hang-ups")
+    wait_until(lambda: engine.scheduler.active_turns == 0, "every hung-up turn stopped")
+
+
+def test_an_identical_history_from_another_client_does_not_continue_its_session(api):
+    port, engine, pool = api
+    history = body_for()["messages"]
+    status, body = answer(send(port, "127.0.0.2", body_for()))
+    assert status == 200
+    reply = json.loads(body)["choices"][0]["message"]["content"]
+    follow = {"model": MODEL, "temperature": 0, "messages": history + [
+        {"role": "assistant", "content": reply}, {"role": "user", "content": "more"}]}
+    status, body = answer(send(port, "127.0.0.3", follow))
+    assert status == 200 and json.loads(body)["streaming_llm"]["session_reused"] is False
+    status, body = answer(send(port, "127.0.0.2", follow))
+    assert status == 200 and json.loads(body)["streaming_llm"]["session_reused"] is True
+
+
+def test_a_client_only_pushes_out_its_own_pooled_sessions(api):
+    port, engine, pool = api
+    status, _ = answer(send(port, "127.0.0.3", body_for("the victim's chat")))
+    assert status == 200
+    for i in range(openai_api.MAX_API_SESSIONS + 2):  # many distinct conversations from one client
+        status, _ = answer(send(port, "127.0.0.2", body_for(f"chat {i}")))
+        assert status == 200
+    assert pool.held_by(f"{openai_api.OWNER}:127.0.0.2") == openai_api.MAX_API_SESSIONS_PER_CLIENT
+    assert pool.held_by(f"{openai_api.OWNER}:127.0.0.3") == 1
+
+
+@pytest.mark.parametrize("raw,code", [
+    (json.dumps(body_for("")).encode(), "invalid_message"),
+    (json.dumps(body_for("   ")).encode(), "invalid_message"),
+    (json.dumps(body_for("x" * 250_001)).encode(), "invalid_message"),
+    (b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}] * 20_001}).encode(),
+     "too_many_messages"),
+])
+def test_bad_input_is_a_400_not_a_500(api, raw, code):
+    """Attack 9: empty or over-long messages and nesting bombs were HTTP 500 (RecursionError)."""
+    port, engine, pool = api
+    status, body = answer(send(port, "127.0.0.2", None, raw=raw))
+    assert status == 400, body[:200]
+    assert json.loads(body)["error"]["code"] == code
+    assert engine.session_ids() == [] or all(pool.held_by(c) <= 1 for c in [f"{openai_api.OWNER}:127.0.0.2"])
+
+
+def test_busy_is_a_429_status_when_streamed_too(api):
+    """Attack 9: a streamed request refused as busy answered HTTP 200 with the error inside the stream."""
+    port, engine, pool = api
+    engine.config.max_active_turns = 0 + 1  # one reply slot in all: hold it with a session of our own
+    sid = engine.new_session()
+    holder = engine.start_chat(sid, "hold", max_new_tokens=4096, temperature=0)
+    try:
+        status, body = answer(send(port, "127.0.0.2", body_for(stream=True)))
+        assert status == 429 and json.loads(body)["error"]["code"] == "server_busy"
+    finally:
+        engine.stop(sid)
+        list(holder)
