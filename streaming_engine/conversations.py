@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from .engine import EngineBusy, StreamingEngine
+from .engine import EngineBusy, StreamingEngine, clean_text, refusal
 from .session import Event
 from .store import ChatStore, ConversationSummary, StoreError, new_token, valid_token
 
@@ -190,8 +190,13 @@ class Conversations:
         with self._lock:
             self._marks[token] = {i for i in self._marks.get(token, set()) if i < before}
         reply, started, ended, last_save = "", False, None, time.monotonic()
+        events = self.engine.start_chat(sid, message, **sampling)
+        if refusal(events) is None:
+            # Saved as soon as the turn is accepted, not at its first token: a crash during a long prefill (or
+            # before the worker took the turn) must not lose the user's message (issue 28, item 6).
+            self._persist_accepted(token, sid, before, message)
         try:
-            for event in self.engine.chat(sid, message, **sampling):
+            for event in events:
                 if event.kind == "delta":
                     reply += event.text
                     if not started:  # the turn was accepted: its user message is in the history now
@@ -205,6 +210,16 @@ class Conversations:
                 yield event
         finally:
             self._after_turn(token, sid, before, ended, started, reply)
+
+    def _persist_accepted(self, token: str, sid: str, before: int, message: str) -> None:
+        """Store the conversation with the accepted user message. The worker appends it to the session's history
+        when it starts the turn, which may or may not have happened yet: add it here when it is not there."""
+        history = self.engine.history(sid)
+        system = history[0]["content"] if history and history[0]["role"] == "system" else None
+        messages = self.messages(token, sid)[: before + 1]
+        if len(messages) == before:
+            messages.append({"role": "user", "content": clean_text(message)})
+        self._guarded(token, self.store.replace, token, messages, system_prompt=system, title=auto_title(messages))
 
     def _after_turn(self, token: str, sid: str, before: int, ended, started: bool, reply: str) -> None:
         """Save the turn's outcome. A reply cut off by a failure, or by its reader going away, is marked

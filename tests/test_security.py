@@ -235,3 +235,31 @@ def test_busy_is_a_429_status_when_streamed_too(api):
     finally:
         engine.stop(sid)
         list(holder)
+
+
+# --- item 6: an accepted message is stored before its first token ------------------------------------------------
+
+from streaming_engine import ChatStore, Conversations  # noqa: E402
+
+
+def test_an_accepted_message_is_stored_before_the_turn_produces_anything(tiny_chat_model, default_tokenizer,
+                                                                        tmp_path, monkeypatch):
+    """Attack 6: the message was stored only when the first token arrived, so a crash during prefill (10 kill -9
+    runs: 4 turns lost, a first turn lost the whole conversation) dropped it. Here the scheduler never runs the
+    turn at all (the worst case of a crash before the first token): the message must be on disk anyway."""
+    engine = engine_for(tiny_chat_model, default_tokenizer, max_new_tokens=2)
+    conv = Conversations(engine, ChatStore.open(tmp_path))
+    opened = conv.start()
+    held = []
+    real_submit = engine.scheduler.submit
+    monkeypatch.setattr(engine.scheduler, "submit", held.append)  # accepted, never started: "the crash"
+    reader = threading.Thread(target=lambda: list(conv.chat(opened.token, "please keep me", **GREEDY)), daemon=True)
+    reader.start()
+    wait_until(lambda: held, "the turn was accepted")
+    on_disk = ChatStore.open(tmp_path).load(opened.token)  # a second connection: what a restart would read
+    assert on_disk is not None and [m["content"] for m in on_disk.messages] == ["please keep me"]
+    real_submit(held[0])  # let the turn run so the reader thread ends
+    reader.join(60)
+    assert not reader.is_alive()
+    final = ChatStore.open(tmp_path).load(opened.token)
+    assert [m["role"] for m in final.messages] == ["user", "assistant"]
