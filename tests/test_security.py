@@ -263,3 +263,26 @@ def test_an_accepted_message_is_stored_before_the_turn_produces_anything(tiny_ch
     assert not reader.is_alive()
     final = ChatStore.open(tmp_path).load(opened.token)
     assert [m["role"] for m in final.messages] == ["user", "assistant"]
+
+
+# --- the probe itself, as CI runs it ------------------------------------------------------------------------------
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+@pytest.mark.probe
+def test_the_probe_passes(tmp_path):
+    """`make probe` at CI size: every fuzzed input answered below 500, the other client never refused while one
+    client floods, every slot freed after the flood hangs up, no accepted message lost over the kill -9 cycles."""
+    report_file = tmp_path / "probe.json"
+    result = subprocess.run([sys.executable, "-m", "streaming_engine.eval.probe", "--quick", "--report",
+                             str(report_file)], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                            text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert report_file.exists(), result.stderr[-2000:]
+    report = json.loads(report_file.read_text())
+    assert report["fuzz"]["ok"] and report["fuzz"]["statuses"].get("200"), report["fuzz"]
+    assert report["load"]["victim_refused"] == 0 and report["load"]["slots_freed_after_hangup"], report["load"]
+    assert report["kill9"]["accepted_messages_lost"] == 0 and report["kill9"]["database_reopened"] == 5
+    assert result.returncode == 0 and report["ok"]
