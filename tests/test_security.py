@@ -286,3 +286,76 @@ def test_the_probe_passes(tmp_path):
     assert report["load"]["victim_refused"] == 0 and report["load"]["slots_freed_after_hangup"], report["load"]
     assert report["kill9"]["accepted_messages_lost"] == 0 and report["kill9"]["database_reopened"] == 5
     assert result.returncode == 0 and report["ok"]
+
+
+# --- item 7: a broken database degrades to unsaved chatting, and /health says so ---------------------------------
+
+import os  # noqa: E402
+
+import app as app_module  # noqa: E402
+from webui import health  # noqa: E402
+
+
+def settings_for(data_dir):
+    return app_module.AppSettings(start_size=4, recent_size=64, data_dir=str(data_dir))
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "read_only"])
+def test_an_unusable_database_at_start_up_degrades_instead_of_crashing(tiny_chat_model, default_tokenizer,
+                                                                      tmp_path, damage):
+    """Attack 7: a corrupted database, or a read-only data dir, stopped start-up with a traceback."""
+    data = tmp_path / "data"
+    data.mkdir()
+    if damage == "corrupt":
+        (data / "chats.sqlite").write_bytes(b"this is not a database" * 100)
+    else:
+        data.chmod(0o500)
+    if damage == "read_only" and os.access(data, os.W_OK):
+        pytest.skip("running as a user that can write into a read-only folder (root)")
+    try:
+        engine = engine_for(tiny_chat_model, default_tokenizer, max_new_tokens=2)
+        conv = app_module.open_conversations(engine, settings_for(data))
+        assert not conv.persistent
+        opened = conv.start()
+        assert list(conv.chat(opened.token, "still chatting", **GREEDY))[-1].kind == "done"
+        assert "storage" in health.problems() and "not saved" in health.problems()["storage"]
+    finally:
+        data.chmod(0o700)
+        health.PROBLEM_SOURCES.pop("storage", None)
+
+
+def test_a_database_deleted_while_running_is_reported_not_lost_silently(tiny_chat_model, default_tokenizer,
+                                                                       tmp_path):
+    engine = engine_for(tiny_chat_model, default_tokenizer, max_new_tokens=2)
+    conv = app_module.open_conversations(engine, settings_for(tmp_path))
+    try:
+        opened = conv.start()
+        assert list(conv.chat(opened.token, "saved", **GREEDY))[-1].kind == "done"
+        assert conv.save_error(opened.token) is None and "storage" not in health.problems()
+        (tmp_path / "chats.sqlite").unlink()
+        assert list(conv.chat(opened.token, "not saved any more", **GREEDY))[-1].kind == "done"
+        assert "deleted" in (conv.save_error(opened.token) or "")  # the chat tab shows this warning
+        assert "deleted" in health.problems()["storage"]
+    finally:
+        health.PROBLEM_SOURCES.pop("storage", None)
+
+
+def test_a_database_corrupted_while_running_leaves_the_chat_tab_working(tiny_chat_model, default_tokenizer,
+                                                                       tmp_path):
+    engine = engine_for(tiny_chat_model, default_tokenizer, max_new_tokens=2)
+    conv = app_module.open_conversations(engine, settings_for(tmp_path))
+    try:
+        opened = conv.start()
+        list(conv.chat(opened.token, "hello", **GREEDY))
+        conv.release(opened.token)
+        conv.store._db.execute("PRAGMA writable_schema=ON")  # damage the file the app is using
+        conv.store._db.execute("UPDATE sqlite_master SET sql='garbage' WHERE name='conversations'")
+        conv.store._db.close()
+        conv.store._db = __import__("sqlite3").connect(tmp_path / "chats.sqlite", isolation_level=None,
+                                                       check_same_thread=False)
+        assert conv.list([opened.token]) == []  # not an exception for every visitor's conversation list
+        fresh = conv.start()
+        assert list(conv.chat(fresh.token, "new chat works", **GREEDY))[-1].kind == "done"
+        assert "storage" in health.problems()
+    finally:
+        health.PROBLEM_SOURCES.pop("storage", None)
