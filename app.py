@@ -32,7 +32,7 @@ from streaming_engine.llamacpp.model import LlamaCppModel
 from streaming_engine.placement import describe_placement, input_device
 from streaming_engine.remote import RemoteTurnsEngine
 from streaming_engine.store import ChatStore, StoreError
-from webui import handlers, metrics, openai_api, security, startup, webapi
+from webui import files, handlers, metrics, openai_api, security, startup, webapi
 from webui.about import build_about_tab
 from webui.assets import read_css
 from webui.chat_tab import build_chat_tab
@@ -68,7 +68,8 @@ def build_ui(engine: StreamingEngine, model_label: str, conversations: Conversat
     says what visitors may choose (default: nothing beyond sampling)."""
     conversations = conversations or Conversations(engine, ChatStore(None))
     cfg = engine.config
-    with gr.Blocks(title="StreamingLLM chat") as demo:
+    files.private_cache_dir()  # before the Blocks, which reads it: uploads/downloads in a 0700 folder
+    with gr.Blocks(title="StreamingLLM chat", delete_cache=files.BLOCKS_DELETE_CACHE) as demo:
         gr.Markdown(
             "# StreamingLLM chat\nConversations that never run out of context: the cache keeps "
             f"**{cfg.start_size} attention sinks** plus the **{cfg.recent_size} most recent tokens**, so memory "

@@ -359,3 +359,30 @@ def test_a_database_corrupted_while_running_leaves_the_chat_tab_working(tiny_cha
         assert "storage" in health.problems()
     finally:
         health.PROBLEM_SOURCES.pop("storage", None)
+
+
+# --- item 8: uploads and downloads are private and cleaned up ---------------------------------------------------
+
+from webui import chat_tab, files  # noqa: E402
+
+
+def test_gradio_files_live_in_a_private_folder_that_is_swept(monkeypatch, tiny_chat_model, default_tokenizer):
+    monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
+    folder = Path(files.private_cache_dir())
+    assert folder.stat().st_mode & 0o077 == 0  # nobody else can enter (was /tmp/gradio, mode 755)
+    engine = engine_for(tiny_chat_model, default_tokenizer)
+    demo = app_module.build_ui(engine, "tiny")
+    assert demo.delete_cache == files.BLOCKS_DELETE_CACHE and demo.GRADIO_CACHE == str(folder)
+
+
+def test_deleting_a_conversation_removes_its_downloaded_copies(tiny_chat_model, default_tokenizer, tmp_path):
+    engine = engine_for(tiny_chat_model, default_tokenizer, max_new_tokens=2)
+    conv = Conversations(engine, ChatStore.open(tmp_path))
+    opened = conv.start()
+    list(conv.chat(opened.token, "download me", **GREEDY))
+    state, record = {"token": opened.token}, {"current": opened.token, "tokens": [opened.token]}
+    update = chat_tab.export_history(conv, state, record)
+    download = Path(update["value"])
+    assert download.exists() and download.parent.stat().st_mode & 0o077 == 0
+    chat_tab.delete_conversation(conv, state, record)
+    assert not download.exists() and not download.parent.exists()
