@@ -32,7 +32,7 @@ from streaming_engine.llamacpp.model import LlamaCppModel
 from streaming_engine.placement import describe_placement, input_device
 from streaming_engine.remote import RemoteTurnsEngine
 from streaming_engine.store import ChatStore, StoreError
-from webui import files, handlers, metrics, openai_api, security, startup, webapi
+from webui import files, handlers, http_auth, metrics, openai_api, security, startup, webapi
 from webui.about import build_about_tab
 from webui.assets import read_css
 from webui.chat_tab import build_chat_tab
@@ -128,7 +128,8 @@ def launch(demo: gr.Blocks, settings: AppSettings, engine: StreamingEngine | Non
     result = demo.launch(
         server_name=settings.host, server_port=settings.port, share=settings.share, auth=settings.auth,
         max_file_size=MAX_HISTORY_BYTES, css=read_css(), footer_links=["api"], prevent_thread_lock=True,
-        app_kwargs={"middleware": [security.middleware(settings.frame_ancestors)]}, **kwargs,
+        app_kwargs={"middleware": [security.middleware(settings.frame_ancestors), http_auth.throttle_middleware()]},
+        **kwargs,
     )
     # Gradio's FastAPI app exists once launched.
     add_health_route(demo.app, engine)

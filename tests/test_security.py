@@ -386,3 +386,48 @@ def test_deleting_a_conversation_removes_its_downloaded_copies(tiny_chat_model, 
     assert download.exists() and download.parent.stat().st_mode & 0o077 == 0
     chat_tab.delete_conversation(conv, state, record)
     assert not download.exists() and not download.parent.exists()
+
+
+# --- item 9: wrong passwords and API keys are throttled per client address ----------------------------------------
+
+import http.client  # noqa: E402
+
+from webui import http_auth  # noqa: E402
+
+
+def get_models(port: int, source: str, key: str) -> int:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60, source_address=(source, 0))
+    try:
+        connection.request("GET", "/v1/models", headers={"Authorization": f"Bearer {key}"})
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def test_wrong_api_keys_are_throttled_per_address(tiny_chat_model, default_tokenizer):
+    """Attack 9: 50 wrong passwords took 0.9 s, unthrottled. Now the 11th attempt within the window is a 429,
+    even with the right key (so guessing cannot go on), while another address still logs in."""
+    engine = engine_for(tiny_chat_model, default_tokenizer)
+    app = FastAPI()
+    openai_api.mount(app, engine, model_name=MODEL, auth=("ann", "right"))
+    app.add_middleware(http_auth.LoginThrottle)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, "server started")
+        assert [get_models(port, "127.0.0.2", "ann:wrong") for _ in range(http_auth.MAX_FAILED_LOGINS)] == \
+            [401] * http_auth.MAX_FAILED_LOGINS
+        assert get_models(port, "127.0.0.2", "ann:right") == 429
+        assert get_models(port, "127.0.0.3", "ann:right") == 200
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_the_throttle_forgets_failures_after_the_window():
+    throttle = http_auth.LoginThrottle(None, max_failures=2, window_s=10)
+    throttle.failed("a", now=0), throttle.failed("a", now=1)
+    assert throttle.retry_after("a", now=2) == pytest.approx(8)
+    assert throttle.retry_after("a", now=10.5) is None and throttle.retry_after("b", now=2) is None
