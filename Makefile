@@ -17,7 +17,7 @@ BACKEND ?= auto
 LLAMACPP_TEST_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 LLAMACPP_BUILD_TIMEOUT ?= 1500
 
-.PHONY: install install-cpu install-test run test test-fast
+.PHONY: install install-cpu install-test run test test-fast probe
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
@@ -57,3 +57,9 @@ test: install-test
 FAST_MARKERS := not model and not browser and not packaging and not docker
 test-fast:
 	GRADIO_ANALYTICS_ENABLED=False OMP_NUM_THREADS=1 $(PYTHON) -m pytest -ra -q --durations=10 -m "$(FAST_MARKERS)"
+
+# The reliability probe of issue 28 (docs/security.md): a bounded API fuzz, the one-client load test and 5 kill -9
+# cycles on a tiny random model, loopback only; about a minute on 2 cores. `PROBE_ARGS=` for the full size (20 cycles).
+PROBE_ARGS ?= --quick
+probe:
+	GRADIO_ANALYTICS_ENABLED=False OMP_NUM_THREADS=1 timeout 300 $(PYTHON) -m streaming_engine.eval.probe $(PROBE_ARGS) --report probe-report.json

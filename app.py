@@ -16,7 +16,10 @@ only each turn's forward passes run in a GPU worker (see `webui/handlers.py`).
 from __future__ import annotations
 
 import html
+import logging
 import os
+import sqlite3
+import sys
 
 import gradio as gr
 import torch
@@ -28,13 +31,13 @@ from streaming_engine.loading import DEFAULT_MODEL_NAME
 from streaming_engine.llamacpp.model import LlamaCppModel
 from streaming_engine.placement import describe_placement, input_device
 from streaming_engine.remote import RemoteTurnsEngine
-from streaming_engine.store import ChatStore
-from webui import handlers, metrics, openai_api, security, startup, webapi
+from streaming_engine.store import ChatStore, StoreError
+from webui import files, handlers, http_auth, metrics, openai_api, security, startup, webapi
 from webui.about import build_about_tab
 from webui.assets import read_css
 from webui.chat_tab import build_chat_tab
 from webui.compare_tab import build_compare_tab
-from webui.health import add_health_route
+from webui.health import add_health_route, report_problems
 from webui.sessions import tab_closed
 from webui.settings import AppSettings, parse_settings
 
@@ -65,7 +68,8 @@ def build_ui(engine: StreamingEngine, model_label: str, conversations: Conversat
     says what visitors may choose (default: nothing beyond sampling)."""
     conversations = conversations or Conversations(engine, ChatStore(None))
     cfg = engine.config
-    with gr.Blocks(title="StreamingLLM chat") as demo:
+    files.private_cache_dir()  # before the Blocks, which reads it: uploads/downloads in a 0700 folder
+    with gr.Blocks(title="StreamingLLM chat", delete_cache=files.BLOCKS_DELETE_CACHE) as demo:
         gr.Markdown(
             "# StreamingLLM chat\nConversations that never run out of context: the cache keeps "
             f"**{cfg.start_size} attention sinks** plus the **{cfg.recent_size} most recent tokens**, so memory "
@@ -97,8 +101,19 @@ def create_engine(settings: AppSettings) -> tuple[StreamingEngine, str]:
 
 
 def open_conversations(engine: StreamingEngine, settings: AppSettings) -> Conversations:
-    """The engine's conversations over the store the settings name (raises `StoreError` when it is unusable)."""
-    return Conversations(engine, ChatStore.open(settings.data_dir, persist=settings.persist))
+    """The engine's conversations over the store the settings name. An unusable store (corrupted, read-only or
+    unreachable data dir) does not stop start-up: the app warns, chats unsaved (as on a full disk), and /health
+    says "degraded" with the reason."""
+    try:
+        conversations = Conversations(engine, ChatStore.open(settings.data_dir, persist=settings.persist))
+        problem_at_start = None
+    except (StoreError, sqlite3.Error, OSError) as exc:  # sqlite3/OSError: a read-only dir fails past the open
+        problem_at_start = f"{exc}; chats are not saved"
+        logging.getLogger(__name__).warning("%s", problem_at_start)
+        print(f"warning: {problem_at_start}", file=sys.stderr)
+        conversations = Conversations(engine, ChatStore(None))
+    report_problems("storage", lambda: problem_at_start or conversations.storage_problem())
+    return conversations
 
 
 def launch(demo: gr.Blocks, settings: AppSettings, engine: StreamingEngine | None = None,
@@ -113,7 +128,8 @@ def launch(demo: gr.Blocks, settings: AppSettings, engine: StreamingEngine | Non
     result = demo.launch(
         server_name=settings.host, server_port=settings.port, share=settings.share, auth=settings.auth,
         max_file_size=MAX_HISTORY_BYTES, css=read_css(), footer_links=["api"], prevent_thread_lock=True,
-        app_kwargs={"middleware": [security.middleware(settings.frame_ancestors)]}, **kwargs,
+        app_kwargs={"middleware": [security.middleware(settings.frame_ancestors), http_auth.throttle_middleware()]},
+        **kwargs,
     )
     # Gradio's FastAPI app exists once launched.
     add_health_route(demo.app, engine)

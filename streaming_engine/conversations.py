@@ -28,9 +28,9 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from .engine import EngineBusy, StreamingEngine
+from .engine import EngineBusy, StreamingEngine, clean_text, refusal
 from .session import Event
-from .store import ChatStore, ConversationSummary, StoreError, new_token, valid_token
+from .store import ChatStore, ConversationSummary, StoreError, StoreFull, new_token, valid_token
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class Conversations:
         self._live: dict[str, str] = {}  # token -> live session id
         self._marks: dict[str, set[int]] = {}  # token -> indices of interrupted replies
         self._errors: dict[str, str] = {}  # token -> last storage failure, until `save_error` reads it
+        self._storage_problem: str | None = None  # why nothing is being saved (see `storage_problem`)
         self._lock = threading.RLock()
 
     @property
@@ -134,7 +135,12 @@ class Conversations:
         self._marks.pop(token, None)
 
     def _reopen(self, token: str, owner: str | None, origin: str) -> Opened:
-        stored = self.store.load(token) if valid_token(token) else None
+        try:
+            stored = self.store.load(token) if valid_token(token) else None
+        except sqlite3.DatabaseError as exc:  # a corrupted file: this chat is lost, the others keep working
+            self._broken(exc)
+            raise ConversationNotFound("this conversation cannot be read from the damaged chat database; "
+                                       "start a new chat") from None
         if stored is None:
             raise ConversationNotFound("this conversation is no longer available; start a new chat")
         history = [{"role": m["role"], "content": m["content"]} for m in stored.messages]
@@ -190,8 +196,13 @@ class Conversations:
         with self._lock:
             self._marks[token] = {i for i in self._marks.get(token, set()) if i < before}
         reply, started, ended, last_save = "", False, None, time.monotonic()
+        events = self.engine.start_chat(sid, message, **sampling)
+        if refusal(events) is None:
+            # Saved as soon as the turn is accepted, not at its first token: a crash during a long prefill (or
+            # before the worker took the turn) must not lose the user's message (issue 28, item 6).
+            self._persist_accepted(token, sid, before, message)
         try:
-            for event in self.engine.chat(sid, message, **sampling):
+            for event in events:
                 if event.kind == "delta":
                     reply += event.text
                     if not started:  # the turn was accepted: its user message is in the history now
@@ -205,6 +216,16 @@ class Conversations:
                 yield event
         finally:
             self._after_turn(token, sid, before, ended, started, reply)
+
+    def _persist_accepted(self, token: str, sid: str, before: int, message: str) -> None:
+        """Store the conversation with the accepted user message. The worker appends it to the session's history
+        when it starts the turn, which may or may not have happened yet: add it here when it is not there."""
+        history = self.engine.history(sid)
+        system = history[0]["content"] if history and history[0]["role"] == "system" else None
+        messages = self.messages(token, sid)[: before + 1]
+        if len(messages) == before:
+            messages.append({"role": "user", "content": clean_text(message)})
+        self._guarded(token, self.store.replace, token, messages, system_prompt=system, title=auto_title(messages))
 
     def _after_turn(self, token: str, sid: str, before: int, ended, started: bool, reply: str) -> None:
         """Save the turn's outcome. A reply cut off by a failure, or by its reader going away, is marked
@@ -254,10 +275,16 @@ class Conversations:
     def _guarded(self, token: str, write, *args, **kwargs) -> None:
         try:
             write(*args, **kwargs)
+            lost = self.store.file_problem()  # a write "succeeds" into a deleted file: say so, as for a full disk
+            if lost is not None:
+                raise StoreError(lost)
         except KeyError:  # deleted meanwhile (`save_partial` after a delete): nothing to save into
             pass
         except (sqlite3.Error, StoreError, OSError, ValueError) as exc:
             logger.warning("could not save conversation: %s", exc)
+            if isinstance(exc, sqlite3.DatabaseError) or (isinstance(exc, StoreError)
+                                                          and not isinstance(exc, StoreFull)):
+                self._storage_problem = str(exc)
             with self._lock:
                 self._errors.pop(token, None)
                 self._errors[token] = f"This chat could not be saved ({exc}); it continues unsaved."
@@ -293,8 +320,21 @@ class Conversations:
         return self.store.rename(token, title)
 
     def list(self, tokens: Iterable[str]) -> list[ConversationSummary]:
-        """The stored conversations among the tokens a browser holds, newest first."""
-        return self.store.list(tokens)
+        """The stored conversations among the tokens a browser holds, newest first; none when the database is
+        unreadable (corrupted under the running app): the chat tab keeps working, /health says why."""
+        try:
+            return self.store.list(tokens)
+        except sqlite3.DatabaseError as exc:
+            self._broken(exc)
+            return []
+
+    def _broken(self, exc: Exception) -> None:
+        logger.warning("the chat database cannot be read: %s", exc)
+        self._storage_problem = f"the chat database cannot be read ({exc}); chats continue unsaved"
+
+    def storage_problem(self) -> str | None:
+        """Why conversations are not being saved (unusable, corrupted or deleted database), or None: for /health."""
+        return self.store.file_problem() or self._storage_problem
 
     def import_history(self, exported: str | bytes, *, owner: str | None = None, origin: str = "browser") -> Opened:
         """An uploaded history as a new conversation (stored at once). The server decides mode and sizes."""

@@ -487,11 +487,15 @@ class StreamingEngine:
         `accepted=False`: the message was not taken and the conversation is unchanged. An "error" event with
         `accepted=True` means the turn ran and failed part-way; the message and any partial reply are kept.
         """
+        yield from self.start_chat(session_id, message, **sampling)
+
+    def start_chat(self, session_id: str, message: str, **sampling) -> Iterator[Event]:
+        """`chat`, but the turn is submitted (or refused) now rather than at the first `next()`: a caller that must
+        answer before reading (an HTTP status for a refusal) looks at `refusal(events)` first."""
         turn = self._start_turn(session_id, message, sampling)
         if isinstance(turn, Event):
-            yield turn
-            return
-        yield from self.scheduler.read(turn)
+            return _Refusal(turn)
+        return self.scheduler.read(turn)
 
     def chat_many(self, session_ids: Iterable[str], message: str, **sampling) -> Iterator[tuple[str, Event]]:
         """Send one user message to several sessions at once; yields `(session_id, event)` as events arrive.
@@ -681,6 +685,24 @@ class StreamingEngine:
         session = self._get(session_id)
         with session.lock:
             adopt(session, state, onto_devices=onto_devices)
+
+
+class _Refusal:
+    """The events of a refused turn (its one "error" event), marked so that `refusal` can tell without reading."""
+
+    def __init__(self, event: Event):
+        self.event, self._events = event, iter([event])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Event:
+        return next(self._events)
+
+
+def refusal(events) -> Event | None:
+    """The refusal event of `start_chat`'s events when the turn was not taken (bad input, busy), else None."""
+    return events.event if isinstance(events, _Refusal) else None
 
 
 def _refused(text: str, stats: dict | None = None) -> Event:

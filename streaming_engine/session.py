@@ -411,13 +411,19 @@ class Session:
         the head (the pinned system prompt whole, or the first tokens as sinks) and the tail that fits. None when
         the template cannot be cut into messages."""
         encode = rt.templater.encode
+        texts: dict[int, str] = {}
 
         def piece(k: int) -> list[int] | None:
+            # `local_piece`: each piece costs a few messages' rendering, not the whole history's (which made
+            # priming a long history quadratic); all of them are checked against the real rendering below.
             try:
-                text = rt.templater.piece(messages, k)
+                text = rt.templater.local_piece(messages, k)
             except Exception:  # noqa: BLE001 - a template that refuses a partial conversation
                 return None
-            return None if text is None else encode(text)
+            if text is None:
+                return None
+            texts[k] = text
+            return encode(text)
 
         head: list[list] = []
         if self.pin_system and messages[0]["role"] == "system":
@@ -456,4 +462,6 @@ class Session:
         if used > room:  # the oldest message of the tail in part (one message longer than the room, or "tokens")
             cut = used - room
             tail[0][1], tail[0][2] = tail[0][1][cut:], tail[0][2] + cut
+        if not rt.templater.pieces_agree(messages, texts):
+            return None
         return [(k, ids, missing) for k, ids, missing, *_ in head + tail]

@@ -178,8 +178,10 @@ class ChatStore:
         self._lock = threading.RLock()
         self._secrets: dict[str, str] = {}
         self._db: sqlite3.Connection | None = None
+        self._inode: int | None = None
         if self.path is not None:
             self._db = self._connect(self.path)
+            self._inode = os.stat(self.path).st_ino
             self.purge_expired()
 
     @classmethod
@@ -193,6 +195,19 @@ class ChatStore:
     @property
     def enabled(self) -> bool:
         return self._db is not None
+
+    def file_problem(self) -> str | None:
+        """Why writes no longer reach the database file, or None. SQLite keeps writing into a file deleted (or
+        replaced) under it without an error, so a deleted database would otherwise lose every new message silently."""
+        if self._db is None or self.path is None:
+            return None
+        try:
+            inode = os.stat(self.path).st_ino
+        except OSError:
+            return f"the chat database {self.path} was deleted while the app runs; new messages are not saved"
+        if inode != self._inode:
+            return f"the chat database {self.path} was replaced while the app runs; new messages are not saved"
+        return None
 
     # --- connection and schema -----------------------------------------------------------------------------------
 

@@ -33,6 +33,10 @@ PLAIN_ASSISTANT = "Assistant:"
 WORD_JOINER = "\u2060"
 #: Tried in order when a tokenizer's normalizer removes the joiner (then the marker would form again).
 BREAKER_FALLBACKS = ("\u200b", " ")
+#: Leading messages kept in the stand-in context `pieces` renders a late message after (system prompt + first turn).
+HEAD_CONTEXT = 2
+#: Messages just before k kept in that context (a user/assistant pair and one more, for templates that look back).
+WINDOW = 3
 
 
 def control_spellings(tokenizer) -> list[str]:
@@ -136,6 +140,61 @@ class ChatTemplater:
         before = self.render(messages[:k], add_generation_prompt=False) if k else ""
         upto = self.render(messages[: k + 1], add_generation_prompt=False)
         return upto[len(before):] if upto.startswith(before) else None
+
+    def pieces(self, messages: list[dict], ks) -> dict[int, str] | None:
+        """`piece(messages, k)` for every k in `ks`, in time linear in `len(ks)` rather than in the history.
+
+        `piece` renders the history up to k twice, so asking it for every kept message of a long history is
+        quadratic (20,000 one-character messages cost ~10 s of the worker thread, stalling every chat). Chat
+        templates write a message from its role, its content, whether it is first, and the parity of its index
+        (role-alternation checks), so message k is rendered after a short stand-in context instead: the first
+        `HEAD_CONTEXT` messages (system prompt, BOS, Gemma's folded first turn) and the `WINDOW` messages just before
+        k, chosen so that k keeps its index parity. Small k (inside that context) use `piece` itself.
+
+        Trusted only when checked against the real rendering: the pieces of a contiguous run starting at 0 must
+        spell a prefix of it, those of a run ending at the last message a suffix, and every other run must occur
+        in it. Otherwise None, as for a template that cannot be cut (the caller then encodes the whole text)."""
+        out = {}
+        for k in sorted(set(ks)):
+            text = self.local_piece(messages, k)
+            if text is None:
+                return None
+            out[k] = text
+        return out if self.pieces_agree(messages, out) else None
+
+    def local_piece(self, messages: list[dict], k: int) -> str | None:
+        """Message k's piece rendered after the stand-in context (see `pieces`); unchecked on its own."""
+        if k < HEAD_CONTEXT + WINDOW + 1:
+            return self.piece(messages, k)
+        w = WINDOW + ((k - HEAD_CONTEXT - WINDOW) % 2)  # keep k's index parity in the stand-in
+        context = messages[:HEAD_CONTEXT] + messages[k - w:k]
+        before = self.render(context, add_generation_prompt=False)
+        upto = self.render(context + [messages[k]], add_generation_prompt=False)
+        return upto[len(before):] if upto.startswith(before) else None
+
+    def pieces_agree(self, messages: list[dict], pieces: dict[int, str]) -> bool:
+        """Whether `pieces` (message index -> text) agree with the real rendering of `messages` (see `pieces`)."""
+        if not pieces:
+            return True
+        full = self.render(messages, add_generation_prompt=False)
+        ks = sorted(pieces)
+        runs, start = [], ks[0]
+        for prev, k in zip(ks, ks[1:] + [None]):
+            if k != prev + 1:
+                runs.append((start, prev))
+                start = k
+        at = 0
+        for lo, hi in runs:
+            spelled = "".join(pieces[k] for k in range(lo, hi + 1))
+            if lo == 0 and not full.startswith(spelled):
+                return False
+            if hi == len(messages) - 1 and not full.endswith(spelled):
+                return False
+            found = full.find(spelled, at)
+            if found < 0:
+                return False
+            at = found + len(spelled)
+        return True
 
     def encode(self, text: str) -> list[int]:
         """Token ids of template text (special tokens are spelled out in the text, so none are added)."""

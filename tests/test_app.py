@@ -104,15 +104,19 @@ def test_storage_caps_and_header_settings_come_from_flags_or_environment(tmp_pat
             app_settings.parse_settings(argv, env={})
 
 
-def test_the_app_refuses_to_start_on_an_unusable_database(tmp_path, tiny_chat_model, default_tokenizer):
+def test_the_app_starts_unsaved_and_degraded_on_an_unusable_database(tmp_path, tiny_chat_model, default_tokenizer):
+    """Issue 28 item 7: an unusable database no longer stops start-up; chats run unsaved and /health says why."""
     import app
-    from streaming_engine.store import StoreError
+    from webui import health
 
     (tmp_path / "chats.sqlite").write_bytes(b"not a database at all" * 100)
     engine = StreamingEngine(tiny_chat_model, default_tokenizer, EngineConfig(start_size=4, recent_size=96))
     settings = app_settings.parse_settings(["--data-dir", str(tmp_path)], env={})
-    with pytest.raises(StoreError, match="not a usable chat database"):
-        app.open_conversations(engine, settings)
+    try:
+        assert not app.open_conversations(engine, settings).persistent
+        assert "not a usable chat database" in health.problems()["storage"]
+    finally:
+        health.PROBLEM_SOURCES.pop("storage", None)
     settings = app_settings.parse_settings(["--data-dir", str(tmp_path / "new"), "--no-persist"], env={})
     assert not app.open_conversations(engine, settings).persistent and not (tmp_path / "new").exists()
 

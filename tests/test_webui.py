@@ -275,14 +275,16 @@ def test_every_session_counts_against_its_client_and_one_client_cannot_take_the_
     other.send("I still get a chat")
     assert len(other.chat) == 2
     user = Page(conv, req=request(host="10.0.0.9", user="ann", tab="login"))
-    user.send("logged in users count by name")
-    assert engine.open_sessions("user:ann") == 1
+    user.send("logged in users count by name and address")
+    assert engine.open_sessions("user:ann@10.0.0.9") == 1
 
 
 def test_owner_is_the_login_user_else_the_client_address():
     assert owner_of(None) is None
     assert owner_of(request(host="192.0.2.7")) == "addr:192.0.2.7"
-    assert owner_of(request(host="192.0.2.7", user="ann")) == "user:ann"
+    assert owner_of(request(host="192.0.2.7", user="ann")) == "user:ann@192.0.2.7"
+    # One shared --auth login used from two addresses is two clients, each with its own cap (issue 28, item 3).
+    assert owner_of(request(host="192.0.2.8", user="ann")) != owner_of(request(host="192.0.2.7", user="ann"))
     assert owner_of(SimpleNamespace(client=None, username=None)) is None
 
 

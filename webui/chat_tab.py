@@ -16,9 +16,7 @@ busy server) goes back into the input box; nothing else changes.
 
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 
 import gradio as gr
 
@@ -48,6 +46,7 @@ from .render import (
     mark_memory,
     user_and_pending_reply,
 )
+from . import files
 from .sessions import TABS, conversation_state, owner_of, tab_of
 
 CONTEXT_FULL_NOTE = "*(context full)*"
@@ -315,6 +314,7 @@ def delete_conversation(conversations, state, record, request: gr.Request = None
         return unchanged()
     TABS.show(tab_of(request), None)
     conversations.delete(token)
+    files.forget_exports(token)  # its downloaded copies go with it (issue 28, item 8)
     gr.Info("Conversation deleted.")
     return view(conversations, None, forget(record, token))
 
@@ -330,9 +330,10 @@ def export_history(conversations, state, record, request: gr.Request = None):
     if not data or not conversations.messages(token):
         gr.Warning(NOTHING_YET)
         return gr.update(visible=False)
-    folder = Path(tempfile.mkdtemp(prefix="streaming-llm-"))
+    folder = files.export_folder()
     path = folder / f"chat-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(data, encoding="utf-8")
+    files.remember_export(token, folder)
     return gr.update(visible=True, value=str(path))
 
 

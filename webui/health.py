@@ -1,6 +1,7 @@
 """`GET /health`: a plain HTTP route for container health checks and load balancers (Docker's HEALTHCHECK).
 
-Answers 200 with a small JSON body once the page's server is up: `{"status": "ok", "sessions": N}`. No gradio
+Answers 200 with a small JSON body once the page's server is up: `{"status": "ok", "sessions": N}`, or
+`{"status": "degraded", "problems": {"storage": "..."}}` when chats are not being saved. No gradio
 queue, no model call: it says the process serves requests, not that a reply would be quick. `python -m webui.health`
 asks it from inside the container (exit status 0: healthy).
 """
@@ -8,14 +9,36 @@ asks it from inside the container (exit status 0: healthy).
 from __future__ import annotations
 
 HEALTH_PATH = "/health"
+#: Parts of the app that may run degraded (name -> a function saying why, or None), e.g. the chat database: a
+#: corrupted, read-only or deleted database keeps the chat working unsaved and /health answers "degraded".
+PROBLEM_SOURCES: dict = {}
+
+
+def report_problems(name: str, source) -> None:
+    """Have /health ask `source()` (None: fine, else the reason) under `name` on every request."""
+    PROBLEM_SOURCES[name] = source
+
+
+def problems() -> dict[str, str]:
+    found = {}
+    for name, source in list(PROBLEM_SOURCES.items()):
+        reason = source()
+        if reason:
+            found[name] = reason
+    return found
 
 
 def add_health_route(app, engine=None) -> None:
-    """Add `GET /health` to gradio's FastAPI `app` (available once `Blocks.launch` has built it)."""
+    """Add `GET /health` to gradio's FastAPI `app` (available once `Blocks.launch` has built it). Still 200 when
+    degraded (the process serves chats; a restart would not fix a broken disk), with `status: "degraded"` and
+    `problems` naming what does not work."""
     from fastapi.responses import JSONResponse
 
     def health() -> JSONResponse:
-        body = {"status": "ok"}
+        found = problems()
+        body = {"status": "degraded" if found else "ok"}
+        if found:
+            body["problems"] = found
         if engine is not None:
             body["sessions"] = len(engine.session_ids())
         return JSONResponse(body, headers={"Cache-Control": "no-store"})

@@ -23,6 +23,7 @@ Routing glue only: every model decision is the engine's.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -36,16 +37,34 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from streaming_engine import EngineBusy, SessionNotFound, StreamingEngine
-from streaming_engine.history import MAX_HISTORY_BYTES
+from streaming_engine.admission import FairGate, GateFull
+from streaming_engine.apivalidate import parse_json
+from streaming_engine.apivalidate import text as checked_text
+from streaming_engine.engine import MAX_MESSAGE_CHARS, MAX_OWNER_CHARS, refusal
+from streaming_engine.history import MAX_HISTORY_BYTES, MAX_HISTORY_MESSAGES
 from streaming_engine.sampling import SamplingParams
 
 from .http_auth import credentials_ok
 
 #: Sessions the API keeps alive at once (least recently used closed first); the engine allows 64 in all.
 MAX_API_SESSIONS = 16
+#: Pooled sessions one API client may hold: its least recently used one is closed for its next new conversation,
+#: so a client can never push other clients' conversations out of the pool.
+MAX_API_SESSIONS_PER_CLIENT = 4
+#: Replies (decode rows) one API client may have running at once; more of its requests wait in the fair queue.
+MAX_API_TURNS_PER_CLIENT = 4
+#: Reply slots kept free of API traffic for browser tabs (the API gets the engine's `max_active_turns` minus these).
+BROWSER_RESERVED_TURNS = 4
+#: Requests one client may have waiting for a slot; more are refused at once (429) instead of piling up.
+MAX_API_WAITING_PER_CLIENT = 8
+#: How long a request waits in the fair queue before it is answered 429.
+API_QUEUE_WAIT_S = 60.0
+#: How often a non-streamed request checks whether its client is still connected (then its turn is stopped).
+DISCONNECT_POLL_S = 0.25
 #: Largest request body accepted, in bytes (the size of an exported history).
 MAX_BODY_BYTES = MAX_HISTORY_BYTES
-#: `owner` tag of the engine sessions this API opens (only those are ever continued by it).
+#: Prefix of the `owner` tag of the engine sessions this API opens: one owner per client (see `client_of`), so a
+#: request only ever continues its own client's conversations.
 OWNER = "openai"
 #: Request fields understood here; OpenAI rejects unknown fields too, rather than silently ignoring them.
 KNOWN_FIELDS = {
@@ -71,6 +90,15 @@ class APIError(Exception):
     def response(self) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def client_of(request: Request, auth: tuple[str, str] | None) -> str:
+    """Who a request counts against: the client address (behind a trusted proxy, the one it forwards), with the
+    login user when `--auth` is on. Every client of one shared login is its own client, so a login is not one
+    slot for a whole deployment, and a client cannot pick a name to get more share."""
+    host = getattr(request.client, "host", None) or "unknown"
+    user = f"{auth[0]}@" if auth else ""
+    return f"{OWNER}:{user}{host}"[:MAX_OWNER_CHARS]
 
 
 def _text_of(content, index: int) -> str:
@@ -127,6 +155,9 @@ class ChatRequest:
     def _parse_messages(self, messages) -> None:
         if not isinstance(messages, list) or not messages:
             raise APIError(400, "messages must be a non-empty list", param="messages")
+        if len(messages) > MAX_HISTORY_MESSAGES:  # checked here, before any rendering or engine work
+            raise APIError(400, f"messages holds {len(messages):,} messages (limit {MAX_HISTORY_MESSAGES:,})",
+                           param="messages", code="too_many_messages")
         parsed = []
         for i, m in enumerate(messages):
             if not isinstance(m, dict):
@@ -140,6 +171,10 @@ class ChatRequest:
             parsed.append({"role": role, "content": _text_of(m.get("content"), i)})
         if parsed[-1]["role"] != "user":
             raise APIError(400, "the last message must come from the user", param="messages")
+        try:  # an empty or over-long new message is the caller's mistake (400), refused before a session is used
+            checked_text(parsed[-1]["content"], "the last message's content", MAX_MESSAGE_CHARS)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages", code="invalid_message") from None
         self.prior, self.message = parsed[:-1], parsed[-1]["content"]
 
     def _parse_sampling(self, body: dict) -> None:
@@ -169,35 +204,53 @@ class ConversationPool:
     used closed first. A session is *claimed* while a request runs on it, so two concurrent requests with the same
     history never share one."""
 
-    def __init__(self, engine: StreamingEngine, limit: int = MAX_API_SESSIONS):
-        self.engine, self.limit = engine, limit
+    def __init__(self, engine: StreamingEngine, limit: int = MAX_API_SESSIONS,
+                 per_client: int = MAX_API_SESSIONS_PER_CLIENT):
+        self.engine, self.limit, self.per_client = engine, limit, per_client
         self._lock = threading.Lock()
         self._claimed: set[str] = set()
-        self._recent: OrderedDict[str, None] = OrderedDict()
+        self._recent: OrderedDict[str, str] = OrderedDict()  # session id -> client, least recently used first
 
-    def acquire(self, prior: list[dict]) -> tuple[str, bool]:
-        """`(session_id, reused)` for a conversation whose messages so far are `prior`."""
+    def acquire(self, prior: list[dict], client: str = OWNER) -> tuple[str, bool]:
+        """`(session_id, reused)` for `client`'s conversation whose messages so far are `prior`. Only the same
+        client's sessions are continued: an identical history from another client opens its own session."""
         with self._lock:
             live = set(self.engine.session_ids())
             for sid in [s for s in self._recent if s not in live]:  # closed by the engine (idle) meanwhile
                 del self._recent[sid]
-            sid = self.engine.find_conversation(prior, OWNER, exclude=self._claimed)
+            sid = self.engine.find_conversation(prior, client, exclude=self._claimed)
             reused = sid is not None
             if not reused:
-                self._make_room()
-                sid = self.engine.open_conversation(prior, OWNER)
+                self._make_room(client)
+                sid = self.engine.open_conversation(prior, client)
             self._claimed.add(sid)
-            self._recent[sid] = None
+            self._recent[sid] = client
             self._recent.move_to_end(sid)
             return sid, reused
 
-    def _make_room(self) -> None:
-        for sid in list(self._recent):
-            if len(self._recent) < self.limit:
-                return
+    def _make_room(self, client: str) -> None:
+        """Close one unclaimed session if `client` is at its own cap (its own oldest) or the pool is full (the
+        oldest of whoever holds the most), so a client only ever displaces its own or a bigger holder's."""
+        held = [sid for sid, c in self._recent.items() if c == client]
+        if len(held) >= self.per_client:
+            victims = held
+        elif len(self._recent) >= self.limit:
+            counts: dict[str, int] = {}
+            for c in self._recent.values():
+                counts[c] = counts.get(c, 0) + 1
+            biggest = max(counts.values())
+            victims = [sid for sid, c in self._recent.items() if counts[c] == biggest]
+        else:
+            return
+        for sid in victims:
             if sid not in self._claimed:
                 self.engine.close(sid)
                 del self._recent[sid]
+                return
+
+    def held_by(self, client: str) -> int:
+        with self._lock:
+            return sum(1 for c in self._recent.values() if c == client)
 
     def release(self, sid: str) -> None:
         with self._lock:
@@ -240,9 +293,13 @@ class TurnAccount:
         }
 
 
-def _error_from_event(text: str) -> APIError:
-    if text.startswith("Server busy"):
+def _error_from_event(event) -> APIError:
+    """The HTTP error for a turn's "error" event: busy is 429, a refused message (not taken) 400, a failure 500."""
+    text = event.text
+    if text.startswith("Server busy") or text.startswith("A reply is still being written"):
         return APIError(429, text, "server_busy", code="server_busy")
+    if not getattr(event, "accepted", True):
+        return APIError(400, text, param="messages", code="invalid_message")
     return APIError(500, text, "server_error")
 
 
@@ -250,6 +307,9 @@ def mount(app: FastAPI, engine: StreamingEngine, *, model_name: str, auth: tuple
           max_sessions: int = MAX_API_SESSIONS, default_max_tokens: int | None = None) -> ConversationPool:
     """Add `/v1/chat/completions` and `/v1/models` to `app`; returns the pool of API sessions."""
     pool = ConversationPool(engine, max_sessions)
+    gate = FairGate(max(1, engine.config.max_active_turns - BROWSER_RESERVED_TURNS), MAX_API_TURNS_PER_CLIENT,
+                    MAX_API_WAITING_PER_CLIENT, API_QUEUE_WAIT_S)
+    pool.gate = gate  # for /health-style reports and tests
     default_max_tokens = default_max_tokens or engine.config.max_new_tokens
     created = int(time.time())
 
@@ -267,10 +327,12 @@ def mount(app: FastAPI, engine: StreamingEngine, *, model_name: str, auth: tuple
             raw += chunk
             if len(raw) > MAX_BODY_BYTES:
                 raise APIError(413, f"request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MiB")
-        try:
-            body = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise APIError(400, f"the request body is not valid JSON ({exc})") from exc
+        try:  # parse_json: a nesting bomb is a 400 "nested too deep", not a RecursionError (500)
+            body = parse_json(raw.decode("utf-8"), "the request body")
+        except UnicodeDecodeError as exc:
+            raise APIError(400, f"the request body is not UTF-8 ({exc.reason})") from exc
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from exc
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
         return body
@@ -299,33 +361,50 @@ def mount(app: FastAPI, engine: StreamingEngine, *, model_name: str, auth: tuple
         try:
             check_auth(request)
             chat = ChatRequest(await read_json(request), default_max_tokens)
-            try:
-                sid, reused = await run_in_threadpool(pool.acquire, chat.prior)
-            except EngineBusy as exc:
-                raise APIError(429, str(exc), "server_busy", code="server_busy") from exc
-            except ValueError as exc:
-                raise APIError(400, str(exc), param="messages") from exc
+            client = client_of(request, auth)
+            try:  # the fair queue: this client's requests beyond its share wait; others' are not held up
+                await gate.enter(client)
+            except GateFull as exc:
+                raise APIError(429, str(exc), "server_busy", code=exc.code) from exc
         except APIError as exc:
             return exc.response()
+        sid = None
         try:
-            stats = engine.stats(sid)
-        except SessionNotFound:  # closed between acquire and here (a reset from elsewhere): start over next time
-            pool.release(sid)
-            return APIError(503, "the conversation was closed meanwhile; retry", "server_error").response()
-        account = TurnAccount(stats["cache_tokens"], stats["seen_tokens"], reused)
-        events = engine.chat(sid, chat.message, **chat.sampling)
+            try:
+                sid, reused = await run_in_threadpool(pool.acquire, chat.prior, client)
+                stats = engine.stats(sid)
+            except EngineBusy as exc:
+                raise APIError(429, str(exc), "server_busy", code="server_busy") from exc
+            except SessionNotFound as exc:  # closed between acquire and here (a reset from elsewhere)
+                raise APIError(503, "the conversation was closed meanwhile; retry", "server_error") from exc
+            except ValueError as exc:
+                raise APIError(400, str(exc), param="messages") from exc
+            account = TurnAccount(stats["cache_tokens"], stats["seen_tokens"], reused)
+            # Submitted now, so a refusal (busy, bad message) is an HTTP status even for a streamed request.
+            events = await run_in_threadpool(lambda: engine.start_chat(sid, chat.message, **chat.sampling))
+            refused = refusal(events)
+            if refused is not None:
+                raise _error_from_event(refused)
+        except APIError as exc:
+            if sid is not None:
+                pool.release(sid)
+            gate.leave(client)
+            return exc.response()
         reply_id = f"chatcmpl-{uuid.uuid4().hex}"
         if chat.stream:
             return StreamingResponse(
-                _sse(events, pool, engine, sid, account, chat, reply_id, model_name),
+                _sse(events, pool, engine, sid, account, chat, reply_id, model_name, lambda: gate.leave(client)),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         try:
-            final = await run_in_threadpool(_last_event, events)
+            final = await _last_event_unless_gone(request, engine, sid, events)
         finally:
             pool.release(sid)
+            gate.leave(client)
+        if final is None:  # the client went away; its turn was stopped, nobody is left to answer
+            return JSONResponse(APIError(499, "client closed the request").body(), status_code=499)
         if final.kind != "done":
-            return _error_from_event(final.text).response()
+            return _error_from_event(final).response()
         return {
             "id": reply_id,
             "object": "chat.completion",
@@ -354,8 +433,25 @@ def _last_event(events: Iterator):
     return final
 
 
+async def _last_event_unless_gone(request: Request, engine: StreamingEngine, sid: str, events: Iterator):
+    """The turn's last event, read on a worker thread; None when the client disconnected first, in which case the
+    turn is stopped (within one decode step) and waited for: a `curl -m 1` must not hold a reply slot for minutes."""
+    reader = asyncio.ensure_future(run_in_threadpool(_last_event, events))
+    while True:
+        done, _ = await asyncio.wait({reader}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return reader.result()
+        if await request.is_disconnected():
+            try:
+                engine.stop(sid)
+            except SessionNotFound:
+                pass
+            await reader  # the stopped turn ends promptly; its slot is freed by the caller after this
+            return None
+
+
 async def _sse(events, pool: ConversationPool, engine: StreamingEngine, sid: str, account: TurnAccount,
-               chat: ChatRequest, reply_id: str, model_name: str):
+               chat: ChatRequest, reply_id: str, model_name: str, leave):
     """The reply as server-sent events: OpenAI's `chat.completion.chunk` objects, then `data: [DONE]`."""
     created = int(time.time())
 
@@ -388,7 +484,7 @@ async def _sse(events, pool: ConversationPool, engine: StreamingEngine, sid: str
                 break
             else:
                 finished = True
-                yield f"data: {json.dumps(_error_from_event(event.text).body())}\n\n"
+                yield f"data: {json.dumps(_error_from_event(event).body())}\n\n"
                 break
         yield "data: [DONE]\n\n"
     finally:
@@ -398,3 +494,4 @@ async def _sse(events, pool: ConversationPool, engine: StreamingEngine, sid: str
             except SessionNotFound:
                 pass
         pool.release(sid)
+        leave()  # the client's reply slot in the fair queue

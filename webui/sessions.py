@@ -1,7 +1,7 @@
 """A browser tab's engine sessions and conversations: whom they count against, and freeing them when the tab goes.
 
 * `owner_of(request)` — the owner a tab's or an API caller's sessions count against (the engine caps sessions per
-  owner): the login user when `--auth` is on, else the client address (behind a trusted proxy, the address it
+  owner): the login user and the client address when `--auth` is on, else the client address (behind a trusted proxy, the address it
   forwards; see `--forwarded-allow-ips`).
 * `TABS`, the process's `TabRegistry` — which conversation each open page shows and which engine sessions it holds,
   keyed by gradio's per-page session hash. When a page goes away (closed, reloaded, navigated off), gradio calls
@@ -29,13 +29,15 @@ from .settings import SESSION_TTL_S, UNLOAD_GRACE_S
 
 
 def owner_of(request) -> str | None:
-    """`"user:<name>"` for a logged-in user, `"addr:<client address>"` otherwise; None without a request."""
+    """`"user:<name>@<client address>"` for a logged-in user, `"addr:<client address>"` otherwise; None without a
+    request. The address is kept with the login because `--auth` is one shared login: counting it as one client
+    capped the whole deployment at `max_sessions_per_owner` conversations (issue 28, item 3)."""
     if request is None:
         return None
     user = getattr(request, "username", None)
-    if isinstance(user, str) and user:
-        return f"user:{user}"[:MAX_OWNER_CHARS]
     host = getattr(getattr(request, "client", None), "host", None)
+    if isinstance(user, str) and user:
+        return f"user:{user}@{host or 'unknown'}"[:MAX_OWNER_CHARS]
     return f"addr:{host}"[:MAX_OWNER_CHARS] if host else None
 
 
