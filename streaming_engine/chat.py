@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from .backends import BACKENDS
+from .backends import BACKENDS, backend_line, choose_backend
 from .cache import DEFAULT_RECENT_SIZE, DEFAULT_START_SIZE
 from .engine import DEFAULT_EVICTION, DEFAULT_PIN_LIMIT, EngineConfig, StreamingEngine
 from .eviction import EVICTION_POLICIES
@@ -69,8 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="auto (default): llama.cpp for a GGUF model on a CPU when llama-cpp-python is installed, "
-                        "else transformers")
+                   help="auto (default): transformers; llama.cpp only when asked for (a GGUF on the CPU)")
     p.add_argument("--pin-system", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the system prompt in the cache for good, next to the sinks (default: on)")
     p.add_argument("--pin-limit", type=int, default=DEFAULT_PIN_LIMIT,
@@ -92,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = EngineConfig(start_size=args.start_size, recent_size=args.recent_size, pin_system=args.pin_system,
                               pin_limit=args.pin_limit, eviction=args.eviction)
+        print(backend_line(*choose_backend(args.backend, args.model, args.device, args.device_map, args.dtype)),
+              file=sys.stderr, flush=True)
         model, tokenizer = load(args.model, args.device, args.dtype, backend=args.backend, **placement_kwargs(args))
         if args.device_map is not None:
             print(f"[weights: {describe_placement(model)}]", file=sys.stderr, flush=True)

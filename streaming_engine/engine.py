@@ -152,9 +152,12 @@ class EngineConfig(SamplingDefaults):
             raise ValueError(f"pin_system must be True or False, got {self.pin_system!r}")
         check_int("pin_limit", self.pin_limit, 1)
         check_policy(self.eviction)
-        check_number("idle_timeout_s", self.idle_timeout_s, 0, low_open=True)
-        check_number("api_idle_timeout_s", self.api_idle_timeout_s, 0, low_open=True)
-        self.default_sampling()  # validates the sampling defaults
+        self.idle_timeout_s = check_number("idle_timeout_s", self.idle_timeout_s, 0, low_open=True)
+        self.api_idle_timeout_s = check_number("api_idle_timeout_s", self.api_idle_timeout_s, 0, low_open=True)
+        # Validates the sampling defaults and keeps them as SamplingParams made them (`temperature=1` -> 1.0).
+        checked = self.default_sampling()
+        for name in self.sampling_defaults():
+            setattr(self, name, getattr(checked, name))
 
     @property
     def cache_size(self) -> int:

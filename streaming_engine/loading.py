@@ -205,7 +205,7 @@ def load(
 
     `backend`: "transformers" (the default), "llama.cpp" (a GGUF file, or the offline default's, on the CPU with
     `llama-cpp-python`: returns a `LlamaCppModel` that `StreamingEngine` runs the same way; `n_threads` sets its
-    threads) or "auto" (llama.cpp when it applies, see `backends.py`).
+    threads) or "auto" (transformers; see `backends.py` for why).
 
     `None` loads the offline default SmolLM2-135M-Instruct; a path to a `.gguf` file is converted once (see
     `convert_gguf`). Any other value goes to `AutoModelForCausalLM` (a hub id needs the hub; a local folder does

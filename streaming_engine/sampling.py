@@ -55,22 +55,27 @@ class SamplingParams(SamplingDefaults):
     stop: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        if isinstance(self.max_new_tokens, float) and self.max_new_tokens.is_integer():
-            self.max_new_tokens = int(self.max_new_tokens)
-        if isinstance(self.top_k, float) and self.top_k.is_integer():
-            self.top_k = int(self.top_k)
+        # Every value enters here (engine.chat, the API, the gradio API, the CLI), so here is where it is made the
+        # type the sampler needs: integer-valued floats (5.0 from JSON) for the integer knobs, and floats for the
+        # float knobs even when written as ints (`"temperature": 1`), which transformers' warpers would refuse.
+        for name in ("max_new_tokens", "top_k", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, float) and value.is_integer():
+                setattr(self, name, int(value))
         check_int("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS_LIMIT)
-        check_number("temperature", self.temperature, 0, MAX_TEMPERATURE, note=" (0 = greedy)")
-        check_number("top_p", self.top_p, 0, 1, low_open=True)
+        self.temperature = check_number("temperature", self.temperature, 0, MAX_TEMPERATURE, note=" (0 = greedy)")
+        self.top_p = check_number("top_p", self.top_p, 0, 1, low_open=True)
         check_int("top_k", self.top_k, 0, note=" (0 = off)")
-        check_number("repetition_penalty", self.repetition_penalty, 0, MAX_REPETITION_PENALTY, low_open=True,
-                     note=" (1 = off)")
+        self.repetition_penalty = check_number("repetition_penalty", self.repetition_penalty, 0,
+                                               MAX_REPETITION_PENALTY, low_open=True, note=" (1 = off)")
         if self.seed is not None:
             check_int("seed", self.seed, 0, MAX_SEED, note=" or None")
         if self.stop is None:
             self.stop = []
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)):  # an object or a number is no list of strings
+            raise ValueError(f"stop must be a string or a list of strings, got {type(self.stop).__name__}")
         self.stop = [s for s in self.stop if s != ""]
         if len(self.stop) > MAX_STOP_STRINGS or any(
             not isinstance(s, str) or len(s) > MAX_STOP_STRING_CHARS for s in self.stop

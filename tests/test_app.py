@@ -202,7 +202,7 @@ def test_placement_dtype_threads_and_queue_settings_come_from_flags_or_environme
 
 
 def test_the_engine_is_loaded_as_the_settings_say_and_the_footer_shows_where_it_runs(
-        monkeypatch, tiny_chat_model, default_tokenizer):
+        monkeypatch, capsys, tiny_chat_model, default_tokenizer):
     import app
     from webui import startup
 
@@ -219,6 +219,10 @@ def test_the_engine_is_loaded_as_the_settings_say_and_the_footer_shows_where_it_
     assert seen == dict(name="/some/local/model", trust_remote_code=False, device="cpu", dtype="float32",
                         device_map=None, max_memory=None, offload_folder=None, backend="auto", n_threads=1)
     assert label == "/some/local/model" and engine.config.recent_size == 96
+    # One start-up line names the backend and why, before the model loads (issue 27 item 3).
+    err = capsys.readouterr().err
+    assert err.count("Backend: ") == 1 and "Backend: transformers (auto picks transformers:" in err
+    assert err.index("Backend: ") < err.index("Loading ")
     footer = app.status_line(engine, label)
     assert "cpu (cpu " in footer and "float32" in footer and "1 CPU thread ·" in footer and "4 sinks + 96" in footer
 

@@ -58,3 +58,14 @@ def test_the_chat_pins_its_system_prompt_and_says_how_many_turns_it_still_holds(
     assert "| pinned 0 |" in capsys.readouterr().out
     assert chat.main(common + ["--pin-limit", "3"]) == 2
     assert "pin_limit=3" in capsys.readouterr().err
+
+
+def test_the_chat_says_at_start_up_which_backend_runs_and_why(tiny_model_dir, tmp_path, capsys):
+    prompts = tmp_path / "one.txt"
+    prompts.write_text("Hello")
+    common = [str(prompts), "--model", tiny_model_dir, "--max-new-tokens", "2", "--recent-size", "60"]
+    assert chat.main(common) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Backend: ")]
+    assert len(lines) == 1 and lines[0].startswith("Backend: transformers (auto picks transformers:")
+    assert chat.main(common + ["--backend", "transformers"]) == 0
+    assert "Backend: transformers (asked for with --backend transformers)" in capsys.readouterr().err

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from streaming_engine import EngineConfig, StreamingEngine, load
-from streaming_engine.backends import BACKENDS, resolve_backend
+from streaming_engine.backends import BACKENDS, choose_backend, resolve_backend
 from streaming_engine.llamacpp import llamacpp_available, require_llamacpp
 
 needs_llamacpp = pytest.mark.skipif(
@@ -66,22 +66,24 @@ def reply(engine, sid, message, **sampling) -> tuple[str, object]:
 # --- choosing a backend (no package needed) --------------------------------------------------------------------
 
 
-def test_auto_picks_llamacpp_only_for_a_gguf_on_the_cpu_with_the_package(monkeypatch, tmp_path):
+@pytest.mark.parametrize("installed", [True, False])
+@pytest.mark.parametrize("gpu", [True, False])
+def test_auto_runs_transformers_whether_or_not_llamacpp_is_installed(monkeypatch, tmp_path, installed, gpu):
+    """Issue 27 item 3: installing llama-cpp-python (which `make test` does) must not change what `make run` runs;
+    llama.cpp runs when asked for, and the reason names the choice."""
     import streaming_engine.llamacpp as package
 
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
-    monkeypatch.setattr(package, "llamacpp_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_backend("auto", str(gguf)) == "llama.cpp"
-    assert resolve_backend("auto", "HuggingFaceTB/SmolLM2-135M-Instruct") == "transformers"
-    assert resolve_backend("auto", str(gguf), device="cuda") == "transformers"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert resolve_backend("auto", str(gguf)) == "transformers"  # a GPU: transformers unless asked
-    assert resolve_backend("llama.cpp", str(gguf)) == "llama.cpp"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(package, "llamacpp_available", lambda: False)
-    assert resolve_backend("auto", str(gguf)) == "transformers"
+    monkeypatch.setattr(package, "llamacpp_available", lambda: installed)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    for model in (None, str(gguf), "HuggingFaceTB/SmolLM2-135M-Instruct"):
+        backend, reason = choose_backend("auto", model)
+        assert backend == resolve_backend("auto", model) == "transformers"
+        assert reason.startswith("auto picks transformers") and "--backend llama.cpp" in reason
+        assert f"llama-cpp-python is {'installed' if installed else 'not installed'}" in reason
+    assert choose_backend("llama.cpp", str(gguf)) == ("llama.cpp", "asked for with --backend llama.cpp")
+    assert choose_backend("transformers") == ("transformers", "asked for with --backend transformers")
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_backend("vllm")
     assert BACKENDS == ("auto", "transformers", "llama.cpp")

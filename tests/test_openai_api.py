@@ -5,6 +5,7 @@ encodes only its new message), OpenAI-style errors for bad parameters, and the l
 from __future__ import annotations
 
 import base64
+import json
 import re
 import urllib.error
 import urllib.request
@@ -13,8 +14,10 @@ import openai
 import pytest
 
 import app
+import streaming_engine
 from browser_util import free_port
 from streaming_engine import EngineConfig, StreamingEngine
+from streaming_engine.llamacpp import llamacpp_available
 
 USER, PASSWORD = "tester", "s3cret-pass"
 MODEL = "tiny-test-model"
@@ -172,3 +175,163 @@ def test_metrics_report_sessions_tokens_evictions_memory_and_rates(client, serve
     assert int(values["streaming_llm_tokens_generated_total"]) >= 1
     assert int(values["streaming_llm_kv_cache_bytes"]) == sum(engine.stats(s)["kv_bytes"] for s in engine.session_ids())
     assert float(values["streaming_llm_decode_tokens_per_second"]) > 0
+
+
+# --- every numeric parameter as JSON writes it: int, float, integer-valued float (issue 27, item 1) -------------
+
+needs_llamacpp = pytest.mark.skipif(
+    not llamacpp_available(), reason="llama-cpp-python is not installed (pip install -r requirements-cpu.txt)")
+
+
+@pytest.fixture(scope="module", params=["transformers", pytest.param("llama.cpp", marks=needs_llamacpp)])
+def backend_server(request):
+    """The app on each backend: the tiny model on transformers (the module's server), the real default GGUF on
+    llama.cpp (one thread, two sequences: the test machines are shared)."""
+    if request.param == "transformers":
+        yield request.getfixturevalue("server")[0]
+        return
+    model, tokenizer = streaming_engine.load(backend="llama.cpp", n_threads=1)
+    engine = StreamingEngine(model, tokenizer, EngineConfig(start_size=4, recent_size=124, max_active_turns=2,
+                                                            max_batch=2, max_new_tokens=4))
+    settings = app.AppSettings(start_size=4, recent_size=124, port=free_port(), auth=(USER, PASSWORD))
+    demo = app.build_ui(engine, MODEL)
+    app.launch(demo, settings, engine=engine, model_label=MODEL, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{settings.port}"
+    demo.close()
+    for sid in engine.session_ids():
+        engine.close(sid)
+    engine.llamacpp.close()
+
+
+def post(url: str, body: dict | str, path: str = "/v1/chat/completions", method: str = "POST"):
+    """(status, parsed JSON or the raw SSE text) of a raw request: the exact JSON types, no client in between."""
+    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    data = (body if isinstance(body, str) else json.dumps(body)).encode()
+    request = urllib.request.Request(f"{url}{path}", data=data if method == "POST" else None, method=method,
+                                     headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            status, raw = response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        status, raw = err.code, err.read().decode()
+    if raw.startswith("data: "):
+        return status, raw
+    return status, json.loads(raw)
+
+
+def streamed_text(sse: str) -> str:
+    """The reply text of an SSE body; fails on an error event (a 200 followed by an error is a failure too)."""
+    text = ""
+    for line in sse.splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            text += "".join(c["delta"].get("content") or "" for c in event["choices"])
+    return text
+
+
+#: (parameter, values that must be accepted, a value that must be refused with a 400). Integer parameters take an
+#: integer-valued float (4.0) but no fraction; float parameters take ints (`"temperature": 1` is what curl and
+#: JavaScript clients write).
+NUMERIC = [
+    ("temperature", [1, 2, 0.7, 1.0], None),
+    ("top_p", [1, 0.9, 1.0], None),
+    ("repetition_penalty", [2, 1.1, 1.0], None),
+    ("max_tokens", [3, 3.0], 3.5),
+    ("max_completion_tokens", [3, 3.0], 3.5),
+    ("top_k", [5, 5.0], 5.5),
+    ("seed", [3, 3.0], 3.5),
+    ("presence_penalty", [0, 0.0], 0.5),
+    ("frequency_penalty", [0, 0.0], 0.5),
+    ("n", [1, 1.0], 1.5),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("name,accepted,refused", NUMERIC, ids=[n[0] for n in NUMERIC])
+def test_every_numeric_parameter_takes_ints_floats_and_integral_floats(backend_server, name, accepted, refused,
+                                                                        stream):
+    for value in accepted:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": f"Say {name}"}], "max_tokens": 3,
+                "stream": stream, name: value}
+        status, answer = post(backend_server, body)
+        assert status == 200, (value, answer)
+        text = streamed_text(answer) if stream else answer["choices"][0]["message"]["content"]
+        assert text, (name, value)
+    for value in ([refused] if refused is not None else []) + [True, "1", None if name == "n" else [1]]:
+        if value is None:
+            continue
+        status, answer = post(backend_server, {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                               "stream": stream, name: value})
+        assert status == 400 and answer["error"]["param"] == name, (value, answer)
+
+
+@pytest.mark.parametrize("body", [
+    '{"model": "%s", "messages": [{"role": "user", "content": "x"}], "temperature": %s}' % (MODEL, "9" * 5000),
+    '{"model": "%s", "messages": [{"role": "user", "content": "x"}], "temperature": %s}' % (MODEL, "9" * 400),
+    '{"model": "%s", "messages": [{"role": "user", "content": "x"}], "seed": %s}' % (MODEL, "9" * 30),
+    '{"model": "%s", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}' % MODEL,
+    '{"model": "%s", "messages": [{"role": "user", "content": "x"}], "stop": {"a": 1}}' % MODEL,
+    "[" * 100_000,
+], ids=["5000-digit", "400-digit", "huge-seed", "nan", "stop-object", "nested"])
+def test_no_number_or_shape_of_body_is_a_server_error(server, body):
+    status, answer = post(server[0], body)
+    assert status == 400 and answer["error"]["type"] == "invalid_request_error" and answer["error"]["message"]
+
+
+def test_engine_chat_takes_an_int_temperature_in_the_library(server):
+    _, engine = server
+    sid = engine.new_session()
+    try:
+        events = list(engine.chat(sid, "hello", temperature=1, repetition_penalty=2, top_p=1, max_new_tokens=3.0))
+    finally:
+        engine.close(sid)
+    assert events[-1].kind == "done" and "".join(e.text for e in events if e.kind == "delta")
+
+
+# --- OpenAI's answers for what is not there (issue 27, item 7) ---------------------------------------------------
+
+
+def test_an_unknown_model_is_a_404_in_openais_shape_streamed_or_not(server):
+    for stream in (False, True):
+        status, answer = post(server[0], {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}],
+                                          "stream": stream})
+        assert status == 404
+        assert set(answer["error"]) == {"message", "type", "param", "code"}
+        assert answer["error"]["code"] == "model_not_found" and answer["error"]["param"] == "model"
+        assert MODEL in answer["error"]["message"]
+
+
+@pytest.mark.parametrize("method,path,status,code", [
+    ("GET", "/v1/completions", 404, "unknown_url"),
+    ("POST", "/v1/embeddings", 404, "unknown_url"),
+    ("GET", "/v1/chat/completions", 405, "method_not_allowed"),
+    ("POST", "/v1/models", 405, "method_not_allowed"),
+    ("DELETE", "/v1/models/x", 405, "method_not_allowed"),
+])
+def test_unknown_routes_and_methods_answer_in_openais_shape(server, method, path, status, code):
+    got, answer = post(server[0], "{}", path=path, method=method)
+    assert got == status and answer["error"]["code"] == code and answer["error"]["message"], answer
+    assert "detail" not in answer
+
+
+def test_usage_says_when_a_regenerate_reprimes_and_what_history_was_dropped(client):
+    history = [{"role": "user", "content": f"Old question {i} with some words in it."} if i % 2 == 0 else
+               {"role": "assistant", "content": f"Old answer {i}, also a few words long."} for i in range(40)]
+    first = client.chat.completions.create(model=MODEL, messages=history + [{"role": "user", "content": "Now?"}],
+                                           **greedy())
+    extra = first.model_extra["streaming_llm"]
+    # 40 messages do not fit a 256-token cache: the reply saw a tail, and usage says how much was left out.
+    assert extra["reprimed"] is True and extra["session_reused"] is False and extra["history_messages"] == 40
+    assert 0 < extra["history_messages_dropped"] < 42
+    # The same request again (a regenerate): the live session already holds this turn's reply, so it cannot be
+    # continued; the cache is re-primed from the history, and the usage says so.
+    again = client.chat.completions.create(model=MODEL, messages=history + [{"role": "user", "content": "Now?"}],
+                                           **greedy())
+    assert again.model_extra["streaming_llm"]["reprimed"] is True
+    follow = client.chat.completions.create(
+        model=MODEL, messages=history + [{"role": "user", "content": "Now?"},
+                                         {"role": "assistant", "content": again.choices[0].message.content},
+                                         {"role": "user", "content": "And then?"}], **greedy())
+    assert follow.model_extra["streaming_llm"]["reprimed"] is False
+    assert follow.model_extra["streaming_llm"]["session_reused"] is True

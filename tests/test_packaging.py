@@ -9,6 +9,10 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -53,8 +57,34 @@ def _run(*cmd, cwd=None, timeout=600):
     return done.stdout
 
 
+#: The files the app reads from webui.assets besides the button icons (see webui/assets.py and its callers).
+APP_FILES = {"style.css", "examples.json", "autopilot.json", "attention_sinks.png"}
+
+
+def icons_the_app_uses() -> set[str]:
+    """`icons/<name>.svg` for every `icon("<name>")` in the web app's code: what the buttons reference."""
+    names = set()
+    for path in (ROOT / "webui").glob("*.py"):
+        names |= set(re.findall(r'\bicon\("(\w+)"\)', path.read_text()))
+    return {f"icons/{name}.svg" for name in names}
+
+
+def page_asset_urls(page: str, base: str) -> set[str]:
+    """Every same-server file or asset URL the page references: Gradio's `/file=` and `/gradio_api/file=` links
+    (button icons, images), and the `src`/`href` of its scripts, stylesheets and icons."""
+    found = set()
+    for match in re.findall(r'(?:https?://[^"\'\s]+?)?/(?:gradio_api/)?file=[^"\'\s\\)]+', page):
+        found.add(urllib.parse.urljoin(base, match))
+    for match in re.findall(r'(?:src|href)="([^"#]+)"', page):
+        url = urllib.parse.urljoin(base, match)
+        if url.startswith(base) and url.rstrip("/") != base.rstrip("/"):
+            found.add(url)
+    return found
+
+
 @pytest.mark.packaging
-def test_pip_install_gives_a_library_and_app_that_work_from_any_directory(tmp_path):
+def test_pip_install_gives_a_library_and_app_that_work_from_any_directory(tmp_path, tiny_chat_model,
+                                                                          default_tokenizer):
     wheels = tmp_path / "wheels"
     try:  # no network needed when setuptools here is new enough; otherwise pip fetches it for an isolated build
         import setuptools
@@ -71,6 +101,12 @@ def test_pip_install_gives_a_library_and_app_that_work_from_any_directory(tmp_pa
     _run(sys.executable, "-m", "venv", "--system-site-packages", str(venv))
     python = venv / "bin" / "python"
     wheel = next(wheels.glob("*.whl"))
+    # Exactly what the app needs in webui/assets: no missing icon, and no development script or screenshot.
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = {n.removeprefix("webui/assets/") for n in archive.namelist() if n.startswith("webui/assets/")}
+        top_level = {n for n in archive.namelist() if "/" not in n}
+    assert shipped == APP_FILES | icons_the_app_uses(), shipped ^ (APP_FILES | icons_the_app_uses())
+    assert top_level == {"app.py"}  # no setup.py, no make_*.py
     _run(str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -94,3 +130,51 @@ def test_pip_install_gives_a_library_and_app_that_work_from_any_directory(tmp_pa
     assert _run(str(python), "-c", script, cwd=elsewhere).strip().endswith("ok")
     for command in ("streaming-llm-chat", "streaming-llm-app"):
         assert "usage:" in _run(str(venv / "bin" / command), "--help", cwd=elsewhere)
+    serve_installed_app_and_load_every_asset(venv, elsewhere, tmp_path, tiny_chat_model, default_tokenizer)
+
+
+def serve_installed_app_and_load_every_asset(venv: Path, cwd: Path, tmp_path: Path, model, tokenizer) -> None:
+    """Issue 27 item 2: the installed app, started outside the repository, serves a page whose every referenced
+    asset loads (a button icon missing from the wheel is a broken image: 404/403 here)."""
+    from browser_util import free_port
+
+    folder = tmp_path / "tiny-model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(GRADIO_ANALYTICS_ENABLED="False", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               GRADIO_TEMP_DIR=str(tmp_path / "gradio"))  # its own file cache: no copy left by another run
+    command = [str(venv / "bin" / "streaming-llm-app"), "--model", str(folder), "--host", "127.0.0.1",
+               "--port", str(port), "--data-dir", str(tmp_path / "data"), "--recent-size", "60"]
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    base = f"http://127.0.0.1:{port}/"
+    output = []
+    try:
+        # Wait on the server's own word that it listens (the line Gradio prints), not on a clock.
+        for line in process.stdout:
+            output.append(line)
+            if "Running on local URL" in line:
+                break
+        assert process.poll() is None, "".join(output)[-3000:]
+        assert any(line.startswith("Backend: transformers") for line in output), "".join(output)[-3000:]
+        with urllib.request.urlopen(base, timeout=60) as response:
+            page = response.read().decode()
+        urls = page_asset_urls(page, base)
+        # Gradio serves each icon from its own cache copy, named as the file: every button's icon is on the page.
+        for name in icons_the_app_uses():
+            assert any(url.endswith("/" + name.split("/")[-1]) for url in urls), (name, sorted(urls))
+        failed = {}
+        for url in sorted(urls):
+            try:
+                with urllib.request.urlopen(url, timeout=60) as response:
+                    status = response.status
+            except urllib.error.HTTPError as err:
+                status = err.code
+            if status != 200:
+                failed[url] = status
+        assert not failed, failed
+    finally:
+        process.terminate()
+        process.wait(timeout=60)

@@ -32,6 +32,10 @@ def client(url, address=None):
     return Client(url, verbose=False, headers={"X-Forwarded-For": address} if address else None)
 
 
+#: /chat's five optional sampling settings, left to the engine (a raw call must name every input).
+NULLS = ", null" * 5
+
+
 def raw_call(url: str, api_name: str, body: str) -> list:
     """POST a JSON body as written (NaN included) to gradio's plain HTTP API; the data of its last event."""
     request = urllib.request.Request(f"{url}/gradio_api/call/{api_name}", data=body.encode(),
@@ -59,14 +63,15 @@ def test_chat_refuses_a_bad_max_new_tokens_naming_the_allowed_type_and_range(lau
 
 
 @pytest.mark.parametrize("body,message", [
-    ('{"data": ["%s", "hi", NaN]}', "max_new_tokens must be an integer in [1, 4096]; got NaN"),
-    ('{"data": ["%s", null, 4]}', "message must be text (a JSON string) of at most 250,000 characters; got null"),
-    ('{"data": ["%s", ["hi"], 4]}', "message must be text (a JSON string) of at most 250,000 characters; got a list"),
-    ('{"data": ["%s", "   ", 4]}', "message is empty: type something first"),
-    ('{"data": [12, "hi", 4]}', "session_id must be the id /new_session returned"),
-    ('{"data": ["' + "f" * 100_000 + '", "hi", 4]}', "session_id must be the id /new_session returned"),
+    ('{"data": ["%s", "hi", NaN' + NULLS + ']}', "max_new_tokens must be an integer in [1, 4096]; got NaN"),
+    ('{"data": ["%s", null, 4' + NULLS + ']}', "message must be text (a JSON string) of at most 250,000 characters; got null"),
+    ('{"data": ["%s", ["hi"], 4' + NULLS + ']}', "message must be text (a JSON string) of at most 250,000 characters; got a list"),
+    ('{"data": ["%s", "   ", 4' + NULLS + ']}', "message is empty: type something first"),
+    ('{"data": [12, "hi", 4' + NULLS + ']}', "session_id must be the id /new_session returned"),
+    ('{"data": ["' + "f" * 100_000 + '", "hi", 4' + NULLS + ']}', "session_id must be the id /new_session returned"),
 ])
 def test_every_chat_argument_is_checked_with_a_message_and_never_a_null_error(launched, body, message):
+    # A raw call names every input (gradio's HTTP API fills in no defaults): the five sampling settings are null.
     url, engine = launched
     sid = client(url, "203.0.113.2").predict(api_name="/new_session")
     kind, data = raw_call(url, "chat", body.replace("%s", sid))
@@ -134,3 +139,19 @@ def test_a_caller_beyond_the_active_turn_limit_is_told_busy_at_once(tiny_chat_mo
         watcher.join(60)
     assert json.loads(stats)["error"].startswith("Server busy") and reply == ""
     assert still_running == 1  # answered while the first reply was still being written
+
+
+def test_chat_takes_sampling_settings_ints_included_and_refuses_bools(launched):
+    """Issue 27 items 1 and 8: /chat's sampling settings, an int where a number belongs (what JSON writes)."""
+    url, engine = launched
+    c = client(url, "203.0.113.9")
+    sid = c.predict(api_name="/new_session")
+    try:
+        first, stats = c.predict(sid, "hello", 4, 1, 1, 5, 2, 7, api_name="/chat")
+        assert first and "error" not in json.loads(stats), stats
+        _, refused = c.predict(sid, "hello", 4, True, api_name="/chat")
+        assert json.loads(refused)["error"] == "temperature must be a number in [0, 5.0]; got true"
+        _, refused = c.predict(sid, "hello", 4, None, None, None, None, 1.5, api_name="/chat")
+        assert json.loads(refused)["error"].startswith("seed must be an integer")
+    finally:
+        c.predict(sid, api_name="/close_session")

@@ -137,10 +137,11 @@ class ChatRequest:
         if not isinstance(options, dict) or set(options) - {"include_usage"}:
             raise APIError(400, "stream_options may only hold include_usage", param="stream_options")
         self.include_usage = bool(options.get("include_usage", False))
-        if body.get("n", 1) not in (1, None):
+        # `True == 1` and `False == 0` in Python: a JSON true is no number, so bools are refused by type first.
+        if isinstance(body.get("n"), bool) or body.get("n", 1) not in (1, None):
             raise APIError(400, "only n=1 is supported: one conversation, one reply", param="n")
         for name in ("presence_penalty", "frequency_penalty"):
-            if body.get(name, 0) not in (0, 0.0, None):
+            if isinstance(body.get(name), bool) or body.get(name, 0) not in (0, 0.0, None):
                 raise APIError(400, f"{name} is not supported (use repetition_penalty)", param=name)
         if body.get("logprobs"):
             raise APIError(400, "logprobs are not supported", param="logprobs")
@@ -190,13 +191,17 @@ class ChatRequest:
         }
         sampling = {k: v for k, v in sampling.items() if v is not None}
         try:
-            SamplingParams(**sampling)  # the engine's own ranges, checked before any session is touched
+            # The engine's own ranges and types, checked before any session is touched; the checked values go on
+            # (`"temperature": 1` arrives as 1.0), so nothing downstream sees a JSON int where a float belongs.
+            checked = SamplingParams(**sampling)
         except (ValueError, TypeError) as exc:
             name = str(exc).split(" ", 1)[0]
-            param = {"max_new_tokens": "max_tokens"}.get(name, name)
-            message = str(exc).replace("max_new_tokens", "max_tokens", 1)
+            # Named as the client sent it: max_completion_tokens wins over max_tokens when both are there.
+            sent = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+            param = {"max_new_tokens": sent}.get(name, name)
+            message = str(exc).replace("max_new_tokens", sent, 1)
             raise APIError(400, message, param=param if param in KNOWN_FIELDS else None) from exc
-        self.sampling = sampling
+        self.sampling = {name: getattr(checked, name) for name in sampling}
 
 
 class ConversationPool:
@@ -268,6 +273,7 @@ class TurnAccount:
     cached_tokens: int
     seen_before: int
     reused: bool
+    history_messages: int = 0  # messages before the new user turn (the system prompt not counted)
 
     def usage(self, stats: dict) -> dict:
         reply = int(stats.get("reply_tokens", 0))
@@ -284,12 +290,18 @@ class TurnAccount:
 
     def extra(self, stats: dict) -> dict:
         usage = self.usage(stats)
+        # prompt_tokens is what the reply was conditioned on, which a bounded cache caps however long the history
+        # a client sends: say how much of that history is not behind the reply, and whether it was re-encoded
+        # (a regenerate or an edit never continues a live cache; it re-primes one, and says so here).
         return {
             "session_reused": self.reused,
+            "reprimed": not self.reused and self.history_messages > 0,
             "prefill_tokens": usage["prompt_tokens"] - self.cached_tokens,
             "cache_tokens": stats.get("cache_tokens"),
             "cache_capacity": stats.get("cache_capacity"),
             "evicted_tokens": stats.get("evicted_tokens"),
+            "history_messages": self.history_messages,
+            "history_messages_dropped": int(stats.get("messages_forgotten") or 0),
         }
 
 
@@ -337,6 +349,11 @@ def mount(app: FastAPI, engine: StreamingEngine, *, model_name: str, auth: tuple
             raise APIError(400, "the request body must be a JSON object")
         return body
 
+    def model_not_found(model: str) -> APIError:
+        shown = model if len(model) <= 100 else model[:100] + "…"
+        return APIError(404, f"The model '{shown}' does not exist; this server serves '{model_name}'",
+                        param="model", code="model_not_found")
+
     def model_card() -> dict:
         return {"id": model_name, "object": "model", "created": created, "owned_by": "streaming-llm"}
 
@@ -351,8 +368,7 @@ def mount(app: FastAPI, engine: StreamingEngine, *, model_name: str, auth: tuple
         try:
             check_auth(request)
             if model != model_name:
-                raise APIError(404, f"The model '{model}' does not exist; this server serves '{model_name}'",
-                               param="model", code="model_not_found")
+                raise model_not_found(model)
         except APIError as exc:
             return exc.response()
         return model_card()
@@ -361,6 +377,8 @@ def mount(app: FastAPI, engine: StreamingEngine, *, model_name: str, auth: tuple
         try:
             check_auth(request)
             chat = ChatRequest(await read_json(request), default_max_tokens)
+            if chat.body["model"] != model_name:  # as OpenAI and llama.cpp's server do: no silent substitute
+                raise model_not_found(chat.body["model"])
             client = client_of(request, auth)
             try:  # the fair queue: this client's requests beyond its share wait; others' are not held up
                 await gate.enter(client)
@@ -379,7 +397,8 @@ def mount(app: FastAPI, engine: StreamingEngine, *, model_name: str, auth: tuple
                 raise APIError(503, "the conversation was closed meanwhile; retry", "server_error") from exc
             except ValueError as exc:
                 raise APIError(400, str(exc), param="messages") from exc
-            account = TurnAccount(stats["cache_tokens"], stats["seen_tokens"], reused)
+            account = TurnAccount(stats["cache_tokens"], stats["seen_tokens"], reused,
+                                  sum(m["role"] != "system" for m in chat.prior))
             # Submitted now, so a refusal (busy, bad message) is an HTTP status even for a streamed request.
             events = await run_in_threadpool(lambda: engine.start_chat(sid, chat.message, **chat.sampling))
             refused = refusal(events)
@@ -423,6 +442,22 @@ def mount(app: FastAPI, engine: StreamingEngine, *, model_name: str, auth: tuple
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/v1/models/{model:path}", get_model, methods=["GET"])
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    # Anything else under /v1 answers in OpenAI's error shape, not FastAPI's `{"detail": ...}`: clients read
+    # `error.message`. Registered last, so it only sees what no route above took.
+    known = {"/v1/models": "GET", "/v1/chat/completions": "POST"}
+
+    async def not_found(request: Request, path: str):
+        route = f"/v1/{path}"
+        if route in known:
+            return APIError(405, f"{request.method} is not allowed on {route}; use {known[route]}",
+                            code="method_not_allowed").response()
+        if route.startswith("/v1/models/"):
+            return APIError(405, f"{request.method} is not allowed on {route}; use GET",
+                            code="method_not_allowed").response()
+        return APIError(404, f"Unknown endpoint {request.method} {route[:200]}; this server serves "
+                             "GET /v1/models and POST /v1/chat/completions", code="unknown_url").response()
+
+    app.add_api_route("/v1/{path:path}", not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     return pool
 
 

@@ -82,7 +82,7 @@ class AppSettings:
     queue_max_size: int = DEFAULT_QUEUE_MAX_SIZE
     #: Visitors may pick the cache sizes of their new chats (at most the owner's `start_size`/`recent_size`).
     visitor_cache_sizes: bool = False
-    backend: str = "auto"  # see streaming_engine/backends.py: llama.cpp for a GGUF on the CPU when installed
+    backend: str = "auto"  # see streaming_engine/backends.py: transformers unless llama.cpp is asked for
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -191,8 +191,8 @@ def parse_settings(argv: list[str] | None = None, env: dict | None = None) -> Ap
                          help="let visitors choose the cache sizes of new chats, up to the configured ones "
                               "(env VISITOR_CACHE_SIZES; default: shown read-only)")
     p.add_argument("--backend", default=env.get("BACKEND", "auto"),
-                   help=f"{' | '.join(BACKENDS)} (env BACKEND; default auto: llama.cpp for a GGUF model on a CPU "
-                        "when llama-cpp-python is installed, else transformers)")
+                   help=f"{' | '.join(BACKENDS)} (env BACKEND; default auto: transformers; llama.cpp runs a GGUF on "
+                        "the CPU only when asked for)")
     args = p.parse_args(argv)
     try:
         return AppSettings(args.model, args.start_size, args.recent_size, args.host, args.port, args.share,

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from streaming_engine import load
+from streaming_engine.backends import backend_line, choose_backend
 from streaming_engine.loading import DEFAULT_MODEL_INSTALL, DEFAULT_MODEL_NAME, default_model_available
 
 from .settings import HUB_DEFAULT_MODEL, AppSettings
@@ -102,6 +103,9 @@ def load_model(source: ModelSource, settings: AppSettings):
     hub_up = hub_reachable() if source.from_hub else True
     if source.from_hub and not hub_up:
         say("The Hugging Face hub is unreachable: looking in the local cache only.")
+    # Which backend runs, and why, before anything is loaded: `auto` must never switch silently.
+    say(backend_line(*choose_backend(settings.backend, source.name, settings.device, settings.device_map,
+                                     settings.dtype)))
     say(f"Loading {source.label}…")
     started = time.perf_counter()
     try:

@@ -5,7 +5,8 @@ Endpoints (call them with `gradio_client.Client(url).predict(..., api_name=...)`
 * `/new_session() -> session_id` — a fresh streaming conversation (ids are random 128-bit: unguessable). It counts
   against the caller's per-client cap (its address, or its login user) and is closed after
   `API_IDLE_TIMEOUT_S` without calls (`origin="api"`);
-* `/chat(session_id, message, max_new_tokens) -> (reply_so_far, stats_json)`, streamed; a problem comes back as
+* `/chat(session_id, message, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed) ->
+  (reply_so_far, stats_json)`, streamed (the sampling settings are optional: null keeps the engine's default); a problem comes back as
   `stats_json` holding `{"error": message}` with a message that says what to change, never as a traceback. With
   `MAX_ACTIVE_TURNS` replies already being written the answer is "Server busy" at once: the endpoint has no queue
   limit of its own, so the engine's limit decides instead of a wait in gradio's queue;
@@ -56,12 +57,22 @@ def register(engine: StreamingEngine, max_new_tokens_default: int = DEFAULT_API_
 
     # Parameters typed `Any` so that gradio hands over exactly what the caller sent (text, null, a list …) and the
     # checks below, not a silent conversion, decide; the docstring tells clients the expected types.
-    def chat(session_id: Any, message: Any, max_new_tokens: Any = max_new_tokens_default) -> Iterator[tuple[str, str]]:
-        """Stream one turn. session_id: str (from /new_session); message: str; max_new_tokens: int in [1, 4096].
-        Returns (reply so far, stats JSON); a refused or failed turn has "error" in the stats JSON."""
+    # The sampling settings after max_new_tokens are optional (null: the engine's default) and come after the
+    # existing arguments, so positional callers of the three-argument form are unchanged.
+    def chat(session_id: Any, message: Any, max_new_tokens: Any = max_new_tokens_default, temperature: Any = None,
+             top_p: Any = None, top_k: Any = None, repetition_penalty: Any = None,
+             seed: Any = None) -> Iterator[tuple[str, str]]:
+        """Stream one turn. session_id: str (from /new_session); message: str; max_new_tokens: int in [1, 4096];
+        temperature: number in [0, 5] (0 = greedy); top_p: number in (0, 1]; top_k: int >= 0 (0 = off);
+        repetition_penalty: number in (0, 10] (1 = off); seed: int >= 0. Ints are accepted where numbers are;
+        null (the default) keeps the engine's setting. Returns (reply so far, stats JSON); a refused or failed
+        turn has "error" in the stats JSON."""
+        optional = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                        seed=seed)
         try:
-            sid, text, sampling = apivalidate.chat_arguments(session_id, message, engine.config.max_message_chars,
-                                                             max_new_tokens=max_new_tokens)
+            sid, text, sampling = apivalidate.chat_arguments(
+                session_id, message, engine.config.max_message_chars, max_new_tokens=max_new_tokens,
+                **{name: value for name, value in optional.items() if value is not None})
         except ValueError as exc:
             yield "", error_json(str(exc))
             return
