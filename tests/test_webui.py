@@ -57,6 +57,10 @@ def phase(html: str) -> str:
     return re.search(r'data-phase="(\w+)"', html).group(1)
 
 
+#: Long enough that a reply is still streaming when the test acts (the tiny model never ends a turn early).
+MAX_NEW = 200
+
+
 def last(outputs):
     return list(outputs)[-1]
 
@@ -69,9 +73,11 @@ def test_send_streams_a_reply_then_settles_with_idle_gauges_and_a_stored_convers
     outputs = page.send("Hello <b>there</b>")
     chat, box, gauges, state, record, listing = outputs[-1]
     assert outputs[0][1] == ""  # the box empties at once
+    # and is never written again: the user may be typing the next message while the reply streams
+    assert all(later[1] == SKIP for later in outputs[1:])
     assert chat[0] == {"role": "user", "content": "Hello &lt;b>there&lt;/b>"}
     assert chat[1]["role"] == "assistant" and chat[1]["content"]
-    assert box == "" and phase(gauges) == "idle" and gauge_value(gauges, "turns") == 1
+    assert phase(gauges) == "idle" and gauge_value(gauges, "turns") == 1
     assert page.record == {"tokens": [page.token], "current": page.token}  # all the browser keeps
     stored = conv.store.load(page.token)
     assert stored.messages[0]["content"] == "Hello <b>there</b>" and len(stored.messages) == 2
@@ -108,6 +114,39 @@ def test_a_failure_mid_reply_keeps_the_message_and_says_what_went_wrong(conv, mo
     assert page.chat[0]["content"] == "Will this work?"
     assert page.chat[1]["content"].startswith("⚠️") and "simulated device failure" in page.chat[1]["content"]
     assert conv.store.load(page.token).messages[0]["content"] == "Will this work?"  # accepted: kept for the reload
+
+
+def test_a_message_sent_while_the_reply_streams_stays_in_the_box_and_says_why(conv):
+    """Issue 27 item 5: Enter pressed again mid-reply. Nothing on the page changes (so the box keeps the text, and
+    whatever was typed since); the user is told why; once the reply ends the same text goes through."""
+    page = Page(conv)
+    page.send("First")
+    streaming = chat_tab.respond(conv, "Tell me a story", page.chat, page.state, page.record, "", 0.0, 1.0, 0,
+                                 MAX_NEW, 1.0)
+    page._take_turn([next(streaming), next(streaming)])  # the turn shown, then its first token: it is running now
+    assert conv.replying(page.token)
+    with pytest.warns(UserWarning, match=re.escape(chat_tab.WAIT_FOR_REPLY)):
+        outputs = list(chat_tab.respond(conv, "Second", page.chat, page.state, page.record, *GREEDY_INPUTS))
+    assert outputs == [(SKIP,) * 6]
+    page._take_turn(list(streaming))  # the first reply ends
+    assert not conv.replying(page.token)
+    page.send("Second")
+    assert page.texts("user") == ["First", "Tell me a story", "Second"]
+
+
+def test_retry_leaves_the_message_box_alone(conv):
+    page = Page(conv)
+    page.send("First")
+    assert all(box == SKIP for _, box, *_ in page.retry())
+
+
+def test_a_turn_shows_the_conversation_as_stored_not_the_pages_stale_copy(conv):
+    """A send queued behind a streaming reply was handed the chat as it was then (the reply half written)."""
+    page = Page(conv)
+    page.send("First")
+    stale = [page.chat[0], {"role": "assistant", "content": "half a rep"}]
+    chat, *_ = last(chat_tab.respond(conv, "Second", stale, page.state, page.record, *GREEDY_INPUTS))
+    assert chat[1] == page.chat[1] and len(chat) == 4
 
 
 def test_an_empty_message_changes_nothing(conv, engine):
