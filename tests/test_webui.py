@@ -372,6 +372,20 @@ def test_one_message_reaches_every_side_and_the_plots_follow(engine):
     assert gauge_value(gauges[1], "sink_tokens") == 0 and gauge_value(gauges[0], "sink_tokens") == 4
 
 
+def test_the_plot_ends_where_the_gauges_count_and_empty_gauges_name_their_sinks(engine, conv):
+    """Issue 27 item 9: tokens seen agree between each side's gauge and its plot line; an empty gauge shows the
+    sinks the session will have ("0 / 4"), as a fresh session's gauge does, not "0 / 0"."""
+    state = {}
+    _, _, *rest = compare_send(engine, "Hello there", state)
+    for mode, html in zip(MODES, rest[3:6]):
+        assert state["series"][mode][-1]["seen"] == gauge_value(html, "seen_tokens"), mode
+    empty = compare_tab.compare_reset(engine, state)[4:7]
+    assert [re.search(r'data-key="sink_tokens"[^>]*>([^<]*)<', h).group(1) for h in empty] == ["0 / 4", "0 / 0",
+                                                                                                 "0 / 0"]
+    chat_view = chat_tab.view(conv, None, empty_record())[1]
+    assert re.search(r'data-key="sink_tokens"[^>]*>([^<]*)<', chat_view).group(1) == "0 / 4"
+
+
 def test_without_window_only_two_sides_run(engine):
     state = {}
     _, _, streaming, dense, window, _, _, window_gauge, *_ = compare_send(engine, "Hi", state, include_window=False)

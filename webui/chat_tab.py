@@ -94,7 +94,8 @@ def view(conversations: Conversations, opened: Opened | None, record: dict) -> l
     return [
         mark_memory(shown_messages(opened.messages), conversations.memory_map(opened.token)) if opened else [],
         gauges_html(session_stats(conversations, opened.session_id) if opened else None,
-                    capacity=conversations.engine.config.cache_size),
+                    capacity=conversations.engine.config.cache_size,
+                    start_size=conversations.engine.config.start_size),
         state,
         record,
         list_update(conversations, record),
@@ -409,7 +410,7 @@ def build_chat_tab(demo: gr.Blocks, conversations: Conversations, visitor_cache_
                                              size="sm", icon=icon("upload"), min_width=40)
                 export_file = gr.File(label="Your conversation (JSON)", visible=False, elem_id="export-file")
             with gr.Column(scale=1, min_width=260, elem_id="gauges-col"):
-                gauges = gr.HTML(gauges_html(None, capacity=cfg.cache_size), elem_id="gauges")
+                gauges = gr.HTML(gauges_html(None, capacity=cfg.cache_size, start_size=cfg.start_size), elem_id="gauges")
                 listing, title, rename, delete = build_conversation_list()
         examples = load_json_list("examples.json")
         if examples:
