@@ -55,3 +55,4 @@ def test_enter_pressed_while_the_reply_streams_keeps_the_message_and_says_why(pa
     wait_idle(page, "#gauges", 2)
     assert "And what was the keeper's name?" in page.inner_text("#chatbot")
     assert page.input_value("#msg textarea") == ""
+

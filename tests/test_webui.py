@@ -265,6 +265,23 @@ def test_new_chat_leaves_the_conversation_in_the_list_and_frees_its_session(conv
     assert page.token != first and len(page.listing["choices"]) == 2
 
 
+def test_the_trash_icon_leaves_the_conversation_in_the_list_and_a_reload_shows_the_empty_chat(conv, engine,
+                                                                                             monkeypatch):
+    """Issue 27 item 6: clearing is not deleting, and it is not only a repaint the next reload undoes."""
+    told = []
+    monkeypatch.setattr(chat_tab.gr, "Info", told.append)  # outside a request gr.Info says nothing
+    page = Page(conv, req=request(tab="cleared"))
+    page.send("Keep me")
+    kept = page.token
+    page.show(chat_tab.clear_chat(conv, page.state, page.record))
+    assert told == [chat_tab.CLEARED_NOTE]
+    assert page.chat == [] and page.record == {"tokens": [kept], "current": None} and conv.store.exists(kept)
+    assert page.titles() == ["Keep me · 2 messages"]
+    again = Page(conv, record=page.record, req=request(tab="reloaded"))
+    again.load()
+    assert again.chat == [] and again.token is None
+
+
 def test_the_list_switches_renames_and_deletes_conversations(conv, engine, tmp_path):
     page = Page(conv)
     page.send("About apples")

@@ -58,6 +58,8 @@ EMPTY_MESSAGE = "The message is empty: type something first."
 WAIT_FOR_REPLY = ("A reply is still being written: your message stays in the box. Press Enter again once the reply "
                   "ends, or press Stop first.")
 NOTHING_YET = "Nothing to download yet: send a message first."
+CLEARED_NOTE = ("Cleared from the screen: the conversation is still in your list. Use \"Delete this chat\" to remove "
+                "it for good.")
 #: Longest system prompt the settings box takes (the engine's own limit is far larger).
 MAX_SYSTEM_PROMPT_CHARS = 4000
 #: The "Max new tokens" slider's top; the engine accepts up to `MAX_NEW_TOKENS_LIMIT`.
@@ -293,6 +295,14 @@ def start_new_chat(conversations, state, record, request: gr.Request = None):
     return switch_to(conversations, dict(state or {}), browser_record(record), None, request)
 
 
+def clear_chat(conversations, state, record, request: gr.Request = None):
+    """The chatbot's trash icon. It used to clear only the view (the conversation came back on reload); now it
+    means what New chat means: the page leaves the conversation, which stays in the list, and a reload shows the
+    empty chat. Removing a conversation for good is "Delete this chat". Outputs: `view`."""
+    gr.Info(CLEARED_NOTE)
+    return start_new_chat(conversations, state, record, request)
+
+
 def switch_conversation(conversations, token, state, record, request: gr.Request = None):
     """A conversation picked in the list. Outputs: `view`."""
     state, record = dict(state or {}), browser_record(record)
@@ -463,6 +473,7 @@ def build_chat_tab(demo: gr.Blocks, conversations: Conversations, visitor_cache_
     # that reads the browser record is queued: gradio 6 hands an unqueued event the record's default value.
     new_chat.click(bind(start_new_chat, c), [chat_state, saved], view_outputs, cancels=turns,
                    api_visibility="private")
+    chatbot.clear(bind(clear_chat, c), [chat_state, saved], view_outputs, cancels=turns, api_visibility="private")
     listing.input(bind(switch_conversation, c), [listing, chat_state, saved], view_outputs, cancels=turns,
                   api_visibility="private")
     delete.click(bind(delete_conversation, c), [chat_state, saved], view_outputs, cancels=turns,
