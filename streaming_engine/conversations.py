@@ -257,6 +257,14 @@ class Conversations:
         self._persist(token, sid)
         return message
 
+    def replying(self, token: str | None) -> bool:
+        """Whether a reply is being written in this conversation now (False when it has no live session)."""
+        sid = self._live.get(token) if isinstance(token, str) else None
+        try:
+            return sid is not None and self.engine.replying(sid)
+        except KeyError:  # closed meanwhile
+            return False
+
     def stop(self, token: str) -> None:
         """Stop the reply being written (no-op when none is)."""
         sid = self._live.get(token) if isinstance(token, str) else None

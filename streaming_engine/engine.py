@@ -409,6 +409,11 @@ class StreamingEngine:
         if handle is not None and handle.stop_event.is_set():
             handle.finished.wait(timeout)
 
+    def replying(self, session_id: str) -> bool:
+        """Whether a turn is running in this session (a reply being written): `chat` would refuse a message now."""
+        handle = self._get(session_id).current
+        return handle is not None and not handle.finished.is_set()
+
     def _wait_idle(self, session: Session) -> None:
         handle = session.current
         if handle is not None:

@@ -57,6 +57,10 @@ def phase(html: str) -> str:
     return re.search(r'data-phase="(\w+)"', html).group(1)
 
 
+#: Long enough that a reply is still streaming when the test acts (the tiny model never ends a turn early).
+MAX_NEW = 200
+
+
 def last(outputs):
     return list(outputs)[-1]
 
@@ -69,9 +73,11 @@ def test_send_streams_a_reply_then_settles_with_idle_gauges_and_a_stored_convers
     outputs = page.send("Hello <b>there</b>")
     chat, box, gauges, state, record, listing = outputs[-1]
     assert outputs[0][1] == ""  # the box empties at once
+    # and is never written again: the user may be typing the next message while the reply streams
+    assert all(later[1] == SKIP for later in outputs[1:])
     assert chat[0] == {"role": "user", "content": "Hello &lt;b>there&lt;/b>"}
     assert chat[1]["role"] == "assistant" and chat[1]["content"]
-    assert box == "" and phase(gauges) == "idle" and gauge_value(gauges, "turns") == 1
+    assert phase(gauges) == "idle" and gauge_value(gauges, "turns") == 1
     assert page.record == {"tokens": [page.token], "current": page.token}  # all the browser keeps
     stored = conv.store.load(page.token)
     assert stored.messages[0]["content"] == "Hello <b>there</b>" and len(stored.messages) == 2
@@ -108,6 +114,39 @@ def test_a_failure_mid_reply_keeps_the_message_and_says_what_went_wrong(conv, mo
     assert page.chat[0]["content"] == "Will this work?"
     assert page.chat[1]["content"].startswith("⚠️") and "simulated device failure" in page.chat[1]["content"]
     assert conv.store.load(page.token).messages[0]["content"] == "Will this work?"  # accepted: kept for the reload
+
+
+def test_a_message_sent_while_the_reply_streams_stays_in_the_box_and_says_why(conv):
+    """Issue 27 item 5: Enter pressed again mid-reply. Nothing on the page changes (so the box keeps the text, and
+    whatever was typed since); the user is told why; once the reply ends the same text goes through."""
+    page = Page(conv)
+    page.send("First")
+    streaming = chat_tab.respond(conv, "Tell me a story", page.chat, page.state, page.record, "", 0.0, 1.0, 0,
+                                 MAX_NEW, 1.0)
+    page._take_turn([next(streaming), next(streaming)])  # the turn shown, then its first token: it is running now
+    assert conv.replying(page.token)
+    with pytest.warns(UserWarning, match=re.escape(chat_tab.WAIT_FOR_REPLY)):
+        outputs = list(chat_tab.respond(conv, "Second", page.chat, page.state, page.record, *GREEDY_INPUTS))
+    assert outputs == [(SKIP,) * 6]
+    page._take_turn(list(streaming))  # the first reply ends
+    assert not conv.replying(page.token)
+    page.send("Second")
+    assert page.texts("user") == ["First", "Tell me a story", "Second"]
+
+
+def test_retry_leaves_the_message_box_alone(conv):
+    page = Page(conv)
+    page.send("First")
+    assert all(box == SKIP for _, box, *_ in page.retry())
+
+
+def test_a_turn_shows_the_conversation_as_stored_not_the_pages_stale_copy(conv):
+    """A send queued behind a streaming reply was handed the chat as it was then (the reply half written)."""
+    page = Page(conv)
+    page.send("First")
+    stale = [page.chat[0], {"role": "assistant", "content": "half a rep"}]
+    chat, *_ = last(chat_tab.respond(conv, "Second", stale, page.state, page.record, *GREEDY_INPUTS))
+    assert chat[1] == page.chat[1] and len(chat) == 4
 
 
 def test_an_empty_message_changes_nothing(conv, engine):
@@ -226,6 +265,23 @@ def test_new_chat_leaves_the_conversation_in_the_list_and_frees_its_session(conv
     assert page.token != first and len(page.listing["choices"]) == 2
 
 
+def test_the_trash_icon_leaves_the_conversation_in_the_list_and_a_reload_shows_the_empty_chat(conv, engine,
+                                                                                             monkeypatch):
+    """Issue 27 item 6: clearing is not deleting, and it is not only a repaint the next reload undoes."""
+    told = []
+    monkeypatch.setattr(chat_tab.gr, "Info", told.append)  # outside a request gr.Info says nothing
+    page = Page(conv, req=request(tab="cleared"))
+    page.send("Keep me")
+    kept = page.token
+    page.show(chat_tab.clear_chat(conv, page.state, page.record))
+    assert told == [chat_tab.CLEARED_NOTE]
+    assert page.chat == [] and page.record == {"tokens": [kept], "current": None} and conv.store.exists(kept)
+    assert page.titles() == ["Keep me · 2 messages"]
+    again = Page(conv, record=page.record, req=request(tab="reloaded"))
+    again.load()
+    assert again.chat == [] and again.token is None
+
+
 def test_the_list_switches_renames_and_deletes_conversations(conv, engine, tmp_path):
     page = Page(conv)
     page.send("About apples")
@@ -333,6 +389,20 @@ def test_one_message_reaches_every_side_and_the_plots_follow(engine):
     assert all(isinstance(frame, pd.DataFrame) and set(frame["mode"]) == set(MODES) for frame in plots)
     assert set(state["sids"]) == set(MODES) and all(state["series"][m] for m in MODES)
     assert gauge_value(gauges[1], "sink_tokens") == 0 and gauge_value(gauges[0], "sink_tokens") == 4
+
+
+def test_the_plot_ends_where_the_gauges_count_and_empty_gauges_name_their_sinks(engine, conv):
+    """Issue 27 item 9: tokens seen agree between each side's gauge and its plot line; an empty gauge shows the
+    sinks the session will have ("0 / 4"), as a fresh session's gauge does, not "0 / 0"."""
+    state = {}
+    _, _, *rest = compare_send(engine, "Hello there", state)
+    for mode, html in zip(MODES, rest[3:6]):
+        assert state["series"][mode][-1]["seen"] == gauge_value(html, "seen_tokens"), mode
+    empty = compare_tab.compare_reset(engine, state)[4:7]
+    assert [re.search(r'data-key="sink_tokens"[^>]*>([^<]*)<', h).group(1) for h in empty] == ["0 / 4", "0 / 0",
+                                                                                                 "0 / 0"]
+    chat_view = chat_tab.view(conv, None, empty_record())[1]
+    assert re.search(r'data-key="sink_tokens"[^>]*>([^<]*)<', chat_view).group(1) == "0 / 4"
 
 
 def test_without_window_only_two_sides_run(engine):

@@ -53,7 +53,12 @@ CONTEXT_FULL_NOTE = "*(context full)*"
 #: Shown under a reply that was cut off (the server stopped, or the page went away, while it was written).
 INTERRUPTED_NOTE = "*(interrupted: this reply was cut off)*"
 EMPTY_MESSAGE = "The message is empty: type something first."
+#: Said when a message is sent while this chat's reply is still streaming: the message is not taken, and stays.
+WAIT_FOR_REPLY = ("A reply is still being written: your message stays in the box. Press Enter again once the reply "
+                  "ends, or press Stop first.")
 NOTHING_YET = "Nothing to download yet: send a message first."
+CLEARED_NOTE = ("Cleared from the screen: the conversation is still in your list. Use \"Delete this chat\" to remove "
+                "it for good.")
 #: Longest system prompt the settings box takes (the engine's own limit is far larger).
 MAX_SYSTEM_PROMPT_CHARS = 4000
 #: The "Max new tokens" slider's top; the engine accepts up to `MAX_NEW_TOKENS_LIMIT`.
@@ -90,7 +95,8 @@ def view(conversations: Conversations, opened: Opened | None, record: dict) -> l
     return [
         mark_memory(shown_messages(opened.messages), conversations.memory_map(opened.token)) if opened else [],
         gauges_html(session_stats(conversations, opened.session_id) if opened else None,
-                    capacity=conversations.engine.config.cache_size),
+                    capacity=conversations.engine.config.cache_size,
+                    start_size=conversations.engine.config.start_size),
         state,
         record,
         list_update(conversations, record),
@@ -155,15 +161,19 @@ def visitor_cache_sizes(config, start=None, recent=None) -> dict:
 
 
 def stream_turn(conversations, message, messages, state, record, system_prompt, temp, p, k, new_tokens, rep,
-                request=None, start=None, recent=None):
+                request=None, start=None, recent=None, from_box=True):
     """Shared by Send and Retry: append the turn, stream the reply, keep the gauges live; the conversation saves
     itself as it goes. A page without a conversation starts one here (the system prompt and a visitor's cache
-    sizes apply to it)."""
+    sizes apply to it).
+
+    The message box is written once, when the turn starts (emptied if the message came from it, `from_box`):
+    while the reply streams the user may already be typing the next message, which a repaint must not wipe."""
     state, record = dict(state or {}), browser_record(record)
     owner = owner_of(request)
     try:
         token = attach(conversations, state, record, request)
-        if token is None:
+        started = token is None
+        if started:
             sizes = visitor_cache_sizes(conversations.engine.config, start, recent)
             opened = conversations.start(owner=owner, system_prompt=system_prompt or None, **sizes)
             token = state["token"] = opened.token
@@ -173,8 +183,14 @@ def stream_turn(conversations, message, messages, state, record, system_prompt, 
         gr.Warning(str(exc))
         yield messages, message, SKIP, state, SKIP, SKIP
         return
-    messages = list(messages or []) + user_and_pending_reply(message)
-    yield messages, "", SKIP, state, record, SKIP
+    # The chat as the conversation has it, not as the page sent it: a page's copy can lag (an event queued behind
+    # a reply still streaming was handed the chat as it was then).
+    try:
+        shown = shown_messages(conversations.messages(token)) if not started else list(messages or [])
+    except ConversationNotFound:  # its live session closed meanwhile: `chat` re-creates it from the store
+        shown = list(messages or [])
+    messages = mark_memory(shown + user_and_pending_reply(message), conversations.memory_map(token))
+    yield messages, "" if from_box else SKIP, SKIP, state, record, SKIP
     reply, throttle, taken = "", Throttle(), False
     sampling = dict(temperature=float(temp), top_p=float(p), top_k=int(k), max_new_tokens=int(new_tokens),
                     repetition_penalty=float(rep))
@@ -184,26 +200,26 @@ def stream_turn(conversations, message, messages, state, record, system_prompt, 
             if throttle.due():
                 messages[-1] = {"role": "assistant", "content": inert(reply)}
                 messages = mark_memory(messages, conversations.memory_map(token))  # live: evictions fade older ones
-                yield messages, "", gauges_html(event.stats, phase="generating"), state, SKIP, SKIP
+                yield messages, SKIP, gauges_html(event.stats, phase="generating"), state, SKIP, SKIP
         elif event.kind == "done":
             taken, gauges = True, gauges_html(event.stats)
             messages[-1] = {"role": "assistant", "content": final_reply(event, CONTEXT_FULL_NOTE)}
             messages = mark_memory(messages, conversations.memory_map(token))
-            yield messages, "", gauges, state, SKIP, SKIP
+            yield messages, SKIP, gauges, state, SKIP, SKIP
         else:
             gr.Warning(event.text)
             gauges = gauges_html(event.stats) if event.stats else SKIP
             if event.accepted:  # failed part-way: the conversation kept the message and the partial reply
                 taken = True
                 messages[-1] = {"role": "assistant", "content": error_reply(event.text)}
-                yield messages, "", gauges, state, SKIP, SKIP
+                yield messages, SKIP, gauges, state, SKIP, SKIP
             else:  # refused (bad setting, busy): nothing happened, give the text back to edit
-                yield messages[:-2], message, gauges, state, SKIP, SKIP
+                yield shown, message, gauges, state, SKIP, SKIP
     problem = conversations.save_error(token)
     if problem:
         gr.Warning(problem)
     if taken:  # the turn is saved now (the conversation saves once its stream ends): list its new title and count
-        yield messages, "", gauges, state, SKIP, list_update(conversations, record)
+        yield messages, SKIP, gauges, state, SKIP, list_update(conversations, record)
 
 
 def respond(conversations, message, messages, state, record, system_prompt, temp, p, k, new_tokens, rep,
@@ -212,6 +228,12 @@ def respond(conversations, message, messages, state, record, system_prompt, temp
     if not isinstance(message, str) or not message.strip():
         gr.Warning(EMPTY_MESSAGE)
         yield messages, message, SKIP, state, SKIP, SKIP
+        return
+    if conversations.replying((state or {}).get("token")):
+        # Sent while this chat's reply streams (Enter pressed again): the engine would refuse it anyway. Nothing on
+        # the page changes, so the text stays in the box, as typed since, and the user is told why.
+        gr.Warning(WAIT_FOR_REPLY)
+        yield SKIP, SKIP, SKIP, SKIP, SKIP, SKIP
         return
     yield from stream_turn(conversations, message, messages, state, record, system_prompt, temp, p, k, new_tokens,
                            rep, request, start, recent)
@@ -232,7 +254,7 @@ def retry_last(conversations, messages, state, record, system_prompt, temp, p, k
         yield messages, SKIP, SKIP, state, SKIP, SKIP
         return
     yield from stream_turn(conversations, message, shown, state, record, system_prompt, temp, p, k, new_tokens,
-                           rep, request, start, recent)
+                           rep, request, start, recent, from_box=False)
 
 
 def stop_reply(conversations, state) -> None:
@@ -270,6 +292,14 @@ def start_new_chat(conversations, state, record, request: gr.Request = None):
     """New chat: leave the current conversation (it stays in the list); the next message starts a new one.
     Outputs: `view`."""
     return switch_to(conversations, dict(state or {}), browser_record(record), None, request)
+
+
+def clear_chat(conversations, state, record, request: gr.Request = None):
+    """The chatbot's trash icon. It used to clear only the view (the conversation came back on reload); now it
+    means what New chat means: the page leaves the conversation, which stays in the list, and a reload shows the
+    empty chat. Removing a conversation for good is "Delete this chat". Outputs: `view`."""
+    gr.Info(CLEARED_NOTE)
+    return start_new_chat(conversations, state, record, request)
 
 
 def switch_conversation(conversations, token, state, record, request: gr.Request = None):
@@ -391,7 +421,7 @@ def build_chat_tab(demo: gr.Blocks, conversations: Conversations, visitor_cache_
                                              size="sm", icon=icon("upload"), min_width=40)
                 export_file = gr.File(label="Your conversation (JSON)", visible=False, elem_id="export-file")
             with gr.Column(scale=1, min_width=260, elem_id="gauges-col"):
-                gauges = gr.HTML(gauges_html(None, capacity=cfg.cache_size), elem_id="gauges")
+                gauges = gr.HTML(gauges_html(None, capacity=cfg.cache_size, start_size=cfg.start_size), elem_id="gauges")
                 listing, title, rename, delete = build_conversation_list()
         examples = load_json_list("examples.json")
         if examples:
@@ -430,9 +460,11 @@ def build_chat_tab(demo: gr.Blocks, conversations: Conversations, visitor_cache_
     c = conversations
     turn_outputs = [chatbot, msg, gauges, chat_state, saved, listing]
     view_outputs = [chatbot, gauges, chat_state, saved, listing, title, export_file]
+    # trigger_mode "multiple": gradio's default ("once") drops an Enter pressed while the reply streams without a
+    # word; this way `respond` sees it and says why the message waits in the box (WAIT_FOR_REPLY).
     turns = [
         trigger(bind(respond, c), [msg, chatbot, chat_state, saved, *sampling_inputs], turn_outputs,
-                concurrency_id="chat", api_visibility="private")
+                concurrency_id="chat", api_visibility="private", trigger_mode="multiple")
         for trigger in (msg.submit, send.click)
     ]
     turns.append(retry.click(bind(retry_last, c), [chatbot, chat_state, saved, *sampling_inputs],
@@ -442,6 +474,7 @@ def build_chat_tab(demo: gr.Blocks, conversations: Conversations, visitor_cache_
     # that reads the browser record is queued: gradio 6 hands an unqueued event the record's default value.
     new_chat.click(bind(start_new_chat, c), [chat_state, saved], view_outputs, cancels=turns,
                    api_visibility="private")
+    chatbot.clear(bind(clear_chat, c), [chat_state, saved], view_outputs, cancels=turns, api_visibility="private")
     listing.input(bind(switch_conversation, c), [listing, chat_state, saved], view_outputs, cancels=turns,
                   api_visibility="private")
     delete.click(bind(delete_conversation, c), [chat_state, saved], view_outputs, cancels=turns,

@@ -47,6 +47,8 @@ COMPARE_WINDOW_SIZE = 256
 #: What each side's cache can hold, for its empty gauge.
 COMPARE_CAPACITY = {"streaming": COMPARE_START_SIZE + COMPARE_RECENT_SIZE, "dense": COMPARE_DENSE_CONTEXT,
                     "window": COMPARE_WINDOW_SIZE}
+#: Each side's attention sinks, for its empty gauge (dense and window keep none).
+COMPARE_SINKS = {"streaming": COMPARE_START_SIZE, "dense": 0, "window": 0}
 #: Every side decodes greedily with the same penalty, so differences come from the cache alone.
 COMPARE_SAMPLING = dict(temperature=0.0, repetition_penalty=1.1)
 DEFAULT_COMPARE_NEW_TOKENS = 96
@@ -96,6 +98,10 @@ def compare_turn(engine, state: dict, message: str, modes: list[str], new_tokens
             series[mode].append(series_point(event.stats))
             shown = inert(replies[mode])
         elif event.kind == "done":
+            # The turn's last count as a point too (no latency: nothing was decoded), so the plot ends where the
+            # side's gauge says "tokens seen" instead of at the last streamed token.
+            if event.stats:
+                series[mode].append({**series_point(event.stats), "latency": None})
             shown = final_reply(event, CONTEXT_FULL_NOTE)
         else:
             shown = error_reply(event.text)
@@ -189,7 +195,7 @@ def compare_reset(engine, state):
     """Stop, close every side's session and clear the tab."""
     compare_stop(engine, state)
     close_sessions(engine, state)
-    empty = [gauges_html(None, m, capacity=COMPARE_CAPACITY[m]) for m in MODES]
+    empty = [gauges_html(None, m, capacity=COMPARE_CAPACITY[m], start_size=COMPARE_SINKS[m]) for m in MODES]
     return ["", [], [], [], *empty, *plot_frames({}), {}]
 
 
@@ -232,7 +238,8 @@ def build_compare_tab(engine) -> None:
                 with gr.Column(min_width=260, elem_classes=["compare-pane"]):
                     cmp_chats[mode] = gr.Chatbot(label=mode, elem_id=f"chat-{mode}", height=340,
                                                  sanitize_html=True, allow_tags=False, feedback_options=None)
-                    cmp_gauges[mode] = gr.HTML(gauges_html(None, mode, capacity=COMPARE_CAPACITY[mode]),
+                    cmp_gauges[mode] = gr.HTML(gauges_html(None, mode, capacity=COMPARE_CAPACITY[mode],
+                                                           start_size=COMPARE_SINKS[mode]),
                                                elem_id=f"gauges-{mode}")
         memory_frame, latency_frame = plot_frames({})
         # One legend for both plots, in the page's own text (the plot's built-in legend gets clipped at this size).

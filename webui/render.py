@@ -205,13 +205,17 @@ def human_bytes(n: int | None) -> str:
     return f"{n:.1f} GiB"
 
 
-def gauges_html(stats: dict | None, title: str = "Cache", phase: str = "idle", capacity: int | None = None) -> str:
+def gauges_html(stats: dict | None, title: str = "Cache", phase: str = "idle", capacity: int | None = None,
+                start_size: int | None = None) -> str:
     """The live gauges. Every number carries `data-key`/`data-value` so tests can read it; `phase` is
-    "generating" while a reply streams and "idle" otherwise. `capacity` is what an empty gauge (no session yet)
-    shows as the cache's size."""
+    "generating" while a reply streams and "idle" otherwise. `capacity` and `start_size` are what an empty gauge
+    (no session yet) shows as the cache's size and its sinks, so it reads "0 / 4" sinks as the session will, not
+    "0 / 0"."""
     s = dict(stats or {})
     if not s.get("cache_capacity") and capacity:
         s["cache_capacity"] = capacity
+    if "start_size" not in s and start_size is not None:
+        s["start_size"] = start_size
     held, capacity = int(s.get("cache_tokens", 0)), int(s.get("cache_capacity", 0) or 0)
     sinks = int(s.get("sink_tokens", 0))
     start = int(s.get("start_size", sinks) or 0)
