@@ -55,7 +55,7 @@ test: install-test
 
 # The edit-test loop: no real-model, browser, packaging or Docker tests, and no install step (run `make test` once
 # first). One torch thread per process: the default machine is 2 shared cores.
-FAST_MARKERS := not model and not browser and not packaging and not docker
+FAST_MARKERS := not model and not browser and not packaging and not docker and not probe
 test-fast:
 	GRADIO_ANALYTICS_ENABLED=False OMP_NUM_THREADS=1 $(PYTHON) -m pytest -ra -q --durations=10 -m "$(FAST_MARKERS)"
 

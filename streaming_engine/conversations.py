@@ -197,6 +197,10 @@ class Conversations:
             self._marks[token] = {i for i in self._marks.get(token, set()) if i < before}
         reply, started, ended, last_save = "", False, None, time.monotonic()
         events = self.engine.start_chat(sid, message, **sampling)
+        try:
+            existed = self.store.exists(token)
+        except sqlite3.DatabaseError:  # unreadable: never delete on its word
+            existed = True
         if refusal(events) is None:
             # Saved as soon as the turn is accepted, not at its first token: a crash during a long prefill (or
             # before the worker took the turn) must not lose the user's message (issue 28, item 6).
@@ -215,7 +219,7 @@ class Conversations:
                     ended = event
                 yield event
         finally:
-            self._after_turn(token, sid, before, ended, started, reply)
+            self._after_turn(token, sid, before, ended, started, reply, existed)
 
     def _persist_accepted(self, token: str, sid: str, before: int, message: str) -> None:
         """Store the conversation with the accepted user message. The worker appends it to the session's history
@@ -227,7 +231,8 @@ class Conversations:
             messages.append({"role": "user", "content": clean_text(message)})
         self._guarded(token, self.store.replace, token, messages, system_prompt=system, title=auto_title(messages))
 
-    def _after_turn(self, token: str, sid: str, before: int, ended, started: bool, reply: str) -> None:
+    def _after_turn(self, token: str, sid: str, before: int, ended, started: bool, reply: str,
+                    existed: bool = True) -> None:
         """Save the turn's outcome. A reply cut off by a failure, or by its reader going away, is marked
         interrupted; one the user stopped is not (it ends where they wanted)."""
         try:
@@ -236,7 +241,14 @@ class Conversations:
             if started:
                 self._guarded(token, self.store.save_partial, token, reply)
             return
-        if ended:
+        if ended and now <= before and not started:
+            # Taken here but refused where it was to run (a ZeroGPU call the platform turned down): the message
+            # goes back to the user, so the copy stored at acceptance is undone.
+            if existed:
+                self._persist(token, sid)
+            else:
+                self._guarded(token, self.store.delete, token)
+        elif ended:
             if now > before:  # a refused message changed nothing
                 if ended.kind == "error" and now > before + 1:
                     with self._lock:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 from .counters import _grown
-from .engine import EngineBusy, EngineConfig, SessionNotFound, StreamingEngine
+from .engine import EngineBusy, EngineConfig, SessionNotFound, StreamingEngine, _Refusal
 from .handoff import SessionState, capture
 from .sampling import SamplingParams
 from .session import Event
@@ -138,6 +138,15 @@ class RemoteTurnsEngine(StreamingEngine):
     def chat(self, session_id: str, message: str, **sampling) -> Iterator[Event]:
         for _, event in self.chat_many([session_id], message, **sampling):
             yield event
+
+    def start_chat(self, session_id: str, message: str, **sampling) -> Iterator[Event]:
+        """As `StreamingEngine.start_chat`: the session is claimed (or the turn refused) now, and the remote call
+        starts at the first `next()`. The base class's version would submit the turn to this process's own
+        scheduler, i.e. run a forward pass in the main process."""
+        claims, refused = self._claim([session_id], message, sampling)
+        if refused:
+            return _Refusal(refused[0][1])
+        return _ClaimedTurn(self, claims, message, sampling)
 
     def chat_many(self, session_ids: Iterable[str], message: str, **sampling) -> Iterator[tuple[str, Event]]:
         """As `StreamingEngine.chat_many`, with every turn of this call running in one `run_elsewhere` call."""
@@ -325,6 +334,38 @@ class RemoteTurnsEngine(StreamingEngine):
             watcher.close()
             for lsid in local:
                 engine.close(lsid)
+
+
+class _ClaimedTurn:
+    """The events of a turn whose session `start_chat` has claimed: the remote call runs from the first `next()`.
+    Closed (or dropped) before that, it releases the claim, since `_relay`'s own cleanup never ran."""
+
+    def __init__(self, engine: RemoteTurnsEngine, claims: dict[str, _Claim], message: str, sampling: dict):
+        self._engine, self._claims, self._args = engine, claims, (message, sampling)
+        self._events: Iterator[tuple[str, Event]] | None = None
+        self._closed = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Event:
+        if self._closed:
+            raise StopIteration
+        if self._events is None:
+            self._events = self._engine._relay(self._claims, *self._args)
+        return next(self._events)[1]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._events is None:
+            self._engine._release(self._claims)
+        else:
+            self._events.close()
+
+    def __del__(self):
+        self.close()
 
 
 class _StopWatcher:

