@@ -256,8 +256,14 @@ def test_an_accepted_message_is_stored_before_the_turn_produces_anything(tiny_ch
     reader = threading.Thread(target=lambda: list(conv.chat(opened.token, "please keep me", **GREEDY)), daemon=True)
     reader.start()
     wait_until(lambda: held, "the turn was accepted")
-    on_disk = ChatStore.open(tmp_path).load(opened.token)  # a second connection: what a restart would read
-    assert on_disk is not None and [m["content"] for m in on_disk.messages] == ["please keep me"]
+
+    def on_disk():  # a second connection: what a restart would read
+        return ChatStore.open(tmp_path).load(opened.token)
+
+    # The store is written right after the turn is submitted, on the reader's thread: wait for it (the turn is
+    # held, so it never produces a token; storing at the first token, as before, never gets here).
+    wait_until(lambda: on_disk() is not None, "the accepted message was stored")
+    assert [m["content"] for m in on_disk().messages] == ["please keep me"]
     real_submit(held[0])  # let the turn run so the reader thread ends
     reader.join(60)
     assert not reader.is_alive()

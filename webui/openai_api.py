@@ -15,8 +15,14 @@ sinks and the tail of the history that fits (`engine.open_conversation`). The po
 
 Usage counts: `prompt_tokens` is what the reply was conditioned on this turn, split as OpenAI does into
 `prompt_tokens_details.cached_tokens` (tokens reused from the live cache) and the rest (encoded for this request);
-`completion_tokens` is the reply. The non-standard `streaming_llm` object says whether a session was reused and
-what the cache holds.
+`completion_tokens` is the reply. The non-standard `streaming_llm` object says whether a session was reused or
+re-primed from the history (a regenerate or an edit is never continued silently), how many of the sent messages
+the cache no longer holds whole, and what the cache holds. docs/openai-api.md is the reference.
+
+Numbers: a JSON int where a float belongs (`"temperature": 1`) is accepted and used as a float, an integer-valued
+float where an int belongs (`"max_tokens": 4.0`) as an int; `true`/`false` are never numbers. The one conversion
+is `SamplingParams`'; the request keeps its checked values. An unknown `model` is a 404 `model_not_found`, and
+every other problem under /v1 (unknown path, wrong method) answers in OpenAI's error shape too.
 
 Routing glue only: every model decision is the engine's.
 """
@@ -404,11 +410,13 @@ def mount(app: FastAPI, engine: StreamingEngine, *, model_name: str, auth: tuple
             refused = refusal(events)
             if refused is not None:
                 raise _error_from_event(refused)
-        except APIError as exc:
+        except BaseException as exc:  # any failure before the reply starts gives back the claim and the slot
             if sid is not None:
                 pool.release(sid)
             gate.leave(client)
-            return exc.response()
+            if isinstance(exc, APIError):
+                return exc.response()
+            raise
         reply_id = f"chatcmpl-{uuid.uuid4().hex}"
         if chat.stream:
             return StreamingResponse(
