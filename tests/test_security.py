@@ -86,6 +86,7 @@ import uvicorn  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 
 from browser_util import free_port  # noqa: E402
+from streaming_engine.eval.probe import status_of  # noqa: E402
 from webui import openai_api  # noqa: E402
 
 MODEL = "tiny"
@@ -136,13 +137,8 @@ def answered(sock: socket.socket) -> bool:
         sock.settimeout(60)
 
 
-def answer(sock: socket.socket) -> tuple[int, bytes]:
-    data = b""
-    with sock:
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), body
+#: Read a raw HTTP response to its end: `(status, body)` (the probe's reader, so both parse it one way).
+answer = status_of
 
 
 def body_for(content="hello", **extra):
