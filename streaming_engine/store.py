@@ -1,4 +1,9 @@
-"""Server-side chat storage: conversations in one SQLite file, each keyed by an unguessable random token.
+"""Server-side chat storage: one interface (`ConversationStore`), two engines, each conversation keyed by an
+unguessable random token. `ChatStore` (here) keeps everything in one SQLite file (the embedded default,
+`--data-dir`); `store_pg.PostgresStore` keeps the same schema in PostgreSQL (`--database-url`), shared by
+replicas. `open_store` picks one from the settings. The rules (limits, validation, the ordered `MIGRATIONS`, the
+read-modify-write logic of every operation) live here once; an engine supplies connections, transactions and the
+few dialect differences. docs/storage.md is the user-facing description.
 
 A conversation is found only by its token (`secrets.token_urlsafe`, 192 bits), which only the owning browser
 holds: there is no listing of "all conversations", `list` answers for the tokens the caller presents. Stored per
@@ -11,8 +16,14 @@ committed change; only a power loss may lose the last transactions. `secure_dele
 a checkpoint after each delete moves them out of the WAL, so a deleted conversation is gone from the files.
 
 Threads: one connection, used under a lock (SQLite serializes writers anyway; the volume is a few small writes
-per second). Schema changes bump `SCHEMA_VERSION` (kept in `PRAGMA user_version`); a file from a newer version
-is refused rather than guessed at. A store opened without a path (`ChatStore(None)`, persistence off) writes
+per second). Schema: `MIGRATIONS`, applied in order at open by either engine inside one transaction and recorded
+in the `schema_version` table (SQLite also keeps `PRAGMA user_version` equal, which is all schema 1 had); a
+database from a newer version is refused rather than guessed at.
+
+Concurrency: every write is one transaction that first locks its conversation (SQLite: `BEGIN IMMEDIATE`, the
+whole file; PostgreSQL: `SELECT ... FOR UPDATE` on the conversation's row), so two writers of one conversation,
+two replicas included, never interleave. Each write bumps the conversation's `revision`; a caller that passes
+`expected_revision` to `replace` gets `StoreConflict` instead of overwriting a change it has not seen. A store opened without a path (`ChatStore(None)`, persistence off) writes
 nothing anywhere: it still mints tokens, everything else is a no-op that finds nothing.
 
 This module knows nothing about models or sessions; `conversations.py` connects it to the engine.
@@ -27,12 +38,11 @@ import secrets
 import sqlite3
 import threading
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-#: Bumped whenever the tables change; a database with a higher number is refused.
-SCHEMA_VERSION = 1
 #: File name of the database inside the data directory.
 DB_FILE_NAME = "chats.sqlite"
 #: Random bytes in a conversation token (192 bits: unguessable), written as 32 URL-safe characters.
@@ -51,36 +61,82 @@ MAX_LIST_TOKENS = 500
 MAX_CONVERSATIONS = 100_000
 #: Conversations untouched for this many days are deleted by `purge_expired` (run at open and on create).
 RETENTION_DAYS = 90
+#: The message of the ValueError `create` raises for a token in use (`replace` tells it from other refusals).
+DUPLICATE_TOKEN = "a conversation with this token exists already"
 #: How long a write waits for another process's write to finish before failing.
 BUSY_TIMEOUT_S = 5.0
 
-_SCHEMA = """
-CREATE TABLE conversations (
-    token TEXT PRIMARY KEY,
-    title TEXT NOT NULL DEFAULT '',
-    system_prompt TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX conversations_by_update ON conversations(updated_at);
-CREATE TABLE messages (
-    token TEXT NOT NULL REFERENCES conversations(token) ON DELETE CASCADE,
-    seq INTEGER NOT NULL,
-    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
-    content TEXT NOT NULL,
-    interrupted INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (token, seq)
-);
-CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
+@dataclass(frozen=True)
+class Migration:
+    """One schema step. `{real}` in a statement is the engine's double-precision type (SQLite `REAL`,
+    PostgreSQL `DOUBLE PRECISION`: PostgreSQL's `REAL` is 4 bytes and would round Unix times to minutes)."""
+
+    version: int
+    purpose: str
+    statements: tuple[str, ...]
+
+
+#: Every schema change, oldest first; both engines apply the ones a database lacks, in order, at open.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "conversations, their messages, app secrets", (
+        """CREATE TABLE conversations (
+            token TEXT PRIMARY KEY,
+            title TEXT NOT NULL DEFAULT '',
+            system_prompt TEXT,
+            created_at {real} NOT NULL,
+            updated_at {real} NOT NULL
+        )""",
+        "CREATE INDEX conversations_by_update ON conversations(updated_at)",
+        """CREATE TABLE messages (
+            token TEXT NOT NULL REFERENCES conversations(token) ON DELETE CASCADE,
+            seq INTEGER NOT NULL,
+            role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+            content TEXT NOT NULL,
+            interrupted INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (token, seq)
+        )""",
+        "CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    )),
+    Migration(2, "a revision per conversation, bumped by every write (optimistic concurrency between replicas)", (
+        "ALTER TABLE conversations ADD COLUMN revision INTEGER NOT NULL DEFAULT 0",
+    )),
+)
+#: The newest schema this code reads and writes; a database with a higher number is refused.
+SCHEMA_VERSION = MIGRATIONS[-1].version
+#: The table recording which migrations a database has had (created by the migration runner itself).
+SCHEMA_VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at {real} NOT NULL)"
 
 
 class StoreError(RuntimeError):
-    """The database cannot be used (not a chat database, written by a newer version, unwritable)."""
+    """The database cannot be used (not a chat database, written by a newer version, unwritable). `code` is
+    stable for programs; the message is for people."""
+
+    code = "store_unusable"
+
+    def __init__(self, message: str, *, code: str | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
 
 
 class StoreFull(StoreError):
     """`MAX_CONVERSATIONS` conversations are stored; the message is safe to show to users."""
+
+    code = "store_full"
+
+
+class StoreUnavailable(StoreError):
+    """The database server cannot be reached (down, restarting, network): this change was not saved. The store
+    reconnects by itself on a later call; `file_problem()` says so until then."""
+
+    code = "store_unavailable"
+
+
+class StoreConflict(StoreError):
+    """`replace(..., expected_revision=...)` found the conversation changed (or deleted) by another writer since
+    that revision: nothing was written; re-read it (`load`) and decide again."""
+
+    code = "store_conflict"
 
 
 def default_data_dir() -> Path:
@@ -152,13 +208,286 @@ class StoredConversation:
     created_at: float
     updated_at: float
     messages: list[dict] = field(default_factory=list)
+    revision: int = 0  # bumped by every write; pass it to `replace(expected_revision=...)`
 
     @property
     def interrupted(self) -> bool:
         return bool(self.messages) and bool(self.messages[-1].get("interrupted"))
 
 
-class ChatStore:
+def check_limits(max_conversations, retention_days) -> None:
+    if isinstance(max_conversations, bool) or not isinstance(max_conversations, int) or max_conversations < 1:
+        raise ValueError(f"max_conversations must be an integer >= 1, got {max_conversations!r}")
+    if isinstance(retention_days, bool) or not isinstance(retention_days, (int, float)) or not retention_days > 0:
+        raise ValueError(f"retention_days must be a number > 0, got {retention_days!r}")
+
+
+def newer_schema(where: str, version: int, hint: str) -> StoreError:
+    return StoreError(f"{where} was written by a newer version of this app (schema {version}, this one reads "
+                      f"{SCHEMA_VERSION}); upgrade, or {hint}", code="store_schema_newer")
+
+
+def apply_migrations(db, current: int, real_type: str, where: str, hint: str) -> None:
+    """Bring a database at schema `current` to `SCHEMA_VERSION`, inside the caller's transaction. `db` runs
+    `?`-parameter SQL (both engines' connections, see `ConversationStore._write`)."""
+    if current > SCHEMA_VERSION:
+        raise newer_schema(where, current, hint)
+    db.execute(SCHEMA_VERSION_TABLE.format(real=real_type))
+    for migration in MIGRATIONS:
+        if migration.version > current:
+            for statement in migration.statements:
+                db.execute(statement.format(real=real_type))
+            db.execute("INSERT INTO schema_version(version, applied_at) VALUES (?, ?)", (migration.version, time.time()))
+
+
+class ConversationStore(ABC):
+    """What the app uses of a store, and the logic of every operation over either engine.
+
+    An engine provides `_write()` (a transaction, writers serialized per conversation by `_FOR_UPDATE`),
+    `_read()`, `enabled`, `file_problem()` and `close()`. Inside them, `db.execute(sql, params)` takes
+    `?` parameters and returns a cursor (`fetchone`, `fetchall`, `rowcount`)."""
+
+    #: Appended to the statement that reads a conversation's row first in a write: locks it until commit.
+    _FOR_UPDATE = ""
+
+    def __init__(self, *, max_conversations: int = MAX_CONVERSATIONS, retention_days: float = RETENTION_DAYS):
+        check_limits(max_conversations, retention_days)
+        self.max_conversations = max_conversations
+        self.retention_days = retention_days
+        self._lock = threading.RLock()
+        self._secrets: dict[str, str] = {}
+
+    @property
+    @abstractmethod
+    def enabled(self) -> bool:
+        """Whether anything is stored at all (False: the no-persistence store)."""
+
+    @abstractmethod
+    def file_problem(self) -> str | None:
+        """Why writes are not reaching the database right now (deleted file, unreachable server), or None."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @abstractmethod
+    def _write(self) -> contextlib.AbstractContextManager: ...
+
+    @abstractmethod
+    def _read(self) -> contextlib.AbstractContextManager: ...
+
+    def _after_delete(self) -> None:
+        """Called after rows were deleted (SQLite: move them out of the WAL)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- conversations -------------------------------------------------------------------------------------------
+
+    def secret(self, name: str) -> str:
+        """A random secret kept in the database under `name` (e.g. for encrypting browser storage), created on
+        first use; stable across restarts and the same for every replica. Without persistence it lives as long as
+        this object."""
+        if not self.enabled:
+            return self._secrets.setdefault(name, secrets.token_urlsafe(32))
+        with self._write() as db:  # the first replica to insert wins; the others read its value
+            db.execute("INSERT INTO meta(name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                       (name, secrets.token_urlsafe(32)))
+            return db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()[0]
+
+    def create(self, *, title: str | None = None, system_prompt: str | None = None, messages: Iterable[dict] = (),
+               token: str | None = None) -> str:
+        """Store a new conversation and return its token (a fresh one unless `token` is given)."""
+        token = _check_token(token) if token is not None else new_token()
+        if not self.enabled:
+            return token
+        rows = _rows(messages)
+        title = _clean_title(title)
+        system_prompt = None if system_prompt is None else _check_text(system_prompt, "system prompt")
+        if self._count() >= self.max_conversations:
+            self.purge_expired()
+        now = time.time()
+        with self._write() as db:
+            if db.execute("SELECT count(*) FROM conversations").fetchone()[0] >= self.max_conversations:
+                raise StoreFull("The conversation store is full; new chats are not saved until older ones expire "
+                                f"(after {self.retention_days:g} days unused).")
+            if db.execute("SELECT 1 FROM conversations WHERE token = ?", (token,)).fetchone():
+                raise ValueError(DUPLICATE_TOKEN)
+            db.execute("INSERT INTO conversations(token, title, system_prompt, created_at, updated_at, revision) "
+                       "VALUES (?, ?, ?, ?, ?, 1)", (token, title, system_prompt, now, now))
+            db.executemany("INSERT INTO messages(token, seq, role, content, interrupted) VALUES (?, ?, ?, ?, ?)",
+                           [(token, seq, *row) for seq, row in enumerate(rows)])
+        return token
+
+    def _count(self) -> int:
+        with self._read() as db:
+            return db.execute("SELECT count(*) FROM conversations").fetchone()[0]
+
+    def exists(self, token: str) -> bool:
+        if not self.enabled or not valid_token(token):
+            return False
+        with self._read() as db:
+            return db.execute("SELECT 1 FROM conversations WHERE token = ?", (token,)).fetchone() is not None
+
+    def load(self, token: str) -> StoredConversation | None:
+        """The whole conversation, or None when the token is unknown, malformed or persistence is off."""
+        if not self.enabled or not valid_token(token):
+            return None
+        with self._read() as db:
+            head = db.execute("SELECT title, system_prompt, created_at, updated_at, revision FROM conversations "
+                              "WHERE token = ?", (token,)).fetchone()
+            if head is None:
+                return None
+            rows = db.execute("SELECT role, content, interrupted FROM messages WHERE token = ? ORDER BY seq",
+                              (token,)).fetchall()
+        return StoredConversation(token, head[0], head[1], head[2], head[3], [_message(*r) for r in rows],
+                                  revision=head[4])
+
+    def list(self, tokens: Iterable[str]) -> list[ConversationSummary]:
+        """The stored conversations among `tokens` (the ones a browser holds), most recently updated first.
+        Unknown and malformed tokens are skipped; at most `MAX_LIST_TOKENS` are looked up."""
+        if not self.enabled:
+            return []
+        wanted = list(dict.fromkeys(t for t in tokens if valid_token(t)))[:MAX_LIST_TOKENS]
+        if not wanted:
+            return []
+        marks = ",".join("?" * len(wanted))
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT c.token, c.title, c.updated_at, count(m.seq), "
+                "coalesce((SELECT interrupted FROM messages WHERE token = c.token ORDER BY seq DESC LIMIT 1), 0) "
+                f"FROM conversations c LEFT JOIN messages m ON m.token = c.token WHERE c.token IN ({marks}) "
+                "GROUP BY c.token ORDER BY c.updated_at DESC",
+                wanted,
+            ).fetchall()
+        return [ConversationSummary(t, title, updated, count, bool(cut)) for t, title, updated, count, cut in rows]
+
+    def rename(self, token: str, title: str) -> bool:
+        """Set the title; False when there is no such conversation."""
+        title = _clean_title(title)
+        if not self.enabled or not valid_token(token):
+            return False
+        with self._write() as db:
+            return db.execute("UPDATE conversations SET title = ?, updated_at = ?, revision = revision + 1 "
+                              "WHERE token = ?", (title, time.time(), token)).rowcount > 0
+
+    def delete(self, token: str) -> bool:
+        """Delete the conversation and all its messages (overwritten on disk); False when there was none."""
+        if not self.enabled or not valid_token(token):
+            return False
+        with self._write() as db:
+            found = db.execute("DELETE FROM conversations WHERE token = ?", (token,)).rowcount > 0
+        if found:
+            self._after_delete()
+        return found
+
+    def replace(self, token: str, messages: Iterable[dict], *, system_prompt: str | None = None,
+                title: str | None = None, expected_revision: int | None = None) -> int | None:
+        """Make the stored messages equal `messages` (creating the conversation if needed), in one transaction;
+        returns the new revision (None without persistence).
+
+        Only what changed is written: rows up to the first difference stay, the rest is replaced (a finished
+        reply replaces its interrupted partial; a retry drops the last exchange). `title` is set only while the
+        conversation has none. With `expected_revision` (from `load`), raises `StoreConflict` and writes nothing
+        when another writer changed or deleted the conversation since."""
+        token = _check_token(token)
+        if not self.enabled:
+            return None
+        rows = _rows(messages)
+        system_prompt = None if system_prompt is None else _check_text(system_prompt, "system prompt")
+        if expected_revision is None and not self.exists(token):
+            try:
+                self.create(token=token, title=title, system_prompt=system_prompt, messages=[
+                    _message(*row) for row in rows])
+                return 1
+            except ValueError as exc:  # created meanwhile by another writer: fall through to the update
+                if str(exc) != DUPLICATE_TOKEN:
+                    raise
+        now = time.time()
+        with self._write() as db:
+            head = db.execute(f"SELECT revision FROM conversations WHERE token = ?{self._FOR_UPDATE}",
+                              (token,)).fetchone()
+            if expected_revision is not None and (head is None or head[0] != expected_revision):
+                raise StoreConflict("This conversation was changed elsewhere (another tab or server) since it was "
+                                    "read; reload it to see the newest version.")
+            if head is None:  # deleted between the check above and this transaction
+                raise KeyError("no stored conversation has this token")
+            stored = db.execute("SELECT seq, role, content, interrupted FROM messages WHERE token = ? ORDER BY seq",
+                                (token,)).fetchall()
+            keep = 0
+            while keep < min(len(stored), len(rows)) and tuple(stored[keep][1:]) == rows[keep]:
+                keep += 1
+            if keep < len(stored):
+                db.execute("DELETE FROM messages WHERE token = ? AND seq >= ?", (token, stored[keep][0]))
+            first = stored[keep - 1][0] + 1 if keep else 0
+            db.executemany("INSERT INTO messages(token, seq, role, content, interrupted) VALUES (?, ?, ?, ?, ?)",
+                           [(token, first + i, *row) for i, row in enumerate(rows[keep:])])
+            db.execute("UPDATE conversations SET system_prompt = ?, updated_at = ?, revision = revision + 1, "
+                       "title = CASE WHEN title = '' THEN ? ELSE title END WHERE token = ?",
+                       (system_prompt, now, _clean_title(title), token))
+            return head[0] + 1
+
+    def append(self, token: str, messages: Iterable[dict]) -> int | None:
+        """Add messages at the end (the conversation must exist); the oldest go beyond `MAX_STORED_MESSAGES`.
+        Returns the new revision. Two writers appending at once both land, one after the other."""
+        token = _check_token(token)
+        if not self.enabled:
+            return None
+        rows = _rows(messages)
+        with self._write() as db:
+            revision, last = self._lock_conversation(db, token)
+            db.executemany("INSERT INTO messages(token, seq, role, content, interrupted) VALUES (?, ?, ?, ?, ?)",
+                           [(token, last + 1 + i, *row) for i, row in enumerate(rows)])
+            db.execute("DELETE FROM messages WHERE token = ? AND seq <= ?", (token, last + len(rows) -
+                                                                              MAX_STORED_MESSAGES))
+            db.execute("UPDATE conversations SET updated_at = ?, revision = revision + 1 WHERE token = ?",
+                       (time.time(), token))
+            return revision + 1
+
+    def save_partial(self, token: str, content: str) -> int | None:
+        """Save the reply being written: the trailing assistant message marked interrupted (added if the last
+        message is not one). Cheap (one row), for saving every few seconds while a reply streams; the
+        conversation must exist. `replace` with the finished reply clears the mark. Returns the new revision."""
+        token = _check_token(token)
+        if not self.enabled:
+            return None
+        content = _check_text(content, "reply")
+        with self._write() as db:
+            revision, last = self._lock_conversation(db, token)
+            row = db.execute("SELECT role, interrupted FROM messages WHERE token = ? AND seq = ?",
+                             (token, last)).fetchone()
+            if row is not None and tuple(row) == ("assistant", 1):
+                db.execute("UPDATE messages SET content = ? WHERE token = ? AND seq = ?", (content, token, last))
+            else:
+                db.execute("INSERT INTO messages(token, seq, role, content, interrupted) VALUES (?, ?, 'assistant', "
+                           "?, 1)", (token, last + 1, content))
+            db.execute("UPDATE conversations SET updated_at = ?, revision = revision + 1 WHERE token = ?",
+                       (time.time(), token))
+            return revision + 1
+
+    def _lock_conversation(self, db, token: str) -> tuple[int, int]:
+        """(revision, last seq or -1) of the conversation, its row locked until the transaction ends."""
+        head = db.execute(f"SELECT revision FROM conversations WHERE token = ?{self._FOR_UPDATE}", (token,)).fetchone()
+        if head is None:
+            raise KeyError("no stored conversation has this token")
+        last = db.execute("SELECT coalesce(max(seq), -1) FROM messages WHERE token = ?", (token,)).fetchone()[0]
+        return head[0], last
+
+    def purge_expired(self, now: float | None = None) -> int:
+        """Delete conversations not updated for `retention_days`; returns how many."""
+        if not self.enabled:
+            return 0
+        cutoff = (time.time() if now is None else now) - self.retention_days * 86400
+        with self._write() as db:
+            gone = db.execute("DELETE FROM conversations WHERE updated_at < ?", (cutoff,)).rowcount
+        if gone:
+            self._after_delete()
+        return gone
+
+
+class ChatStore(ConversationStore):
     """Conversations in SQLite (see the module docstring). `ChatStore(None)` is the no-persistence store."""
 
     def __init__(
@@ -168,15 +497,8 @@ class ChatStore:
         max_conversations: int = MAX_CONVERSATIONS,
         retention_days: float = RETENTION_DAYS,
     ):
-        if isinstance(max_conversations, bool) or not isinstance(max_conversations, int) or max_conversations < 1:
-            raise ValueError(f"max_conversations must be an integer >= 1, got {max_conversations!r}")
-        if isinstance(retention_days, bool) or not isinstance(retention_days, (int, float)) or not retention_days > 0:
-            raise ValueError(f"retention_days must be a number > 0, got {retention_days!r}")
+        super().__init__(max_conversations=max_conversations, retention_days=retention_days)
         self.path = Path(path).expanduser() if path is not None else None
-        self.max_conversations = max_conversations
-        self.retention_days = retention_days
-        self._lock = threading.RLock()
-        self._secrets: dict[str, str] = {}
         self._db: sqlite3.Connection | None = None
         self._inode: int | None = None
         if self.path is not None:
@@ -226,22 +548,21 @@ class ChatStore:
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=ON")
             db.execute("PRAGMA secure_delete=ON")
-            # One transaction: a crash mid-creation leaves no half schema, and two processes starting at once
-            # cannot both create it (the second waits for the write lock, then sees the version).
+            # One transaction: a crash mid-migration leaves the previous schema whole, and two processes starting
+            # at once cannot both migrate (the second waits for the write lock, then sees the new version).
             db.execute("BEGIN IMMEDIATE")
             try:
-                version = db.execute("PRAGMA user_version").fetchone()[0]
-                if version == 0:
-                    if db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-                        raise StoreError(f"{path} holds other tables: not a chat database of this app")
-                    for statement in filter(str.strip, _SCHEMA.split(";")):
-                        db.execute(statement)
-                    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                elif version > SCHEMA_VERSION:
-                    raise StoreError(
-                        f"{path} was written by a newer version of this app (schema {version}, this one reads "
-                        f"{SCHEMA_VERSION}); upgrade, or use another --data-dir"
-                    )
+                current = db.execute("PRAGMA user_version").fetchone()[0]  # schema 1 kept only this
+                if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'schema_version'").fetchone():
+                    current = max(current, db.execute("SELECT coalesce(max(version), 0) FROM schema_version")
+                                  .fetchone()[0])
+                if current == 0 and db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                    raise StoreError(f"{path} holds other tables: not a chat database of this app",
+                                     code="store_not_ours")
+                apply_migrations(db, current, "REAL", str(path), "use another --data-dir")
+                # Kept equal to the newest migration: an older version of the app (which reads only this) then
+                # refuses the file instead of writing rows without a revision.
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -261,12 +582,6 @@ class ChatStore:
                 self._db.close()
                 self._db = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     @contextlib.contextmanager
     def _write(self):
         """A write transaction (`BEGIN IMMEDIATE` takes the write lock at once, so what it reads is current)."""
@@ -279,192 +594,23 @@ class ChatStore:
                 raise
             self._db.execute("COMMIT")
 
-    # --- conversations -------------------------------------------------------------------------------------------
-
-    def secret(self, name: str) -> str:
-        """A random secret kept in the database under `name` (e.g. for encrypting browser storage), created on
-        first use; stable across restarts. Without persistence it lives as long as this object."""
-        if self._db is None:
-            return self._secrets.setdefault(name, secrets.token_urlsafe(32))
-        with self._write() as db:
-            row = db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
-            if row:
-                return row[0]
-            value = secrets.token_urlsafe(32)
-            db.execute("INSERT INTO meta(name, value) VALUES (?, ?)", (name, value))
-            return value
-
-    def create(self, *, title: str | None = None, system_prompt: str | None = None, messages: Iterable[dict] = (),
-               token: str | None = None) -> str:
-        """Store a new conversation and return its token (a fresh one unless `token` is given)."""
-        token = _check_token(token) if token is not None else new_token()
-        if self._db is None:
-            return token
-        rows = _rows(messages)
-        title = _clean_title(title)
-        system_prompt = None if system_prompt is None else _check_text(system_prompt, "system prompt")
-        if self._count() >= self.max_conversations:
-            self.purge_expired()
-        now = time.time()
-        with self._write() as db:
-            if db.execute("SELECT count(*) FROM conversations").fetchone()[0] >= self.max_conversations:
-                raise StoreFull("The conversation store is full; new chats are not saved until older ones expire "
-                                f"(after {self.retention_days:g} days unused).")
-            if db.execute("SELECT 1 FROM conversations WHERE token = ?", (token,)).fetchone():
-                raise ValueError("a conversation with this token exists already")
-            db.execute("INSERT INTO conversations(token, title, system_prompt, created_at, updated_at) "
-                       "VALUES (?, ?, ?, ?, ?)", (token, title, system_prompt, now, now))
-            db.executemany("INSERT INTO messages(token, seq, role, content, interrupted) VALUES (?, ?, ?, ?, ?)",
-                           [(token, seq, *row) for seq, row in enumerate(rows)])
-        return token
-
-    def _count(self) -> int:
+    @contextlib.contextmanager
+    def _read(self):
         with self._lock:
-            return self._db.execute("SELECT count(*) FROM conversations").fetchone()[0]
+            yield self._db
 
-    def exists(self, token: str) -> bool:
-        if self._db is None or not valid_token(token):
-            return False
-        with self._lock:
-            return self._db.execute("SELECT 1 FROM conversations WHERE token = ?", (token,)).fetchone() is not None
-
-    def load(self, token: str) -> StoredConversation | None:
-        """The whole conversation, or None when the token is unknown, malformed or persistence is off."""
-        if self._db is None or not valid_token(token):
-            return None
-        with self._lock:
-            head = self._db.execute("SELECT title, system_prompt, created_at, updated_at FROM conversations "
-                                    "WHERE token = ?", (token,)).fetchone()
-            if head is None:
-                return None
-            rows = self._db.execute("SELECT role, content, interrupted FROM messages WHERE token = ? ORDER BY seq",
-                                    (token,)).fetchall()
-        return StoredConversation(token, head[0], head[1], head[2], head[3], [_message(*r) for r in rows])
-
-    def list(self, tokens: Iterable[str]) -> list[ConversationSummary]:
-        """The stored conversations among `tokens` (the ones a browser holds), most recently updated first.
-        Unknown and malformed tokens are skipped; at most `MAX_LIST_TOKENS` are looked up."""
-        if self._db is None:
-            return []
-        wanted = list(dict.fromkeys(t for t in tokens if valid_token(t)))[:MAX_LIST_TOKENS]
-        if not wanted:
-            return []
-        marks = ",".join("?" * len(wanted))
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT c.token, c.title, c.updated_at, count(m.seq), "
-                "coalesce((SELECT interrupted FROM messages WHERE token = c.token ORDER BY seq DESC LIMIT 1), 0) "
-                f"FROM conversations c LEFT JOIN messages m ON m.token = c.token WHERE c.token IN ({marks}) "
-                "GROUP BY c.token ORDER BY c.updated_at DESC",
-                wanted,
-            ).fetchall()
-        return [ConversationSummary(t, title, updated, count, bool(cut)) for t, title, updated, count, cut in rows]
-
-    def rename(self, token: str, title: str) -> bool:
-        """Set the title; False when there is no such conversation."""
-        title = _clean_title(title)
-        if self._db is None or not valid_token(token):
-            return False
-        with self._write() as db:
-            return db.execute("UPDATE conversations SET title = ?, updated_at = ? WHERE token = ?",
-                              (title, time.time(), token)).rowcount > 0
-
-    def delete(self, token: str) -> bool:
-        """Delete the conversation and all its messages (overwritten on disk); False when there was none."""
-        if self._db is None or not valid_token(token):
-            return False
-        with self._write() as db:
-            found = db.execute("DELETE FROM conversations WHERE token = ?", (token,)).rowcount > 0
-        if found:
-            self._checkpoint()
-        return found
-
-    def _checkpoint(self) -> None:
+    def _after_delete(self) -> None:
         """Copy the WAL into the main file and empty it, so deleted text does not linger in the WAL."""
         with self._lock:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
-    def replace(self, token: str, messages: Iterable[dict], *, system_prompt: str | None = None,
-                title: str | None = None) -> None:
-        """Make the stored messages equal `messages` (creating the conversation if needed), in one transaction.
 
-        Only what changed is written: rows up to the first difference stay, the rest is replaced (a finished
-        reply replaces its interrupted partial; a retry drops the last exchange). `title` is set only while the
-        conversation has none."""
-        token = _check_token(token)
-        if self._db is None:
-            return
-        rows = _rows(messages)
-        system_prompt = None if system_prompt is None else _check_text(system_prompt, "system prompt")
-        if not self.exists(token):
-            try:
-                self.create(token=token, title=title, system_prompt=system_prompt, messages=[
-                    _message(*row) for row in rows])
-                return
-            except ValueError:  # created meanwhile by another thread: fall through to the update
-                pass
-        now = time.time()
-        with self._write() as db:
-            stored = db.execute("SELECT seq, role, content, interrupted FROM messages WHERE token = ? ORDER BY seq",
-                                (token,)).fetchall()
-            keep = 0
-            while keep < min(len(stored), len(rows)) and tuple(stored[keep][1:]) == rows[keep]:
-                keep += 1
-            if keep < len(stored):
-                db.execute("DELETE FROM messages WHERE token = ? AND seq >= ?", (token, stored[keep][0]))
-            first = stored[keep - 1][0] + 1 if keep else 0
-            db.executemany("INSERT INTO messages(token, seq, role, content, interrupted) VALUES (?, ?, ?, ?, ?)",
-                           [(token, first + i, *row) for i, row in enumerate(rows[keep:])])
-            db.execute("UPDATE conversations SET system_prompt = ?, updated_at = ?, "
-                       "title = CASE WHEN title = '' THEN ? ELSE title END WHERE token = ?",
-                       (system_prompt, now, _clean_title(title), token))
+def open_store(data_dir: str | os.PathLike | None = None, *, database_url: str | None = None, persist: bool = True,
+               **limits) -> ConversationStore:
+    """The store the app's settings name: none (`persist=False`), PostgreSQL at `database_url`, else SQLite in
+    `data_dir` (see `ChatStore.open`)."""
+    if persist and database_url is not None:
+        from .store_pg import PostgresStore  # psycopg is needed only here
 
-    def append(self, token: str, messages: Iterable[dict]) -> None:
-        """Add messages at the end (the conversation must exist); the oldest go beyond `MAX_STORED_MESSAGES`."""
-        token = _check_token(token)
-        if self._db is None:
-            return
-        rows = _rows(messages)
-        with self._write() as db:
-            last = self._last_seq(db, token)
-            db.executemany("INSERT INTO messages(token, seq, role, content, interrupted) VALUES (?, ?, ?, ?, ?)",
-                           [(token, last + 1 + i, *row) for i, row in enumerate(rows)])
-            db.execute("DELETE FROM messages WHERE token = ? AND seq <= ?", (token, last + len(rows) -
-                                                                              MAX_STORED_MESSAGES))
-            db.execute("UPDATE conversations SET updated_at = ? WHERE token = ?", (time.time(), token))
-
-    def save_partial(self, token: str, content: str) -> None:
-        """Save the reply being written: the trailing assistant message marked interrupted (added if the last
-        message is not one). Cheap (one row), for saving every few seconds while a reply streams; the
-        conversation must exist. `replace` with the finished reply clears the mark."""
-        token = _check_token(token)
-        if self._db is None:
-            return
-        content = _check_text(content, "reply")
-        with self._write() as db:
-            last = self._last_seq(db, token)
-            row = db.execute("SELECT role, interrupted FROM messages WHERE token = ? AND seq = ?",
-                             (token, last)).fetchone()
-            if row == ("assistant", 1):
-                db.execute("UPDATE messages SET content = ? WHERE token = ? AND seq = ?", (content, token, last))
-            else:
-                db.execute("INSERT INTO messages(token, seq, role, content, interrupted) VALUES (?, ?, 'assistant', "
-                           "?, 1)", (token, last + 1, content))
-            db.execute("UPDATE conversations SET updated_at = ? WHERE token = ?", (time.time(), token))
-
-    @staticmethod
-    def _last_seq(db: sqlite3.Connection, token: str) -> int:
-        if db.execute("SELECT 1 FROM conversations WHERE token = ?", (token,)).fetchone() is None:
-            raise KeyError("no stored conversation has this token")
-        return db.execute("SELECT coalesce(max(seq), -1) FROM messages WHERE token = ?", (token,)).fetchone()[0]
-
-    def purge_expired(self, now: float | None = None) -> int:
-        """Delete conversations not updated for `retention_days`; returns how many."""
-        if self._db is None:
-            return 0
-        cutoff = (time.time() if now is None else now) - self.retention_days * 86400
-        with self._write() as db:
-            gone = db.execute("DELETE FROM conversations WHERE updated_at < ?", (cutoff,)).rowcount
-        if gone:
-            self._checkpoint()
-        return gone
+        return PostgresStore(database_url, **limits)
+    return ChatStore.open(data_dir, persist=persist, **limits)
