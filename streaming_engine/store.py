@@ -1,9 +1,9 @@
-"""Server-side chat storage: one interface (`ConversationStore`), two engines, each conversation keyed by an
+"""Server-side chat storage: one interface (`ConversationStore`) over an engine, each conversation keyed by an
 unguessable random token. `ChatStore` (here) keeps everything in one SQLite file (the embedded default,
-`--data-dir`); `store_pg.PostgresStore` keeps the same schema in PostgreSQL (`--database-url`), shared by
-replicas. `open_store` picks one from the settings. The rules (limits, validation, the ordered `MIGRATIONS`, the
-read-modify-write logic of every operation) live here once; an engine supplies connections, transactions and the
-few dialect differences. docs/storage.md is the user-facing description.
+`--data-dir`). The rules (limits, validation, the ordered `MIGRATIONS`, the read-modify-write logic of every
+operation) live in `ConversationStore` once; an engine supplies only connections, transactions and the few dialect
+differences (`{real}` column type, row-lock suffix), so a second engine (PostgreSQL, shared by replicas) is one
+small subclass.
 
 A conversation is found only by its token (`secrets.token_urlsafe`, 192 bits), which only the owning browser
 holds: there is no listing of "all conversations", `list` answers for the tokens the caller presents. Stored per
@@ -603,14 +603,3 @@ class ChatStore(ConversationStore):
         """Copy the WAL into the main file and empty it, so deleted text does not linger in the WAL."""
         with self._lock:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-
-
-def open_store(data_dir: str | os.PathLike | None = None, *, database_url: str | None = None, persist: bool = True,
-               **limits) -> ConversationStore:
-    """The store the app's settings name: none (`persist=False`), PostgreSQL at `database_url`, else SQLite in
-    `data_dir` (see `ChatStore.open`)."""
-    if persist and database_url is not None:
-        from .store_pg import PostgresStore  # psycopg is needed only here
-
-        return PostgresStore(database_url, **limits)
-    return ChatStore.open(data_dir, persist=persist, **limits)

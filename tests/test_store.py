@@ -240,3 +240,54 @@ def test_a_writer_killed_with_sigkill_mid_write_leaves_a_consistent_database(tmp
         assert child.returncode == -signal.SIGKILL
         conversations, messages = check_consistent(path)
         assert conversations == 3 * (run + 1) and messages > 0
+
+
+def _schema_1_file(path) -> dict[str, list[dict]]:
+    """A database exactly as the previous release left it: schema 1's DDL, `PRAGMA user_version = 1`, no
+    `schema_version` table, rows written with plain SQL (not through today's code)."""
+    import sqlite3
+    import time
+
+    from streaming_engine.store import MIGRATIONS
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None)
+    for statement in MIGRATIONS[0].statements:
+        db.execute(statement.format(real="REAL"))
+    db.execute("PRAGMA user_version = 1")
+    stored = {"a" * 32: exchange(4, "a "), "b" * 32: exchange(1, "b ") + [
+        {"role": "assistant", "content": "half", "interrupted": True}]}
+    now = time.time()  # recent, so the retention sweep keeps them
+    for n, (token, messages) in enumerate(stored.items()):
+        db.execute("INSERT INTO conversations VALUES (?, ?, ?, ?, ?)", (token, f"chat {n}", "Be kind.", now - 60 + n, now - 30 + n))
+        for seq, m in enumerate(messages):
+            db.execute("INSERT INTO messages VALUES (?, ?, ?, ?, ?)",
+                       (token, seq, m["role"], m["content"], int(m.get("interrupted", False))))
+    db.execute("INSERT INTO meta VALUES ('browser-state', 'kept secret')")
+    db.close()
+    return stored
+
+
+def test_a_schema_1_file_from_the_previous_release_upgrades_keeping_every_conversation(tmp_path):
+    stored = _schema_1_file(tmp_path / "data" / "chats.sqlite")
+    from streaming_engine.store import SCHEMA_VERSION, StoreConflict
+
+    with ChatStore.open(tmp_path / "data") as store:
+        assert store.secret("browser-state") == "kept secret"
+        for n, (token, messages) in enumerate(stored.items()):
+            loaded = store.load(token)
+            assert (loaded.title, loaded.system_prompt, loaded.messages) == (f"chat {n}", "Be kind.", messages)
+        token = "a" * 32
+        before = store.load(token).revision
+        after = store.append(token, exchange(2, "new "))
+        assert after == before + 1
+        with pytest.raises(StoreConflict):  # a writer still holding the old revision is refused, nothing written
+            store.replace(token, exchange(1), expected_revision=before)
+        assert store.load(token).messages == stored[token] + exchange(2, "new ")
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "data" / "chats.sqlite")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    # the runner records what it applied: the upgrade from 1, not schema 1 itself (that release had no table)
+    assert [v for (v,) in db.execute("SELECT version FROM schema_version ORDER BY version")] == list(
+        range(2, SCHEMA_VERSION + 1))
