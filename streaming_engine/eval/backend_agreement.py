@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"error: {exc}\n")
     result = {"config": {"source": source, "model": ll_model.name, "gguf": ll_model.description,
                          "threads": 1, **vars(args)}, "rows": rows}
-    cli.write_outputs(args.output, result, lambda result, path: [], format_table(rows))
+    cli.write_outputs(args.output, result, lambda result, path: [], format_table(rows),
+                      cli.run_metadata(args, argv, parser.prog))
     return 0
 
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
 from ..loading import DEFAULT_MODEL_NAME, ensure_default_model
 from ..placement import parse_size
 from . import cli
+from .runinfo import run_metadata, write_result
 
 #: Public shapes of 1B/7B/70B-class models (Llama-3.2-1B, Llama-2-7B, Mistral-7B, Llama-3-70B).
 PRESETS: dict[str, dict] = {
@@ -231,7 +231,8 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         from ..loading import pick_dtype
 
@@ -252,11 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     if measured is not None:
         print(json.dumps(measured, indent=1))
     if args.output:
-        path = Path(args.output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        result = {"command": "python -m streaming_engine.eval.capacity " + " ".join(argv or sys.argv[1:]),
-                  "overhead_bytes": overhead, "rows": [asdict(r) for r in rows], "measured": measured}
-        path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        result = {"overhead_bytes": overhead, "rows": [asdict(r) for r in rows], "measured": measured}
+        write_result(args.output, result, run_metadata(args, argv, parser.prog))
     return 0
 
 

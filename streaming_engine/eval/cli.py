@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -11,6 +10,7 @@ import torch
 
 from ..loading import DEFAULT_MODEL_NAME
 from ..placement import DEVICE_MAP_STRATEGIES
+from .runinfo import run_metadata, write_result
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -105,15 +105,14 @@ def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None, measure: Ca
         result = measure(args)
     except (ValueError, RuntimeError) as exc:
         parser.exit(2, f"error: {exc}\n")
-    write_outputs(args.output, result, plot, table(result))
+    write_outputs(args.output, result, plot, table(result), run_metadata(args, argv, parser.prog))
     return 0
 
 
-def write_outputs(output: str, result: dict, plot: Callable[[dict, Path], list[str]], table: str) -> None:
-    """Save `result` as JSON at `output`, draw its plot(s) beside it, print the results table and the paths."""
-    path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+def write_outputs(output: str, result: dict, plot: Callable[[dict, Path], list[str]], table: str, run: dict) -> None:
+    """Save `result` with its provenance `run` (`runinfo.run_metadata`) as JSON at `output`, draw its plot(s) beside
+    it, print the results table and the paths."""
+    path = write_result(output, result, run)
     written = plot(result, path)
     print(table)
     print("wrote", path, *written)

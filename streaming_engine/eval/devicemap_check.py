@@ -34,6 +34,7 @@ from ..generation import generate_reply, run_alone
 from ..loading import default_model_available, ensure_default_model, load
 from ..placement import describe_placement, weight_bytes_by_placement
 from . import cli
+from .runinfo import run_metadata, write_result
 
 #: Logits of the spread-out model may differ from the single-device run by at most this much (fp32).
 TOLERANCE = 1e-4
@@ -213,7 +214,8 @@ def _versions(*names: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here: TF32 would blur the comparison
     with tempfile.TemporaryDirectory(prefix="devicemap-check-") as tmp:
@@ -232,10 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, RuntimeError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    text = json.dumps(result, indent=1)
-    print(text)
+    print(json.dumps(result, indent=1))
     if args.output:
-        Path(args.output).write_text(text + "\n", encoding="utf-8")
+        write_result(args.output, result, run_metadata(args, argv, parser.prog))
     return 0 if result["ok"] else 1
 
 

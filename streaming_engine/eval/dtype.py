@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"error: {exc}\n")
     from .plots import plot_dtype
 
-    cli.write_outputs(args.output, result, plot_dtype, format_table(result))
+    cli.write_outputs(args.output, result, plot_dtype, format_table(result), cli.run_metadata(args, argv, parser.prog))
     return 0
 
 

@@ -315,13 +315,13 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.busy_probes <= MAX_TURNS:
         parser.error(f"--busy-probes must be in [0, {MAX_TURNS}]")
     report = run_load(args.url, args.sessions, args.turns, args.max_new_tokens, args.deadline, args.busy_probes)
-    text = json.dumps(report, indent=2)
-    print(text)
+    print(json.dumps(report, indent=2))
     if args.output:
         from .plots import plot_load  # matplotlib only when a file is asked for
+        from .runinfo import run_metadata, write_result
 
-        with open(args.output, "w", encoding="utf-8") as handle:
-            handle.write(text + "\n")
+        # The machine recorded is this client's: with the default loopback URL, also the server's.
+        write_result(args.output, report, run_metadata(args, argv, parser.prog))
         print("wrote", args.output, *plot_load(report, args.output), file=sys.stderr)
     return 0 if report["errors"] == 0 and report["cross_talk"] == 0 else 1
 

@@ -48,11 +48,14 @@ from ..loading import DEFAULT_MODEL_NAME
 from . import cli
 from .methods import MethodSpec, make_block_runner, parse_specs
 from .plots import plot_ppl
+from .runinfo import PROVENANCE_KEY, run_metadata
 from .texts import DATASETS, load_texts
 
 DEFAULT_METHODS = "streaming:4+1020,streaming-noshift:4+1020,dense,window:1024,streaming:4+252"
 #: Fields of the JSONL log that depend on the machine's mood, not on the numbers: left out when logs are compared.
 TIMING_FIELDS = ("seconds", "rss_bytes", "cuda_bytes")
+#: Log line type of a process's provenance (`runinfo.run_metadata`): one per process that appended to the log.
+INVOCATION = "invocation"
 #: Decimals kept of every NLL in the log (1e-5 nats: far below any difference the tables show).
 NLL_DECIMALS = 5
 #: Points of the log-binned NLL curve in the summary (the log-x plot), and the fewest tokens per row in a bin
@@ -177,8 +180,9 @@ def nll_rows(records: list[dict], label: str) -> list[list[float]]:
 
 
 def comparable(records: list[dict]) -> list[dict]:
-    """The log without its wall-clock fields: equal for an interrupted-and-resumed and an uninterrupted run."""
-    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
+    """The log without its wall-clock fields and provenance lines: equal for an interrupted-and-resumed and an
+    uninterrupted run."""
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records if r.get("type") != INVOCATION]
 
 
 class Log:
@@ -296,9 +300,13 @@ def evaluate_run(model, data: torch.Tensor, run: Run, plan: Plan, log: Log, chec
 
 def run(model, data: torch.Tensor, specs: list[MethodSpec], plan: Plan, output: str | Path, *,
         config: dict | None = None, resume: bool = False, overwrite: bool = False,
-        should_stop: Callable[[], bool] = lambda: False, progress: bool = True, plot: bool = True) -> dict:
+        should_stop: Callable[[], bool] = lambda: False, progress: bool = True, plot: bool = True,
+        provenance: dict | None = None) -> dict:
     """Evaluate `data` (`[rows, tokens]` token ids) with every method, logging to `OUTPUT.jsonl`; returns the
-    summary (also written to `output` with its plots). The summary's `complete` is False when stopped early."""
+    summary (also written to `output` with its plots). The summary's `complete` is False when stopped early.
+
+    `provenance` (`runinfo.run_metadata` of this process) is logged before any block, so the summary names the
+    command, settings and machine of every process whose numbers it holds."""
     if data.dim() != 2 or data.shape[1] < 2:
         raise ValueError("data must be [rows, tokens] with at least 2 tokens per row")
     runs = plan_runs(specs, plan.blocks)
@@ -327,6 +335,8 @@ def run(model, data: torch.Tensor, specs: list[MethodSpec], plan: Plan, output: 
         kept, meta, tensors = [record], None, None
     done = {r["run"] for r in kept if r.get("type") == "done"}
     log = Log(log_path, kept)
+    if provenance is not None:
+        log.write({"type": INVOCATION, **provenance})
     complete = True
     try:
         for r in runs:
@@ -455,6 +465,10 @@ def summarize(records: list[dict]) -> dict:
             "curve_linear": curve_linear,
         }
     out["complete"] = all(r["complete"] for r in out["runs"].values()) and len(out["runs"]) == len(config["runs"])
+    invocations = [{k: v for k, v in r.items() if k != "type"} for r in records if r.get("type") == INVOCATION]
+    if invocations:
+        # The process that started the log; a resumed run also names the processes that continued it.
+        out[PROVENANCE_KEY] = {**invocations[0], **({"continued_by": invocations[1:]} if invocations[1:] else {})}
     return out
 
 
@@ -463,8 +477,11 @@ SAME_STREAM_KEYS = ("model", "source", "rows", "tokens", "tokens_sha256", "posit
                     "dtype")
 
 
-def merge_summaries(summaries: list[dict]) -> dict:
-    """One summary from the logs of several processes that ran different methods over the same streams."""
+def merge_summaries(summaries: list[dict], provenance: dict | None = None) -> dict:
+    """One summary from the logs of several processes that ran different methods over the same streams.
+
+    With `provenance` (of the merging command) the merged summary records it, plus each source's own under
+    `merged_from`."""
     first = summaries[0]
     merged = {"config": {**first["config"], "runs": []}, "runs": {}}
     for s in summaries:
@@ -484,6 +501,8 @@ def merge_summaries(summaries: list[dict]) -> dict:
                 merged["runs"][label] = s["runs"][label]
     # Complete when every run it holds finished (a process stopped early may have left its later runs to another).
     merged["complete"] = bool(merged["runs"]) and all(r["complete"] for r in merged["runs"].values())
+    if provenance is not None:
+        merged[PROVENANCE_KEY] = {**provenance, "merged_from": [s.get(PROVENANCE_KEY) for s in summaries]}
     return merged
 
 
@@ -615,7 +634,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             sources = [Path(m) for m in args.merge] if args.merge else [output]
             summaries = [summarize(read_log(path.with_suffix(".jsonl"))) for path in sources]
-            summary = merge_summaries(summaries) if len(summaries) > 1 else summaries[0]
+            summary = (merge_summaries(summaries, run_metadata(args, argv, parser.prog)) if len(summaries) > 1
+                       else summaries[0])  # one log: its own provenance (a --report reruns no numbers)
         except (ValueError, KeyError) as exc:
             parser.exit(2, f"error: {exc}\n")
         written = write_summary(summary, output)
@@ -643,7 +663,8 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         summary = run(model, data, specs, plan, output, resume=args.resume, overwrite=args.overwrite,
                       should_stop=lambda: stop["asked"],
-                      config={"model": model_label(args.model), "source": source})
+                      config={"model": model_label(args.model), "source": source},
+                      provenance=run_metadata(args, argv, parser.prog))
     except (ValueError, RuntimeError) as exc:
         parser.exit(2, f"error: {exc}\n")
     print(format_table(summary))

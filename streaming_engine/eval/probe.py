@@ -261,7 +261,7 @@ def kill_loop(cycles: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m streaming_engine.eval.probe", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CI size: fewer examples, turns and kill cycles")
     parser.add_argument("--report", help="also write the JSON report to this file")
     args = parser.parse_args(argv)
@@ -273,11 +273,11 @@ def main(argv: list[str] | None = None) -> int:
         report["load"] = load(server, engine, turns)
     report["kill9"] = kill_loop(cycles)
     report["ok"] = all(part["ok"] for part in report.values() if isinstance(part, dict))
-    text = json.dumps(report, indent=2)
-    print(text)
+    print(json.dumps(report, indent=2))
     if args.report:
-        with open(args.report, "w") as f:
-            f.write(text + "\n")
+        from .runinfo import run_metadata, write_result
+
+        write_result(args.report, report, run_metadata(args, argv, parser.prog))
     return 0 if report["ok"] else 1
 
 
