@@ -162,7 +162,7 @@ def chat(page, text: str, turn: int) -> None:
 def replica_health(url: str) -> dict:
     from gradio_client import Client
 
-    return Client(url, verbose=False).predict(api_name="/health")
+    return json.loads(Client(url, verbose=False).predict(api_name="/health"))
 
 
 def wait_for(condition, what: str, timeout_s: float = 300):
