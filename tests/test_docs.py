@@ -164,3 +164,11 @@ def test_the_symbol_check_can_tell_a_missing_name():
     assert resolves("families.SUPPORTED_FAMILIES") and resolves("cache.StartRecentKVCache.evict_range")
     assert not resolves("families.NO_SUCH_NAME") and not resolves("cache.StartRecentKVCache.no_such_method")
     assert not resolves("no_such_module.anything")
+
+
+def test_the_site_nav_lists_every_page_once_and_only_pages_that_exist():
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))
+    listed = [page for entry in config["nav"] for page in entry.values()]
+    pages = sorted(p.name for p in (ROOT / config["docs_dir"]).glob("*.md"))
+    assert sorted(listed) == pages, "mkdocs.yml's nav and the pages under docs/ differ"
+    assert len(set(listed)) == len(listed)
