@@ -18,7 +18,7 @@ BACKEND ?= auto
 LLAMACPP_TEST_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 LLAMACPP_BUILD_TIMEOUT ?= 1500
 
-.PHONY: install install-cpu install-test run test test-fast probe
+.PHONY: install install-cpu install-test run test test-fast probe lint docs
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
@@ -64,3 +64,11 @@ test-fast:
 PROBE_ARGS ?= --quick
 probe:
 	GRADIO_ANALYTICS_ENABLED=False OMP_NUM_THREADS=1 timeout 300 $(PYTHON) -m streaming_engine.eval.probe $(PROBE_ARGS) --report probe-report.json
+
+# Static checks ([tool.ruff] in pyproject.toml) and the documentation site (mkdocs.yml; --strict fails on a broken
+# link or a page missing from the nav). Both come with requirements-dev.txt (`make install-test`).
+lint:
+	$(PYTHON) -m ruff check .
+
+docs:
+	$(PYTHON) -m mkdocs build --strict --site-dir build/site

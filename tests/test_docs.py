@@ -1,0 +1,174 @@
+"""The documentation stays true to the tree: README.md is a short front door that still configures the Space,
+every relative link in README.md, CONTRIBUTING.md and docs/*.md reaches a file (and a heading, when it names
+one), and every path and `module.symbol` that CONTRIBUTING.md names exists.
+
+Static only: modules are parsed, never imported, so this runs in a second and needs neither gradio nor a model.
+`make docs` (mkdocs build --strict) checks the built site on top of this.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+#: The front door's size limit (issue 23): what does not fit belongs in a page under docs/.
+README_MAX_CHARS = 15_000
+#: Where a bare `module.symbol` in CONTRIBUTING.md is looked for, in this order.
+MODULE_PREFIXES = ("", "streaming_engine.", "streaming_engine.eval.", "webui.")
+#: Endings that make a backticked word a file path.
+PATH_SUFFIXES = (".py", ".md", ".txt", ".toml", ".yml", ".yaml", ".json", ".css", ".conf", ".png", ".svg", ".sh")
+#: Files at the top of the tree without a suffix.
+BARE_FILES = {"Makefile", "Dockerfile", "LICENSE"}
+
+LINK = re.compile(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+CODE = re.compile(r"`([^`\n]+)`")
+DOTTED = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+")
+FENCE = re.compile(r"^```.*?^```", re.M | re.S)
+
+
+def markdown_files() -> list[Path]:
+    return [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def heading_slugs(path: Path) -> set[str]:
+    """GitHub's (and mkdocs') anchor for each heading: lower case, punctuation dropped, spaces become '-'."""
+    text = FENCE.sub("", path.read_text(encoding="utf-8"))
+    slugs = set()
+    for heading in re.findall(r"^#{1,6} (.+?)\s*$", text, re.M):
+        plain = re.sub(r"[`*]", "", heading).strip().lower()
+        slugs.add(re.sub(r"\s", "-", re.sub(r"[^\w\s-]", "", plain)))
+    return slugs
+
+
+def relative_links(path: Path) -> list[str]:
+    text = FENCE.sub("", path.read_text(encoding="utf-8"))
+    return [t for t in LINK.findall(text) if not re.match(r"[a-z][a-z+.-]*:", t)]
+
+
+def test_the_readme_is_a_front_door_within_its_size_limit():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    print(f"README.md: {len(text):,} characters (limit {README_MAX_CHARS:,})")
+    assert len(text) <= README_MAX_CHARS, f"README.md has {len(text):,} characters; move sections into docs/"
+
+
+def test_the_readme_starts_with_the_space_front_matter():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert text.startswith("---\n"), "the Hugging Face Space configuration must be the README's first lines"
+    front, sep, _ = text[4:].partition("\n---\n")
+    assert sep, "the front matter is not closed by a '---' line"
+    config = yaml.safe_load(front)
+    assert config["sdk"] == "gradio"
+    assert (ROOT / config["app_file"]).is_file()
+    assert config["license"] == "mit"
+
+
+@pytest.mark.parametrize("page", markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_reaches_a_file_and_its_heading(page):
+    broken = []
+    for target in relative_links(page):
+        where, _, anchor = target.partition("#")
+        dest = (page.parent / where).resolve() if where else page
+        if not dest.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and dest.suffix == ".md" and anchor not in heading_slugs(dest):
+            broken.append(f"{target}: no heading with anchor #{anchor}")
+    assert not broken, f"{page.relative_to(ROOT)}: " + "; ".join(broken)
+
+
+def contributing_words() -> list[str]:
+    return CODE.findall((ROOT / "CONTRIBUTING.md").read_text(encoding="utf-8"))
+
+
+def is_path(word: str) -> bool:
+    if word in BARE_FILES:
+        return True
+    if not re.fullmatch(r"[\w./<>*-]+", word) or word.startswith(("/", "-")) or "..." in word:
+        return False
+    return "/" in word or word.endswith(PATH_SUFFIXES) or (word.startswith(".") and len(word) > 1)
+
+
+def test_every_path_contributing_names_exists():
+    words = [w for w in contributing_words() if is_path(w)]
+    assert len(words) > 40, "the parser found too few paths: has CONTRIBUTING.md's layout table moved?"
+    missing = []
+    for word in words:
+        pattern = re.sub(r"<[^>]*>", "*", word)  # `webui/<name>_tab.py`: some file must fit the pattern
+        found = list(ROOT.glob(pattern.rstrip("/"))) if "*" in pattern else [ROOT / pattern]
+        if not any(p.exists() for p in found):
+            missing.append(word)
+    assert not missing, f"CONTRIBUTING.md names paths that do not exist: {missing}"
+
+
+def module_file(dotted: str) -> Path | None:
+    base = ROOT / dotted.replace(".", "/")
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def defined_names(body: list[ast.stmt]) -> dict[str, ast.AST]:
+    """Names a module or class body binds: functions, classes, assignments, imports."""
+    names: dict[str, ast.AST] = {}
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names[node.name] = node
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                for name in ast.walk(target):
+                    if isinstance(name, ast.Name):
+                        names[name.id] = node
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names[node.target.id] = node
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                names[(alias.asname or alias.name).split(".")[0]] = node
+        elif isinstance(node, (ast.If, ast.Try)):
+            names.update(defined_names(node.body))
+    return names
+
+
+def resolves(dotted: str) -> bool:
+    """`module.symbol[.member]`: the longest module prefix found under MODULE_PREFIXES, then each remaining part a
+    name bound at module level, then inside the class it names (a method or class attribute)."""
+    parts = dotted.split(".")
+    for prefix in MODULE_PREFIXES:
+        for cut in range(len(parts) - 1, 0, -1):
+            source = module_file(prefix + ".".join(parts[:cut]))
+            if source is None:
+                continue
+            body = ast.parse(source.read_text(encoding="utf-8")).body
+            for name in parts[cut:]:
+                node = defined_names(body).get(name)
+                if node is None:
+                    break
+                body = node.body if isinstance(node, ast.ClassDef) else []
+            else:
+                return True
+    return False
+
+
+def test_every_module_symbol_contributing_names_exists():
+    words = [w for w in contributing_words() if not is_path(w) and DOTTED.fullmatch(w)]
+    assert len(words) > 15, "the parser found too few dotted names"
+    missing = [w for w in words if not resolves(w)]
+    assert not missing, f"CONTRIBUTING.md names symbols that do not exist: {missing}"
+
+
+def test_the_symbol_check_can_tell_a_missing_name():
+    assert resolves("families.SUPPORTED_FAMILIES") and resolves("cache.StartRecentKVCache.evict_range")
+    assert not resolves("families.NO_SUCH_NAME") and not resolves("cache.StartRecentKVCache.no_such_method")
+    assert not resolves("no_such_module.anything")
+
+
+def test_the_site_nav_lists_every_page_once_and_only_pages_that_exist():
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))
+    listed = [page for entry in config["nav"] for page in entry.values()]
+    pages = sorted(p.name for p in (ROOT / config["docs_dir"]).glob("*.md"))
+    assert sorted(listed) == pages, "mkdocs.yml's nav and the pages under docs/ differ"
+    assert len(set(listed)) == len(listed)
