@@ -275,7 +275,7 @@ class ConversationStore(ABC):
     @abstractmethod
     def _read(self) -> contextlib.AbstractContextManager: ...
 
-    def _after_delete(self) -> None:
+    def _after_delete(self) -> None:  # noqa: B027 - an optional hook; most engines need nothing here
         """Called after rows were deleted (SQLite: move them out of the WAL)."""
 
     def __enter__(self):
