@@ -15,6 +15,7 @@ import torch
 from conftest import tiny_model
 from streaming_engine import SUPPORTED_FAMILIES, EngineConfig, StreamingEngine, chat, enable_streaming_llm, load
 from streaming_engine.eval import devicemap_check
+from streaming_engine.eval.runinfo import PROVENANCE_KEY
 from streaming_engine.generation import forward
 from streaming_engine.loading import ensure_default_model
 from streaming_engine.placement import (
@@ -160,7 +161,9 @@ def test_devicemap_check_cli_reports_exact_offload_and_split_runs(tmp_path, caps
     output = tmp_path / "check.json"
     assert devicemap_check.main(["--model", "random-tiny", "--device", "cpu", "--output", str(output)]) == 0
     result = json.loads(output.read_text())
+    provenance = result.pop(PROVENANCE_KEY)  # the file alone carries how it was made
     assert json.loads(capsys.readouterr().out) == result
+    assert provenance["command"].endswith(f"--output {output}") and provenance["config"]["device"] == "cpu"
     assert result["ok"] and result["offloaded_to_cpu_and_disk"]
     for name in ("offload", "split"):
         variant = result["variants"][name]
