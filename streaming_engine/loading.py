@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import platform
 import shutil
 import tempfile
 import threading
@@ -155,16 +156,22 @@ def prefer_fast_attention(model, device: torch.device, dtype: torch.dtype) -> No
         model.set_attn_implementation("eager")
 
 
-def describe_cpu() -> str:
-    """A one-line description of the CPU for benchmark records: model name, torch's ISA level, bf16 support."""
-    name = ""
+def cpu_model_name() -> str | None:
+    """The CPU's marketing name from `/proc/cpuinfo` (Linux), else `platform.processor()`, else None."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            name = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
+            for line in handle:
+                if line.startswith(("model name", "Model")):
+                    return line.split(":", 1)[1].strip() or None
     except OSError:
         pass
+    return platform.processor() or None
+
+
+def describe_cpu() -> str:
+    """A one-line description of the CPU for benchmark records: model name, torch's ISA level, bf16 support."""
     native = sorted(cpu_flags() & NATIVE_BF16_CPU_FLAGS)
-    return (f"{name or 'CPU'} · {torch.backends.cpu.get_cpu_capability()} · "
+    return (f"{cpu_model_name() or 'CPU'} · {torch.backends.cpu.get_cpu_capability()} · "
             f"native bf16: {', '.join(native) if native else 'no'} · {os.cpu_count()} cores")
 
 

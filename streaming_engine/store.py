@@ -125,13 +125,6 @@ class StoreFull(StoreError):
     code = "store_full"
 
 
-class StoreUnavailable(StoreError):
-    """The database server cannot be reached (down, restarting, network): this change was not saved. The store
-    reconnects by itself on a later call; `file_problem()` says so until then."""
-
-    code = "store_unavailable"
-
-
 class StoreConflict(StoreError):
     """`replace(..., expected_revision=...)` found the conversation changed (or deleted) by another writer since
     that revision: nothing was written; re-read it (`load`) and decide again."""
@@ -407,12 +400,11 @@ class ConversationStore(ABC):
                     raise
         now = time.time()
         with self._write() as db:
-            head = db.execute(f"SELECT revision FROM conversations WHERE token = ?{self._FOR_UPDATE}",
-                              (token,)).fetchone()
-            if expected_revision is not None and (head is None or head[0] != expected_revision):
+            revision = self._locked_revision(db, token)
+            if expected_revision is not None and revision != expected_revision:
                 raise StoreConflict("This conversation was changed elsewhere (another tab or server) since it was "
                                     "read; reload it to see the newest version.")
-            if head is None:  # deleted between the check above and this transaction
+            if revision is None:  # deleted between the check above and this transaction
                 raise KeyError("no stored conversation has this token")
             stored = db.execute("SELECT seq, role, content, interrupted FROM messages WHERE token = ? ORDER BY seq",
                                 (token,)).fetchall()
@@ -427,7 +419,7 @@ class ConversationStore(ABC):
             db.execute("UPDATE conversations SET system_prompt = ?, updated_at = ?, revision = revision + 1, "
                        "title = CASE WHEN title = '' THEN ? ELSE title END WHERE token = ?",
                        (system_prompt, now, _clean_title(title), token))
-            return head[0] + 1
+            return revision + 1
 
     def append(self, token: str, messages: Iterable[dict]) -> int | None:
         """Add messages at the end (the conversation must exist); the oldest go beyond `MAX_STORED_MESSAGES`.
@@ -467,13 +459,18 @@ class ConversationStore(ABC):
                        (time.time(), token))
             return revision + 1
 
+    def _locked_revision(self, db, token: str) -> int | None:
+        """The conversation's revision (None: no such conversation), its row locked until the transaction ends."""
+        head = db.execute(f"SELECT revision FROM conversations WHERE token = ?{self._FOR_UPDATE}", (token,)).fetchone()
+        return None if head is None else head[0]
+
     def _lock_conversation(self, db, token: str) -> tuple[int, int]:
         """(revision, last seq or -1) of the conversation, its row locked until the transaction ends."""
-        head = db.execute(f"SELECT revision FROM conversations WHERE token = ?{self._FOR_UPDATE}", (token,)).fetchone()
-        if head is None:
+        revision = self._locked_revision(db, token)
+        if revision is None:
             raise KeyError("no stored conversation has this token")
         last = db.execute("SELECT coalesce(max(seq), -1) FROM messages WHERE token = ?", (token,)).fetchone()[0]
-        return head[0], last
+        return revision, last
 
     def purge_expired(self, now: float | None = None) -> int:
         """Delete conversations not updated for `retention_days`; returns how many."""

@@ -272,13 +272,3 @@ def test_get_health_answers_plain_http(launched):
     assert body == {"status": "ok", "sessions": len(engine.session_ids())}
 
 
-def test_the_space_front_matter_lists_and_preloads_the_default_hub_model():
-    import yaml
-
-    readme = (ASSETS.parent / "README.md").read_text(encoding="utf-8")
-    front = yaml.safe_load(readme.split("---\n")[1])
-    assert front["app_file"] == "app.py" and front["sdk"] == "gradio"
-    assert front["models"] == [app_settings.HUB_DEFAULT_MODEL]
-    repo, files = front["preload_from_hub"][0].split()
-    assert repo == app_settings.HUB_DEFAULT_MODEL and {"config.json", "model.safetensors", "tokenizer.json"} <= set(
-        files.split(","))

@@ -56,15 +56,22 @@ def test_the_readme_is_a_front_door_within_its_size_limit():
     assert len(text) <= README_MAX_CHARS, f"README.md has {len(text):,} characters; move sections into docs/"
 
 
-def test_the_readme_starts_with_the_space_front_matter():
+def test_the_readme_starts_with_the_space_front_matter_that_preloads_the_default_model():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     assert text.startswith("---\n"), "the Hugging Face Space configuration must be the README's first lines"
     front, sep, _ = text[4:].partition("\n---\n")
     assert sep, "the front matter is not closed by a '---' line"
     config = yaml.safe_load(front)
     assert config["sdk"] == "gradio"
-    assert (ROOT / config["app_file"]).is_file()
+    assert config["app_file"] == "app.py" and (ROOT / config["app_file"]).is_file()
     assert config["license"] == "mit"
+    # The Space lists and preloads the app's default hub model, with the files `load` reads.
+    from webui import settings as app_settings
+
+    assert config["models"] == [app_settings.HUB_DEFAULT_MODEL]
+    repo, files = config["preload_from_hub"][0].split()
+    assert repo == app_settings.HUB_DEFAULT_MODEL and {"config.json", "model.safetensors", "tokenizer.json"} <= set(
+        files.split(","))
 
 
 @pytest.mark.parametrize("page", markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))

@@ -34,7 +34,7 @@ from ..generation import generate_reply, run_alone
 from ..loading import default_model_available, ensure_default_model, load
 from ..placement import describe_placement, weight_bytes_by_placement
 from . import cli
-from .runinfo import run_metadata, write_result
+from .runinfo import package_version, run_metadata, write_result
 
 #: Logits of the spread-out model may differ from the single-device run by at most this much (fp32).
 TOLERANCE = 1e-4
@@ -199,18 +199,12 @@ def check(source: str, device: torch.device, tolerance: float, seed: int, workdi
         "offloaded_to_cpu_and_disk": offloaded,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "versions": {"torch": torch.__version__, **_versions("transformers", "accelerate")},
+        "versions": {"torch": torch.__version__, **{n: package_version(n) for n in ("transformers", "accelerate")}},
         "weights_bytes": weights_bytes(single),
         "conversation": {"turns": [list(t) for t in TURNS], "start_size": START_SIZE, "recent_size": RECENT_SIZE,
                          "chunk_size": CHUNK_SIZE},
         "variants": variants,
     }
-
-
-def _versions(*names: str) -> dict:
-    import importlib.metadata
-
-    return {name: importlib.metadata.version(name) for name in names}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,18 +32,6 @@ VERSIONED_PACKAGES = ("torch", "transformers", "accelerate", "llama_cpp_python",
 GIT_TIMEOUT_S = 10.0
 
 
-def cpu_model_name() -> str | None:
-    """The CPU's marketing name from `/proc/cpuinfo` (Linux), else `platform.processor()`, else None."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if line.startswith(("model name", "Model")):
-                    return line.split(":", 1)[1].strip() or None
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
 def _usable_cores() -> int | None:
     """Cores this process may run on (a container or `taskset` can allow fewer than the machine has)."""
     try:
@@ -75,7 +63,8 @@ def _gpus(torch) -> list[dict]:
         return []
 
 
-def _version(distribution: str) -> str | None:
+def package_version(distribution: str) -> str | None:
+    """The installed version of `distribution`, or None when it is not installed."""
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -86,7 +75,7 @@ def machine() -> dict:
     """Facts about the machine running this process, as detected now."""
     import torch
 
-    from ..loading import NATIVE_BF16_CPU_FLAGS, cpu_flags
+    from ..loading import NATIVE_BF16_CPU_FLAGS, cpu_flags, cpu_model_name
 
     flags = cpu_flags()
     return {
@@ -102,7 +91,7 @@ def machine() -> dict:
         "cuda": torch.version.cuda,
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "versions": {name: _version(name) for name in VERSIONED_PACKAGES},
+        "versions": {name: package_version(name) for name in VERSIONED_PACKAGES},
     }
 
 
