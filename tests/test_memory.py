@@ -63,8 +63,9 @@ def test_a_pinned_system_prompt_outlives_every_turn_and_the_map_agrees_with_stre
     assert stats["messages_forgotten"] + stats["messages_in_memory"] == 24
     states = [e["state"] for e in entries[1:]]
     assert states == sorted(states, key=("gone", "partial", "full").index)  # oldest first
-    # "turns" never leaves part of a message (these messages are shorter than the window); "tokens" may.
-    assert ("partial" not in states) if eviction == "turns" else True
+    # "turns" never leaves part of a message (these messages are shorter than the window); "tokens" may cut one,
+    # but only one: the oldest message still held (the order above puts it first).
+    assert states.count("partial") == 0 if eviction == "turns" else states.count("partial") <= 1
 
 
 def test_unpinned_sessions_lose_their_system_prompt(tiny_chat_model, default_tokenizer):
