@@ -357,6 +357,7 @@ def test_r_data_reader_refuses_other_formats():
         RReader(b"A\n1\n")
 
 
+@pytest.mark.slow
 def test_recall_benchmark_runs_on_a_tiny_model_with_limit(tmp_path, tiny_chat_model, default_tokenizer):
     from streaming_engine.eval import recall
 

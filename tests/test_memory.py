@@ -78,7 +78,7 @@ def test_unpinned_sessions_lose_their_system_prompt(tiny_chat_model, default_tok
     assert entries[0]["state"] == "partial" and entries[0]["held"] == 4  # the 4 sinks are all that is left
 
 
-@pytest.mark.parametrize("scheduler", ["batched", "round-robin"])
+@pytest.mark.parametrize("scheduler", ["batched", pytest.param("round-robin", marks=pytest.mark.slow)])
 def test_turn_eviction_gives_the_same_replies_batched_or_alone_when_replies_outgrow_the_window(
         tiny_chat_model, default_tokenizer, scheduler, monkeypatch):
     """Replies longer than the reserved room evict during decoding (a batch row under the batched worker): still

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import fast_cases, tiny_model
 from streaming_engine import SUPPORTED_FAMILIES, EngineConfig, StreamingEngine, chat, enable_streaming_llm, load
 from streaming_engine.eval import devicemap_check
 from streaming_engine.generation import forward
@@ -96,7 +96,7 @@ def checkpoints(tmp_path_factory):
     return folders
 
 
-@pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
+@pytest.mark.parametrize("family", fast_cases(SUPPORTED_FAMILIES))
 def test_layers_on_cpu_and_disk_stream_the_same_logits_keys_and_evictions_as_one_device(family, checkpoints, tmp_path):
     single, _ = load(checkpoints[family], "cpu", "float32")
     device_map = interleaved_map(single)
@@ -156,6 +156,7 @@ def test_default_model_on_cpu_and_disk_streams_like_the_single_device_model(defa
     assert_same_stream(stream(single, ids, 4, 44, 16), stream(spread, ids, 4, 44, 16))
 
 
+@pytest.mark.slow  # the whole CLI, twice
 def test_devicemap_check_cli_reports_exact_offload_and_split_runs(tmp_path, capsys):
     output = tmp_path / "check.json"
     assert devicemap_check.main(["--model", "random-tiny", "--device", "cpu", "--output", str(output)]) == 0
