@@ -324,6 +324,7 @@ def test_an_exception_in_one_row_fails_only_that_conversation(tiny_chat_model, d
     assert reply(engine, sids["bad"], "Still there?", max_new_tokens=4, **GREEDY).kind == "done"
 
 
+@pytest.mark.slow  # 200 prefill chunks
 def test_a_50000_token_paste_delays_another_chats_next_token_by_at_most_one_chunk(
     tiny_chat_model, default_tokenizer
 ):
