@@ -53,9 +53,9 @@ run: install
 test: install-test
 	GRADIO_ANALYTICS_ENABLED=False $(PYTHON) -m pytest -ra --durations=25
 
-# The edit-test loop: no real-model, browser, packaging or Docker tests, and no install step (run `make test` once
+# The edit-test loop: no real-model, browser, packaging, Docker or slow tests, and no install step (run `make test` once
 # first). One torch thread per process: the default machine is 2 shared cores.
-FAST_MARKERS := not model and not browser and not packaging and not docker and not probe
+FAST_MARKERS := not model and not browser and not packaging and not docker and not probe and not slow
 test-fast:
 	GRADIO_ANALYTICS_ENABLED=False OMP_NUM_THREADS=1 $(PYTHON) -m pytest -ra -q --durations=10 -m "$(FAST_MARKERS)"
 

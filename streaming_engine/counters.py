@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import Generator
+from typing import Callable, Generator
 
 #: The decode rate is averaged over this many most recent seconds.
 RATE_WINDOW_S = 10.0
@@ -28,8 +28,10 @@ class EngineCounters:
     """Monotonic totals (`tokens_processed`, `tokens_generated`, `tokens_evicted`, `turns_started`,
     `turns_finished`, `turn_errors`) and `decode_tokens_per_s()` over the last `RATE_WINDOW_S` seconds."""
 
-    def __init__(self, window_s: float = RATE_WINDOW_S):
-        self.window_s = window_s
+    def __init__(self, window_s: float = RATE_WINDOW_S, clock: Callable[[], float] = time.monotonic):
+        # `clock`: seconds, monotonic; a test passes (or sets) its own so the rate window never depends on how fast
+        # the machine is.
+        self.window_s, self.clock = window_s, clock
         self._lock = threading.Lock()
         self.tokens_processed = 0
         self.tokens_generated = 0
@@ -61,7 +63,7 @@ class EngineCounters:
                     self.tokens_evicted += _grown(evicted, now_evicted)
                     self.tokens_generated += sampled
                     if sampled:
-                        self._recent.append((time.monotonic(), sampled))
+                        self._recent.append((self.clock(), sampled))
                     # Counted on the final event itself: the scheduler stops stepping a turn there, so this
                     # generator may never be resumed to reach its end.
                     if kind in ("done", "error") and not finished:
@@ -96,11 +98,11 @@ class EngineCounters:
             self.tokens_generated += generated
             self.tokens_evicted += evicted
             if generated:
-                self._recent.append((time.monotonic(), generated))
+                self._recent.append((self.clock(), generated))
 
     def decode_tokens_per_s(self, now: float | None = None) -> float:
         """Tokens sampled per second over the last `window_s` seconds, all sessions together."""
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         with self._lock:
             while self._recent and self._recent[0][0] < now - self.window_s:
                 self._recent.popleft()

@@ -17,6 +17,30 @@ os.environ.setdefault("STREAMING_LLM_DTYPE", "float32")
 VOCAB = 96
 
 
+#: The families a family sweep runs in `make test-fast`: a plain decoder and a hybrid one (local sliding-window
+#: layers, per-layer-type RoPE). The other families' cases carry the `slow` mark: `make test` runs them all.
+FAST_FAMILIES = ("llama", "gemma3_text")
+
+
+def fast_cases(values, fast=FAST_FAMILIES):
+    """`values` for `parametrize`, the ones not in `fast` marked `slow` (left out of `make test-fast` only)."""
+    return [value if value in fast else pytest.param(value, marks=pytest.mark.slow) for value in values]
+
+
+class ManualClock:
+    """A monotonic clock that moves only when a test says so (`advance`): rate windows and throttles under test
+    never depend on how fast a shared machine runs."""
+
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 #: Every case the family tests run: each supported family, plus checkpoints whose layers differ from the family
 #: default (Mistral with a sliding window on every layer, Qwen2 with local layers above `max_window_layers`).
 FAMILY_CASES = (

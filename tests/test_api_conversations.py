@@ -4,6 +4,7 @@ opens one from a message list otherwise, and keeps process-wide counters that su
 from __future__ import annotations
 
 import pytest
+from conftest import ManualClock
 
 from streaming_engine import EngineConfig, StreamingEngine
 
@@ -53,6 +54,7 @@ def test_a_long_message_list_opens_a_session_primed_from_the_tail_that_fits(engi
 
 
 def test_counters_only_grow_and_outlive_closed_sessions(engine):
+    engine.counters.clock = ManualClock()  # every token of this test falls inside the rate window
     before = engine.counters.snapshot()
     sids = [engine.new_session("streaming") for _ in range(2)]
     for sid in sids:
@@ -67,4 +69,7 @@ def test_counters_only_grow_and_outlive_closed_sessions(engine):
     for sid in sids:
         engine.close(sid)
     assert engine.counters.snapshot() == after  # closing a session takes nothing back
-    assert engine.counters.decode_tokens_per_s() > 0
+    generated = after["tokens_generated"] - before["tokens_generated"]
+    assert engine.counters.decode_tokens_per_s() == generated / engine.counters.window_s
+    engine.counters.clock.advance(engine.counters.window_s + 1)
+    assert engine.counters.decode_tokens_per_s() == 0  # and all of them have left it

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
+import resource
 import sys
 
+import psutil
 import pytest
 from browser_util import served
 
@@ -14,6 +16,12 @@ from streaming_engine import EngineConfig, StreamingEngine
 from streaming_engine.history import MAX_HISTORY_BYTES
 from webui import settings as app_settings
 from webui.assets import ASSETS, load_json_list
+
+
+def vm_hwm_bytes() -> int:
+    """This process's peak resident memory as the kernel keeps it (VmHWM, in KiB in /proc/self/status)."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +48,15 @@ def test_the_launched_app_chats_through_its_api_and_keeps_sessions_apart(launche
     assert "hello from B" not in json.dumps(history_a)
     _, bad = a.predict(sid_a, "", 8, api_name="/chat")
     assert "empty" in json.loads(bad)["error"]
+    # The server runs in this process, so its readings are this process's, in bytes. The peak is at least the
+    # kernel's high-water mark read just before (it never goes down). The kernel updates its RSS counters lazily
+    # (a few hundred KiB apart), hence the factor-2 band for the current reading: wide for lag, narrow for units.
+    hwm_before, rss_before = vm_hwm_bytes(), psutil.Process().memory_info().rss
     health = json.loads(a.predict(api_name="/health"))
-    assert health["sessions"] >= 2 and health["peak_rss_bytes"] >= health["rss_bytes"] > 0
+    ceiling = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert health["sessions"] == len(engine.session_ids()) and {sid_a, sid_b} <= set(engine.session_ids())
+    assert hwm_before <= health["peak_rss_bytes"] <= 2 * ceiling
+    assert rss_before / 2 <= health["rss_bytes"] <= 2 * ceiling
     for client, sid in ((a, sid_a), (b, sid_b)):
         client.predict(sid, api_name="/close_session")
     assert sid_a not in engine.session_ids()

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import fast_cases, tiny_model
 
 from streaming_engine import EngineConfig, StreamingEngine
 from streaming_engine.batch_cache import BatchedSinkCache, ConversationCache
@@ -50,7 +50,7 @@ def test_a_hybrid_model_still_chats_one_conversation_per_pass(family):
     assert isinstance(make_scheduler("batched", model), RoundRobinScheduler)
 
 
-@pytest.mark.parametrize("family", BATCHED_FAMILIES)
+@pytest.mark.parametrize("family", fast_cases(BATCHED_FAMILIES))
 def test_every_row_equals_its_conversation_alone_as_rows_evict_join_and_leave(family):
     model = tiny_model(family, layers=2)
     rotary = find_rotary_embedding(model)
@@ -178,7 +178,7 @@ def run_together(engine, jobs) -> dict:
     return results
 
 
-@pytest.mark.parametrize("scheduler", ["batched", "round-robin"])
+@pytest.mark.parametrize("scheduler", ["batched", pytest.param("round-robin", marks=pytest.mark.slow)])
 def test_concurrent_replies_greedy_and_seeded_equal_each_conversation_alone(
     tiny_chat_model, default_tokenizer, scheduler
 ):
@@ -324,6 +324,7 @@ def test_an_exception_in_one_row_fails_only_that_conversation(tiny_chat_model, d
     assert reply(engine, sids["bad"], "Still there?", max_new_tokens=4, **GREEDY).kind == "done"
 
 
+@pytest.mark.slow  # 200 prefill chunks
 def test_a_50000_token_paste_delays_another_chats_next_token_by_at_most_one_chunk(
     tiny_chat_model, default_tokenizer
 ):

@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 from transformers.cache_utils import Cache, DynamicLayer
 
-from conftest import FAMILY_CASES, VOCAB, tiny_config, tiny_model
+from conftest import FAMILY_CASES, VOCAB, fast_cases, tiny_config, tiny_model
 from streaming_engine import SUPPORTED_FAMILIES, StartRecentKVCache, enable_streaming_llm, next_position_ids
 from streaming_engine.families import find_rotary_embedding, layer_rope_kinds
 from streaming_engine.positions import rotate_half
@@ -43,7 +43,7 @@ PINS = (0, 11)
 
 
 @pytest.mark.parametrize("pin", PINS)
-@pytest.mark.parametrize("family", FAMILY_CASES)
+@pytest.mark.parametrize("family", fast_cases(FAMILY_CASES))
 def test_one_layer_streaming_logits_equal_reencoding_the_kept_tokens(family, pin):
     model = tiny_model(family, layers=1)
     if family == "gemma2":  # one local layer alone: enable_streaming_llm refuses it (no layer would see the sinks),
@@ -116,7 +116,7 @@ class PerStepRopeCache(Cache):
 
 
 @pytest.mark.parametrize("pin", PINS)
-@pytest.mark.parametrize("family", FAMILY_CASES)
+@pytest.mark.parametrize("family", fast_cases(FAMILY_CASES))
 def test_multi_layer_streaming_logits_equal_per_step_rope_reference(family, pin):
     model = tiny_model(family, layers=3)
     ids = stream_ids(120)
@@ -126,7 +126,7 @@ def test_multi_layer_streaming_logits_equal_per_step_rope_reference(family, pin)
     assert worst <= TOL
 
 
-@pytest.mark.parametrize("family", FAMILY_CASES)
+@pytest.mark.parametrize("family", fast_cases(FAMILY_CASES))
 def test_with_no_eviction_output_equals_a_plain_dynamic_cache(family):
     model = tiny_model(family, layers=3)
     ids = stream_ids(40)
@@ -275,7 +275,7 @@ def message_lengths(total: int, window: int, seed: int = 3) -> list[int]:
 
 
 @pytest.mark.parametrize("eviction", ["tokens", "turns"])
-@pytest.mark.parametrize("family", ["llama", "gpt_neox", "qwen3", "gemma3_text"])
+@pytest.mark.parametrize("family", fast_cases(["llama", "gpt_neox", "qwen3", "gemma3_text"]))
 def test_turn_eviction_keeps_whole_messages_and_the_position_shift_exact(family, eviction):
     """Under "turns" every finished message is wholly held or wholly gone (only one longer than the window may be
     cut); under "tokens" messages are cut. Either way the logits equal a re-encoding of the kept tokens."""

@@ -42,7 +42,7 @@ def test_prompts_can_come_from_stdin_and_bad_files_are_reported(tiny_model_dir, 
     assert chat.main(["--model", tiny_model_dir, "--recent-size", "0"]) == 2
 
 
-@pytest.mark.parametrize("eviction", ["tokens", "turns"])
+@pytest.mark.parametrize("eviction", ["tokens", pytest.param("turns", marks=pytest.mark.slow)])
 def test_the_chat_pins_its_system_prompt_and_says_how_many_turns_it_still_holds(tiny_model_dir, tmp_path, capsys,
                                                                                   eviction):
     prompts = tmp_path / "questions.txt"

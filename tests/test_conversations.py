@@ -212,6 +212,7 @@ print("finished before the kill", flush=True)
 """
 
 
+@pytest.mark.slow  # two app processes, one killed
 def test_kill_9_mid_reply_then_restart_brings_back_three_turns_and_the_interrupted_reply(
     tiny_chat_model, default_tokenizer, tmp_path
 ):

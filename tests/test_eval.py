@@ -9,11 +9,14 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import random
 import struct
 import subprocess
 import tarfile
+import types
 import zlib
 
+import numpy
 import pytest
 import torch
 from conftest import VOCAB, tiny_model
@@ -103,17 +106,47 @@ def test_method_lists_are_validated():
 # --- decode benchmark -----------------------------------------------------------------------------------------
 
 
-def test_bench_measures_every_method_and_writes_json_and_plots(llama2, tmp_path):
+class SteppingClock:
+    """A stand-in for `time.perf_counter` in the benchmark: calls come in pairs around one decode step, and the
+    second of each pair moves time on by a seeded random step duration, recorded (in ms) as the raw sample."""
+
+    def __init__(self, seed: int):
+        self.rng, self.now, self.began, self.samples_ms = random.Random(seed), 1000.0, None, []
+
+    def __call__(self) -> float:
+        if self.began is None:
+            self.began = self.now
+        else:
+            step = self.rng.uniform(0.001, 0.080)
+            self.now, self.began = self.now + step, None
+            self.samples_ms.append(step * 1000.0)
+        return self.now
+
+
+def test_bench_measures_every_method_and_writes_json_and_plots(llama2, tmp_path, monkeypatch):
     ids = bench.synthetic_ids(VOCAB, 56)
+    clock = SteppingClock(seed=7)
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=clock))
     result = bench.run(llama2, ids, methods=list(BENCH_METHODS), cache_sizes=[12, 24], start_size=4, window=8,
                        evict_block=4, progress=False, config={"model": "tiny"})
+    # Each window's median and p95 against numpy's, over the raw step durations the clock handed out (in order:
+    # runs, then windows, each window covering the steps since the previous one's token count).
+    samples = iter(clock.samples_ms)
+    for r in result["runs"]:
+        previous = r.get("untimed_tokens", 0)
+        for w in r["windows"]:
+            raw = [next(samples) for _ in range(w["tokens"] - previous)]
+            previous = w["tokens"]
+            assert w["median_ms"] == round(float(numpy.median(raw)), 3)
+            assert w["p95_ms"] == round(float(numpy.percentile(raw, 95, method="inverted_cdf")), 3)
+    assert next(samples, None) is None  # every timed step landed in exactly one window
     labels = [(r["method"], r["cache_size"]) for r in result["runs"]]
     assert labels == [("dense", None)] + [(m, s) for m in BENCH_METHODS[1:] for s in (12, 24)]
     kv_per_token = None
     for r in result["runs"]:
         assert r["windows"] and r["windows"][-1]["tokens"] == r["tokens"]
         for w in r["windows"]:
-            assert w["median_ms"] > 0 and w["p95_ms"] >= w["median_ms"] and w["rss_bytes"] > 0
+            assert w["rss_bytes"] > 0
         if r["method"] == "dense":
             kv_per_token = r["summary"]["final_kv_bytes"] / r["tokens"]
             assert r["tokens"] == 56 and r["windows"][-1]["held_tokens"] == 56
@@ -324,6 +357,7 @@ def test_r_data_reader_refuses_other_formats():
         RReader(b"A\n1\n")
 
 
+@pytest.mark.slow
 def test_recall_benchmark_runs_on_a_tiny_model_with_limit(tmp_path, tiny_chat_model, default_tokenizer):
     from streaming_engine.eval import recall
 

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, fast_cases, tiny_model
 from streaming_engine import (
     EngineConfig,
     StartRecentKVCache,
@@ -43,8 +43,8 @@ def greedy_loop(model, cache, ids: torch.Tensor, new_tokens: int, chunk: int | N
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt_neox", "gemma3_text", "smollm3"])
-@pytest.mark.parametrize("prompt_len,new_tokens", [(10, 70), (30, 120)])
+@pytest.mark.parametrize("family", fast_cases(["llama", "gpt_neox", "gemma3_text", "smollm3"]))
+@pytest.mark.parametrize("prompt_len,new_tokens", [(10, 70), pytest.param(30, 120, marks=pytest.mark.slow)])
 def test_generate_longer_than_the_cache_evicts_as_it_goes_and_equals_the_hand_loop(family, prompt_len, new_tokens):
     model = tiny_model(family, layers=3)
     ids = random_ids(prompt_len)

@@ -63,8 +63,9 @@ def test_a_pinned_system_prompt_outlives_every_turn_and_the_map_agrees_with_stre
     assert stats["messages_forgotten"] + stats["messages_in_memory"] == 24
     states = [e["state"] for e in entries[1:]]
     assert states == sorted(states, key=("gone", "partial", "full").index)  # oldest first
-    # "turns" never leaves part of a message (these messages are shorter than the window); "tokens" may.
-    assert ("partial" not in states) if eviction == "turns" else True
+    # "turns" never leaves part of a message (these messages are shorter than the window); "tokens" may cut one,
+    # but only one: the oldest message still held (the order above puts it first).
+    assert states.count("partial") == 0 if eviction == "turns" else states.count("partial") <= 1
 
 
 def test_unpinned_sessions_lose_their_system_prompt(tiny_chat_model, default_tokenizer):
@@ -77,7 +78,7 @@ def test_unpinned_sessions_lose_their_system_prompt(tiny_chat_model, default_tok
     assert entries[0]["state"] == "partial" and entries[0]["held"] == 4  # the 4 sinks are all that is left
 
 
-@pytest.mark.parametrize("scheduler", ["batched", "round-robin"])
+@pytest.mark.parametrize("scheduler", ["batched", pytest.param("round-robin", marks=pytest.mark.slow)])
 def test_turn_eviction_gives_the_same_replies_batched_or_alone_when_replies_outgrow_the_window(
         tiny_chat_model, default_tokenizer, scheduler, monkeypatch):
     """Replies longer than the reserved room evict during decoding (a batch row under the batched worker): still

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import fast_cases, tiny_model
 from streaming_engine import SUPPORTED_FAMILIES, EngineConfig, StreamingEngine, chat, enable_streaming_llm, load
 from streaming_engine.eval import devicemap_check
 from streaming_engine.eval.runinfo import PROVENANCE_KEY
@@ -97,7 +97,7 @@ def checkpoints(tmp_path_factory):
     return folders
 
 
-@pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
+@pytest.mark.parametrize("family", fast_cases(SUPPORTED_FAMILIES, fast=("llama",)))  # offload: one is enough
 def test_layers_on_cpu_and_disk_stream_the_same_logits_keys_and_evictions_as_one_device(family, checkpoints, tmp_path):
     single, _ = load(checkpoints[family], "cpu", "float32")
     device_map = interleaved_map(single)
@@ -109,6 +109,7 @@ def test_layers_on_cpu_and_disk_stream_the_same_logits_keys_and_evictions_as_one
     assert_same_stream(stream(single, ids, 4, 28, 12), stream(spread, ids, 4, 28, 12))
 
 
+@pytest.mark.slow
 def test_auto_map_with_a_cpu_budget_offloads_the_rest_to_disk_and_streams_exactly(checkpoints):
     single, _ = load(checkpoints["llama"], "cpu", "float32")
     total = sum(weight_bytes_by_placement(single).values())
@@ -128,6 +129,7 @@ def chat_checkpoint(tmp_path_factory, tiny_chat_model, default_tokenizer):
     return str(folder)
 
 
+@pytest.mark.slow
 def test_engine_chat_over_an_offloaded_model_equals_the_single_device_chat(chat_checkpoint):
     single, tokenizer = load(chat_checkpoint, "cpu", "float32")
     spread, _ = load(chat_checkpoint, dtype="float32", device_map=interleaved_map(single))
@@ -157,6 +159,7 @@ def test_default_model_on_cpu_and_disk_streams_like_the_single_device_model(defa
     assert_same_stream(stream(single, ids, 4, 44, 16), stream(spread, ids, 4, 44, 16))
 
 
+@pytest.mark.slow  # the whole CLI, twice
 def test_devicemap_check_cli_reports_exact_offload_and_split_runs(tmp_path, capsys):
     output = tmp_path / "check.json"
     assert devicemap_check.main(["--model", "random-tiny", "--device", "cpu", "--output", str(output)]) == 0

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, fast_cases, tiny_model
 
 from streaming_engine.eval import ppl, texts
 from streaming_engine.eval.methods import MethodSpec, make_runner, parse_specs
@@ -44,8 +44,8 @@ def evaluate(model, data, methods: str, tmp_path, name: str, plot: bool = False,
 METHODS = "streaming:2+14,streaming-noshift:2+14,window:16,dense"
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
-@pytest.mark.parametrize("block", [1, 5])
+@pytest.mark.parametrize("family", fast_cases(["llama", "gpt_neox"]))
+@pytest.mark.parametrize("block", [1, pytest.param(5, marks=pytest.mark.slow)])
 def test_batched_rows_equal_batch_one_rows_including_evictions(family, block, tmp_path):
     model = tiny_model(family, layers=2, max_positions=LIMIT, seed=2)
     data = stream(3, 90, seed=1)

@@ -21,6 +21,7 @@ def final_event(engine, sid, message, **sampling):
     return list(engine.chat(sid, message, **{**GREEDY, **sampling}))[-1]
 
 
+@pytest.mark.slow
 def test_a_200k_character_paste_is_answered_in_bounded_memory(tiny_chat_model, default_tokenizer):
     engine = engine_for(tiny_chat_model, default_tokenizer, recent_size=508, prefill_chunk_size=254)
     sid = engine.new_session()

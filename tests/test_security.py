@@ -86,12 +86,13 @@ import uvicorn  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 
 from browser_util import free_port  # noqa: E402
+from conftest import ManualClock  # noqa: E402
 from streaming_engine.eval.probe import status_of  # noqa: E402
 from webui import openai_api  # noqa: E402
 
 MODEL = "tiny"
 #: Bounded polling: at most this many checks, `POLL_S` apart, for a server-side state to be reached.
-POLLS, POLL_S = 600, 0.05
+POLLS, POLL_S = 1200, 0.05  # 60 s: generous on a shared machine, never reached when it works
 
 
 def wait_until(condition, what: str):
@@ -408,11 +409,13 @@ def get_models(port: int, source: str, key: str) -> int:
 
 def test_wrong_api_keys_are_throttled_per_address(tiny_chat_model, default_tokenizer):
     """Attack 9: 50 wrong passwords took 0.9 s, unthrottled. Now the 11th attempt within the window is a 429,
-    even with the right key (so guessing cannot go on), while another address still logs in."""
+    even with the right key (so guessing cannot go on), while another address still logs in; once the window has
+    passed (on the throttle's own clock, moved on by the test) the first address logs in again."""
     engine = engine_for(tiny_chat_model, default_tokenizer)
     app = FastAPI()
     openai_api.mount(app, engine, model_name=MODEL, auth=("ann", "right"))
-    app.add_middleware(http_auth.LoginThrottle)
+    clock = ManualClock()
+    app.add_middleware(http_auth.LoginThrottle, clock=clock)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -423,6 +426,10 @@ def test_wrong_api_keys_are_throttled_per_address(tiny_chat_model, default_token
             [401] * http_auth.MAX_FAILED_LOGINS
         assert get_models(port, "127.0.0.2", "ann:right") == 429
         assert get_models(port, "127.0.0.3", "ann:right") == 200
+        clock.advance(http_auth.LOGIN_FAILURE_WINDOW_S - 1)
+        assert get_models(port, "127.0.0.2", "ann:right") == 429  # still inside the window
+        clock.advance(1)
+        assert get_models(port, "127.0.0.2", "ann:right") == 200  # the failures aged out
     finally:
         server.should_exit = True
         thread.join(30)

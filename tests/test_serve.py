@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy
 import pytest
 import torch
 from conftest import tiny_model
@@ -18,9 +19,19 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def test_serve_measures_every_cell_both_schedulers_and_engine_against_generate(
-    tiny_chat_model, default_tokenizer, tmp_path
+    tiny_chat_model, default_tokenizer, tmp_path, monkeypatch
 ):
     eos = tiny_chat_model.generation_config.eos_token_id
+    measured = {}  # (sessions, scheduler) -> every timed round's raw times to first token (warm-ups left out)
+    run_cell = serve.run_cell
+
+    def recording_run_cell(engine, sessions, new_tokens, seed):
+        cell = run_cell(engine, sessions, new_tokens, seed)
+        if new_tokens == 5:
+            measured.setdefault((sessions, engine.config.scheduler), []).extend(cell["ttft_s"])
+        return cell
+
+    monkeypatch.setattr(serve, "run_cell", recording_run_cell)
     result = serve.run(tiny_chat_model, default_tokenizer, sessions=[1, 3], schedulers=list(serve.SCHEDULERS),
                        new_tokens=5, rounds=2, single_tokens=6, single_rounds=1, start_size=4, recent_size=60,
                        max_batch=4, prefill_chunk=32, detok_lengths=[20], progress=False, config={"model": "tiny"})
@@ -31,7 +42,11 @@ def test_serve_measures_every_cell_both_schedulers_and_engine_against_generate(
         assert cell["rounds"] == 2
         for key in ("aggregate_tok_s", "per_session_tok_s", "ttft_p50_s", "ttft_p95_s", "aggregate_vs_1_session"):
             assert math.isfinite(cell[key]) and cell[key] > 0, key
-        assert cell["ttft_p95_s"] >= cell["ttft_p50_s"]
+    for (sessions, scheduler), cell in cells.items():  # the percentiles against numpy's over the raw samples
+        raw = measured[(sessions, scheduler)]
+        assert len(raw) == 2 * sessions and all(t > 0 for t in raw)
+        assert cell["ttft_p50_s"] == float(numpy.percentile(raw, 50, method="inverted_cdf"))
+        assert cell["ttft_p95_s"] == float(numpy.percentile(raw, 95, method="inverted_cdf"))
     assert cells[(1, "batched")]["aggregate_vs_1_session"] == 1.0
     for name in ("engine", "generate"):
         assert result["single"][name]["decode_tok_s"] > 0 and result["single"][name]["ttft_s"] > 0

@@ -198,6 +198,7 @@ while True:
         db.replace(t, [{"role": "user" if i % 2 == 0 else "assistant", "content": f"{k}|{i}|" + "x" * 300}
                        for i in range(n)])
         db.save_partial(t, f"{k}|partial|" + "y" * (k % 500))
+    print(k, flush=True)  # snapshot k is committed for every conversation
 """
 
 
@@ -224,15 +225,18 @@ def check_consistent(path: Path) -> tuple[int, int]:
     return len(tokens), total
 
 
-@pytest.mark.parametrize("delay_s", [0.05, 0.2, 0.5])
-def test_a_writer_killed_with_sigkill_mid_write_leaves_a_consistent_database(tmp_path, delay_s):
+@pytest.mark.parametrize("snapshots", [1, 5, 20])
+def test_a_writer_killed_with_sigkill_mid_write_leaves_a_consistent_database(tmp_path, snapshots):
+    """Killed after `snapshots` (then twice as many) complete rounds of writes, i.e. somewhere inside the next one:
+    the writer says when each round is committed, so where it dies depends on a count, not on a clock."""
     path = tmp_path / "chats.sqlite"
     for run in range(2):  # the second run starts on the file the first one was killed over
         child = subprocess.Popen([sys.executable, "-c", WRITER, str(ROOT / "streaming_engine" / "store.py"),
                                   str(path)], stdout=subprocess.PIPE, text=True)
         try:
             assert child.stdout.readline().strip() == "ready"
-            time.sleep(delay_s * (run + 1))
+            for k in range(1, snapshots * (run + 1) + 1):
+                assert child.stdout.readline().strip() == str(k), "the writer stopped before it was killed"
             assert child.poll() is None, "the writer must still be writing when it is killed"
         finally:
             os.kill(child.pid, signal.SIGKILL)

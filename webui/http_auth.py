@@ -40,6 +40,7 @@ import json  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from collections import OrderedDict, deque  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 
 #: Wrong logins (gradio's form) or API keys (a 401 from any plain HTTP API) one client address may make per window
 #: before its logins are refused outright (50 wrong passwords took 0.9 s before issue 28).
@@ -58,8 +59,10 @@ class LoginThrottle:
     failure ages out, right or wrong credentials alike, so guessing cannot go on. A failure is a 401 answer, or a
     non-2xx/3xx answer to `/login`. Counting on the response keeps it independent of how each route checks."""
 
-    def __init__(self, app, max_failures: int = MAX_FAILED_LOGINS, window_s: float = LOGIN_FAILURE_WINDOW_S):
-        self.app, self.max_failures, self.window_s = app, max_failures, window_s
+    def __init__(self, app, max_failures: int = MAX_FAILED_LOGINS, window_s: float = LOGIN_FAILURE_WINDOW_S,
+                 clock: Callable[[], float] = time.monotonic):
+        # `clock`: seconds, monotonic; a test passes its own and moves it on instead of waiting out the window.
+        self.app, self.max_failures, self.window_s, self.clock = app, max_failures, window_s, clock
         self._lock = threading.Lock()
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
 
@@ -71,13 +74,13 @@ class LoginThrottle:
 
     def retry_after(self, client: str, now: float | None = None) -> float | None:
         """Seconds until `client` may try again, or None when it is not throttled."""
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         with self._lock:
             times = self._recent_locked(client, now)
             return times[0] + self.window_s - now if len(times) >= self.max_failures else None
 
     def failed(self, client: str, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         with self._lock:
             times = self._recent_locked(client, now)
             times.append(now)
