@@ -11,7 +11,8 @@ handles session ids. This module keeps the map token -> live session and writes 
   partial reply every `partial_save_interval_s` (marked interrupted), and the whole history once the turn ends.
   If the live session was closed meanwhile (idle, restart) it is re-created from the store first.
 * `retry`, `stop`, `release` (tab closed: free the session now; the stored conversation stays), `delete` (the
-  session and the stored rows), `rename`, `list`, `import_history` (an uploaded file becomes a new conversation;
+  session and the stored rows; with `undoable=True` a copy stays in memory for `UNDO_DELETE_S`, and `undelete`
+  brings the conversation back under its token, messages, system prompt and title), `rename`, `list`, `import_history` (an uploaded file becomes a new conversation;
   the server decides its mode and sizes) and `export`.
 
 A storage failure (disk full, store full) never breaks a chat: it is logged, the chat goes on unsaved, and
@@ -40,6 +41,11 @@ PARTIAL_SAVE_INTERVAL_S = 2.0
 AUTO_TITLE_CHARS = 60
 #: Storage failures remembered for `save_error` at most (the oldest are forgotten first).
 MAX_PENDING_ERRORS = 1000
+#: How long an undoable delete can be undone (seconds). The copy lives only in this process's memory: the stored
+#: rows are gone at once, so a restart inside the window makes the delete final.
+UNDO_DELETE_S = 120.0
+#: Most deleted conversations kept for undo at once (the oldest become final first).
+MAX_UNDOABLE_DELETES = 1000
 
 
 class ConversationNotFound(KeyError):
@@ -47,6 +53,16 @@ class ConversationNotFound(KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "conversation not found"
+
+
+@dataclass
+class Deleted:
+    """What an undoable delete keeps, in memory, until `UNDO_DELETE_S` after the delete."""
+
+    messages: list[dict]  # visible history, "interrupted" marks kept
+    system_prompt: str | None
+    title: str
+    until: float  # time.monotonic() after which the delete is final
 
 
 @dataclass
@@ -82,6 +98,7 @@ class Conversations:
         self._marks: dict[str, set[int]] = {}  # token -> indices of interrupted replies
         self._errors: dict[str, str] = {}  # token -> last storage failure, until `save_error` reads it
         self._storage_problem: str | None = None  # why nothing is being saved (see `storage_problem`)
+        self._deleted: dict[str, Deleted] = {}  # token -> what `undelete` restores, oldest first
         self._lock = threading.RLock()
 
     @property
@@ -328,13 +345,79 @@ class Conversations:
         if sid is not None:
             self.engine.close(sid)
 
-    def delete(self, token: str) -> bool:
-        """Close the session and delete the stored conversation and its messages; False when nothing was stored."""
+    def delete(self, token: str, *, undoable: bool = False) -> bool:
+        """Close the session and delete the stored conversation and its messages; False when nothing was stored.
+
+        `undoable`: keep a copy in memory (not on disk) so that `undelete` can bring it back for `UNDO_DELETE_S`;
+        a conversation with no messages leaves nothing to undo."""
+        kept = self._copy(token) if undoable and isinstance(token, str) else None
         self.release(token)
         if isinstance(token, str):
             with self._lock:
                 self._errors.pop(token, None)
+                self._forget_expired_deletes()
+                if kept is not None:
+                    self._deleted.pop(token, None)
+                    self._deleted[token] = kept
+                    while len(self._deleted) > MAX_UNDOABLE_DELETES:
+                        del self._deleted[next(iter(self._deleted))]
         return self.store.delete(token)
+
+    def _copy(self, token: str) -> Deleted | None:
+        """The conversation as `undelete` would restore it (live session first, else the store), or None."""
+        until = time.monotonic() + UNDO_DELETE_S
+        sid = self._live.get(token)
+        title = ""
+        try:
+            summary = self.store.list([token]) if valid_token(token) else []
+            title = summary[0].title if summary else ""
+            if sid is not None:
+                history = self.engine.history(sid)
+                system = history[0]["content"] if history and history[0]["role"] == "system" else None
+                messages = self.messages(token, sid)
+            else:
+                stored = self.store.load(token) if valid_token(token) else None
+                if stored is None:
+                    return None
+                messages, system, title = stored.messages, stored.system_prompt, stored.title
+        except (KeyError, sqlite3.DatabaseError):  # closed meanwhile, or unreadable: nothing to keep
+            return None
+        return Deleted([dict(m) for m in messages], system, title or auto_title(messages), until) if messages else None
+
+    def _forget_expired_deletes(self) -> None:
+        now = time.monotonic()
+        for token in [t for t, d in self._deleted.items() if d.until <= now]:
+            del self._deleted[token]
+
+    def undoable(self, token: str | None) -> bool:
+        """Whether `undelete(token)` can still bring the conversation back."""
+        with self._lock:
+            self._forget_expired_deletes()
+            return isinstance(token, str) and token in self._deleted
+
+    def undelete(self, token: str, *, owner: str | None = None, origin: str = "browser") -> Opened:
+        """Undo an undoable `delete` within `UNDO_DELETE_S`: the conversation comes back under the same token, with
+        its messages, system prompt and title, stored again and with a live session (its cache re-primed on the
+        next turn, as `open` does). Raises `ConversationNotFound` once the delete is final, `EngineBusy` at a cap
+        (the copy is kept: undo can be tried again within the window)."""
+        with self._lock:
+            self._forget_expired_deletes()
+            kept = self._deleted.pop(token, None) if isinstance(token, str) else None
+        if kept is None:
+            raise ConversationNotFound("too late to undo: that conversation was deleted for good")
+        history = [{"role": m["role"], "content": m["content"]} for m in kept.messages]
+        try:
+            sid = self.engine.open_history(history, kept.system_prompt, owner=owner, origin=origin)
+        except (EngineBusy, ValueError):
+            with self._lock:
+                self._deleted[token] = kept
+            raise
+        with self._lock:
+            self._live[token] = sid
+            self._marks[token] = {i for i, m in enumerate(kept.messages) if m.get("interrupted")}
+        self._guarded(token, self.store.replace, token, kept.messages, system_prompt=kept.system_prompt,
+                      title=kept.title)
+        return self._opened(token, sid, kept.title, reattached=False)
 
     def rename(self, token: str, title: str) -> bool:
         return self.store.rename(token, title)

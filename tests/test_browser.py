@@ -262,6 +262,10 @@ def test_the_conversation_list_switches_renames_and_deletes(browser, server):
     page.click("#delete-conversation")
     page.wait_for_function("() => document.querySelectorAll('#conversations label').length === 1")
     assert "Fruit talk" not in page.inner_text("#conversations") and "apples" not in page.inner_text("#chatbot")
+    page.click("#undo-delete")  # issue 27 item 6: the delete can be taken back
+    page.wait_for_function("() => document.querySelector('#conversations').innerText.includes('Fruit talk')")
+    page.wait_for_function("() => document.querySelector('#chatbot').innerText.includes('apples')")
+    page.wait_for_selector("#undo-delete", state="hidden")
     page.context.close()
 
 

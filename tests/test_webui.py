@@ -305,6 +305,43 @@ def test_the_list_switches_renames_and_deletes_conversations(conv, engine, tmp_p
     assert outputs[3] == {"tokens": [pears], "current": None}
 
 
+def test_a_deleted_chat_can_be_undone_within_the_window_with_its_messages_and_title(conv, engine, monkeypatch):
+    """Issue 27 item 6: delete offers an undo; undo brings back the same conversation (token, messages, title),
+    stored again and listed; after the window the delete is final."""
+    told = []
+    monkeypatch.setattr(chat_tab.gr, "Info", told.append)
+    page = Page(conv, req=request(tab="undo"))
+    page.send("About plums")
+    page.send("And cherries")
+    plums, before = page.token, conv.store.load(page.token).messages
+    chat_tab.rename_conversation(conv, "Stone fruit", page.state, page.record)
+    page.show(chat_tab.delete_conversation(conv, page.state, page.record, request=request(tab="undo")))
+    assert told == [chat_tab.DELETED_NOTE] and page.chat == [] and page.titles() == []
+    assert not conv.store.exists(plums) and engine.session_ids() == []  # gone from disk and memory at once
+    assert page.state == {"deleted": plums} and chat_tab.undo_button(page.state)["visible"] is True
+    page.show(chat_tab.undo_delete(conv, page.state, page.record, request=request(tab="undo")))
+    assert page.token == plums and page.record == {"tokens": [plums], "current": plums}
+    assert [m["content"] for m in page.chat] == [m["content"] for m in before]
+    assert conv.store.load(plums).messages == before and page.title == "Stone fruit"
+    assert page.titles() == ["Stone fruit · 4 messages"] and chat_tab.undo_button(page.state)["visible"] is False
+    page.send("Still here?")  # the restored conversation goes on
+    assert len(conv.store.load(plums).messages) == 6
+
+    monkeypatch.setattr("streaming_engine.conversations.UNDO_DELETE_S", 0.0)
+    page.show(chat_tab.delete_conversation(conv, page.state, page.record))
+    with pytest.warns(UserWarning, match="Too late to undo"):
+        outputs = chat_tab.undo_delete(conv, page.state, page.record)
+    assert outputs[2] == {} and not conv.store.exists(plums)
+
+
+def test_deleting_a_chat_with_nothing_said_offers_no_undo(conv, monkeypatch):
+    told = []
+    monkeypatch.setattr(chat_tab.gr, "Info", told.append)
+    opened = conv.start()
+    outputs = chat_tab.delete_conversation(conv, {"token": opened.token}, empty_record())
+    assert told == ["Conversation deleted."] and outputs[2] == {} and not conv.undoable(opened.token)
+
+
 def test_without_persistence_the_list_shows_live_conversations_and_nothing_is_written(engine, tmp_path):
     conv = Conversations(engine, ChatStore.open(tmp_path / "data", persist=False))
     page = Page(conv)

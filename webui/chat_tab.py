@@ -21,7 +21,7 @@ import time
 import gradio as gr
 
 from streaming_engine import EngineBusy
-from streaming_engine.conversations import ConversationNotFound, Conversations, Opened
+from streaming_engine.conversations import UNDO_DELETE_S, ConversationNotFound, Conversations, Opened
 from streaming_engine.engine import MAX_MESSAGE_CHARS
 from streaming_engine.sampling import MAX_NEW_TOKENS_LIMIT
 
@@ -59,6 +59,11 @@ WAIT_FOR_REPLY = ("A reply is still being written: your message stays in the box
 NOTHING_YET = "Nothing to download yet: send a message first."
 CLEARED_NOTE = ("Cleared from the screen: the conversation is still in your list. Use \"Delete this chat\" to remove "
                 "it for good.")
+#: Said when a chat is deleted: how to take it back, and for how long.
+DELETED_NOTE = (f"Conversation deleted. Press \"Undo delete\" within {UNDO_DELETE_S / 60:g} minutes to bring it "
+                "back.")
+#: Said when the undo comes after the window (or after a restart), and the delete is final.
+TOO_LATE_TO_UNDO = "Too late to undo: that conversation was deleted for good."
 #: Longest system prompt the settings box takes (the engine's own limit is far larger).
 MAX_SYSTEM_PROMPT_CHARS = 4000
 #: The "Max new tokens" slider's top; the engine accepts up to `MAX_NEW_TOKENS_LIMIT`.
@@ -336,17 +341,47 @@ def rename_conversation(conversations, title, state, record, request: gr.Request
 
 
 def delete_conversation(conversations, state, record, request: gr.Request = None):
-    """Delete the current conversation: its live session and every stored row. Outputs: `view`."""
+    """Delete the current conversation: its live session and every stored row. For `UNDO_DELETE_S` the page offers
+    "Undo delete" (the page state names the deleted token; the copy lives in the server's memory only). Its
+    downloaded files are removed at once either way. Outputs: `view`."""
     state, record = dict(state or {}), browser_record(record)
     token = state.get("token") or record["current"]
     if not token:
         gr.Warning("There is no conversation to delete.")
         return unchanged()
     TABS.show(tab_of(request), None)
-    conversations.delete(token)
+    conversations.delete(token, undoable=True)
     files.forget_exports(token)  # its downloaded copies go with it (issue 28, item 8)
-    gr.Info("Conversation deleted.")
-    return view(conversations, None, forget(record, token))
+    shown = view(conversations, None, forget(record, token))
+    if conversations.undoable(token):
+        gr.Info(DELETED_NOTE)
+        shown[2] = {"deleted": token}
+    else:  # nothing had been said yet: nothing to bring back
+        gr.Info("Conversation deleted.")
+    return shown
+
+
+def undo_delete(conversations, state, record, request: gr.Request = None):
+    """Undo delete: the page's last deleted conversation comes back, shown, current and in the list again, with
+    its messages and title. Outputs: `view`."""
+    state, record = dict(state or {}), browser_record(record)
+    token = state.get("deleted")
+    try:
+        if not token:
+            raise ConversationNotFound(TOO_LATE_TO_UNDO)
+        opened = conversations.undelete(token, owner=owner_of(request))
+    except ConversationNotFound:
+        gr.Warning(TOO_LATE_TO_UNDO)
+        return [SKIP, SKIP, {k: v for k, v in state.items() if k != "deleted"}, SKIP, SKIP, SKIP, SKIP]
+    except (EngineBusy, ValueError) as exc:
+        gr.Warning(str(exc))
+        return unchanged()
+    return switch_to(conversations, state, record, opened, request)
+
+
+def undo_button(state):
+    """The undo button shows exactly while the page state names a deleted conversation."""
+    return gr.update(visible=bool((state or {}).get("deleted")))
 
 
 def export_history(conversations, state, record, request: gr.Request = None):
@@ -422,7 +457,7 @@ def build_chat_tab(demo: gr.Blocks, conversations: Conversations, visitor_cache_
                 export_file = gr.File(label="Your conversation (JSON)", visible=False, elem_id="export-file")
             with gr.Column(scale=1, min_width=260, elem_id="gauges-col"):
                 gauges = gr.HTML(gauges_html(None, capacity=cfg.cache_size, start_size=cfg.start_size), elem_id="gauges")
-                listing, title, rename, delete = build_conversation_list()
+                listing, title, rename, delete, undo = build_conversation_list()
         examples = load_json_list("examples.json")
         if examples:
             gr.Examples([[e] for e in examples], inputs=msg, label="Try one", elem_id="examples")
@@ -479,6 +514,9 @@ def build_chat_tab(demo: gr.Blocks, conversations: Conversations, visitor_cache_
                   api_visibility="private")
     delete.click(bind(delete_conversation, c), [chat_state, saved], view_outputs, cancels=turns,
                  api_visibility="private")
+    undo.click(bind(undo_delete, c), [chat_state, saved], view_outputs, cancels=turns, api_visibility="private")
+    # Every event that replaces the page state (any `view`) shows or hides the undo button accordingly.
+    chat_state.change(undo_button, [chat_state], [undo], queue=False, api_visibility="private")
     for trigger in (rename.click, title.submit):
         trigger(bind(rename_conversation, c), [title, chat_state, saved], [listing, title], api_visibility="private")
     export_btn.click(bind(export_history, c), [chat_state, saved], [export_file], api_visibility="private")
