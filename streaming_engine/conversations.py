@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from .engine import EngineBusy, StreamingEngine, clean_text, refusal
+from .history import parse_history
 from .session import Event
 from .store import ChatStore, ConversationSummary, StoreError, StoreFull, new_token, valid_token
 
@@ -445,11 +446,24 @@ class Conversations:
         token = new_token()
         with self._lock:
             self._live[token] = sid
-        self._persist(token, sid)
-        return self._opened(token, sid, auto_title(self.messages(token, sid)), reattached=False)
+        # The file's title (a renamed chat keeps its name); restore has read the file, so this parse cannot fail.
+        title = (parse_history(exported).title or "").strip() or auto_title(self.messages(token, sid))
+        self._guarded(token, self.store.replace, token, self.messages(token, sid),
+                      system_prompt=self._system_prompt(sid), title=title)
+        stored = self.list([token])  # the title as the store cleaned it
+        return self._opened(token, sid, stored[0].title if stored else title, reattached=False)
 
     def export(self, token: str) -> str:
+        """The live conversation as a history file, with its stored title (a rename included)."""
         sid = self._live.get(token) if isinstance(token, str) else None
         if sid is None:
             raise ConversationNotFound("this conversation is not open")
-        return self.engine.export(sid)
+        try:
+            summary = self.store.list([token])
+        except sqlite3.DatabaseError:  # unreadable: the download still works, titled from its first message
+            summary = []
+        return self.engine.export(sid, title=summary[0].title if summary else auto_title(self.messages(token, sid)))
+
+    def _system_prompt(self, sid: str) -> str | None:
+        history = self.engine.history(sid)
+        return history[0]["content"] if history and history[0]["role"] == "system" else None

@@ -547,11 +547,12 @@ class StreamingEngine:
 
     # --- export / restore --------------------------------------------------------------------------------------
 
-    def export(self, session_id: str) -> str:
-        """The conversation as JSON (see `history.py` for the format), for download and `restore`."""
+    def export(self, session_id: str, *, title: str | None = None) -> str:
+        """The conversation as JSON (see `history.py` for the format), for download and `restore`; `title` is
+        the caller's name for it (the engine keeps none)."""
         s = self._get(session_id)
         return dump_history(mode=s.mode, system_prompt=s.system_prompt, start_size=s.start_size,
-                            recent_size=s.recent_size, messages=s.history)
+                            recent_size=s.recent_size, messages=s.history, title=title)
 
     def restore(
         self,

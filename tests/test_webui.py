@@ -184,6 +184,23 @@ def test_a_downloaded_history_uploads_into_a_new_conversation_that_continues(con
     assert len(page.chat) == 4
 
 
+def test_a_renamed_chat_is_exported_with_its_title_and_uploads_under_it(conv):
+    """Issue 27 item 9: the downloaded file carries the chat's (renamed) title, and an upload is listed under it."""
+    page = Page(conv)
+    page.send("Remember: pineapple")
+    chat_tab.rename_conversation(conv, "Fruit   quiz", page.state, page.record)
+    download = chat_tab.export_history(conv, page.state, page.record)
+    data = open(download["value"], "rb").read()
+    assert json.loads(data)["title"] == "Fruit quiz"
+    page.show(chat_tab.upload_history(conv, data, page.state, page.record))
+    assert page.title == "Fruit quiz" and conv.store.load(page.token).title == "Fruit quiz"
+    assert page.titles()[0] == "Fruit quiz · 2 messages"
+    untitled = json.loads(data)
+    del untitled["title"]  # a file from before titles were exported: named after its first message, as before
+    page.show(chat_tab.upload_history(conv, json.dumps(untitled).encode(), page.state, page.record))
+    assert page.title == "Remember: pineapple"
+
+
 @pytest.mark.parametrize("data,match", [
     (b"{not json", "not valid JSON"),
     (b"[" * 200_000, "nested too deep"),
