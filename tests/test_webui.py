@@ -359,6 +359,21 @@ def test_deleting_a_chat_with_nothing_said_offers_no_undo(conv, monkeypatch):
     assert told == ["Conversation deleted."] and outputs[2] == {} and not conv.undoable(opened.token)
 
 
+def test_settings_kept_in_the_browser_come_back_on_load_and_bad_ones_are_skipped(engine):
+    """Issue 27 item 9: the Settings survive a reload. What the browser sends back is untrusted."""
+    cfg = engine.config
+    kept = chat_tab.remember_settings("Be brief.", 0.7, 0.9, 40, 100, 1.2)
+    assert chat_tab.saved_settings(cfg, kept) == ["Be brief.", 0.7, 0.9, 40, 100, 1.2]
+    with_sizes = chat_tab.remember_settings("", 0.0, 1.0, 0, 8, 1.0, 2, 50)
+    assert chat_tab.saved_settings(cfg, with_sizes, visitor_cache_sizes=True)[6:] == [2, 50]
+    assert len(chat_tab.saved_settings(cfg, with_sizes)) == 6  # read-only sizes are not restored
+    bad = {"system_prompt": "x" * (chat_tab.MAX_SYSTEM_PROMPT_CHARS + 1), "temperature": 9, "top_p": "0.5",
+           "top_k": 2.5, "max_new_tokens": True, "repetition_penalty": None, "start_size": cfg.start_size + 1,
+           "recent_size": cfg.recent_size + 1}
+    assert chat_tab.saved_settings(cfg, bad, visitor_cache_sizes=True) == [SKIP] * 8
+    assert chat_tab.saved_settings(cfg, "not a dict") == [SKIP] * 6
+
+
 def test_without_persistence_the_list_shows_live_conversations_and_nothing_is_written(engine, tmp_path):
     conv = Conversations(engine, ChatStore.open(tmp_path / "data", persist=False))
     page = Page(conv)

@@ -70,6 +70,46 @@ MAX_SYSTEM_PROMPT_CHARS = 4000
 MAX_NEW_TOKENS_SLIDER = min(1024, MAX_NEW_TOKENS_LIMIT)
 
 SKIP = gr.skip()
+#: Browser storage key of the visitor's Settings (system prompt, sampling, cache sizes), kept across reloads.
+SETTINGS_STORAGE_KEY = "streaming-llm-settings"
+#: The Settings inputs, in the order the turn handlers take them.
+SETTING_NAMES = ("system_prompt", "temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty",
+                 "start_size", "recent_size")
+
+
+def slider_ranges(cfg) -> dict[str, tuple[float, float, float]]:
+    """Each Settings slider's (lowest, highest, step): the layout builds the sliders from it and a saved value is
+    checked against it."""
+    return {"temperature": (0, 2, 0.05), "top_p": (0.05, 1, 0.05), "top_k": (0, 200, 1),
+            "max_new_tokens": (1, MAX_NEW_TOKENS_SLIDER, 1), "repetition_penalty": (1.0, 2.0, 0.05),
+            "start_size": (0, cfg.start_size, 1), "recent_size": (min(16, cfg.recent_size), cfg.recent_size, 1)}
+
+
+def remember_settings(*values) -> dict:
+    """The Settings as the browser keeps them (`SETTINGS_STORAGE_KEY`): {name: value} in `SETTING_NAMES` order;
+    without `--visitor-cache-sizes` the cache sizes are not among the values."""
+    return dict(zip(SETTING_NAMES, values))
+
+
+def saved_settings(cfg, saved, visitor_cache_sizes: bool = False) -> list:
+    """Page load: the values the browser kept for the Settings, one per input (`SETTING_NAMES`, the cache sizes
+    only with `visitor_cache_sizes`). Kept values are untrusted: one of the wrong type or out of its slider's
+    range is skipped (the input keeps the server's default), as is one never saved."""
+    saved = saved if isinstance(saved, dict) else {}
+    ranges = slider_ranges(cfg)
+    names = SETTING_NAMES if visitor_cache_sizes else SETTING_NAMES[:6]
+    values = []
+    for name in names:
+        value = saved.get(name)
+        if name == "system_prompt":
+            ok = isinstance(value, str) and len(value) <= MAX_SYSTEM_PROMPT_CHARS
+        else:
+            low, high, step = ranges[name]
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+                  and (step != 1 or float(value).is_integer()))
+        values.append(value if ok else SKIP)
+    return values
+
 
 
 # --- what the page shows --------------------------------------------------------------------------------------
@@ -467,21 +507,26 @@ def build_chat_tab(demo: gr.Blocks, conversations: Conversations, visitor_cache_
             system = gr.Textbox(label=f"System prompt (applies to new chats; {pinned})", lines=2,
                                 max_length=MAX_SYSTEM_PROMPT_CHARS, elem_id="system",
                                 placeholder="Empty: the model's own default, if its chat template has one.")
+            ranges = slider_ranges(cfg)
+
+            def slider(name, value, **kwargs):
+                low, high, step = ranges[name]
+                return gr.Slider(low, high, value=value, step=step, **kwargs)
+
             with gr.Row():
-                temperature = gr.Slider(0, 2, value=cfg.temperature, step=0.05, label="Temperature (0 = greedy)")
-                top_p = gr.Slider(0.05, 1, value=cfg.top_p, step=0.05, label="Top-p")
+                temperature = slider("temperature", cfg.temperature, label="Temperature (0 = greedy)",
+                                     elem_id="temperature")
+                top_p = slider("top_p", cfg.top_p, label="Top-p")
             with gr.Row():
-                top_k = gr.Slider(0, 200, value=cfg.top_k, step=1, label="Top-k (0 = off)")
-                max_new = gr.Slider(1, MAX_NEW_TOKENS_SLIDER, value=cfg.max_new_tokens, step=1,
-                                    label="Max new tokens", elem_id="max-new-tokens")
-                repetition = gr.Slider(1.0, 2.0, value=cfg.repetition_penalty, step=0.05, label="Repetition penalty")
+                top_k = slider("top_k", cfg.top_k, label="Top-k (0 = off)")
+                max_new = slider("max_new_tokens", cfg.max_new_tokens, label="Max new tokens",
+                                 elem_id="max-new-tokens")
+                repetition = slider("repetition_penalty", cfg.repetition_penalty, label="Repetition penalty")
             with gr.Row(elem_id="cache-sizes"):
-                start_size = gr.Slider(0, cfg.start_size, value=cfg.start_size, step=1,
-                                       label="Attention sinks (start_size, new chats)", elem_id="start-size",
-                                       interactive=visitor_cache_sizes)
-                recent_size = gr.Slider(min(16, cfg.recent_size), cfg.recent_size, value=cfg.recent_size, step=1,
-                                        label="Recent window (recent_size, new chats)", elem_id="recent-size",
-                                        interactive=visitor_cache_sizes)
+                start_size = slider("start_size", cfg.start_size, label="Attention sinks (start_size, new chats)",
+                                    elem_id="start-size", interactive=visitor_cache_sizes)
+                recent_size = slider("recent_size", cfg.recent_size, label="Recent window (recent_size, new chats)",
+                                     elem_id="recent-size", interactive=visitor_cache_sizes)
             gr.Markdown(
                 f"The cache keeps **{cfg.start_size} attention sinks + the {cfg.recent_size} most recent tokens** "
                 f"({cfg.cache_size:,} in all). " + (
@@ -523,3 +568,12 @@ def build_chat_tab(demo: gr.Blocks, conversations: Conversations, visitor_cache_
     upload.upload(bind(upload_history, c), [upload, chat_state, saved], view_outputs, cancels=turns,
                   api_visibility="private")
     demo.load(bind(load_conversation, c), [saved, chat_state], view_outputs, api_visibility="private")
+    # The Settings survive a reload: every change is kept in the browser, and a page load puts them back.
+    kept = gr.BrowserState({}, storage_key=SETTINGS_STORAGE_KEY, secret=conversations.store.secret("browser-state"))
+    for setting in sampling_inputs:
+        setting.change(remember_settings, sampling_inputs, [kept], api_visibility="private")
+
+    def restore_settings(value):
+        return saved_settings(cfg, value, visitor_cache_sizes)
+
+    demo.load(restore_settings, [kept], sampling_inputs, api_visibility="private")
