@@ -10,6 +10,10 @@ handles session ids. This module keeps the map token -> live session and writes 
 * `chat` — `StreamingEngine.chat` plus persistence: the user's message as soon as the turn is accepted, the
   partial reply every `partial_save_interval_s` (marked interrupted), and the whole history once the turn ends.
   If the live session was closed meanwhile (idle, restart) it is re-created from the store first.
+* `park` — a page switched to another conversation: this one keeps its live session (its cache, so switching
+  back re-primes nothing) while it is among its owner's `KEEP_RECENT` most recently parked; older ones are
+  released. Parked sessions count against the engine's caps like any other, so when a new or re-opened session
+  finds a cap full, parked sessions are released (the owner's oldest first) to make room.
 * `retry`, `stop`, `release` (tab closed: free the session now; the stored conversation stays), `delete` (the
   session and the stored rows; with `undoable=True` a copy stays in memory for `UNDO_DELETE_S`, and `undelete`
   brings the conversation back under its token, messages, system prompt and title), `rename`, `list`, `import_history` (an uploaded file becomes a new conversation;
@@ -42,6 +46,9 @@ PARTIAL_SAVE_INTERVAL_S = 2.0
 AUTO_TITLE_CHARS = 60
 #: Storage failures remembered for `save_error` at most (the oldest are forgotten first).
 MAX_PENDING_ERRORS = 1000
+#: Conversations a page switched away from that keep their live session (and cache), per owner: switching back to
+#: one of them re-primes nothing. They count against the engine's session caps, and give way when one is full.
+KEEP_RECENT = 3
 #: How long an undoable delete can be undone (seconds). The copy lives only in this process's memory: the stored
 #: rows are gone at once, so a restart inside the window makes the delete final.
 UNDO_DELETE_S = 120.0
@@ -100,6 +107,7 @@ class Conversations:
         self._errors: dict[str, str] = {}  # token -> last storage failure, until `save_error` reads it
         self._storage_problem: str | None = None  # why nothing is being saved (see `storage_problem`)
         self._deleted: dict[str, Deleted] = {}  # token -> what `undelete` restores, oldest first
+        self._parked: dict[str, str | None] = {}  # token -> owner, of live sessions no page shows; oldest first
         self._lock = threading.RLock()
 
     @property
@@ -112,8 +120,8 @@ class Conversations:
               start_size: int | None = None, recent_size: int | None = None) -> Opened:
         """A new, empty conversation with its live session (cache sizes: the engine's unless given). Raises
         `EngineBusy` at a session cap, `ValueError` on bad sizes."""
-        sid = self.engine.new_session("streaming", system_prompt, start_size=start_size, recent_size=recent_size,
-                                      owner=owner, origin=origin)
+        sid = self._making_room(owner, lambda: self.engine.new_session(
+            "streaming", system_prompt, start_size=start_size, recent_size=recent_size, owner=owner, origin=origin))
         token = new_token()
         with self._lock:
             self._forget_closed()
@@ -142,6 +150,8 @@ class Conversations:
 
     def _live_session(self, token: str) -> str | None:
         sid = self._live.get(token) if isinstance(token, str) else None
+        if isinstance(token, str):
+            self._parked.pop(token, None)  # shown again
         if sid is not None and sid not in self.engine.session_ids():
             self._forget(token)  # closed meanwhile (idle timeout)
             sid = None
@@ -151,6 +161,7 @@ class Conversations:
         """Drop what is kept in memory for a conversation whose session is gone (the store keeps the rest)."""
         self._live.pop(token, None)
         self._marks.pop(token, None)
+        self._parked.pop(token, None)
 
     def _reopen(self, token: str, owner: str | None, origin: str) -> Opened:
         try:
@@ -162,7 +173,8 @@ class Conversations:
         if stored is None:
             raise ConversationNotFound("this conversation is no longer available; start a new chat")
         history = [{"role": m["role"], "content": m["content"]} for m in stored.messages]
-        sid = self.engine.open_history(history, stored.system_prompt, owner=owner, origin=origin)
+        sid = self._making_room(owner, lambda: self.engine.open_history(history, stored.system_prompt, owner=owner,
+                                                                         origin=origin))
         self._live[token] = sid
         self._marks[token] = {i for i, m in enumerate(stored.messages) if m.get("interrupted")}
         return self._opened(token, sid, stored.title, reattached=False)
@@ -346,6 +358,37 @@ class Conversations:
         if sid is not None:
             self.engine.close(sid)
 
+    def park(self, token: str | None, owner: str | None = None) -> None:
+        """No page shows `token` any more, but its owner may well come back to it: keep its live session while it
+        is among the owner's `KEEP_RECENT` most recently parked (the older ones are released)."""
+        if not isinstance(token, str):
+            return
+        with self._lock:
+            if self._live_session(token) is None:
+                return
+            self._parked[token] = owner
+            mine = [t for t, o in self._parked.items() if o == owner]
+        for old in mine[:-KEEP_RECENT] if KEEP_RECENT else mine:
+            self.release(old)
+
+    def parked(self) -> list[str]:
+        """Tokens whose live session is kept though no page shows them, oldest first."""
+        with self._lock:
+            return list(self._parked)
+
+    def _making_room(self, owner: str | None, create):
+        """`create()` (a new engine session); at a full cap, release parked sessions, the owner's oldest first,
+        then anyone's, until it succeeds or none is left (then the engine's `EngineBusy` stands)."""
+        while True:
+            try:
+                return create()
+            except EngineBusy:
+                with self._lock:
+                    victims = [t for t, o in self._parked.items() if o == owner] or list(self._parked)
+                if not victims:
+                    raise
+                self.release(victims[0])
+
     def delete(self, token: str, *, undoable: bool = False) -> bool:
         """Close the session and delete the stored conversation and its messages; False when nothing was stored.
 
@@ -408,7 +451,8 @@ class Conversations:
             raise ConversationNotFound("too late to undo: that conversation was deleted for good")
         history = [{"role": m["role"], "content": m["content"]} for m in kept.messages]
         try:
-            sid = self.engine.open_history(history, kept.system_prompt, owner=owner, origin=origin)
+            sid = self._making_room(owner, lambda: self.engine.open_history(history, kept.system_prompt, owner=owner,
+                                                                             origin=origin))
         except (EngineBusy, ValueError):
             with self._lock:
                 self._deleted[token] = kept

@@ -267,13 +267,13 @@ def test_an_interrupted_reply_is_marked_on_the_page(conv):
     assert page.titles() == ["cut · 2 messages · interrupted"]
 
 
-def test_new_chat_leaves_the_conversation_in_the_list_and_frees_its_session(conv, engine):
+def test_new_chat_leaves_the_conversation_in_the_list_with_its_session_parked(conv, engine):
     page = Page(conv)
     page.send("Hi")
     first = page.token
     outputs = page.show(chat_tab.start_new_chat(conv, page.state, page.record))
     assert page.chat == [] and page.state == {} and outputs[6]["visible"] is False
-    assert gauge_value(page.gauges, "turns") == 0 and engine.session_ids() == []
+    assert gauge_value(page.gauges, "turns") == 0 and conv.parked() == [first] and len(engine.session_ids()) == 1
     assert page.record == {"tokens": [first], "current": None} and page.listing["value"] is None
     with pytest.warns(UserWarning, match="Nothing to download"):
         assert chat_tab.export_history(conv, page.state, page.record)["visible"] is False
@@ -309,12 +309,12 @@ def test_the_list_switches_renames_and_deletes_conversations(conv, engine, tmp_p
     assert page.titles() == ["About pears · 2 messages", "About apples · 2 messages"]
     page.show(chat_tab.switch_conversation(conv, apples, page.state, page.record))
     assert page.token == apples and page.chat[0]["content"] == "About apples" and page.title == "About apples"
-    assert len(engine.session_ids()) == 1  # the conversation switched away from was freed
+    assert len(engine.session_ids()) == 2  # the one switched away from keeps its cache (parked, KEEP_RECENT)
     listing, _ = chat_tab.rename_conversation(conv, "  Fruit   talk ", page.state, page.record)
     assert "Fruit talk · 2 messages" in [label for label, _ in listing["choices"]]
     page.show(chat_tab.delete_conversation(conv, page.state, page.record))
     assert page.chat == [] and page.record == {"tokens": [pears], "current": None}
-    assert not conv.store.exists(apples) and engine.session_ids() == []
+    assert not conv.store.exists(apples) and len(engine.session_ids()) == 1 and conv.parked() == [pears]
     with sqlite3.connect(tmp_path / "data" / "chats.sqlite") as db:
         assert db.execute("SELECT count(*) FROM messages WHERE token = ?", (apples,)).fetchone()[0] == 0
     with pytest.warns(UserWarning, match="no longer available"):
@@ -372,6 +372,49 @@ def test_settings_kept_in_the_browser_come_back_on_load_and_bad_ones_are_skipped
            "recent_size": cfg.recent_size + 1}
     assert chat_tab.saved_settings(cfg, bad, visitor_cache_sizes=True) == [SKIP] * 8
     assert chat_tab.saved_settings(cfg, "not a dict") == [SKIP] * 6
+
+
+def test_switching_back_to_a_recent_conversation_reprimes_nothing(conv, engine, monkeypatch):
+    """Issue 27 item 9: a conversation switched away from keeps its live session, so going back feeds the model
+    only the new message; one pushed out of the `KEEP_RECENT` most recent is re-primed from the store."""
+    from streaming_engine import conversations as conversations_module
+
+    monkeypatch.setattr(conversations_module, "KEEP_RECENT", 1)
+    page = Page(conv, req=request(tab="switcher"))
+    tokens = {}
+    for name in ("apples", "pears", "plums"):
+        page.show(chat_tab.start_new_chat(conv, page.state, page.record, request=request(tab="switcher")))
+        page.send(f"Tell me about {name}, in a long and detailed way please")
+        tokens[name] = page.token
+
+    def next_turn_feeds(name):
+        page.show(chat_tab.switch_conversation(conv, tokens[name], page.state, page.record,
+                                               request=request(tab="switcher")))
+        before = engine.counters.tokens_processed
+        page.send("And?")
+        return engine.counters.tokens_processed - before
+
+    assert conv.parked() == [tokens["pears"]]  # apples was pushed out when plums' page left pears
+    sid = conv._live[tokens["pears"]]
+    kept = next_turn_feeds("pears")  # the page leaves plums (parked; pears is shown, no longer parked)
+    assert conv._live[tokens["pears"]] == sid and conv.parked() == [tokens["plums"]]
+    reprimed = next_turn_feeds("apples")  # released earlier: its history goes through the model again
+    assert kept < reprimed, (kept, reprimed)
+    assert conv.parked() == [tokens["pears"]] and len(engine.session_ids()) == 2  # plums gave way
+
+
+def test_parked_conversations_give_way_when_a_session_cap_is_full(tiny_chat_model, default_tokenizer, tmp_path):
+    engine = StreamingEngine(tiny_chat_model, default_tokenizer,
+                             EngineConfig(start_size=4, recent_size=96, max_new_tokens=4, max_sessions_per_owner=2))
+    conv = Conversations(engine, ChatStore.open(tmp_path / "data"))
+    owner = request(tab="capped")
+    page = Page(conv, req=owner)
+    for name in ("one", "two", "three"):
+        page.show(chat_tab.start_new_chat(conv, page.state, page.record, request=owner))
+        page.send(f"Chat {name}")
+    assert len(engine.session_ids()) == 2 and len(conv.parked()) == 1  # the cap, not KEEP_RECENT, decided
+    for sid in engine.session_ids():
+        engine.close(sid)
 
 
 def test_without_persistence_the_list_shows_live_conversations_and_nothing_is_written(engine, tmp_path):

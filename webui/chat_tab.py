@@ -173,10 +173,12 @@ def attach(conversations: Conversations, state: dict, record: dict, request) -> 
 
 
 def leave(conversations: Conversations, token: str | None, request) -> None:
-    """This page stops showing `token`: free its live session unless another page shows it."""
+    """This page stops showing `token` (for another conversation, or a new chat): unless another page shows it,
+    its live session is parked, so that switching back to one of the most recent re-primes nothing
+    (`Conversations.park`, `KEEP_RECENT`)."""
     TABS.show(tab_of(request), None)
     if token and not TABS.held(token):
-        conversations.release(token)
+        conversations.park(token, owner_of(request))
 
 
 def switch_to(conversations: Conversations, state: dict, record: dict, opened: Opened | None, request) -> list:
