@@ -104,6 +104,9 @@ class Conversations:
         self.partial_save_interval_s = partial_save_interval_s
         self._live: dict[str, str] = {}  # token -> live session id
         self._marks: dict[str, set[int]] = {}  # token -> indices of interrupted replies
+        # token -> indices of replies the user stopped. Kept with the live session (a reload, a switch back within
+        # `KEEP_RECENT`), not in the store: a conversation re-opened from disk shows those replies unmarked.
+        self._stopped: dict[str, set[int]] = {}
         self._errors: dict[str, str] = {}  # token -> last storage failure, until `save_error` reads it
         self._storage_problem: str | None = None  # why nothing is being saved (see `storage_problem`)
         self._deleted: dict[str, Deleted] = {}  # token -> what `undelete` restores, oldest first
@@ -161,6 +164,7 @@ class Conversations:
         """Drop what is kept in memory for a conversation whose session is gone (the store keeps the rest)."""
         self._live.pop(token, None)
         self._marks.pop(token, None)
+        self._stopped.pop(token, None)
         self._parked.pop(token, None)
 
     def _reopen(self, token: str, owner: str | None, origin: str) -> Opened:
@@ -199,9 +203,10 @@ class Conversations:
         sid = sid or self._live.get(token)
         if sid is None:
             raise ConversationNotFound("this conversation is not open")
-        marks = self._marks.get(token, set())
+        marks, stopped = self._marks.get(token, set()), self._stopped.get(token, set())
         visible = [m for m in self.engine.history(sid) if m["role"] != "system"]
-        return [{**m, "interrupted": True} if i in marks and m["role"] == "assistant" else m
+        return [{**m, "interrupted": True} if i in marks and m["role"] == "assistant"
+                else {**m, "stopped": True} if i in stopped and m["role"] == "assistant" else m
                 for i, m in enumerate(visible)]
 
     def memory_map(self, token: str) -> list[dict]:
@@ -225,6 +230,7 @@ class Conversations:
             return
         with self._lock:
             self._marks[token] = {i for i in self._marks.get(token, set()) if i < before}
+            self._stopped[token] = {i for i in self._stopped.get(token, set()) if i < before}
         reply, started, ended, last_save = "", False, None, time.monotonic()
         events = self.engine.start_chat(sid, message, **sampling)
         try:
@@ -283,6 +289,9 @@ class Conversations:
                 if ended.kind == "error" and now > before + 1:
                     with self._lock:
                         self._marks.setdefault(token, set()).add(before + 1)
+                elif ended.finish_reason == "stopped" and now > before + 1:
+                    with self._lock:
+                        self._stopped.setdefault(token, set()).add(before + 1)
                 self._persist(token, sid)
         elif started:  # the reader went away mid-reply: keep what it saw, marked interrupted
             with self._lock:
@@ -296,6 +305,7 @@ class Conversations:
         with self._lock:
             kept = len(self.messages(token, sid))
             self._marks[token] = {i for i in self._marks.get(token, set()) if i < kept}
+            self._stopped[token] = {i for i in self._stopped.get(token, set()) if i < kept}
         self._persist(token, sid)
         return message
 

@@ -417,6 +417,27 @@ def test_parked_conversations_give_way_when_a_session_cap_is_full(tiny_chat_mode
         engine.close(sid)
 
 
+def test_a_stopped_reply_keeps_its_stopped_label_after_a_reload(conv):
+    """Issue 27 item 9: "(stopped)" was only on the page that saw the reply end; a reload dropped it."""
+    from webui.render import STOPPED_NOTE
+
+    page = Page(conv, req=request(tab="stopper"))
+    turn = chat_tab.respond(conv, "Talk for a long time", page.chat, page.state, page.record,
+                            "", 0.0, 1.0, 0, MAX_NEW, 1.0, request=request(tab="stopper"))
+    outputs = []
+    for out in turn:
+        outputs.append(out)
+        if len(outputs) == 2:  # the first streamed repaint: the reply is being written now
+            chat_tab.stop_reply(conv, out[3])
+    page._take_turn(outputs)
+    assert page.chat[1]["content"].endswith(STOPPED_NOTE)
+    again = Page(conv, record=page.record, req=request(tab="reloaded-stopper"))
+    again.load()
+    assert again.chat[1]["content"].endswith(STOPPED_NOTE) and again.chat[1]["content"] == page.chat[1]["content"]
+    again.send("Go on")  # the next reply ends on its own: no label on it
+    assert not again.chat[3]["content"].endswith(STOPPED_NOTE) and again.chat[1]["content"].endswith(STOPPED_NOTE)
+
+
 def test_without_persistence_the_list_shows_live_conversations_and_nothing_is_written(engine, tmp_path):
     conv = Conversations(engine, ChatStore.open(tmp_path / "data", persist=False))
     page = Page(conv)

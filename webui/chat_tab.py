@@ -38,6 +38,7 @@ from .conversation_list import (
 )
 from .handlers import bind
 from .render import (
+    STOPPED_NOTE,
     Throttle,
     error_reply,
     final_reply,
@@ -116,11 +117,13 @@ def saved_settings(cfg, saved, visitor_cache_sizes: bool = False) -> list:
 
 
 def shown_messages(messages: list[dict]) -> list[dict]:
-    """A conversation's messages for the Chatbot: text made inert, a cut-off reply marked."""
-    return [
-        {"role": m["role"], "content": inert(m["content"]) + (f"\n\n{INTERRUPTED_NOTE}" if m.get("interrupted") else "")}
-        for m in messages if m["role"] in ("user", "assistant")
-    ]
+    """A conversation's messages for the Chatbot: text made inert, a cut-off or stopped reply marked (as it was
+    when it ended: `render.final_reply`)."""
+    def note(m):
+        return INTERRUPTED_NOTE if m.get("interrupted") else STOPPED_NOTE if m.get("stopped") else ""
+
+    return [{"role": m["role"], "content": "\n\n".join(part for part in (inert(m["content"]), note(m)) if part)}
+            for m in messages if m["role"] in ("user", "assistant")]
 
 
 def session_stats(conversations: Conversations, session_id: str | None) -> dict | None:

@@ -72,10 +72,14 @@ def user_and_pending_reply(message: str) -> list[dict]:
     return [{"role": "user", "content": inert(message)}, {"role": "assistant", "content": ""}]
 
 
+#: Under a reply the user stopped.
+STOPPED_NOTE = "*(stopped)*"
+
+
 def final_reply(event, context_full_note: str) -> str:
     """The Chatbot text of a finished reply: the reply made inert, plus why it ended when that is not obvious
     (stopped by the user, context full). A reply stopped before its first token says so instead of showing nothing."""
-    note = {"stopped": "*(stopped)*", "context_full": context_full_note}.get(event.finish_reason)
+    note = {"stopped": STOPPED_NOTE, "context_full": context_full_note}.get(event.finish_reason)
     return "\n\n".join(part for part in (inert(event.text), note) if part) or "…"
 
 
