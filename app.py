@@ -21,7 +21,14 @@ import os
 import sqlite3
 import sys
 
-import gradio as gr
+if __name__ == "__main__":
+    # Flags first: `--help` and a mistyped flag answer before the imports below, which take seconds (torch,
+    # transformers, gradio). `webui.settings` imports nothing heavy; `main` parses the same flags again.
+    from webui.settings import parse_settings as _parse_flags_early
+
+    _parse_flags_early(sys.argv[1:])
+
+import gradio as gr  # noqa: E402  (after the early flag check above)
 import torch
 
 from streaming_engine import EngineConfig, StreamingEngine

@@ -5,15 +5,36 @@ Public API: `StartRecentKVCache`, `enable_streaming_llm`, `load`, `SUPPORTED_FAM
 package never imports gradio; the web UI lives in `webui/`, composed by `app.py`.
 """
 
-from .cache import StartRecentKVCache, enable_streaming_llm
-from .conversations import ConversationNotFound, Conversations
-from .engine import EngineBusy, EngineConfig, PinTooLong, SessionNotFound, StreamingEngine
-from .families import SUPPORTED_FAMILIES, check_supported
-from .hf_integration import stream_forward
-from .loading import load
-from .positions import next_position_ids
-from .session import MODES, Event
-from .store import ChatStore, StoreError, StoreFull
+# Each public name is imported from its module on first use (PEP 562), not here: importing the package (e.g. for
+# `streaming_engine.defaults` under `--help`) must not pull in torch and transformers, which take seconds.
+_EXPORTS = {
+    "StartRecentKVCache": "cache", "enable_streaming_llm": "cache",
+    "ConversationNotFound": "conversations", "Conversations": "conversations",
+    "EngineBusy": "engine", "EngineConfig": "engine", "PinTooLong": "engine", "SessionNotFound": "engine",
+    "StreamingEngine": "engine",
+    "SUPPORTED_FAMILIES": "families", "check_supported": "families",
+    "stream_forward": "hf_integration",
+    "load": "loading",
+    "next_position_ids": "positions",
+    "MODES": "session", "Event": "session",
+    "ChatStore": "store", "StoreError": "store", "StoreFull": "store",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "MODES",

@@ -28,14 +28,10 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .checks import check_int
+from .defaults import DEFAULT_RECENT_SIZE, DEFAULT_START_SIZE  # noqa: F401  (their home is defaults.py)
 from .eviction import ProtectedHead, check_policy
 from .families import SHARED_ROPE, check_cache_size, check_supported, find_rotary_embedding, layer_rope_kinds
 from .positions import rotation_for_offset, shift_keys
-
-#: The library's default cache: the paper's reference code (`run_streaming_llama.py`) keeps 4 sinks and 2000
-#: recent tokens. The engine and the command-line chat use the same; the web app picks its own (webui/settings.py).
-DEFAULT_START_SIZE = 4
-DEFAULT_RECENT_SIZE = 2000
 
 
 class StartRecentKVCache(ProtectedHead, Cache):

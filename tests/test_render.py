@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from streaming_engine import Event
@@ -95,3 +97,32 @@ def test_every_gauge_state_says_what_the_cache_is_doing_without_contradicting_it
 
 def test_an_empty_gauge_shows_the_configured_capacity_not_one_token():
     assert "0 / 1,024 tokens" in gauges_html(None, capacity=1024)
+
+
+def test_the_plots_draw_streaming_last_and_their_axes_never_read_0_000000(tiny_chat_model, default_tokenizer):
+    """Issue 27 item 9: each plot draws its lines in its colour map's order, the last on top: streaming must come
+    last, or window's identical line hides it. Ticks use "~r" (an empty axis reads "0", 120 reads "120"), and the
+    legend's items sit in a box of their own that the stylesheet spaces, each swatch before its own word."""
+    import gradio as gr
+
+    from streaming_engine import MODES, EngineConfig, StreamingEngine
+    from webui import compare_tab
+    from streaming_engine.eval.plots import COLORS
+    from webui.render import MODE_COLUMN, PLOT_ORDER, plot_frames
+
+    assert PLOT_ORDER[-1] == "streaming" and sorted(PLOT_ORDER) == sorted(MODES)
+    point = {"seen": 10, "kv": 2**20, "latency": 0.01}
+    for frame in plot_frames({mode: [point] for mode in MODES}):
+        assert list(dict.fromkeys(frame[MODE_COLUMN])) == list(PLOT_ORDER)
+    engine = StreamingEngine(tiny_chat_model, default_tokenizer, EngineConfig(start_size=4, recent_size=32))
+    with gr.Blocks() as demo:
+        compare_tab.build_compare_tab(engine)
+    plots = [b for b in demo.blocks.values() if isinstance(b, gr.LinePlot)]
+    assert len(plots) == 2
+    for plot in plots:
+        assert list(plot.color_map) == list(PLOT_ORDER)
+        assert plot.x_axis_format == plot.y_axis_format == "~r"
+    (legend,) = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "plot-legend"]
+    assert legend.value.startswith('<div class="plot-legend">')
+    words = re.findall(r'background:(#\w+)"></span>(\w+)</span>', legend.value)
+    assert words == [(COLORS[m], m) for m in MODES]

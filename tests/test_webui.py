@@ -184,6 +184,23 @@ def test_a_downloaded_history_uploads_into_a_new_conversation_that_continues(con
     assert len(page.chat) == 4
 
 
+def test_a_renamed_chat_is_exported_with_its_title_and_uploads_under_it(conv):
+    """Issue 27 item 9: the downloaded file carries the chat's (renamed) title, and an upload is listed under it."""
+    page = Page(conv)
+    page.send("Remember: pineapple")
+    chat_tab.rename_conversation(conv, "Fruit   quiz", page.state, page.record)
+    download = chat_tab.export_history(conv, page.state, page.record)
+    data = open(download["value"], "rb").read()
+    assert json.loads(data)["title"] == "Fruit quiz"
+    page.show(chat_tab.upload_history(conv, data, page.state, page.record))
+    assert page.title == "Fruit quiz" and conv.store.load(page.token).title == "Fruit quiz"
+    assert page.titles()[0] == "Fruit quiz · 2 messages"
+    untitled = json.loads(data)
+    del untitled["title"]  # a file from before titles were exported: named after its first message, as before
+    page.show(chat_tab.upload_history(conv, json.dumps(untitled).encode(), page.state, page.record))
+    assert page.title == "Remember: pineapple"
+
+
 @pytest.mark.parametrize("data,match", [
     (b"{not json", "not valid JSON"),
     (b"[" * 200_000, "nested too deep"),
@@ -250,13 +267,13 @@ def test_an_interrupted_reply_is_marked_on_the_page(conv):
     assert page.titles() == ["cut · 2 messages · interrupted"]
 
 
-def test_new_chat_leaves_the_conversation_in_the_list_and_frees_its_session(conv, engine):
+def test_new_chat_leaves_the_conversation_in_the_list_with_its_session_parked(conv, engine):
     page = Page(conv)
     page.send("Hi")
     first = page.token
     outputs = page.show(chat_tab.start_new_chat(conv, page.state, page.record))
     assert page.chat == [] and page.state == {} and outputs[6]["visible"] is False
-    assert gauge_value(page.gauges, "turns") == 0 and engine.session_ids() == []
+    assert gauge_value(page.gauges, "turns") == 0 and conv.parked() == [first] and len(engine.session_ids()) == 1
     assert page.record == {"tokens": [first], "current": None} and page.listing["value"] is None
     with pytest.warns(UserWarning, match="Nothing to download"):
         assert chat_tab.export_history(conv, page.state, page.record)["visible"] is False
@@ -292,17 +309,133 @@ def test_the_list_switches_renames_and_deletes_conversations(conv, engine, tmp_p
     assert page.titles() == ["About pears · 2 messages", "About apples · 2 messages"]
     page.show(chat_tab.switch_conversation(conv, apples, page.state, page.record))
     assert page.token == apples and page.chat[0]["content"] == "About apples" and page.title == "About apples"
-    assert len(engine.session_ids()) == 1  # the conversation switched away from was freed
+    assert len(engine.session_ids()) == 2  # the one switched away from keeps its cache (parked, KEEP_RECENT)
     listing, _ = chat_tab.rename_conversation(conv, "  Fruit   talk ", page.state, page.record)
     assert "Fruit talk · 2 messages" in [label for label, _ in listing["choices"]]
     page.show(chat_tab.delete_conversation(conv, page.state, page.record))
     assert page.chat == [] and page.record == {"tokens": [pears], "current": None}
-    assert not conv.store.exists(apples) and engine.session_ids() == []
+    assert not conv.store.exists(apples) and len(engine.session_ids()) == 1 and conv.parked() == [pears]
     with sqlite3.connect(tmp_path / "data" / "chats.sqlite") as db:
         assert db.execute("SELECT count(*) FROM messages WHERE token = ?", (apples,)).fetchone()[0] == 0
     with pytest.warns(UserWarning, match="no longer available"):
         outputs = chat_tab.switch_conversation(conv, apples, page.state, {"tokens": [apples, pears], "current": None})
     assert outputs[3] == {"tokens": [pears], "current": None}
+
+
+def test_a_deleted_chat_can_be_undone_within_the_window_with_its_messages_and_title(conv, engine, monkeypatch):
+    """Issue 27 item 6: delete offers an undo; undo brings back the same conversation (token, messages, title),
+    stored again and listed; after the window the delete is final."""
+    told = []
+    monkeypatch.setattr(chat_tab.gr, "Info", told.append)
+    page = Page(conv, req=request(tab="undo"))
+    page.send("About plums")
+    page.send("And cherries")
+    plums, before = page.token, conv.store.load(page.token).messages
+    chat_tab.rename_conversation(conv, "Stone fruit", page.state, page.record)
+    page.show(chat_tab.delete_conversation(conv, page.state, page.record, request=request(tab="undo")))
+    assert told == [chat_tab.DELETED_NOTE] and page.chat == [] and page.titles() == []
+    assert not conv.store.exists(plums) and engine.session_ids() == []  # gone from disk and memory at once
+    assert page.state == {"deleted": plums} and chat_tab.undo_button(page.state)["visible"] is True
+    page.show(chat_tab.undo_delete(conv, page.state, page.record, request=request(tab="undo")))
+    assert page.token == plums and page.record == {"tokens": [plums], "current": plums}
+    assert [m["content"] for m in page.chat] == [m["content"] for m in before]
+    assert conv.store.load(plums).messages == before and page.title == "Stone fruit"
+    assert page.titles() == ["Stone fruit · 4 messages"] and chat_tab.undo_button(page.state)["visible"] is False
+    page.send("Still here?")  # the restored conversation goes on
+    assert len(conv.store.load(plums).messages) == 6
+
+    monkeypatch.setattr("streaming_engine.conversations.UNDO_DELETE_S", 0.0)
+    page.show(chat_tab.delete_conversation(conv, page.state, page.record))
+    with pytest.warns(UserWarning, match="Too late to undo"):
+        outputs = chat_tab.undo_delete(conv, page.state, page.record)
+    assert outputs[2] == {} and not conv.store.exists(plums)
+
+
+def test_deleting_a_chat_with_nothing_said_offers_no_undo(conv, monkeypatch):
+    told = []
+    monkeypatch.setattr(chat_tab.gr, "Info", told.append)
+    opened = conv.start()
+    outputs = chat_tab.delete_conversation(conv, {"token": opened.token}, empty_record())
+    assert told == ["Conversation deleted."] and outputs[2] == {} and not conv.undoable(opened.token)
+
+
+def test_settings_kept_in_the_browser_come_back_on_load_and_bad_ones_are_skipped(engine):
+    """Issue 27 item 9: the Settings survive a reload. What the browser sends back is untrusted."""
+    cfg = engine.config
+    kept = chat_tab.remember_settings("Be brief.", 0.7, 0.9, 40, 100, 1.2)
+    assert chat_tab.saved_settings(cfg, kept) == ["Be brief.", 0.7, 0.9, 40, 100, 1.2]
+    with_sizes = chat_tab.remember_settings("", 0.0, 1.0, 0, 8, 1.0, 2, 50)
+    assert chat_tab.saved_settings(cfg, with_sizes, visitor_cache_sizes=True)[6:] == [2, 50]
+    assert len(chat_tab.saved_settings(cfg, with_sizes)) == 6  # read-only sizes are not restored
+    bad = {"system_prompt": "x" * (chat_tab.MAX_SYSTEM_PROMPT_CHARS + 1), "temperature": 9, "top_p": "0.5",
+           "top_k": 2.5, "max_new_tokens": True, "repetition_penalty": None, "start_size": cfg.start_size + 1,
+           "recent_size": cfg.recent_size + 1}
+    assert chat_tab.saved_settings(cfg, bad, visitor_cache_sizes=True) == [SKIP] * 8
+    assert chat_tab.saved_settings(cfg, "not a dict") == [SKIP] * 6
+
+
+def test_switching_back_to_a_recent_conversation_reprimes_nothing(conv, engine, monkeypatch):
+    """Issue 27 item 9: a conversation switched away from keeps its live session, so going back feeds the model
+    only the new message; one pushed out of the `KEEP_RECENT` most recent is re-primed from the store."""
+    from streaming_engine import conversations as conversations_module
+
+    monkeypatch.setattr(conversations_module, "KEEP_RECENT", 1)
+    page = Page(conv, req=request(tab="switcher"))
+    tokens = {}
+    for name in ("apples", "pears", "plums"):
+        page.show(chat_tab.start_new_chat(conv, page.state, page.record, request=request(tab="switcher")))
+        page.send(f"Tell me about {name}, in a long and detailed way please")
+        tokens[name] = page.token
+
+    def next_turn_feeds(name):
+        page.show(chat_tab.switch_conversation(conv, tokens[name], page.state, page.record,
+                                               request=request(tab="switcher")))
+        before = engine.counters.tokens_processed
+        page.send("And?")
+        return engine.counters.tokens_processed - before
+
+    assert conv.parked() == [tokens["pears"]]  # apples was pushed out when plums' page left pears
+    sid = conv._live[tokens["pears"]]
+    kept = next_turn_feeds("pears")  # the page leaves plums (parked; pears is shown, no longer parked)
+    assert conv._live[tokens["pears"]] == sid and conv.parked() == [tokens["plums"]]
+    reprimed = next_turn_feeds("apples")  # released earlier: its history goes through the model again
+    assert kept < reprimed, (kept, reprimed)
+    assert conv.parked() == [tokens["pears"]] and len(engine.session_ids()) == 2  # plums gave way
+
+
+def test_parked_conversations_give_way_when_a_session_cap_is_full(tiny_chat_model, default_tokenizer, tmp_path):
+    engine = StreamingEngine(tiny_chat_model, default_tokenizer,
+                             EngineConfig(start_size=4, recent_size=96, max_new_tokens=4, max_sessions_per_owner=2))
+    conv = Conversations(engine, ChatStore.open(tmp_path / "data"))
+    owner = request(tab="capped")
+    page = Page(conv, req=owner)
+    for name in ("one", "two", "three"):
+        page.show(chat_tab.start_new_chat(conv, page.state, page.record, request=owner))
+        page.send(f"Chat {name}")
+    assert len(engine.session_ids()) == 2 and len(conv.parked()) == 1  # the cap, not KEEP_RECENT, decided
+    for sid in engine.session_ids():
+        engine.close(sid)
+
+
+def test_a_stopped_reply_keeps_its_stopped_label_after_a_reload(conv):
+    """Issue 27 item 9: "(stopped)" was only on the page that saw the reply end; a reload dropped it."""
+    from webui.render import STOPPED_NOTE
+
+    page = Page(conv, req=request(tab="stopper"))
+    turn = chat_tab.respond(conv, "Talk for a long time", page.chat, page.state, page.record,
+                            "", 0.0, 1.0, 0, MAX_NEW, 1.0, request=request(tab="stopper"))
+    outputs = []
+    for out in turn:
+        outputs.append(out)
+        if len(outputs) == 2:  # the first streamed repaint: the reply is being written now
+            chat_tab.stop_reply(conv, out[3])
+    page._take_turn(outputs)
+    assert page.chat[1]["content"].endswith(STOPPED_NOTE)
+    again = Page(conv, record=page.record, req=request(tab="reloaded-stopper"))
+    again.load()
+    assert again.chat[1]["content"].endswith(STOPPED_NOTE) and again.chat[1]["content"] == page.chat[1]["content"]
+    again.send("Go on")  # the next reply ends on its own: no label on it
+    assert not again.chat[3]["content"].endswith(STOPPED_NOTE) and again.chat[1]["content"].endswith(STOPPED_NOTE)
 
 
 def test_without_persistence_the_list_shows_live_conversations_and_nothing_is_written(engine, tmp_path):

@@ -21,7 +21,7 @@ import time
 import gradio as gr
 
 from streaming_engine import EngineBusy
-from streaming_engine.conversations import ConversationNotFound, Conversations, Opened
+from streaming_engine.conversations import UNDO_DELETE_S, ConversationNotFound, Conversations, Opened
 from streaming_engine.engine import MAX_MESSAGE_CHARS
 from streaming_engine.sampling import MAX_NEW_TOKENS_LIMIT
 
@@ -38,6 +38,7 @@ from .conversation_list import (
 )
 from .handlers import bind
 from .render import (
+    STOPPED_NOTE,
     Throttle,
     error_reply,
     final_reply,
@@ -59,23 +60,70 @@ WAIT_FOR_REPLY = ("A reply is still being written: your message stays in the box
 NOTHING_YET = "Nothing to download yet: send a message first."
 CLEARED_NOTE = ("Cleared from the screen: the conversation is still in your list. Use \"Delete this chat\" to remove "
                 "it for good.")
+#: Said when a chat is deleted: how to take it back, and for how long.
+DELETED_NOTE = (f"Conversation deleted. Press \"Undo delete\" within {UNDO_DELETE_S / 60:g} minutes to bring it "
+                "back.")
+#: Said when the undo comes after the window (or after a restart), and the delete is final.
+TOO_LATE_TO_UNDO = "Too late to undo: that conversation was deleted for good."
 #: Longest system prompt the settings box takes (the engine's own limit is far larger).
 MAX_SYSTEM_PROMPT_CHARS = 4000
 #: The "Max new tokens" slider's top; the engine accepts up to `MAX_NEW_TOKENS_LIMIT`.
 MAX_NEW_TOKENS_SLIDER = min(1024, MAX_NEW_TOKENS_LIMIT)
 
 SKIP = gr.skip()
+#: Browser storage key of the visitor's Settings (system prompt, sampling, cache sizes), kept across reloads.
+SETTINGS_STORAGE_KEY = "streaming-llm-settings"
+#: The Settings inputs, in the order the turn handlers take them.
+SETTING_NAMES = ("system_prompt", "temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty",
+                 "start_size", "recent_size")
+
+
+def slider_ranges(cfg) -> dict[str, tuple[float, float, float]]:
+    """Each Settings slider's (lowest, highest, step): the layout builds the sliders from it and a saved value is
+    checked against it."""
+    return {"temperature": (0, 2, 0.05), "top_p": (0.05, 1, 0.05), "top_k": (0, 200, 1),
+            "max_new_tokens": (1, MAX_NEW_TOKENS_SLIDER, 1), "repetition_penalty": (1.0, 2.0, 0.05),
+            "start_size": (0, cfg.start_size, 1), "recent_size": (min(16, cfg.recent_size), cfg.recent_size, 1)}
+
+
+def remember_settings(*values) -> dict:
+    """The Settings as the browser keeps them (`SETTINGS_STORAGE_KEY`): {name: value} in `SETTING_NAMES` order;
+    without `--visitor-cache-sizes` the cache sizes are not among the values."""
+    return dict(zip(SETTING_NAMES, values))
+
+
+def saved_settings(cfg, saved, visitor_cache_sizes: bool = False) -> list:
+    """Page load: the values the browser kept for the Settings, one per input (`SETTING_NAMES`, the cache sizes
+    only with `visitor_cache_sizes`). Kept values are untrusted: one of the wrong type or out of its slider's
+    range is skipped (the input keeps the server's default), as is one never saved."""
+    saved = saved if isinstance(saved, dict) else {}
+    ranges = slider_ranges(cfg)
+    names = SETTING_NAMES if visitor_cache_sizes else SETTING_NAMES[:6]
+    values = []
+    for name in names:
+        value = saved.get(name)
+        if name == "system_prompt":
+            ok = isinstance(value, str) and len(value) <= MAX_SYSTEM_PROMPT_CHARS
+        else:
+            low, high, step = ranges[name]
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+                  and (step != 1 or float(value).is_integer()))
+        values.append(value if ok else SKIP)
+    return values
+
 
 
 # --- what the page shows --------------------------------------------------------------------------------------
 
 
 def shown_messages(messages: list[dict]) -> list[dict]:
-    """A conversation's messages for the Chatbot: text made inert, a cut-off reply marked."""
-    return [
-        {"role": m["role"], "content": inert(m["content"]) + (f"\n\n{INTERRUPTED_NOTE}" if m.get("interrupted") else "")}
-        for m in messages if m["role"] in ("user", "assistant")
-    ]
+    """A conversation's messages for the Chatbot: text made inert, a cut-off or stopped reply marked (as it was
+    when it ended: `render.final_reply`)."""
+    def note(m):
+        return INTERRUPTED_NOTE if m.get("interrupted") else STOPPED_NOTE if m.get("stopped") else ""
+
+    return [{"role": m["role"], "content": "\n\n".join(part for part in (inert(m["content"]), note(m)) if part)}
+            for m in messages if m["role"] in ("user", "assistant")]
 
 
 def session_stats(conversations: Conversations, session_id: str | None) -> dict | None:
@@ -128,10 +176,12 @@ def attach(conversations: Conversations, state: dict, record: dict, request) -> 
 
 
 def leave(conversations: Conversations, token: str | None, request) -> None:
-    """This page stops showing `token`: free its live session unless another page shows it."""
+    """This page stops showing `token` (for another conversation, or a new chat): unless another page shows it,
+    its live session is parked, so that switching back to one of the most recent re-primes nothing
+    (`Conversations.park`, `KEEP_RECENT`)."""
     TABS.show(tab_of(request), None)
     if token and not TABS.held(token):
-        conversations.release(token)
+        conversations.park(token, owner_of(request))
 
 
 def switch_to(conversations: Conversations, state: dict, record: dict, opened: Opened | None, request) -> list:
@@ -336,17 +386,47 @@ def rename_conversation(conversations, title, state, record, request: gr.Request
 
 
 def delete_conversation(conversations, state, record, request: gr.Request = None):
-    """Delete the current conversation: its live session and every stored row. Outputs: `view`."""
+    """Delete the current conversation: its live session and every stored row. For `UNDO_DELETE_S` the page offers
+    "Undo delete" (the page state names the deleted token; the copy lives in the server's memory only). Its
+    downloaded files are removed at once either way. Outputs: `view`."""
     state, record = dict(state or {}), browser_record(record)
     token = state.get("token") or record["current"]
     if not token:
         gr.Warning("There is no conversation to delete.")
         return unchanged()
     TABS.show(tab_of(request), None)
-    conversations.delete(token)
+    conversations.delete(token, undoable=True)
     files.forget_exports(token)  # its downloaded copies go with it (issue 28, item 8)
-    gr.Info("Conversation deleted.")
-    return view(conversations, None, forget(record, token))
+    shown = view(conversations, None, forget(record, token))
+    if conversations.undoable(token):
+        gr.Info(DELETED_NOTE)
+        shown[2] = {"deleted": token}
+    else:  # nothing had been said yet: nothing to bring back
+        gr.Info("Conversation deleted.")
+    return shown
+
+
+def undo_delete(conversations, state, record, request: gr.Request = None):
+    """Undo delete: the page's last deleted conversation comes back, shown, current and in the list again, with
+    its messages and title. Outputs: `view`."""
+    state, record = dict(state or {}), browser_record(record)
+    token = state.get("deleted")
+    try:
+        if not token:
+            raise ConversationNotFound(TOO_LATE_TO_UNDO)
+        opened = conversations.undelete(token, owner=owner_of(request))
+    except ConversationNotFound:
+        gr.Warning(TOO_LATE_TO_UNDO)
+        return [SKIP, SKIP, {k: v for k, v in state.items() if k != "deleted"}, SKIP, SKIP, SKIP, SKIP]
+    except (EngineBusy, ValueError) as exc:
+        gr.Warning(str(exc))
+        return unchanged()
+    return switch_to(conversations, state, record, opened, request)
+
+
+def undo_button(state):
+    """The undo button shows exactly while the page state names a deleted conversation."""
+    return gr.update(visible=bool((state or {}).get("deleted")))
 
 
 def export_history(conversations, state, record, request: gr.Request = None):
@@ -422,7 +502,7 @@ def build_chat_tab(demo: gr.Blocks, conversations: Conversations, visitor_cache_
                 export_file = gr.File(label="Your conversation (JSON)", visible=False, elem_id="export-file")
             with gr.Column(scale=1, min_width=260, elem_id="gauges-col"):
                 gauges = gr.HTML(gauges_html(None, capacity=cfg.cache_size, start_size=cfg.start_size), elem_id="gauges")
-                listing, title, rename, delete = build_conversation_list()
+                listing, title, rename, delete, undo = build_conversation_list()
         examples = load_json_list("examples.json")
         if examples:
             gr.Examples([[e] for e in examples], inputs=msg, label="Try one", elem_id="examples")
@@ -432,21 +512,26 @@ def build_chat_tab(demo: gr.Blocks, conversations: Conversations, visitor_cache_
             system = gr.Textbox(label=f"System prompt (applies to new chats; {pinned})", lines=2,
                                 max_length=MAX_SYSTEM_PROMPT_CHARS, elem_id="system",
                                 placeholder="Empty: the model's own default, if its chat template has one.")
+            ranges = slider_ranges(cfg)
+
+            def slider(name, value, **kwargs):
+                low, high, step = ranges[name]
+                return gr.Slider(low, high, value=value, step=step, **kwargs)
+
             with gr.Row():
-                temperature = gr.Slider(0, 2, value=cfg.temperature, step=0.05, label="Temperature (0 = greedy)")
-                top_p = gr.Slider(0.05, 1, value=cfg.top_p, step=0.05, label="Top-p")
+                temperature = slider("temperature", cfg.temperature, label="Temperature (0 = greedy)",
+                                     elem_id="temperature")
+                top_p = slider("top_p", cfg.top_p, label="Top-p")
             with gr.Row():
-                top_k = gr.Slider(0, 200, value=cfg.top_k, step=1, label="Top-k (0 = off)")
-                max_new = gr.Slider(1, MAX_NEW_TOKENS_SLIDER, value=cfg.max_new_tokens, step=1,
-                                    label="Max new tokens", elem_id="max-new-tokens")
-                repetition = gr.Slider(1.0, 2.0, value=cfg.repetition_penalty, step=0.05, label="Repetition penalty")
+                top_k = slider("top_k", cfg.top_k, label="Top-k (0 = off)")
+                max_new = slider("max_new_tokens", cfg.max_new_tokens, label="Max new tokens",
+                                 elem_id="max-new-tokens")
+                repetition = slider("repetition_penalty", cfg.repetition_penalty, label="Repetition penalty")
             with gr.Row(elem_id="cache-sizes"):
-                start_size = gr.Slider(0, cfg.start_size, value=cfg.start_size, step=1,
-                                       label="Attention sinks (start_size, new chats)", elem_id="start-size",
-                                       interactive=visitor_cache_sizes)
-                recent_size = gr.Slider(min(16, cfg.recent_size), cfg.recent_size, value=cfg.recent_size, step=1,
-                                        label="Recent window (recent_size, new chats)", elem_id="recent-size",
-                                        interactive=visitor_cache_sizes)
+                start_size = slider("start_size", cfg.start_size, label="Attention sinks (start_size, new chats)",
+                                    elem_id="start-size", interactive=visitor_cache_sizes)
+                recent_size = slider("recent_size", cfg.recent_size, label="Recent window (recent_size, new chats)",
+                                     elem_id="recent-size", interactive=visitor_cache_sizes)
             gr.Markdown(
                 f"The cache keeps **{cfg.start_size} attention sinks + the {cfg.recent_size} most recent tokens** "
                 f"({cfg.cache_size:,} in all). " + (
@@ -479,9 +564,21 @@ def build_chat_tab(demo: gr.Blocks, conversations: Conversations, visitor_cache_
                   api_visibility="private")
     delete.click(bind(delete_conversation, c), [chat_state, saved], view_outputs, cancels=turns,
                  api_visibility="private")
+    undo.click(bind(undo_delete, c), [chat_state, saved], view_outputs, cancels=turns, api_visibility="private")
+    # Every event that replaces the page state (any `view`) shows or hides the undo button accordingly.
+    chat_state.change(undo_button, [chat_state], [undo], queue=False, api_visibility="private")
     for trigger in (rename.click, title.submit):
         trigger(bind(rename_conversation, c), [title, chat_state, saved], [listing, title], api_visibility="private")
     export_btn.click(bind(export_history, c), [chat_state, saved], [export_file], api_visibility="private")
     upload.upload(bind(upload_history, c), [upload, chat_state, saved], view_outputs, cancels=turns,
                   api_visibility="private")
     demo.load(bind(load_conversation, c), [saved, chat_state], view_outputs, api_visibility="private")
+    # The Settings survive a reload: every change is kept in the browser, and a page load puts them back.
+    kept = gr.BrowserState({}, storage_key=SETTINGS_STORAGE_KEY, secret=conversations.store.secret("browser-state"))
+    for setting in sampling_inputs:
+        setting.change(remember_settings, sampling_inputs, [kept], api_visibility="private")
+
+    def restore_settings(value):
+        return saved_settings(cfg, value, visitor_cache_sizes)
+
+    demo.load(restore_settings, [kept], sampling_inputs, api_visibility="private")

@@ -27,6 +27,7 @@ from .render import (
     MEMORY_COLUMN,
     MODE_COLUMN,
     PLOT_INTERVAL_S,
+    PLOT_ORDER,
     X_COLUMN,
     Throttle,
     error_reply,
@@ -243,16 +244,23 @@ def build_compare_tab(engine) -> None:
                                                elem_id=f"gauges-{mode}")
         memory_frame, latency_frame = plot_frames({})
         # One legend for both plots, in the page's own text (the plot's built-in legend gets clipped at this size).
-        gr.HTML("".join(f'<span class="legend-item"><span class="legend-swatch" style="background:{COLORS[m]}">'
-                        f'</span>{m}</span>' for m in MODES), elem_id="plot-legend")
+        gr.HTML('<div class="plot-legend">' + "".join(
+            f'<span class="legend-item"><span class="legend-swatch" style="background:{COLORS[m]}"></span>{m}</span>'
+            for m in MODES) + "</div>", elem_id="plot-legend")
+        # Drawn in the colour map's order, the last on top: streaming, the line this tab is about, goes last so that
+        # window's line (the same until the cache fills) does not hide it. "~r" ticks: an axis with nothing on it
+        # yet reads "0", not "0.000000", and 120 stays "120".
+        colors = {m: COLORS[m] for m in PLOT_ORDER}
         with gr.Row(elem_id="compare-plots"):
             plot_memory = gr.LinePlot(
-                memory_frame, x=X_COLUMN, y=MEMORY_COLUMN, color=MODE_COLUMN, color_map=dict(COLORS),
-                tooltip="none", colors_in_legend=[], label="KV cache memory vs tokens seen", elem_id="plot-memory",
+                memory_frame, x=X_COLUMN, y=MEMORY_COLUMN, color=MODE_COLUMN, color_map=colors,
+                x_axis_format="~r", y_axis_format="~r", tooltip="none", colors_in_legend=[],
+                label="KV cache memory vs tokens seen", elem_id="plot-memory",
                 height=280, min_width=280)
             plot_latency = gr.LinePlot(
-                latency_frame, x=X_COLUMN, y=LATENCY_COLUMN, color=MODE_COLUMN, color_map=dict(COLORS),
-                tooltip="none", colors_in_legend=[], elem_id="plot-latency", height=280, min_width=280,
+                latency_frame, x=X_COLUMN, y=LATENCY_COLUMN, color=MODE_COLUMN, color_map=colors,
+                x_axis_format="~r", y_axis_format="~r", tooltip="none", colors_in_legend=[], elem_id="plot-latency",
+                height=280, min_width=280,
                 label=f"Decode latency vs tokens seen (median of the last {LATENCY_MEDIAN_WINDOW} tokens)")
         with gr.Accordion("Settings", open=False, elem_id="compare-settings"):
             with gr.Row():

@@ -90,12 +90,15 @@ def list_update(conversations, record: dict, items: list[ConversationSummary] | 
 
 
 def build_conversation_list():
-    """The list's block inside the current layout; returns (list, title box, rename button, delete button)."""
+    """The list's block inside the current layout; returns (list, title box, rename button, delete button, undo
+    button). The undo button shows only while the page's last delete can be undone (see `chat_tab`)."""
     with gr.Accordion("Conversations", open=True, elem_id="conversation-list"):
         listing = gr.Radio(choices=[], value=None, show_label=False, container=False, elem_id="conversations")
         with gr.Row():
             title = gr.Textbox(placeholder="Title of this chat", show_label=False, container=False, scale=3,
                                max_length=MAX_TITLE_CHARS, elem_id="conversation-title")
             rename = gr.Button("Rename", size="sm", scale=1, min_width=70, elem_id="rename-conversation")
-        delete = gr.Button("Delete this chat", size="sm", variant="stop", elem_id="delete-conversation")
-    return listing, title, rename, delete
+        with gr.Row():
+            delete = gr.Button("Delete this chat", size="sm", variant="stop", elem_id="delete-conversation")
+            undo = gr.Button("Undo delete", size="sm", visible=False, elem_id="undo-delete")
+    return listing, title, rename, delete, undo

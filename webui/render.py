@@ -72,10 +72,14 @@ def user_and_pending_reply(message: str) -> list[dict]:
     return [{"role": "user", "content": inert(message)}, {"role": "assistant", "content": ""}]
 
 
+#: Under a reply the user stopped.
+STOPPED_NOTE = "*(stopped)*"
+
+
 def final_reply(event, context_full_note: str) -> str:
     """The Chatbot text of a finished reply: the reply made inert, plus why it ended when that is not obvious
     (stopped by the user, context full). A reply stopped before its first token says so instead of showing nothing."""
-    note = {"stopped": "*(stopped)*", "context_full": context_full_note}.get(event.finish_reason)
+    note = {"stopped": STOPPED_NOTE, "context_full": context_full_note}.get(event.finish_reason)
     return "\n\n".join(part for part in (inert(event.text), note) if part) or "…"
 
 
@@ -276,6 +280,9 @@ PLOT_POINTS_PER_MODE = 120
 LATENCY_MEDIAN_WINDOW = 25
 #: The plots are redrawn at most this often while tokens stream (seconds): each redraw rebuilds the chart.
 PLOT_INTERVAL_S = 1.0
+#: The order the plots draw their lines in, the last on top: streaming last, so that window's line, identical until
+#: the cache fills, does not hide it.
+PLOT_ORDER = tuple(m for m in MODES if m != "streaming") + ("streaming",)
 #: Column names, which are also the plots' axis titles.
 X_COLUMN, MEMORY_COLUMN, LATENCY_COLUMN, MODE_COLUMN = "tokens seen", "KV cache (MiB)", "ms per token", "mode"
 
@@ -308,9 +315,9 @@ def plot_frames(series: dict[str, list[dict]]):
 
     # Every mode starts with a point at 0 tokens seen (no memory yet; latency unknown, so NaN, which is not drawn):
     # the plot fixes its colour legend from the data it first gets, so every mode must be in it from the start.
-    memory = [{X_COLUMN: 0, MEMORY_COLUMN: 0.0, MODE_COLUMN: mode} for mode in MODES]
-    latency = [{X_COLUMN: 0, LATENCY_COLUMN: math.nan, MODE_COLUMN: mode} for mode in MODES]
-    for mode, points in series.items():
+    memory = [{X_COLUMN: 0, MEMORY_COLUMN: 0.0, MODE_COLUMN: mode} for mode in PLOT_ORDER]
+    latency = [{X_COLUMN: 0, LATENCY_COLUMN: math.nan, MODE_COLUMN: mode} for mode in PLOT_ORDER]
+    for mode, points in sorted(series.items(), key=lambda item: PLOT_ORDER.index(item[0])):
         memory += [{X_COLUMN: p["seen"], MEMORY_COLUMN: p["kv"] / 2**20, MODE_COLUMN: mode} for p in _thin(points)]
         timed = [p for p in points if p.get("latency") is not None]
         medians = _rolling_median([p["latency"] * 1000 for p in timed], LATENCY_MEDIAN_WINDOW)

@@ -11,14 +11,18 @@ import argparse
 import os
 from dataclasses import dataclass
 
-import torch
-
+# Only torch-free modules at import time: `python app.py --help` reads this file before anything heavy is imported
+# (torch, used to check --device and --dtype, is imported when a value is checked).
 from streaming_engine.backends import BACKENDS
-from streaming_engine.cache import DEFAULT_START_SIZE
 from streaming_engine.checks import check_int
-from streaming_engine.engine import MAX_ACTIVE_TURNS, MAX_SESSIONS, MAX_SESSIONS_PER_OWNER
-from streaming_engine.loading import DEFAULT_MODEL_NAME, pick_dtype
-from streaming_engine.placement import DEVICE_MAP_STRATEGIES, Placement
+from streaming_engine.defaults import (
+    DEFAULT_MODEL_NAME,
+    DEFAULT_START_SIZE,
+    DEVICE_MAP_STRATEGIES,
+    MAX_ACTIVE_TURNS,
+    MAX_SESSIONS,
+    MAX_SESSIONS_PER_OWNER,
+)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -100,6 +104,11 @@ class AppSettings:
         check_int("--queue-max-size", self.queue_max_size, 1)
         if self.threads is not None:
             check_int("--threads", self.threads, 1)
+        import torch
+
+        from streaming_engine.loading import pick_dtype
+        from streaming_engine.placement import Placement
+
         if self.device is not None:
             if self.device_map is not None:
                 raise ValueError("give either --device or --device-map, not both")

@@ -6,10 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Callable
 
-import torch
-
-from ..loading import DEFAULT_MODEL_NAME
-from ..placement import DEVICE_MAP_STRATEGIES
+# torch-free at import time, so that the CLIs built on these parsers answer `--help` at once.
+from ..defaults import DEFAULT_MODEL_NAME, DEVICE_MAP_STRATEGIES
 from .runinfo import run_metadata, write_result
 
 
@@ -66,6 +64,8 @@ def add_text_args(p: argparse.ArgumentParser, text_help: str, dataset_help: str)
 
 def load_model(args):
     """`(model, tokenizer)` from the parsed model options, after applying `--threads`."""
+    import torch
+
     from ..loading import load
 
     if args.threads is not None:

