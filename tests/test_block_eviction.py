@@ -187,10 +187,15 @@ def llama():
 @needs_llamacpp
 @pytest.mark.model
 @pytest.mark.parametrize("block", BLOCKS)
-def test_llamacpp_block_eviction_is_one_shift_per_block_and_equals_a_dense_forward(llama, block, monkeypatch):
+def test_llamacpp_evicts_one_shift_per_block_and_keeps_what_transformers_keeps(llama, default_model, block,
+                                                                               monkeypatch):
+    """A dense re-encoding equals a streaming cache only for one layer (deeper keys remember evicted tokens), so
+    the reference on the 30-layer default model is the transformers cache with the same block: the same tokens held
+    after every step and the same greedy prediction up to the 4-bit weights (as test_llamacpp's agreement tests)."""
     model, tokenizer = llama
+    hf_model, _ = default_model
     start, recent = 4, 44
-    context = model.new_context(sequences=2, seq_capacity=start + recent, batch_tokens=64)
+    context = model.new_context(sequences=1, seq_capacity=start + recent, batch_tokens=64)
     calls = {"seq_add": 0}
     real_add = context.lc.llama_memory_seq_add
 
@@ -201,25 +206,25 @@ def test_llamacpp_block_eviction_is_one_shift_per_block_and_equals_a_dense_forwa
     monkeypatch.setattr(context.lc, "llama_memory_seq_add", counting_add)
     try:
         cache = context.new_cache(start, recent, evict_block=block)
+        hf_cache = enable_streaming_llm(hf_model, start, recent, evict_block=block)
         text = "The lighthouse keeper climbed the stairs every evening to light the lamp, and"
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        cache.evict_for_space(len(ids))
+        for c in (cache, hf_cache):
+            c.evict_for_space(len(ids))
         logits = context.forward([(cache, ids)])[0]
-        evictions, mismatches = 0, 0
-        for _ in range(60):  # past the free window several times over
+        forward(hf_model, hf_cache, ids)
+        evictions, agree, steps = 0, 0, 60
+        for _ in range(steps):  # past the free window several times over
             token = int(logits.argmax())
-            ids.append(token)
-            evictions += cache.evict_for_space(1) > 0
+            evicted = cache.evict_for_space(1)
+            assert hf_cache.evict_for_space(1) == evicted
+            evictions += evicted > 0
             logits = context.forward([(cache, [token])])[0]
-            oracle = model.new_context(sequences=1, seq_capacity=start + recent, batch_tokens=64)
-            try:
-                fresh = oracle.new_cache(start, recent)
-                want = oracle.forward([(fresh, [ids[i] for i in cache.stream_positions])])[0]
-            finally:
-                oracle.close()
-            mismatches += int(logits.argmax()) != int(want.argmax())
-        assert cache.evicted_tokens > 2 * block
-        assert calls["seq_add"] == evictions  # one seq_add per eviction block, not per token
-        assert mismatches == 0, f"greedy tokens differ from the dense forward at {mismatches} steps"
+            hf_logits = forward(hf_model, hf_cache, [token])
+            assert cache.stream_positions == hf_cache.stream_positions
+            agree += int(logits.argmax()) == int(hf_logits.argmax())
+        assert cache.evicted_tokens >= 2 * block
+        assert calls["seq_add"] == evictions  # one seq_add per eviction block, not one per token
+        assert agree >= 0.9 * steps
     finally:
         context.close()
