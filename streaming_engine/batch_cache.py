@@ -113,7 +113,7 @@ class ConversationCache:
 
     def evict_for_space(self, num_coming: int) -> int:
         """As `StartRecentKVCache.evict_for_space`: evict the oldest tokens after the protected head so
-        `num_coming` more fit (at least `evict_block`; rounded to a message boundary under eviction="turns").
+        `num_coming` more fit (room for at least `evict_block`; rounded to a message boundary under eviction="turns").
         How many is the conversation's own cache's policy (`eviction_count`), asked with the row's counters."""
         if not self.attached:
             return self.solo.evict_for_space(num_coming)

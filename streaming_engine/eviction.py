@@ -8,9 +8,9 @@ many tokens `evict_for_space(n)` must remove, so a conversation makes the same e
   system prompt if that is longer (`StartRecentKVCache.pin`). `evict_for_space` never takes a head token.
 * Policy **"tokens"** is the paper's: the oldest tokens after the head, as many as needed (at least a block, below).
 * **Block eviction** (`evict_block`, every policy, every backend, batch rows too): when an eviction is needed it
-  takes at least `min(evict_block, evictable)` tokens, so a reply decoded past a full cache evicts once every
-  `evict_block` tokens instead of every token and the cache holds between `cache_size - evict_block` and
-  `cache_size` tokens. Each eviction re-rotates every kept key once (transformers) or makes llama.cpp shift every
+  makes room for at least `evict_block` tokens (as far as the tokens after the head allow), so a reply decoded
+  past a full cache evicts once every `evict_block` tokens instead of every token and the cache holds between
+  `cache_size - evict_block` and `cache_size` tokens. Each eviction re-rotates every kept key once (transformers) or makes llama.cpp shift every
   cell (`seq_rm` + `seq_add`), which done per token costs a large share of decode speed (measured in
   docs/block-eviction.md). `evict_block=1` is the paper's per-token eviction. What is kept is still exact: the
   tokens held predict as a dense forward over exactly them at in-cache positions would.
@@ -57,16 +57,16 @@ def block_for(recent_size: int, evict_block: int = DEFAULT_EVICT_BLOCK) -> int:
 
 def tokens_needed(held: int, protected: int, cache_size: int, num_coming: int, block: int = 1) -> int:
     """How many of the oldest tokens after the protected head must go so `num_coming` more fit in `cache_size`:
-    0 when they fit; otherwise at least `block` (so the next `block - 1` single tokens fit without evicting),
-    never more than the tokens after the head."""
+    0 when they fit; otherwise enough to make room for `max(num_coming, block)` tokens (so after one decoded token
+    the next `block - 1` fit without evicting, while a feed of at least `block` tokens, such as a turn's reserve,
+    evicts only what it needs); never more than the tokens after the head."""
     if num_coming < 0:
         raise ValueError(f"num_coming must be >= 0, got {num_coming}")
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
-    needed = held + num_coming - cache_size
-    if needed <= 0:
+    if held + num_coming <= cache_size:
         return 0
-    return min(max(needed, block), held - protected)
+    return min(held + max(num_coming, block) - cache_size, held - protected)
 
 
 def round_to_message(after_head, count: int, boundaries: list[int], seen: int) -> int:
@@ -151,7 +151,7 @@ class ProtectedHead:
 
     def evict_for_space(self, num_coming: int) -> int:
         """Evict the oldest tokens after the protected head so `num_coming` more fit in `cache_size`; returns how
-        many (at least `evict_block` when any; under eviction="turns", up to the next message boundary).
+        many (room for at least `evict_block` when any; under eviction="turns", up to the next message boundary).
 
         No-op when they already fit. The head (sinks or pinned prefix) is never evicted here, so when
         `num_coming > window` the whole recent window goes and the caller must feed its tokens in chunks.

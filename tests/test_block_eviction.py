@@ -37,11 +37,13 @@ def dense_oracle(model, ids: list[int], kept: list[int]) -> torch.Tensor:
 # --- the rule ----------------------------------------------------------------------------------------------------
 
 
-def test_an_eviction_takes_at_least_a_block_never_the_head_and_nothing_when_tokens_fit():
+def test_an_eviction_makes_room_for_at_least_a_block_never_takes_the_head_and_nothing_when_tokens_fit():
     assert tokens_needed(held=20, protected=4, cache_size=32, num_coming=1, block=16) == 0  # fits: no eviction
     assert tokens_needed(held=32, protected=4, cache_size=32, num_coming=1, block=1) == 1  # the paper's rule
     assert tokens_needed(held=32, protected=4, cache_size=32, num_coming=1, block=16) == 16
     assert tokens_needed(held=32, protected=4, cache_size=32, num_coming=20, block=16) == 20  # more than a block
+    assert tokens_needed(held=30, protected=4, cache_size=32, num_coming=3, block=16) == 14  # room for a block
+    assert tokens_needed(held=30, protected=4, cache_size=32, num_coming=20, block=16) == 18  # a reserve: exact
     assert tokens_needed(held=10, protected=4, cache_size=10, num_coming=1, block=16) == 6  # at most what follows
     assert tokens_needed(held=32, protected=30, cache_size=32, num_coming=1, block=16) == 2  # the head stays
     with pytest.raises(ValueError, match="block"):

@@ -1,7 +1,7 @@
 """One conversation's KV cache on llama.cpp: `StartRecentKVCache`'s contract over a llama.cpp sequence.
 
 Same sizes (`start_size` sinks + `recent_size` recent tokens), same protected head (`pin`: `max(start_size,
-pinned)` tokens never evicted), same eviction rule (`evict_for_space` drops the oldest tokens after the head, at least `evict_block` of them, rounded
+pinned)` tokens never evicted), same eviction rule (`evict_for_space` drops the oldest tokens after the head, room for at least `evict_block`, rounded
 to a message boundary under eviction="turns", decided by the same functions of `eviction.py`; `evict_range` any
 range but the pinned head), same counters (`seen_tokens == held + evicted_tokens`), same `stream_positions` and
 `kv_bytes`, so the turn logic in `generation.py`, the session statistics and the engine's counters read it exactly
