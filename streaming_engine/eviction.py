@@ -57,16 +57,18 @@ def block_for(recent_size: int, evict_block: int = DEFAULT_EVICT_BLOCK) -> int:
 
 def tokens_needed(held: int, protected: int, cache_size: int, num_coming: int, block: int = 1) -> int:
     """How many of the oldest tokens after the protected head must go so `num_coming` more fit in `cache_size`:
-    0 when they fit; otherwise enough to make room for `max(num_coming, block)` tokens (so after one decoded token
-    the next `block - 1` fit without evicting, while a feed of at least `block` tokens, such as a turn's reserve,
-    evicts only what it needs); never more than the tokens after the head."""
+    0 when they fit; otherwise enough to make room for `max(num_coming, block)` tokens (a trim, `num_coming=0`,
+    leaves room for `block - 1`), so after one decoded token the next `block - 1` fit without evicting, while a
+    feed of at least `block` tokens (a turn's reserve, a prompt chunk) evicts only what it needs; never more than
+    the tokens after the head. `block=1` is the paper's rule: exactly what is needed."""
     if num_coming < 0:
         raise ValueError(f"num_coming must be >= 0, got {num_coming}")
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
-    if held + num_coming <= cache_size:
+    needed = held + num_coming - cache_size
+    if needed <= 0:
         return 0
-    return min(held + max(num_coming, block) - cache_size, held - protected)
+    return min(needed + max(0, block - max(num_coming, 1)), held - protected)
 
 
 def round_to_message(after_head, count: int, boundaries: list[int], seen: int) -> int:

@@ -44,6 +44,8 @@ def test_an_eviction_makes_room_for_at_least_a_block_never_takes_the_head_and_no
     assert tokens_needed(held=32, protected=4, cache_size=32, num_coming=20, block=16) == 20  # more than a block
     assert tokens_needed(held=30, protected=4, cache_size=32, num_coming=3, block=16) == 14  # room for a block
     assert tokens_needed(held=30, protected=4, cache_size=32, num_coming=20, block=16) == 18  # a reserve: exact
+    assert tokens_needed(held=33, protected=4, cache_size=32, num_coming=0, block=1) == 1  # trim: down to the size
+    assert tokens_needed(held=33, protected=4, cache_size=32, num_coming=0, block=16) == 16  # room for 15 more
     assert tokens_needed(held=10, protected=4, cache_size=10, num_coming=1, block=16) == 6  # at most what follows
     assert tokens_needed(held=32, protected=30, cache_size=32, num_coming=1, block=16) == 2  # the head stays
     with pytest.raises(ValueError, match="block"):
