@@ -18,8 +18,8 @@ Layout, per layer, preallocated and written in place (no concatenation per token
     h = max(start_size, pinned) is the row's own protected head (sinks, or a pinned system prompt if longer), so
     rows with heads of different lengths share the buffers; a row's head cannot change while it is in a batch.
 
-* **Per-row eviction without moving tokens.** Evicting a row's `k` oldest recent tokens (how many: `eviction.py`,
-  the same rule as alone, message boundaries included) advances its ring head by `k` and re-rotates the keys that stay, in place, by `-k` positions (`positions.shift_keys`, exactly the
+* **Per-row eviction without moving tokens.** Evicting a row's `k` oldest recent tokens (how many: the
+  conversation's own cache's policy, `eviction.py`, the same rule as alone, blocks and message boundaries included) advances its ring head by `k` and re-rotates the keys that stay, in place, by `-k` positions (`positions.shift_keys`, exactly the
   arithmetic of the single-conversation cache): one re-rotation per eviction block, per row. Values never move.
 * **Column order does not matter.** Keys carry their RoPE position from when they were written (and from the
   re-rotation), new tokens get explicit per-row position ids, and a decode query attends to every key its row
@@ -44,7 +44,6 @@ import torch
 from transformers.cache_utils import Cache
 
 from .cache import StartRecentKVCache
-from .eviction import round_to_message, tokens_needed
 from .positions import rotation_for_offset, shift_keys
 
 #: Rows allocated when the first conversation joins; the buffers double up to `max_batch` as more join.
@@ -82,6 +81,7 @@ class ConversationCache:
     protected = property(lambda self: self.solo.protected)
     window = property(lambda self: self.solo.window)
     eviction = property(lambda self: self.solo.eviction)
+    evict_block = property(lambda self: self.solo.evict_block)
     boundaries = property(lambda self: self.solo.boundaries)
 
     def pin(self, tokens: int) -> int:
@@ -113,16 +113,15 @@ class ConversationCache:
 
     def evict_for_space(self, num_coming: int) -> int:
         """As `StartRecentKVCache.evict_for_space`: evict the oldest tokens after the protected head so
-        `num_coming` more fit (rounded to a message boundary under eviction="turns")."""
+        `num_coming` more fit (room for at least `evict_block`; rounded to a message boundary under eviction="turns").
+        How many is the conversation's own cache's policy (`eviction_count`), asked with the row's counters."""
         if not self.attached:
             return self.solo.evict_for_space(num_coming)
         head = self.protected
-        count = tokens_needed(self._held, head, self.cache_size, num_coming)
+        count = self.solo.eviction_count(num_coming, self._held, lambda: self.batch.stream_index(self)[head:],
+                                         self._seen)
         if count <= 0:
             return 0
-        if self.eviction == "turns":
-            after_head = self.batch.stream_index(self)[head:]
-            count = round_to_message(after_head, count, self.solo.boundaries, self._seen)
         return self.batch.evict_oldest(self, count)
 
     def evict_range(self, start: int, end: int) -> int:

@@ -19,7 +19,8 @@ Layout of the sequence axis at any time::
 The protected head is the attention sinks, or a longer *pinned* prefix (`pin(n)`, e.g. a chat's system prompt)
 that stays for the whole stream; `cache_size` does not grow with it, the recent window gives up the room. Under
 the "turns" policy (`eviction="turns"`) an eviction is rounded up to the next message boundary recorded with
-`mark_boundary` (see `eviction.py`), so whole past messages leave together.
+`mark_boundary` (see `eviction.py`), so whole past messages leave together. With `evict_block=k` an eviction takes
+at least `k` tokens (`eviction.tokens_needed`), so a long reply evicts (and re-rotates) once per `k` tokens.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from .checks import check_int
 from .defaults import DEFAULT_RECENT_SIZE, DEFAULT_START_SIZE  # noqa: F401  (their home is defaults.py)
-from .eviction import ProtectedHead, check_policy
+from .eviction import ProtectedHead, check_evict_block, check_policy
 from .families import SHARED_ROPE, check_cache_size, check_supported, find_rotary_embedding, layer_rope_kinds
 from .positions import rotation_for_offset, shift_keys
 
@@ -41,7 +42,8 @@ class StartRecentKVCache(ProtectedHead, Cache):
     `seen_tokens` (every token ever appended) and `evicted_tokens` (every token evicted), so that
     `seen_tokens == get_seq_length() + evicted_tokens` always holds. `pinned`: the first `pinned` tokens held are
     never evicted (`pin`); `protected` is `max(start_size, pinned)`. `eviction`: "tokens" (the paper) or "turns"
-    (whole messages between the stream positions in `boundaries`, see `mark_boundary`). `layer_rope` says per layer how its keys
+    (whole messages between the stream positions in `boundaries`, see `mark_boundary`). `evict_block`: fewest tokens
+    one eviction takes (1: token by token, the paper's reference code). `layer_rope` says per layer how its keys
     carry their position (`families.layer_rope_kinds`; None: every layer uses the rotary module's one
     frequency set). `auto_evict`: every forward pass this cache takes part in makes room for its tokens and
     places them at in-cache positions itself (needs the model hook that `enable_streaming_llm` installs).
@@ -58,10 +60,12 @@ class StartRecentKVCache(ProtectedHead, Cache):
         auto_evict: bool = False,
         pin: int = 0,
         eviction: str = "tokens",
+        evict_block: int = 1,
     ):
         check_int("start_size", start_size, 0)
         check_int("recent_size", recent_size, 1)
         check_policy(eviction)
+        check_evict_block(evict_block, recent_size)
         if pos_shift and rotary_emb is None:
             raise ValueError(
                 "pos_shift=True needs the model's rotary embedding: use enable_streaming_llm(model, ...) "
@@ -76,6 +80,7 @@ class StartRecentKVCache(ProtectedHead, Cache):
         self.layer_rope = tuple(layer_rope) if layer_rope is not None else None
         self.auto_evict = bool(auto_evict)
         self.eviction = eviction
+        self.evict_block = evict_block
         self.pinned = 0
         #: Sorted stream positions where a message begins (only read under the "turns" policy).
         self.boundaries: list[int] = []
@@ -95,6 +100,7 @@ class StartRecentKVCache(ProtectedHead, Cache):
         return StartRecentKVCache(
             self.start_size, self.recent_size, rotary_emb=self.rotary_emb, pos_shift=self.pos_shift,
             layer_rope=self.layer_rope, auto_evict=self.auto_evict, pin=self.pinned, eviction=self.eviction,
+            evict_block=self.evict_block,
         )
 
     # --- transformers Cache interface -------------------------------------------------------------------------
@@ -233,7 +239,8 @@ class StartRecentKVCache(ProtectedHead, Cache):
         return (
             f"StartRecentKVCache(start_size={self.start_size}, recent_size={self.recent_size}, "
             f"held={self.get_seq_length()}, seen={self.seen_tokens}, evicted={self.evicted_tokens}, "
-            f"pinned={self.pinned}, eviction={self.eviction!r}, pos_shift={self.pos_shift})"
+            f"pinned={self.pinned}, eviction={self.eviction!r}, evict_block={self.evict_block}, "
+            f"pos_shift={self.pos_shift})"
         )
 
 
@@ -246,11 +253,14 @@ def enable_streaming_llm(
     auto_evict: bool = False,
     pin: int = 0,
     eviction: str = "tokens",
+    evict_block: int = 1,
 ) -> StartRecentKVCache:
     """Bind a fresh `StartRecentKVCache` to `model` (the paper's reference-code entry point).
 
     `pin=n` protects the first `n` tokens fed (e.g. a system prompt) from eviction, besides the sinks;
-    `eviction="turns"` evicts whole messages between the boundaries marked with `cache.mark_boundary()`.
+    `eviction="turns"` evicts whole messages between the boundaries marked with `cache.mark_boundary()`;
+    `evict_block=k` makes every eviction take at least `k` tokens (1, the default, is the reference code's
+    token-by-token eviction; the engine uses `eviction.DEFAULT_EVICT_BLOCK`, see docs/block-eviction.md).
 
     Raises `ValueError` naming the supported families when the model cannot stream. Also installs the model hook
     that lets `model.generate(ids, past_key_values=cache)` (or any forward pass with `auto_evict=True`) evict as it
@@ -266,4 +276,5 @@ def enable_streaming_llm(
     return StartRecentKVCache(
         start_size, recent_size, rotary_emb=rotary, pos_shift=pos_shift,
         layer_rope=layer_rope_kinds(model, rotary), auto_evict=auto_evict, pin=pin, eviction=eviction,
+        evict_block=evict_block,
     )

@@ -25,7 +25,7 @@ from .defaults import (
     DEFAULT_START_SIZE,
     MODES,
 )
-from .eviction import EVICTION_POLICIES
+from .eviction import DEFAULT_EVICT_BLOCK, EVICTION_POLICIES
 from .eval.cli import add_placement_args, placement_kwargs
 from .prompts import jsonl_records
 
@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eviction", choices=EVICTION_POLICIES, default=DEFAULT_EVICTION,
                    help=f"what leaves a full cache: the oldest tokens, or whole oldest messages "
                         f"(default {DEFAULT_EVICTION})")
+    p.add_argument("--evict-block", type=int, default=None,
+                   help=f"fewest tokens one eviction takes, 1..recent size; 1 = token by token "
+                        f"(default {DEFAULT_EVICT_BLOCK}, or the recent size if smaller)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     add_placement_args(p)
@@ -99,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = EngineConfig(start_size=args.start_size, recent_size=args.recent_size, pin_system=args.pin_system,
-                              pin_limit=args.pin_limit, eviction=args.eviction)
+                              pin_limit=args.pin_limit, eviction=args.eviction,
+                              evict_block=args.evict_block)
         print(backend_line(*choose_backend(args.backend, args.model, args.device, args.device_map, args.dtype)),
               file=sys.stderr, flush=True)
         model, tokenizer = load(args.model, args.device, args.dtype, backend=args.backend, **placement_kwargs(args))

@@ -27,7 +27,7 @@ from .backends import is_llamacpp_model
 from .cache import DEFAULT_RECENT_SIZE, DEFAULT_START_SIZE, StartRecentKVCache
 from .checks import check_int, check_number
 from .counters import EngineCounters
-from .eviction import EVICTION_POLICIES, check_policy
+from .eviction import EVICTION_POLICIES, block_for, check_evict_block, check_policy
 from .families import check_cache_size, check_supported, find_rotary_embedding, layer_rope_kinds
 from .handoff import SessionState, adopt, capture
 from .history import MAX_HISTORY_MESSAGES, dump_history, parse_history
@@ -104,7 +104,9 @@ class EngineConfig(SamplingDefaults):
     temperature, top_p, top_k, repetition_penalty) are the defaults for every `chat` call.
 
     `prefill_chunk_size=None` (the default) derives the chunk from the window with `prefill_chunk_for`; after
-    construction the field always holds the chunk size in use.
+    construction the field always holds the chunk size in use. `evict_block=None` likewise becomes
+    `eviction.DEFAULT_EVICT_BLOCK`, or the whole recent window when that is shorter; a session with a smaller
+    window than the engine's evicts in blocks of at most its window.
     """
 
     start_size: int = DEFAULT_START_SIZE
@@ -122,6 +124,7 @@ class EngineConfig(SamplingDefaults):
     pin_system: bool = True  # streaming sessions keep their system prompt with the sinks (never evicted)
     pin_limit: int = DEFAULT_PIN_LIMIT  # most tokens a pinned system prompt may take; a longer one is refused
     eviction: str = DEFAULT_EVICTION  # "tokens" (the paper) or "turns" (whole past messages)
+    evict_block: int | None = None  # fewest tokens one eviction takes; None: eviction.block_for(recent_size)
 
     def __post_init__(self):
         check_int("start_size", self.start_size, 0)
@@ -145,6 +148,9 @@ class EngineConfig(SamplingDefaults):
             raise ValueError(f"pin_system must be True or False, got {self.pin_system!r}")
         check_int("pin_limit", self.pin_limit, 1)
         check_policy(self.eviction)
+        if self.evict_block is None:
+            self.evict_block = block_for(self.recent_size)
+        check_evict_block(self.evict_block, self.recent_size)
         self.idle_timeout_s = check_number("idle_timeout_s", self.idle_timeout_s, 0, low_open=True)
         self.api_idle_timeout_s = check_number("api_idle_timeout_s", self.api_idle_timeout_s, 0, low_open=True)
         # Validates the sampling defaults and keeps them as SamplingParams made them (`temperature=1` -> 1.0).
@@ -333,13 +339,15 @@ class StreamingEngine:
 
     def _new_cache(self, start: int, recent: int, pos_shift: bool = True, eviction: str = DEFAULT_EVICTION):
         """An empty cache for one conversation on this engine's backend (the session pins its system prompt on
-        it later, `Session.pin`; `eviction` is the policy of `eviction.py`, the same on both backends)."""
+        it later, `Session.pin`; `eviction` and the config's `evict_block` are the policy of `eviction.py`, the same
+        on both backends)."""
+        block = block_for(recent, self.config.evict_block)
         if self.llamacpp is not None:
-            return self.llamacpp.new_cache(start, recent, pos_shift=pos_shift, eviction=eviction)
+            return self.llamacpp.new_cache(start, recent, pos_shift=pos_shift, eviction=eviction, evict_block=block)
         if not pos_shift:  # dense: a plain growing cache with counters, positions = stream positions
             return StartRecentKVCache(start, recent, pos_shift=False)
         return StartRecentKVCache(start, recent, rotary_emb=self._rotary_emb, layer_rope=self._layer_rope,
-                                  eviction=eviction)
+                                  eviction=eviction, evict_block=block)
 
     def system_tokens(self, system_prompt: str) -> int:
         """Tokens of the chat template's whole rendering of `system_prompt`: what pinning it keeps."""

@@ -6,7 +6,14 @@ many tokens `evict_for_space(n)` must remove, so a conversation makes the same e
 
 * The **protected head** is `max(start_size, pinned)` tokens: the attention sinks, or a pinned prefix such as the
   system prompt if that is longer (`StartRecentKVCache.pin`). `evict_for_space` never takes a head token.
-* Policy **"tokens"** is the paper's: the oldest tokens after the head, exactly as many as needed.
+* Policy **"tokens"** is the paper's: the oldest tokens after the head, as many as needed (at least a block, below).
+* **Block eviction** (`evict_block`, every policy, every backend, batch rows too): when an eviction is needed it
+  makes room for at least `evict_block` tokens (as far as the tokens after the head allow), so a reply decoded
+  past a full cache evicts once every `evict_block` tokens instead of every token and the cache holds between
+  `cache_size - evict_block` and `cache_size` tokens. Each eviction re-rotates every kept key once (transformers) or makes llama.cpp shift every
+  cell (`seq_rm` + `seq_add`), which done per token costs a large share of decode speed (measured in
+  docs/block-eviction.md). `evict_block=1` is the paper's per-token eviction. What is kept is still exact: the
+  tokens held predict as a dense forward over exactly them at in-cache positions would.
 * Policy **"turns"** rounds that count *up* to the next message boundary (a stream position where a message began,
   recorded by whoever feeds messages: `mark_boundary`), so the model never sees the tail of a message without its
   beginning. When the cut falls inside the message still being fed (one message longer than the window: a long
@@ -16,6 +23,7 @@ many tokens `evict_for_space(n)` must remove, so a conversation makes the same e
 from __future__ import annotations
 
 import bisect
+from typing import Callable, Sequence
 
 from .checks import check_int
 
@@ -29,12 +37,38 @@ def check_policy(eviction) -> str:
     return eviction
 
 
-def tokens_needed(held: int, protected: int, cache_size: int, num_coming: int) -> int:
-    """How many of the oldest tokens after the protected head must go so `num_coming` more fit in `cache_size`
-    (0 when they fit; never more than the tokens after the head)."""
+#: Tokens evicted at once when a cache must make room, unless configured (`EngineConfig.evict_block`, `--evict-block`,
+#: `enable_streaming_llm(..., evict_block=)`): the smallest block whose per-token eviction throughput stays within
+#: 10% of no eviction on both backends (assets/eval/evict_block.json, docs/block-eviction.md). A cache whose recent
+#: window is shorter uses the whole window (`block_for`).
+DEFAULT_EVICT_BLOCK = 32
+
+
+def check_evict_block(evict_block, recent_size: int) -> int:
+    """`evict_block` if it is an int in `[1, recent_size]` (a block larger than the window could not be evicted)."""
+    return check_int("evict_block", evict_block, 1, recent_size,
+                     note=f" (the recent window holds {recent_size}; 1 = evict token by token)")
+
+
+def block_for(recent_size: int, evict_block: int = DEFAULT_EVICT_BLOCK) -> int:
+    """The block a cache of `recent_size` recent tokens uses when asked for `evict_block`: at most its window."""
+    return max(1, min(evict_block, recent_size))
+
+
+def tokens_needed(held: int, protected: int, cache_size: int, num_coming: int, block: int = 1) -> int:
+    """How many of the oldest tokens after the protected head must go so `num_coming` more fit in `cache_size`:
+    0 when they fit; otherwise enough to make room for `max(num_coming, block)` tokens (a trim, `num_coming=0`,
+    leaves room for `block - 1`), so after one decoded token the next `block - 1` fit without evicting, while a
+    feed of at least `block` tokens (a turn's reserve, a prompt chunk) evicts only what it needs; never more than
+    the tokens after the head. `block=1` is the paper's rule: exactly what is needed."""
     if num_coming < 0:
         raise ValueError(f"num_coming must be >= 0, got {num_coming}")
-    return max(0, min(held + num_coming - cache_size, held - protected))
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    needed = held + num_coming - cache_size
+    if needed <= 0:
+        return 0
+    return min(needed + max(0, block - max(num_coming, 1)), held - protected)
 
 
 def round_to_message(after_head, count: int, boundaries: list[int], seen: int) -> int:
@@ -62,7 +96,7 @@ def round_to_message(after_head, count: int, boundaries: list[int], seen: int) -
 class ProtectedHead:
     """The protected head, message boundaries and the eviction rule, shared by every sink cache
     (`StartRecentKVCache`, a batch row's solo copy, `LlamaCppCache`), so they refuse, record and evict the same way.
-    The cache supplies `start_size`, `cache_size`, `pinned`, `boundaries`, `eviction`, `seen_tokens`,
+    The cache supplies `start_size`, `cache_size`, `pinned`, `boundaries`, `eviction`, `evict_block`, `seen_tokens`,
     `_stream_index` (stream index of every held token, a list or a 1-D tensor), `get_seq_length()` and
     `evict_range(start, end)` (how its storage drops a range)."""
 
@@ -107,19 +141,28 @@ class ProtectedHead:
             )
         return end - start
 
+    def eviction_count(self, num_coming: int, held: int, after_head: Callable[[], Sequence[int]], seen: int) -> int:
+        """The policy: how many of the oldest tokens after the protected head go so `num_coming` more fit, for a
+        cache holding `held` tokens after `seen` fed; `after_head()` gives their stream positions (asked only under
+        eviction="turns"). A batch row asks its own cache's policy with the row's counters, so a subclass that
+        overrides this is honoured alone and batched alike."""
+        count = tokens_needed(held, self.protected, self.cache_size, num_coming, self.evict_block)
+        if count > 0 and self.eviction == "turns":
+            count = round_to_message(after_head(), count, self.boundaries, seen)
+        return count
+
     def evict_for_space(self, num_coming: int) -> int:
         """Evict the oldest tokens after the protected head so `num_coming` more fit in `cache_size`; returns how
-        many (under eviction="turns", up to the next message boundary).
+        many (room for at least `evict_block` when any; under eviction="turns", up to the next message boundary).
 
         No-op when they already fit. The head (sinks or pinned prefix) is never evicted here, so when
         `num_coming > window` the whole recent window goes and the caller must feed its tokens in chunks.
         """
         head = self.protected
-        count = tokens_needed(self.get_seq_length(), head, self.cache_size, num_coming)
+        count = self.eviction_count(num_coming, self.get_seq_length(), lambda: self._stream_index[head:],
+                                    self.seen_tokens)
         if count <= 0:
             return 0
-        if self.eviction == "turns":
-            count = round_to_message(self._stream_index[head:], count, self.boundaries, self.seen_tokens)
         return self.evict_range(head, head + count)
 
     def trim(self) -> int:

@@ -20,8 +20,9 @@ The eviction policy lives here, so that a conversation makes exactly the same ev
   that takes (oldest tokens, or whole oldest messages) is the cache's policy (`eviction.py`);
 * a prompt longer than that is fed in chunks, evicting before each chunk, so a 50,000-token paste runs in bounded
   memory;
-* a reply that outgrows the window (rare: room is reserved up front whenever it fits) evicts one token per step
-  when the cache is full, exactly as the paper and `model.generate` with the cache do, so both give the same text;
+* a reply that outgrows the window (rare: room is reserved up front whenever it fits) evicts when the cache is
+  full, at least the cache's `evict_block` tokens at once (1: one token per step, as the paper), as
+  `model.generate` with the same cache does, so both give the same text;
 * a dense cache (no eviction) reports `context_full` instead of growing past its limit.
 
 The last sampled token (often the end-of-turn token) is not fed here; the caller feeds it first thing next turn,

@@ -67,7 +67,7 @@ def test_generate_text_equals_the_engines_greedy_reply(tiny_chat_model, default_
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a long story."}],
                                            add_generation_prompt=True, tokenize=False)
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-    cache = enable_streaming_llm(model, 4, 60)
+    cache = enable_streaming_llm(model, 4, 60, evict_block=engine.config.evict_block)  # the engine's block
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         out = model.generate(ids, past_key_values=cache, max_new_tokens=150, do_sample=False)
@@ -87,7 +87,7 @@ def test_default_model_generate_equals_the_engines_greedy_reply(default_model):
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
                                            tokenize=False)
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-    cache = enable_streaming_llm(model, 4, 60)
+    cache = enable_streaming_llm(model, 4, 60, evict_block=engine.config.evict_block)  # the engine's block
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         out = model.generate(ids, past_key_values=cache, max_new_tokens=110, do_sample=False)

@@ -1,7 +1,7 @@
 """One conversation's KV cache on llama.cpp: `StartRecentKVCache`'s contract over a llama.cpp sequence.
 
 Same sizes (`start_size` sinks + `recent_size` recent tokens), same protected head (`pin`: `max(start_size,
-pinned)` tokens never evicted), same eviction rule (`evict_for_space` drops the oldest tokens after the head, rounded
+pinned)` tokens never evicted), same eviction rule (`evict_for_space` drops the oldest tokens after the head, room for at least `evict_block`, rounded
 to a message boundary under eviction="turns", decided by the same functions of `eviction.py`; `evict_range` any
 range but the pinned head), same counters (`seen_tokens == held + evicted_tokens`), same `stream_positions` and
 `kv_bytes`, so the turn logic in `generation.py`, the session statistics and the engine's counters read it exactly
@@ -18,7 +18,7 @@ re-rotating their keys, the same `R(-shift)` that `positions.shift_keys` applies
 from __future__ import annotations
 
 from ..checks import check_int
-from ..eviction import ProtectedHead, check_policy
+from ..eviction import ProtectedHead, check_evict_block, check_policy
 from ..positions import first_position
 
 
@@ -30,10 +30,11 @@ class LlamaCppCache(ProtectedHead):
     attached = False
 
     def __init__(self, context, start_size: int, recent_size: int, *, pos_shift: bool = True, pin: int = 0,
-                 eviction: str = "tokens"):
+                 eviction: str = "tokens", evict_block: int = 1):
         check_int("start_size", start_size, 0)
         check_int("recent_size", recent_size, 1)
         check_policy(eviction)
+        check_evict_block(evict_block, recent_size)
         if start_size + recent_size > context.seq_capacity:
             raise ValueError(
                 f"start_size + recent_size = {start_size + recent_size} exceeds the {context.seq_capacity} tokens "
@@ -45,6 +46,7 @@ class LlamaCppCache(ProtectedHead):
         self.cache_size = start_size + recent_size
         self.pos_shift = pos_shift
         self.eviction = eviction
+        self.evict_block = evict_block
         self.pinned = 0
         #: Sorted stream positions where a message begins (only read under the "turns" policy).
         self.boundaries: list[int] = []
@@ -68,7 +70,14 @@ class LlamaCppCache(ProtectedHead):
         if count == 0:
             return 0
         if self.pos_shift:  # llama.cpp positions are cache indexes: drop [start, end), pull the rest left
-            self._pending.append((start, end, count))
+            last = self._pending[-1] if self._pending else None
+            if last is not None and last[2] and last[0] == start:
+                # The same cut again before any forward pass (the head's end, as evict_for_space makes it): in
+                # llama.cpp's positions, which have not moved yet, it continues the pending range, so the two
+                # become one seq_rm + one seq_add.
+                self._pending[-1] = (start, last[1] + count, last[2] + count)
+            else:
+                self._pending.append((start, end, count))
         else:  # positions are stream indexes (gaps from earlier evictions hold no cells): drop, keep the rest
             self._pending.append((self._stream_index[start], self._stream_index[end - 1] + 1, 0))
         del self._stream_index[start:end]
@@ -98,6 +107,8 @@ class LlamaCppCache(ProtectedHead):
         return first_position(self)
 
     def _apply_evictions(self) -> None:
+        # One seq_rm + one seq_add per eviction: the add makes llama.cpp re-rotate every cell behind the gap in the
+        # next pass, which is why evictions come in blocks (`evict_block`), not one per decoded token.
         lc, memory = self.context.lc, self.context.memory
         for p0, p1, shift in self._pending:
             lc.llama_memory_seq_rm(memory, self.seq, p0, p1)
@@ -113,4 +124,4 @@ class LlamaCppCache(ProtectedHead):
         where = f"sequence {self.seq}" if self.seq is not None else ("host memory" if self.saved else "empty")
         return (f"LlamaCppCache(start_size={self.start_size}, recent_size={self.recent_size}, "
                 f"held={self.get_seq_length()}, seen={self.seen_tokens}, evicted={self.evicted_tokens}, "
-                f"pinned={self.pinned}, eviction={self.eviction!r}, in {where})")
+                f"pinned={self.pinned}, eviction={self.eviction!r}, evict_block={self.evict_block}, in {where})")

@@ -105,11 +105,12 @@ class LlamaCppContext:
         return self.sequences * _padded(self.seq_capacity) * self.bytes_per_token
 
     def new_cache(self, start_size: int, recent_size: int, *, pos_shift: bool = True, pin: int = 0,
-                  eviction: str = "tokens"):
+                  eviction: str = "tokens", evict_block: int = 1):
         """An empty conversation cache on this context (`cache.LlamaCppCache`)."""
         from .cache import LlamaCppCache
 
-        return LlamaCppCache(self, start_size, recent_size, pos_shift=pos_shift, pin=pin, eviction=eviction)
+        return LlamaCppCache(self, start_size, recent_size, pos_shift=pos_shift, pin=pin, eviction=eviction,
+                             evict_block=evict_block)
 
     # --- where a conversation's tokens are --------------------------------------------------------------------
 
