@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 from .apivalidate import SESSION_ID_MAX_CHARS, preview
 from .backends import is_llamacpp_model
@@ -227,9 +227,6 @@ class StreamingEngine:
         self._sessions: dict[str, Session] = {}
         self._tags: dict[str, SessionTag] = {}  # session id -> who holds it (same keys as `_sessions`)
         self._lock = threading.Lock()
-        #: Called as `(phase, session_id)`, phase "start" / "done", around a turn's rendering and encoding on the
-        #: caller's thread (`Session.plan_turn`): lets tests observe what the worker does meanwhile, by events.
-        self.on_encode: Callable[[str, str], None] | None = None
 
     # --- sessions ----------------------------------------------------------------------------------------------
 
@@ -548,9 +545,7 @@ class StreamingEngine:
                 return _refused("Server busy: too many replies are being written right now. Try again shortly.",
                                 session.stats())
             # Rendering and encoding the history happen here, on the caller's thread: the worker gets token ids.
-            self._encoding("start", session.id)
             plan = session.plan_turn(self.runtime, message)
-            self._encoding("done", session.id)
             handle = TurnHandle(
                 on_crash=lambda exc: Event("error", f"Generation failed ({type(exc).__name__}).", {}, "error")
             )
@@ -559,10 +554,6 @@ class StreamingEngine:
             session.current = handle
             self.scheduler.submit(handle)
         return handle
-
-    def _encoding(self, phase: str, session_id: str) -> None:
-        if self.on_encode is not None:
-            self.on_encode(phase, session_id)
 
     # --- export / restore --------------------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Generator, Iterator, Literal
+from typing import Callable, Generator, Iterator, Literal
 
 import torch
 
@@ -84,6 +84,9 @@ class Runtime:
     templater: object
     eos_ids: set
     device: torch.device
+    #: Called as `(phase, session_id)`, phase "start" / "done", around `Session.plan_turn`'s rendering and encoding,
+    #: on whichever thread runs it: lets tests observe what the worker does meanwhile, by events.
+    on_encode: Callable[[str, str], None] | None = None
 
 
 class Session:
@@ -234,6 +237,15 @@ class Session:
         the turn's own text), without changing the session: run on the caller's thread before the turn is
         submitted (module docstring), under the session's lock, so nothing else changes it until the turn runs.
         A failure is kept in the plan and raised inside the turn, which reports it as any failure of a turn."""
+        if rt.on_encode is not None:
+            rt.on_encode("start", self.id)
+        try:
+            return self._plan_turn(rt, message)
+        finally:
+            if rt.on_encode is not None:
+                rt.on_encode("done", self.id)
+
+    def _plan_turn(self, rt: Runtime, message: str) -> "TurnPlan":
         try:
             if self.context_full:
                 return TurnPlan()
