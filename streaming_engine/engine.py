@@ -545,10 +545,13 @@ class StreamingEngine:
             if self.scheduler.active_turns >= self.config.max_active_turns:
                 return _refused("Server busy: too many replies are being written right now. Try again shortly.",
                                 session.stats())
+            # Rendering and encoding the history happen here, on the caller's thread: the worker gets token ids.
+            plan = session.plan_turn(self.runtime, message)
             handle = TurnHandle(
                 on_crash=lambda exc: Event("error", f"Generation failed ({type(exc).__name__}).", {}, "error")
             )
-            handle.steps = self.counters.watch(session, session.turn(self.runtime, message, params, handle.stop_event))
+            turn = session.turn(self.runtime, message, params, handle.stop_event, plan)
+            handle.steps = self.counters.watch(session, turn)
             session.current = handle
             self.scheduler.submit(handle)
         return handle

@@ -12,6 +12,10 @@ Bookkeeping that keeps multi-round chat exact:
   `templating.py`), so only the new turn is ever encoded.
 * The last sampled token of a reply (usually the end-of-turn token) is kept in `pending_ids` and fed at the start
   of the next turn, so it ends up in the cache without an extra forward pass at the end of every reply.
+* Everything a turn computes from the history (the rendering, the re-encoded prime, the turn's token ids) is
+  computed by `plan_turn` on the *caller's* thread (an HTTP request thread, a gradio handler) before the turn is
+  submitted; the coroutine the worker drives only applies that `TurnPlan` and feeds token ids. So a 20,000-message
+  history costs its own request seconds of encoding, never the shared worker (every other chat's decode).
 * The history is plain Python (`history`: what the user saw; `_raw`: replies as generated, stop strings
   included, for the template). It is appended to before the model runs, so a failure never loses what was written.
   After a failure the cache is dropped and rebuilt from the history on the next turn (`_prime`), the same path a
@@ -34,7 +38,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Generator, Iterator, Literal
+from typing import Callable, Generator, Iterator, Literal
 
 import torch
 
@@ -78,6 +82,9 @@ class Runtime:
     templater: object
     eos_ids: set
     device: torch.device
+    #: Called as `(phase, session_id)`, phase "start" / "done", around `Session.plan_turn`'s rendering and encoding,
+    #: on whichever thread runs it: lets tests observe what the worker does meanwhile, by events.
+    on_encode: Callable[[str, str], None] | None = None
 
 
 class Session:
@@ -223,9 +230,44 @@ class Session:
 
     # --- a turn ------------------------------------------------------------------------------------------------
 
-    def turn(self, rt: Runtime, message: str, params: SamplingParams, stop_event: threading.Event) -> Generator:
+    def plan_turn(self, rt: Runtime, message: str) -> "TurnPlan":
+        """Render and encode what a turn of `message` will feed (the re-encoded history when it needs priming, then
+        the turn's own text), without changing the session: run on the caller's thread before the turn is
+        submitted (module docstring), under the session's lock, so nothing else changes it until the turn runs.
+        A failure is kept in the plan and raised inside the turn, which reports it as any failure of a turn."""
+        if rt.on_encode is not None:
+            rt.on_encode("start", self.id)
+        try:
+            return self._plan_turn(rt, message)
+        finally:
+            if rt.on_encode is not None:
+                rt.on_encode("done", self.id)
+
+    def _plan_turn(self, rt: Runtime, message: str) -> "TurnPlan":
+        try:
+            if self.context_full:
+                return TurnPlan()
+            prime = self._plan_prime(rt) if self.needs_prime else None
+            stream_text = self.stream_text if prime is None else prime.stream_text
+            messages = self.template_messages() + [{"role": "user", "content": message}]
+            text = rt.templater.turn_text(stream_text, messages)
+            system_text = ""
+            if not stream_text and self.system_prompt:  # the conversation's first text opens with the prompt
+                system_text = rt.templater.system_text(self.system_prompt, text)
+            system_ids = rt.templater.encode(system_text) if system_text else []
+            return TurnPlan(prime, text, system_text, system_ids, rt.templater.encode(text[len(system_text):]))
+        except Exception as exc:  # noqa: BLE001 - reported by the turn (accepted, history kept), as before
+            return TurnPlan(error=exc)
+
+    def turn(self, rt: Runtime, message: str, params: SamplingParams, stop_event: threading.Event,
+             plan: "TurnPlan | None" = None) -> Generator:
         """Coroutine of one user turn for the scheduler: yields `Event`s for the reader and forward-pass requests
-        (`generation.Prefill` / `Decode`), and receives each request's answer (see `generation.py`)."""
+        (`generation.Prefill` / `Decode`), and receives each request's answer (see `generation.py`).
+
+        `plan` is `plan_turn(rt, message)`, made by the caller before submitting; without one it is made here, on
+        the worker (only for callers that drive a turn alone)."""
+        if plan is None:
+            plan = self.plan_turn(rt, message)
         started = time.perf_counter()
         self.last_active = time.monotonic()
         self.turns += 1
@@ -240,10 +282,12 @@ class Session:
         stream = TextStream(rt.tokenizer, params.stop)
         reply_ids: list[int] = []
         try:
-            if self.needs_prime:
-                yield from self._prime(rt)
-            text = rt.templater.turn_text(self.stream_text, self.template_messages())
-            prompt_ids = self._turn_ids(rt, text)
+            if plan.error is not None:
+                raise plan.error
+            if plan.prime is not None:
+                yield from self._prime(plan.prime)
+            text = plan.text
+            prompt_ids = self._turn_ids(plan)
             self.pending_ids = []
             self.stream_text += text
             self.recent_ids.extend(prompt_ids)
@@ -343,48 +387,52 @@ class Session:
             self.spans[index] = MessageSpan(start)
         self.cache.mark_boundary(start)
 
-    def _turn_ids(self, rt: Runtime, text: str) -> list[int]:
-        """Token ids of a turn's `text` (after the pending end-of-turn token), recording where each message
-        begins. The first text of a conversation opens with the system prompt: encoded on its own (and pinned)."""
+    def _turn_ids(self, plan: "TurnPlan") -> list[int]:
+        """Token ids of a turn (after the pending end-of-turn token), recording where each message begins. The
+        first text of a conversation opens with the system prompt: encoded on its own (and pinned)."""
         start = self.cache.seen_tokens
-        system_ids: list[int] = []
-        if not self.stream_text and self.system_prompt:
-            system_text = rt.templater.system_text(self.system_prompt, text)
-            if system_text:
-                system_ids = rt.templater.encode(system_text)
-                text = text[len(system_text):]
-                self._open_span(start, None)
-                if self.pin_system:
-                    self.cache.pin(len(system_ids))
-        ids = self.pending_ids + system_ids + rt.templater.encode(text)
-        self._open_span(start + len(system_ids), len(self.history) - 1)
+        if plan.system_text:
+            self._open_span(start, None)
+            if self.pin_system:
+                self.cache.pin(len(plan.system_ids))
+        ids = self.pending_ids + plan.system_ids + plan.ids
+        self._open_span(start + len(plan.system_ids), len(self.history) - 1)
         self._reply_start = start + len(ids)
         self.cache.mark_boundary(self._reply_start)
         return ids
 
-    def _prime(self, rt: Runtime) -> Generator:
+    def _plan_prime(self, rt: Runtime) -> "PrimePlan":
+        """The re-encoding of the history before the new turn (see `_prime`); reads the session, changes nothing."""
+        messages = self.template_messages()  # everything before the user turn about to run
+        if not any(m["role"] != "system" for m in messages):
+            return PrimePlan("", [], None, empty=True)
+        text = rt.templater.render(messages, add_generation_prompt=False)
+        parts = self._prime_parts(rt, messages)
+        if parts is not None:
+            return PrimePlan(text, [], parts)
+        # A template that rewrites earlier turns: no per-message cut, so no spans either.
+        ids = rt.templater.encode(text)
+        budget, head = self._prime_budget(0)
+        if len(ids) > budget:
+            ids = ids[:head] + ids[len(ids) - (budget - head):]
+        return PrimePlan(text, ids, None)
+
+    def _prime(self, plan: "PrimePlan") -> Generator:
         """Re-encode the history into an empty cache, keeping the protected head (the pinned system prompt, or the
-        sinks) and the tail that fits (yields `Prefill` requests). Each message is encoded on its own so that its
-        span is known; under eviction="turns" the tail starts at a message. Until it completes, `needs_prime`
-        stays set, so a stop or a failure half-way is retried."""
+        sinks) and the tail that fits (yields `Prefill` requests), as `plan` (`_plan_prime`) says. Each message
+        was encoded on its own so that its span is known; under eviction="turns" the tail starts at a message.
+        Until it completes, `needs_prime` stays set, so a stop or a failure half-way is retried."""
         self.cache.reset()
         self.stream_text, self.pending_ids = "", []
         self.spans, self.system_span = [None] * len(self.history), None
-        messages = self.template_messages()[:-1]  # everything before the user turn now running
-        if not any(m["role"] != "system" for m in messages):
+        if plan.empty:
             self.needs_prime = False
             return
-        text = rt.templater.render(messages, add_generation_prompt=False)
-        parts = self._prime_parts(rt, messages)
-        if parts is None:  # a template that rewrites earlier turns: no per-message cut, so no spans either
-            ids = rt.templater.encode(text)
-            budget, head = self._prime_budget(0)
-            if len(ids) > budget:
-                ids = ids[:head] + ids[len(ids) - (budget - head):]
-        else:
-            offset = 1 if messages[0]["role"] == "system" else 0
+        ids = plan.ids
+        if plan.parts is not None:
+            offset = 1 if self.system_prompt else 0
             ids, pinned = [], 0
-            for k, part, missing in parts:
+            for k, part, missing in plan.parts:
                 self._open_span(len(ids), None if k < offset else k - offset)
                 (self.system_span if k < offset else self.spans[k - offset]).missing = missing
                 if k < offset and self.pin_system:
@@ -393,7 +441,7 @@ class Session:
             self.cache.pin(pinned)
         yield from prefill_requests(self.cache, ids, self.chunk_size, self.evicts)
         self.needs_prime = False
-        self.stream_text = text
+        self.stream_text = plan.text
         self.recent_ids.extend(ids)
 
     def _prime_budget(self, pinned: int) -> tuple[int, int]:
@@ -463,3 +511,34 @@ class Session:
         if not rt.templater.pieces_agree(messages, texts):
             return None
         return [(k, ids, missing) for k, ids, missing, *_ in head + tail]
+
+
+@dataclass
+class PrimePlan:
+    """How a history is re-encoded into an empty cache (`Session._plan_prime`): the rendering `text` (what the
+    stream holds afterwards), and either `parts` (`(message index, ids, tokens left out)` per message, in stream
+    order) or, for a template that cannot be cut into messages, the kept `ids` as one run. `empty`: nothing to
+    encode (no message besides the system prompt)."""
+
+    text: str
+    ids: list[int]
+    parts: list[tuple[int, list[int], int]] | None
+    empty: bool = False
+
+    @property
+    def stream_text(self) -> str:
+        return "" if self.empty else self.text
+
+
+@dataclass
+class TurnPlan:
+    """What a turn feeds, rendered and encoded on the caller's thread (`Session.plan_turn`): the prime (None when
+    the cache is current), the turn's `text`, the part of it that renders the system prompt (`system_text`,
+    encoded alone as `system_ids` to be pinned) and the rest's `ids`. `error`: what went wrong while planning."""
+
+    prime: PrimePlan | None = None
+    text: str = ""
+    system_text: str = ""
+    system_ids: list[int] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    error: Exception | None = None

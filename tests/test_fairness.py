@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -113,3 +114,49 @@ def test_overlong_or_malformed_session_ids_are_refused_without_being_echoed(tiny
         engine.history(bad)
     assert len(str(caught.value)) < 200
     engine.close(bad)  # a no-op, never an error
+
+
+def test_a_huge_history_is_encoded_on_the_callers_thread_while_other_replies_keep_decoding(
+    tiny_chat_model, default_tokenizer
+):
+    """Issue 28 item 1: encoding a 20,000-message history must not stall the shared worker. The encoding hook of
+    the big request waits until the other chat has decoded three more tokens: were the encoding on the worker,
+    those tokens could never come and the wait would run out."""
+    engine = engine_for(tiny_chat_model, default_tokenizer, max_new_tokens=4096)
+    decoded = threading.Condition()
+    steps = {"decode": 0}
+
+    def on_pass(kind, handles):
+        with decoded:
+            steps[kind] = steps.get(kind, 0) + 1
+            decoded.notify_all()
+
+    engine.scheduler.on_pass = on_pass
+    other = engine.new_session(owner="a")
+    reader = threading.Thread(target=lambda: list(engine.chat(other, "Tell a long story.", max_new_tokens=4000,
+                                                              **GREEDY)), daemon=True)
+    reader.start()
+    with decoded:
+        assert decoded.wait_for(lambda: steps["decode"] >= 1, timeout=120), "the other reply never started"
+    big = engine.open_history([{"role": "user" if i % 2 == 0 else "assistant", "content": "x"}
+                               for i in range(20_000)], owner="b")
+    log = []
+
+    def on_encode(phase, session_id):
+        if session_id != big:
+            return
+        with decoded:
+            log.append((phase, threading.current_thread().name, steps["decode"]))
+            if phase == "start":
+                decoded.wait_for(lambda: steps["decode"] >= log[0][2] + 3, timeout=120)
+
+    engine.runtime.on_encode = on_encode
+    try:
+        events = list(engine.chat(big, "hi", max_new_tokens=2, **GREEDY))
+    finally:
+        engine.stop(other)
+        reader.join(120)
+    assert events[-1].kind == "done", events[-1].text
+    (started, thread, before), (finished, _, after) = log
+    assert (started, finished) == ("start", "done") and thread != engine.scheduler._name
+    assert after - before >= 3  # the other chat's tokens kept coming while the history was being encoded
