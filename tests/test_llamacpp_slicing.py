@@ -63,7 +63,7 @@ def test_a_sliced_prefill_gives_the_same_greedy_reply_as_whole_chunks(engines, b
     for size in (10_000, budget):  # 10,000: every chunk in one pass (the pass size caps it at one chunk)
         engine = engines(size)
         passes = []
-        engine.scheduler.on_pass = lambda kind, handles: passes.append(kind)
+        engine.scheduler.on_pass = lambda kind, handles, passes=passes: passes.append(kind)
         events = list(engine.chat(engine.new_session(), LONG_PROMPT, max_new_tokens=24, **GREEDY))
         assert events[-1].kind == "done", events[-1].text
         replies.append((events[-1].text, events[-1].stats["seen_tokens"], passes.count("prefill")))
