@@ -291,6 +291,9 @@ class BatchedScheduler(Scheduler):
         self._decoding: deque[TurnHandle] = deque()  # in arrival order; the first `max_batch` hold rows
         self._owner: dict[int, TurnHandle] = {}  # id(ConversationCache) -> the turn decoding on that row
         self._fed: dict[int, int] = {}  # id(handle) -> tokens of its current `Prefill` already fed (in slices)
+        #: False: whole chunks even while others decode (the behaviour before issue 28), the fairness benchmark's
+        #: baseline (`eval/fairness.py`).
+        self.slice_prefill = True
         self.clock = time.perf_counter  # what `prefill_slice`'s costs are measured with (tests may replace it)
         self.decode_s: float | None = None  # running average of one decode step, seconds
         self.prefill_s_per_token: float | None = None  # running average of prefill seconds per prompt token
@@ -326,7 +329,7 @@ class BatchedScheduler(Scheduler):
         that chunk goes to the back, behind the other waiting prompts."""
         if not self._prefilling:
             return
-        if not self._decoding:
+        if not self._decoding or not self.slice_prefill:
             spent = 0
             for _ in range(len(self._prefilling)):
                 if spent >= self.prefill_budget or not self._prefilling:
