@@ -8,7 +8,10 @@ request's logits. The worker alone touches the model and the caches, so forward 
   1. starts newly submitted turns and honours stops (a stopped turn is answered `STOP` at its next request, so it
      leaves before the next forward pass and never delays the others);
   2. feeds prompt chunks, one turn after another in arrival order, until `prefill_budget` prompt tokens have gone
-     through (a long paste therefore advances one bounded chunk per iteration, however long it is);
+     through (a long paste therefore advances one bounded chunk per iteration, however long it is). While other
+     turns are decoding, prompts get one *slice* per iteration instead, sized so that it takes about as long as
+     one decode step (`prefill_slice`): every decoding reply then waits at most about twice its own step time per
+     token, however long the paste (issue 28's 2x bar), and the paste still gets half the worker;
   3. runs **one** forward pass for every turn that is decoding: each is a row of a `BatchedSinkCache`, up to
      `max_batch` rows (more wait for a free row, first come first served). Rows join when their prompt is done
      and leave when their reply ends, between steps; each row is sampled with its own settings and seed by its own
@@ -44,6 +47,30 @@ FAN_IN_POLL_S = 0.01
 ITERATION_RETRY_S = 0.05
 #: The schedulers `make_scheduler` knows.
 SCHEDULERS = ("batched", "round-robin")
+#: Most prompt tokens fed in one iteration while other turns decode (each decoding reply waits one such slice per
+#: token). The time rule below can only make a slice smaller; llama.cpp slices by this cap alone.
+PREFILL_SLICE_TOKENS = 64
+#: Fewest prompt tokens a slice takes, however fast decoding is: tinier slices would spend the worker on
+#: per-pass overhead and let a paste crawl.
+PREFILL_MIN_SLICE = 8
+#: Weight of the newest measurement in the running averages of step times (a few steps of memory: adapts to a
+#: neighbour's load within a second, ignores one slow step).
+TIMING_WEIGHT = 0.25
+
+
+def prefill_slice(decode_s: float | None, prefill_s_per_token: float | None, remaining: int) -> int:
+    """Prompt tokens to feed in one iteration while other turns decode: as many as take about one decode step
+    (`decode_s`, seconds) at the measured prefill cost (`prefill_s_per_token`), within
+    `PREFILL_MIN_SLICE..PREFILL_SLICE_TOKENS`, and never more than the `remaining` tokens of the chunk. Before
+    both costs are measured, the cap. Pure, so the rule is tested without a clock."""
+    size = PREFILL_SLICE_TOKENS
+    if decode_s is not None and prefill_s_per_token:
+        size = max(PREFILL_MIN_SLICE, min(size, int(decode_s / prefill_s_per_token)))
+    return max(1, min(size, remaining))
+
+
+def running_average(old: float | None, new: float) -> float:
+    return new if old is None else old + TIMING_WEIGHT * (new - old)
 
 _FINAL = ("done", "error")
 
@@ -263,6 +290,13 @@ class BatchedScheduler(Scheduler):
         self._prefilling: deque[TurnHandle] = deque()
         self._decoding: deque[TurnHandle] = deque()  # in arrival order; the first `max_batch` hold rows
         self._owner: dict[int, TurnHandle] = {}  # id(ConversationCache) -> the turn decoding on that row
+        self._fed: dict[int, int] = {}  # id(handle) -> tokens of its current `Prefill` already fed (in slices)
+        #: False: whole chunks even while others decode (the behaviour before issue 28), the fairness benchmark's
+        #: baseline (`eval/fairness.py`).
+        self.slice_prefill = True
+        self.clock = time.perf_counter  # what `prefill_slice`'s costs are measured with (tests may replace it)
+        self.decode_s: float | None = None  # running average of one decode step, seconds
+        self.prefill_s_per_token: float | None = None  # running average of prefill seconds per prompt token
 
     def _iterate(self) -> None:
         idle = not self._prefilling and not self._decoding
@@ -283,21 +317,52 @@ class BatchedScheduler(Scheduler):
 
     def _honour_stops(self) -> None:
         for waiting in (self._prefilling, self._decoding):
-            for handle in [h for h in waiting if h.stop_event.is_set()]:
+            # A chunk already part-fed finishes first: stopping inside it would leave half a chunk in the cache.
+            for handle in [h for h in waiting if h.stop_event.is_set() and id(h) not in self._fed]:
                 waiting.remove(handle)
                 self._owner.pop(id(handle.request.cache), None)
                 self._place(handle, self._advance(handle, STOP))
 
     def _prefill_round(self) -> None:
-        """Prompt chunks for up to `prefill_budget` tokens, each waiting turn at most once, in arrival order."""
-        spent = 0
-        for _ in range(len(self._prefilling)):
-            if spent >= self.prefill_budget or not self._prefilling:
-                return
-            handle = self._prefilling.popleft()
-            spent += len(handle.request.ids)
-            self._prefill(handle)
-            self._place(handle, handle.request is not None)
+        """Nobody decoding: prompt chunks for up to `prefill_budget` tokens, each waiting turn at most once, in
+        arrival order. Somebody decoding: one slice (`prefill_slice`) of the first waiting chunk; the rest of
+        that chunk goes to the back, behind the other waiting prompts."""
+        if not self._prefilling:
+            return
+        if not self._decoding or not self.slice_prefill:
+            spent = 0
+            for _ in range(len(self._prefilling)):
+                if spent >= self.prefill_budget or not self._prefilling:
+                    return
+                handle = self._prefilling.popleft()
+                fed = self._fed.pop(id(handle), 0)
+                spent += len(handle.request.ids) - fed
+                self._feed(handle, fed, len(handle.request.ids) - fed)
+            return
+        handle = self._prefilling.popleft()
+        fed = self._fed.pop(id(handle), 0)
+        remaining = len(handle.request.ids) - fed
+        self._feed(handle, fed, prefill_slice(self.decode_s, self.prefill_s_per_token, remaining))
+
+    def _feed(self, handle: TurnHandle, fed: int, size: int) -> None:
+        """Feed tokens `fed..fed+size` of `handle`'s prompt chunk on its own cache. The turn is answered once the
+        chunk's last token went in (that token's logits): a causal model's cache after a chunk fed in slices is
+        the cache after feeding it whole, so slicing changes no reply. A part-fed chunk waits at the back."""
+        request = handle.request
+        if request.cache.attached:  # a prompt after decoding (not done by turns today): leave the batch first
+            request.cache.batch.leave(request.cache)
+        started = self.clock()
+        try:
+            answer = forward(self.model, request.cache.solo, request.ids[fed:fed + size])
+        except Exception as exc:  # noqa: BLE001 - the turn reports it
+            answer = exc
+        self.prefill_s_per_token = running_average(self.prefill_s_per_token, (self.clock() - started) / size)
+        self._served("prefill", [handle])
+        if fed + size < len(request.ids) and not isinstance(answer, BaseException):
+            self._fed[id(handle)] = fed + size
+            self._prefilling.append(handle)
+            return
+        self._place(handle, self._advance(handle, answer))
 
     def _decode_round(self) -> None:
         batch = self.batch
@@ -319,9 +384,11 @@ class BatchedScheduler(Scheduler):
         rows = list(batch.rows)
         handles = [self._owner[id(cache)] for cache in rows]
         tokens = [handle.request.token_id for handle in handles]
+        started = self.clock()
         try:
             logits = forward_batch(self.model, batch, tokens)
             answers = [logits[b] for b in range(len(rows))]
+            self.decode_s = running_average(self.decode_s, self.clock() - started)
         except Exception:  # noqa: BLE001 - find the row that fails: run each alone
             logger.exception("batched decode failed; retrying its %d rows one by one", len(rows))
             answers = []

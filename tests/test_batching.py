@@ -14,6 +14,7 @@ from streaming_engine.batch_cache import BatchedSinkCache, ConversationCache
 from streaming_engine.cache import StartRecentKVCache
 from streaming_engine.families import SUPPORTED_FAMILIES, batchable, find_rotary_embedding
 from streaming_engine.generation import forward, forward_batch
+from streaming_engine.scheduler import PREFILL_MIN_SLICE, PREFILL_SLICE_TOKENS, prefill_slice
 
 GREEDY = dict(temperature=0.0, repetition_penalty=1.0)
 ROW_TOLERANCE = 1e-4
@@ -408,3 +409,65 @@ def test_eight_concurrent_real_model_sessions_reply_token_for_token_as_alone(def
     together = run_together(engine, {q: (engine.new_session(), [(q, sampling)]) for q in questions})
     assert {q: together[q][0].text for q in questions} == alone
     assert max(len(h) for kind, h in passes if kind == "decode") >= 6
+
+
+@pytest.mark.parametrize("decode_s, per_token, remaining, expected", [
+    (None, None, 500, PREFILL_SLICE_TOKENS),  # nothing measured yet: the cap
+    (0.010, None, 500, PREFILL_SLICE_TOKENS),
+    (0.010, 0.001, 500, 10),  # a slice as long as one decode step
+    (0.010, 0.0001, 500, PREFILL_SLICE_TOKENS),  # prefill so cheap that the cap decides
+    (0.010, 0.01, 500, PREFILL_MIN_SLICE),  # prefill so dear that the floor decides
+    (0.010, 0.001, 3, 3),  # never past the chunk's end
+])
+def test_a_prefill_slice_takes_about_one_decode_step_within_its_bounds(decode_s, per_token, remaining, expected):
+    assert prefill_slice(decode_s, per_token, remaining) == expected
+
+
+@pytest.mark.parametrize("chunk", [128, 200])
+def test_while_another_chat_decodes_a_long_prompt_goes_in_slices_and_its_reply_is_unchanged(
+    tiny_chat_model, default_tokenizer, chunk
+):
+    """The paste is alone once (whole chunks) and once beside a decoding chat (slices): same greedy reply, the
+    slices never longer than the cap, and the chat decodes between every two slices of the paste."""
+    paste = " ".join(f"w{i % 89}" for i in range(700))
+    finals = []
+    for beside_a_chat in (False, True):
+        engine = make_engine(tiny_chat_model, default_tokenizer, recent_size=400, prefill_chunk_size=chunk)
+        passes = record_passes(engine)
+        fed = []  # prompt tokens of every prefill pass, from the cache's own count
+        original = engine.scheduler._feed
+
+        def feed(handle, done, size, original=original, fed=fed):
+            fed.append(size)
+            return original(handle, done, size)
+
+        engine.scheduler._feed = feed
+        chatter, paster = engine.new_session(), engine.new_session()
+        decoding, out = threading.Event(), {}
+
+        def chat(chatter=chatter, engine=engine, decoding=decoding, out=out):
+            for event in engine.chat(chatter, "Keep talking", max_new_tokens=3000, **GREEDY):
+                if event.stats.get("reply_tokens") == 3:
+                    decoding.set()
+            out["chat"] = event
+
+        talker = threading.Thread(target=chat, daemon=True)
+        if beside_a_chat:
+            talker.start()
+            assert decoding.wait(120), "the chat never decoded"
+        chat_handle = engine._get(chatter).current
+        passes.clear()
+        fed.clear()
+        final = reply(engine, paster, paste, max_new_tokens=6, **GREEDY)
+        engine.stop(chatter)
+        talker.join(120) if beside_a_chat else None
+        assert final.kind == "done", final.text
+        finals.append((final.text, final.stats["seen_tokens"]))
+        prefills = [i for i, (kind, _) in enumerate(passes) if kind == "prefill"]
+        if not beside_a_chat:
+            assert max(fed) == chunk  # alone: whole chunks
+            continue
+        assert max(fed) <= PREFILL_SLICE_TOKENS < chunk
+        for a, b in zip(prefills, prefills[1:]):  # between two slices of the paste, the chat decoded a token
+            assert any(kind == "decode" and chat_handle in served for kind, served in passes[a + 1:b]), (a, b)
+    assert finals[0] == finals[1] and finals[0][0]

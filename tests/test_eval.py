@@ -387,3 +387,32 @@ def test_recall_benchmark_runs_on_a_tiny_model_with_limit(tmp_path, tiny_chat_mo
     assert (tmp_path / "recall.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         recall.main(["--recall-methods", "streaming,bogus"])
+
+
+def test_fairness_benchmark_measures_every_scenario_against_alone_and_records_its_run(
+    tmp_path, tiny_chat_model, default_tokenizer
+):
+    from streaming_engine.eval import fairness
+    from streaming_engine.eval.runinfo import PROVENANCE_KEY
+
+    folder = tmp_path / "tiny"
+    tiny_chat_model.save_pretrained(folder)
+    default_tokenizer.save_pretrained(folder)
+    out = tmp_path / "fairness.json"
+    assert fairness.main(["--model", str(folder), "--device", "cpu", "--dtype", "float32", "--recent-size", "200",
+                          "--turns", "2", "--tokens", "5", "--repeats", "2", "--paste-chars", "600",
+                          "--flood-turns", "2", "--flood-tokens", "12", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["summary"]) == set(fairness.SCENARIOS) and len(result["repeats"]) == 2
+    for runs in result["repeats"]:
+        assert runs["alone"]["slowdown"] == 1.0
+        for run in runs.values():
+            assert run["tokens"] == len(run["gaps_s"]) > 0 and len(run["ttft_s"]) == 2
+            assert run["slowdown"] == pytest.approx(run["median_gap_s"] / runs["alone"]["median_gap_s"])
+            assert run["median_gap_s"] == pytest.approx(float(numpy.median(run["gaps_s"])))
+    for row in result["summary"].values():
+        assert row["within_bar"] == (row["median_slowdown"] <= fairness.SLOWDOWN_BAR)
+    assert result[PROVENANCE_KEY]["command"].startswith("python -m streaming_engine.eval.fairness")
+    assert is_png(out.with_suffix(".png"))
+    with pytest.raises(SystemExit):
+        fairness.main(["--scenarios", "paste"])  # nothing to compare with

@@ -60,3 +60,15 @@ def test_capacity_json_carries_the_provenance_the_script_wrote(tmp_path):
     assert shlex.split(run["command"]) == ["python", "-m", "streaming_engine.eval.capacity", *argv]
     assert run["config"]["sizes"] == "4+1020" and run["config"]["output"] == str(output)
     assert run["machine"]["cores"] and run["machine"]["cpu_flags"] is not None
+
+
+def test_every_benchmark_entry_point_records_its_provenance_through_runinfo():
+    """A script with a `main` writes its result with `runinfo` (directly or through `cli.run_cli`), so no JSON in
+    assets/eval/ can come from a script that described its machine by hand (evict_bench once did)."""
+    folder = Path(__file__).resolve().parent.parent / "streaming_engine" / "eval"
+    scripts = [p for p in sorted(folder.glob("*.py")) if "def main(" in p.read_text()]
+    assert len(scripts) >= 10
+    for path in scripts:
+        source = path.read_text()
+        assert any(name in source for name in ("write_result", "run_cli", "write_outputs", "run_metadata")), path.name
+        assert "def machine(" not in source, f"{path.name} describes its machine itself: use runinfo.machine"

@@ -13,11 +13,7 @@ Boundary: measures only; what a block is and how it is applied lives in `evictio
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -26,32 +22,9 @@ import torch
 from ..cache import enable_streaming_llm
 from ..generation import forward
 from ..loading import load
+from . import cli
 
 BACKENDS = ("transformers", "llama.cpp")
-
-
-def machine() -> dict:
-    """CPU model, the SIMD flags that matter for these kernels, cores and library versions."""
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        for line in text.splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                info["cpu_flags"] = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c", "sse4")))
-                break
-    except OSError:
-        pass
-    try:
-        import llama_cpp
-
-        info["llama_cpp_python"] = llama_cpp.__version__
-    except ImportError:
-        pass
-    return info
 
 
 class _Transformers:
@@ -116,17 +89,15 @@ def measure(args) -> dict:
                          "ratio_to_no_eviction": medians[name] / medians["none"], "evicted_tokens": evicted[name]})
         del runner
     return {
-        "machine": machine(),
         "config": {"model": "SmolLM2-135M-Instruct (transformers weights; llama.cpp GGUF)", "threads": 1,
                    "start_size": args.start_size, "recent_size": args.recent_size, "prompt_tokens": cache_size,
                    "decoded_tokens": args.tokens, "repeats": args.repeats, "blocks": args.blocks,
                    "dtype_transformers": dtype},
-        "command": "python -m streaming_engine.eval.evict_bench " + " ".join(sys.argv[1:]),
         "runs": runs,
     }
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: dict, path: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,11 +113,19 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(f"{backend}: decode past a full cache")
         ax.set_ylabel("tok/s (median)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return [str(out)]
+
+
+def table(result: dict) -> str:
+    return "\n".join(f"{r['backend']:12s} {r['variant']:9s} {r['median_tok_s']:7.1f} tok/s  "
+                     f"x{r['ratio_to_no_eviction']:.2f}" for r in result["runs"])
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.parser("streaming_engine.eval.evict_bench", __doc__)
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     p.add_argument("--start-size", type=int, default=4)
     p.add_argument("--recent-size", type=int, default=252)
@@ -158,15 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    result = measure(args)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, out.with_suffix(".png"))
-    for r in result["runs"]:
-        print(f"{r['backend']:12s} {r['variant']:9s} {r['median_tok_s']:7.1f} tok/s  x{r['ratio_to_no_eviction']:.2f}")
-    return 0
+    # The machine, the command and the options go into the JSON's provenance (`runinfo`), as for every benchmark.
+    return cli.run_cli(build_parser(), argv, measure, plot, table)
 
 
 if __name__ == "__main__":

@@ -24,13 +24,11 @@ import logging
 from collections import deque
 
 from ..generation import STOP, Decode, Prefill
-from ..scheduler import Scheduler, TurnHandle
+# PREFILL_SLICE_TOKENS: most prompt tokens one iteration feeds here (its home is the shared scheduler module)
+from ..scheduler import PREFILL_SLICE_TOKENS, Scheduler, TurnHandle
 
 logger = logging.getLogger(__name__)
 
-#: Most prompt tokens one scheduler iteration feeds on llama.cpp (each other decoding reply waits one such pass
-#: per token). The engine's budget (one prompt chunk, up to 512 tokens) is clamped to it.
-PREFILL_SLICE_TOKENS = 64
 
 
 class LlamaCppScheduler(Scheduler):
