@@ -65,7 +65,7 @@ def test_gemma3_270m_generate_equals_the_engines_greedy_reply(gemma3):
     assert events[-1].kind == "done" and engine.stats(sid)["evicted_tokens"] > 0
     prompt = engine.runtime.templater.render([{"role": "user", "content": "Tell me about lighthouses."}], True)
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-    cache = enable_streaming_llm(model, 4, 60)
+    cache = enable_streaming_llm(model, 4, 60, evict_block=engine.config.evict_block)  # the engine's block rule
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         out = model.generate(ids, past_key_values=cache, max_new_tokens=90, do_sample=False)
