@@ -271,29 +271,27 @@ def test_the_conversation_list_switches_renames_and_deletes(browser, server):
 
 def test_settings_survive_a_reload(browser, server):
     """Issue 27 item 9: the Settings are kept in the browser and come back on a reload."""
+    from webui.chat_tab import SETTINGS_STORAGE_KEY
+
     url, _ = server
     page = new_page(browser, url)
     page.click("#settings button")
+    # Every change saves all the settings (its own event): wait for each save to land in localStorage before the
+    # next step, so the reload cannot cut a save short (it then would have nothing to restore).
+    kept = f"() => window.localStorage.getItem({SETTINGS_STORAGE_KEY!r})"
+    before = page.evaluate(kept)
     page.fill("#system textarea", "Answer like a pirate.")
+    page.wait_for_function(f"(before) => ({kept})() !== before", arg=before)
+    before = page.evaluate(kept)
     page.fill("#max-new-tokens input[type=number]", "77")
     page.press("#max-new-tokens input[type=number]", "Enter")
     page.wait_for_function("() => document.querySelector('#max-new-tokens input[type=range]').value === '77'")
-    # Saving is an event of its own: reload until the kept values come back (each load reads them anew).
-    wait_for(lambda: reloaded_settings(page) == ("Answer like a pirate.", "77"), what="the settings after a reload")
-    page.context.close()
-
-
-def reloaded_settings(page):
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
-
+    page.wait_for_function(f"(before) => ({kept})() !== before", arg=before)
     page.reload()
     page.click("#settings button")
-    try:
-        page.wait_for_function("() => document.querySelector('#max-new-tokens input[type=number]').value === '77'",
-                               timeout=10_000)
-    except PlaywrightTimeout:  # not (yet) saved: the caller reloads again
-        pass
-    return page.input_value("#system textarea"), page.input_value("#max-new-tokens input[type=number]")
+    page.wait_for_function("() => document.querySelector('#max-new-tokens input[type=number]').value === '77'")
+    assert page.input_value("#system textarea") == "Answer like a pirate."
+    page.context.close()
 
 
 def test_the_dense_vs_streaming_tab_answers_on_every_side(browser, server):
