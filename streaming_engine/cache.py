@@ -31,7 +31,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from .checks import check_int
 from .defaults import DEFAULT_RECENT_SIZE, DEFAULT_START_SIZE  # noqa: F401  (their home is defaults.py)
 from .eviction import ProtectedHead, check_evict_block, check_policy
-from .families import SHARED_ROPE, check_cache_size, check_supported, find_rotary_embedding, layer_rope_kinds
+from .families import SHARED_ROPE
 from .positions import rotation_for_offset, shift_keys
 
 
@@ -244,37 +244,15 @@ class StartRecentKVCache(ProtectedHead, Cache):
         )
 
 
-def enable_streaming_llm(
-    model: torch.nn.Module,
-    start_size: int = DEFAULT_START_SIZE,
-    recent_size: int = DEFAULT_RECENT_SIZE,
-    pos_shift: bool = True,
-    *,
-    auto_evict: bool = False,
-    pin: int = 0,
-    eviction: str = "tokens",
-    evict_block: int = 1,
-) -> StartRecentKVCache:
-    """Bind a fresh `StartRecentKVCache` to `model` (the paper's reference-code entry point).
+def __getattr__(name: str):
+    # `enable_streaming_llm` lived here until it moved beside the hook it installs (`hf_integration`), which broke
+    # the import circle between the two modules; the old path works for one more release.
+    if name == "enable_streaming_llm":
+        import warnings
 
-    `pin=n` protects the first `n` tokens fed (e.g. a system prompt) from eviction, besides the sinks;
-    `eviction="turns"` evicts whole messages between the boundaries marked with `cache.mark_boundary()`;
-    `evict_block=k` makes every eviction take at least `k` tokens (1, the default, is the reference code's
-    token-by-token eviction; the engine uses `eviction.DEFAULT_EVICT_BLOCK`, see docs/block-eviction.md).
+        from .hf_integration import enable_streaming_llm
 
-    Raises `ValueError` naming the supported families when the model cannot stream. Also installs the model hook
-    that lets `model.generate(ids, past_key_values=cache)` (or any forward pass with `auto_evict=True`) evict as it
-    goes and place tokens at in-cache positions (see `hf_integration.py`). Call it again, or call `.new()` on the
-    result, for another conversation.
-    """
-    from .hf_integration import install_hook
-
-    check_supported(model.config)
-    check_cache_size(model.config, start_size + recent_size)
-    rotary = find_rotary_embedding(model)
-    install_hook(model)
-    return StartRecentKVCache(
-        start_size, recent_size, rotary_emb=rotary, pos_shift=pos_shift,
-        layer_rope=layer_rope_kinds(model, rotary), auto_evict=auto_evict, pin=pin, eviction=eviction,
-        evict_block=evict_block,
-    )
+        warnings.warn("streaming_engine.cache.enable_streaming_llm moved: import it from streaming_engine (or "
+                      "streaming_engine.hf_integration)", DeprecationWarning, stacklevel=2)
+        return enable_streaming_llm
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,7 +23,7 @@ MAX_ACTIVE_TURNS = 16
 #: Most tokens a pinned system prompt may take (the template's whole rendering of it). Pinned tokens come out of
 #: the recent window, so a longer prompt would crowd out the conversation; 256 holds a persona and a few rules.
 DEFAULT_PIN_LIMIT = 256
-#: The eviction policy new streaming sessions get, chosen by the recall benchmark (README "Recall benchmark"):
+#: The eviction policy new streaming sessions get, chosen by the recall benchmark (docs/benchmarks.md "Recall benchmark"):
 #: "tokens" keeps the end of a message that "turns" would evict whole (better recall near the window's edge), and
 #: the system prompt, which matters most for adherence, is pinned under either policy.
 DEFAULT_EVICTION = "tokens"

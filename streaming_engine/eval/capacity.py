@@ -170,7 +170,7 @@ def measure(name: str, device, dtype, start_size: int, recent_size: int, convers
     """Load `name`, fill `conversations` real caches to `start_size + recent_size` tokens; bytes and RSS."""
     import psutil
 
-    from ..cache import enable_streaming_llm
+    from ..hf_integration import enable_streaming_llm
     from ..generation import forward
     from ..loading import load
 

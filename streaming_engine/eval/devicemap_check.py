@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..batch_cache import ConversationCache
-from ..cache import enable_streaming_llm
+from ..hf_integration import enable_streaming_llm
 from ..families import cache_keyword
 from ..generation import generate_reply, run_alone
 from ..loading import default_model_available, ensure_default_model, load

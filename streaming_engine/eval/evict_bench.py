@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..cache import enable_streaming_llm
+from ..hf_integration import enable_streaming_llm
 from ..generation import forward
 from ..loading import load
 from . import cli

@@ -20,8 +20,8 @@ The perplexity CLI runs the same methods on a *batch* of rows fed a *block* of t
 holding a batch axis evicts the same positions of every row at the same time: each row gets exactly what a
 batch-1 run would give it. A block of `n` tokens is fed after evicting room for all `n` of them, so token `i` of
 the block attends to the sinks, the rest of the window and the `i` block tokens before it; with `n = 1` this is the
-paper's per-token protocol, with larger `n` each prediction sees up to `n - 1` fewer window tokens (measured in the
-README). Dense attention is exact with any block.
+paper's per-token protocol, with larger `n` each prediction sees up to `n - 1` fewer window tokens (measured in
+docs/benchmarks.md, "Perplexity over a long text"). Dense attention is exact with any block.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ from ..positions import next_position_ids, rotate_half
 PPL_METHODS = ("dense", "window", "streaming", "streaming-noshift", "recompute")
 BENCH_METHODS = ("dense", "streaming", "streaming-block", "perstep-rope", "recompute")
 ALL_METHODS = PPL_METHODS + ("streaming-block", "perstep-rope")
-#: Tokens evicted at once by `streaming-block` unless told otherwise (a typical reply length).
-DEFAULT_EVICT_BLOCK = 64
+#: Tokens evicted at once by the decode benchmark's `streaming-block` unless told otherwise (a typical reply
+#: length; the committed bench figures use it). The engine's own default block is `eviction.DEFAULT_EVICT_BLOCK`.
+BENCH_EVICT_BLOCK = 64
 
 
 class CacheRunner:
@@ -142,7 +143,7 @@ class PerStepRopeCache(StartRecentKVCache):
         return self._rotate(keys, 0, inverse=False), values  # the per-step work the paper's code does
 
 
-def make_runner(method: str, model, start_size: int, recent_size: int, evict_block: int = DEFAULT_EVICT_BLOCK):
+def make_runner(method: str, model, start_size: int, recent_size: int, evict_block: int = BENCH_EVICT_BLOCK):
     """A fresh runner for `method` with a cache of `start_size + recent_size` tokens (dense: unbounded)."""
     size = start_size + recent_size
     if method == "dense":

@@ -9,7 +9,7 @@ log-likelihood of every token. The boundary: what a method means is `methods.py`
   rows hold the same number of tokens and one cache with a batch axis evicts the same positions of every row:
   each row gets exactly its batch-1 result. `--block 1` is the paper's protocol (one token per forward pass);
   a larger block makes up to `block - 1` fewer window tokens visible to a prediction, and is many times faster
-  on a CPU (measured in the README). Dense attention is exact with any block and stops at the model's positions.
+  on a CPU (measured in docs/benchmarks.md). Dense attention is exact with any block and stops at the model's positions.
 * **A log you can follow.** Every block appends a line to `OUTPUT.jsonl` (the NLL of each row's tokens, its
   wall time), and every `--memory-every` tokens a line with KV bytes and process RSS (`tail -f` works).
 * **Stop and resume.** Ctrl-C (or SIGTERM) finishes the block in hand, saves the cache to

@@ -5,9 +5,9 @@ in the docs can be traced to the exact command line, the parsed options, the cod
 (CPU model and flags, cores, memory, GPUs, library versions) without anyone adding a field by hand. Everything here
 is read at run time; a fact that cannot be read is recorded as None, never guessed.
 
-Boundary: this module only describes a run; it neither measures nor decides anything. torch and the CPU-flag
-reader of `loading` are imported when a machine is described, not at import, so the HTTP-only load test stays
-an HTTP client.
+Boundary: this module only describes a run; it neither measures nor decides anything. torch is imported when a
+machine is described, not at import, and the CPU facts come from the torch-free `modelfiles`, so the HTTP-only
+load test stays an HTTP client.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Sequence
+
+from ..modelfiles import NATIVE_BF16_CPU_FLAGS, cpu_flags, cpu_model_name
 
 #: The key of a result JSON that holds its provenance (one name for every script, so checks can find it).
 PROVENANCE_KEY = "provenance"
@@ -74,8 +76,6 @@ def package_version(distribution: str) -> str | None:
 def machine() -> dict:
     """Facts about the machine running this process, as detected now."""
     import torch
-
-    from ..loading import NATIVE_BF16_CPU_FLAGS, cpu_flags, cpu_model_name
 
     flags = cpu_flags()
     return {

@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                       single_rounds=(args.single_rounds, 0), start_size=(args.start_size, 0),
                       recent_size=(args.recent_size, 2), max_batch=(args.max_batch, 1), prefill_chunk=(args.prefill_chunk, 1))
         if args.threads is None and (args.device or "cpu").startswith("cpu") and not torch.cuda.is_available():
-            args.threads = 1  # one thread per process: machines running this are shared (see the README)
+            args.threads = 1  # one thread per process: machines running this are shared (docs/benchmarks.md measures with 1 thread throughout)
         peers = None
         if args.backend == "llama.cpp":
             model, tokenizer, peers = llamacpp_setup(args)

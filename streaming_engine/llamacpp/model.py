@@ -23,6 +23,9 @@ from pathlib import Path
 
 import torch
 
+from ..families import check_supported
+from ..modelfiles import cpu_flags, default_cache_dir, default_gguf_path, gguf_cache_dir
+
 LLAMACPP_PACKAGE = "llama_cpp"
 LLAMACPP_INSTALL = "pip install -r requirements-cpu.txt"
 #: `/proc/cpuinfo` flags of Intel AMX: llama.cpp's AMX weight buffers are skipped on such CPUs (module docstring).
@@ -62,8 +65,6 @@ def require_llamacpp():
 
 
 def has_amx(flags: frozenset[str] | None = None) -> bool:
-    from ..loading import cpu_flags
-
     return bool((cpu_flags() if flags is None else flags) & AMX_CPU_FLAGS)
 
 
@@ -142,8 +143,6 @@ class LlamaCppModel:
 
 def gguf_file(model_name_or_path) -> Path:
     """The GGUF file the llama.cpp backend loads: the offline default's (None) or a `.gguf` path."""
-    from ..loading import default_gguf_path
-
     if model_name_or_path is None:
         return default_gguf_path()
     path = Path(model_name_or_path)
@@ -162,8 +161,6 @@ def hf_side(gguf: Path, *, default: bool, trust_remote_code: bool = False):
     import tempfile
 
     from transformers import AutoConfig, AutoTokenizer
-
-    from ..loading import default_cache_dir, gguf_cache_dir
 
     converted = default_cache_dir() if default else gguf_cache_dir(gguf)
     folder = converted if (converted / "tokenizer_config.json").exists() else converted.parent / f"{gguf.stem}.tokenizer"
@@ -190,8 +187,6 @@ def hf_side(gguf: Path, *, default: bool, trust_remote_code: bool = False):
 def load_llamacpp(model_name_or_path=None, *, n_threads: int | None = None, trust_remote_code: bool = False,
                   require_streaming_support: bool = True):
     """`(LlamaCppModel, tokenizer)` for the offline default (None) or a `.gguf` file."""
-    from ..families import check_supported
-
     require_llamacpp()
     gguf = gguf_file(model_name_or_path)
     config, tokenizer = hf_side(gguf, default=model_name_or_path is None, trust_remote_code=trust_remote_code)
