@@ -58,7 +58,7 @@ def server_process(tmp_path, model_dir=None, **config):
 def health(url: str) -> dict:
     from gradio_client import Client
 
-    return json.loads(Client(url, verbose=False).predict(api_name="/health"))
+    return Client(url, verbose=False).predict(api_name="/health")
 
 
 def warm_baseline(url: str) -> int:
@@ -202,13 +202,13 @@ def test_cross_talk_is_detected_when_a_history_holds_someone_elses_turn(monkeypa
             self.reply = reply
 
         def outputs(self):
-            return [(self.reply, json.dumps({"tokens_per_s": 10.0}))]
+            return [(self.reply, {"tokens_per_s": 10.0})]
 
         def done(self):
             return True
 
         def result(self, timeout=None):
-            return self.reply, json.dumps({"time_to_first_token_s": 0.1, "tokens_per_s": 10.0})
+            return self.reply, {"time_to_first_token_s": 0.1, "tokens_per_s": 10.0}
 
     class FakeClient:
         def __init__(self, url, verbose=False):
@@ -221,8 +221,7 @@ def test_cross_talk_is_detected_when_a_history_holds_someone_elses_turn(monkeypa
             if api_name == "/new_session":
                 return "s"
             if api_name == "/history":
-                return json.dumps([{"role": "user", "content": "[u9-t0-abc] not mine"},
-                                   {"role": "assistant", "content": "reply"}])
+                return [{"role": "user", "content": "[u9-t0-abc] not mine"}, {"role": "assistant", "content": "reply"}]
             return "closed"
 
     import gradio_client
