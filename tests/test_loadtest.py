@@ -233,6 +233,37 @@ def test_cross_talk_is_detected_when_a_history_holds_someone_elses_turn(monkeypa
     assert result.cross_talk == 2  # a foreign message, and our own reply missing from our history
 
 
+def test_a_503_from_a_router_whose_replica_is_down_is_reported_as_unavailable_not_as_a_full_queue(
+        tiny_chat_model, default_tokenizer):
+    """gradio_client calls every HTTP 503 at `queue/join` "Queue is full". Behind the affinity router, a client
+    pinned to a replica that does not answer gets the router's 503: the report must say so (this is what the
+    revert of the typed API mistook for a server-side queue overflow)."""
+    from browser_util import served
+    from gradio_client import Client
+
+    from webui import router as rt
+
+    engine = StreamingEngine(tiny_chat_model, default_tokenizer,
+                             EngineConfig(start_size=4, recent_size=60, prefill_chunk_size=32, max_new_tokens=4))
+    with served(engine, "tiny-test-model") as (app_url, _):
+        dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+        front = rt.Router(("127.0.0.1", free_port()), [rt.Replica.parse(f"up={app_url}"),
+                                                       rt.Replica.parse(f"down={dead}")])
+        threading.Thread(target=front.serve_forever, daemon=True).start()
+        try:
+            client = Client(f"http://127.0.0.1:{front.server_address[1]}", verbose=False)
+            assert client.cookies[rt.AFFINITY_COOKIE] == "up"  # the down replica refused; the next one answered
+            client.predict(api_name="/new_session")  # through the router to the live replica
+            client.cookies[rt.AFFINITY_COOKIE] = "down"  # as a client of a replica that was since killed
+            with pytest.raises(Exception) as refused:
+                client.predict(api_name="/new_session")
+        finally:
+            front.shutdown()
+            front.server_close()
+    assert "Queue is full" in str(refused.value)  # what gradio_client says
+    assert loadtest.error_text(refused.value) == loadtest.UNAVAILABLE_503  # what the report says
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--url", "http://10.0.0.5:7860"], "not a loopback"),
     (["--sessions", "0"], "--sessions"),

@@ -93,9 +93,22 @@ def updates(job, deadline: float):
         time.sleep(UPDATE_POLL_S)
 
 
+#: What a `QueueError` means in the report. gradio_client raises it, worded "Queue is full", for every HTTP 503
+#: answer to `queue/join`: the app's own queue bound (`--queue-max-size`), but also a proxy in front whose replica
+#: does not answer (`webui/router.py` answers 503 then). Read as a queue overflow, a replica outage looks like a
+#: server-side limit (this misdirected the search behind the revert of the typed API), so both are named.
+UNAVAILABLE_503 = ("unavailable: HTTP 503 at queue/join (the app's queue is full, or a proxy in front of it found "
+                   "its replica not answering; gradio_client calls both 'Queue is full')")
+
+
 def error_text(exc: BaseException) -> str:
     """An endpoint's error as the report lists it: `code: message` for the app's own errors (`gr.Error`, whose
-    title is the code: see `webui.webapi.ERROR_CODES`), else the exception's type and text."""
+    title is the code: see `webui.webapi.ERROR_CODES`), `UNAVAILABLE_503` for an HTTP 503, else the exception's
+    type and text."""
+    from gradio_client.utils import QueueError
+
+    if isinstance(exc, QueueError):
+        return UNAVAILABLE_503
     title, message = getattr(exc, "title", None), getattr(exc, "message", None)
     if isinstance(title, str) and message is not None:
         return f"{title}: {message}"
@@ -111,7 +124,7 @@ def run_user(url: str, index: int, turns: int, max_new_tokens: int, deadline: fl
         out.route = ";".join(f"{k}={v}" for k, v in sorted(getattr(client, "cookies", {}).items())) or None
         session = client.predict(api_name="/new_session")
     except Exception as exc:  # noqa: BLE001 - a load test reports failures, it does not raise them
-        out.errors.append(f"user {index}: could not open a session: {exc}")
+        out.errors.append(f"user {index}: could not open a session: {error_text(exc)}")
         return
     sent, received = [], []
     for turn in range(turns):
@@ -154,7 +167,7 @@ def run_user(url: str, index: int, turns: int, max_new_tokens: int, deadline: fl
                 out.cross_talk += 1
         client.predict(session, api_name="/close_session")
     except Exception as exc:  # noqa: BLE001
-        out.errors.append(f"user {index}: could not read back its history: {exc}")
+        out.errors.append(f"user {index}: could not read back its history: {error_text(exc)}")
 
 
 def probe_busy(url: str, tries: int, busy_at: int, done: threading.Event, out: list[dict]) -> None:
