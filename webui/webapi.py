@@ -1,6 +1,7 @@
 """The app's programmatic HTTP API (used by `streaming_engine.eval.loadtest` and scripts), registered on the Blocks.
 
-Endpoints (call them with `gradio_client.Client(url).predict(..., api_name=...)`; `docs/gradio-api.md` has examples):
+Endpoints (call them with `gradio_client.Client(url).predict(..., api_name=...)`; the "Gradio API" section of
+`docs/openai-api.md` has an example):
 
 * `/new_session() -> session_id: str` — a fresh streaming conversation (ids are random 128-bit: unguessable). It
   counts against the caller's per-client cap (its address, or its login user) and is closed after
