@@ -269,3 +269,10 @@ def test_chat_replies_up_to_the_engine_limit_run_at_once_however_small_the_app_q
                 outcomes.append("queue full")
     assert running == limit and health["active_turns"] == limit, (running, outcomes)
     assert outcomes == ["done"] * limit
+
+
+def test_the_docs_name_every_error_code_the_api_raises():
+    from browser_util import ROOT
+
+    page = (ROOT / "docs" / "openai-api.md").read_text()
+    assert [code for code in ERROR_CODES if f"`{code}`" not in page] == []
