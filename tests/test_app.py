@@ -34,6 +34,7 @@ def launched(tiny_chat_model, default_tokenizer):
 
 def test_the_launched_app_chats_through_its_api_and_keeps_sessions_apart(launched):
     from gradio_client import Client
+    from gradio_client.exceptions import AppError
 
     url, engine, _ = launched
     a, b = Client(url, verbose=False), Client(url, verbose=False)
@@ -41,18 +42,18 @@ def test_the_launched_app_chats_through_its_api_and_keeps_sessions_apart(launche
     assert sid_a != sid_b
     reply_a, stats_a = a.predict(sid_a, "hello from A", 8, api_name="/chat")
     reply_b, _ = b.predict(sid_b, "hello from B", 8, api_name="/chat")
-    stats_a = json.loads(stats_a)
     assert stats_a["finish_reason"] in ("eos", "length") and stats_a["cache_capacity"] == 100
-    history_a = json.loads(a.predict(sid_a, api_name="/history"))
+    history_a = a.predict(sid_a, api_name="/history")
     assert [m["content"] for m in history_a] == ["hello from A", reply_a]
     assert "hello from B" not in json.dumps(history_a)
-    _, bad = a.predict(sid_a, "", 8, api_name="/chat")
-    assert "empty" in json.loads(bad)["error"]
+    with pytest.raises(AppError, match="empty") as refused:
+        a.predict(sid_a, "", 8, api_name="/chat")
+    assert refused.value.title == "invalid_argument"
     # The server runs in this process, so its readings are this process's, in bytes. The peak is at least the
     # kernel's high-water mark read just before (it never goes down). The kernel updates its RSS counters lazily
     # (a few hundred KiB apart), hence the factor-2 band for the current reading: wide for lag, narrow for units.
     hwm_before, rss_before = vm_hwm_bytes(), psutil.Process().memory_info().rss
-    health = json.loads(a.predict(api_name="/health"))
+    health = a.predict(api_name="/health")
     ceiling = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     assert health["sessions"] == len(engine.session_ids()) and {sid_a, sid_b} <= set(engine.session_ids())
     assert hwm_before <= health["peak_rss_bytes"] <= 2 * ceiling

@@ -58,7 +58,7 @@ def server_process(tmp_path, model_dir=None, **config):
 def health(url: str) -> dict:
     from gradio_client import Client
 
-    return json.loads(Client(url, verbose=False).predict(api_name="/health"))
+    return Client(url, verbose=False).predict(api_name="/health")
 
 
 def warm_baseline(url: str) -> int:
@@ -202,13 +202,13 @@ def test_cross_talk_is_detected_when_a_history_holds_someone_elses_turn(monkeypa
             self.reply = reply
 
         def outputs(self):
-            return [(self.reply, json.dumps({"tokens_per_s": 10.0}))]
+            return [(self.reply, {"tokens_per_s": 10.0})]
 
         def done(self):
             return True
 
         def result(self, timeout=None):
-            return self.reply, json.dumps({"time_to_first_token_s": 0.1, "tokens_per_s": 10.0})
+            return self.reply, {"time_to_first_token_s": 0.1, "tokens_per_s": 10.0}
 
     class FakeClient:
         def __init__(self, url, verbose=False):
@@ -221,8 +221,7 @@ def test_cross_talk_is_detected_when_a_history_holds_someone_elses_turn(monkeypa
             if api_name == "/new_session":
                 return "s"
             if api_name == "/history":
-                return json.dumps([{"role": "user", "content": "[u9-t0-abc] not mine"},
-                                   {"role": "assistant", "content": "reply"}])
+                return [{"role": "user", "content": "[u9-t0-abc] not mine"}, {"role": "assistant", "content": "reply"}]
             return "closed"
 
     import gradio_client
@@ -232,6 +231,37 @@ def test_cross_talk_is_detected_when_a_history_holds_someone_elses_turn(monkeypa
     loadtest.run_user("http://127.0.0.1:1", 0, 1, 8, float("inf"), result)
     assert result.turns_completed == 1
     assert result.cross_talk == 2  # a foreign message, and our own reply missing from our history
+
+
+def test_a_503_from_a_router_whose_replica_is_down_is_reported_as_unavailable_not_as_a_full_queue(
+        tiny_chat_model, default_tokenizer):
+    """gradio_client calls every HTTP 503 at `queue/join` "Queue is full". Behind the affinity router, a client
+    pinned to a replica that does not answer gets the router's 503: the report must say so (this is what the
+    revert of the typed API mistook for a server-side queue overflow)."""
+    from browser_util import served
+    from gradio_client import Client
+
+    from webui import router as rt
+
+    engine = StreamingEngine(tiny_chat_model, default_tokenizer,
+                             EngineConfig(start_size=4, recent_size=60, prefill_chunk_size=32, max_new_tokens=4))
+    with served(engine, "tiny-test-model") as (app_url, _):
+        dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+        front = rt.Router(("127.0.0.1", free_port()), [rt.Replica.parse(f"up={app_url}"),
+                                                       rt.Replica.parse(f"down={dead}")])
+        threading.Thread(target=front.serve_forever, daemon=True).start()
+        try:
+            client = Client(f"http://127.0.0.1:{front.server_address[1]}", verbose=False)
+            assert client.cookies[rt.AFFINITY_COOKIE] == "up"  # the down replica refused; the next one answered
+            client.predict(api_name="/new_session")  # through the router to the live replica
+            client.cookies[rt.AFFINITY_COOKIE] = "down"  # as a client of a replica that was since killed
+            with pytest.raises(Exception) as refused:
+                client.predict(api_name="/new_session")
+        finally:
+            front.shutdown()
+            front.server_close()
+    assert "Queue is full" in str(refused.value)  # what gradio_client says
+    assert loadtest.error_text(refused.value) == loadtest.UNAVAILABLE_503  # what the report says
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -93,6 +93,28 @@ def updates(job, deadline: float):
         time.sleep(UPDATE_POLL_S)
 
 
+#: What a `QueueError` means in the report. gradio_client raises it, worded "Queue is full", for every HTTP 503
+#: answer to `queue/join`: the app's own queue bound (`--queue-max-size`), but also a proxy in front whose replica
+#: does not answer (`webui/router.py` answers 503 then). Read as a queue overflow, a replica outage looks like a
+#: server-side limit (this misdirected the search behind the revert of the typed API), so both are named.
+UNAVAILABLE_503 = ("unavailable: HTTP 503 at queue/join (the app's queue is full, or a proxy in front of it found "
+                   "its replica not answering; gradio_client calls both 'Queue is full')")
+
+
+def error_text(exc: BaseException) -> str:
+    """An endpoint's error as the report lists it: `code: message` for the app's own errors (`gr.Error`, whose
+    title is the code: see `webui.webapi.ERROR_CODES`), `UNAVAILABLE_503` for an HTTP 503, else the exception's
+    type and text."""
+    from gradio_client.utils import QueueError
+
+    if isinstance(exc, QueueError):
+        return UNAVAILABLE_503
+    title, message = getattr(exc, "title", None), getattr(exc, "message", None)
+    if isinstance(title, str) and message is not None:
+        return f"{title}: {message}"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def run_user(url: str, index: int, turns: int, max_new_tokens: int, deadline: float, out: UserResult) -> None:
     from gradio_client import Client
 
@@ -102,7 +124,7 @@ def run_user(url: str, index: int, turns: int, max_new_tokens: int, deadline: fl
         out.route = ";".join(f"{k}={v}" for k, v in sorted(getattr(client, "cookies", {}).items())) or None
         session = client.predict(api_name="/new_session")
     except Exception as exc:  # noqa: BLE001 - a load test reports failures, it does not raise them
-        out.errors.append(f"user {index}: could not open a session: {exc}")
+        out.errors.append(f"user {index}: could not open a session: {error_text(exc)}")
         return
     sent, received = [], []
     for turn in range(turns):
@@ -116,18 +138,13 @@ def run_user(url: str, index: int, turns: int, max_new_tokens: int, deadline: fl
         reply, stats = "", {}
         try:
             job = client.submit(session, message, max_new_tokens, api_name="/chat")
-            for text, stats_json in updates(job, min(deadline, time.monotonic() + TURN_TIMEOUT_S)):
+            for text, update_stats in updates(job, min(deadline, time.monotonic() + TURN_TIMEOUT_S)):
                 if first is None and text:
                     first = time.perf_counter() - started
-                reply = text
-                stats = json.loads(stats_json) if stats_json else stats
-            result = job.result(timeout=TURN_TIMEOUT_S)
-            reply, stats = result[0], json.loads(result[1]) if result[1] else stats
+                reply, stats = text, update_stats or stats
+            reply, stats = job.result(timeout=TURN_TIMEOUT_S)  # raises the endpoint's error (code and message)
         except Exception as exc:  # noqa: BLE001
-            out.errors.append(f"user {index} turn {turn}: {type(exc).__name__}: {exc}")
-            continue
-        if stats.get("error"):
-            out.errors.append(f"user {index} turn {turn}: {stats['error']}")
+            out.errors.append(f"user {index} turn {turn}: {error_text(exc)}")
             continue
         sent.append(message)
         received.append(reply)
@@ -137,7 +154,6 @@ def run_user(url: str, index: int, turns: int, max_new_tokens: int, deadline: fl
             out.tokens_per_s.append(stats["tokens_per_s"])
     try:
         history = client.predict(session, api_name="/history")
-        history = json.loads(history) if isinstance(history, str) else history
         pairs, pending_user = {}, None
         for m in history:
             if m["role"] == "user":
@@ -151,13 +167,14 @@ def run_user(url: str, index: int, turns: int, max_new_tokens: int, deadline: fl
                 out.cross_talk += 1
         client.predict(session, api_name="/close_session")
     except Exception as exc:  # noqa: BLE001
-        out.errors.append(f"user {index}: could not read back its history: {exc}")
+        out.errors.append(f"user {index}: could not read back its history: {error_text(exc)}")
 
 
 def probe_busy(url: str, tries: int, busy_at: int, done: threading.Event, out: list[dict]) -> None:
     """One more user beyond the load: each time `/health` shows `busy_at` replies being written, send one turn
     and record how fast the server answers and whether it said "Server busy" (at most `tries` times)."""
     from gradio_client import Client
+    from gradio_client.exceptions import AppError
 
     try:
         client = Client(url, verbose=False)
@@ -167,13 +184,16 @@ def probe_busy(url: str, tries: int, busy_at: int, done: threading.Event, out: l
         return
     while len(out) < tries and not done.is_set():
         try:
-            active = json.loads(client.predict(api_name="/health"))["active_turns"]
+            active = client.predict(api_name="/health")["active_turns"]
             if active < busy_at:
                 done.wait(BUSY_PROBE_POLL_S)
                 continue
             started = time.perf_counter()
-            _, stats = client.predict(session, "Are you free?", 1, api_name="/chat")
-            error = json.loads(stats).get("error") if stats else None
+            try:
+                client.predict(session, "Are you free?", 1, api_name="/chat")
+                error = None
+            except AppError as exc:  # a refusal is the endpoint's error: its code is the title
+                error = str(exc.message)
             out.append({"active_turns_before": active, "answer_s": round(time.perf_counter() - started, 3),
                         "busy": bool(error) and error.startswith("Server busy"), "error": error})
         except Exception as exc:  # noqa: BLE001 - a load test reports failures, it does not raise them
@@ -209,7 +229,6 @@ def run_load(url: str, sessions: int, turns: int, max_new_tokens: int = 48,
         while not done.is_set():
             try:
                 h = monitor.predict(api_name="/health")
-                h = json.loads(h) if isinstance(h, str) else h
                 health["peak"] = max(health["peak"], int(h["peak_rss_bytes"]))
                 health["samples"].append((round(time.monotonic() - started, 1), int(h["rss_bytes"])))
             except Exception:  # noqa: BLE001 - monitoring is best effort; the main report still comes out
