@@ -43,7 +43,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from streaming_engine import EngineBusy, SessionNotFound, StreamingEngine
-from streaming_engine.admission import FairGate, GateFull
+from streaming_engine.admission import MAX_TURNS_PER_CLIENT, FairGate, GateFull
 from streaming_engine.apivalidate import parse_json
 from streaming_engine.apivalidate import text as checked_text
 from streaming_engine.engine import MAX_MESSAGE_CHARS, MAX_OWNER_CHARS, refusal
@@ -58,7 +58,7 @@ MAX_API_SESSIONS = 16
 #: so a client can never push other clients' conversations out of the pool.
 MAX_API_SESSIONS_PER_CLIENT = 4
 #: Replies (decode rows) one API client may have running at once; more of its requests wait in the fair queue.
-MAX_API_TURNS_PER_CLIENT = 4
+MAX_API_TURNS_PER_CLIENT = MAX_TURNS_PER_CLIENT
 #: Reply slots kept free of API traffic for browser tabs (the API gets the engine's `max_active_turns` minus these).
 BROWSER_RESERVED_TURNS = 4
 #: Requests one client may have waiting for a slot; more are refused at once (429) instead of piling up.

@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..admission import MAX_TURNS_PER_CLIENT
 from . import cli
 
 SCENARIOS = ("alone", "paste", "paste-unsliced", "flood")
@@ -184,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=48, help="most tokens of each victim reply")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every scenario")
     p.add_argument("--paste-chars", type=int, default=20_000, help="characters of the attacker's paste")
-    p.add_argument("--flood-turns", type=int, default=4, help="long replies the flooding attacker keeps running")
+    p.add_argument("--flood-turns", type=int, default=MAX_TURNS_PER_CLIENT,
+                   help="long replies the flooding attacker keeps running (default: the API's per-client cap)")
     p.add_argument("--flood-tokens", type=int, default=400, help="most tokens of each flood reply")
     p.add_argument("--output", default="runs/fairness.json", help="JSON path; the PNG goes beside it")
     return p
