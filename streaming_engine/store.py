@@ -119,6 +119,10 @@ class StoreError(RuntimeError):
             self.code = code
 
 
+#: `StoreError.code` of a database server that cannot be reached (PostgreSQL down): reported while it lasts, then gone.
+UNREACHABLE = "store_unreachable"
+
+
 class StoreFull(StoreError):
     """`MAX_CONVERSATIONS` conversations are stored; the message is safe to show to users."""
 

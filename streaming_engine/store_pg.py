@@ -26,8 +26,8 @@ import threading
 import time
 from urllib.parse import urlsplit
 
-from .store import (BUSY_TIMEOUT_S, DUPLICATE_TOKEN, MAX_CONVERSATIONS, RETENTION_DAYS, ConversationStore, StoreError,
-                    apply_migrations)
+from .store import (BUSY_TIMEOUT_S, DUPLICATE_TOKEN, MAX_CONVERSATIONS, RETENTION_DAYS, UNREACHABLE,
+                    ConversationStore, StoreError, apply_migrations)
 
 #: URL schemes libpq accepts for a PostgreSQL server.
 POSTGRES_SCHEMES = ("postgresql", "postgres")
@@ -45,8 +45,6 @@ HEALTH_PROBE_S = 5.0
 MIGRATION_LOCK_KEY = 0x534C4C4D
 #: The SQL type of Unix times (`{real}` in `store.MIGRATIONS`): 8 bytes, as SQLite's REAL.
 REAL_TYPE = "DOUBLE PRECISION"
-#: The error code (`StoreError.code`) of a database server that cannot be reached.
-UNREACHABLE = "store_unreachable"
 
 
 def check_database_url(url) -> str:

@@ -417,7 +417,8 @@ def test_a_postgresql_outage_is_reported_and_the_store_reconnects_losing_nothing
         postgres_server, fresh_database):
     """The server stops under a writer and comes back: the writer gets `store_unreachable` (no password in it),
     `file_problem()` says so, then writes succeed again on new connections; every acknowledged message is stored."""
-    from streaming_engine.store_pg import UNREACHABLE, PostgresStore
+    from streaming_engine.store import UNREACHABLE
+    from streaming_engine.store_pg import PostgresStore
 
     # trust authentication ignores the password: it is here to show that no message repeats it
     url = fresh_database.replace("postgres@", "postgres:pw-9731-SECRET@")
