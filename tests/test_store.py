@@ -541,3 +541,29 @@ def test_a_postgresql_database_that_is_not_ours_or_is_newer_is_refused_clearly(p
     with pytest.raises(StoreError, match="newer version") as caught:
         PostgresStore(newer)
     assert caught.value.code == "store_schema_newer"
+
+
+def test_the_app_stores_in_postgresql_when_given_a_database_url_and_never_shows_its_password(
+        fresh_database, tiny_chat_model, default_tokenizer):
+    import app
+    from streaming_engine import EngineConfig, StreamingEngine
+    from streaming_engine.store_pg import PostgresStore
+    from webui import health
+    from webui.settings import parse_settings
+
+    url = fresh_database.replace("postgres@", "postgres:pw-4242-SECRET@")  # trust auth: the password is ignored
+    settings = parse_settings(["--data-dir", "/nonexistent/ignored"], env={"DATABASE_URL": url})
+    assert settings.database_url == url and "pw-4242-SECRET" not in repr(settings)
+    with pytest.raises(SystemExit):
+        parse_settings(["--database-url", url, "--no-persist"], env={})
+    engine = StreamingEngine(tiny_chat_model, default_tokenizer, EngineConfig(start_size=4, recent_size=96))
+    try:
+        conversations = app.open_conversations(engine, settings)
+        assert conversations.persistent and isinstance(conversations.store, PostgresStore)
+        assert "storage" not in health.problems()
+        token = conversations.store.create(messages=exchange(2))
+        with PostgresStore(fresh_database) as replica:
+            assert replica.load(token).messages == exchange(2)
+        conversations.store.close()
+    finally:
+        health.PROBLEM_SOURCES.pop("storage", None)
