@@ -10,6 +10,7 @@ empty database on it.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import socket
@@ -20,8 +21,11 @@ from pathlib import Path
 
 import pytest
 
-#: Where the PostgreSQL programs are looked for (a Debian postgresql-15 install links them into /usr/local/bin).
-PG_BIN_DIRS = ("/usr/local/bin", "/usr/lib/postgresql/15/bin")
+#: Where the PostgreSQL programs are looked for, before PATH: /usr/local/bin, then Debian's per-version folders
+#: (`apt-get install postgresql-15` puts initdb and pg_ctl there, not on PATH), newest first.
+PG_BIN_DIRS = ("/usr/local/bin", *sorted(glob.glob("/usr/lib/postgresql/*/bin"),
+                                         key=lambda d: int(Path(d).parent.name) if Path(d).parent.name.isdigit() else 0,
+                                         reverse=True))
 #: Seconds `pg_ctl` waits for the server to start or stop (generous: the test machine is 2 shared cores).
 PG_CTL_WAIT_S = 120
 
