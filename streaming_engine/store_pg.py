@@ -169,8 +169,10 @@ class PostgresStore(ConversationStore):
                 conn.close()  # stale (the server restarted): try the next idle one, then a new one
 
     def _give_back(self, conn) -> None:
+        idle = self._psycopg.pq.TransactionStatus.IDLE
         with self._pool_lock:
-            if self._closed or conn.closed or conn.broken:
+            # Only a connection outside any transaction is reused (a failed ROLLBACK leaves one aborted).
+            if self._closed or conn.closed or conn.broken or conn.info.transaction_status != idle:
                 conn.close()
             else:
                 self._idle.append(conn)
