@@ -44,6 +44,13 @@ install-test: install
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; \
 	  else echo "nginx not installed: the nginx case of tests/test_replicas.py will be skipped"; fi; }
+	@# PostgreSQL 15: the store tests' second engine (tests/pg_server.py runs initdb/pg_ctl itself, as nobody under
+	@# root); without it those cases skip, saying why.
+	@command -v initdb >/dev/null 2>&1 || [ -x /usr/lib/postgresql/15/bin/initdb ] || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 >/dev/null; } || \
+	      echo "postgresql-15 could not be installed: the PostgreSQL cases of the store tests will be skipped"; \
+	  else echo "PostgreSQL 15 not installed: the PostgreSQL cases of the store tests will be skipped"; fi; }
 
 run: install
 	@if [ "$(BACKEND)" = "llama.cpp" ]; then $(MAKE) --no-print-directory install-cpu; fi

@@ -38,7 +38,7 @@ from streaming_engine.loading import DEFAULT_MODEL_NAME
 from streaming_engine.llamacpp.model import LlamaCppModel
 from streaming_engine.placement import describe_placement, input_device
 from streaming_engine.remote import RemoteTurnsEngine
-from streaming_engine.store import ChatStore, StoreError
+from streaming_engine.store import ChatStore, StoreError, open_store
 from webui import files, handlers, http_auth, metrics, openai_api, security, startup, webapi
 from webui.about import build_about_tab
 from webui.assets import read_css
@@ -108,11 +108,12 @@ def create_engine(settings: AppSettings) -> tuple[StreamingEngine, str]:
 
 
 def open_conversations(engine: StreamingEngine, settings: AppSettings) -> Conversations:
-    """The engine's conversations over the store the settings name. An unusable store (corrupted, read-only or
-    unreachable data dir) does not stop start-up: the app warns, chats unsaved (as on a full disk), and /health
-    says "degraded" with the reason."""
+    """The engine's conversations over the store the settings name (`open_store`). An unusable store (corrupted,
+    read-only or unreachable data dir or database server) does not stop start-up: the app warns, chats unsaved (as
+    on a full disk), and /health says "degraded" with the reason."""
     try:
-        conversations = Conversations(engine, ChatStore.open(settings.data_dir, persist=settings.persist))
+        conversations = Conversations(engine, open_store(settings.data_dir, database_url=settings.database_url,
+                                                         persist=settings.persist))
         problem_at_start = None
     except (StoreError, sqlite3.Error, OSError) as exc:  # sqlite3/OSError: a read-only dir fails past the open
         problem_at_start = f"{exc}; chats are not saved"

@@ -1,7 +1,7 @@
 """StreamingLLM (attention sinks + position shift) for transformers models, with a threaded chat engine.
 
 Public API: `StartRecentKVCache`, `enable_streaming_llm`, `load`, `SUPPORTED_FAMILIES`, the chat engine
-(`StreamingEngine`, `EngineConfig`, `Event`) and persistent conversations (`ChatStore`, `Conversations`). This
+(`StreamingEngine`, `EngineConfig`, `Event`) and persistent conversations (`open_store`, `ChatStore`, `Conversations`). This
 package never imports gradio; the web UI lives in `webui/`, composed by `app.py`.
 """
 
@@ -17,7 +17,8 @@ _EXPORTS = {
     "load": "loading",
     "next_position_ids": "positions",
     "MODES": "session", "Event": "session",
-    "ChatStore": "store", "StoreError": "store", "StoreFull": "store",
+    "ChatStore": "store", "ConversationStore": "store", "StoreConflict": "store", "StoreError": "store",
+    "StoreFull": "store", "open_store": "store",
 }
 
 
@@ -39,6 +40,7 @@ def __dir__():
 __all__ = [
     "MODES",
     "ChatStore",
+    "ConversationStore",
     "ConversationNotFound",
     "Conversations",
     "EngineBusy",
@@ -49,11 +51,13 @@ __all__ = [
     "StreamingEngine",
     "SUPPORTED_FAMILIES",
     "StartRecentKVCache",
+    "StoreConflict",
     "StoreError",
     "StoreFull",
     "check_supported",
     "enable_streaming_llm",
     "load",
     "next_position_ids",
+    "open_store",
     "stream_forward",
 ]

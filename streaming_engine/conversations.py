@@ -36,7 +36,7 @@ from typing import Iterable, Iterator
 from .engine import EngineBusy, StreamingEngine, clean_text, refusal
 from .history import parse_history
 from .session import Event
-from .store import ChatStore, ConversationSummary, StoreError, StoreFull, new_token, valid_token
+from .store import UNREACHABLE, ConversationStore, ConversationSummary, StoreError, StoreFull, new_token, valid_token
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def auto_title(messages: list[dict]) -> str:
 class Conversations:
     """Token-addressed conversations over an engine and a store (thread-safe)."""
 
-    def __init__(self, engine: StreamingEngine, store: ChatStore, *,
+    def __init__(self, engine: StreamingEngine, store: ConversationStore, *,
                  partial_save_interval_s: float = PARTIAL_SAVE_INTERVAL_S):
         if isinstance(partial_save_interval_s, bool) or not isinstance(partial_save_interval_s, (int, float)) \
                 or partial_save_interval_s < 0:
@@ -141,7 +141,7 @@ class Conversations:
         if sid is not None:
             try:
                 self.engine.settle(sid)  # a reply stopped by the old page's leaving: let it land in the history
-                summary = self.store.list([token])
+                summary = self.list([token])
                 return self._opened(token, sid, summary[0].title if summary else "", reattached=True)
             except KeyError:  # closed while we waited: re-create it below
                 pass
@@ -170,6 +170,8 @@ class Conversations:
     def _reopen(self, token: str, owner: str | None, origin: str) -> Opened:
         try:
             stored = self.store.load(token) if valid_token(token) else None
+        except StoreError as exc:  # the database server is unreachable: the chat is there, just not now
+            raise ConversationNotFound(f"this conversation cannot be loaded now: {exc}") from None
         except sqlite3.DatabaseError as exc:  # a corrupted file: this chat is lost, the others keep working
             self._broken(exc)
             raise ConversationNotFound("this conversation cannot be read from the damaged chat database; "
@@ -235,7 +237,7 @@ class Conversations:
         events = self.engine.start_chat(sid, message, **sampling)
         try:
             existed = self.store.exists(token)
-        except sqlite3.DatabaseError:  # unreadable: never delete on its word
+        except (sqlite3.DatabaseError, StoreError):  # unreadable or unreachable: never delete on its word
             existed = True
         if refusal(events) is None:
             # Saved as soon as the turn is accepted, not at its first token: a crash during a long prefill (or
@@ -342,8 +344,9 @@ class Conversations:
             pass
         except (sqlite3.Error, StoreError, OSError, ValueError) as exc:
             logger.warning("could not save conversation: %s", exc)
-            if isinstance(exc, sqlite3.DatabaseError) or (isinstance(exc, StoreError)
-                                                          and not isinstance(exc, StoreFull)):
+            # An unreachable server is not remembered here: the store's `file_problem` reports it while it lasts.
+            if isinstance(exc, sqlite3.DatabaseError) or (isinstance(exc, StoreError) and not isinstance(exc, StoreFull)
+                                                          and exc.code != UNREACHABLE):
                 self._storage_problem = str(exc)
             with self._lock:
                 self._errors.pop(token, None)
@@ -484,6 +487,8 @@ class Conversations:
             return self.store.list(tokens)
         except sqlite3.DatabaseError as exc:
             self._broken(exc)
+            return []
+        except StoreError:  # unreachable (file_problem says so): an empty list until the server is back
             return []
 
     def _broken(self, exc: Exception) -> None:

@@ -2,8 +2,8 @@
 unguessable random token. `ChatStore` (here) keeps everything in one SQLite file (the embedded default,
 `--data-dir`). The rules (limits, validation, the ordered `MIGRATIONS`, the read-modify-write logic of every
 operation) live in `ConversationStore` once; an engine supplies only connections, transactions and the few dialect
-differences (`{real}` column type, row-lock suffix), so a second engine (PostgreSQL, shared by replicas) is one
-small subclass.
+differences (`{real}` column type, row-lock suffix), so the second engine, `store_pg.PostgresStore` (PostgreSQL,
+shared by replicas), is one small subclass. `open_store` picks the engine an app's settings name.
 
 A conversation is found only by its token (`secrets.token_urlsafe`, 192 bits), which only the owning browser
 holds: there is no listing of "all conversations", `list` answers for the tokens the caller presents. Stored per
@@ -119,6 +119,10 @@ class StoreError(RuntimeError):
             self.code = code
 
 
+#: `StoreError.code` of a database server that cannot be reached (PostgreSQL down): reported while it lasts, then gone.
+UNREACHABLE = "store_unreachable"
+
+
 class StoreFull(StoreError):
     """`MAX_CONVERSATIONS` conversations are stored; the message is safe to show to users."""
 
@@ -157,12 +161,14 @@ def _clean_title(title) -> str:
         return ""
     if not isinstance(title, str):
         raise ValueError("title must be text")
-    return " ".join(title.split())[:MAX_TITLE_CHARS]
+    return " ".join(title.replace("\x00", "").split())[:MAX_TITLE_CHARS]
 
 
 def _check_text(value, what: str) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{what} must be text")
+    if "\x00" in value:  # PostgreSQL text cannot hold NUL: refused by both engines, so they store the same things
+        raise ValueError(f"{what} contains a NUL character, which cannot be stored")
     if len(value) > MAX_STORED_MESSAGE_CHARS:
         raise ValueError(f"{what} is too long to store ({len(value):,} characters, limit {MAX_STORED_MESSAGE_CHARS:,})")
     return value
@@ -482,6 +488,19 @@ class ConversationStore(ABC):
         if gone:
             self._after_delete()
         return gone
+
+
+def open_store(data_dir: str | os.PathLike | None = None, *, database_url: str | None = None, persist: bool = True,
+               **limits) -> ConversationStore:
+    """The store an app's settings name: none at all without `persist`; PostgreSQL at `database_url` (shared by
+    replicas; `store_pg.check_database_url` says what is accepted); else SQLite in `data_dir` (`ChatStore.open`)."""
+    if not persist:
+        return ChatStore(None, **limits)
+    if database_url:
+        from .store_pg import PostgresStore  # imports psycopg: only deployments that ask for PostgreSQL need it
+
+        return PostgresStore(database_url, **limits)
+    return ChatStore.open(data_dir, **limits)
 
 
 class ChatStore(ConversationStore):

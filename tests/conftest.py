@@ -156,3 +156,41 @@ def tiny_chat_model(default_tokenizer):
     model = tiny_model("llama", layers=2, vocab_size=len(default_tokenizer), max_positions=4096)
     model.generation_config.eos_token_id = default_tokenizer.eos_token_id
     return model
+
+
+# --- the conversation store over both engines ---------------------------------------------------------------------
+
+from pg_server import fresh_database, postgres_server  # noqa: E402,F401 - fixtures (a real PostgreSQL 15)
+
+#: The store engines every engine-neutral store test runs on (the PostgreSQL case skips, saying why, without it).
+STORE_ENGINES = ("sqlite", "postgresql")
+
+
+class StoreOpener:
+    """Opens store objects on one database: each call is another process on the same data (a restarted server, or
+    a second replica). Closes them all at the end of the test."""
+
+    def __init__(self, engine: str, where):
+        self.engine, self.where, self.opened = engine, where, []
+
+    def __call__(self, **limits):
+        from streaming_engine.store import open_store
+
+        if self.engine == "sqlite":
+            store = open_store(self.where, **limits)
+        else:
+            store = open_store(database_url=self.where, **limits)
+        self.opened.append(store)
+        return store
+
+    def close(self):
+        for store in self.opened:
+            store.close()
+
+
+@pytest.fixture(params=STORE_ENGINES)
+def store_opener(request, tmp_path):
+    where = tmp_path / "data" if request.param == "sqlite" else request.getfixturevalue("fresh_database")
+    opener = StoreOpener(request.param, where)
+    yield opener
+    opener.close()

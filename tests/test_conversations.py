@@ -32,12 +32,13 @@ def say(conversations, token, message, **kwargs):
 
 
 @pytest.fixture
-def make(tiny_chat_model, default_tokenizer, tmp_path):
-    """Conversations over a fresh engine and a store in tmp_path: each call is a (re)started server."""
+def make(tiny_chat_model, default_tokenizer, store_opener):
+    """Conversations over a fresh engine and a store on one database of each engine (SQLite in tmp_path, a
+    PostgreSQL database): each call is a (re)started server, or another replica."""
     made = []
 
     def build(persist=True, store_kwargs=None, **config):
-        store = ChatStore.open(tmp_path / "data", persist=persist, **(store_kwargs or {}))
+        store = store_opener(**(store_kwargs or {})) if persist else ChatStore(None, **(store_kwargs or {}))
         made.append(store)
         return Conversations(engine_for(tiny_chat_model, default_tokenizer, **config), store,
                              partial_save_interval_s=0.0)
@@ -257,3 +258,27 @@ def test_a_session_closed_for_idleness_is_recreated_from_the_store_on_the_next_m
     sid = conversations.open(opened.token).session_id
     assert sid != opened.session_id and "swordfish" in conversations.engine._get(sid).stream_text
     assert len(conversations.store.load(opened.token).messages) == 4
+
+
+def test_a_postgresql_outage_keeps_the_chat_going_and_health_follows_it(
+        tiny_chat_model, default_tokenizer, postgres_server, fresh_database):
+    """The server stops mid-conversation: replies still come, the user is told the chat is unsaved and
+    `storage_problem` (/health) names the outage; once it is back the next turn saves the whole history again."""
+    from streaming_engine.store_pg import PostgresStore
+
+    with PostgresStore(fresh_database) as store:
+        conversations = Conversations(engine_for(tiny_chat_model, default_tokenizer), store, partial_save_interval_s=0.0)
+        token = conversations.start(owner="me").token
+        say(conversations, token, "one")
+        postgres_server.stop()
+        try:
+            say(conversations, token, "two")
+            assert "unreachable" in conversations.storage_problem()
+            assert "could not be saved" in conversations.save_error(token)
+            assert conversations.list([token]) == []
+        finally:
+            postgres_server.start()
+        say(conversations, token, "three")
+        assert conversations.storage_problem() is None
+        with PostgresStore(fresh_database) as replica:
+            assert [m["content"] for m in replica.load(token).messages][::2] == ["one", "two", "three"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Only torch-free modules at import time: `python app.py --help` reads this file before anything heavy is imported
 # (torch, used to check --device and --dtype, is imported when a value is checked).
@@ -23,6 +23,7 @@ from streaming_engine.defaults import (
     MAX_SESSIONS,
     MAX_SESSIONS_PER_OWNER,
 )
+from streaming_engine.store_pg import check_database_url
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -71,6 +72,9 @@ class AppSettings:
     # whole server may hold, who may frame the page, and which proxies may name the client.
     data_dir: str | None = None  # None: streaming_engine.store.default_data_dir()
     persist: bool = True
+    # A shared PostgreSQL store (issue 25) instead of the SQLite file in data_dir; may hold a password, so kept out
+    # of repr (settings get printed and logged).
+    database_url: str | None = field(default=None, repr=False)
     max_sessions: int = MAX_SESSIONS
     max_sessions_per_client: int = MAX_SESSIONS_PER_OWNER
     frame_ancestors: str = DEFAULT_FRAME_ANCESTORS
@@ -100,6 +104,13 @@ class AppSettings:
                 or any(c in self.frame_ancestors for c in ";,\r\n")):
             raise ValueError("--frame-ancestors must be a CSP source list such as \"'self' https://example.org\" "
                              "(no ';', ',' or line breaks)")
+        if self.database_url is not None:
+            try:
+                self.database_url = check_database_url(self.database_url)
+            except ValueError as exc:
+                raise ValueError(f"--database-url / DATABASE_URL: {exc}") from None
+            if not self.persist:
+                raise ValueError("give either --database-url or --no-persist, not both")
         check_int("--queue-concurrency", self.queue_concurrency, 1)
         check_int("--queue-max-size", self.queue_max_size, 1)
         if self.threads is not None:
@@ -158,6 +169,9 @@ def parse_settings(argv: list[str] | None = None, env: dict | None = None) -> Ap
     p.add_argument("--data-dir", default=env.get("DATA_DIR") or None,
                    help="folder of the conversation database chats.sqlite (env DATA_DIR; default "
                         "~/.cache/streaming-llm)")
+    p.add_argument("--database-url", default=env.get("DATABASE_URL") or None, metavar="postgresql://...",
+                   help="store conversations in this PostgreSQL database, shared by every replica, instead of the "
+                        "SQLite file in --data-dir (env DATABASE_URL; needs pip install \"psycopg[binary]\")")
     p.add_argument("--no-persist", action="store_true", default=env.get("NO_PERSIST", "").lower() in _TRUE,
                    help="keep conversations in memory only; nothing is written to disk (env NO_PERSIST)")
     p.add_argument("--max-sessions", type=int, default=_env_int(env, "MAX_SESSIONS", MAX_SESSIONS),
@@ -206,7 +220,7 @@ def parse_settings(argv: list[str] | None = None, env: dict | None = None) -> Ap
     try:
         return AppSettings(args.model, args.start_size, args.recent_size, args.host, args.port, args.share,
                            parse_auth(args.auth), args.trust_remote_code, data_dir=args.data_dir,
-                           persist=not args.no_persist, max_sessions=args.max_sessions,
+                           persist=not args.no_persist, database_url=args.database_url, max_sessions=args.max_sessions,
                            max_sessions_per_client=args.max_sessions_per_client,
                            frame_ancestors=args.frame_ancestors, forwarded_allow_ips=args.forwarded_allow_ips,
                            device=args.device, dtype=args.dtype, threads=args.threads, device_map=args.device_map,
