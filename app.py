@@ -38,7 +38,8 @@ from streaming_engine.loading import DEFAULT_MODEL_NAME
 from streaming_engine.llamacpp.model import LlamaCppModel
 from streaming_engine.placement import describe_placement, input_device
 from streaming_engine.remote import RemoteTurnsEngine
-from streaming_engine.store import ChatStore, StoreError, open_store
+from streaming_engine.store import ChatStore, StoreError
+from streaming_engine.stores import open_store
 from webui import files, handlers, http_auth, metrics, openai_api, security, startup, webapi
 from webui.about import build_about_tab
 from webui.assets import read_css

@@ -18,7 +18,7 @@ _EXPORTS = {
     "next_position_ids": "positions",
     "MODES": "session", "Event": "session",
     "ChatStore": "store", "ConversationStore": "store", "StoreConflict": "store", "StoreError": "store",
-    "StoreFull": "store", "open_store": "store",
+    "StoreFull": "store", "open_store": "stores",
 }
 
 

@@ -3,7 +3,7 @@ unguessable random token. `ChatStore` (here) keeps everything in one SQLite file
 `--data-dir`). The rules (limits, validation, the ordered `MIGRATIONS`, the read-modify-write logic of every
 operation) live in `ConversationStore` once; an engine supplies only connections, transactions and the few dialect
 differences (`{real}` column type, row-lock suffix), so the second engine, `store_pg.PostgresStore` (PostgreSQL,
-shared by replicas), is one small subclass. `open_store` picks the engine an app's settings name.
+shared by replicas), is one small subclass. `stores.open_store` picks the engine an app's settings name.
 
 A conversation is found only by its token (`secrets.token_urlsafe`, 192 bits), which only the owning browser
 holds: there is no listing of "all conversations", `list` answers for the tokens the caller presents. Stored per
@@ -488,19 +488,6 @@ class ConversationStore(ABC):
         if gone:
             self._after_delete()
         return gone
-
-
-def open_store(data_dir: str | os.PathLike | None = None, *, database_url: str | None = None, persist: bool = True,
-               **limits) -> ConversationStore:
-    """The store an app's settings name: none at all without `persist`; PostgreSQL at `database_url` (shared by
-    replicas; `store_pg.check_database_url` says what is accepted); else SQLite in `data_dir` (`ChatStore.open`)."""
-    if not persist:
-        return ChatStore(None, **limits)
-    if database_url:
-        from .store_pg import PostgresStore  # imports psycopg: only deployments that ask for PostgreSQL need it
-
-        return PostgresStore(database_url, **limits)
-    return ChatStore.open(data_dir, **limits)
 
 
 class ChatStore(ConversationStore):

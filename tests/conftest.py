@@ -174,7 +174,7 @@ class StoreOpener:
         self.engine, self.where, self.opened = engine, where, []
 
     def __call__(self, **limits):
-        from streaming_engine.store import open_store
+        from streaming_engine.stores import open_store
 
         if self.engine == "sqlite":
             store = open_store(self.where, **limits)

@@ -382,7 +382,7 @@ def test_a_stale_revision_is_refused_and_writes_nothing(store_opener):
 
 
 def test_open_store_picks_the_engine_the_settings_name(tmp_path):
-    from streaming_engine.store import open_store
+    from streaming_engine.stores import open_store
 
     assert not open_store(tmp_path / "x", persist=False).enabled and not (tmp_path / "x").exists()
     with open_store(tmp_path / "data") as store:
@@ -405,7 +405,7 @@ def test_a_database_url_that_is_not_postgresql_is_refused_without_echoing_it(url
 
 
 def test_without_psycopg_the_postgresql_store_says_what_to_install(monkeypatch):
-    from streaming_engine.store import open_store
+    from streaming_engine.stores import open_store
 
     monkeypatch.setitem(sys.modules, "psycopg", None)  # `import psycopg` now raises ImportError
     with pytest.raises(StoreError, match=r'pip install "psycopg\[binary\]"') as caught:
