@@ -9,10 +9,9 @@ request's logits. The worker alone touches the model and the caches, so forward 
      leaves before the next forward pass and never delays the others);
   2. feeds prompt chunks, one turn after another in arrival order, until `prefill_budget` prompt tokens have gone
      through (a long paste therefore advances one bounded chunk per iteration, however long it is). While other
-     turns are decoding, prompts get *slices* instead, each sized to take about one decode step
-     (`prefill_slice`), and run only on credit that decode steps earn (`PREFILL_SHARE` of their time): a decoding
-     reply then waits a bounded share more per token however long the paste (issue 28's bar: at most 2x; measured
-     by `eval/fairness.py`), and the paste still advances;
+     turns are decoding, prompts get one *slice* per iteration instead, sized so that it takes about as long as
+     one decode step (`prefill_slice`): every decoding reply then waits at most about twice its own step time per
+     token, however long the paste (issue 28's 2x bar), and the paste still gets half the worker;
   3. runs **one** forward pass for every turn that is decoding: each is a row of a `BatchedSinkCache`, up to
      `max_batch` rows (more wait for a free row, first come first served). Rows join when their prompt is done
      and leave when their reply ends, between steps; each row is sampled with its own settings and seed by its own
@@ -53,20 +52,14 @@ SCHEDULERS = ("batched", "round-robin")
 PREFILL_SLICE_TOKENS = 64
 #: Fewest prompt tokens a slice takes, however fast decoding is: tinier slices would spend the worker on
 #: per-pass overhead and let a paste crawl.
-PREFILL_MIN_SLICE = 4
-#: While turns decode, prompt slices get at most this much worker time per second of decoding: each decode step
-#: earns the waiting prompts `PREFILL_SHARE` of its duration as credit, and a slice runs only on credit. A slice
-#: sized to one step, on every iteration, measured a victim at 3.2x its time per token alone beside a
-#: 20,000-character paste (a small slice costs about a whole step on a CPU: per-pass overhead, not tokens), so
-#: slices are rationed by time instead: at 0.5 one slice per two steps, a victim's time per token ~1.5x.
-PREFILL_SHARE = 0.5
+PREFILL_MIN_SLICE = 8
 #: Weight of the newest measurement in the running averages of step times (a few steps of memory: adapts to a
 #: neighbour's load within a second, ignores one slow step).
 TIMING_WEIGHT = 0.25
 
 
 def prefill_slice(decode_s: float | None, prefill_s_per_token: float | None, remaining: int) -> int:
-    """Prompt tokens to feed in one slice while other turns decode: as many as take about one decode step
+    """Prompt tokens to feed in one iteration while other turns decode: as many as take about one decode step
     (`decode_s`, seconds) at the measured prefill cost (`prefill_s_per_token`), within
     `PREFILL_MIN_SLICE..PREFILL_SLICE_TOKENS`, and never more than the `remaining` tokens of the chunk. Before
     both costs are measured, the cap. Pure, so the rule is tested without a clock."""
@@ -304,7 +297,6 @@ class BatchedScheduler(Scheduler):
         self.clock = time.perf_counter  # what `prefill_slice`'s costs are measured with (tests may replace it)
         self.decode_s: float | None = None  # running average of one decode step, seconds
         self.prefill_s_per_token: float | None = None  # running average of prefill seconds per prompt token
-        self.prefill_credit = 0.0  # worker seconds prompt slices may still take while others decode
 
     def _iterate(self) -> None:
         idle = not self._prefilling and not self._decoding
@@ -333,9 +325,8 @@ class BatchedScheduler(Scheduler):
 
     def _prefill_round(self) -> None:
         """Nobody decoding: prompt chunks for up to `prefill_budget` tokens, each waiting turn at most once, in
-        arrival order. Somebody decoding: when the decode steps have earned credit (`PREFILL_SHARE`), one
-        slice (`prefill_slice`) of the first waiting chunk, its time taken from the credit; the rest of that chunk
-        goes to the back, behind the other waiting prompts."""
+        arrival order. Somebody decoding: one slice (`prefill_slice`) of the first waiting chunk; the rest of
+        that chunk goes to the back, behind the other waiting prompts."""
         if not self._prefilling:
             return
         if not self._decoding or not self.slice_prefill:
@@ -348,19 +339,15 @@ class BatchedScheduler(Scheduler):
                 spent += len(handle.request.ids) - fed
                 self._feed(handle, fed, len(handle.request.ids) - fed)
             return
-        if self.prefill_credit <= 0:
-            return  # prompts had their share of the worker: decode first
         handle = self._prefilling.popleft()
         fed = self._fed.pop(id(handle), 0)
         remaining = len(handle.request.ids) - fed
-        self.prefill_credit -= self._feed(handle, fed, prefill_slice(self.decode_s, self.prefill_s_per_token,
-                                                                     remaining))
+        self._feed(handle, fed, prefill_slice(self.decode_s, self.prefill_s_per_token, remaining))
 
-    def _feed(self, handle: TurnHandle, fed: int, size: int) -> float:
+    def _feed(self, handle: TurnHandle, fed: int, size: int) -> None:
         """Feed tokens `fed..fed+size` of `handle`'s prompt chunk on its own cache. The turn is answered once the
         chunk's last token went in (that token's logits): a causal model's cache after a chunk fed in slices is
-        the cache after feeding it whole, so slicing changes no reply. A part-fed chunk waits at the back.
-        Returns the seconds the pass took."""
+        the cache after feeding it whole, so slicing changes no reply. A part-fed chunk waits at the back."""
         request = handle.request
         if request.cache.attached:  # a prompt after decoding (not done by turns today): leave the batch first
             request.cache.batch.leave(request.cache)
@@ -369,15 +356,13 @@ class BatchedScheduler(Scheduler):
             answer = forward(self.model, request.cache.solo, request.ids[fed:fed + size])
         except Exception as exc:  # noqa: BLE001 - the turn reports it
             answer = exc
-        elapsed = self.clock() - started
-        self.prefill_s_per_token = running_average(self.prefill_s_per_token, elapsed / size)
+        self.prefill_s_per_token = running_average(self.prefill_s_per_token, (self.clock() - started) / size)
         self._served("prefill", [handle])
         if fed + size < len(request.ids) and not isinstance(answer, BaseException):
             self._fed[id(handle)] = fed + size
             self._prefilling.append(handle)
-        else:
-            self._place(handle, self._advance(handle, answer))
-        return elapsed
+            return
+        self._place(handle, self._advance(handle, answer))
 
     def _decode_round(self) -> None:
         batch = self.batch
@@ -403,10 +388,7 @@ class BatchedScheduler(Scheduler):
         try:
             logits = forward_batch(self.model, batch, tokens)
             answers = [logits[b] for b in range(len(rows))]
-            step_s = self.clock() - started
-            self.decode_s = running_average(self.decode_s, step_s)
-            # Waiting prompts earn a share of this step's time (capped at one step, so no burst builds up).
-            self.prefill_credit = min(self.prefill_credit + PREFILL_SHARE * step_s, step_s) if self._prefilling else 0.0
+            self.decode_s = running_average(self.decode_s, self.clock() - started)
         except Exception:  # noqa: BLE001 - find the row that fails: run each alone
             logger.exception("batched decode failed; retrying its %d rows one by one", len(rows))
             answers = []

@@ -14,7 +14,7 @@ from streaming_engine.batch_cache import BatchedSinkCache, ConversationCache
 from streaming_engine.cache import StartRecentKVCache
 from streaming_engine.families import SUPPORTED_FAMILIES, batchable, find_rotary_embedding
 from streaming_engine.generation import forward, forward_batch
-from streaming_engine.scheduler import PREFILL_MIN_SLICE, PREFILL_SHARE, PREFILL_SLICE_TOKENS, prefill_slice
+from streaming_engine.scheduler import PREFILL_MIN_SLICE, PREFILL_SLICE_TOKENS, prefill_slice
 
 GREEDY = dict(temperature=0.0, repetition_penalty=1.0)
 ROW_TOLERANCE = 1e-4
@@ -415,8 +415,7 @@ def test_eight_concurrent_real_model_sessions_reply_token_for_token_as_alone(def
     (None, None, 500, PREFILL_SLICE_TOKENS),  # nothing measured yet: the cap
     (0.010, None, 500, PREFILL_SLICE_TOKENS),
     (0.010, 0.001, 500, 10),  # a slice as long as one decode step
-    (0.020, 0.0005, 500, 40),
-    (0.010, 0.00001, 500, PREFILL_SLICE_TOKENS),  # prefill so cheap that the cap decides
+    (0.010, 0.0001, 500, PREFILL_SLICE_TOKENS),  # prefill so cheap that the cap decides
     (0.010, 0.01, 500, PREFILL_MIN_SLICE),  # prefill so dear that the floor decides
     (0.010, 0.001, 3, 3),  # never past the chunk's end
 ])
@@ -472,37 +471,3 @@ def test_while_another_chat_decodes_a_long_prompt_goes_in_slices_and_its_reply_i
         for a, b in zip(prefills, prefills[1:]):  # between two slices of the paste, the chat decoded a token
             assert any(kind == "decode" and chat_handle in served for kind, served in passes[a + 1:b]), (a, b)
     assert finals[0] == finals[1] and finals[0][0]
-
-
-def test_while_another_chat_decodes_slices_run_only_on_the_credit_decode_steps_earn(
-    tiny_chat_model, default_tokenizer
-):
-    """On a clock where every pass takes one second, a decode step earns PREFILL_SHARE (0.5) s of credit and a
-    slice spends one second: the paste gets one slice per two decode steps of the chat, and still finishes."""
-    engine = make_engine(tiny_chat_model, default_tokenizer, recent_size=400, prefill_chunk_size=128)
-    ticks = iter(range(10**9))
-    engine.scheduler.clock = lambda: float(next(ticks))  # each measured pass: two reads, one second apart
-    passes = record_passes(engine)
-    chatter, paster = engine.new_session(), engine.new_session()
-    decoding, out = threading.Event(), {}
-
-    def chat():
-        for event in engine.chat(chatter, "Keep talking", max_new_tokens=3000, **GREEDY):
-            if event.stats.get("reply_tokens") == 3:
-                decoding.set()
-        out["chat"] = event
-
-    talker = threading.Thread(target=chat, daemon=True)
-    talker.start()
-    assert decoding.wait(120), "the chat never decoded"
-    chat_handle = engine._get(chatter).current
-    passes.clear()
-    final = reply(engine, paster, " ".join(f"w{i % 89}" for i in range(300)), max_new_tokens=2, **GREEDY)
-    engine.stop(chatter)
-    talker.join(120)
-    assert final.kind == "done", final.text
-    slices = [i for i, (kind, _) in enumerate(passes) if kind == "prefill"]
-    assert len(slices) >= 4
-    for a, b in zip(slices, slices[1:]):
-        decodes = sum(1 for kind, served in passes[a + 1:b] if kind == "decode" and chat_handle in served)
-        assert decodes == round(1 / PREFILL_SHARE), (a, b, decodes)
