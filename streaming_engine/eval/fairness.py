@@ -64,21 +64,11 @@ def victim_run(engine, turns: int, tokens: int) -> dict:
 
 def attacker(engine, scenario: str, args, done: threading.Event, busy: threading.Event) -> list[threading.Thread]:
     """Threads that keep the attacker busy until `done`; `busy` is set once it has work in the engine."""
-    def paste():
-        sid, text = engine.new_session(), paste_text(args.paste_chars)
-        while not done.is_set():
-            for _event in engine.chat(sid, text, max_new_tokens=1, **GREEDY):
-                busy.set()
-                if done.is_set():
-                    engine.stop(sid)
-            engine.reset(sid)
-        engine.close(sid)
-
-    def flood():
+    def keep_sending(text: str, max_new_tokens: int):
         sid = engine.new_session()
         while not done.is_set():
-            for event in engine.chat(sid, FLOOD_PROMPT, max_new_tokens=args.flood_tokens, **GREEDY):
-                if event.stats.get("reply_tokens"):
+            for event in engine.chat(sid, text, max_new_tokens=max_new_tokens, **GREEDY):
+                if max_new_tokens == 1 or event.stats.get("reply_tokens"):  # a paste is busy from its first event
                     busy.set()
                 if done.is_set():
                     engine.stop(sid)
@@ -88,8 +78,11 @@ def attacker(engine, scenario: str, args, done: threading.Event, busy: threading
     if scenario == "alone":
         busy.set()
         return []
-    targets = [paste] if scenario.startswith("paste") else [flood] * args.flood_turns
-    return [threading.Thread(target=t, daemon=True) for t in targets]
+    if scenario.startswith("paste"):
+        jobs = [(paste_text(args.paste_chars), 1)]
+    else:
+        jobs = [(FLOOD_PROMPT, args.flood_tokens)] * args.flood_turns
+    return [threading.Thread(target=keep_sending, args=job, daemon=True) for job in jobs]
 
 
 def one_run(model, tokenizer, scenario: str, args) -> dict:
