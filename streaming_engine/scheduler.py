@@ -9,9 +9,9 @@ request's logits. The worker alone touches the model and the caches, so forward 
      leaves before the next forward pass and never delays the others);
   2. feeds prompt chunks, one turn after another in arrival order, until `prefill_budget` prompt tokens have gone
      through (a long paste therefore advances one bounded chunk per iteration, however long it is). While other
-     turns are decoding, prompts get one *slice* per iteration instead, sized so that it takes about as long as
-     one decode step (`prefill_slice`): every decoding reply then waits at most about twice its own step time per
-     token, however long the paste (issue 28's 2x bar), and the paste still gets half the worker;
+     turns are decoding, prompts get one *slice* per iteration instead, sized to take about as long as one decode
+     step (`prefill_slice`): a decoding reply waits one slice per token however long the paste, and the paste
+     keeps a share of the worker (docs/benchmarks.md "One client against another" measures what that costs);
   3. runs **one** forward pass for every turn that is decoding: each is a row of a `BatchedSinkCache`, up to
      `max_batch` rows (more wait for a free row, first come first served). Rows join when their prompt is done
      and leave when their reply ends, between steps; each row is sampled with its own settings and seed by its own
@@ -234,15 +234,19 @@ class Scheduler:
                 if not handle.finished.is_set():
                     handle.stop()
 
-    def _prefill(self, handle: TurnHandle) -> None:
-        """Run `handle`'s `Prefill` request on its conversation's own cache and advance it with the logits."""
-        request = handle.request
+    def _forward_prompt(self, request: Prefill, ids: list[int]):
+        """The logits after feeding `ids` (all or part of `request`'s chunk) on its conversation's own cache, or
+        the exception that feeding raised (the turn reports it)."""
         if request.cache.attached:  # a prompt after decoding (not done by turns today): leave the batch first
             request.cache.batch.leave(request.cache)
         try:
-            answer = forward(self.model, request.cache.solo, request.ids)
+            return forward(self.model, request.cache.solo, ids)
         except Exception as exc:  # noqa: BLE001 - the turn reports it
-            answer = exc
+            return exc
+
+    def _prefill(self, handle: TurnHandle) -> None:
+        """Run `handle`'s `Prefill` request on its conversation's own cache and advance it with the logits."""
+        answer = self._forward_prompt(handle.request, handle.request.ids)
         self._served("prefill", [handle])
         self._advance(handle, answer)
 
@@ -349,13 +353,8 @@ class BatchedScheduler(Scheduler):
         chunk's last token went in (that token's logits): a causal model's cache after a chunk fed in slices is
         the cache after feeding it whole, so slicing changes no reply. A part-fed chunk waits at the back."""
         request = handle.request
-        if request.cache.attached:  # a prompt after decoding (not done by turns today): leave the batch first
-            request.cache.batch.leave(request.cache)
         started = self.clock()
-        try:
-            answer = forward(self.model, request.cache.solo, request.ids[fed:fed + size])
-        except Exception as exc:  # noqa: BLE001 - the turn reports it
-            answer = exc
+        answer = self._forward_prompt(request, request.ids[fed:fed + size])
         self.prefill_s_per_token = running_average(self.prefill_s_per_token, (self.clock() - started) / size)
         self._served("prefill", [handle])
         if fed + size < len(request.ids) and not isinstance(answer, BaseException):
