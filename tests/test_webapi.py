@@ -237,10 +237,10 @@ def test_results_are_json_objects_and_lists_not_text(launched):
 
 def test_chat_replies_up_to_the_engine_limit_run_at_once_however_small_the_app_queue(tiny_chat_model,
                                                                                        default_tokenizer):
-    """/chat bypasses gradio's queue bounds (`concurrency_limit=None`): with the app's queue one event wide and
-    one deep, as many replies as the engine allows are written at the same time and none is refused with gradio's
-    "Queue is full" (a bound that would have to come from the queue, not the engine). The other endpoints still
-    answer while they run."""
+    """/chat is not bounded by gradio's concurrency (`concurrency_limit=None`): with the app's queue one event wide
+    and one deep, as many replies as the engine allows are written at the same time and none is refused with
+    gradio's "Queue is full" (a bound that would have to come from the queue, not the engine). The other endpoints
+    still answer while they run."""
     from gradio_client.utils import QueueError
 
     limit = 3
@@ -248,13 +248,18 @@ def test_chat_replies_up_to_the_engine_limit_run_at_once_however_small_the_app_q
     with served(engine, "tiny-test-model", queue_concurrency=1, queue_max_size=1) as (url, _):
         callers = [client(url, f"192.0.2.{10 + i}") for i in range(limit)]
         sids = [c.predict(api_name="/new_session") for c in callers]
-        jobs = [c.submit(sid, "Talk for a long time.", 4096, api_name="/chat") for c, sid in zip(callers, sids)]
+        jobs = []
         try:
-            # Until every reply is being written at once, or one of them ended (refused); generous deadline.
-            deadline = time.monotonic() + 120
-            while engine.scheduler.active_turns < limit and not any(job.done() for job in jobs):
-                assert time.monotonic() < deadline, "the replies never ran together"
-                time.sleep(0.1)
+            # One submission at a time, each waited for until its reply is being written (or it ended, refused):
+            # a /chat event that is running has left gradio's queue, so a queue one deep holds at most the one
+            # being submitted. Submitted all at once, they can all sit in the queue before the first starts, and a
+            # one-deep queue then refuses the third whatever the engine allows. Generous deadlines.
+            for c, sid in zip(callers, sids):
+                jobs.append(c.submit(sid, "Talk for a long time.", 4096, api_name="/chat"))
+                deadline = time.monotonic() + 120
+                while engine.scheduler.active_turns < len(jobs) and not any(job.done() for job in jobs):
+                    assert time.monotonic() < deadline, "the replies never ran together"
+                    time.sleep(0.1)
             running = engine.scheduler.active_turns
             health = callers[0].predict(api_name="/health")  # answered through the queue meanwhile
         finally:
