@@ -58,6 +58,20 @@ def served(engine, model_label: str, conversations=None, **settings) -> Iterator
         demo.close()
 
 
+def reload_page(page, attempts: int = 3) -> None:
+    """`page.reload()` that survives a navigation the page started itself: after its server was restarted,
+    Gradio's frontend may navigate on its own when it reconnects, and our reload is then aborted
+    (`net::ERR_ABORTED`). Wait for that navigation to land and reload again; any other error is raised."""
+    for attempt in range(1, attempts + 1):
+        try:
+            page.reload()
+            return
+        except Exception as error:  # noqa: BLE001 - playwright's Error; this module does not import playwright
+            if "ERR_ABORTED" not in str(error) or attempt == attempts:
+                raise
+            page.wait_for_load_state("load")
+
+
 def wait_until_serving(url: str, process: subprocess.Popen | None = None,
                        timeout_s: float = APP_START_TIMEOUT_S) -> None:
     """Until `url` answers HTTP 200 (raises if `process` exits first or the time runs out)."""

@@ -19,6 +19,7 @@ from browser_util import (
     free_port,
     gauge,
     open_page,
+    reload_page,
     save_model,
     set_max_new_tokens,
     served,
@@ -222,7 +223,7 @@ def test_a_reload_reattaches_to_its_own_session_and_creates_none(browser, server
     send_and_wait(page, "Remember the word pineapple.", 1)
     (mine,) = set(engine.session_ids()) - before
     for _ in range(3):
-        page.reload()
+        reload_page(page)
         page.wait_for_selector("#msg textarea")
         page.wait_for_function("document.querySelector('#chatbot').innerText.includes('pineapple')")
         assert gauge(page, "turns") == 1
@@ -287,7 +288,7 @@ def test_settings_survive_a_reload(browser, server):
     page.press("#max-new-tokens input[type=number]", "Enter")
     page.wait_for_function("() => document.querySelector('#max-new-tokens input[type=range]').value === '77'")
     page.wait_for_function(f"(before) => ({kept})() !== before", arg=before)
-    page.reload()
+    reload_page(page)
     page.click("#settings button")
     page.wait_for_function("() => document.querySelector('#max-new-tokens input[type=number]').value === '77'")
     assert page.input_value("#system textarea") == "Answer like a pirate."
@@ -447,7 +448,7 @@ def test_a_conversation_survives_kill_9_mid_reply_and_continues_with_its_context
         wait_for(lambda: interrupted_rows(data_dir / "chats.sqlite"), what="the partial reply to be saved")
         stop_app(server, signal.SIGKILL)
         server = start_app(args, port, log)
-        page.reload()
+        reload_page(page)
         page.wait_for_selector("#msg textarea")
         page.wait_for_function("() => document.querySelector('#chatbot').innerText.includes('interrupted')")
         shown = page.inner_text("#chatbot")

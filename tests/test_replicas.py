@@ -24,6 +24,7 @@ from browser_util import (
     find_chromium,
     free_port,
     gauge,
+    reload_page,
     save_model,
     set_max_new_tokens,
     start_app,
@@ -221,7 +222,7 @@ def test_a_replica_killed_mid_load_loses_nothing_and_the_other_is_untouched(repl
 
         replicas.restart(victim)
         page = pages[victim]
-        page.reload()
+        reload_page(page)
         page.wait_for_selector("#msg textarea")
         page.wait_for_function("() => document.querySelector('#chatbot').innerText.includes('I live in Paris.')")
         assert f"Hello replica {victim}" in page.inner_text("#chatbot") and gauge(page, "turns") == 2
