@@ -312,15 +312,33 @@ def test_an_exception_in_one_row_fails_only_that_conversation(tiny_chat_model, d
 
     sids = {n: engine.new_session() for n in ("a", "b", "bad")}
     passes = record_passes(engine)
+    # The poisoned row must fail inside a batch, whatever the machine's speed: "bad" arrives only once "a" and "b"
+    # decode, and its prompt goes in whole chunks (4 passes of 128) rather than slices sized by the clock (up to
+    # 50 of them on a busy machine, outlasting the others' 30 tokens).
+    engine.scheduler.slice_prefill = False
+    decoding = {n: threading.Event() for n in questions}
+    results = {}
+
+    def user(name, message):
+        for event in engine.chat(sids[name], message, **sampling):
+            if name in decoding and event.stats.get("reply_tokens", 0) >= 1:
+                decoding[name].set()
+        results[name] = event
+
     hook = tiny_chat_model.register_forward_pre_hook(poison, with_kwargs=True)
     try:
-        jobs = {n: (sids[n], [(q, sampling)]) for n, q in questions.items()}
-        jobs["bad"] = (sids["bad"], [("word " * 200, sampling)])
-        results = run_together(engine, jobs)
+        threads = [threading.Thread(target=user, args=(n, q)) for n, q in questions.items()]
+        for thread in threads:
+            thread.start()
+        assert all(event.wait(120) for event in decoding.values())
+        threads.append(threading.Thread(target=user, args=("bad", "word " * 200)))
+        threads[-1].start()
+        for thread in threads:
+            thread.join(timeout=300)
     finally:
         hook.remove()
-    assert results["bad"][0].kind == "error" and "NaN in row" in results["bad"][0].text
-    assert {n: results[n][0].text for n in questions} == alone
+    assert results["bad"].kind == "error" and "NaN in row" in results["bad"].text
+    assert {n: results[n].text for n in questions} == alone
     assert any(kind == "decode" and len(handles) == 3 for kind, handles in passes)  # it failed inside a batch
     assert reply(engine, sids["bad"], "Still there?", max_new_tokens=4, **GREEDY).kind == "done"
 
