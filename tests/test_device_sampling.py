@@ -136,3 +136,16 @@ def test_sampler_rows_move_with_their_state():
     assert (float(sampler.temperature[0]), int(sampler.top_k[0]), int(sampler.seed[0]), int(sampler.step[0])) == (
         0.5, 3, 123, 1)
     assert math.isclose(float(sampler.top_p[0]), 0.7, rel_tol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh runs it on one)")
+def test_cuda_draws_the_same_tokens_as_the_cpu():
+    torch.manual_seed(6)
+    n = 512
+    logits = torch.randn(n, 1000) * 2
+    args = (torch.rand(n) + 0.2, torch.randint(0, 50, (n,)), torch.rand(n) * 0.9 + 0.1,
+            torch.arange(n, dtype=torch.long) * 31 + 2**40, torch.arange(n, dtype=torch.long))
+    cpu = sample_tokens(logits, *args)
+    cuda = sample_tokens(logits.cuda(), *(a.cuda() for a in args)).cpu()
+    assert (cpu == cuda).float().mean() >= 0.99  # a rare tie broken by float rounding may differ

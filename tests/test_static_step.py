@@ -183,3 +183,10 @@ def test_an_attention_kernel_without_additive_masks_falls_back():
     model = tiny_model("llama")
     model.config._attn_implementation_internal = "flash_attention_2"
     assert unsupported_reason(model).code == STATIC_ATTENTION
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh runs it on one)")
+def test_static_step_on_cuda_equals_each_conversation_decoded_alone():
+    model = tiny_model("llama", layers=2).to("cuda")
+    assert static_vs_alone(model, 50, JOINS, LEAVES) <= TOLERANCE
