@@ -123,6 +123,9 @@ class DeviceSampler:
         self.top_p = torch.ones(rows, device=self.device)  # [rows], 1 = off
         self.seed = torch.zeros(rows, dtype=torch.long, device=self.device)
         self.step = torch.zeros(rows, dtype=torch.long, device=self.device)  # draws made by each row's turn
+        # Host mirror of which rows draw at random: an all-greedy batch skips the sort and the noise without
+        # asking the device (known when the settings are set, never read back).
+        self._random = [False] * rows
 
     def set_row(self, row: int, params, seed: int | None = None) -> int:
         """Give `row` the settings of `params` (a `SamplingParams`) and restart its counter; returns the seed used
@@ -137,18 +140,24 @@ class DeviceSampler:
         self.top_p[row] = float(params.top_p)
         self.seed[row] = int(seed)
         self.step[row] = 0
+        self._random[row] = params.temperature > 0
         return seed
 
     def move_row(self, source: int, target: int) -> None:
         """Row `source`'s settings and counter now belong to row `target` (a batch filling a gap on leave)."""
         for t in (self.temperature, self.top_k, self.top_p, self.seed, self.step):
             t[target] = t[source]
+        self._random[target] = self._random[source]
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         """logits `[n, vocab]` for rows `0..n-1` (n <= rows): their tokens `[n]` on the device; counters advance."""
         n = logits.shape[0]
         if n > self.rows:
             raise ValueError(f"{n} rows of logits for a sampler of {self.rows} rows")
+        if not any(self._random[:n]):
+            ids = logits.argmax(dim=-1)
+            self.step[:n] += 1
+            return ids
         ids = sample_tokens(logits, self.temperature[:n], self.top_k[:n], self.top_p[:n], self.seed[:n],
                             self.step[:n])
         self.step[:n] += 1

@@ -149,3 +149,13 @@ def test_cuda_draws_the_same_tokens_as_the_cpu():
     cpu = sample_tokens(logits, *args)
     cuda = sample_tokens(logits.cuda(), *(a.cuda() for a in args)).cpu()
     assert (cpu == cuda).float().mean() >= 0.99  # a rare tie broken by float rounding may differ
+
+
+def test_an_all_greedy_batch_takes_the_argmax_and_counts_its_steps():
+    sampler = DeviceSampler(4)
+    for row in range(4):
+        sampler.set_row(row, SamplingParams(temperature=0, repetition_penalty=1.0))
+    torch.manual_seed(7)
+    logits = torch.randn(3, VOCAB)
+    assert torch.equal(sampler.sample(logits), logits.argmax(-1))
+    assert sampler.step.tolist() == [1, 1, 1, 0]
