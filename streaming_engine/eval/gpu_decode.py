@@ -173,6 +173,8 @@ def measure(args: argparse.Namespace) -> dict:
     cli.check_min(tokens=(args.tokens, 1), warmup=(args.warmup, 1), repeats=(args.repeats, 1), prompt=(args.prompt, 1))
     if args.prompt > args.start_size + args.recent_size - 1:
         raise ValueError("--prompt must leave room in the cache (start + recent - 1 at most)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {args.device}: torch sees no CUDA device (use --device cpu)")
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     runs = []
     for shape in args.shapes:
