@@ -100,10 +100,11 @@ def bucket_for(rows: int, max_batch: int) -> int:
 
 
 class StaticSinkCache(BatchedSinkCache):
-    """A `BatchedSinkCache` whose buffers have one shape for their whole life (see the module docstring).
+    """A `BatchedSinkCache` whose buffers keep one shape while rows come and go (see the module docstring).
 
-    `capacity`: the columns of every row (at least each joining conversation's `cache_size`); rows are allocated
-    up to the largest bucket of `max_batch`. `release()` frees the buffers (a captured graph then needs recapture).
+    `capacity`: the columns of every row; a conversation whose `cache_size` is larger grows it once, when it
+    joins. Rows are allocated up to the largest bucket of `max_batch`. `release()` frees the buffers. The rows can
+    also be decoded eagerly (`generation.forward_batch`), as a `BatchedSinkCache`.
     """
 
     def __init__(self, max_batch: int, capacity: int):
@@ -115,19 +116,26 @@ class StaticSinkCache(BatchedSinkCache):
         self._static: dict | None = None  # the device tensors of the step in flight (bucket, rows, columns)
 
     def _ensure(self, rows: int, columns: int, largest: int) -> None:
-        if largest > self.capacity:
-            raise ValueError(f"a conversation of {largest} tokens does not fit a static cache of "
-                             f"{self.capacity} columns")
-        if self.row_capacity == 0:  # first join: allocate everything once, rows up to the largest bucket
-            shape = (self.rows_allocated, self.capacity)
+        # Allocated once at full size; only a conversation larger than `capacity` grows the columns (the buffers
+        # then move: a graph recorded against them is recaptured, see cuda_graphs.py).
+        if self.row_capacity and largest <= self.capacity:
+            return
+        old = (self._keys, self._values, self._valid, self._stream)
+        held = self.column_capacity
+        self.capacity = max(self.capacity, largest)
+        shape = (self.rows_allocated, self.capacity)
 
-            def full(t: torch.Tensor) -> torch.Tensor:
-                return torch.zeros(shape[0], t.shape[1], shape[1], t.shape[3], dtype=t.dtype, device=t.device)
+        def full(t: torch.Tensor) -> torch.Tensor:
+            new = torch.zeros(shape[0], t.shape[1], shape[1], t.shape[3], dtype=t.dtype, device=t.device)
+            new[: t.shape[0], :, :held].copy_(t)
+            return new
 
-            self._keys = [full(t) for t in self._keys]
-            self._values = [full(t) for t in self._values]
-            self._valid = torch.zeros(shape, dtype=torch.bool, device=self._valid.device)
-            self._stream = torch.zeros(shape, dtype=torch.long)
+        self._keys = [full(t) for t in old[0]]
+        self._values = [full(t) for t in old[1]]
+        self._valid = torch.zeros(shape, dtype=torch.bool, device=old[2].device)
+        self._valid[: old[2].shape[0], :held] = old[2]
+        self._stream = torch.zeros(shape, dtype=torch.long)
+        self._stream[: old[3].shape[0], :held] = old[3]
 
     @torch.inference_mode()
     def leave(self, conv: ConversationCache, keep: bool = True) -> None:
@@ -161,7 +169,9 @@ class StaticSinkCache(BatchedSinkCache):
         return keys[:bucket], values[:bucket]  # [bucket, kv_heads, capacity, head_dim]
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.capacity, 0
+        if self._static is not None:
+            return self.capacity, 0
+        return super().get_mask_sizes(query_length, layer_idx)  # an eager step (forward_batch) over these rows
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         if self._static is not None:

@@ -130,12 +130,40 @@ def test_buffers_keep_their_shape_and_address_while_rows_come_and_go():
     assert step([4]).shape == (1, 96) and convs[1].get_seq_length() == 5
 
 
-def test_a_conversation_larger_than_the_capacity_cannot_join():
+def test_a_conversation_larger_than_the_capacity_grows_the_columns_and_keeps_every_row_exact():
     model = tiny_model("llama")
-    big = conversation(find_rotary_embedding(model), 4, CAPACITY, True, 0, 1)
-    forward(model, big.solo, [5, 6])
-    with pytest.raises(ValueError, match="does not fit"):
-        StaticSinkCache(max_batch=2, capacity=CAPACITY).join(big)
+    rotary = find_rotary_embedding(model)
+    batch = StaticSinkCache(max_batch=2, capacity=CAPACITY)
+    step = StaticDecodeStep(model, batch)
+    small, big = conversation(rotary, 4, 12, True, 0, 1), conversation(rotary, 4, CAPACITY + 8, True, 0, 1)
+    twins = conversation(rotary, 4, 12, True, 0, 1), conversation(rotary, 4, CAPACITY + 8, True, 0, 1)
+    for c in (small, big) + twins:
+        forward(model, c.solo, [5, 6, 7, 8])
+    batch.join(small)
+    step([9])
+    forward(model, twins[0].solo, [9])
+    batch.join(big)
+    assert batch.capacity == CAPACITY + 12 and batch._keys[0].shape[2] == CAPACITY + 12
+    for t in range(40):
+        for c in (small, big) + twins:
+            c.evict_for_space(1)
+        logits = step([t + 3, t + 4])
+        for row, (twin, token) in enumerate(zip(twins, (t + 3, t + 4))):
+            assert (logits[row] - forward(model, twin.solo, [token])).abs().max() <= TOLERANCE
+
+
+def test_the_rows_can_also_take_an_eager_batched_step():
+    from streaming_engine.generation import forward_batch
+
+    model = tiny_model("llama")
+    rotary = find_rotary_embedding(model)
+    batch = StaticSinkCache(max_batch=2, capacity=CAPACITY)
+    conv, twin = conversation(rotary, 4, 12, True, 0, 1), conversation(rotary, 4, 12, True, 0, 1)
+    for c in (conv, twin):
+        forward(model, c.solo, [5, 6, 7])
+    batch.join(conv)
+    assert (forward_batch(model, batch, [9])[0] - forward(model, twin.solo, [9])).abs().max() <= TOLERANCE
+    assert (StaticDecodeStep(model, batch)([4])[0] - forward(model, twin.solo, [4])).abs().max() <= TOLERANCE
 
 
 def test_a_failed_step_leaves_the_rows_as_they_were():
