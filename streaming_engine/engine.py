@@ -27,13 +27,14 @@ from .backends import is_llamacpp_model
 from .cache import DEFAULT_RECENT_SIZE, DEFAULT_START_SIZE, StartRecentKVCache
 from .checks import check_int, check_number
 from .counters import EngineCounters
+from .cuda_graphs import StaticStepConfig
 from .eviction import EVICTION_POLICIES, block_for, check_evict_block, check_policy
 from .families import check_cache_size, check_supported, find_rotary_embedding, layer_rope_kinds
 from .handoff import SessionState, adopt, capture
 from .history import MAX_HISTORY_MESSAGES, dump_history, parse_history
 from .placement import input_device
 from .sampling import SamplingDefaults, SamplingParams
-from .scheduler import SCHEDULERS, TurnHandle, make_scheduler
+from .scheduler import DECODE_STEPS, SCHEDULERS, TurnHandle, make_scheduler
 from .session import MODES, Event, Runtime, Session
 from .templating import ChatTemplater
 
@@ -121,6 +122,8 @@ class EngineConfig(SamplingDefaults):
     api_idle_timeout_s: float = API_IDLE_TIMEOUT_S
     scheduler: str = "batched"  # "batched": continuous batching; "round-robin": the one-per-pass baseline
     max_batch: int = MAX_BATCH
+    decode_step: str = "eager"  # "static": the batched scheduler decodes through the fixed-shape step (gpu-decode.md)
+    cuda_graphs: str = "auto"  # the static step's CUDA graphs: "auto" (on CUDA), "on" (CUDA or an error), "off"
     pin_system: bool = True  # streaming sessions keep their system prompt with the sinks (never evicted)
     pin_limit: int = DEFAULT_PIN_LIMIT  # most tokens a pinned system prompt may take; a longer one is refused
     eviction: str = DEFAULT_EVICTION  # "tokens" (the paper) or "turns" (whole past messages)
@@ -137,6 +140,9 @@ class EngineConfig(SamplingDefaults):
             check_int(name, getattr(self, name), 1)
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}; got {self.scheduler!r}")
+        if self.decode_step not in DECODE_STEPS:
+            raise ValueError(f"decode_step must be one of {', '.join(DECODE_STEPS)}; got {self.decode_step!r}")
+        StaticStepConfig(cuda_graphs=self.cuda_graphs)  # its one check: the mode, and "on" needs CUDA
         if self.dense_max_tokens is not None:
             check_int("dense_max_tokens", self.dense_max_tokens, 2)
         if self.recent_size <= self.prefill_chunk_size:
@@ -221,7 +227,9 @@ class StreamingEngine:
                                                      prefill_budget=self.config.prefill_chunk_size)
         else:
             self.scheduler = make_scheduler(self.config.scheduler, model, max_batch=self.config.max_batch,
-                                            prefill_budget=self.config.prefill_chunk_size)
+                                            prefill_budget=self.config.prefill_chunk_size,
+                                            decode_step=self.config.decode_step,
+                                            cuda_graphs=self.config.cuda_graphs)
         self.counters = EngineCounters()  # process-wide totals for monitoring
         self._sessions: dict[str, Session] = {}
         self._tags: dict[str, SessionTag] = {}  # session id -> who holds it (same keys as `_sessions`)

@@ -17,6 +17,9 @@ request's logits. The worker alone touches the model and the caches, so forward 
      and leave when their reply ends, between steps; each row is sampled with its own settings and seed by its own
      coroutine and streams to its own queue.
   If the batched pass fails, every row is retried alone, so an error fails only the conversation that causes it.
+  With `decode_step="static"` the rows live in a `StaticSinkCache` and the pass is a `StaticDecodeStep` (fixed
+  shapes, replayed from CUDA graphs per `cuda_graphs`, docs/gpu-decode.md); a model the static step cannot serve
+  keeps the eager pass, said in one log line.
 * `RoundRobinScheduler` (the baseline it replaced, kept for comparison): one forward pass per turn per iteration,
   turns taking turns; decoding stays on each conversation's own cache.
 
@@ -36,6 +39,8 @@ from typing import Callable, Hashable, Iterator
 from .batch_cache import BatchedSinkCache
 from .families import batchable
 from .generation import STOP, Decode, Prefill, forward, forward_batch
+from .cuda_graphs import GraphedDecodeStep, StaticStepConfig
+from .static_step import StaticDecodeStep, StaticSinkCache, unsupported_reason
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +52,11 @@ FAN_IN_POLL_S = 0.01
 ITERATION_RETRY_S = 0.05
 #: The schedulers `make_scheduler` knows.
 SCHEDULERS = ("batched", "round-robin")
+#: How the batched scheduler runs a decode step: "eager" (`generation.forward_batch`) or "static"
+#: (`static_step.StaticDecodeStep`, falling back to eager for a model it cannot serve).
+DECODE_STEPS = ("eager", "static")
+#: Columns a static batch allocates before any conversation joins (a larger conversation grows them once).
+STATIC_MIN_CAPACITY = 64
 #: Most prompt tokens fed in one iteration while other turns decode (each decoding reply waits one such slice per
 #: token). The time rule below can only make a slice smaller; llama.cpp slices by this cap alone.
 PREFILL_SLICE_TOKENS = 64
@@ -285,11 +295,26 @@ class RoundRobinScheduler(Scheduler):
 class BatchedScheduler(Scheduler):
     """Continuous batching: every decoding turn is a row of one forward pass per iteration (see the module doc)."""
 
-    def __init__(self, model, *, max_batch: int = 16, prefill_budget: int = 512, name: str = "streaming-engine"):
+    def __init__(self, model, *, max_batch: int = 16, prefill_budget: int = 512, name: str = "streaming-engine",
+                 decode_step: str = "eager", cuda_graphs: str = "auto"):
         super().__init__(model, name)
         if isinstance(prefill_budget, bool) or not isinstance(prefill_budget, int) or prefill_budget < 1:
             raise ValueError(f"prefill_budget must be an integer >= 1, got {prefill_budget!r}")
-        self.batch = BatchedSinkCache(max_batch)
+        if decode_step not in DECODE_STEPS:
+            raise ValueError(f"decode_step must be one of {', '.join(DECODE_STEPS)}; got {decode_step!r}")
+        graphs = StaticStepConfig(cuda_graphs=cuda_graphs)  # validated even when the step stays eager
+        self.static_step: GraphedDecodeStep | None = None
+        reason = unsupported_reason(model) if decode_step == "static" else None
+        if reason is not None:
+            logger.info("static decode step unavailable (%s): %s; decoding eagerly", reason.code, reason.message)
+        if decode_step == "static" and reason is None:
+            self.batch = StaticSinkCache(max_batch, STATIC_MIN_CAPACITY)
+            # Replayed from CUDA graphs per `cuda_graphs` ("auto": on CUDA); elsewhere the same step, eagerly.
+            self.static_step = GraphedDecodeStep(StaticDecodeStep(model, self.batch), graphs)
+        else:
+            self.batch = BatchedSinkCache(max_batch)
+        #: The step that runs: "static" or "eager" (after any fallback).
+        self.decode_step = "static" if self.static_step is not None else "eager"
         self.prefill_budget = prefill_budget
         self._prefilling: deque[TurnHandle] = deque()
         self._decoding: deque[TurnHandle] = deque()  # in arrival order; the first `max_batch` hold rows
@@ -385,7 +410,7 @@ class BatchedScheduler(Scheduler):
         tokens = [handle.request.token_id for handle in handles]
         started = self.clock()
         try:
-            logits = forward_batch(self.model, batch, tokens)
+            logits = self.static_step(tokens) if self.static_step else forward_batch(self.model, batch, tokens)
             answers = [logits[b] for b in range(len(rows))]
             self.decode_s = running_average(self.decode_s, self.clock() - started)
         except Exception:  # noqa: BLE001 - find the row that fails: run each alone
@@ -410,7 +435,8 @@ class BatchedScheduler(Scheduler):
                 self._place(handle, alive)
 
 
-def make_scheduler(kind: str, model, *, max_batch: int = 16, prefill_budget: int = 512) -> Scheduler:
+def make_scheduler(kind: str, model, *, max_batch: int = 16, prefill_budget: int = 512,
+                   decode_step: str = "eager", cuda_graphs: str = "auto") -> Scheduler:
     """`"batched"` (continuous batching) or `"round-robin"` (the one-conversation-per-pass baseline).
 
     A model whose conversations cannot share a batched pass (`families.batchable`: local sliding-window layers,
@@ -419,7 +445,8 @@ def make_scheduler(kind: str, model, *, max_batch: int = 16, prefill_budget: int
     if kind not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}; got {kind!r}")
     if kind == "batched" and batchable(model):
-        return BatchedScheduler(model, max_batch=max_batch, prefill_budget=prefill_budget)
+        return BatchedScheduler(model, max_batch=max_batch, prefill_budget=prefill_budget, decode_step=decode_step,
+                                cuda_graphs=cuda_graphs)
     if kind == "batched":
         logger.info("%s has local or per-layer-type attention layers: decoding one conversation per pass",
                     type(model).__name__)
