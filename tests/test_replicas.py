@@ -151,7 +151,7 @@ def haproxy_front(replicas, folder):
     return process, port, {f"r{i + 1}": i for i in range(2)}
 
 
-FRONTS = pytest.mark.parametrize("make_front", [nginx_front], ids=["nginx"])
+FRONTS = pytest.mark.parametrize("make_front", [nginx_front, haproxy_front], ids=["nginx", "haproxy"])
 
 
 def pinned_page(browser, url: str, pins: dict, wanted: int):
@@ -269,7 +269,7 @@ def test_a_replica_killed_mid_reply_is_replaced_by_another_with_the_whole_conver
             replicas.restart(victim)
 
 
-@pytest.mark.parametrize("name", ["nginx.conf"])
+@pytest.mark.parametrize("name", ["nginx.conf", "haproxy.cfg"])
 def test_each_sample_front_pins_with_the_same_cookie_and_falls_back_unbuffered(name):
     config = (ROOT / "deploy" / name).read_text()
     assert AFFINITY_COOKIE in config
