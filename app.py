@@ -39,6 +39,7 @@ from streaming_engine.llamacpp.model import LlamaCppModel
 from streaming_engine.placement import describe_placement, input_device
 from streaming_engine.remote import RemoteTurnsEngine
 from streaming_engine.store import ChatStore, StoreError
+from streaming_engine.store_pg import UNREACHABLE_AT_START
 from streaming_engine.stores import open_store
 from webui import files, handlers, http_auth, metrics, openai_api, security, startup, webapi
 from webui.about import build_about_tab
@@ -110,19 +111,31 @@ def create_engine(settings: AppSettings) -> tuple[StreamingEngine, str]:
 
 def open_conversations(engine: StreamingEngine, settings: AppSettings) -> Conversations:
     """The engine's conversations over the store the settings name (`open_store`). An unusable store (corrupted,
-    read-only or unreachable data dir or database server) does not stop start-up: the app warns, chats unsaved (as
-    on a full disk), and /health says "degraded" with the reason."""
+    read-only data dir, a database server lost later) does not stop start-up: the app warns, chats unsaved (as on a
+    full disk), and /health says "degraded" with the reason. A `--database-url` server not reached within
+    `--database-wait` seconds does: `StoreError` code `UNREACHABLE_AT_START` (see `store_pg.open_when_reachable`)."""
     try:
-        conversations = Conversations(engine, open_store(settings.data_dir, database_url=settings.database_url,
-                                                         persist=settings.persist))
+        store = open_store(settings.data_dir, database_url=settings.database_url, persist=settings.persist,
+                           database_wait_s=settings.database_wait_s, say=_say)
+        conversations = Conversations(engine, store)
         problem_at_start = None
-    except (StoreError, sqlite3.Error, OSError) as exc:  # sqlite3/OSError: a read-only dir fails past the open
+    except StoreError as exc:
+        if exc.code == UNREACHABLE_AT_START:  # a shared store never reached: refuse to start (store_pg says why)
+            raise
         problem_at_start = f"{exc}; chats are not saved"
+    except (sqlite3.Error, OSError) as exc:  # a read-only dir fails past the open
+        problem_at_start = f"{exc}; chats are not saved"
+    if problem_at_start is not None:
         logging.getLogger(__name__).warning("%s", problem_at_start)
         print(f"warning: {problem_at_start}", file=sys.stderr)
         conversations = Conversations(engine, ChatStore(None))
     report_problems("storage", lambda: problem_at_start or conversations.storage_problem())
     return conversations
+
+
+def _say(line: str) -> None:
+    """A start-up progress line, on stderr at once (the log a container or supervisor shows)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def launch(demo: gr.Blocks, settings: AppSettings, engine: StreamingEngine | None = None,
@@ -155,7 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         engine, label = create_engine(settings)
         conversations = open_conversations(engine, settings)
-    except (ValueError, RuntimeError) as exc:  # StoreError is a RuntimeError
+    except StoreError as exc:  # the typed code first: scripts and supervisors match on it
+        raise SystemExit(f"error [{exc.code}]: {exc}") from exc
+    except (ValueError, RuntimeError) as exc:
         raise SystemExit(f"error: {exc}") from exc
     launch(build_ui(engine, label, conversations, settings), settings, engine, model_label=label)
 

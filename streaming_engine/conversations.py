@@ -7,6 +7,9 @@ handles session ids. This module keeps the map token -> live session and writes 
 * `open` — a page load with a token: re-attach to the token's live session if it still exists (a reload creates
   no session), else re-create it from the store, its cache re-primed from the stored history on the next turn
   exactly as `StreamingEngine.restore` does. After `kill -9` and a restart this brings the conversation back.
+  Replicas sharing one store (PostgreSQL) serve any conversation this way; a live session that another replica
+  has since moved on (the store's revision differs from the one this process last loaded or wrote) is dropped and
+  re-created from the store, so a browser that moved away and back never continues a stale history.
 * `chat` — `StreamingEngine.chat` plus persistence: the user's message as soon as the turn is accepted, the
   partial reply every `partial_save_interval_s` (marked interrupted), and the whole history once the turn ends.
   If the live session was closed meanwhile (idle, restart) it is re-created from the store first.
@@ -26,6 +29,7 @@ caller's to say: see the per-owner cap in `engine.py`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -111,6 +115,7 @@ class Conversations:
         self._storage_problem: str | None = None  # why nothing is being saved (see `storage_problem`)
         self._deleted: dict[str, Deleted] = {}  # token -> what `undelete` restores, oldest first
         self._parked: dict[str, str | None] = {}  # token -> owner, of live sessions no page shows; oldest first
+        self._revisions: dict[str, int] = {}  # token -> store revision this process last loaded or wrote
         self._lock = threading.RLock()
 
     @property
@@ -138,6 +143,8 @@ class Conversations:
         `ValueError` (a stored history the engine's current limits refuse)."""
         with self._lock:
             sid = self._live_session(token)
+        if sid is not None and self._moved_on(token, sid):
+            sid = None
         if sid is not None:
             try:
                 self.engine.settle(sid)  # a reply stopped by the old page's leaving: let it land in the history
@@ -160,9 +167,26 @@ class Conversations:
             sid = None
         return sid
 
+    def _moved_on(self, token: str, sid: str) -> bool:
+        """Whether another replica changed the stored conversation since this process last loaded or wrote it;
+        if so its live session here is stale and is released (the caller re-creates it from the store). A session
+        replying here is never stale (its own writes move the revision), nor one the store cannot be asked about."""
+        if not self.store.enabled:
+            return False
+        try:
+            stored = self.store.revision(token)
+            if stored is None or stored == self._revisions.get(token) or self.engine.replying(sid):
+                return False
+        except (sqlite3.DatabaseError, StoreError, KeyError):
+            return False
+        logger.info("conversation changed by another replica since it was live here: re-loading it from the store")
+        self.release(token)
+        return True
+
     def _forget(self, token: str) -> None:
         """Drop what is kept in memory for a conversation whose session is gone (the store keeps the rest)."""
         self._live.pop(token, None)
+        self._revisions.pop(token, None)
         self._marks.pop(token, None)
         self._stopped.pop(token, None)
         self._parked.pop(token, None)
@@ -182,12 +206,17 @@ class Conversations:
         sid = self._making_room(owner, lambda: self.engine.open_history(history, stored.system_prompt, owner=owner,
                                                                          origin=origin))
         self._live[token] = sid
+        self._revisions[token] = stored.revision
         self._marks[token] = {i for i, m in enumerate(stored.messages) if m.get("interrupted")}
         return self._opened(token, sid, stored.title, reattached=False)
 
     def _session(self, token: str, owner: str | None, origin: str = "browser") -> str:
         with self._lock:
             sid = self._live_session(token)
+        if sid is not None and not self._moved_on(token, sid):
+            return sid
+        with self._lock:
+            sid = self._live_session(token)  # another thread may have re-created it meanwhile
             return sid if sid is not None else self._reopen(token, owner, origin).session_id
 
     def _forget_closed(self) -> None:
@@ -336,7 +365,11 @@ class Conversations:
 
     def _guarded(self, token: str, write, *args, **kwargs) -> None:
         try:
-            write(*args, **kwargs)
+            revision = write(*args, **kwargs)
+            if isinstance(revision, int) and not isinstance(revision, bool):  # a write's new revision
+                with self._lock:
+                    if token in self._live:
+                        self._revisions[token] = revision
             lost = self.store.file_problem()  # a write "succeeds" into a deleted file: say so, as for a full disk
             if lost is not None:
                 raise StoreError(lost)
@@ -478,7 +511,13 @@ class Conversations:
         return self._opened(token, sid, kept.title, reattached=False)
 
     def rename(self, token: str, title: str) -> bool:
-        return self.store.rename(token, title)
+        renamed = self.store.rename(token, title)
+        if renamed and token in self._live:  # this process's own write: its live session stays current
+            with contextlib.suppress(sqlite3.DatabaseError, StoreError):
+                revision = self.store.revision(token)
+                if revision is not None:
+                    self._revisions[token] = revision
+        return renamed
 
     def list(self, tokens: Iterable[str]) -> list[ConversationSummary]:
         """The stored conversations among the tokens a browser holds, newest first; none when the database is

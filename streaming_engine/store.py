@@ -330,6 +330,15 @@ class ConversationStore(ABC):
         with self._read() as db:
             return db.execute("SELECT 1 FROM conversations WHERE token = ?", (token,)).fetchone() is not None
 
+    def revision(self, token: str) -> int | None:
+        """The conversation's revision (bumped by every write), or None when there is none: one cheap read, for a
+        replica to tell whether another one changed the conversation since it last loaded or wrote it."""
+        if not self.enabled or not valid_token(token):
+            return None
+        with self._read() as db:
+            head = db.execute("SELECT revision FROM conversations WHERE token = ?", (token,)).fetchone()
+        return None if head is None else head[0]
+
     def load(self, token: str) -> StoredConversation | None:
         """The whole conversation, or None when the token is unknown, malformed or persistence is off."""
         if not self.enabled or not valid_token(token):

@@ -11,6 +11,12 @@ conversation's head and its messages come from one snapshot. Migrations run at o
 transaction-scoped advisory lock (`MIGRATION_LOCK_KEY`): replicas starting together migrate once, the others wait
 and then find the schema current.
 
+Start-up: `open_when_reachable` is how a replica opens its store. A server that does not answer yet (the database
+container still starting beside the app) is retried every `START_RETRY_S` for at most `START_WAIT_S`, each attempt
+reported in one line; past that it raises `StoreError` with code `UNREACHABLE_AT_START`, and the app refuses to
+start rather than serve chats unsaved: behind a front, a replica that is not serving is skipped, and its
+orchestrator restarts it, while one serving unsaved chats would hide every stored conversation from its users.
+
 Outages: a statement that finds the server gone raises `StoreError` with code `store_unreachable` (a message safe to
 show, without the password), and `file_problem()` says so until an operation (or /health's probe) reaches the server
 again. Idle pooled connections left broken by a server restart are replaced transparently at the next `BEGIN`
@@ -43,6 +49,12 @@ LOCK_TIMEOUT_MS = int(BUSY_TIMEOUT_S * 1000)
 HEALTH_PROBE_S = 5.0
 #: `pg_advisory_xact_lock` key held while migrating (any constant; "SLLM" in ASCII).
 MIGRATION_LOCK_KEY = 0x534C4C4D
+#: How long a replica starting while its database server is unreachable waits for it (seconds), then refuses to start.
+START_WAIT_S = 60.0
+#: Seconds between connection attempts while waiting at start.
+START_RETRY_S = 2.0
+#: `StoreError.code` of a replica that gave up waiting for its database server at start.
+UNREACHABLE_AT_START = "store_unreachable_at_start"
 #: The SQL type of Unix times (`{real}` in `store.MIGRATIONS`): 8 bytes, as SQLite's REAL.
 REAL_TYPE = "DOUBLE PRECISION"
 
@@ -257,3 +269,31 @@ class PostgresStore(ConversationStore):
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+
+def open_when_reachable(url: str, *, wait_s: float = START_WAIT_S, say=None, **kwargs) -> PostgresStore:
+    """`PostgresStore(url, **kwargs)`, retrying every `START_RETRY_S` while the server is unreachable, for at most
+    `wait_s` seconds (0: one attempt); each failed attempt is reported through `say(line)`. Raises `StoreError`
+    with code `UNREACHABLE_AT_START` once the time is up (any other `StoreError`, e.g. a newer schema, at once)."""
+    if isinstance(wait_s, bool) or not isinstance(wait_s, (int, float)) or wait_s < 0:
+        raise ValueError(f"wait_s must be a number of seconds >= 0, got {wait_s!r}")
+    say = say or (lambda line: None)
+    deadline = time.monotonic() + wait_s
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            store = PostgresStore(url, **kwargs)
+        except StoreError as exc:
+            if exc.code != UNREACHABLE:
+                raise
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StoreError(f"gave up after {attempt} attempt{'s' if attempt != 1 else ''} in {wait_s:g} s: "
+                                 f"{exc}", code=UNREACHABLE_AT_START) from None
+            say(f"waiting for the chat database (attempt {attempt}, {left:.0f} s left): {exc}")
+            time.sleep(min(START_RETRY_S, left))
+            continue
+        if attempt > 1:
+            say(f"reached the chat database {store.label} after {attempt} attempts")
+        return store

@@ -8,15 +8,17 @@ from __future__ import annotations
 import os
 
 from .store import ChatStore, ConversationStore
-from .store_pg import PostgresStore  # psycopg itself is imported only when a PostgreSQL store opens
+from .store_pg import open_when_reachable  # psycopg itself is imported only when a PostgreSQL store opens
 
 
 def open_store(data_dir: str | os.PathLike | None = None, *, database_url: str | None = None, persist: bool = True,
-               **limits) -> ConversationStore:
+               database_wait_s: float = 0, say=None, **limits) -> ConversationStore:
     """The store an app's settings name: none at all without `persist`; PostgreSQL at `database_url` (shared by
-    replicas; `store_pg.check_database_url` says what is accepted); else SQLite in `data_dir` (`ChatStore.open`)."""
+    replicas; `store_pg.check_database_url` says what is accepted), waiting up to `database_wait_s` for an
+    unreachable server (`store_pg.open_when_reachable`, reporting through `say`); else SQLite in `data_dir`
+    (`ChatStore.open`)."""
     if not persist:
         return ChatStore(None, **limits)
     if database_url:
-        return PostgresStore(database_url, **limits)
+        return open_when_reachable(database_url, wait_s=database_wait_s, say=say, **limits)
     return ChatStore.open(data_dir, **limits)

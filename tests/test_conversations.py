@@ -282,3 +282,19 @@ def test_a_postgresql_outage_keeps_the_chat_going_and_health_follows_it(
         assert conversations.storage_problem() is None
         with PostgresStore(fresh_database) as replica:
             assert [m["content"] for m in replica.load(token).messages][::2] == ["one", "two", "three"]
+
+
+def test_a_replica_whose_live_session_another_replica_moved_on_reloads_it_from_the_store(make):
+    """A browser chats on replica A, moves to B (A was unreachable for a while) and chats there, then comes back to
+    A, which still holds its old live session: A must continue B's history, not its own stale one."""
+    a, b = make(), make()
+    opened = a.start(owner="10.0.0.1")
+    say(a, opened.token, "one")
+    say(b, opened.token, "two")  # B loads the transcript and re-primes
+    again = a.open(opened.token, owner="10.0.0.1")
+    assert not again.reattached and again.session_id != opened.session_id
+    assert [m["content"] for m in again.messages][::2] == ["one", "two"]
+    say(a, opened.token, "three")
+    assert [m["content"] for m in b.open(opened.token).messages][::2] == ["one", "two", "three"]
+    # Its own writes keep a replica's live session current: re-opening re-attaches, nothing is re-primed.
+    assert a.rename(opened.token, "renamed") and a.open(opened.token).reattached

@@ -23,7 +23,7 @@ from streaming_engine.defaults import (
     MAX_SESSIONS,
     MAX_SESSIONS_PER_OWNER,
 )
-from streaming_engine.store_pg import check_database_url
+from streaming_engine.store_pg import START_WAIT_S, check_database_url
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -75,6 +75,8 @@ class AppSettings:
     # A shared PostgreSQL store (issue 25) instead of the SQLite file in data_dir; may hold a password, so kept out
     # of repr (settings get printed and logged).
     database_url: str | None = field(default=None, repr=False)
+    # How long a replica waits at start for an unreachable database server before refusing to start.
+    database_wait_s: float = START_WAIT_S
     max_sessions: int = MAX_SESSIONS
     max_sessions_per_client: int = MAX_SESSIONS_PER_OWNER
     frame_ancestors: str = DEFAULT_FRAME_ANCESTORS
@@ -111,6 +113,9 @@ class AppSettings:
                 raise ValueError(f"--database-url / DATABASE_URL: {exc}") from None
             if not self.persist:
                 raise ValueError("give either --database-url or --no-persist, not both")
+        if isinstance(self.database_wait_s, bool) or not isinstance(self.database_wait_s, (int, float)) \
+                or not 0 <= self.database_wait_s <= 3600:
+            raise ValueError(f"--database-wait must be between 0 and 3600 seconds, got {self.database_wait_s!r}")
         check_int("--queue-concurrency", self.queue_concurrency, 1)
         check_int("--queue-max-size", self.queue_max_size, 1)
         if self.threads is not None:
@@ -172,6 +177,10 @@ def parse_settings(argv: list[str] | None = None, env: dict | None = None) -> Ap
     p.add_argument("--database-url", default=env.get("DATABASE_URL") or None, metavar="postgresql://...",
                    help="store conversations in this PostgreSQL database, shared by every replica, instead of the "
                         "SQLite file in --data-dir (env DATABASE_URL; needs pip install \"psycopg[binary]\")")
+    p.add_argument("--database-wait", type=float, default=_env_float(env, "DATABASE_WAIT", START_WAIT_S),
+                   metavar="SECONDS",
+                   help="how long to wait at start for an unreachable --database-url server before refusing to "
+                        f"start (env DATABASE_WAIT; default {START_WAIT_S:g})")
     p.add_argument("--no-persist", action="store_true", default=env.get("NO_PERSIST", "").lower() in _TRUE,
                    help="keep conversations in memory only; nothing is written to disk (env NO_PERSIST)")
     p.add_argument("--max-sessions", type=int, default=_env_int(env, "MAX_SESSIONS", MAX_SESSIONS),
@@ -220,7 +229,8 @@ def parse_settings(argv: list[str] | None = None, env: dict | None = None) -> Ap
     try:
         return AppSettings(args.model, args.start_size, args.recent_size, args.host, args.port, args.share,
                            parse_auth(args.auth), args.trust_remote_code, data_dir=args.data_dir,
-                           persist=not args.no_persist, database_url=args.database_url, max_sessions=args.max_sessions,
+                           persist=not args.no_persist, database_url=args.database_url,
+                           database_wait_s=args.database_wait, max_sessions=args.max_sessions,
                            max_sessions_per_client=args.max_sessions_per_client,
                            frame_ancestors=args.frame_ancestors, forwarded_allow_ips=args.forwarded_allow_ips,
                            device=args.device, dtype=args.dtype, threads=args.threads, device_map=args.device_map,
@@ -238,3 +248,12 @@ def _env_int(env, name: str, default: int | None = None) -> int | None:
         return int(text) if text else default
     except ValueError:
         raise SystemExit(f"error: environment variable {name} must be a whole number, got {text!r}") from None
+
+
+def _env_float(env, name: str, default: float | None = None) -> float | None:
+    """A number environment variable (unset or empty: `default`); anything else stops with its name."""
+    text = env.get(name)
+    try:
+        return float(text) if text else default
+    except ValueError:
+        raise SystemExit(f"error: environment variable {name} must be a number, got {text!r}") from None
