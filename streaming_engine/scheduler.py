@@ -2,7 +2,12 @@
 
 A running turn is a coroutine (`Session.turn`) that yields `Event`s for its reader and *requests* for forward
 passes (`generation.Prefill`: a prompt chunk; `generation.Decode`: one sampled token), and is sent back each
-request's logits. The worker alone touches the model and the caches, so forward passes never overlap. Two workers:
+request's logits. The worker alone touches the model and the caches, so forward passes never overlap.
+
+The seam (`backends/base.py`): a scheduler decides WHAT runs (policy: which turns get a prompt slice or a decode
+row, budgets, stops, retrying each row alone); its *runner*, the engine's backend, decides HOW (`forward` over
+`(cache, ids)` rows, `turn_over` when a reply ends). `make_scheduler` picks the policy from the runner's
+capabilities, never from which backend it is. Three policies, two sharing one loop (`QueuedScheduler`):
 
 * `BatchedScheduler` (the default, continuous batching). Each iteration of its loop
   1. starts newly submitted turns and honours stops (a stopped turn is answered `STOP` at its next request, so it
@@ -19,6 +24,9 @@ request's logits. The worker alone touches the model and the caches, so forward 
   If the batched pass fails, every row is retried alone, so an error fails only the conversation that causes it.
 * `RoundRobinScheduler` (the baseline it replaced, kept for comparison): one forward pass per turn per iteration,
   turns taking turns; decoding stays on each conversation's own cache.
+* `PackedScheduler`, for a runner that packs several conversations' rows into one pass (llama.cpp): each iteration
+  one pass of waiting prompt slices (up to the budget, several conversations together) and one pass of up to
+  `max_batch` decode rows; its round-robin baseline decodes one row per pass.
 
 Callers read a turn's events from its own queue with a timeout, which is also how they notice a dead worker;
 `read_many` lets one caller follow several turns at once without a thread per turn.
@@ -34,8 +42,7 @@ from collections import deque
 from typing import Callable, Hashable, Iterator
 
 from .batch_cache import BatchedSinkCache
-from .families import batchable
-from .generation import STOP, Decode, Prefill, forward, forward_batch
+from .generation import STOP, Decode, Prefill, forward_batch
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +55,7 @@ ITERATION_RETRY_S = 0.05
 #: The schedulers `make_scheduler` knows.
 SCHEDULERS = ("batched", "round-robin")
 #: Most prompt tokens fed in one iteration while other turns decode (each decoding reply waits one such slice per
-#: token). The time rule below can only make a slice smaller; llama.cpp slices by this cap alone.
+#: token). The time rule below can only make a slice smaller; `PackedScheduler` slices by this cap alone.
 PREFILL_SLICE_TOKENS = 64
 #: Fewest prompt tokens a slice takes, however fast decoding is: tinier slices would spend the worker on
 #: per-pass overhead and let a paste crawl.
@@ -92,10 +99,12 @@ class TurnHandle:
 
 class Scheduler:
     """What every scheduler shares: the worker thread, submission, advancing a turn's coroutine, reading its
-    events. Subclasses decide which forward passes each iteration runs (`_iterate`)."""
+    events. Subclasses decide which forward passes each iteration runs (`_iterate`); the `runner` (the engine's
+    backend, `backends.base.Backend`) runs them."""
 
-    def __init__(self, model, name: str = "streaming-engine"):
-        self.model = model
+    def __init__(self, runner, name: str = "streaming-engine"):
+        self.runner = runner
+        self.model = runner.model
         self._name = name
         self._cv = threading.Condition()
         self._incoming: deque[TurnHandle] = deque()
@@ -177,8 +186,8 @@ class Scheduler:
     def _finish(self, handle: TurnHandle, final) -> None:
         request, handle.request = handle.request, None
         cache = getattr(request, "cache", None)
-        if cache is not None and cache.attached:
-            cache.batch.leave(cache)  # the reply is over: its tokens go back to the conversation's own cache
+        if cache is not None:
+            self.runner.turn_over(cache)  # e.g. the reply's batch row goes back to the conversation's own cache
         if final is None:
             final = handle.on_crash(RuntimeError("the turn ended without a final event"))
         with self._cv:
@@ -234,15 +243,17 @@ class Scheduler:
                 if not handle.finished.is_set():
                     handle.stop()
 
-    def _forward_prompt(self, request: Prefill, ids: list[int]):
-        """The logits after feeding `ids` (all or part of `request`'s chunk) on its conversation's own cache, or
-        the exception that feeding raised (the turn reports it)."""
-        if request.cache.attached:  # a prompt after decoding (not done by turns today): leave the batch first
-            request.cache.batch.leave(request.cache)
+    def _forward_alone(self, cache, ids: list[int]):
+        """The logits after feeding `ids` on `cache` in a pass of its own (a prompt chunk or slice, or one
+        round-robin decode token), or the exception that feeding raised (the turn reports it)."""
         try:
-            return forward(self.model, request.cache.solo, ids)
+            return self.runner.forward([(cache, ids)])[0]
         except Exception as exc:  # noqa: BLE001 - the turn reports it
             return exc
+
+    def _forward_prompt(self, request: Prefill, ids: list[int]):
+        """`_forward_alone` for `ids`, all or part of `request`'s chunk."""
+        return self._forward_alone(request.cache, ids)
 
     def _prefill(self, handle: TurnHandle) -> None:
         """Run `handle`'s `Prefill` request on its conversation's own cache and advance it with the logits."""
@@ -254,8 +265,8 @@ class Scheduler:
 class RoundRobinScheduler(Scheduler):
     """The baseline: one forward pass per turn per iteration, turns taking turns, nothing batched."""
 
-    def __init__(self, model, name: str = "streaming-engine"):
-        super().__init__(model, name)
+    def __init__(self, runner, name: str = "streaming-engine"):
+        super().__init__(runner, name)
         self._queue: deque[TurnHandle] = deque()
 
     def _iterate(self) -> None:
@@ -271,36 +282,25 @@ class RoundRobinScheduler(Scheduler):
             self._prefill(handle)
             alive = handle.request is not None
         else:
-            request = handle.request
-            try:
-                answer = forward(self.model, request.cache.solo, [request.token_id])
-            except Exception as exc:  # noqa: BLE001
-                answer = exc
+            answer = self._forward_alone(handle.request.cache, [handle.request.token_id])
             self._served("decode", [handle])
             alive = self._advance(handle, answer)
         if alive:
             self._queue.append(handle)
 
 
-class BatchedScheduler(Scheduler):
-    """Continuous batching: every decoding turn is a row of one forward pass per iteration (see the module doc)."""
+class QueuedScheduler(Scheduler):
+    """The loop both continuous-batching policies share. Each iteration
+      1. starts newly submitted turns and answers stopped ones `STOP` (a chunk already part-fed finishes first);
+      2. feeds prompt tokens (`_prefill_round`, the policy's own);
+      3. runs one decode step for the decoding turns (`_decode_round`, the policy's own).
+    Turns wait in `_prefilling` or `_decoding` by the request they wait for, in arrival order."""
 
-    def __init__(self, model, *, max_batch: int = 16, prefill_budget: int = 512, name: str = "streaming-engine"):
-        super().__init__(model, name)
-        if isinstance(prefill_budget, bool) or not isinstance(prefill_budget, int) or prefill_budget < 1:
-            raise ValueError(f"prefill_budget must be an integer >= 1, got {prefill_budget!r}")
-        self.batch = BatchedSinkCache(max_batch)
-        self.prefill_budget = prefill_budget
+    def __init__(self, runner, name: str = "streaming-engine"):
+        super().__init__(runner, name)
         self._prefilling: deque[TurnHandle] = deque()
-        self._decoding: deque[TurnHandle] = deque()  # in arrival order; the first `max_batch` hold rows
-        self._owner: dict[int, TurnHandle] = {}  # id(ConversationCache) -> the turn decoding on that row
+        self._decoding: deque[TurnHandle] = deque()  # in arrival order
         self._fed: dict[int, int] = {}  # id(handle) -> tokens of its current `Prefill` already fed (in slices)
-        #: False: whole chunks even while others decode (the behaviour before issue 28), the fairness benchmark's
-        #: baseline (`eval/fairness.py`).
-        self.slice_prefill = True
-        self.clock = time.perf_counter  # what `prefill_slice`'s costs are measured with (tests may replace it)
-        self.decode_s: float | None = None  # running average of one decode step, seconds
-        self.prefill_s_per_token: float | None = None  # running average of prefill seconds per prompt token
 
     def _iterate(self) -> None:
         idle = not self._prefilling and not self._decoding
@@ -324,8 +324,40 @@ class BatchedScheduler(Scheduler):
             # A chunk already part-fed finishes first: stopping inside it would leave half a chunk in the cache.
             for handle in [h for h in waiting if h.stop_event.is_set() and id(h) not in self._fed]:
                 waiting.remove(handle)
-                self._owner.pop(id(handle.request.cache), None)
+                self._dropped(handle)
                 self._place(handle, self._advance(handle, STOP))
+
+    def _dropped(self, handle: TurnHandle) -> None:
+        """`handle` leaves its queue before its request was served (a stop)."""
+
+    def _prefill_round(self) -> None:
+        raise NotImplementedError
+
+    def _decode_round(self) -> None:
+        raise NotImplementedError
+
+
+class BatchedScheduler(QueuedScheduler):
+    """Continuous batching: every decoding turn is a row of one forward pass per iteration (see the module doc).
+    Its rows live in a `BatchedSinkCache`, the transformers batched decode (`generation.forward_batch`); prompts
+    and single rows go through the runner."""
+
+    def __init__(self, runner, *, max_batch: int = 16, prefill_budget: int = 512, name: str = "streaming-engine"):
+        super().__init__(runner, name)
+        if isinstance(prefill_budget, bool) or not isinstance(prefill_budget, int) or prefill_budget < 1:
+            raise ValueError(f"prefill_budget must be an integer >= 1, got {prefill_budget!r}")
+        self.batch = BatchedSinkCache(max_batch)
+        self.prefill_budget = prefill_budget
+        self._owner: dict[int, TurnHandle] = {}  # id(ConversationCache) -> the turn decoding on that row
+        #: False: whole chunks even while others decode (the behaviour before issue 28), the fairness benchmark's
+        #: baseline (`eval/fairness.py`).
+        self.slice_prefill = True
+        self.clock = time.perf_counter  # what `prefill_slice`'s costs are measured with (tests may replace it)
+        self.decode_s: float | None = None  # running average of one decode step, seconds
+        self.prefill_s_per_token: float | None = None  # running average of prefill seconds per prompt token
+
+    def _dropped(self, handle: TurnHandle) -> None:
+        self._owner.pop(id(handle.request.cache), None)
 
     def _prefill_round(self) -> None:
         """Nobody decoding: prompt chunks for up to `prefill_budget` tokens, each waiting turn at most once, in
@@ -410,17 +442,100 @@ class BatchedScheduler(Scheduler):
                 self._place(handle, alive)
 
 
-def make_scheduler(kind: str, model, *, max_batch: int = 16, prefill_budget: int = 512) -> Scheduler:
-    """`"batched"` (continuous batching) or `"round-robin"` (the one-conversation-per-pass baseline).
+class PackedScheduler(QueuedScheduler):
+    """Continuous batching for a runner that packs several conversations' rows into one pass (`packs_rows`:
+    llama.cpp, one `llama_decode` over several sequences). Each iteration, after the shared start and stops,
+      2. feeds at most `prefill_budget` waiting prompt tokens (and the runner's `pass_tokens`) in one pass,
+         several conversations together when they fit, in arrival order. A chunk longer than what is left of the
+         budget is fed in *slices*: the rest of it waits for the next iteration (behind the other waiting
+         prompts), after the decode step below, so a long paste delays each other reply by one bounded slice per
+         token, however long its chunks (issue 28 measured llama.cpp prefill at ~81 tok/s on the test CPU: a whole
+         512-token chunk in one pass held every other user for seconds). The turn is answered once its last slice
+         went in (the logits of that slice's last token), so slicing changes no token;
+      3. decodes one token for up to `max_batch` decoding turns in **one** pass (each its own row); with
+         `batched=False` (the round-robin baseline) one turn per pass, turns taking turns.
+    Turns beyond `max_batch` wait their turn: a row served goes to the back of the queue. If a shared pass fails,
+    its rows are retried one by one, so only the conversation that causes an error sees it."""
 
-    A model whose conversations cannot share a batched pass (`families.batchable`: local sliding-window layers,
-    per-layer-type RoPE) gets the round-robin worker even when "batched" is asked for: same replies, no batching.
+    def __init__(self, runner, *, max_batch: int = 16, prefill_budget: int = 512, batched: bool = True,
+                 name: str = "streaming-engine"):
+        super().__init__(runner, name)
+        for label, value in (("max_batch", max_batch), ("prefill_budget", prefill_budget)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
+        rows = runner.max_rows or max_batch
+        self.max_batch = min(max_batch, rows) if batched else 1
+        self.prefill_budget = prefill_budget
+
+    def _prefill_round(self) -> None:
+        """One pass of at most `prefill_budget` prompt tokens (and the runner's pass size): waiting chunks in
+        arrival order, the last one taken perhaps only in part (a slice; the rest goes next iteration)."""
+        room = min(self.prefill_budget, self.runner.pass_tokens or self.prefill_budget)
+        slices = []  # (handle, first token of the slice, slice length)
+        for handle in self._prefilling:
+            if room <= 0:
+                break
+            fed = self._fed.get(id(handle), 0)
+            size = min(len(handle.request.ids) - fed, room)
+            slices.append((handle, fed, size))
+            room -= size
+        if not slices:
+            return
+        rows = [(h.request.cache, h.request.ids[fed:fed + size]) for h, fed, size in slices]
+        answers = self._forward_rows(rows, "prefill")
+        self._served("prefill", [h for h, _, _ in slices])
+        for (handle, fed, size), answer in zip(slices, answers):
+            done = fed + size
+            if done < len(handle.request.ids) and not isinstance(answer, BaseException):
+                self._fed[id(handle)] = done  # the rest of this chunk goes in next iteration,
+                self._prefilling.remove(handle)  # after the other waiting prompts' (each one's slices stay in order)
+                self._prefilling.append(handle)
+                continue
+            self._fed.pop(id(handle), None)
+            self._prefilling.remove(handle)
+            self._place(handle, self._advance(handle, answer))
+
+    def _decode_round(self) -> None:
+        handles = list(self._decoding)[: self.max_batch]
+        if not handles:
+            return
+        answers = self._forward_rows([(h.request.cache, [h.request.token_id]) for h in handles], "decode")
+        self._served("decode", handles)
+        for handle, answer in zip(handles, answers):
+            self._decoding.remove(handle)
+            self._place(handle, self._advance(handle, answer))
+
+    def _forward_rows(self, rows: list, kind: str) -> list:
+        """Each row's logits from one pass; if that fails, from one pass per row (an exception for a row that
+        fails alone), so only the conversation that causes an error sees it."""
+        try:
+            return self.runner.forward(rows)
+        except Exception:  # noqa: BLE001 - find the conversation that fails: run each alone
+            if len(rows) > 1:
+                logger.exception("%s %s pass failed; retrying its %d rows one by one", self.runner.name, kind,
+                                 len(rows))
+            return [self._forward_alone(cache, ids) for cache, ids in rows]
+
+
+def make_scheduler(kind: str, runner, *, max_batch: int = 16, prefill_budget: int = 512) -> Scheduler:
+    """`"batched"` (continuous batching) or `"round-robin"` (the one-conversation-per-pass baseline) for `runner`
+    (a `backends.base.Backend`), the policy chosen by what the runner can do, never by which backend it is:
+
+    * a runner that packs rows (`packs_rows`) gets `PackedScheduler` (round-robin: one row per pass), its prompt
+      budget per iteration at most `PREFILL_SLICE_TOKENS`;
+    * otherwise `BatchedScheduler` where conversations can share a batched decode (`batchable`), else the
+      round-robin worker even when "batched" is asked for (`families.batchable`: local sliding-window layers,
+      per-layer-type RoPE): same replies, no batching.
     """
     if kind not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}; got {kind!r}")
-    if kind == "batched" and batchable(model):
-        return BatchedScheduler(model, max_batch=max_batch, prefill_budget=prefill_budget)
+    name = runner.worker_name
+    if runner.packs_rows:
+        return PackedScheduler(runner, max_batch=max_batch, prefill_budget=min(prefill_budget, PREFILL_SLICE_TOKENS),
+                               batched=kind == "batched", name=name)
+    if kind == "batched" and runner.batchable:
+        return BatchedScheduler(runner, max_batch=max_batch, prefill_budget=prefill_budget, name=name)
     if kind == "batched":
         logger.info("%s has local or per-layer-type attention layers: decoding one conversation per pass",
-                    type(model).__name__)
-    return RoundRobinScheduler(model)
+                    type(runner.model).__name__)
+    return RoundRobinScheduler(runner, name=name)
