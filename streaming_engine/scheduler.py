@@ -41,8 +41,7 @@ import time
 from collections import deque
 from typing import Callable, Hashable, Iterator
 
-from .batch_cache import BatchedSinkCache
-from .generation import STOP, Decode, Prefill, forward_batch
+from .generation import STOP, Decode, Prefill
 
 logger = logging.getLogger(__name__)
 
@@ -339,14 +338,14 @@ class QueuedScheduler(Scheduler):
 
 class BatchedScheduler(QueuedScheduler):
     """Continuous batching: every decoding turn is a row of one forward pass per iteration (see the module doc).
-    Its rows live in a `BatchedSinkCache`, the transformers batched decode (`generation.forward_batch`); prompts
-    and single rows go through the runner."""
+    The runner makes the batch its rows live in (`new_batch`: a `BatchedSinkCache` on transformers) and runs the
+    batched step (`forward_batch`); prompts go through its `forward`."""
 
     def __init__(self, runner, *, max_batch: int = 16, prefill_budget: int = 512, name: str = "streaming-engine"):
         super().__init__(runner, name)
         if isinstance(prefill_budget, bool) or not isinstance(prefill_budget, int) or prefill_budget < 1:
             raise ValueError(f"prefill_budget must be an integer >= 1, got {prefill_budget!r}")
-        self.batch = BatchedSinkCache(max_batch)
+        self.batch = runner.new_batch(max_batch)
         self.prefill_budget = prefill_budget
         self._owner: dict[int, TurnHandle] = {}  # id(ConversationCache) -> the turn decoding on that row
         #: False: whole chunks even while others decode (the behaviour before issue 28), the fairness benchmark's
@@ -417,7 +416,7 @@ class BatchedScheduler(QueuedScheduler):
         tokens = [handle.request.token_id for handle in handles]
         started = self.clock()
         try:
-            logits = forward_batch(self.model, batch, tokens)
+            logits = self.runner.forward_batch(batch, tokens)
             answers = [logits[b] for b in range(len(rows))]
             self.decode_s = running_average(self.decode_s, self.clock() - started)
         except Exception:  # noqa: BLE001 - find the row that fails: run each alone
@@ -425,7 +424,7 @@ class BatchedScheduler(QueuedScheduler):
             answers = []
             for cache, token in zip(rows, tokens):
                 try:
-                    answers.append(forward_batch(self.model, batch, [token], range(cache.row, cache.row + 1))[0])
+                    answers.append(self.runner.forward_batch(batch, [token], range(cache.row, cache.row + 1))[0])
                 except Exception as exc:  # noqa: BLE001 - this conversation's error, reported to it alone
                     answers.append(exc)
         self._served("decode", handles)

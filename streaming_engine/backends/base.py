@@ -15,7 +15,8 @@ A backend supplies:
   `kv_bytes`);
 * `forward(rows)`: the runner's one pass, each `(cache, ids)` row's last-token logits (`[vocab]`); `packs_rows`
   says whether several rows really share one pass (else they go one after another), `pass_tokens` / `max_rows`
-  bound such a pass; `turn_over(cache)` is told when a reply ends;
+  bound such a pass; a `batchable` backend also makes the batch decoding rows join (`new_batch`) and steps it
+  (`forward_batch`); `turn_over(cache)` is told when a reply ends;
 * `make_scheduler(...)`: the worker for it (`scheduler.make_scheduler` picks the policy from the capabilities);
 * `describe()`: what the status line shows; `close()`: free native memory now.
 
@@ -90,6 +91,15 @@ class Backend(ABC):
     def forward(self, rows: list[tuple[object, list[int]]]) -> list[torch.Tensor]:
         """Feed each `(cache, ids)` row on its own cache; each row's last-token logits `[vocab]`. Raises when the
         pass fails (the scheduler then retries each row alone)."""
+
+    def new_batch(self, max_batch: int):
+        """The batch decoding rows join (`batchable` backends only: `batch_cache.BatchedSinkCache`, whose rows are
+        the caches `new_cache` made)."""
+        raise NotImplementedError(f"the {self.name} backend does not batch decode rows")
+
+    def forward_batch(self, batch, tokens: list[int], rows=None) -> torch.Tensor:
+        """One decode step for `batch`'s rows (or the `rows` range of them), one token each: logits `[rows, vocab]`."""
+        raise NotImplementedError(f"the {self.name} backend does not batch decode rows")
 
     def turn_over(self, cache) -> None:  # noqa: B027 - a hook: most backends borrow nothing
         """A reply on `cache` ended (or the turn failed): whatever the backend borrowed for it goes back."""

@@ -13,10 +13,10 @@ import functools
 
 import torch
 
-from ..batch_cache import ConversationCache
+from ..batch_cache import BatchedSinkCache, ConversationCache
 from ..cache import StartRecentKVCache
 from ..families import batchable, find_rotary_embedding, layer_rope_kinds
-from ..generation import forward
+from ..generation import forward, forward_batch
 from ..placement import describe_placement, input_device
 from .base import Backend, Description
 
@@ -62,6 +62,12 @@ class TransformersBackend(Backend):
                 cache.batch.leave(cache)
             answers.append(forward(self.model, cache.solo, ids))
         return answers
+
+    def new_batch(self, max_batch: int) -> BatchedSinkCache:
+        return BatchedSinkCache(max_batch)
+
+    def forward_batch(self, batch: BatchedSinkCache, tokens: list[int], rows=None) -> torch.Tensor:
+        return forward_batch(self.model, batch, tokens, rows)
 
     def turn_over(self, cache) -> None:
         if cache.attached:
