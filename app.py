@@ -35,8 +35,6 @@ from streaming_engine import EngineConfig, StreamingEngine
 from streaming_engine.conversations import Conversations
 from streaming_engine.history import MAX_HISTORY_BYTES
 from streaming_engine.loading import DEFAULT_MODEL_NAME
-from streaming_engine.llamacpp.model import LlamaCppModel
-from streaming_engine.placement import describe_placement, input_device
 from streaming_engine.remote import RemoteTurnsEngine
 from streaming_engine.store import ChatStore, StoreError
 from streaming_engine.store_pg import UNREACHABLE_AT_START
@@ -53,16 +51,11 @@ from webui.settings import AppSettings, parse_settings
 
 def status_line(engine: StreamingEngine, model_label: str) -> str:
     """The footer: model, where its inputs go and its weights sit, dtype, CPU threads, cache, ZeroGPU."""
-    model, cfg = engine.model, engine.config
-    if isinstance(model, LlamaCppModel):  # weights in llama.cpp's own buffers, its own thread count
-        device, threads = torch.device("cpu"), model.n_threads
-        parts = [f"Model **{html.escape(model_label)}**", f"cpu, {model.dtype}"]
-    else:
-        device = input_device(model)  # not model.device: under offloading that reads "meta"
-        threads = torch.get_num_threads()
-        parts = [f"Model **{html.escape(model_label)}**", f"{device} ({describe_placement(model)})",
-                 str(model.dtype).replace("torch.", "")]
-    if device.type == "cpu":
+    cfg = engine.config
+    described = engine.backend.describe()  # where inputs go and weights sit, dtype, thread count
+    parts = [f"Model **{html.escape(model_label)}**", *described.where]
+    if described.device.type == "cpu":
+        threads = described.threads
         parts.append(f"{threads} CPU thread{'s' if threads != 1 else ''}")
     parts.append(f"cache {cfg.start_size} sinks + {cfg.recent_size} recent tokens")
     if isinstance(engine, RemoteTurnsEngine):

@@ -23,18 +23,17 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from .apivalidate import SESSION_ID_MAX_CHARS, preview
-from .backends import is_llamacpp_model
-from .cache import DEFAULT_RECENT_SIZE, DEFAULT_START_SIZE, StartRecentKVCache
+from .backends.factory import backend_for
+from .cache import DEFAULT_RECENT_SIZE, DEFAULT_START_SIZE
 from .checks import check_int, check_number
 from .counters import EngineCounters
 from .cuda_graphs import StaticStepConfig
 from .eviction import EVICTION_POLICIES, block_for, check_evict_block, check_policy
-from .families import check_cache_size, check_supported, find_rotary_embedding, layer_rope_kinds
+from .families import check_cache_size, check_supported
 from .handoff import SessionState, adopt, capture
 from .history import MAX_HISTORY_MESSAGES, dump_history, parse_history
-from .placement import input_device
 from .sampling import SamplingDefaults, SamplingParams
-from .scheduler import DECODE_STEPS, SCHEDULERS, TurnHandle, make_scheduler
+from .scheduler import DECODE_STEPS, SCHEDULERS, TurnHandle
 from .session import MODES, Event, Runtime, Session
 from .templating import ChatTemplater
 
@@ -194,42 +193,27 @@ class StreamingEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
-        # A llama.cpp model (`load(..., backend="llama.cpp")`) runs on one llama.cpp context sized for this config:
-        # its caches, forward passes and worker come from `streaming_engine/llamacpp`, everything else is shared.
-        native = is_llamacpp_model(model)
-        self.llamacpp = None
-        if native:
-            from .llamacpp.context import engine_context
-
-            self.llamacpp = engine_context(model, self.config)
-        self.max_positions = (self.llamacpp.seq_capacity if native
-                              else int(getattr(model.config, "max_position_embeddings", 0) or 0) or None)
+        # What runs the model (see backends/base.py): its caches, forward passes and worker policy come from the
+        # backend; sessions, admission, turns and counters are the same on every backend.
+        self.backend = backend_for(model, self.config)
+        self.max_positions = self.backend.max_positions
         if self.max_positions is not None and self.config.cache_size > self.max_positions:
             raise ValueError(
                 f"start_size + recent_size = {self.config.cache_size} exceeds the model's "
                 f"{self.max_positions} positions"
             )
         check_supported(model.config)
-        self._rotary_emb = None if native else find_rotary_embedding(model)
-        self._layer_rope = None if native else layer_rope_kinds(model, self._rotary_emb)
         eos = getattr(model.generation_config, "eos_token_id", None)
         eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)
-        self.runtime = Runtime(model, tokenizer, ChatTemplater(tokenizer), eos_ids,
-                               model.device if native else input_device(model))
+        self.runtime = Runtime(model, tokenizer, ChatTemplater(tokenizer), eos_ids, self.backend.input_device)
         # Prompt chunks per worker iteration are bounded by one chunk's worth of tokens, so a long paste in one
         # chat delays the others' next token by at most one chunk's forward pass.
-        if native:
-            from .llamacpp.scheduler import make_llamacpp_scheduler
-
-            self.scheduler = make_llamacpp_scheduler(self.llamacpp, self.config.scheduler, max_batch=self.config.max_batch,
-                                                     prefill_budget=self.config.prefill_chunk_size)
-        else:
-            self.scheduler = make_scheduler(self.config.scheduler, model, max_batch=self.config.max_batch,
-                                            prefill_budget=self.config.prefill_chunk_size,
-                                            decode_step=self.config.decode_step,
-                                            cuda_graphs=self.config.cuda_graphs)
+        self.scheduler = self.backend.make_scheduler(self.config.scheduler, max_batch=self.config.max_batch,
+                                                     prefill_budget=self.config.prefill_chunk_size,
+                                                     decode_step=self.config.decode_step,
+                                                     cuda_graphs=self.config.cuda_graphs)
         self.counters = EngineCounters()  # process-wide totals for monitoring
         self._sessions: dict[str, Session] = {}
         self._tags: dict[str, SessionTag] = {}  # session id -> who holds it (same keys as `_sessions`)
@@ -348,14 +332,9 @@ class StreamingEngine:
     def _new_cache(self, start: int, recent: int, pos_shift: bool = True, eviction: str = DEFAULT_EVICTION):
         """An empty cache for one conversation on this engine's backend (the session pins its system prompt on
         it later, `Session.pin`; `eviction` and the config's `evict_block` are the policy of `eviction.py`, the same
-        on both backends)."""
+        on every backend)."""
         block = block_for(recent, self.config.evict_block)
-        if self.llamacpp is not None:
-            return self.llamacpp.new_cache(start, recent, pos_shift=pos_shift, eviction=eviction, evict_block=block)
-        if not pos_shift:  # dense: a plain growing cache with counters, positions = stream positions
-            return StartRecentKVCache(start, recent, pos_shift=False)
-        return StartRecentKVCache(start, recent, rotary_emb=self._rotary_emb, layer_rope=self._layer_rope,
-                                  eviction=eviction, evict_block=block)
+        return self.backend.new_cache(start, recent, pos_shift=pos_shift, eviction=eviction, evict_block=block)
 
     def system_tokens(self, system_prompt: str) -> int:
         """Tokens of the chat template's whole rendering of `system_prompt`: what pinning it keeps."""

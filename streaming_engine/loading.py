@@ -19,7 +19,7 @@ import torch
 
 from .backends import resolve_backend
 from .families import check_supported
-from .llamacpp.model import load_llamacpp
+from .backends.llama import load_llamacpp
 from .placement import Placement
 
 from .defaults import DEFAULT_MODEL_NAME  # noqa: F401  (its home; re-exported)
@@ -160,7 +160,7 @@ def load(
 
     `backend`: "transformers" (the default), "llama.cpp" (a GGUF file, or the offline default's, on the CPU with
     `llama-cpp-python`: returns a `LlamaCppModel` that `StreamingEngine` runs the same way; `n_threads` sets its
-    threads) or "auto" (transformers; see `backends.py` for why).
+    threads) or "auto" (transformers; see `backends/choice.py` for why).
 
     `None` loads the offline default SmolLM2-135M-Instruct; a path to a `.gguf` file is converted once (see
     `convert_gguf`). Any other value goes to `AutoModelForCausalLM` (a hub id needs the hub; a local folder does

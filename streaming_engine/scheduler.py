@@ -2,7 +2,12 @@
 
 A running turn is a coroutine (`Session.turn`) that yields `Event`s for its reader and *requests* for forward
 passes (`generation.Prefill`: a prompt chunk; `generation.Decode`: one sampled token), and is sent back each
-request's logits. The worker alone touches the model and the caches, so forward passes never overlap. Two workers:
+request's logits. The worker alone touches the model and the caches, so forward passes never overlap.
+
+The seam (`backends/base.py`): a scheduler decides WHAT runs (policy: which turns get a prompt slice or a decode
+row, budgets, stops, retrying each row alone); its *runner*, the engine's backend, decides HOW (`forward` over
+`(cache, ids)` rows, `turn_over` when a reply ends). `make_scheduler` picks the policy from the runner's
+capabilities, never from which backend it is. Three policies, two sharing one loop (`QueuedScheduler`):
 
 * `BatchedScheduler` (the default, continuous batching). Each iteration of its loop
   1. starts newly submitted turns and honours stops (a stopped turn is answered `STOP` at its next request, so it
@@ -17,11 +22,14 @@ request's logits. The worker alone touches the model and the caches, so forward 
      and leave when their reply ends, between steps; each row is sampled with its own settings and seed by its own
      coroutine and streams to its own queue.
   If the batched pass fails, every row is retried alone, so an error fails only the conversation that causes it.
-  With `decode_step="static"` the rows live in a `StaticSinkCache` and the pass is a `StaticDecodeStep` (fixed
-  shapes, replayed from CUDA graphs per `cuda_graphs`, docs/gpu-decode.md); a model the static step cannot serve
-  keeps the eager pass, said in one log line.
+  With `decode_step="static"` the runner may hand back a fixed-shape step with the batch (`new_batch`; on
+  transformers a `StaticDecodeStep` replayed from CUDA graphs per `cuda_graphs`, docs/gpu-decode.md); the policy is
+  the same either way, only the pass differs.
 * `RoundRobinScheduler` (the baseline it replaced, kept for comparison): one forward pass per turn per iteration,
   turns taking turns; decoding stays on each conversation's own cache.
+* `PackedScheduler`, for a runner that packs several conversations' rows into one pass (llama.cpp): each iteration
+  one pass of waiting prompt slices (up to the budget, several conversations together) and one pass of up to
+  `max_batch` decode rows; its round-robin baseline decodes one row per pass.
 
 Callers read a turn's events from its own queue with a timeout, which is also how they notice a dead worker;
 `read_many` lets one caller follow several turns at once without a thread per turn.
@@ -36,11 +44,7 @@ import time
 from collections import deque
 from typing import Callable, Hashable, Iterator
 
-from .batch_cache import BatchedSinkCache
-from .families import batchable
-from .generation import STOP, Decode, Prefill, forward, forward_batch
-from .cuda_graphs import GraphedDecodeStep, StaticStepConfig
-from .static_step import StaticDecodeStep, StaticSinkCache, unsupported_reason
+from .generation import STOP, Decode, Prefill
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +56,11 @@ FAN_IN_POLL_S = 0.01
 ITERATION_RETRY_S = 0.05
 #: The schedulers `make_scheduler` knows.
 SCHEDULERS = ("batched", "round-robin")
-#: How the batched scheduler runs a decode step: "eager" (`generation.forward_batch`) or "static"
-#: (`static_step.StaticDecodeStep`, falling back to eager for a model it cannot serve).
+#: How the batched scheduler's decode step runs: "eager" (the runner's `forward_batch`) or "static" (a fixed-shape
+#: step the runner builds where it can, docs/gpu-decode.md; elsewhere eager, said in one log line).
 DECODE_STEPS = ("eager", "static")
-#: Columns a static batch allocates before any conversation joins (a larger conversation grows them once).
-STATIC_MIN_CAPACITY = 64
 #: Most prompt tokens fed in one iteration while other turns decode (each decoding reply waits one such slice per
-#: token). The time rule below can only make a slice smaller; llama.cpp slices by this cap alone.
+#: token). The time rule below can only make a slice smaller; `PackedScheduler` slices by this cap alone.
 PREFILL_SLICE_TOKENS = 64
 #: Fewest prompt tokens a slice takes, however fast decoding is: tinier slices would spend the worker on
 #: per-pass overhead and let a paste crawl.
@@ -102,10 +104,12 @@ class TurnHandle:
 
 class Scheduler:
     """What every scheduler shares: the worker thread, submission, advancing a turn's coroutine, reading its
-    events. Subclasses decide which forward passes each iteration runs (`_iterate`)."""
+    events. Subclasses decide which forward passes each iteration runs (`_iterate`); the `runner` (the engine's
+    backend, `backends.base.Backend`) runs them."""
 
-    def __init__(self, model, name: str = "streaming-engine"):
-        self.model = model
+    def __init__(self, runner, name: str = "streaming-engine"):
+        self.runner = runner
+        self.model = runner.model
         self._name = name
         self._cv = threading.Condition()
         self._incoming: deque[TurnHandle] = deque()
@@ -187,8 +191,8 @@ class Scheduler:
     def _finish(self, handle: TurnHandle, final) -> None:
         request, handle.request = handle.request, None
         cache = getattr(request, "cache", None)
-        if cache is not None and cache.attached:
-            cache.batch.leave(cache)  # the reply is over: its tokens go back to the conversation's own cache
+        if cache is not None:
+            self.runner.turn_over(cache)  # e.g. the reply's batch row goes back to the conversation's own cache
         if final is None:
             final = handle.on_crash(RuntimeError("the turn ended without a final event"))
         with self._cv:
@@ -244,15 +248,17 @@ class Scheduler:
                 if not handle.finished.is_set():
                     handle.stop()
 
-    def _forward_prompt(self, request: Prefill, ids: list[int]):
-        """The logits after feeding `ids` (all or part of `request`'s chunk) on its conversation's own cache, or
-        the exception that feeding raised (the turn reports it)."""
-        if request.cache.attached:  # a prompt after decoding (not done by turns today): leave the batch first
-            request.cache.batch.leave(request.cache)
+    def _forward_alone(self, cache, ids: list[int]):
+        """The logits after feeding `ids` on `cache` in a pass of its own (a prompt chunk or slice, or one
+        round-robin decode token), or the exception that feeding raised (the turn reports it)."""
         try:
-            return forward(self.model, request.cache.solo, ids)
+            return self.runner.forward([(cache, ids)])[0]
         except Exception as exc:  # noqa: BLE001 - the turn reports it
             return exc
+
+    def _forward_prompt(self, request: Prefill, ids: list[int]):
+        """`_forward_alone` for `ids`, all or part of `request`'s chunk."""
+        return self._forward_alone(request.cache, ids)
 
     def _prefill(self, handle: TurnHandle) -> None:
         """Run `handle`'s `Prefill` request on its conversation's own cache and advance it with the logits."""
@@ -264,8 +270,8 @@ class Scheduler:
 class RoundRobinScheduler(Scheduler):
     """The baseline: one forward pass per turn per iteration, turns taking turns, nothing batched."""
 
-    def __init__(self, model, name: str = "streaming-engine"):
-        super().__init__(model, name)
+    def __init__(self, runner, name: str = "streaming-engine"):
+        super().__init__(runner, name)
         self._queue: deque[TurnHandle] = deque()
 
     def _iterate(self) -> None:
@@ -281,51 +287,25 @@ class RoundRobinScheduler(Scheduler):
             self._prefill(handle)
             alive = handle.request is not None
         else:
-            request = handle.request
-            try:
-                answer = forward(self.model, request.cache.solo, [request.token_id])
-            except Exception as exc:  # noqa: BLE001
-                answer = exc
+            answer = self._forward_alone(handle.request.cache, [handle.request.token_id])
             self._served("decode", [handle])
             alive = self._advance(handle, answer)
         if alive:
             self._queue.append(handle)
 
 
-class BatchedScheduler(Scheduler):
-    """Continuous batching: every decoding turn is a row of one forward pass per iteration (see the module doc)."""
+class QueuedScheduler(Scheduler):
+    """The loop both continuous-batching policies share. Each iteration
+      1. starts newly submitted turns and answers stopped ones `STOP` (a chunk already part-fed finishes first);
+      2. feeds prompt tokens (`_prefill_round`, the policy's own);
+      3. runs one decode step for the decoding turns (`_decode_round`, the policy's own).
+    Turns wait in `_prefilling` or `_decoding` by the request they wait for, in arrival order."""
 
-    def __init__(self, model, *, max_batch: int = 16, prefill_budget: int = 512, name: str = "streaming-engine",
-                 decode_step: str = "eager", cuda_graphs: str = "auto"):
-        super().__init__(model, name)
-        if isinstance(prefill_budget, bool) or not isinstance(prefill_budget, int) or prefill_budget < 1:
-            raise ValueError(f"prefill_budget must be an integer >= 1, got {prefill_budget!r}")
-        if decode_step not in DECODE_STEPS:
-            raise ValueError(f"decode_step must be one of {', '.join(DECODE_STEPS)}; got {decode_step!r}")
-        graphs = StaticStepConfig(cuda_graphs=cuda_graphs)  # validated even when the step stays eager
-        self.static_step: GraphedDecodeStep | None = None
-        reason = unsupported_reason(model) if decode_step == "static" else None
-        if reason is not None:
-            logger.info("static decode step unavailable (%s): %s; decoding eagerly", reason.code, reason.message)
-        if decode_step == "static" and reason is None:
-            self.batch = StaticSinkCache(max_batch, STATIC_MIN_CAPACITY)
-            # Replayed from CUDA graphs per `cuda_graphs` ("auto": on CUDA); elsewhere the same step, eagerly.
-            self.static_step = GraphedDecodeStep(StaticDecodeStep(model, self.batch), graphs)
-        else:
-            self.batch = BatchedSinkCache(max_batch)
-        #: The step that runs: "static" or "eager" (after any fallback).
-        self.decode_step = "static" if self.static_step is not None else "eager"
-        self.prefill_budget = prefill_budget
+    def __init__(self, runner, name: str = "streaming-engine"):
+        super().__init__(runner, name)
         self._prefilling: deque[TurnHandle] = deque()
-        self._decoding: deque[TurnHandle] = deque()  # in arrival order; the first `max_batch` hold rows
-        self._owner: dict[int, TurnHandle] = {}  # id(ConversationCache) -> the turn decoding on that row
+        self._decoding: deque[TurnHandle] = deque()  # in arrival order
         self._fed: dict[int, int] = {}  # id(handle) -> tokens of its current `Prefill` already fed (in slices)
-        #: False: whole chunks even while others decode (the behaviour before issue 28), the fairness benchmark's
-        #: baseline (`eval/fairness.py`).
-        self.slice_prefill = True
-        self.clock = time.perf_counter  # what `prefill_slice`'s costs are measured with (tests may replace it)
-        self.decode_s: float | None = None  # running average of one decode step, seconds
-        self.prefill_s_per_token: float | None = None  # running average of prefill seconds per prompt token
 
     def _iterate(self) -> None:
         idle = not self._prefilling and not self._decoding
@@ -349,8 +329,46 @@ class BatchedScheduler(Scheduler):
             # A chunk already part-fed finishes first: stopping inside it would leave half a chunk in the cache.
             for handle in [h for h in waiting if h.stop_event.is_set() and id(h) not in self._fed]:
                 waiting.remove(handle)
-                self._owner.pop(id(handle.request.cache), None)
+                self._dropped(handle)
                 self._place(handle, self._advance(handle, STOP))
+
+    def _dropped(self, handle: TurnHandle) -> None:
+        """`handle` leaves its queue before its request was served (a stop)."""
+
+    def _prefill_round(self) -> None:
+        raise NotImplementedError
+
+    def _decode_round(self) -> None:
+        raise NotImplementedError
+
+
+class BatchedScheduler(QueuedScheduler):
+    """Continuous batching: every decoding turn is a row of one forward pass per iteration (see the module doc).
+    The runner makes the batch its rows live in (`new_batch`: a `BatchedSinkCache` on transformers) and runs the
+    batched step (`forward_batch`); prompts go through its `forward`."""
+
+    def __init__(self, runner, *, max_batch: int = 16, prefill_budget: int = 512, name: str = "streaming-engine",
+                 decode_step: str = "eager", cuda_graphs: str = "auto"):
+        super().__init__(runner, name)
+        if isinstance(prefill_budget, bool) or not isinstance(prefill_budget, int) or prefill_budget < 1:
+            raise ValueError(f"prefill_budget must be an integer >= 1, got {prefill_budget!r}")
+        if decode_step not in DECODE_STEPS:
+            raise ValueError(f"decode_step must be one of {', '.join(DECODE_STEPS)}; got {decode_step!r}")
+        # `static_step`: the runner's fixed-shape step over the whole batch (tokens -> logits), or None: eager.
+        self.batch, self.static_step = runner.new_batch(max_batch, decode_step=decode_step, cuda_graphs=cuda_graphs)
+        #: The step that runs: "static" or "eager" (after any fallback).
+        self.decode_step = "static" if self.static_step is not None else "eager"
+        self.prefill_budget = prefill_budget
+        self._owner: dict[int, TurnHandle] = {}  # id(ConversationCache) -> the turn decoding on that row
+        #: False: whole chunks even while others decode (the behaviour before issue 28), the fairness benchmark's
+        #: baseline (`eval/fairness.py`).
+        self.slice_prefill = True
+        self.clock = time.perf_counter  # what `prefill_slice`'s costs are measured with (tests may replace it)
+        self.decode_s: float | None = None  # running average of one decode step, seconds
+        self.prefill_s_per_token: float | None = None  # running average of prefill seconds per prompt token
+
+    def _dropped(self, handle: TurnHandle) -> None:
+        self._owner.pop(id(handle.request.cache), None)
 
     def _prefill_round(self) -> None:
         """Nobody decoding: prompt chunks for up to `prefill_budget` tokens, each waiting turn at most once, in
@@ -410,7 +428,7 @@ class BatchedScheduler(Scheduler):
         tokens = [handle.request.token_id for handle in handles]
         started = self.clock()
         try:
-            logits = self.static_step(tokens) if self.static_step else forward_batch(self.model, batch, tokens)
+            logits = self.static_step(tokens) if self.static_step else self.runner.forward_batch(batch, tokens)
             answers = [logits[b] for b in range(len(rows))]
             self.decode_s = running_average(self.decode_s, self.clock() - started)
         except Exception:  # noqa: BLE001 - find the row that fails: run each alone
@@ -418,7 +436,7 @@ class BatchedScheduler(Scheduler):
             answers = []
             for cache, token in zip(rows, tokens):
                 try:
-                    answers.append(forward_batch(self.model, batch, [token], range(cache.row, cache.row + 1))[0])
+                    answers.append(self.runner.forward_batch(batch, [token], range(cache.row, cache.row + 1))[0])
                 except Exception as exc:  # noqa: BLE001 - this conversation's error, reported to it alone
                     answers.append(exc)
         self._served("decode", handles)
@@ -435,19 +453,102 @@ class BatchedScheduler(Scheduler):
                 self._place(handle, alive)
 
 
-def make_scheduler(kind: str, model, *, max_batch: int = 16, prefill_budget: int = 512,
-                   decode_step: str = "eager", cuda_graphs: str = "auto") -> Scheduler:
-    """`"batched"` (continuous batching) or `"round-robin"` (the one-conversation-per-pass baseline).
+class PackedScheduler(QueuedScheduler):
+    """Continuous batching for a runner that packs several conversations' rows into one pass (`packs_rows`:
+    llama.cpp, one `llama_decode` over several sequences). Each iteration, after the shared start and stops,
+      2. feeds at most `prefill_budget` waiting prompt tokens (and the runner's `pass_tokens`) in one pass,
+         several conversations together when they fit, in arrival order. A chunk longer than what is left of the
+         budget is fed in *slices*: the rest of it waits for the next iteration (behind the other waiting
+         prompts), after the decode step below, so a long paste delays each other reply by one bounded slice per
+         token, however long its chunks (issue 28 measured llama.cpp prefill at ~81 tok/s on the test CPU: a whole
+         512-token chunk in one pass held every other user for seconds). The turn is answered once its last slice
+         went in (the logits of that slice's last token), so slicing changes no token;
+      3. decodes one token for up to `max_batch` decoding turns in **one** pass (each its own row); with
+         `batched=False` (the round-robin baseline) one turn per pass, turns taking turns.
+    Turns beyond `max_batch` wait their turn: a row served goes to the back of the queue. If a shared pass fails,
+    its rows are retried one by one, so only the conversation that causes an error sees it."""
 
-    A model whose conversations cannot share a batched pass (`families.batchable`: local sliding-window layers,
-    per-layer-type RoPE) gets the round-robin worker even when "batched" is asked for: same replies, no batching.
+    def __init__(self, runner, *, max_batch: int = 16, prefill_budget: int = 512, batched: bool = True,
+                 name: str = "streaming-engine"):
+        super().__init__(runner, name)
+        for label, value in (("max_batch", max_batch), ("prefill_budget", prefill_budget)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
+        rows = runner.max_rows or max_batch
+        self.max_batch = min(max_batch, rows) if batched else 1
+        self.prefill_budget = prefill_budget
+
+    def _prefill_round(self) -> None:
+        """One pass of at most `prefill_budget` prompt tokens (and the runner's pass size): waiting chunks in
+        arrival order, the last one taken perhaps only in part (a slice; the rest goes next iteration)."""
+        room = min(self.prefill_budget, self.runner.pass_tokens or self.prefill_budget)
+        slices = []  # (handle, first token of the slice, slice length)
+        for handle in self._prefilling:
+            if room <= 0:
+                break
+            fed = self._fed.get(id(handle), 0)
+            size = min(len(handle.request.ids) - fed, room)
+            slices.append((handle, fed, size))
+            room -= size
+        if not slices:
+            return
+        rows = [(h.request.cache, h.request.ids[fed:fed + size]) for h, fed, size in slices]
+        answers = self._forward_rows(rows, "prefill")
+        self._served("prefill", [h for h, _, _ in slices])
+        for (handle, fed, size), answer in zip(slices, answers):
+            done = fed + size
+            if done < len(handle.request.ids) and not isinstance(answer, BaseException):
+                self._fed[id(handle)] = done  # the rest of this chunk goes in next iteration,
+                self._prefilling.remove(handle)  # after the other waiting prompts' (each one's slices stay in order)
+                self._prefilling.append(handle)
+                continue
+            self._fed.pop(id(handle), None)
+            self._prefilling.remove(handle)
+            self._place(handle, self._advance(handle, answer))
+
+    def _decode_round(self) -> None:
+        handles = list(self._decoding)[: self.max_batch]
+        if not handles:
+            return
+        answers = self._forward_rows([(h.request.cache, [h.request.token_id]) for h in handles], "decode")
+        self._served("decode", handles)
+        for handle, answer in zip(handles, answers):
+            self._decoding.remove(handle)
+            self._place(handle, self._advance(handle, answer))
+
+    def _forward_rows(self, rows: list, kind: str) -> list:
+        """Each row's logits from one pass; if that fails, from one pass per row (an exception for a row that
+        fails alone), so only the conversation that causes an error sees it."""
+        try:
+            return self.runner.forward(rows)
+        except Exception:  # noqa: BLE001 - find the conversation that fails: run each alone
+            if len(rows) > 1:
+                logger.exception("%s %s pass failed; retrying its %d rows one by one", self.runner.name, kind,
+                                 len(rows))
+            return [self._forward_alone(cache, ids) for cache, ids in rows]
+
+
+def make_scheduler(kind: str, runner, *, max_batch: int = 16, prefill_budget: int = 512,
+                   decode_step: str = "eager", cuda_graphs: str = "auto") -> Scheduler:
+    """`"batched"` (continuous batching) or `"round-robin"` (the one-conversation-per-pass baseline) for `runner`
+    (a `backends.base.Backend`), the policy chosen by what the runner can do, never by which backend it is:
+
+    * a runner that packs rows (`packs_rows`) gets `PackedScheduler` (round-robin: one row per pass), its prompt
+      budget per iteration at most `PREFILL_SLICE_TOKENS`;
+    * otherwise `BatchedScheduler` where conversations can share a batched decode (`batchable`), else the
+      round-robin worker even when "batched" is asked for (`families.batchable`: local sliding-window layers,
+      per-layer-type RoPE): same replies, no batching.
     """
     if kind not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}; got {kind!r}")
-    if kind == "batched" and batchable(model):
-        return BatchedScheduler(model, max_batch=max_batch, prefill_budget=prefill_budget, decode_step=decode_step,
-                                cuda_graphs=cuda_graphs)
+    name = runner.worker_name
+    if runner.packs_rows:
+        return PackedScheduler(runner, max_batch=max_batch, prefill_budget=min(prefill_budget, PREFILL_SLICE_TOKENS),
+                               batched=kind == "batched", name=name)
+    if kind == "batched" and runner.batchable:
+        return BatchedScheduler(runner, max_batch=max_batch, prefill_budget=prefill_budget, name=name,
+                                decode_step=decode_step, cuda_graphs=cuda_graphs)
     if kind == "batched":
         logger.info("%s has local or per-layer-type attention layers: decoding one conversation per pass",
-                    type(model).__name__)
-    return RoundRobinScheduler(model)
+                    type(runner.model).__name__)
+    return RoundRobinScheduler(runner, name=name)

@@ -42,8 +42,6 @@ from typing import Callable, Generator, Iterator, Literal
 
 import torch
 
-from .batch_cache import ConversationCache
-from .cache import StartRecentKVCache
 from .defaults import MODES  # noqa: F401  (its home is defaults.py)
 from .generation import Decode, Prefill, TurnStopped, generate_reply, prefill_requests
 from .memory import MessageSpan, measure, turns_in_memory
@@ -103,9 +101,9 @@ class Session:
     ):
         self.id = session_id
         self.mode = mode
-        # Where this conversation's tokens are: its own cache, or a batch row while it decodes (see batch_cache.py).
-        # (A llama.cpp cache, `llamacpp/cache.py`, is its own wrapper: it lives in a sequence of a shared context.)
-        self.cache = ConversationCache(cache) if isinstance(cache, StartRecentKVCache) else cache
+        # The backend's cache for this conversation (`Backend.new_cache`): where its tokens live is the backend's
+        # business (its own cache or a batch row on transformers, a sequence of a shared context on llama.cpp).
+        self.cache = cache
         self.system_prompt = system_prompt or None
         self.start_size = start_size
         self.recent_size = recent_size

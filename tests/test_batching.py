@@ -45,10 +45,11 @@ def test_batchable_says_which_families_share_a_forward_pass(family):
 
 @pytest.mark.parametrize("family", HYBRID_FAMILIES)
 def test_a_hybrid_model_still_chats_one_conversation_per_pass(family):
+    from streaming_engine.backends.hf import TransformersBackend
     from streaming_engine.scheduler import RoundRobinScheduler, make_scheduler
 
     model = tiny_model(family, layers=2)
-    assert isinstance(make_scheduler("batched", model), RoundRobinScheduler)
+    assert isinstance(make_scheduler("batched", TransformersBackend(model)), RoundRobinScheduler)
 
 
 @pytest.mark.parametrize("family", fast_cases(BATCHED_FAMILIES))

@@ -161,13 +161,12 @@ def test_evict_block_is_checked_once_where_it_enters_and_defaults_from_the_windo
 
 def test_the_engine_gives_every_streaming_session_its_block():
     from streaming_engine import StreamingEngine
+    from streaming_engine.backends.hf import TransformersBackend
 
     model = tiny_model("llama", layers=1)
     engine = StreamingEngine.__new__(StreamingEngine)  # only `_new_cache` is exercised: no worker, no tokenizer
     engine.config = EngineConfig(recent_size=64, evict_block=16)
-    engine.llamacpp = None
-    engine._rotary_emb = find_rotary_embedding(model)
-    engine._layer_rope = None
+    engine.backend = TransformersBackend(model)
     assert engine._new_cache(4, 64).evict_block == 16
     assert engine._new_cache(4, 10).evict_block == 10  # a smaller session window: at most its window
 

@@ -43,7 +43,7 @@ def served_llamacpp():
     finally:
         for sid in engine.session_ids():
             engine.close(sid)
-        engine.llamacpp.close()
+        engine.backend.close()
 
 
 def send(page, text: str, turn: int) -> None:

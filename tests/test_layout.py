@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parent.parent / "streaming_engine"
 
 
@@ -91,3 +93,49 @@ def test_the_torch_free_leaves_import_only_leaves():
     leaves = {"streaming_engine.defaults", "streaming_engine.modelfiles"}
     for leaf in leaves:
         assert graph[leaf] <= leaves, (leaf, graph[leaf])
+
+
+#: Modules that may import the llama.cpp pieces: the backend seam and the pieces themselves (the benchmarks in
+#: `eval/` compare against llama.cpp's own generation, and are not the product).
+LLAMACPP_HOMES = ("streaming_engine.backends", "streaming_engine.llamacpp", "streaming_engine.eval")
+#: The backend's clients: they hold a `Backend` and ask it, never which one they have.
+BACKEND_CLIENTS = ("engine.py", "session.py", "scheduler.py")
+
+
+def function_body_imports(path: Path) -> list[str]:
+    """`from .x import y` / `import x` written inside a function body, as `line: source`."""
+    tree = ast.parse(path.read_text())
+    found = []
+    for function in ast.walk(tree):
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            found += [f"{node.lineno}: {ast.unparse(node)}" for node in ast.walk(function)
+                      if isinstance(node, (ast.Import, ast.ImportFrom))]
+    return found
+
+
+def test_only_the_backends_package_imports_the_llamacpp_pieces():
+    graph = import_graph()
+    importers = {module for module, targets in graph.items()
+                 if any(t == "streaming_engine.llamacpp" or t.startswith("streaming_engine.llamacpp.") for t in targets)}
+    assert "streaming_engine.backends.llama" in importers  # the walk really saw the seam
+    assert {m for m in importers if not m.startswith(LLAMACPP_HOMES)} == set()
+    outside = [PACKAGE.parent / "app.py", *sorted((PACKAGE.parent / "webui").glob("*.py"))]
+    assert [p.name for p in outside if "streaming_engine.llamacpp" in p.read_text()] == []
+
+
+@pytest.mark.parametrize("path", [PACKAGE / name for name in BACKEND_CLIENTS] + [PACKAGE.parent / "app.py"],
+                         ids=lambda p: p.name)
+def test_the_backend_clients_never_ask_which_backend_they_have(path):
+    text = path.read_text()
+    assert "llamacpp" not in text and "is_llamacpp_model" not in text and "LlamaCpp" not in text
+
+
+@pytest.mark.parametrize("name", BACKEND_CLIENTS)
+def test_the_backend_clients_import_nothing_inside_a_function(name):
+    assert function_body_imports(PACKAGE / name) == []
+
+
+def test_the_function_body_import_finder_finds_one(tmp_path):
+    sample = tmp_path / "m.py"
+    sample.write_text("import os\n\ndef f():\n    from .llamacpp import context\n    return context\n")
+    assert function_body_imports(sample) == ["4: from .llamacpp import context"]

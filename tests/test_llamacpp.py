@@ -46,7 +46,7 @@ def free_contexts():
         engine = _ENGINES.pop()
         for sid in engine.session_ids():
             engine.close(sid)
-        engine.llamacpp.close()
+        engine.backend.close()
 
 
 def llama_engine(llama, **config) -> StreamingEngine:
@@ -232,7 +232,7 @@ def test_sinks_are_kept_and_the_counters_add_up_in_a_long_chat(llama):
         _, done = reply(engine, sid, f"Question {i}: describe a walk through a busy market.")
         s = done.stats
         assert s["seen_tokens"] == s["cache_tokens"] + s["evicted_tokens"] and s["cache_tokens"] <= 64
-        assert s["kv_bytes"] == s["cache_tokens"] * engine.llamacpp.bytes_per_token
+        assert s["kv_bytes"] == s["cache_tokens"] * engine.backend.context.bytes_per_token
     cache = engine._get(sid).cache
     assert cache.evicted_tokens > 0 and cache.stream_positions[:4] == [0, 1, 2, 3]
 
@@ -251,7 +251,7 @@ def test_conversations_are_isolated_even_when_they_outnumber_the_sequences(llama
     # Six conversations on four sequences: first turns one after another (the oldest go to host memory), then
     # the second turns of four of them decode together (each swapped back in), then the other two.
     engine = llama_engine(llama, max_new_tokens=16, max_active_turns=4, max_batch=4)
-    assert engine.llamacpp.sequences == 4
+    assert engine.backend.context.sequences == 4
     sids = [engine.new_session() for _ in questions]
     first = [reply(engine, sid, q)[0] for sid, q in zip(sids, questions)]
     second = {}
@@ -260,7 +260,7 @@ def test_conversations_are_isolated_even_when_they_outnumber_the_sequences(llama
             if event.kind in ("done", "error"):
                 second[sid] = event.text
     assert list(zip(first, [second[sid] for sid in sids])) == alone
-    assert engine.llamacpp.swaps["out"] >= 2 and engine.llamacpp.swaps["in"] >= 2
+    assert engine.backend.context.swaps["out"] >= 2 and engine.backend.context.swaps["in"] >= 2
 
 
 @needs_llamacpp
@@ -348,8 +348,7 @@ def app_engine(request, default_model):
     yield engine
     for sid in engine.session_ids():
         engine.close(sid)
-    if engine.llamacpp is not None:
-        engine.llamacpp.close()
+    engine.backend.close()  # frees llama.cpp's context; nothing to free on transformers
 
 
 @pytest.mark.model

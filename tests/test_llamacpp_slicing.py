@@ -12,7 +12,7 @@ import pytest
 
 from streaming_engine import EngineConfig, StreamingEngine, load
 from streaming_engine.llamacpp import llamacpp_available
-from streaming_engine.llamacpp.scheduler import PREFILL_SLICE_TOKENS
+from streaming_engine.scheduler import PREFILL_SLICE_TOKENS
 
 pytestmark = [pytest.mark.model, pytest.mark.skipif(
     not llamacpp_available(), reason="llama-cpp-python is not installed (pip install -r requirements-cpu.txt)")]
@@ -43,7 +43,7 @@ def engines(llama):
     for engine in made:
         for sid in engine.session_ids():
             engine.close(sid)
-        engine.llamacpp.close()
+        engine.backend.close()
 
 
 def test_the_engine_budget_on_llamacpp_is_at_most_one_slice(llama):
@@ -54,7 +54,7 @@ def test_the_engine_budget_on_llamacpp_is_at_most_one_slice(llama):
         assert engine.config.prefill_chunk_size > PREFILL_SLICE_TOKENS
         assert engine.scheduler.prefill_budget == PREFILL_SLICE_TOKENS
     finally:
-        engine.llamacpp.close()
+        engine.backend.close()
 
 
 @pytest.mark.parametrize("budget", [7, 16])

@@ -209,7 +209,7 @@ def backend_server(request):
     demo.close()
     for sid in engine.session_ids():
         engine.close(sid)
-    engine.llamacpp.close()
+    engine.backend.close()
 
 
 def post(url: str, body: dict | str, path: str = "/v1/chat/completions", method: str = "POST"):

@@ -12,6 +12,7 @@ from conftest import tiny_model
 from test_batching import GREEDY, make_engine, record_passes, run_together
 
 from streaming_engine import EngineConfig
+from streaming_engine.backends.hf import TransformersBackend
 from streaming_engine.cuda_graphs import CudaGraphsUnavailable
 from streaming_engine.scheduler import BatchedScheduler
 from streaming_engine.static_step import STATIC_DEVICE_MAP, StaticSinkCache
@@ -43,8 +44,8 @@ def test_static_replies_equal_eager_replies_under_greedy_sampling(tiny_chat_mode
 def test_a_model_the_static_step_cannot_serve_decodes_eagerly_and_says_why(caplog):
     model = tiny_model("llama", layers=2)
     model.hf_device_map = {"model.layers.0": 0, "model.layers.1": "cpu"}
-    with caplog.at_level(logging.INFO, logger="streaming_engine.scheduler"):
-        scheduler = BatchedScheduler(model, max_batch=2, decode_step="static")
+    with caplog.at_level(logging.INFO, logger="streaming_engine.backends.hf"):
+        scheduler = BatchedScheduler(TransformersBackend(model), max_batch=2, decode_step="static")
     assert scheduler.decode_step == "eager" and not isinstance(scheduler.batch, StaticSinkCache)
     assert STATIC_DEVICE_MAP in caplog.text
 
@@ -54,7 +55,7 @@ def test_an_unknown_decode_step_is_refused_where_it_enters(bad):
     with pytest.raises(ValueError, match="decode_step must be one of eager, static"):
         EngineConfig(decode_step=bad)
     with pytest.raises(ValueError, match="decode_step must be one of eager, static"):
-        BatchedScheduler(tiny_model("llama"), decode_step=bad)
+        BatchedScheduler(TransformersBackend(tiny_model("llama")), decode_step=bad)
 
 
 @pytest.mark.parametrize("bad", ["maybe", None])

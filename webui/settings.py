@@ -92,7 +92,7 @@ class AppSettings:
     queue_max_size: int = DEFAULT_QUEUE_MAX_SIZE
     #: Visitors may pick the cache sizes of their new chats (at most the owner's `start_size`/`recent_size`).
     visitor_cache_sizes: bool = False
-    backend: str = "auto"  # see streaming_engine/backends.py: transformers unless llama.cpp is asked for
+    backend: str = "auto"  # see streaming_engine/backends/choice.py: transformers unless llama.cpp is asked for
 
     def __post_init__(self):
         if self.backend not in BACKENDS:

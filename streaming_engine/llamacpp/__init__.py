@@ -8,8 +8,10 @@ things that touch the model are replaced:
 * `context.py`: `LlamaCppContext`, one llama.cpp context per engine holding one sequence per live conversation,
   the batched forward passes over those sequences, and the swapping of idle sequences to host memory;
 * `cache.py`: `LlamaCppCache`, one conversation's KV cache, the contract of `StartRecentKVCache` (sinks kept,
-  `evict_for_space`, `evict_range`, counters, KV bytes) over a llama.cpp sequence;
-* `scheduler.py`: the worker that serves the turns' `Prefill` / `Decode` requests with those forward passes.
+  `evict_for_space`, `evict_range`, counters, KV bytes) over a llama.cpp sequence.
+
+The engine reaches these through `streaming_engine/backends/llama.py` (`LlamaCppBackend`, the runner of the
+shared `scheduler.PackedScheduler`).
 
 Nothing here imports `llama_cpp` at import time: the package is optional (`requirements-cpu.txt`).
 """

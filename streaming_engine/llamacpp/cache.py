@@ -26,9 +26,6 @@ class LlamaCppCache(ProtectedHead):
     """Sinks + recent window on a llama.cpp sequence. Touched by the engine's worker thread; the counters may be
     read from any thread, and `reset` may come from any thread once the conversation's turn has ended."""
 
-    #: Never a row of a transformers `BatchedSinkCache` (the shared scheduler code asks).
-    attached = False
-
     def __init__(self, context, start_size: int, recent_size: int, *, pos_shift: bool = True, pin: int = 0,
                  eviction: str = "tokens", evict_block: int = 1):
         check_int("start_size", start_size, 0)

@@ -32,6 +32,8 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from .cache import LlamaCppCache
+
 #: llama.cpp allocates KV cells per sequence in multiples of this (its context-size padding).
 CELL_PADDING = 256
 #: Fewest tokens a sequence holds, whatever the engine's window: a session may ask for a larger cache than the
@@ -107,8 +109,6 @@ class LlamaCppContext:
     def new_cache(self, start_size: int, recent_size: int, *, pos_shift: bool = True, pin: int = 0,
                   eviction: str = "tokens", evict_block: int = 1):
         """An empty conversation cache on this context (`cache.LlamaCppCache`)."""
-        from .cache import LlamaCppCache
-
         return LlamaCppCache(self, start_size, recent_size, pos_shift=pos_shift, pin=pin, eviction=eviction,
                              evict_block=evict_block)
 

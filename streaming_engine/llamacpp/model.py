@@ -25,6 +25,7 @@ import torch
 
 from ..families import check_supported
 from ..modelfiles import cpu_flags, default_cache_dir, default_gguf_path, gguf_cache_dir
+from .context import LlamaCppContext
 
 LLAMACPP_PACKAGE = "llama_cpp"
 LLAMACPP_INSTALL = "pip install -r requirements-cpu.txt"
@@ -133,8 +134,6 @@ class LlamaCppModel:
 
     def new_context(self, *, sequences: int, seq_capacity: int, batch_tokens: int):
         """A llama.cpp context of `sequences` sequences of `seq_capacity` tokens each (see `context.py`)."""
-        from .context import LlamaCppContext
-
         return LlamaCppContext(self, sequences=sequences, seq_capacity=seq_capacity, batch_tokens=batch_tokens)
 
     def __repr__(self) -> str:

@@ -1,0 +1,94 @@
+"""The transformers backend: any supported Hugging Face checkpoint, on the CPU or on GPUs, as `load` returns it.
+
+A conversation's cache is a `batch_cache.ConversationCache` around its own `cache.StartRecentKVCache` (rotary
+module and per-layer RoPE kinds found once, from the model); while its reply decodes it is a row of the batched
+worker's `BatchedSinkCache`, and it leaves that row when the reply ends (`turn_over`) or before a prompt is fed
+on it (`forward`). A prompt chunk is one conversation's pass (`generation.forward`); decode rows share a pass only
+in `scheduler.BatchedScheduler`, and only where `families.batchable` allows.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from ..batch_cache import BatchedSinkCache, ConversationCache
+from ..cuda_graphs import GraphedDecodeStep, StaticStepConfig
+from ..cache import StartRecentKVCache
+from ..families import batchable, find_rotary_embedding, layer_rope_kinds
+from ..generation import forward, forward_batch
+from ..placement import describe_placement, input_device
+from ..static_step import StaticDecodeStep, StaticSinkCache, unsupported_reason
+from .base import Backend, Description
+
+logger = logging.getLogger(__name__)
+#: Columns a static batch allocates before any conversation joins (a larger conversation grows them once).
+STATIC_MIN_CAPACITY = 64
+
+
+class TransformersBackend(Backend):
+    name = "transformers"
+
+    @property
+    def max_positions(self) -> int | None:
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or None
+
+    @property
+    def input_device(self) -> torch.device:
+        return input_device(self.model)  # not model.device: under offloading that reads "meta"
+
+    @functools.cached_property
+    def batchable(self) -> bool:
+        return batchable(self.model)
+
+    @functools.cached_property
+    def rotary_emb(self) -> torch.nn.Module:
+        # Found on first use, after the engine has refused an unsupported model with its own message.
+        return find_rotary_embedding(self.model)
+
+    @functools.cached_property
+    def layer_rope(self) -> tuple[str | None, ...]:
+        return layer_rope_kinds(self.model, self.rotary_emb)
+
+    def new_cache(self, start_size: int, recent_size: int, *, pos_shift: bool = True, eviction: str = "tokens",
+                  evict_block: int = 1) -> ConversationCache:
+        if not pos_shift:  # dense: a plain growing cache with counters, positions = stream positions
+            return ConversationCache(StartRecentKVCache(start_size, recent_size, pos_shift=False))
+        return ConversationCache(StartRecentKVCache(start_size, recent_size, rotary_emb=self.rotary_emb,
+                                                    layer_rope=self.layer_rope, eviction=eviction,
+                                                    evict_block=evict_block))
+
+    def forward(self, rows: list[tuple[ConversationCache, list[int]]]) -> list[torch.Tensor]:
+        """One pass per row, each on the conversation's own cache (a row still in the batch leaves it first: a
+        prompt after decoding, which turns do not do today)."""
+        answers = []
+        for cache, ids in rows:
+            if cache.attached:
+                cache.batch.leave(cache)
+            answers.append(forward(self.model, cache.solo, ids))
+        return answers
+
+    def new_batch(self, max_batch: int, *, decode_step: str = "eager", cuda_graphs: str = "auto"):
+        graphs = StaticStepConfig(cuda_graphs=cuda_graphs)  # validated even when the step stays eager
+        reason = unsupported_reason(self.model) if decode_step == "static" else None
+        if reason is not None:
+            logger.info("static decode step unavailable (%s): %s; decoding eagerly", reason.code, reason.message)
+        if decode_step != "static" or reason is not None:
+            return BatchedSinkCache(max_batch), None
+        batch = StaticSinkCache(max_batch, STATIC_MIN_CAPACITY)
+        # Replayed from CUDA graphs per `cuda_graphs` ("auto": on CUDA); elsewhere the same step, eagerly.
+        return batch, GraphedDecodeStep(StaticDecodeStep(self.model, batch), graphs)
+
+    def forward_batch(self, batch: BatchedSinkCache, tokens: list[int], rows=None) -> torch.Tensor:
+        return forward_batch(self.model, batch, tokens, rows)
+
+    def turn_over(self, cache) -> None:
+        if cache.attached:
+            cache.batch.leave(cache)  # the reply is over: its tokens go back to the conversation's own cache
+
+    def describe(self) -> Description:
+        device = self.input_device
+        return Description(device, torch.get_num_threads(),
+                           (f"{device} ({describe_placement(self.model)})", str(self.model.dtype).replace("torch.", "")))
