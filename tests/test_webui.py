@@ -100,14 +100,15 @@ def test_a_refused_message_goes_back_to_the_box_and_the_chat_is_unchanged(conv, 
 
 
 def test_a_failure_mid_reply_keeps_the_message_and_says_what_went_wrong(conv, monkeypatch):
-    import streaming_engine.scheduler as scheduler
+    from streaming_engine.backends.hf import TransformersBackend
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated device failure")
 
-    # The worker runs every forward pass: a prompt chunk (`forward`) and the batched decode step (`forward_batch`).
-    monkeypatch.setattr(scheduler, "forward", broken)
-    monkeypatch.setattr(scheduler, "forward_batch", broken)
+    # The worker runs every forward pass through the engine's backend: a prompt chunk (`forward`) and the batched
+    # decode step (`forward_batch`).
+    monkeypatch.setattr(TransformersBackend, "forward", broken)
+    monkeypatch.setattr(TransformersBackend, "forward_batch", broken)
     page = Page(conv)
     with pytest.warns(UserWarning, match="simulated device failure"):
         page.send("Will this work?")
