@@ -64,13 +64,21 @@ class Row:
     conversations_fit: dict[str, dict[str, int]]  # memory label -> cache size label -> conversations
 
 
+def _falcon_caches_kv_groups() -> bool:
+    """Whether the installed transformers' Falcon keeps grouped KV heads in its cache (it then has `repeat_kv`)."""
+    from transformers.models.falcon import modeling_falcon
+
+    return hasattr(modeling_falcon, "repeat_kv")
+
+
 def kv_geometry(config) -> tuple[int, int, int]:
     """`(layers, KV heads, head dim)` of a config, across the supported families' attribute names."""
     heads = config.num_attention_heads
     if getattr(config, "model_type", None) == "falcon":
-        # transformers' Falcon caches new-architecture (40B/180B-style) keys expanded to every query head.
+        # New-architecture (40B/180B-style) Falcon: older transformers (5.17 among them) cached keys expanded to every query
+        # head; later releases cache the num_kv_heads groups and expand at attention time (repeat_kv).
         if config.new_decoder_architecture:
-            kv_heads = heads
+            kv_heads = config.num_kv_heads if _falcon_caches_kv_groups() else heads
         else:
             kv_heads = 1 if config.multi_query else config.num_kv_heads
     else:
