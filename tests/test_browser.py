@@ -369,8 +369,12 @@ LUMINANCE = """(sel) => { const c = getComputedStyle(document.querySelector(sel)
 def test_gauge_tracks_follow_the_theme(browser, server, dark):
     url, _ = server
     page = open_page(browser, url, timeout_ms=TIMEOUT_MS, dark=dark)
-    track, body = (page.evaluate(f"({LUMINANCE})('{sel}')") for sel in ("#gauges .gauge-bar", "body"))
-    assert (track < 0.5) == dark and (body < 0.5) == dark
+    # gradio applies `?__theme=dark` from a script after the page's first render: wait until the page itself has
+    # taken the theme (and the gauges have rendered), then read the gauges' track against it.
+    page.wait_for_selector("#gauges .gauge-bar")
+    page.wait_for_function(f"() => (({LUMINANCE})('body') < 0.5) === {'true' if dark else 'false'}")
+    track = page.evaluate(f"({LUMINANCE})('#gauges .gauge-bar')")
+    assert (track < 0.5) == dark
     page.screenshot(path=str(ARTIFACTS / f"chat-{'dark' if dark else 'light'}.png"))
     page.context.close()
 

@@ -54,6 +54,29 @@ def test_table_rows_scale_with_cache_size_and_memory(tmp_path, capsys):
     assert seven["conversations_fit"]["80GiB"] == {"4+1020": free // 2**29, "4+2044": free // 2**30}
 
 
+def test_n_replicas_keep_n_times_the_warm_conversations_and_share_a_failed_ones_reprimes(tmp_path, capsys):
+    reprime = tmp_path / "reprime.json"
+    reprime.write_text(json.dumps({"cache": "4+1020", "summary": {"2048": {"median_miss_cost_s": 9.0},
+                                                                  "8192": {"median_miss_cost_s": 0.5}}}))
+    output = tmp_path / "cap.json"
+    argv = ["--model", "1b", "--sizes", "4+1020", "--memory", "24GiB", "--replicas", "1,2,5",
+            "--reprime", str(reprime), "--output", str(output)]
+    assert capacity.main(argv) == 0
+    result = json.loads(output.read_text())
+    fit = result["rows"][0]["conversations_fit"]["24GiB"]["4+1020"]
+    plan = {r["replicas"]: r for r in result["replicas"]["rows"]}
+    assert result["replicas"]["miss_cost_s"] == 0.5  # the longest stored conversation's cost
+    assert [plan[n]["conversations_warm"] for n in (1, 2, 5)] == [fit, 2 * fit, 5 * fit]
+    assert plan[1]["reprimes_when_one_fails"] == 0 and plan[1]["reprime_s_per_survivor"] is None
+    assert plan[5]["reprimes_when_one_fails"] == fit
+    assert plan[5]["reprime_s_per_survivor"] == pytest.approx(fit * 0.5 / 4)
+    assert "| 5 | " in capsys.readouterr().out
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"cache": "4+200", "summary": {"900": {"median_miss_cost_s": 0.1}}}))
+    assert capacity.main(["--model", "1b", "--sizes", "4+1020", "--replicas", "2", "--reprime", str(other)]) == 2
+    assert "measured cache 4+200, not 4+1020" in capsys.readouterr().err
+
+
 def test_measure_fills_real_caches_and_agrees_with_the_formula(tmp_path, capsys):
     folder = tmp_path / "tiny"
     tiny_model("qwen2", layers=2).save_pretrained(folder)
@@ -79,6 +102,9 @@ def test_measure_fills_real_caches_and_agrees_with_the_formula(tmp_path, capsys)
         (["--memory", "lots"], "bad memory size"),
         (["--model", "/no/such/model"], "cannot read a config"),
         (["--conversations", "1", "--model", "1b"], "--conversations must be >= 2"),
+        (["--model", "1b", "--replicas", "0"], "--replicas needs integers >= 1"),
+        (["--model", "1b", "--reprime", "x.json"], "give --replicas too"),
+        (["--model", "1b", "--replicas", "2", "--reprime", "/no/such.json"], "not a JSON written by"),
     ],
 )
 def test_bad_options_are_reported(argv, match, capsys):

@@ -416,3 +416,33 @@ def test_fairness_benchmark_measures_every_scenario_against_alone_and_records_it
     assert is_png(out.with_suffix(".png"))
     with pytest.raises(SystemExit):
         fairness.main(["--scenarios", "paste"])  # nothing to compare with
+
+
+def test_reprime_benchmark_reprimes_every_stored_conversation_within_the_cache_and_records_its_run(
+    tmp_path, tiny_chat_model, default_tokenizer
+):
+    from streaming_engine.eval import reprime
+    from streaming_engine.eval.runinfo import PROVENANCE_KEY
+
+    folder = tmp_path / "tiny"
+    tiny_chat_model.save_pretrained(folder)
+    default_tokenizer.save_pretrained(folder)
+    out = tmp_path / "reprime.json"
+    assert reprime.main(["--model", str(folder), "--device", "cpu", "--dtype", "float32", "--recent-size", "100",
+                         "--history-tokens", "300,900", "--repeats", "2", "--tokens", "2", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert list(result["summary"]) == ["300", "900"] and result["store"] == "sqlite"
+    for n, rows in result["runs"].items():
+        assert len(rows) == 2
+        stored = reprime.conversation(default_tokenizer, int(n))
+        assert result["summary"][n]["messages"] == len(stored)
+        for row in rows:
+            # Both conversations are longer than the 104-token cache: the re-prime holds a bounded part of each.
+            assert 0 < row["cache_tokens_after_miss"] <= row["cache_capacity"] == 104
+            assert row["miss_cost_s"] == pytest.approx(row["miss_ttft_s"] - row["hit_ttft_s"])
+        assert result["summary"][n]["median_miss_ttft_s"] == pytest.approx(
+            float(numpy.median([row["miss_ttft_s"] for row in rows])))
+    assert result[PROVENANCE_KEY]["command"].startswith("python -m streaming_engine.eval.reprime")
+    assert is_png(out.with_suffix(".png"))
+    with pytest.raises(SystemExit):
+        reprime.main(["--history-tokens", "0"])

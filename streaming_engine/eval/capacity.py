@@ -10,6 +10,12 @@ bytes, and how many conversations fit in each `--memory`:
 
 A decode batch of B conversations needs B of them resident at once (plus its activations). `--measure` loads the
 first model, fills real caches and checks the formula against them (bytes per token per layer, process RSS).
+
+`--replicas 1,2,4` adds the plan for N replicas over one shared store (docs/deploy.md): N times the warm
+conversations, and what a replica's death costs the others. Its conversations are served on by the survivors,
+each re-primed once from the transcript (at most `start_size + recent_size` tokens, whatever its length); with
+`--reprime JSON` (written by `eval.reprime` on the machine and model being planned) that work is given in seconds
+per surviving replica, from the measured median cost of one miss.
 Boundary: arithmetic on configs plus one optional measurement; weights are counted on the `meta` device, so a
 70B config costs no memory. Presets are the public shapes of well-known models; `--model` also takes a local
 folder or a hub id (its config only, unless `--measure`).
@@ -174,6 +180,51 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class ReplicaRow:
+    """One line of the N-replica plan, for one model, memory and cache size."""
+
+    replicas: int
+    conversations_warm: int  # held in some replica's cache: their next turn re-primes nothing
+    conversations_per_replica: int
+    reprimes_when_one_fails: int  # the failed replica's conversations, each re-primed once by a survivor
+    reprime_s_per_survivor: float | None  # their re-prime work spread over the survivors (None: not measured)
+
+
+def replica_plan(per_replica: int, replicas: list[int], miss_cost_s: float | None) -> list[ReplicaRow]:
+    """The N-replica plan for replicas that each keep `per_replica` conversations warm; `miss_cost_s` is the
+    measured cost of serving one conversation a replica did not hold (`eval.reprime`)."""
+    rows = []
+    for n in replicas:
+        spread = None if miss_cost_s is None or n == 1 else per_replica * miss_cost_s / (n - 1)
+        rows.append(ReplicaRow(n, n * per_replica, per_replica, per_replica if n > 1 else 0, spread))
+    return rows
+
+
+def read_miss_cost(path: str, cache: str) -> float:
+    """The median miss cost of an `eval.reprime` JSON for cache size `cache` (the longest conversation's)."""
+    try:
+        result = json.loads(open(path, encoding="utf-8").read())
+        summary = result["summary"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--reprime {path}: not a JSON written by streaming_engine.eval.reprime ({exc})") from None
+    if result.get("cache") != cache:
+        raise ValueError(f"--reprime {path} measured cache {result.get('cache')}, not {cache}: re-run eval.reprime "
+                         f"with that cache or pass --sizes {result.get('cache')} first")
+    longest = max(summary, key=int)
+    return float(summary[longest]["median_miss_cost_s"])
+
+
+def replica_table(label: str, memory: str, cache: str, rows: list[ReplicaRow]) -> str:
+    head = ["replicas", "warm conversations", "per replica", "re-primed when one fails", "re-prime s per survivor"]
+    lines = [f"{label}, {memory} per replica, cache {cache}:", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        spread = "-" if r.reprime_s_per_survivor is None else f"{r.reprime_s_per_survivor:,.1f}"
+        lines.append(f"| {r.replicas} | {r.conversations_warm:,} | {r.conversations_per_replica:,} | "
+                     f"{r.reprimes_when_one_fails:,} | {spread} |")
+    return "\n".join(lines)
+
+
 def measure(name: str, device, dtype, start_size: int, recent_size: int, conversations: int) -> dict:
     """Load `name`, fill `conversations` real caches to `start_size + recent_size` tokens; bytes and RSS."""
     import psutil
@@ -234,6 +285,10 @@ def build_parser():
     p.add_argument("--conversations", type=int, default=4, help="caches filled by --measure (at least 2)")
     p.add_argument("--device", default=None, help="device for --measure (default: CUDA when available)")
     p.add_argument("--measure-dtype", default=None, help="dtype for --measure (default: load()'s choice)")
+    p.add_argument("--replicas", default=None, metavar="N,...",
+                   help="also plan N replicas sharing one store, for the first --model, --memory and --sizes")
+    p.add_argument("--reprime", default=None, metavar="JSON",
+                   help="an eval.reprime result (same model and machine) to give --replicas' failover in seconds")
     p.add_argument("--output", default=None, help="write the table and measurement as JSON here")
     return p
 
@@ -254,14 +309,28 @@ def main(argv: list[str] | None = None) -> int:
         measured = None
         if args.measure:
             measured = measure(names[0], args.device, args.measure_dtype, *sizes[0], args.conversations)
+        replicas = None
+        if args.replicas or args.reprime:
+            if not args.replicas:
+                raise ValueError("--reprime plans failover for --replicas: give --replicas too, e.g. 1,2,4")
+            counts = cli.parse_int_list(args.replicas, "--replicas")
+            cache, memory = f"{sizes[0][0]}+{sizes[0][1]}", next(iter(memories))
+            miss = read_miss_cost(args.reprime, cache) if args.reprime else None
+            replicas = {"model": rows[0].model, "memory": memory, "cache": cache, "miss_cost_s": miss,
+                        "rows": replica_plan(rows[0].conversations_fit[memory][cache], counts, miss)}
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(table(rows))
+    if replicas is not None:
+        print()
+        print(replica_table(replicas["model"], replicas["memory"], replicas["cache"], replicas["rows"]))
+        replicas["rows"] = [asdict(r) for r in replicas["rows"]]
     if measured is not None:
         print(json.dumps(measured, indent=1))
     if args.output:
-        result = {"overhead_bytes": overhead, "rows": [asdict(r) for r in rows], "measured": measured}
+        result = {"overhead_bytes": overhead, "rows": [asdict(r) for r in rows], "measured": measured,
+                  "replicas": replicas}
         write_result(args.output, result, run_metadata(args, argv, parser.prog))
     return 0
 
