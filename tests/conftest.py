@@ -22,6 +22,14 @@ VOCAB = 96
 FAST_FAMILIES = ("llama", "gemma3_text")
 
 
+def pytest_addoption(parser):
+    """The size of tests/test_failover.py's run (`make test` keeps it small; the issues' full run is 20 x 8)."""
+    group = parser.getgroup("failover", "tests/test_failover.py")
+    group.addoption("--failover-cycles", type=int, default=3, help="kill -9 / restart cycles")
+    group.addoption("--failover-users", type=int, default=4, help="browsers chatting through the front")
+    group.addoption("--failover-report", default=None, help="write the run's counts and provenance as JSON here")
+
+
 def fast_cases(values, fast=FAST_FAMILIES):
     """`values` for `parametrize`, the ones not in `fast` marked `slow` (left out of `make test-fast` only)."""
     return [value if value in fast else pytest.param(value, marks=pytest.mark.slow) for value in values]

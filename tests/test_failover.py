@@ -1,0 +1,157 @@
+"""Nothing lost over repeated replica failures (issue 25, deliverable 4; issue 28's 20 kill -9 cycles): several
+users chat through nginx with two app replicas sharing one PostgreSQL database; every cycle the replica holding
+most of them is killed with SIGKILL while their replies stream, its users reload and carry on on the other one,
+and the dead replica is restarted. At the end every message each user sent is in the shared database exactly once,
+in that user's own conversation and in order, and every page shows its whole conversation.
+
+`make test` runs a few cycles with a few users; the full run of the issues is
+
+    python -m pytest tests/test_failover.py --failover-cycles 20 --failover-users 8 \
+        --failover-report assets/eval/failover.json
+
+which also writes its counts with the run's provenance (command, machine, commit) as JSON.
+
+A tiny random model keeps it fast; what is checked is routing, storage and re-priming, not the words.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import pytest
+from browser_util import gauge, reload_page, set_max_new_tokens, stop_app, wait_until_serving
+from test_replicas import (  # noqa: F401 - `replicas`, `browser`, `database` are fixtures
+    TIMEOUT_MS,
+    browser,
+    database,
+    nginx_front,
+    pin,
+    replica_metrics,
+    replicas,
+    send,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+#: Tokens each reply may run to: long enough that the kill finds replies streaming.
+REPLY_TOKENS = 200
+
+
+def phase_idle(page, turns: int) -> None:
+    """Until the page shows `turns` turns and nothing being written."""
+    page.wait_for_function(
+        f"""() => {{ const g = document.querySelector('#gauges .gauges');
+                     return g && g.dataset.phase === 'idle' &&
+                            Number(g.querySelector('[data-key=turns]').dataset.value) === {turns}; }}""")
+
+
+def stored_user_messages(database_url: str) -> dict[str, list[str]]:
+    """Every conversation's user messages in the shared database, in order."""
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        rows = conn.execute("SELECT token, content FROM messages WHERE role = 'user' ORDER BY token, seq").fetchall()
+    out = defaultdict(list)
+    for token, content in rows:
+        out[token].append(content)
+    return dict(out)
+
+
+def interrupted_replies(database_url: str) -> int:
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        return conn.execute("SELECT count(*) FROM messages WHERE interrupted = 1").fetchone()[0]
+
+
+class User:
+    """One browser with its own cookies, chatting through the front."""
+
+    def __init__(self, chromium, url: str, index: int):
+        self.index, self.sent = index, []
+        self.page = chromium.new_context(viewport={"width": 1200, "height": 900}).new_page()
+        self.page.set_default_timeout(TIMEOUT_MS)
+        self.page.goto(url)
+        self.page.wait_for_selector("#msg textarea")
+        set_max_new_tokens(self.page, REPLY_TOKENS)
+
+    def say(self, cycle: int) -> None:
+        text = f"User {self.index} in cycle {cycle} says: remember the number {cycle * 31 + self.index}."
+        send(self.page, text)
+        # Accepted: the page shows the message (the server stores it when it accepts it, before the first token).
+        self.page.wait_for_function(f"() => document.querySelector('#chatbot').innerText.includes({text!r})")
+        self.sent.append(text)
+
+    def carry_on(self, moved: bool) -> None:
+        """After the kill: a user whose replica died reloads (the front sends it to the survivor, which loads the
+        conversation from the database); either way the page ends idle with every turn there."""
+        if moved:
+            reload_page(self.page)
+            self.page.wait_for_selector("#msg textarea")
+            last = self.sent[-1]
+            self.page.wait_for_function(f"() => document.querySelector('#chatbot').innerText.includes({last!r})")
+            set_max_new_tokens(self.page, REPLY_TOKENS)
+        phase_idle(self.page, len(self.sent))
+
+
+def test_no_message_is_lost_over_repeated_kill_9_cycles_of_the_replica_holding_most_users(
+        replicas, browser, database, tmp_path, request):  # noqa: F811 - the fixtures imported above
+    cycles = request.config.getoption("--failover-cycles")
+    users_count = request.config.getoption("--failover-users")
+    front, port, pins = nginx_front(replicas, tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    started = time.monotonic()
+    kills_mid_reply = moved_total = 0
+    try:
+        users = [User(browser, url, i) for i in range(users_count)]
+        for cycle in range(cycles):
+            for user in users:
+                user.say(cycle)
+            where = [pins.get(pin(user.page)) for user in users]
+            victim = max((0, 1), key=where.count)
+            survivor = 1 - victim
+            active = replica_metrics(replicas.url(victim))["turns_active"]
+            kills_mid_reply += active > 0
+            replicas.kill(victim)
+            for user, at in zip(users, where):
+                user.carry_on(moved=at == victim)
+                moved_total += at == victim
+                assert pins.get(pin(user.page)) == survivor or at != victim  # re-pinned to the one that answered
+            replicas.restart(victim)
+            wait_until_serving(replicas.url(victim) + "/")
+
+        stored = stored_user_messages(database)
+        for user in users:
+            reload_page(user.page)
+            user.page.wait_for_selector("#msg textarea")
+            phase_idle(user.page, len(user.sent))
+            shown = user.page.inner_text("#chatbot")
+            assert all(text in shown for text in user.sent), f"user {user.index}'s page lost a message"
+            assert gauge(user.page, "turns") == len(user.sent)
+        # The oracle: each user's messages are exactly one stored conversation's user messages, in order; nothing
+        # lost, nothing doubled, nothing in another's conversation.
+        conversations = sorted(stored.values())
+        assert sorted(user.sent for user in users) == conversations
+        interrupted = interrupted_replies(database)
+        lost = sum(len(u.sent) for u in users) - sum(len(c) for c in conversations)
+    finally:
+        stop_app(front)
+        for i, process in enumerate(replicas.processes):
+            if process.poll() is not None:
+                replicas.restart(i)
+    assert lost == 0
+    report = request.config.getoption("--failover-report")
+    if report:
+        from streaming_engine.eval.runinfo import run_metadata, write_result
+
+        options = argparse.Namespace(cycles=cycles, users=users_count, front="nginx", reply_tokens=REPLY_TOKENS)
+        write_result(report, {
+            "cycles": cycles, "users": users_count, "front": "nginx (deploy/nginx.conf)",
+            "store": "PostgreSQL (shared by both replicas)", "messages_sent": sum(len(u.sent) for u in users),
+            "messages_lost": lost, "kills_with_replies_streaming": kills_mid_reply,
+            "user_moves_to_the_survivor": moved_total, "replies_marked_interrupted": interrupted,
+            "duration_s": round(time.monotonic() - started, 1),
+        }, run_metadata(options, None, "python -m pytest"))
