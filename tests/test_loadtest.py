@@ -19,6 +19,7 @@ import time
 import numpy
 import pytest
 from browser_util import ROOT, free_port, save_model, stop_app, wait_until_serving
+from fronts import FRONTS
 
 from streaming_engine import EngineConfig, StreamingEngine
 from streaming_engine.eval import loadtest
@@ -233,35 +234,57 @@ def test_cross_talk_is_detected_when_a_history_holds_someone_elses_turn(monkeypa
     assert result.cross_talk == 2  # a foreign message, and our own reply missing from our history
 
 
-def test_a_503_from_a_router_whose_replica_is_down_is_reported_as_unavailable_not_as_a_full_queue(
-        tiny_chat_model, default_tokenizer):
-    """gradio_client calls every HTTP 503 at `queue/join` "Queue is full". Behind the affinity router, a client
-    pinned to a replica that does not answer gets the router's 503: the report must say so (this is what the
-    revert of the typed API mistook for a server-side queue overflow)."""
+#: What each front of `deploy/` answers when none of its replicas answers (see `loadtest.UNAVAILABLE`).
+NO_REPLICA_STATUS = {"nginx": 502, "haproxy": 503}
+
+
+@FRONTS
+def test_a_front_with_no_replica_answering_is_reported_as_unavailable_not_as_a_full_queue(
+        tiny_chat_model, default_tokenizer, make_front, tmp_path):
+    """A load-test user whose front (nginx or HAProxy from `deploy/`) finds every replica down gets the front's own
+    status: the report must say the replicas are unavailable. gradio_client calls HAProxy's 503 "Queue is full",
+    like the app's own queue bound: read as a queue overflow, an outage misdirected the search behind the revert of
+    the typed API."""
+    import httpx
     from browser_util import served
     from gradio_client import Client
+    from gradio_client.utils import QueueError
 
-    from webui import router as rt
-
+    name = make_front.__name__.removesuffix("_front")
     engine = StreamingEngine(tiny_chat_model, default_tokenizer,
                              EngineConfig(start_size=4, recent_size=60, prefill_chunk_size=32, max_new_tokens=4))
-    with served(engine, "tiny-test-model") as (app_url, _):
-        dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-        front = rt.Router(("127.0.0.1", free_port()), [rt.Replica.parse(f"up={app_url}"),
-                                                       rt.Replica.parse(f"down={dead}")])
-        threading.Thread(target=front.serve_forever, daemon=True).start()
-        try:
-            client = Client(f"http://127.0.0.1:{front.server_address[1]}", verbose=False)
-            assert client.cookies[rt.AFFINITY_COOKIE] == "up"  # the down replica refused; the next one answered
-            client.predict(api_name="/new_session")  # through the router to the live replica
-            client.cookies[rt.AFFINITY_COOKIE] = "down"  # as a client of a replica that was since killed
-            with pytest.raises(Exception) as refused:
-                client.predict(api_name="/new_session")
-        finally:
-            front.shutdown()
-            front.server_close()
-    assert "Queue is full" in str(refused.value)  # what gradio_client says
-    assert loadtest.error_text(refused.value) == loadtest.UNAVAILABLE_503  # what the report says
+    front = None
+    try:
+        with served(engine, "tiny-test-model") as (app_url, _):  # the whole app: HAProxy checks its /health
+            # The second replica never starts: only the first one answers.
+            front, port, _ = make_front([int(app_url.rsplit(":", 1)[1]), free_port()], tmp_path)
+            client = Client(f"http://127.0.0.1:{port}", verbose=False)
+            client.predict(api_name="/new_session")  # through the front to the live replica
+        # That replica is gone too: the front has nowhere to send the next request.
+        with pytest.raises((QueueError, httpx.HTTPStatusError)) as refused:
+            client.predict(api_name="/new_session")
+    finally:
+        if front is not None:
+            stop_app(front)
+    status = NO_REPLICA_STATUS[name]
+    if isinstance(refused.value, QueueError):
+        assert status == 503 and "Queue is full" in str(refused.value)  # what gradio_client says of any 503
+    else:
+        assert refused.value.response.status_code == status
+    assert loadtest.error_text(refused.value) == loadtest.UNAVAILABLE[status]  # what the report says
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_only_a_fronts_no_replica_statuses_are_reported_as_unavailable(status):
+    """nginx's 504 (no replica answered in time) cannot be caused on loopback, where a dead replica refuses at once;
+    the mapping is checked on the exception gradio_client raises for it. A 500 is the app's, not the front's."""
+    import httpx
+
+    request = httpx.Request("POST", "http://127.0.0.1:7860/gradio_api/queue/join")
+    error = httpx.HTTPStatusError("server error", request=request, response=httpx.Response(status, request=request))
+    text = loadtest.error_text(error)
+    assert text.startswith("unavailable: ") == (status != 500)
+    assert text.startswith(f"unavailable: HTTP {status} ") or status == 500
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -22,7 +21,6 @@ from pathlib import Path
 import pytest
 from browser_util import (
     LAUNCH_ARGS,
-    ROOT,
     find_chromium,
     free_port,
     gauge,
@@ -32,18 +30,13 @@ from browser_util import (
     start_app,
     stop_app,
     wait_idle,
-    wait_until_serving,
 )
+from fronts import AFFINITY_COOKIE, DEPLOY, FRONTS, SAMPLE_LISTEN_PORT, SAMPLE_PORTS
 
 pytestmark = [pytest.mark.browser]
 
 CHROMIUM = find_chromium()
 TIMEOUT_MS = 120_000
-#: The affinity cookie both sample fronts set (its one home is deploy/; this test checks they agree).
-AFFINITY_COOKIE = "sllm_replica"
-#: The replica ports the sample configs list, replaced by the test's own.
-SAMPLE_PORTS = (7861, 7862)
-SAMPLE_LISTEN_PORT = 7860
 
 
 class Replicas:
@@ -97,61 +90,6 @@ def browser(replicas):
         instance = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
         yield instance
         instance.close()
-
-
-def _with_test_ports(text: str, replicas) -> str:
-    for i, sample in enumerate(SAMPLE_PORTS):
-        text = text.replace(f"127.0.0.1:{sample}", f"127.0.0.1:{replicas.ports[i]}")
-    return text
-
-
-def _is_root() -> bool:
-    import os
-
-    return hasattr(os, "geteuid") and os.geteuid() == 0
-
-
-def nginx_front(replicas, folder):
-    """nginx with `deploy/nginx.conf`, its addresses replaced by the test's; its cookie carries the address."""
-    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
-    if nginx is None:
-        pytest.skip("nginx is not installed (apt-get install nginx-light; make install-test does)")
-    port = free_port()
-    site = _with_test_ports((ROOT / "deploy" / "nginx.conf").read_text(), replicas)
-    site = site.replace(f"listen {SAMPLE_LISTEN_PORT};", f"listen 127.0.0.1:{port};")
-    prefix = folder / "nginx"
-    prefix.mkdir(exist_ok=True)
-    (prefix / "site.conf").write_text(site)
-    temp = " ".join(f"{kind}_temp_path {prefix}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi",
-                                                                        "scgi"))
-    (prefix / "nginx.conf").write_text(
-        ("user root;\n" if _is_root() else "")  # workers must reach the test's private temporary folder
-        + f"worker_processes 1; pid {prefix}/nginx.pid; error_log {prefix}/error.log;\n"
-        f"events {{ worker_connections 512; }}\n"
-        f"http {{ access_log off; {temp} include {prefix}/site.conf; }}\n")
-    process = subprocess.Popen([nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"],
-                               stdout=open(folder / "nginx.log", "ab"), stderr=subprocess.STDOUT)
-    wait_until_serving(f"http://127.0.0.1:{port}/", process)
-    return process, port, {f"127.0.0.1:{replicas.ports[i]}": i for i in range(2)}
-
-
-def haproxy_front(replicas, folder):
-    """HAProxy with `deploy/haproxy.cfg`, its addresses replaced by the test's; its cookie carries the server name."""
-    haproxy = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin")
-    if haproxy is None:
-        pytest.skip("haproxy is not installed (apt-get install haproxy; make install-test does)")
-    port = free_port()
-    config = _with_test_ports((ROOT / "deploy" / "haproxy.cfg").read_text(), replicas)
-    config = config.replace(f"bind :{SAMPLE_LISTEN_PORT}", f"bind 127.0.0.1:{port}")
-    path = folder / "haproxy.cfg"
-    path.write_text(config)
-    process = subprocess.Popen([haproxy, "-db", "-f", str(path)], stdout=open(folder / "haproxy.log", "ab"),
-                               stderr=subprocess.STDOUT)
-    wait_until_serving(f"http://127.0.0.1:{port}/", process)
-    return process, port, {f"r{i + 1}": i for i in range(2)}
-
-
-FRONTS = pytest.mark.parametrize("make_front", [nginx_front, haproxy_front], ids=["nginx", "haproxy"])
 
 
 def pinned_page(browser, url: str, pins: dict, wanted: int):
@@ -224,7 +162,7 @@ def api_chat(url: str, messages: list[dict]) -> dict:
 @FRONTS
 def test_a_replica_killed_mid_reply_is_replaced_by_another_with_the_whole_conversation(
         replicas, browser, database, make_front, tmp_path):
-    front, port, pins = make_front(replicas, tmp_path)
+    front, port, pins = make_front(replicas.ports, tmp_path)
     url = f"http://127.0.0.1:{port}"
     victim, survivor = 0, 1
     try:
@@ -271,7 +209,7 @@ def test_a_replica_killed_mid_reply_is_replaced_by_another_with_the_whole_conver
 
 @pytest.mark.parametrize("name", ["nginx.conf", "haproxy.cfg"])
 def test_each_sample_front_pins_with_the_same_cookie_and_falls_back_unbuffered(name):
-    config = (ROOT / "deploy" / name).read_text()
+    config = (DEPLOY / name).read_text()
     assert AFFINITY_COOKIE in config
     for port in SAMPLE_PORTS:
         assert f"127.0.0.1:{port}" in config
@@ -280,4 +218,5 @@ def test_each_sample_front_pins_with_the_same_cookie_and_falls_back_unbuffered(n
         assert f"listen {SAMPLE_LISTEN_PORT};" in config
     else:
         assert "option redispatch" in config and "option httpchk GET /health" in config
+        assert "timeout http-request 10s" in config  # slow-header clients cannot hold connections for the 1 h
         assert f"bind :{SAMPLE_LISTEN_PORT}" in config and "option http-buffer-request" not in config

@@ -5,7 +5,7 @@ plots), `assets` (static files), `sessions` (whom a tab's sessions count against
 goes), `handlers` (binding handlers to the engine, ZeroGPU), `startup` (loading the model and saying so), `health`
 (`GET /health`), one module per tab (`chat_tab` with its `conversation_list`, `compare_tab`, `about`), `webapi`
 (the HTTP API for scripts), `security` (response headers), the HTTP APIs mounted on the same server: `openai_api`
-(OpenAI-compatible chat completions), `metrics` (Prometheus text) and `http_auth` (the UI's login for them), and
-`router` (one address in front of several app processes; standard library only, imports nothing of the app).
+(OpenAI-compatible chat completions), `metrics` (Prometheus text) and `http_auth` (the UI's login for them).
+Several app processes behind one address are the job of nginx or HAProxy (`deploy/`), not of this package.
 Every model decision is the engine's (`streaming_engine`); nothing here computes with the model.
 """

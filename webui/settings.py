@@ -49,8 +49,9 @@ UNLOAD_GRACE_S = 10.0
 #: Who may embed the app in a frame (`Content-Security-Policy: frame-ancestors`): this site and the Hugging Face
 #: page that shows a Space.
 DEFAULT_FRAME_ANCESTORS = "'self' https://huggingface.co"
-#: Proxies whose `X-Forwarded-For` names the client (uvicorn's `FORWARDED_ALLOW_IPS`): loopback, i.e. a router or
-#: reverse proxy on this machine. On a Space every request comes through Hugging Face's proxy.
+#: Proxies whose `X-Forwarded-For` names the client (uvicorn's `FORWARDED_ALLOW_IPS`): loopback, i.e. a reverse
+#: proxy on this machine (nginx or HAProxy from deploy/; in deploy/compose.yaml they share one network namespace).
+#: On a Space every request comes through Hugging Face's proxy.
 DEFAULT_FORWARDED_ALLOW_IPS = "127.0.0.1,::1"
 SPACE_FORWARDED_ALLOW_IPS = "*"
 _TRUE = ("1", "true", "yes")

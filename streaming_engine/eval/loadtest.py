@@ -93,22 +93,31 @@ def updates(job, deadline: float):
         time.sleep(UPDATE_POLL_S)
 
 
-#: What a `QueueError` means in the report. gradio_client raises it, worded "Queue is full", for every HTTP 503
-#: answer to `queue/join`: the app's own queue bound (`--queue-max-size`), but also a proxy in front whose replica
-#: does not answer (`webui/router.py` answers 503 then). Read as a queue overflow, a replica outage looks like a
-#: server-side limit (this misdirected the search behind the revert of the typed API), so both are named.
-UNAVAILABLE_503 = ("unavailable: HTTP 503 at queue/join (the app's queue is full, or a proxy in front of it found "
-                   "its replica not answering; gradio_client calls both 'Queue is full')")
+#: What a front in `deploy/` answers by itself when no replica answered a request: nginx 502 (every replica refused
+#: or dropped the connection) and 504 (none answered within `proxy_connect_timeout`), HAProxy 503 (no server up, or
+#: every retry failed). gradio_client raises `QueueError`, worded "Queue is full", for every HTTP 503 at
+#: `queue/join`, so a 503 is either the app's own queue bound (`--queue-max-size`) or HAProxy with no replica; it
+#: raises `httpx.HTTPStatusError` for the others. Read as a queue overflow, a replica outage looks like a
+#: server-side limit (this misdirected the search behind the revert of the typed API), so each is named.
+UNAVAILABLE = {
+    502: "unavailable: HTTP 502 (nginx in front of the app reached no replica)",
+    503: "unavailable: HTTP 503 (the app's queue is full, or HAProxy in front of it has no replica up; at "
+         "queue/join gradio_client calls both 'Queue is full')",
+    504: "unavailable: HTTP 504 (nginx in front of the app got no replica to answer in time)",
+}
 
 
 def error_text(exc: BaseException) -> str:
     """An endpoint's error as the report lists it: `code: message` for the app's own errors (`gr.Error`, whose
-    title is the code: see `webui.webapi.ERROR_CODES`), `UNAVAILABLE_503` for an HTTP 503, else the exception's
-    type and text."""
+    title is the code: see `webui.webapi.ERROR_CODES`), an `UNAVAILABLE` text for a front's "no replica answered"
+    status, else the exception's type and text."""
+    import httpx
     from gradio_client.utils import QueueError
 
     if isinstance(exc, QueueError):
-        return UNAVAILABLE_503
+        return UNAVAILABLE[503]
+    if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code in UNAVAILABLE:
+        return UNAVAILABLE[exc.response.status_code]
     title, message = getattr(exc, "title", None), getattr(exc, "message", None)
     if isinstance(title, str) and message is not None:
         return f"{title}: {message}"
@@ -120,7 +129,8 @@ def run_user(url: str, index: int, turns: int, max_new_tokens: int, deadline: fl
 
     try:
         client = Client(url, verbose=False)
-        # Behind a session-affinity router, the cookies of the first response name this user's replica.
+        # Behind a front with session affinity (deploy/), the cookies of the first response name this user's
+        # replica.
         out.route = ";".join(f"{k}={v}" for k, v in sorted(getattr(client, "cookies", {}).items())) or None
         session = client.predict(api_name="/new_session")
     except Exception as exc:  # noqa: BLE001 - a load test reports failures, it does not raise them

@@ -1,0 +1,77 @@
+"""The off-the-shelf fronts of `deploy/`, started for a test: nginx with `deploy/nginx.conf` and HAProxy with
+`deploy/haproxy.cfg`, their sample replica addresses replaced by the test's ports and their listening port by a free
+one. No tests here: `tests/test_replicas.py` (a replica killed mid-reply) and `tests/test_loadtest.py` (what the
+load test reports when no replica answers) use them; `tests/test_deploy_files.py` reads the same sample constants.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from browser_util import ROOT, free_port, wait_until_serving
+
+DEPLOY = ROOT / "deploy"
+#: The affinity cookie both sample fronts set (its one home is deploy/; tests check they agree).
+AFFINITY_COOKIE = "sllm_replica"
+#: The replica ports the sample configs list, replaced by the test's own.
+SAMPLE_PORTS = (7861, 7862)
+SAMPLE_LISTEN_PORT = 7860
+
+
+def _with_test_ports(text: str, ports: list[int]) -> str:
+    for sample, port in zip(SAMPLE_PORTS, ports, strict=True):
+        text = text.replace(f"127.0.0.1:{sample}", f"127.0.0.1:{port}")
+    return text
+
+
+def _is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def nginx_front(ports: list[int], folder: Path):
+    """nginx with `deploy/nginx.conf` in front of replicas on `ports` (one per sample port); returns `(process,
+    port, pins)`, `pins` mapping each cookie value (the replica's address) to its index in `ports`."""
+    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+    if nginx is None:
+        pytest.skip("nginx is not installed (apt-get install nginx-light; make install-test does)")
+    port = free_port()
+    site = _with_test_ports((DEPLOY / "nginx.conf").read_text(), ports)
+    site = site.replace(f"listen {SAMPLE_LISTEN_PORT};", f"listen 127.0.0.1:{port};")
+    prefix = folder / "nginx"
+    prefix.mkdir(exist_ok=True)
+    (prefix / "site.conf").write_text(site)
+    temp = " ".join(f"{kind}_temp_path {prefix}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi",
+                                                                        "scgi"))
+    (prefix / "nginx.conf").write_text(
+        ("user root;\n" if _is_root() else "")  # workers must reach the test's private temporary folder
+        + f"worker_processes 1; pid {prefix}/nginx.pid; error_log {prefix}/error.log;\n"
+        f"events {{ worker_connections 512; }}\n"
+        f"http {{ access_log off; {temp} include {prefix}/site.conf; }}\n")
+    process = subprocess.Popen([nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"],
+                               stdout=open(folder / "nginx.log", "ab"), stderr=subprocess.STDOUT)
+    wait_until_serving(f"http://127.0.0.1:{port}/", process)
+    return process, port, {f"127.0.0.1:{p}": i for i, p in enumerate(ports)}
+
+
+def haproxy_front(ports: list[int], folder: Path):
+    """HAProxy with `deploy/haproxy.cfg` in front of replicas on `ports`; returns `(process, port, pins)`, `pins`
+    mapping each cookie value (the server's name) to its index in `ports`."""
+    haproxy = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin")
+    if haproxy is None:
+        pytest.skip("haproxy is not installed (apt-get install haproxy; make install-test does)")
+    port = free_port()
+    config = _with_test_ports((DEPLOY / "haproxy.cfg").read_text(), ports)
+    config = config.replace(f"bind :{SAMPLE_LISTEN_PORT}", f"bind 127.0.0.1:{port}")
+    path = folder / "haproxy.cfg"
+    path.write_text(config)
+    process = subprocess.Popen([haproxy, "-db", "-f", str(path)], stdout=open(folder / "haproxy.log", "ab"),
+                               stderr=subprocess.STDOUT)
+    wait_until_serving(f"http://127.0.0.1:{port}/", process)
+    return process, port, {f"r{i + 1}": i for i in range(len(ports))}
+
+
+FRONTS = pytest.mark.parametrize("make_front", [nginx_front, haproxy_front], ids=["nginx", "haproxy"])
