@@ -169,6 +169,7 @@ def tiny_chat_model(default_tokenizer):
 # --- the conversation store over both engines ---------------------------------------------------------------------
 
 from pg_server import fresh_database, postgres_server  # noqa: E402,F401 - fixtures (a real PostgreSQL 15)
+from replica_cluster import replica_browser, replica_database, replicas  # noqa: E402,F401 - fixtures (two app replicas)
 
 #: The store engines every engine-neutral store test runs on (the PostgreSQL case skips, saying why, without it).
 STORE_ENGINES = ("sqlite", "postgresql")

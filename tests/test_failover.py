@@ -22,17 +22,8 @@ from collections import defaultdict
 
 import pytest
 from browser_util import gauge, reload_page, set_max_new_tokens, stop_app, wait_until_serving
-from test_replicas import (  # noqa: F401 - `replicas`, `browser`, `database` are fixtures
-    TIMEOUT_MS,
-    browser,
-    database,
-    nginx_front,
-    pin,
-    replica_metrics,
-    replicas,
-    send,
-    wait_for,
-)
+from fronts import nginx_front
+from replica_cluster import TIMEOUT_MS, interrupted_rows, pin, replica_metrics, send
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -58,13 +49,6 @@ def stored_user_messages(database_url: str) -> dict[str, list[str]]:
     for token, content in rows:
         out[token].append(content)
     return dict(out)
-
-
-def interrupted_replies(database_url: str) -> int:
-    import psycopg
-
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        return conn.execute("SELECT count(*) FROM messages WHERE interrupted = 1").fetchone()[0]
 
 
 class User:
@@ -98,10 +82,11 @@ class User:
 
 
 def test_no_message_is_lost_over_repeated_kill_9_cycles_of_the_replica_holding_most_users(
-        replicas, browser, database, tmp_path, request):  # noqa: F811 - the fixtures imported above
+        replicas, replica_browser, replica_database, tmp_path, request):
+    browser, database = replica_browser, replica_database
     cycles = request.config.getoption("--failover-cycles")
     users_count = request.config.getoption("--failover-users")
-    front, port, pins = nginx_front(replicas, tmp_path)
+    front, port, pins = nginx_front(replicas.ports, tmp_path)
     url = f"http://127.0.0.1:{port}"
     started = time.monotonic()
     kills_mid_reply = moved_total = 0
@@ -135,7 +120,7 @@ def test_no_message_is_lost_over_repeated_kill_9_cycles_of_the_replica_holding_m
         # lost, nothing doubled, nothing in another's conversation.
         conversations = sorted(stored.values())
         assert sorted(user.sent for user in users) == conversations
-        interrupted = interrupted_replies(database)
+        interrupted = interrupted_rows(database)
         lost = sum(len(u.sent) for u in users) - sum(len(c) for c in conversations)
     finally:
         stop_app(front)

@@ -11,142 +11,14 @@ A tiny random model keeps it fast; what is checked is routing, storage and the c
 from __future__ import annotations
 
 import json
-import re
-import signal
-import subprocess
-import time
 import urllib.request
-from pathlib import Path
 
 import pytest
-from browser_util import (
-    LAUNCH_ARGS,
-    find_chromium,
-    free_port,
-    gauge,
-    reload_page,
-    save_model,
-    set_max_new_tokens,
-    start_app,
-    stop_app,
-    wait_idle,
-)
+from browser_util import gauge, reload_page, set_max_new_tokens, stop_app
 from fronts import AFFINITY_COOKIE, DEPLOY, FRONTS, SAMPLE_LISTEN_PORT, SAMPLE_PORTS
+from replica_cluster import chat, interrupted_rows, pin, pinned_page, replica_metrics, send, wait_for
 
 pytestmark = [pytest.mark.browser]
-
-CHROMIUM = find_chromium()
-TIMEOUT_MS = 120_000
-
-
-class Replicas:
-    """Two app processes on loopback sharing one PostgreSQL database; `kill` and `restart` one of them."""
-
-    def __init__(self, model_dir: Path, folder: Path, database_url: str):
-        self.folder = folder
-        self.ports = [free_port(), free_port()]
-        self.args = ["--model", str(model_dir), "--database-url", database_url, "--recent-size", "1020",
-                     "--max-sessions-per-client", "32"]
-        self.processes = [self.start(i) for i in range(2)]
-
-    def start(self, i: int) -> subprocess.Popen:
-        return start_app(self.args, self.ports[i], self.folder / f"replica-{i}.log")
-
-    def url(self, i: int) -> str:
-        return f"http://127.0.0.1:{self.ports[i]}"
-
-    def kill(self, i: int) -> None:
-        stop_app(self.processes[i], signal.SIGKILL)
-
-    def restart(self, i: int) -> None:
-        self.processes[i] = self.start(i)
-
-    def stop(self) -> None:
-        for process in self.processes:
-            stop_app(process)
-
-
-@pytest.fixture(scope="module")
-def database(postgres_server):
-    return postgres_server.create_database()
-
-
-@pytest.fixture(scope="module")
-def replicas(tiny_chat_model, default_tokenizer, database, tmp_path_factory):
-    if CHROMIUM is None:
-        pytest.skip("chromium is not installed (apt-get install chromium)")
-    pytest.importorskip("playwright.sync_api", reason="python playwright is not installed")
-    folder = tmp_path_factory.mktemp("replicas")
-    running = Replicas(save_model(tiny_chat_model, default_tokenizer, folder / "tiny-model"), folder, database)
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="module")
-def browser(replicas):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        instance = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
-        yield instance
-        instance.close()
-
-
-def pinned_page(browser, url: str, pins: dict, wanted: int):
-    """A fresh browser (own cookies) on the front, pinned to replica `wanted`; new visitors are spread over the
-    replicas, so a few tries find one."""
-    for _ in range(8):
-        context = browser.new_context(viewport={"width": 1360, "height": 980})
-        page = context.new_page()
-        page.set_default_timeout(TIMEOUT_MS)
-        page.goto(url)
-        page.wait_for_selector("#msg textarea")
-        if pins.get(pin(page)) == wanted:
-            return page
-        context.close()
-    raise AssertionError(f"no new visitor was pinned to replica {wanted}")
-
-
-def pin(page) -> str | None:
-    return next((c["value"] for c in page.context.cookies() if c["name"] == AFFINITY_COOKIE), None)
-
-
-def send(page, text: str) -> None:
-    page.fill("#msg textarea", text)
-    page.click("#send")
-
-
-def chat(page, text: str, turn: int) -> None:
-    send(page, text)
-    wait_idle(page, "#gauges", turn, TIMEOUT_MS)
-
-
-def replica_metrics(url: str) -> dict[str, float]:
-    """The replica's Prometheus counters and gauges, without the `streaming_llm_` prefix."""
-    with urllib.request.urlopen(f"{url}/metrics", timeout=60) as response:
-        page = response.read().decode()
-    return {name: float(value) for name, value in re.findall(r"^streaming_llm_(\w+) (\S+)$", page, flags=re.M)}
-
-
-def interrupted_rows(database_url: str) -> int:
-    """Replies saved as cut off, in the shared database."""
-    import psycopg
-
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        return conn.execute("SELECT count(*) FROM messages WHERE interrupted = 1").fetchone()[0]
-
-
-def wait_for(condition, what: str, timeout_s: float = 300):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if condition():
-                return
-        except Exception:  # noqa: BLE001 - a replica still starting answers with errors; keep waiting
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def api_chat(url: str, messages: list[dict]) -> dict:
@@ -161,7 +33,8 @@ def api_chat(url: str, messages: list[dict]) -> dict:
 
 @FRONTS
 def test_a_replica_killed_mid_reply_is_replaced_by_another_with_the_whole_conversation(
-        replicas, browser, database, make_front, tmp_path):
+        replicas, replica_browser, replica_database, make_front, tmp_path):
+    browser, database = replica_browser, replica_database
     front, port, pins = make_front(replicas.ports, tmp_path)
     url = f"http://127.0.0.1:{port}"
     victim, survivor = 0, 1
