@@ -50,7 +50,8 @@ from webui.settings import AppSettings, parse_settings
 
 
 def status_line(engine: StreamingEngine, model_label: str) -> str:
-    """The footer: model, where its inputs go and its weights sit, dtype, CPU threads, cache, ZeroGPU."""
+    """The footer: model, where its inputs go and its weights sit, dtype, CPU threads, cache, the decode path
+    ("decode eager", "decode static", "decode static+graphs"), ZeroGPU."""
     cfg = engine.config
     described = engine.backend.describe()  # where inputs go and weights sit, dtype, thread count
     parts = [f"Model **{html.escape(model_label)}**", *described.where]
@@ -58,6 +59,7 @@ def status_line(engine: StreamingEngine, model_label: str) -> str:
         threads = described.threads
         parts.append(f"{threads} CPU thread{'s' if threads != 1 else ''}")
     parts.append(f"cache {cfg.start_size} sinks + {cfg.recent_size} recent tokens")
+    parts.append(f"decode {engine.decode_path}")
     if isinstance(engine, RemoteTurnsEngine):
         parts.append("ZeroGPU: each reply runs in a GPU worker")
     return " · ".join(parts)
@@ -93,7 +95,8 @@ def create_engine(settings: AppSettings) -> tuple[StreamingEngine, str]:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     config = EngineConfig(start_size=settings.start_size, recent_size=settings.recent_size,
-                          max_sessions=settings.max_sessions, max_sessions_per_owner=settings.max_sessions_per_client)
+                          max_sessions=settings.max_sessions, max_sessions_per_owner=settings.max_sessions_per_client,
+                          decode_step=settings.decode_step, cuda_graphs=settings.cuda_graphs)
     gpu = handlers.zerogpu_decorator(config)  # before loading: `spaces` must patch torch first
     source = startup.model_source(settings)
     model, tokenizer = startup.load_model(source, settings)

@@ -26,7 +26,7 @@ from .defaults import (
     MODES,
 )
 from .eviction import DEFAULT_EVICT_BLOCK, EVICTION_POLICIES
-from .eval.cli import add_placement_args, placement_kwargs
+from .eval.cli import add_decode_args, add_placement_args, decode_kwargs, placement_kwargs
 from .prompts import jsonl_records
 
 
@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     add_placement_args(p)
+    add_decode_args(p)
     return p
 
 
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = EngineConfig(start_size=args.start_size, recent_size=args.recent_size, pin_system=args.pin_system,
                               pin_limit=args.pin_limit, eviction=args.eviction,
-                              evict_block=args.evict_block)
+                              evict_block=args.evict_block, **decode_kwargs(args))
         print(backend_line(*choose_backend(args.backend, args.model, args.device, args.device_map, args.dtype)),
               file=sys.stderr, flush=True)
         model, tokenizer = load(args.model, args.device, args.dtype, backend=args.backend, **placement_kwargs(args))

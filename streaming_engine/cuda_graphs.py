@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .defaults import CUDA_GRAPH_MODES, DEFAULT_CUDA_GRAPHS  # their home: defaults.py (torch-free, for --help)
 from .static_step import StaticDecodeStep
 
-CUDA_GRAPH_MODES = ("auto", "on", "off")
 #: `CudaGraphsUnavailable.code`.
 CUDA_GRAPHS_UNAVAILABLE = "cuda_graphs_unavailable"
 
@@ -43,7 +43,7 @@ class StaticStepConfig:
     """How the static step runs. `cuda_graphs`: "auto" | "on" | "off" (see the module docstring);
     `warmup`: eager runs of a bucket before it is captured (lazy kernel and library initialisation)."""
 
-    cuda_graphs: str = "auto"
+    cuda_graphs: str = DEFAULT_CUDA_GRAPHS
     warmup: int = 2
 
     def __post_init__(self):

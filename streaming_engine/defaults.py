@@ -33,3 +33,13 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEVICE_MAP_STRATEGIES: tuple[str, ...] = ("auto", "balanced", "sequential")
 #: The conversation kinds every layer offers (engine, CLIs, benchmarks, the comparison tab), in display order.
 MODES = ("streaming", "dense", "window")
+#: How the batched scheduler's decode step runs (`EngineConfig.decode_step`, `--decode-step`): "static" (the
+#: fixed-shape step over a `StaticSinkCache`, docs/gpu-decode.md), "eager" (`generation.forward_batch`), or "auto",
+#: the default: static on CUDA, eager on CPU and MPS (`static_step.resolve_decode_step`) and under ZeroGPU
+#: (`remote.RemoteTurnsEngine`). Where the static step cannot serve a model, the eager one runs, said in one log line.
+DECODE_STEPS = ("auto", "eager", "static")
+DEFAULT_DECODE_STEP = "auto"
+#: Whether the static step is replayed from CUDA graphs (`EngineConfig.cuda_graphs`, `--cuda-graphs`): "auto"
+#: (on CUDA), "on" (CUDA or a typed error), "off" (`cuda_graphs.StaticStepConfig`).
+CUDA_GRAPH_MODES = ("auto", "on", "off")
+DEFAULT_CUDA_GRAPHS = "auto"

@@ -2,8 +2,8 @@
 
 `sampling.Sampler` draws one row at a time on the host side of the loop (`.item()` per row, a `torch.Generator`
 per turn), which forces a device->host sync per row per step and cannot be captured in a CUDA graph. Here every
-row's settings (temperature, top-k, top-p, seed) are device tensors, and the randomness is a *hash* of
-`(seed, step, token id)` rather than a generator's state:
+row's settings (temperature, top-k, top-p, repetition penalty, seed) are device tensors, and the randomness is a
+*hash* of `(seed, step, token id)` rather than a generator's state:
 
 * **Gumbel-max.** `argmax(scores / T + g)` with `g = -log(-log(u))`, `u` uniform, draws exactly from
   `softmax(scores / T)`; restricting the argmax to the allowed tokens (top-k, top-p) draws from the renormalized
@@ -11,25 +11,35 @@ row's settings (temperature, top-k, top-p, seed) are device tensors, and the ran
 * **Counter-based noise.** `u` comes from an integer hash of the row's seed, the row's own step counter and the
   token id, so there is no generator state to advance on the host: the same seed and step always give the same
   token (replayable, graph-safe), and a row's draws do not depend on which other rows share the batch.
-* **Rows differ.** Temperature 0 (greedy: plain argmax of the raw logits), top-k 0 (off) and top-p 1 (off) are
-  per row, so one call serves a batch of mixed settings.
+* **Rows differ.** Temperature 0 (greedy: plain argmax of the penalized logits), top-k 0 (off), top-p 1 (off) and
+  penalty 1 (off) are per row, so one call serves a batch of mixed settings.
+* **Repetition penalty.** `sampling.Sampler`'s rule, which is transformers' `RepetitionPenaltyLogitsProcessor` over
+  the row's last `sampling.PENALTY_WINDOW` tokens (prompt and reply alike; token 0 stands in for an empty history,
+  as there): a token seen there has its score divided by the penalty when positive, multiplied when negative, once
+  however often it was seen. Each row keeps its window as a ring of token ids and a count per token (a token stays
+  penalized while its count is above 0); after every draw the new token enters and the one that falls out of the
+  window leaves, by scatters on the device. `set_row` copies a row's history in once.
 
 The hash works on 32-bit values held in int64 with multipliers below 2**31, so no product overflows and CPU and
-CUDA compute the same bits. The order of the cuts follows `sampling.Sampler`: top-k on the raw scores, then the
-temperature, then top-p on the tempered, top-k-restricted distribution (transformers' `TopPLogitsWarper` rule:
-a token stays while the probability of the tokens ranked above it is below `top_p`).
+CUDA compute the same bits. The order of the cuts follows `sampling.Sampler`: the penalty on the raw scores, top-k
+on those, then the temperature, then top-p on the tempered, top-k-restricted distribution (transformers'
+`TopPLogitsWarper` rule: a token stays while the probability of the tokens ranked above it is below `top_p`).
 
-Boundary: this module draws tokens from logits. The repetition penalty (which reads each row's history) stays
-with `sampling.Sampler`; rows that need it are sampled there.
+`SampledDecodeStep` puts a sampler behind a fixed-shape decode step: the batched scheduler's static path runs the
+step and samples every row with it, one device->host copy of the ids per step (the logits never leave the device).
+
+Boundary: this module draws tokens from logits; which settings a row has comes from the turn
+(`generation.RowSampling`), the logits from the step it wraps.
 """
 
 from __future__ import annotations
 
 import random
+from typing import Sequence
 
 import torch
 
-from .sampling import MAX_SEED
+from .sampling import MAX_SEED, PENALTY_WINDOW
 
 _MASK32 = 0xFFFFFFFF
 # Odd multipliers below 2**31 (so a 32-bit value times one stays inside int64): Wellons' lowbias32 first
@@ -37,6 +47,9 @@ _MASK32 = 0xFFFFFFFF
 _MULTIPLIERS = (0x7FEB352D, 0x1B873593, 0x5BD1E995)
 #: Bits of each uniform draw (a float32 holds 24 exactly).
 _UNIFORM_BITS = 24
+#: Devices whose `tensor / python_number` multiplies by the number's reciprocal (CUDA's and XPU's division kernels
+#: do, CPU's divides): the penalty divides the same way there, so it equals the reference bit for bit.
+_RECIPROCAL_DIVISION = ("cuda", "xpu")
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
@@ -87,6 +100,18 @@ def allowed_tokens(
     return scores / temp[:, None], allowed
 
 
+def repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """transformers' repetition-penalty rule for a batch: scores `[rows, vocab]` float32, seen `[rows, vocab]` bool
+    (the tokens each row's history holds), penalty `[rows]` float32 (1 = off). A seen token's score is divided by
+    its row's penalty when positive and multiplied when negative; the others are unchanged."""
+    p = penalty[:, None]
+    if scores.device.type in _RECIPROCAL_DIVISION:  # as the reference's `score / penalty` computes it there
+        shrunk = scores * (torch.ones_like(p) / p)
+    else:
+        shrunk = scores / p
+    return torch.where(seen, torch.where(scores < 0, scores * p, shrunk), scores)
+
+
 def sample_tokens(
     logits: torch.Tensor,
     temperature: torch.Tensor,
@@ -107,58 +132,189 @@ def sample_tokens(
 
 
 class DeviceSampler:
-    """Per-row sampling settings and step counters as device tensors for up to `rows` rows.
+    """Per-row sampling settings, step counters and penalty windows as device tensors for up to `rows` rows.
 
-    `set_row` is called when a conversation takes a row (rare, host side); `sample` is the per-step call: it
-    reads the settings, draws, and advances the sampled rows' counters, all on the device.
+    `set_row` is called when a conversation takes a row (rare, host side: one copy of its history); `sample` is the
+    per-step call: it penalizes, draws, advances the sampled rows' counters and puts the drawn tokens into their
+    rows' windows, all on the device. `window` is how many recent tokens the penalty reads (the reference's).
     """
 
-    def __init__(self, rows: int, device: torch.device | str = "cpu"):
-        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-            raise ValueError(f"rows must be an integer >= 1, got {rows!r}")
-        self.rows = rows
+    def __init__(self, rows: int, device: torch.device | str = "cpu", window: int = PENALTY_WINDOW):
+        for name, value in (("rows", rows), ("window", window)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self.rows, self.window = rows, window
         self.device = torch.device(device)
         self.temperature = torch.zeros(rows, device=self.device)  # [rows] float32, 0 = greedy
         self.top_k = torch.zeros(rows, dtype=torch.long, device=self.device)  # [rows], 0 = off
         self.top_p = torch.ones(rows, device=self.device)  # [rows], 1 = off
+        self.penalty = torch.ones(rows, device=self.device)  # [rows], 1 = off
         self.seed = torch.zeros(rows, dtype=torch.long, device=self.device)
         self.step = torch.zeros(rows, dtype=torch.long, device=self.device)  # draws made by each row's turn
-        # Host mirror of which rows draw at random: an all-greedy batch skips the sort and the noise without
-        # asking the device (known when the settings are set, never read back).
+        # The penalty's window per row: a ring of the last `window` token ids (the next one goes to column
+        # `written % window`), `written` tokens ever put in, and `stand_in` = 1 while the history is empty and
+        # token 0 stands in for it (the reference's rule), until the first token enters.
+        self.ring = torch.zeros(rows, window, dtype=torch.long, device=self.device)
+        self.written = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self.stand_in = torch.zeros(rows, dtype=torch.long, device=self.device)
+        #: `[rows, vocab + 1]` int32: how often each token is in the row's window (the last column takes ids beyond
+        #: the logits' vocabulary, which the reference ignores too). Made at the first penalized draw, which
+        #: knows the vocabulary.
+        self.counts: torch.Tensor | None = None
+        self._arange = torch.arange(rows, device=self.device)
+        # Host mirrors, known when the settings are set and never read back: which rows draw at random (an
+        # all-greedy batch skips the sort and the noise), which penalize (no penalty: no window upkeep), which
+        # rows' counts must be rebuilt from their ring (`set_row` since the counts were last made), and how many
+        # tokens `set_row` put in each ring.
         self._random = [False] * rows
+        self._penalized = [False] * rows
+        self._stale: set[int] = set()
+        self._held = [0] * rows
 
-    def set_row(self, row: int, params, seed: int | None = None) -> int:
-        """Give `row` the settings of `params` (a `SamplingParams`) and restart its counter; returns the seed used
-        (`seed`, else `params.seed`, else a fresh random one). Refuses a repetition penalty (see the module)."""
-        if getattr(params, "repetition_penalty", 1.0) != 1.0:
-            raise ValueError("DeviceSampler does not apply a repetition penalty: sample that row with Sampler")
-        seed = params.seed if seed is None else seed
+    def set_row(self, row: int, params=None, seed: int | None = None, history: Sequence[int] = (),
+                step: int = 0) -> int:
+        """Give `row` the settings of `params` (a `SamplingParams`; None: greedy, no penalty), the tokens its
+        repetition penalty reads (`history`, oldest first: the prompt and what was sampled so far; only the last
+        `window` count) and its step counter (`step`: draws its turn made before). Returns the seed used (`seed`,
+        else `params.seed`, else a fresh random one)."""
+        if not 0 <= row < self.rows:
+            raise ValueError(f"row {row} outside 0..{self.rows - 1}")
+        temperature, top_k, top_p, penalty = ((0.0, 0, 1.0, 1.0) if params is None else (
+            float(params.temperature), int(params.top_k), float(params.top_p), float(params.repetition_penalty)))
+        if seed is None and params is not None:
+            seed = params.seed
         if seed is None:
             seed = random.SystemRandom().randrange(MAX_SEED)
-        self.temperature[row] = float(params.temperature)
-        self.top_k[row] = int(params.top_k)
-        self.top_p[row] = float(params.top_p)
-        self.seed[row] = int(seed)
-        self.step[row] = 0
-        self._random[row] = params.temperature > 0
+        self.temperature[row], self.top_k[row], self.top_p[row] = temperature, top_k, top_p
+        self.penalty[row] = penalty
+        self.seed[row], self.step[row] = int(seed), int(step)
+        self._random[row], self._penalized[row] = temperature > 0, penalty != 1.0
+        self._stale.discard(row)
+        if penalty != 1.0:  # a row without a penalty keeps no window: nothing reads it
+            ids = list(history)[-self.window:]
+            if ids:
+                self.ring[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)  # the one copy of the history
+            self.written[row], self.stand_in[row] = len(ids), int(not ids)
+            self._held[row] = len(ids)
+            self._stale.add(row)
         return seed
 
     def move_row(self, source: int, target: int) -> None:
-        """Row `source`'s settings and counter now belong to row `target` (a batch filling a gap on leave)."""
-        for t in (self.temperature, self.top_k, self.top_p, self.seed, self.step):
+        """Row `source`'s settings, counter and window now belong to row `target` (a batch filling a gap)."""
+        for t in (self.temperature, self.top_k, self.top_p, self.penalty, self.seed, self.step, self.ring,
+                  self.written, self.stand_in) + ((self.counts,) if self.counts is not None else ()):
             t[target] = t[source]
-        self._random[target] = self._random[source]
+        for mirror in (self._random, self._penalized, self._held):
+            mirror[target] = mirror[source]
+        self._stale.discard(target)
+        if source in self._stale:
+            self._stale.add(target)
+
+    def seen(self, n: int, vocab: int) -> torch.Tensor:
+        """`[n, vocab]` bool: the tokens in the windows of rows `0..n-1` (made up to date first)."""
+        self._ensure_counts(vocab)
+        return self.counts[:n, :vocab] > 0
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits `[n, vocab]` for rows `0..n-1` (n <= rows): their tokens `[n]` on the device; counters advance."""
-        n = logits.shape[0]
+        """logits `[n, vocab]` for rows `0..n-1` (n <= rows): their tokens `[n]` on the device; counters advance
+        and the tokens enter the rows' penalty windows."""
+        n, vocab = logits.shape
         if n > self.rows:
             raise ValueError(f"{n} rows of logits for a sampler of {self.rows} rows")
+        penalized = any(self._penalized[:n])
+        scores = logits
+        if penalized:
+            scores = repetition_penalty(logits.float(), self.seen(n, vocab), self.penalty[:n])
         if not any(self._random[:n]):
-            ids = logits.argmax(dim=-1)
-            self.step[:n] += 1
-            return ids
-        ids = sample_tokens(logits, self.temperature[:n], self.top_k[:n], self.top_p[:n], self.seed[:n],
-                            self.step[:n])
+            ids = scores.argmax(dim=-1)
+        else:
+            ids = sample_tokens(scores, self.temperature[:n], self.top_k[:n], self.top_p[:n], self.seed[:n],
+                                self.step[:n])
         self.step[:n] += 1
+        if penalized:
+            self._enter(ids, vocab)
         return ids
+
+    def _ensure_counts(self, vocab: int) -> None:
+        if self.counts is None or self.counts.shape[1] != vocab + 1:
+            self.counts = torch.zeros(self.rows, vocab + 1, dtype=torch.int32, device=self.device)
+            self._stale |= {row for row in range(self.rows) if self._penalized[row]}
+        for row in sorted(self._stale):  # rows set since the counts were made: rebuilt from their ring
+            counts = self.counts[row]
+            counts.zero_()
+            held = self.ring[row, : self._held[row]].clamp(max=vocab)
+            counts.index_put_((held,), torch.ones_like(held, dtype=torch.int32), accumulate=True)
+            counts[0] += self.stand_in[row].to(torch.int32)
+        self._stale.clear()
+
+    def _enter(self, ids: torch.Tensor, vocab: int) -> None:
+        """Token `ids[b]` enters row b's window (rows `0..n-1`), the oldest leaves a full one: device ops only."""
+        n = ids.shape[0]
+        rows, written = self._arange[:n], self.written[:n]
+        column = written % self.window
+        leaving = self.ring[rows, column].clamp(max=vocab)  # what the new token overwrites (a full window)
+        full = (written >= self.window).to(torch.int32)
+        counts = self.counts
+        counts.index_put_((rows, leaving), -full, accumulate=True)
+        counts[:n, 0] -= self.stand_in[:n].to(torch.int32)  # the stand-in goes once a real token is there
+        self.stand_in[:n] = 0
+        self.ring[rows, column] = ids
+        counts.index_put_((rows, ids), torch.ones_like(ids, dtype=torch.int32), accumulate=True)
+        self.written[:n] += 1
+
+
+class SampledDecodeStep:
+    """A fixed-shape decode step (`tokens -> logits [rows, vocab]`: a `cuda_graphs.GraphedDecodeStep`) whose rows
+    are also sampled on the device. `decode(tokens, samplings)` runs the step and draws every row's next token with
+    one `DeviceSampler`: the logits stay on the device, the ids come to the host in one copy.
+
+    Which settings each sampler row holds follows the turns, not the batch's bookkeeping: row b is (re)set from
+    `samplings[b]` (the turn's `generation.RowSampling`) whenever that object is not the one it was set from (a
+    join, a new turn, a row moved into a gap by a leave), reading the turn's live history and draw count, so a
+    row's draws are the same whichever rows it shares the batch with. Calling the step itself (`step(tokens)`)
+    still gives plain logits.
+    """
+
+    def __init__(self, step, rows: int, device: torch.device | str):
+        self.step = step
+        self.sampler = DeviceSampler(rows, device)
+        self._owners: list[object] = [None] * rows  # the RowSampling each sampler row was set from
+        self._greedy = object()  # the owner of a row whose turn samples itself (no RowSampling)
+
+    @property
+    def graphs(self) -> bool:
+        """Whether the step is replayed from CUDA graphs."""
+        return bool(getattr(self.step, "enabled", False))
+
+    def __call__(self, token_ids: list[int]) -> torch.Tensor:
+        return self.step(token_ids)
+
+    def decode(self, token_ids: list[int], samplings: list) -> tuple[torch.Tensor, list[int] | None]:
+        """Feed `token_ids` (one per row) and draw each row's next token with `samplings[b]` (None: that row is
+        answered with logits, its turn samples itself). Returns `(logits [rows, vocab] on the device, ids)`, ids
+        None when no row has settings."""
+        if len(samplings) != len(token_ids):
+            raise ValueError(f"{len(samplings)} sampling settings for {len(token_ids)} rows")
+        for b, sampling in enumerate(samplings):
+            owner = self._greedy if sampling is None else sampling
+            if self._owners[b] is not owner:
+                self._set(b, sampling)
+                self._owners[b] = owner
+        try:
+            logits = self.step(token_ids)
+            if all(sampling is None for sampling in samplings):
+                return logits, None
+            ids = self.sampler.sample(logits).tolist()  # the one device->host copy of the step
+        except BaseException:
+            # The scheduler retries the rows eagerly and their turns sample the token: every row is set again
+            # from its turn's history next time.
+            self._owners = [None] * len(self._owners)
+            raise
+        return logits, ids
+
+    def _set(self, row: int, sampling) -> None:
+        if sampling is None:
+            self.sampler.set_row(row, None, seed=0)
+            return
+        sampling.seed = self.sampler.set_row(row, sampling.params, seed=sampling.seed, history=sampling.recent_ids,
+                                             step=sampling.drawn)

@@ -33,7 +33,7 @@ from .families import check_cache_size, check_supported
 from .handoff import SessionState, adopt, capture
 from .history import MAX_HISTORY_MESSAGES, dump_history, parse_history
 from .sampling import SamplingDefaults, SamplingParams
-from .scheduler import DECODE_STEPS, SCHEDULERS, TurnHandle
+from .scheduler import SCHEDULERS, TurnHandle
 from .session import MODES, Event, Runtime, Session
 from .templating import ChatTemplater
 
@@ -57,6 +57,9 @@ STOP_WAIT_S = 30.0
 MAX_BATCH = 16
 # Session caps, the pin limit and the default eviction policy live in `defaults.py` (torch-free, for --help).
 from .defaults import (  # noqa: E402,F401  (re-exported)
+    DECODE_STEPS,
+    DEFAULT_CUDA_GRAPHS,
+    DEFAULT_DECODE_STEP,
     DEFAULT_EVICTION,
     DEFAULT_PIN_LIMIT,
     MAX_ACTIVE_TURNS,
@@ -121,8 +124,9 @@ class EngineConfig(SamplingDefaults):
     api_idle_timeout_s: float = API_IDLE_TIMEOUT_S
     scheduler: str = "batched"  # "batched": continuous batching; "round-robin": the one-per-pass baseline
     max_batch: int = MAX_BATCH
-    decode_step: str = "eager"  # "static": the batched scheduler decodes through the fixed-shape step (gpu-decode.md)
-    cuda_graphs: str = "auto"  # the static step's CUDA graphs: "auto" (on CUDA), "on" (CUDA or an error), "off"
+    # The batched decode: "auto" (the static step on CUDA, eager on CPU and MPS), "static" or "eager" (gpu-decode.md)
+    decode_step: str = DEFAULT_DECODE_STEP
+    cuda_graphs: str = DEFAULT_CUDA_GRAPHS  # the static step's CUDA graphs: "auto" (on CUDA), "on" (or an error), "off"
     pin_system: bool = True  # streaming sessions keep their system prompt with the sinks (never evicted)
     pin_limit: int = DEFAULT_PIN_LIMIT  # most tokens a pinned system prompt may take; a longer one is refused
     eviction: str = DEFAULT_EVICTION  # "tokens" (the paper) or "turns" (whole past messages)
@@ -218,6 +222,11 @@ class StreamingEngine:
         self._sessions: dict[str, Session] = {}
         self._tags: dict[str, SessionTag] = {}  # session id -> who holds it (same keys as `_sessions`)
         self._lock = threading.Lock()
+
+    @property
+    def decode_path(self) -> str:
+        """Which decode path runs (`scheduler.DECODE_PATHS`): "eager", "static" or "static+graphs"."""
+        return self.scheduler.decode_path
 
     # --- sessions ----------------------------------------------------------------------------------------------
 

@@ -6,8 +6,11 @@ passes:
 
 * `Prefill(cache, ids)`: feed these prompt tokens on the conversation's own cache (`forward`); answer: the last
   position's logits `[vocab]`. Prompts go one conversation at a time, in chunks of at most `chunk_size`.
-* `Decode(cache, token_id)`: feed this one sampled token; answer: its logits `[vocab]`. The batched worker feeds
-  every decoding conversation's token in one pass (`forward_batch` over a `BatchedSinkCache`).
+* `Decode(cache, token_id, sampling)`: feed this one sampled token; answer: its logits `[vocab]`. The batched worker
+  feeds every decoding conversation's token in one pass (`forward_batch` over a `BatchedSinkCache`). A driver that
+  samples on the device (the static step, `device_sampling.SampledDecodeStep`) may answer `Sampled(token_id)`
+  instead: the next token, drawn with the turn's settings (`sampling`, a `RowSampling`); the turn then takes it as
+  its own sampler's choice.
 
 An answer may also be `STOP` (the user stopped: end now, nothing more is fed) or an exception instance (the forward
 pass failed for this conversation: it is raised here, so only this conversation fails). Between requests it yields
@@ -32,7 +35,7 @@ so it stays in the cache without spending a forward pass at the end of every rep
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Generator, Iterator, Literal
+from typing import Callable, Generator, Iterator, Literal, Sequence
 
 import torch
 
@@ -59,11 +62,35 @@ class Prefill:
     ids: list[int]
 
 
+@dataclass(eq=False)
+class RowSampling:
+    """One turn's sampling, for a driver that draws a decode row's next token itself: the turn's `params` (a
+    `SamplingParams`), the tokens its repetition penalty reads (`recent_ids`: the session's own live sequence, read
+    when the driver takes the row, so it holds the prompt and every token sampled so far), the tokens drawn so far
+    in this reply (`drawn`, kept up to date by `generate_reply`) and the seed of the driver's draws (`seed`: the
+    driver picks one the first time when the settings give none, so the turn keeps it). One object per turn, compared
+    by identity: a driver knows a row changed hands when its object changes."""
+
+    params: object
+    recent_ids: Sequence[int]
+    drawn: int = 0
+    seed: int | None = None
+
+
 @dataclass
 class Decode:
-    """Request: feed one sampled `token_id` on `cache` (alone or as a batch row); answer its logits `[vocab]`."""
+    """Request: feed one sampled `token_id` on `cache` (alone or as a batch row); answer its logits `[vocab]`, or
+    `Sampled` (the next token, drawn by the driver with `sampling`; None: the turn samples itself)."""
 
     cache: object
+    token_id: int
+    sampling: RowSampling | None = None
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """A driver's answer to a `Decode`: the next token, already drawn with the request's `RowSampling`."""
+
     token_id: int
 
 
@@ -75,12 +102,15 @@ class TurnStopped(Exception):
 STOP = object()
 
 
-def answer_logits(answer) -> torch.Tensor:
-    """The logits in a driver's answer; raises `TurnStopped` for `STOP` and re-raises a forwarded exception."""
+def answer_logits(answer, sampled: bool = False) -> torch.Tensor | Sampled:
+    """The logits in a driver's answer (or, with `sampled`, a `Sampled` token as it is); raises `TurnStopped` for
+    `STOP` and re-raises a forwarded exception."""
     if answer is STOP:
         raise TurnStopped()
     if isinstance(answer, BaseException):
         raise answer
+    if sampled and isinstance(answer, Sampled):
+        return answer
     if not isinstance(answer, torch.Tensor):
         raise TypeError(f"a request must be answered with logits, STOP or an exception; got {type(answer).__name__}")
     return answer
@@ -173,12 +203,14 @@ def generate_reply(
     chunk_size: int,
     context_limit: int | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    sampling: RowSampling | None = None,
 ) -> Generator:
     """Run one turn on `cache` (a `ConversationCache`): yields `Prefill`/`Decode` requests and `Step`s, and ends
     with a "finish" step.
 
     `sample(logits) -> token_id` chooses tokens; `should_stop()` is polled before every request (user stop, stop
-    strings), and a `STOP` answer ends the turn at once, so a stop takes effect within one step.
+    strings), and a `STOP` answer ends the turn at once, so a stop takes effect within one step. With `sampling`
+    (the same settings `sample` uses), every `Decode` carries it, so a driver may answer with the token instead.
     """
 
     if not prompt_ids:
@@ -207,8 +239,9 @@ def generate_reply(
                 yield Step("finish", reason="stopped")
                 return
         generated = 0
+        choice = logits  # logits to sample from, or the token a driver drew (`Sampled`)
         while True:
-            token_id = sample(logits)
+            token_id = choice.token_id if isinstance(choice, Sampled) else sample(choice)
             generated += 1
             yield Step("token", token_id=token_id)
             if token_id in eos_ids:
@@ -226,6 +259,8 @@ def generate_reply(
                 return
             if evict:
                 cache.evict_for_space(1)  # a no-op when room was reserved up front
-            logits = answer_logits((yield Decode(cache, token_id)))
+            if sampling is not None:
+                sampling.drawn = generated
+            choice = answer_logits((yield Decode(cache, token_id, sampling)), sampled=sampling is not None)
     except TurnStopped:
         yield Step("finish", reason="stopped")

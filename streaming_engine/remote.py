@@ -20,6 +20,8 @@ forward passes. If the worker dies or the platform refuses the call, a turn that
 message and the partial reply (the cache is re-primed from the history next turn, as after any failure); a turn
 that never started is refused, so the message goes back to the user unchanged.
 
+`decode_step="auto"` means the eager step here and in the workers (`REMOTE_AUTO_DECODE_STEP`, docs/gpu-decode.md).
+
 Boundary: no gradio and no `spaces` here; the caller passes the decorator (`run_elsewhere=spaces.GPU(...)`), or
 nothing, which runs the same path in-process.
 """
@@ -29,7 +31,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator
 
 from .counters import _grown
@@ -40,6 +42,9 @@ from .session import Event
 
 #: How often the worker's stop watcher looks at its stop slots (seconds): well under one decode step on a CPU.
 STOP_POLL_S = 0.02
+#: What decode_step="auto" means for turns that run elsewhere (ZeroGPU workers): the eager step, until a
+#: measurement shows the static step's allocation and graph capture paying back within one short GPU call.
+REMOTE_AUTO_DECODE_STEP = "eager"
 _FINAL = ("done", "error")
 
 
@@ -112,6 +117,12 @@ class RemoteTurnsEngine(StreamingEngine):
 
     def __init__(self, model, tokenizer, config: EngineConfig | None = None, *,
                  run_elsewhere: Callable[[Callable], Callable] | None = None):
+        config = config or EngineConfig()
+        if config.decode_step == "auto":
+            # Eager here and in every worker: a worker may be a fresh fork per call, which would allocate the static
+            # cache and capture its graphs again inside each call's GPU time, and the engine built here must not
+            # touch CUDA before the fork (the model may report a CUDA device that `spaces` defers).
+            config = replace(config, decode_step=REMOTE_AUTO_DECODE_STEP)
         super().__init__(model, tokenizer, config)
         # Made now, before any worker is forked, so every worker shares it.
         self.stop_board = StopBoard(self.config.max_active_turns)

@@ -22,9 +22,11 @@ capabilities, never from which backend it is. Three policies, two sharing one lo
      and leave when their reply ends, between steps; each row is sampled with its own settings and seed by its own
      coroutine and streams to its own queue.
   If the batched pass fails, every row is retried alone, so an error fails only the conversation that causes it.
-  With `decode_step="static"` the runner may hand back a fixed-shape step with the batch (`new_batch`; on
-  transformers a `StaticDecodeStep` replayed from CUDA graphs per `cuda_graphs`, docs/gpu-decode.md); the policy is
-  the same either way, only the pass differs.
+  With `decode_step="static"` (or "auto", the default, on CUDA) the runner may hand back a fixed-shape step with
+  the batch (`new_batch`; on transformers a `StaticDecodeStep` replayed from CUDA graphs per `cuda_graphs`, with
+  every row sampled on the device, docs/gpu-decode.md): the rows' turns are then answered with their sampled token
+  (`generation.Sampled`, one device->host copy of the ids per step) instead of logits. The policy is the same
+  either way, only the pass and where the sampling happens differ (`decode_path` says which runs).
 * `RoundRobinScheduler` (the baseline it replaced, kept for comparison): one forward pass per turn per iteration,
   turns taking turns; decoding stays on each conversation's own cache.
 * `PackedScheduler`, for a runner that packs several conversations' rows into one pass (llama.cpp): each iteration
@@ -44,7 +46,8 @@ import time
 from collections import deque
 from typing import Callable, Hashable, Iterator
 
-from .generation import STOP, Decode, Prefill
+from .defaults import DECODE_STEPS, DEFAULT_CUDA_GRAPHS, DEFAULT_DECODE_STEP
+from .generation import STOP, Decode, Prefill, Sampled
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +59,9 @@ FAN_IN_POLL_S = 0.01
 ITERATION_RETRY_S = 0.05
 #: The schedulers `make_scheduler` knows.
 SCHEDULERS = ("batched", "round-robin")
-#: How the batched scheduler's decode step runs: "eager" (the runner's `forward_batch`) or "static" (a fixed-shape
-#: step the runner builds where it can, docs/gpu-decode.md; elsewhere eager, said in one log line).
-DECODE_STEPS = ("eager", "static")
+#: Which decode path a scheduler runs (`Scheduler.decode_path`; the app's footer and `/metrics` show it): the eager
+#: pass, the static step, or the static step replayed from CUDA graphs.
+DECODE_PATHS = ("eager", "static", "static+graphs")
 #: Most prompt tokens fed in one iteration while other turns decode (each decoding reply waits one such slice per
 #: token). The time rule below can only make a slice smaller; `PackedScheduler` slices by this cap alone.
 PREFILL_SLICE_TOKENS = 64
@@ -119,6 +122,8 @@ class Scheduler:
         self.passes = {"prefill": 0, "decode": 0}
         #: Called (on the worker thread) after every forward pass with its kind and the handles it served.
         self.on_pass: Callable[[str, list[TurnHandle]], None] | None = None
+        #: Which of `DECODE_PATHS` decodes (only the batched scheduler may take the static step).
+        self.decode_path = DECODE_PATHS[0]
 
     @property
     def active_turns(self) -> int:
@@ -348,16 +353,19 @@ class BatchedScheduler(QueuedScheduler):
     batched step (`forward_batch`); prompts go through its `forward`."""
 
     def __init__(self, runner, *, max_batch: int = 16, prefill_budget: int = 512, name: str = "streaming-engine",
-                 decode_step: str = "eager", cuda_graphs: str = "auto"):
+                 decode_step: str = DEFAULT_DECODE_STEP, cuda_graphs: str = DEFAULT_CUDA_GRAPHS):
         super().__init__(runner, name)
         if isinstance(prefill_budget, bool) or not isinstance(prefill_budget, int) or prefill_budget < 1:
             raise ValueError(f"prefill_budget must be an integer >= 1, got {prefill_budget!r}")
         if decode_step not in DECODE_STEPS:
             raise ValueError(f"decode_step must be one of {', '.join(DECODE_STEPS)}; got {decode_step!r}")
-        # `static_step`: the runner's fixed-shape step over the whole batch (tokens -> logits), or None: eager.
+        # `static_step`: the runner's fixed-shape step over the whole batch, which also samples its rows
+        # (`decode(tokens, samplings) -> (logits, ids)`), or None: eager.
         self.batch, self.static_step = runner.new_batch(max_batch, decode_step=decode_step, cuda_graphs=cuda_graphs)
-        #: The step that runs: "static" or "eager" (after any fallback).
+        #: The step that runs: "static" or "eager" ("auto" resolved, after any fallback).
         self.decode_step = "static" if self.static_step is not None else "eager"
+        if self.static_step is not None:
+            self.decode_path = DECODE_PATHS[2] if self.static_step.graphs else DECODE_PATHS[1]
         self.prefill_budget = prefill_budget
         self._owner: dict[int, TurnHandle] = {}  # id(ConversationCache) -> the turn decoding on that row
         #: False: whole chunks even while others decode (the behaviour before issue 28), the fairness benchmark's
@@ -428,8 +436,14 @@ class BatchedScheduler(QueuedScheduler):
         tokens = [handle.request.token_id for handle in handles]
         started = self.clock()
         try:
-            logits = self.static_step(tokens) if self.static_step else self.runner.forward_batch(batch, tokens)
-            answers = [logits[b] for b in range(len(rows))]
+            if self.static_step is not None:
+                samplings = [handle.request.sampling for handle in handles]
+                logits, ids = self.static_step.decode(tokens, samplings)
+                answers = [logits[b] if ids is None or samplings[b] is None else Sampled(ids[b])
+                           for b in range(len(rows))]
+            else:
+                logits = self.runner.forward_batch(batch, tokens)
+                answers = [logits[b] for b in range(len(rows))]
             self.decode_s = running_average(self.decode_s, self.clock() - started)
         except Exception:  # noqa: BLE001 - find the row that fails: run each alone
             logger.exception("batched decode failed; retrying its %d rows one by one", len(rows))
@@ -529,7 +543,7 @@ class PackedScheduler(QueuedScheduler):
 
 
 def make_scheduler(kind: str, runner, *, max_batch: int = 16, prefill_budget: int = 512,
-                   decode_step: str = "eager", cuda_graphs: str = "auto") -> Scheduler:
+                   decode_step: str = DEFAULT_DECODE_STEP, cuda_graphs: str = DEFAULT_CUDA_GRAPHS) -> Scheduler:
     """`"batched"` (continuous batching) or `"round-robin"` (the one-conversation-per-pass baseline) for `runner`
     (a `backends.base.Backend`), the policy chosen by what the runner can do, never by which backend it is:
 

@@ -43,7 +43,7 @@ from typing import Callable, Generator, Iterator, Literal
 import torch
 
 from .defaults import MODES  # noqa: F401  (its home is defaults.py)
-from .generation import Decode, Prefill, TurnStopped, generate_reply, prefill_requests
+from .generation import Decode, Prefill, RowSampling, TurnStopped, generate_reply, prefill_requests
 from .memory import MessageSpan, measure, turns_in_memory
 from .sampling import PENALTY_WINDOW, Sampler, SamplingParams
 from .textstream import TextStream
@@ -300,6 +300,8 @@ class Session:
                 chunk_size=self.chunk_size,
                 context_limit=self.context_limit,
                 should_stop=lambda: stop_event.is_set() or stream.stopped_at is not None,
+                # The same settings and history for a worker that samples the batch on the device (static step).
+                sampling=RowSampling(params, self.recent_ids),
             )
             reason = "stopped"
             last_time = first_time = None

@@ -24,7 +24,7 @@ dropped.
 
 `unsupported_reason(model)` says, as a typed code, when a model cannot take this step (hybrid sliding-window
 families, per-layer-type RoPE, models split over devices, attention kernels that take no additive mask); callers
-then keep the eager batched path.
+then keep the eager batched path. `resolve_decode_step` says which step `decode_step="auto"` means on a device.
 """
 
 from __future__ import annotations
@@ -46,6 +46,10 @@ STATIC_DEVICE_MAP = "static_device_map"  # layers on several devices: one graph 
 STATIC_ATTENTION = "static_attention"  # an attention kernel that takes no additive 4D mask
 #: Attention implementations that take the additive 4D mask the static step builds.
 MASKED_ATTENTION = ("eager", "sdpa")
+#: Devices where decode_step="auto" takes the static step: CUDA, where it is replayed from graphs and decoding is
+#: bound by launches. On the CPU it only keeps up with the eager step (docs/gpu-decode.md "Measured on CPU"), MPS
+#: has no graphs; ZeroGPU's short-lived workers stay eager too (`remote.RemoteTurnsEngine`).
+AUTO_STATIC_DEVICES = ("cuda",)
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,14 @@ def unsupported_reason(model: torch.nn.Module) -> Unsupported | None:
         return Unsupported(STATIC_ATTENTION, f"attention implementation {attention!r} takes no additive mask; "
                                              f"the static step needs one of {', '.join(MASKED_ATTENTION)}")
     return None
+
+
+def resolve_decode_step(decode_step: str, device: torch.device | str) -> str:
+    """The step `decode_step` (one of `defaults.DECODE_STEPS`) means for a model whose inputs go to `device`:
+    "auto" is "static" on `AUTO_STATIC_DEVICES` and "eager" elsewhere; "eager" and "static" mean themselves."""
+    if decode_step != "auto":
+        return decode_step
+    return "static" if torch.device(device).type in AUTO_STATIC_DEVICES else "eager"
 
 
 def row_buckets(max_batch: int) -> tuple[int, ...]:

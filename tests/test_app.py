@@ -217,6 +217,28 @@ def test_placement_dtype_threads_and_queue_settings_come_from_flags_or_environme
         app_settings.parse_settings([], env={"QUEUE_MAX_SIZE": "many"})
 
 
+def test_the_decode_path_settings_come_from_flags_or_environment_and_refuse_other_values(capsys):
+    from streaming_engine.defaults import CUDA_GRAPH_MODES, DECODE_STEPS
+
+    defaults = app_settings.parse_settings([], env={})
+    assert (defaults.decode_step, defaults.cuda_graphs) == ("auto", "auto")
+    for step in DECODE_STEPS:
+        for graphs in CUDA_GRAPH_MODES:
+            flags = app_settings.parse_settings(["--decode-step", step, "--cuda-graphs", graphs], env={})
+            assert (flags.decode_step, flags.cuda_graphs) == (step, graphs)
+            env = app_settings.parse_settings([], env={"DECODE_STEP": step, "CUDA_GRAPHS": graphs})
+            assert (env.decode_step, env.cuda_graphs) == (step, graphs)
+    flag_wins = app_settings.parse_settings(["--decode-step", "eager"], env={"DECODE_STEP": "static"})
+    assert flag_wins.decode_step == "eager"
+    for argv, env, named in ((["--decode-step", "fast"], {}, "invalid choice"),
+                             (["--cuda-graphs", "yes"], {}, "invalid choice"),
+                             ([], {"DECODE_STEP": "fast"}, "DECODE_STEP must be one of auto, eager, static"),
+                             ([], {"CUDA_GRAPHS": "always"}, "CUDA_GRAPHS must be one of auto, on, off")):
+        with pytest.raises(SystemExit):
+            app_settings.parse_settings(argv, env=env)
+        assert named in capsys.readouterr().err
+
+
 def test_the_engine_is_loaded_as_the_settings_say_and_the_footer_shows_where_it_runs(
         monkeypatch, capsys, tiny_chat_model, default_tokenizer):
     import app
@@ -241,6 +263,11 @@ def test_the_engine_is_loaded_as_the_settings_say_and_the_footer_shows_where_it_
     assert err.index("Backend: ") < err.index("Loading ")
     footer = app.status_line(engine, label)
     assert "cpu (cpu " in footer and "float32" in footer and "1 CPU thread ·" in footer and "4 sinks + 96" in footer
+    assert "decode eager" in footer.split(" · ") and engine.config.decode_step == "auto"  # auto: eager on a CPU
+    static, _ = app.create_engine(app_settings.parse_settings(["--decode-step", "static", "--cuda-graphs", "off"],
+                                                              env={}))
+    assert (static.config.decode_step, static.config.cuda_graphs) == ("static", "off")
+    assert "decode static" in app.status_line(static, label).split(" · ")
 
 
 def test_on_a_zerogpu_space_turns_go_to_gpu_workers_and_nothing_else_is_decorated(
@@ -258,6 +285,7 @@ def test_on_a_zerogpu_space_turns_go_to_gpu_workers_and_nothing_else_is_decorate
     monkeypatch.setattr(startup, "load", lambda name, **kwargs: (tiny_chat_model, default_tokenizer))
     engine, _ = app.create_engine(app_settings.parse_settings(["--recent-size", "96"], env={}))
     assert isinstance(engine, RemoteTurnsEngine) and "ZeroGPU" in app.status_line(engine, "x")
+    assert engine.config.decode_step == "eager" and "decode eager" in app.status_line(engine, "x")  # auto there
     monkeypatch.delenv("SPACES_ZERO_GPU")
     assert type(app.create_engine(app_settings.parse_settings([], env={}))[0]) is StreamingEngine
 

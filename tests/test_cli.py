@@ -69,3 +69,88 @@ def test_the_chat_says_at_start_up_which_backend_runs_and_why(tiny_model_dir, tm
     assert len(lines) == 1 and lines[0].startswith("Backend: transformers (auto picks transformers:")
     assert chat.main(common + ["--backend", "transformers"]) == 0
     assert "Backend: transformers (asked for with --backend transformers)" in capsys.readouterr().err
+
+
+# --- the decode-path flags, shared by every command line that builds an engine (eval/cli.add_decode_args) ---------
+
+def decode_parsers():
+    from streaming_engine.eval import fairness, mtbench, recall, serve
+
+    return {"chat": chat.build_parser, "serve": serve.build_parser, "fairness": fairness.build_parser,
+            "recall": recall.build_parser, "mtbench": mtbench.build_parser}
+
+
+@pytest.mark.parametrize("cli", ["chat", "serve", "fairness", "recall", "mtbench"])
+def test_every_engine_cli_takes_the_decode_flags_and_refuses_other_values(cli, capsys):
+    from streaming_engine.defaults import CUDA_GRAPH_MODES, DECODE_STEPS
+    from streaming_engine.eval.cli import decode_kwargs
+
+    build = decode_parsers()[cli]
+    assert decode_kwargs(build().parse_args([])) == dict(decode_step="auto", cuda_graphs="auto")
+    for step in DECODE_STEPS:
+        for graphs in CUDA_GRAPH_MODES:
+            args = build().parse_args(["--decode-step", step, "--cuda-graphs", graphs])
+            assert decode_kwargs(args) == dict(decode_step=step, cuda_graphs=graphs)
+    for flag, bad in (("--decode-step", "fast"), ("--decode-step", "Static"), ("--cuda-graphs", "yes")):
+        with pytest.raises(SystemExit):
+            build().parse_args([flag, bad])
+        assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.fixture
+def built_engines(monkeypatch):
+    """`(made, control)`: `made` lists every `StreamingEngine` built from now on as (config, decode path);
+    `control["stop"] = True` makes each construction raise once recorded (a benchmark then ends before it
+    measures anything)."""
+    from streaming_engine.engine import StreamingEngine
+
+    made, control = [], {"stop": False}
+    original = StreamingEngine.__init__
+
+    def recording(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append((self.config, self.decode_path))
+        if control["stop"]:
+            raise RuntimeError("stopped once the engine was built")
+
+    monkeypatch.setattr(StreamingEngine, "__init__", recording)
+    return made, control
+
+
+def test_the_chat_cli_hands_the_decode_flags_to_the_engine(tiny_model_dir, tmp_path, capsys, built_engines):
+    import torch
+
+    made, _ = built_engines
+    prompts = tmp_path / "one.txt"
+    prompts.write_text("Hello")
+    common = [str(prompts), "--model", tiny_model_dir, "--max-new-tokens", "3", "--recent-size", "60"]
+    assert chat.main(common + ["--decode-step", "static", "--cuda-graphs", "off"]) == 0
+    assert capsys.readouterr().out.count("[cache ") == 1
+    config, path = made[-1]
+    assert (config.decode_step, config.cuda_graphs, path) == ("static", "off", "static")
+    assert chat.main(common) == 0
+    assert (made[-1][0].decode_step, made[-1][1]) == ("auto", "eager")  # auto on the CPU
+    if not torch.cuda.is_available():
+        assert chat.main(common + ["--cuda-graphs", "on"]) == 2
+        assert "cuda_graphs_unavailable" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cli", ["serve", "fairness", "recall", "mtbench"])
+def test_every_benchmark_cli_hands_the_decode_flags_to_its_engine(cli, tmp_path, monkeypatch, built_engines,
+                                                                 tiny_chat_model, default_tokenizer, capsys):
+    from streaming_engine.eval import cli as eval_cli
+
+    made, control = built_engines
+    control["stop"] = True
+    monkeypatch.setattr(eval_cli, "load_model", lambda args: (tiny_chat_model, default_tokenizer))
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"turns": ["Hi there", "And again"]}) + "\n")
+    extra = {"serve": ["--recent-size", "100", "--sessions", "1"], "fairness": ["--recent-size", "100"],
+             "recall": ["--recent-size", "100"], "mtbench": ["--questions", str(questions)]}[cli]
+    module = __import__(f"streaming_engine.eval.{cli}", fromlist=["main"])
+    argv = extra + ["--decode-step", "static", "--cuda-graphs", "off", "--output", str(tmp_path / "out.json")]
+    with pytest.raises(SystemExit) as stopped:
+        module.main(argv)
+    assert stopped.value.code == 2 and "stopped once the engine was built" in capsys.readouterr().err
+    config, path = made[-1]
+    assert (config.decode_step, config.cuda_graphs, path) == ("static", "off", "static")

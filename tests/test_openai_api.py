@@ -179,6 +179,7 @@ def test_metrics_report_sessions_tokens_evictions_memory_and_rates(client, serve
         assert f"streaming_llm_{name}" in values, name
         assert f"# TYPE streaming_llm_{name} " in page
     assert int(values["streaming_llm_sessions_open"]) == len(engine.session_ids()) >= 1
+    assert f'\nstreaming_llm_decode_path_info{{path="{engine.decode_path}"}} 1\n' in page
     assert int(values["streaming_llm_tokens_generated_total"]) >= 1
     assert int(values["streaming_llm_kv_cache_bytes"]) == sum(engine.stats(s)["kv_bytes"] for s in engine.session_ids())
     generated = engine.counters.snapshot()["tokens_generated"] - generated_before

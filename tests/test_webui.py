@@ -605,3 +605,21 @@ def test_gradio_hands_the_request_and_the_optional_cache_sizes_to_their_own_para
     named = inspect.signature(bound).bind(*arguments).arguments
     assert named["request"] is marker
     assert (named.get("start"), named.get("recent")) == (sizes or (None, None))
+
+
+@pytest.mark.parametrize("decode_step, path", [("eager", "eager"), ("static", "static")])
+def test_the_footer_and_metrics_say_which_decode_path_runs(tiny_chat_model, default_tokenizer, decode_step, path):
+    """The app's footer and `/metrics` (an info gauge, `streaming_llm_decode_path_info{path=...} 1`) name the path
+    the scheduler runs; on the CPU the static step has no graphs (the "static+graphs" case is the GPU check's)."""
+    import app
+    from webui import metrics
+
+    from streaming_engine.scheduler import DECODE_PATHS
+
+    engine = StreamingEngine(tiny_chat_model, default_tokenizer,
+                             EngineConfig(start_size=4, recent_size=96, decode_step=decode_step))
+    assert engine.decode_path == path in DECODE_PATHS
+    assert f"decode {path}" in app.status_line(engine, "tiny").split(" · ")
+    page = metrics.render(engine)
+    assert "# TYPE streaming_llm_decode_path_info gauge" in page
+    assert re.findall(r"^streaming_llm_decode_path_info\{(.*)\} (\S+)$", page, flags=re.M) == [(f'path="{path}"', "1")]

@@ -30,6 +30,12 @@ def _line(name: str, kind: str, help_text: str, value: float) -> str:
     return f"# HELP {PREFIX}_{name} {help_text}\n# TYPE {PREFIX}_{name} {kind}\n{PREFIX}_{name} {shown}\n"
 
 
+def _info(name: str, help_text: str, **labels: str) -> str:
+    """An info-style gauge: one sample of value 1 whose labels carry the facts."""
+    shown = ",".join(f'{key}="{value}"' for key, value in labels.items())
+    return f"# HELP {PREFIX}_{name} {help_text}\n# TYPE {PREFIX}_{name} gauge\n{PREFIX}_{name}{{{shown}}} 1\n"
+
+
 def render(engine: StreamingEngine, queue_length: Callable[[], int] | None = None) -> str:
     """The metrics page as text."""
     kv_bytes = cache_tokens = 0
@@ -63,6 +69,8 @@ def render(engine: StreamingEngine, queue_length: Callable[[], int] | None = Non
               round(engine.counters.decode_tokens_per_s(), 3)),
         _line("process_resident_memory_bytes", "gauge", "Resident memory of the server process.",
               psutil.Process().memory_info().rss),
+        _info("decode_path_info", "How decode steps run: eager, static, or static+graphs (replayed CUDA graphs).",
+              path=engine.decode_path),
     ))
 
 

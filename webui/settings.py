@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from streaming_engine.backends import BACKENDS
 from streaming_engine.checks import check_int
 from streaming_engine.defaults import (
+    CUDA_GRAPH_MODES,
+    DECODE_STEPS,
+    DEFAULT_CUDA_GRAPHS,
+    DEFAULT_DECODE_STEP,
     DEFAULT_MODEL_NAME,
     DEFAULT_START_SIZE,
     DEVICE_MAP_STRATEGIES,
@@ -23,6 +27,7 @@ from streaming_engine.defaults import (
     MAX_SESSIONS,
     MAX_SESSIONS_PER_OWNER,
 )
+from streaming_engine.eval.cli import DECODE_ENV, add_decode_args
 from streaming_engine.store_pg import START_WAIT_S, check_database_url
 
 DEFAULT_HOST = "127.0.0.1"
@@ -94,10 +99,17 @@ class AppSettings:
     #: Visitors may pick the cache sizes of their new chats (at most the owner's `start_size`/`recent_size`).
     visitor_cache_sizes: bool = False
     backend: str = "auto"  # see streaming_engine/backends/choice.py: transformers unless llama.cpp is asked for
+    # How the batched decode runs (docs/gpu-decode.md): the static step on CUDA by default, replayed from graphs.
+    decode_step: str = DEFAULT_DECODE_STEP
+    cuda_graphs: str = DEFAULT_CUDA_GRAPHS
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        for name, allowed in (("decode_step", DECODE_STEPS), ("cuda_graphs", CUDA_GRAPH_MODES)):
+            if getattr(self, name) not in allowed:  # a value from the environment: argparse checked the flags
+                raise ValueError(f"--{name.replace('_', '-')} / {DECODE_ENV[name]} must be one of "
+                                 f"{', '.join(allowed)}; got {getattr(self, name)!r}")
         check_int("--start-size", self.start_size, 0)
         check_int("--recent-size", self.recent_size, 1)
         check_int("--port", self.port, 1, 65535)
@@ -212,6 +224,7 @@ def parse_settings(argv: list[str] | None = None, env: dict | None = None) -> Ap
                        help="per-device budget for --device-map, e.g. 0=20GiB,cpu=30GiB (env MAX_MEMORY)")
     where.add_argument("--offload-folder", metavar="DIR", default=env.get("OFFLOAD_FOLDER") or None,
                        help="where --device-map writes weights offloaded to disk (env OFFLOAD_FOLDER)")
+    add_decode_args(where, env=env)
     serving = p.add_argument_group("serving")
     serving.add_argument("--queue-concurrency", type=int,
                          default=_env_int(env, "QUEUE_CONCURRENCY", DEFAULT_QUEUE_CONCURRENCY),
@@ -237,7 +250,8 @@ def parse_settings(argv: list[str] | None = None, env: dict | None = None) -> Ap
                            device=args.device, dtype=args.dtype, threads=args.threads, device_map=args.device_map,
                            max_memory=args.max_memory, offload_folder=args.offload_folder,
                            queue_concurrency=args.queue_concurrency, queue_max_size=args.queue_max_size,
-                           visitor_cache_sizes=args.visitor_cache_sizes, backend=args.backend)
+                           visitor_cache_sizes=args.visitor_cache_sizes, backend=args.backend,
+                           decode_step=args.decode_step, cuda_graphs=args.cuda_graphs)
     except ValueError as exc:
         p.error(str(exc))
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..defaults import DEFAULT_CUDA_GRAPHS, DEFAULT_DECODE_STEP
 from ..scheduler import Scheduler, make_scheduler
 
 
@@ -92,11 +93,14 @@ class Backend(ABC):
         """Feed each `(cache, ids)` row on its own cache; each row's last-token logits `[vocab]`. Raises when the
         pass fails (the scheduler then retries each row alone)."""
 
-    def new_batch(self, max_batch: int, *, decode_step: str = "eager", cuda_graphs: str = "auto"):
+    def new_batch(self, max_batch: int, *, decode_step: str = DEFAULT_DECODE_STEP,
+                  cuda_graphs: str = DEFAULT_CUDA_GRAPHS):
         """`(batch, static_step)`: the batch decoding rows join (`batchable` backends only:
         `batch_cache.BatchedSinkCache`, whose rows are the caches `new_cache` made) and, for `decode_step="static"`
-        where the backend has one, a fixed-shape step over the whole batch (`tokens -> logits [rows, vocab]`),
-        else None (the scheduler then calls `forward_batch`)."""
+        (or "auto" where the backend prefers it) where the backend has one, a fixed-shape step over the whole batch
+        that also samples its rows (`decode(tokens, samplings) -> (logits [rows, vocab], ids)`, `graphs`: whether
+        it replays CUDA graphs; `device_sampling.SampledDecodeStep`), else None (the scheduler then calls
+        `forward_batch`)."""
         raise NotImplementedError(f"the {self.name} backend does not batch decode rows")
 
     def forward_batch(self, batch, tokens: list[int], rows=None) -> torch.Tensor:
@@ -106,8 +110,8 @@ class Backend(ABC):
     def turn_over(self, cache) -> None:  # noqa: B027 - a hook: most backends borrow nothing
         """A reply on `cache` ended (or the turn failed): whatever the backend borrowed for it goes back."""
 
-    def make_scheduler(self, kind: str, *, max_batch: int, prefill_budget: int, decode_step: str = "eager",
-                       cuda_graphs: str = "auto") -> Scheduler:
+    def make_scheduler(self, kind: str, *, max_batch: int, prefill_budget: int,
+                       decode_step: str = DEFAULT_DECODE_STEP, cuda_graphs: str = DEFAULT_CUDA_GRAPHS) -> Scheduler:
         """The worker that serves this backend's turns (`"batched"` or `"round-robin"`)."""
         return make_scheduler(kind, self, max_batch=max_batch, prefill_budget=prefill_budget,
                               decode_step=decode_step, cuda_graphs=cuda_graphs)

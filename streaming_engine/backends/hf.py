@@ -4,7 +4,9 @@ A conversation's cache is a `batch_cache.ConversationCache` around its own `cach
 module and per-layer RoPE kinds found once, from the model); while its reply decodes it is a row of the batched
 worker's `BatchedSinkCache`, and it leaves that row when the reply ends (`turn_over`) or before a prompt is fed
 on it (`forward`). A prompt chunk is one conversation's pass (`generation.forward`); decode rows share a pass only
-in `scheduler.BatchedScheduler`, and only where `families.batchable` allows.
+in `scheduler.BatchedScheduler`, and only where `families.batchable` allows. On CUDA (`decode_step="auto"`), or
+wherever "static" is asked for, that pass is the fixed-shape static step, its rows sampled on the device
+(`new_batch`; docs/gpu-decode.md), unless `static_step.unsupported_reason` refuses the model.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import logging
 import torch
 
 from ..batch_cache import BatchedSinkCache, ConversationCache
-from ..cuda_graphs import GraphedDecodeStep, StaticStepConfig
 from ..cache import StartRecentKVCache
+from ..cuda_graphs import GraphedDecodeStep, StaticStepConfig
+from ..defaults import DEFAULT_CUDA_GRAPHS, DEFAULT_DECODE_STEP
+from ..device_sampling import SampledDecodeStep
 from ..families import batchable, find_rotary_embedding, layer_rope_kinds
 from ..generation import forward, forward_batch
 from ..placement import describe_placement, input_device
-from ..static_step import StaticDecodeStep, StaticSinkCache, unsupported_reason
+from ..static_step import StaticDecodeStep, StaticSinkCache, resolve_decode_step, unsupported_reason
 from .base import Backend, Description
 
 logger = logging.getLogger(__name__)
@@ -70,16 +74,20 @@ class TransformersBackend(Backend):
             answers.append(forward(self.model, cache.solo, ids))
         return answers
 
-    def new_batch(self, max_batch: int, *, decode_step: str = "eager", cuda_graphs: str = "auto"):
+    def new_batch(self, max_batch: int, *, decode_step: str = DEFAULT_DECODE_STEP,
+                  cuda_graphs: str = DEFAULT_CUDA_GRAPHS):
         graphs = StaticStepConfig(cuda_graphs=cuda_graphs)  # validated even when the step stays eager
-        reason = unsupported_reason(self.model) if decode_step == "static" else None
+        step = resolve_decode_step(decode_step, self.input_device)  # "auto": static on CUDA only
+        reason = unsupported_reason(self.model) if step == "static" else None
         if reason is not None:
             logger.info("static decode step unavailable (%s): %s; decoding eagerly", reason.code, reason.message)
-        if decode_step != "static" or reason is not None:
+        if step != "static" or reason is not None:
             return BatchedSinkCache(max_batch), None
         batch = StaticSinkCache(max_batch, STATIC_MIN_CAPACITY)
-        # Replayed from CUDA graphs per `cuda_graphs` ("auto": on CUDA); elsewhere the same step, eagerly.
-        return batch, GraphedDecodeStep(StaticDecodeStep(self.model, batch), graphs)
+        # Replayed from CUDA graphs per `cuda_graphs` ("auto": on CUDA); elsewhere the same step, eagerly. Every
+        # row is sampled on the device behind it (one copy of the ids per step).
+        static = StaticDecodeStep(self.model, batch)
+        return batch, SampledDecodeStep(GraphedDecodeStep(static, graphs), batch.rows_allocated, static.device)
 
     def forward_batch(self, batch: BatchedSinkCache, tokens: list[int], rows=None) -> torch.Tensor:
         return forward_batch(self.model, batch, tokens, rows)

@@ -1,13 +1,21 @@
-"""Command-line plumbing shared by the evaluation CLIs (and the chat CLI): help formatting, model/device options."""
+"""Command-line plumbing shared by the evaluation CLIs (and the chat CLI and the app): help formatting,
+model/device options, the decode-path options."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 # torch-free at import time, so that the CLIs built on these parsers answer `--help` at once.
-from ..defaults import DEFAULT_MODEL_NAME, DEVICE_MAP_STRATEGIES
+from ..defaults import (
+    CUDA_GRAPH_MODES,
+    DECODE_STEPS,
+    DEFAULT_CUDA_GRAPHS,
+    DEFAULT_DECODE_STEP,
+    DEFAULT_MODEL_NAME,
+    DEVICE_MAP_STRATEGIES,
+)
 from .runinfo import run_metadata, write_result
 
 
@@ -51,6 +59,35 @@ def add_placement_args(p: argparse.ArgumentParser) -> None:
 def placement_kwargs(args) -> dict:
     """The `load()` keywords of the parsed placement options."""
     return dict(device_map=args.device_map, max_memory=args.max_memory, offload_folder=args.offload_folder)
+
+
+#: The environment variables the app reads `--decode-step` and `--cuda-graphs` from (`add_decode_args(env=...)`).
+DECODE_ENV = {"decode_step": "DECODE_STEP", "cuda_graphs": "CUDA_GRAPHS"}
+
+
+def add_decode_args(p, env: Mapping[str, str] | None = None) -> None:
+    """`--decode-step` and `--cuda-graphs`: how the engine's batched decode runs (docs/gpu-decode.md). With `env`
+    (the app's settings), each defaults to its environment variable (`DECODE_ENV`), as the app's other flags do;
+    a bad value from there is the caller's to refuse (argparse checks only what the command line gives)."""
+
+    def default(name: str, value: str) -> str:
+        return (env.get(DECODE_ENV[name]) or value) if env is not None else value
+
+    def env_note(name: str) -> str:
+        return f"env {DECODE_ENV[name]}; " if env is not None else ""
+
+    p.add_argument("--decode-step", choices=DECODE_STEPS, default=default("decode_step", DEFAULT_DECODE_STEP),
+                   help="how decode steps run: static (fixed shapes, every row sampled on the device), eager, or "
+                        "auto: static on CUDA, eager on CPU, MPS and ZeroGPU; a model the static step cannot "
+                        f"serve decodes eagerly ({env_note('decode_step')}default %(default)s)")
+    p.add_argument("--cuda-graphs", choices=CUDA_GRAPH_MODES, default=default("cuda_graphs", DEFAULT_CUDA_GRAPHS),
+                   help="replay the static step from CUDA graphs: auto (on CUDA), on (an error without CUDA), off "
+                        f"({env_note('cuda_graphs')}default %(default)s)")
+
+
+def decode_kwargs(args) -> dict:
+    """The `EngineConfig` keywords of the parsed decode-path options."""
+    return dict(decode_step=args.decode_step, cuda_graphs=args.cuda_graphs)
 
 
 def add_text_args(p: argparse.ArgumentParser, text_help: str, dataset_help: str) -> None:

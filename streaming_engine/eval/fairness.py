@@ -88,7 +88,8 @@ def attacker(engine, scenario: str, args, done: threading.Event, busy: threading
 def one_run(model, tokenizer, scenario: str, args) -> dict:
     from ..engine import EngineConfig, StreamingEngine
 
-    engine = StreamingEngine(model, tokenizer, EngineConfig(start_size=args.start_size, recent_size=args.recent_size))
+    engine = StreamingEngine(model, tokenizer, EngineConfig(start_size=args.start_size, recent_size=args.recent_size,
+                                                            **cli.decode_kwargs(args)))
     if scenario == "paste-unsliced":
         engine.scheduler.slice_prefill = False
     done, busy = threading.Event(), threading.Event()
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_model_args(p)
     p.add_argument("--start-size", type=int, default=4, help="attention sinks of every session")
     p.add_argument("--recent-size", type=int, default=1020, help="recent window of every session")
+    cli.add_decode_args(p)
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}")
     p.add_argument("--turns", type=int, default=3, help="victim turns per run")
     p.add_argument("--tokens", type=int, default=48, help="most tokens of each victim reply")

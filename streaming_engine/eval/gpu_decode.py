@@ -23,6 +23,8 @@ import statistics
 import time
 from pathlib import Path
 
+from ..defaults import CUDA_GRAPH_MODES, DEFAULT_CUDA_GRAPHS
+
 #: Model shapes (transformers LlamaConfig fields). `smollm2-135m`: HuggingFaceTB/SmolLM2-135M's architecture;
 #: `llama-1b`: Llama-3.2-1B's (default RoPE instead of its llama3 scaling, which changes no cost);
 #: `tiny`: a small shape for quick CPU runs.
@@ -226,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda", help="cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    p.add_argument("--cuda-graphs", default="auto", choices=("auto", "on", "off"))
+    p.add_argument("--cuda-graphs", default=DEFAULT_CUDA_GRAPHS, choices=CUDA_GRAPH_MODES)
     p.add_argument("--start-size", type=int, default=4)
     p.add_argument("--recent-size", type=int, default=252)
     p.add_argument("--prompt", type=int, default=200, help="prompt tokens per row (the cache fills while decoding)")

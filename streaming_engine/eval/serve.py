@@ -192,13 +192,15 @@ def summarize_cells(cells: list[dict]) -> dict:
 def run(model, tokenizer, *, sessions: list[int], schedulers: list[str], new_tokens: int, rounds: int,
         single_tokens: int, single_rounds: int, start_size: int, recent_size: int, max_batch: int,
         prefill_chunk: int, detok_lengths: list[int] = (), progress: bool = True, config: dict | None = None,
-        peers: dict | None = None) -> dict:
-    """`peers`: name -> `measure(prompt, tokens)` for the single stream (default: `generate`, transformers')."""
+        peers: dict | None = None, decode: dict | None = None) -> dict:
+    """`peers`: name -> `measure(prompt, tokens)` for the single stream (default: `generate`, transformers');
+    `decode`: the engines' decode-path settings (`cli.decode_kwargs`; default: the engine's)."""
     engines = {}
     for kind in schedulers:
         engines[kind] = StreamingEngine(model, tokenizer, EngineConfig(
             start_size=start_size, recent_size=recent_size, prefill_chunk_size=prefill_chunk, scheduler=kind,
-            max_batch=max_batch, max_active_turns=max(max(sessions), 1), max_sessions=max(sessions) + 2))
+            max_batch=max_batch, max_active_turns=max(max(sessions), 1), max_sessions=max(sessions) + 2,
+            **(decode or {})))
         engines[kind].runtime.eos_ids = set()  # every reply runs to its token budget (see the module doc)
     device = model.device
     result = {
@@ -212,6 +214,7 @@ def run(model, tokenizer, *, sessions: list[int], schedulers: list[str], new_tok
             "backend": "llama.cpp" if getattr(model, "is_llamacpp", False) else "transformers",
             "sampling": "engine defaults (temperature 0.7, top-p 0.9, top-k 50, repetition penalty 1.1), "
                         "seeded per session; end-of-turn tokens ignored",
+            "decode_path": {kind: engine.decode_path for kind, engine in engines.items()},
         },
         "cells": [],
         "single": {},
@@ -310,7 +313,7 @@ def llamacpp_setup(args):
     hf_model, hf_tokenizer = load(args.model, args.device, args.dtype, backend="transformers")
     hf_engine = StreamingEngine(hf_model, hf_tokenizer, EngineConfig(
         start_size=args.start_size, recent_size=args.recent_size,
-        prefill_chunk_size=min(args.prefill_chunk, max(1, args.recent_size // 2))))
+        prefill_chunk_size=min(args.prefill_chunk, max(1, args.recent_size // 2)), **cli.decode_kwargs(args)))
     hf_engine.runtime.eos_ids = set()
     peers = {"generate": lambda text, n: single_llamacpp_generate(llm, tokenizer, text, n),
              "engine_transformers": lambda text, n: single_engine(hf_engine, text, n)}
@@ -333,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recent-size", type=int, default=1020, help="recent window")
     p.add_argument("--max-batch", type=int, default=16, help="rows of the batched scheduler")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward pass")
+    cli.add_decode_args(p)
     p.add_argument("--detok-tokens", default="1024,4096",
                    help="reply lengths for the detokenization comparison (comma list; empty: skip)")
     p.add_argument("--quick", action="store_true",
@@ -370,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                      rounds=args.rounds, single_tokens=args.single_tokens, single_rounds=args.single_rounds,
                      start_size=args.start_size, recent_size=args.recent_size, max_batch=args.max_batch,
                      prefill_chunk=min(args.prefill_chunk, max(1, args.recent_size // 2)), detok_lengths=detok,
-                     config=config, peers=peers)
+                     config=config, peers=peers, decode=cli.decode_kwargs(args))
     except (ValueError, RuntimeError) as exc:
         parser.exit(2, f"error: {exc}\n")
     from .plots import plot_serve
