@@ -2,7 +2,8 @@
 users chat through nginx with two app replicas sharing one PostgreSQL database; every cycle the replica holding
 most of them is killed with SIGKILL while their replies stream, its users reload and carry on on the other one,
 and the dead replica is restarted. At the end every message each user sent is in the shared database exactly once,
-in that user's own conversation and in order, and every page shows its whole conversation.
+in that user's own conversation and in order, and every page shows its whole conversation. The shared database
+restarted while users chat: the replicas say so on /health, keep replying, and store everything once it is back.
 
 `make test` runs a few cycles with a few users; the full run of the issues is
 
@@ -17,7 +18,9 @@ A tiny random model keeps it fast; what is checked is routing, storage and re-pr
 from __future__ import annotations
 
 import argparse
+import json
 import time
+import urllib.request
 from collections import defaultdict
 
 import pytest
@@ -140,3 +143,47 @@ def test_no_message_is_lost_over_repeated_kill_9_cycles_of_the_replica_holding_m
             "user_moves_to_the_survivor": moved_total, "replies_marked_interrupted": interrupted,
             "duration_s": round(time.monotonic() - started, 1),
         }, run_metadata(options, None, "python -m pytest"))
+
+
+def health(url: str) -> dict:
+    """A replica's /health (its status code is 200 while it serves, degraded included)."""
+    with urllib.request.urlopen(f"{url}/health", timeout=60) as response:
+        return json.loads(response.read())
+
+
+def test_a_postgresql_restart_under_load_is_reported_by_the_replicas_and_loses_nothing(
+        replicas, replica_browser, replica_database, postgres_server, tmp_path):
+    """The shared database stops while users chat on both replicas: replies keep coming, every replica that
+    served a turn meanwhile says on /health that chats are not being saved, and once the database is back the next
+    turn stores each conversation whole again, the messages sent during the outage included."""
+    front, port, pins = nginx_front(replicas.ports, tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        users = [User(replica_browser, url, 100 + i) for i in range(4)]
+        for user in users:
+            user.say(0)
+        for user in users:
+            user.carry_on(moved=False)
+        postgres_server.stop()
+        try:
+            for user in users:
+                user.say(1)
+            for user in users:
+                user.carry_on(moved=False)
+            served = {pins[pin(user.page)] for user in users}
+            for i in served:
+                report = health(replicas.url(i))
+                assert report["status"] == "degraded" and "unreachable" in report["problems"]["storage"]
+        finally:
+            postgres_server.start()
+        for user in users:
+            user.say(2)
+        for user in users:
+            user.carry_on(moved=False)
+        for i in served:
+            assert health(replicas.url(i))["status"] == "ok"
+        mine = {tuple(u.sent) for u in users}
+        stored = {tuple(c) for c in stored_user_messages(replica_database).values()}
+        assert mine <= stored  # every user's three messages, in order, in its own conversation
+    finally:
+        stop_app(front)
