@@ -26,7 +26,7 @@ from .defaults import (
     MODES,
 )
 from .eviction import DEFAULT_EVICT_BLOCK, EVICTION_POLICIES
-from .eval.cli import add_decode_args, add_placement_args, decode_kwargs, placement_kwargs
+from .cli_options import add_decode_args, add_placement_args, decode_kwargs, placement_kwargs
 from .prompts import jsonl_records
 
 

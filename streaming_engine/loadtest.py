@@ -1,10 +1,15 @@
-"""Old home of the load test, kept so `python -m streaming_engine.loadtest` still works: see `eval/loadtest.py`."""
+"""Old home of the load test, kept for one release so `python -m streaming_engine.loadtest` still works (with a
+DeprecationWarning): see `eval/loadtest.py`."""
 
 from __future__ import annotations
 
 import sys
+import warnings
 
 from .eval.loadtest import build_parser, main, run_load, run_user
+
+warnings.warn("streaming_engine.loadtest moved to streaming_engine.eval.loadtest (this path goes in the next release)",
+              DeprecationWarning, stacklevel=2)
 
 __all__ = ["build_parser", "main", "run_load", "run_user"]
 

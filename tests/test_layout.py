@@ -113,6 +113,30 @@ def function_body_imports(path: Path) -> list[str]:
     return found
 
 
+#: The one product module allowed to import the benchmarks: the load test's old path, kept one release.
+EVAL_SHIMS = ("streaming_engine.loadtest",)
+
+
+def test_the_product_never_imports_the_benchmarks():
+    graph = import_graph()
+    importers = {module for module, targets in graph.items() if any(t.startswith("streaming_engine.eval") for t in targets)}
+    assert "streaming_engine.eval.ppl" in importers  # the walk sees eval's own imports
+    assert {m for m in importers if not m.startswith("streaming_engine.eval")} == set(EVAL_SHIMS)
+    outside = [PACKAGE.parent / "app.py", *sorted((PACKAGE.parent / "webui").glob("*.py"))]
+    assert [p.name for p in outside if any(m.startswith("streaming_engine.eval") for m in absolute_imports(p))] == []
+
+
+def absolute_imports(path: Path) -> set[str]:
+    """The modules `path` imports by absolute name, anywhere in its code (docstrings that name a module do not count)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return found
+
+
 def test_only_the_backends_package_imports_the_llamacpp_pieces():
     graph = import_graph()
     importers = {module for module, targets in graph.items()

@@ -17,6 +17,7 @@ import gradio as gr
 
 from streaming_engine import MODES, EngineBusy
 from streaming_engine.engine import MAX_MESSAGE_CHARS
+from streaming_engine.palette import COLORS  # the benchmarks' colours too: a mode looks the same everywhere
 
 from .assets import icon, load_json_list
 from .chat_tab import EMPTY_MESSAGE
@@ -209,8 +210,6 @@ def build_compare_tab(engine) -> None:
     The three sides sit side by side; on a narrow screen they stay side by side in a row that scrolls sideways,
     one side per screen width (`assets/style.css`), instead of stacking into a very long page.
     """
-    from streaming_engine.eval.plots import COLORS  # the benchmarks' colours: a mode looks the same everywhere
-
     compare_state = tab_state(engine)
     with gr.Tab("Dense vs Streaming", id="compare"):
         gr.Markdown(

@@ -27,7 +27,7 @@ from streaming_engine.defaults import (
     MAX_SESSIONS,
     MAX_SESSIONS_PER_OWNER,
 )
-from streaming_engine.eval.cli import DECODE_ENV, add_decode_args
+from streaming_engine.cli_options import DECODE_ENV, add_decode_args
 from streaming_engine.store_pg import START_WAIT_S, check_database_url
 
 DEFAULT_HOST = "127.0.0.1"

@@ -1,21 +1,22 @@
-"""Command-line plumbing shared by the evaluation CLIs (and the chat CLI and the app): help formatting,
-model/device options, the decode-path options."""
+"""Command-line plumbing shared by the evaluation CLIs: help formatting, model/device options, outputs. The options
+the product shares with them (placement, decode path) live in `streaming_engine.cli_options`; they are re-exported
+here for the benchmarks."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable
 
 # torch-free at import time, so that the CLIs built on these parsers answer `--help` at once.
-from ..defaults import (
-    CUDA_GRAPH_MODES,
-    DECODE_STEPS,
-    DEFAULT_CUDA_GRAPHS,
-    DEFAULT_DECODE_STEP,
-    DEFAULT_MODEL_NAME,
-    DEVICE_MAP_STRATEGIES,
+from ..cli_options import (  # noqa: F401 - re-exported: the benchmarks add these from here
+    DECODE_ENV,
+    add_decode_args,
+    add_placement_args,
+    decode_kwargs,
+    placement_kwargs,
 )
+from ..defaults import DEFAULT_MODEL_NAME
 from .runinfo import run_metadata, write_result
 
 
@@ -42,52 +43,6 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "support) on CUDA; on CPU bf16 where it has native bf16 units, fp32 otherwise)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     add_placement_args(p)
-
-
-def add_placement_args(p: argparse.ArgumentParser) -> None:
-    """`--device-map`, `--max-memory`, `--offload-folder`: spread a model that does not fit one device."""
-    p.add_argument("--device-map", default=None, choices=DEVICE_MAP_STRATEGIES,
-                   help="spread the layers over GPUs, CPU and disk with accelerate (instead of --device)")
-    p.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
-                   help="memory budget per device for --device-map, e.g. 0=20GiB,1=20GiB,cpu=30GiB; "
-                        "what fits nowhere goes to disk")
-    p.add_argument("--offload-folder", default=None, metavar="DIR",
-                   help="where disk-offloaded weights are written when the checkpoint cannot be read in place "
-                        "(not needed for safetensors checkpoints)")
-
-
-def placement_kwargs(args) -> dict:
-    """The `load()` keywords of the parsed placement options."""
-    return dict(device_map=args.device_map, max_memory=args.max_memory, offload_folder=args.offload_folder)
-
-
-#: The environment variables the app reads `--decode-step` and `--cuda-graphs` from (`add_decode_args(env=...)`).
-DECODE_ENV = {"decode_step": "DECODE_STEP", "cuda_graphs": "CUDA_GRAPHS"}
-
-
-def add_decode_args(p, env: Mapping[str, str] | None = None) -> None:
-    """`--decode-step` and `--cuda-graphs`: how the engine's batched decode runs (docs/gpu-decode.md). With `env`
-    (the app's settings), each defaults to its environment variable (`DECODE_ENV`), as the app's other flags do;
-    a bad value from there is the caller's to refuse (argparse checks only what the command line gives)."""
-
-    def default(name: str, value: str) -> str:
-        return (env.get(DECODE_ENV[name]) or value) if env is not None else value
-
-    def env_note(name: str) -> str:
-        return f"env {DECODE_ENV[name]}; " if env is not None else ""
-
-    p.add_argument("--decode-step", choices=DECODE_STEPS, default=default("decode_step", DEFAULT_DECODE_STEP),
-                   help="how decode steps run: static (fixed shapes, every row sampled on the device), eager, or "
-                        "auto: static on CUDA, eager on CPU, MPS and ZeroGPU; a model the static step cannot "
-                        f"serve decodes eagerly ({env_note('decode_step')}default %(default)s)")
-    p.add_argument("--cuda-graphs", choices=CUDA_GRAPH_MODES, default=default("cuda_graphs", DEFAULT_CUDA_GRAPHS),
-                   help="replay the static step from CUDA graphs: auto (on CUDA), on (an error without CUDA), off "
-                        f"({env_note('cuda_graphs')}default %(default)s)")
-
-
-def decode_kwargs(args) -> dict:
-    """The `EngineConfig` keywords of the parsed decode-path options."""
-    return dict(decode_step=args.decode_step, cuda_graphs=args.cuda_graphs)
 
 
 def add_text_args(p: argparse.ArgumentParser, text_help: str, dataset_help: str) -> None:

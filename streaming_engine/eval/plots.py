@@ -10,15 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLORS = {
-    "dense": "#6c757d",
-    "window": "#d62728",
-    "streaming": "#1f77b4",
-    "streaming-noshift": "#9467bd",
-    "recompute": "#2ca02c",
-    "perstep-rope": "#ff7f0e",
-    "streaming-block": "#17becf",
-}
+from ..palette import COLORS  # noqa: E402,F401 - the methods' colours (re-exported for the benchmarks)
+
 #: Cache sizes are told apart by line style in the benchmark plots.
 STYLES = ("-", "--", ":", "-.")
 MIB = 2**20
