@@ -32,12 +32,18 @@ def _is_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
+def _installed(program: str, package: str) -> str:
+    """The path of a front's program (Debian puts it in /usr/sbin, often off a user's PATH), or skip saying why."""
+    path = shutil.which(program) or shutil.which(program, path="/usr/sbin")
+    if path is None:
+        pytest.skip(f"{program} is not installed (apt-get install {package}; make install-test does)")
+    return path
+
+
 def nginx_front(ports: list[int], folder: Path):
     """nginx with `deploy/nginx.conf` in front of replicas on `ports` (one per sample port); returns `(process,
     port, pins)`, `pins` mapping each cookie value (the replica's address) to its index in `ports`."""
-    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
-    if nginx is None:
-        pytest.skip("nginx is not installed (apt-get install nginx-light; make install-test does)")
+    nginx = _installed("nginx", "nginx-light")
     port = free_port()
     site = _with_test_ports((DEPLOY / "nginx.conf").read_text(), ports)
     site = site.replace(f"listen {SAMPLE_LISTEN_PORT};", f"listen 127.0.0.1:{port};")
@@ -60,9 +66,7 @@ def nginx_front(ports: list[int], folder: Path):
 def haproxy_front(ports: list[int], folder: Path):
     """HAProxy with `deploy/haproxy.cfg` in front of replicas on `ports`; returns `(process, port, pins)`, `pins`
     mapping each cookie value (the server's name) to its index in `ports`."""
-    haproxy = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin")
-    if haproxy is None:
-        pytest.skip("haproxy is not installed (apt-get install haproxy; make install-test does)")
+    haproxy = _installed("haproxy", "haproxy")
     port = free_port()
     config = _with_test_ports((DEPLOY / "haproxy.cfg").read_text(), ports)
     config = config.replace(f"bind :{SAMPLE_LISTEN_PORT}", f"bind 127.0.0.1:{port}")

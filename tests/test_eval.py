@@ -19,6 +19,7 @@ import zlib
 import numpy
 import pytest
 import torch
+from browser_util import save_model
 from conftest import VOCAB, tiny_model
 
 from streaming_engine.eval import bench, mtbench, stats, texts
@@ -361,9 +362,7 @@ def test_r_data_reader_refuses_other_formats():
 def test_recall_benchmark_runs_on_a_tiny_model_with_limit(tmp_path, tiny_chat_model, default_tokenizer):
     from streaming_engine.eval import recall
 
-    folder = tmp_path / "tiny"
-    tiny_chat_model.save_pretrained(folder)
-    default_tokenizer.save_pretrained(folder)
+    folder = save_model(tiny_chat_model, default_tokenizer, tmp_path / "tiny")
     out = tmp_path / "recall.json"
     assert recall.main(["--model", str(folder), "--device", "cpu", "--dtype", "float32", "--start-size", "4",
                         "--recent-size", "100", "--dense-max-context", "600", "--distances", "0,40,240",
@@ -395,9 +394,7 @@ def test_fairness_benchmark_measures_every_scenario_against_alone_and_records_it
     from streaming_engine.eval import fairness
     from streaming_engine.eval.runinfo import PROVENANCE_KEY
 
-    folder = tmp_path / "tiny"
-    tiny_chat_model.save_pretrained(folder)
-    default_tokenizer.save_pretrained(folder)
+    folder = save_model(tiny_chat_model, default_tokenizer, tmp_path / "tiny")
     out = tmp_path / "fairness.json"
     assert fairness.main(["--model", str(folder), "--device", "cpu", "--dtype", "float32", "--recent-size", "200",
                           "--turns", "2", "--tokens", "5", "--repeats", "2", "--paste-chars", "600",
@@ -424,9 +421,7 @@ def test_reprime_benchmark_reprimes_every_stored_conversation_within_the_cache_a
     from streaming_engine.eval import reprime
     from streaming_engine.eval.runinfo import PROVENANCE_KEY
 
-    folder = tmp_path / "tiny"
-    tiny_chat_model.save_pretrained(folder)
-    default_tokenizer.save_pretrained(folder)
+    folder = save_model(tiny_chat_model, default_tokenizer, tmp_path / "tiny")
     out = tmp_path / "reprime.json"
     assert reprime.main(["--model", str(folder), "--device", "cpu", "--dtype", "float32", "--recent-size", "100",
                          "--history-tokens", "300,900", "--repeats", "2", "--tokens", "2", "--output", str(out)]) == 0

@@ -146,27 +146,19 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plots import bar_with_repeats, plt, save_png  # matplotlib only when a figure is drawn
 
     names = list(result["summary"])
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for i, name in enumerate(names):
-        values = result["summary"][name]["slowdowns"]
-        ax.bar(i, statistics.median(values), color="#4c78a8" if name != "paste-unsliced" else "#b0b0b0")
-        ax.plot([i] * len(values), values, "k.", ms=4)
+        bar_with_repeats(ax, i, result["summary"][name]["slowdowns"],
+                         color="#4c78a8" if name != "paste-unsliced" else "#b0b0b0")
     ax.axhline(result["bar"], color="#d62728", ls="--", lw=1, label=f"issue 28 bar ({result['bar']:g}x)")
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("victim's time per token / alone")
-    ax.set_title("How much one client slows another (median of repeats; dots: each repeat)")
+    ax.set_title("How much one client slows another (bars: median; dots: repeats)")
     ax.legend(loc="upper left", frameon=False)
-    fig.tight_layout()
-    out = path.with_suffix(".png")
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return [str(out)]
+    return save_png(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -15,6 +16,21 @@ from ..palette import COLORS  # noqa: E402,F401 - the methods' colours (re-expor
 #: Cache sizes are told apart by line style in the benchmark plots.
 STYLES = ("-", "--", ":", "-.")
 MIB = 2**20
+
+
+def bar_with_repeats(ax, x: float, values: list[float], width: float = 0.8, **bar_style) -> None:
+    """One bar at the median of a benchmark's repeats, each repeat a dot on it: the spread at a glance."""
+    ax.bar(x, statistics.median(values), width, **bar_style)
+    ax.plot([x] * len(values), values, "k.", ms=4)
+
+
+def save_png(fig, path: Path, dpi: int = 120) -> list[str]:
+    """Lay out `fig`, write it as the PNG beside `path` (the result's JSON), close it; the paths written."""
+    fig.tight_layout()
+    out = Path(path).with_suffix(".png")
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return [str(out)]
 
 
 def _run_styles(runs: dict) -> dict[str, dict]:

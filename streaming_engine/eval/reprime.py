@@ -134,10 +134,7 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plots import bar_with_repeats, plt, save_png  # matplotlib only when a figure is drawn
 
     lengths = list(result["summary"])
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
@@ -145,9 +142,8 @@ def plot(result: dict, path: Path) -> list[str]:
     for offset, key, label, color in ((-width / 2, "hit_ttft_s", "hit (cache held)", "#4c78a8"),
                                       (width / 2, "miss_ttft_s", "miss (re-primed from the store)", "#f58518")):
         for i, n in enumerate(lengths):
-            values = [r[key] for r in result["runs"][n]]
-            ax.bar(i + offset, statistics.median(values), width, color=color, label=label if i == 0 else None)
-            ax.plot([i + offset] * len(values), values, "k.", ms=4)
+            bar_with_repeats(ax, i + offset, [r[key] for r in result["runs"][n]], width, color=color,
+                             label=label if i == 0 else None)
     ax.set_xticks(range(len(lengths)), [f"{int(n):,} tokens" for n in lengths])
     ax.set_xlabel("stored conversation")
     ax.set_ylabel("time to first token (s)")
@@ -155,11 +151,7 @@ def plot(result: dict, path: Path) -> list[str]:
     top = max(r[key] for rows in result["runs"].values() for r in rows for key in ("hit_ttft_s", "miss_ttft_s"))
     ax.set_ylim(0, top * 1.3)  # room for the legend above the highest dot
     ax.legend(loc="upper center", ncol=2, frameon=False)
-    fig.tight_layout()
-    out = path.with_suffix(".png")
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return [str(out)]
+    return save_png(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
