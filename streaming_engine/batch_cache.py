@@ -1,7 +1,8 @@
 """Continuous batching's cache: conversations' sink caches as rows of one padded tensor, decoded together.
 
 A conversation's tokens live in its own `StartRecentKVCache` between turns and while its prompt is prefilled
-(prompt chunks are compute-bound: batching them buys little, and their lengths differ). When its reply starts
+(fresh conversations' first chunks may share one padded pass, `generation.forward_padded`, but their keys land in
+each one's own cache: a prompt's length needs no ring and no shared columns). When its reply starts
 decoding, its `ConversationCache` *joins* a row of the shared `BatchedSinkCache`; every decode step then feeds one
 token for every row in a single forward pass. When the reply ends the row *leaves*: its tokens go back to its own
 cache, in order. One copy in and one copy out per turn, nothing per token. This module only stores and moves

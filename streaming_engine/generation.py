@@ -5,7 +5,8 @@
 passes:
 
 * `Prefill(cache, ids)`: feed these prompt tokens on the conversation's own cache (`forward`); answer: the last
-  position's logits `[vocab]`. Prompts go one conversation at a time, in chunks of at most `chunk_size`.
+  position's logits `[vocab]`. Prompts go in chunks of at most `chunk_size`; the first chunks of conversations
+  whose prompts arrive together may share one padded pass (`padded_prefill_rows`, `forward_padded`).
 * `Decode(cache, token_id, sampling)`: feed this one sampled token; answer: its logits `[vocab]`. The batched worker
   feeds every decoding conversation's token in one pass (`forward_batch` over a `BatchedSinkCache`). A driver that
   samples on the device (the static step, `device_sampling.SampledDecodeStep`) may answer `Sampled(token_id)`
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from typing import Callable, Generator, Iterator, Literal, Sequence
 
 import torch
+from transformers.cache_utils import DynamicCache
 
 from .families import cache_keyword
 from .placement import input_device
@@ -132,6 +134,73 @@ def forward(model, cache, ids: list[int]) -> torch.Tensor:
         **{cache_keyword(model): cache},
     )
     return out.logits[0, -1]  # [vocab]
+
+
+def padded_prefill_rows(rows: Sequence[tuple[object, list[int]]], batchable: bool) -> list[int]:
+    """Which of `rows` (`(ConversationCache, ids)` prompt chunks handed to one runner call) share one padded pass
+    (`forward_padded`); the others keep a pass each (`forward`). The one home of that rule.
+
+    A row shares when its conversation's cache is *fresh*: nothing held and nothing ever seen (a conversation's
+    first chunk), not in a batch, not driven by `generate()` (`auto_evict`), and its chunk of at least one token
+    fits the cache. Then no eviction can happen inside the pass and the positions are `0..len-1` whether or not
+    the cache shifts positions (in-cache and stream positions agree on an empty cache), so every row's pass is the
+    same arithmetic as alone, only side by side. A cache that already holds tokens would need a padded past too
+    (its keys are in its own tensors, of another length than its neighbours'): those rows stay alone. The model
+    must be one whose conversations share a decode pass (`batchable`, `families.batchable`): the scratch cache of
+    the padded pass is plain full attention, which local sliding-window layers are not. A cache named by an
+    earlier row of the call does not share (its rows must go in their order, and the later one would not find it
+    fresh). Fewer than two sharing rows: none.
+    """
+    if not batchable:
+        return []
+    shared, seen = [], set()
+    for index, (cache, ids) in enumerate(rows):
+        solo = getattr(cache, "solo", None)
+        named_before = id(cache) in seen
+        seen.add(id(cache))
+        if solo is None or named_before or cache.attached or solo.auto_evict:
+            continue
+        if solo.get_seq_length() == 0 and solo.seen_tokens == 0 and 0 < len(ids) <= solo.cache_size:
+            shared.append(index)
+    return shared if len(shared) > 1 else []
+
+
+@torch.inference_mode()
+def forward_padded(model, rows: Sequence[tuple[object, list[int]]]) -> list[torch.Tensor]:
+    """Feed every `(ConversationCache, ids)` row, each a fresh cache (`padded_prefill_rows`), in ONE forward pass;
+    return each row's last-token logits `[vocab]`, and leave each cache as its own `forward` would have.
+
+    The rows are right-padded to the longest: with causal attention a valid token sees only the tokens before
+    it, all valid, so padding changes no valid token's result (only float rounding of the batched kernels). The
+    pass writes a scratch `DynamicCache`; only after it succeeded does each row's valid keys and values (its first
+    `len(ids)` columns) go to its own cache, with the counters a pass of its own leaves (so a failed pass changes
+    no cache)."""
+    device = input_device(model)
+    lengths = [len(ids) for _, ids in rows]
+    width = max(lengths)
+    input_ids = torch.zeros((len(rows), width), dtype=torch.long)  # padding: any valid id, masked below
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, (_, ids) in enumerate(rows):
+        input_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[b, : len(ids)] = 1
+    last = torch.tensor(lengths, dtype=torch.long).unsqueeze(1) - 1  # [rows, 1]
+    scratch = DynamicCache()
+    out = model(
+        input_ids=input_ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=torch.arange(width, dtype=torch.long).expand(len(rows), -1).to(device),
+        use_cache=True,
+        logits_to_keep=last.to(device),  # each row's own last position: [rows, 1, vocab]
+        **{cache_keyword(model): scratch},
+    )
+    logits = out.logits
+    if logits.shape[1] != 1:  # a model that kept every position
+        logits = torch.take_along_dim(logits, last.to(logits.device)[..., None], dim=1)
+    moved = [[(layer.keys[b : b + 1, :, :held].clone(), layer.values[b : b + 1, :, :held].clone())
+              for layer in scratch.layers if layer.is_initialized] for b, held in enumerate(lengths)]
+    for (cache, _), layers, held in zip(rows, moved, lengths):  # every copy made: from here nothing can fail
+        cache.solo._put_tokens(layers, torch.arange(held), held, cache.solo.evicted_tokens)
+    return [logits[b, 0] for b in range(len(rows))]
 
 
 @torch.inference_mode()

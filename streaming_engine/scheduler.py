@@ -12,8 +12,10 @@ capabilities, never from which backend it is. Three policies, two sharing one lo
 * `BatchedScheduler` (the default, continuous batching). Each iteration of its loop
   1. starts newly submitted turns and honours stops (a stopped turn is answered `STOP` at its next request, so it
      leaves before the next forward pass and never delays the others);
-  2. feeds prompt chunks, one turn after another in arrival order, until `prefill_budget` prompt tokens have gone
-     through (a long paste therefore advances one bounded chunk per iteration, however long it is). While other
+  2. feeds prompt chunks, turns in arrival order, until `prefill_budget` prompt tokens have gone through (a long
+     paste therefore advances one bounded chunk per iteration, however long it is), all in one call of the runner,
+     which runs the chunks that can share a pass together (on transformers: conversations' first chunks,
+     `generation.padded_prefill_rows`), so prompts that arrive at once are prefilled at once. While other
      turns are decoding, prompts get one *slice* per iteration instead, sized to take about as long as one decode
      step (`prefill_slice`): a decoding reply waits one slice per token however long the paste, and the paste
      keeps a share of the worker (docs/benchmarks.md "One client against another" measures what that costs);
@@ -261,6 +263,17 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - the turn reports it
             return exc
 
+    def _forward_rows(self, rows: list, kind: str) -> list:
+        """Each row's logits from one pass; if that fails, from one pass per row (an exception for a row that
+        fails alone), so only the conversation that causes an error sees it."""
+        try:
+            return self.runner.forward(rows)
+        except Exception:  # noqa: BLE001 - find the conversation that fails: run each alone
+            if len(rows) > 1:
+                logger.exception("%s %s pass failed; retrying its %d rows one by one", self.runner.name, kind,
+                                 len(rows))
+            return [self._forward_alone(cache, ids) for cache, ids in rows]
+
     def _forward_prompt(self, request: Prefill, ids: list[int]):
         """`_forward_alone` for `ids`, all or part of `request`'s chunk."""
         return self._forward_alone(request.cache, ids)
@@ -380,39 +393,44 @@ class BatchedScheduler(QueuedScheduler):
 
     def _prefill_round(self) -> None:
         """Nobody decoding: prompt chunks for up to `prefill_budget` tokens, each waiting turn at most once, in
-        arrival order. Somebody decoding: one slice (`prefill_slice`) of the first waiting chunk; the rest of
-        that chunk goes to the back, behind the other waiting prompts."""
+        arrival order, handed to the runner in one call (prompts that arrived together may share one pass:
+        `backends.hf.TransformersBackend.forward`). Somebody decoding: one slice (`prefill_slice`) of the first
+        waiting chunk; the rest of that chunk goes to the back, behind the other waiting prompts."""
         if not self._prefilling:
             return
         if not self._decoding or not self.slice_prefill:
-            spent = 0
-            for _ in range(len(self._prefilling)):
-                if spent >= self.prefill_budget or not self._prefilling:
-                    return
+            slices, spent = [], 0
+            while self._prefilling and spent < self.prefill_budget:
                 handle = self._prefilling.popleft()
                 fed = self._fed.pop(id(handle), 0)
                 spent += len(handle.request.ids) - fed
-                self._feed(handle, fed, len(handle.request.ids) - fed)
+                slices.append((handle, fed, len(handle.request.ids) - fed))
+            self._feed(slices)
             return
         handle = self._prefilling.popleft()
         fed = self._fed.pop(id(handle), 0)
         remaining = len(handle.request.ids) - fed
-        self._feed(handle, fed, prefill_slice(self.decode_s, self.prefill_s_per_token, remaining))
+        self._feed([(handle, fed, prefill_slice(self.decode_s, self.prefill_s_per_token, remaining))])
 
-    def _feed(self, handle: TurnHandle, fed: int, size: int) -> None:
-        """Feed tokens `fed..fed+size` of `handle`'s prompt chunk on its own cache. The turn is answered once the
-        chunk's last token went in (that token's logits): a causal model's cache after a chunk fed in slices is
-        the cache after feeding it whole, so slicing changes no reply. A part-fed chunk waits at the back."""
-        request = handle.request
+    def _feed(self, slices: list[tuple[TurnHandle, int, int]]) -> None:
+        """Feed each `(handle, fed, size)`: tokens `fed..fed+size` of the turn's prompt chunk on its own cache, all
+        in one runner call (`_forward_rows`: one pass, or one per row where the runner cannot share). A turn is
+        answered once its chunk's last token went in (that token's logits): a causal model's cache after a chunk
+        fed in slices is the cache after feeding it whole, so slicing changes no reply. A part-fed chunk waits at
+        the back."""
+        rows = [(h.request.cache, h.request.ids[fed:fed + size]) for h, fed, size in slices]
         started = self.clock()
-        answer = self._forward_prompt(request, request.ids[fed:fed + size])
-        self.prefill_s_per_token = running_average(self.prefill_s_per_token, (self.clock() - started) / size)
-        self._served("prefill", [handle])
-        if fed + size < len(request.ids) and not isinstance(answer, BaseException):
-            self._fed[id(handle)] = fed + size
-            self._prefilling.append(handle)
-            return
-        self._place(handle, self._advance(handle, answer))
+        answers = self._forward_rows(rows, "prefill") if len(rows) > 1 else [self._forward_prompt(
+            slices[0][0].request, rows[0][1])]
+        tokens = sum(size for _, _, size in slices)
+        self.prefill_s_per_token = running_average(self.prefill_s_per_token, (self.clock() - started) / tokens)
+        self._served("prefill", [h for h, _, _ in slices])
+        for (handle, fed, size), answer in zip(slices, answers):
+            if fed + size < len(handle.request.ids) and not isinstance(answer, BaseException):
+                self._fed[id(handle)] = fed + size
+                self._prefilling.append(handle)
+                continue
+            self._place(handle, self._advance(handle, answer))
 
     def _decode_round(self) -> None:
         batch = self.batch
@@ -529,17 +547,6 @@ class PackedScheduler(QueuedScheduler):
         for handle, answer in zip(handles, answers):
             self._decoding.remove(handle)
             self._place(handle, self._advance(handle, answer))
-
-    def _forward_rows(self, rows: list, kind: str) -> list:
-        """Each row's logits from one pass; if that fails, from one pass per row (an exception for a row that
-        fails alone), so only the conversation that causes an error sees it."""
-        try:
-            return self.runner.forward(rows)
-        except Exception:  # noqa: BLE001 - find the conversation that fails: run each alone
-            if len(rows) > 1:
-                logger.exception("%s %s pass failed; retrying its %d rows one by one", self.runner.name, kind,
-                                 len(rows))
-            return [self._forward_alone(cache, ids) for cache, ids in rows]
 
 
 def make_scheduler(kind: str, runner, *, max_batch: int = 16, prefill_budget: int = 512,

@@ -456,9 +456,9 @@ def test_while_another_chat_decodes_a_long_prompt_goes_in_slices_and_its_reply_i
         fed = []  # prompt tokens of every prefill pass, from the cache's own count
         original = engine.scheduler._feed
 
-        def feed(handle, done, size, original=original, fed=fed):
-            fed.append(size)
-            return original(handle, done, size)
+        def feed(slices, original=original, fed=fed):
+            fed.extend(size for _, _, size in slices)
+            return original(slices)
 
         engine.scheduler._feed = feed
         chatter, paster = engine.new_session(), engine.new_session()

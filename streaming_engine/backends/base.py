@@ -14,7 +14,8 @@ A backend supplies:
   `cache.StartRecentKVCache`: sizes, `pin`, `evict_for_space`, `evict_range`, counters, `stream_positions`,
   `kv_bytes`);
 * `forward(rows)`: the runner's one pass, each `(cache, ids)` row's last-token logits (`[vocab]`); `packs_rows`
-  says whether several rows really share one pass (else they go one after another), `pass_tokens` / `max_rows`
+  says whether several rows of any kind share one pass (else they go one after another, or a backend shares
+  those it can), `pass_tokens` / `max_rows`
   bound such a pass; a `batchable` backend also makes the batch decoding rows join (`new_batch`) and steps it
   (`forward_batch`); `turn_over(cache)` is told when a reply ends;
 * `make_scheduler(...)`: the worker for it (`scheduler.make_scheduler` picks the policy from the capabilities);
@@ -91,7 +92,10 @@ class Backend(ABC):
     @abstractmethod
     def forward(self, rows: list[tuple[object, list[int]]]) -> list[torch.Tensor]:
         """Feed each `(cache, ids)` row on its own cache; each row's last-token logits `[vocab]`. Raises when the
-        pass fails (the scheduler then retries each row alone)."""
+        pass fails with no row fed (the scheduler then retries each row alone); a backend that feeds some rows in
+        passes of their own answers such a row that fails with its exception instead, once other rows went in (they
+        must not be fed twice). Rows that can share one pass may (transformers: fresh conversations' first prompt
+        chunks, `generation.padded_prefill_rows`)."""
 
     def new_batch(self, max_batch: int, *, decode_step: str = DEFAULT_DECODE_STEP,
                   cuda_graphs: str = DEFAULT_CUDA_GRAPHS):

@@ -3,8 +3,9 @@
 A conversation's cache is a `batch_cache.ConversationCache` around its own `cache.StartRecentKVCache` (rotary
 module and per-layer RoPE kinds found once, from the model); while its reply decodes it is a row of the batched
 worker's `BatchedSinkCache`, and it leaves that row when the reply ends (`turn_over`) or before a prompt is fed
-on it (`forward`). A prompt chunk is one conversation's pass (`generation.forward`); decode rows share a pass only
-in `scheduler.BatchedScheduler`, and only where `families.batchable` allows. On CUDA (`decode_step="auto"`), or
+on it (`forward`). A prompt chunk is one conversation's pass (`generation.forward`), except that fresh
+conversations' first chunks handed over together share one padded pass (`generation.padded_prefill_rows`); decode
+rows share a pass only in `scheduler.BatchedScheduler`, and both only where `families.batchable` allows. On CUDA (`decode_step="auto"`), or
 wherever "static" is asked for, that pass is the fixed-shape static step, its rows sampled on the device
 (`new_batch`; docs/gpu-decode.md), unless `static_step.unsupported_reason` refuses the model.
 """
@@ -22,7 +23,7 @@ from ..cuda_graphs import GraphedDecodeStep, StaticStepConfig
 from ..defaults import DEFAULT_CUDA_GRAPHS, DEFAULT_DECODE_STEP
 from ..device_sampling import SampledDecodeStep
 from ..families import batchable, find_rotary_embedding, layer_rope_kinds
-from ..generation import forward, forward_batch
+from ..generation import forward, forward_batch, forward_padded, padded_prefill_rows
 from ..placement import describe_placement, input_device
 from ..static_step import StaticDecodeStep, StaticSinkCache, resolve_decode_step, unsupported_reason
 from .base import Backend, Description
@@ -65,13 +66,31 @@ class TransformersBackend(Backend):
                                                     evict_block=evict_block))
 
     def forward(self, rows: list[tuple[ConversationCache, list[int]]]) -> list[torch.Tensor]:
-        """One pass per row, each on the conversation's own cache (a row still in the batch leaves it first: a
-        prompt after decoding, which turns do not do today)."""
-        answers = []
-        for cache, ids in rows:
+        """The rows that may share a pass (`generation.padded_prefill_rows`: fresh conversations' first chunks,
+        arrived together) go in one padded pass; every other row gets a pass of its own on its conversation's own
+        cache (a row still in the batch leaves it first: a prompt after decoding, which turns do not do today).
+        If the shared pass fails its rows go one by one too. With several rows, a row that fails in its own pass
+        is answered with its exception: the rows before it went in already and must not be fed again."""
+        for cache, _ in rows:
             if cache.attached:
                 cache.batch.leave(cache)
-            answers.append(forward(self.model, cache.solo, ids))
+        answers: list = [None] * len(rows)
+        shared = padded_prefill_rows(rows, self.batchable)
+        if shared:
+            try:
+                for index, logits in zip(shared, forward_padded(self.model, [rows[i] for i in shared])):
+                    answers[index] = logits
+            except Exception:  # noqa: BLE001 - nothing was written to the caches: each row goes alone below
+                logger.exception("padded prefill of %d rows failed; feeding them one by one", len(shared))
+        for index, (cache, ids) in enumerate(rows):
+            if answers[index] is not None:
+                continue
+            try:
+                answers[index] = forward(self.model, cache.solo, ids)
+            except Exception as exc:  # noqa: BLE001 - this conversation's error; the others stay fed once
+                if len(rows) == 1:
+                    raise
+                answers[index] = exc
         return answers
 
     def new_batch(self, max_batch: int, *, decode_step: str = DEFAULT_DECODE_STEP,
