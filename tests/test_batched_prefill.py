@@ -156,17 +156,20 @@ def test_conversations_started_at_once_share_a_prefill_pass_and_reply_as_alone(t
     questions = [f"Question {u}: " + "tell me more " * u for u in range(users)]
     sampling = dict(max_new_tokens=10, **GREEDY)
     # The chunk (and so each iteration's prompt budget) holds every first chunk: they can all go in one call.
-    window = dict(recent_size=300, prefill_chunk_size=256)
+    window = dict(recent_size=1020, prefill_chunk_size=510)
     reference = make_engine(tiny_chat_model, default_tokenizer, "round-robin", **window)
     alone = [list(reference.chat(reference.new_session(), q, **sampling))[-1].text for q in questions]
 
     engine = make_engine(tiny_chat_model, default_tokenizer, **window)
     runner = engine.scheduler.runner
-    original, calls, gate = runner.forward, [], threading.Event()
+    original, calls = runner.forward, []
+    holding, gate = threading.Event(), threading.Event()
 
     def forward_rows(rows):
-        # The first call holds the worker until every turn is submitted, so the others arrive together.
+        # A one-token turn's prefill holds the worker until the six turns are all submitted: they then wait
+        # together for the next round, in which nobody decodes (that turn ends with its prefill's token).
         if not calls:
+            holding.set()
             assert gate.wait(120), "the turns were never all submitted"
         calls.append(len(rows))
         return original(rows)
@@ -181,13 +184,16 @@ def test_conversations_started_at_once_share_a_prefill_pass_and_reply_as_alone(t
 
     hook = tiny_chat_model.register_forward_pre_hook(watch, with_kwargs=True)
     try:
+        first = engine.start_chat(engine.new_session(), "Hello", max_new_tokens=1, **GREEDY)
+        assert holding.wait(120), "the worker never started the first turn"
         sids = [engine.new_session() for _ in questions]
         streams = [engine.start_chat(sid, q, **sampling) for sid, q in zip(sids, questions)]
         gate.set()
+        assert list(first)[-1].kind == "done"
         finals = [list(stream)[-1] for stream in streams]
     finally:
         hook.remove()
     assert [f.kind for f in finals] == ["done"] * users, [f.text for f in finals]
     assert [f.text for f in finals] == alone
-    assert max(calls) >= users - 1  # the prompts waiting behind the first went to the runner in one call
-    assert max(prefill_rows) >= users - 1  # and their first chunks through the model in one pass
+    assert calls[0] == 1 and max(calls) == users  # the six waiting prompts went to the runner in one call
+    assert max(prefill_rows) == users  # and their first chunks through the model in one pass
