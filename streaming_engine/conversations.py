@@ -252,17 +252,19 @@ class Conversations:
     # --- chatting --------------------------------------------------------------------------------------------------
 
     def chat(self, token: str, message: str, *, owner: str | None = None, **sampling) -> Iterator[Event]:
-        """`StreamingEngine.chat` on the token's conversation, saving as it goes (see the module docstring)."""
+        """`StreamingEngine.chat` on the token's conversation, saving as it goes (see the module docstring).
+
+        Not lazy: the turn is submitted, and its user message stored, before this returns, so a page may show the
+        message once it holds the iterator and a crash after that loses nothing it showed (issue 28, item 6). The
+        turn's outcome is saved when the iterator ends or is closed, even before its first event."""
         try:
             sid = self._session(token, owner)
             before = len(self.messages(token, sid))
         except (ConversationNotFound, EngineBusy, ValueError) as exc:  # busy: a cap, while re-creating it
-            yield Event("error", str(exc), {}, "error")
-            return
+            return iter([Event("error", str(exc), {}, "error")])
         with self._lock:
             self._marks[token] = {i for i in self._marks.get(token, set()) if i < before}
             self._stopped[token] = {i for i in self._stopped.get(token, set()) if i < before}
-        reply, started, ended, last_save = "", False, None, time.monotonic()
         events = self.engine.start_chat(sid, message, **sampling)
         try:
             existed = self.store.exists(token)
@@ -272,7 +274,15 @@ class Conversations:
             # Saved as soon as the turn is accepted, not at its first token: a crash during a long prefill (or
             # before the worker took the turn) must not lose the user's message (issue 28, item 6).
             self._persist_accepted(token, sid, before, message)
+        saving = self._saving(token, sid, before, events, existed)
+        next(saving)  # into its `try`: from here on, closing it saves the outcome
+        return saving
+
+    def _saving(self, token: str, sid: str, before: int, events: Iterator[Event], existed: bool):
+        """The turn's events, saving as they come; `chat` primes it (its first `yield` hands back nothing)."""
+        reply, started, ended, last_save = "", False, None, time.monotonic()
         try:
+            yield None
             for event in events:
                 if event.kind == "delta":
                     reply += event.text

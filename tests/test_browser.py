@@ -462,7 +462,9 @@ def test_a_conversation_survives_kill_9_mid_reply_and_continues_with_its_context
         assert gauge(page, "turns") == 4
         # Turns 4 beside tokens seen 0 would contradict itself without the note: the history is back, the cache is
         # rebuilt from it with the next message.
-        assert page.get_attribute("#gauges .gauges", "data-state") == "restored" and gauge(page, "seen_tokens") == 0
+        # The gauges repaint in their own update after the chat: wait for it, then read them.
+        page.wait_for_function("() => document.querySelector('#gauges .gauges')?.dataset.state === 'restored'")
+        assert gauge(page, "seen_tokens") == 0
         assert "not in the cache yet" in page.inner_text("#gauges [data-key=note]")
         set_max_new_tokens(page, 8)
         send_and_wait(page, "What is my name?", 5)

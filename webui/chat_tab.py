@@ -240,11 +240,13 @@ def stream_turn(conversations, message, messages, state, record, system_prompt, 
     except ConversationNotFound:  # its live session closed meanwhile: `chat` re-creates it from the store
         shown = list(messages or [])
     messages = mark_memory(shown + user_and_pending_reply(message), conversations.memory_map(token))
-    yield messages, "" if from_box else SKIP, SKIP, state, record, SKIP
     reply, throttle, taken = "", Throttle(), False
     sampling = dict(temperature=float(temp), top_p=float(p), top_k=int(k), max_new_tokens=int(new_tokens),
                     repetition_penalty=float(rep))
-    for event in conversations.chat(token, message, owner=owner, **sampling):
+    # Submitted and stored before the page shows the message: what the user saw survives a crash right after.
+    events = conversations.chat(token, message, owner=owner, **sampling)
+    yield messages, "" if from_box else SKIP, SKIP, state, record, SKIP
+    for event in events:
         if event.kind == "delta":
             reply += event.text
             if throttle.due():
