@@ -58,7 +58,7 @@ class User:
     """One browser with its own cookies, chatting through the front."""
 
     def __init__(self, chromium, url: str, index: int):
-        self.index, self.sent = index, []
+        self.index, self.sent, self.url = index, [], url
         self.page = chromium.new_context(viewport={"width": 1200, "height": 900}).new_page()
         self.page.set_default_timeout(TIMEOUT_MS)
         self.page.goto(url)
@@ -76,6 +76,9 @@ class User:
         """After the kill: a user whose replica died reloads (the front sends it to the survivor, which loads the
         conversation from the database); either way the page ends idle with every turn there."""
         if moved:
+            # Two replicas killed within nginx's `fail_timeout` leave it with no live upstream until that passes
+            # (it answers 502 meanwhile, as a user would see and reload): reload once the front serves again.
+            wait_until_serving(f"{self.url}/health")
             reload_page(self.page)
             self.page.wait_for_selector("#msg textarea")
             last = self.sent[-1]
