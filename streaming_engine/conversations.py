@@ -261,7 +261,7 @@ class Conversations:
             sid = self._session(token, owner)
             before = len(self.messages(token, sid))
         except (ConversationNotFound, EngineBusy, ValueError) as exc:  # busy: a cap, while re-creating it
-            return iter([Event("error", str(exc), {}, "error")])
+            return iter([Event("error", str(exc), {}, "error", code="busy" if isinstance(exc, EngineBusy) else "invalid")])
         with self._lock:
             self._marks[token] = {i for i in self._marks.get(token, set()) if i < before}
             self._stopped[token] = {i for i in self._stopped.get(token, set()) if i < before}

@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .apivalidate import SESSION_ID_MAX_CHARS, preview
 from .backends.factory import backend_for
@@ -34,7 +34,7 @@ from .handoff import SessionState, adopt, capture
 from .history import MAX_HISTORY_MESSAGES, dump_history, parse_history
 from .sampling import SamplingDefaults, SamplingParams
 from .scheduler import SCHEDULERS, TurnHandle
-from .session import MODES, Event, Runtime, Session
+from .session import BUSY_REFUSAL, MODES, RUNNING_REFUSAL, Event, Runtime, Session, SessionView, refused
 from .templating import ChatTemplater
 
 #: Longest accepted user message or system prompt, in characters (a 200,000-character paste must work).
@@ -374,6 +374,10 @@ class StreamingEngine:
             raise SessionNotFound(f"unknown or expired session {preview(session_id)}; start a new chat")
         return session
 
+    def session(self, session_id: str) -> SessionView:
+        """A read-only view of the session (`session.SessionView`); raises `SessionNotFound`."""
+        return self._get(session_id).view()
+
     def session_ids(self) -> list[str]:
         with self._lock:
             return list(self._sessions)
@@ -524,32 +528,45 @@ class StreamingEngine:
             raise
         yield from self.scheduler.read_many(handles)
 
-    def _start_turn(self, session_id: str, message: str, sampling: dict) -> TurnHandle | Event:
-        """Validate and submit one turn: its handle, or the refusal event when the message is not taken."""
+    def admit_turn(self, session_id: str, message: str, sampling: dict, start: Callable) -> object:
+        """Admission of one turn, the same on every engine (local, ZeroGPU): check the message and the sampling
+        settings, refuse while the chat is still replying, take a slot (`_take_slot`: None when the server is at
+        its cap), then, under the session's lock, `start(session, message, params, slot)`, whose result is
+        returned; or the refusal event (`refused`, with its `code`) when the message is not taken."""
         try:
             session = self._get(session_id)
             message = self._check_text(message, "message")
-            unknown = set(sampling) - {f for f in SamplingParams.__dataclass_fields__}
+            unknown = set(sampling) - set(SamplingParams.__dataclass_fields__)
             if unknown:
                 raise ValueError(f"unknown sampling setting(s): {', '.join(sorted(unknown))}")
             params = self.config.default_sampling(**sampling)
         except (ValueError, TypeError, SessionNotFound) as exc:
-            return _refused(str(exc))
+            return refused(str(exc), "invalid")
         with session.lock:
             if session.current is not None and not session.current.finished.is_set():
-                return _refused("A reply is still being written in this chat; stop it or wait.", session.stats())
-            if self.scheduler.active_turns >= self.config.max_active_turns:
-                return _refused("Server busy: too many replies are being written right now. Try again shortly.",
-                                session.stats())
-            # Rendering and encoding the history happen here, on the caller's thread: the worker gets token ids.
-            plan = session.plan_turn(self.runtime, message)
-            handle = TurnHandle(
-                on_crash=lambda exc: Event("error", f"Generation failed ({type(exc).__name__}).", {}, "error")
-            )
-            turn = session.turn(self.runtime, message, params, handle.stop_event, plan)
-            handle.steps = self.counters.watch(session, turn)
-            session.current = handle
-            self.scheduler.submit(handle)
+                return refused(RUNNING_REFUSAL, "running", session.stats())
+            slot = self._take_slot()
+            if slot is None:
+                return refused(BUSY_REFUSAL, "busy", session.stats())
+            return start(session, message, params, slot)
+
+    def _take_slot(self):
+        """A token for one more running turn, or None at `max_active_turns` (the scheduler counts them)."""
+        return True if self.scheduler.active_turns < self.config.max_active_turns else None
+
+    def _start_turn(self, session_id: str, message: str, sampling: dict) -> TurnHandle | Event:
+        """Admit and submit one turn: its handle, or the refusal event when the message is not taken."""
+        return self.admit_turn(session_id, message, sampling, self._submit)
+
+    def _submit(self, session: Session, message: str, params: SamplingParams, slot) -> TurnHandle:
+        # Rendering and encoding the history happen here, on the caller's thread: the worker gets token ids.
+        plan = session.plan_turn(self.runtime, message)
+        handle = TurnHandle(on_crash=lambda exc: Event("error", f"Generation failed ({type(exc).__name__}).", {},
+                                                       "error", code="failed"))
+        turn = session.turn(self.runtime, message, params, handle.stop_event, plan)
+        handle.steps = self.counters.watch(session, turn)
+        session.current = handle
+        self.scheduler.submit(handle)
         return handle
 
     # --- export / restore --------------------------------------------------------------------------------------
@@ -668,9 +685,9 @@ class StreamingEngine:
         session = self._get(session_id)
         handle = session.current
         if handle is not None and not handle.finished.wait(STOP_WAIT_S):
-            raise EngineBusy("A reply is still being written in this chat; stop it or wait.")
+            raise EngineBusy(RUNNING_REFUSAL)
         with session.lock:
-            return capture(session)
+            return capture(session, self.backend)
 
     def open_state(self, state: SessionState, *, owner: str | None = None, origin: str = "browser") -> str:
         """A new session (its own id) holding an exported state, its cache on the devices the model runs on."""
@@ -693,7 +710,7 @@ class StreamingEngine:
         keeps the cache on the CPU: for a process that only holds conversations and never runs the model."""
         session = self._get(session_id)
         with session.lock:
-            adopt(session, state, onto_devices=onto_devices)
+            adopt(session, state, self.backend, onto_devices=onto_devices)
 
 
 class _Refusal:
@@ -713,7 +730,3 @@ def refusal(events) -> Event | None:
     """The refusal event of `start_chat`'s events when the turn was not taken (bad input, busy), else None."""
     return events.event if isinstance(events, _Refusal) else None
 
-
-def _refused(text: str, stats: dict | None = None) -> Event:
-    """The one event of a turn that never started (bad input, busy): the message was not taken."""
-    return Event("error", text, stats or {}, "error", accepted=False)

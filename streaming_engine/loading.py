@@ -19,7 +19,7 @@ import torch
 
 from .backends import resolve_backend
 from .families import check_supported
-from .backends.llama import load_llamacpp
+from .backends.factory import model_loader
 from .placement import Placement
 
 from .defaults import DEFAULT_MODEL_NAME  # noqa: F401  (its home; re-exported)
@@ -169,13 +169,11 @@ def load(
     or a dict) and `offload_folder` are passed to accelerate (see `placement.py`); `device` and `device_map`
     exclude each other.
     """
-    if resolve_backend(backend, model_name_or_path, device, device_map, dtype) == "llama.cpp":
-        if device_map is not None or max_memory is not None or (device is not None and torch.device(device).type != "cpu"):
-            raise ValueError("the llama.cpp backend runs on the CPU: drop --device / --device-map")
-        if dtype is not None:
-            raise ValueError("the llama.cpp backend runs the GGUF's own weight types: drop --dtype")
-        return load_llamacpp(model_name_or_path, n_threads=n_threads, trust_remote_code=trust_remote_code,
-                             require_streaming_support=require_streaming_support)
+    own_loader = model_loader(resolve_backend(backend, model_name_or_path, device, device_map, dtype))
+    if own_loader is not None:  # a backend that loads its own kind of model (llama.cpp: a GGUF)
+        return own_loader(model_name_or_path, device=device, device_map=device_map, max_memory=max_memory,
+                          dtype=dtype, n_threads=n_threads, trust_remote_code=trust_remote_code,
+                          require_streaming_support=require_streaming_support)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     placement = Placement(device_map, max_memory, offload_folder)

@@ -37,8 +37,7 @@ from typing import Callable, Iterable, Iterator
 from .counters import _grown
 from .engine import EngineBusy, EngineConfig, SessionNotFound, StreamingEngine, _Refusal
 from .handoff import SessionState, capture
-from .sampling import SamplingParams
-from .session import Event
+from .session import Event, refused
 
 #: How often the worker's stop watcher looks at its stop slots (seconds): well under one decode step on a CPU.
 STOP_POLL_S = 0.02
@@ -107,8 +106,6 @@ class _Claim:
     started: bool = False  # an event of this turn came back: the worker accepted the message
 
 
-def _refused(text: str, stats: dict | None = None) -> Event:
-    return Event("error", text, stats or {}, "error", accepted=False)
 
 
 class RemoteTurnsEngine(StreamingEngine):
@@ -171,39 +168,27 @@ class RemoteTurnsEngine(StreamingEngine):
             yield from self._relay(claims, message, sampling)
 
     def _claim(self, session_ids: list[str], message, sampling: dict) -> tuple[dict[str, _Claim], list]:
-        """Validate as a local turn would, then mark each session as running a remote turn."""
-        claims, refused = {}, []
+        """Admit each turn as a local one would (`admit_turn`), then mark its session as running a remote turn."""
+        claims, refused_ = {}, []
         for sid in session_ids:
-            try:
-                session = self._get(sid)
-                text = self._check_text(message, "message")
-                unknown = set(sampling) - set(SamplingParams.__dataclass_fields__)
-                if unknown:
-                    raise ValueError(f"unknown sampling setting(s): {', '.join(sorted(unknown))}")
-                self.config.default_sampling(**sampling)
-            except (ValueError, TypeError, SessionNotFound) as exc:
-                refused.append((sid, _refused(str(exc))))
-                continue
-            with session.lock:
-                if session.current is not None and not session.current.finished.is_set():
-                    refused.append((sid, _refused("A reply is still being written in this chat; stop it or wait.",
-                                                  session.stats())))
-                    continue
-                with self._lock:
-                    slot = (self.stop_board.acquire()
-                            if self._remote_turns < self.config.max_active_turns else None)
-                    if slot is not None:
-                        self._remote_turns += 1
-                if slot is None:
-                    refused.append((sid, _refused(
-                        "Server busy: too many replies are being written right now. Try again shortly.",
-                        session.stats())))
-                    continue
+            def claim(session, text, params, slot, sid=sid):
                 handle = RemoteTurn(self.stop_board, slot)
-                claims[sid] = _Claim(handle, capture(session))
+                claims[sid] = _Claim(handle, capture(session, self.backend))
                 session.current = handle
                 self._inflight[sid] = text
-        return claims, refused
+
+            outcome = self.admit_turn(sid, message, sampling, claim)
+            if isinstance(outcome, Event):
+                refused_.append((sid, outcome))
+        return claims, refused_
+
+    def _take_slot(self):
+        """A stop-board slot for one more remote turn, or None at `max_active_turns`."""
+        with self._lock:
+            slot = self.stop_board.acquire() if self._remote_turns < self.config.max_active_turns else None
+            if slot is not None:
+                self._remote_turns += 1
+        return slot
 
     def _relay(self, claims: dict[str, _Claim], message: str, sampling: dict) -> Iterator[tuple[str, Event]]:
         states = {sid: c.state for sid, c in claims.items()}
@@ -286,8 +271,9 @@ class RemoteTurnsEngine(StreamingEngine):
             return None
         if claim.started:
             return Event("error", f"Generation failed ({type(failure).__name__}: {failure}). Your conversation is "
-                         "kept; send a message to continue or start a new chat.", self._stats_or_none(sid), "error")
-        return _refused(f"The GPU could not run this reply: {failure}", self._stats_or_none(sid))
+                         "kept; send a message to continue or start a new chat.", self._stats_or_none(sid), "error",
+                         code="failed")
+        return refused(f"The GPU could not run this reply: {failure}", "failed", self._stats_or_none(sid))
 
     def _stats_or_none(self, sid: str) -> dict:
         try:
@@ -333,7 +319,7 @@ class RemoteTurnsEngine(StreamingEngine):
             for lsid in local:
                 engine.close(lsid)
             for sid in states:
-                yield sid, _refused(str(exc)), None
+                yield sid, refused(str(exc), "busy" if isinstance(exc, EngineBusy) else "invalid"), None
             return
         watcher = _StopWatcher(engine, self.stop_board, {lsid: slots[sid] for lsid, sid in local.items()})
         try:

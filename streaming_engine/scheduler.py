@@ -1,39 +1,41 @@
-"""Threading for the engine: one worker thread that owns the model, and per-turn event queues. Nothing else here.
+"""Threading and policy for the engine: one worker thread that owns the model, per-turn event queues, and the one
+loop that decides which forward passes run. Nothing else here.
 
 A running turn is a coroutine (`Session.turn`) that yields `Event`s for its reader and *requests* for forward
 passes (`generation.Prefill`: a prompt chunk; `generation.Decode`: one sampled token), and is sent back each
-request's logits. The worker alone touches the model and the caches, so forward passes never overlap.
+request's answer. The worker alone touches the model and the caches, so forward passes never overlap.
 
-The seam (`backends/base.py`): a scheduler decides WHAT runs (policy: which turns get a prompt slice or a decode
-row, budgets, stops, retrying each row alone); its *runner*, the engine's backend, decides HOW (`forward` over
-`(cache, ids)` rows, `turn_over` when a reply ends). `make_scheduler` picks the policy from the runner's
-capabilities, never from which backend it is. Three policies, two sharing one loop (`QueuedScheduler`):
+The seam (`backends/base.py`): the scheduler decides WHAT runs (policy: which turns get a prompt slice or a decode
+row, budgets, stops, retrying each row alone); its *runner*, the engine's backend, decides HOW: `forward` over
+`(cache, ids)` rows for prompts, and the batch decode rows live in (`new_decode_batch`, a `DecodeBatch`: which rows
+it holds, `join`, one `step` over them, `step_alone` for the retry, `drop` after a row failed), `turn_over` when a
+reply ends. The runner owns that batch: on transformers a `BatchedSinkCache`, or the fixed-shape static step whose
+rows are sampled on the device (replayed from CUDA graphs per `cuda_graphs`, docs/gpu-decode.md; its turns are then
+answered with their sampled token, `generation.Sampled`); on llama.cpp one packed `llama_decode`; one conversation
+per pass where the model cannot share one (`families.batchable`) or round-robin is asked for. A captured decode step
+is therefore one more `DecodeBatch`, never another scheduler; `decode_path` says which one runs.
 
-* `BatchedScheduler` (the default, continuous batching). Each iteration of its loop
+`Scheduler` is the one loop. Each iteration
   1. starts newly submitted turns and honours stops (a stopped turn is answered `STOP` at its next request, so it
-     leaves before the next forward pass and never delays the others);
-  2. feeds prompt chunks, turns in arrival order, until `prefill_budget` prompt tokens have gone through (a long
-     paste therefore advances one bounded chunk per iteration, however long it is), all in one call of the runner,
-     which runs the chunks that can share a pass together (on transformers: conversations' first chunks,
-     `generation.padded_prefill_rows`), so prompts that arrive at once are prefilled at once. While other
-     turns are decoding, prompts get one *slice* per iteration instead, sized to take about as long as one decode
-     step (`prefill_slice`): a decoding reply waits one slice per token however long the paste, and the paste
-     keeps a share of the worker (docs/benchmarks.md "One client against another" measures what that costs);
-  3. runs **one** forward pass for every turn that is decoding: each is a row of a `BatchedSinkCache`, up to
-     `max_batch` rows (more wait for a free row, first come first served). Rows join when their prompt is done
-     and leave when their reply ends, between steps; each row is sampled with its own settings and seed by its own
-     coroutine and streams to its own queue.
-  If the batched pass fails, every row is retried alone, so an error fails only the conversation that causes it.
-  With `decode_step="static"` (or "auto", the default, on CUDA) the runner may hand back a fixed-shape step with
-  the batch (`new_batch`; on transformers a `StaticDecodeStep` replayed from CUDA graphs per `cuda_graphs`, with
-  every row sampled on the device, docs/gpu-decode.md): the rows' turns are then answered with their sampled token
-  (`generation.Sampled`, one device->host copy of the ids per step) instead of logits. The policy is the same
-  either way, only the pass and where the sampling happens differ (`decode_path` says which runs).
-* `RoundRobinScheduler` (the baseline it replaced, kept for comparison): one forward pass per turn per iteration,
-  turns taking turns; decoding stays on each conversation's own cache.
-* `PackedScheduler`, for a runner that packs several conversations' rows into one pass (llama.cpp): each iteration
-  one pass of waiting prompt slices (up to the budget, several conversations together) and one pass of up to
-  `max_batch` decode rows; its round-robin baseline decodes one row per pass.
+     leaves before the next forward pass and never delays the others; a chunk already part-fed finishes first);
+  2. feeds prompt tokens, waiting turns in arrival order, each at most once, until the iteration's *room* is
+     spent, all in one call of the runner (which runs the chunks that can share a pass together: on transformers
+     fresh conversations' first chunks, `generation.padded_prefill_rows`; on llama.cpp any rows). The room is
+     `prefill_budget` (and never more than the runner's `pass_tokens`); while other turns are decoding, it is one
+     *slice* sized to take about as long as one decode step (`prefill_slice`), so a decoding reply waits one slice
+     per token however long the paste, and the paste keeps a share of the worker (docs/benchmarks.md "One client
+     against another"). The last chunk taken may be cut: the rest of it waits at the back, behind the other
+     waiting prompts. A causal model's cache after a chunk fed in slices is the cache after feeding it whole, so
+     slicing changes no reply;
+  3. runs **one** decode step for up to the batch's `rows_per_pass` decoding turns: the rows the batch already
+     holds, then the longest-waiting turns (first come first served; a row served goes to the back of the queue).
+     Rows join when their prompt is done and leave when their reply ends, between steps; each row is sampled with
+     its own settings and seed by its own coroutine and streams to its own queue.
+  If a shared pass fails, each of its rows is retried alone, so an error fails only the conversation that causes it.
+
+With `round_robin=True` (the baseline continuous batching replaced, kept for the serving benchmark) the same loop
+feeds one turn's prompt chunk per iteration, whole and alone, and decodes one row per pass on its conversation's
+own cache, turns taking turns.
 
 Callers read a turn's events from its own queue with a timeout, which is also how they notice a dead worker;
 `read_many` lets one caller follow several turns at once without a thread per turn.
@@ -49,7 +51,7 @@ from collections import deque
 from typing import Callable, Hashable, Iterator
 
 from .defaults import DECODE_STEPS, DEFAULT_CUDA_GRAPHS, DEFAULT_DECODE_STEP
-from .generation import STOP, Decode, Prefill, Sampled
+from .generation import STOP, Decode, Prefill
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +67,7 @@ SCHEDULERS = ("batched", "round-robin")
 #: pass, the static step, or the static step replayed from CUDA graphs.
 DECODE_PATHS = ("eager", "static", "static+graphs")
 #: Most prompt tokens fed in one iteration while other turns decode (each decoding reply waits one such slice per
-#: token). The time rule below can only make a slice smaller; `PackedScheduler` slices by this cap alone.
+#: token). The time rule below can only make a slice smaller.
 PREFILL_SLICE_TOKENS = 64
 #: Fewest prompt tokens a slice takes, however fast decoding is: tinier slices would spend the worker on
 #: per-pass overhead and let a paste crawl.
@@ -108,11 +110,18 @@ class TurnHandle:
 
 
 class Scheduler:
-    """What every scheduler shares: the worker thread, submission, advancing a turn's coroutine, reading its
-    events. Subclasses decide which forward passes each iteration runs (`_iterate`); the `runner` (the engine's
-    backend, `backends.base.Backend`) runs them."""
+    """The worker thread, submission, advancing a turn's coroutine, reading its events, and the one loop that
+    decides which forward passes each iteration runs (module docstring); the `runner` (the engine's backend,
+    `backends.base.Backend`) runs them."""
 
-    def __init__(self, runner, name: str = "streaming-engine"):
+    def __init__(self, runner, *, max_batch: int = 16, prefill_budget: int = 512, round_robin: bool = False,
+                 name: str = "streaming-engine", decode_step: str = DEFAULT_DECODE_STEP,
+                 cuda_graphs: str = DEFAULT_CUDA_GRAPHS):
+        for label, value in (("max_batch", max_batch), ("prefill_budget", prefill_budget)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
+        if decode_step not in DECODE_STEPS:
+            raise ValueError(f"decode_step must be one of {', '.join(DECODE_STEPS)}; got {decode_step!r}")
         self.runner = runner
         self.model = runner.model
         self._name = name
@@ -124,8 +133,26 @@ class Scheduler:
         self.passes = {"prefill": 0, "decode": 0}
         #: Called (on the worker thread) after every forward pass with its kind and the handles it served.
         self.on_pass: Callable[[str, list[TurnHandle]], None] | None = None
-        #: Which of `DECODE_PATHS` decodes (only the batched scheduler may take the static step).
-        self.decode_path = DECODE_PATHS[0]
+        #: The baseline: one turn's prompt chunk per iteration, one decode row per pass (module docstring).
+        self.round_robin = round_robin
+        self.prefill_budget = prefill_budget
+        #: The runner's batch decoding rows live in (`backends.base.DecodeBatch`).
+        self.batch = runner.new_decode_batch(1 if round_robin else max_batch, round_robin=round_robin,
+                                             decode_step=decode_step, cuda_graphs=cuda_graphs)
+        #: False: whole budgets even while others decode (the behaviour before issue 28), the fairness benchmark's
+        #: baseline (`eval/fairness.py`).
+        self.slice_prefill = True
+        self.clock = time.perf_counter  # what `prefill_slice`'s costs are measured with (tests may replace it)
+        self.decode_s: float | None = None  # running average of one decode step, seconds
+        self.prefill_s_per_token: float | None = None  # running average of prefill seconds per prompt token
+        self._prefilling: deque[TurnHandle] = deque()
+        self._decoding: deque[TurnHandle] = deque()  # in arrival order, a row served going to the back
+        self._fed: dict[int, int] = {}  # id(handle) -> tokens of its current `Prefill` already fed (in slices)
+
+    @property
+    def decode_path(self) -> str:
+        """Which of `DECODE_PATHS` decodes (the batch's)."""
+        return self.batch.path
 
     @property
     def active_turns(self) -> int:
@@ -159,9 +186,6 @@ class Scheduler:
             except BaseException:  # noqa: BLE001 - never let the worker die; each turn's errors are handled below
                 logger.exception("scheduler iteration failed")
                 time.sleep(ITERATION_RETRY_S)  # a fault that repeats must not spin the CPU
-
-    def _iterate(self) -> None:
-        raise NotImplementedError
 
     def _served(self, kind: str, handles: list[TurnHandle]) -> None:
         self.passes[kind] += 1
@@ -256,74 +280,25 @@ class Scheduler:
                     handle.stop()
 
     def _forward_alone(self, cache, ids: list[int]):
-        """The logits after feeding `ids` on `cache` in a pass of its own (a prompt chunk or slice, or one
-        round-robin decode token), or the exception that feeding raised (the turn reports it)."""
+        """The logits after feeding `ids` on `cache` in a pass of its own, or the exception that feeding raised (the
+        turn reports it)."""
         try:
             return self.runner.forward([(cache, ids)])[0]
         except Exception as exc:  # noqa: BLE001 - the turn reports it
             return exc
 
-    def _forward_rows(self, rows: list, kind: str) -> list:
-        """Each row's logits from one pass; if that fails, from one pass per row (an exception for a row that
-        fails alone), so only the conversation that causes an error sees it."""
+    def _forward_rows(self, rows: list) -> list:
+        """Each prompt row's logits from one runner call; if that fails, from one pass per row (an exception for a
+        row that fails alone), so only the conversation that causes an error sees it."""
+        if len(rows) == 1:
+            return [self._forward_alone(*rows[0])]
         try:
             return self.runner.forward(rows)
         except Exception:  # noqa: BLE001 - find the conversation that fails: run each alone
-            if len(rows) > 1:
-                logger.exception("%s %s pass failed; retrying its %d rows one by one", self.runner.name, kind,
-                                 len(rows))
+            logger.exception("%s prefill pass failed; retrying its %d rows one by one", self.runner.name, len(rows))
             return [self._forward_alone(cache, ids) for cache, ids in rows]
 
-    def _forward_prompt(self, request: Prefill, ids: list[int]):
-        """`_forward_alone` for `ids`, all or part of `request`'s chunk."""
-        return self._forward_alone(request.cache, ids)
-
-    def _prefill(self, handle: TurnHandle) -> None:
-        """Run `handle`'s `Prefill` request on its conversation's own cache and advance it with the logits."""
-        answer = self._forward_prompt(handle.request, handle.request.ids)
-        self._served("prefill", [handle])
-        self._advance(handle, answer)
-
-
-class RoundRobinScheduler(Scheduler):
-    """The baseline: one forward pass per turn per iteration, turns taking turns, nothing batched."""
-
-    def __init__(self, runner, name: str = "streaming-engine"):
-        super().__init__(runner, name)
-        self._queue: deque[TurnHandle] = deque()
-
-    def _iterate(self) -> None:
-        for handle in self._take_incoming(block=not self._queue):
-            if self._advance(handle):
-                self._queue.append(handle)
-        if not self._queue:
-            return
-        handle = self._queue.popleft()
-        if handle.stop_event.is_set():
-            alive = self._advance(handle, STOP)
-        elif isinstance(handle.request, Prefill):
-            self._prefill(handle)
-            alive = handle.request is not None
-        else:
-            answer = self._forward_alone(handle.request.cache, [handle.request.token_id])
-            self._served("decode", [handle])
-            alive = self._advance(handle, answer)
-        if alive:
-            self._queue.append(handle)
-
-
-class QueuedScheduler(Scheduler):
-    """The loop both continuous-batching policies share. Each iteration
-      1. starts newly submitted turns and answers stopped ones `STOP` (a chunk already part-fed finishes first);
-      2. feeds prompt tokens (`_prefill_round`, the policy's own);
-      3. runs one decode step for the decoding turns (`_decode_round`, the policy's own).
-    Turns wait in `_prefilling` or `_decoding` by the request they wait for, in arrival order."""
-
-    def __init__(self, runner, name: str = "streaming-engine"):
-        super().__init__(runner, name)
-        self._prefilling: deque[TurnHandle] = deque()
-        self._decoding: deque[TurnHandle] = deque()  # in arrival order
-        self._fed: dict[int, int] = {}  # id(handle) -> tokens of its current `Prefill` already fed (in slices)
+    # --- the loop ------------------------------------------------------------------------------------------------
 
     def _iterate(self) -> None:
         idle = not self._prefilling and not self._decoding
@@ -347,81 +322,43 @@ class QueuedScheduler(Scheduler):
             # A chunk already part-fed finishes first: stopping inside it would leave half a chunk in the cache.
             for handle in [h for h in waiting if h.stop_event.is_set() and id(h) not in self._fed]:
                 waiting.remove(handle)
-                self._dropped(handle)
                 self._place(handle, self._advance(handle, STOP))
 
-    def _dropped(self, handle: TurnHandle) -> None:
-        """`handle` leaves its queue before its request was served (a stop)."""
+    def _room(self) -> int:
+        """Prompt tokens this iteration may feed (see the module docstring, step 2)."""
+        room = self.prefill_budget
+        if self._decoding and self.slice_prefill:
+            waiting = sum(len(h.request.ids) - self._fed.get(id(h), 0) for h in self._prefilling)
+            room = min(room, prefill_slice(self.decode_s, self.prefill_s_per_token, waiting))
+        return min(room, self.runner.pass_tokens or room)
 
     def _prefill_round(self) -> None:
-        raise NotImplementedError
-
-    def _decode_round(self) -> None:
-        raise NotImplementedError
-
-
-class BatchedScheduler(QueuedScheduler):
-    """Continuous batching: every decoding turn is a row of one forward pass per iteration (see the module doc).
-    The runner makes the batch its rows live in (`new_batch`: a `BatchedSinkCache` on transformers) and runs the
-    batched step (`forward_batch`); prompts go through its `forward`."""
-
-    def __init__(self, runner, *, max_batch: int = 16, prefill_budget: int = 512, name: str = "streaming-engine",
-                 decode_step: str = DEFAULT_DECODE_STEP, cuda_graphs: str = DEFAULT_CUDA_GRAPHS):
-        super().__init__(runner, name)
-        if isinstance(prefill_budget, bool) or not isinstance(prefill_budget, int) or prefill_budget < 1:
-            raise ValueError(f"prefill_budget must be an integer >= 1, got {prefill_budget!r}")
-        if decode_step not in DECODE_STEPS:
-            raise ValueError(f"decode_step must be one of {', '.join(DECODE_STEPS)}; got {decode_step!r}")
-        # `static_step`: the runner's fixed-shape step over the whole batch, which also samples its rows
-        # (`decode(tokens, samplings) -> (logits, ids)`), or None: eager.
-        self.batch, self.static_step = runner.new_batch(max_batch, decode_step=decode_step, cuda_graphs=cuda_graphs)
-        #: The step that runs: "static" or "eager" ("auto" resolved, after any fallback).
-        self.decode_step = "static" if self.static_step is not None else "eager"
-        if self.static_step is not None:
-            self.decode_path = DECODE_PATHS[2] if self.static_step.graphs else DECODE_PATHS[1]
-        self.prefill_budget = prefill_budget
-        self._owner: dict[int, TurnHandle] = {}  # id(ConversationCache) -> the turn decoding on that row
-        #: False: whole chunks even while others decode (the behaviour before issue 28), the fairness benchmark's
-        #: baseline (`eval/fairness.py`).
-        self.slice_prefill = True
-        self.clock = time.perf_counter  # what `prefill_slice`'s costs are measured with (tests may replace it)
-        self.decode_s: float | None = None  # running average of one decode step, seconds
-        self.prefill_s_per_token: float | None = None  # running average of prefill seconds per prompt token
-
-    def _dropped(self, handle: TurnHandle) -> None:
-        self._owner.pop(id(handle.request.cache), None)
-
-    def _prefill_round(self) -> None:
-        """Nobody decoding: prompt chunks for up to `prefill_budget` tokens, each waiting turn at most once, in
-        arrival order, handed to the runner in one call (prompts that arrived together may share one pass:
-        `backends.hf.TransformersBackend.forward`). Somebody decoding: one slice (`prefill_slice`) of the first
-        waiting chunk; the rest of that chunk goes to the back, behind the other waiting prompts."""
+        """Waiting prompt chunks in arrival order, each at most once, until the room is spent (the last one perhaps
+        only in part); round-robin: the first waiting chunk, whole."""
         if not self._prefilling:
             return
-        if not self._decoding or not self.slice_prefill:
-            slices, spent = [], 0
-            while self._prefilling and spent < self.prefill_budget:
-                handle = self._prefilling.popleft()
-                fed = self._fed.pop(id(handle), 0)
-                spent += len(handle.request.ids) - fed
-                slices.append((handle, fed, len(handle.request.ids) - fed))
-            self._feed(slices)
-            return
-        handle = self._prefilling.popleft()
-        fed = self._fed.pop(id(handle), 0)
-        remaining = len(handle.request.ids) - fed
-        self._feed([(handle, fed, prefill_slice(self.decode_s, self.prefill_s_per_token, remaining))])
+        room = None if self.round_robin else self._room()
+        slices = []  # (handle, first token of the slice, slice length)
+        for handle in list(self._prefilling):
+            fed = self._fed.pop(id(handle), 0)
+            remaining = len(handle.request.ids) - fed
+            size = remaining if room is None else min(remaining, room)
+            self._prefilling.remove(handle)
+            slices.append((handle, fed, size))
+            if room is None:
+                break
+            room -= size
+            if room <= 0:
+                break
+        self._feed(slices)
 
     def _feed(self, slices: list[tuple[TurnHandle, int, int]]) -> None:
         """Feed each `(handle, fed, size)`: tokens `fed..fed+size` of the turn's prompt chunk on its own cache, all
-        in one runner call (`_forward_rows`: one pass, or one per row where the runner cannot share). A turn is
-        answered once its chunk's last token went in (that token's logits): a causal model's cache after a chunk
-        fed in slices is the cache after feeding it whole, so slicing changes no reply. A part-fed chunk waits at
-        the back."""
+        in one runner call. A turn is answered once its chunk's last token went in (that token's logits); a
+        part-fed chunk waits at the back."""
         rows = [(h.request.cache, h.request.ids[fed:fed + size]) for h, fed, size in slices]
         started = self.clock()
-        answers = self._forward_rows(rows, "prefill") if len(rows) > 1 else [self._forward_prompt(
-            slices[0][0].request, rows[0][1])]
+        answers = self._forward_rows(rows)
         tokens = sum(size for _, _, size in slices)
         self.prefill_s_per_token = running_average(self.prefill_s_per_token, (self.clock() - started) / tokens)
         self._served("prefill", [h for h, _, _ in slices])
@@ -433,12 +370,14 @@ class BatchedScheduler(QueuedScheduler):
             self._place(handle, self._advance(handle, answer))
 
     def _decode_round(self) -> None:
+        """One step for the rows the batch holds and, while it has room, the longest-waiting decoding turns."""
         batch = self.batch
-        for handle in list(self._decoding):  # free rows go to the longest-waiting turns
-            if len(batch.rows) >= batch.max_batch:
+        chosen = [h for h in self._decoding if batch.holds(h.request.cache)]
+        for handle in list(self._decoding):
+            if len(chosen) >= batch.rows_per_pass:
                 break
             cache = handle.request.cache
-            if cache.attached:
+            if batch.holds(cache):
                 continue
             try:
                 batch.join(cache)
@@ -446,105 +385,26 @@ class BatchedScheduler(QueuedScheduler):
                 self._decoding.remove(handle)
                 self._place(handle, self._advance(handle, exc))
                 continue
-            self._owner[id(cache)] = handle
-        if not batch.rows:
+            chosen.append(handle)
+        if not chosen:
             return
-        rows = list(batch.rows)
-        handles = [self._owner[id(cache)] for cache in rows]
-        tokens = [handle.request.token_id for handle in handles]
+        requests = [handle.request for handle in chosen]
         started = self.clock()
         try:
-            if self.static_step is not None:
-                samplings = [handle.request.sampling for handle in handles]
-                logits, ids = self.static_step.decode(tokens, samplings)
-                answers = [logits[b] if ids is None or samplings[b] is None else Sampled(ids[b])
-                           for b in range(len(rows))]
-            else:
-                logits = self.runner.forward_batch(batch, tokens)
-                answers = [logits[b] for b in range(len(rows))]
+            answers = batch.step(requests)
             self.decode_s = running_average(self.decode_s, self.clock() - started)
         except Exception:  # noqa: BLE001 - find the row that fails: run each alone
-            logger.exception("batched decode failed; retrying its %d rows one by one", len(rows))
+            logger.exception("batched decode failed; retrying its %d rows one by one", len(requests))
             answers = []
-            for cache, token in zip(rows, tokens):
+            for request in requests:
                 try:
-                    answers.append(self.runner.forward_batch(batch, [token], range(cache.row, cache.row + 1))[0])
+                    answers.append(batch.step_alone(request))
                 except Exception as exc:  # noqa: BLE001 - this conversation's error, reported to it alone
                     answers.append(exc)
-        self._served("decode", handles)
-        for cache, handle, answer in zip(rows, handles, answers):
-            if isinstance(answer, BaseException) and cache.attached:
-                cache.batch.leave(cache, keep=False)  # its row holds a half-written step: drop it
-            self._decoding.remove(handle)
-            self._owner.pop(id(cache), None)
-            alive = self._advance(handle, answer)
-            if alive and isinstance(handle.request, Decode):
-                self._owner[id(handle.request.cache)] = handle
-                self._decoding.append(handle)
-            else:
-                self._place(handle, alive)
-
-
-class PackedScheduler(QueuedScheduler):
-    """Continuous batching for a runner that packs several conversations' rows into one pass (`packs_rows`:
-    llama.cpp, one `llama_decode` over several sequences). Each iteration, after the shared start and stops,
-      2. feeds at most `prefill_budget` waiting prompt tokens (and the runner's `pass_tokens`) in one pass,
-         several conversations together when they fit, in arrival order. A chunk longer than what is left of the
-         budget is fed in *slices*: the rest of it waits for the next iteration (behind the other waiting
-         prompts), after the decode step below, so a long paste delays each other reply by one bounded slice per
-         token, however long its chunks (issue 28 measured llama.cpp prefill at ~81 tok/s on the test CPU: a whole
-         512-token chunk in one pass held every other user for seconds). The turn is answered once its last slice
-         went in (the logits of that slice's last token), so slicing changes no token;
-      3. decodes one token for up to `max_batch` decoding turns in **one** pass (each its own row); with
-         `batched=False` (the round-robin baseline) one turn per pass, turns taking turns.
-    Turns beyond `max_batch` wait their turn: a row served goes to the back of the queue. If a shared pass fails,
-    its rows are retried one by one, so only the conversation that causes an error sees it."""
-
-    def __init__(self, runner, *, max_batch: int = 16, prefill_budget: int = 512, batched: bool = True,
-                 name: str = "streaming-engine"):
-        super().__init__(runner, name)
-        for label, value in (("max_batch", max_batch), ("prefill_budget", prefill_budget)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
-        rows = runner.max_rows or max_batch
-        self.max_batch = min(max_batch, rows) if batched else 1
-        self.prefill_budget = prefill_budget
-
-    def _prefill_round(self) -> None:
-        """One pass of at most `prefill_budget` prompt tokens (and the runner's pass size): waiting chunks in
-        arrival order, the last one taken perhaps only in part (a slice; the rest goes next iteration)."""
-        room = min(self.prefill_budget, self.runner.pass_tokens or self.prefill_budget)
-        slices = []  # (handle, first token of the slice, slice length)
-        for handle in self._prefilling:
-            if room <= 0:
-                break
-            fed = self._fed.get(id(handle), 0)
-            size = min(len(handle.request.ids) - fed, room)
-            slices.append((handle, fed, size))
-            room -= size
-        if not slices:
-            return
-        rows = [(h.request.cache, h.request.ids[fed:fed + size]) for h, fed, size in slices]
-        answers = self._forward_rows(rows, "prefill")
-        self._served("prefill", [h for h, _, _ in slices])
-        for (handle, fed, size), answer in zip(slices, answers):
-            done = fed + size
-            if done < len(handle.request.ids) and not isinstance(answer, BaseException):
-                self._fed[id(handle)] = done  # the rest of this chunk goes in next iteration,
-                self._prefilling.remove(handle)  # after the other waiting prompts' (each one's slices stay in order)
-                self._prefilling.append(handle)
-                continue
-            self._fed.pop(id(handle), None)
-            self._prefilling.remove(handle)
-            self._place(handle, self._advance(handle, answer))
-
-    def _decode_round(self) -> None:
-        handles = list(self._decoding)[: self.max_batch]
-        if not handles:
-            return
-        answers = self._forward_rows([(h.request.cache, [h.request.token_id]) for h in handles], "decode")
-        self._served("decode", handles)
-        for handle, answer in zip(handles, answers):
+        self._served("decode", chosen)
+        for handle, answer in zip(chosen, answers):
+            if isinstance(answer, BaseException):
+                batch.drop(handle.request.cache)  # its row may hold a half-written step
             self._decoding.remove(handle)
             self._place(handle, self._advance(handle, answer))
 
@@ -552,24 +412,12 @@ class PackedScheduler(QueuedScheduler):
 def make_scheduler(kind: str, runner, *, max_batch: int = 16, prefill_budget: int = 512,
                    decode_step: str = DEFAULT_DECODE_STEP, cuda_graphs: str = DEFAULT_CUDA_GRAPHS) -> Scheduler:
     """`"batched"` (continuous batching) or `"round-robin"` (the one-conversation-per-pass baseline) for `runner`
-    (a `backends.base.Backend`), the policy chosen by what the runner can do, never by which backend it is:
-
-    * a runner that packs rows (`packs_rows`) gets `PackedScheduler` (round-robin: one row per pass), its prompt
-      budget per iteration at most `PREFILL_SLICE_TOKENS`;
-    * otherwise `BatchedScheduler` where conversations can share a batched decode (`batchable`), else the
-      round-robin worker even when "batched" is asked for (`families.batchable`: local sliding-window layers,
-      per-layer-type RoPE): same replies, no batching.
-    """
+    (a `backends.base.Backend`). What a pass can hold is the runner's to say (its `DecodeBatch`, `pass_tokens`),
+    never which backend it is; a runner that packs every row into its passes (`packs_rows`: llama.cpp, whose
+    prompt passes are slow per token) gets a prompt budget of at most `PREFILL_SLICE_TOKENS` per iteration."""
     if kind not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}; got {kind!r}")
-    name = runner.worker_name
     if runner.packs_rows:
-        return PackedScheduler(runner, max_batch=max_batch, prefill_budget=min(prefill_budget, PREFILL_SLICE_TOKENS),
-                               batched=kind == "batched", name=name)
-    if kind == "batched" and runner.batchable:
-        return BatchedScheduler(runner, max_batch=max_batch, prefill_budget=prefill_budget, name=name,
-                                decode_step=decode_step, cuda_graphs=cuda_graphs)
-    if kind == "batched":
-        logger.info("%s has local or per-layer-type attention layers: decoding one conversation per pass",
-                    type(runner.model).__name__)
-    return RoundRobinScheduler(runner, name=name)
+        prefill_budget = min(prefill_budget, PREFILL_SLICE_TOKENS)
+    return Scheduler(runner, max_batch=max_batch, prefill_budget=prefill_budget, round_robin=kind == "round-robin",
+                     name=runner.worker_name, decode_step=decode_step, cuda_graphs=cuda_graphs)

@@ -34,6 +34,7 @@ What the model still remembers (see `memory.py`):
 
 from __future__ import annotations
 
+import enum
 import threading
 import time
 from collections import deque
@@ -52,6 +53,27 @@ EventKind = Literal["delta", "done", "error"]
 #: Why a turn ended: the model's end of turn, `max_new_tokens`, a stop string, the user's Stop, a dense cache out
 #: of room, or a failure.
 FinishReason = Literal["eos", "length", "stop", "stopped", "context_full", "error"]
+#: What an "error" event is, for a caller that answers in another protocol (the API maps it to an HTTP status):
+#: the server is at its cap of running replies, the input was refused, this chat is still replying, or the turn
+#: failed while running (or could not be run).
+EventCode = Literal["busy", "invalid", "running", "failed"]
+
+
+class SessionStatus(enum.Enum):
+    """Where a session's cache stands against its history, which decides what its next turn does first."""
+
+    #: The cache holds the conversation as fed (or both are empty): the next turn feeds only its own text.
+    READY = "ready"
+    #: The history is not (or no longer) in the cache: a restored history, or the turn after a failure or a stop
+    #: half-way through re-encoding. The next turn re-encodes the head and the tail that fits (`_prime`).
+    UNPRIMED = "unprimed"
+    #: A dense cache out of room: every turn ends at once with "context_full" until a reset or a rewind.
+    FULL = "full"
+
+
+#: The wording of each refusal every engine gives (local and ZeroGPU: `StreamingEngine.admit_turn`).
+RUNNING_REFUSAL = "A reply is still being written in this chat; stop it or wait."
+BUSY_REFUSAL = "Server busy: too many replies are being written right now. Try again shortly."
 
 
 @dataclass
@@ -61,7 +83,7 @@ class Event:
 
     `accepted` is False only on the single error event of a turn that never started (bad input, busy server):
     the message was not taken and the conversation is unchanged. Every other event belongs to a turn whose
-    message is in the history.
+    message is in the history. `code` says what an "error" event is (`EventCode`); None on other events.
     """
 
     kind: EventKind
@@ -69,6 +91,38 @@ class Event:
     stats: dict = field(default_factory=dict)
     finish_reason: FinishReason | None = None
     accepted: bool = True
+    code: EventCode | None = None
+
+    @property
+    def final(self) -> bool:
+        """The turn's last event ("done" or "error")."""
+        return self.kind in ("done", "error")
+
+
+@dataclass(frozen=True)
+class SessionView:
+    """A read-only look at one session for code outside the engine (tests, monitoring, benchmarks), taken when
+    asked (`StreamingEngine.session`): who holds it, where its cache stands, its running turn. `cache` is the
+    backend's cache object, for reading its counters and positions; nothing outside the worker feeds it."""
+
+    id: str
+    mode: str
+    owner: str | None
+    status: SessionStatus
+    #: The running turn's handle (or the last one's, once finished): what `Scheduler.on_pass` reports it by.
+    turn: object | None
+    #: A turn is running now (its handle not finished).
+    replying: bool
+    turns: int
+    last_active: float
+    stream_text: str
+    recent_ids: tuple[int, ...]
+    cache: object
+
+
+def refused(text: str, code: EventCode, stats: dict | None = None) -> Event:
+    """The one event of a turn that never started (bad input, busy, still replying): the message was not taken."""
+    return Event("error", text, stats or {}, "error", accepted=False, code=code)
 
 
 @dataclass
@@ -120,8 +174,7 @@ class Session:
         self.pending_ids: list[int] = []
         self.recent_ids: deque[int] = deque(maxlen=PENALTY_WINDOW)
         self.turns = 0
-        self.context_full = False
-        self.needs_prime = False
+        self.status = SessionStatus.READY
         self.current = None  # the running TurnHandle, if any
         self.owner: str | None = None  # who opened it, e.g. "openai" for the HTTP API (see engine.find_conversation)
         self.lock = threading.Lock()
@@ -151,13 +204,20 @@ class Session:
         event. A copy, safe to read from any thread."""
         return [dict(entry) for entry in self._memory]
 
+    def view(self) -> SessionView:
+        """This session as a `SessionView` (a snapshot; the cache is the live object)."""
+        turn = self.current
+        return SessionView(self.id, self.mode, self.owner, self.status, turn,
+                           turn is not None and not turn.finished.is_set(), self.turns, self.last_active,
+                           self.stream_text, tuple(self.recent_ids), self.cache)
+
     def _refresh_memory(self) -> None:
         """Recompute the memory map from the cache's stream positions (worker thread, or an idle session)."""
         held, seen = self.cache.stream_positions, self.cache.seen_tokens
         entries = [{"role": "system", **measure(self.system_span, held, seen)}] if self.system_prompt else []
         for message, span in zip(self.history, self.spans):
             entries.append({"role": message["role"], **measure(span, held, seen)})
-        if self.needs_prime:  # a restored history, not encoded yet: the next turn re-encodes what fits
+        if self.status is SessionStatus.UNPRIMED:  # a restored history, not encoded yet: the next turn re-encodes what fits
             entries = [{**entry, "state": "pending"} if entry["tokens"] is None else entry for entry in entries]
         self._memory = entries
 
@@ -186,7 +246,7 @@ class Session:
             "reply_tokens": self.reply_tokens,
             "last_token_latency_s": self.last_token_latency_s,
             "context_limit": self.capacity,
-            "context_full": self.context_full,
+            "context_full": self.status is SessionStatus.FULL,
             "pinned_tokens": self.cache.pinned,
             "eviction": self.cache.eviction if self.evicts else None,
             "turns_in_memory": turns_in_memory(memory),
@@ -200,7 +260,7 @@ class Session:
         self._raw = [dict(m) for m in messages]
         self.spans = [None] * len(messages)  # nothing of it is in the cache until `_prime`
         self.turns = sum(1 for m in messages if m["role"] == "user")
-        self.needs_prime = bool(messages)
+        self.status = SessionStatus.UNPRIMED if messages else SessionStatus.READY
         self._refresh_memory()
 
     def rewind(self) -> str:
@@ -222,7 +282,7 @@ class Session:
         self.stream_text, self.pending_ids = "", []
         self.recent_ids.clear()
         self.turns, self.reply_tokens = 0, 0
-        self.context_full = self.needs_prime = False
+        self.status = SessionStatus.READY
         self.time_to_first_token_s = self.tokens_per_s = self.last_token_latency_s = None
         self._refresh_memory()
 
@@ -243,9 +303,9 @@ class Session:
 
     def _plan_turn(self, rt: Runtime, message: str) -> "TurnPlan":
         try:
-            if self.context_full:
+            if self.status is SessionStatus.FULL:
                 return TurnPlan()
-            prime = self._plan_prime(rt) if self.needs_prime else None
+            prime = self._plan_prime(rt) if self.status is SessionStatus.UNPRIMED else None
             stream_text = self.stream_text if prime is None else prime.stream_text
             messages = self.template_messages() + [{"role": "user", "content": message}]
             text = rt.templater.turn_text(stream_text, messages)
@@ -274,7 +334,7 @@ class Session:
         self.history.append({"role": "user", "content": message})
         self._raw.append({"role": "user", "content": message})
         self.spans.append(None)
-        if self.context_full:
+        if self.status is SessionStatus.FULL:
             yield self._final("", "context_full")
             return
         stream = TextStream(rt.tokenizer, params.stop)
@@ -346,20 +406,21 @@ class Session:
             self.cache.reset()
             self.stream_text, self.pending_ids = "", []
             self.spans, self.system_span = [None] * len(self.history), None
-            self.needs_prime = True
+            self.status = SessionStatus.UNPRIMED
             yield Event(
                 "error",
                 f"Generation failed ({type(exc).__name__}: {exc}). Your conversation is kept; "
                 "send a message to continue or start a new chat.",
                 self._live_stats(),
                 "error",
+                code="failed",
             )
         finally:
             self.last_active = time.monotonic()
 
     def _final(self, text: str, reason: str) -> Event:
         if reason == "context_full":
-            self.context_full = True
+            self.status = SessionStatus.FULL
         return Event("done", text, self._live_stats(), reason)
 
     def _record_reply(self, rt: Runtime, reply_ids: list[int], stream: TextStream, reason: str) -> None:
@@ -421,12 +482,12 @@ class Session:
         """Re-encode the history into an empty cache, keeping the protected head (the pinned system prompt, or the
         sinks) and the tail that fits (yields `Prefill` requests), as `plan` (`_plan_prime`) says. Each message
         was encoded on its own so that its span is known; under eviction="turns" the tail starts at a message.
-        Until it completes, `needs_prime` stays set, so a stop or a failure half-way is retried."""
+        Until it completes, the status stays `UNPRIMED`, so a stop or a failure half-way is retried."""
         self.cache.reset()
         self.stream_text, self.pending_ids = "", []
         self.spans, self.system_span = [None] * len(self.history), None
         if plan.empty:
-            self.needs_prime = False
+            self.status = SessionStatus.READY
             return
         ids = plan.ids
         if plan.parts is not None:
@@ -440,7 +501,7 @@ class Session:
                 ids += part
             self.cache.pin(pinned)
         yield from prefill_requests(self.cache, ids, self.chunk_size, self.evicts)
-        self.needs_prime = False
+        self.status = SessionStatus.READY
         self.stream_text = plan.text
         self.recent_ids.extend(ids)
 

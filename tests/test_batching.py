@@ -46,10 +46,12 @@ def test_batchable_says_which_families_share_a_forward_pass(family):
 @pytest.mark.parametrize("family", HYBRID_FAMILIES)
 def test_a_hybrid_model_still_chats_one_conversation_per_pass(family):
     from streaming_engine.backends.hf import TransformersBackend
-    from streaming_engine.scheduler import RoundRobinScheduler, make_scheduler
+    from streaming_engine.backends.base import RowPasses
+    from streaming_engine.scheduler import make_scheduler
 
     model = tiny_model(family, layers=2)
-    assert isinstance(make_scheduler("batched", TransformersBackend(model)), RoundRobinScheduler)
+    batch = make_scheduler("batched", TransformersBackend(model)).batch
+    assert isinstance(batch, RowPasses) and batch.rows_per_pass == 1
 
 
 @pytest.mark.parametrize("family", fast_cases(BATCHED_FAMILIES))
@@ -204,7 +206,7 @@ def test_concurrent_replies_greedy_and_seeded_equal_each_conversation_alone(
         assert [e.text for e in together[name]] == [e.text for e in alone[name]], name
         assert [e.stats["evicted_tokens"] for e in together[name]] == [e.stats["evicted_tokens"] for e in alone[name]]
         # The caches hold the same keys (re-rotated on eviction, batched or not) and values.
-        mine, theirs = engine._get(sids[name]).cache.solo, reference._get(alone_sids[name]).cache.solo
+        mine, theirs = engine.session(sids[name]).cache.solo, reference.session(alone_sids[name]).cache.solo
         for a, b in zip(mine.layers, theirs.layers):
             assert torch.allclose(a.keys, b.keys, atol=ROW_TOLERANCE) and torch.allclose(a.values, b.values,
                                                                                          atol=ROW_TOLERANCE)
@@ -278,7 +280,7 @@ def test_a_stopped_row_leaves_within_one_step_and_the_others_are_unaffected(tiny
     def victim():
         for event in engine.chat(sids["victim"], "A long story, please", max_new_tokens=300, **GREEDY):
             if event.kind == "delta" and event.stats["reply_tokens"] == 10 and "stop" not in marks:
-                marks["handle"] = engine._get(sids["victim"]).current
+                marks["handle"] = engine.session(sids["victim"]).turn
                 marks["stop"] = len(passes)  # forward passes run when the stop was asked for
                 engine.stop(sids["victim"])
         marks["final"] = event
@@ -386,7 +388,7 @@ def test_a_50000_token_paste_delays_another_chats_next_token_by_at_most_one_chun
 
 def test_memory_stays_bounded_with_16_sessions(tiny_chat_model, default_tokenizer):
     engine = make_engine(tiny_chat_model, default_tokenizer, recent_size=60, max_batch=16)
-    batch = engine.scheduler.batch
+    batch = engine.scheduler.batch.cache
     allocated, rows = [], []
     engine.scheduler.on_pass = lambda kind, handles: (allocated.append(batch.allocated_bytes()),
                                                       rows.append(len(batch.rows)))
@@ -395,7 +397,7 @@ def test_memory_stays_bounded_with_16_sessions(tiny_chat_model, default_tokenize
                       for t in range(4)]) for i, sid in enumerate(sids)}
     results = run_together(engine, jobs)
     assert all(e.kind == "done" for events in results.values() for e in events)
-    per_token = batch.bytes_per_token or engine._get(sids[0]).cache.kv_bytes() // engine.stats(sids[0])[
+    per_token = batch.bytes_per_token or engine.session(sids[0]).cache.kv_bytes() // engine.stats(sids[0])[
         "cache_tokens"]
     assert max(rows) == 16
     assert max(allocated) <= 16 * 64 * per_token  # 16 rows x the 64-token capacity, nothing more
@@ -474,7 +476,7 @@ def test_while_another_chat_decodes_a_long_prompt_goes_in_slices_and_its_reply_i
         if beside_a_chat:
             talker.start()
             assert decoding.wait(120), "the chat never decoded"
-        chat_handle = engine._get(chatter).current
+        chat_handle = engine.session(chatter).turn
         passes.clear()
         fed.clear()
         final = reply(engine, paster, paste, max_new_tokens=6, **GREEDY)

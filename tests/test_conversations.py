@@ -242,7 +242,7 @@ def test_kill_9_mid_reply_then_restart_brings_back_three_turns_and_the_interrupt
         assert len(opened.messages) == 8 and opened.messages[-1]["interrupted"]
         assert not any(m.get("interrupted") for m in opened.messages[:-1])
         say(conversations, token, "What is her name?")
-        assert "Zanzibar" in conversations.engine._get(opened.session_id).stream_text
+        assert "Zanzibar" in conversations.engine.session(opened.session_id).stream_text
         stored = store.load(token).messages
         assert len(stored) == 10 and stored[7]["interrupted"] and not stored[9].get("interrupted")
 
@@ -256,7 +256,7 @@ def test_a_session_closed_for_idleness_is_recreated_from_the_store_on_the_next_m
     assert conversations.engine.close_idle() == 1
     say(conversations, opened.token, "What was the password?")
     sid = conversations.open(opened.token).session_id
-    assert sid != opened.session_id and "swordfish" in conversations.engine._get(sid).stream_text
+    assert sid != opened.session_id and "swordfish" in conversations.engine.session(sid).stream_text
     assert len(conversations.store.load(opened.token).messages) == 4
 
 

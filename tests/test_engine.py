@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 
 import pytest
 
 from streaming_engine import MODES, EngineConfig, StreamingEngine
+from streaming_engine.engine import SessionNotFound
+from streaming_engine.session import SessionStatus
 from streaming_engine.templating import ChatTemplater
 from streaming_engine.textstream import TextStream
 
@@ -162,8 +165,9 @@ def test_dense_session_reports_context_full_cleanly(tiny_chat_model, default_tok
         reasons.append(final.finish_reason)
         assert final.stats["cache_tokens"] <= 90
     assert "context_full" in reasons and reasons[-1] == "context_full"
-    assert engine.stats(sid)["context_full"] is True
+    assert engine.stats(sid)["context_full"] is True and engine.session(sid).status is SessionStatus.FULL
     engine.reset(sid)
+    assert engine.session(sid).status is SessionStatus.READY
     _, final, _ = run(engine, sid, "Fresh start", max_new_tokens=3, **GREEDY)
     assert final.finish_reason != "context_full"
 
@@ -175,7 +179,27 @@ def test_window_mode_has_no_sinks(tiny_chat_model, default_tokenizer):
         run(engine, sid, f"Tell me fact number {i}.", max_new_tokens=10, **GREEDY)
     stats = engine.stats(sid)
     assert stats["start_size"] == 0 and stats["sink_tokens"] == 0 and stats["evicted_tokens"] > 0
-    assert engine._get(sid).cache.stream_positions[0] > 0  # the very first token is gone
+    assert engine.session(sid).cache.stream_positions[0] > 0  # the very first token is gone
+
+
+def test_the_session_view_is_read_only_and_its_status_follows_the_cache(tiny_chat_model, default_tokenizer):
+    """`engine.session(sid)`: a restored history is UNPRIMED until its next turn re-encodes it, READY after; a
+    dense cache out of room is FULL (`test_dense_session_reports_context_full_cleanly`); the view cannot be
+    written to."""
+    engine = make_engine(tiny_chat_model, default_tokenizer)
+    sid = engine.new_session()
+    assert engine.session(sid).status is SessionStatus.READY and engine.session(sid).turn is None
+    run(engine, sid, "Hello there", max_new_tokens=3, **GREEDY)
+    restored = engine.restore(engine.export(sid))
+    view = engine.session(restored)
+    assert view.status is SessionStatus.UNPRIMED and not view.replying and view.stream_text == ""
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        view.status = SessionStatus.READY
+    run(engine, restored, "And now?", max_new_tokens=3, **GREEDY)
+    after = engine.session(restored)
+    assert after.status is SessionStatus.READY and after.turn.finished.is_set() and not after.replying
+    with pytest.raises(SessionNotFound):
+        engine.session("nope")
 
 
 def test_export_then_restore_continues_the_conversation(tiny_chat_model, default_tokenizer):
@@ -232,6 +256,34 @@ def test_bad_input_gives_one_clear_error_event_and_the_session_stays_usable(
     assert events[0].accepted is False and engine.history(sid) == [] and engine.stats(sid)["turns"] == 0
     _, final, _ = run(engine, sid, "hello", max_new_tokens=3, **GREEDY)
     assert final.kind == "done" and final.accepted
+
+
+def test_every_refusal_says_what_it_is_in_a_typed_code_and_is_final(tiny_chat_model, default_tokenizer):
+    """`Event.code` is what the API maps to an HTTP status: bad input "invalid", this chat still replying
+    "running", the server at its cap of running replies "busy"; a refusal is the turn's one, final, event."""
+    engine = make_engine(tiny_chat_model, default_tokenizer, max_active_turns=1)
+    talker, other = engine.new_session(), engine.new_session()
+    (invalid,) = list(engine.chat(talker, "   "))
+    assert (invalid.code, invalid.accepted, invalid.final) == ("invalid", False, True)
+    entered, gate = threading.Event(), threading.Event()
+
+    def hold(module, args):  # the running turn's first pass waits here: it holds the one slot meanwhile
+        entered.set()
+        assert gate.wait(120), "the test never let the pass go on"
+
+    hook = tiny_chat_model.register_forward_pre_hook(hold)
+    try:
+        events = engine.start_chat(talker, "hello", max_new_tokens=2, **GREEDY)
+        assert entered.wait(120), "the turn never started"
+        (running,) = list(engine.chat(talker, "again"))
+        (busy,) = list(engine.chat(other, "hello"))
+    finally:
+        gate.set()
+        hook.remove()
+    last = list(events)[-1]
+    assert (running.code, running.accepted, running.final) == ("running", False, True)
+    assert (busy.code, busy.accepted, busy.final) == ("busy", False, True)
+    assert last.kind == "done" and last.final and last.code is None
 
 
 def test_unknown_session_and_bad_session_settings(tiny_chat_model, default_tokenizer):
@@ -378,7 +430,7 @@ def test_leaving_chat_many_early_stops_every_turn_and_keeps_partial_replies(tiny
             break
     reader.close()  # what a closed browser tab does to the comparison handler
     for sid in sids:
-        assert engine._get(sid).current.finished.wait(10)
+        assert engine.session(sid).turn.finished.wait(10)
         assert engine.stats(sid)["reply_tokens"] < 400
         assert engine.history(sid)[0]["content"] == "Talk for a long time."
     _, final, _ = run(engine, sids[0], "Still there?", max_new_tokens=3, **GREEDY)

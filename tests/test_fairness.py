@@ -48,7 +48,7 @@ def test_api_sessions_are_reaped_sooner_than_browser_sessions(tiny_chat_model, d
                         max_sessions_per_owner=2)
     browser = engine.new_session(owner="x")
     api = engine.new_session(owner="x", origin="api")
-    cache = engine._get(api).cache
+    cache = engine.session(api).cache
     assert list(engine.chat(api, "hi", max_new_tokens=2, **GREEDY))[-1].kind == "done"
     # Both sessions age past the API timeout but not the browser one (no sleep: their last activity is moved back).
     for sid in (browser, api):

@@ -211,7 +211,7 @@ def test_a_pinned_system_prompt_stays_and_the_memory_map_works_on_llamacpp(llama
     sid = engine.new_session("streaming", system)
     for i in range(4):
         _, done = reply(engine, sid, f"Question {i}: describe a walk through a busy market.")
-    stats, cache = done.stats, engine._get(sid).cache
+    stats, cache = done.stats, engine.session(sid).cache
     pinned = engine.system_tokens(system)
     assert stats["pinned_tokens"] == pinned > 4 and stats["evicted_tokens"] > 0
     assert cache.stream_positions[:pinned] == list(range(pinned))
@@ -233,7 +233,7 @@ def test_sinks_are_kept_and_the_counters_add_up_in_a_long_chat(llama):
         s = done.stats
         assert s["seen_tokens"] == s["cache_tokens"] + s["evicted_tokens"] and s["cache_tokens"] <= 64
         assert s["kv_bytes"] == s["cache_tokens"] * engine.backend.context.bytes_per_token
-    cache = engine._get(sid).cache
+    cache = engine.session(sid).cache
     assert cache.evicted_tokens > 0 and cache.stream_positions[:4] == [0, 1, 2, 3]
 
 

@@ -83,12 +83,12 @@ def test_a_decoding_reply_gets_a_token_between_every_slice_of_a_long_prompt(engi
                                                               "Rome.", max_new_tokens=400, **GREEDY)), daemon=True)
     reader.start()
     assert started.wait(120), "the talking reply never decoded"
-    talking = id(engine._get(talker).current)
+    talking = id(engine.session(talker).turn)
     events = list(engine.chat(paster, LONG_PROMPT, max_new_tokens=1, **GREEDY))
     engine.stop(talker)
     reader.join(120)
     assert events[-1].kind == "done", events[-1].text
-    pasting = id(engine._get(paster).current)
+    pasting = id(engine.session(paster).turn)
     slices = [i for i, (kind, served) in enumerate(log) if kind == "prefill" and pasting in served]
     prompt_tokens = events[-1].stats["seen_tokens"]
     assert len(slices) >= prompt_tokens // 16  # never more than the budget per pass

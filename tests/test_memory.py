@@ -104,7 +104,7 @@ def test_turn_eviction_gives_the_same_replies_batched_or_alone_when_replies_outg
                 # Past messages are whole or gone; only the last reply (longer than the room) may be cut.
                 assert all(e["state"] != "partial" for e in entries[1:-1] if e["role"] != "system")
         texts[worker] = sorted(replies)
-        positions[worker] = [engine._get(sid).cache.stream_positions for sid in sids]
+        positions[worker] = [engine.session(sid).cache.stream_positions for sid in sids]
     assert texts["round-robin"] == texts[scheduler]
     assert positions["round-robin"] == positions[scheduler]
     assert bool(row_evictions) == (scheduler == "batched")  # batch rows did evict (and round to messages)
@@ -143,7 +143,7 @@ def test_a_restored_history_keeps_its_pinned_prompt_and_whole_messages(tiny_chat
     entries = check_map_against_stream_positions(engine, restored)
     pinned = engine.system_tokens(SYSTEM)
     assert entries[0] == {"role": "system", "tokens": pinned, "held": pinned, "state": "full"}
-    assert engine._get(restored).cache.stream_positions[:pinned] == list(range(pinned))
+    assert engine.session(restored).cache.stream_positions[:pinned] == list(range(pinned))
     states = [e["state"] for e in entries[1:]]
     assert states[0] == "gone" and states[-1] == "full" and "full" in states[:-2]
     if eviction == "turns":

@@ -67,7 +67,7 @@ def test_idle_sessions_are_closed_and_their_cache_freed(tiny_chat_model, default
     engine = engine_for(tiny_chat_model, default_tokenizer, idle_timeout_s=60)
     sid, fresh = engine.new_session(), engine.new_session()
     final_event(engine, sid, "hello", max_new_tokens=3)
-    cache = engine._get(sid).cache
+    cache = engine.session(sid).cache
     assert cache.kv_bytes() > 0
     assert engine.close_idle() == 0  # just used: not idle
     engine._get(sid).last_active -= 120  # idle for twice the timeout (moved back instead of slept)
@@ -87,7 +87,7 @@ def test_a_reader_that_goes_away_mid_reply_stops_the_turn_and_keeps_the_partial_
         if event.stats.get("reply_tokens", 0) >= 3:
             break
     reader.close()  # what happens when a browser tab closes mid-stream
-    handle = engine._get(sid).current
+    handle = engine.session(sid).turn
     assert handle.finished.wait(10)
     history = engine.history(sid)
     assert history[-1]["role"] == "assistant" and engine.stats(sid)["reply_tokens"] < 400

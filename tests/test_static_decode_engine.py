@@ -19,14 +19,14 @@ from streaming_engine.backends.hf import TransformersBackend
 from streaming_engine.cuda_graphs import CudaGraphsUnavailable
 from streaming_engine.defaults import DECODE_STEPS
 from streaming_engine.remote import RemoteTurnsEngine
-from streaming_engine.scheduler import DECODE_PATHS, BatchedScheduler
+from streaming_engine.scheduler import DECODE_PATHS, Scheduler
 from streaming_engine.static_step import STATIC_DEVICE_MAP, StaticSinkCache, resolve_decode_step
 
 
 def count_device_draws(engine, rows_of: list | None = None) -> list[int]:
     """Wrap the static step's `decode`: the list gets, per pass, how many rows it drew on the device (and
     `rows_of`, if given, each pass's settings, row by row)."""
-    step, drawn = engine.scheduler.static_step, []
+    step, drawn = engine.scheduler.batch.static_step, []
     decode = step.decode
 
     def counted(tokens, samplings):
@@ -45,7 +45,7 @@ def test_static_replies_equal_eager_replies_under_greedy_sampling(tiny_chat_mode
                                                                     penalty):
     static = make_engine(tiny_chat_model, default_tokenizer, recent_size=60, decode_step="static")
     eager = make_engine(tiny_chat_model, default_tokenizer, recent_size=60, decode_step="eager")
-    assert static.scheduler.decode_step == "static" and isinstance(static.scheduler.batch, StaticSinkCache)
+    assert static.scheduler.batch.decode_step == "static" and isinstance(static.scheduler.batch.cache, StaticSinkCache)
     assert (static.decode_path, eager.decode_path) == ("static", "eager")  # no graphs on the CPU
     greedy = dict(GREEDY, repetition_penalty=penalty)
     plans = {f"user{u}": [(f"User {u} asks question {t} " + "and more words " * (u * 3),
@@ -76,7 +76,7 @@ def test_after_a_failed_static_step_the_rows_go_on_with_the_tokens_their_turns_d
     `test_device_sampling.py`'s check)."""
     static = make_engine(tiny_chat_model, default_tokenizer, recent_size=60, decode_step="static")
     eager = make_engine(tiny_chat_model, default_tokenizer, recent_size=60, decode_step="eager")
-    graphed, calls = static.scheduler.static_step.step, []
+    graphed, calls = static.scheduler.batch.static_step.step, []
 
     def failing_once(tokens):
         calls.append(len(tokens))
@@ -84,7 +84,7 @@ def test_after_a_failed_static_step_the_rows_go_on_with_the_tokens_their_turns_d
             raise RuntimeError("injected failure of one static pass")
         return graphed(tokens)
 
-    static.scheduler.static_step.step = failing_once
+    static.scheduler.batch.static_step.step = failing_once
     greedy = dict(GREEDY, repetition_penalty=1.3, max_new_tokens=20)
     plans = {f"u{u}": [(f"Question {u}: what do ships carry?", greedy)] for u in range(3)}
     results = {}
@@ -136,7 +136,7 @@ def test_auto_takes_the_static_step_on_cuda_only(device, expected):
 def test_auto_is_the_default_and_decodes_eagerly_on_the_cpu(tiny_chat_model, default_tokenizer):
     assert EngineConfig().decode_step == "auto" and EngineConfig().cuda_graphs == "auto"
     engine = make_engine(tiny_chat_model, default_tokenizer)
-    assert engine.config.decode_step == "auto" and engine.scheduler.static_step is None
+    assert engine.config.decode_step == "auto" and engine.scheduler.batch.static_step is None
     assert engine.decode_path == "eager" and engine.decode_path in DECODE_PATHS
 
 
@@ -156,8 +156,8 @@ def test_auto_on_cuda_falls_back_for_a_model_it_cannot_serve_in_one_log_line(mon
     model.hf_device_map = {"model.layers.0": 0, "model.layers.1": "cpu"}
     monkeypatch.setattr(TransformersBackend, "input_device", property(lambda self: torch.device("cuda")))
     with caplog.at_level(logging.INFO, logger="streaming_engine.backends.hf"):
-        scheduler = BatchedScheduler(TransformersBackend(model), max_batch=2)
-    assert scheduler.decode_step == "eager" and scheduler.decode_path == "eager"
+        scheduler = Scheduler(TransformersBackend(model), max_batch=2)
+    assert scheduler.batch.decode_step == "eager" and scheduler.decode_path == "eager"
     lines = [r.getMessage() for r in caplog.records if r.name == "streaming_engine.backends.hf"]
     assert len(lines) == 1 and STATIC_DEVICE_MAP in lines[0] and "decoding eagerly" in lines[0]
 
@@ -166,8 +166,8 @@ def test_a_model_the_static_step_cannot_serve_decodes_eagerly_and_says_why(caplo
     model = tiny_model("llama", layers=2)
     model.hf_device_map = {"model.layers.0": 0, "model.layers.1": "cpu"}
     with caplog.at_level(logging.INFO, logger="streaming_engine.backends.hf"):
-        scheduler = BatchedScheduler(TransformersBackend(model), max_batch=2, decode_step="static")
-    assert scheduler.decode_step == "eager" and not isinstance(scheduler.batch, StaticSinkCache)
+        scheduler = Scheduler(TransformersBackend(model), max_batch=2, decode_step="static")
+    assert scheduler.batch.decode_step == "eager" and not isinstance(scheduler.batch.cache, StaticSinkCache)
     assert STATIC_DEVICE_MAP in caplog.text
 
 
@@ -178,7 +178,7 @@ def test_an_unknown_decode_step_is_refused_where_it_enters(bad):
     with pytest.raises(ValueError, match=allowed):
         EngineConfig(decode_step=bad)
     with pytest.raises(ValueError, match=allowed):
-        BatchedScheduler(TransformersBackend(tiny_model("llama")), decode_step=bad)
+        Scheduler(TransformersBackend(tiny_model("llama")), decode_step=bad)
 
 
 @pytest.mark.parametrize("bad", ["maybe", None])
@@ -212,7 +212,7 @@ def test_on_cuda_the_engine_replays_graphs_and_replies_as_the_eager_engine(reque
         results[name] = run_together(engine, {user: (sids[user], turns) for user, turns in plans.items()})
     for user in plans:
         assert [e.text for e in results["static"][user]] == [e.text for e in results["eager"][user]], user
-    assert static.scheduler.static_step.graphs and static.scheduler.static_step.step.captured
+    assert static.scheduler.batch.static_step.graphs and static.scheduler.batch.static_step.step.captured
     assert static.decode_path == "static+graphs"
     auto = make_engine(model, default_tokenizer, recent_size=60)  # the default on CUDA: the static step, graphed
     assert auto.config.decode_step == "auto" and auto.decode_path == "static+graphs"

@@ -123,7 +123,7 @@ def engine_for(model, tokenizer):
 
 
 def fed_ids(engine, sid):
-    return list(engine._get(sid).recent_ids)
+    return list(engine.session(sid).recent_ids)
 
 
 def test_engine_feeds_typed_markers_as_plain_text_in_turns_retries_and_restores(tiny_chat_model, default_tokenizer):

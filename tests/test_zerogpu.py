@@ -146,7 +146,7 @@ def test_a_pinned_system_prompt_and_the_memory_map_cross_to_the_worker_and_back(
     assert stats[1]["evicted_tokens"] > 0 and stats[1]["turns_in_memory"] == stats[0]["turns_in_memory"]
     assert remote.memory_map(sids[1]) == local.memory_map(sids[0])
     assert remote.memory_map(sids[1])[0] == {"role": "system", **remote.memory_map(sids[1])[0], "state": "full"}
-    caches = [engine._get(sid).cache for engine, sid in zip((local, remote), sids)]
+    caches = [engine.session(sid).cache for engine, sid in zip((local, remote), sids)]
     assert caches[1].stream_positions == caches[0].stream_positions
     assert caches[1].boundaries == caches[0].boundaries and caches[1].eviction == eviction
     pinned = stats[1]["pinned_tokens"]

@@ -312,11 +312,12 @@ class TurnAccount:
 
 
 def _error_from_event(event) -> APIError:
-    """The HTTP error for a turn's "error" event: busy is 429, a refused message (not taken) 400, a failure 500."""
-    text = event.text
-    if text.startswith("Server busy") or text.startswith("A reply is still being written"):
+    """The HTTP error for a turn's "error" event, by its `Event.code`: busy (the server's cap, or this chat still
+    replying) is 429, a refused message 400, a failure 500."""
+    text, code = event.text, getattr(event, "code", None)
+    if code in ("busy", "running"):
         return APIError(429, text, "server_busy", code="server_busy")
-    if not getattr(event, "accepted", True):
+    if code == "invalid":
         return APIError(400, text, param="messages", code="invalid_message")
     return APIError(500, text, "server_error")
 

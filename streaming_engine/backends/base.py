@@ -13,12 +13,17 @@ A backend supplies:
 * `new_cache(...)`: an empty cache for one conversation, as the session keeps it (the contract of
   `cache.StartRecentKVCache`: sizes, `pin`, `evict_for_space`, `evict_range`, counters, `stream_positions`,
   `kv_bytes`);
-* `forward(rows)`: the runner's one pass, each `(cache, ids)` row's last-token logits (`[vocab]`); `packs_rows`
-  says whether several rows of any kind share one pass (else they go one after another, or a backend shares
-  those it can), `pass_tokens` / `max_rows`
-  bound such a pass; a `batchable` backend also makes the batch decoding rows join (`new_batch`) and steps it
-  (`forward_batch`); `turn_over(cache)` is told when a reply ends;
-* `make_scheduler(...)`: the worker for it (`scheduler.make_scheduler` picks the policy from the capabilities);
+* `forward(rows)`: the runner's one prompt pass, each `(cache, ids)` row's last-token logits (`[vocab]`);
+  `packs_rows` says whether several rows of any kind share one pass (else they go one after another, or a backend
+  shares those it can), `pass_tokens` / `max_rows` bound such a pass;
+* `new_decode_batch(...)`: the `DecodeBatch` decoding rows live in, owned by the backend (which rows it holds
+  between steps, `join`, one `step` over its rows, `step_alone` for the scheduler's retry, `drop` after a failed
+  row, `path` for `/metrics`). The default, `RowPasses`, decodes rows through `forward` (one packed pass where the
+  backend packs rows, else one row per pass); a backend with a batched or captured step supplies its own
+  (`hf.TransformersBackend`: a `BatchedSinkCache`, or the static step replayed from CUDA graphs);
+* `turn_over(cache)`: told when a reply ends (a row borrowed for it goes back);
+* `make_scheduler(...)`: the worker for it (`scheduler.make_scheduler`: the one loop, its budget from the
+  capabilities);
 * `describe()`: what the status line shows; `close()`: free native memory now.
 
 How to add one: docs/backends.md.
@@ -32,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from ..defaults import DEFAULT_CUDA_GRAPHS, DEFAULT_DECODE_STEP
-from ..scheduler import Scheduler, make_scheduler
+from ..scheduler import DECODE_PATHS, Scheduler, make_scheduler
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,53 @@ class Description:
     device: torch.device
     threads: int
     where: tuple[str, ...]  # e.g. ("cpu (all on cpu)", "float32") or ("cpu, GGUF Q4_1 (llama.cpp)",)
+
+
+class DecodeBatch(ABC):
+    """Where a backend's decoding rows live between steps, and the step over them: what `scheduler.Scheduler`'s
+    decode round asks (which turns get a row is the scheduler's policy; how the rows run is this object's).
+
+    A step's `requests` are `generation.Decode` requests (`cache`, `token_id`, `sampling`); each answer is the
+    row's logits `[vocab]` or a `generation.Sampled` token (a step that samples on the device)."""
+
+    #: Most rows one step takes.
+    rows_per_pass: int = 1
+    #: Which of `scheduler.DECODE_PATHS` this step is (the app's footer and `/metrics` show it).
+    path: str = DECODE_PATHS[0]
+
+    def holds(self, cache) -> bool:
+        """Whether `cache` has a row here already (it then decodes in every step until its reply ends)."""
+        return False
+
+    def join(self, cache) -> None:  # noqa: B027 - a hook: a batch that holds no rows has nothing to do
+        """Give `cache` a row before its first step; raises for a cache this batch cannot take (that turn fails
+        alone)."""
+
+    @abstractmethod
+    def step(self, requests: list) -> list:
+        """One pass for these rows (those this batch holds, and the newly joined): each row's answer, in order.
+        Raises when the pass fails (the scheduler then retries each row with `step_alone`)."""
+
+    @abstractmethod
+    def step_alone(self, request):
+        """`request`'s row in a pass of its own: its logits; raises with that conversation's error."""
+
+    def drop(self, cache) -> None:  # noqa: B027 - a hook: nothing to drop where rows are not kept
+        """`cache`'s step failed: forget whatever half-written step its row holds."""
+
+
+class RowPasses(DecodeBatch):
+    """Decode rows through the backend's `forward`, `(cache, [token])` rows on each conversation's own cache:
+    `rows_per_pass` rows in one call (one packed pass where the backend packs rows), no row kept between steps."""
+
+    def __init__(self, backend: Backend, rows_per_pass: int):
+        self.backend, self.rows_per_pass = backend, rows_per_pass
+
+    def step(self, requests: list) -> list:
+        return self.backend.forward([(r.cache, [r.token_id]) for r in requests])
+
+    def step_alone(self, request):
+        return self.backend.forward([(request.cache, [request.token_id])])[0]
 
 
 class Backend(ABC):
@@ -70,7 +122,7 @@ class Backend(ABC):
 
     @property
     def batchable(self) -> bool:
-        """Whether decoding conversations may share a batched pass (`scheduler.BatchedScheduler`)."""
+        """Whether decoding conversations may share a batched pass (a `DecodeBatch` of more than one row)."""
         return False
 
     @property
@@ -97,19 +149,14 @@ class Backend(ABC):
         must not be fed twice). Rows that can share one pass may (transformers: fresh conversations' first prompt
         chunks, `generation.padded_prefill_rows`)."""
 
-    def new_batch(self, max_batch: int, *, decode_step: str = DEFAULT_DECODE_STEP,
-                  cuda_graphs: str = DEFAULT_CUDA_GRAPHS):
-        """`(batch, static_step)`: the batch decoding rows join (`batchable` backends only:
-        `batch_cache.BatchedSinkCache`, whose rows are the caches `new_cache` made) and, for `decode_step="static"`
-        (or "auto" where the backend prefers it) where the backend has one, a fixed-shape step over the whole batch
-        that also samples its rows (`decode(tokens, samplings) -> (logits [rows, vocab], ids)`, `graphs`: whether
-        it replays CUDA graphs; `device_sampling.SampledDecodeStep`), else None (the scheduler then calls
-        `forward_batch`)."""
-        raise NotImplementedError(f"the {self.name} backend does not batch decode rows")
-
-    def forward_batch(self, batch, tokens: list[int], rows=None) -> torch.Tensor:
-        """One decode step for `batch`'s rows (or the `rows` range of them), one token each: logits `[rows, vocab]`."""
-        raise NotImplementedError(f"the {self.name} backend does not batch decode rows")
+    def new_decode_batch(self, max_rows: int, *, round_robin: bool = False, decode_step: str = DEFAULT_DECODE_STEP,
+                         cuda_graphs: str = DEFAULT_CUDA_GRAPHS) -> DecodeBatch:
+        """The batch decoding rows live in, at most `max_rows` rows per step; `round_robin`: the one-row-per-pass
+        baseline on each conversation's own cache. `decode_step` / `cuda_graphs` choose a static or captured step
+        where the backend has one (validated by the scheduler). The default: `RowPasses` through `forward`, rows
+        packed into one pass where the backend packs rows (`packs_rows`, up to `max_rows`), else one per pass."""
+        rows = min(max_rows, self.max_rows or max_rows) if self.packs_rows and not round_robin else 1
+        return RowPasses(self, rows)
 
     def turn_over(self, cache) -> None:  # noqa: B027 - a hook: most backends borrow nothing
         """A reply on `cache` ended (or the turn failed): whatever the backend borrowed for it goes back."""
@@ -123,6 +170,17 @@ class Backend(ABC):
     @abstractmethod
     def describe(self) -> Description:
         """What the status line shows (see `Description`)."""
+
+    def cache_state(self, cache) -> tuple[dict, int]:
+        """`(contents, kv_bytes)`: what of a conversation's `cache` travels to another process (picklable, tensors
+        on the CPU, independent copies), taken between turns, and the bytes of keys and values in it
+        (`handoff.capture`; ZeroGPU, `remote.py`)."""
+        raise NotImplementedError(f"the {self.name} backend cannot hand a conversation to another process")
+
+    def load_cache_state(self, cache, contents: dict, *, onto_devices: bool) -> None:
+        """Make `cache` hold `contents` (from `cache_state`); `onto_devices`: where the model runs, else kept on the
+        CPU by a process that only holds conversations (`handoff.adopt`)."""
+        raise NotImplementedError(f"the {self.name} backend cannot hand a conversation to another process")
 
     def close(self) -> None:  # noqa: B027 - a hook: most backends hold no native memory
         """Free the backend's native memory now (transformers: nothing to do); later passes may raise."""

@@ -1,17 +1,19 @@
 """The transformers backend: any supported Hugging Face checkpoint, on the CPU or on GPUs, as `load` returns it.
 
 A conversation's cache is a `batch_cache.ConversationCache` around its own `cache.StartRecentKVCache` (rotary
-module and per-layer RoPE kinds found once, from the model); while its reply decodes it is a row of the batched
-worker's `BatchedSinkCache`, and it leaves that row when the reply ends (`turn_over`) or before a prompt is fed
-on it (`forward`). A prompt chunk is one conversation's pass (`generation.forward`), except that fresh
-conversations' first chunks handed over together share one padded pass (`generation.padded_prefill_rows`); decode
-rows share a pass only in `scheduler.BatchedScheduler`, and both only where `families.batchable` allows. On CUDA (`decode_step="auto"`), or
-wherever "static" is asked for, that pass is the fixed-shape static step, its rows sampled on the device
-(`new_batch`; docs/gpu-decode.md), unless `static_step.unsupported_reason` refuses the model.
+module and per-layer RoPE kinds found once, from the model); while its reply decodes it is a row of the backend's
+`SinkRows` batch (a `BatchedSinkCache`), and it leaves that row when the reply ends (`turn_over`) or before a
+prompt is fed on it (`forward`). A prompt chunk is one conversation's pass (`generation.forward`), except that
+fresh conversations' first chunks handed over together share one padded pass (`generation.padded_prefill_rows`);
+decode rows share one pass in `SinkRows`; both only where `families.batchable` allows (elsewhere, and for the
+round-robin baseline, each row decodes alone on its own cache, `base.RowPasses`). On CUDA (`decode_step="auto"`),
+or wherever "static" is asked for, the decode pass is the fixed-shape static step, its rows sampled on the device
+(docs/gpu-decode.md), unless `static_step.unsupported_reason` refuses the model.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 
@@ -23,14 +25,37 @@ from ..cuda_graphs import GraphedDecodeStep, StaticStepConfig
 from ..defaults import DEFAULT_CUDA_GRAPHS, DEFAULT_DECODE_STEP
 from ..device_sampling import SampledDecodeStep
 from ..families import batchable, find_rotary_embedding, layer_rope_kinds
-from ..generation import forward, forward_batch, forward_padded, padded_prefill_rows
+from ..generation import Sampled, forward, forward_batch, forward_padded, padded_prefill_rows
 from ..placement import describe_placement, input_device
 from ..static_step import StaticDecodeStep, StaticSinkCache, resolve_decode_step, unsupported_reason
-from .base import Backend, Description
+from ..scheduler import DECODE_PATHS
+from .base import Backend, DecodeBatch, Description
 
 logger = logging.getLogger(__name__)
 #: Columns a static batch allocates before any conversation joins (a larger conversation grows them once).
 STATIC_MIN_CAPACITY = 64
+#: Cache attributes that never cross a process boundary (`cache_state`): the model's rotary module (the receiver
+#: binds its own).
+LOCAL_CACHE_FIELDS = frozenset({"rotary_emb"})
+
+
+def _layer_to(layer, device: torch.device | str):
+    """A copy of a cache layer with its tensors on `device`; `layer.device` (where the layer runs) is kept."""
+    moved = copy.copy(layer)
+    for name in ("keys", "values"):
+        tensor = getattr(layer, name, None)
+        if isinstance(tensor, torch.Tensor):
+            # A copy even when already there: the sender keeps using its own tensors.
+            setattr(moved, name, tensor.to(device, copy=True))
+    return moved
+
+
+def _own_cache(cache):
+    """The cache holding a conversation's tokens between turns: the `StartRecentKVCache` inside its
+    `ConversationCache` (or the cache itself, for a plain one)."""
+    if getattr(cache, "attached", False):
+        raise RuntimeError("a session's state is taken between turns, not while its reply decodes in a batch row")
+    return getattr(cache, "solo", cache)
 
 
 class TransformersBackend(Backend):
@@ -93,20 +118,27 @@ class TransformersBackend(Backend):
                 answers[index] = exc
         return answers
 
-    def new_batch(self, max_batch: int, *, decode_step: str = DEFAULT_DECODE_STEP,
-                  cuda_graphs: str = DEFAULT_CUDA_GRAPHS):
+    def new_decode_batch(self, max_rows: int, *, round_robin: bool = False, decode_step: str = DEFAULT_DECODE_STEP,
+                         cuda_graphs: str = DEFAULT_CUDA_GRAPHS) -> DecodeBatch:
         graphs = StaticStepConfig(cuda_graphs=cuda_graphs)  # validated even when the step stays eager
+        if round_robin:
+            return super().new_decode_batch(max_rows, round_robin=True)
+        if not self.batchable:
+            logger.info("%s has local or per-layer-type attention layers: decoding one conversation per pass",
+                        type(self.model).__name__)
+            return super().new_decode_batch(max_rows)
         step = resolve_decode_step(decode_step, self.input_device)  # "auto": static on CUDA only
         reason = unsupported_reason(self.model) if step == "static" else None
         if reason is not None:
             logger.info("static decode step unavailable (%s): %s; decoding eagerly", reason.code, reason.message)
         if step != "static" or reason is not None:
-            return BatchedSinkCache(max_batch), None
-        batch = StaticSinkCache(max_batch, STATIC_MIN_CAPACITY)
+            return SinkRows(self, BatchedSinkCache(max_rows))
+        batch = StaticSinkCache(max_rows, STATIC_MIN_CAPACITY)
         # Replayed from CUDA graphs per `cuda_graphs` ("auto": on CUDA); elsewhere the same step, eagerly. Every
         # row is sampled on the device behind it (one copy of the ids per step).
         static = StaticDecodeStep(self.model, batch)
-        return batch, SampledDecodeStep(GraphedDecodeStep(static, graphs), batch.rows_allocated, static.device)
+        return SinkRows(self, batch, SampledDecodeStep(GraphedDecodeStep(static, graphs), batch.rows_allocated,
+                                                       static.device))
 
     def forward_batch(self, batch: BatchedSinkCache, tokens: list[int], rows=None) -> torch.Tensor:
         return forward_batch(self.model, batch, tokens, rows)
@@ -115,7 +147,84 @@ class TransformersBackend(Backend):
         if cache.attached:
             cache.batch.leave(cache)  # the reply is over: its tokens go back to the conversation's own cache
 
+    def cache_state(self, cache: ConversationCache) -> tuple[dict, int]:
+        """The conversation's own `StartRecentKVCache` (between turns its tokens are there: a batch row is only
+        borrowed while a reply decodes), every attribute but the model's rotary module, each layer's keys and
+        values copied to the CPU (`DynamicLayer.device` keeps where the layer runs)."""
+        own = _own_cache(cache)
+        contents, kv_bytes = {}, 0
+        for name, value in vars(own).items():
+            if name in LOCAL_CACHE_FIELDS:
+                continue
+            if name == "layers":
+                value = [_layer_to(layer, "cpu") for layer in value]
+                kv_bytes = sum(t.numel() * t.element_size() for layer in value
+                               for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                               if isinstance(t, torch.Tensor))
+            elif isinstance(value, torch.Tensor):
+                value = value.to("cpu", copy=True)
+            contents[name] = value
+        return contents, kv_bytes
+
+    def load_cache_state(self, cache: ConversationCache, contents: dict, *, onto_devices: bool) -> None:
+        """Each layer back on the device it executes on (`onto_devices`), else copies left on the CPU; the
+        receiving cache keeps its own rotary module."""
+        own = _own_cache(cache)
+        for name, value in contents.items():
+            if name == "layers":
+                value = [_layer_to(layer, getattr(layer, "device", "cpu")) if onto_devices else copy.copy(layer)
+                         for layer in value]
+            setattr(own, name, value)
+
     def describe(self) -> Description:
         device = self.input_device
         return Description(device, torch.get_num_threads(),
                            (f"{device} ({describe_placement(self.model)})", str(self.model.dtype).replace("torch.", "")))
+
+
+class SinkRows(DecodeBatch):
+    """Decoding conversations as rows of one `BatchedSinkCache` (`cache`), stepped together: eagerly
+    (`TransformersBackend.forward_batch`) or, with `static_step` (the fixed-shape step over a `StaticSinkCache`,
+    perhaps replayed from CUDA graphs, which also samples its rows: `decode(tokens, samplings) -> (logits, ids)`),
+    the rows' turns answered with their sampled token. A row stays until its reply ends (`turn_over`)."""
+
+    def __init__(self, backend: TransformersBackend, cache: BatchedSinkCache, static_step=None):
+        self.backend, self.cache, self.static_step = backend, cache, static_step
+        self.rows_per_pass = cache.max_batch
+        #: The step that runs: "static" or "eager" ("auto" resolved, after any fallback).
+        self.decode_step = "static" if static_step is not None else "eager"
+        if static_step is not None:
+            self.path = DECODE_PATHS[2] if static_step.graphs else DECODE_PATHS[1]
+
+    def holds(self, conv) -> bool:
+        return conv.attached
+
+    def join(self, conv) -> None:
+        self.cache.join(conv)
+
+    def step(self, requests: list) -> list:
+        """One pass over every row the batch holds (`requests` are theirs, in any order), answers in `requests`'
+        order."""
+        by_row = {id(r.cache): r for r in requests}
+        rows = list(self.cache.rows)
+        if len(rows) != len(requests) or any(id(conv) not in by_row for conv in rows):
+            raise RuntimeError("a decode step must serve every row of the batch")
+        ordered = [by_row[id(conv)] for conv in rows]
+        tokens = [r.token_id for r in ordered]
+        if self.static_step is not None:
+            samplings = [r.sampling for r in ordered]
+            logits, ids = self.static_step.decode(tokens, samplings)
+            answers = [logits[b] if ids is None or samplings[b] is None else Sampled(ids[b]) for b in range(len(rows))]
+        else:
+            logits = self.backend.forward_batch(self.cache, tokens)
+            answers = [logits[b] for b in range(len(rows))]
+        answer_of = {id(r.cache): a for r, a in zip(ordered, answers)}
+        return [answer_of[id(r.cache)] for r in requests]
+
+    def step_alone(self, request):
+        conv = request.cache
+        return self.backend.forward_batch(self.cache, [request.token_id], range(conv.row, conv.row + 1))[0]
+
+    def drop(self, conv) -> None:
+        if conv.attached:
+            conv.batch.leave(conv, keep=False)  # its row holds a half-written step

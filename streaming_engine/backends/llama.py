@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..llamacpp.context import engine_context
-from ..llamacpp.model import load_llamacpp  # noqa: F401  (what `loading.load` calls for this backend)
+from ..llamacpp.model import load_llamacpp
 from .base import Backend, Description
 
 
@@ -20,6 +20,19 @@ class LlamaCppBackend(Backend):
     name = "llama.cpp"
     packs_rows = True
     worker_name = "streaming-engine-llamacpp"
+
+    @staticmethod
+    def load_model(model_name_or_path=None, *, device=None, device_map=None, max_memory=None, dtype=None,
+                   n_threads: int | None = None, trust_remote_code: bool = False,
+                   require_streaming_support: bool = True):
+        """`(LlamaCppModel, tokenizer)` for `loading.load(..., backend="llama.cpp")`: a GGUF on the CPU with its own
+        weight types, so a device other than the CPU, a device map or a dtype is refused with the reason."""
+        if device_map is not None or max_memory is not None or (device is not None and torch.device(device).type != "cpu"):
+            raise ValueError("the llama.cpp backend runs on the CPU: drop --device / --device-map")
+        if dtype is not None:
+            raise ValueError("the llama.cpp backend runs the GGUF's own weight types: drop --dtype")
+        return load_llamacpp(model_name_or_path, n_threads=n_threads, trust_remote_code=trust_remote_code,
+                             require_streaming_support=require_streaming_support)
 
     def __init__(self, model, config):
         super().__init__(model)

@@ -11,7 +11,7 @@ things that touch the model are replaced:
   `evict_for_space`, `evict_range`, counters, KV bytes) over a llama.cpp sequence.
 
 The engine reaches these through `streaming_engine/backends/llama.py` (`LlamaCppBackend`, the runner of the
-shared `scheduler.PackedScheduler`).
+one `scheduler.Scheduler` loop).
 
 Nothing here imports `llama_cpp` at import time: the package is optional (`requirements-cpu.txt`).
 """
