@@ -140,7 +140,7 @@ class Scheduler:
         self.batch = runner.new_decode_batch(1 if round_robin else max_batch, round_robin=round_robin,
                                              decode_step=decode_step, cuda_graphs=cuda_graphs)
         #: False: whole budgets even while others decode (the behaviour before issue 28), the fairness benchmark's
-        #: baseline (`eval/fairness.py`).
+        #: baseline (`benchmarks/fairness.py`).
         self.slice_prefill = True
         self.clock = time.perf_counter  # what `prefill_slice`'s costs are measured with (tests may replace it)
         self.decode_s: float | None = None  # running average of one decode step, seconds
