@@ -16,9 +16,12 @@ capabilities, never from which backend it is. Three policies, two sharing one lo
      paste therefore advances one bounded chunk per iteration, however long it is), all in one call of the runner,
      which runs the chunks that can share a pass together (on transformers: conversations' first chunks,
      `generation.padded_prefill_rows`), so prompts that arrive at once are prefilled at once. While other
-     turns are decoding, prompts get one *slice* per iteration instead, sized to take about as long as one decode
-     step (`prefill_slice`): a decoding reply waits one slice per token however long the paste, and the paste
-     keeps a share of the worker (docs/benchmarks.md "One client against another" measures what that costs);
+     turns are decoding, prompts get at most one *slice* per iteration instead, sized to take about as long as
+     one decode step (`prefill_slice`), and only while their share of the worker allows (`prompt_share.py`:
+     at most `PREFILL_SHARE` of its time), so a decoding reply's time per token stays within a bound however
+     long the paste, and the paste still advances. New turns go first: a turn whose prompt has not started gets
+     its first slice (a short prompt whole) before any other prompt's, without waiting for that share
+     (docs/benchmarks.md "One client against another" measures both);
   3. runs **one** forward pass for every turn that is decoding: each is a row of a `BatchedSinkCache`, up to
      `max_batch` rows (more wait for a free row, first come first served). Rows join when their prompt is done
      and leave when their reply ends, between steps; each row is sampled with its own settings and seed by its own
@@ -515,7 +518,9 @@ class PackedScheduler(QueuedScheduler):
     """Continuous batching for a runner that packs several conversations' rows into one pass (`packs_rows`:
     llama.cpp, one `llama_decode` over several sequences). Each iteration, after the shared start and stops,
       2. feeds at most `prefill_budget` waiting prompt tokens (and the runner's `pass_tokens`) in one pass,
-         several conversations together when they fit, in arrival order. A chunk longer than what is left of the
+         several conversations together when they fit, new turns first, then in queue order; while replies
+         decode, prompts already under way are fed only within their share of the worker (`prompt_share.py`,
+         the same rule as `BatchedScheduler`). A chunk longer than what is left of the
          budget is fed in *slices*: the rest of it waits for the next iteration (behind the other waiting
          prompts), after the decode step below, so a long paste delays each other reply by one bounded slice per
          token, however long its chunks (issue 28 measured llama.cpp prefill at ~81 tok/s on the test CPU: a whole
