@@ -22,11 +22,14 @@ is therefore one more `DecodeBatch`, never another scheduler; `decode_path` says
      spent, all in one call of the runner (which runs the chunks that can share a pass together: on transformers
      fresh conversations' first chunks, `generation.padded_prefill_rows`; on llama.cpp any rows). The room is
      `prefill_budget` (and never more than the runner's `pass_tokens`); while other turns are decoding, it is one
-     *slice* sized to take about as long as one decode step (`prefill_slice`), so a decoding reply waits one slice
-     per token however long the paste, and the paste keeps a share of the worker (docs/benchmarks.md "One client
-     against another"). The last chunk taken may be cut: the rest of it waits at the back, behind the other
-     waiting prompts. A causal model's cache after a chunk fed in slices is the cache after feeding it whole, so
-     slicing changes no reply;
+     *slice* sized to take about as long as one decode step (`prefill_slice`), and a prompt already under way
+     gets it only while the prompts' share of the worker allows (`prompt_share.py`: at most `PREFILL_SHARE` of
+     its time), so a decoding reply's time per token stays within a bound however long the paste, and the paste
+     still advances. New turns go first: a turn whose prompt has not started gets its first slice (a short prompt
+     whole) before any other prompt's, without waiting for that share (docs/benchmarks.md "One client against
+     another" measures both). The last chunk taken may be cut: the rest of it waits at the back, behind the
+     other waiting prompts. A causal model's cache after a chunk fed in slices is the cache after feeding it
+     whole, so slicing changes no reply;
   3. runs **one** decode step for up to the batch's `rows_per_pass` decoding turns: the rows the batch already
      holds, then the longest-waiting turns (first come first served; a row served goes to the back of the queue).
      Rows join when their prompt is done and leave when their reply ends, between steps; each row is sampled with
@@ -52,6 +55,7 @@ from typing import Callable, Hashable, Iterator
 
 from .defaults import DECODE_STEPS, DEFAULT_CUDA_GRAPHS, DEFAULT_DECODE_STEP
 from .generation import STOP, Decode, Prefill
+from .prompt_share import PromptShare, new_turns_first
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +108,7 @@ class TurnHandle:
         self.stop_event = threading.Event()
         self.finished = threading.Event()
         self.request = None  # the forward pass it waits for (`Prefill` / `Decode`), None before it starts
+        self.prompt_started = False  # whether any of its prompt went in yet (`prompt_share.new_turns_first`)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -143,6 +148,8 @@ class Scheduler:
         #: baseline (`benchmarks/fairness.py`).
         self.slice_prefill = True
         self.clock = time.perf_counter  # what `prefill_slice`'s costs are measured with (tests may replace it)
+        #: The worker time prompts may take while replies decode (`prompt_share.py`), measured with `clock`.
+        self.prompt_share = PromptShare()
         self.decode_s: float | None = None  # running average of one decode step, seconds
         self.prefill_s_per_token: float | None = None  # running average of prefill seconds per prompt token
         self._prefilling: deque[TurnHandle] = deque()
@@ -333,20 +340,42 @@ class Scheduler:
         return min(room, self.runner.pass_tokens or room)
 
     def _prefill_round(self) -> None:
-        """Waiting prompt chunks in arrival order, each at most once, until the room is spent (the last one perhaps
-        only in part); round-robin: the first waiting chunk, whole."""
+        """New turns first (`prompt_share.new_turns_first`): while others decode or other prompts wait, the turns
+        whose prompt has not started get their first slice (up to `PREFILL_SLICE_TOKENS`; a short prompt whole),
+        together, and nothing else this iteration. Otherwise waiting prompt chunks in queue order, each at most
+        once, until the room is spent (the last one perhaps only in part); beside decoding replies only while the
+        prompts' share of the worker allows (`PromptShare.may_continue`). Round-robin: the first waiting chunk,
+        whole."""
         if not self._prefilling:
             return
-        room = None if self.round_robin else self._room()
+        if self.round_robin:
+            handle = self._prefilling.popleft()
+            fed = self._fed.pop(id(handle), 0)
+            self._feed([(handle, fed, len(handle.request.ids) - fed)])
+            return
+        if self.slice_prefill:
+            fresh, going = new_turns_first(self._prefilling, lambda handle: handle.prompt_started)
+            if fresh and (going or self._decoding):
+                room = self.runner.pass_tokens
+                slices = []
+                for handle in fresh:
+                    size = min(len(handle.request.ids), PREFILL_SLICE_TOKENS)
+                    if room is not None and slices and size > room:
+                        break
+                    self._prefilling.remove(handle)
+                    slices.append((handle, 0, size))
+                    room = None if room is None else room - size
+                self._feed(slices)
+                return
+            if self._decoding and not self.prompt_share.may_continue():
+                return  # prompts had their share of the worker: the decoding replies go first
+        room = self._room()
         slices = []  # (handle, first token of the slice, slice length)
         for handle in list(self._prefilling):
             fed = self._fed.pop(id(handle), 0)
-            remaining = len(handle.request.ids) - fed
-            size = remaining if room is None else min(remaining, room)
+            size = min(len(handle.request.ids) - fed, room)
             self._prefilling.remove(handle)
             slices.append((handle, fed, size))
-            if room is None:
-                break
             room -= size
             if room <= 0:
                 break
@@ -355,12 +384,19 @@ class Scheduler:
     def _feed(self, slices: list[tuple[TurnHandle, int, int]]) -> None:
         """Feed each `(handle, fed, size)`: tokens `fed..fed+size` of the turn's prompt chunk on its own cache, all
         in one runner call. A turn is answered once its chunk's last token went in (that token's logits); a
-        part-fed chunk waits at the back."""
+        part-fed chunk waits at the back. Beside decoding replies, the call's time is spent from
+        `prompt_share`."""
         rows = [(h.request.cache, h.request.ids[fed:fed + size]) for h, fed, size in slices]
+        beside_replies = bool(self._decoding)
         started = self.clock()
         answers = self._forward_rows(rows)
+        elapsed = self.clock() - started
         tokens = sum(size for _, _, size in slices)
-        self.prefill_s_per_token = running_average(self.prefill_s_per_token, (self.clock() - started) / tokens)
+        self.prefill_s_per_token = running_average(self.prefill_s_per_token, elapsed / tokens)
+        if beside_replies:
+            self.prompt_share.fed(elapsed)
+        for handle, _, _ in slices:
+            handle.prompt_started = True
         self._served("prefill", [h for h, _, _ in slices])
         for (handle, fed, size), answer in zip(slices, answers):
             if fed + size < len(handle.request.ids) and not isinstance(answer, BaseException):
@@ -392,7 +428,9 @@ class Scheduler:
         started = self.clock()
         try:
             answers = batch.step(requests)
-            self.decode_s = running_average(self.decode_s, self.clock() - started)
+            step_s = self.clock() - started
+            self.decode_s = running_average(self.decode_s, step_s)
+            self.prompt_share.decoded(step_s, bool(self._prefilling))
         except Exception:  # noqa: BLE001 - find the row that fails: run each alone
             logger.exception("batched decode failed; retrying its %d rows one by one", len(requests))
             answers = []
