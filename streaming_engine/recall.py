@@ -34,6 +34,10 @@ BM25_B = 0.75
 #: Longest passage, in words: a long message is ranked (and quoted) in passages of this size, so a fact in it can be
 #: recalled without quoting the whole message.
 PASSAGE_WORDS = 60
+#: A passage qualifies only if it shares with the query a word found in at most this share of the candidate
+#: passages (or in two): words every message repeats ("question", "tell me") match everything and mean nothing,
+#: so a chat that re-asks in the same phrasing recalls none of its earlier phrasings.
+DISTINCTIVE_SHARE = 0.25
 #: Most passages one block quotes: beyond a few, more quotes dilute the relevant one for a small model.
 MAX_SNIPPETS = 6
 #: The block's framing, kept short (it is paid on every recalling turn, and a 4 + 124 cache's default budget is
@@ -159,13 +163,19 @@ def recall_snippets(
     budget_tokens: int,
     count_tokens: Callable[[str], int],
     *,
+    held: Sequence[Mapping] = (),
     max_snippets: int = MAX_SNIPPETS,
 ) -> list[Snippet]:
     """The passages of `messages` (the evicted ones: mappings with "role" and "content", and "index" when the
     caller's numbering is not their position) most relevant to `query`, best first, such that
-    `count_tokens(recall_block(result)) <= budget_tokens`. Only passages sharing a word (not a stop word) with the
-    query qualify; none at all when `budget_tokens` cannot hold the block's framing. Deterministic: ties go to the
-    more recent message."""
+    `count_tokens(recall_block(result)) <= budget_tokens`. Only passages sharing a distinctive word with the query
+    qualify (not a stop word, and in at most `DISTINCTIVE_SHARE` of the passages); none at all when
+    `budget_tokens` cannot hold the block's framing. A passage too long for what is left of the budget is cut
+    around its match. Deterministic: ties go to the more recent message.
+
+    `held`: the conversation's other messages (those the cache still holds), counted with the candidates for how
+    common a word is (BM25's IDF and the distinctive-word rule) but never returned: a phrasing the recent turns
+    repeat is common even when few messages have been evicted yet."""
     if budget_tokens <= 0 or not messages:
         return []
     query_terms = terms(query)
@@ -177,7 +187,13 @@ def recall_snippets(
         for text in passages(str(message.get("content", ""))):
             if text:
                 candidates.append((index, str(message.get("role", "user")), text))
-    scores = rank([terms(text) for _, _, text in candidates], query_terms)
+    documents = [terms(text) for _, _, text in candidates]
+    others = [terms(text) for message in held for text in passages(str(message.get("content", ""))) if text]
+    corpus = documents + others
+    scores = rank(corpus, query_terms)[:len(documents)]
+    frequency = Counter(t for doc in corpus for t in set(doc) if t in set(query_terms))
+    distinctive = {t for t, df in frequency.items() if df <= max(2, int(DISTINCTIVE_SHARE * len(corpus)))}
+    scores = [score if distinctive & set(doc) else 0.0 for score, doc in zip(scores, documents)]
     order = sorted(range(len(candidates)), key=lambda k: (-scores[k], -candidates[k][0], k))
     wanted = set(query_terms)
     chosen: list[Snippet] = []

@@ -51,6 +51,25 @@ def test_a_query_sharing_no_word_with_the_messages_recalls_nothing():
     assert recall_snippets(FACTS, "what is it?", 200, words) == []  # stop words only
 
 
+def test_words_every_message_repeats_recall_nothing():
+    asked = [{"role": "user", "content": f"Question number {k}: tell me something new."} for k in range(12)]
+    assert recall_snippets(asked, "Question number 40: tell me something new.", 500, words) == []
+    # One distinctive word among them is enough, and only its message comes back.
+    asked[3] = {"role": "user", "content": "Question number 3: tell me something new about walruses."}
+    found = recall_snippets(asked, "Question number 41: tell me more about walruses.", 500, words)
+    assert [s.index for s in found] == [3]
+
+
+def test_a_phrasing_the_held_messages_repeat_is_common_even_with_few_messages_evicted():
+    evicted = [{"role": "user", "content": "Question number 0: tell me something new."}]
+    held = [{"role": "user", "content": f"Question number {k}: tell me something new."} for k in range(1, 8)]
+    assert recall_snippets(evicted, "Question number 8: tell me something new.", 500, words) != []
+    assert recall_snippets(evicted, "Question number 8: tell me something new.", 500, words, held=held) == []
+    assert recall_snippets(evicted, "Question zero again?", 500, words, held=held) == []
+    assert recall_snippets(evicted + [{"role": "user", "content": "I adore walruses."}], "walruses?", 500, words,
+                           held=held)[0].index == 1
+
+
 def test_nothing_is_recalled_with_a_zero_budget_or_no_evicted_messages():
     assert recall_snippets(FACTS, "locker code", 0, words) == []
     assert recall_snippets([], "locker code", 500, words) == []
