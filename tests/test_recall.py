@@ -331,3 +331,13 @@ def test_recall_budgets_are_checked_once_and_only_streaming_recalls_by_default(t
     assert engine.stats(engine.new_session("dense", max_context=256))["recall_budget"] == 0
     with pytest.raises(ValueError, match="recall_budget"):
         engine.new_session("streaming", recall_budget=500)
+
+
+@pytest.mark.parametrize("recent", [16, 96, 124, 2000, 8192])
+def test_the_default_budget_is_a_quarter_of_the_window_within_its_floor_and_half_the_window(recent):
+    from streaming_engine.defaults import RECALL_MIN_BUDGET
+    from streaming_engine.recall import check_budget, default_budget
+
+    budget = default_budget(recent)
+    assert budget == check_budget(budget, recent) <= recent // 2
+    assert budget >= min(RECALL_MIN_BUDGET, recent // 2) and (recent < 4 * RECALL_MIN_BUDGET or budget == recent // 4)
