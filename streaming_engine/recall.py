@@ -10,8 +10,8 @@ and the cache evicts it like any other tokens: recall never grows the cache.
 Boundary: this module knows words, passages, scores and the block's wording. It does not know caches, templates or
 stores: the caller says which messages were evicted, how tokens are counted, and neutralizes control tokens (the
 block is message content, rendered through `templating.ChatTemplater` like everything a user types). A store
-index (SQLite FTS5, PostgreSQL full-text) was not needed: one conversation's evicted messages are at most a few
-thousand, and ranking them here takes milliseconds on the caller's thread (docs/engine.md, "Recall").
+index (SQLite FTS5, PostgreSQL full-text) was not needed: the candidates are one conversation's evicted messages,
+ranked in time linear in their words on the caller's thread (docs/engine.md, "Recall of evicted messages").
 
 Injection safety of the block: every line of a quoted message starts with `QUOTE`, so no quoted text can end the
 block early or pass for the label around it; the label says the quotes are reference, not instructions.

@@ -341,3 +341,24 @@ def test_the_default_budget_is_a_quarter_of_the_window_within_its_floor_and_half
     budget = default_budget(recent)
     assert budget == check_budget(budget, recent) <= recent // 2
     assert budget >= min(RECALL_MIN_BUDGET, recent // 2) and (recent < 4 * RECALL_MIN_BUDGET or budget == recent // 4)
+
+
+def test_a_long_reply_allowance_shrinks_the_recall_block_so_the_reply_keeps_its_room(
+        tiny_chat_model, default_tokenizer):
+    from streaming_engine import EngineConfig, StreamingEngine
+
+    engine = StreamingEngine(tiny_chat_model, default_tokenizer, EngineConfig(start_size=4, recent_size=80))
+    sid = engine.new_session("streaming", "You are helpful.", recall_budget=60)
+    talk_until_the_fact_is_gone(engine, sid)
+    session, rt = engine._get(sid), engine.runtime
+    short, long = session.plan_turn(rt, QUESTION, 0), session.plan_turn(rt, QUESTION, 1000)
+    assert long.recalled_tokens <= session.recall_room(0, 1000) < short.recalled_tokens <= 60
+    window = session.capacity - max(session.start_size, session.cache.pinned)
+    assert len(long.ids) + window // 2 <= window  # the turn, quotes included, leaves the reply half the window
+
+
+def test_the_package_exports_the_recall_function():
+    import streaming_engine
+
+    assert streaming_engine.recall_snippets is recall_snippets
+    assert streaming_engine.Snippet.__name__ == "Snippet"
