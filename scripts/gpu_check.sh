@@ -30,7 +30,7 @@ tests_rc=$?
 tests_s=$(( $(date +%s) - began ))
 
 began=$(date +%s)
-timeout 120 python -m streaming_engine.eval.gpu_decode --device cuda --shapes smollm2-135m llama-1b \
+timeout 120 python -m benchmarks.gpu_decode --device cuda --shapes smollm2-135m llama-1b \
     --rows 1,4,16 --tokens 128 --warmup 8 --repeats 3 --cuda-graphs on \
     --paths static static-overlap eager generate \
     --note "the GPU check (scripts/gpu_check.sh); machine not shared" --output "$DIR/static_step.json"
@@ -38,7 +38,7 @@ bench_rc=$?
 bench_s=$(( $(date +%s) - began ))
 
 began=$(date +%s)
-timeout 120 python -m streaming_engine.eval.gpu_decode --device cuda --shapes smollm2-135m --rows 1,16 \
+timeout 120 python -m benchmarks.gpu_decode --device cuda --shapes smollm2-135m --rows 1,16 \
     --tokens 128 --warmup 4 --repeats 3 --cuda-graphs on --paths static static-compile --compile-mode reduce-overhead \
     --note "the GPU check (scripts/gpu_check.sh): CUDAGraph capture vs torch.compile reduce-overhead" \
     --output "$DIR/static_compile.json"
@@ -46,7 +46,7 @@ compile_rc=$?
 compile_s=$(( $(date +%s) - began ))
 
 began=$(date +%s)
-timeout 50 python -m streaming_engine.eval.ttft --device cuda --arrivals 1,4,16 --repeats 3 --prompt-tokens 64 \
+timeout 50 python -m benchmarks.ttft --device cuda --arrivals 1,4,16 --repeats 3 --prompt-tokens 64 \
     --note "the GPU check (scripts/gpu_check.sh); machine not shared" --output "$DIR/ttft_prefill.json"
 ttft_rc=$?
 ttft_s=$(( $(date +%s) - began ))
@@ -59,7 +59,7 @@ import sys
 
 import torch
 
-from streaming_engine.eval.runinfo import run_metadata, write_result
+from benchmarks.runinfo import run_metadata, write_result
 
 (path, tests_rc, tests_s, bench_rc, bench_s, compile_rc, compile_s, ttft_rc, ttft_s, driver,
  files) = sys.argv[1:]

@@ -49,3 +49,6 @@ DEFAULT_CUDA_GRAPHS = "auto"
 #: the static step runs, the CPU included), "off". Ignored where the eager step runs (it samples on the host).
 OVERLAP_MODES = ("auto", "on", "off")
 DEFAULT_OVERLAP = "auto"
+#: While a reply streams, its partial text is saved at most this often, in seconds (and always when the turn ends):
+#: a crash mid-reply loses at most this much of it; each save is one write to the store (`--partial-save-interval`).
+PARTIAL_SAVE_INTERVAL_S = 2.0

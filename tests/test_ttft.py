@@ -1,4 +1,4 @@
-"""The time-to-first-token benchmark (streaming_engine/eval/ttft.py): every simultaneous arrival is timed in both
+"""The time-to-first-token benchmark (benchmarks/ttft.py): every simultaneous arrival is timed in both
 modes and recorded with its provenance; `padded_prefill` off gives every fresh prompt a pass of its own, with the
 same logits as the shared padded pass."""
 
@@ -9,8 +9,8 @@ import json
 import torch
 
 from streaming_engine.backends import hf
-from streaming_engine.eval import ttft
-from streaming_engine.eval.runinfo import PROVENANCE_KEY
+from benchmarks import ttft
+from benchmarks.runinfo import PROVENANCE_KEY
 
 
 def test_a_short_run_times_every_arrival_in_both_modes(tmp_path, monkeypatch, tiny_chat_model, default_tokenizer):

@@ -37,7 +37,7 @@ STATIC_MIN_CAPACITY = 64
 class TransformersBackend(Backend):
     name = "transformers"
     #: False: every prompt chunk gets a pass of its own even where several could share one (`forward`), the
-    #: time-to-first-token benchmark's baseline (`eval/ttft.py`).
+    #: time-to-first-token benchmark's baseline (`benchmarks/ttft.py`).
     padded_prefill = True
 
     @property

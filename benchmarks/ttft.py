@@ -14,7 +14,7 @@ prompt tokens go in per iteration: `prefill_budget`). The median and p95 over ev
 reported, with each repeat's median. Boundary: measures only; the prefill rule lives in `generation.py`, the
 policy in `scheduler.py`.
 
-    python -m streaming_engine.eval.ttft --device cpu --threads 1 --output assets/eval/ttft_prefill.json
+    python -m benchmarks.ttft --device cpu --threads 1 --output assets/eval/ttft_prefill.json
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def p95(values: list[float]) -> float:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    from ..engine import EngineConfig, StreamingEngine
+    from streaming_engine.engine import EngineConfig, StreamingEngine
 
     arrivals = cli.parse_int_list(args.arrivals, "--arrivals")
     cli.check_min(prompt_tokens=(args.prompt_tokens, 1), tokens=(args.tokens, 1), repeats=(args.repeats, 1))
@@ -132,7 +132,7 @@ def plot(result: dict, path: Path) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.parser("streaming_engine.eval.ttft", __doc__)
+    p = cli.parser("benchmarks.ttft", __doc__)
     cli.add_model_args(p)
     p.add_argument("--start-size", type=int, default=4, help="attention sinks of every session")
     p.add_argument("--recent-size", type=int, default=1020, help="recent window of every session")

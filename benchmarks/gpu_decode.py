@@ -20,7 +20,7 @@ Warm-up steps (graph capture and compilation included; the first compiled call's
 `compile_s`) are not timed; the median over `--repeats` is reported. Boundary: measures
 only; the step, the graphs and the sampler live in `static_step.py`, `cuda_graphs.py`, `device_sampling.py`.
 
-    python -m streaming_engine.eval.gpu_decode --device cuda --output assets/eval/gpu/static_step.json
+    python -m benchmarks.gpu_decode --device cuda --output assets/eval/gpu/static_step.json
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import statistics
 import time
 from pathlib import Path
 
-from ..defaults import CUDA_GRAPH_MODES, DEFAULT_CUDA_GRAPHS
+from streaming_engine.defaults import CUDA_GRAPH_MODES, DEFAULT_CUDA_GRAPHS
 
 #: Model shapes (transformers LlamaConfig fields). `smollm2-135m`: HuggingFaceTB/SmolLM2-135M's architecture;
 #: `llama-1b`: Llama-3.2-1B's (default RoPE instead of its llama3 scaling, which changes no cost);
@@ -75,9 +75,9 @@ def _conversations(model, args, rows: int, generator):
     """`rows` fresh conversations, each with a prompt that leaves the cache nearly full (so decoding evicts)."""
     import torch
 
-    from ..batch_cache import ConversationCache
-    from ..generation import forward
-    from ..hf_integration import enable_streaming_llm
+    from streaming_engine.batch_cache import ConversationCache
+    from streaming_engine.generation import forward
+    from streaming_engine.hf_integration import enable_streaming_llm
 
     convs = []
     for _ in range(rows):
@@ -100,9 +100,9 @@ def _decode(batch, convs, steps: int, step_fn) -> None:
 
 def run_static(model, args, rows: int, generator, state: dict) -> float:
     """Seconds for `args.tokens` steps of `rows` rows through the static step (graphs per `--cuda-graphs`)."""
-    from ..cuda_graphs import GraphedDecodeStep, StaticStepConfig
-    from ..device_sampling import DeviceSampler
-    from ..static_step import StaticDecodeStep, StaticSinkCache
+    from streaming_engine.cuda_graphs import GraphedDecodeStep, StaticStepConfig
+    from streaming_engine.device_sampling import DeviceSampler
+    from streaming_engine.static_step import StaticDecodeStep, StaticSinkCache
 
     if "graphed" not in state:  # one cache and one set of graphs per shape and row count, kept across repeats
         cache = StaticSinkCache(max_batch=rows, capacity=args.start_size + args.recent_size)
@@ -132,10 +132,10 @@ def run_static(model, args, rows: int, generator, state: dict) -> float:
 
 def run_static_overlap(model, args, rows: int, generator, state: dict) -> float:
     """`run_static` through `OverlappedDecodeStep`: the step for token n+1 runs while token n's id comes back."""
-    from ..cuda_graphs import GraphedDecodeStep, StaticStepConfig
-    from ..generation import RowSampling
-    from ..overlap import OverlappedDecodeStep
-    from ..static_step import StaticDecodeStep, StaticSinkCache
+    from streaming_engine.cuda_graphs import GraphedDecodeStep, StaticStepConfig
+    from streaming_engine.generation import RowSampling
+    from streaming_engine.overlap import OverlappedDecodeStep
+    from streaming_engine.static_step import StaticDecodeStep, StaticSinkCache
 
     if "overlapped" not in state:
         cache = StaticSinkCache(max_batch=rows, capacity=args.start_size + args.recent_size)
@@ -177,8 +177,8 @@ def compiled_step(model, cache, mode: str | None, backend: str = "inductor"):
     `backend` (tests trace with dynamo's "eager" backend, which takes no mode: nothing to build)."""
     import torch
 
-    from ..cuda_graphs import GraphedDecodeStep, StaticStepConfig
-    from ..static_step import StaticDecodeStep
+    from streaming_engine.cuda_graphs import GraphedDecodeStep, StaticStepConfig
+    from streaming_engine.static_step import StaticDecodeStep
 
     step = StaticDecodeStep(model, cache)
     step.run = torch.compile(step.run, mode=mode, backend=backend, dynamic=False)  # one bucket per run: static shapes
@@ -188,8 +188,8 @@ def compiled_step(model, cache, mode: str | None, backend: str = "inductor"):
 def run_static_compile(model, args, rows: int, generator, state: dict) -> float:
     """`run_static` with `StaticDecodeStep.run` under `torch.compile` (the first call, which compiles, is timed
     apart as `compile_s`)."""
-    from ..device_sampling import DeviceSampler
-    from ..static_step import StaticSinkCache
+    from streaming_engine.device_sampling import DeviceSampler
+    from streaming_engine.static_step import StaticSinkCache
 
     if "graphed" not in state:
         cache = StaticSinkCache(max_batch=rows, capacity=args.start_size + args.recent_size)
@@ -222,8 +222,8 @@ def run_static_compile(model, args, rows: int, generator, state: dict) -> float:
 
 
 def run_eager(model, args, rows: int, generator, state: dict) -> float:
-    from ..batch_cache import BatchedSinkCache
-    from ..generation import forward_batch
+    from streaming_engine.batch_cache import BatchedSinkCache
+    from streaming_engine.generation import forward_batch
 
     batch = BatchedSinkCache(max_batch=rows)
     convs = _conversations(model, args, rows, generator)
@@ -269,7 +269,7 @@ RUNNERS = {"static": run_static, "eager": run_eager, "generate": run_generate, "
 def measure(args: argparse.Namespace) -> dict:
     import torch
 
-    from ..static_step import unsupported_reason
+    from streaming_engine.static_step import unsupported_reason
     from . import cli
 
     if args.threads is not None:
@@ -328,7 +328,7 @@ def table(result: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from . import cli
 
-    p = cli.parser("streaming_engine.eval.gpu_decode", __doc__)
+    p = cli.parser("benchmarks.gpu_decode", __doc__)
     p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["smollm2-135m", "llama-1b"])
     p.add_argument("--paths", nargs="+", choices=PATHS, default=list(DEFAULT_PATHS))
     p.add_argument("--compile-mode", default="auto", choices=COMPILE_MODES,
