@@ -88,6 +88,29 @@ def test_a_row_that_stops_never_shows_the_token_drawn_for_it_one_step_ahead(tiny
     assert sum(1 for e in deltas["on"]["short"][:-1] if e) <= 3
 
 
+def test_a_user_stop_mid_reply_shows_a_prefix_of_the_reply_and_its_companion_is_unchanged(tiny_chat_model,
+                                                                                        default_tokenizer):
+    """The user stops one overlapped reply after its third token (whenever the stop lands, the shown text is a
+    prefix of the unstopped reply: the token drawn one step ahead is not shown); the chat beside it replies as
+    in the plain loop."""
+    on, off = engines(tiny_chat_model, default_tokenizer, recent_size=60)
+    message, companion = "Tell me a story about a lighthouse.", "Keep going about ships and the sea."
+    settings = dict(GREEDY, max_new_tokens=40)
+    free = reply(off, off.new_session(), message, **settings).text
+    plain_companion = reply(off, off.new_session(), companion, **settings).text
+    sid, other = on.new_session(), on.new_session()
+    beside = on.start_chat(other, companion, **settings)
+    tokens, events = 0, []
+    for event in on.start_chat(sid, message, **settings):
+        events.append(event)
+        tokens = (event.stats or {}).get("reply_tokens", tokens)
+        if tokens >= 3 and event.kind == "delta":
+            on.stop(sid)
+    final = events[-1]
+    assert final.finish_reason == "stopped" and free.startswith(final.text) and len(final.text) < len(free)
+    assert list(beside)[-1].text == plain_companion
+
+
 def test_a_draw_taken_back_leaves_the_sampler_as_before():
     sampler = DeviceSampler(3, window=4)
     params = [SamplingParams(temperature=0.8, top_k=5, top_p=0.9, repetition_penalty=1.3, seed=7),
