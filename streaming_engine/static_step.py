@@ -232,6 +232,9 @@ class StaticDecodeStep:
         rows = cache.rows_allocated
         # token id, position id, column: the per-step inputs, one host->device copy (pinned host memory on CUDA).
         self._host = torch.zeros(rows, 3, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        # Marks when the last non-blocking copy out of `_host` is done: the next `prepare` waits for it before
+        # writing `_host` again (an overlapped step, overlap.py, may prepare while that copy is still queued).
+        self._staged = torch.cuda.Event() if self.device.type == "cuda" else None
         self._inputs = torch.zeros(rows, 3, dtype=torch.long, device=self.device)  # [rows, 3]
         self._row_ids = torch.arange(rows, device=self.device)
         self._true = torch.ones((), dtype=torch.bool, device=self.device)
@@ -256,11 +259,15 @@ class StaticDecodeStep:
         bucket = bucket_for(len(convs), cache.max_batch)
         n = len(convs)
         host = self._host
+        if self._staged is not None:
+            self._staged.synchronize()  # the previous step's copy has read `_host` (at once if it never recorded)
         host[:bucket].zero_()  # padded rows: token 0 at position 0 in column 0 of a row no conversation holds
         host[:n, 0] = torch.tensor(token_ids, dtype=torch.long)
         host[:n, 1] = batch_position_ids(convs)[:, 0]
         host[:n, 2] = torch.tensor(columns, dtype=torch.long)
         self._inputs[:bucket].copy_(host[:bucket], non_blocking=True)
+        if self._staged is not None:
+            self._staged.record()
         if device_tokens is not None:  # queued after the step that drew them: no host round trip
             self._inputs[:n, 0].copy_(device_tokens)
         # The parent's bookkeeping for end_step / abort_step (host side, never read inside the step).
