@@ -50,6 +50,12 @@ DEFAULT_DECODE_STEP = "auto"
 #: (on CUDA), "on" (CUDA or a typed error), "off" (`cuda_graphs.StaticStepConfig`).
 CUDA_GRAPH_MODES = ("auto", "on", "off")
 DEFAULT_CUDA_GRAPHS = "auto"
+#: Whether the static step overlaps the host with the device (`EngineConfig.overlap`, `--overlap`; the overlapped
+#: step is `overlap.OverlappedDecodeStep`): "auto" (on where the static step runs on CUDA: there the device computes
+#: while the host answers the turns; on the CPU every op is synchronous, so nothing would overlap), "on" (wherever
+#: the static step runs, the CPU included), "off". Ignored where the eager step runs (it samples on the host).
+OVERLAP_MODES = ("auto", "on", "off")
+DEFAULT_OVERLAP = "auto"
 #: While a reply streams, its partial text is saved at most this often, in seconds (and always when the turn ends):
 #: a crash mid-reply loses at most this much of it; each save is one write to the store (`--partial-save-interval`).
 PARTIAL_SAVE_INTERVAL_S = 2.0

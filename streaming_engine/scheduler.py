@@ -51,7 +51,7 @@ import time
 from collections import deque
 from typing import Callable, Hashable, Iterator
 
-from .defaults import DECODE_STEPS, DEFAULT_CUDA_GRAPHS, DEFAULT_DECODE_STEP
+from .defaults import DECODE_STEPS, DEFAULT_CUDA_GRAPHS, DEFAULT_DECODE_STEP, DEFAULT_OVERLAP
 from .generation import STOP, Decode, Prefill, Sampled
 from .prompt_share import PromptShare, new_turns_first
 
@@ -66,8 +66,9 @@ ITERATION_RETRY_S = 0.05
 #: The schedulers `make_scheduler` knows.
 SCHEDULERS = ("batched", "round-robin")
 #: Which decode path a scheduler runs (`Scheduler.decode_path`; the app's footer and `/metrics` show it): the eager
-#: pass, the static step, or the static step replayed from CUDA graphs.
-DECODE_PATHS = ("eager", "static", "static+graphs")
+#: pass, the static step, or the static step replayed from CUDA graphs; either static one "+overlap" when it launches
+#: the next step before the turns are answered (`overlap.OverlappedDecodeStep`).
+DECODE_PATHS = ("eager", "static", "static+graphs", "static+overlap", "static+graphs+overlap")
 #: Most prompt tokens fed in one iteration while other turns decode (each decoding reply waits one such slice per
 #: token). The time rule below can only make a slice smaller; `PackedScheduler` slices by this cap alone.
 PREFILL_SLICE_TOKENS = 64
@@ -375,7 +376,8 @@ class BatchedScheduler(QueuedScheduler):
     batched step (`forward_batch`); prompts go through its `forward`."""
 
     def __init__(self, runner, *, max_batch: int = 16, prefill_budget: int = 512, name: str = "streaming-engine",
-                 decode_step: str = DEFAULT_DECODE_STEP, cuda_graphs: str = DEFAULT_CUDA_GRAPHS):
+                 decode_step: str = DEFAULT_DECODE_STEP, cuda_graphs: str = DEFAULT_CUDA_GRAPHS,
+                 overlap: str = DEFAULT_OVERLAP):
         super().__init__(runner, name)
         if isinstance(prefill_budget, bool) or not isinstance(prefill_budget, int) or prefill_budget < 1:
             raise ValueError(f"prefill_budget must be an integer >= 1, got {prefill_budget!r}")
@@ -383,11 +385,13 @@ class BatchedScheduler(QueuedScheduler):
             raise ValueError(f"decode_step must be one of {', '.join(DECODE_STEPS)}; got {decode_step!r}")
         # `static_step`: the runner's fixed-shape step over the whole batch, which also samples its rows
         # (`decode(tokens, samplings) -> (logits, ids)`), or None: eager.
-        self.batch, self.static_step = runner.new_batch(max_batch, decode_step=decode_step, cuda_graphs=cuda_graphs)
+        self.batch, self.static_step = runner.new_batch(max_batch, decode_step=decode_step, cuda_graphs=cuda_graphs,
+                                                        overlap=overlap)
         #: The step that runs: "static" or "eager" ("auto" resolved, after any fallback).
         self.decode_step = "static" if self.static_step is not None else "eager"
         if self.static_step is not None:
-            self.decode_path = DECODE_PATHS[2] if self.static_step.graphs else DECODE_PATHS[1]
+            path = DECODE_PATHS[2] if self.static_step.graphs else DECODE_PATHS[1]
+            self.decode_path = path + "+overlap" if getattr(self.static_step, "overlaps", False) else path
         self.prefill_budget = prefill_budget
         self._owner: dict[int, TurnHandle] = {}  # id(ConversationCache) -> the turn decoding on that row
         #: False: whole chunks even while others decode (the behaviour before issue 28), the fairness benchmark's
@@ -594,7 +598,8 @@ class PackedScheduler(QueuedScheduler):
 
 
 def make_scheduler(kind: str, runner, *, max_batch: int = 16, prefill_budget: int = 512,
-                   decode_step: str = DEFAULT_DECODE_STEP, cuda_graphs: str = DEFAULT_CUDA_GRAPHS) -> Scheduler:
+                   decode_step: str = DEFAULT_DECODE_STEP, cuda_graphs: str = DEFAULT_CUDA_GRAPHS,
+                   overlap: str = DEFAULT_OVERLAP) -> Scheduler:
     """`"batched"` (continuous batching) or `"round-robin"` (the one-conversation-per-pass baseline) for `runner`
     (a `backends.base.Backend`), the policy chosen by what the runner can do, never by which backend it is:
 
@@ -612,7 +617,7 @@ def make_scheduler(kind: str, runner, *, max_batch: int = 16, prefill_budget: in
                                batched=kind == "batched", name=name)
     if kind == "batched" and runner.batchable:
         return BatchedScheduler(runner, max_batch=max_batch, prefill_budget=prefill_budget, name=name,
-                                decode_step=decode_step, cuda_graphs=cuda_graphs)
+                                decode_step=decode_step, cuda_graphs=cuda_graphs, overlap=overlap)
     if kind == "batched":
         logger.info("%s has local or per-layer-type attention layers: decoding one conversation per pass",
                     type(runner.model).__name__)
