@@ -170,6 +170,14 @@ def tiny_chat_model(default_tokenizer):
 
 from pg_server import fresh_database, postgres_server  # noqa: E402,F401 - fixtures (a real PostgreSQL 15)
 from replica_cluster import replica_browser, replica_database, replicas  # noqa: E402,F401 - fixtures (two app replicas)
+from fronts import stub_replicas  # noqa: E402
+
+
+@pytest.fixture(name="stub_replicas")
+def stub_replica_ports():
+    """Two stand-in replicas (`fronts.stub_replicas`) for tests of what a front itself does: their ports."""
+    with stub_replicas() as ports:
+        yield ports
 
 #: The store engines every engine-neutral store test runs on (the PostgreSQL case skips, saying why, without it).
 STORE_ENGINES = ("sqlite", "postgresql")
