@@ -1,0 +1,93 @@
+"""The far-recall benchmark (`eval/recall_far.py`): its plan of where facts go, what dense is spared, and one whole
+run on a tiny random model (its answers are noise; the distances, skips, costs and provenance are not)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from browser_util import save_model
+
+from streaming_engine.eval import recall_far
+from streaming_engine.eval.runinfo import PROVENANCE_KEY
+
+
+def test_far_plan_plants_the_farthest_fact_first_and_asks_the_nearest_first():
+    distances = [1000, 2000, 4000, 8000, 10000]
+    plan = recall_far.far_plan(distances)
+    assert sorted(d for d, _ in plan) == distances
+    assert plan[0] == (10000, 0) and [d for d, _ in plan] == sorted(distances, reverse=True)
+    offsets = [offset for _, offset in plan]
+    assert offsets == sorted(offsets) and offsets[0] == 0
+    # Where each question is meant to start: questions nearest first, one question turn apart, after every fact.
+    asks = {d: offset + recall_far.FACT_TURN_TOKENS + d for d, offset in plan[1:]}
+    asks[10000] = 10000
+    order = [asks[d] for d in sorted(distances)]
+    assert order == sorted(order) and min(order) > max(offsets)
+    assert all(b - a == recall_far.ASK_TURN_TOKENS for a, b in zip(order, order[1:]))
+
+
+def test_dense_keeps_only_the_sessions_that_fit_its_context():
+    system = 20
+    kept, skipped = recall_far.dense_fits([1000, 2000, 8000, 10000], True, system, 8192)
+    assert kept == [1000, 2000, 8000] and skipped == [10000]
+    assert recall_far.session_tokens(kept, True, system) <= 8192
+    assert recall_far.dense_fits([1000], True, system, 1000) == ([], [1000])
+    # A near session holds every fact in turn, so its distances add up.
+    kept, skipped = recall_far.dense_fits([16, 32, 256], False, system, 400)
+    assert kept == [16, 32] and skipped == [256]
+
+
+@pytest.mark.slow
+def test_a_run_reports_the_planted_distances_the_dense_skips_both_costs_and_its_provenance(
+    tmp_path, tiny_chat_model, default_tokenizer
+):
+    folder = save_model(tiny_chat_model, default_tokenizer, tmp_path / "tiny")
+    out = tmp_path / "far.json"
+    assert recall_far.main(["--model", str(folder), "--device", "cpu", "--dtype", "float32", "--start-size", "4",
+                            "--recent-size", "100", "--dense-max-context", "1160", "--near-distances", "16",
+                            "--far-distances", "1000,1200", "--rounds", "1", "--recall-budget", "80",
+                            "--cost-pairs", "2", "--cost-tokens", "6", "--cost-gap", "200", "--no-progress",
+                            "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["recall"]) == set(recall_far.METHODS)
+    for method, data in result["recall"].items():
+        trials = data["trials"]
+        for t in trials:  # the measured distance reaches its target and the report says which one it was
+            assert t["distance"] >= t["distance_target"]
+        wanted = [16, 1000] + ([] if method == "dense" else [1200])
+        assert sorted(t["distance_target"] for t in trials) == wanted, method
+        assert {t["round"] for t in trials} == {0}
+        far = [t for t in trials if t["distance_target"] >= 1000]
+        if method != "dense":  # 1,000 tokens back, the fact has left every 104-token cache
+            assert {t["fact_state"] for t in far} == {"gone"}, method
+        # Only streaming-recall brings evicted messages back: the question's words match its fact's message.
+        if method == "streaming-recall":
+            assert any(t["recall_tokens"] > 0 for t in far) and any(t["fact_quoted"] for t in far)
+        else:
+            assert not any(t["recall_tokens"] or t["fact_quoted"] for t in trials), method
+        assert data["skipped"] == ([{"round": 0, "distance_target": 1200, "reason": "does not fit dense"}]
+                                   if method == "dense" else [])
+    summary = result["summary"]
+    assert summary["dense"]["skipped"] == 1 and summary["dense"]["facts"] == 2
+    assert summary["streaming"]["recall_tokens_far_mean"] == 0 < summary["streaming-recall"]["recall_tokens_far_mean"]
+    cost = result["cost"]
+    assert [p["order"] for p in cost["pairs"]] == [["streaming", "streaming-recall"], ["streaming-recall", "streaming"]]
+    for pair in cost["pairs"]:
+        assert pair["streaming"]["recall_tokens"] == 0 < pair["streaming-recall"]["recall_tokens"]
+        assert pair["decode_ratio"] > 0 and pair["ttft_ratio"] > 0
+    assert cost["decode_ratio_median"] > 0 and cost["recall_tokens_mean"] > 0
+    assert set(result["targets"]) >= {"own_recall_near", "recall_far_met", "decode_ratio_median", "decode_met"}
+    run = result[PROVENANCE_KEY]
+    assert run["command"].startswith("python -m streaming_engine.eval.recall_far ") and "--cost-pairs 2" in run["command"]
+    assert run["config"]["recall_budget"] == 80 and run["machine"]["cores"]
+    assert (tmp_path / "far.png").stat().st_size > 0
+
+
+def test_bad_options_are_refused_before_a_model_is_loaded(capsys):
+    for argv, words in ((["--near-distances", "16,1000"], "below 1000"), (["--far-distances", "500"], ">= 1000"),
+                        (["--methods", "streaming,bogus"], "comma list"),
+                        (["--near-distances", "", "--far-distances", ""], "give")):
+        with pytest.raises(SystemExit):
+            recall_far.main(["--model", "/nonexistent", *argv])
+        assert words in capsys.readouterr().err
