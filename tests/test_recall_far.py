@@ -87,7 +87,7 @@ def test_a_run_reports_the_planted_distances_the_dense_skips_both_costs_and_its_
 def test_bad_options_are_refused_before_a_model_is_loaded(capsys):
     for argv, words in ((["--near-distances", "16,1000"], "below 1000"), (["--far-distances", "500"], ">= 1000"),
                         (["--methods", "streaming,bogus"], "comma list"),
-                        (["--near-distances", "", "--far-distances", ""], "give")):
+                        (["--near-distances", "", "--far-distances", "", "--cost-pairs", "0"], "nothing to measure")):
         with pytest.raises(SystemExit):
             recall_far.main(["--model", "/nonexistent", *argv])
         assert words in capsys.readouterr().err

@@ -520,8 +520,8 @@ def measure(args: argparse.Namespace) -> dict:
     methods = parse_methods(args.methods, tuple(METHODS))
     near = _distances(args.near_distances, "--near-distances", far=False)
     far = _distances(args.far_distances, "--far-distances", far=True)
-    if not near and not far:
-        raise ValueError("give --near-distances, --far-distances or both")
+    if not near and not far and not args.cost_pairs:
+        raise ValueError("nothing to measure: give --near-distances, --far-distances or --cost-pairs")
     cli.check_min(start_size=(args.start_size, 0), recent_size=(args.recent_size, 2),
                   dense_max_context=(args.dense_max_context, 2), rounds=(args.rounds, 1),
                   recall_budget=(args.recall_budget, 0), cost_pairs=(args.cost_pairs, 0),
