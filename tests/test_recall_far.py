@@ -91,3 +91,40 @@ def test_bad_options_are_refused_before_a_model_is_loaded(capsys):
         with pytest.raises(SystemExit):
             recall_far.main(["--model", "/nonexistent", *argv])
         assert words in capsys.readouterr().err
+
+
+def _part(tmp_path, name, recall, cost=None, **config):
+    base = {"model": "m", "start_size": 4, "recent_size": 124, "dense_max_context": 8192, "recall_budget": 96,
+            "device": "cpu", "dtype": "bfloat16", "cache_size": 128, "max_positions": 8192,
+            "near_distances": [0], "far_distances": [1000]}
+    payload = {"config": {**base, **config}, "recall": recall, PROVENANCE_KEY: {"command": name}}
+    if cost:
+        payload["cost"] = cost
+    (tmp_path / name).write_text(json.dumps(payload))
+    return str(tmp_path / name)
+
+
+def _trials(*rows):
+    return {"trials": [{"distance_target": t, "distance": d, "recalled": ok, "fact_quoted": q, "recall_tokens": n}
+                       for t, d, ok, q, n in rows], "skipped": []}
+
+
+def test_combined_runs_keep_each_method_once_the_cost_probe_and_every_runs_provenance(tmp_path):
+    plain = _part(tmp_path, "a.json", {"streaming": _trials((0, 9, True, False, 0), (1000, 1010, False, False, 0))})
+    recalled = _part(tmp_path, "b.json", {"streaming-recall": _trials((0, 9, True, False, 0),
+                                                                      (1000, 1020, True, True, 40))},
+                     far_distances=[1000, 8300])
+    cost = {"pairs": [], "decode_ratio_median": 0.95}
+    probe = _part(tmp_path, "c.json", {"streaming": {"trials": [], "skipped": []},
+                                      "streaming-recall": {"trials": [], "skipped": []}}, cost=cost)
+    merged = recall_far.combine([plain, recalled, probe])
+    assert list(merged["recall"]) == ["streaming", "streaming-recall"] and merged["cost"] == cost
+    assert merged["config"]["far_distances"] == [1000, 8300] and list(merged["parts"]) == [plain, recalled, probe]
+    assert merged["parts"][probe] == {"command": "c.json"}
+    # The own recall pools the methods without recall; the far recall is streaming-recall's.
+    assert merged["targets"]["own_recall_near"] == 1.0 and merged["targets"]["recall_far_with_recall"] == 1.0
+    assert merged["targets"]["recall_far_met"] is True and merged["targets"]["decode_met"] is True
+    with pytest.raises(ValueError, match="recent_size"):
+        recall_far.combine([plain, _part(tmp_path, "d.json", {"dense": _trials()}, recent_size=252)])
+    with pytest.raises(ValueError, match="more than one"):
+        recall_far.combine([plain, plain])

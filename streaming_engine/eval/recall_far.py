@@ -397,6 +397,45 @@ def run(model, tokenizer, *, methods: list[str], start_size: int, recent_size: i
     return result
 
 
+#: What runs to be combined must share: the same model, cache and recall budget.
+SHARED_CONFIG = ("model", "start_size", "recent_size", "dense_max_context", "recall_budget", "device", "dtype")
+
+
+def combine(paths: list[str]) -> dict:
+    """One result from several runs of this benchmark (on a busy machine, one process per method and one for the
+    cost probe): their methods side by side, the cost probe from the run that has one, every run's provenance under
+    "parts", and the summary and targets recomputed over the whole."""
+    import json
+
+    from .runinfo import PROVENANCE_KEY
+
+    merged: dict = {"config": None, "recall": {}, "summary": {}, "parts": {}}
+    for path in paths:
+        part = json.loads(Path(path).read_text(encoding="utf-8"))
+        if merged["config"] is None:
+            merged["config"] = {**part["config"], "near_distances": [], "far_distances": []}
+        mismatch = [k for k in SHARED_CONFIG if part["config"].get(k) != merged["config"].get(k)]
+        if mismatch:
+            raise ValueError(f"{path} was run with another {', '.join(mismatch)}: its numbers do not combine")
+        for key in ("near_distances", "far_distances"):
+            merged["config"][key] = sorted(set(merged["config"][key]) | set(part["config"][key]))
+        for method, data in part["recall"].items():
+            if data["trials"] or data["skipped"]:  # a cost-only run lists its methods without trials
+                if method in merged["recall"]:
+                    raise ValueError(f"{method} is in more than one of the runs")
+                merged["recall"][method] = data
+        if "cost" in part:
+            if "cost" in merged:
+                raise ValueError("more than one of the runs has a cost probe")
+            merged["cost"] = part["cost"]
+        merged["parts"][str(path)] = part.get(PROVENANCE_KEY)
+    if merged["config"] is None:
+        raise ValueError("--combine needs at least one result JSON")
+    merged["config"]["methods"] = list(merged["recall"])
+    summarize(merged)
+    return merged
+
+
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
@@ -504,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_decode_args(p)
     p.add_argument("--output", "--out", default="runs/recall_far.json", help="JSON path; the PNG goes beside it")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                   help="measure nothing: combine these results of this benchmark (same model and cache) into "
+                        "--output, its table and plot")
     return p
 
 
@@ -517,6 +559,8 @@ def _distances(text: str, option: str, far: bool) -> list[int]:
 
 
 def measure(args: argparse.Namespace) -> dict:
+    if args.combine:
+        return combine(args.combine)
     methods = parse_methods(args.methods, tuple(METHODS))
     near = _distances(args.near_distances, "--near-distances", far=False)
     far = _distances(args.far_distances, "--far-distances", far=True)
