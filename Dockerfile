@@ -43,6 +43,8 @@ RUN pip install --index-url https://download.pytorch.org/whl/${TORCH_VARIANT} "t
 COPY app.py ./
 COPY streaming_engine ./streaming_engine
 COPY webui ./webui
+# The benchmarks and the load test client (not the app; requirements.txt carries their `eval` extra).
+COPY benchmarks ./benchmarks
 COPY assets ./assets
 
 USER app

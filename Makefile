@@ -75,7 +75,7 @@ test-fast:
 # cycles on a tiny random model, loopback only; about a minute on 2 cores. `PROBE_ARGS=` for the full size (20 cycles).
 PROBE_ARGS ?= --quick
 probe:
-	GRADIO_ANALYTICS_ENABLED=False OMP_NUM_THREADS=1 timeout 300 $(PYTHON) -m streaming_engine.eval.probe $(PROBE_ARGS) --report probe-report.json
+	GRADIO_ANALYTICS_ENABLED=False OMP_NUM_THREADS=1 timeout 300 $(PYTHON) -m benchmarks.probe $(PROBE_ARGS) --report probe-report.json
 
 # Static checks ([tool.ruff] in pyproject.toml) and the documentation site (mkdocs.yml; --strict fails on a broken
 # link or a page missing from the nav). Both come with requirements-dev.txt (`make install-test`).

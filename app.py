@@ -113,7 +113,7 @@ def open_conversations(engine: StreamingEngine, settings: AppSettings) -> Conver
     try:
         store = open_store(settings.data_dir, database_url=settings.database_url, persist=settings.persist,
                            database_wait_s=settings.database_wait_s, say=_say)
-        conversations = Conversations(engine, store)
+        conversations = Conversations(engine, store, partial_save_interval_s=settings.partial_save_interval_s)
         problem_at_start = None
     except StoreError as exc:
         if exc.code == UNREACHABLE_AT_START:  # a shared store never reached: refuse to start (store_pg says why)

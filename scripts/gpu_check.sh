@@ -25,7 +25,7 @@ tests_rc=$?
 tests_s=$(( $(date +%s) - began ))
 
 began=$(date +%s)
-timeout 330 python -m streaming_engine.eval.gpu_decode --device cuda --shapes smollm2-135m llama-1b \
+timeout 330 python -m benchmarks.gpu_decode --device cuda --shapes smollm2-135m llama-1b \
     --rows 1,4,16 --tokens 128 --warmup 8 --repeats 3 --cuda-graphs on \
     --note "the GPU check (scripts/gpu_check.sh); machine not shared" --output "$DIR/static_step.json"
 bench_rc=$?
@@ -38,7 +38,7 @@ import sys
 
 import torch
 
-from streaming_engine.eval.runinfo import run_metadata, write_result
+from benchmarks.runinfo import run_metadata, write_result
 
 path, tests_rc, tests_s, bench_rc, bench_s, driver, files = sys.argv[1:]
 args = argparse.Namespace(output=path, test_files=files.split())

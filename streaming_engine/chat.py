@@ -1,6 +1,6 @@
 """Command-line streaming chat: `python -m streaming_engine.chat` (the reference `run_streaming_llama.py`).
 
-A user-facing chat in the terminal (the MT-Bench *benchmark* of the same idea is `streaming_engine.eval.mtbench`).
+A user-facing chat in the terminal (the MT-Bench *benchmark* of the same idea is `benchmarks.mtbench`).
 
 Reads prompts from a file (a `.jsonl` of MT-Bench style `{"turns": [...]}` records, a `.json` list, or plain text
 with one prompt per line) or from standard input, feeds them one after another into ONE streaming session, prints

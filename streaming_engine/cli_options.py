@@ -1,6 +1,6 @@
 """Command-line options of the product that the benchmarks share: where the model's layers go (`--device-map`,
 `--max-memory`, `--offload-folder`) and how the batched decode runs (`--decode-step`, `--cuda-graphs`). The app
-(`webui/settings.py`), the chat CLI and every benchmark CLI (`eval/cli.py`) add them from here, so each flag has
+(`webui/settings.py`), the chat CLI and every benchmark CLI (`benchmarks/cli.py`) add them from here, so each flag has
 one spelling, one help text and one default. Boundary: parser options and their engine keywords only; torch-free,
 so that `--help` answers at once.
 """

@@ -11,7 +11,8 @@ handles session ids. This module keeps the map token -> live session and writes 
   has since moved on (the store's revision differs from the one this process last loaded or wrote) is dropped and
   re-created from the store, so a browser that moved away and back never continues a stale history.
 * `chat` — `StreamingEngine.chat` plus persistence: the user's message as soon as the turn is accepted, the
-  partial reply every `partial_save_interval_s` (marked interrupted), and the whole history once the turn ends.
+  partial reply at its first piece and then every `partial_save_interval_s` (marked interrupted), and the whole
+  history once the turn ends.
   If the live session was closed meanwhile (idle, restart) it is re-created from the store first.
 * `park` — a page switched to another conversation: this one keeps its live session (its cache, so switching
   back re-primes nothing) while it is among its owner's `KEEP_RECENT` most recently parked; older ones are
@@ -37,6 +38,8 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+from .checks import check_number
+from .defaults import PARTIAL_SAVE_INTERVAL_S
 from .engine import EngineBusy, StreamingEngine, clean_text, refusal
 from .history import parse_history
 from .session import Event
@@ -44,8 +47,6 @@ from .store import UNREACHABLE, ConversationStore, ConversationSummary, StoreErr
 
 logger = logging.getLogger(__name__)
 
-#: While a reply streams, its partial text is saved at most this often (and always when the turn ends).
-PARTIAL_SAVE_INTERVAL_S = 2.0
 #: A new conversation's title: the first line of its first message, cut to this many characters.
 AUTO_TITLE_CHARS = 60
 #: Storage failures remembered for `save_error` at most (the oldest are forgotten first).
@@ -100,12 +101,9 @@ class Conversations:
 
     def __init__(self, engine: StreamingEngine, store: ConversationStore, *,
                  partial_save_interval_s: float = PARTIAL_SAVE_INTERVAL_S):
-        if isinstance(partial_save_interval_s, bool) or not isinstance(partial_save_interval_s, (int, float)) \
-                or partial_save_interval_s < 0:
-            raise ValueError(f"partial_save_interval_s must be a number >= 0, got {partial_save_interval_s!r}")
         self.engine = engine
         self.store = store
-        self.partial_save_interval_s = partial_save_interval_s
+        self.partial_save_interval_s = check_number("partial_save_interval_s", partial_save_interval_s, 0)
         self._live: dict[str, str] = {}  # token -> live session id
         self._marks: dict[str, set[int]] = {}  # token -> indices of interrupted replies
         # token -> indices of replies the user stopped. Kept with the live session (a reload, a switch back within
@@ -286,10 +284,11 @@ class Conversations:
             for event in events:
                 if event.kind == "delta":
                     reply += event.text
-                    if not started:  # the turn was accepted: its user message is in the history now
-                        started, last_save = True, time.monotonic()
-                        self._persist(token, sid)
-                    elif time.monotonic() - last_save >= self.partial_save_interval_s:
+                    # The first piece is saved at once (the user message was stored at acceptance), then at most
+                    # every interval. Only what this reader has seen is saved, marked interrupted: the worker may be
+                    # steps ahead (its history can already hold the finished reply), and that is saved at the end.
+                    if not started or time.monotonic() - last_save >= self.partial_save_interval_s:
+                        started = True
                         last_save = time.monotonic()
                         self._guarded(token, self.store.save_partial, token, reply)
                 else:

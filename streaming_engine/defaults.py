@@ -47,3 +47,6 @@ DEFAULT_DECODE_STEP = "auto"
 #: (on CUDA), "on" (CUDA or a typed error), "off" (`cuda_graphs.StaticStepConfig`).
 CUDA_GRAPH_MODES = ("auto", "on", "off")
 DEFAULT_CUDA_GRAPHS = "auto"
+#: While a reply streams, its partial text is saved at most this often, in seconds (and always when the turn ends):
+#: a crash mid-reply loses at most this much of it; each save is one write to the store (`--partial-save-interval`).
+PARTIAL_SAVE_INTERVAL_S = 2.0

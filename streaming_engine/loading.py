@@ -94,7 +94,7 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
 def default_cpu_dtype(flags: frozenset[str] | None = None) -> torch.dtype:
     """bf16 where the CPU multiplies bf16 natively, fp32 otherwise (including when that cannot be told).
 
-    Measured on a 2-core AMD EPYC with AVX-512 BF16 (`python -m streaming_engine.eval.dtype`, docs/benchmarks.md "dtype
+    Measured on a 2-core AMD EPYC with AVX-512 BF16 (`python -m benchmarks.dtype`, docs/benchmarks.md "dtype
     on CPU"): bf16 prefills 1.8x as fast, halves weight and KV-cache memory, moves perplexity by under 0.1%, and
     decodes at 0.8x-1.3x fp32's speed (slower over 1,000 cached tokens, faster for 8 rows over 256). Without
     native units bf16 is emulated, so fp32 stays the default there. `load(dtype=...)`, `--dtype` and

@@ -1,14 +1,14 @@
 """Old home of the load test, kept for one release so `python -m streaming_engine.loadtest` still works (with a
-DeprecationWarning): see `eval/loadtest.py`."""
+DeprecationWarning): see `benchmarks/loadtest.py`."""
 
 from __future__ import annotations
 
 import sys
 import warnings
 
-from .eval.loadtest import build_parser, main, run_load, run_user
+from benchmarks.loadtest import build_parser, main, run_load, run_user
 
-warnings.warn("streaming_engine.loadtest moved to streaming_engine.eval.loadtest (this path goes in the next release)",
+warnings.warn("streaming_engine.loadtest moved to benchmarks.loadtest (this path goes in the next release)",
               DeprecationWarning, stacklevel=2)
 
 __all__ = ["build_parser", "main", "run_load", "run_user"]

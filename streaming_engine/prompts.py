@@ -1,6 +1,6 @@
 """Prompt files for the command-line tools: JSON Lines records (one JSON value per line, MT-Bench style
 `{"turns": [...]}`), read with errors that name the file and line. Shared by the terminal chat (`chat.py`) and the
-MT-Bench benchmark (`eval/mtbench.py`); what a record must hold is each tool's own rule.
+MT-Bench benchmark (`benchmarks/mtbench.py`); what a record must hold is each tool's own rule.
 """
 
 from __future__ import annotations

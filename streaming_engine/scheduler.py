@@ -382,7 +382,7 @@ class BatchedScheduler(QueuedScheduler):
         self.prefill_budget = prefill_budget
         self._owner: dict[int, TurnHandle] = {}  # id(ConversationCache) -> the turn decoding on that row
         #: False: whole chunks even while others decode (the behaviour before issue 28), the fairness benchmark's
-        #: baseline (`eval/fairness.py`).
+        #: baseline (`benchmarks/fairness.py`).
         self.slice_prefill = True
         self.clock = time.perf_counter  # what `prefill_slice`'s costs are measured with (tests may replace it)
         self.decode_s: float | None = None  # running average of one decode step, seconds

@@ -1,5 +1,5 @@
 """Serving the app on a free loopback port and driving it in Chromium: shared by the browser tests, the app tests
-and `assets/make_screenshots.py`.
+and `tools/make_screenshots.py`.
 
 Imports nothing from pytest or the test fixtures (the screenshot script is not a test), and the app only when a
 server is started in this process (`served`); `app_process` runs it as a separate process, to be killed.

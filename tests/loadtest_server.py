@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gradio as gr  # noqa: E402
 
 from streaming_engine import EngineConfig, StreamingEngine, load  # noqa: E402
-from streaming_engine.eval.capacity import kv_bytes_per_token  # noqa: E402
+from benchmarks.capacity import kv_bytes_per_token  # noqa: E402
 from webui import webapi  # noqa: E402
 
 

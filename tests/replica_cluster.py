@@ -36,7 +36,11 @@ class Replicas:
         self.folder = folder
         self.ports = [free_port(), free_port()]
         self.args = ["--model", str(model_dir), "--database-url", database_url, "--recent-size", "1020",
-                     "--max-sessions-per-client", "32"]
+                     "--max-sessions-per-client", "32",
+                     # A reply's partial text is saved within 0.2 s of its start, so the kill lands mid-reply even
+                     # where the tiny model writes its 1,024 tokens in a few seconds (the default 2 s left a CI run
+                     # a reply that had ended by the time of the kill).
+                     "--partial-save-interval", "0.2"]
         self.processes = [self.start(i) for i in range(2)]
 
     def start(self, i: int) -> subprocess.Popen:

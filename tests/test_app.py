@@ -316,3 +316,11 @@ def test_get_health_answers_plain_http(launched):
     assert body == {"status": "ok", "sessions": len(engine.session_ids())}
 
 
+
+
+def test_the_partial_save_interval_is_a_flag_and_an_environment_variable_and_refuses_bad_values():
+    assert app_settings.parse_settings([], env={}).partial_save_interval_s == app_settings.PARTIAL_SAVE_INTERVAL_S
+    assert app_settings.parse_settings(["--partial-save-interval", "0.5"], env={}).partial_save_interval_s == 0.5
+    assert app_settings.parse_settings([], env={"PARTIAL_SAVE_INTERVAL": "0"}).partial_save_interval_s == 0
+    with pytest.raises(SystemExit):
+        app_settings.parse_settings(["--partial-save-interval", "-1"], env={})

@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_config, tiny_model
 from streaming_engine import SUPPORTED_FAMILIES, enable_streaming_llm
-from streaming_engine.eval import capacity
+from benchmarks import capacity
 
 
 @pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
@@ -80,7 +80,7 @@ def test_n_replicas_keep_n_times_the_warm_conversations_and_share_a_failed_ones_
 def test_measure_fills_real_caches_and_agrees_with_the_formula(tmp_path, capsys):
     folder = tmp_path / "tiny"
     tiny_model("qwen2", layers=2).save_pretrained(folder)
-    from streaming_engine.eval.devicemap_check import placeholder_tokenizer
+    from benchmarks.devicemap_check import placeholder_tokenizer
 
     placeholder_tokenizer().save_pretrained(folder)
     output = tmp_path / "cap.json"

@@ -71,10 +71,10 @@ def test_the_chat_says_at_start_up_which_backend_runs_and_why(tiny_model_dir, tm
     assert "Backend: transformers (asked for with --backend transformers)" in capsys.readouterr().err
 
 
-# --- the decode-path flags, shared by every command line that builds an engine (eval/cli.add_decode_args) ---------
+# --- the decode-path flags, shared by every command line that builds an engine (benchmarks/cli.add_decode_args) ---------
 
 def decode_parsers():
-    from streaming_engine.eval import fairness, mtbench, recall, serve
+    from benchmarks import fairness, mtbench, recall, serve
 
     return {"chat": chat.build_parser, "serve": serve.build_parser, "fairness": fairness.build_parser,
             "recall": recall.build_parser, "mtbench": mtbench.build_parser}
@@ -83,7 +83,7 @@ def decode_parsers():
 @pytest.mark.parametrize("cli", ["chat", "serve", "fairness", "recall", "mtbench"])
 def test_every_engine_cli_takes_the_decode_flags_and_refuses_other_values(cli, capsys):
     from streaming_engine.defaults import CUDA_GRAPH_MODES, DECODE_STEPS
-    from streaming_engine.eval.cli import decode_kwargs
+    from benchmarks.cli import decode_kwargs
 
     build = decode_parsers()[cli]
     assert decode_kwargs(build().parse_args([])) == dict(decode_step="auto", cuda_graphs="auto")
@@ -138,7 +138,7 @@ def test_the_chat_cli_hands_the_decode_flags_to_the_engine(tiny_model_dir, tmp_p
 @pytest.mark.parametrize("cli", ["serve", "fairness", "recall", "mtbench"])
 def test_every_benchmark_cli_hands_the_decode_flags_to_its_engine(cli, tmp_path, monkeypatch, built_engines,
                                                                  tiny_chat_model, default_tokenizer, capsys):
-    from streaming_engine.eval import cli as eval_cli
+    from benchmarks import cli as eval_cli
 
     made, control = built_engines
     control["stop"] = True
@@ -147,7 +147,7 @@ def test_every_benchmark_cli_hands_the_decode_flags_to_its_engine(cli, tmp_path,
     questions.write_text(json.dumps({"turns": ["Hi there", "And again"]}) + "\n")
     extra = {"serve": ["--recent-size", "100", "--sessions", "1"], "fairness": ["--recent-size", "100"],
              "recall": ["--recent-size", "100"], "mtbench": ["--questions", str(questions)]}[cli]
-    module = __import__(f"streaming_engine.eval.{cli}", fromlist=["main"])
+    module = __import__(f"benchmarks.{cli}", fromlist=["main"])
     argv = extra + ["--decode-step", "static", "--cuda-graphs", "off", "--output", str(tmp_path / "out.json")]
     with pytest.raises(SystemExit) as stopped:
         module.main(argv)

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: The front door's size limit (issue 23): what does not fit belongs in a page under docs/.
 README_MAX_CHARS = 15_000
 #: Where a bare `module.symbol` in CONTRIBUTING.md is looked for, in this order.
-MODULE_PREFIXES = ("", "streaming_engine.", "streaming_engine.eval.", "webui.")
+MODULE_PREFIXES = ("", "streaming_engine.", "benchmarks.", "webui.")
 #: Endings that make a backticked word a file path.
 PATH_SUFFIXES = (".py", ".md", ".txt", ".toml", ".yml", ".yaml", ".json", ".css", ".conf", ".png", ".svg", ".sh")
 #: Files at the top of the tree without a suffix.

@@ -22,10 +22,10 @@ import torch
 from browser_util import save_model
 from conftest import VOCAB, tiny_model
 
-from streaming_engine.eval import bench, mtbench, stats, texts
-from streaming_engine.eval.methods import BENCH_METHODS, PPL_METHODS, make_runner, parse_methods
-from streaming_engine.eval.plots import plot_bench, plot_chat
-from streaming_engine.eval.rdata import RReader, read_rdata
+from benchmarks import bench, mtbench, stats, texts
+from benchmarks.methods import BENCH_METHODS, PPL_METHODS, make_runner, parse_methods
+from benchmarks.plots import plot_bench, plot_chat
+from benchmarks.rdata import RReader, read_rdata
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -360,7 +360,7 @@ def test_r_data_reader_refuses_other_formats():
 
 @pytest.mark.slow
 def test_recall_benchmark_runs_on_a_tiny_model_with_limit(tmp_path, tiny_chat_model, default_tokenizer):
-    from streaming_engine.eval import recall
+    from benchmarks import recall
 
     folder = save_model(tiny_chat_model, default_tokenizer, tmp_path / "tiny")
     out = tmp_path / "recall.json"
@@ -391,8 +391,8 @@ def test_recall_benchmark_runs_on_a_tiny_model_with_limit(tmp_path, tiny_chat_mo
 def test_fairness_benchmark_measures_every_scenario_against_alone_and_records_its_run(
     tmp_path, tiny_chat_model, default_tokenizer
 ):
-    from streaming_engine.eval import fairness
-    from streaming_engine.eval.runinfo import PROVENANCE_KEY
+    from benchmarks import fairness
+    from benchmarks.runinfo import PROVENANCE_KEY
 
     folder = save_model(tiny_chat_model, default_tokenizer, tmp_path / "tiny")
     out = tmp_path / "fairness.json"
@@ -409,7 +409,7 @@ def test_fairness_benchmark_measures_every_scenario_against_alone_and_records_it
             assert run["median_gap_s"] == pytest.approx(float(numpy.median(run["gaps_s"])))
     for row in result["summary"].values():
         assert row["within_bar"] == (row["median_slowdown"] <= fairness.SLOWDOWN_BAR)
-    assert result[PROVENANCE_KEY]["command"].startswith("python -m streaming_engine.eval.fairness")
+    assert result[PROVENANCE_KEY]["command"].startswith("python -m benchmarks.fairness")
     assert is_png(out.with_suffix(".png"))
     with pytest.raises(SystemExit):
         fairness.main(["--scenarios", "paste"])  # nothing to compare with
@@ -418,8 +418,8 @@ def test_fairness_benchmark_measures_every_scenario_against_alone_and_records_it
 def test_reprime_benchmark_reprimes_every_stored_conversation_within_the_cache_and_records_its_run(
     tmp_path, tiny_chat_model, default_tokenizer
 ):
-    from streaming_engine.eval import reprime
-    from streaming_engine.eval.runinfo import PROVENANCE_KEY
+    from benchmarks import reprime
+    from benchmarks.runinfo import PROVENANCE_KEY
 
     folder = save_model(tiny_chat_model, default_tokenizer, tmp_path / "tiny")
     out = tmp_path / "reprime.json"
@@ -437,7 +437,7 @@ def test_reprime_benchmark_reprimes_every_stored_conversation_within_the_cache_a
             assert row["miss_cost_s"] == pytest.approx(row["miss_ttft_s"] - row["hit_ttft_s"])
         assert result["summary"][n]["median_miss_ttft_s"] == pytest.approx(
             float(numpy.median([row["miss_ttft_s"] for row in rows])))
-    assert result[PROVENANCE_KEY]["command"].startswith("python -m streaming_engine.eval.reprime")
+    assert result[PROVENANCE_KEY]["command"].startswith("python -m benchmarks.reprime")
     assert is_png(out.with_suffix(".png"))
     with pytest.raises(SystemExit):
         reprime.main(["--history-tokens", "0"])

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from streaming_engine.eval import capacity, runinfo
+from benchmarks import capacity, runinfo
 
-PROG = "python -m streaming_engine.eval.bench"
+PROG = "python -m benchmarks.bench"
 
 
 def test_run_metadata_holds_command_config_machine_date_and_git():
@@ -57,7 +57,7 @@ def test_capacity_json_carries_the_provenance_the_script_wrote(tmp_path):
     result = json.loads(output.read_text())
     assert result["rows"]  # the numbers keep their keys
     run = result[runinfo.PROVENANCE_KEY]
-    assert shlex.split(run["command"]) == ["python", "-m", "streaming_engine.eval.capacity", *argv]
+    assert shlex.split(run["command"]) == ["python", "-m", "benchmarks.capacity", *argv]
     assert run["config"]["sizes"] == "4+1020" and run["config"]["output"] == str(output)
     assert run["machine"]["cores"] and run["machine"]["cpu_flags"] is not None
 
@@ -65,7 +65,7 @@ def test_capacity_json_carries_the_provenance_the_script_wrote(tmp_path):
 def test_every_benchmark_entry_point_records_its_provenance_through_runinfo():
     """A script with a `main` writes its result with `runinfo` (directly or through `cli.run_cli`), so no JSON in
     assets/eval/ can come from a script that described its machine by hand (evict_bench once did)."""
-    folder = Path(__file__).resolve().parent.parent / "streaming_engine" / "eval"
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
     scripts = [p for p in sorted(folder.glob("*.py")) if "def main(" in p.read_text()]
     assert len(scripts) >= 10
     for path in scripts:

@@ -136,7 +136,7 @@ def test_no_message_is_lost_over_repeated_kill_9_cycles_of_the_replica_holding_m
     assert lost == 0
     report = request.config.getoption("--failover-report")
     if report:
-        from streaming_engine.eval.runinfo import run_metadata, write_result
+        from benchmarks.runinfo import run_metadata, write_result
 
         options = argparse.Namespace(cycles=cycles, users=users_count, front="nginx", reply_tokens=REPLY_TOKENS)
         write_result(report, {

@@ -1,4 +1,4 @@
-"""The static-step benchmark (streaming_engine/eval/gpu_decode.py) runs end to end on CPU and records every path
+"""The static-step benchmark (benchmarks/gpu_decode.py) runs end to end on CPU and records every path
 with its provenance; option errors end the run before anything is written."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from streaming_engine.eval import gpu_decode
-from streaming_engine.eval.runinfo import PROVENANCE_KEY
+from benchmarks import gpu_decode
+from benchmarks.runinfo import PROVENANCE_KEY
 
 
 @pytest.mark.slow

@@ -1,19 +1,26 @@
-"""The house's layout: the package's import graph has no circle, counting imports written inside function bodies
-(which only hide a circle, they do not remove it), except the module `__getattr__` shims that keep a moved name's
-old import path working for a release."""
+"""The house's layout: the import graph of the library and of the benchmarks beside it has no circle, counting
+imports written inside function bodies (which only hide a circle, they do not remove it), except the module
+`__getattr__` shims that keep a moved name's old import path working for a release; and the product never imports
+the benchmarks."""
 
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "streaming_engine"
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "streaming_engine"
+#: The top-level benchmark package (not the product; the `eval` extra's console scripts run it).
+BENCHMARKS = ROOT / "benchmarks"
 
 
 def module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    parts = path.relative_to(ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -39,7 +46,7 @@ def imports(path: Path, modules: set[str]) -> set[str]:
 
 
 def import_graph() -> dict[str, set[str]]:
-    paths = sorted(PACKAGE.rglob("*.py"))
+    paths = sorted([*PACKAGE.rglob("*.py"), *BENCHMARKS.rglob("*.py")])
     modules = {module_name(p) for p in paths}
     return {module_name(p): imports(p, modules) for p in paths}
 
@@ -96,8 +103,8 @@ def test_the_torch_free_leaves_import_only_leaves():
 
 
 #: Modules that may import the llama.cpp pieces: the backend seam and the pieces themselves (the benchmarks in
-#: `eval/` compare against llama.cpp's own generation, and are not the product).
-LLAMACPP_HOMES = ("streaming_engine.backends", "streaming_engine.llamacpp", "streaming_engine.eval")
+#: `benchmarks/` compare against llama.cpp's own generation, and are not the product).
+LLAMACPP_HOMES = ("streaming_engine.backends", "streaming_engine.llamacpp", "benchmarks")
 #: The backend's clients: they hold a `Backend` and ask it, never which one they have.
 BACKEND_CLIENTS = ("engine.py", "session.py", "scheduler.py")
 
@@ -113,17 +120,23 @@ def function_body_imports(path: Path) -> list[str]:
     return found
 
 
-#: The one product module allowed to import the benchmarks: the load test's old path, kept one release.
-EVAL_SHIMS = ("streaming_engine.loadtest",)
+#: The product modules allowed to import the benchmarks: their old paths, kept one release (the load test's, and
+#: `streaming_engine.eval`, which aliases by name and so imports nothing the walk can see).
+EVAL_SHIMS = ("streaming_engine.loadtest", "streaming_engine.eval")
+
+
+def is_benchmark(module: str) -> bool:
+    return module == "benchmarks" or module.startswith("benchmarks.")
 
 
 def test_the_product_never_imports_the_benchmarks():
     graph = import_graph()
-    importers = {module for module, targets in graph.items() if any(t.startswith("streaming_engine.eval") for t in targets)}
-    assert "streaming_engine.eval.ppl" in importers  # the walk sees eval's own imports
-    assert {m for m in importers if not m.startswith("streaming_engine.eval")} == set(EVAL_SHIMS)
-    outside = [PACKAGE.parent / "app.py", *sorted((PACKAGE.parent / "webui").glob("*.py"))]
-    assert [p.name for p in outside if any(m.startswith("streaming_engine.eval") for m in absolute_imports(p))] == []
+    importers = {module for module, targets in graph.items() if any(is_benchmark(t) for t in targets)}
+    assert "benchmarks.ppl" in importers  # the walk sees the benchmarks' own imports
+    assert "streaming_engine.loadtest" in importers  # and an absolute import of them
+    assert {m for m in importers if not is_benchmark(m)} <= set(EVAL_SHIMS)
+    outside = [ROOT / "app.py", *sorted((ROOT / "webui").rglob("*.py"))]
+    assert [p.name for p in outside if any(is_benchmark(m) for m in absolute_imports(p))] == []
 
 
 def absolute_imports(path: Path) -> set[str]:
@@ -163,3 +176,24 @@ def test_the_function_body_import_finder_finds_one(tmp_path):
     sample = tmp_path / "m.py"
     sample.write_text("import os\n\ndef f():\n    from .llamacpp import context\n    return context\n")
     assert function_body_imports(sample) == ["4: from .llamacpp import context"]
+
+
+def test_the_benchmarks_old_command_still_runs_and_names_the_new_one():
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}  # Python's default filters, as a user has
+    done = subprocess.run([sys.executable, "-m", "streaming_engine.eval.ppl", "--help"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m benchmarks.ppl")
+    assert "DeprecationWarning: streaming_engine.eval.ppl moved to benchmarks.ppl" in done.stderr
+
+
+def test_the_benchmarks_old_import_path_is_the_new_module_and_warns():
+    import benchmarks.stats
+
+    sys.modules.pop("streaming_engine.eval.stats", None)  # a fresh import, which is the one that warns
+    with pytest.warns(DeprecationWarning, match=r"streaming_engine\.eval\.stats moved to benchmarks\.stats"):
+        from streaming_engine.eval.stats import percentile
+    assert percentile is benchmarks.stats.percentile
+    assert sys.modules["streaming_engine.eval.stats"] is benchmarks.stats  # one module under both names
+    with pytest.raises(ModuleNotFoundError):
+        import streaming_engine.eval.no_such_benchmark  # noqa: F401

@@ -149,7 +149,7 @@ def test_after_evictions_both_backends_keep_the_same_tokens_and_predict_alike(ll
     another text (here the library's docs) and other sizes."""
     import importlib
 
-    from streaming_engine.eval.backend_agreement import compare
+    from benchmarks.backend_agreement import compare
 
     hf_model, tokenizer = default_model
     text = "\n\n".join(importlib.import_module(name).__doc__ for name in EVAL_MODULES)
@@ -178,7 +178,7 @@ def test_with_a_pinned_head_both_backends_keep_the_same_tokens_and_predict_alike
     eviction="turns" what is kept after the head starts at a message."""
     import importlib
 
-    from streaming_engine.eval.backend_agreement import compare
+    from benchmarks.backend_agreement import compare
 
     hf_model, tokenizer = default_model
     text = "\n\n".join(importlib.import_module(name).__doc__ for name in EVAL_MODULES)

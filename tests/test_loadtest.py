@@ -22,7 +22,7 @@ from browser_util import ROOT, free_port, save_model, stop_app, wait_until_servi
 from fronts import FRONTS
 
 from streaming_engine import EngineConfig, StreamingEngine
-from streaming_engine.eval import loadtest
+from benchmarks import loadtest
 
 #: Peak resident memory the tiny-model server process may reach under this test's load (model, gradio, torch).
 TINY_SERVER_PEAK_RSS_BOUND = 3 * 1024**3

@@ -44,7 +44,7 @@ def test_every_python_package_in_the_tree_is_in_the_wheel():
     fails only once installed; this says so in milliseconds, before the slow install test."""
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(init.parent.relative_to(ROOT).parts)
-             for top in ("streaming_engine", "webui") for init in (ROOT / top).rglob("__init__.py")}
+             for top in ("streaming_engine", "webui", "benchmarks") for init in (ROOT / top).rglob("__init__.py")}
     assert found - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"
 
 
@@ -114,17 +114,22 @@ def test_pip_install_gives_a_library_and_app_that_work_from_any_directory(tmp_pa
     with zipfile.ZipFile(wheel) as archive:
         shipped = {n.removeprefix("webui/assets/") for n in archive.namelist() if n.startswith("webui/assets/")}
         top_level = {n for n in archive.namelist() if "/" not in n}
+        benchmarks = {n for n in archive.namelist() if n.startswith("benchmarks/")}
     assert shipped == APP_FILES | icons_the_app_uses(), shipped ^ (APP_FILES | icons_the_app_uses())
-    assert top_level == {"app.py"}  # no setup.py, no make_*.py
+    assert top_level == {"app.py"}  # no tools/ program
+    assert {"benchmarks/__init__.py", "benchmarks/ppl.py", "benchmarks/loadtest.py"} <= benchmarks, benchmarks
     _run(str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     script = textwrap.dedent("""
-        import torch, transformers, streaming_engine, app, webui
+        import importlib, pkgutil, sys, torch, transformers, streaming_engine, app, webui
         from streaming_engine import enable_streaming_llm
         from streaming_engine.families import cache_keyword
         for module in (streaming_engine, app, webui):
             assert "site-packages" in module.__file__, module.__file__
+        for found in pkgutil.iter_modules(webui.__path__):  # every module of the web app, and the library's own
+            importlib.import_module("webui." + found.name)
+        assert not [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]  # not the product
         from webui.assets import ASSETS
         assert (ASSETS / "style.css").is_file() and (ASSETS / "examples.json").is_file()
         config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -137,7 +142,7 @@ def test_pip_install_gives_a_library_and_app_that_work_from_any_directory(tmp_pa
         print("ok")
     """)
     assert _run(str(python), "-c", script, cwd=elsewhere).strip().endswith("ok")
-    for command in ("streaming-llm-chat", "streaming-llm-app"):
+    for command in ("streaming-llm-chat", "streaming-llm-app", "streaming-llm-ppl", "streaming-llm-loadtest"):
         assert "usage:" in _run(str(venv / "bin" / command), "--help", cwd=elsewhere)
     serve_installed_app_and_load_every_asset(venv, elsewhere, tmp_path, tiny_chat_model, default_tokenizer)
 

@@ -2,7 +2,7 @@
 
 With only a CPU here, "spread" means layers whose weights stay in memory and layers offloaded to disk that
 accelerate loads in for every forward pass; the cache, eviction and key re-rotation must not notice. The same
-comparison on a GPU (layers on two devices) is `python -m streaming_engine.eval.devicemap_check`.
+comparison on a GPU (layers on two devices) is `python -m benchmarks.devicemap_check`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 
 from conftest import fast_cases, tiny_model
 from streaming_engine import SUPPORTED_FAMILIES, EngineConfig, StreamingEngine, chat, enable_streaming_llm, load
-from streaming_engine.eval import devicemap_check
-from streaming_engine.eval.runinfo import PROVENANCE_KEY
+from benchmarks import devicemap_check
+from benchmarks.runinfo import PROVENANCE_KEY
 from streaming_engine.generation import forward
 from streaming_engine.loading import ensure_default_model
 from streaming_engine.placement import (

@@ -1,4 +1,4 @@
-"""Perplexity over long streams (`streaming_engine.eval.ppl`): batched rows, blocks, the JSONL log, resume, summary.
+"""Perplexity over long streams (`benchmarks.ppl`): batched rows, blocks, the JSONL log, resume, summary.
 
 Tiny random models with a short position limit stand in for the real one, so evictions and the dense stop happen
 within a few dozen tokens. No timing is asserted.
@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import VOCAB, fast_cases, tiny_model
 
-from streaming_engine.eval import ppl, texts
-from streaming_engine.eval.methods import MethodSpec, make_runner, parse_specs
+from benchmarks import ppl, texts
+from benchmarks.methods import MethodSpec, make_runner, parse_specs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LIMIT = 64  # the tiny models' positions: dense stops there, the bounded methods stream past it

@@ -107,7 +107,7 @@ def test_the_plots_draw_streaming_last_and_their_axes_never_read_0_000000(tiny_c
 
     from streaming_engine import MODES, EngineConfig, StreamingEngine
     from webui import compare_tab
-    from streaming_engine.eval.plots import COLORS
+    from benchmarks.plots import COLORS
     from webui.render import MODE_COLUMN, PLOT_ORDER, plot_frames
 
     assert PLOT_ORDER[-1] == "streaming" and sorted(PLOT_ORDER) == sorted(MODES)

@@ -31,6 +31,21 @@ def api_chat(url: str, messages: list[dict]) -> dict:
         return json.loads(response.read())
 
 
+def diagnosis(page, console: list[str], replicas, survivor: int, database: str, folder) -> str:
+    """What a failed wait saw: the page's chat and console, the stored rows, the survivor's log (a screenshot is
+    saved beside it), so that a failure on a CI machine can be explained from its output alone."""
+    import psycopg
+
+    page.screenshot(path=str(folder / "after-reload.png"), full_page=True)
+    with psycopg.connect(database, autocommit=True) as conn:
+        rows = conn.execute("SELECT token, seq, role, interrupted, length(content) FROM messages "
+                            "ORDER BY token, seq").fetchall()
+    log = (replicas.folder / f"replica-{survivor}.log").read_text(errors="replace")[-4000:]
+    return (f"'interrupted' never shown after the reload; url {page.url}\n"
+            f"chat: {page.inner_text('#chatbot')[-1500:]!r}\nconsole: {console[-20:]}\nstored rows: {rows}\n"
+            f"survivor's log (tail): {log}")
+
+
 @FRONTS
 def test_a_replica_killed_mid_reply_is_replaced_by_another_with_the_whole_conversation(
         replicas, replica_browser, replica_database, make_front, tmp_path):
@@ -51,11 +66,18 @@ def test_a_replica_killed_mid_reply_is_replaced_by_another_with_the_whole_conver
         wait_for(lambda: interrupted_rows(database) > cut_before and replica_metrics(replicas.url(victim))[
             "turns_active"] >= 1, "the partial reply on the victim to be saved")
         replicas.kill(victim)
+        # The precondition, not the claim: the reply was still streaming when A died (its end clears the mark).
+        assert interrupted_rows(database) > cut_before, "the reply had ended before the kill"
         served_before = replica_metrics(replicas.url(survivor))["turns_total"]
 
+        console = []
+        page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
         reload_page(page)  # the cookie still names A: the front must fall back to B
         page.wait_for_selector("#msg textarea")
-        page.wait_for_function("() => document.querySelector('#chatbot').innerText.includes('interrupted')")
+        try:
+            page.wait_for_function("() => document.querySelector('#chatbot').innerText.includes('interrupted')")
+        except Exception as error:  # noqa: BLE001 - playwright's TimeoutError: say what the page and B had
+            raise AssertionError(diagnosis(page, console, replicas, survivor, database, tmp_path)) from error
         shown = page.inner_text("#chatbot")
         for text in ("Hello, my name is Ada.", "I live in Paris.", "Tell me a very long story."):
             assert text in shown, text

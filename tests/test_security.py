@@ -87,7 +87,7 @@ from fastapi import FastAPI  # noqa: E402
 
 from browser_util import free_port  # noqa: E402
 from conftest import ManualClock  # noqa: E402
-from streaming_engine.eval.probe import status_of  # noqa: E402
+from benchmarks.probe import status_of  # noqa: E402
 from webui import openai_api  # noqa: E402
 
 MODEL = "tiny"
@@ -280,7 +280,7 @@ def test_the_probe_passes(tmp_path):
     """`make probe` at CI size: every fuzzed input answered below 500, the other client never refused while one
     client floods, every slot freed after the flood hangs up, no accepted message lost over the kill -9 cycles."""
     report_file = tmp_path / "probe.json"
-    result = subprocess.run([sys.executable, "-m", "streaming_engine.eval.probe", "--quick", "--report",
+    result = subprocess.run([sys.executable, "-m", "benchmarks.probe", "--quick", "--report",
                              str(report_file)], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                             text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert report_file.exists(), result.stderr[-2000:]

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from streaming_engine.eval import dtype as dtype_eval
-from streaming_engine.eval import serve
-from streaming_engine.eval.plots import plot_dtype, plot_serve
+from benchmarks import dtype as dtype_eval
+from benchmarks import serve
+from benchmarks.plots import plot_dtype, plot_serve
 from streaming_engine.loading import DTYPE_ENV, default_cpu_dtype, pick_dtype
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -240,11 +240,21 @@ def stream_turn(conversations, message, messages, state, record, system_prompt, 
     except ConversationNotFound:  # its live session closed meanwhile: `chat` re-creates it from the store
         shown = list(messages or [])
     messages = mark_memory(shown + user_and_pending_reply(message), conversations.memory_map(token))
-    reply, throttle, taken = "", Throttle(), False
     sampling = dict(temperature=float(temp), top_p=float(p), top_k=int(k), max_new_tokens=int(new_tokens),
                     repetition_penalty=float(rep))
     # Submitted and stored before the page shows the message: what the user saw survives a crash right after.
     events = conversations.chat(token, message, owner=owner, **sampling)
+    try:
+        yield from _streamed(events, conversations, token, messages, shown, message, from_box, state, record)
+    finally:  # a page gone mid-reply (gradio closes this generator): the turn's outcome is saved now, not at GC
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
+
+
+def _streamed(events, conversations, token, messages, shown, message, from_box, state, record):
+    """`stream_turn`'s updates while the turn's events come."""
+    reply, throttle, taken = "", Throttle(), False
     yield messages, "" if from_box else SKIP, SKIP, state, record, SKIP
     for event in events:
         if event.kind == "delta":

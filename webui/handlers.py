@@ -25,7 +25,7 @@ ZEROGPU_MAX_DURATION_S = 120
 #: trip and the prompt. Generous on purpose: asking for too little ends a reply mid-way.
 ZEROGPU_BASE_S = 10
 #: Estimated GPU seconds per generated token per conversation in the call. The slowest turn measured with
-#: `assets/zerogpu_cost.py` (H200, fresh worker per call) took 0.10 s per token, fixed costs included; decoding
+#: `tools/zerogpu_cost.py` (H200, fresh worker per call) took 0.10 s per token, fixed costs included; decoding
 #: alone about 0.07. The estimate only decides how much quota a call reserves: what is not used is not charged.
 ZEROGPU_S_PER_TOKEN = 0.08
 _TRUE = ("1", "t", "true", "yes")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 # Only torch-free modules at import time: `python app.py --help` reads this file before anything heavy is imported
 # (torch, used to check --device and --dtype, is imported when a value is checked).
 from streaming_engine.backends import BACKENDS
-from streaming_engine.checks import check_int
+from streaming_engine.checks import check_int, check_number
 from streaming_engine.defaults import (
     CUDA_GRAPH_MODES,
     DECODE_STEPS,
@@ -26,6 +26,7 @@ from streaming_engine.defaults import (
     MAX_ACTIVE_TURNS,
     MAX_SESSIONS,
     MAX_SESSIONS_PER_OWNER,
+    PARTIAL_SAVE_INTERVAL_S,
 )
 from streaming_engine.cli_options import DECODE_ENV, add_decode_args
 from streaming_engine.store_pg import START_WAIT_S, check_database_url
@@ -78,6 +79,7 @@ class AppSettings:
     # whole server may hold, who may frame the page, and which proxies may name the client.
     data_dir: str | None = None  # None: streaming_engine.store.default_data_dir()
     persist: bool = True
+    partial_save_interval_s: float = PARTIAL_SAVE_INTERVAL_S
     # A shared PostgreSQL store (issue 25) instead of the SQLite file in data_dir; may hold a password, so kept out
     # of repr (settings get printed and logged).
     database_url: str | None = field(default=None, repr=False)
@@ -129,6 +131,7 @@ class AppSettings:
         if isinstance(self.database_wait_s, bool) or not isinstance(self.database_wait_s, (int, float)) \
                 or not 0 <= self.database_wait_s <= 3600:
             raise ValueError(f"--database-wait must be between 0 and 3600 seconds, got {self.database_wait_s!r}")
+        check_number("--partial-save-interval", self.partial_save_interval_s, 0)
         check_int("--queue-concurrency", self.queue_concurrency, 1)
         check_int("--queue-max-size", self.queue_max_size, 1)
         if self.threads is not None:
@@ -194,6 +197,10 @@ def parse_settings(argv: list[str] | None = None, env: dict | None = None) -> Ap
                    metavar="SECONDS",
                    help="how long to wait at start for an unreachable --database-url server before refusing to "
                         f"start (env DATABASE_WAIT; default {START_WAIT_S:g})")
+    p.add_argument("--partial-save-interval", type=float, metavar="SECONDS",
+                   default=_env_float(env, "PARTIAL_SAVE_INTERVAL", PARTIAL_SAVE_INTERVAL_S),
+                   help="while a reply streams, save its partial text at most this often, so a crash loses at most "
+                        f"this much of it (env PARTIAL_SAVE_INTERVAL; default {PARTIAL_SAVE_INTERVAL_S:g})")
     p.add_argument("--no-persist", action="store_true", default=env.get("NO_PERSIST", "").lower() in _TRUE,
                    help="keep conversations in memory only; nothing is written to disk (env NO_PERSIST)")
     p.add_argument("--max-sessions", type=int, default=_env_int(env, "MAX_SESSIONS", MAX_SESSIONS),
@@ -243,7 +250,8 @@ def parse_settings(argv: list[str] | None = None, env: dict | None = None) -> Ap
     try:
         return AppSettings(args.model, args.start_size, args.recent_size, args.host, args.port, args.share,
                            parse_auth(args.auth), args.trust_remote_code, data_dir=args.data_dir,
-                           persist=not args.no_persist, database_url=args.database_url,
+                           persist=not args.no_persist, partial_save_interval_s=args.partial_save_interval,
+                           database_url=args.database_url,
                            database_wait_s=args.database_wait, max_sessions=args.max_sessions,
                            max_sessions_per_client=args.max_sessions_per_client,
                            frame_ancestors=args.frame_ancestors, forwarded_allow_ips=args.forwarded_allow_ips,

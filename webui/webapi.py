@@ -1,4 +1,4 @@
-"""The app's programmatic HTTP API (used by `streaming_engine.eval.loadtest` and scripts), registered on the Blocks.
+"""The app's programmatic HTTP API (used by `benchmarks.loadtest` and scripts), registered on the Blocks.
 
 Endpoints (call them with `gradio_client.Client(url).predict(..., api_name=...)`; the "Gradio API" section of
 `docs/openai-api.md` has an example):

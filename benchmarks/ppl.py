@@ -1,4 +1,4 @@
-"""Perplexity over streams far longer than the model's positions: `python -m streaming_engine.eval.ppl`.
+"""Perplexity over streams far longer than the model's positions: `python -m benchmarks.ppl`.
 
 The job: feed `--rows` streams of `--tokens` tokens each (slices of one long text, spread evenly over it) through
 every method (`methods.py`: `streaming:4+1020`, `window:1024`, `dense`, ...) and record the negative
@@ -44,7 +44,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ..loading import DEFAULT_MODEL_NAME
+from streaming_engine.loading import DEFAULT_MODEL_NAME
 from . import cli
 from .methods import MethodSpec, make_block_runner, parse_specs
 from .plots import plot_ppl
@@ -581,7 +581,7 @@ def format_table(summary: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.parser("streaming_engine.eval.ppl", __doc__)
+    p = cli.parser("benchmarks.ppl", __doc__)
     cli.add_model_args(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--text", nargs="+", default=None, metavar="FILE", help="UTF-8 text file(s), concatenated")

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..modelfiles import NATIVE_BF16_CPU_FLAGS, cpu_flags, cpu_model_name
+from streaming_engine.modelfiles import NATIVE_BF16_CPU_FLAGS, cpu_flags, cpu_model_name
 
 #: The key of a result JSON that holds its provenance (one name for every script, so checks can find it).
 PROVENANCE_KEY = "provenance"
@@ -109,7 +109,7 @@ def json_safe(value: Any) -> Any:
 
 
 def command_line(prog: str, argv: Sequence[str]) -> str:
-    """The shell command that reruns this: `prog` (e.g. `python -m streaming_engine.eval.bench`) plus `argv`,
+    """The shell command that reruns this: `prog` (e.g. `python -m benchmarks.bench`) plus `argv`,
     shell-quoted so that `shlex.split` gives the same words back."""
     return shlex.join([*shlex.split(prog), *argv])
 

@@ -13,7 +13,7 @@ values, and EOS is ignored) and each row count, decode `--tokens` greedy tokens 
 Warm-up steps (graph capture included) are not timed; the median over `--repeats` is reported. Boundary: measures
 only; the step, the graphs and the sampler live in `static_step.py`, `cuda_graphs.py`, `device_sampling.py`.
 
-    python -m streaming_engine.eval.gpu_decode --device cuda --output assets/eval/gpu/static_step.json
+    python -m benchmarks.gpu_decode --device cuda --output assets/eval/gpu/static_step.json
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import statistics
 import time
 from pathlib import Path
 
-from ..defaults import CUDA_GRAPH_MODES, DEFAULT_CUDA_GRAPHS
+from streaming_engine.defaults import CUDA_GRAPH_MODES, DEFAULT_CUDA_GRAPHS
 
 #: Model shapes (transformers LlamaConfig fields). `smollm2-135m`: HuggingFaceTB/SmolLM2-135M's architecture;
 #: `llama-1b`: Llama-3.2-1B's (default RoPE instead of its llama3 scaling, which changes no cost);
@@ -64,9 +64,9 @@ def _conversations(model, args, rows: int, generator):
     """`rows` fresh conversations, each with a prompt that leaves the cache nearly full (so decoding evicts)."""
     import torch
 
-    from ..batch_cache import ConversationCache
-    from ..generation import forward
-    from ..hf_integration import enable_streaming_llm
+    from streaming_engine.batch_cache import ConversationCache
+    from streaming_engine.generation import forward
+    from streaming_engine.hf_integration import enable_streaming_llm
 
     convs = []
     for _ in range(rows):
@@ -89,9 +89,9 @@ def _decode(batch, convs, steps: int, step_fn) -> None:
 
 def run_static(model, args, rows: int, generator, state: dict) -> float:
     """Seconds for `args.tokens` steps of `rows` rows through the static step (graphs per `--cuda-graphs`)."""
-    from ..cuda_graphs import GraphedDecodeStep, StaticStepConfig
-    from ..device_sampling import DeviceSampler
-    from ..static_step import StaticDecodeStep, StaticSinkCache
+    from streaming_engine.cuda_graphs import GraphedDecodeStep, StaticStepConfig
+    from streaming_engine.device_sampling import DeviceSampler
+    from streaming_engine.static_step import StaticDecodeStep, StaticSinkCache
 
     if "graphed" not in state:  # one cache and one set of graphs per shape and row count, kept across repeats
         cache = StaticSinkCache(max_batch=rows, capacity=args.start_size + args.recent_size)
@@ -120,8 +120,8 @@ def run_static(model, args, rows: int, generator, state: dict) -> float:
 
 
 def run_eager(model, args, rows: int, generator, state: dict) -> float:
-    from ..batch_cache import BatchedSinkCache
-    from ..generation import forward_batch
+    from streaming_engine.batch_cache import BatchedSinkCache
+    from streaming_engine.generation import forward_batch
 
     batch = BatchedSinkCache(max_batch=rows)
     convs = _conversations(model, args, rows, generator)
@@ -166,7 +166,7 @@ RUNNERS = {"static": run_static, "eager": run_eager, "generate": run_generate}
 def measure(args: argparse.Namespace) -> dict:
     import torch
 
-    from ..static_step import unsupported_reason
+    from streaming_engine.static_step import unsupported_reason
     from . import cli
 
     if args.threads is not None:
@@ -221,7 +221,7 @@ def table(result: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from . import cli
 
-    p = cli.parser("streaming_engine.eval.gpu_decode", __doc__)
+    p = cli.parser("benchmarks.gpu_decode", __doc__)
     p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["smollm2-135m", "llama-1b"])
     p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     p.add_argument("--rows", default="1,4,16", help="comma list of conversations decoded together")

@@ -1,7 +1,7 @@
 """What one chat turn costs the ZeroGPU way, measured on a GPU: `RemoteTurnsEngine` over the fork stand-in of
 `spaces.GPU` (tests/zerogpu_standin.py) against the same conversation on a local engine.
 
-    python assets/zerogpu_cost.py --output assets/eval/zerogpu_cost.json
+    python tools/zerogpu_cost.py --output assets/eval/zerogpu_cost.json
 
 Three variants, each in a fresh process so that the process that forks never touches CUDA (as on ZeroGPU, where
 the main process has no GPU at all):

@@ -1,5 +1,5 @@
 """Serving benchmark: continuous batching against round-robin, and the engine against plain `generate`.
-`python -m streaming_engine.eval.serve`.
+`python -m benchmarks.serve`.
 
 Two measurements on one loaded model, in one run, interleaved so that a machine shared with other work slows
 every variant alike (compare ratios within a run, not across runs):
@@ -35,8 +35,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from ..engine import EngineConfig, StreamingEngine
-from ..loading import DEFAULT_MODEL_NAME, describe_cpu
+from streaming_engine.engine import EngineConfig, StreamingEngine
+from streaming_engine.loading import DEFAULT_MODEL_NAME, describe_cpu
 from . import cli
 from .bench import percentile
 
@@ -156,7 +156,7 @@ def single_llamacpp_generate(llm, tokenizer, prompt: str, tokens: int) -> dict:
 def detokenize_costs(tokenizer, lengths: list[int]) -> dict:
     """Seconds spent turning a reply of n tokens into text deltas, per token: re-decoding the whole reply every
     token (the former `TextStream`) against the incremental `TextStream` (`DecodeStream`)."""
-    from ..textstream import TextStream
+    from streaming_engine.textstream import TextStream
 
     words = " ".join(QUESTIONS) + " 👋🏽 世界 "
     ids = tokenizer(words * (1 + max(lengths) // 40), add_special_tokens=False)["input_ids"]
@@ -303,8 +303,8 @@ def parse_counts(text: str, option: str = "--sessions") -> list[int]:
 def llamacpp_setup(args):
     """The llama.cpp model (as many threads as torch gets), and the single-stream peers: llama.cpp's own generate
     on the same file, and the transformers engine on the same model with the same engine settings."""
-    from ..llamacpp.model import plain_llama
-    from ..loading import load
+    from streaming_engine.llamacpp.model import plain_llama
+    from streaming_engine.loading import load
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -321,7 +321,7 @@ def llamacpp_setup(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.parser("streaming_engine.eval.serve", __doc__)
+    p = cli.parser("benchmarks.serve", __doc__)
     cli.add_model_args(p)
     p.add_argument("--backend", choices=("transformers", "llama.cpp"), default="transformers",
                    help="the engine's backend; llama.cpp also measures llama.cpp's own generate and the transformers "

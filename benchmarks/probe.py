@@ -1,4 +1,4 @@
-"""The reliability probe of issue 28, repeatable: `python -m streaming_engine.eval.probe [--quick] [--report F]`.
+"""The reliability probe of issue 28, repeatable: `python -m benchmarks.probe [--quick] [--report F]`.
 
 Three bounded attacks on a real loopback server (127.0.0.1, clients told apart by source address 127.0.0.x)
 around a tiny random-weight Llama over the default model's tokenizer, so it needs no GPU and runs in CI:
@@ -211,7 +211,7 @@ def load(server: Server, engine, turns: int, hog_requests: int = 16) -> dict:
 CHILD = r"""
 import sys
 from streaming_engine import ChatStore, Conversations
-from streaming_engine.eval.probe import tiny_engine
+from benchmarks.probe import tiny_engine
 
 data_dir, round_ = sys.argv[1], int(sys.argv[2])
 engine = tiny_engine(max_new_tokens=64)
@@ -261,7 +261,7 @@ def kill_loop(cycles: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m streaming_engine.eval.probe", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.probe", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CI size: fewer examples, turns and kill cycles")
     parser.add_argument("--report", help="also write the JSON report to this file")
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """Take the README screenshots with the real default model in headless Chromium.
 
-Run `python assets/make_screenshots.py` (after `make install-test`). It serves the app on a free loopback port
+Run `python tools/make_screenshots.py` (after `make install-test`). It serves the app on a free loopback port
 with a 4 + 252 cache, then, as a visitor would:
 
 * `assets/screenshot.png`: chats on the Chat tab until tokens have been evicted (at least three turns), so the
@@ -11,7 +11,7 @@ with a 4 + 252 cache, then, as a visitor would:
   icon buttons and the compact gauges on one screen.
 
 It needs Chromium (`apt-get install chromium`) and Python playwright; nothing is downloaded. A few minutes on CPU.
-Name some of them to retake only those: `python assets/make_screenshots.py screenshot-phone.png`.
+Name some of them to retake only those: `python tools/make_screenshots.py screenshot-phone.png`.
 """
 
 from __future__ import annotations

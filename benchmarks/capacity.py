@@ -1,6 +1,6 @@
 """Capacity planning: how many streaming conversations fit in a device's memory, for any model config.
 
-`python -m streaming_engine.eval.capacity` prints, per model, the KV-cache bytes of one token and of one
+`python -m benchmarks.capacity` prints, per model, the KV-cache bytes of one token and of one
 conversation (a streaming conversation never holds more than `start_size + recent_size` tokens), the weights'
 bytes, and how many conversations fit in each `--memory`:
 
@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..loading import DEFAULT_MODEL_NAME, ensure_default_model
-from ..placement import parse_size
+from streaming_engine.loading import DEFAULT_MODEL_NAME, ensure_default_model
+from streaming_engine.placement import parse_size
 from . import cli
 from .runinfo import run_metadata, write_result
 
@@ -207,7 +207,7 @@ def read_miss_cost(path: str, cache: str) -> float:
         result = json.loads(open(path, encoding="utf-8").read())
         summary = result["summary"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"--reprime {path}: not a JSON written by streaming_engine.eval.reprime ({exc})") from None
+        raise ValueError(f"--reprime {path}: not a JSON written by benchmarks.reprime ({exc})") from None
     if result.get("cache") != cache:
         raise ValueError(f"--reprime {path} measured cache {result.get('cache')}, not {cache}: re-run eval.reprime "
                          f"with that cache or pass --sizes {result.get('cache')} first")
@@ -229,9 +229,9 @@ def measure(name: str, device, dtype, start_size: int, recent_size: int, convers
     """Load `name`, fill `conversations` real caches to `start_size + recent_size` tokens; bytes and RSS."""
     import psutil
 
-    from ..hf_integration import enable_streaming_llm
-    from ..generation import forward
-    from ..loading import load
+    from streaming_engine.hf_integration import enable_streaming_llm
+    from streaming_engine.generation import forward
+    from streaming_engine.loading import load
 
     process = psutil.Process()
     rss_start = process.memory_info().rss
@@ -272,7 +272,7 @@ def measure(name: str, device, dtype, start_size: int, recent_size: int, convers
 
 
 def build_parser():
-    p = cli.parser("streaming_engine.eval.capacity", __doc__)
+    p = cli.parser("benchmarks.capacity", __doc__)
     p.add_argument("--model", action="append", default=None,
                    help=f"repeatable: a preset ({', '.join(PRESETS)}), 'default' ({DEFAULT_MODEL_NAME}), a local "
                         f"folder or a hub id (default: {' '.join(DEFAULT_MODELS)})")
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        from ..loading import pick_dtype
+        from streaming_engine.loading import pick_dtype
 
         dtype = pick_dtype(args.dtype, torch.device("cpu"))
         sizes = parse_cache_sizes(args.sizes)

@@ -1,4 +1,4 @@
-"""fp32 against bf16 on this machine: decode and prefill speed, and perplexity. `python -m streaming_engine.eval.dtype`.
+"""fp32 against bf16 on this machine: decode and prefill speed, and perplexity. `python -m benchmarks.dtype`.
 
 The evidence behind `loading.default_cpu_dtype()`. Both copies of the model are loaded side by side, as `load()`
 gives them (bf16 on CPU with eager attention, see `loading.prefer_fast_attention`), and timed in alternation, round
@@ -25,11 +25,11 @@ import time
 import torch
 from tqdm import tqdm
 
-from ..batch_cache import BatchedSinkCache, ConversationCache
-from ..cache import StartRecentKVCache
-from ..families import find_rotary_embedding
-from ..generation import forward, forward_batch
-from ..loading import DEFAULT_MODEL_NAME, default_cpu_dtype, describe_cpu, load
+from streaming_engine.batch_cache import BatchedSinkCache, ConversationCache
+from streaming_engine.cache import StartRecentKVCache
+from streaming_engine.families import find_rotary_embedding
+from streaming_engine.generation import forward, forward_batch
+from streaming_engine.loading import DEFAULT_MODEL_NAME, default_cpu_dtype, describe_cpu, load
 from . import cli
 from .methods import make_runner
 from .serve import parse_counts
@@ -153,7 +153,7 @@ def format_table(result: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.parser("streaming_engine.eval.dtype", __doc__)
+    p = cli.parser("benchmarks.dtype", __doc__)
     p.add_argument("--model", default=None, help=f"Hugging Face id or local path (default: the offline {DEFAULT_MODEL_NAME})")
     p.add_argument("--device", default="cpu", help="where to compare (the default dtype question is a CPU one)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")

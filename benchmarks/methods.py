@@ -32,11 +32,11 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from ..cache import StartRecentKVCache, enable_streaming_llm
-from ..families import cache_keyword, find_rotary_embedding
-from ..generation import forward
-from ..placement import input_device
-from ..positions import next_position_ids, rotate_half
+from streaming_engine.cache import StartRecentKVCache, enable_streaming_llm
+from streaming_engine.families import cache_keyword, find_rotary_embedding
+from streaming_engine.generation import forward
+from streaming_engine.placement import input_device
+from streaming_engine.positions import next_position_ids, rotate_half
 
 PPL_METHODS = ("dense", "window", "streaming", "streaming-noshift", "recompute")
 BENCH_METHODS = ("dense", "streaming", "streaming-block", "perstep-rope", "recompute")

