@@ -1,4 +1,4 @@
-"""The far-recall benchmark (`eval/recall_far.py`): its plan of where facts go, what dense is spared, and one whole
+"""The far-recall benchmark (`benchmarks/recall_far.py`): its plan of where facts go, what dense is spared, and one whole
 run on a tiny random model (its answers are noise; the distances, skips, costs and provenance are not)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import json
 import pytest
 from browser_util import save_model
 
-from streaming_engine.eval import recall_far
-from streaming_engine.eval.runinfo import PROVENANCE_KEY
+from benchmarks import recall_far
+from benchmarks.runinfo import PROVENANCE_KEY
 
 
 def test_far_plan_plants_the_farthest_fact_first_and_asks_the_nearest_first():
@@ -79,7 +79,7 @@ def test_a_run_reports_the_planted_distances_the_dense_skips_both_costs_and_its_
     assert cost["decode_ratio_median"] > 0 and cost["recall_tokens_mean"] > 0
     assert set(result["targets"]) >= {"own_recall_near", "recall_far_met", "decode_ratio_median", "decode_met"}
     run = result[PROVENANCE_KEY]
-    assert run["command"].startswith("python -m streaming_engine.eval.recall_far ") and "--cost-pairs 2" in run["command"]
+    assert run["command"].startswith("python -m benchmarks.recall_far ") and "--cost-pairs 2" in run["command"]
     assert run["config"]["recall_budget"] == 80 and run["machine"]["cores"]
     assert (tmp_path / "far.png").stat().st_size > 0
 

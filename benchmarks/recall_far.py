@@ -1,7 +1,7 @@
 """Facts far behind the cache: recall at distances of thousands of tokens, with and without recall of evicted
 messages, and what that recall costs.
 
-`python -m streaming_engine.eval.recall_far` extends the recall benchmark (`recall.py`: its facts, filler notes,
+`python -m benchmarks.recall_far` extends the recall benchmark (`recall.py`: its facts, filler notes,
 questions and greedy turns are reused, not restated) past the cache and past the model's positions:
 
 * **Distances.** Near facts (`--near-distances`, below `FAR_FROM` tokens) are planted and asked one after another
@@ -33,8 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..engine import EngineConfig, StreamingEngine
-from ..loading import DEFAULT_MODEL_NAME
+from streaming_engine.engine import EngineConfig, StreamingEngine
+from streaming_engine.loading import DEFAULT_MODEL_NAME
 from . import cli
 from .methods import parse_methods
 from .recall import (
@@ -520,7 +520,7 @@ def plot_recall_far(result: dict, output) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.parser("streaming_engine.eval.recall_far", __doc__)
+    p = cli.parser("benchmarks.recall_far", __doc__)
     cli.add_model_args(p)
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--start-size", type=int, default=4, help="attention sinks (streaming)")
