@@ -297,6 +297,14 @@ def cost_summary(rows: list[dict]) -> dict:
     }
 
 
+def by_distance(data: dict) -> None:
+    """A method's recall per distance target, and the mean measured distance of each target (the plot's x)."""
+    data["by_distance"] = by_key(data["trials"], "distance_target", "recalled")
+    data["mean_distance"] = {str(d): round(statistics.fmean(t["distance"] for t in data["trials"]
+                                                            if t["distance_target"] == d), 1)
+                             for d in sorted({t["distance_target"] for t in data["trials"]})}
+
+
 def summarize(result: dict) -> None:
     """Per method: recall near, middle and far (and past the model's positions); the targets as measured."""
     cfg = result["config"]
@@ -387,10 +395,7 @@ def run(model, tokenizer, *, methods: list[str], start_size: int, recent_size: i
                     f"{'far' if far else 'near'}: " + ", ".join(f"{t['distance']}{'+' if t['recalled'] else '-'}"
                                                               for t in trials))
     for data in result["recall"].values():
-        data["by_distance"] = by_key(data["trials"], "distance_target", "recalled")
-        data["mean_distance"] = {str(d): round(statistics.fmean(t["distance"] for t in data["trials"]
-                                                                if t["distance_target"] == d), 1)
-                                 for d in sorted({t["distance_target"] for t in data["trials"]})}
+        by_distance(data)
     if cost_pairs and recall_budget and "streaming" in methods and "streaming-recall" in methods:
         result["cost"] = run_cost(engine, sizes, recall_budget, cost_pairs, cost_tokens, cost_gap, seed, log)
     summarize(result)
@@ -403,8 +408,9 @@ SHARED_CONFIG = ("model", "start_size", "recent_size", "dense_max_context", "rec
 
 def combine(paths: list[str]) -> dict:
     """One result from several runs of this benchmark (on a busy machine, one process per method and one for the
-    cost probe): their methods side by side, the cost probe from the run that has one, every run's provenance under
-    "parts", and the summary and targets recomputed over the whole."""
+    cost probe): their methods side by side, a method run with several seeds pooled (each trial keeps its seed),
+    the cost probe from the run that has one, every run's provenance under "parts", and the summary and targets
+    recomputed over the whole."""
     import json
 
     from .runinfo import PROVENANCE_KEY
@@ -419,11 +425,15 @@ def combine(paths: list[str]) -> dict:
             raise ValueError(f"{path} was run with another {', '.join(mismatch)}: its numbers do not combine")
         for key in ("near_distances", "far_distances"):
             merged["config"][key] = sorted(set(merged["config"][key]) | set(part["config"][key]))
+        seed = part["config"].get("seed")
         for method, data in part["recall"].items():
             if data["trials"] or data["skipped"]:  # a cost-only run lists its methods without trials
-                if method in merged["recall"]:
-                    raise ValueError(f"{method} is in more than one of the runs")
-                merged["recall"][method] = data
+                pooled = merged["recall"].setdefault(method, {"trials": [], "skipped": [], "seeds": []})
+                if seed in pooled["seeds"]:
+                    raise ValueError(f"{method} with seed {seed} is in more than one of the runs")
+                pooled["seeds"].append(seed)
+                pooled["trials"] += [{**t, "seed": seed} for t in data["trials"]]
+                pooled["skipped"] += [{**t, "seed": seed} for t in data["skipped"]]
         if "cost" in part:
             if "cost" in merged:
                 raise ValueError("more than one of the runs has a cost probe")
@@ -432,6 +442,8 @@ def combine(paths: list[str]) -> dict:
     if merged["config"] is None:
         raise ValueError("--combine needs at least one result JSON")
     merged["config"]["methods"] = list(merged["recall"])
+    for data in merged["recall"].values():
+        by_distance(data)
     summarize(merged)
     return merged
 

@@ -109,7 +109,7 @@ def _trials(*rows):
                        for t, d, ok, q, n in rows], "skipped": []}
 
 
-def test_combined_runs_keep_each_method_once_the_cost_probe_and_every_runs_provenance(tmp_path):
+def test_combined_runs_pool_each_method_over_its_seeds_and_keep_the_cost_probe_and_every_runs_provenance(tmp_path):
     plain = _part(tmp_path, "a.json", {"streaming": _trials((0, 9, True, False, 0), (1000, 1010, False, False, 0))})
     recalled = _part(tmp_path, "b.json", {"streaming-recall": _trials((0, 9, True, False, 0),
                                                                       (1000, 1020, True, True, 40))},
@@ -128,3 +128,6 @@ def test_combined_runs_keep_each_method_once_the_cost_probe_and_every_runs_prove
         recall_far.combine([plain, _part(tmp_path, "d.json", {"dense": _trials()}, recent_size=252)])
     with pytest.raises(ValueError, match="more than one"):
         recall_far.combine([plain, plain])
+    again = _part(tmp_path, "e.json", {"streaming": _trials((0, 8, False, False, 0))}, seed=1)
+    pooled = recall_far.combine([plain, again])["recall"]["streaming"]
+    assert [t["seed"] for t in pooled["trials"]] == [None, None, 1] and pooled["by_distance"] == {"0": 0.5, "1000": 0.0}
