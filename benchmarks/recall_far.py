@@ -494,12 +494,17 @@ def plot_recall_far(result: dict, output) -> list[str]:
 
     cfg = result["config"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
-    colors = {"streaming": MODE_COLORS.get("streaming"), "streaming-recall": "#d62728",
-              "window": MODE_COLORS.get("window"), "dense": MODE_COLORS.get("dense")}
+    # Recall gets a colour of its own (the palette's "perstep-rope" orange is not drawn here); lines that coincide
+    # (streaming and window beyond the cache) stay visible by style and marker size.
+    colors = {"streaming": MODE_COLORS["streaming"], "streaming-recall": "#ff7f0e", "window": MODE_COLORS["window"],
+              "dense": MODE_COLORS["dense"]}
+    styles = {"streaming": ("-", 7), "streaming-recall": ("-", 5), "window": ("--", 4), "dense": (":", 4)}
     for method, data in result["recall"].items():
         if data["by_distance"]:
+            line, size = styles[method]
             left.plot([data["mean_distance"][d] for d in data["by_distance"]], list(data["by_distance"].values()),
-                      marker="o", markersize=4, linewidth=1.4, label=method, color=colors.get(method))
+                      marker="o", markersize=size, linestyle=line, linewidth=1.6, label=method,
+                      color=colors[method])
     own = result["targets"]["own_recall_near"]
     if own is not None:
         left.axhspan(own - RECALL_TARGET_POINTS, own, color="#999", alpha=0.15,
@@ -513,7 +518,8 @@ def plot_recall_far(result: dict, output) -> list[str]:
     left.set_ylabel("facts recalled (share)")
     left.set_ylim(-0.03, 1.08)
     left.grid(alpha=0.3)
-    left.legend(fontsize=7)
+    if left.get_legend_handles_labels()[0]:
+        left.legend(fontsize=7)
     cost = result.get("cost")
     if cost:
         ratios = [r["decode_ratio"] for r in cost["pairs"] if r["decode_ratio"]]
