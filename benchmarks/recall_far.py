@@ -198,13 +198,21 @@ def _plant(chat: Chat, key: tuple[str, str], code: str, target: int) -> dict:
     return {"key": key, "code": code, "target": target, "index": index, "end": chat.message_end(planted)}
 
 
+def new_code(rng: random.Random, used: set) -> str:
+    """A 4-digit code no earlier fact of the session has: a model that repeats the previous answer must not score."""
+    while (code := f"{rng.randint(1000, 9999)}") in used:
+        pass
+    used.add(code)
+    return code
+
+
 def run_near(chat: Chat, distances: list[int], keys: list, rng: random.Random) -> list[dict]:
     """Plant, filler, ask, one fact after another."""
-    trials = []
+    trials, used = [], set()
     for d in distances:
         if chat.full:
             break
-        fact = _plant(chat, keys.pop(), f"{rng.randint(1000, 9999)}", d)
+        fact = _plant(chat, keys.pop(), new_code(rng, used), d)
         chat.filler_to(rng, fact["end"], d)
         if chat.full:
             break
@@ -216,13 +224,13 @@ def run_near(chat: Chat, distances: list[int], keys: list, rng: random.Random) -
 
 def run_far(chat: Chat, distances: list[int], keys: list, rng: random.Random) -> list[dict]:
     """The far facts of `far_plan` in one stream, then their questions, nearest first."""
-    facts, origin = [], None
+    facts, origin, used = [], None, set()
     for d, offset in far_plan(distances):
         if origin is not None:
             chat.filler_to(rng, origin, offset)
         if chat.full:
             return []
-        fact = _plant(chat, keys.pop(), f"{rng.randint(1000, 9999)}", d)
+        fact = _plant(chat, keys.pop(), new_code(rng, used), d)
         origin = fact["end"] if origin is None else origin
         facts.append(fact)
     trials = []
@@ -244,7 +252,8 @@ def run_cost(engine, sizes: dict, recall_budget: int, pairs: int, tokens: int, g
     keys = [(c, t) for c in COLORS for t in THINGS]
     rng_keys.shuffle(keys)
     keys = keys[:pairs]
-    codes = [f"{rng_keys.randint(1000, 9999)}" for _ in keys]
+    used: set = set()
+    codes = [new_code(rng_keys, used) for _ in keys]
     chats = {m: Chat(engine, m, sizes, recall_budget) for m in ("streaming", "streaming-recall")}
     rows = []
     try:

@@ -4,6 +4,7 @@ run on a tiny random model (its answers are noise; the distances, skips, costs a
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from browser_util import save_model
@@ -25,6 +26,12 @@ def test_far_plan_plants_the_farthest_fact_first_and_asks_the_nearest_first():
     order = [asks[d] for d in sorted(distances)]
     assert order == sorted(order) and min(order) > max(offsets)
     assert all(b - a == recall_far.ASK_TURN_TOKENS for a, b in zip(order, order[1:]))
+
+
+def test_a_sessions_codes_never_repeat_so_a_copied_answer_cannot_score():
+    rng, used = random.Random(0), set()
+    codes = [recall_far.new_code(rng, used) for _ in range(3000)]
+    assert len(set(codes)) == 3000 and all(len(c) == 4 for c in codes)
 
 
 def test_dense_keeps_only_the_sessions_that_fit_its_context():
