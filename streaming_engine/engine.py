@@ -62,10 +62,12 @@ from .defaults import (  # noqa: E402,F401  (re-exported)
     DEFAULT_CUDA_GRAPHS,
     DEFAULT_DECODE_STEP,
     DEFAULT_EVICTION,
+    DEFAULT_OVERLAP,
     DEFAULT_PIN_LIMIT,
     MAX_ACTIVE_TURNS,
     MAX_SESSIONS,
     MAX_SESSIONS_PER_OWNER,
+    OVERLAP_MODES,
 )
 
 _CONTROL = {c for c in range(32) if chr(c) not in "\n\t"} | {127}
@@ -128,6 +130,7 @@ class EngineConfig(SamplingDefaults):
     # The batched decode: "auto" (the static step on CUDA, eager on CPU and MPS), "static" or "eager" (gpu-decode.md)
     decode_step: str = DEFAULT_DECODE_STEP
     cuda_graphs: str = DEFAULT_CUDA_GRAPHS  # the static step's CUDA graphs: "auto" (on CUDA), "on" (or an error), "off"
+    overlap: str = DEFAULT_OVERLAP  # the static step launched one step ahead: "auto" (on CUDA), "on", "off" (overlap.py)
     pin_system: bool = True  # streaming sessions keep their system prompt with the sinks (never evicted)
     pin_limit: int = DEFAULT_PIN_LIMIT  # most tokens a pinned system prompt may take; a longer one is refused
     eviction: str = DEFAULT_EVICTION  # "tokens" (the paper) or "turns" (whole past messages)
@@ -150,6 +153,8 @@ class EngineConfig(SamplingDefaults):
         if self.decode_step not in DECODE_STEPS:
             raise ValueError(f"decode_step must be one of {', '.join(DECODE_STEPS)}; got {self.decode_step!r}")
         StaticStepConfig(cuda_graphs=self.cuda_graphs)  # its one check: the mode, and "on" needs CUDA
+        if self.overlap not in OVERLAP_MODES:
+            raise ValueError(f"overlap must be one of {', '.join(OVERLAP_MODES)}; got {self.overlap!r}")
         if self.dense_max_tokens is not None:
             check_int("dense_max_tokens", self.dense_max_tokens, 2)
         if self.recent_size <= self.prefill_chunk_size:
@@ -223,7 +228,8 @@ class StreamingEngine:
         self.scheduler = self.backend.make_scheduler(self.config.scheduler, max_batch=self.config.max_batch,
                                                      prefill_budget=self.config.prefill_chunk_size,
                                                      decode_step=self.config.decode_step,
-                                                     cuda_graphs=self.config.cuda_graphs)
+                                                     cuda_graphs=self.config.cuda_graphs,
+                                                     overlap=self.config.overlap)
         self.counters = EngineCounters()  # process-wide totals for monitoring
         self._sessions: dict[str, Session] = {}
         self._tags: dict[str, SessionTag] = {}  # session id -> who holds it (same keys as `_sessions`)
@@ -231,7 +237,8 @@ class StreamingEngine:
 
     @property
     def decode_path(self) -> str:
-        """Which decode path runs (`scheduler.DECODE_PATHS`): "eager", "static" or "static+graphs"."""
+        """Which decode path runs (`scheduler.DECODE_PATHS`): "eager", "static" or "static+graphs", with
+        "+overlap" when the static step launches one step ahead."""
         return self.scheduler.decode_path
 
     # --- sessions ----------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ and the cache evicts it like any other tokens: recall never grows the cache.
 Boundary: this module knows words, passages, scores and the block's wording. It does not know caches, templates or
 stores: the caller says which messages were evicted, how tokens are counted, and neutralizes control tokens (the
 block is message content, rendered through `templating.ChatTemplater` like everything a user types). A store
-index (SQLite FTS5, PostgreSQL full-text) was not needed: one conversation's evicted messages are at most a few
-thousand, and ranking them here takes milliseconds on the caller's thread (docs/engine.md, "Recall").
+index (SQLite FTS5, PostgreSQL full-text) was not needed: the candidates are one conversation's evicted messages,
+ranked in time linear in their words on the caller's thread (docs/engine.md, "Recall of evicted messages").
 
 Injection safety of the block: every line of a quoted message starts with `QUOTE`, so no quoted text can end the
 block early or pass for the label around it; the label says the quotes are reference, not instructions.
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 from .checks import check_int
-from .defaults import RECALL_WINDOW_DIVISOR
+from .defaults import RECALL_MIN_BUDGET, RECALL_WINDOW_DIVISOR
 
 #: BM25's term-frequency saturation and length normalization (the usual Okapi values).
 BM25_K1 = 1.2
@@ -34,6 +34,10 @@ BM25_B = 0.75
 #: Longest passage, in words: a long message is ranked (and quoted) in passages of this size, so a fact in it can be
 #: recalled without quoting the whole message.
 PASSAGE_WORDS = 60
+#: A passage qualifies only if it shares with the query a word found in at most this share of the candidate
+#: passages (or in two): words every message repeats ("question", "tell me") match everything and mean nothing,
+#: so a chat that re-asks in the same phrasing recalls none of its earlier phrasings.
+DISTINCTIVE_SHARE = 0.25
 #: Most passages one block quotes: beyond a few, more quotes dilute the relevant one for a small model.
 MAX_SNIPPETS = 6
 #: The block's framing, kept short (it is paid on every recalling turn, and a 4 + 124 cache's default budget is
@@ -68,8 +72,9 @@ class Snippet:
 
 
 def default_budget(recent_size: int) -> int:
-    """The recall budget a session with a recent window of `recent_size` tokens gets unless told otherwise."""
-    return recent_size // RECALL_WINDOW_DIVISOR
+    """The recall budget a session with a recent window of `recent_size` tokens gets unless told otherwise: a
+    quarter of the window, at least `RECALL_MIN_BUDGET`, at most half of it."""
+    return min(max(recent_size // RECALL_WINDOW_DIVISOR, RECALL_MIN_BUDGET), recent_size // 2)
 
 
 def check_budget(budget, recent_size: int) -> int:
@@ -159,13 +164,19 @@ def recall_snippets(
     budget_tokens: int,
     count_tokens: Callable[[str], int],
     *,
+    held: Sequence[Mapping] = (),
     max_snippets: int = MAX_SNIPPETS,
 ) -> list[Snippet]:
     """The passages of `messages` (the evicted ones: mappings with "role" and "content", and "index" when the
     caller's numbering is not their position) most relevant to `query`, best first, such that
-    `count_tokens(recall_block(result)) <= budget_tokens`. Only passages sharing a word (not a stop word) with the
-    query qualify; none at all when `budget_tokens` cannot hold the block's framing. Deterministic: ties go to the
-    more recent message."""
+    `count_tokens(recall_block(result)) <= budget_tokens`. Only passages sharing a distinctive word with the query
+    qualify (not a stop word, and in at most `DISTINCTIVE_SHARE` of the passages); none at all when
+    `budget_tokens` cannot hold the block's framing. A passage too long for what is left of the budget is cut
+    around its match. Deterministic: ties go to the more recent message.
+
+    `held`: the conversation's other messages (those the cache still holds), counted with the candidates for how
+    common a word is (BM25's IDF and the distinctive-word rule) but never returned: a phrasing the recent turns
+    repeat is common even when few messages have been evicted yet."""
     if budget_tokens <= 0 or not messages:
         return []
     query_terms = terms(query)
@@ -177,7 +188,13 @@ def recall_snippets(
         for text in passages(str(message.get("content", ""))):
             if text:
                 candidates.append((index, str(message.get("role", "user")), text))
-    scores = rank([terms(text) for _, _, text in candidates], query_terms)
+    documents = [terms(text) for _, _, text in candidates]
+    others = [terms(text) for message in held for text in passages(str(message.get("content", ""))) if text]
+    corpus = documents + others
+    scores = rank(corpus, query_terms)[:len(documents)]
+    frequency = Counter(t for doc in corpus for t in set(doc) if t in set(query_terms))
+    distinctive = {t for t, df in frequency.items() if df <= max(2, int(DISTINCTIVE_SHARE * len(corpus)))}
+    scores = [score if distinctive & set(doc) else 0.0 for score, doc in zip(scores, documents)]
     order = sorted(range(len(candidates)), key=lambda k: (-scores[k], -candidates[k][0], k))
     wanted = set(query_terms)
     chosen: list[Snippet] = []

@@ -16,9 +16,12 @@ capabilities, never from which backend it is. Three policies, two sharing one lo
      paste therefore advances one bounded chunk per iteration, however long it is), all in one call of the runner,
      which runs the chunks that can share a pass together (on transformers: conversations' first chunks,
      `generation.padded_prefill_rows`), so prompts that arrive at once are prefilled at once. While other
-     turns are decoding, prompts get one *slice* per iteration instead, sized to take about as long as one decode
-     step (`prefill_slice`): a decoding reply waits one slice per token however long the paste, and the paste
-     keeps a share of the worker (docs/benchmarks.md "One client against another" measures what that costs);
+     turns are decoding, prompts get at most one *slice* per iteration instead, sized to take about as long as
+     one decode step (`prefill_slice`), and only while their share of the worker allows (`prompt_share.py`:
+     at most `PREFILL_SHARE` of its time), so a decoding reply's time per token stays within a bound however
+     long the paste, and the paste still advances. New turns go first: a turn whose prompt has not started gets
+     its first slice (a short prompt whole) before any other prompt's, without waiting for that share
+     (docs/benchmarks.md "One client against another" measures both);
   3. runs **one** forward pass for every turn that is decoding: each is a row of a `BatchedSinkCache`, up to
      `max_batch` rows (more wait for a free row, first come first served). Rows join when their prompt is done
      and leave when their reply ends, between steps; each row is sampled with its own settings and seed by its own
@@ -48,8 +51,9 @@ import time
 from collections import deque
 from typing import Callable, Hashable, Iterator
 
-from .defaults import DECODE_STEPS, DEFAULT_CUDA_GRAPHS, DEFAULT_DECODE_STEP
+from .defaults import DECODE_STEPS, DEFAULT_CUDA_GRAPHS, DEFAULT_DECODE_STEP, DEFAULT_OVERLAP
 from .generation import STOP, Decode, Prefill, Sampled
+from .prompt_share import PromptShare, new_turns_first
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +66,9 @@ ITERATION_RETRY_S = 0.05
 #: The schedulers `make_scheduler` knows.
 SCHEDULERS = ("batched", "round-robin")
 #: Which decode path a scheduler runs (`Scheduler.decode_path`; the app's footer and `/metrics` show it): the eager
-#: pass, the static step, or the static step replayed from CUDA graphs.
-DECODE_PATHS = ("eager", "static", "static+graphs")
+#: pass, the static step, or the static step replayed from CUDA graphs; either static one "+overlap" when it launches
+#: the next step before the turns are answered (`overlap.OverlappedDecodeStep`).
+DECODE_PATHS = ("eager", "static", "static+graphs", "static+overlap", "static+graphs+overlap")
 #: Most prompt tokens fed in one iteration while other turns decode (each decoding reply waits one such slice per
 #: token). The time rule below can only make a slice smaller; `PackedScheduler` slices by this cap alone.
 PREFILL_SLICE_TOKENS = 64
@@ -102,6 +107,7 @@ class TurnHandle:
         self.stop_event = threading.Event()
         self.finished = threading.Event()
         self.request = None  # the forward pass it waits for (`Prefill` / `Decode`), None before it starts
+        self.prompt_started = False  # whether any of its prompt went in yet (`prompt_share.new_turns_first`)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -324,6 +330,10 @@ class QueuedScheduler(Scheduler):
         self._prefilling: deque[TurnHandle] = deque()
         self._decoding: deque[TurnHandle] = deque()  # in arrival order
         self._fed: dict[int, int] = {}  # id(handle) -> tokens of its current `Prefill` already fed (in slices)
+        #: The worker time prompts may take while replies decode (`prompt_share.py`), measured with `clock`
+        #: (tests may replace it).
+        self.prompt_share = PromptShare()
+        self.clock = time.perf_counter
 
     def _iterate(self) -> None:
         idle = not self._prefilling and not self._decoding
@@ -366,7 +376,8 @@ class BatchedScheduler(QueuedScheduler):
     batched step (`forward_batch`); prompts go through its `forward`."""
 
     def __init__(self, runner, *, max_batch: int = 16, prefill_budget: int = 512, name: str = "streaming-engine",
-                 decode_step: str = DEFAULT_DECODE_STEP, cuda_graphs: str = DEFAULT_CUDA_GRAPHS):
+                 decode_step: str = DEFAULT_DECODE_STEP, cuda_graphs: str = DEFAULT_CUDA_GRAPHS,
+                 overlap: str = DEFAULT_OVERLAP):
         super().__init__(runner, name)
         if isinstance(prefill_budget, bool) or not isinstance(prefill_budget, int) or prefill_budget < 1:
             raise ValueError(f"prefill_budget must be an integer >= 1, got {prefill_budget!r}")
@@ -374,17 +385,18 @@ class BatchedScheduler(QueuedScheduler):
             raise ValueError(f"decode_step must be one of {', '.join(DECODE_STEPS)}; got {decode_step!r}")
         # `static_step`: the runner's fixed-shape step over the whole batch, which also samples its rows
         # (`decode(tokens, samplings) -> (logits, ids)`), or None: eager.
-        self.batch, self.static_step = runner.new_batch(max_batch, decode_step=decode_step, cuda_graphs=cuda_graphs)
+        self.batch, self.static_step = runner.new_batch(max_batch, decode_step=decode_step, cuda_graphs=cuda_graphs,
+                                                        overlap=overlap)
         #: The step that runs: "static" or "eager" ("auto" resolved, after any fallback).
         self.decode_step = "static" if self.static_step is not None else "eager"
         if self.static_step is not None:
-            self.decode_path = DECODE_PATHS[2] if self.static_step.graphs else DECODE_PATHS[1]
+            path = DECODE_PATHS[2] if self.static_step.graphs else DECODE_PATHS[1]
+            self.decode_path = path + "+overlap" if getattr(self.static_step, "overlaps", False) else path
         self.prefill_budget = prefill_budget
         self._owner: dict[int, TurnHandle] = {}  # id(ConversationCache) -> the turn decoding on that row
         #: False: whole chunks even while others decode (the behaviour before issue 28), the fairness benchmark's
         #: baseline (`benchmarks/fairness.py`).
         self.slice_prefill = True
-        self.clock = time.perf_counter  # what `prefill_slice`'s costs are measured with (tests may replace it)
         self.decode_s: float | None = None  # running average of one decode step, seconds
         self.prefill_s_per_token: float | None = None  # running average of prefill seconds per prompt token
 
@@ -392,12 +404,23 @@ class BatchedScheduler(QueuedScheduler):
         self._owner.pop(id(handle.request.cache), None)
 
     def _prefill_round(self) -> None:
-        """Nobody decoding: prompt chunks for up to `prefill_budget` tokens, each waiting turn at most once, in
-        arrival order, handed to the runner in one call (prompts that arrived together may share one pass:
-        `backends.hf.TransformersBackend.forward`). Somebody decoding: one slice (`prefill_slice`) of the first
-        waiting chunk; the rest of that chunk goes to the back, behind the other waiting prompts."""
+        """New turns first (`prompt_share.new_turns_first`): while others decode or other prompts wait, the turns
+        whose prompt has not started get their first slice (up to `PREFILL_SLICE_TOKENS`; a short prompt whole),
+        together, and nothing else this iteration. Otherwise, nobody decoding: prompt chunks for up to
+        `prefill_budget` tokens, each waiting turn at most once, in arrival order, handed to the runner in one
+        call (prompts that arrived together may share one pass: `backends.hf.TransformersBackend.forward`).
+        Somebody decoding: one slice (`prefill_slice`) of the first waiting chunk, only while the prompts' share
+        of the worker allows (`PromptShare.may_continue`); the rest of that chunk goes to the back, behind the
+        other waiting prompts."""
         if not self._prefilling:
             return
+        if self.slice_prefill:
+            fresh, going = new_turns_first(self._prefilling, lambda handle: handle.prompt_started)
+            if fresh and (going or self._decoding):
+                for handle in fresh:
+                    self._prefilling.remove(handle)
+                self._feed([(h, 0, min(len(h.request.ids), PREFILL_SLICE_TOKENS)) for h in fresh])
+                return
         if not self._decoding or not self.slice_prefill:
             slices, spent = [], 0
             while self._prefilling and spent < self.prefill_budget:
@@ -407,6 +430,8 @@ class BatchedScheduler(QueuedScheduler):
                 slices.append((handle, fed, len(handle.request.ids) - fed))
             self._feed(slices)
             return
+        if not self.prompt_share.may_continue():
+            return  # prompts had their share of the worker: the decoding replies go first
         handle = self._prefilling.popleft()
         fed = self._fed.pop(id(handle), 0)
         remaining = len(handle.request.ids) - fed
@@ -417,13 +442,19 @@ class BatchedScheduler(QueuedScheduler):
         in one runner call (`_forward_rows`: one pass, or one per row where the runner cannot share). A turn is
         answered once its chunk's last token went in (that token's logits): a causal model's cache after a chunk
         fed in slices is the cache after feeding it whole, so slicing changes no reply. A part-fed chunk waits at
-        the back."""
+        the back. Beside decoding replies, the call's time is spent from `prompt_share`."""
         rows = [(h.request.cache, h.request.ids[fed:fed + size]) for h, fed, size in slices]
+        beside_replies = bool(self._decoding)
         started = self.clock()
         answers = self._forward_rows(rows, "prefill") if len(rows) > 1 else [self._forward_prompt(
             slices[0][0].request, rows[0][1])]
+        elapsed = self.clock() - started
         tokens = sum(size for _, _, size in slices)
-        self.prefill_s_per_token = running_average(self.prefill_s_per_token, (self.clock() - started) / tokens)
+        self.prefill_s_per_token = running_average(self.prefill_s_per_token, elapsed / tokens)
+        if beside_replies:
+            self.prompt_share.fed(elapsed)
+        for handle, _, _ in slices:
+            handle.prompt_started = True
         self._served("prefill", [h for h, _, _ in slices])
         for (handle, fed, size), answer in zip(slices, answers):
             if fed + size < len(handle.request.ids) and not isinstance(answer, BaseException):
@@ -462,7 +493,9 @@ class BatchedScheduler(QueuedScheduler):
             else:
                 logits = self.runner.forward_batch(batch, tokens)
                 answers = [logits[b] for b in range(len(rows))]
-            self.decode_s = running_average(self.decode_s, self.clock() - started)
+            step_s = self.clock() - started
+            self.decode_s = running_average(self.decode_s, step_s)
+            self.prompt_share.decoded(step_s, bool(self._prefilling))
         except Exception:  # noqa: BLE001 - find the row that fails: run each alone
             logger.exception("batched decode failed; retrying its %d rows one by one", len(rows))
             answers = []
@@ -489,7 +522,9 @@ class PackedScheduler(QueuedScheduler):
     """Continuous batching for a runner that packs several conversations' rows into one pass (`packs_rows`:
     llama.cpp, one `llama_decode` over several sequences). Each iteration, after the shared start and stops,
       2. feeds at most `prefill_budget` waiting prompt tokens (and the runner's `pass_tokens`) in one pass,
-         several conversations together when they fit, in arrival order. A chunk longer than what is left of the
+         several conversations together when they fit, new turns first, then in queue order; while replies
+         decode, prompts already under way are fed only within their share of the worker (`prompt_share.py`,
+         the same rule as `BatchedScheduler`). A chunk longer than what is left of the
          budget is fed in *slices*: the rest of it waits for the next iteration (behind the other waiting
          prompts), after the decode step below, so a long paste delays each other reply by one bounded slice per
          token, however long its chunks (issue 28 measured llama.cpp prefill at ~81 tok/s on the test CPU: a whole
@@ -511,11 +546,18 @@ class PackedScheduler(QueuedScheduler):
         self.prefill_budget = prefill_budget
 
     def _prefill_round(self) -> None:
-        """One pass of at most `prefill_budget` prompt tokens (and the runner's pass size): waiting chunks in
-        arrival order, the last one taken perhaps only in part (a slice; the rest goes next iteration)."""
+        """One pass of at most `prefill_budget` prompt tokens (and the runner's pass size): waiting chunks, new
+        turns first (`prompt_share.new_turns_first`) and then in queue order, the last one taken perhaps only in
+        part (a slice; the rest goes next iteration). While replies decode, the continuing prompts are taken only
+        while their share of the worker allows (`PromptShare.may_continue`), and the pass's time is spent from
+        it."""
         room = min(self.prefill_budget, self.runner.pass_tokens or self.prefill_budget)
+        beside_replies = bool(self._decoding)
+        fresh, going = new_turns_first(self._prefilling, lambda handle: handle.prompt_started)
+        if beside_replies and not self.prompt_share.may_continue():
+            going = []
         slices = []  # (handle, first token of the slice, slice length)
-        for handle in self._prefilling:
+        for handle in fresh + going:
             if room <= 0:
                 break
             fed = self._fed.get(id(handle), 0)
@@ -525,9 +567,13 @@ class PackedScheduler(QueuedScheduler):
         if not slices:
             return
         rows = [(h.request.cache, h.request.ids[fed:fed + size]) for h, fed, size in slices]
+        started = self.clock()
         answers = self._forward_rows(rows, "prefill")
+        if beside_replies:
+            self.prompt_share.fed(self.clock() - started)
         self._served("prefill", [h for h, _, _ in slices])
         for (handle, fed, size), answer in zip(slices, answers):
+            handle.prompt_started = True
             done = fed + size
             if done < len(handle.request.ids) and not isinstance(answer, BaseException):
                 self._fed[id(handle)] = done  # the rest of this chunk goes in next iteration,
@@ -542,7 +588,9 @@ class PackedScheduler(QueuedScheduler):
         handles = list(self._decoding)[: self.max_batch]
         if not handles:
             return
+        started = self.clock()
         answers = self._forward_rows([(h.request.cache, [h.request.token_id]) for h in handles], "decode")
+        self.prompt_share.decoded(self.clock() - started, bool(self._prefilling))
         self._served("decode", handles)
         for handle, answer in zip(handles, answers):
             self._decoding.remove(handle)
@@ -550,7 +598,8 @@ class PackedScheduler(QueuedScheduler):
 
 
 def make_scheduler(kind: str, runner, *, max_batch: int = 16, prefill_budget: int = 512,
-                   decode_step: str = DEFAULT_DECODE_STEP, cuda_graphs: str = DEFAULT_CUDA_GRAPHS) -> Scheduler:
+                   decode_step: str = DEFAULT_DECODE_STEP, cuda_graphs: str = DEFAULT_CUDA_GRAPHS,
+                   overlap: str = DEFAULT_OVERLAP) -> Scheduler:
     """`"batched"` (continuous batching) or `"round-robin"` (the one-conversation-per-pass baseline) for `runner`
     (a `backends.base.Backend`), the policy chosen by what the runner can do, never by which backend it is:
 
@@ -568,7 +617,7 @@ def make_scheduler(kind: str, runner, *, max_batch: int = 16, prefill_budget: in
                                batched=kind == "batched", name=name)
     if kind == "batched" and runner.batchable:
         return BatchedScheduler(runner, max_batch=max_batch, prefill_budget=prefill_budget, name=name,
-                                decode_step=decode_step, cuda_graphs=cuda_graphs)
+                                decode_step=decode_step, cuda_graphs=cuda_graphs, overlap=overlap)
     if kind == "batched":
         logger.info("%s has local or per-layer-type attention layers: decoding one conversation per pass",
                     type(runner.model).__name__)

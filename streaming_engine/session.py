@@ -292,7 +292,8 @@ class Session:
             if not evicted or room <= 0:
                 return plain
             count = lambda text: len(rt.templater.encode(rt.templater.neutralize(text)))  # noqa: E731
-            snippets = recall_snippets(evicted, message, min(self.recall_budget, room), count)
+            held = [m for k, m in enumerate(self.history) if k not in {e["index"] for e in evicted}]
+            snippets = recall_snippets(evicted, message, min(self.recall_budget, room), count, held=held)
             if not snippets:
                 return plain
             recalled = self._render_turn(rt, stream_text, message, snippets)

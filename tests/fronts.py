@@ -20,6 +20,8 @@ AFFINITY_COOKIE = "sllm_replica"
 #: The replica ports the sample configs list, replaced by the test's own.
 SAMPLE_PORTS = (7861, 7862)
 SAMPLE_LISTEN_PORT = 7860
+#: Where the sample nginx config writes its access log; a test's front writes `<folder>/nginx/access.log`.
+NGINX_SAMPLE_ACCESS_LOG = "/var/log/nginx/access.log"
 
 
 def _with_test_ports(text: str, ports: list[int]) -> str:
@@ -49,6 +51,7 @@ def nginx_front(ports: list[int], folder: Path):
     site = site.replace(f"listen {SAMPLE_LISTEN_PORT};", f"listen 127.0.0.1:{port};")
     prefix = folder / "nginx"
     prefix.mkdir(exist_ok=True)
+    site = site.replace(f"access_log {NGINX_SAMPLE_ACCESS_LOG} ", f"access_log {prefix / 'access.log'} ")
     (prefix / "site.conf").write_text(site)
     temp = " ".join(f"{kind}_temp_path {prefix}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi",
                                                                         "scgi"))

@@ -179,3 +179,36 @@ def test_the_site_nav_lists_every_page_once_and_only_pages_that_exist():
     pages = sorted(p.name for p in (ROOT / config["docs_dir"]).glob("*.md"))
     assert sorted(listed) == pages, "mkdocs.yml's nav and the pages under docs/ differ"
     assert len(set(listed)) == len(listed)
+
+
+def test_readme_perplexity_table_is_the_committed_json():
+    """README's headline table (issue 22, item 5): every number in it is its JSON's, which records its own command
+    and machine; a re-run that changes the JSON without the table fails here."""
+    import json
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Measured: perplexity far past the position limit"):]
+    cited = re.search(r"\(assets/eval/([\w.]+\.json)\)", section).group(1)
+    data = json.loads((ROOT / "assets" / "eval" / cited).read_text())
+    assert data["provenance"]["command"] and data["provenance"]["machine"]["cpu"]
+    table = section[section.index("| tokens |"):]
+    lines = [line for line in table[:table.index("\n\n")].splitlines() if not line.startswith("|---")]
+    labels = [cell.strip() for cell in lines[0].strip("|").split("|")][1:]
+    assert labels == list(data["runs"]), labels
+    checked = 0
+    for line in lines[1:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        span, values = cells[0], cells[1:]
+        for label, value in zip(labels, values):
+            number = re.match(r"\**([\d,]+\.\d+)", value)
+            if number is None:  # "stops (...)" or "-": the run had ended
+                continue
+            run = data["runs"][label]
+            if span == "whole stream":
+                expected = run["ppl"]
+            else:
+                first, last = (int(x.replace(",", "")) for x in span.split("–"))
+                expected = next(s["ppl"] for s in run["segments"] if (s["start"], s["end"]) == (first, last))
+            assert float(number.group(1).replace(",", "")) == pytest.approx(expected, abs=0.005), (span, label)
+            checked += 1
+    assert checked >= 15

@@ -51,6 +51,25 @@ def test_a_query_sharing_no_word_with_the_messages_recalls_nothing():
     assert recall_snippets(FACTS, "what is it?", 200, words) == []  # stop words only
 
 
+def test_words_every_message_repeats_recall_nothing():
+    asked = [{"role": "user", "content": f"Question number {k}: tell me something new."} for k in range(12)]
+    assert recall_snippets(asked, "Question number 40: tell me something new.", 500, words) == []
+    # One distinctive word among them is enough, and only its message comes back.
+    asked[3] = {"role": "user", "content": "Question number 3: tell me something new about walruses."}
+    found = recall_snippets(asked, "Question number 41: tell me more about walruses.", 500, words)
+    assert [s.index for s in found] == [3]
+
+
+def test_a_phrasing_the_held_messages_repeat_is_common_even_with_few_messages_evicted():
+    evicted = [{"role": "user", "content": "Question number 0: tell me something new."}]
+    held = [{"role": "user", "content": f"Question number {k}: tell me something new."} for k in range(1, 8)]
+    assert recall_snippets(evicted, "Question number 8: tell me something new.", 500, words) != []
+    assert recall_snippets(evicted, "Question number 8: tell me something new.", 500, words, held=held) == []
+    assert recall_snippets(evicted, "Question zero again?", 500, words, held=held) == []
+    assert recall_snippets(evicted + [{"role": "user", "content": "I adore walruses."}], "walruses?", 500, words,
+                           held=held)[0].index == 1
+
+
 def test_nothing_is_recalled_with_a_zero_budget_or_no_evicted_messages():
     assert recall_snippets(FACTS, "locker code", 0, words) == []
     assert recall_snippets([], "locker code", 500, words) == []
@@ -312,3 +331,34 @@ def test_recall_budgets_are_checked_once_and_only_streaming_recalls_by_default(t
     assert engine.stats(engine.new_session("dense", max_context=256))["recall_budget"] == 0
     with pytest.raises(ValueError, match="recall_budget"):
         engine.new_session("streaming", recall_budget=500)
+
+
+@pytest.mark.parametrize("recent", [16, 96, 124, 2000, 8192])
+def test_the_default_budget_is_a_quarter_of_the_window_within_its_floor_and_half_the_window(recent):
+    from streaming_engine.defaults import RECALL_MIN_BUDGET
+    from streaming_engine.recall import check_budget, default_budget
+
+    budget = default_budget(recent)
+    assert budget == check_budget(budget, recent) <= recent // 2
+    assert budget >= min(RECALL_MIN_BUDGET, recent // 2) and (recent < 4 * RECALL_MIN_BUDGET or budget == recent // 4)
+
+
+def test_a_long_reply_allowance_shrinks_the_recall_block_so_the_reply_keeps_its_room(
+        tiny_chat_model, default_tokenizer):
+    from streaming_engine import EngineConfig, StreamingEngine
+
+    engine = StreamingEngine(tiny_chat_model, default_tokenizer, EngineConfig(start_size=4, recent_size=80))
+    sid = engine.new_session("streaming", "You are helpful.", recall_budget=60)
+    talk_until_the_fact_is_gone(engine, sid)
+    session, rt = engine._get(sid), engine.runtime
+    short, long = session.plan_turn(rt, QUESTION, 0), session.plan_turn(rt, QUESTION, 1000)
+    assert long.recalled_tokens <= session.recall_room(0, 1000) < short.recalled_tokens <= 60
+    window = session.capacity - max(session.start_size, session.cache.pinned)
+    assert len(long.ids) + window // 2 <= window  # the turn, quotes included, leaves the reply half the window
+
+
+def test_the_package_exports_the_recall_function():
+    import streaming_engine
+
+    assert streaming_engine.recall_snippets is recall_snippets
+    assert streaming_engine.Snippet.__name__ == "Snippet"

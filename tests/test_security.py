@@ -250,6 +250,9 @@ def test_an_accepted_message_is_stored_before_the_turn_produces_anything(tiny_ch
     held = []
     real_submit = engine.scheduler.submit
     monkeypatch.setattr(engine.scheduler, "submit", held.append)  # accepted, never started: "the crash"
+    # No worker thread runs while the turn is held: the reader, which checks for a dead worker every poll, must
+    # not take that for a crash before the turn is let go (it did on a loaded machine).
+    monkeypatch.setattr(engine.scheduler, "alive", lambda: True)
     reader = threading.Thread(target=lambda: list(conv.chat(opened.token, "please keep me", **GREEDY)), daemon=True)
     reader.start()
     wait_until(lambda: held, "the turn was accepted")
@@ -261,6 +264,7 @@ def test_an_accepted_message_is_stored_before_the_turn_produces_anything(tiny_ch
     # held, so it never produces a token; storing at the first token, as before, never gets here).
     wait_until(lambda: on_disk() is not None, "the accepted message was stored")
     assert [m["content"] for m in on_disk().messages] == ["please keep me"]
+    monkeypatch.undo()  # the real `submit` and `alive` again: the worker starts
     real_submit(held[0])  # let the turn run so the reader thread ends
     reader.join(60)
     assert not reader.is_alive()

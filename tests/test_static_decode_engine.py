@@ -213,6 +213,6 @@ def test_on_cuda_the_engine_replays_graphs_and_replies_as_the_eager_engine(reque
     for user in plans:
         assert [e.text for e in results["static"][user]] == [e.text for e in results["eager"][user]], user
     assert static.scheduler.static_step.graphs and static.scheduler.static_step.step.captured
-    assert static.decode_path == "static+graphs"
+    assert static.decode_path == "static+graphs+overlap"  # overlap="auto": on with CUDA (test_overlap.py)
     auto = make_engine(model, default_tokenizer, recent_size=60)  # the default on CUDA: the static step, graphed
-    assert auto.config.decode_step == "auto" and auto.decode_path == "static+graphs"
+    assert auto.config.decode_step == "auto" and auto.decode_path == "static+graphs+overlap"

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..defaults import DEFAULT_CUDA_GRAPHS, DEFAULT_DECODE_STEP
+from ..defaults import DEFAULT_CUDA_GRAPHS, DEFAULT_DECODE_STEP, DEFAULT_OVERLAP
 from ..scheduler import Scheduler, make_scheduler
 
 
@@ -98,13 +98,14 @@ class Backend(ABC):
         chunks, `generation.padded_prefill_rows`)."""
 
     def new_batch(self, max_batch: int, *, decode_step: str = DEFAULT_DECODE_STEP,
-                  cuda_graphs: str = DEFAULT_CUDA_GRAPHS):
+                  cuda_graphs: str = DEFAULT_CUDA_GRAPHS, overlap: str = DEFAULT_OVERLAP):
         """`(batch, static_step)`: the batch decoding rows join (`batchable` backends only:
         `batch_cache.BatchedSinkCache`, whose rows are the caches `new_cache` made) and, for `decode_step="static"`
         (or "auto" where the backend prefers it) where the backend has one, a fixed-shape step over the whole batch
         that also samples its rows (`decode(tokens, samplings) -> (logits [rows, vocab], ids)`, `graphs`: whether
-        it replays CUDA graphs; `device_sampling.SampledDecodeStep`), else None (the scheduler then calls
-        `forward_batch`)."""
+        it replays CUDA graphs; `device_sampling.SampledDecodeStep`, or per `overlap` an
+        `overlap.OverlappedDecodeStep`, `overlaps` True, which launches the next step before it returns), else None
+        (the scheduler then calls `forward_batch`)."""
         raise NotImplementedError(f"the {self.name} backend does not batch decode rows")
 
     def forward_batch(self, batch, tokens: list[int], rows=None) -> torch.Tensor:
@@ -115,10 +116,11 @@ class Backend(ABC):
         """A reply on `cache` ended (or the turn failed): whatever the backend borrowed for it goes back."""
 
     def make_scheduler(self, kind: str, *, max_batch: int, prefill_budget: int,
-                       decode_step: str = DEFAULT_DECODE_STEP, cuda_graphs: str = DEFAULT_CUDA_GRAPHS) -> Scheduler:
+                       decode_step: str = DEFAULT_DECODE_STEP, cuda_graphs: str = DEFAULT_CUDA_GRAPHS,
+                       overlap: str = DEFAULT_OVERLAP) -> Scheduler:
         """The worker that serves this backend's turns (`"batched"` or `"round-robin"`)."""
         return make_scheduler(kind, self, max_batch=max_batch, prefill_budget=prefill_budget,
-                              decode_step=decode_step, cuda_graphs=cuda_graphs)
+                              decode_step=decode_step, cuda_graphs=cuda_graphs, overlap=overlap)
 
     @abstractmethod
     def describe(self) -> Description:

@@ -20,10 +20,11 @@ import torch
 from ..batch_cache import BatchedSinkCache, ConversationCache
 from ..cache import StartRecentKVCache
 from ..cuda_graphs import GraphedDecodeStep, StaticStepConfig
-from ..defaults import DEFAULT_CUDA_GRAPHS, DEFAULT_DECODE_STEP
+from ..defaults import DEFAULT_CUDA_GRAPHS, DEFAULT_DECODE_STEP, DEFAULT_OVERLAP
 from ..device_sampling import SampledDecodeStep
 from ..families import batchable, find_rotary_embedding, layer_rope_kinds
 from ..generation import forward, forward_batch, forward_padded, padded_prefill_rows
+from ..overlap import OverlappedDecodeStep, resolve_overlap
 from ..placement import describe_placement, input_device
 from ..static_step import StaticDecodeStep, StaticSinkCache, resolve_decode_step, unsupported_reason
 from .base import Backend, Description
@@ -35,6 +36,9 @@ STATIC_MIN_CAPACITY = 64
 
 class TransformersBackend(Backend):
     name = "transformers"
+    #: False: every prompt chunk gets a pass of its own even where several could share one (`forward`), the
+    #: time-to-first-token benchmark's baseline (`benchmarks/ttft.py`).
+    padded_prefill = True
 
     @property
     def max_positions(self) -> int | None:
@@ -75,7 +79,7 @@ class TransformersBackend(Backend):
             if cache.attached:
                 cache.batch.leave(cache)
         answers: list = [None] * len(rows)
-        shared = padded_prefill_rows(rows, self.batchable)
+        shared = padded_prefill_rows(rows, self.batchable) if self.padded_prefill else []
         if shared:
             try:
                 for index, logits in zip(shared, forward_padded(self.model, [rows[i] for i in shared])):
@@ -94,7 +98,7 @@ class TransformersBackend(Backend):
         return answers
 
     def new_batch(self, max_batch: int, *, decode_step: str = DEFAULT_DECODE_STEP,
-                  cuda_graphs: str = DEFAULT_CUDA_GRAPHS):
+                  cuda_graphs: str = DEFAULT_CUDA_GRAPHS, overlap: str = DEFAULT_OVERLAP):
         graphs = StaticStepConfig(cuda_graphs=cuda_graphs)  # validated even when the step stays eager
         step = resolve_decode_step(decode_step, self.input_device)  # "auto": static on CUDA only
         reason = unsupported_reason(self.model) if step == "static" else None
@@ -106,7 +110,9 @@ class TransformersBackend(Backend):
         # Replayed from CUDA graphs per `cuda_graphs` ("auto": on CUDA); elsewhere the same step, eagerly. Every
         # row is sampled on the device behind it (one copy of the ids per step).
         static = StaticDecodeStep(self.model, batch)
-        return batch, SampledDecodeStep(GraphedDecodeStep(static, graphs), batch.rows_allocated, static.device)
+        # Per `overlap` ("auto": on CUDA) the next step is launched before the turns are answered (overlap.py).
+        sampled = OverlappedDecodeStep if resolve_overlap(overlap, static.device) else SampledDecodeStep
+        return batch, sampled(GraphedDecodeStep(static, graphs), batch.rows_allocated, static.device)
 
     def forward_batch(self, batch: BatchedSinkCache, tokens: list[int], rows=None) -> torch.Tensor:
         return forward_batch(self.model, batch, tokens, rows)
