@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -156,6 +157,19 @@ def default_tokenizer():
     from streaming_engine.loading import ensure_default_model
 
     return AutoTokenizer.from_pretrained(ensure_default_model())
+
+
+@pytest.fixture
+def cuda_chat_model(request):
+    """A copy of `tiny_chat_model` on CUDA and the default tokenizer, or a skip saying which is missing: the GPU
+    machine may lack the offline default model's files the tokenizer comes from."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (scripts/gpu_check.sh runs it on one)")
+    try:
+        model, tokenizer = (request.getfixturevalue(name) for name in ("tiny_chat_model", "default_tokenizer"))
+    except Exception as exc:  # noqa: BLE001 - any failure to find the tokenizer means: cannot run here
+        pytest.skip(f"the default tokenizer is not available here: {exc}")
+    return copy.deepcopy(model).to("cuda"), tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ sampler exactly as before; "auto" overlaps on CUDA only, and the path says so.""
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -153,13 +152,8 @@ def test_an_unknown_overlap_mode_is_refused_by_the_engine_config(bad):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh runs it on one)")
-def test_on_cuda_the_overlapped_graphed_engine_replies_as_the_plain_one(request):
-    try:  # the GPU machine may lack the offline default model's files the tokenizer comes from
-        tiny_chat_model, default_tokenizer = (request.getfixturevalue(name)
-                                              for name in ("tiny_chat_model", "default_tokenizer"))
-    except Exception as exc:  # noqa: BLE001 - any failure to find the tokenizer means: cannot run here
-        pytest.skip(f"the default tokenizer is not available here: {exc}")
-    model = copy.deepcopy(tiny_chat_model).to("cuda")
+def test_on_cuda_the_overlapped_graphed_engine_replies_as_the_plain_one(cuda_chat_model):
+    model, default_tokenizer = cuda_chat_model
     on = make_engine(model, default_tokenizer, recent_size=24, prefill_chunk_size=16, decode_step="static", cuda_graphs="on")
     off = make_engine(model, default_tokenizer, recent_size=24, prefill_chunk_size=16, decode_step="static", cuda_graphs="on",
                       overlap="off")
