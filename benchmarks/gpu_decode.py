@@ -6,11 +6,18 @@ values, and EOS is ignored) and each row count, decode `--tokens` greedy tokens 
 
 * `static`: `StaticSinkCache` + `GraphedDecodeStep` (graphs per `--cuda-graphs`) + `DeviceSampler` (one
   device->host copy of the ids per step);
-* `eager`: `BatchedSinkCache` + `generation.forward_batch` + a host-side argmax, the scheduler's path today;
+* `static-overlap`: `static` with the next step launched before the ids of this one are read back
+  (`overlap.OverlappedDecodeStep`, every row a greedy `generation.RowSampling`); a step where a row is full (it
+  evicts first) is not launched ahead, as in the engine (`steps_taken_ahead` counts the ones that were);
+* `static-compile`: the same static step with its fixed-shape device work (`StaticDecodeStep.run`) under
+  `torch.compile` instead of hand-captured graphs (`--compile-mode`: inductor's default on CPU, "reduce-overhead",
+  i.e. inductor plus its own CUDA graphs, on CUDA), one compilation per row count, static shapes, graphs off;
+* `eager`: `BatchedSinkCache` + `generation.forward_batch` + a host-side argmax, the scheduler's path on CPU;
 * `generate`: plain `model.generate` with transformers' DynamicCache (no sinks, no eviction), the rows as one
   unpadded batch, as the reference transformers users get.
 
-Warm-up steps (graph capture included) are not timed; the median over `--repeats` is reported. Boundary: measures
+Warm-up steps (graph capture and compilation included; the first compiled call's seconds are recorded as
+`compile_s`) are not timed; the median over `--repeats` is reported. Boundary: measures
 only; the step, the graphs and the sampler live in `static_step.py`, `cuda_graphs.py`, `device_sampling.py`.
 
     python -m benchmarks.gpu_decode --device cuda --output assets/eval/gpu/static_step.json
@@ -39,7 +46,11 @@ SHAPES = {
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                  max_position_embeddings=4096),
 }
-PATHS = ("static", "eager", "generate")
+PATHS = ("static", "eager", "generate", "static-overlap", "static-compile")
+#: The paths a run takes unless `--paths` says otherwise (compiling costs minutes on a CPU: asked for by name).
+DEFAULT_PATHS = ("static", "eager", "generate")
+#: `torch.compile` modes `static-compile` may use; "auto": "reduce-overhead" on CUDA, "default" elsewhere.
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 def build_model(shape: str, device: str, dtype):
@@ -119,6 +130,97 @@ def run_static(model, args, rows: int, generator, state: dict) -> float:
     return elapsed
 
 
+def run_static_overlap(model, args, rows: int, generator, state: dict) -> float:
+    """`run_static` through `OverlappedDecodeStep`: the step for token n+1 runs while token n's id comes back."""
+    from streaming_engine.cuda_graphs import GraphedDecodeStep, StaticStepConfig
+    from streaming_engine.generation import RowSampling
+    from streaming_engine.overlap import OverlappedDecodeStep
+    from streaming_engine.static_step import StaticDecodeStep, StaticSinkCache
+
+    if "overlapped" not in state:
+        cache = StaticSinkCache(max_batch=rows, capacity=args.start_size + args.recent_size)
+        step = StaticDecodeStep(model, cache)
+        graphed = GraphedDecodeStep(step, StaticStepConfig(cuda_graphs=args.cuda_graphs))
+        state["overlapped"] = OverlappedDecodeStep(graphed, cache.rows_allocated, step.device)
+    overlapped = state["overlapped"]
+    batch = overlapped.cache
+    convs = _conversations(model, args, rows, generator)
+    for conv, _ in convs:
+        batch.join(conv)
+    samplings = [RowSampling(None, [], seed=0) for _ in convs]  # greedy, drawn on the device
+
+    def step_fn(tokens):
+        return overlapped.decode(tokens, samplings)[1]
+
+    _decode(batch, convs, args.warmup, step_fn)
+    _sync(args.device)
+    began = time.perf_counter()
+    _decode(batch, convs, args.tokens, step_fn)
+    _sync(args.device)
+    elapsed = time.perf_counter() - began
+    state["captured"] = overlapped.step.captured
+    state["taken"], state["taken_back"] = overlapped.taken, overlapped.taken_back
+    for conv in list(batch.rows):
+        batch.leave(conv, keep=False)
+    return elapsed
+
+
+def compile_mode(args) -> str:
+    """The `torch.compile` mode `--compile-mode` means on `--device`."""
+    if args.compile_mode != "auto":
+        return args.compile_mode
+    return "reduce-overhead" if args.device.startswith("cuda") else "default"
+
+
+def compiled_step(model, cache, mode: str | None, backend: str = "inductor"):
+    """A `GraphedDecodeStep` (graphs off) over a `StaticDecodeStep` whose `run` is compiled with `mode` by
+    `backend` (tests trace with dynamo's "eager" backend, which takes no mode: nothing to build)."""
+    import torch
+
+    from streaming_engine.cuda_graphs import GraphedDecodeStep, StaticStepConfig
+    from streaming_engine.static_step import StaticDecodeStep
+
+    step = StaticDecodeStep(model, cache)
+    step.run = torch.compile(step.run, mode=mode, backend=backend, dynamic=False)  # one bucket per run: static shapes
+    return GraphedDecodeStep(step, StaticStepConfig(cuda_graphs="off"))
+
+
+def run_static_compile(model, args, rows: int, generator, state: dict) -> float:
+    """`run_static` with `StaticDecodeStep.run` under `torch.compile` (the first call, which compiles, is timed
+    apart as `compile_s`)."""
+    from streaming_engine.device_sampling import DeviceSampler
+    from streaming_engine.static_step import StaticSinkCache
+
+    if "graphed" not in state:
+        cache = StaticSinkCache(max_batch=rows, capacity=args.start_size + args.recent_size)
+        state["graphed"] = compiled_step(model, cache, compile_mode(args))
+        state["sampler"] = DeviceSampler(rows, state["graphed"].step.device)
+    graphed, sampler = state["graphed"], state["sampler"]
+    batch = graphed.step.cache
+    convs = _conversations(model, args, rows, generator)
+    for conv, _ in convs:
+        batch.join(conv)
+
+    def step_fn(tokens):
+        return sampler.sample(graphed(tokens)).tolist()
+
+    if "compile_s" not in state:
+        _sync(args.device)
+        began = time.perf_counter()
+        _decode(batch, convs, 1, step_fn)
+        _sync(args.device)
+        state["compile_s"] = time.perf_counter() - began
+    _decode(batch, convs, args.warmup, step_fn)
+    _sync(args.device)
+    began = time.perf_counter()
+    _decode(batch, convs, args.tokens, step_fn)
+    _sync(args.device)
+    elapsed = time.perf_counter() - began
+    for conv in list(batch.rows):
+        batch.leave(conv, keep=False)
+    return elapsed
+
+
 def run_eager(model, args, rows: int, generator, state: dict) -> float:
     from streaming_engine.batch_cache import BatchedSinkCache
     from streaming_engine.generation import forward_batch
@@ -160,7 +262,8 @@ def run_generate(model, args, rows: int, generator, state: dict) -> float:
     return max(total - (time.perf_counter() - began), 1e-9)
 
 
-RUNNERS = {"static": run_static, "eager": run_eager, "generate": run_generate}
+RUNNERS = {"static": run_static, "eager": run_eager, "generate": run_generate, "static-overlap": run_static_overlap,
+           "static-compile": run_static_compile}
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -197,13 +300,17 @@ def measure(args: argparse.Namespace) -> dict:
                 runs.append({"shape": shape, "parameters": params, "rows": rows, "path": path,
                              "median_tok_s": statistics.median(rates), "tok_s": rates,
                              "ms_per_step_median": 1000 * statistics.median(seconds[path]) / args.tokens,
-                             "cuda_graphs_captured": states[path].get("captured")})
+                             "cuda_graphs_captured": states[path].get("captured"),
+                             "compile_s": states[path].get("compile_s"),
+                             "steps_taken_ahead": states[path].get("taken"),
+                             "steps_taken_back": states[path].get("taken_back")})
         del model
     by_key = {(r["shape"], r["rows"], r["path"]): r["median_tok_s"] for r in runs}
     for r in runs:
         eager = by_key.get((r["shape"], r["rows"], "eager"))
         r["ratio_to_eager"] = r["median_tok_s"] / eager if eager else None
     return {"device": args.device, "dtype": str(dtype).removeprefix("torch."), "machine_note": args.note,
+            "compile_mode": compile_mode(args) if "static-compile" in args.paths else None,
             "tokens_per_row": args.tokens, "cache": [args.start_size, args.recent_size], "prompt": args.prompt,
             "runs": runs}
 
@@ -223,7 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = cli.parser("benchmarks.gpu_decode", __doc__)
     p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["smollm2-135m", "llama-1b"])
-    p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    p.add_argument("--paths", nargs="+", choices=PATHS, default=list(DEFAULT_PATHS))
+    p.add_argument("--compile-mode", default="auto", choices=COMPILE_MODES,
+                   help="torch.compile mode of the static-compile path (auto: reduce-overhead on CUDA, default on CPU)")
     p.add_argument("--rows", default="1,4,16", help="comma list of conversations decoded together")
     p.add_argument("--device", default="cuda", help="cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA, fp32 on CPU)")

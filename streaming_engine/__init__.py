@@ -17,6 +17,7 @@ _EXPORTS = {
     "load": "loading",
     "next_position_ids": "positions",
     "MODES": "session", "Event": "session",
+    "Snippet": "recall", "recall_snippets": "recall",
     "ChatStore": "store", "ConversationStore": "store", "StoreConflict": "store", "StoreError": "store",
     "StoreFull": "store", "open_store": "stores",
 }
@@ -48,6 +49,7 @@ __all__ = [
     "Event",
     "PinTooLong",
     "SessionNotFound",
+    "Snippet",
     "StreamingEngine",
     "SUPPORTED_FAMILIES",
     "StartRecentKVCache",
@@ -59,5 +61,6 @@ __all__ = [
     "load",
     "next_position_ids",
     "open_store",
+    "recall_snippets",
     "stream_forward",
 ]

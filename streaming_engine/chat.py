@@ -24,6 +24,7 @@ from .defaults import (
     DEFAULT_RECENT_SIZE,
     DEFAULT_START_SIZE,
     MODES,
+    RECALL_MIN_BUDGET,
 )
 from .eviction import DEFAULT_EVICT_BLOCK, EVICTION_POLICIES
 from .cli_options import add_decode_args, add_placement_args, decode_kwargs, placement_kwargs
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eviction", choices=EVICTION_POLICIES, default=DEFAULT_EVICTION,
                    help=f"what leaves a full cache: the oldest tokens, or whole oldest messages "
                         f"(default {DEFAULT_EVICTION})")
+    p.add_argument("--recall-budget", type=int, default=None,
+                   help=f"most tokens of evicted messages quoted back into a turn that matches them; 0 = off "
+                        f"(default: a quarter of the recent size, at least {RECALL_MIN_BUDGET}, at most half)")
     p.add_argument("--evict-block", type=int, default=None,
                    help=f"fewest tokens one eviction takes, 1..recent size; 1 = token by token "
                         f"(default {DEFAULT_EVICT_BLOCK}, or the recent size if smaller)")
@@ -104,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = EngineConfig(start_size=args.start_size, recent_size=args.recent_size, pin_system=args.pin_system,
                               pin_limit=args.pin_limit, eviction=args.eviction,
-                              evict_block=args.evict_block, **decode_kwargs(args))
+                              evict_block=args.evict_block, recall_budget=args.recall_budget,
+                              **decode_kwargs(args))
         print(backend_line(*choose_backend(args.backend, args.model, args.device, args.device_map, args.dtype)),
               file=sys.stderr, flush=True)
         model, tokenizer = load(args.model, args.device, args.dtype, backend=args.backend, **placement_kwargs(args))

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Mapping
 
-from .defaults import CUDA_GRAPH_MODES, DECODE_STEPS, DEFAULT_CUDA_GRAPHS, DEFAULT_DECODE_STEP, DEVICE_MAP_STRATEGIES
+from .defaults import (CUDA_GRAPH_MODES, DECODE_STEPS, DEFAULT_CUDA_GRAPHS, DEFAULT_DECODE_STEP, DEFAULT_OVERLAP,
+                       DEVICE_MAP_STRATEGIES, OVERLAP_MODES)
 
 
 def add_placement_args(p: argparse.ArgumentParser) -> None:
@@ -30,12 +31,12 @@ def placement_kwargs(args) -> dict:
     return dict(device_map=args.device_map, max_memory=args.max_memory, offload_folder=args.offload_folder)
 
 
-#: The environment variables the app reads `--decode-step` and `--cuda-graphs` from (`add_decode_args(env=...)`).
-DECODE_ENV = {"decode_step": "DECODE_STEP", "cuda_graphs": "CUDA_GRAPHS"}
+#: The environment variables the app reads `--decode-step`, `--cuda-graphs` and `--overlap` from (`add_decode_args(env=...)`).
+DECODE_ENV = {"decode_step": "DECODE_STEP", "cuda_graphs": "CUDA_GRAPHS", "overlap": "OVERLAP"}
 
 
 def add_decode_args(p, env: Mapping[str, str] | None = None) -> None:
-    """`--decode-step` and `--cuda-graphs`: how the engine's batched decode runs (docs/gpu-decode.md). With `env`
+    """`--decode-step`, `--cuda-graphs` and `--overlap`: how the engine's batched decode runs (docs/gpu-decode.md). With `env`
     (the app's settings), each defaults to its environment variable (`DECODE_ENV`), as the app's other flags do;
     a bad value from there is the caller's to refuse (argparse checks only what the command line gives)."""
 
@@ -52,8 +53,12 @@ def add_decode_args(p, env: Mapping[str, str] | None = None) -> None:
     p.add_argument("--cuda-graphs", choices=CUDA_GRAPH_MODES, default=default("cuda_graphs", DEFAULT_CUDA_GRAPHS),
                    help="replay the static step from CUDA graphs: auto (on CUDA), on (an error without CUDA), off "
                         f"({env_note('cuda_graphs')}default %(default)s)")
+    p.add_argument("--overlap", choices=OVERLAP_MODES, default=default("overlap", DEFAULT_OVERLAP),
+                   help="launch the static step's next decode step before answering the turns with this one's "
+                        "tokens: auto (on CUDA), on, off; the eager step never overlaps "
+                        f"({env_note('overlap')}default %(default)s)")
 
 
 def decode_kwargs(args) -> dict:
     """The `EngineConfig` keywords of the parsed decode-path options."""
-    return dict(decode_step=args.decode_step, cuda_graphs=args.cuda_graphs)
+    return dict(decode_step=args.decode_step, cuda_graphs=args.cuda_graphs, overlap=args.overlap)

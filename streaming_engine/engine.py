@@ -32,6 +32,7 @@ from .eviction import EVICTION_POLICIES, block_for, check_evict_block, check_pol
 from .families import check_cache_size, check_supported
 from .handoff import SessionState, adopt, capture
 from .history import MAX_HISTORY_MESSAGES, dump_history, parse_history
+from .recall import check_budget, default_budget
 from .sampling import SamplingDefaults, SamplingParams
 from .scheduler import SCHEDULERS, TurnHandle
 from .session import BUSY_REFUSAL, MODES, RUNNING_REFUSAL, Event, Runtime, Session, SessionView, refused
@@ -61,10 +62,12 @@ from .defaults import (  # noqa: E402,F401  (re-exported)
     DEFAULT_CUDA_GRAPHS,
     DEFAULT_DECODE_STEP,
     DEFAULT_EVICTION,
+    DEFAULT_OVERLAP,
     DEFAULT_PIN_LIMIT,
     MAX_ACTIVE_TURNS,
     MAX_SESSIONS,
     MAX_SESSIONS_PER_OWNER,
+    OVERLAP_MODES,
 )
 
 _CONTROL = {c for c in range(32) if chr(c) not in "\n\t"} | {127}
@@ -127,10 +130,14 @@ class EngineConfig(SamplingDefaults):
     # The batched decode: "auto" (the static step on CUDA, eager on CPU and MPS), "static" or "eager" (gpu-decode.md)
     decode_step: str = DEFAULT_DECODE_STEP
     cuda_graphs: str = DEFAULT_CUDA_GRAPHS  # the static step's CUDA graphs: "auto" (on CUDA), "on" (or an error), "off"
+    overlap: str = DEFAULT_OVERLAP  # the static step launched one step ahead: "auto" (on CUDA), "on", "off" (overlap.py)
     pin_system: bool = True  # streaming sessions keep their system prompt with the sinks (never evicted)
     pin_limit: int = DEFAULT_PIN_LIMIT  # most tokens a pinned system prompt may take; a longer one is refused
     eviction: str = DEFAULT_EVICTION  # "tokens" (the paper) or "turns" (whole past messages)
     evict_block: int | None = None  # fewest tokens one eviction takes; None: eviction.block_for(recent_size)
+    # Most tokens of evicted messages recalled into one turn (recall.py); None: recall.default_budget of the
+    # session's window for streaming sessions (others: off); 0: off.
+    recall_budget: int | None = None
 
     def __post_init__(self):
         check_int("start_size", self.start_size, 0)
@@ -146,6 +153,8 @@ class EngineConfig(SamplingDefaults):
         if self.decode_step not in DECODE_STEPS:
             raise ValueError(f"decode_step must be one of {', '.join(DECODE_STEPS)}; got {self.decode_step!r}")
         StaticStepConfig(cuda_graphs=self.cuda_graphs)  # its one check: the mode, and "on" needs CUDA
+        if self.overlap not in OVERLAP_MODES:
+            raise ValueError(f"overlap must be one of {', '.join(OVERLAP_MODES)}; got {self.overlap!r}")
         if self.dense_max_tokens is not None:
             check_int("dense_max_tokens", self.dense_max_tokens, 2)
         if self.recent_size <= self.prefill_chunk_size:
@@ -160,6 +169,8 @@ class EngineConfig(SamplingDefaults):
         if self.evict_block is None:
             self.evict_block = block_for(self.recent_size)
         check_evict_block(self.evict_block, self.recent_size)
+        if self.recall_budget is not None:
+            check_budget(self.recall_budget, self.recent_size)
         self.idle_timeout_s = check_number("idle_timeout_s", self.idle_timeout_s, 0, low_open=True)
         self.api_idle_timeout_s = check_number("api_idle_timeout_s", self.api_idle_timeout_s, 0, low_open=True)
         # Validates the sampling defaults and keeps them as SamplingParams made them (`temperature=1` -> 1.0).
@@ -217,7 +228,8 @@ class StreamingEngine:
         self.scheduler = self.backend.make_scheduler(self.config.scheduler, max_batch=self.config.max_batch,
                                                      prefill_budget=self.config.prefill_chunk_size,
                                                      decode_step=self.config.decode_step,
-                                                     cuda_graphs=self.config.cuda_graphs)
+                                                     cuda_graphs=self.config.cuda_graphs,
+                                                     overlap=self.config.overlap)
         self.counters = EngineCounters()  # process-wide totals for monitoring
         self._sessions: dict[str, Session] = {}
         self._tags: dict[str, SessionTag] = {}  # session id -> who holds it (same keys as `_sessions`)
@@ -225,7 +237,8 @@ class StreamingEngine:
 
     @property
     def decode_path(self) -> str:
-        """Which decode path runs (`scheduler.DECODE_PATHS`): "eager", "static" or "static+graphs"."""
+        """Which decode path runs (`scheduler.DECODE_PATHS`): "eager", "static" or "static+graphs", with
+        "+overlap" when the static step launches one step ahead."""
         return self.scheduler.decode_path
 
     # --- sessions ----------------------------------------------------------------------------------------------
@@ -242,9 +255,10 @@ class StreamingEngine:
         origin: str = "browser",
         pin_system: bool | None = None,
         eviction: str | None = None,
+        recall_budget: int | None = None,
     ) -> str:
-        """Create a conversation and return its id. Sizes, `pin_system` and `eviction` default to the engine
-        config (window: no sinks, nothing pinned; dense: nothing evicted).
+        """Create a conversation and return its id. Sizes, `pin_system`, `eviction` and `recall_budget` default to
+        the engine config (window: no sinks, nothing pinned, no recall; dense: nothing evicted).
 
         A pinned system prompt longer than `pin_limit` tokens (or than the cache can spare) is refused with a
         `ValueError` naming the limit: the session would otherwise silently lose the instructions it was given.
@@ -260,7 +274,7 @@ class StreamingEngine:
             system_prompt = self._check_text(system_prompt, "system prompt", allow_empty=True) or None
         session = self._make_session(mode, system_prompt, start_size, recent_size, max_context,
                                      self.config.pin_system if pin_system is None else pin_system,
-                                     self.config.eviction if eviction is None else eviction)
+                                     self.config.eviction if eviction is None else eviction, recall_budget)
         with self._lock:
             self._close_idle_locked()
             cap = self.config.max_sessions_per_owner
@@ -295,7 +309,7 @@ class StreamingEngine:
             return len(self._sessions) if owner is None else self._held_by_locked(owner)
 
     def _make_session(self, mode, system_prompt, start_size, recent_size, max_context, pin_system,
-                      eviction) -> Session:
+                      eviction, recall_budget=None) -> Session:
         cfg = self.config
         check_policy(eviction)
         if not isinstance(pin_system, bool):
@@ -336,7 +350,29 @@ class StreamingEngine:
             context_limit=limit,
             chunk_size=chunk,
             pin_system=pin_system,
+            recall_budget=check_budget(self.recall_budget_for(mode, recent) if recall_budget is None
+                                       else recall_budget, recent),
         )
+
+    def recall_budget_for(self, mode: str, recent_size: int) -> int:
+        """The recall budget a new session of `mode` with a window of `recent_size` gets by default: the config's
+        `recall_budget`, or `recall.default_budget` of the window for streaming (other modes: 0, so the comparison
+        tab compares caches, not recall)."""
+        if mode != "streaming":
+            return 0
+        budget = self.config.recall_budget
+        return default_budget(recent_size) if budget is None else min(budget, recent_size - 1)
+
+    def set_recall_budget(self, session_id: str, budget: int | None) -> int:
+        """Turn a conversation's recall off (0), on at `budget` tokens, or back to its default (None); applies
+        from its next turn. Returns the budget now in force. The per-conversation switch of the Chat tab."""
+        session = self._get(session_id)
+        if budget is None:
+            budget = self.recall_budget_for(session.mode, session.recent_size)
+        budget = check_budget(budget, session.recent_size)
+        with session.lock:
+            session.recall_budget = budget
+        return budget
 
     def _new_cache(self, start: int, recent: int, pos_shift: bool = True, eviction: str = DEFAULT_EVICTION):
         """An empty cache for one conversation on this engine's backend (the session pins its system prompt on
@@ -560,7 +596,7 @@ class StreamingEngine:
 
     def _submit(self, session: Session, message: str, params: SamplingParams, slot) -> TurnHandle:
         # Rendering and encoding the history happen here, on the caller's thread: the worker gets token ids.
-        plan = session.plan_turn(self.runtime, message)
+        plan = session.plan_turn(self.runtime, message, params.max_new_tokens)
         handle = TurnHandle(on_crash=lambda exc: Event("error", f"Generation failed ({type(exc).__name__}).", {},
                                                        "error", code="failed"))
         turn = session.turn(self.runtime, message, params, handle.stop_event, plan)
@@ -701,6 +737,7 @@ class StreamingEngine:
             owner=owner, origin=origin,
             # As the session was made: one kept unpinned (a restored too-long system prompt) must not be refused.
             pin_system=bool(fields.get("pin_system", False)), eviction=state.cache.get("eviction", "tokens"),
+            recall_budget=fields.get("recall_budget", 0),
         )
         self.import_state(session_id, state, onto_devices=True)
         return session_id

@@ -53,7 +53,7 @@ import time
 from collections import deque
 from typing import Callable, Hashable, Iterator
 
-from .defaults import DECODE_STEPS, DEFAULT_CUDA_GRAPHS, DEFAULT_DECODE_STEP
+from .defaults import DECODE_STEPS, DEFAULT_CUDA_GRAPHS, DEFAULT_DECODE_STEP, DEFAULT_OVERLAP
 from .generation import STOP, Decode, Prefill
 from .prompt_share import PromptShare, new_turns_first
 
@@ -68,8 +68,9 @@ ITERATION_RETRY_S = 0.05
 #: The schedulers `make_scheduler` knows.
 SCHEDULERS = ("batched", "round-robin")
 #: Which decode path a scheduler runs (`Scheduler.decode_path`; the app's footer and `/metrics` show it): the eager
-#: pass, the static step, or the static step replayed from CUDA graphs.
-DECODE_PATHS = ("eager", "static", "static+graphs")
+#: pass, the static step, or the static step replayed from CUDA graphs; either static one "+overlap" when it launches
+#: the next step before the turns are answered (`overlap.OverlappedDecodeStep`).
+DECODE_PATHS = ("eager", "static", "static+graphs", "static+overlap", "static+graphs+overlap")
 #: Most prompt tokens fed in one iteration while other turns decode (each decoding reply waits one such slice per
 #: token). The time rule below can only make a slice smaller.
 PREFILL_SLICE_TOKENS = 64
@@ -121,7 +122,7 @@ class Scheduler:
 
     def __init__(self, runner, *, max_batch: int = 16, prefill_budget: int = 512, round_robin: bool = False,
                  name: str = "streaming-engine", decode_step: str = DEFAULT_DECODE_STEP,
-                 cuda_graphs: str = DEFAULT_CUDA_GRAPHS):
+                 cuda_graphs: str = DEFAULT_CUDA_GRAPHS, overlap: str = DEFAULT_OVERLAP):
         for label, value in (("max_batch", max_batch), ("prefill_budget", prefill_budget)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
@@ -143,7 +144,7 @@ class Scheduler:
         self.prefill_budget = prefill_budget
         #: The runner's batch decoding rows live in (`backends.base.DecodeBatch`).
         self.batch = runner.new_decode_batch(1 if round_robin else max_batch, round_robin=round_robin,
-                                             decode_step=decode_step, cuda_graphs=cuda_graphs)
+                                             decode_step=decode_step, cuda_graphs=cuda_graphs, overlap=overlap)
         #: False: whole budgets even while others decode (the behaviour before issue 28), the fairness benchmark's
         #: baseline (`benchmarks/fairness.py`).
         self.slice_prefill = True
@@ -448,7 +449,8 @@ class Scheduler:
 
 
 def make_scheduler(kind: str, runner, *, max_batch: int = 16, prefill_budget: int = 512,
-                   decode_step: str = DEFAULT_DECODE_STEP, cuda_graphs: str = DEFAULT_CUDA_GRAPHS) -> Scheduler:
+                   decode_step: str = DEFAULT_DECODE_STEP, cuda_graphs: str = DEFAULT_CUDA_GRAPHS,
+                   overlap: str = DEFAULT_OVERLAP) -> Scheduler:
     """`"batched"` (continuous batching) or `"round-robin"` (the one-conversation-per-pass baseline) for `runner`
     (a `backends.base.Backend`). What a pass can hold is the runner's to say (its `DecodeBatch`, `pass_tokens`),
     never which backend it is; a runner that packs every row into its passes (`packs_rows`: llama.cpp, whose
@@ -458,4 +460,4 @@ def make_scheduler(kind: str, runner, *, max_batch: int = 16, prefill_budget: in
     if runner.packs_rows:
         prefill_budget = min(prefill_budget, PREFILL_SLICE_TOKENS)
     return Scheduler(runner, max_batch=max_batch, prefill_budget=prefill_budget, round_robin=kind == "round-robin",
-                     name=runner.worker_name, decode_step=decode_step, cuda_graphs=cuda_graphs)
+                     name=runner.worker_name, decode_step=decode_step, cuda_graphs=cuda_graphs, overlap=overlap)

@@ -30,6 +30,13 @@ What the model still remembers (see `memory.py`):
   Window mode keeps no head by definition and dense never evicts, so neither pins.
 * The memory map (per message: tokens, tokens held, state) is recomputed from the cache's stream positions on the
   worker thread before every event (`_refresh_memory`), so readers on other threads get a consistent snapshot.
+
+Recall (see `recall.py`): with a `recall_budget`, `plan_turn` ranks the messages the cache no longer holds (by the
+memory map; for a history about to be re-primed, by what the prime leaves out) against the new message and puts
+the quoted block of the best ones before the user's text, in the user turn's content. Only the model's copy
+(`_raw`) carries the block, so the template renders it as user content (neutralized like any message) and the next
+turn's prefix test still matches `stream_text`; `history` keeps what the user typed. The block is encoded as a
+piece of its own, so `recalled_tokens` is exactly what was fed; it is evicted like any other tokens.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ import torch
 from .defaults import MODES  # noqa: F401  (its home is defaults.py)
 from .generation import Decode, Prefill, RowSampling, TurnStopped, generate_reply, prefill_requests
 from .memory import MessageSpan, measure, turns_in_memory
+from .recall import Snippet, recall_block, recall_snippets
 from .sampling import PENALTY_WINDOW, Sampler, SamplingParams
 from .textstream import TextStream
 
@@ -152,6 +160,7 @@ class Session:
         context_limit: int | None,
         chunk_size: int,
         pin_system: bool = False,
+        recall_budget: int = 0,
     ):
         self.id = session_id
         self.mode = mode
@@ -164,6 +173,12 @@ class Session:
         self.context_limit = context_limit  # dense only: most tokens the cache may hold
         self.chunk_size = chunk_size
         self.pin_system = bool(pin_system) and mode == "streaming"
+        # Most tokens one turn's recall block may take (0: recall off); the engine checks it (`engine.recall_budget_for`).
+        self.recall_budget = recall_budget
+        # Parallel to `history`: for a user message, the history indices its turn recalled (empty for the rest).
+        self.recalled: list[tuple[int, ...]] = []
+        self.recalled_tokens = 0  # the last turn's recall block, in tokens fed
+        self.recalled_tokens_total = 0
         self.history: list[dict] = []
         self.spans: list[MessageSpan | None] = []  # parallel to `history`: stream positions of each message
         self.system_span: MessageSpan | None = None
@@ -201,8 +216,10 @@ class Session:
     def memory_map(self) -> list[dict]:
         """Per message (system prompt first when there is one, then the history): `role`, `tokens`, `held` and
         `state` ("full", "partial", "gone"; "pending" before a restored history is re-encoded), as of the last
-        event. A copy, safe to read from any thread."""
-        return [dict(entry) for entry in self._memory]
+        event; a user message whose turn recalled earlier messages also has `recalled`, their indices in this same
+        list. A copy, safe to read from any thread."""
+        return [{**entry, **({"recalled": list(entry["recalled"])} if "recalled" in entry else {})}
+                for entry in self._memory]
 
     def view(self) -> SessionView:
         """This session as a `SessionView` (a snapshot; the cache is the live object)."""
@@ -215,8 +232,11 @@ class Session:
         """Recompute the memory map from the cache's stream positions (worker thread, or an idle session)."""
         held, seen = self.cache.stream_positions, self.cache.seen_tokens
         entries = [{"role": "system", **measure(self.system_span, held, seen)}] if self.system_prompt else []
-        for message, span in zip(self.history, self.spans):
+        offset = len(entries)  # the map (and `recalled`) count the system prompt first, as `engine.history` does
+        for k, (message, span) in enumerate(zip(self.history, self.spans)):
             entries.append({"role": message["role"], **measure(span, held, seen)})
+            if k < len(self.recalled) and self.recalled[k]:  # which earlier messages this turn quoted back
+                entries[-1]["recalled"] = [i + offset for i in self.recalled[k]]
         if self.status is SessionStatus.UNPRIMED:  # a restored history, not encoded yet: the next turn re-encodes what fits
             entries = [{**entry, "state": "pending"} if entry["tokens"] is None else entry for entry in entries]
         self._memory = entries
@@ -252,13 +272,26 @@ class Session:
             "turns_in_memory": turns_in_memory(memory),
             "messages_in_memory": sum(e["state"] == "full" for e in memory if e["role"] != "system"),
             "messages_forgotten": sum(e["state"] != "full" for e in memory if e["role"] != "system"),
+            "recall_budget": self.recall_budget,
+            "recalled_tokens": self.recalled_tokens,
+            "recalled_messages": self._last_recalled(),
+            "recalled_tokens_total": self.recalled_tokens_total,
         }
+
+    def _last_recalled(self) -> list[int]:
+        """The messages the latest user turn recalled, numbered as in the memory map (system prompt first)."""
+        offset = 1 if self.system_prompt else 0
+        for k in range(min(len(self.history), len(self.recalled)) - 1, -1, -1):
+            if self.history[k]["role"] == "user":
+                return [i + offset for i in self.recalled[k]]
+        return []
 
     def load_history(self, messages: list[dict]) -> None:
         """Adopt a validated history; the cache is rebuilt from it on the next turn."""
         self.history = [dict(m) for m in messages]
         self._raw = [dict(m) for m in messages]
         self.spans = [None] * len(messages)  # nothing of it is in the cache until `_prime`
+        self.recalled = [()] * len(messages)  # a stored history keeps what was typed, not what was recalled
         self.turns = sum(1 for m in messages if m["role"] == "user")
         self.status = SessionStatus.UNPRIMED if messages else SessionStatus.READY
         self._refresh_memory()
@@ -279,6 +312,7 @@ class Session:
         self.cache.reset()
         self.history, self._raw = [], []
         self.spans, self.system_span = [], None
+        self.recalled, self.recalled_tokens, self.recalled_tokens_total = [], 0, 0
         self.stream_text, self.pending_ids = "", []
         self.recent_ids.clear()
         self.turns, self.reply_tokens = 0, 0
@@ -288,34 +322,104 @@ class Session:
 
     # --- a turn ------------------------------------------------------------------------------------------------
 
-    def plan_turn(self, rt: Runtime, message: str) -> "TurnPlan":
+    def plan_turn(self, rt: Runtime, message: str, reply_tokens: int = 0) -> "TurnPlan":
         """Render and encode what a turn of `message` will feed (the re-encoded history when it needs priming, then
-        the turn's own text), without changing the session: run on the caller's thread before the turn is
-        submitted (module docstring), under the session's lock, so nothing else changes it until the turn runs.
-        A failure is kept in the plan and raised inside the turn, which reports it as any failure of a turn."""
+        the recall block and the turn's own text), without changing the session: run on the caller's thread before
+        the turn is submitted (module docstring), under the session's lock, so nothing else changes it until the
+        turn runs. `reply_tokens` (the turn's `max_new_tokens`) caps the recall block so that the reply keeps its
+        room (`recall_room`). A failure is kept in the plan and raised inside the turn, which reports it as any
+        failure of a turn."""
         if rt.on_encode is not None:
             rt.on_encode("start", self.id)
         try:
-            return self._plan_turn(rt, message)
+            return self._plan_turn(rt, message, reply_tokens)
         finally:
             if rt.on_encode is not None:
                 rt.on_encode("done", self.id)
 
-    def _plan_turn(self, rt: Runtime, message: str) -> "TurnPlan":
+    def _plan_turn(self, rt: Runtime, message: str, reply_tokens: int) -> "TurnPlan":
         try:
             if self.status is SessionStatus.FULL:
                 return TurnPlan()
             prime = self._plan_prime(rt) if self.status is SessionStatus.UNPRIMED else None
             stream_text = self.stream_text if prime is None else prime.stream_text
-            messages = self.template_messages() + [{"role": "user", "content": message}]
-            text = rt.templater.turn_text(stream_text, messages)
-            system_text = ""
-            if not stream_text and self.system_prompt:  # the conversation's first text opens with the prompt
-                system_text = rt.templater.system_text(self.system_prompt, text)
-            system_ids = rt.templater.encode(system_text) if system_text else []
-            return TurnPlan(prime, text, system_text, system_ids, rt.templater.encode(text[len(system_text):]))
+            plain = self._render_turn(rt, stream_text, message)
+            plain.prime = prime
+            if self.recall_budget <= 0:
+                return plain
+            evicted = self._evicted_messages(prime)
+            room = self.recall_room(len(plain.system_ids) + len(plain.ids), reply_tokens)
+            if not evicted or room <= 0:
+                return plain
+            count = lambda text: len(rt.templater.encode(rt.templater.neutralize(text)))  # noqa: E731
+            held = [m for k, m in enumerate(self.history) if k not in {e["index"] for e in evicted}]
+            snippets = recall_snippets(evicted, message, min(self.recall_budget, room), count, held=held)
+            if not snippets:
+                return plain
+            recalled = self._render_turn(rt, stream_text, message, snippets)
+            if recalled is None:
+                return plain
+            recalled.prime = prime
+            return recalled
         except Exception as exc:  # noqa: BLE001 - reported by the turn (accepted, history kept), as before
             return TurnPlan(error=exc)
+
+    def _render_turn(self, rt: Runtime, stream_text: str, message: str,
+                     snippets: list[Snippet] | None = None) -> "TurnPlan | None":
+        """The turn's text and ids, with the recall block of `snippets` before `message` in the user content (then
+        encoded as a piece of its own between the text around it; None when the template does not keep it
+        verbatim, so the caller feeds the turn without it). Without snippets: the text exactly as before recall."""
+        block = recall_block(snippets or [])
+        content = block + message
+        messages = self.template_messages() + [{"role": "user", "content": content}]
+        text = rt.templater.turn_text(stream_text, messages)
+        system_text = ""
+        if not stream_text and self.system_prompt:  # the conversation's first text opens with the prompt
+            system_text = rt.templater.system_text(self.system_prompt, text)
+        system_ids = rt.templater.encode(system_text) if system_text else []
+        rest = text[len(system_text):]
+        if not block:
+            return TurnPlan(None, text, system_text, system_ids, rt.templater.encode(rest))
+        quoted = rt.templater.neutralize(block)
+        at = rest.find(quoted)
+        if at < 0:
+            return None
+        before, after = rt.templater.encode(rest[:at]), rt.templater.encode(rest[at + len(quoted):])
+        recall_ids = rt.templater.encode(quoted)
+        return TurnPlan(None, text, system_text, system_ids, before + recall_ids + after, content=content,
+                        recalled=tuple(snippets), recalled_tokens=len(recall_ids))
+
+    def recall_room(self, turn_tokens: int, reply_tokens: int) -> int:
+        """Most tokens a recall block may take next to a turn of `turn_tokens`: what the window after the protected
+        head leaves once the turn and the reply's share (its `reply_tokens`, at most half the window) are counted,
+        so the block is still in the cache when the reply begins."""
+        if not self.evicts:
+            return 0
+        window = self.capacity - max(self.start_size, self.cache.pinned)
+        return window - turn_tokens - min(max(reply_tokens, 0), window // 2)
+
+    def _evicted_messages(self, prime: "PrimePlan | None") -> list[dict]:
+        """The history messages the cache does not hold whole (recall's candidates), as `{"index", "role",
+        "content"}` with the history's text (what was typed, never an earlier recall block). For a history about to
+        be re-primed: the messages the prime leaves out or cuts. Messages that a still-held turn already quoted are
+        left out, so one fact is not quoted twice into the cache."""
+        offset = 1 if self.system_prompt else 0
+        if prime is not None:
+            if prime.empty:
+                return []
+            if prime.parts is None:  # cut as one run: no per-message view, so every message may be missing
+                gone = set(range(len(self.history))) if prime.cut else set()
+            else:
+                whole = {k - offset for k, _, missing in prime.parts if k >= offset and not missing}
+                gone = set(range(len(self.history))) - whole
+            quoted: set[int] = set()
+        else:
+            memory = self._memory[offset:]
+            gone = {k for k, entry in enumerate(memory) if entry["state"] in ("gone", "partial")}
+            quoted = {i for k, entry in enumerate(memory) if entry["state"] == "full"
+                      for i in (self.recalled[k] if k < len(self.recalled) else ())}
+        return [{"index": k, "role": self.history[k]["role"], "content": self.history[k]["content"]}
+                for k in sorted(gone - quoted) if self.history[k]["content"]]
 
     def turn(self, rt: Runtime, message: str, params: SamplingParams, stop_event: threading.Event,
              plan: "TurnPlan | None" = None) -> Generator:
@@ -332,8 +436,11 @@ class Session:
         self.reply_tokens = 0
         self.time_to_first_token_s = self.tokens_per_s = self.last_token_latency_s = None
         self.history.append({"role": "user", "content": message})
-        self._raw.append({"role": "user", "content": message})
+        self._raw.append({"role": "user", "content": plan.content if plan.content is not None else message})
         self.spans.append(None)
+        self.recalled.append(tuple(s.index for s in plan.recalled))
+        self.recalled_tokens = plan.recalled_tokens
+        self.recalled_tokens_total += plan.recalled_tokens
         if self.status is SessionStatus.FULL:
             yield self._final("", "context_full")
             return
@@ -434,6 +541,7 @@ class Session:
         self.history.append({"role": "assistant", "content": shown})
         self._raw.append({"role": "assistant", "content": raw})
         self.spans.append(None)
+        self.recalled.append(())
         self._open_span(self._reply_start, len(self.history) - 1)
 
     def _open_span(self, start: int, index: int | None) -> None:
@@ -474,9 +582,10 @@ class Session:
         # A template that rewrites earlier turns: no per-message cut, so no spans either.
         ids = rt.templater.encode(text)
         budget, head = self._prime_budget(0)
-        if len(ids) > budget:
+        cut = len(ids) > budget
+        if cut:
             ids = ids[:head] + ids[len(ids) - (budget - head):]
-        return PrimePlan(text, ids, None)
+        return PrimePlan(text, ids, None, cut=cut)
 
     def _prime(self, plan: "PrimePlan") -> Generator:
         """Re-encode the history into an empty cache, keeping the protected head (the pinned system prompt, or the
@@ -585,6 +694,7 @@ class PrimePlan:
     ids: list[int]
     parts: list[tuple[int, list[int], int]] | None
     empty: bool = False
+    cut: bool = False  # `ids` leave part of the rendering out (the one-run case)
 
     @property
     def stream_text(self) -> str:
@@ -595,7 +705,10 @@ class PrimePlan:
 class TurnPlan:
     """What a turn feeds, rendered and encoded on the caller's thread (`Session.plan_turn`): the prime (None when
     the cache is current), the turn's `text`, the part of it that renders the system prompt (`system_text`,
-    encoded alone as `system_ids` to be pinned) and the rest's `ids`. `error`: what went wrong while planning."""
+    encoded alone as `system_ids` to be pinned) and the rest's `ids`. `error`: what went wrong while planning.
+
+    With recall: `content` is the user content fed (the recall block, then the message; None: the message alone),
+    `recalled` the snippets quoted and `recalled_tokens` the block's tokens within `ids`."""
 
     prime: PrimePlan | None = None
     text: str = ""
@@ -603,3 +716,6 @@ class TurnPlan:
     system_ids: list[int] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
     error: Exception | None = None
+    content: str | None = None
+    recalled: tuple[Snippet, ...] = ()
+    recalled_tokens: int = 0

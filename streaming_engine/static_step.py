@@ -30,6 +30,7 @@ then keep the eager batched path. `resolve_decode_step` says which step `decode_
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -126,6 +127,26 @@ class StaticSinkCache(BatchedSinkCache):
         self.capacity = capacity
         self.rows_allocated = row_buckets(max_batch)[-1]
         self._static: dict | None = None  # the device tensors of the step in flight (bucket, rows, columns)
+        #: Called before any row joins, leaves, evicts or takes an eager step: an overlapped step
+        #: (`overlap.OverlappedDecodeStep`) takes back the step it launched ahead, which assumed the rows unchanged.
+        self.before_change: Callable[[], None] | None = None
+
+    def _changing(self) -> None:
+        if self.before_change is not None:
+            self.before_change()
+
+    def join(self, conv: ConversationCache) -> None:
+        self._changing()
+        super().join(conv)
+
+    def evict_oldest(self, conv: ConversationCache, count: int) -> int:
+        if count > 0:
+            self._changing()
+        return super().evict_oldest(conv, count)
+
+    def begin_step(self, rows: range | None = None) -> torch.Tensor | None:
+        self._changing()
+        return super().begin_step(rows)
 
     def _ensure(self, rows: int, columns: int, largest: int) -> None:
         # Allocated once at full size; only a conversation larger than `capacity` grows the columns (the buffers
@@ -152,6 +173,7 @@ class StaticSinkCache(BatchedSinkCache):
     @torch.inference_mode()
     def leave(self, conv: ConversationCache, keep: bool = True) -> None:
         """As `BatchedSinkCache.leave`, but the buffers stay allocated (same addresses) when the last row goes."""
+        self._changing()
         kept = (self._keys, self._values, self._valid, self._stream)
         super().leave(conv, keep)
         if not self.rows and kept[0]:
@@ -210,14 +232,19 @@ class StaticDecodeStep:
         rows = cache.rows_allocated
         # token id, position id, column: the per-step inputs, one host->device copy (pinned host memory on CUDA).
         self._host = torch.zeros(rows, 3, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        # Marks when the last non-blocking copy out of `_host` is done: the next `prepare` waits for it before
+        # writing `_host` again (an overlapped step, overlap.py, may prepare while that copy is still queued).
+        self._staged = torch.cuda.Event() if self.device.type == "cuda" else None
         self._inputs = torch.zeros(rows, 3, dtype=torch.long, device=self.device)  # [rows, 3]
         self._row_ids = torch.arange(rows, device=self.device)
         self._true = torch.ones((), dtype=torch.bool, device=self.device)
         self.bucket = 0
 
     @torch.inference_mode()
-    def prepare(self, token_ids: list[int]) -> int:
-        """Stage one token per row (`token_ids[b]` for row b, all rows): returns the bucket to `run`."""
+    def prepare(self, token_ids: list[int], device_tokens: torch.Tensor | None = None) -> int:
+        """Stage one token per row (`token_ids[b]` for row b, all rows): returns the bucket to `run`. With
+        `device_tokens` (`[rows]` int64 on the step's device: the ids the previous step drew) the tokens come from
+        there instead, copied on the device, and `token_ids` only counts the rows."""
         cache = self.cache
         convs = cache.rows
         if len(token_ids) != len(convs) or not convs:
@@ -232,11 +259,17 @@ class StaticDecodeStep:
         bucket = bucket_for(len(convs), cache.max_batch)
         n = len(convs)
         host = self._host
+        if self._staged is not None:
+            self._staged.synchronize()  # the previous step's copy has read `_host` (at once if it never recorded)
         host[:bucket].zero_()  # padded rows: token 0 at position 0 in column 0 of a row no conversation holds
         host[:n, 0] = torch.tensor(token_ids, dtype=torch.long)
         host[:n, 1] = batch_position_ids(convs)[:, 0]
         host[:n, 2] = torch.tensor(columns, dtype=torch.long)
         self._inputs[:bucket].copy_(host[:bucket], non_blocking=True)
+        if self._staged is not None:
+            self._staged.record()
+        if device_tokens is not None:  # queued after the step that drew them: no host round trip
+            self._inputs[:n, 0].copy_(device_tokens)
         # The parent's bookkeeping for end_step / abort_step (host side, never read inside the step).
         cache._step = {"rows": range(n), "columns": columns, "width": cache.capacity,
                        "cells": (torch.arange(n), torch.tensor(columns))}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -158,6 +159,19 @@ def default_tokenizer():
     return AutoTokenizer.from_pretrained(ensure_default_model())
 
 
+@pytest.fixture
+def cuda_chat_model(request):
+    """A copy of `tiny_chat_model` on CUDA and the default tokenizer, or a skip saying which is missing: the GPU
+    machine may lack the offline default model's files the tokenizer comes from."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (scripts/gpu_check.sh runs it on one)")
+    try:
+        model, tokenizer = (request.getfixturevalue(name) for name in ("tiny_chat_model", "default_tokenizer"))
+    except Exception as exc:  # noqa: BLE001 - any failure to find the tokenizer means: cannot run here
+        pytest.skip(f"the default tokenizer is not available here: {exc}")
+    return copy.deepcopy(model).to("cuda"), tokenizer
+
+
 @pytest.fixture(scope="session")
 def tiny_chat_model(default_tokenizer):
     """A 2-layer random Llama over the default tokenizer's vocabulary: real chat templating, instant forward."""
@@ -170,6 +184,14 @@ def tiny_chat_model(default_tokenizer):
 
 from pg_server import fresh_database, postgres_server  # noqa: E402,F401 - fixtures (a real PostgreSQL 15)
 from replica_cluster import replica_browser, replica_database, replicas  # noqa: E402,F401 - fixtures (two app replicas)
+from fronts import stub_replicas  # noqa: E402
+
+
+@pytest.fixture(name="stub_replicas")
+def stub_replica_ports():
+    """Two stand-in replicas (`fronts.stub_replicas`) for tests of what a front itself does: their ports."""
+    with stub_replicas() as ports:
+        yield ports
 
 #: The store engines every engine-neutral store test runs on (the PostgreSQL case skips, saying why, without it).
 STORE_ENGINES = ("sqlite", "postgresql")

@@ -9,6 +9,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
+import threading
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -82,3 +86,50 @@ def haproxy_front(ports: list[int], folder: Path):
 
 
 FRONTS = pytest.mark.parametrize("make_front", [nginx_front, haproxy_front], ids=["nginx", "haproxy"])
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """A front that gives up on a slow upload resets its connection to the replica: expected here, not an error."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
+class _StubReplica(BaseHTTPRequestHandler):
+    """Answers every GET with 200 "ok"; reads a POST's body as it comes, then answers the same."""
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def do_POST(self):  # noqa: N802
+        left = int(self.headers.get("Content-Length", 0))
+        while left > 0:
+            chunk = self.rfile.read(min(left, 65536))
+            if not chunk:
+                return
+            left -= len(chunk)
+        self.do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def stub_replicas(count: int = 2):
+    """`count` tiny standard-library HTTP servers on loopback standing in for replicas (no model), for tests of
+    what the front itself does; yields their ports."""
+    servers = [_QuietServer(("127.0.0.1", 0), _StubReplica) for _ in range(count)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield [server.server_address[1] for server in servers]
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()

@@ -218,10 +218,13 @@ def test_placement_dtype_threads_and_queue_settings_come_from_flags_or_environme
 
 
 def test_the_decode_path_settings_come_from_flags_or_environment_and_refuse_other_values(capsys):
-    from streaming_engine.defaults import CUDA_GRAPH_MODES, DECODE_STEPS
+    from streaming_engine.defaults import CUDA_GRAPH_MODES, DECODE_STEPS, OVERLAP_MODES
 
     defaults = app_settings.parse_settings([], env={})
-    assert (defaults.decode_step, defaults.cuda_graphs) == ("auto", "auto")
+    assert (defaults.decode_step, defaults.cuda_graphs, defaults.overlap) == ("auto", "auto", "auto")
+    for overlap in OVERLAP_MODES:
+        assert app_settings.parse_settings(["--overlap", overlap], env={}).overlap == overlap
+        assert app_settings.parse_settings([], env={"OVERLAP": overlap}).overlap == overlap
     for step in DECODE_STEPS:
         for graphs in CUDA_GRAPH_MODES:
             flags = app_settings.parse_settings(["--decode-step", step, "--cuda-graphs", graphs], env={})
@@ -233,7 +236,8 @@ def test_the_decode_path_settings_come_from_flags_or_environment_and_refuse_othe
     for argv, env, named in ((["--decode-step", "fast"], {}, "invalid choice"),
                              (["--cuda-graphs", "yes"], {}, "invalid choice"),
                              ([], {"DECODE_STEP": "fast"}, "DECODE_STEP must be one of auto, eager, static"),
-                             ([], {"CUDA_GRAPHS": "always"}, "CUDA_GRAPHS must be one of auto, on, off")):
+                             ([], {"CUDA_GRAPHS": "always"}, "CUDA_GRAPHS must be one of auto, on, off"),
+                             ([], {"OVERLAP": "always"}, "OVERLAP must be one of auto, on, off")):
         with pytest.raises(SystemExit):
             app_settings.parse_settings(argv, env=env)
         assert named in capsys.readouterr().err

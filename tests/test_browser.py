@@ -32,6 +32,7 @@ from streaming_engine import MODES, EngineConfig, StreamingEngine
 from streaming_engine.conversations import Conversations
 from streaming_engine.store import ChatStore
 from webui import compare_tab, sessions
+from webui.render import GAUGE_HELP
 
 pytestmark = [pytest.mark.browser, pytest.mark.model]
 
@@ -162,7 +163,9 @@ def test_an_empty_chat_shows_the_cache_capacity_and_every_gauge_explains_itself(
     assert page.get_attribute("#gauges .gauges", "data-state") == "empty"
     assert page.get_attribute("#gauges [data-key=fill]", "data-capacity") == str(START + RECENT)
     assert f"0 / {START + RECENT} tokens" in page.inner_text("#gauges")
-    assert page.locator("#gauges .gauge-row[title]").count() == 9  # a tooltip on every number
+    # A tooltip on every number: one row per gauge the help explains, besides the fill bar.
+    assert page.locator("#gauges .gauge-row[title]").count() == page.locator("#gauges .gauge-row").count() \
+        == len(GAUGE_HELP) - 1
     page.click("#gauges .gauge-help summary")  # and the same lines for touch screens, folded
     assert page.locator("#gauges .gauge-help li").first.is_visible()
     page.locator("#settings").get_by_text("Settings").click()

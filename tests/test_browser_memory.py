@@ -1,6 +1,7 @@
 """The Chat tab shows what the model still remembers: in Chromium, against the app on the default model, messages
 that left the cache are faded with a marker, the gauges count the turns still whole in memory, and the pinned
-system prompt's tokens are shown. Skipped (with the reason) only when Chromium or Playwright is missing."""
+system prompt's tokens are shown; a reply whose turn recalled an evicted message carries a "recalled" marker
+linking to it. Skipped (with the reason) only when Chromium or Playwright is missing."""
 
 from __future__ import annotations
 
@@ -56,3 +57,36 @@ def test_after_enough_turns_the_first_message_is_shown_as_forgotten(page):
     assert 0 < gauge(page, "turns_in_memory") < len(prompts)
     assert gauge(page, "pinned_tokens") > START  # the system prompt stays, next to the sinks
     page.screenshot(path=str(ARTIFACTS / "chat-memory.png"), full_page=True)
+
+
+def test_a_reply_that_recalled_an_evicted_fact_shows_the_recalled_marker_linking_to_it(page):
+    page.click("#new-chat")
+    page.wait_for_function("() => document.querySelector('#gauges .gauges').dataset.state === 'empty'")
+    prompts = ["Remember this: my locker code is 4471.", "Tell me a story about a dragon.",
+               "Describe the ocean in detail.", "Explain how rain forms, step by step.",
+               "What is my locker code?"]
+    for turn, prompt in enumerate(prompts, 1):
+        page.fill("#msg textarea", prompt)
+        page.click("#send")
+        wait_idle(page, "#gauges", turn)
+    first_user = page.locator("#chatbot .user").first
+    assert first_user.locator(".memory-gone, .memory-partial").count() == 1  # the fact left the cache
+    reply = page.locator("#chatbot .bot").last
+    marker = reply.locator(".memory-recalled")
+    assert marker.count() == 1 and "recalled:" in marker.inner_text()
+    link = marker.locator("a").first
+    target = link.get_attribute("href")
+    assert target == "#recalled-1"  # the fact, the chat's first message
+    assert first_user.locator(target).count() == 1  # the link's anchor sits on the faded message
+    assert gauge(page, "recalled_tokens") > 0
+    # The switch off: the next reply recalls nothing and carries no marker.
+    if not page.locator("#recall input").is_visible():  # inside the Settings accordion, closed on a fresh page
+        page.get_by_text("Settings", exact=True).click()
+    page.click("#recall input")
+    page.fill("#msg textarea", "Once more: what is my locker code?")
+    page.click("#send")
+    wait_idle(page, "#gauges", len(prompts) + 1)
+    assert gauge(page, "recalled_tokens") == 0
+    assert page.locator("#chatbot .bot").last.locator(".memory-recalled").count() == 0
+    page.screenshot(path=str(ARTIFACTS / "chat-recalled.png"), full_page=True)
+

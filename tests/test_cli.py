@@ -82,16 +82,18 @@ def decode_parsers():
 
 @pytest.mark.parametrize("cli", ["chat", "serve", "fairness", "recall", "mtbench"])
 def test_every_engine_cli_takes_the_decode_flags_and_refuses_other_values(cli, capsys):
-    from streaming_engine.defaults import CUDA_GRAPH_MODES, DECODE_STEPS
     from benchmarks.cli import decode_kwargs
+    from streaming_engine.defaults import CUDA_GRAPH_MODES, DECODE_STEPS, OVERLAP_MODES
 
     build = decode_parsers()[cli]
-    assert decode_kwargs(build().parse_args([])) == dict(decode_step="auto", cuda_graphs="auto")
+    assert decode_kwargs(build().parse_args([])) == dict(decode_step="auto", cuda_graphs="auto", overlap="auto")
     for step in DECODE_STEPS:
         for graphs in CUDA_GRAPH_MODES:
-            args = build().parse_args(["--decode-step", step, "--cuda-graphs", graphs])
-            assert decode_kwargs(args) == dict(decode_step=step, cuda_graphs=graphs)
-    for flag, bad in (("--decode-step", "fast"), ("--decode-step", "Static"), ("--cuda-graphs", "yes")):
+            for overlap in OVERLAP_MODES:
+                args = build().parse_args(["--decode-step", step, "--cuda-graphs", graphs, "--overlap", overlap])
+                assert decode_kwargs(args) == dict(decode_step=step, cuda_graphs=graphs, overlap=overlap)
+    for flag, bad in (("--decode-step", "fast"), ("--decode-step", "Static"), ("--cuda-graphs", "yes"),
+                      ("--overlap", "always")):
         with pytest.raises(SystemExit):
             build().parse_args([flag, bad])
         assert "invalid choice" in capsys.readouterr().err

@@ -298,3 +298,25 @@ def test_a_replica_whose_live_session_another_replica_moved_on_reloads_it_from_t
     assert [m["content"] for m in b.open(opened.token).messages][::2] == ["one", "two", "three"]
     # Its own writes keep a replica's live session current: re-opening re-attaches, nothing is re-primed.
     assert a.rename(opened.token, "renamed") and a.open(opened.token).reattached
+
+
+def test_a_conversation_reopened_from_the_store_after_a_restart_recalls_its_evicted_fact_and_keeps_recall_off(make):
+    from test_recall import FACT, QUESTION, TOPICS
+
+    first = make(recent_size=124, prefill_chunk_size=32)
+    token, off = first.start().token, first.start().token
+    first.set_recall(off, False)
+    for message in [FACT, *TOPICS]:
+        for t in (token, off):
+            say(first, t, message, max_new_tokens=8)
+    second = make(recent_size=124, prefill_chunk_size=32)  # a restart: the history comes back from the store
+    second.open(token)
+    events = list(second.chat(token, QUESTION, **{**GREEDY, "max_new_tokens": 8}))
+    stats = events[-1].stats
+    assert stats["recalled_tokens"] > 0 and stats["recalled_messages"][:1] == [0]  # no system prompt: the fact
+    assert second.store.load(token).messages[-2]["content"] == QUESTION  # the store keeps what was typed
+    # The switch is kept by the process that was told, and applied to the session it re-creates.
+    first.release(off)
+    first.open(off)
+    events = list(first.chat(off, QUESTION, **{**GREEDY, "max_new_tokens": 8}))
+    assert events[-1].stats["recalled_tokens"] == 0 and events[-1].stats["recall_budget"] == 0

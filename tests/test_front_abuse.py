@@ -9,13 +9,9 @@ The replicas here are two tiny standard-library HTTP servers (no model): what is
 from __future__ import annotations
 
 import socket
-import sys
-import threading
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psutil
-import pytest
 from browser_util import stop_app
 from fronts import FRONTS
 
@@ -25,49 +21,6 @@ HALF_SENT = 200
 SLOW_BODIES, BODY_SENT, BODY_DECLARED = 20, 1 << 20, 16_000_000
 #: The fronts' header timeouts are 10 s; a closed connection is waited for this long at most.
 CLOSE_WAIT_S = 120
-
-
-class QuietServer(ThreadingHTTPServer):
-    """A front that gives up on a slow upload resets its connection to the replica: expected here, not an error."""
-
-    daemon_threads = True
-
-    def handle_error(self, request, client_address):
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
-
-
-class Replica(BaseHTTPRequestHandler):
-    """Answers every GET with 200 "ok"; reads a POST's body as it comes."""
-
-    def do_GET(self):  # noqa: N802 - http.server's naming
-        self.send_response(200)
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"ok")
-
-    def do_POST(self):  # noqa: N802
-        left = int(self.headers.get("Content-Length", 0))
-        while left > 0:
-            chunk = self.rfile.read(min(left, 65536))
-            if not chunk:
-                return
-            left -= len(chunk)
-        self.do_GET()
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def stub_replicas():
-    servers = [QuietServer(("127.0.0.1", 0), Replica) for _ in range(2)]
-    for server in servers:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield [server.server_address[1] for server in servers]
-    for server in servers:
-        server.shutdown()
-        server.server_close()
 
 
 def front_rss(process) -> int:

@@ -7,12 +7,9 @@ The replicas are two tiny standard-library HTTP servers (no model): what is chec
 
 from __future__ import annotations
 
-import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import pytest
 from browser_util import stop_app
 from fronts import FRONTS
 
@@ -23,29 +20,6 @@ LEAKY_PATHS = (f"/gradio_api/queue/data?session_hash={HASH}&fn_index=3", f"/grad
                f"/gradio_api/stream/{HASH}/run1/5/playlist.m3u8")
 #: How long the front may take to write its log line (HAProxy writes to stdout, nginx to a file).
 LOG_WAIT_S = 60
-
-
-class Replica(BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 - http.server's naming
-        self.send_response(200)
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"ok")
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def stub_replicas():
-    servers = [ThreadingHTTPServer(("127.0.0.1", 0), Replica) for _ in range(2)]
-    for server in servers:
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield [server.server_address[1] for server in servers]
-    for server in servers:
-        server.shutdown()
-        server.server_close()
 
 
 def logged(folder, marker: str) -> str:

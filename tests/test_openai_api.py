@@ -99,6 +99,26 @@ def test_thirty_turns_sent_whole_reuse_one_session_and_encode_only_the_new_messa
     assert len(owned) == 1
 
 
+def test_usage_reports_the_evicted_messages_recalled_into_a_turn(client):
+    from test_recall import FACT, QUESTION, TOPICS
+
+    more = ["Compare owls and hawks at night.", "Outline the rules of chess openings.",
+            "Recommend hiking boots for winter mountains.", "Summarize photosynthesis for children."]
+    messages = [{"role": "system", "content": "You are a patient assistant."}, {"role": "user", "content": FACT}]
+    recalled = []
+    for topic in [*TOPICS, *more, QUESTION]:
+        reply = client.chat.completions.create(model=MODEL, messages=messages, **greedy())
+        recalled.append(reply.model_extra["streaming_llm"]["recalled_tokens"])
+        messages += [{"role": "assistant", "content": reply.choices[0].message.content},
+                     {"role": "user", "content": topic}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, **greedy())
+    extra = reply.model_extra["streaming_llm"]
+    assert extra["history_messages_dropped"] > 0 and extra["session_reused"]
+    assert extra["recalled_messages"][:1] == [1]  # the request's messages[1]: the fact, evicted long ago
+    assert 0 < extra["recalled_tokens"] <= extra["prefill_tokens"]
+    assert recalled[0] == 0  # the first turn: nothing evicted, nothing recalled
+
+
 def test_a_history_that_extends_no_live_conversation_opens_a_primed_session(client):
     history = [{"role": "user", "content": "An old question"}, {"role": "assistant", "content": "An old answer."}]
     reply = client.chat.completions.create(

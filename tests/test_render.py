@@ -90,9 +90,9 @@ def test_every_gauge_state_says_what_the_cache_is_doing_without_contradicting_it
     if state != "evicting":
         assert "Evicting" not in html  # "evicting" is only said at capacity
     # Every number has a one-line explanation, as a tooltip and in the folded list.
-    # (9 rows: sinks, evicted, seen, KV memory, speed, first token, turns, turns fully in memory, pinned prompt;
-    # the list also explains the fill bar.)
-    assert html.count('class="gauge-row" title="') == 9 and html.count("<li>") == 10
+    # (10 rows: sinks, evicted, seen, KV memory, speed, first token, turns, turns fully in memory, pinned prompt,
+    # recalled; the list also explains the fill bar.)
+    assert html.count('class="gauge-row" title="') == 10 and html.count("<li>") == 11
 
 
 def test_an_empty_gauge_shows_the_configured_capacity_not_one_token():
@@ -126,3 +126,35 @@ def test_the_plots_draw_streaming_last_and_their_axes_never_read_0_000000(tiny_c
     assert legend.value.startswith('<div class="plot-legend">')
     words = re.findall(r'background:(#\w+)"></span>(\w+)</span>', legend.value)
     assert words == [(COLORS[m], m) for m in MODES]
+
+
+def test_a_reply_that_recalled_messages_links_to_each_of_them_and_repaints_without_stacking_markers():
+    from webui.render import FORGOTTEN_MARK, RECALLED_MARK, mark_memory, unmarked
+
+    memory = [{"role": "system", "tokens": 9, "held": 9, "state": "full"},
+              {"role": "user", "tokens": 20, "held": 0, "state": "gone"},
+              {"role": "assistant", "tokens": 8, "held": 0, "state": "gone"},
+              {"role": "user", "tokens": 30, "held": 30, "state": "full", "recalled": [1, 2]},
+              {"role": "assistant", "tokens": 5, "held": 5, "state": "full"}]
+    shown = [{"role": r, "content": c} for r, c in
+             (("user", "my code is 4471"), ("assistant", "noted"), ("user", "my code?"), ("assistant", "4471"))]
+    marked = mark_memory(shown, memory)
+    reply = marked[3]["content"]
+    assert reply.startswith(RECALLED_MARK.split("{")[0]) and reply.endswith("4471")
+    assert 'href="#recalled-1"' in reply and 'href="#recalled-2"' in reply  # chat numbering, from 1
+    assert marked[0]["content"].startswith('<span class="recall-target" id="recalled-1">')
+    assert FORGOTTEN_MARK in marked[0]["content"] and 'id="recalled-2"' in marked[1]["content"]
+    assert "recalled" not in marked[2]["content"]  # the question itself carries no marker
+    again = mark_memory(marked, memory)
+    assert again == marked
+    assert [unmarked(m["content"]) for m in again] == [m["content"] for m in shown]
+    # While the reply streams, the memory map has no entry for it yet: the marker is there already.
+    streaming = mark_memory(shown[:3] + [{"role": "assistant", "content": "4"}], memory[:4])
+    assert "memory-recalled" in streaming[3]["content"]
+
+
+def test_the_gauges_count_recalled_tokens():
+    html = gauges_html({"cache_tokens": 90, "cache_capacity": 128, "recalled_tokens": 21,
+                        "recalled_messages": [1, 2]})
+    assert 'data-key="recalled_tokens" data-value="21"' in html and "21 tokens from 2 message(s)" in html
+    assert 'data-key="recalled_tokens" data-value="0"' in gauges_html({"cache_tokens": 5, "cache_capacity": 128})

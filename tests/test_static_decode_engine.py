@@ -6,7 +6,6 @@ decodes eagerly, saying why in one log line."""
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import pytest
@@ -195,13 +194,8 @@ def test_cuda_graphs_on_without_cuda_is_refused_by_the_engine_config():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh runs it on one)")
-def test_on_cuda_the_engine_replays_graphs_and_replies_as_the_eager_engine(request):
-    try:  # the GPU machine may lack the offline default model's files the tokenizer comes from
-        tiny_chat_model, default_tokenizer = (request.getfixturevalue(name)
-                                              for name in ("tiny_chat_model", "default_tokenizer"))
-    except Exception as exc:  # noqa: BLE001 - any failure to find the tokenizer means: cannot run here
-        pytest.skip(f"the default tokenizer is not available here: {exc}")
-    model = copy.deepcopy(tiny_chat_model).to("cuda")
+def test_on_cuda_the_engine_replays_graphs_and_replies_as_the_eager_engine(cuda_chat_model):
+    model, default_tokenizer = cuda_chat_model
     static = make_engine(model, default_tokenizer, recent_size=60, decode_step="static", cuda_graphs="on")
     eager = make_engine(model, default_tokenizer, recent_size=60)
     plans = {f"user{u}": [(f"User {u} asks question {t} " + "and more words " * (u * 3),
@@ -213,6 +207,6 @@ def test_on_cuda_the_engine_replays_graphs_and_replies_as_the_eager_engine(reque
     for user in plans:
         assert [e.text for e in results["static"][user]] == [e.text for e in results["eager"][user]], user
     assert static.scheduler.batch.static_step.graphs and static.scheduler.batch.static_step.step.captured
-    assert static.decode_path == "static+graphs"
+    assert static.decode_path == "static+graphs+overlap"  # overlap="auto": on with CUDA (test_overlap.py)
     auto = make_engine(model, default_tokenizer, recent_size=60)  # the default on CUDA: the static step, graphed
-    assert auto.config.decode_step == "auto" and auto.decode_path == "static+graphs"
+    assert auto.config.decode_step == "auto" and auto.decode_path == "static+graphs+overlap"

@@ -86,6 +86,34 @@ def test_send_streams_a_reply_then_settles_with_idle_gauges_and_a_stored_convers
     assert len(page.chat) == 4 and len(conv.store.load(page.token).messages) == 4  # the same conversation goes on
 
 
+def test_a_reply_that_recalled_an_evicted_message_is_marked_and_the_switch_turns_recall_off(conv, engine):
+    from test_recall import FACT, QUESTION, TOPICS
+
+    page = Page(conv)
+    for message in [FACT, *TOPICS]:
+        page.send(message)
+    assert "memory-partial" in page.chat[0]["content"]  # the fact left the cache (all but the sinks)
+    gauges = last(page.send(QUESTION))[2]
+    stats = engine.stats(conv._live[page.token])
+    assert gauge_value(gauges, "recalled_tokens") == stats["recalled_tokens"] > 0
+    reply = page.chat[-1]["content"]
+    assert 'class="memory-recalled"' in reply and 'href="#recalled-1"' in reply  # links to the fact (message 1)
+    assert 'id="recalled-1"' in page.chat[0]["content"]
+    assert page.texts("user")[-1] == QUESTION  # the page shows what was typed, not the quoted block
+    assert chat_tab.recall_shown(conv, page.state) is True
+    page.state = chat_tab.set_recall(conv, False, page.state)
+    assert chat_tab.recall_shown(conv, page.state) is False
+    gauges = last(page.send("Remind me of the locker code please."))[2]
+    assert gauge_value(gauges, "recalled_tokens") == 0 and "memory-recalled" not in page.chat[-1]["content"]
+    assert 'class="memory-recalled"' in page.chat[-3]["content"]  # the earlier reply keeps its marker
+    # Off before a chat exists: the chat the next message starts has recall off.
+    fresh = Page(conv)
+    fresh.state = chat_tab.set_recall(conv, False, fresh.state)
+    fresh.send("Hello")
+    assert engine.stats(conv._live[fresh.token])["recall_budget"] == 0 and not conv.recall_enabled(fresh.token)
+    assert conv.recall_enabled(page.token) is False and conv.recall_enabled(Page(conv).token) is True
+
+
 @pytest.mark.parametrize("inputs,match", [
     (("", 0.0, 1.0, 0, 0, 1.0), "max_new_tokens"),
     (("", 0.0, 0.0, 0, 8, 1.0), "top_p"),

@@ -225,7 +225,8 @@ def stream_turn(conversations, message, messages, state, record, system_prompt, 
         started = token is None
         if started:
             sizes = visitor_cache_sizes(conversations.engine.config, start, recent)
-            opened = conversations.start(owner=owner, system_prompt=system_prompt or None, **sizes)
+            opened = conversations.start(owner=owner, system_prompt=system_prompt or None,
+                                         recall=not state.pop("recall_off", False), **sizes)
             token = state["token"] = opened.token
             TABS.show(tab_of(request), token, conversations.release)
             record = remember(record, token)
@@ -299,6 +300,25 @@ def respond(conversations, message, messages, state, record, system_prompt, temp
         return
     yield from stream_turn(conversations, message, messages, state, record, system_prompt, temp, p, k, new_tokens,
                            rep, request, start, recent)
+
+
+def set_recall(conversations, enabled, state):
+    """The recall switch: on or off for the conversation on the page, or, before there is one, for the chat the
+    next message starts (kept in the page's state until then). Returns the state."""
+    state = dict(state or {})
+    token = state.get("token")
+    if token:
+        conversations.set_recall(token, bool(enabled))
+    else:
+        state["recall_off"] = not enabled
+    return state
+
+
+def recall_shown(conversations, state):
+    """The recall switch as it stands for what the page shows (on for a chat not started yet, unless set off)."""
+    state = state or {}
+    token = state.get("token")
+    return conversations.recall_enabled(token) if token else not state.get("recall_off", False)
 
 
 def retry_last(conversations, messages, state, record, system_prompt, temp, p, k, new_tokens, rep,
@@ -524,6 +544,8 @@ def build_chat_tab(demo: gr.Blocks, conversations: Conversations, visitor_cache_
             system = gr.Textbox(label=f"System prompt (applies to new chats; {pinned})", lines=2,
                                 max_length=MAX_SYSTEM_PROMPT_CHARS, elem_id="system",
                                 placeholder="Empty: the model's own default, if its chat template has one.")
+            recall = gr.Checkbox(True, label="Recall: quote earlier messages that left the model's memory back into "
+                                             "the prompt when they match your message (this chat)", elem_id="recall")
             ranges = slider_ranges(cfg)
 
             def slider(name, value, **kwargs):
@@ -567,6 +589,9 @@ def build_chat_tab(demo: gr.Blocks, conversations: Conversations, visitor_cache_
     turns.append(retry.click(bind(retry_last, c), [chatbot, chat_state, saved, *sampling_inputs],
                              turn_outputs, concurrency_id="chat", api_visibility="private"))
     stop.click(bind(stop_reply, c), [chat_state], None, queue=False, api_visibility="private")
+    recall.input(bind(set_recall, c), [recall, chat_state], [chat_state], queue=False, api_visibility="private")
+    # The switch follows the conversation the page shows (a switch, a new chat, a reload).
+    chat_state.change(bind(recall_shown, c), [chat_state], [recall], queue=False, api_visibility="private")
     # Whatever replaces the conversation on the page first cancels a reply still streaming into it. Every event
     # that reads the browser record is queued: gradio 6 hands an unqueued event the record's default value.
     new_chat.click(bind(start_new_chat, c), [chat_state, saved], view_outputs, cancels=turns,

@@ -308,6 +308,10 @@ class TurnAccount:
             "evicted_tokens": stats.get("evicted_tokens"),
             "history_messages": self.history_messages,
             "history_messages_dropped": int(stats.get("messages_forgotten") or 0),
+            # Recall (streaming_engine/recall.py): tokens of evicted messages quoted into this turn's prompt (part
+            # of prefill_tokens), and which of the request's messages they came from (indices into `messages`).
+            "recalled_tokens": int(stats.get("recalled_tokens") or 0),
+            "recalled_messages": list(stats.get("recalled_messages") or []),
         }
 
 

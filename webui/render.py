@@ -103,19 +103,39 @@ PARTLY_FORGOTTEN_MARK = ('<span class="memory-partial" title="Part of this messa
                          'out of the model\'s memory ({held} of {tokens} tokens held)</span>\n\n')
 
 
+#: Put before a reply whose turn recalled evicted messages (the memory map's `recalled`, `session.py`): one link
+#: per recalled message to its anchor (`RECALL_TARGET`), numbered as the chat shows messages, from 1.
+RECALLED_MARK = ('<span class="memory-recalled" title="Earlier messages that had left the KV cache, quoted back into '
+                 'the prompt for this reply (recall).">recalled: {links}</span>\n\n')
+RECALLED_LINK = '<a href="#recalled-{n}" class="recalled-link">message {n}</a>'
+#: Put before a message that some turn recalled, so the marker's link has somewhere to go.
+RECALL_TARGET = '<span class="recall-target" id="recalled-{n}"></span>'
+#: Every marker this module puts before a message's text, as `unmarked` removes them.
+_MARKS = re.compile(r'(?:<span class="(?:recall-target|memory-gone|memory-partial|memory-recalled)"[^>]*>.*?</span>'
+                    r'(?:\n\n)?)+', re.DOTALL)
+
+
 def mark_memory(messages: list[dict], memory: list[dict]) -> list[dict]:
     """Chatbot `messages` with a marker before each one the model no longer holds in full, from the engine's
     memory map (`engine.memory_map`, system prompt first when there is one; the reply being written may not be in
-    it yet). Markers already there are replaced, so this runs on every repaint while tokens are evicted."""
-    entries = [e for e in memory if e["role"] != "system"]
+    it yet), and before each reply whose turn recalled earlier messages a "recalled" marker linking to them.
+    Markers already there are replaced, so this runs on every repaint while tokens are evicted."""
+    offset = 1 if memory and memory[0]["role"] == "system" else 0
+    entries = memory[offset:]
+    recalled_by = {i + 1: [n - offset for n in e.get("recalled", ())] for i, e in enumerate(entries)
+                   if e["role"] == "user" and e.get("recalled")}  # reply index -> chat indices it recalled
+    targets = {n for ns in recalled_by.values() for n in ns}
     out = []
     for i, message in enumerate(messages):
         state = entries[i] if i < len(entries) else None
-        mark = ""
+        mark = RECALL_TARGET.format(n=i + 1) if i in targets else ""
         if state is not None and state["state"] == "gone":
-            mark = FORGOTTEN_MARK
+            mark += FORGOTTEN_MARK
         elif state is not None and state["state"] == "partial":
-            mark = PARTLY_FORGOTTEN_MARK.format(held=state["held"], tokens=state["tokens"])
+            mark += PARTLY_FORGOTTEN_MARK.format(held=state["held"], tokens=state["tokens"])
+        if recalled_by.get(i) and message["role"] == "assistant":
+            links = ", ".join(RECALLED_LINK.format(n=n + 1) for n in recalled_by[i])
+            mark += RECALLED_MARK.format(links=links)
         content = message["content"]
         if isinstance(content, str):
             content = mark + unmarked(content)
@@ -127,12 +147,9 @@ def mark_memory(messages: list[dict], memory: list[dict]) -> list[dict]:
 
 
 def unmarked(content: str) -> str:
-    """A message's text without the memory marker `mark_memory` put before it (if any)."""
-    if content.startswith(FORGOTTEN_MARK):
-        return content[len(FORGOTTEN_MARK):]
-    if content.startswith('<span class="memory-partial"'):
-        return content.split("</span>\n\n", 1)[-1]
-    return content
+    """A message's text without the markers `mark_memory` put before it (if any)."""
+    match = _MARKS.match(content)
+    return content[match.end():] if match else content
 
 
 class Throttle:
@@ -169,6 +186,8 @@ GAUGE_HELP = {
                        "cache in part or in full, and are shown faded in the chat.",
     "pinned_tokens": "Tokens of the system prompt kept in the cache for good, next to the attention sinks, so the "
                      "model never forgets its instructions.",
+    "recalled_tokens": "Tokens of earlier, evicted messages quoted back into the last turn's prompt because they "
+                       "matched your message (recall); they are fed and evicted like any other tokens.",
 }
 #: What the cache is doing, as a short label and one sentence (`{free}`, `{capacity}`, `{turns}` filled in).
 GAUGE_STATES = {
@@ -240,7 +259,7 @@ def gauges_html(stats: dict | None, title: str = "Cache", phase: str = "idle", c
         ("fill", "Cache fill"), ("sink_tokens", "Attention sinks"), ("evicted_tokens", "Evicted"),
         ("seen_tokens", "Tokens seen"), ("kv_bytes", "KV memory"), ("tokens_per_s", "Speed"),
         ("time_to_first_token_s", "First token"), ("turns", "Turns"), ("turns_in_memory", "Turns fully in memory"),
-        ("pinned_tokens", "Pinned system prompt")))
+        ("pinned_tokens", "Pinned system prompt"), ("recalled_tokens", "Recalled")))
     return (
         f'<div class="gauges" data-mode="{s.get("mode", "")}" data-phase="{phase}" data-state="{state}" '
         f'data-context-full="{str(bool(s.get("context_full"))).lower()}">'
@@ -264,6 +283,9 @@ def gauges_html(stats: dict | None, title: str = "Cache", phase: str = "idle", c
               f"{s.get('turns_in_memory', 0)} of {s.get('turns', 0)}")
         + row("pinned_tokens", "Pinned system prompt", s.get("pinned_tokens", 0),
               f"{s.get('pinned_tokens', 0)} tokens" if s.get("pinned_tokens") else "–")
+        + row("recalled_tokens", "Recalled (last turn)", s.get("recalled_tokens", 0),
+              f"{s.get('recalled_tokens', 0)} tokens from {len(s.get('recalled_messages') or ())} message(s)"
+              if s.get("recalled_tokens") else "–")
         + '</div><details class="gauge-help"><summary>What do these mean?</summary>'
         f'<ul>{help_items}</ul></details></div>'
     )

@@ -21,11 +21,13 @@ from streaming_engine.defaults import (
     DEFAULT_CUDA_GRAPHS,
     DEFAULT_DECODE_STEP,
     DEFAULT_MODEL_NAME,
+    DEFAULT_OVERLAP,
     DEFAULT_START_SIZE,
     DEVICE_MAP_STRATEGIES,
     MAX_ACTIVE_TURNS,
     MAX_SESSIONS,
     MAX_SESSIONS_PER_OWNER,
+    OVERLAP_MODES,
     PARTIAL_SAVE_INTERVAL_S,
 )
 from streaming_engine.cli_options import DECODE_ENV, add_decode_args
@@ -104,11 +106,13 @@ class AppSettings:
     # How the batched decode runs (docs/gpu-decode.md): the static step on CUDA by default, replayed from graphs.
     decode_step: str = DEFAULT_DECODE_STEP
     cuda_graphs: str = DEFAULT_CUDA_GRAPHS
+    overlap: str = DEFAULT_OVERLAP
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
-        for name, allowed in (("decode_step", DECODE_STEPS), ("cuda_graphs", CUDA_GRAPH_MODES)):
+        for name, allowed in (("decode_step", DECODE_STEPS), ("cuda_graphs", CUDA_GRAPH_MODES),
+                              ("overlap", OVERLAP_MODES)):
             if getattr(self, name) not in allowed:  # a value from the environment: argparse checked the flags
                 raise ValueError(f"--{name.replace('_', '-')} / {DECODE_ENV[name]} must be one of "
                                  f"{', '.join(allowed)}; got {getattr(self, name)!r}")
@@ -259,7 +263,8 @@ def parse_settings(argv: list[str] | None = None, env: dict | None = None) -> Ap
                            max_memory=args.max_memory, offload_folder=args.offload_folder,
                            queue_concurrency=args.queue_concurrency, queue_max_size=args.queue_max_size,
                            visitor_cache_sizes=args.visitor_cache_sizes, backend=args.backend,
-                           decode_step=args.decode_step, cuda_graphs=args.cuda_graphs)
+                           decode_step=args.decode_step, cuda_graphs=args.cuda_graphs,
+                           overlap=args.overlap)
     except ValueError as exc:
         p.error(str(exc))
 

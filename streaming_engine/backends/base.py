@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..defaults import DEFAULT_CUDA_GRAPHS, DEFAULT_DECODE_STEP
+from ..defaults import DEFAULT_CUDA_GRAPHS, DEFAULT_DECODE_STEP, DEFAULT_OVERLAP
 from ..scheduler import DECODE_PATHS, Scheduler, make_scheduler
 
 
@@ -150,10 +150,10 @@ class Backend(ABC):
         chunks, `generation.padded_prefill_rows`)."""
 
     def new_decode_batch(self, max_rows: int, *, round_robin: bool = False, decode_step: str = DEFAULT_DECODE_STEP,
-                         cuda_graphs: str = DEFAULT_CUDA_GRAPHS) -> DecodeBatch:
+                         cuda_graphs: str = DEFAULT_CUDA_GRAPHS, overlap: str = DEFAULT_OVERLAP) -> DecodeBatch:
         """The batch decoding rows live in, at most `max_rows` rows per step; `round_robin`: the one-row-per-pass
-        baseline on each conversation's own cache. `decode_step` / `cuda_graphs` choose a static or captured step
-        where the backend has one (validated by the scheduler). The default: `RowPasses` through `forward`, rows
+        baseline on each conversation's own cache. `decode_step` / `cuda_graphs` / `overlap` choose a static,
+        captured or overlapped step where the backend has one (validated by the scheduler). The default: `RowPasses` through `forward`, rows
         packed into one pass where the backend packs rows (`packs_rows`, up to `max_rows`), else one per pass."""
         rows = min(max_rows, self.max_rows or max_rows) if self.packs_rows and not round_robin else 1
         return RowPasses(self, rows)
@@ -162,10 +162,11 @@ class Backend(ABC):
         """A reply on `cache` ended (or the turn failed): whatever the backend borrowed for it goes back."""
 
     def make_scheduler(self, kind: str, *, max_batch: int, prefill_budget: int,
-                       decode_step: str = DEFAULT_DECODE_STEP, cuda_graphs: str = DEFAULT_CUDA_GRAPHS) -> Scheduler:
+                       decode_step: str = DEFAULT_DECODE_STEP, cuda_graphs: str = DEFAULT_CUDA_GRAPHS,
+                       overlap: str = DEFAULT_OVERLAP) -> Scheduler:
         """The worker that serves this backend's turns (`"batched"` or `"round-robin"`)."""
         return make_scheduler(kind, self, max_batch=max_batch, prefill_budget=prefill_budget,
-                              decode_step=decode_step, cuda_graphs=cuda_graphs)
+                              decode_step=decode_step, cuda_graphs=cuda_graphs, overlap=overlap)
 
     @abstractmethod
     def describe(self) -> Description:

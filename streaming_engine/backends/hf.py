@@ -22,9 +22,10 @@ import torch
 from ..batch_cache import BatchedSinkCache, ConversationCache
 from ..cache import StartRecentKVCache
 from ..cuda_graphs import GraphedDecodeStep, StaticStepConfig
-from ..defaults import DEFAULT_CUDA_GRAPHS, DEFAULT_DECODE_STEP
+from ..defaults import DEFAULT_CUDA_GRAPHS, DEFAULT_DECODE_STEP, DEFAULT_OVERLAP
 from ..device_sampling import SampledDecodeStep
 from ..families import batchable, find_rotary_embedding, layer_rope_kinds
+from ..overlap import OverlappedDecodeStep, resolve_overlap
 from ..generation import Sampled, forward, forward_batch, forward_padded, padded_prefill_rows
 from ..placement import describe_placement, input_device
 from ..static_step import StaticDecodeStep, StaticSinkCache, resolve_decode_step, unsupported_reason
@@ -60,6 +61,9 @@ def _own_cache(cache):
 
 class TransformersBackend(Backend):
     name = "transformers"
+    #: False: every prompt chunk gets a pass of its own even where several could share one (`forward`), the
+    #: time-to-first-token benchmark's baseline (`benchmarks/ttft.py`).
+    padded_prefill = True
 
     @property
     def max_positions(self) -> int | None:
@@ -100,7 +104,7 @@ class TransformersBackend(Backend):
             if cache.attached:
                 cache.batch.leave(cache)
         answers: list = [None] * len(rows)
-        shared = padded_prefill_rows(rows, self.batchable)
+        shared = padded_prefill_rows(rows, self.batchable) if self.padded_prefill else []
         if shared:
             try:
                 for index, logits in zip(shared, forward_padded(self.model, [rows[i] for i in shared])):
@@ -119,7 +123,7 @@ class TransformersBackend(Backend):
         return answers
 
     def new_decode_batch(self, max_rows: int, *, round_robin: bool = False, decode_step: str = DEFAULT_DECODE_STEP,
-                         cuda_graphs: str = DEFAULT_CUDA_GRAPHS) -> DecodeBatch:
+                         cuda_graphs: str = DEFAULT_CUDA_GRAPHS, overlap: str = DEFAULT_OVERLAP) -> DecodeBatch:
         graphs = StaticStepConfig(cuda_graphs=cuda_graphs)  # validated even when the step stays eager
         if round_robin:
             return super().new_decode_batch(max_rows, round_robin=True)
@@ -137,8 +141,9 @@ class TransformersBackend(Backend):
         # Replayed from CUDA graphs per `cuda_graphs` ("auto": on CUDA); elsewhere the same step, eagerly. Every
         # row is sampled on the device behind it (one copy of the ids per step).
         static = StaticDecodeStep(self.model, batch)
-        return SinkRows(self, batch, SampledDecodeStep(GraphedDecodeStep(static, graphs), batch.rows_allocated,
-                                                       static.device))
+        # Per `overlap` ("auto": on CUDA) the next step is launched before the turns are answered (overlap.py).
+        sampled = OverlappedDecodeStep if resolve_overlap(overlap, static.device) else SampledDecodeStep
+        return SinkRows(self, batch, sampled(GraphedDecodeStep(static, graphs), batch.rows_allocated, static.device))
 
     def forward_batch(self, batch: BatchedSinkCache, tokens: list[int], rows=None) -> torch.Tensor:
         return forward_batch(self.model, batch, tokens, rows)
@@ -194,7 +199,8 @@ class SinkRows(DecodeBatch):
         #: The step that runs: "static" or "eager" ("auto" resolved, after any fallback).
         self.decode_step = "static" if static_step is not None else "eager"
         if static_step is not None:
-            self.path = DECODE_PATHS[2] if static_step.graphs else DECODE_PATHS[1]
+            path = DECODE_PATHS[2] if static_step.graphs else DECODE_PATHS[1]
+            self.path = path + "+overlap" if getattr(static_step, "overlaps", False) else path
 
     def holds(self, conv) -> bool:
         return conv.attached
