@@ -382,7 +382,10 @@ def test_a_50000_token_paste_delays_another_chats_next_token_by_at_most_one_chun
         elif chat_handle in handles:
             gaps.append(paste_chunks_between)
             paste_chunks_between = 0
-    assert sum(gaps) >= 100  # the paste really was prefilled while the chat was decoding
+    # The paste really was prefilled while the chat was decoding. How many slices it gets is the prompt share's
+    # call (`prompt_share`: about 30% of the worker's time, sized by measured costs; 30 of the chat's 400 steps on
+    # a loaded 2-core machine), so only starvation is ruled out here; the share itself is tested on a fake clock.
+    assert sum(gaps) >= 10
     assert max(gaps) <= 1  # and between two of the chat's tokens at most one chunk of it ran
 
 
