@@ -11,8 +11,8 @@ handles session ids. This module keeps the map token -> live session and writes 
   has since moved on (the store's revision differs from the one this process last loaded or wrote) is dropped and
   re-created from the store, so a browser that moved away and back never continues a stale history.
 * `chat` — `StreamingEngine.chat` plus persistence: the user's message as soon as the turn is accepted, the
-  partial reply at its first piece and then every `partial_save_interval_s` (marked interrupted), and the whole
-  history once the turn ends.
+  whole conversation with the partial reply at its first piece, then the partial reply every
+  `partial_save_interval_s` (marked interrupted), and the whole history once the turn ends.
   If the live session was closed meanwhile (idle, restart) it is re-created from the store first.
 * `park` — a page switched to another conversation: this one keeps its live session (its cache, so switching
   back re-primes nothing) while it is among its owner's `KEEP_RECENT` most recently parked; older ones are
@@ -312,11 +312,12 @@ class Conversations:
             for event in events:
                 if event.kind == "delta":
                     reply += event.text
-                    # The first piece is saved at once (the user message was stored at acceptance), then at most
-                    # every interval. Only what this reader has seen is saved, marked interrupted: the worker may be
-                    # steps ahead (its history can already hold the finished reply), and that is saved at the end.
-                    if not started or time.monotonic() - last_save >= self.partial_save_interval_s:
-                        started = True
+                    # Only what this reader has seen is saved, the reply marked interrupted: the worker may be steps
+                    # ahead (its history can already hold the finished reply), which is saved when the turn ends.
+                    if not started:  # the whole conversation once more: heals a write at acceptance that failed
+                        started, last_save = True, time.monotonic()
+                        self._persist_partial(token, sid, before, reply)
+                    elif time.monotonic() - last_save >= self.partial_save_interval_s:
                         last_save = time.monotonic()
                         self._guarded(token, self.store.save_partial, token, reply)
                 else:
@@ -324,6 +325,14 @@ class Conversations:
                 yield event
         finally:
             self._after_turn(token, sid, before, ended, started, reply, existed)
+
+    def _persist_partial(self, token: str, sid: str, before: int, reply: str) -> None:
+        """Store the conversation up to the turn's user message, then the reply so far marked interrupted."""
+        history = self.engine.history(sid)
+        system = history[0]["content"] if history and history[0]["role"] == "system" else None
+        messages = self.messages(token, sid)[: before + 1] + [
+            {"role": "assistant", "content": reply, "interrupted": True}]
+        self._guarded(token, self.store.replace, token, messages, system_prompt=system, title=auto_title(messages))
 
     def _persist_accepted(self, token: str, sid: str, before: int, message: str) -> None:
         """Store the conversation with the accepted user message. The worker appends it to the session's history

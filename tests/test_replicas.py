@@ -11,6 +11,7 @@ A tiny random model keeps it fast; what is checked is routing, storage and the c
 from __future__ import annotations
 
 import json
+import re
 import urllib.request
 
 import pytest
@@ -19,6 +20,9 @@ from fronts import AFFINITY_COOKIE, DEPLOY, FRONTS, SAMPLE_LISTEN_PORT, SAMPLE_P
 from replica_cluster import chat, interrupted_rows, pin, pinned_page, replica_metrics, send, wait_for
 
 pytestmark = [pytest.mark.browser]
+
+#: The page's local storage, each key with the length of its value (gradio's BrowserState keeps the record there).
+LOCAL_STORAGE = "() => Object.fromEntries(Object.entries(localStorage).map(([k, v]) => [k, v.length]))"
 
 
 def api_chat(url: str, messages: list[dict]) -> dict:
@@ -29,6 +33,13 @@ def api_chat(url: str, messages: list[dict]) -> dict:
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
         return json.loads(response.read())
+
+
+def browser_secrets(url: str) -> list[str]:
+    """The browser-storage secrets a replica's page config carries: a page moved to another replica can read what
+    it stored only if both hand out the same ones (they come from the shared database)."""
+    with urllib.request.urlopen(f"{url}/config", timeout=60) as response:
+        return sorted(set(re.findall(r'"secret": ?"([^"]+)"', response.read().decode())))
 
 
 def diagnosis(page, console: list[str], replicas, survivor: int, database: str, folder) -> str:
@@ -65,6 +76,8 @@ def test_a_replica_killed_mid_reply_is_replaced_by_another_with_the_whole_conver
         # Killed while the reply streams on A, once a part of it is saved (marked interrupted until it ends).
         wait_for(lambda: interrupted_rows(database) > cut_before and replica_metrics(replicas.url(victim))[
             "turns_active"] >= 1, "the partial reply on the victim to be saved")
+        secrets = [browser_secrets(replicas.url(i)) for i in (victim, survivor)]
+        storage = page.evaluate(LOCAL_STORAGE)
         replicas.kill(victim)
         # The precondition, not the claim: the reply was still streaming when A died (its end clears the mark).
         assert interrupted_rows(database) > cut_before, "the reply had ended before the kill"
@@ -77,7 +90,9 @@ def test_a_replica_killed_mid_reply_is_replaced_by_another_with_the_whole_conver
         try:
             page.wait_for_function("() => document.querySelector('#chatbot').innerText.includes('interrupted')")
         except Exception as error:  # noqa: BLE001 - playwright's TimeoutError: say what the page and B had
-            raise AssertionError(diagnosis(page, console, replicas, survivor, database, tmp_path)) from error
+            raise AssertionError(f"browser-storage secrets of A, B: {secrets}; the page's local storage (key: length) "
+                                 f"before the kill {storage}, after the reload {page.evaluate(LOCAL_STORAGE)}; "
+                                 + diagnosis(page, console, replicas, survivor, database, tmp_path)) from error
         shown = page.inner_text("#chatbot")
         for text in ("Hello, my name is Ada.", "I live in Paris.", "Tell me a very long story."):
             assert text in shown, text
