@@ -98,6 +98,28 @@ def _decode(batch, convs, steps: int, step_fn) -> None:
         tokens = step_fn(tokens)
 
 
+def _joined(batch, model, args, rows: int, generator):
+    """`_conversations`, each joined to `batch`."""
+    convs = _conversations(model, args, rows, generator)
+    for conv, _ in convs:
+        batch.join(conv)
+    return convs
+
+
+def _timed_decode(batch, convs, args, step_fn) -> float:
+    """Seconds for `args.tokens` steps after `args.warmup` untimed ones (the device synchronized at both ends);
+    the rows then leave `batch`, so the next repeat starts empty."""
+    _decode(batch, convs, args.warmup, step_fn)
+    _sync(args.device)
+    began = time.perf_counter()
+    _decode(batch, convs, args.tokens, step_fn)
+    _sync(args.device)
+    elapsed = time.perf_counter() - began
+    for conv in list(batch.rows):
+        batch.leave(conv, keep=False)
+    return elapsed
+
+
 def run_static(model, args, rows: int, generator, state: dict) -> float:
     """Seconds for `args.tokens` steps of `rows` rows through the static step (graphs per `--cuda-graphs`)."""
     from streaming_engine.cuda_graphs import GraphedDecodeStep, StaticStepConfig
@@ -111,22 +133,13 @@ def run_static(model, args, rows: int, generator, state: dict) -> float:
         state["sampler"] = DeviceSampler(rows, step.device)  # all rows greedy
     graphed, sampler = state["graphed"], state["sampler"]
     batch = graphed.step.cache
-    convs = _conversations(model, args, rows, generator)
-    for conv, _ in convs:
-        batch.join(conv)
+    convs = _joined(batch, model, args, rows, generator)
 
     def step_fn(tokens):
         return sampler.sample(graphed(tokens)).tolist()  # the one device->host copy per step
 
-    _decode(batch, convs, args.warmup, step_fn)
-    _sync(args.device)
-    began = time.perf_counter()
-    _decode(batch, convs, args.tokens, step_fn)
-    _sync(args.device)
-    elapsed = time.perf_counter() - began
+    elapsed = _timed_decode(batch, convs, args, step_fn)
     state["captured"] = graphed.captured
-    for conv in list(batch.rows):
-        batch.leave(conv, keep=False)
     return elapsed
 
 
@@ -144,24 +157,15 @@ def run_static_overlap(model, args, rows: int, generator, state: dict) -> float:
         state["overlapped"] = OverlappedDecodeStep(graphed, cache.rows_allocated, step.device)
     overlapped = state["overlapped"]
     batch = overlapped.cache
-    convs = _conversations(model, args, rows, generator)
-    for conv, _ in convs:
-        batch.join(conv)
+    convs = _joined(batch, model, args, rows, generator)
     samplings = [RowSampling(None, [], seed=0) for _ in convs]  # greedy, drawn on the device
 
     def step_fn(tokens):
         return overlapped.decode(tokens, samplings)[1]
 
-    _decode(batch, convs, args.warmup, step_fn)
-    _sync(args.device)
-    began = time.perf_counter()
-    _decode(batch, convs, args.tokens, step_fn)
-    _sync(args.device)
-    elapsed = time.perf_counter() - began
+    elapsed = _timed_decode(batch, convs, args, step_fn)
     state["captured"] = overlapped.step.captured
     state["taken"], state["taken_back"] = overlapped.taken, overlapped.taken_back
-    for conv in list(batch.rows):
-        batch.leave(conv, keep=False)
     return elapsed
 
 
@@ -197,9 +201,7 @@ def run_static_compile(model, args, rows: int, generator, state: dict) -> float:
         state["sampler"] = DeviceSampler(rows, state["graphed"].step.device)
     graphed, sampler = state["graphed"], state["sampler"]
     batch = graphed.step.cache
-    convs = _conversations(model, args, rows, generator)
-    for conv, _ in convs:
-        batch.join(conv)
+    convs = _joined(batch, model, args, rows, generator)
 
     def step_fn(tokens):
         return sampler.sample(graphed(tokens)).tolist()
@@ -210,15 +212,7 @@ def run_static_compile(model, args, rows: int, generator, state: dict) -> float:
         _decode(batch, convs, 1, step_fn)
         _sync(args.device)
         state["compile_s"] = time.perf_counter() - began
-    _decode(batch, convs, args.warmup, step_fn)
-    _sync(args.device)
-    began = time.perf_counter()
-    _decode(batch, convs, args.tokens, step_fn)
-    _sync(args.device)
-    elapsed = time.perf_counter() - began
-    for conv in list(batch.rows):
-        batch.leave(conv, keep=False)
-    return elapsed
+    return _timed_decode(batch, convs, args, step_fn)
 
 
 def run_eager(model, args, rows: int, generator, state: dict) -> float:
@@ -226,22 +220,12 @@ def run_eager(model, args, rows: int, generator, state: dict) -> float:
     from streaming_engine.generation import forward_batch
 
     batch = BatchedSinkCache(max_batch=rows)
-    convs = _conversations(model, args, rows, generator)
-    for conv, _ in convs:
-        batch.join(conv)
+    convs = _joined(batch, model, args, rows, generator)
 
     def step_fn(tokens):
         return forward_batch(model, batch, tokens).argmax(dim=-1).tolist()
 
-    _decode(batch, convs, args.warmup, step_fn)
-    _sync(args.device)
-    began = time.perf_counter()
-    _decode(batch, convs, args.tokens, step_fn)
-    _sync(args.device)
-    elapsed = time.perf_counter() - began
-    for conv in list(batch.rows):
-        batch.leave(conv, keep=False)
-    return elapsed
+    return _timed_decode(batch, convs, args, step_fn)
 
 
 def run_generate(model, args, rows: int, generator, state: dict) -> float:

@@ -299,7 +299,7 @@ class Conversations:
         if refusal(events) is None:
             # Saved as soon as the turn is accepted, not at its first token: a crash during a long prefill (or
             # before the worker took the turn) must not lose the user's message (issue 28, item 6).
-            self._persist_accepted(token, sid, before, message)
+            self._persist(token, sid, before + 1, message=message)
         saving = self._saving(token, sid, before, events, existed)
         next(saving)  # into its `try`: from here on, closing it saves the outcome
         return saving
@@ -316,7 +316,7 @@ class Conversations:
                     # ahead (its history can already hold the finished reply), which is saved when the turn ends.
                     if not started:  # the whole conversation once more: heals a write at acceptance that failed
                         started, last_save = True, time.monotonic()
-                        self._persist_partial(token, sid, before, reply)
+                        self._persist(token, sid, before + 1, reply=reply)
                     elif time.monotonic() - last_save >= self.partial_save_interval_s:
                         last_save = time.monotonic()
                         self._guarded(token, self.store.save_partial, token, reply)
@@ -326,23 +326,18 @@ class Conversations:
         finally:
             self._after_turn(token, sid, before, ended, started, reply, existed)
 
-    def _persist_partial(self, token: str, sid: str, before: int, reply: str) -> None:
-        """Store the conversation up to the turn's user message, then the reply so far marked interrupted."""
-        history = self.engine.history(sid)
-        system = history[0]["content"] if history and history[0]["role"] == "system" else None
-        messages = self.messages(token, sid)[: before + 1] + [
-            {"role": "assistant", "content": reply, "interrupted": True}]
-        self._guarded(token, self.store.replace, token, messages, system_prompt=system, title=auto_title(messages))
-
-    def _persist_accepted(self, token: str, sid: str, before: int, message: str) -> None:
-        """Store the conversation with the accepted user message. The worker appends it to the session's history
-        when it starts the turn, which may or may not have happened yet: add it here when it is not there."""
-        history = self.engine.history(sid)
-        system = history[0]["content"] if history and history[0]["role"] == "system" else None
-        messages = self.messages(token, sid)[: before + 1]
-        if len(messages) == before:
+    def _persist(self, token: str, sid: str, upto: int | None = None, *, message: str | None = None,
+                 reply: str | None = None) -> None:
+        """Store the conversation (all of it, or its first `upto` messages) with its system prompt and title.
+        `message`: the turn's accepted user message, added when the worker has not yet appended it to the session's
+        history (it does so when it starts the turn). `reply`: the reply so far, stored marked interrupted."""
+        messages = self.messages(token, sid)[:upto]
+        if message is not None and upto is not None and len(messages) == upto - 1:
             messages.append({"role": "user", "content": clean_text(message)})
-        self._guarded(token, self.store.replace, token, messages, system_prompt=system, title=auto_title(messages))
+        if reply is not None:
+            messages.append({"role": "assistant", "content": reply, "interrupted": True})
+        self._guarded(token, self.store.replace, token, messages, system_prompt=self._system_prompt(sid),
+                      title=auto_title(messages))
 
     def _after_turn(self, token: str, sid: str, before: int, ended, started: bool, reply: str,
                     existed: bool = True) -> None:
@@ -402,12 +397,6 @@ class Conversations:
                 self.engine.stop(sid)
             except KeyError:
                 pass
-
-    def _persist(self, token: str, sid: str) -> None:
-        history = self.engine.history(sid)
-        system = history[0]["content"] if history and history[0]["role"] == "system" else None
-        messages = self.messages(token, sid)
-        self._guarded(token, self.store.replace, token, messages, system_prompt=system, title=auto_title(messages))
 
     def _guarded(self, token: str, write, *args, **kwargs) -> None:
         try:
