@@ -68,6 +68,11 @@ class ConversationNotFound(KeyError):
         return str(self.args[0]) if self.args else "conversation not found"
 
 
+class ConversationUnavailable(ConversationNotFound):
+    """The conversation may well be stored, but the store cannot be asked now (its server is unreachable): a caller
+    that would forget a token it cannot open must keep this one (a browser's list survives a database restart)."""
+
+
 @dataclass
 class Deleted:
     """What an undoable delete keeps, in memory, until `UNDO_DELETE_S` after the delete."""
@@ -144,7 +149,8 @@ class Conversations:
     def open(self, token: str, *, owner: str | None = None, origin: str = "browser") -> Opened:
         """Re-attach to `token`'s live session, or re-create it from the store.
 
-        Raises `ConversationNotFound` (unknown token, or gone with persistence off), `EngineBusy` (a cap) and
+        Raises `ConversationNotFound` (unknown token, or gone with persistence off; `ConversationUnavailable` when
+        the store cannot be asked now), `EngineBusy` (a cap) and
         `ValueError` (a stored history the engine's current limits refuse)."""
         with self._lock:
             sid = self._live_session(token)
@@ -200,7 +206,7 @@ class Conversations:
         try:
             stored = self.store.load(token) if valid_token(token) else None
         except StoreError as exc:  # the database server is unreachable: the chat is there, just not now
-            raise ConversationNotFound(f"this conversation cannot be loaded now: {exc}") from None
+            raise ConversationUnavailable(f"this conversation cannot be loaded now: {exc}") from None
         except sqlite3.DatabaseError as exc:  # a corrupted file: this chat is lost, the others keep working
             self._broken(exc)
             raise ConversationNotFound("this conversation cannot be read from the damaged chat database; "
@@ -558,14 +564,19 @@ class Conversations:
 
     def list(self, tokens: Iterable[str]) -> list[ConversationSummary]:
         """The stored conversations among the tokens a browser holds, newest first; none when the database is
-        unreadable (corrupted under the running app): the chat tab keeps working, /health says why."""
+        unreadable (corrupted under the running app) or unreachable: the chat tab keeps working, /health says why."""
+        return self.listing(tokens) or []
+
+    def listing(self, tokens: Iterable[str]) -> list[ConversationSummary] | None:
+        """`list`, but None when the store could not answer: then a token missing from the answer proves nothing,
+        and nothing may be forgotten on its word."""
         try:
             return self.store.list(tokens)
         except sqlite3.DatabaseError as exc:
             self._broken(exc)
-            return []
-        except StoreError:  # unreachable (file_problem says so): an empty list until the server is back
-            return []
+            return None
+        except StoreError:  # unreachable (file_problem says so) until the server is back
+            return None
 
     def _broken(self, exc: Exception) -> None:
         logger.warning("the chat database cannot be read: %s", exc)

@@ -21,7 +21,7 @@ from chat_page import GREEDY_INPUTS, SKIP, Page
 from streaming_engine import MODES, EngineConfig, StreamingEngine
 from streaming_engine.conversations import Conversations
 from streaming_engine.history import MAX_HISTORY_BYTES
-from streaming_engine.store import ChatStore
+from streaming_engine.store import UNREACHABLE, ChatStore, StoreError
 from webui import chat_tab, compare_tab
 from webui.conversation_list import empty_record
 from webui.handlers import bind
@@ -284,6 +284,34 @@ def test_stale_or_forged_browser_records_are_ignored(conv, engine):
     page.load()
     assert page.chat == [] and page.record == empty_record() and page.listing["choices"] == []
     assert engine.session_ids() == []
+
+
+def test_a_reload_while_the_store_is_unreachable_forgets_no_conversation_of_the_browser(conv, monkeypatch):
+    """A replica whose database server is away cannot tell a missing conversation from one it cannot read: the page
+    load must then leave the browser's record alone (written back, it would lose the user's list for good) and show
+    everything once the store answers again."""
+    page = Page(conv)
+    page.send("The first chat.")
+    page.show(chat_tab.start_new_chat(conv, page.state, page.record))
+    page.send("The second chat.")
+    record = page.record
+    assert len(record["tokens"]) == 2
+    for token in record["tokens"]:
+        conv.release(token)  # a replica that holds neither: both must come from the store
+
+    def unreachable(*args, **kwargs):
+        raise StoreError("connection refused", code=UNREACHABLE)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(conv.store, "list", unreachable)
+        patch.setattr(conv.store, "load", unreachable)
+        away = Page(conv, record=record)
+        outputs = away.load()
+        assert outputs[3] == SKIP and away.record == record  # the browser keeps its whole record
+    back = Page(conv, record=record)
+    back.load()
+    assert back.token == record["current"] and back.texts("user") == ["The second chat."]
+    assert sorted(token for _, token in back.listing["choices"]) == sorted(record["tokens"])
 
 
 def test_an_interrupted_reply_is_marked_on_the_page(conv):

@@ -21,7 +21,13 @@ import time
 import gradio as gr
 
 from streaming_engine import EngineBusy
-from streaming_engine.conversations import UNDO_DELETE_S, ConversationNotFound, Conversations, Opened
+from streaming_engine.conversations import (
+    UNDO_DELETE_S,
+    ConversationNotFound,
+    Conversations,
+    ConversationUnavailable,
+    Opened,
+)
 from streaming_engine.engine import MAX_MESSAGE_CHARS
 from streaming_engine.sampling import MAX_NEW_TOKENS_LIMIT
 
@@ -64,6 +70,8 @@ CLEARED_NOTE = ("Cleared from the screen: the conversation is still in your list
 DELETED_NOTE = (f"Conversation deleted. Press \"Undo delete\" within {UNDO_DELETE_S / 60:g} minutes to bring it "
                 "back.")
 #: Said when the undo comes after the window (or after a restart), and the delete is final.
+STORE_UNAVAILABLE = ("Your saved conversations cannot be listed now: the chat database is unreachable. Your list is kept "
+                     "and comes back once the database does.")
 TOO_LATE_TO_UNDO = "Too late to undo: that conversation was deleted for good."
 #: Longest system prompt the settings box takes (the engine's own limit is far larger).
 MAX_SYSTEM_PROMPT_CHARS = 4000
@@ -352,13 +360,20 @@ def load_conversation(conversations, record, state, request: gr.Request = None):
     sent = browser_record(record)
     if (state or {}).get("token"):  # this page already shows one
         return unchanged()
-    items = summaries(conversations, sent)
-    alive = {s.token for s in items}
-    record = browser_record({"tokens": [t for t in sent["tokens"] if t in alive], "current": sent["current"]})
+    stored = conversations.listing(sent["tokens"])
+    items = summaries(conversations, sent, stored or [])
+    record = sent
+    if stored is None:  # the store cannot answer now: the browser keeps its whole list until it can
+        gr.Warning(STORE_UNAVAILABLE)
+    else:
+        alive = {s.token for s in items}
+        record = browser_record({"tokens": [t for t in sent["tokens"] if t in alive], "current": sent["current"]})
     opened = None
     if record["current"]:
         try:
             opened = conversations.open(record["current"], owner=owner_of(request))
+        except ConversationUnavailable as exc:  # kept in the record: it is back once the store is
+            gr.Warning(f"Could not reopen your conversation: {exc}")
         except ConversationNotFound:
             record = forget(record, record["current"])
         except (EngineBusy, ValueError) as exc:
@@ -391,6 +406,9 @@ def switch_conversation(conversations, token, state, record, request: gr.Request
         return unchanged()
     try:
         opened = conversations.open(token, owner=owner_of(request))
+    except ConversationUnavailable as exc:
+        gr.Warning(f"Could not open that conversation: {exc}")
+        return unchanged()[:4] + [list_update(conversations, record), SKIP, SKIP]
     except ConversationNotFound:
         gr.Warning("That conversation is no longer available.")
         record = forget(record, token)

@@ -53,10 +53,11 @@ def forget(record: dict, token: str | None) -> dict:
     return browser_record({"tokens": [t for t in record["tokens"] if t != token], "current": current})
 
 
-def summaries(conversations, record: dict) -> list[ConversationSummary]:
-    """The record's conversations that still exist, newest first: stored ones, then live unstored ones
-    (the current conversation first among those)."""
-    stored = conversations.list(record["tokens"])
+def summaries(conversations, record: dict, stored: list[ConversationSummary] | None = None
+              ) -> list[ConversationSummary]:
+    """The record's conversations that still exist, newest first: stored ones (`stored`, when the caller has
+    already asked the store), then live unstored ones (the current conversation first among those)."""
+    stored = conversations.list(record["tokens"]) if stored is None else stored
     known = {s.token for s in stored}
     live = []
     for token in dict.fromkeys([record["current"], *reversed(record["tokens"])]):
