@@ -25,6 +25,9 @@ from browser_util import (
 )
 from fronts import AFFINITY_COOKIE
 
+#: The page's local storage, each key with the length of its value (gradio's BrowserState keeps the record there).
+LOCAL_STORAGE = "() => Object.fromEntries(Object.entries(localStorage).map(([k, v]) => [k, v.length]))"
+
 CHROMIUM = find_chromium()
 TIMEOUT_MS = 120_000
 
@@ -130,6 +133,28 @@ def interrupted_rows(database_url: str) -> int:
 
     with psycopg.connect(database_url, autocommit=True) as conn:
         return conn.execute("SELECT count(*) FROM messages WHERE interrupted = 1").fetchone()[0]
+
+
+def browser_secrets(url: str) -> list[str]:
+    """The browser-storage secrets a replica's page config carries: a page moved to another replica can read what
+    it stored only if both hand out the same ones (they come from the shared database)."""
+    with urllib.request.urlopen(f"{url}/config", timeout=60) as response:
+        return sorted(set(re.findall(r'"secret": ?"([^"]+)"', response.read().decode())))
+
+
+def diagnosis(page, console: list[str], replicas, survivor: int, database: str, folder) -> str:
+    """What a failed wait saw: the page's chat and console, the stored rows, the survivor's log (a screenshot is
+    saved beside it), so that a failure on a CI machine can be explained from its output alone."""
+    import psycopg
+
+    page.screenshot(path=str(folder / "after-reload.png"), full_page=True)
+    with psycopg.connect(database, autocommit=True) as conn:
+        rows = conn.execute("SELECT token, seq, role, interrupted, length(content) FROM messages "
+                            "ORDER BY token, seq").fetchall()
+    log = (replicas.folder / f"replica-{survivor}.log").read_text(errors="replace")[-4000:]
+    return (f"'interrupted' never shown after the reload; url {page.url}\n"
+            f"chat: {page.inner_text('#chatbot')[-1500:]!r}\nconsole: {console[-20:]}\nstored rows: {rows}\n"
+            f"survivor's log (tail): {log}")
 
 
 def wait_for(condition, what: str, timeout_s: float = 300):

@@ -11,19 +11,25 @@ A tiny random model keeps it fast; what is checked is routing, storage and the c
 from __future__ import annotations
 
 import json
-import re
 import urllib.request
 
 import pytest
 from browser_util import gauge, reload_page, set_max_new_tokens, stop_app
 from fronts import AFFINITY_COOKIE, DEPLOY, FRONTS, SAMPLE_LISTEN_PORT, SAMPLE_PORTS
-from replica_cluster import chat, interrupted_rows, pin, pinned_page, replica_metrics, send, wait_for
+from replica_cluster import (
+    LOCAL_STORAGE,
+    browser_secrets,
+    chat,
+    diagnosis,
+    interrupted_rows,
+    pin,
+    pinned_page,
+    replica_metrics,
+    send,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.browser]
-
-#: The page's local storage, each key with the length of its value (gradio's BrowserState keeps the record there).
-LOCAL_STORAGE = "() => Object.fromEntries(Object.entries(localStorage).map(([k, v]) => [k, v.length]))"
-
 
 def api_chat(url: str, messages: list[dict]) -> dict:
     with urllib.request.urlopen(f"{url}/v1/models", timeout=60) as response:
@@ -33,28 +39,6 @@ def api_chat(url: str, messages: list[dict]) -> dict:
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
         return json.loads(response.read())
-
-
-def browser_secrets(url: str) -> list[str]:
-    """The browser-storage secrets a replica's page config carries: a page moved to another replica can read what
-    it stored only if both hand out the same ones (they come from the shared database)."""
-    with urllib.request.urlopen(f"{url}/config", timeout=60) as response:
-        return sorted(set(re.findall(r'"secret": ?"([^"]+)"', response.read().decode())))
-
-
-def diagnosis(page, console: list[str], replicas, survivor: int, database: str, folder) -> str:
-    """What a failed wait saw: the page's chat and console, the stored rows, the survivor's log (a screenshot is
-    saved beside it), so that a failure on a CI machine can be explained from its output alone."""
-    import psycopg
-
-    page.screenshot(path=str(folder / "after-reload.png"), full_page=True)
-    with psycopg.connect(database, autocommit=True) as conn:
-        rows = conn.execute("SELECT token, seq, role, interrupted, length(content) FROM messages "
-                            "ORDER BY token, seq").fetchall()
-    log = (replicas.folder / f"replica-{survivor}.log").read_text(errors="replace")[-4000:]
-    return (f"'interrupted' never shown after the reload; url {page.url}\n"
-            f"chat: {page.inner_text('#chatbot')[-1500:]!r}\nconsole: {console[-20:]}\nstored rows: {rows}\n"
-            f"survivor's log (tail): {log}")
 
 
 @FRONTS
