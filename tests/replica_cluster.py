@@ -142,9 +142,11 @@ def browser_secrets(url: str) -> list[str]:
         return sorted(set(re.findall(r'"secret": ?"([^"]+)"', response.read().decode())))
 
 
-def diagnosis(page, console: list[str], replicas, survivor: int, database: str, folder) -> str:
-    """What a failed wait saw: the page's chat and console, the stored rows, the survivor's log (a screenshot is
-    saved beside it), so that a failure on a CI machine can be explained from its output alone."""
+def diagnosis(page, console: list[str], replicas, survivor: int, database: str, folder,
+              what: str = "'interrupted' never shown after the reload") -> str:
+    """What a failed wait saw: the page's chat, notices, local storage and console, the stored rows, the survivor's
+    log (a screenshot is saved beside it), so that a failure on a CI machine can be explained from its output
+    alone."""
     import psycopg
 
     page.screenshot(path=str(folder / "after-reload.png"), full_page=True)
@@ -152,9 +154,11 @@ def diagnosis(page, console: list[str], replicas, survivor: int, database: str, 
         rows = conn.execute("SELECT token, seq, role, interrupted, length(content) FROM messages "
                             "ORDER BY token, seq").fetchall()
     log = (replicas.folder / f"replica-{survivor}.log").read_text(errors="replace")[-4000:]
-    return (f"'interrupted' never shown after the reload; url {page.url}\n"
-            f"chat: {page.inner_text('#chatbot')[-1500:]!r}\nconsole: {console[-20:]}\nstored rows: {rows}\n"
-            f"survivor's log (tail): {log}")
+    notices = page.evaluate("() => [...document.querySelectorAll('.toast-body')].map(e => e.innerText)")
+    return (f"{what}; url {page.url}\n"
+            f"chat: {page.inner_text('#chatbot')[-1500:]!r}\nnotices: {notices}\n"
+            f"local storage (key: length): {page.evaluate(LOCAL_STORAGE)}\nconsole: {console[-20:]}\n"
+            f"stored rows: {rows}\nsurvivor's log (tail): {log}")
 
 
 def wait_for(condition, what: str, timeout_s: float = 300):

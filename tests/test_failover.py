@@ -26,7 +26,7 @@ from collections import defaultdict
 import pytest
 from browser_util import gauge, reload_page, set_max_new_tokens, stop_app, wait_until_serving
 from fronts import nginx_front
-from replica_cluster import TIMEOUT_MS, interrupted_rows, pin, replica_metrics, send
+from replica_cluster import TIMEOUT_MS, diagnosis, interrupted_rows, pin, replica_metrics, send
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -61,6 +61,8 @@ class User:
         self.index, self.sent, self.url = index, [], url
         self.page = chromium.new_context(viewport={"width": 1200, "height": 900}).new_page()
         self.page.set_default_timeout(TIMEOUT_MS)
+        self.console: list[str] = []  # for a failure's diagnosis
+        self.page.on("console", lambda message: self.console.append(f"{message.type}: {message.text}"))
         self.page.goto(url)
         self.page.wait_for_selector("#msg textarea")
         set_max_new_tokens(self.page, REPLY_TOKENS)
@@ -108,7 +110,13 @@ def test_no_message_is_lost_over_repeated_kill_9_cycles_of_the_replica_holding_m
             kills_mid_reply += active > 0
             replicas.kill(victim)
             for user, at in zip(users, where):
-                user.carry_on(moved=at == victim)
+                try:
+                    user.carry_on(moved=at == victim)
+                except Exception as error:  # noqa: BLE001 - playwright's TimeoutError: say what the page had
+                    raise AssertionError(diagnosis(
+                        user.page, user.console, replicas, survivor, database, tmp_path,
+                        what=f"user {user.index} (moved: {at == victim}) in cycle {cycle}: its last turn never "
+                             f"showed, idle, on the page")) from error
                 moved_total += at == victim
                 assert pins.get(pin(user.page)) == survivor or at != victim  # re-pinned to the one that answered
             replicas.restart(victim)
