@@ -39,15 +39,20 @@ def page():
         browser.close()
 
 
+def send_all(page, prompts: list[str], turns_before: int = 0) -> None:
+    """Send each prompt once the previous reply has finished (the page idle at that turn count)."""
+    for turn, prompt in enumerate(prompts, turns_before + 1):
+        page.fill("#msg textarea", prompt)
+        page.click("#send")
+        wait_idle(page, "#gauges", turn)
+
+
 def test_after_enough_turns_the_first_message_is_shown_as_forgotten(page):
     page.click("text=Settings")
     page.fill("#system textarea", "You are Captain Lumen, a lighthouse keeper.")
     prompts = ["Hello, who are you?", "Tell me a story about a dragon.", "Describe the ocean in detail.",
                "Explain how rain forms, step by step."]
-    for turn, prompt in enumerate(prompts, 1):
-        page.fill("#msg textarea", prompt)
-        page.click("#send")
-        wait_idle(page, "#gauges", turn)
+    send_all(page, prompts)
     first_user = page.locator("#chatbot .user").first
     assert first_user.locator(".memory-gone").count() == 1
     assert "no longer in the model's memory" in first_user.inner_text()
@@ -65,10 +70,7 @@ def test_a_reply_that_recalled_an_evicted_fact_shows_the_recalled_marker_linking
     prompts = ["Remember this: my locker code is 4471.", "Tell me a story about a dragon.",
                "Describe the ocean in detail.", "Explain how rain forms, step by step.",
                "What is my locker code?"]
-    for turn, prompt in enumerate(prompts, 1):
-        page.fill("#msg textarea", prompt)
-        page.click("#send")
-        wait_idle(page, "#gauges", turn)
+    send_all(page, prompts)
     first_user = page.locator("#chatbot .user").first
     assert first_user.locator(".memory-gone, .memory-partial").count() == 1  # the fact left the cache
     reply = page.locator("#chatbot .bot").last
@@ -83,9 +85,7 @@ def test_a_reply_that_recalled_an_evicted_fact_shows_the_recalled_marker_linking
     if not page.locator("#recall input").is_visible():  # inside the Settings accordion, closed on a fresh page
         page.get_by_text("Settings", exact=True).click()
     page.click("#recall input")
-    page.fill("#msg textarea", "Once more: what is my locker code?")
-    page.click("#send")
-    wait_idle(page, "#gauges", len(prompts) + 1)
+    send_all(page, ["Once more: what is my locker code?"], turns_before=len(prompts))
     assert gauge(page, "recalled_tokens") == 0
     assert page.locator("#chatbot .bot").last.locator(".memory-recalled").count() == 0
     page.screenshot(path=str(ARTIFACTS / "chat-recalled.png"), full_page=True)
