@@ -5,6 +5,9 @@ Public API: `StartRecentKVCache`, `enable_streaming_llm`, `load`, `SUPPORTED_FAM
 package never imports gradio; the web UI lives in `webui/`, composed by `app.py`.
 """
 
+import importlib
+
+
 # Each public name is imported from its module on first use (PEP 562), not here: importing the package (e.g. for
 # `streaming_engine.defaults` under `--help`) must not pull in torch and transformers, which take seconds.
 _EXPORTS = {
@@ -27,8 +30,6 @@ def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # later look-ups skip this function
     return value

