@@ -216,13 +216,14 @@ from benchmarks.probe import tiny_engine
 data_dir, round_ = sys.argv[1], int(sys.argv[2])
 engine = tiny_engine(max_new_tokens=64)
 conv = Conversations(engine, ChatStore.open(data_dir))
-accepted = conv._persist_accepted
+persist = conv._persist
 
-def announce(token, sid, before, message):
-    accepted(token, sid, before, message)
-    print("ACCEPTED", token, flush=True)  # the app has told the user the message was taken
+def announce(token, sid, upto=None, **kwargs):
+    persist(token, sid, upto, **kwargs)
+    if kwargs.get("message") is not None:  # the write at acceptance
+        print("ACCEPTED", token, flush=True)  # the app has told the user the message was taken
 
-conv._persist_accepted = announce
+conv._persist = announce
 opened = conv.start()
 history = [{"role": r, "content": "a long earlier message " * 40} for r in ["user", "assistant"] * 20]
 engine._get(opened.session_id).load_history(history)  # a long prefill: the kill lands before the first token
