@@ -234,6 +234,9 @@ class StreamingEngine:
         self._sessions: dict[str, Session] = {}
         self._tags: dict[str, SessionTag] = {}  # session id -> who holds it (same keys as `_sessions`)
         self._lock = threading.Lock()
+        #: The time idleness is judged at, and new sessions stamp their activity with (monotonic seconds): a test
+        #: moves it on instead of sleeping.
+        self.clock = time.monotonic
 
     @property
     def decode_path(self) -> str:
@@ -352,6 +355,7 @@ class StreamingEngine:
             pin_system=pin_system,
             recall_budget=check_budget(self.recall_budget_for(mode, recent) if recall_budget is None
                                        else recall_budget, recent),
+            clock=self.clock,  # a plain function (a session is pickled for the ZeroGPU handoff)
         )
 
     def recall_budget_for(self, mode: str, recent_size: int) -> int:
@@ -497,7 +501,7 @@ class StreamingEngine:
             return self._close_idle_locked()
 
     def _close_idle_locked(self) -> int:
-        now = time.monotonic()
+        now = self.clock()
         timeout = {"browser": self.config.idle_timeout_s, "api": self.config.api_idle_timeout_s}
         stale = [
             sid

@@ -126,6 +126,13 @@ class SessionView:
     stream_text: str
     recent_ids: tuple[int, ...]
     cache: object
+    #: The messages as the model was given them (system prompt first when there is one, a recalled block quoted
+    #: into its user message), aligned with `StreamingEngine.history`, which keeps what was typed.
+    fed: tuple[dict, ...]
+    #: Where each message's tokens sit in the stream: parallel to the history (None: never fed), and the system
+    #: prompt's (None without one).
+    spans: tuple
+    system_span: object | None
 
 
 def refused(text: str, code: EventCode, stats: dict | None = None) -> Event:
@@ -161,6 +168,7 @@ class Session:
         chunk_size: int,
         pin_system: bool = False,
         recall_budget: int = 0,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.id = session_id
         self.mode = mode
@@ -193,7 +201,8 @@ class Session:
         self.current = None  # the running TurnHandle, if any
         self.owner: str | None = None  # who opened it, e.g. "openai" for the HTTP API (see engine.find_conversation)
         self.lock = threading.Lock()
-        self.last_active = time.monotonic()
+        self.clock = clock  # stamps `last_active` (the engine's, so that a test can move time on)
+        self.last_active = clock()
         self.time_to_first_token_s: float | None = None
         self.tokens_per_s: float | None = None
         self.last_token_latency_s: float | None = None
@@ -226,7 +235,8 @@ class Session:
         turn = self.current
         return SessionView(self.id, self.mode, self.owner, self.status, turn,
                            turn is not None and not turn.finished.is_set(), self.turns, self.last_active,
-                           self.stream_text, tuple(self.recent_ids), self.cache)
+                           self.stream_text, tuple(self.recent_ids), self.cache, tuple(self.template_messages()),
+                           tuple(self.spans), self.system_span)
 
     def _refresh_memory(self) -> None:
         """Recompute the memory map from the cache's stream positions (worker thread, or an idle session)."""
@@ -431,7 +441,7 @@ class Session:
         if plan is None:
             plan = self.plan_turn(rt, message)
         started = time.perf_counter()
-        self.last_active = time.monotonic()
+        self.last_active = self.clock()
         self.turns += 1
         self.reply_tokens = 0
         self.time_to_first_token_s = self.tokens_per_s = self.last_token_latency_s = None
@@ -523,7 +533,7 @@ class Session:
                 code="failed",
             )
         finally:
-            self.last_active = time.monotonic()
+            self.last_active = self.clock()
 
     def _final(self, text: str, reason: str) -> Event:
         if reason == "context_full":

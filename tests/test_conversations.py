@@ -89,8 +89,8 @@ def test_after_a_restart_the_conversation_continues_with_its_earlier_content_in_
     assert [m["content"] for m in opened.messages] == [m["content"] for m in json.loads(exported)["messages"]]
     assert opened.title == "My cat is called Zanzibar."
     reply = say(second, token, "What is her name?")
-    session = second.engine._get(opened.session_id)
-    assert "Zanzibar" in session.stream_text and session.stats()["seen_tokens"] > 40
+    session = second.engine.session(opened.session_id)
+    assert "Zanzibar" in session.stream_text and second.engine.stats(opened.session_id)["seen_tokens"] > 40
     # Exactly what restoring the downloaded history gives.
     restored = second.engine.restore(exported)
     events = list(second.engine.chat(restored, "What is her name?", max_new_tokens=4, **GREEDY))
@@ -252,8 +252,9 @@ def test_a_session_closed_for_idleness_is_recreated_from_the_store_on_the_next_m
     opened = conversations.start()
     say(conversations, opened.token, "The password is swordfish.")
     assert conversations.engine.close_idle() == 0  # just used: not idle
-    conversations.engine._get(opened.session_id).last_active -= 120  # idle twice the timeout, without a sleep
+    conversations.engine.clock = lambda: time.monotonic() + 120  # idle twice the timeout, without a sleep
     assert conversations.engine.close_idle() == 1
+    conversations.engine.clock = time.monotonic
     say(conversations, opened.token, "What was the password?")
     sid = conversations.open(opened.token).session_id
     assert sid != opened.session_id and "swordfish" in conversations.engine.session(sid).stream_text

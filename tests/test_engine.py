@@ -85,8 +85,8 @@ def test_engine_stream_text_matches_the_template_render(tiny_chat_model, default
     sid = engine.new_session(system_prompt="You are terse.")
     for question in ["Hi there", "What now?", "Bye"]:
         run(engine, sid, question, max_new_tokens=6, **GREEDY)
-    session = engine._get(sid)
-    rendered = ChatTemplater(default_tokenizer).render(session.template_messages(), add_generation_prompt=False)
+    session = engine.session(sid)
+    rendered = ChatTemplater(default_tokenizer).render(list(session.fed), add_generation_prompt=False)
     # Everything fed or pending so far is a prefix of the whole conversation as the template writes it.
     assert rendered.startswith(session.stream_text)
 

@@ -50,9 +50,8 @@ def test_api_sessions_are_reaped_sooner_than_browser_sessions(tiny_chat_model, d
     api = engine.new_session(owner="x", origin="api")
     cache = engine.session(api).cache
     assert list(engine.chat(api, "hi", max_new_tokens=2, **GREEDY))[-1].kind == "done"
-    # Both sessions age past the API timeout but not the browser one (no sleep: their last activity is moved back).
-    for sid in (browser, api):
-        engine._get(sid).last_active -= 120
+    # Both sessions age past the API timeout but not the browser one (no sleep: the engine's clock is moved on).
+    engine.clock = lambda: time.monotonic() + 120
     engine.new_session(owner="x")  # creating a session reaps first: the idle API session's slot is reused
     assert api not in engine.session_ids() and browser in engine.session_ids()
     assert cache.kv_bytes() == 0 and engine.open_sessions("x") == 2

@@ -26,11 +26,11 @@ def chat(engine, sid, message, max_new_tokens=12):
 
 def check_map_against_stream_positions(engine, sid):
     """The memory map's counts are the cache's stream positions, message by message."""
-    session = engine._get(sid)
+    session = engine.session(sid)
     held = session.cache.stream_positions
     entries = engine.memory_map(sid)
     assert [e["role"] for e in entries] == [m["role"] for m in engine.history(sid)]
-    spans = ([session.system_span] if session.system_prompt else []) + session.spans
+    spans = ([session.system_span] if session.system_span is not None else []) + list(session.spans)
     for entry, span in zip(entries, spans):
         if span is None:
             assert entry == {"role": entry["role"], "tokens": None, "held": 0, "state": "gone"}
@@ -54,7 +54,7 @@ def test_a_pinned_system_prompt_outlives_every_turn_and_the_map_agrees_with_stre
             assert event.stats["pinned_tokens"] == pinned
         entries = check_map_against_stream_positions(engine, sid)
         assert entries[0] == {"role": "system", "tokens": pinned, "held": pinned, "state": "full"}
-    session = engine._get(sid)
+    session = engine.session(sid)
     assert session.cache.stream_positions[:pinned] == list(range(pinned))
     stats = engine.stats(sid)
     assert stats["evicted_tokens"] > 200 and stats["eviction"] == eviction

@@ -110,7 +110,7 @@ def test_beside_a_decoding_chat_a_paste_gets_its_share_of_passes_and_the_same_re
     one_second_per_pass(engine)
     passes, out = [], {}
     chatter, talker = start_talking(engine, out)
-    chat_handle = engine._get(chatter).current
+    chat_handle = engine.session(chatter).turn
     engine.scheduler.on_pass = lambda kind, handles: passes.append((kind, list(handles)))
     paster = engine.new_session()
     final = list(engine.chat(paster, PASTE, max_new_tokens=4, **GREEDY))[-1]
@@ -141,10 +141,10 @@ def test_a_new_turn_goes_in_whole_before_a_long_paste_s_next_slice(tiny_chat_mod
         if len(paste_slices) == 3 and "events" not in newcomer:  # mid-paste, from the worker itself: no race
             newcomer["at"] = len(passes)
             newcomer["events"] = engine.start_chat(late, "Hello there", max_new_tokens=3, **GREEDY)
-            newcomer["handle"] = engine._get(late).current
+            newcomer["handle"] = engine.session(late).turn
 
     paste_events = engine.start_chat(paster, PASTE, max_new_tokens=2, **GREEDY)
-    paste = engine._get(paster).current
+    paste = engine.session(paster).turn
     engine.scheduler.on_pass = on_pass
     final = list(paste_events)[-1]
     late_final = list(newcomer["events"])[-1]

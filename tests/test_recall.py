@@ -204,9 +204,9 @@ def talk_until_the_fact_is_gone(engine, sid, fact=FACT):
 
 def recall_block_of(engine, sid) -> str:
     """The recall block the latest user turn fed (the model's copy of the message minus what was typed)."""
-    session = engine._get(sid)
-    k = max(i for i, m in enumerate(session.history) if m["role"] == "user")
-    raw, typed = session._raw[k]["content"], session.history[k]["content"]
+    fed, typed_messages = engine.session(sid).fed, engine.history(sid)  # both with the system prompt first
+    k = max(i for i, m in enumerate(typed_messages) if m["role"] == "user")
+    raw, typed = fed[k]["content"], typed_messages[k]["content"]
     assert raw.endswith(typed)
     return raw[: len(raw) - len(typed)]
 

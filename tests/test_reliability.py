@@ -65,12 +65,15 @@ def test_too_many_running_replies_get_a_polite_busy_message(tiny_chat_model, def
 
 def test_idle_sessions_are_closed_and_their_cache_freed(tiny_chat_model, default_tokenizer):
     engine = engine_for(tiny_chat_model, default_tokenizer, idle_timeout_s=60)
+    now = [time.monotonic()]
+    engine.clock = lambda: now[0]  # time moves only when the test says so: no sleep
     sid, fresh = engine.new_session(), engine.new_session()
     final_event(engine, sid, "hello", max_new_tokens=3)
     cache = engine.session(sid).cache
     assert cache.kv_bytes() > 0
     assert engine.close_idle() == 0  # just used: not idle
-    engine._get(sid).last_active -= 120  # idle for twice the timeout (moved back instead of slept)
+    now[0] += 120  # twice the timeout later,
+    final_event(engine, fresh, "hello", max_new_tokens=2)  # with only the other session used meanwhile
     assert engine.close_idle() == 1 and sid not in engine.session_ids() and fresh in engine.session_ids()
     assert cache.kv_bytes() == 0
     events = list(engine.chat(sid, "still there?"))
