@@ -86,6 +86,18 @@ def test_send_streams_a_reply_then_settles_with_idle_gauges_and_a_stored_convers
     assert len(page.chat) == 4 and len(conv.store.load(page.token).messages) == 4  # the same conversation goes on
 
 
+def test_every_turn_ends_by_writing_the_browser_record_so_a_lost_write_is_repaired(conv):
+    """Gradio's BrowserState can drop an update that reaches a page before the component mounts; the record then
+    stays empty in local storage, and a reload would open an empty chat. Each turn's last update carries it."""
+    page = Page(conv)
+    first = page.send("Hello")
+    wanted = {"tokens": [page.token], "current": page.token}
+    assert first[0][4] == wanted and first[-1][4] == wanted  # at the start (a new chat) and once more at the end
+    page.record = empty_record()  # the page lost it
+    again = page.send("Again")
+    assert again[-1][4] == wanted and page.record == wanted and len(conv.store.load(page.token).messages) == 4
+
+
 def test_a_reply_that_recalled_an_evicted_message_is_marked_and_the_switch_turns_recall_off(conv, engine):
     from test_recall import FACT, QUESTION, TOPICS
 

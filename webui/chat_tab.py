@@ -237,7 +237,10 @@ def stream_turn(conversations, message, messages, state, record, system_prompt, 
                                          recall=not state.pop("recall_off", False), **sizes)
             token = state["token"] = opened.token
             TABS.show(tab_of(request), token, conversations.release)
-            record = remember(record, token)
+        # Every turn re-asserts the browser's record, not only a new chat's first: gradio's BrowserState can lose
+        # an update that reaches the page before the component has mounted (its mount then reloads local
+        # storage over it), and a record lost that way would otherwise stay lost for the whole conversation.
+        record = remember(record, token)
     except (EngineBusy, ValueError) as exc:
         gr.Warning(str(exc))
         yield messages, message, SKIP, state, SKIP, SKIP
@@ -289,8 +292,9 @@ def _streamed(events, conversations, token, messages, shown, message, from_box, 
     problem = conversations.save_error(token)
     if problem:
         gr.Warning(problem)
-    if taken:  # the turn is saved now (the conversation saves once its stream ends): list its new title and count
-        yield messages, SKIP, gauges, state, SKIP, list_update(conversations, record)
+    if taken:  # the turn is saved now (the conversation saves once its stream ends): list its new title and count,
+        # and send the record again: the page has surely mounted by now, so a first write it lost is repaired
+        yield messages, SKIP, gauges, state, record, list_update(conversations, record)
 
 
 def respond(conversations, message, messages, state, record, system_prompt, temp, p, k, new_tokens, rep,
