@@ -7,7 +7,6 @@ package never imports gradio; the web UI lives in `webui/`, composed by `app.py`
 
 import importlib
 
-
 # Each public name is imported from its module on first use (PEP 562), not here: importing the package (e.g. for
 # `streaming_engine.defaults` under `--help`) must not pull in torch and transformers, which take seconds.
 _EXPORTS = {

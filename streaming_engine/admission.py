@@ -18,7 +18,6 @@ import threading
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
-
 #: Replies one client may have running at once through a gate (the OpenAI API's); more of its requests wait. Each
 #: running reply is a row of every decode step, so this bounds how much one client slows the others: on the test
 #: CPU (1 thread, default model) 4 rows beside a victim measured 1.70x its time per token alone

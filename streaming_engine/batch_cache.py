@@ -46,6 +46,7 @@ from transformers.cache_utils import Cache
 
 from .cache import StartRecentKVCache
 from .positions import rotation_for_offset, shift_keys
+from .validate import check_int
 
 #: Rows allocated when the first conversation joins; the buffers double up to `max_batch` as more join.
 INITIAL_ROWS = 4
@@ -179,8 +180,7 @@ class BatchedSinkCache(Cache):
     pass it as the model's cache together with `attention_mask=step_mask` from `begin_step`."""
 
     def __init__(self, max_batch: int):
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        check_int("max_batch", max_batch, 1)
         super().__init__(layers=[])
         self.max_batch = max_batch
         self.rows: list[ConversationCache] = []

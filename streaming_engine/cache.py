@@ -30,11 +30,11 @@ import warnings
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .checks import check_int
 from .defaults import DEFAULT_RECENT_SIZE, DEFAULT_START_SIZE  # noqa: F401  (their home is defaults.py)
 from .eviction import ProtectedHead, check_evict_block, check_policy
 from .families import SHARED_ROPE
 from .positions import rotation_for_offset, shift_keys
+from .validate import check_int
 
 
 class StartRecentKVCache(ProtectedHead, Cache):

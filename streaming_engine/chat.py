@@ -17,6 +17,7 @@ from pathlib import Path
 # Only torch-free modules here: `--help` must answer at once. The engine, the loader and torch are imported by
 # `main` once the flags are read.
 from .backends import BACKENDS, backend_line, choose_backend
+from .cli_options import add_decode_args, add_placement_args, decode_kwargs, placement_kwargs
 from .defaults import (
     DEFAULT_EVICTION,
     DEFAULT_MODEL_NAME,
@@ -27,7 +28,6 @@ from .defaults import (
     RECALL_MIN_BUDGET,
 )
 from .eviction import DEFAULT_EVICT_BLOCK, EVICTION_POLICIES
-from .cli_options import add_decode_args, add_placement_args, decode_kwargs, placement_kwargs
 from .prompts import jsonl_records
 
 

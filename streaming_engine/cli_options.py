@@ -10,8 +10,15 @@ from __future__ import annotations
 import argparse
 from typing import Mapping
 
-from .defaults import (CUDA_GRAPH_MODES, DECODE_STEPS, DEFAULT_CUDA_GRAPHS, DEFAULT_DECODE_STEP, DEFAULT_OVERLAP,
-                       DEVICE_MAP_STRATEGIES, OVERLAP_MODES)
+from .defaults import (
+    CUDA_GRAPH_MODES,
+    DECODE_STEPS,
+    DEFAULT_CUDA_GRAPHS,
+    DEFAULT_DECODE_STEP,
+    DEFAULT_OVERLAP,
+    DEVICE_MAP_STRATEGIES,
+    OVERLAP_MODES,
+)
 
 
 def add_placement_args(p: argparse.ArgumentParser) -> None:

@@ -38,12 +38,12 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from .checks import check_number
 from .defaults import PARTIAL_SAVE_INTERVAL_S
-from .engine import EngineBusy, StreamingEngine, clean_text, refusal
+from .engine import EngineBusy, StreamingEngine, refusal
 from .history import parse_history
 from .session import Event
 from .store import UNREACHABLE, ConversationStore, ConversationSummary, StoreError, StoreFull, new_token, valid_token
+from .validate import check_bool, check_number, clean_text
 
 logger = logging.getLogger(__name__)
 
@@ -266,8 +266,7 @@ class Conversations:
         """The per-conversation recall switch: off, no evicted message is quoted back into this conversation's
         turns; on, its session's default budget (`StreamingEngine.set_recall_budget`). Applies from the next turn
         and to the session re-created for it later in this process."""
-        if not isinstance(enabled, bool):
-            raise ValueError(f"recall must be True or False, got {enabled!r}")
+        check_bool("recall", enabled)
         with self._lock:
             (self._recall_off.discard if enabled else self._recall_off.add)(token)
             sid = self._live.get(token)

@@ -24,6 +24,7 @@ import torch
 
 from .defaults import CUDA_GRAPH_MODES, DEFAULT_CUDA_GRAPHS  # their home: defaults.py (torch-free, for --help)
 from .static_step import StaticDecodeStep
+from .validate import check_choice, check_int
 
 #: `CudaGraphsUnavailable.code`.
 CUDA_GRAPHS_UNAVAILABLE = "cuda_graphs_unavailable"
@@ -47,10 +48,8 @@ class StaticStepConfig:
     warmup: int = 2
 
     def __post_init__(self):
-        if self.cuda_graphs not in CUDA_GRAPH_MODES:
-            raise ValueError(f"cuda_graphs must be one of {', '.join(CUDA_GRAPH_MODES)}; got {self.cuda_graphs!r}")
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 1:
-            raise ValueError(f"warmup must be an integer >= 1, got {self.warmup!r}")
+        check_choice("cuda_graphs", self.cuda_graphs, CUDA_GRAPH_MODES)
+        check_int("warmup", self.warmup, 1)
         if self.cuda_graphs == "on" and not torch.cuda.is_available():
             raise CudaGraphsUnavailable("cuda_graphs='on' needs CUDA, and torch sees no CUDA device")
 

@@ -40,6 +40,7 @@ from typing import Sequence
 import torch
 
 from .sampling import MAX_SEED, PENALTY_WINDOW
+from .validate import check_int
 
 _MASK32 = 0xFFFFFFFF
 # Odd multipliers below 2**31 (so a 32-bit value times one stays inside int64): Wellons' lowbias32 first
@@ -140,9 +141,8 @@ class DeviceSampler:
     """
 
     def __init__(self, rows: int, device: torch.device | str = "cpu", window: int = PENALTY_WINDOW):
-        for name, value in (("rows", rows), ("window", window)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_int("rows", rows, 1)
+        check_int("window", window, 1)
         self.rows, self.window = rows, window
         self.device = torch.device(device)
         self.temperature = torch.zeros(rows, device=self.device)  # [rows] float32, 0 = greedy

@@ -22,28 +22,36 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-from .apivalidate import SESSION_ID_MAX_CHARS, preview
 from .backends.factory import backend_for
 from .cache import DEFAULT_RECENT_SIZE, DEFAULT_START_SIZE
-from .checks import check_int, check_number
 from .counters import EngineCounters
 from .cuda_graphs import StaticStepConfig
 from .eviction import EVICTION_POLICIES, block_for, check_evict_block, check_policy
 from .families import check_cache_size, check_supported
 from .handoff import SessionState, adopt, capture
-from .history import MAX_HISTORY_MESSAGES, dump_history, parse_history
+from .history import dump_history, parse_history
 from .recall import check_budget, default_budget
 from .sampling import SamplingDefaults, SamplingParams
 from .scheduler import SCHEDULERS, TurnHandle
 from .session import BUSY_REFUSAL, MODES, RUNNING_REFUSAL, Event, Runtime, Session, SessionView, refused
 from .templating import ChatTemplater
+from .validate import (  # noqa: F401  (MAX_MESSAGE_CHARS, MAX_OWNER_CHARS, clean_text: re-exported)
+    MAX_MESSAGE_CHARS,
+    MAX_OWNER_CHARS,
+    SESSION_ID_MAX_CHARS,
+    check_bool,
+    check_choice,
+    check_int,
+    check_messages,
+    check_number,
+    check_owner,
+    check_text,
+    clean_text,
+    preview,
+)
 
-#: Longest accepted user message or system prompt, in characters (a 200,000-character paste must work).
-MAX_MESSAGE_CHARS = 250_000
 #: Most prompt tokens fed in one forward pass: bounds a prefill step's memory and how long it holds the worker.
 MAX_PREFILL_CHUNK = 512
-#: Longest accepted `owner` string (an address or a user name; longer ones are a caller bug).
-MAX_OWNER_CHARS = 256
 #: A session untouched this long is closed (its cache freed).
 IDLE_TIMEOUT_S = 3600.0
 #: An API session untouched this long is closed: scripts that forget `/close_session` must not hold a slot for an
@@ -70,8 +78,6 @@ from .defaults import (  # noqa: E402,F401  (re-exported)
     OVERLAP_MODES,
 )
 
-_CONTROL = {c for c in range(32) if chr(c) not in "\n\t"} | {127}
-
 
 class EngineBusy(RuntimeError):
     """A limit was reached (sessions or running turns); the message is safe to show to users."""
@@ -97,10 +103,8 @@ class SessionTag:
 
     @classmethod
     def checked(cls, owner, origin) -> "SessionTag":
-        if owner is not None and (not isinstance(owner, str) or not 0 < len(owner) <= MAX_OWNER_CHARS):
-            raise ValueError(f"owner must be None or a non-empty string of at most {MAX_OWNER_CHARS} characters")
-        if origin not in ORIGINS:
-            raise ValueError(f"origin must be one of {', '.join(ORIGINS)}; got {preview(origin)}")
+        check_owner(owner)
+        check_choice("origin", origin, ORIGINS)
         return cls(owner, origin)
 
 
@@ -148,13 +152,10 @@ class EngineConfig(SamplingDefaults):
         for name in ("max_sessions", "max_sessions_per_owner", "max_active_turns", "max_message_chars",
                      "max_batch"):
             check_int(name, getattr(self, name), 1)
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}; got {self.scheduler!r}")
-        if self.decode_step not in DECODE_STEPS:
-            raise ValueError(f"decode_step must be one of {', '.join(DECODE_STEPS)}; got {self.decode_step!r}")
+        check_choice("scheduler", self.scheduler, SCHEDULERS)
+        check_choice("decode_step", self.decode_step, DECODE_STEPS)
         StaticStepConfig(cuda_graphs=self.cuda_graphs)  # its one check: the mode, and "on" needs CUDA
-        if self.overlap not in OVERLAP_MODES:
-            raise ValueError(f"overlap must be one of {', '.join(OVERLAP_MODES)}; got {self.overlap!r}")
+        check_choice("overlap", self.overlap, OVERLAP_MODES)
         if self.dense_max_tokens is not None:
             check_int("dense_max_tokens", self.dense_max_tokens, 2)
         if self.recent_size <= self.prefill_chunk_size:
@@ -162,8 +163,7 @@ class EngineConfig(SamplingDefaults):
                 f"recent_size ({self.recent_size}) must exceed the largest prompt chunk "
                 f"(prefill_chunk_size={self.prefill_chunk_size}), or a chunk would evict itself"
             )
-        if not isinstance(self.pin_system, bool):
-            raise ValueError(f"pin_system must be True or False, got {self.pin_system!r}")
+        check_bool("pin_system", self.pin_system)
         check_int("pin_limit", self.pin_limit, 1)
         check_policy(self.eviction)
         if self.evict_block is None:
@@ -192,13 +192,6 @@ def prefill_chunk_for(recent_size: int, ceiling: int = MAX_PREFILL_CHUNK) -> int
     """The prompt chunk for a recent window of `recent_size` tokens: at most `ceiling`, and at most half the
     window, so a chunk always leaves room in the window for itself and the tokens just before it."""
     return max(1, min(ceiling, recent_size // 2))
-
-
-def clean_text(text: str) -> str:
-    """Drop control characters (tabs and newlines stay) and replace lone surrogates, which UTF-8 cannot carry."""
-    return "".join(
-        "\ufffd" if 0xD800 <= ord(ch) <= 0xDFFF else ch for ch in text if ord(ch) not in _CONTROL
-    )
 
 
 class StreamingEngine:
@@ -270,8 +263,7 @@ class StreamingEngine:
         `max_sessions_per_owner` sessions; `origin` ("browser" or "api") picks the idle timeout.
         Raises `EngineBusy` (message safe to show) at either cap, `ValueError` on bad arguments.
         """
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {preview(mode)}")
+        check_choice("mode", mode, MODES)
         tag = SessionTag.checked(owner, origin)
         if system_prompt is not None:
             system_prompt = self._check_text(system_prompt, "system prompt", allow_empty=True) or None
@@ -315,8 +307,7 @@ class StreamingEngine:
                       eviction, recall_budget=None) -> Session:
         cfg = self.config
         check_policy(eviction)
-        if not isinstance(pin_system, bool):
-            raise ValueError(f"pin_system must be True or False, got {pin_system!r}")
+        check_bool("pin_system", pin_system)
         start = check_int("start_size", (0 if mode == "window" else cfg.start_size) if start_size is None
                           else start_size, 0)
         recent = check_int("recent_size", cfg.recent_size if recent_size is None else recent_size, 1)
@@ -517,16 +508,8 @@ class StreamingEngine:
     # --- chatting ----------------------------------------------------------------------------------------------
 
     def _check_text(self, text, what: str, allow_empty: bool = False) -> str:
-        if not isinstance(text, str):
-            raise ValueError(f"{what} must be text, got {type(text).__name__}")
-        if len(text) > self.config.max_message_chars:
-            raise ValueError(
-                f"{what} is too long: {len(text):,} characters (limit {self.config.max_message_chars:,})"
-            )
-        text = clean_text(text)
-        if not allow_empty and not text.strip():
-            raise ValueError(f"{what} is empty: type something first")
-        return text
+        """Text the model will read: within this engine's `max_message_chars`, control characters dropped."""
+        return check_text(text, what, self.config.max_message_chars, allow_empty=allow_empty, clean=True)
 
     def chat(self, session_id: str, message: str, **sampling) -> Iterator[Event]:
         """Run one user turn; yields "delta" events and ends with one "done" or "error" event.
@@ -651,13 +634,8 @@ class StreamingEngine:
         """Open a new session (engine sizes) that continues `messages` ({"role": "user"|"assistant", "content"}
         dicts, extra keys ignored). Nothing is computed now: the cache is re-primed from the history (sinks + the
         tail that fits) on the next turn. `restore` and re-opening a stored conversation both come here."""
-        if not isinstance(messages, list) or len(messages) > MAX_HISTORY_MESSAGES:
-            raise ValueError(f"history 'messages' must be a list of at most {MAX_HISTORY_MESSAGES} messages")
-        clean = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ("user", "assistant") or not isinstance(m.get("content"), str):
-                raise ValueError(f"history message {i} must be {{'role': 'user'|'assistant', 'content': text}}")
-            clean.append({"role": m["role"], "content": self._check_text(m["content"], f"message {i}", allow_empty=True)})
+        clean = [{"role": m["role"], "content": self._check_text(m["content"], f"message {i}", allow_empty=True)}
+                 for i, m in enumerate(check_messages(messages, "history 'messages'"))]
         session_id = self._new_session_pinned_if_possible(mode, system_prompt, owner=owner, origin=origin)
         self._get(session_id).load_history(clean)
         return session_id
@@ -667,14 +645,8 @@ class StreamingEngine:
     def _conversation_messages(self, messages) -> list[dict]:
         """`messages` validated and cleaned like `chat` input: an optional leading system message, then user and
         assistant turns."""
-        if not isinstance(messages, list) or len(messages) > MAX_HISTORY_MESSAGES:
-            raise ValueError(f"messages must be a list of at most {MAX_HISTORY_MESSAGES} messages")
-        clean = []
-        for i, m in enumerate(messages):
-            roles = ("system", "user", "assistant") if i == 0 else ("user", "assistant")
-            if not isinstance(m, dict) or m.get("role") not in roles or not isinstance(m.get("content"), str):
-                raise ValueError(f"message {i} must be {{'role': {'|'.join(roles)}, 'content': text}}")
-            clean.append({"role": m["role"], "content": self._check_text(m["content"], f"message {i}", allow_empty=True)})
+        clean = [{"role": m["role"], "content": self._check_text(m["content"], f"message {i}", allow_empty=True)}
+                 for i, m in enumerate(check_messages(messages, system_first=True))]
         if clean and clean[0]["role"] == "system" and not clean[0]["content"]:
             clean = clean[1:]  # an empty system prompt is no system prompt (as in new_session)
         return clean

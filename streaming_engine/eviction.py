@@ -25,15 +25,14 @@ from __future__ import annotations
 import bisect
 from typing import Callable, Sequence
 
-from .checks import check_int
+from .validate import check_choice, check_int
 
 #: Eviction policies: "tokens" (oldest tokens first, the paper) or "turns" (whole past messages, oldest first).
 EVICTION_POLICIES = ("tokens", "turns")
 
 
 def check_policy(eviction) -> str:
-    if eviction not in EVICTION_POLICIES:
-        raise ValueError(f"eviction must be one of {', '.join(EVICTION_POLICIES)}; got {eviction!r}")
+    check_choice("eviction", eviction, EVICTION_POLICIES)
     return eviction
 
 
@@ -61,10 +60,8 @@ def tokens_needed(held: int, protected: int, cache_size: int, num_coming: int, b
     leaves room for `block - 1`), so after one decoded token the next `block - 1` fit without evicting, while a
     feed of at least `block` tokens (a turn's reserve, a prompt chunk) evicts only what it needs; never more than
     the tokens after the head. `block=1` is the paper's rule: exactly what is needed."""
-    if num_coming < 0:
-        raise ValueError(f"num_coming must be >= 0, got {num_coming}")
-    if block < 1:
-        raise ValueError(f"block must be >= 1, got {block}")
+    check_int("num_coming", num_coming, 0)
+    check_int("block", block, 1)
     needed = held + num_coming - cache_size
     if needed <= 0:
         return 0

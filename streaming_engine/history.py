@@ -22,15 +22,14 @@ import datetime as _dt
 import json
 from dataclasses import dataclass
 
-from .apivalidate import parse_json
+from .validate import MAX_MESSAGES, ROLES, check_messages, parse_json  # noqa: F401  (ROLES re-exported)
 
 EXPORT_FORMAT = "streaming-llm-chat"
 EXPORT_VERSION = 1
 #: Largest accepted history file, in bytes (the app's upload limit too).
 MAX_HISTORY_BYTES = 8 * 1024 * 1024
-#: Most messages accepted in one history.
-MAX_HISTORY_MESSAGES = 20_000
-ROLES = ("user", "assistant")
+#: Most messages accepted in one history (the store keeps as many; `validate.MAX_MESSAGES`).
+MAX_HISTORY_MESSAGES = MAX_MESSAGES
 
 _LIMIT_TEXT = f"{MAX_HISTORY_BYTES // (1024 * 1024)} MiB"
 
@@ -77,12 +76,7 @@ def parse_history(exported: str | bytes) -> ChatHistory:
     data = parse_json(exported, "history file")  # a nesting bomb is "not valid JSON (nested too deep)"
     if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
         raise ValueError(f"not a chat history exported by this app (expected format {EXPORT_FORMAT!r})")
-    messages = data.get("messages")
-    if not isinstance(messages, list) or len(messages) > MAX_HISTORY_MESSAGES:
-        raise ValueError(f"history 'messages' must be a list of at most {MAX_HISTORY_MESSAGES} messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ValueError(f"history message {i} must be {{'role': 'user'|'assistant', 'content': text}}")
+    messages = check_messages(data.get("messages"), "history 'messages'")
     system_prompt = data.get("system_prompt")
     if system_prompt is not None and not isinstance(system_prompt, str):
         raise ValueError("history 'system_prompt' must be text or null")
@@ -92,5 +86,4 @@ def parse_history(exported: str | bytes) -> ChatHistory:
     title = data.get("title")
     if title is not None and not isinstance(title, str):
         raise ValueError("history 'title' must be text or null")
-    return ChatHistory([{"role": m["role"], "content": m["content"]} for m in messages], mode, system_prompt,
-                       title)
+    return ChatHistory(messages, mode, system_prompt, title)

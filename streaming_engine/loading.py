@@ -18,11 +18,10 @@ from pathlib import Path
 import torch
 
 from .backends import resolve_backend
-from .families import check_supported
 from .backends.factory import model_loader
-from .placement import Placement
-
 from .defaults import DEFAULT_MODEL_NAME  # noqa: F401  (its home; re-exported)
+from .families import check_supported
+
 # Model-file and CPU facts live in the torch-free leaf `modelfiles` (re-exported: older code imports them here).
 from .modelfiles import (  # noqa: F401
     CACHE_DIR_ENV,
@@ -36,6 +35,8 @@ from .modelfiles import (  # noqa: F401
     default_model_available,
     gguf_cache_dir,
 )
+from .placement import Placement
+
 #: Overrides the default dtype of every `load()` that names none (the app, the CLIs): "float32", "bfloat16", ...
 DTYPE_ENV = "STREAMING_LLM_DTYPE"
 

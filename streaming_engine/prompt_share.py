@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Iterable, TypeVar
 
-from .checks import check_number
+from .validate import check_number
 
 #: Most of the worker's time that prompt passes may take while any reply decodes (see the module doc). At 0.3 a
 #: reply waits at most ~1.43x its time alone per token, and a slice as dear as a step runs on ~43% of steps.

@@ -25,8 +25,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
-from .checks import check_int
 from .defaults import RECALL_MIN_BUDGET, RECALL_WINDOW_DIVISOR
+from .validate import check_int
 
 #: BM25's term-frequency saturation and length normalization (the usual Okapi values).
 BM25_K1 = 1.2

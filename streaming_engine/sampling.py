@@ -18,15 +18,17 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from .checks import check_int, check_number
+# The knobs' ranges have one home, shared with the HTTP API's argument check (re-exported here for the UI).
+from .validate import (  # noqa: F401
+    MAX_NEW_TOKENS_LIMIT,
+    MAX_REPETITION_PENALTY,
+    MAX_SEED,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_TEMPERATURE,
+    check_sampling,
+)
 
-#: Hard upper bound on `max_new_tokens` for one reply (the UI slider and the API share it).
-MAX_NEW_TOKENS_LIMIT = 4096
-MAX_TEMPERATURE = 5.0
-MAX_REPETITION_PENALTY = 10.0
-MAX_STOP_STRINGS = 8
-MAX_STOP_STRING_CHARS = 100
-MAX_SEED = 2**63 - 1
 #: The repetition penalty looks at most this many recent tokens.
 PENALTY_WINDOW = 1024
 
@@ -56,33 +58,11 @@ class SamplingParams(SamplingDefaults):
 
     def __post_init__(self):
         # Every value enters here (engine.chat, the API, the gradio API, the CLI), so here is where it is made the
-        # type the sampler needs: integer-valued floats (5.0 from JSON) for the integer knobs, and floats for the
-        # float knobs even when written as ints (`"temperature": 1`), which transformers' warpers would refuse.
-        for name in ("max_new_tokens", "top_k", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, float) and value.is_integer():
-                setattr(self, name, int(value))
-        check_int("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS_LIMIT)
-        self.temperature = check_number("temperature", self.temperature, 0, MAX_TEMPERATURE, note=" (0 = greedy)")
-        self.top_p = check_number("top_p", self.top_p, 0, 1, low_open=True)
-        check_int("top_k", self.top_k, 0, note=" (0 = off)")
-        self.repetition_penalty = check_number("repetition_penalty", self.repetition_penalty, 0,
-                                               MAX_REPETITION_PENALTY, low_open=True, note=" (1 = off)")
-        if self.seed is not None:
-            check_int("seed", self.seed, 0, MAX_SEED, note=" or None")
-        if self.stop is None:
-            self.stop = []
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if not isinstance(self.stop, (list, tuple)):  # an object or a number is no list of strings
-            raise ValueError(f"stop must be a string or a list of strings, got {type(self.stop).__name__}")
-        self.stop = [s for s in self.stop if s != ""]
-        if len(self.stop) > MAX_STOP_STRINGS or any(
-            not isinstance(s, str) or len(s) > MAX_STOP_STRING_CHARS for s in self.stop
-        ):
-            raise ValueError(
-                f"stop must be at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_STRING_CHARS} characters"
-            )
+        # type the sampler needs (`validate.SAMPLING_RANGES`): integer-valued floats (5.0 from JSON) for the integer
+        # knobs, floats for the float knobs even when written as ints (`"temperature": 1`), which transformers'
+        # warpers would refuse, and a list for `stop`.
+        for f in fields(self):
+            setattr(self, f.name, check_sampling(f.name, getattr(self, f.name)))
 
     @property
     def greedy(self) -> bool:

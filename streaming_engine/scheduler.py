@@ -56,6 +56,7 @@ from typing import Callable, Hashable, Iterator
 from .defaults import DECODE_STEPS, DEFAULT_CUDA_GRAPHS, DEFAULT_DECODE_STEP, DEFAULT_OVERLAP
 from .generation import STOP, Decode, Prefill
 from .prompt_share import PromptShare, new_turns_first
+from .validate import check_choice, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -123,11 +124,9 @@ class Scheduler:
     def __init__(self, runner, *, max_batch: int = 16, prefill_budget: int = 512, round_robin: bool = False,
                  name: str = "streaming-engine", decode_step: str = DEFAULT_DECODE_STEP,
                  cuda_graphs: str = DEFAULT_CUDA_GRAPHS, overlap: str = DEFAULT_OVERLAP):
-        for label, value in (("max_batch", max_batch), ("prefill_budget", prefill_budget)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
-        if decode_step not in DECODE_STEPS:
-            raise ValueError(f"decode_step must be one of {', '.join(DECODE_STEPS)}; got {decode_step!r}")
+        check_int("max_batch", max_batch, 1)
+        check_int("prefill_budget", prefill_budget, 1)
+        check_choice("decode_step", decode_step, DECODE_STEPS)
         self.runner = runner
         self.model = runner.model
         self._name = name
@@ -455,8 +454,7 @@ def make_scheduler(kind: str, runner, *, max_batch: int = 16, prefill_budget: in
     (a `backends.base.Backend`). What a pass can hold is the runner's to say (its `DecodeBatch`, `pass_tokens`),
     never which backend it is; a runner that packs every row into its passes (`packs_rows`: llama.cpp, whose
     prompt passes are slow per token) gets a prompt budget of at most `PREFILL_SLICE_TOKENS` per iteration."""
-    if kind not in SCHEDULERS:
-        raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}; got {kind!r}")
+    check_choice("scheduler", kind, SCHEDULERS)
     if runner.packs_rows:
         prefill_budget = min(prefill_budget, PREFILL_SLICE_TOKENS)
     return Scheduler(runner, max_batch=max_batch, prefill_budget=prefill_budget, round_robin=kind == "round-robin",

@@ -39,6 +39,7 @@ from .families import batchable, cache_keyword
 from .families import unsupported_reason as family_unsupported_reason
 from .placement import input_device
 from .positions import batch_position_ids
+from .validate import check_int
 
 #: `Unsupported.code`s: why a model keeps the eager path.
 STATIC_FAMILY = "static_family"  # not a StreamingLLM family at all
@@ -122,9 +123,7 @@ class StaticSinkCache(BatchedSinkCache):
 
     def __init__(self, max_batch: int, capacity: int):
         super().__init__(max_batch)
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity must be an integer >= 1, got {capacity!r}")
-        self.capacity = capacity
+        self.capacity = check_int("capacity", capacity, 1)
         self.rows_allocated = row_buckets(max_batch)[-1]
         self._static: dict | None = None  # the device tensors of the step in flight (bucket, rows, columns)
         #: Called before any row joins, leaves, evicts or takes an eager step: an overlapped step

@@ -43,6 +43,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+# The message limits are the engine's (one home): the store keeps whatever the engine accepted.
+from .validate import MAX_MESSAGE_CHARS as MAX_STORED_MESSAGE_CHARS
+from .validate import MAX_MESSAGES as MAX_STORED_MESSAGES
+from .validate import check_int, check_message, check_number, check_text
+
 #: File name of the database inside the data directory.
 DB_FILE_NAME = "chats.sqlite"
 #: Random bytes in a conversation token (192 bits: unguessable), written as 32 URL-safe characters.
@@ -51,10 +56,6 @@ TOKEN_BYTES = 24
 TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]{16,64}")
 #: Longest stored title (longer ones are cut).
 MAX_TITLE_CHARS = 80
-#: Most messages kept per conversation: beyond it the oldest are dropped (the model only sees the tail anyway).
-MAX_STORED_MESSAGES = 20_000
-#: Longest stored message or system prompt, in characters (the engine accepts at most 250,000).
-MAX_STORED_MESSAGE_CHARS = 250_000
 #: Most tokens one `list` call looks up.
 MAX_LIST_TOKENS = 500
 #: Most conversations in one database; `create` beyond it raises `StoreFull` (after dropping expired ones).
@@ -165,12 +166,9 @@ def _clean_title(title) -> str:
 
 
 def _check_text(value, what: str) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{what} must be text")
+    value = check_text(value, what, MAX_STORED_MESSAGE_CHARS, allow_empty=True)
     if "\x00" in value:  # PostgreSQL text cannot hold NUL: refused by both engines, so they store the same things
         raise ValueError(f"{what} contains a NUL character, which cannot be stored")
-    if len(value) > MAX_STORED_MESSAGE_CHARS:
-        raise ValueError(f"{what} is too long to store ({len(value):,} characters, limit {MAX_STORED_MESSAGE_CHARS:,})")
     return value
 
 
@@ -178,9 +176,8 @@ def _rows(messages: Iterable[dict]) -> list[tuple[str, str, int]]:
     """(role, content, interrupted) for each message, validated; only the newest `MAX_STORED_MESSAGES`."""
     rows = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
-            raise ValueError(f"message {i} must be {{'role': 'user'|'assistant', 'content': text}}")
-        rows.append((m["role"], _check_text(m.get("content"), f"message {i}"), int(bool(m.get("interrupted")))))
+        plain = check_message(m, i)
+        rows.append((plain["role"], _check_text(plain["content"], f"message {i}"), int(bool(m.get("interrupted")))))
     return rows[-MAX_STORED_MESSAGES:]
 
 
@@ -215,10 +212,8 @@ class StoredConversation:
 
 
 def check_limits(max_conversations, retention_days) -> None:
-    if isinstance(max_conversations, bool) or not isinstance(max_conversations, int) or max_conversations < 1:
-        raise ValueError(f"max_conversations must be an integer >= 1, got {max_conversations!r}")
-    if isinstance(retention_days, bool) or not isinstance(retention_days, (int, float)) or not retention_days > 0:
-        raise ValueError(f"retention_days must be a number > 0, got {retention_days!r}")
+    check_int("max_conversations", max_conversations, 1)
+    check_number("retention_days", retention_days, 0, low_open=True)
 
 
 def newer_schema(where: str, version: int, hint: str) -> StoreError:

@@ -32,8 +32,17 @@ import threading
 import time
 from urllib.parse import urlsplit
 
-from .store import (BUSY_TIMEOUT_S, DUPLICATE_TOKEN, MAX_CONVERSATIONS, RETENTION_DAYS, UNREACHABLE,
-                    ConversationStore, StoreError, apply_migrations)
+from .store import (
+    BUSY_TIMEOUT_S,
+    DUPLICATE_TOKEN,
+    MAX_CONVERSATIONS,
+    RETENTION_DAYS,
+    UNREACHABLE,
+    ConversationStore,
+    StoreError,
+    apply_migrations,
+)
+from .validate import check_number
 
 #: URL schemes libpq accepts for a PostgreSQL server.
 POSTGRES_SCHEMES = ("postgresql", "postgres")
@@ -226,6 +235,12 @@ class PostgresStore(ConversationStore):
         if isinstance(exc, errors.LockNotAvailable):
             return StoreError(f"the chat database is busy (a row lock was held for over {LOCK_TIMEOUT_MS} ms); "
                               "try again", code="store_busy")
+        # A server going down answers the statement in flight with "terminating connection" (SQLSTATE class 57P:
+        # operator intervention) or a connection exception (class 08) before the connection reads as broken: an
+        # outage, not a refused statement.
+        if isinstance(exc, self._psycopg.OperationalError) and (exc.sqlstate is None or exc.sqlstate[:2] == "08"
+                                                               or exc.sqlstate[:3] == "57P"):
+            return self._unreachable(exc)
         return StoreError(f"the chat database {self.label} refused a statement ({' '.join(str(exc).split())})",
                           code="store_failed")
 
@@ -275,8 +290,7 @@ def open_when_reachable(url: str, *, wait_s: float = START_WAIT_S, say=None, **k
     """`PostgresStore(url, **kwargs)`, retrying every `START_RETRY_S` while the server is unreachable, for at most
     `wait_s` seconds (0: one attempt); each failed attempt is reported through `say(line)`. Raises `StoreError`
     with code `UNREACHABLE_AT_START` once the time is up (any other `StoreError`, e.g. a newer schema, at once)."""
-    if isinstance(wait_s, bool) or not isinstance(wait_s, (int, float)) or wait_s < 0:
-        raise ValueError(f"wait_s must be a number of seconds >= 0, got {wait_s!r}")
+    check_number("wait_s", wait_s, 0, note=" seconds")
     say = say or (lambda line: None)
     deadline = time.monotonic() + wait_s
     attempt = 0

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from streaming_engine import apivalidate as v
+from streaming_engine import validate as v
 
 SID = "0123456789abcdef0123456789abcdef"
 
@@ -24,7 +24,7 @@ def test_max_new_tokens_accepts_only_an_integer_in_range(value, shown):
 @pytest.mark.parametrize("value", [1, 64, 64.0, 4096])
 def test_integral_numbers_pass_as_integers(value):
     assert v.chat_arguments(SID, "hi", 1000, max_new_tokens=value)[2] == {"max_new_tokens": int(value)}
-    assert type(v.integer(value, "n", 1, 4096)) is int
+    assert type(v.check_int("n", v.whole(value), 1, 4096)) is int
 
 
 @pytest.mark.parametrize("name,value,allowed", [

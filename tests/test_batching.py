@@ -393,11 +393,31 @@ def test_memory_stays_bounded_with_16_sessions(tiny_chat_model, default_tokenize
     engine = make_engine(tiny_chat_model, default_tokenizer, recent_size=60, max_batch=16)
     batch = engine.scheduler.batch.cache
     allocated, rows = [], []
-    engine.scheduler.on_pass = lambda kind, handles: (allocated.append(batch.allocated_bytes()),
-                                                      rows.append(len(batch.rows)))
+
+    def on_pass(kind, handles):
+        # The worker waits at its first pass until all 16 first turns are in, so that they decode side by side
+        # however the threads were scheduled (a loaded machine would otherwise finish some before others join).
+        if not allocated:
+            everyone.wait(timeout=300)
+        allocated.append(batch.allocated_bytes())
+        rows.append(len(batch.rows))
+
+    everyone = threading.Event()
+    engine.scheduler.on_pass = on_pass
     sids = [engine.new_session() for _ in range(16)]
-    jobs = {i: (sid, [(f"Session {i} turn {t}: say something long", dict(max_new_tokens=25, **GREEDY))
+    # A first turn long enough (60 tokens) to outlast the 16 prompts' prefill passes: all 16 rows decode together.
+    jobs = {i: (sid, [(f"Session {i} turn {t}: say something long", dict(max_new_tokens=60 if t == 0 else 25,
+                                                                          **GREEDY))
                       for t in range(4)]) for i, sid in enumerate(sids)}
+    submit, submitted = engine.scheduler.submit, []
+
+    def counted(handle):
+        submit(handle)
+        submitted.append(handle)
+        if len(submitted) == 16:
+            everyone.set()
+
+    engine.scheduler.submit = counted
     results = run_together(engine, jobs)
     assert all(e.kind == "done" for events in results.values() for e in events)
     per_token = batch.bytes_per_token or engine.session(sids[0]).cache.kv_bytes() // engine.stats(sids[0])[

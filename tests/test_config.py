@@ -8,7 +8,7 @@ import pytest
 
 from streaming_engine import MODES, EngineConfig
 from streaming_engine.cache import DEFAULT_RECENT_SIZE, DEFAULT_START_SIZE
-from streaming_engine.checks import check_int, check_number
+from streaming_engine.validate import check_int, check_number
 from streaming_engine.engine import MAX_PREFILL_CHUNK, prefill_chunk_for
 from streaming_engine.history import (
     EXPORT_FORMAT,
@@ -23,11 +23,11 @@ from streaming_engine.sampling import SamplingParams
 
 
 @pytest.mark.parametrize("value,low,high,message", [
-    (-1, 0, None, "n must be an integer >= 0, got -1"),
-    (5, 1, 4, "n must be an integer in [1, 4], got 5"),
-    (2.0, 1, None, "n must be an integer >= 1, got 2.0"),
-    (True, 0, None, "n must be an integer >= 0, got True"),
-    ("3", 0, None, "n must be an integer >= 0, got '3'"),
+    (-1, 0, None, "n must be an integer >= 0; got -1"),
+    (5, 1, 4, "n must be an integer in [1, 4]; got 5"),
+    (2.0, 1, None, "n must be an integer >= 1; got 2.0"),
+    (True, 0, None, "n must be an integer >= 0; got true"),
+    ("3", 0, None, "n must be an integer >= 0; got text '3'"),
 ])
 def test_a_bad_integer_is_refused_with_its_name_range_and_value(value, low, high, message):
     with pytest.raises(ValueError) as info:
@@ -36,11 +36,11 @@ def test_a_bad_integer_is_refused_with_its_name_range_and_value(value, low, high
 
 
 @pytest.mark.parametrize("value,kwargs,message", [
-    (0, dict(low=0, high=1, low_open=True), "x must be in (0, 1], got 0"),
-    (float("nan"), dict(low=0, high=1), "x must be in [0, 1], got nan"),
-    (float("inf"), dict(low=0), "x must be >= 0, got inf"),
-    (False, dict(low=0, high=1), "x must be in [0, 1], got False"),
-    (2, dict(low=0, high=1, note=" (0 = off)"), "x must be in [0, 1] (0 = off), got 2"),
+    (0, dict(low=0, high=1, low_open=True), "x must be a number in (0, 1]; got 0"),
+    (float("nan"), dict(low=0, high=1), "x must be a number in [0, 1]; got NaN"),
+    (float("inf"), dict(low=0), "x must be a number >= 0; got Infinity"),
+    (False, dict(low=0, high=1), "x must be a number in [0, 1]; got false"),
+    (2, dict(low=0, high=1, note=" (0 = off)"), "x must be a number in [0, 1] (0 = off); got 2"),
 ])
 def test_a_bad_number_is_refused_with_its_name_range_and_value(value, kwargs, message):
     with pytest.raises(ValueError) as info:
@@ -100,7 +100,7 @@ def test_a_dumped_history_parses_back_to_the_same_conversation(mode, system_prom
     (b"x" * (MAX_HISTORY_BYTES + 1), "too large"),
     ("x" * (MAX_HISTORY_BYTES + 1), "at most 8 MiB"),
     (json.dumps({"format": EXPORT_FORMAT, "messages": [{"role": "user", "content": "a"}] * (MAX_HISTORY_MESSAGES + 1)}),
-     "at most 20000 messages"),
+     "at most 20,000 messages"),
     (json.dumps({"format": EXPORT_FORMAT, "messages": [], "system_prompt": 7}), "system_prompt"),
     (json.dumps({"format": EXPORT_FORMAT, "messages": [], "mode": ["dense"]}), "mode"),
     (json.dumps({"format": EXPORT_FORMAT, "messages": [{"role": "user", "content": None}]}), "message 0"),

@@ -233,3 +233,30 @@ def test_the_benchmarks_old_import_path_is_the_new_module_and_warns():
     assert sys.modules["streaming_engine.eval.stats"] is benchmarks.stats  # one module under both names
     with pytest.raises(ModuleNotFoundError):
         import streaming_engine.eval.no_such_benchmark  # noqa: F401
+
+
+#: How a refusal of a value's type or range reads; only `validate.py` may write it (every other module calls it).
+RANGE_WORDINGS = ("must be an integer", "must be a number", "must be one of", "must be True or False",
+                  "must be true or false", "is too long:", "is empty: type something first")
+
+
+def range_wordings(path: Path) -> list[str]:
+    """The string constants (f-string parts included) in `path` that spell one of `RANGE_WORDINGS`."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found += [f"line {node.lineno}: {w!r}" for w in RANGE_WORDINGS if w in node.value]
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(p for p in [*PACKAGE.rglob("*.py"), *(ROOT / "webui").glob("*.py"),
+                                                  ROOT / "app.py"] if p.name != "validate.py"),
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_a_type_or_range_refusal_is_worded_in_one_module(path):
+    assert range_wordings(path) == [], "call streaming_engine.validate (check_int, check_number, check_choice, …)"
+
+
+def test_the_wording_finder_finds_one(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text('def f(n):\n    raise ValueError(f"n must be an integer >= 1, got {n}")\n')
+    assert range_wordings(module) == ["line 2: 'must be an integer'"]

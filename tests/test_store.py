@@ -200,10 +200,10 @@ def test_many_threads_writing_at_once_leave_every_conversation_whole(db):
 
 
 WRITER = """
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("store", sys.argv[1])
-store = sys.modules["store"] = importlib.util.module_from_spec(spec)  # without torch: starts in a blink
-spec.loader.exec_module(store)
+import sys
+sys.path.insert(0, sys.argv[1])
+import streaming_engine.store as store  # the package imports nothing heavy until asked: starts in a blink
+assert "torch" not in sys.modules
 db = store.ChatStore(sys.argv[2])
 tokens = [db.create(title="kill test") for _ in range(3)]
 print("ready", flush=True)
@@ -248,7 +248,7 @@ def test_a_writer_killed_with_sigkill_mid_write_leaves_a_consistent_database(tmp
     the writer says when each round is committed, so where it dies depends on a count, not on a clock."""
     path = tmp_path / "chats.sqlite"
     for run in range(2):  # the second run starts on the file the first one was killed over
-        child = subprocess.Popen([sys.executable, "-c", WRITER, str(ROOT / "streaming_engine" / "store.py"),
+        child = subprocess.Popen([sys.executable, "-c", WRITER, str(ROOT),
                                   str(path)], stdout=subprocess.PIPE, text=True)
         try:
             assert child.stdout.readline().strip() == "ready"

@@ -162,7 +162,7 @@ def test_chat_takes_sampling_settings_ints_included_and_refuses_bools(launched):
         by_name = c.predict(sid, "again", max_new_tokens=3, temperature=0, seed=3, api_name="/chat")
         assert by_name[1]["reply_tokens"] <= 3
         assert refusal(c.predict, sid, "hello", 4, True, api_name="/chat") == (
-            "invalid_argument", "temperature must be a number in [0, 5.0]; got true")
+            "invalid_argument", "temperature must be a number in [0, 5.0] (0 = greedy); got true")
         code, message = refusal(c.predict, sid, "hello", 4, None, None, None, None, 1.5, api_name="/chat")
         assert code == "invalid_argument" and message.startswith("seed must be an integer")
     finally:

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 
-
 def _assets_dir() -> Path:
     """`assets/` of a source checkout, else the copy an installed wheel ships inside this package."""
     checkout = Path(__file__).resolve().parent.parent / "assets"

@@ -28,9 +28,10 @@ from streaming_engine.conversations import (
     ConversationUnavailable,
     Opened,
 )
-from streaming_engine.engine import MAX_MESSAGE_CHARS
 from streaming_engine.sampling import MAX_NEW_TOKENS_LIMIT
+from streaming_engine.validate import EMPTY_TEXT, MAX_MESSAGE_CHARS
 
+from . import files
 from .assets import icon, load_json_list
 from .conversation_list import (
     BROWSER_STORAGE_KEY,
@@ -53,13 +54,12 @@ from .render import (
     mark_memory,
     user_and_pending_reply,
 )
-from . import files
 from .sessions import TABS, conversation_state, owner_of, tab_of
 
 CONTEXT_FULL_NOTE = "*(context full)*"
 #: Shown under a reply that was cut off (the server stopped, or the page went away, while it was written).
 INTERRUPTED_NOTE = "*(interrupted: this reply was cut off)*"
-EMPTY_MESSAGE = "The message is empty: type something first."
+EMPTY_MESSAGE = f"The message {EMPTY_TEXT}."
 #: Said when a message is sent while this chat's reply is still streaming: the message is not taken, and stays.
 WAIT_FOR_REPLY = ("A reply is still being written: your message stays in the box. Press Enter again once the reply "
                   "ends, or press Stop first.")

@@ -16,8 +16,8 @@ import html
 import gradio as gr
 
 from streaming_engine import MODES, EngineBusy
-from streaming_engine.engine import MAX_MESSAGE_CHARS
 from streaming_engine.palette import COLORS  # the benchmarks' colours too: a mode looks the same everywhere
+from streaming_engine.validate import MAX_MESSAGE_CHARS
 
 from .assets import icon, load_json_list
 from .chat_tab import EMPTY_MESSAGE

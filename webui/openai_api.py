@@ -44,11 +44,10 @@ from starlette.concurrency import run_in_threadpool
 
 from streaming_engine import EngineBusy, SessionNotFound, StreamingEngine
 from streaming_engine.admission import MAX_TURNS_PER_CLIENT, FairGate, GateFull
-from streaming_engine.apivalidate import parse_json
-from streaming_engine.apivalidate import text as checked_text
-from streaming_engine.engine import MAX_MESSAGE_CHARS, MAX_OWNER_CHARS, refusal
-from streaming_engine.history import MAX_HISTORY_BYTES, MAX_HISTORY_MESSAGES
+from streaming_engine.engine import refusal
+from streaming_engine.history import MAX_HISTORY_BYTES
 from streaming_engine.sampling import SamplingParams
+from streaming_engine.validate import MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_OWNER_CHARS, check_text, parse_json
 
 from .http_auth import credentials_ok
 
@@ -162,8 +161,8 @@ class ChatRequest:
     def _parse_messages(self, messages) -> None:
         if not isinstance(messages, list) or not messages:
             raise APIError(400, "messages must be a non-empty list", param="messages")
-        if len(messages) > MAX_HISTORY_MESSAGES:  # checked here, before any rendering or engine work
-            raise APIError(400, f"messages holds {len(messages):,} messages (limit {MAX_HISTORY_MESSAGES:,})",
+        if len(messages) > MAX_MESSAGES:  # checked here, before any rendering or engine work
+            raise APIError(400, f"messages holds {len(messages):,} messages (limit {MAX_MESSAGES:,})",
                            param="messages", code="too_many_messages")
         parsed = []
         for i, m in enumerate(messages):
@@ -179,7 +178,7 @@ class ChatRequest:
         if parsed[-1]["role"] != "user":
             raise APIError(400, "the last message must come from the user", param="messages")
         try:  # an empty or over-long new message is the caller's mistake (400), refused before a session is used
-            checked_text(parsed[-1]["content"], "the last message's content", MAX_MESSAGE_CHARS)
+            check_text(parsed[-1]["content"], "the last message's content", MAX_MESSAGE_CHARS)
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages", code="invalid_message") from None
         self.prior, self.message = parsed[:-1], parsed[-1]["content"]

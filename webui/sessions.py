@@ -23,7 +23,7 @@ from typing import Callable, Iterable
 import gradio as gr
 
 from streaming_engine import SessionNotFound
-from streaming_engine.engine import MAX_OWNER_CHARS
+from streaming_engine.validate import MAX_OWNER_CHARS
 
 from .settings import SESSION_TTL_S, UNLOAD_GRACE_S
 

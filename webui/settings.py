@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 # Only torch-free modules at import time: `python app.py --help` reads this file before anything heavy is imported
 # (torch, used to check --device and --dtype, is imported when a value is checked).
 from streaming_engine.backends import BACKENDS
-from streaming_engine.checks import check_int, check_number
+from streaming_engine.cli_options import DECODE_ENV, add_decode_args
 from streaming_engine.defaults import (
     CUDA_GRAPH_MODES,
     DECODE_STEPS,
@@ -30,8 +30,8 @@ from streaming_engine.defaults import (
     OVERLAP_MODES,
     PARTIAL_SAVE_INTERVAL_S,
 )
-from streaming_engine.cli_options import DECODE_ENV, add_decode_args
 from streaming_engine.store_pg import START_WAIT_S, check_database_url
+from streaming_engine.validate import check_choice, check_int, check_number
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -109,13 +109,11 @@ class AppSettings:
     overlap: str = DEFAULT_OVERLAP
 
     def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        check_choice("--backend", self.backend, BACKENDS)
         for name, allowed in (("decode_step", DECODE_STEPS), ("cuda_graphs", CUDA_GRAPH_MODES),
                               ("overlap", OVERLAP_MODES)):
-            if getattr(self, name) not in allowed:  # a value from the environment: argparse checked the flags
-                raise ValueError(f"--{name.replace('_', '-')} / {DECODE_ENV[name]} must be one of "
-                                 f"{', '.join(allowed)}; got {getattr(self, name)!r}")
+            # a value from the environment: argparse checked the flags
+            check_choice(f"--{name.replace('_', '-')} / {DECODE_ENV[name]}", getattr(self, name), allowed)
         check_int("--start-size", self.start_size, 0)
         check_int("--recent-size", self.recent_size, 1)
         check_int("--port", self.port, 1, 65535)
@@ -284,4 +282,4 @@ def _env_float(env, name: str, default: float | None = None) -> float | None:
     try:
         return float(text) if text else default
     except ValueError:
-        raise SystemExit(f"error: environment variable {name} must be a number, got {text!r}") from None
+        raise SystemExit(f"error: environment variable {name} is not a number: {text!r}") from None

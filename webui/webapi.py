@@ -15,7 +15,7 @@ Endpoints (call them with `gradio_client.Client(url).predict(..., api_name=...)`
 
 Types: each endpoint is a typed function given to `gr.api`, so `Client.view_api()` shows every parameter's and
 result's type (str, int | None, dict …), never "Any". `gr.api` hands the values over as the caller sent them (no
-component converts them first), so `streaming_engine.apivalidate` still sees a text where an integer belongs and
+component converts them first), so `streaming_engine.validate` still sees a text where an integer belongs and
 says so (type and range named in the message; a session id that cannot be one is refused before any lookup and
 never echoed whole). Results are JSON values (objects, lists), not JSON text.
 
@@ -35,7 +35,7 @@ from typing import Callable, Iterator, Union
 import gradio as gr
 import psutil
 
-from streaming_engine import EngineBusy, SessionNotFound, StreamingEngine, apivalidate
+from streaming_engine import EngineBusy, SessionNotFound, StreamingEngine, validate
 
 from .sessions import owner_of
 
@@ -108,7 +108,7 @@ def register(engine: StreamingEngine, max_new_tokens_default: int = DEFAULT_API_
 
     # The sampling settings after max_new_tokens are optional (null: the engine's default) and come after the
     # existing arguments, so positional callers of the three-argument form are unchanged. The type hints are what
-    # callers are told; the values still go through apivalidate, which names what was wrong.
+    # callers are told; the values still go through streaming_engine.validate, which names what was wrong.
     def chat(session_id: str, message: str, max_new_tokens: int = max_new_tokens_default,
              temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
              repetition_penalty: float | None = None, seed: int | None = None) -> Iterator[tuple[str, Stats]]:
@@ -119,7 +119,7 @@ def register(engine: StreamingEngine, max_new_tokens_default: int = DEFAULT_API_
         optional = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                         seed=seed)
         try:
-            sid, text, sampling = apivalidate.chat_arguments(
+            sid, text, sampling = validate.chat_arguments(
                 session_id, message, engine.config.max_message_chars, max_new_tokens=max_new_tokens,
                 **{name: value for name, value in optional.items() if value is not None})
             engine.stats(sid)  # an unknown id is unknown_session here as on /history, not a refused turn
@@ -138,14 +138,14 @@ def register(engine: StreamingEngine, max_new_tokens_default: int = DEFAULT_API_
     def history(session_id: str) -> list[Message]:
         """The conversation so far: [{role, content}, ...]. session_id: from /new_session."""
         try:
-            return engine.history(apivalidate.session_id(session_id))
+            return engine.history(validate.session_id(session_id))
         except (ValueError, SessionNotFound) as exc:
             raise api_error(exc) from exc
 
     def close_session(session_id: str) -> str:
         """Close the conversation and free its cache; returns "closed". session_id: from /new_session."""
         try:
-            engine.close(apivalidate.session_id(session_id))
+            engine.close(validate.session_id(session_id))
         except ValueError as exc:
             raise api_error(exc) from exc
         return "closed"

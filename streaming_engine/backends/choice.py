@@ -17,14 +17,13 @@ import importlib.util
 from pathlib import Path
 
 from ..modelfiles import DEFAULT_MODEL_PACKAGE, llamacpp_available
+from ..validate import check_choice
 
 BACKENDS = ("auto", "transformers", "llama.cpp")
 
 
 def check_backend(backend) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    return backend
+    return check_choice("backend", backend, BACKENDS)
 
 
 def is_gguf(model_name_or_path) -> bool:

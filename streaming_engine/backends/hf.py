@@ -25,11 +25,11 @@ from ..cuda_graphs import GraphedDecodeStep, StaticStepConfig
 from ..defaults import DEFAULT_CUDA_GRAPHS, DEFAULT_DECODE_STEP, DEFAULT_OVERLAP
 from ..device_sampling import SampledDecodeStep
 from ..families import batchable, find_rotary_embedding, layer_rope_kinds
-from ..overlap import OverlappedDecodeStep, resolve_overlap
 from ..generation import Sampled, forward, forward_batch, forward_padded, padded_prefill_rows
+from ..overlap import OverlappedDecodeStep, resolve_overlap
 from ..placement import describe_placement, input_device
-from ..static_step import StaticDecodeStep, StaticSinkCache, resolve_decode_step, unsupported_reason
 from ..scheduler import DECODE_PATHS
+from ..static_step import StaticDecodeStep, StaticSinkCache, resolve_decode_step, unsupported_reason
 from .base import Backend, DecodeBatch, Description
 
 logger = logging.getLogger(__name__)

@@ -17,9 +17,9 @@ re-rotating their keys, the same `R(-shift)` that `positions.shift_keys` applies
 
 from __future__ import annotations
 
-from ..checks import check_int
 from ..eviction import ProtectedHead, check_evict_block, check_policy
 from ..positions import first_position
+from ..validate import check_int
 
 
 class LlamaCppCache(ProtectedHead):

@@ -32,6 +32,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from ..validate import check_int
 from .cache import LlamaCppCache
 
 #: llama.cpp allocates KV cells per sequence in multiples of this (its context-size padding).
@@ -57,8 +58,7 @@ class LlamaCppContext:
         limit = int(lc.llama_max_parallel_sequences())
         for name, value, low in (("sequences", sequences, 1), ("seq_capacity", seq_capacity, 2),
                                  ("batch_tokens", batch_tokens, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            check_int(name, value, low)
         if sequences > limit:
             raise ValueError(f"llama.cpp holds at most {limit} sequences per context, asked for {sequences}")
         self.sequences = sequences

@@ -31,6 +31,7 @@ from ..modelfiles import (
     default_gguf_path,
     gguf_cache_dir,
 )
+from ..validate import check_int
 from .context import LlamaCppContext
 
 LLAMACPP_INSTALL = "pip install -r requirements-cpu.txt"
@@ -97,8 +98,8 @@ class LlamaCppModel:
         self.path = Path(gguf)
         if not self.path.is_file():
             raise RuntimeError(f"GGUF file {str(self.path)!r} does not exist")
-        if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1):
-            raise ValueError(f"n_threads must be an integer >= 1, got {n_threads!r}")
+        if n_threads is not None:
+            check_int("n_threads", n_threads, 1)
         self.n_threads = n_threads or default_threads()
         self.ptr = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_params(llama_cpp))
         if not self.ptr:
