@@ -511,6 +511,12 @@ class StreamingEngine:
         """Text the model will read: within this engine's `max_message_chars`, control characters dropped."""
         return check_text(text, what, self.config.max_message_chars, allow_empty=allow_empty, clean=True)
 
+    def _clean_messages(self, messages, what: str = "messages", *, system_first: bool = False) -> list[dict]:
+        """A conversation sent whole (`validate.check_messages`), each text checked and cleaned like `chat` input
+        (empty ones allowed: a reply may have been empty)."""
+        return [{"role": m["role"], "content": self._check_text(m["content"], f"message {i}", allow_empty=True)}
+                for i, m in enumerate(check_messages(messages, what, system_first=system_first))]
+
     def chat(self, session_id: str, message: str, **sampling) -> Iterator[Event]:
         """Run one user turn; yields "delta" events and ends with one "done" or "error" event.
 
@@ -634,8 +640,7 @@ class StreamingEngine:
         """Open a new session (engine sizes) that continues `messages` ({"role": "user"|"assistant", "content"}
         dicts, extra keys ignored). Nothing is computed now: the cache is re-primed from the history (sinks + the
         tail that fits) on the next turn. `restore` and re-opening a stored conversation both come here."""
-        clean = [{"role": m["role"], "content": self._check_text(m["content"], f"message {i}", allow_empty=True)}
-                 for i, m in enumerate(check_messages(messages, "history 'messages'"))]
+        clean = self._clean_messages(messages, "history 'messages'")
         session_id = self._new_session_pinned_if_possible(mode, system_prompt, owner=owner, origin=origin)
         self._get(session_id).load_history(clean)
         return session_id
@@ -645,8 +650,7 @@ class StreamingEngine:
     def _conversation_messages(self, messages) -> list[dict]:
         """`messages` validated and cleaned like `chat` input: an optional leading system message, then user and
         assistant turns."""
-        clean = [{"role": m["role"], "content": self._check_text(m["content"], f"message {i}", allow_empty=True)}
-                 for i, m in enumerate(check_messages(messages, system_first=True))]
+        clean = self._clean_messages(messages, system_first=True)
         if clean and clean[0]["role"] == "system" and not clean[0]["content"]:
             clean = clean[1:]  # an empty system prompt is no system prompt (as in new_session)
         return clean

@@ -60,8 +60,12 @@ def tokens_needed(held: int, protected: int, cache_size: int, num_coming: int, b
     leaves room for `block - 1`), so after one decoded token the next `block - 1` fit without evicting, while a
     feed of at least `block` tokens (a turn's reserve, a prompt chunk) evicts only what it needs; never more than
     the tokens after the head. `block=1` is the paper's rule: exactly what is needed."""
-    check_int("num_coming", num_coming, 0)
-    check_int("block", block, 1)
+    # Plain comparisons, not `check_int`: this runs for every fed token, and `evict_for_space(n)` (the paper's API)
+    # takes any integer-like count (a numpy or torch scalar from `input_ids.shape` arithmetic) as it always has.
+    if num_coming < 0:
+        raise ValueError(f"num_coming must be >= 0, got {num_coming}")
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
     needed = held + num_coming - cache_size
     if needed <= 0:
         return 0
