@@ -58,16 +58,22 @@ def served(engine, model_label: str, conversations=None, **settings) -> Iterator
         demo.close()
 
 
+#: What playwright says when our reload met a navigation the page was already making: the frontend's own
+#: reload aborted ours (`net::ERR_ABORTED`), or Chromium was swapping the tab's document to another renderer
+#: process at that moment, so the protocol session had no page to reload.
+RELOAD_RACES = ("ERR_ABORTED", "Not attached to an active page")
+
+
 def reload_page(page, attempts: int = 3) -> None:
     """`page.reload()` that survives a navigation the page started itself: after its server was restarted,
-    Gradio's frontend may navigate on its own when it reconnects, and our reload is then aborted
-    (`net::ERR_ABORTED`). Wait for that navigation to land and reload again; any other error is raised."""
+    Gradio's frontend may navigate on its own when it reconnects, and our reload then loses the race
+    (`RELOAD_RACES`). Wait for that navigation to land and reload again; any other error is raised."""
     for attempt in range(1, attempts + 1):
         try:
             page.reload()
             return
         except Exception as error:  # noqa: BLE001 - playwright's Error; this module does not import playwright
-            if "ERR_ABORTED" not in str(error) or attempt == attempts:
+            if not any(race in str(error) for race in RELOAD_RACES) or attempt == attempts:
                 raise
             page.wait_for_load_state("load")
 
