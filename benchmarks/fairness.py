@@ -6,13 +6,15 @@ thing on other sessions of the same engine, until the victim is done. A victim's
 its token counts, divided by the tokens between them (the first token, which waits for admission and prefill,
 is left out: that is the TTFT, reported apart). Scenarios, interleaved within each repeat because the machine is
 shared: `alone`; `paste` (the attacker sends a `--paste-chars` paste again and again, one-token replies);
-`paste-unsliced` (the same, with the scheduler's prefill slicing off: the behaviour before); `flood` (the
+`paste-whole-chunks` (the same, but while nothing else decodes the paste goes in whole chunks rather than passes
+of about `scheduler.PROMPT_PASS_S`: the behaviour before that bound); `paste-unsliced` (the same, with the
+scheduler's prefill slicing off altogether: the behaviour before issue 28); `flood` (the
 attacker keeps `--flood-turns` long replies decoding, the API's per-client cap). The slowdown of a scenario is
 its median gap over `alone`'s in the same repeat; the report takes the median over repeats. The mean slowdown
 (mean gap over `alone`'s mean gap: total time per token) is reported beside it, since a policy that delays only
 some tokens moves the median less than the total.
 
-Boundary: measures only; the policy it measures lives in `scheduler.py` (`prefill_slice`), `prompt_share.py`
+Boundary: measures only; the policy it measures lives in `scheduler.py` (`prefill_slice`, `prompt_pass_tokens`), `prompt_share.py`
 (the prompts' share of the worker, new turns first) and `admission.py`.
 
     python -m benchmarks.fairness --output assets/eval/fairness.json
@@ -29,7 +31,7 @@ from pathlib import Path
 from streaming_engine.admission import MAX_TURNS_PER_CLIENT
 from . import cli
 
-SCENARIOS = ("alone", "paste", "paste-unsliced", "flood")
+SCENARIOS = ("alone", "paste", "paste-whole-chunks", "paste-unsliced", "flood")
 #: The bar of issue 28: no client may slow another by more than this factor.
 SLOWDOWN_BAR = 2.0
 GREEDY = dict(temperature=0.0, repetition_penalty=1.0)
@@ -95,6 +97,8 @@ def one_run(model, tokenizer, scenario: str, args) -> dict:
                                                             **cli.decode_kwargs(args)))
     if scenario == "paste-unsliced":
         engine.scheduler.slice_prefill = False
+    if scenario == "paste-whole-chunks":
+        engine.scheduler.prompt_pass_s = None
     done, busy = threading.Event(), threading.Event()
     threads = attacker(engine, scenario, args, done, busy)
     for thread in threads:

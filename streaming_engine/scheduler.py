@@ -25,7 +25,9 @@ is therefore one more `DecodeBatch`, never another scheduler; `decode_path` says
      *slice* sized to take about as long as one decode step (`prefill_slice`), and a prompt already under way
      gets it only while the prompts' share of the worker allows (`prompt_share.py`: at most `PREFILL_SHARE` of
      its time), so a decoding reply's time per token stays within a bound however long the paste, and the paste
-     still advances. New turns go first: a turn whose prompt has not started gets its first slice (a short prompt
+     still advances. While nothing decodes, a pass is sized to take about `PROMPT_PASS_S`, so a turn that
+     arrives during a paste's pass waits a fraction of a second for it, not a whole 512-token chunk on a CPU.
+     New turns go first: a turn whose prompt has not started gets its first slice (a short prompt
      whole) before any other prompt's, without waiting for that share (docs/benchmarks.md "One client against
      another" measures both). The last chunk taken may be cut: the rest of it waits at the back, behind the
      other waiting prompts. A causal model's cache after a chunk fed in slices is the cache after feeding it
@@ -78,6 +80,13 @@ PREFILL_SLICE_TOKENS = 64
 #: Fewest prompt tokens a slice takes, however fast decoding is: tinier slices would spend the worker on
 #: per-pass overhead and let a paste crawl.
 PREFILL_MIN_SLICE = 8
+#: Longest a prompt pass should take while no reply decodes, seconds: a turn that arrives meanwhile waits at most
+#: about this long for its own first slice (new turns go first). At the measured prompt cost a pass takes
+#: `prompt_pass_tokens`, at least `PREFILL_SLICE_TOKENS`, at most the budget. On the 2-core test CPU (SmolLM2-135M,
+#: 1 thread) 512 prompt tokens took 2.16 s in one pass, 2.24 s in 128-token passes and 2.43 s in 64-token ones, so
+#: a quarter second costs a lone paste about a tenth of its speed and saves every newcomer up to two seconds; on a GPU a
+#: whole 512-token chunk takes milliseconds and the budget decides.
+PROMPT_PASS_S = 0.25
 #: Weight of the newest measurement in the running averages of step times (a few steps of memory: adapts to a
 #: neighbour's load within a second, ignores one slow step).
 TIMING_WEIGHT = 0.25
@@ -92,6 +101,15 @@ def prefill_slice(decode_s: float | None, prefill_s_per_token: float | None, rem
     if decode_s is not None and prefill_s_per_token:
         size = max(PREFILL_MIN_SLICE, min(size, int(decode_s / prefill_s_per_token)))
     return max(1, min(size, remaining))
+
+
+def prompt_pass_tokens(pass_s: float | None, prefill_s_per_token: float | None, budget: int) -> int:
+    """Prompt tokens for one pass while no reply decodes: as many as take about `pass_s` seconds at the measured
+    cost per token, within `PREFILL_SLICE_TOKENS..budget`; the whole `budget` before the cost is measured or when
+    `pass_s` is None (no time bound). Pure, like `prefill_slice`."""
+    if pass_s is None or not prefill_s_per_token:
+        return budget
+    return min(budget, max(PREFILL_SLICE_TOKENS, int(pass_s / prefill_s_per_token)))
 
 
 def running_average(old: float | None, new: float) -> float:
@@ -147,6 +165,9 @@ class Scheduler:
         #: False: whole budgets even while others decode (the behaviour before issue 28), the fairness benchmark's
         #: baseline (`benchmarks/fairness.py`).
         self.slice_prefill = True
+        #: While no reply decodes, a prompt pass takes about this long at most (`PROMPT_PASS_S`); None: whole
+        #: budgets, as before (tests that count passes of whole chunks, the fairness benchmark's baseline).
+        self.prompt_pass_s: float | None = PROMPT_PASS_S
         self.clock = time.perf_counter  # what `prefill_slice`'s costs are measured with (tests may replace it)
         #: The worker time prompts may take while replies decode (`prompt_share.py`), measured with `clock`.
         self.prompt_share = PromptShare()
@@ -337,6 +358,8 @@ class Scheduler:
         if self._decoding and self.slice_prefill:
             waiting = sum(len(h.request.ids) - self._fed.get(id(h), 0) for h in self._prefilling)
             room = min(room, prefill_slice(self.decode_s, self.prefill_s_per_token, waiting))
+        elif self.slice_prefill:
+            room = prompt_pass_tokens(self.prompt_pass_s, self.prefill_s_per_token, room)
         return min(room, self.runner.pass_tokens or room)
 
     def _prefill_round(self) -> None:

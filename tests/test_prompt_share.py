@@ -12,7 +12,7 @@ import pytest
 
 from streaming_engine import EngineConfig, StreamingEngine
 from streaming_engine.prompt_share import PREFILL_SHARE, PromptShare, new_turns_first
-from streaming_engine.scheduler import PREFILL_SLICE_TOKENS
+from streaming_engine.scheduler import PREFILL_SLICE_TOKENS, PROMPT_PASS_S, prompt_pass_tokens
 
 GREEDY = dict(temperature=0.0, repetition_penalty=1.0)
 PASTE = " ".join(f"w{i % 89}" for i in range(300))
@@ -160,3 +160,62 @@ def test_a_new_turn_goes_in_whole_before_a_long_paste_s_next_slice(tiny_chat_mod
     assert len(default_tokenizer(PASTE)["input_ids"]) > 3 * PREFILL_SLICE_TOKENS  # the paste was still going
     next_paste = next(i for i, (kind, served) in enumerate(after) if kind == "prefill" and paste in served)
     assert any(kind == "decode" and late_handle in served for kind, served in after[first + 1:next_paste])
+
+
+@pytest.mark.parametrize("pass_s, per_token, budget, expected", [
+    (PROMPT_PASS_S, None, 512, 512),  # not measured yet: the budget
+    (None, 0.01, 512, 512),  # no time bound: the budget
+    (0.25, 0.25 / 100, 512, 100),  # a CPU: what takes a quarter second
+    (0.25, 1e-5, 512, 512),  # a GPU: the budget decides
+    (0.25, 0.1, 512, PREFILL_SLICE_TOKENS),  # so slow that the floor decides: no crawl of tiny passes
+    (0.25, 0.1, 16, 16),  # never more than the budget, floor or not
+])
+def test_a_prompt_pass_while_nothing_decodes_takes_about_the_pass_time_within_floor_and_budget(
+        pass_s, per_token, budget, expected):
+    assert prompt_pass_tokens(pass_s, per_token, budget) == expected
+
+
+def test_with_nothing_decoding_a_newcomer_waits_one_short_pass_of_a_paste_not_its_whole_chunk(
+    tiny_chat_model, default_tokenizer
+):
+    """Alone, a paste's passes are sized to `PROMPT_PASS_S` at its measured cost (a clock where each pass takes a
+    second: the floor, `PREFILL_SLICE_TOKENS`, after the first), so a turn that arrives mid-paste is fed, alone and
+    whole, at the next prompt pass and answers before the paste's next one; both replies are the ones they get
+    alone."""
+    solo = make_engine(tiny_chat_model, default_tokenizer, prefill_chunk_size=256)
+    expected = list(solo.chat(solo.new_session(), PASTE, max_new_tokens=2, **GREEDY))[-1]
+    expected_late = list(solo.chat(solo.new_session(), "Hello there", max_new_tokens=3, **GREEDY))[-1]
+    engine = make_engine(tiny_chat_model, default_tokenizer, prefill_chunk_size=256)
+    one_second_per_pass(engine)
+    passes, newcomer, fed = [], {}, []
+    paster, late = engine.new_session(), engine.new_session()
+    original = engine.scheduler._feed
+
+    def feed(slices):
+        fed.append(sum(size for _, _, size in slices))
+        return original(slices)
+
+    def on_pass(kind, handles):
+        passes.append((kind, list(handles)))
+        if kind == "prefill" and len(passes) == 2 and "events" not in newcomer:  # mid-paste, from the worker
+            newcomer["at"] = len(passes)
+            newcomer["events"] = engine.start_chat(late, "Hello there", max_new_tokens=3, **GREEDY)
+            newcomer["handle"] = engine.session(late).turn
+
+    engine.scheduler._feed = feed
+    engine.scheduler.on_pass = on_pass
+    paste_events = engine.start_chat(paster, PASTE, max_new_tokens=2, **GREEDY)
+    paste = engine.session(paster).turn
+    final = list(paste_events)[-1]
+    late_final = list(newcomer["events"])[-1]
+    assert (final.text, final.stats["seen_tokens"]) == (expected.text, expected.stats["seen_tokens"])
+    assert late_final.text == expected_late.text
+    assert fed[0] > PREFILL_SLICE_TOKENS  # unmeasured, the first pass takes the whole chunk
+    paste_passes = [size for size, (kind, served) in zip(fed, [p for p in passes if p[0] == "prefill"])
+                    if paste in served]
+    assert max(paste_passes[1:]) == PREFILL_SLICE_TOKENS  # then about a pass time's worth: here the floor
+    after = passes[newcomer["at"]:]
+    first = next(i for i, (kind, _) in enumerate(after) if kind == "prefill")
+    assert after[first][1] == [newcomer["handle"]]  # the newcomer went in next, alone, whole
+    next_paste = next(i for i, (kind, served) in enumerate(after) if kind == "prefill" and paste in served)
+    assert any(kind == "decode" and newcomer["handle"] in served for kind, served in after[first + 1:next_paste])
