@@ -409,9 +409,12 @@ class StreamingEngine:
         """A read-only view of the session (`session.SessionView`); raises `SessionNotFound`."""
         return self._get(session_id).view()
 
-    def session_ids(self) -> list[str]:
+    def session_ids(self, client: str | None = None) -> list[str]:
+        """Ids of the live sessions; with `client`, only those opened for that stateless client (`stateless.py`)."""
         with self._lock:
-            return list(self._sessions)
+            if client is None:
+                return list(self._sessions)
+            return [sid for sid, session in self._sessions.items() if session.client == client]
 
     def stats(self, session_id: str) -> dict:
         return self._get(session_id).stats()
@@ -511,7 +514,7 @@ class StreamingEngine:
         """Text the model will read: within this engine's `max_message_chars`, control characters dropped."""
         return check_text(text, what, self.config.max_message_chars, allow_empty=allow_empty, clean=True)
 
-    def _clean_messages(self, messages, what: str = "messages", *, system_first: bool = False) -> list[dict]:
+    def clean_messages(self, messages, what: str = "messages", *, system_first: bool = False) -> list[dict]:
         """A conversation sent whole (`validate.check_messages`), each text checked and cleaned like `chat` input
         (empty ones allowed: a reply may have been empty)."""
         return [{"role": m["role"], "content": self._check_text(m["content"], f"message {i}", allow_empty=True)}
@@ -636,59 +639,16 @@ class StreamingEngine:
         mode: str = "streaming",
         owner: str | None = None,
         origin: str = "browser",
+        client: str | None = None,
     ) -> str:
         """Open a new session (engine sizes) that continues `messages` ({"role": "user"|"assistant", "content"}
         dicts, extra keys ignored). Nothing is computed now: the cache is re-primed from the history (sinks + the
-        tail that fits) on the next turn. `restore` and re-opening a stored conversation both come here."""
-        clean = self._clean_messages(messages, "history 'messages'")
+        tail that fits) on the next turn. `restore`, re-opening a stored conversation and a stateless client's
+        conversation (`stateless.open_conversation`, which names its `client`) all come here."""
+        clean = self.clean_messages(messages, "history 'messages'")
         session_id = self._new_session_pinned_if_possible(mode, system_prompt, owner=owner, origin=origin)
-        self._get(session_id).load_history(clean)
-        return session_id
-
-    # --- stateless clients: conversations sent whole with every request ----------------------------------------
-
-    def _conversation_messages(self, messages) -> list[dict]:
-        """`messages` validated and cleaned like `chat` input: an optional leading system message, then user and
-        assistant turns."""
-        clean = self._clean_messages(messages, system_first=True)
-        if clean and clean[0]["role"] == "system" and not clean[0]["content"]:
-            clean = clean[1:]  # an empty system prompt is no system prompt (as in new_session)
-        return clean
-
-    def find_conversation(self, messages: list[dict], owner: str, exclude=()) -> str | None:
-        """An idle live session opened by `owner` (see `open_conversation`) whose whole conversation, system
-        prompt first, equals `messages`, so one more user turn continues it on its cache as it stands; None when
-        there is none. Only sessions of the same owner are considered, so an API client never continues a
-        browser tab's chat; sessions in `exclude` (claimed by a concurrent request) are skipped."""
-        wanted = self._conversation_messages(messages)
-        with self._lock:
-            candidates = [s for sid, s in self._sessions.items() if getattr(s, "owner", None) == owner
-                          and sid not in exclude and (s.current is None or s.current.finished.is_set())]
-        best = None
-        for session in candidates:
-            system = [{"role": "system", "content": session.system_prompt}] if session.system_prompt else []
-            if len(system) + len(session.history) != len(wanted):
-                continue
-            # Replies are stored as generated; compare them cleaned, as the client's copy was.
-            held = [{"role": m["role"], "content": clean_text(m["content"])} for m in system + session.history]
-            if held == wanted:
-                if best is None or session.last_active > best.last_active:
-                    best = session
-        return best.id if best is not None else None
-
-    def open_conversation(self, messages: list[dict], owner: str, mode: str = "streaming") -> str:
-        """A new session for `owner` holding `messages` (an optional leading system message, then user and
-        assistant turns). Like `restore`, its cache is primed on the first turn from the sinks and the tail of the
-        conversation that fits."""
-        clean = self._conversation_messages(messages)
-        system = None
-        if clean and clean[0]["role"] == "system":
-            system, clean = clean[0]["content"], clean[1:]
-        # origin "api": reaped on the API's shorter idle timeout. Not counted against a per-owner cap: the
-        # API's own pool bounds how many such sessions exist (see webui/openai_api.py).
-        session_id = self._new_session_pinned_if_possible(mode, system, origin="api")
         session = self._get(session_id)
-        session.owner = owner
+        session.client = client
         session.load_history(clean)
         return session_id
 

@@ -115,7 +115,8 @@ class SessionView:
 
     id: str
     mode: str
-    owner: str | None
+    #: The stateless client it was opened for (`stateless.py`), None for others.
+    client: str | None
     status: SessionStatus
     #: The running turn's handle (or the last one's, once finished): what `Scheduler.on_pass` reports it by.
     turn: object | None
@@ -199,7 +200,9 @@ class Session:
         self.turns = 0
         self.status = SessionStatus.READY
         self.current = None  # the running TurnHandle, if any
-        self.owner: str | None = None  # who opened it, e.g. "openai" for the HTTP API (see engine.find_conversation)
+        #: The stateless client whose conversation this is (`stateless.py`: only its own requests continue it); not
+        #: the per-owner cap's `SessionTag.owner`.
+        self.client: str | None = None
         self.lock = threading.Lock()
         self.clock = clock  # stamps `last_active` (the engine's, so that a test can move time on)
         self.last_active = clock()
@@ -233,7 +236,7 @@ class Session:
     def view(self) -> SessionView:
         """This session as a `SessionView` (a snapshot; the cache is the live object)."""
         turn = self.current
-        return SessionView(self.id, self.mode, self.owner, self.status, turn,
+        return SessionView(self.id, self.mode, self.client, self.status, turn,
                            turn is not None and not turn.finished.is_set(), self.turns, self.last_active,
                            self.stream_text, tuple(self.recent_ids), self.cache, tuple(self.template_messages()),
                            tuple(self.spans), self.system_span)

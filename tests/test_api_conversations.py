@@ -1,5 +1,5 @@
-"""Conversations sent whole (stateless HTTP clients): the engine finds the live session a message list continues,
-opens one from a message list otherwise, and keeps process-wide counters that survive closed sessions."""
+"""Conversations sent whole (stateless HTTP clients, `streaming_engine/stateless.py`): the live session a message
+list continues is found, one is opened from a message list otherwise, and keeps process-wide counters that survive closed sessions."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 from conftest import ManualClock
 
 from streaming_engine import EngineConfig, StreamingEngine
+from streaming_engine.stateless import find_conversation, open_conversation
 
 
 @pytest.fixture
@@ -24,17 +25,17 @@ def reply(engine, sid, text):
 
 def test_a_message_list_continues_its_own_live_session_and_no_other(engine):
     system = {"role": "system", "content": "Be brief."}
-    assert engine.find_conversation([system], "api") is None
-    sid = engine.open_conversation([system], "api")
+    assert find_conversation(engine, [system], "api") is None
+    sid = open_conversation(engine, [system], "api")
     answer = reply(engine, sid, "first")
     conversation = [system, {"role": "user", "content": "first"}, {"role": "assistant", "content": answer}]
-    assert engine.find_conversation(conversation, "api") == sid
-    assert engine.find_conversation(conversation, "someone-else") is None  # never another owner's chat
-    assert engine.find_conversation(conversation[:-1], "api") is None  # a prefix is not the whole conversation
-    assert engine.find_conversation(conversation, "api", exclude={sid}) is None
+    assert find_conversation(engine, conversation, "api") == sid
+    assert find_conversation(engine, conversation, "someone-else") is None  # never another client's chat
+    assert find_conversation(engine, conversation[:-1], "api") is None  # a prefix is not the whole conversation
+    assert find_conversation(engine, conversation, "api", exclude={sid}) is None
     ui = engine.new_session("streaming", "Be brief.")  # a browser tab with the same history: not the API's
     reply(engine, ui, "first")
-    assert engine.find_conversation(conversation, "api") == sid
+    assert find_conversation(engine, conversation, "api") == sid
     seen = engine.stats(sid)["seen_tokens"]
     reply(engine, sid, "second")
     assert engine.stats(sid)["seen_tokens"] - seen < 40  # only the new turn (and the reply) went in
@@ -44,13 +45,13 @@ def test_a_long_message_list_opens_a_session_primed_from_the_tail_that_fits(engi
     history = []
     for i in range(40):
         history += [{"role": "user", "content": f"question {i} " * 3}, {"role": "assistant", "content": f"answer {i}"}]
-    sid = engine.open_conversation(history, "api")
+    sid = open_conversation(engine, history, "api")
     assert engine.history(sid) == history
     reply(engine, sid, "and now?")
     stats = engine.stats(sid)
     assert stats["cache_tokens"] <= stats["cache_capacity"] == 100
     with pytest.raises(ValueError, match="message 1"):
-        engine.open_conversation([{"role": "user", "content": "a"}, {"role": "system", "content": "late"}], "api")
+        open_conversation(engine, [{"role": "user", "content": "a"}, {"role": "system", "content": "late"}], "api")
 
 
 def test_counters_only_grow_and_outlive_closed_sessions(engine):

@@ -8,9 +8,9 @@ problems come back as OpenAI-style error objects (`{"error": {"message", "type",
 Stateless clients send the whole conversation with every request. The one thing a StreamingLLM server can do
 that others cannot is to keep *all* of those conversations going in bounded memory, so `ConversationPool` looks
 for the live session whose conversation is exactly the request minus its last user message
-(`engine.find_conversation`) and continues it on its cache as it stands: only the new user turn is encoded, however
+(`stateless.find_conversation`) and continues it on its cache as it stands: only the new user turn is encoded, however
 long the history. A request that extends no live conversation opens a new session, primed from the attention
-sinks and the tail of the history that fits (`engine.open_conversation`). The pool keeps at most
+sinks and the tail of the history that fits (`stateless.open_conversation`). The pool keeps at most
 `MAX_API_SESSIONS` of them, closing the least recently used, so API traffic cannot crowd out browser tabs.
 
 Usage counts: `prompt_tokens` is what the reply was conditioned on this turn, split as OpenAI does into
@@ -47,6 +47,7 @@ from streaming_engine.admission import MAX_TURNS_PER_CLIENT, FairGate, GateFull
 from streaming_engine.engine import refusal
 from streaming_engine.history import MAX_HISTORY_BYTES
 from streaming_engine.sampling import SamplingParams
+from streaming_engine.stateless import find_conversation, open_conversation
 from streaming_engine.validate import MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_OWNER_CHARS, check_text, parse_json
 
 from .http_auth import credentials_ok
@@ -228,11 +229,11 @@ class ConversationPool:
             live = set(self.engine.session_ids())
             for sid in [s for s in self._recent if s not in live]:  # closed by the engine (idle) meanwhile
                 del self._recent[sid]
-            sid = self.engine.find_conversation(prior, client, exclude=self._claimed)
+            sid = find_conversation(self.engine, prior, client, exclude=self._claimed)
             reused = sid is not None
             if not reused:
                 self._make_room(client)
-                sid = self.engine.open_conversation(prior, client)
+                sid = open_conversation(self.engine, prior, client)
             self._claimed.add(sid)
             self._recent[sid] = client
             self._recent.move_to_end(sid)
