@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 #: Replies one client may have running at once through a gate (the OpenAI API's); more of its requests wait. Each
 #: running reply is a row of every decode step, so this bounds how much one client slows the others: on the test
 #: CPU (1 thread, default model) 4 rows beside a victim measured 1.70x its time per token alone
-#: (`benchmarks/fairness.py`, scenario `flood`, assets/eval/fairness.json), close to issue 28's 2x bar; 3 leaves room
-#: under it.
+#: (`benchmarks/fairness.py`, scenario `flood`, before the prompt-share policy), close to issue 28's 2x bar; 3 leaves
+#: room under it (1.09x now: assets/eval/fairness.json, docs/benchmarks.md "One client against another").
 MAX_TURNS_PER_CLIENT = 3
 
 
