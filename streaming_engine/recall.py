@@ -56,6 +56,8 @@ STOPWORDS = frozenset(
     "what when where which who why will with would you your yours am any all also just about than too very".split()
 )
 _WORD = re.compile(r"\w+", re.UNICODE)
+#: A sentence: up to its closing punctuation or the end of a line.
+_SENTENCE = re.compile(r"[^.!?\n]+[.!?]*")
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,21 @@ def terms(text: str) -> list[str]:
             word = word[:-1]
         out.append(word)
     return out
+
+
+def sentences(text: str) -> list[tuple[str, ...]]:
+    """The sentences of `text`, each as its ranking terms (`terms`); sentences without any are left out."""
+    return [found for found in (tuple(terms(piece)) for piece in _SENTENCE.findall(text)) if found]
+
+
+def topic_terms(query: str, conversation: Sequence[Mapping]) -> list[str]:
+    """The terms of `query` that say what it is about: those of its sentences the conversation has not already said
+    word for word. A sentence a user repeats ("Answer with the number only.") is phrasing: its words would rank
+    the user's earlier messages that end the same way above the message holding the fact. When every sentence is a
+    repeat (the same question asked again), all of the query's terms."""
+    said = {found for message in conversation for found in sentences(str(message.get("content", "")))}
+    new = [term for found in sentences(query) if found not in said for term in found]
+    return new or terms(query)
 
 
 def passages(text: str, size: int = PASSAGE_WORDS) -> list[str]:
@@ -169,8 +186,9 @@ def recall_snippets(
 ) -> list[Snippet]:
     """The passages of `messages` (the evicted ones: mappings with "role" and "content", and "index" when the
     caller's numbering is not their position) most relevant to `query`, best first, such that
-    `count_tokens(recall_block(result)) <= budget_tokens`. Only passages sharing a distinctive word with the query
-    qualify (not a stop word, and in at most `DISTINCTIVE_SHARE` of the passages); none at all when
+    `count_tokens(recall_block(result)) <= budget_tokens`. Only the query's distinctive topic words score: those of
+    its sentences the conversation has not said before (`topic_terms`), not stop words, and in at most
+    `DISTINCTIVE_SHARE` of the passages; a passage sharing none of them is never recalled. None at all when
     `budget_tokens` cannot hold the block's framing. A passage too long for what is left of the budget is cut
     around its match. Deterministic: ties go to the more recent message.
 
@@ -179,7 +197,7 @@ def recall_snippets(
     repeat is common even when few messages have been evicted yet."""
     if budget_tokens <= 0 or not messages:
         return []
-    query_terms = terms(query)
+    query_terms = topic_terms(query, [*messages, *held])
     if not query_terms or count_tokens(f"{BLOCK_HEAD}\n{BLOCK_TAIL}\n\n") >= budget_tokens:
         return []
     candidates = []  # (index, role, passage text)
@@ -191,10 +209,10 @@ def recall_snippets(
     documents = [terms(text) for _, _, text in candidates]
     others = [terms(text) for message in held for text in passages(str(message.get("content", ""))) if text]
     corpus = documents + others
-    scores = rank(corpus, query_terms)[:len(documents)]
     frequency = Counter(t for doc in corpus for t in set(doc) if t in set(query_terms))
     distinctive = {t for t, df in frequency.items() if df <= max(2, int(DISTINCTIVE_SHARE * len(corpus)))}
-    scores = [score if distinctive & set(doc) else 0.0 for score, doc in zip(scores, documents)]
+    # Only distinctive words score: a common word shared with the query would lift every message that has it.
+    scores = rank(corpus, [t for t in query_terms if t in distinctive])[:len(documents)]
     order = sorted(range(len(candidates)), key=lambda k: (-scores[k], -candidates[k][0], k))
     wanted = set(query_terms)
     chosen: list[Snippet] = []

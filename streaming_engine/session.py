@@ -360,9 +360,14 @@ class Session:
             plain.prime = prime
             if self.recall_budget <= 0:
                 return plain
-            evicted = self._evicted_messages(prime)
             room = self.recall_room(len(plain.system_ids) + len(plain.ids), reply_tokens)
-            if not evicted or room <= 0:
+            if room <= 0:
+                return plain
+            # What the turn itself will push out counts as evicted: a block fed into a nearly full window evicts
+            # the oldest held messages, which must then be quotable or the fact is neither held nor quoted.
+            evicted = self._evicted_messages(prime, len(plain.system_ids) + len(plain.ids)
+                                             + min(self.recall_budget, room))
+            if not evicted:
                 return plain
             count = lambda text: len(rt.templater.encode(rt.templater.neutralize(text)))  # noqa: E731
             held = [m for k, m in enumerate(self.history) if k not in {e["index"] for e in evicted}]
@@ -411,11 +416,12 @@ class Session:
         window = self.capacity - max(self.start_size, self.cache.pinned)
         return window - turn_tokens - min(max(reply_tokens, 0), window // 2)
 
-    def _evicted_messages(self, prime: "PrimePlan | None") -> list[dict]:
-        """The history messages the cache does not hold whole (recall's candidates), as `{"index", "role",
-        "content"}` with the history's text (what was typed, never an earlier recall block). For a history about to
-        be re-primed: the messages the prime leaves out or cuts. Messages that a still-held turn already quoted are
-        left out, so one fact is not quoted twice into the cache."""
+    def _evicted_messages(self, prime: "PrimePlan | None", incoming: int = 0) -> list[dict]:
+        """The history messages the cache will not hold whole once `incoming` more tokens are fed (recall's
+        candidates: those it holds no longer, and those the turn's own text and block push out), as `{"index",
+        "role", "content"}` with the history's text (what was typed, never an earlier recall block). For a history
+        about to be re-primed: the messages the prime leaves out or cuts. Messages that a turn still held after the
+        feed already quoted are left out, so one fact is not quoted twice into the cache."""
         offset = 1 if self.system_prompt else 0
         if prime is not None:
             if prime.empty:
@@ -427,12 +433,23 @@ class Session:
                 gone = set(range(len(self.history))) - whole
             quoted: set[int] = set()
         else:
-            memory = self._memory[offset:]
-            gone = {k for k, entry in enumerate(memory) if entry["state"] in ("gone", "partial")}
-            quoted = {i for k, entry in enumerate(memory) if entry["state"] == "full"
+            after = self._states_after(incoming)
+            gone = {k for k, state in enumerate(after) if state in ("gone", "partial")}
+            quoted = {i for k, state in enumerate(after) if state == "full"
                       for i in (self.recalled[k] if k < len(self.recalled) else ())}
         return [{"index": k, "role": self.history[k]["role"], "content": self.history[k]["content"]}
                 for k in sorted(gone - quoted) if self.history[k]["content"]]
+
+    def _states_after(self, incoming: int) -> list[str]:
+        """Each history message's memory state (`memory.STATES`) once `incoming` more tokens have gone into the
+        window: the oldest tokens past the protected head leave first, one for each token beyond the window (the
+        fewest any eviction policy takes; a block policy may take more)."""
+        held, seen = self.cache.stream_positions, self.cache.seen_tokens
+        head = max(self.start_size, self.cache.pinned)
+        over = len(held) - head + incoming - (self.capacity - head)
+        if self.evicts and over > 0:
+            held = held[:head] + held[head + over:]
+        return [measure(span, held, seen)["state"] for span in self.spans]
 
     def turn(self, rt: Runtime, message: str, params: SamplingParams, stop_event: threading.Event,
              plan: "TurnPlan | None" = None) -> Generator:

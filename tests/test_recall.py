@@ -60,6 +60,43 @@ def test_words_every_message_repeats_recall_nothing():
     assert [s.index for s in found] == [3]
 
 
+def code_question(color: str, thing: str) -> str:
+    return f"What is the code for the {color} {thing}? Answer with the number only."
+
+
+CODE_CHAT = [
+    *[m for color, thing, code in [("silver", "box", "1741"), ("silver", "shed", "3265"), ("red", "box", "9752"),
+                                    ("green", "garage", "3706"), ("blue", "drawer", "1437")]
+      for m in ({"role": "user", "content": f"Please remember this: the code for the {color} {thing} is {code}."},
+                {"role": "assistant", "content": "Noted."})],
+    *[m for note in ["Today I walked along the river and watched the boats.", "The bakery sells rye bread.",
+                     "My neighbour painted his fence.", "We planned a trip to the mountains in spring.",
+                     "The library closes early on Sundays.", "I tried a new recipe with lentils and lemon.",
+                     "The train was late again this morning.", "A friend lent me a novel about sailors."]
+      for m in ({"role": "user", "content": note}, {"role": "assistant", "content": "That sounds nice."})],
+    *[m for color, thing, code in [("green", "garage", "3706"), ("blue", "drawer", "1437")]
+      for m in ({"role": "user", "content": code_question(color, thing)}, {"role": "assistant", "content": code})],
+]
+
+
+def test_a_sentence_every_question_repeats_does_not_rank_earlier_questions_above_the_fact():
+    # The recall benchmark's shape: earlier questions end in the same sentence as this one and share four of its
+    # words ("code", "answer", "number", "only"); the fact shares "code" and the two words that name the thing.
+    found = recall_snippets(CODE_CHAT, code_question("silver", "box"), 500, words)
+    assert found[0].index == 0 and "1741" in found[0].text
+    questions = [k for k, m in enumerate(CODE_CHAT) if m["content"].startswith("What is the code")]
+    assert all(s.score < found[0].score for s in found if s.index in questions)
+
+
+def test_a_question_asked_again_word_for_word_still_ranks_by_all_its_words():
+    from streaming_engine.recall import topic_terms
+
+    asked = code_question("green", "garage")
+    assert topic_terms(asked, CODE_CHAT) == ["code", "green", "garage", "answer", "number", "only"]
+    assert topic_terms(code_question("silver", "box"), CODE_CHAT) == ["code", "silver", "box"]
+    assert {6, 26} <= {s.index for s in recall_snippets(CODE_CHAT, asked, 500, words)}  # the fact and the question
+
+
 def test_a_phrasing_the_held_messages_repeat_is_common_even_with_few_messages_evicted():
     evicted = [{"role": "user", "content": "Question number 0: tell me something new."}]
     held = [{"role": "user", "content": f"Question number {k}: tell me something new."} for k in range(1, 8)]
@@ -228,6 +265,20 @@ def test_an_evicted_fact_is_recalled_within_the_budget_and_the_cache_stays_bound
     block = recall_block_of(engine, sid)
     assert block.startswith(BLOCK_HEAD) and "locker code is 4471" in block
     assert engine.memory_map(sid)[-2]["recalled"] == stats["recalled_messages"]  # [system, ..., question, reply]
+
+
+@pytest.mark.parametrize("topics", range(len(TOPICS) + 1))
+def test_when_the_reply_begins_the_fact_is_held_whole_or_quoted(tiny_chat_model, default_tokenizer, topics):
+    # Whatever its distance, including the edge where the question's own text and block push a fact that was held
+    # out of the window: a one-token reply's memory map is the cache as the reply began.
+    engine = small_engine(tiny_chat_model, default_tokenizer)
+    sid = engine.new_session("streaming", "You are helpful.")
+    run(engine, sid, FACT)
+    for topic in TOPICS[:topics]:
+        run(engine, sid, topic)
+    done = run(engine, sid, QUESTION, max_new_tokens=1)
+    fact = 1  # numbered as the memory map: the system prompt, then the fact
+    assert engine.memory_map(sid)[fact]["state"] == "full" or fact in done.stats["recalled_messages"]
 
 
 def test_nothing_is_recalled_when_off_or_when_nothing_was_evicted_and_the_prompts_stay_the_same(
