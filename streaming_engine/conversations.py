@@ -6,7 +6,7 @@ handles session ids. This module keeps the map token -> live session and writes 
 * `start` — a new conversation: a fresh token and a live session. Nothing is stored before the first message.
 * `open` — a page load with a token: re-attach to the token's live session if it still exists (a reload creates
   no session), else re-create it from the store, its cache re-primed from the stored history on the next turn
-  exactly as `StreamingEngine.restore` does. After `kill -9` and a restart this brings the conversation back.
+  exactly as `history.restore_history` does. After `kill -9` and a restart this brings the conversation back.
   Replicas sharing one store (PostgreSQL) serve any conversation this way; a live session that another replica
   has since moved on (the store's revision differs from the one this process last loaded or wrote) is dropped and
   re-created from the store, so a browser that moved away and back never continues a stale history.
@@ -40,7 +40,7 @@ from typing import Iterable, Iterator
 
 from .defaults import PARTIAL_SAVE_INTERVAL_S
 from .engine import EngineBusy, StreamingEngine, refusal
-from .history import parse_history
+from .history import export_history, parse_history, restore_history
 from .session import Event
 from .store import UNREACHABLE, ConversationStore, ConversationSummary, StoreError, StoreFull, new_token, valid_token
 from .validate import check_bool, check_number, clean_text
@@ -587,7 +587,7 @@ class Conversations:
 
     def import_history(self, exported: str | bytes, *, owner: str | None = None, origin: str = "browser") -> Opened:
         """An uploaded history as a new conversation (stored at once). The server decides mode and sizes."""
-        sid = self.engine.restore(exported, owner=owner, origin=origin)
+        sid = restore_history(self.engine, exported, owner=owner, origin=origin)
         token = new_token()
         with self._lock:
             self._live[token] = sid
@@ -607,7 +607,7 @@ class Conversations:
             summary = self.store.list([token])
         except sqlite3.DatabaseError:  # unreadable: the download still works, titled from its first message
             summary = []
-        return self.engine.export(sid, title=summary[0].title if summary else auto_title(self.messages(token, sid)))
+        return export_history(self.engine, sid, title=summary[0].title if summary else auto_title(self.messages(token, sid)))
 
     def _system_prompt(self, sid: str) -> str | None:
         history = self.engine.history(sid)

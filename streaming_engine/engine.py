@@ -4,8 +4,10 @@ The engine is the only thing the UI, the CLI and the benchmarks talk to. It vali
 sessions (`streaming`: attention sinks + recent window, the paper; `dense`: a growing cache that stops with
 "context_full" at its limit; `window`: recent window without sinks, the baseline that collapses), and turns each
 `chat()` call into a turn on the shared scheduler (`chat_many()` sends one message to several sessions at once).
-It holds no threading code of its own (see `scheduler.py`), no model arithmetic (see `generation.py`) and no file
-format (see `history.py`).
+It holds no threading code of its own (see `scheduler.py`), no model arithmetic (see `generation.py`), and keeps
+only what it alone can do (sessions, admission, chat, stop, close, caps): history files (`history.py`:
+`export_history`, `restore_history`), stateless clients' conversations (`stateless.py`) and the ZeroGPU state
+handoff (`handoff.py`) are functions over this engine, next to what they serve.
 
 Fairness: every session may carry an opaque `owner` (the UI passes the client address, or the login user) and an
 `origin` ("browser" or "api"). One owner can hold at most `max_sessions_per_owner` sessions, far below the global
@@ -19,6 +21,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -28,8 +31,7 @@ from .counters import EngineCounters
 from .cuda_graphs import StaticStepConfig
 from .eviction import EVICTION_POLICIES, block_for, check_evict_block, check_policy
 from .families import check_cache_size, check_supported
-from .handoff import SessionState, adopt, capture
-from .history import dump_history, parse_history
+from .history import export_history, restore_history
 from .recall import check_budget, default_budget
 from .sampling import SamplingDefaults, SamplingParams
 from .scheduler import SCHEDULERS, TurnHandle
@@ -601,35 +603,19 @@ class StreamingEngine:
         self.scheduler.submit(handle)
         return handle
 
-    # --- export / restore --------------------------------------------------------------------------------------
+    # --- history files (history.py): kept for one release ---------------------------------------------------------
 
     def export(self, session_id: str, *, title: str | None = None) -> str:
-        """The conversation as JSON (see `history.py` for the format), for download and `restore`; `title` is
-        the caller's name for it (the engine keeps none)."""
-        s = self._get(session_id)
-        return dump_history(mode=s.mode, system_prompt=s.system_prompt, start_size=s.start_size,
-                            recent_size=s.recent_size, messages=s.history, title=title)
+        """Deprecated: `streaming_engine.history.export_history(engine, session_id, title=...)`."""
+        warnings.warn("StreamingEngine.export is deprecated: use streaming_engine.history.export_history",
+                      DeprecationWarning, stacklevel=2)
+        return export_history(self, session_id, title=title)
 
-    def restore(
-        self,
-        exported: str | bytes,
-        mode: str | None = None,
-        *,
-        allow_file_mode: bool = False,
-        owner: str | None = None,
-        origin: str = "browser",
-    ) -> str:
-        """Open a new session holding an exported history; its cache is rebuilt (sinks + the tail that fits)
-        on the first turn. Raises `ValueError` with a clear message on a corrupt or oversized file, and then
-        changes nothing.
-
-        The server, not the file, decides the session's mode and sizes: `mode` (default "streaming") with the
-        engine's sizes. A file's `"mode"` is only read when the caller passes `allow_file_mode=True`; otherwise an
-        uploaded `"mode": "dense"` could turn a bounded chat into a cache that grows to the model's limit.
-        """
-        history = parse_history(exported)
-        mode = mode or (history.mode if allow_file_mode else None) or "streaming"
-        return self.open_history(history.messages, history.system_prompt, mode=mode, owner=owner, origin=origin)
+    def restore(self, exported: str | bytes, mode: str | None = None, **options) -> str:
+        """Deprecated: `streaming_engine.history.restore_history(engine, exported, mode, ...)`."""
+        warnings.warn("StreamingEngine.restore is deprecated: use streaming_engine.history.restore_history",
+                      DeprecationWarning, stacklevel=2)
+        return restore_history(self, exported, mode, **options)
 
     def open_history(
         self,
@@ -643,7 +629,7 @@ class StreamingEngine:
     ) -> str:
         """Open a new session (engine sizes) that continues `messages` ({"role": "user"|"assistant", "content"}
         dicts, extra keys ignored). Nothing is computed now: the cache is re-primed from the history (sinks + the
-        tail that fits) on the next turn. `restore`, re-opening a stored conversation and a stateless client's
+        tail that fits) on the next turn. `history.restore_history`, re-opening a stored conversation and a stateless client's
         conversation (`stateless.open_conversation`, which names its `client`) all come here."""
         clean = self.clean_messages(messages, "history 'messages'")
         session_id = self._new_session_pinned_if_possible(mode, system_prompt, owner=owner, origin=origin)
@@ -651,43 +637,6 @@ class StreamingEngine:
         session.client = client
         session.load_history(clean)
         return session_id
-
-    # --- handing a session to another process (ZeroGPU: see handoff.py, remote.py) ------------------------------
-
-    def export_state(self, session_id: str) -> SessionState:
-        """The session's whole state as a picklable value, cache tensors on the CPU (see `handoff.py`).
-
-        Taken between turns: a turn still running is waited for (at most `STOP_WAIT_S`), then `EngineBusy`."""
-        session = self._get(session_id)
-        handle = session.current
-        if handle is not None and not handle.finished.wait(STOP_WAIT_S):
-            raise EngineBusy(RUNNING_REFUSAL)
-        with session.lock:
-            return capture(session, self.backend)
-
-    def open_state(self, state: SessionState, *, owner: str | None = None, origin: str = "browser") -> str:
-        """A new session (its own id) holding an exported state, its cache on the devices the model runs on."""
-        fields = state.fields
-        mode = fields["mode"]
-        session_id = self.new_session(
-            mode, fields.get("system_prompt"),
-            start_size=None if mode == "dense" else fields["start_size"],
-            recent_size=None if mode == "dense" else fields["recent_size"],
-            max_context=fields.get("context_limit") if mode == "dense" else None,
-            owner=owner, origin=origin,
-            # As the session was made: one kept unpinned (a restored too-long system prompt) must not be refused.
-            pin_system=bool(fields.get("pin_system", False)), eviction=state.cache.get("eviction", "tokens"),
-            recall_budget=fields.get("recall_budget", 0),
-        )
-        self.import_state(session_id, state, onto_devices=True)
-        return session_id
-
-    def import_state(self, session_id: str, state: SessionState, *, onto_devices: bool = False) -> None:
-        """Replace a session's state with `state` (its id, tag and running-turn handle stay). `onto_devices=False`
-        keeps the cache on the CPU: for a process that only holds conversations and never runs the model."""
-        session = self._get(session_id)
-        with session.lock:
-            adopt(session, state, self.backend, onto_devices=onto_devices)
 
 
 class _Refusal:

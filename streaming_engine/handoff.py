@@ -6,6 +6,10 @@ the worker and the updated state back (see `remote.py`). Only the *state* crosse
 bookkeeping, the counters, and the KV cache's contents, always on the CPU in transit (a CUDA tensor cannot be sent
 to another process by value).
 
+`export_state`, `open_state` and `import_state` do it for a session of a `StreamingEngine` (the ZeroGPU engine's
+main process and its worker, `remote.py`): this module is the engine's one friend that handles a `Session` itself,
+under its lock, because a state is the session's own attributes and nothing public exposes them.
+
 Boundary: this module copies a `Session`'s own attributes; what the cache holds and how it travels is the
 backend's (`backends.base.Backend.cache_state` / `load_cache_state`: on transformers the conversation's own
 `StartRecentKVCache`, each layer back on the device it executes on). It runs no model, owns no threads and never
@@ -19,6 +23,9 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
+
+from .engine import STOP_WAIT_S, EngineBusy
+from .session import RUNNING_REFUSAL
 
 #: Session attributes that belong to one process and never travel.
 LOCAL_SESSION_FIELDS = frozenset({"id", "cache", "lock", "current", "last_active"})
@@ -52,3 +59,41 @@ def adopt(session, state: SessionState, backend, *, onto_devices: bool) -> None:
         setattr(session, name, copy.deepcopy(value))
     backend.load_cache_state(session.cache, state.cache, onto_devices=onto_devices)
     session.last_active = time.monotonic()
+
+
+def export_state(engine, session_id: str) -> SessionState:
+    """Session `session_id`'s whole state as a picklable value, cache tensors on the CPU. Taken between turns: a turn
+    still running is waited for (at most `STOP_WAIT_S`), then `EngineBusy`."""
+    session = engine._get(session_id)
+    handle = session.current
+    if handle is not None and not handle.finished.wait(STOP_WAIT_S):
+        raise EngineBusy(RUNNING_REFUSAL)
+    with session.lock:
+        return capture(session, engine.backend)
+
+
+def open_state(engine, state: SessionState, *, owner: str | None = None, origin: str = "browser") -> str:
+    """A new session of `engine` (its own id) holding `state`, its cache on the devices the model runs on."""
+    fields = state.fields
+    mode = fields["mode"]
+    session_id = engine.new_session(
+        mode, fields.get("system_prompt"),
+        start_size=None if mode == "dense" else fields["start_size"],
+        recent_size=None if mode == "dense" else fields["recent_size"],
+        max_context=fields.get("context_limit") if mode == "dense" else None,
+        owner=owner, origin=origin,
+        # As the session was made: one kept unpinned (a restored too-long system prompt) must not be refused.
+        pin_system=bool(fields.get("pin_system", False)), eviction=state.cache.get("eviction", "tokens"),
+        recall_budget=fields.get("recall_budget", 0),
+    )
+    import_state(engine, session_id, state, onto_devices=True)
+    return session_id
+
+
+def import_state(engine, session_id: str, state: SessionState, *, onto_devices: bool = False) -> None:
+    """Replace session `session_id`'s state with `state` (its id, tag and running-turn handle stay).
+    `onto_devices=False` keeps the cache on the CPU: for a process that only holds conversations and never runs the
+    model."""
+    session = engine._get(session_id)
+    with session.lock:
+        adopt(session, state, engine.backend, onto_devices=onto_devices)

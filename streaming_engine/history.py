@@ -1,4 +1,5 @@
-"""The chat-history file: its JSON schema, writing it, reading it back and its size limits. Nothing else.
+"""The chat-history file: its JSON schema, writing it, reading it back, its size limits, and moving a conversation
+between such a file and an engine (`export_history`, `restore_history`, over the engine's public surface).
 
 What users download and upload to continue a conversation elsewhere (format `streaming-llm-chat`, version 1)::
 
@@ -13,7 +14,7 @@ A file without "title" (written before it was added) reads as before; the title 
 
 `parse_history` checks the size, the encoding and the schema and returns what a restore needs; it never touches a
 session. Whether a message's *text* is acceptable (length, control characters) and whether the mode exists are
-the engine's rules, applied when it restores (`StreamingEngine.restore`).
+the engine's rules, applied when `restore_history` hands the messages to `StreamingEngine.open_history`.
 """
 
 from __future__ import annotations
@@ -87,3 +88,26 @@ def parse_history(exported: str | bytes) -> ChatHistory:
     if title is not None and not isinstance(title, str):
         raise ValueError("history 'title' must be text or null")
     return ChatHistory(messages, mode, system_prompt, title)
+
+
+def export_history(engine, session_id: str, *, title: str | None = None) -> str:
+    """Session `session_id` of `engine` as a history file: the conversation as typed and replied (never a recall
+    block), the session's mode and sizes; `title` is the caller's name for it (the engine keeps none)."""
+    view = engine.session(session_id)
+    messages = [m for m in engine.history(session_id) if m["role"] != "system"]
+    return dump_history(mode=view.mode, system_prompt=view.system_prompt, start_size=view.start_size,
+                        recent_size=view.recent_size, messages=messages, title=title)
+
+
+def restore_history(engine, exported: str | bytes, mode: str | None = None, *, allow_file_mode: bool = False,
+                    owner: str | None = None, origin: str = "browser") -> str:
+    """A new session of `engine` holding the history file `exported`; its cache is rebuilt (sinks + the tail that
+    fits) on the first turn. Raises `ValueError` with a clear message on a corrupt or oversized file, and then
+    changes nothing.
+
+    The server, not the file, decides the session's mode and sizes: `mode` (default "streaming") with the engine's
+    sizes. A file's `"mode"` is only read when the caller passes `allow_file_mode=True`; otherwise an uploaded
+    `"mode": "dense"` could turn a bounded chat into a cache that grows to the model's limit."""
+    history = parse_history(exported)
+    mode = mode or (history.mode if allow_file_mode else None) or "streaming"
+    return engine.open_history(history.messages, history.system_prompt, mode=mode, owner=owner, origin=origin)

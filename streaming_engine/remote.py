@@ -36,7 +36,7 @@ from typing import Callable, Iterable, Iterator
 
 from .counters import _grown
 from .engine import EngineBusy, EngineConfig, SessionNotFound, StreamingEngine, _Refusal
-from .handoff import SessionState, capture
+from .handoff import SessionState, capture, export_state, import_state, open_state
 from .session import Event, refused
 
 #: How often the worker's stop watcher looks at its stop slots (seconds): well under one decode step on a CPU.
@@ -250,7 +250,7 @@ class RemoteTurnsEngine(StreamingEngine):
             if state is not None:
                 session = self._get(sid)
                 seen, evicted = session.cache.seen_tokens, session.cache.evicted_tokens
-                self.import_state(sid, state)
+                import_state(self, sid, state)
                 self.counters.count_turn(processed=_grown(seen, session.cache.seen_tokens),
                                          generated=session.reply_tokens,
                                          evicted=_grown(evicted, session.cache.evicted_tokens), error=error)
@@ -314,7 +314,7 @@ class RemoteTurnsEngine(StreamingEngine):
         local: dict[str, str] = {}  # worker session id -> main-process session id
         try:
             for sid, state in states.items():
-                local[engine.open_state(state)] = sid
+                local[open_state(engine, state)] = sid
         except (EngineBusy, ValueError) as exc:
             for lsid in local:
                 engine.close(lsid)
@@ -325,7 +325,7 @@ class RemoteTurnsEngine(StreamingEngine):
         try:
             for lsid, event in engine.chat_many(list(local), message, **sampling):
                 final = event.kind in _FINAL
-                state = engine.export_state(lsid) if final and event.accepted else None
+                state = export_state(engine, lsid) if final and event.accepted else None
                 yield local[lsid], event, state
         finally:
             watcher.close()

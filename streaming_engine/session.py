@@ -134,6 +134,9 @@ class SessionView:
     #: prompt's (None without one).
     spans: tuple
     system_span: object | None
+    system_prompt: str | None
+    start_size: int
+    recent_size: int
 
 
 def refused(text: str, code: EventCode, stats: dict | None = None) -> Event:
@@ -239,7 +242,8 @@ class Session:
         return SessionView(self.id, self.mode, self.client, self.status, turn,
                            turn is not None and not turn.finished.is_set(), self.turns, self.last_active,
                            self.stream_text, tuple(self.recent_ids), self.cache, tuple(self.template_messages()),
-                           tuple(self.spans), self.system_span)
+                           tuple(self.spans), self.system_span, self.system_prompt, self.start_size,
+                           self.recent_size)
 
     def _refresh_memory(self) -> None:
         """Recompute the memory map from the cache's stream positions (worker thread, or an idle session)."""

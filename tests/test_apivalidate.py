@@ -7,6 +7,7 @@ import math
 import pytest
 
 from streaming_engine import validate as v
+from streaming_engine.history import restore_history
 
 SID = "0123456789abcdef0123456789abcdef"
 
@@ -89,5 +90,5 @@ def test_a_nesting_bomb_upload_is_refused_by_restore_with_the_same_reason(tiny_c
     engine = StreamingEngine(tiny_chat_model, default_tokenizer,
                              EngineConfig(start_size=4, recent_size=64, prefill_chunk_size=32))
     with pytest.raises(ValueError, match=r"^history file is not valid JSON \(nested too deep\)$"):
-        engine.restore(("[" * 200_000).encode())
+        restore_history(engine, ("[" * 200_000).encode())
     assert engine.session_ids() == []

@@ -15,6 +15,7 @@ import pytest
 from streaming_engine import EngineBusy, EngineConfig, StreamingEngine
 from streaming_engine.conversations import ConversationNotFound, Conversations
 from streaming_engine.store import ChatStore
+from streaming_engine.history import restore_history
 
 ROOT = Path(__file__).resolve().parent.parent
 GREEDY = dict(temperature=0.0, repetition_penalty=1.0)
@@ -92,7 +93,7 @@ def test_after_a_restart_the_conversation_continues_with_its_earlier_content_in_
     session = second.engine.session(opened.session_id)
     assert "Zanzibar" in session.stream_text and second.engine.stats(opened.session_id)["seen_tokens"] > 40
     # Exactly what restoring the downloaded history gives.
-    restored = second.engine.restore(exported)
+    restored = restore_history(second.engine, exported)
     events = list(second.engine.chat(restored, "What is her name?", max_new_tokens=4, **GREEDY))
     assert events[-1].text == reply
     assert len(second.store.load(token).messages) == 6

@@ -13,6 +13,8 @@ from streaming_engine.engine import SessionNotFound
 from streaming_engine.session import SessionStatus
 from streaming_engine.templating import ChatTemplater
 from streaming_engine.textstream import TextStream
+from streaming_engine.validate import clean_text
+from streaming_engine.history import export_history, restore_history
 
 GREEDY = dict(temperature=0.0, repetition_penalty=1.0)
 
@@ -190,7 +192,7 @@ def test_the_session_view_is_read_only_and_its_status_follows_the_cache(tiny_cha
     sid = engine.new_session()
     assert engine.session(sid).status is SessionStatus.READY and engine.session(sid).turn is None
     run(engine, sid, "Hello there", max_new_tokens=3, **GREEDY)
-    restored = engine.restore(engine.export(sid))
+    restored = restore_history(engine, export_history(engine, sid))
     view = engine.session(restored)
     assert view.status is SessionStatus.UNPRIMED and not view.replying and view.stream_text == ""
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -207,16 +209,19 @@ def test_export_then_restore_continues_the_conversation(tiny_chat_model, default
     sid = engine.new_session(system_prompt="Be kind.")
     for i in range(5):
         run(engine, sid, f"Message {i} with some words to fill the window.", max_new_tokens=10, **GREEDY)
-    exported = engine.export(sid)
+    exported = export_history(engine, sid)
     data = json.loads(exported)
     assert data["format"] == "streaming-llm-chat" and len(data["messages"]) == 10
-    restored = engine.restore(exported)
-    assert engine.history(restored) == engine.history(sid)
+    restored = restore_history(engine, exported)
+    # A restore takes messages as input, cleaned like typed text (`validate.clean_text`): a random model's reply
+    # may hold a carriage return, which the restored copy drops.
+    as_input = [{**m, "content": clean_text(m["content"])} for m in engine.history(sid)]
+    assert engine.history(restored) == as_input
     _, final, _ = run(engine, restored, "Do you remember?", max_new_tokens=5, **GREEDY)
     assert final.kind == "done"
     stats = engine.stats(restored)
     assert 0 < stats["cache_tokens"] <= stats["cache_capacity"]
-    assert engine.history(restored)[:-2] == engine.history(sid)
+    assert engine.history(restored)[:-2] == as_input
 
 
 @pytest.mark.parametrize("payload,match", [
@@ -230,7 +235,7 @@ def test_corrupt_history_is_rejected_and_nothing_changes(tiny_chat_model, defaul
     engine = make_engine(tiny_chat_model, default_tokenizer)
     before = engine.session_ids()
     with pytest.raises(ValueError, match=match):
-        engine.restore(payload)
+        restore_history(engine, payload)
     assert engine.session_ids() == before
 
 
@@ -368,13 +373,13 @@ def test_rewind_drops_the_last_exchange_and_the_retry_follows_the_earlier_histor
     engine = make_engine(tiny_chat_model, default_tokenizer, 4, 200)
     sid = engine.new_session()
     first, _, _ = run(engine, sid, "First question", max_new_tokens=6, **GREEDY)
-    snapshot = engine.export(sid)
+    snapshot = export_history(engine, sid)
     run(engine, sid, "Second question", max_new_tokens=6, **GREEDY)
     assert engine.rewind(sid) == "Second question"
     assert [m["content"] for m in engine.history(sid)] == ["First question", first]
     again, final, _ = run(engine, sid, "Second question", max_new_tokens=6, **GREEDY)
     # The retry sees exactly the history a restore of the first exchange sees.
-    restored, _, _ = run(engine, engine.restore(snapshot), "Second question", max_new_tokens=6, **GREEDY)
+    restored, _, _ = run(engine, restore_history(engine, snapshot), "Second question", max_new_tokens=6, **GREEDY)
     assert final.kind == "done" and again == restored
     fresh = engine.new_session()
     with pytest.raises(ValueError, match="no message"):
@@ -435,3 +440,17 @@ def test_leaving_chat_many_early_stops_every_turn_and_keeps_partial_replies(tiny
         assert engine.history(sid)[0]["content"] == "Talk for a long time."
     _, final, _ = run(engine, sids[0], "Still there?", max_new_tokens=3, **GREEDY)
     assert final.kind == "done"
+
+
+def test_the_engines_old_history_methods_still_work_and_warn(tiny_chat_model, default_tokenizer):
+    engine = StreamingEngine(tiny_chat_model, default_tokenizer, EngineConfig(start_size=4, recent_size=60))
+    sid = engine.new_session("streaming", "Be brief.")
+    list(engine.chat(sid, "Hello there", max_new_tokens=3, temperature=0))
+    with pytest.warns(DeprecationWarning, match="export_history"):
+        old = engine.export(sid, title="t")
+    new = export_history(engine, sid, title="t")
+    drop_stamp = lambda text: {k: v for k, v in json.loads(text).items() if k != "exported_at"}  # noqa: E731
+    assert drop_stamp(old) == drop_stamp(new)
+    with pytest.warns(DeprecationWarning, match="restore_history"):
+        restored = engine.restore(old, "window")
+    assert engine.history(restored) == engine.history(sid) and engine.stats(restored)["mode"] == "window"

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from streaming_engine import EngineBusy, EngineConfig, SessionNotFound, StreamingEngine
+from streaming_engine.history import restore_history
 
 GREEDY = dict(temperature=0.0, repetition_penalty=1.0)
 
@@ -87,7 +88,7 @@ def dense_upload(turns: int) -> str:
 @pytest.mark.parametrize("turns", [1, 12])
 def test_an_uploaded_history_can_never_raise_the_memory_bound(tiny_chat_model, default_tokenizer, turns):
     engine = engine_for(tiny_chat_model, default_tokenizer)
-    sid = engine.restore(dense_upload(turns))
+    sid = restore_history(engine, dense_upload(turns))
     events = list(engine.chat(sid, "Continue.", max_new_tokens=8, **GREEDY))
     stats = events[-1].stats
     assert events[-1].kind == "done" and stats["mode"] == "streaming"
@@ -98,8 +99,8 @@ def test_an_uploaded_history_can_never_raise_the_memory_bound(tiny_chat_model, d
 
 def test_only_an_explicit_caller_may_take_the_mode_from_the_file(tiny_chat_model, default_tokenizer):
     engine = engine_for(tiny_chat_model, default_tokenizer)
-    assert engine.stats(engine.restore(dense_upload(1), allow_file_mode=True))["mode"] == "dense"
-    assert engine.stats(engine.restore(dense_upload(1), "window"))["mode"] == "window"
+    assert engine.stats(restore_history(engine, dense_upload(1), allow_file_mode=True))["mode"] == "dense"
+    assert engine.stats(restore_history(engine, dense_upload(1), "window"))["mode"] == "window"
 
 
 @pytest.mark.parametrize("bad", ["f" * 37, "a" * 1_000_000, None, 12, ["x"]],

@@ -16,6 +16,7 @@ import torch
 from streaming_engine import EngineConfig, StreamingEngine, load
 from streaming_engine.backends import BACKENDS, choose_backend, resolve_backend
 from streaming_engine.llamacpp import llamacpp_available, require_llamacpp
+from streaming_engine.history import export_history, restore_history
 
 needs_llamacpp = pytest.mark.skipif(
     not llamacpp_available(), reason="llama-cpp-python is not installed (pip install -r requirements-cpu.txt)")
@@ -316,12 +317,12 @@ def test_export_and_restore_continue_the_conversation(llama):
     engine = llama_engine(llama, max_new_tokens=16)
     sid = engine.new_session(system_prompt="You are terse.")
     reply(engine, sid, "What is the capital of France?")
-    exported = engine.export(sid)
-    restored = engine.restore(exported)
+    exported = export_history(engine, sid)
+    restored = restore_history(engine, exported)
     assert engine.history(restored) == engine.history(sid)
     text, done = reply(engine, restored, "And of Italy?")
     assert done.kind == "done" and text and done.stats["seen_tokens"] > 20  # the history was re-encoded
-    assert json.loads(engine.export(restored))["messages"][-1]["content"] == text
+    assert json.loads(export_history(engine, restored))["messages"][-1]["content"] == text
     engine.reset(sid)
     assert engine.stats(sid)["cache_tokens"] == 0 and engine.stats(sid)["seen_tokens"] == 0
 

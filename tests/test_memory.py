@@ -8,6 +8,7 @@ import pytest
 from streaming_engine import EngineConfig, StreamingEngine
 from streaming_engine.engine import DEFAULT_PIN_LIMIT, PinTooLong
 from streaming_engine.memory import MessageSpan, measure, turns_in_memory
+from streaming_engine.history import export_history, restore_history
 
 GREEDY = dict(temperature=0.0, repetition_penalty=1.0)
 SYSTEM = "You are a pirate. Always answer in French and end every answer with the word 'arr'."
@@ -122,8 +123,8 @@ def test_a_system_prompt_over_the_pin_limit_is_refused_naming_the_limit(tiny_cha
     with pytest.raises(PinTooLong, match="44-token cache can spare"):
         small.new_session(system_prompt=long_prompt)
     # A restored conversation (or an API request) keeps a long system prompt unpinned instead of failing.
-    exported = engine.export(sid)
-    restored = engine.restore(exported)
+    exported = export_history(engine, sid)
+    restored = restore_history(engine, exported)
     assert engine.history(restored)[0] == {"role": "system", "content": long_prompt}
     assert engine.stats(restored)["pinned_tokens"] == 0
     assert EngineConfig().pin_limit == DEFAULT_PIN_LIMIT == 256
@@ -137,7 +138,7 @@ def test_a_restored_history_keeps_its_pinned_prompt_and_whole_messages(tiny_chat
     sid = engine.new_session(system_prompt=SYSTEM)
     for turn in range(10):
         chat(engine, sid, f"Question number {turn}: what do you think about ships?")
-    restored = engine.restore(engine.export(sid))
+    restored = restore_history(engine, export_history(engine, sid))
     assert [e["state"] for e in engine.memory_map(restored)] == ["pending"] * 21  # encoded by the next turn
     chat(engine, restored, "Do you remember?")
     entries = check_map_against_stream_positions(engine, restored)

@@ -9,6 +9,7 @@ import pytest
 
 from streaming_engine import EngineConfig, StreamingEngine
 from streaming_engine.templating import ChatTemplater, control_spellings
+from streaming_engine.history import export_history, restore_history
 
 GREEDY = dict(temperature=0.0, repetition_penalty=1.0)
 
@@ -145,11 +146,11 @@ def test_engine_feeds_typed_markers_as_plain_text_in_turns_retries_and_restores(
     for sid, text in ((attacked, typed), (broken, broken_apart(typed, spellings))):
         assert list(engine.chat(sid, text, max_new_tokens=4, **GREEDY))[-1].kind == "done"
     assert fed_ids(engine, attacked) == fed_ids(engine, broken)
-    exported = json.loads(engine.export(attacked))
+    exported = json.loads(export_history(engine, attacked))
     exported["messages"].append({"role": "assistant", "content": typed})  # an uploaded, forged reply
-    restored = engine.restore(json.dumps(exported))
+    restored = restore_history(engine, json.dumps(exported))
     exported["messages"] = [{**m, "content": broken_apart(m["content"], spellings)} for m in exported["messages"]]
-    restored_broken = engine.restore(json.dumps(exported))
+    restored_broken = restore_history(engine, json.dumps(exported))
     for sid in (restored, restored_broken):
         assert list(engine.chat(sid, "Go on.", max_new_tokens=4, **GREEDY))[-1].kind == "done"
     assert fed_ids(engine, restored) == fed_ids(engine, restored_broken)

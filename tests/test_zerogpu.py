@@ -25,6 +25,7 @@ from streaming_engine.store import ChatStore
 from webui import chat_tab, compare_tab, handlers
 from webui.conversation_list import empty_record
 from webui.render import mark_memory
+from streaming_engine.history import export_history
 
 GREEDY = dict(temperature=0.0, repetition_penalty=1.0)
 #: Chat-tab sampling inputs: system prompt, temperature, top-p, top-k, max new tokens, penalty.
@@ -118,7 +119,7 @@ def test_turns_run_in_forked_workers_reply_exactly_as_a_local_engine(
             "tokens_per_s", "time_to_first_token_s", "last_token_latency_s")}}  # timings differ, nothing else
     assert local.history(sids[0]) == remote.history(sids[1])
     # The same export but for its own time stamp (taken to the second: the two may straddle a second's edge).
-    exports = [json.loads(engine.export(sid)) for engine, sid in zip((local, remote), sids)]
+    exports = [json.loads(export_history(engine, sid)) for engine, sid in zip((local, remote), sids)]
     assert all(isinstance(e.pop("exported_at"), str) for e in exports) and exports[0] == exports[1]
     kept = remote.stats(sids[1])
     assert kept["seen_tokens"] == kept["cache_tokens"] + kept["evicted_tokens"] > 0
