@@ -101,17 +101,20 @@ def terms(text: str) -> list[str]:
 
 
 def sentences(text: str) -> list[tuple[str, ...]]:
-    """The sentences of `text`, each as its ranking terms (`terms`); sentences without any are left out."""
-    return [found for found in (tuple(terms(piece)) for piece in _SENTENCE.findall(text)) if found]
+    """The sentences of `text`, each as its lower-cased words, stop words included (so "What is the code for the
+    box?" and "The code for the box is" stay two sentences); sentences without a word are left out."""
+    return [found for found in (tuple(_WORD.findall(piece.lower())) for piece in _SENTENCE.findall(text)) if found]
 
 
 def topic_terms(query: str, conversation: Sequence[Mapping]) -> list[str]:
-    """The terms of `query` that say what it is about: those of its sentences the conversation has not already said
-    word for word. A sentence a user repeats ("Answer with the number only.") is phrasing: its words would rank
-    the user's earlier messages that end the same way above the message holding the fact. When every sentence is a
-    repeat (the same question asked again), all of the query's terms."""
-    said = {found for message in conversation for found in sentences(str(message.get("content", "")))}
-    new = [term for found in sentences(query) if found not in said for term in found]
+    """The terms of `query` that say what it is about: those of its sentences the user has not already typed word
+    for word in `conversation`. A sentence a user repeats ("Answer with the number only.") is phrasing: its words
+    would rank the user's earlier messages that end the same way above the message holding the fact. When every
+    sentence is a repeat (the same question asked again), all of the query's terms."""
+    said = {found for message in conversation if message.get("role", "user") == "user"
+            for found in sentences(str(message.get("content", "")))}
+    new = [term for piece in _SENTENCE.findall(query) if tuple(_WORD.findall(piece.lower())) not in said
+           for term in terms(piece)]
     return new or terms(query)
 
 

@@ -19,6 +19,7 @@ from streaming_engine.recall import (
     recall_snippets,
     terms,
 )
+from streaming_engine.history import export_history, restore_history
 
 
 def words(text: str) -> int:
@@ -344,7 +345,7 @@ def test_a_restored_or_reprimed_conversation_recalls_from_its_history_the_same_w
     engine = small_engine(tiny_chat_model, default_tokenizer)
     live = engine.new_session("streaming", "You are helpful.")
     talk_until_the_fact_is_gone(engine, live)
-    restored = engine.restore(engine.export(live))
+    restored = restore_history(engine, export_history(engine, live))
     rewound = engine.new_session("streaming", "You are helpful.")
     talk_until_the_fact_is_gone(engine, rewound)
     run(engine, rewound, "One more question about nothing.")
