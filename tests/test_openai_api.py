@@ -99,7 +99,7 @@ def test_thirty_turns_sent_whole_reuse_one_session_and_encode_only_the_new_messa
     assert len(owned) == 1
 
 
-def test_usage_reports_the_evicted_messages_recalled_into_a_turn(client):
+def test_usage_reports_the_evicted_messages_recalled_into_a_turn(client, server):
     from test_recall import FACT, QUESTION, TOPICS
 
     more = ["Compare owls and hawks at night.", "Outline the rules of chess openings.",
@@ -117,6 +117,28 @@ def test_usage_reports_the_evicted_messages_recalled_into_a_turn(client):
     assert extra["recalled_messages"][:1] == [1]  # the request's messages[1]: the fact, evicted long ago
     assert 0 < extra["recalled_tokens"] <= extra["prefill_tokens"]
     assert recalled[0] == 0  # the first turn: nothing evicted, nothing recalled
+    # The same turn with recall off for this request: nothing quoted, and the next request is back to the default.
+    messages += [{"role": "assistant", "content": reply.choices[0].message.content},
+                 {"role": "user", "content": "Where is my locker?"}]
+    off = client.chat.completions.create(model=MODEL, messages=messages, extra_body={"recall_budget": 0}, **greedy())
+    assert off.model_extra["streaming_llm"]["session_reused"]
+    assert off.model_extra["streaming_llm"]["recalled_tokens"] == 0
+    assert off.model_extra["streaming_llm"]["recalled_messages"] == []
+    engine = server[1]
+    sid = next(s for s in engine.session_ids() if engine.history(s)[-2:-1] == messages[-1:])
+    assert engine.stats(sid)["recall_budget"] == 0
+    messages += [{"role": "assistant", "content": off.choices[0].message.content},
+                 {"role": "user", "content": "Thanks."}]
+    client.chat.completions.create(model=MODEL, messages=messages, **greedy())
+    assert engine.stats(sid)["recall_budget"] > 0
+
+
+@pytest.mark.parametrize("budget", [-1, True, 1.5, "40", 100_000])
+def test_a_bad_recall_budget_is_a_400_naming_it(client, budget):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                       extra_body={"recall_budget": budget}, **greedy())
+    assert err.value.body["param"] == "recall_budget"
 
 
 def test_a_history_that_extends_no_live_conversation_opens_a_primed_session(client):

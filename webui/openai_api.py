@@ -48,7 +48,7 @@ from streaming_engine.engine import refusal
 from streaming_engine.history import MAX_HISTORY_BYTES
 from streaming_engine.sampling import SamplingParams
 from streaming_engine.stateless import find_conversation, open_conversation
-from streaming_engine.validate import MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_OWNER_CHARS, check_text, parse_json
+from streaming_engine.validate import MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_OWNER_CHARS, check_int, check_text, parse_json
 
 from .http_auth import credentials_ok
 
@@ -76,7 +76,7 @@ OWNER = "openai"
 KNOWN_FIELDS = {
     "model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "stream",
     "stream_options", "n", "user", "presence_penalty", "frequency_penalty", "logprobs", "top_k",
-    "repetition_penalty",
+    "repetition_penalty", "recall_budget",
 }
 #: Engine finish reasons in OpenAI's words ("context_full": a dense cache ran out, which the API never opens).
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context_full": "length", "stopped": "stop"}
@@ -129,6 +129,8 @@ class ChatRequest:
     sampling: dict = field(init=False)
     stream: bool = field(init=False)
     include_usage: bool = field(init=False)
+    #: Tokens this turn may quote back from evicted messages (an extension; 0 = off); None: the session's default.
+    recall_budget: int | None = field(init=False)
 
     def __post_init__(self):
         body = self.body
@@ -152,6 +154,12 @@ class ChatRequest:
         if body.get("logprobs"):
             raise APIError(400, "logprobs are not supported", param="logprobs")
         self._parse_sampling(body)
+        self.recall_budget = body.get("recall_budget")
+        if self.recall_budget is not None:
+            try:  # its upper bound is the session's window, checked when it is applied (`set_recall_budget`)
+                self.recall_budget = check_int("recall_budget", self.recall_budget, 0)
+            except ValueError as exc:
+                raise APIError(400, str(exc), param="recall_budget") from None
 
     def _flag(self, name: str) -> bool:
         value = self.body.get(name, False)
@@ -408,6 +416,10 @@ def mount(app: FastAPI, engine: StreamingEngine, *, model_name: str, auth: tuple
                 raise APIError(503, "the conversation was closed meanwhile; retry", "server_error") from exc
             except ValueError as exc:
                 raise APIError(400, str(exc), param="messages") from exc
+            try:  # per request: a pooled session that an earlier request turned off goes back to its default
+                engine.set_recall_budget(sid, chat.recall_budget)
+            except ValueError as exc:
+                raise APIError(400, str(exc), param="recall_budget") from exc
             account = TurnAccount(stats["cache_tokens"], stats["seen_tokens"], reused,
                                   sum(m["role"] != "system" for m in chat.prior))
             # Submitted now, so a refusal (busy, bad message) is an HTTP status even for a streamed request.
