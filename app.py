@@ -97,7 +97,7 @@ def create_engine(settings: AppSettings) -> tuple[StreamingEngine, str]:
     config = EngineConfig(start_size=settings.start_size, recent_size=settings.recent_size,
                           max_sessions=settings.max_sessions, max_sessions_per_owner=settings.max_sessions_per_client,
                           decode_step=settings.decode_step, cuda_graphs=settings.cuda_graphs,
-                          overlap=settings.overlap)
+                          overlap=settings.overlap, recall_budget=settings.recall_budget)
     gpu = handlers.zerogpu_decorator(config)  # before loading: `spaces` must patch torch first
     source = startup.model_source(settings)
     model, tokenizer = startup.load_model(source, settings)

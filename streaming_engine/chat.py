@@ -17,7 +17,7 @@ from pathlib import Path
 # Only torch-free modules here: `--help` must answer at once. The engine, the loader and torch are imported by
 # `main` once the flags are read.
 from .backends import BACKENDS, backend_line, choose_backend
-from .cli_options import add_decode_args, add_placement_args, decode_kwargs, placement_kwargs
+from .cli_options import add_decode_args, add_placement_args, add_recall_arg, decode_kwargs, placement_kwargs
 from .defaults import (
     DEFAULT_EVICTION,
     DEFAULT_MODEL_NAME,
@@ -25,7 +25,6 @@ from .defaults import (
     DEFAULT_RECENT_SIZE,
     DEFAULT_START_SIZE,
     MODES,
-    RECALL_MIN_BUDGET,
 )
 from .eviction import DEFAULT_EVICT_BLOCK, EVICTION_POLICIES
 from .prompts import jsonl_records
@@ -84,9 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eviction", choices=EVICTION_POLICIES, default=DEFAULT_EVICTION,
                    help=f"what leaves a full cache: the oldest tokens, or whole oldest messages "
                         f"(default {DEFAULT_EVICTION})")
-    p.add_argument("--recall-budget", type=int, default=None,
-                   help=f"most tokens of evicted messages quoted back into a turn that matches them; 0 = off "
-                        f"(default: a quarter of the recent size, at least {RECALL_MIN_BUDGET}, at most half)")
+    add_recall_arg(p)
     p.add_argument("--evict-block", type=int, default=None,
                    help=f"fewest tokens one eviction takes, 1..recent size; 1 = token by token "
                         f"(default {DEFAULT_EVICT_BLOCK}, or the recent size if smaller)")

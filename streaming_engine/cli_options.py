@@ -1,5 +1,6 @@
 """Command-line options of the product that the benchmarks share: where the model's layers go (`--device-map`,
-`--max-memory`, `--offload-folder`) and how the batched decode runs (`--decode-step`, `--cuda-graphs`). The app
+`--max-memory`, `--offload-folder`), how the batched decode runs (`--decode-step`, `--cuda-graphs`) and how much
+of the evicted conversation a turn may quote back (`--recall-budget`). The app
 (`webui/settings.py`), the chat CLI and every benchmark CLI (`benchmarks/cli.py`) add them from here, so each flag has
 one spelling, one help text and one default. Boundary: parser options and their engine keywords only; torch-free,
 so that `--help` answers at once.
@@ -18,6 +19,7 @@ from .defaults import (
     DEFAULT_OVERLAP,
     DEVICE_MAP_STRATEGIES,
     OVERLAP_MODES,
+    RECALL_MIN_BUDGET,
 )
 
 
@@ -69,3 +71,22 @@ def add_decode_args(p, env: Mapping[str, str] | None = None) -> None:
 def decode_kwargs(args) -> dict:
     """The `EngineConfig` keywords of the parsed decode-path options."""
     return dict(decode_step=args.decode_step, cuda_graphs=args.cuda_graphs, overlap=args.overlap)
+
+
+#: The environment variable the app reads `--recall-budget` from (`add_recall_arg(env=...)`).
+RECALL_ENV = "RECALL_BUDGET"
+
+
+def add_recall_arg(p, env: Mapping[str, str] | None = None) -> None:
+    """`--recall-budget`: most tokens of evicted messages quoted back into a turn (0 = off, none: the default of the
+    window). With `env` (the app's settings) it defaults to `RECALL_ENV`; the value is checked where it enters the
+    engine's settings (`recall.check_budget`, against the recent size)."""
+    text = env.get(RECALL_ENV) if env is not None else None
+    try:
+        default = int(text) if text else None
+    except ValueError:
+        raise SystemExit(f"error: environment variable {RECALL_ENV} must be a whole number, got {text!r}") from None
+    note = f"env {RECALL_ENV}; " if env is not None else ""
+    p.add_argument("--recall-budget", type=int, default=default,
+                   help=f"most tokens of evicted messages quoted back into a turn that matches them; 0 = off "
+                        f"({note}default: a quarter of the recent size, at least {RECALL_MIN_BUDGET}, at most half)")

@@ -276,9 +276,14 @@ class Conversations:
             except KeyError:  # closed meanwhile: the next session made for it reads `_recall_off`
                 pass
 
+    def recall_available(self) -> bool:
+        """Whether this server recalls at all: an engine-wide `recall_budget=0` (the app's `--recall-budget 0`)
+        turns it off for every conversation, and no switch turns it back on."""
+        return self.engine.recall_budget_for("streaming", self.engine.config.recent_size) > 0
+
     def recall_enabled(self, token: str | None) -> bool:
-        """Whether recall is on for `token`'s conversation (on unless switched off)."""
-        return token not in self._recall_off
+        """Whether recall is on for `token`'s conversation (on unless switched off, where the server recalls)."""
+        return self.recall_available() and token not in self._recall_off
 
     # --- chatting --------------------------------------------------------------------------------------------------
 

@@ -328,3 +328,23 @@ def test_the_partial_save_interval_is_a_flag_and_an_environment_variable_and_ref
     assert app_settings.parse_settings([], env={"PARTIAL_SAVE_INTERVAL": "0"}).partial_save_interval_s == 0
     with pytest.raises(SystemExit):
         app_settings.parse_settings(["--partial-save-interval", "-1"], env={})
+
+
+def test_the_recall_budget_is_a_flag_and_an_environment_variable_checked_against_the_window(
+        monkeypatch, capsys, tiny_chat_model, default_tokenizer):
+    import app
+    from webui import startup
+
+    assert app_settings.parse_settings([], env={}).recall_budget is None
+    assert app_settings.parse_settings(["--recall-budget", "0"], env={}).recall_budget == 0
+    assert app_settings.parse_settings([], env={"RECALL_BUDGET": "40"}).recall_budget == 40
+    assert app_settings.parse_settings(["--recall-budget", "20"], env={"RECALL_BUDGET": "40"}).recall_budget == 20
+    for argv, env, named in ((["--recall-budget", "96", "--recent-size", "96"], {}, "must be smaller than"),
+                             (["--recall-budget", "-1"], {}, "recall_budget must be an integer"),
+                             ([], {"RECALL_BUDGET": "lots"}, "RECALL_BUDGET must be a whole number")):
+        with pytest.raises(SystemExit) as stopped:
+            app_settings.parse_settings(argv, env=env)
+        assert named in capsys.readouterr().err + str(stopped.value.code)
+    monkeypatch.setattr(startup, "load", lambda name, **kwargs: (tiny_chat_model, default_tokenizer))
+    engine, _ = app.create_engine(app_settings.parse_settings(["--recall-budget", "0", "--recent-size", "96"], env={}))
+    assert engine.config.recall_budget == 0 and engine.recall_budget_for("streaming", 96) == 0

@@ -133,6 +133,16 @@ def test_usage_reports_the_evicted_messages_recalled_into_a_turn(client, server)
     assert engine.stats(sid)["recall_budget"] > 0
 
 
+def test_a_request_cannot_turn_on_recall_the_server_turned_off(client, server, monkeypatch):
+    monkeypatch.setattr(server[1].config, "recall_budget", 0)
+    messages = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=messages, extra_body={"recall_budget": 40}, **greedy())
+    assert err.value.body["param"] == "recall_budget" and err.value.body["code"] == "recall_off"
+    reply = client.chat.completions.create(model=MODEL, messages=messages, extra_body={"recall_budget": 0}, **greedy())
+    assert reply.model_extra["streaming_llm"]["recalled_tokens"] == 0
+
+
 @pytest.mark.parametrize("budget", [-1, True, 1.5, "40", 100_000])
 def test_a_bad_recall_budget_is_a_400_naming_it(client, budget):
     with pytest.raises(openai.BadRequestError) as err:

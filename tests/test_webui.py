@@ -126,6 +126,18 @@ def test_a_reply_that_recalled_an_evicted_message_is_marked_and_the_switch_turns
     assert conv.recall_enabled(page.token) is False and conv.recall_enabled(Page(conv).token) is True
 
 
+def test_with_recall_off_on_the_server_no_switch_turns_it_on(conv, engine, monkeypatch):
+    monkeypatch.setattr(engine.config, "recall_budget", 0)
+    page = Page(conv)
+    assert not conv.recall_available() and chat_tab.recall_shown(conv, page.state) is False
+    page.state = chat_tab.set_recall(conv, True, page.state)  # a stale page that still shows it on
+    page.send("Hello")
+    assert engine.stats(conv._live[page.token])["recall_budget"] == 0
+    chat_tab.set_recall(conv, True, page.state)
+    assert engine.stats(conv._live[page.token])["recall_budget"] == 0 and not conv.recall_enabled(page.token)
+    assert chat_tab.recall_shown(conv, page.state) is False
+
+
 @pytest.mark.parametrize("inputs,match", [
     (("", 0.0, 1.0, 0, 0, 1.0), "max_new_tokens"),
     (("", 0.0, 0.0, 0, 8, 1.0), "top_p"),

@@ -330,7 +330,9 @@ def recall_shown(conversations, state):
     """The recall switch as it stands for what the page shows (on for a chat not started yet, unless set off)."""
     state = state or {}
     token = state.get("token")
-    return conversations.recall_enabled(token) if token else not state.get("recall_off", False)
+    if token or not conversations.recall_available():
+        return conversations.recall_enabled(token)
+    return not state.get("recall_off", False)
 
 
 def retry_last(conversations, messages, state, record, system_prompt, temp, p, k, new_tokens, rep,
@@ -566,8 +568,11 @@ def build_chat_tab(demo: gr.Blocks, conversations: Conversations, visitor_cache_
             system = gr.Textbox(label=f"System prompt (applies to new chats; {pinned})", lines=2,
                                 max_length=MAX_SYSTEM_PROMPT_CHARS, elem_id="system",
                                 placeholder="Empty: the model's own default, if its chat template has one.")
-            recall = gr.Checkbox(True, label="Recall: quote earlier messages that left the model's memory back into "
-                                             "the prompt when they match your message (this chat)", elem_id="recall")
+            available = conversations.recall_available()
+            recall = gr.Checkbox(available, interactive=available, elem_id="recall",
+                                 label="Recall: quote earlier messages that left the model's memory back into the "
+                                       "prompt when they match your message (this chat)" if available else
+                                       "Recall: off on this server (--recall-budget 0)")
             ranges = slider_ranges(cfg)
 
             def slider(name, value, **kwargs):

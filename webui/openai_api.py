@@ -416,6 +416,11 @@ def mount(app: FastAPI, engine: StreamingEngine, *, model_name: str, auth: tuple
                 raise APIError(503, "the conversation was closed meanwhile; retry", "server_error") from exc
             except ValueError as exc:
                 raise APIError(400, str(exc), param="messages") from exc
+            view = engine.session(sid)
+            if chat.recall_budget and not engine.recall_budget_for(view.mode, view.recent_size):
+                # The deployment turned recall off (`--recall-budget 0`): a client may not turn it back on.
+                raise APIError(400, "recall is off on this server: recall_budget may only be 0",
+                               param="recall_budget", code="recall_off")
             try:  # per request: a pooled session that an earlier request turned off goes back to its default
                 engine.set_recall_budget(sid, chat.recall_budget)
             except ValueError as exc:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 # Only torch-free modules at import time: `python app.py --help` reads this file before anything heavy is imported
 # (torch, used to check --device and --dtype, is imported when a value is checked).
 from streaming_engine.backends import BACKENDS
-from streaming_engine.cli_options import DECODE_ENV, add_decode_args
+from streaming_engine.cli_options import DECODE_ENV, RECALL_ENV, add_decode_args, add_recall_arg
 from streaming_engine.defaults import (
     CUDA_GRAPH_MODES,
     DECODE_STEPS,
@@ -30,6 +30,7 @@ from streaming_engine.defaults import (
     OVERLAP_MODES,
     PARTIAL_SAVE_INTERVAL_S,
 )
+from streaming_engine.recall import check_budget
 from streaming_engine.store_pg import START_WAIT_S, check_database_url
 from streaming_engine.validate import check_choice, check_int, check_number
 
@@ -107,6 +108,9 @@ class AppSettings:
     decode_step: str = DEFAULT_DECODE_STEP
     cuda_graphs: str = DEFAULT_CUDA_GRAPHS
     overlap: str = DEFAULT_OVERLAP
+    # Most tokens of evicted messages a turn may quote back (docs/engine.md, "Recall"); 0 = off for the whole
+    # server (a chat's own switch and an API request cannot turn it on); None: a quarter of the window.
+    recall_budget: int | None = None
 
     def __post_init__(self):
         check_choice("--backend", self.backend, BACKENDS)
@@ -116,6 +120,11 @@ class AppSettings:
             check_choice(f"--{name.replace('_', '-')} / {DECODE_ENV[name]}", getattr(self, name), allowed)
         check_int("--start-size", self.start_size, 0)
         check_int("--recent-size", self.recent_size, 1)
+        if self.recall_budget is not None:
+            try:
+                check_budget(self.recall_budget, self.recent_size)
+            except ValueError as exc:
+                raise ValueError(f"--recall-budget / {RECALL_ENV}: {exc}") from None
         check_int("--port", self.port, 1, 65535)
         check_int("--max-sessions", self.max_sessions, 1)
         check_int("--max-sessions-per-client", self.max_sessions_per_client, 1, self.max_sessions)
@@ -234,6 +243,7 @@ def parse_settings(argv: list[str] | None = None, env: dict | None = None) -> Ap
     where.add_argument("--offload-folder", metavar="DIR", default=env.get("OFFLOAD_FOLDER") or None,
                        help="where --device-map writes weights offloaded to disk (env OFFLOAD_FOLDER)")
     add_decode_args(where, env=env)
+    add_recall_arg(p, env=env)
     serving = p.add_argument_group("serving")
     serving.add_argument("--queue-concurrency", type=int,
                          default=_env_int(env, "QUEUE_CONCURRENCY", DEFAULT_QUEUE_CONCURRENCY),
@@ -262,7 +272,7 @@ def parse_settings(argv: list[str] | None = None, env: dict | None = None) -> Ap
                            queue_concurrency=args.queue_concurrency, queue_max_size=args.queue_max_size,
                            visitor_cache_sizes=args.visitor_cache_sizes, backend=args.backend,
                            decode_step=args.decode_step, cuda_graphs=args.cuda_graphs,
-                           overlap=args.overlap)
+                           overlap=args.overlap, recall_budget=args.recall_budget)
     except ValueError as exc:
         p.error(str(exc))
 
