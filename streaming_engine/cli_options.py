@@ -73,6 +73,15 @@ def decode_kwargs(args) -> dict:
     return dict(decode_step=args.decode_step, cuda_graphs=args.cuda_graphs, overlap=args.overlap)
 
 
+def env_int(env: Mapping[str, str], name: str, default: int | None = None) -> int | None:
+    """An integer environment variable (unset or empty: `default`); anything else stops with its name."""
+    text = env.get(name)
+    try:
+        return int(text) if text else default
+    except ValueError:
+        raise SystemExit(f"error: environment variable {name} must be a whole number, got {text!r}") from None
+
+
 #: The environment variable the app reads `--recall-budget` from (`add_recall_arg(env=...)`).
 RECALL_ENV = "RECALL_BUDGET"
 
@@ -81,12 +90,7 @@ def add_recall_arg(p, env: Mapping[str, str] | None = None) -> None:
     """`--recall-budget`: most tokens of evicted messages quoted back into a turn (0 = off, none: the default of the
     window). With `env` (the app's settings) it defaults to `RECALL_ENV`; the value is checked where it enters the
     engine's settings (`recall.check_budget`, against the recent size)."""
-    text = env.get(RECALL_ENV) if env is not None else None
-    try:
-        default = int(text) if text else None
-    except ValueError:
-        raise SystemExit(f"error: environment variable {RECALL_ENV} must be a whole number, got {text!r}") from None
     note = f"env {RECALL_ENV}; " if env is not None else ""
-    p.add_argument("--recall-budget", type=int, default=default,
+    p.add_argument("--recall-budget", type=int, default=env_int(env, RECALL_ENV) if env is not None else None,
                    help=f"most tokens of evicted messages quoted back into a turn that matches them; 0 = off "
                         f"({note}default: a quarter of the recent size, at least {RECALL_MIN_BUDGET}, at most half)")

@@ -100,10 +100,15 @@ def terms(text: str) -> list[str]:
     return out
 
 
+def _sentence_words(piece: str) -> tuple[str, ...]:
+    """One sentence as its lower-cased words, stop words included (so "What is the code for the box?" and "The
+    code for the box is" stay two sentences)."""
+    return tuple(_WORD.findall(piece.lower()))
+
+
 def sentences(text: str) -> list[tuple[str, ...]]:
-    """The sentences of `text`, each as its lower-cased words, stop words included (so "What is the code for the
-    box?" and "The code for the box is" stay two sentences); sentences without a word are left out."""
-    return [found for found in (tuple(_WORD.findall(piece.lower())) for piece in _SENTENCE.findall(text)) if found]
+    """The sentences of `text`, each as `_sentence_words`; sentences without a word are left out."""
+    return [found for found in map(_sentence_words, _SENTENCE.findall(text)) if found]
 
 
 def topic_terms(query: str, conversation: Sequence[Mapping]) -> list[str]:
@@ -113,8 +118,7 @@ def topic_terms(query: str, conversation: Sequence[Mapping]) -> list[str]:
     sentence is a repeat (the same question asked again), all of the query's terms."""
     said = {found for message in conversation if message.get("role", "user") == "user"
             for found in sentences(str(message.get("content", "")))}
-    new = [term for piece in _SENTENCE.findall(query) if tuple(_WORD.findall(piece.lower())) not in said
-           for term in terms(piece)]
+    new = [term for piece in _SENTENCE.findall(query) if _sentence_words(piece) not in said for term in terms(piece)]
     return new or terms(query)
 
 

@@ -364,17 +364,18 @@ class Session:
             plain.prime = prime
             if self.recall_budget <= 0:
                 return plain
-            room = self.recall_room(len(plain.system_ids) + len(plain.ids), reply_tokens)
+            turn_tokens = len(plain.system_ids) + len(plain.ids)
+            room = self.recall_room(turn_tokens, reply_tokens)
             if room <= 0:
                 return plain
             # What the turn itself will push out counts as evicted: a block fed into a nearly full window evicts
             # the oldest held messages, which must then be quotable or the fact is neither held nor quoted.
-            evicted = self._evicted_messages(prime, len(plain.system_ids) + len(plain.ids)
-                                             + min(self.recall_budget, room))
+            evicted = self._evicted_messages(prime, turn_tokens + min(self.recall_budget, room))
             if not evicted:
                 return plain
             count = lambda text: len(rt.templater.encode(rt.templater.neutralize(text)))  # noqa: E731
-            held = [m for k, m in enumerate(self.history) if k not in {e["index"] for e in evicted}]
+            gone = {e["index"] for e in evicted}  # once, not per message: a history may hold 20,000 of them
+            held = [m for k, m in enumerate(self.history) if k not in gone]
             snippets = recall_snippets(evicted, message, min(self.recall_budget, room), count, held=held)
             if not snippets:
                 return plain

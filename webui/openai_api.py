@@ -416,8 +416,7 @@ def mount(app: FastAPI, engine: StreamingEngine, *, model_name: str, auth: tuple
                 raise APIError(503, "the conversation was closed meanwhile; retry", "server_error") from exc
             except ValueError as exc:
                 raise APIError(400, str(exc), param="messages") from exc
-            view = engine.session(sid)
-            if chat.recall_budget and not engine.recall_budget_for(view.mode, view.recent_size):
+            if chat.recall_budget and not engine.recall_budget_for(stats["mode"], stats["recent_size"]):
                 # The deployment turned recall off (`--recall-budget 0`): a client may not turn it back on.
                 raise APIError(400, "recall is off on this server: recall_budget may only be 0",
                                param="recall_budget", code="recall_off")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 # Only torch-free modules at import time: `python app.py --help` reads this file before anything heavy is imported
 # (torch, used to check --device and --dtype, is imported when a value is checked).
 from streaming_engine.backends import BACKENDS
-from streaming_engine.cli_options import DECODE_ENV, RECALL_ENV, add_decode_args, add_recall_arg
+from streaming_engine.cli_options import DECODE_ENV, RECALL_ENV, add_decode_args, add_recall_arg, env_int
 from streaming_engine.defaults import (
     CUDA_GRAPH_MODES,
     DECODE_STEPS,
@@ -214,10 +214,10 @@ def parse_settings(argv: list[str] | None = None, env: dict | None = None) -> Ap
                         f"this much of it (env PARTIAL_SAVE_INTERVAL; default {PARTIAL_SAVE_INTERVAL_S:g})")
     p.add_argument("--no-persist", action="store_true", default=env.get("NO_PERSIST", "").lower() in _TRUE,
                    help="keep conversations in memory only; nothing is written to disk (env NO_PERSIST)")
-    p.add_argument("--max-sessions", type=int, default=_env_int(env, "MAX_SESSIONS", MAX_SESSIONS),
+    p.add_argument("--max-sessions", type=int, default=env_int(env, "MAX_SESSIONS", MAX_SESSIONS),
                    help=f"conversations open at once on this server (env MAX_SESSIONS; default {MAX_SESSIONS})")
     p.add_argument("--max-sessions-per-client", type=int,
-                   default=_env_int(env, "MAX_SESSIONS_PER_CLIENT", MAX_SESSIONS_PER_OWNER),
+                   default=env_int(env, "MAX_SESSIONS_PER_CLIENT", MAX_SESSIONS_PER_OWNER),
                    help="conversations one client address (or login user) may hold open (env "
                         f"MAX_SESSIONS_PER_CLIENT; default {MAX_SESSIONS_PER_OWNER})")
     p.add_argument("--frame-ancestors", default=env.get("FRAME_ANCESTORS") or DEFAULT_FRAME_ANCESTORS,
@@ -234,7 +234,7 @@ def parse_settings(argv: list[str] | None = None, env: dict | None = None) -> Ap
     where.add_argument("--dtype", default=env.get("DTYPE") or None,
                        help="float32, bfloat16 or float16 (env DTYPE; default: bf16/fp16 on CUDA, bf16 on a CPU with "
                             "native bf16 units, else fp32)")
-    where.add_argument("--threads", type=int, default=_env_int(env, "THREADS"),
+    where.add_argument("--threads", type=int, default=env_int(env, "THREADS"),
                        help="CPU threads for the model (env THREADS; default: torch's choice, one per core)")
     where.add_argument("--device-map", choices=DEVICE_MAP_STRATEGIES, default=env.get("DEVICE_MAP") or None,
                        help="spread the model over every GPU, then CPU RAM, then disk (env DEVICE_MAP)")
@@ -246,9 +246,9 @@ def parse_settings(argv: list[str] | None = None, env: dict | None = None) -> Ap
     add_recall_arg(p, env=env)
     serving = p.add_argument_group("serving")
     serving.add_argument("--queue-concurrency", type=int,
-                         default=_env_int(env, "QUEUE_CONCURRENCY", DEFAULT_QUEUE_CONCURRENCY),
+                         default=env_int(env, "QUEUE_CONCURRENCY", DEFAULT_QUEUE_CONCURRENCY),
                          help=f"events handled at once (env QUEUE_CONCURRENCY; default {DEFAULT_QUEUE_CONCURRENCY})")
-    serving.add_argument("--queue-max-size", type=int, default=_env_int(env, "QUEUE_MAX_SIZE", DEFAULT_QUEUE_MAX_SIZE),
+    serving.add_argument("--queue-max-size", type=int, default=env_int(env, "QUEUE_MAX_SIZE", DEFAULT_QUEUE_MAX_SIZE),
                          help="events waiting before 'queue is full' "
                               f"(env QUEUE_MAX_SIZE; default {DEFAULT_QUEUE_MAX_SIZE})")
     serving.add_argument("--visitor-cache-sizes", action="store_true",
@@ -275,15 +275,6 @@ def parse_settings(argv: list[str] | None = None, env: dict | None = None) -> Ap
                            overlap=args.overlap, recall_budget=args.recall_budget)
     except ValueError as exc:
         p.error(str(exc))
-
-
-def _env_int(env, name: str, default: int | None = None) -> int | None:
-    """An integer environment variable (unset or empty: `default`); anything else stops with its name."""
-    text = env.get(name)
-    try:
-        return int(text) if text else default
-    except ValueError:
-        raise SystemExit(f"error: environment variable {name} must be a whole number, got {text!r}") from None
 
 
 def _env_float(env, name: str, default: float | None = None) -> float | None:
