@@ -25,9 +25,11 @@ is therefore one more `DecodeBatch`, never another scheduler; `decode_path` says
      *slice* sized to take about as long as one decode step (`prefill_slice`), and a prompt already under way
      gets it only while the prompts' share of the worker allows (`prompt_share.py`: at most `PREFILL_SHARE` of
      its time), so a decoding reply's time per token stays within a bound however long the paste, and the paste
-     still advances. While nothing decodes, a pass is sized to take about `PROMPT_PASS_S`, so a turn that
-     arrives during a paste's pass waits a fraction of a second for it, not a whole 512-token chunk on a CPU.
-     New turns go first: a turn whose prompt has not started gets its first slice (a short prompt
+     still advances. While nothing decodes, a pass is sized to take about `PROMPT_PASS_S`, and a turn that
+     arrives during it *cuts in*: where the runner can pause a pass between decoder layers
+     (`Backend.forward_with_breaks`), the new turn's first slice runs there, on its own cache (`_cut_in`), and
+     the paused pass goes on after it unchanged; elsewhere the newcomer waits a fraction of a second for the pass,
+     not a whole 512-token chunk on a CPU. New turns go first: a turn whose prompt has not started gets its first slice (a short prompt
      whole) before any other prompt's, without waiting for that share (docs/benchmarks.md "One client against
      another" measures both). The last chunk taken may be cut: the rest of it waits at the back, behind the
      other waiting prompts. A causal model's cache after a chunk fed in slices is the cache after feeding it
@@ -80,12 +82,13 @@ PREFILL_SLICE_TOKENS = 64
 #: Fewest prompt tokens a slice takes, however fast decoding is: tinier slices would spend the worker on
 #: per-pass overhead and let a paste crawl.
 PREFILL_MIN_SLICE = 8
-#: Longest a prompt pass should take while no reply decodes, seconds: a turn that arrives meanwhile waits at most
-#: about this long for its own first slice (new turns go first). At the measured prompt cost a pass takes
-#: `prompt_pass_tokens`, at least `PREFILL_SLICE_TOKENS`, at most the budget. On the 2-core test CPU (SmolLM2-135M,
-#: 1 thread) 512 prompt tokens took 2.16 s in one pass, 2.24 s in 128-token passes and 2.43 s in 64-token ones, so
-#: a quarter second costs a lone paste about a tenth of its speed and saves every newcomer up to two seconds; on a GPU a
-#: whole 512-token chunk takes milliseconds and the budget decides.
+#: Longest a prompt pass should take while no reply decodes, seconds. A turn that arrives meanwhile cuts into the
+#: pass between layers where the runner can pause (transformers, `Scheduler._cut_in`); where it cannot (llama.cpp: one
+#: `llama_decode`), or with `cut_in` off, it waits at most about this long for its own first slice (new turns go
+#: first). At the measured prompt cost a pass takes `prompt_pass_tokens`, at least
+#: `PREFILL_SLICE_TOKENS`, at most the budget. On the 2-core test CPU (SmolLM2-135M, 1 thread) 512 prompt tokens took
+#: 2.16 s in one pass, 2.24 s in 128-token passes and 2.43 s in 64-token ones, so a quarter second costs a lone paste
+#: about a tenth of its speed; on a GPU a whole 512-token chunk takes milliseconds and the budget decides.
 PROMPT_PASS_S = 0.25
 #: Weight of the newest measurement in the running averages of step times (a few steps of memory: adapts to a
 #: neighbour's load within a second, ignores one slow step).
@@ -168,6 +171,9 @@ class Scheduler:
         #: While no reply decodes, a prompt pass takes about this long at most (`PROMPT_PASS_S`); None: whole
         #: budgets, as before (tests that count passes of whole chunks, the fairness benchmark's baseline).
         self.prompt_pass_s: float | None = PROMPT_PASS_S
+        #: Whether turns that arrive during a prompt pass begun with nothing decoding are fed between its layers
+        #: (`_cut_in`); False: they wait for the pass to end (the fairness benchmark's baseline).
+        self.cut_in = True
         self.clock = time.perf_counter  # what `prefill_slice`'s costs are measured with (tests may replace it)
         #: The worker time prompts may take while replies decode (`prompt_share.py`), measured with `clock`.
         self.prompt_share = PromptShare()
@@ -176,6 +182,9 @@ class Scheduler:
         self._prefilling: deque[TurnHandle] = deque()
         self._decoding: deque[TurnHandle] = deque()  # in arrival order, a row served going to the back
         self._fed: dict[int, int] = {}  # id(handle) -> tokens of its current `Prefill` already fed (in slices)
+        self._cutting_in = False  # inside `_cut_in`: the passes it runs are not cut into again
+        self._cut_in_s = 0.0  # time `_cut_in` took during the idle pass under way (not that pass's own cost)
+        self._cut_in_end: float | None = None  # when the last cut into that pass ended (None: none did)
 
     @property
     def decode_path(self) -> str:
@@ -307,24 +316,55 @@ class Scheduler:
                 if not handle.finished.is_set():
                     handle.stop()
 
-    def _forward_alone(self, cache, ids: list[int]):
+    def _run_prompt_rows(self, rows: list, between_layers: Callable[[], None] | None) -> list:
+        if between_layers is None:
+            return self.runner.forward(rows)
+        return self.runner.forward_with_breaks(rows, between_layers)
+
+    def _forward_alone(self, cache, ids: list[int], between_layers: Callable[[], None] | None = None):
         """The logits after feeding `ids` on `cache` in a pass of its own, or the exception that feeding raised (the
         turn reports it)."""
         try:
-            return self.runner.forward([(cache, ids)])[0]
+            return self._run_prompt_rows([(cache, ids)], between_layers)[0]
         except Exception as exc:  # noqa: BLE001 - the turn reports it
             return exc
 
-    def _forward_rows(self, rows: list) -> list:
+    def _forward_rows(self, rows: list, between_layers: Callable[[], None] | None = None) -> list:
         """Each prompt row's logits from one runner call; if that fails, from one pass per row (an exception for a
-        row that fails alone), so only the conversation that causes an error sees it."""
+        row that fails alone), so only the conversation that causes an error sees it. `between_layers`: the
+        callback the runner may call between decoder layers (`_cut_in`)."""
         if len(rows) == 1:
-            return [self._forward_alone(*rows[0])]
+            return [self._forward_alone(*rows[0], between_layers)]
         try:
-            return self.runner.forward(rows)
+            return self._run_prompt_rows(rows, between_layers)
         except Exception:  # noqa: BLE001 - find the conversation that fails: run each alone
             logger.exception("%s prefill pass failed; retrying its %d rows one by one", self.runner.name, len(rows))
-            return [self._forward_alone(cache, ids) for cache, ids in rows]
+            return [self._forward_alone(cache, ids, between_layers) for cache, ids in rows]
+
+    def _cut_in(self) -> None:
+        """Called by the runner between two decoder layers of a prompt pass that began with nothing decoding (a
+        paste's pass, `_feed`): turns submitted since, whose prompt has not started, get their first slice now, in
+        a pass of their own on their own caches, so their first token comes within one layer of their arrival
+        instead of after the rest of that pass (a forward pass cannot be cut short, but it can pause: the paste's
+        activations wait on the stack, its cache has the earlier layers' keys of this slice and is touched by no
+        other pass). Their next tokens decode at the next iteration's step, as every row's do; the paste's pass
+        then goes on from the layer where it paused, so its cache and reply are those of an unbroken pass."""
+        if not self._incoming:  # the common case, before every layer: no lock
+            return
+        self._cutting_in = True
+        started = self.clock()
+        try:
+            for handle in self._take_incoming(block=False):
+                self._place(handle, self._advance(handle))
+            fresh, _ = new_turns_first(self._prefilling, lambda handle: handle.prompt_started)
+            if fresh:
+                self._feed_new_turns(fresh)
+        except Exception:  # noqa: BLE001 - a fault here must not fail the paused pass: its cache is half-written
+            logger.exception("cutting into a prompt pass failed; the turns wait for the next iteration")
+        finally:
+            self._cut_in_end = self.clock()
+            self._cut_in_s += self._cut_in_end - started
+            self._cutting_in = False
 
     # --- the loop ------------------------------------------------------------------------------------------------
 
@@ -379,16 +419,7 @@ class Scheduler:
         if self.slice_prefill:
             fresh, going = new_turns_first(self._prefilling, lambda handle: handle.prompt_started)
             if fresh and (going or self._decoding):
-                room = self.runner.pass_tokens
-                slices = []
-                for handle in fresh:
-                    size = min(len(handle.request.ids), PREFILL_SLICE_TOKENS)
-                    if room is not None and slices and size > room:
-                        break
-                    self._prefilling.remove(handle)
-                    slices.append((handle, 0, size))
-                    room = None if room is None else room - size
-                self._feed(slices)
+                self._feed_new_turns(fresh)
                 return
             if self._decoding and not self.prompt_share.may_continue():
                 return  # prompts had their share of the worker: the decoding replies go first
@@ -404,20 +435,43 @@ class Scheduler:
                 break
         self._feed(slices)
 
+    def _feed_new_turns(self, fresh: list[TurnHandle]) -> None:
+        """The first slice of each turn in `fresh` (not started, arrival order), up to `PREFILL_SLICE_TOKENS` each (a
+        short prompt whole), in one runner call while the runner's `pass_tokens` allow."""
+        room = self.runner.pass_tokens
+        slices = []
+        for handle in fresh:
+            size = min(len(handle.request.ids), PREFILL_SLICE_TOKENS)
+            if room is not None and slices and size > room:
+                break
+            self._prefilling.remove(handle)
+            slices.append((handle, 0, size))
+            room = None if room is None else room - size
+        self._feed(slices)
+
     def _feed(self, slices: list[tuple[TurnHandle, int, int]]) -> None:
         """Feed each `(handle, fed, size)`: tokens `fed..fed+size` of the turn's prompt chunk on its own cache, all
         in one runner call. A turn is answered once its chunk's last token went in (that token's logits); a
         part-fed chunk waits at the back. Beside decoding replies, the call's time is spent from
-        `prompt_share`."""
+        `prompt_share`. While nothing decodes, new turns may cut into the pass between layers (`_cut_in`); their
+        time is not this pass's."""
         rows = [(h.request.cache, h.request.ids[fed:fed + size]) for h, fed, size in slices]
         beside_replies = bool(self._decoding)
+        breakable = (self.cut_in and self.slice_prefill and not self.round_robin and not beside_replies
+                     and not self._cutting_in)
+        if breakable:  # only here: the passes `_cut_in` runs come through `_feed` too
+            self._cut_in_s, self._cut_in_end = 0.0, None
         started = self.clock()
-        answers = self._forward_rows(rows)
-        elapsed = self.clock() - started
+        answers = self._forward_rows(rows, self._cut_in if breakable else None)
+        ended = self.clock()
+        elapsed = ended - started - (self._cut_in_s if breakable else 0.0)
         tokens = sum(size for _, _, size in slices)
         self.prefill_s_per_token = running_average(self.prefill_s_per_token, elapsed / tokens)
         if beside_replies:
             self.prompt_share.fed(elapsed)
+        elif breakable and self._cut_in_end is not None and self._decoding:
+            # Turns that cut in decode now, and the rest of this pass ran beside them: spent like a slice.
+            self.prompt_share.fed(ended - self._cut_in_end)
         for handle, _, _ in slices:
             handle.prompt_started = True
         self._served("prefill", [h for h, _, _ in slices])

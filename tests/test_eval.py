@@ -409,8 +409,11 @@ def test_fairness_benchmark_measures_every_scenario_against_alone_and_records_it
             assert run["median_gap_s"] == pytest.approx(float(numpy.median(run["gaps_s"])))
             assert run["mean_slowdown"] == pytest.approx(float(numpy.mean(run["gaps_s"])) / float(numpy.mean(
                 runs["alone"]["gaps_s"])))
+            assert run["turn_slowdown"] == pytest.approx((sum(run["gaps_s"]) + sum(run["ttft_s"])) / (
+                sum(runs["alone"]["gaps_s"]) + sum(runs["alone"]["ttft_s"])))
     for row in result["summary"].values():
-        assert row["within_bar"] == (max(row["median_slowdown"], row["median_mean_slowdown"]) <= fairness.SLOWDOWN_BAR)
+        assert row["within_bar"] == (max(row["median_slowdown"], row["median_mean_slowdown"],
+                                         row["median_turn_slowdown"]) <= fairness.SLOWDOWN_BAR)
     assert result[PROVENANCE_KEY]["command"].startswith("python -m benchmarks.fairness")
     assert is_png(out.with_suffix(".png"))
     with pytest.raises(SystemExit):

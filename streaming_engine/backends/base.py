@@ -15,7 +15,8 @@ A backend supplies:
   `kv_bytes`);
 * `forward(rows)`: the runner's one prompt pass, each `(cache, ids)` row's last-token logits (`[vocab]`);
   `packs_rows` says whether several rows of any kind share one pass (else they go one after another, or a backend
-  shares those it can), `pass_tokens` / `max_rows` bound such a pass;
+  shares those it can), `pass_tokens` / `max_rows` bound such a pass; `forward_with_breaks(rows, between_layers)`,
+  the same pass calling back between decoder layers where it can pause (default: it cannot);
 * `new_decode_batch(...)`: the `DecodeBatch` decoding rows live in, owned by the backend (which rows it holds
   between steps, `join`, one `step` over its rows, `step_alone` for the scheduler's retry, `drop` after a failed
   row, `path` for `/metrics`). The default, `RowPasses`, decodes rows through `forward` (one packed pass where the
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -148,6 +150,15 @@ class Backend(ABC):
         passes of their own answers such a row that fails with its exception instead, once other rows went in (they
         must not be fed twice). Rows that can share one pass may (transformers: fresh conversations' first prompt
         chunks, `generation.padded_prefill_rows`)."""
+
+    def forward_with_breaks(self, rows: list[tuple[object, list[int]]], between_layers: Callable[[], None]
+                            ) -> list[torch.Tensor]:
+        """`forward(rows)`, calling `between_layers()` where the pass may pause: between two decoder layers, on the
+        worker thread, with nothing of the pass in flight but its activations. The callback may run other
+        conversations' passes (on their own caches) before this one goes on, which is how a new turn cuts into a
+        long paste's pass (`Scheduler._cut_in`); this pass never calls it again until the callback returns. A backend
+        whose pass cannot pause (llama.cpp: one `llama_decode`) never calls it: this default."""
+        return self.forward(rows)
 
     def new_decode_batch(self, max_rows: int, *, round_robin: bool = False, decode_step: str = DEFAULT_DECODE_STEP,
                          cuda_graphs: str = DEFAULT_CUDA_GRAPHS, overlap: str = DEFAULT_OVERLAP) -> DecodeBatch:

@@ -16,8 +16,11 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import threading
+import weakref
 
 import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..batch_cache import BatchedSinkCache, ConversationCache
 from ..cache import StartRecentKVCache
@@ -49,6 +52,35 @@ def _layer_to(layer, device: torch.device | str):
             # A copy even when already there: the sender keeps using its own tensors.
             setattr(moved, name, tensor.to(device, copy=True))
     return moved
+
+
+#: The callback of the `forward_with_breaks` pass under way on this thread (`callback`, None outside one) and
+#: whether it is running (`inside`). Per thread, because engines in one process may share a model and run passes on their own workers at once.
+_pass_breaks = threading.local()
+#: Models whose decoder layers carry the pause hook (once each, however many backends wrap them).
+_paused_models: weakref.WeakSet = weakref.WeakSet()
+
+
+def _before_layer(module, args) -> None:
+    callback = getattr(_pass_breaks, "callback", None)
+    if callback is not None:
+        # A pass the callback runs goes through these layers too: no nesting.
+        _pass_breaks.callback, _pass_breaks.inside = None, True
+        try:
+            callback()
+        finally:
+            _pass_breaks.callback, _pass_breaks.inside = callback, False
+
+
+def _pause_points(model) -> None:
+    """Hook `_before_layer` before every decoder layer of `model` but the first (transformers' decoder layers all
+    derive from `GradientCheckpointingLayer`), once."""
+    if model in _paused_models:
+        return
+    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    for layer in layers[1:]:
+        layer.register_forward_pre_hook(_before_layer)
+    _paused_models.add(model)
 
 
 def _own_cache(cache):
@@ -121,6 +153,19 @@ class TransformersBackend(Backend):
                     raise
                 answers[index] = exc
         return answers
+
+    def forward_with_breaks(self, rows, between_layers):
+        """`forward(rows)` with `between_layers()` called before each decoder layer after the first (`_pause_points`:
+        pre-hooks on the model's decoder layers, registered once per model and idle outside such a pass). The
+        callback is unset while it runs, so passes it starts go straight through."""
+        if getattr(_pass_breaks, "inside", False):
+            return self.forward(rows)  # started by a callback: goes straight through
+        _pause_points(self.model)
+        _pass_breaks.callback = between_layers
+        try:
+            return self.forward(rows)
+        finally:
+            _pass_breaks.callback = None
 
     def new_decode_batch(self, max_rows: int, *, round_robin: bool = False, decode_step: str = DEFAULT_DECODE_STEP,
                          cuda_graphs: str = DEFAULT_CUDA_GRAPHS, overlap: str = DEFAULT_OVERLAP) -> DecodeBatch:
