@@ -39,7 +39,7 @@ from streaming_engine.remote import RemoteTurnsEngine
 from streaming_engine.store import ChatStore, StoreError
 from streaming_engine.store_pg import UNREACHABLE_AT_START
 from streaming_engine.stores import open_store
-from webui import files, handlers, http_auth, metrics, openai_api, security, startup, webapi
+from webui import browser_key, files, handlers, http_auth, metrics, openai_api, security, startup, webapi
 from webui.about import build_about_tab
 from webui.assets import read_css
 from webui.chat_tab import build_chat_tab
@@ -137,17 +137,18 @@ def _say(line: str) -> None:
 
 def launch(demo: gr.Blocks, settings: AppSettings, engine: StreamingEngine | None = None,
            model_label: str = DEFAULT_MODEL_NAME, prevent_thread_lock: bool = False, **kwargs):
-    """Serve `demo` with the queue bounds, the upload limit (a history file), the stylesheet, `GET /health` and
-    the security headers on every response; with `engine`, also mount the plain HTTP APIs (OpenAI-compatible,
-    Prometheus) on the same server, behind the same login. The proxies trusted to name the client go to uvicorn
-    (it reads `FORWARDED_ALLOW_IPS` when the server starts). Blocks until the server stops unless
+    """Serve `demo` with the queue bounds, the upload limit (a history file), the stylesheet, `GET /health`, the
+    security headers on every response and the browser key on the page (`browser_key.py`); with `engine`, also
+    mount the plain HTTP APIs (OpenAI-compatible, Prometheus) on the same server, behind the same login. The
+    proxies trusted to name the client go to uvicorn (it reads `FORWARDED_ALLOW_IPS` when the server starts). Blocks until the server stops unless
     `prevent_thread_lock`."""
     demo.queue(default_concurrency_limit=settings.queue_concurrency, max_size=settings.queue_max_size)
     os.environ["FORWARDED_ALLOW_IPS"] = settings.forwarded_allow_ips
     result = demo.launch(
         server_name=settings.host, server_port=settings.port, share=settings.share, auth=settings.auth,
         max_file_size=MAX_HISTORY_BYTES, css=read_css(), footer_links=["api"], prevent_thread_lock=True,
-        app_kwargs={"middleware": [security.middleware(settings.frame_ancestors), http_auth.throttle_middleware()]},
+        app_kwargs={"middleware": [security.middleware(settings.frame_ancestors), http_auth.throttle_middleware(),
+                                   browser_key.middleware()]},
         **kwargs,
     )
     # Gradio's FastAPI app exists once launched.

@@ -31,7 +31,8 @@ from browser_util import (
 from streaming_engine import MODES, EngineConfig, StreamingEngine
 from streaming_engine.conversations import Conversations
 from streaming_engine.store import ChatStore
-from webui import compare_tab, sessions
+from webui import browser_key, compare_tab, sessions
+from webui.browser_key import BROWSER_KEY_COOKIE
 from webui.render import GAUGE_HELP
 
 pytestmark = [pytest.mark.browser, pytest.mark.model]
@@ -221,16 +222,23 @@ def test_a_reload_reattaches_to_its_own_session_and_creates_none(browser, server
     # However slow the reloads on a busy machine, the old page's release must not come before the new page shows
     # the conversation (that the release is then skipped is `test_webui.py`'s; that it happens, the next test's).
     monkeypatch.setattr(sessions.TABS, "grace_s", 600.0)
+    read = browser_key.browser_key  # every key the handlers read from gradio's requests
+    keys_seen = []
+    monkeypatch.setattr(browser_key, "browser_key", lambda request: keys_seen.append(read(request)) or keys_seen[-1])
     before = set(engine.session_ids())
     page = new_page(browser, url)
     send_and_wait(page, "Remember the word pineapple.", 1)
     (mine,) = set(engine.session_ids()) - before
+    (key,) = [c for c in page.context.cookies() if c["name"] == BROWSER_KEY_COOKIE]  # the page's state is bound
+    assert key["httpOnly"] and key["sameSite"] == "Lax"  # to it (browser_key.py): no script reads it
+    assert set(keys_seen) == {key["value"]}  # and gradio hands every event's cookie to the handlers
     for _ in range(3):
         reload_page(page)
         page.wait_for_selector("#msg textarea")
         page.wait_for_function("document.querySelector('#chatbot').innerText.includes('pineapple')")
         assert gauge(page, "turns") == 1
     assert set(engine.session_ids()) - before == {mine}  # the same live session; no reload made a new one
+    assert [c["value"] for c in page.context.cookies() if c["name"] == BROWSER_KEY_COOKIE] == [key["value"]]
     send_and_wait(page, "What word did I ask you to remember?", 2)
     assert set(engine.session_ids()) - before == {mine}
     page.context.close()

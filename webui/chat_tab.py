@@ -33,6 +33,7 @@ from streaming_engine.validate import EMPTY_TEXT, MAX_MESSAGE_CHARS
 
 from . import files
 from .assets import icon, load_json_list
+from .browser_key import bound
 from .conversation_list import (
     BROWSER_STORAGE_KEY,
     browser_record,
@@ -226,7 +227,7 @@ def stream_turn(conversations, message, messages, state, record, system_prompt, 
 
     The message box is written once, when the turn starts (emptied if the message came from it, `from_box`):
     while the reply streams the user may already be typing the next message, which a repaint must not wipe."""
-    state, record = dict(state or {}), browser_record(record)
+    state, record = bound(state, request), browser_record(record)
     owner = owner_of(request)
     try:
         token = attach(conversations, state, record, request)
@@ -304,7 +305,7 @@ def respond(conversations, message, messages, state, record, system_prompt, temp
         gr.Warning(EMPTY_MESSAGE)
         yield messages, message, SKIP, state, SKIP, SKIP
         return
-    if conversations.replying((state or {}).get("token")):
+    if conversations.replying(bound(state, request).get("token")):
         # Sent while this chat's reply streams (Enter pressed again): the engine would refuse it anyway. Nothing on
         # the page changes, so the text stays in the box, as typed since, and the user is told why.
         gr.Warning(WAIT_FOR_REPLY)
@@ -314,10 +315,10 @@ def respond(conversations, message, messages, state, record, system_prompt, temp
                            rep, request, start, recent)
 
 
-def set_recall(conversations, enabled, state):
+def set_recall(conversations, enabled, state, request: gr.Request = None):
     """The recall switch: on or off for the conversation on the page, or, before there is one, for the chat the
     next message starts (kept in the page's state until then). Returns the state."""
-    state = dict(state or {})
+    state = bound(state, request)
     token = state.get("token")
     if token:
         conversations.set_recall(token, bool(enabled))
@@ -326,9 +327,9 @@ def set_recall(conversations, enabled, state):
     return state
 
 
-def recall_shown(conversations, state):
+def recall_shown(conversations, state, request: gr.Request = None):
     """The recall switch as it stands for what the page shows (on for a chat not started yet, unless set off)."""
-    state = state or {}
+    state = bound(state, request)
     token = state.get("token")
     if token or not conversations.recall_available():
         return conversations.recall_enabled(token)
@@ -338,7 +339,7 @@ def recall_shown(conversations, state):
 def retry_last(conversations, messages, state, record, system_prompt, temp, p, k, new_tokens, rep,
                request: gr.Request = None, start=None, recent=None):
     """Retry: drop the last exchange and send its message again."""
-    state, record = dict(state or {}), browser_record(record)
+    state, record = bound(state, request), browser_record(record)
     try:
         token = attach(conversations, state, record, request)
         if not token:
@@ -353,8 +354,8 @@ def retry_last(conversations, messages, state, record, system_prompt, temp, p, k
                            rep, request, start, recent, from_box=False)
 
 
-def stop_reply(conversations, state) -> None:
-    conversations.stop((state or {}).get("token"))
+def stop_reply(conversations, state, request: gr.Request = None) -> None:
+    conversations.stop(bound(state, request).get("token"))
 
 
 def load_conversation(conversations, record, state, request: gr.Request = None):
@@ -364,7 +365,7 @@ def load_conversation(conversations, record, state, request: gr.Request = None):
     Only what changed is sent: this event may finish after the user's first message on a fresh page, whose
     conversation and browser record it must not overwrite with empty ones."""
     sent = browser_record(record)
-    if (state or {}).get("token"):  # this page already shows one
+    if bound(state, request).get("token"):  # this page already shows one
         return unchanged()
     stored = conversations.listing(sent["tokens"])
     items = summaries(conversations, sent, stored or [])
@@ -394,7 +395,7 @@ def load_conversation(conversations, record, state, request: gr.Request = None):
 def start_new_chat(conversations, state, record, request: gr.Request = None):
     """New chat: leave the current conversation (it stays in the list); the next message starts a new one.
     Outputs: `view`."""
-    return switch_to(conversations, dict(state or {}), browser_record(record), None, request)
+    return switch_to(conversations, bound(state, request), browser_record(record), None, request)
 
 
 def clear_chat(conversations, state, record, request: gr.Request = None):
@@ -407,7 +408,7 @@ def clear_chat(conversations, state, record, request: gr.Request = None):
 
 def switch_conversation(conversations, token, state, record, request: gr.Request = None):
     """A conversation picked in the list. Outputs: `view`."""
-    state, record = dict(state or {}), browser_record(record)
+    state, record = bound(state, request), browser_record(record)
     if not token or token == state.get("token"):
         return unchanged()
     try:
@@ -427,7 +428,7 @@ def switch_conversation(conversations, token, state, record, request: gr.Request
 
 def rename_conversation(conversations, title, state, record, request: gr.Request = None):
     """Rename the current conversation. Outputs: the conversation list, the title box."""
-    state, record = dict(state or {}), browser_record(record)
+    state, record = bound(state, request), browser_record(record)
     token = state.get("token") or record["current"]
     try:
         renamed = bool(token) and conversations.rename(token, title)
@@ -445,7 +446,7 @@ def delete_conversation(conversations, state, record, request: gr.Request = None
     """Delete the current conversation: its live session and every stored row. For `UNDO_DELETE_S` the page offers
     "Undo delete" (the page state names the deleted token; the copy lives in the server's memory only). Its
     downloaded files are removed at once either way. Outputs: `view`."""
-    state, record = dict(state or {}), browser_record(record)
+    state, record = bound(state, request), browser_record(record)
     token = state.get("token") or record["current"]
     if not token:
         gr.Warning("There is no conversation to delete.")
@@ -465,7 +466,7 @@ def delete_conversation(conversations, state, record, request: gr.Request = None
 def undo_delete(conversations, state, record, request: gr.Request = None):
     """Undo delete: the page's last deleted conversation comes back, shown, current and in the list again, with
     its messages and title. Outputs: `view`."""
-    state, record = dict(state or {}), browser_record(record)
+    state, record = bound(state, request), browser_record(record)
     token = state.get("deleted")
     try:
         if not token:
@@ -480,14 +481,14 @@ def undo_delete(conversations, state, record, request: gr.Request = None):
     return switch_to(conversations, state, record, opened, request)
 
 
-def undo_button(state):
+def undo_button(state, request: gr.Request = None):
     """The undo button shows exactly while the page state names a deleted conversation."""
-    return gr.update(visible=bool((state or {}).get("deleted")))
+    return gr.update(visible=bool(bound(state, request).get("deleted")))
 
 
 def export_history(conversations, state, record, request: gr.Request = None):
     """Output: the download file (a JSON history in a fresh temporary folder)."""
-    state, record = dict(state or {}), browser_record(record)
+    state, record = bound(state, request), browser_record(record)
     try:
         token = attach(conversations, state, record, request)
         data = conversations.export(token) if token else None
@@ -506,7 +507,7 @@ def export_history(conversations, state, record, request: gr.Request = None):
 def upload_history(conversations, data, state, record, request: gr.Request = None):
     """An uploaded history becomes a new conversation (stored at once); the server decides its mode and cache
     sizes, whatever the file says. Outputs: `view`."""
-    state, record = dict(state or {}), browser_record(record)
+    state, record = bound(state, request), browser_record(record)
     try:
         if data is None:
             raise ValueError("no file received")

@@ -20,6 +20,7 @@ from streaming_engine.palette import COLORS  # the benchmarks' colours too: a mo
 from streaming_engine.validate import MAX_MESSAGE_CHARS
 
 from .assets import icon, load_json_list
+from .browser_key import bound
 from .chat_tab import EMPTY_MESSAGE
 from .handlers import bind
 from .render import (
@@ -141,7 +142,7 @@ def run_script(engine, prompts, chats_in, state, include_window, new_tokens, aut
     sessions count against the client and are closed as soon as the page goes (`sessions.TABS`)."""
     # Mutated in place, not copied: gradio keeps this very dict as the tab's state, so the Stop button
     # (which receives it) can flag a running autopilot even before its first refresh.
-    state = state if isinstance(state, dict) else {}
+    state = bound(state, request, copy=False)
     state["stop"] = False
     modes = [m for m in MODES if include_window or m != "window"]
     chats = {m: list(chats_in[i] or []) for i, m in enumerate(MODES)}
@@ -185,17 +186,17 @@ def compare_autopilot(engine, c1, c2, c3, state, include_window, new_tokens, req
                           request=request)
 
 
-def compare_stop(engine, state):
+def compare_stop(engine, state, request: gr.Request = None):
     """Stop the replies being written and a running autopilot (before its next prompt)."""
-    if isinstance(state, dict):
-        state["stop"] = True
-        stop_replies(engine, session_ids(state))
+    state = bound(state, request, copy=False)
+    state["stop"] = True
+    stop_replies(engine, session_ids(state))
     return state
 
 
-def compare_reset(engine, state):
+def compare_reset(engine, state, request: gr.Request = None):
     """Stop, close every side's session and clear the tab."""
-    compare_stop(engine, state)
+    state = compare_stop(engine, state, request)
     close_sessions(engine, state)
     empty = [gauges_html(None, m, capacity=COMPARE_CAPACITY[m], start_size=COMPARE_SINKS[m]) for m in MODES]
     return ["", [], [], [], *empty, *plot_frames({}), {}]
