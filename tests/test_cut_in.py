@@ -34,7 +34,19 @@ def test_a_pass_paused_between_layers_for_another_conversation_equals_unbroken_p
     """Before layer `pause_at`, the callback runs a whole pass of another conversation (itself unbroken: no
     nesting); both logits and both caches equal the passes run one after the other, and the callback is called
     before every layer but the first."""
-    model = tiny_model(family, layers=LAYERS)
+    check_paused_pass(tiny_model(family, layers=LAYERS), pause_at)
+
+
+@pytest.mark.cuda
+def test_on_cuda_a_paused_pass_equals_unbroken_passes():
+    """The same on the GPU, where the paused pass's earlier layers may still be running when the other pass is
+    launched: both go on one stream, in order."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (scripts/gpu_check.sh runs it on one)")
+    check_paused_pass(tiny_model("llama", layers=LAYERS).to("cuda"), 1)
+
+
+def check_paused_pass(model, pause_at: int) -> None:
     backend = TransformersBackend(model)
     history_a, history_b = [5 + i % 40 for i in range(33)], [50 + i % 30 for i in range(27)]
     slice_a, slice_b = [7 + i % 23 for i in range(12)], [60 + i % 17 for i in range(9)]
