@@ -28,12 +28,12 @@ is therefore one more `DecodeBatch`, never another scheduler; `decode_path` says
      still advances. While nothing decodes, a pass is sized to take about `PROMPT_PASS_S`, and a turn that
      arrives during it *cuts in*: where the runner can pause a pass between decoder layers
      (`Backend.forward_with_breaks`), the new turn's first slice runs there, on its own cache (`_cut_in`), and
-     the paused pass goes on after it unchanged; elsewhere the newcomer waits a fraction of a second for the pass,
-     not a whole 512-token chunk on a CPU. New turns go first: a turn whose prompt has not started gets its first slice (a short prompt
-     whole) before any other prompt's, without waiting for that share (docs/benchmarks.md "One client against
-     another" measures both). The last chunk taken may be cut: the rest of it waits at the back, behind the
-     other waiting prompts. A causal model's cache after a chunk fed in slices is the cache after feeding it
-     whole, so slicing changes no reply;
+     the paused pass goes on after it unchanged; elsewhere the newcomer waits a fraction of a second for the
+     pass, not a whole 512-token chunk on a CPU. New turns go first: a turn whose prompt has not started gets
+     its first slice (a short prompt whole) before any other prompt's, without waiting for that share
+     (docs/benchmarks.md "One client against another" measures both). The last chunk taken may be cut: the
+     rest of it waits at the back, behind the other waiting prompts. A causal model's cache after a chunk fed in
+     slices is the cache after feeding it whole, so slicing changes no reply;
   3. runs **one** decode step for up to the batch's `rows_per_pass` decoding turns: the rows the batch already
      holds, then the longest-waiting turns (first come first served; a row served goes to the back of the queue).
      Rows join when their prompt is done and leave when their reply ends, between steps; each row is sampled with
@@ -82,13 +82,13 @@ PREFILL_SLICE_TOKENS = 64
 #: Fewest prompt tokens a slice takes, however fast decoding is: tinier slices would spend the worker on
 #: per-pass overhead and let a paste crawl.
 PREFILL_MIN_SLICE = 8
-#: Longest a prompt pass should take while no reply decodes, seconds. A turn that arrives meanwhile cuts into the
-#: pass between layers where the runner can pause (transformers, `Scheduler._cut_in`); where it cannot (llama.cpp: one
-#: `llama_decode`), or with `cut_in` off, it waits at most about this long for its own first slice (new turns go
-#: first). At the measured prompt cost a pass takes `prompt_pass_tokens`, at least
-#: `PREFILL_SLICE_TOKENS`, at most the budget. On the 2-core test CPU (SmolLM2-135M, 1 thread) 512 prompt tokens took
-#: 2.16 s in one pass, 2.24 s in 128-token passes and 2.43 s in 64-token ones, so a quarter second costs a lone paste
-#: about a tenth of its speed; on a GPU a whole 512-token chunk takes milliseconds and the budget decides.
+#: Longest a prompt pass should take while no reply decodes, seconds. A turn that arrives meanwhile cuts into
+#: the pass between layers where the runner can pause (transformers, `Scheduler._cut_in`); where it cannot
+#: (llama.cpp: one `llama_decode`), or with `cut_in` off, it waits at most about this long for its own first slice
+#: (new turns go first). At the measured prompt cost a pass takes `prompt_pass_tokens`, at least
+#: `PREFILL_SLICE_TOKENS`, at most the budget. On the 2-core test CPU (SmolLM2-135M, 1 thread) 512 prompt tokens
+#: took 2.16 s in one pass, 2.24 s in 128-token passes and 2.43 s in 64-token ones, so a quarter second costs a lone
+#: paste about a tenth of its speed; on a GPU a whole 512-token chunk takes milliseconds and the budget decides.
 PROMPT_PASS_S = 0.25
 #: Weight of the newest measurement in the running averages of step times (a few steps of memory: adapts to a
 #: neighbour's load within a second, ignores one slow step).

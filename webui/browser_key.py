@@ -99,8 +99,7 @@ class BrowserKeyCookie:
         async def send_with_cookie(message):
             if message["type"] == "http.response.start":
                 headers = message.get("headers", [])
-                html = any(name.lower() == b"content-type" and value.startswith(b"text/html") for name, value in headers)
-                if html:
+                if any(name.lower() == b"content-type" and value.startswith(b"text/html") for name, value in headers):
                     cookie = set_cookie_header(secrets.token_urlsafe(KEY_BYTES), secure)
                     message = {**message, "headers": [*headers, (b"set-cookie", cookie)]}
             await send(message)

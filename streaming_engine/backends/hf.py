@@ -55,7 +55,8 @@ def _layer_to(layer, device: torch.device | str):
 
 
 #: The callback of the `forward_with_breaks` pass under way on this thread (`callback`, None outside one) and
-#: whether it is running (`inside`). Per thread, because engines in one process may share a model and run passes on their own workers at once.
+#: whether it is running (`inside`). Per thread, because engines in one process may share a model and run passes
+#: on their own workers at once.
 _pass_breaks = threading.local()
 #: Models whose decoder layers carry the pause hook (once each, however many backends wrap them).
 _paused_models: weakref.WeakSet = weakref.WeakSet()
