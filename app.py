@@ -140,8 +140,8 @@ def launch(demo: gr.Blocks, settings: AppSettings, engine: StreamingEngine | Non
     """Serve `demo` with the queue bounds, the upload limit (a history file), the stylesheet, `GET /health`, the
     security headers on every response and the browser key on the page (`browser_key.py`); with `engine`, also
     mount the plain HTTP APIs (OpenAI-compatible, Prometheus) on the same server, behind the same login. The
-    proxies trusted to name the client go to uvicorn (it reads `FORWARDED_ALLOW_IPS` when the server starts). Blocks until the server stops unless
-    `prevent_thread_lock`."""
+    proxies trusted to name the client go to uvicorn (it reads `FORWARDED_ALLOW_IPS` when the server starts).
+    Blocks until the server stops unless `prevent_thread_lock`."""
     demo.queue(default_concurrency_limit=settings.queue_concurrency, max_size=settings.queue_max_size)
     os.environ["FORWARDED_ALLOW_IPS"] = settings.forwarded_allow_ips
     result = demo.launch(

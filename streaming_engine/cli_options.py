@@ -82,6 +82,15 @@ def env_int(env: Mapping[str, str], name: str, default: int | None = None) -> in
         raise SystemExit(f"error: environment variable {name} must be a whole number, got {text!r}") from None
 
 
+def env_float(env: Mapping[str, str], name: str, default: float | None = None) -> float | None:
+    """A number environment variable (unset or empty: `default`); anything else stops with its name."""
+    text = env.get(name)
+    try:
+        return float(text) if text else default
+    except ValueError:
+        raise SystemExit(f"error: environment variable {name} is not a number: {text!r}") from None
+
+
 #: The environment variable the app reads `--recall-budget` from (`add_recall_arg(env=...)`).
 RECALL_ENV = "RECALL_BUDGET"
 

@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 # Only torch-free modules at import time: `python app.py --help` reads this file before anything heavy is imported
 # (torch, used to check --device and --dtype, is imported when a value is checked).
 from streaming_engine.backends import BACKENDS
-from streaming_engine.cli_options import DECODE_ENV, RECALL_ENV, add_decode_args, add_recall_arg, env_int
+from streaming_engine.cli_options import (
+    DECODE_ENV,
+    RECALL_ENV,
+    add_decode_args,
+    add_recall_arg,
+    env_float,
+    env_int,
+)
 from streaming_engine.defaults import (
     CUDA_GRAPH_MODES,
     DECODE_STEPS,
@@ -204,12 +211,12 @@ def parse_settings(argv: list[str] | None = None, env: dict | None = None) -> Ap
     p.add_argument("--database-url", default=env.get("DATABASE_URL") or None, metavar="postgresql://...",
                    help="store conversations in this PostgreSQL database, shared by every replica, instead of the "
                         "SQLite file in --data-dir (env DATABASE_URL; needs pip install \"psycopg[binary]\")")
-    p.add_argument("--database-wait", type=float, default=_env_float(env, "DATABASE_WAIT", START_WAIT_S),
+    p.add_argument("--database-wait", type=float, default=env_float(env, "DATABASE_WAIT", START_WAIT_S),
                    metavar="SECONDS",
                    help="how long to wait at start for an unreachable --database-url server before refusing to "
                         f"start (env DATABASE_WAIT; default {START_WAIT_S:g})")
     p.add_argument("--partial-save-interval", type=float, metavar="SECONDS",
-                   default=_env_float(env, "PARTIAL_SAVE_INTERVAL", PARTIAL_SAVE_INTERVAL_S),
+                   default=env_float(env, "PARTIAL_SAVE_INTERVAL", PARTIAL_SAVE_INTERVAL_S),
                    help="while a reply streams, save its partial text at most this often, so a crash loses at most "
                         f"this much of it (env PARTIAL_SAVE_INTERVAL; default {PARTIAL_SAVE_INTERVAL_S:g})")
     p.add_argument("--no-persist", action="store_true", default=env.get("NO_PERSIST", "").lower() in _TRUE,
@@ -276,11 +283,3 @@ def parse_settings(argv: list[str] | None = None, env: dict | None = None) -> Ap
     except ValueError as exc:
         p.error(str(exc))
 
-
-def _env_float(env, name: str, default: float | None = None) -> float | None:
-    """A number environment variable (unset or empty: `default`); anything else stops with its name."""
-    text = env.get(name)
-    try:
-        return float(text) if text else default
-    except ValueError:
-        raise SystemExit(f"error: environment variable {name} is not a number: {text!r}") from None
