@@ -14,11 +14,22 @@ values, and EOS is ignored) and each row count, decode `--tokens` greedy tokens 
   i.e. inductor plus its own CUDA graphs, on CUDA), one compilation per row count, static shapes, graphs off;
 * `eager`: `BatchedSinkCache` + `generation.forward_batch` + a host-side argmax, the scheduler's path on CPU;
 * `generate`: plain `model.generate` with transformers' DynamicCache (no sinks, no eviction), the rows as one
-  unpadded batch, as the reference transformers users get.
+  unpadded batch, as the reference transformers users get;
+* `hf-static`: `model.generate(cache_implementation="static")`, transformers' own static cache, which transformers
+  compiles by itself on CUDA (`torch.compile`, mode "reduce-overhead"; recorded as `hf_compiled`) and runs
+  uncompiled on CPU: the peer the issue names, same model, dtype and run.
 
 Warm-up steps (graph capture and compilation included; the first compiled call's seconds are recorded as
-`compile_s`) are not timed; the median over `--repeats` is reported. Boundary: measures
-only; the step, the graphs and the sampler live in `static_step.py`, `cuda_graphs.py`, `device_sampling.py`.
+`compile_s`) are not timed; the median over `--repeats` is reported. Every timed step's interval (from one step's
+ids on the host to the next's: the inter-token latency a reader sees) is kept, so each cell also has p50/p95
+latency, split into the steps where some row evicted and the others (`eviction_cost_of_p95`: how much longer an
+evicting step takes, at the median, as a share of the other steps' p95). The roofline: the bytes one step must
+read at the least (the weights, less an untied input embedding of which only the rows' entries are read, plus the
+keys and values each row holds) over the device's copy bandwidth, measured in the same process
+(`copy_bandwidth_gb_s`), gives `roofline_tok_s`; `roofline_share` is each cell's share of it. A run writes its JSON
+after every model shape (`complete: false` until the last), so a run stopped by a timeout keeps what it measured.
+Boundary: measures only; the step, the graphs and the sampler live in `static_step.py`, `cuda_graphs.py`,
+`device_sampling.py`.
 
     python -m benchmarks.gpu_decode --device cuda --output assets/eval/gpu/static_step.json
 """
@@ -33,8 +44,9 @@ from pathlib import Path
 from streaming_engine.defaults import CUDA_GRAPH_MODES, DEFAULT_CUDA_GRAPHS
 
 #: Model shapes (transformers LlamaConfig fields). `smollm2-135m`: HuggingFaceTB/SmolLM2-135M's architecture;
-#: `llama-1b`: Llama-3.2-1B's (default RoPE instead of its llama3 scaling, which changes no cost);
-#: `tiny`: a small shape for quick CPU runs.
+#: `llama-1b`: Llama-3.2-1B's and `llama-8b`: Llama-3.1-8B's (default RoPE instead of their llama3 scaling, which
+#: changes no cost); `tiny`: a small shape for quick CPU runs. `tests/test_gpu_decode.py` checks the published
+#: parameter counts.
 SHAPES = {
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
@@ -42,11 +54,18 @@ SHAPES = {
     "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                      num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
                      rope_theta=500000.0, max_position_embeddings=131072),
+    "llama-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
+                     rope_theta=500000.0, max_position_embeddings=131072),
     "tiny": dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                  max_position_embeddings=4096),
 }
-PATHS = ("static", "eager", "generate", "static-overlap", "static-compile")
+PATHS = ("static", "eager", "generate", "static-overlap", "static-compile", "hf-static")
+#: The module as `python -m` starts it (the parser's name, and the command recorded with a partial result).
+PROG = "benchmarks.gpu_decode"
+#: Paths whose model attends over a cache that grows from the prompt (no sinks, no eviction).
+GROWING_PATHS = ("generate", "hf-static")
 #: The paths a run takes unless `--paths` says otherwise (compiling costs minutes on a CPU: asked for by name).
 DEFAULT_PATHS = ("static", "eager", "generate")
 #: `torch.compile` modes `static-compile` may use; "auto": "reduce-overhead" on CUDA, "default" elsewhere.
@@ -72,7 +91,8 @@ def _sync(device: str) -> None:
 
 
 def _conversations(model, args, rows: int, generator):
-    """`rows` fresh conversations, each with a prompt that leaves the cache nearly full (so decoding evicts)."""
+    """`rows` fresh conversations, each with a prompt that leaves the cache nearly full (so decoding evicts), with
+    the engine's eviction block (`--evict-block`)."""
     import torch
 
     from streaming_engine.batch_cache import ConversationCache
@@ -81,7 +101,7 @@ def _conversations(model, args, rows: int, generator):
 
     convs = []
     for _ in range(rows):
-        solo = enable_streaming_llm(model, args.start_size, args.recent_size)
+        solo = enable_streaming_llm(model, args.start_size, args.recent_size, evict_block=args.evict_block)
         conv = ConversationCache(solo)
         prompt = torch.randint(3, model.config.vocab_size, (args.prompt,), generator=generator).tolist()
         conv.evict_for_space(len(prompt))
@@ -90,12 +110,17 @@ def _conversations(model, args, rows: int, generator):
     return convs
 
 
-def _decode(batch, convs, steps: int, step_fn) -> None:
+def _decode(batch, convs, steps: int, step_fn, clock: list | None = None) -> None:
+    """`steps` decode steps; with `clock`, each step appends `(time its ids reached the host, whether a row
+    evicted before it)`."""
     tokens = [token for _, token in convs]
     for _ in range(steps):
+        evicted = 0
         for conv in batch.rows:
-            conv.evict_for_space(1)
-        tokens = step_fn(tokens)
+            evicted += conv.evict_for_space(1)
+        tokens = step_fn(tokens)  # ids on the host: every path's step ends with its device->host copy
+        if clock is not None:
+            clock.append((time.perf_counter(), evicted > 0))
 
 
 def _joined(batch, model, args, rows: int, generator):
@@ -106,22 +131,29 @@ def _joined(batch, model, args, rows: int, generator):
     return convs
 
 
-def _timed_decode(batch, convs, args, step_fn) -> float:
-    """Seconds for `args.tokens` steps after `args.warmup` untimed ones (the device synchronized at both ends);
-    the rows then leave `batch`, so the next repeat starts empty."""
+def _timing(began: float, clock: list) -> dict:
+    """A repeat's `seconds`, each step's interval (`steps_s`) and whether it evicted, from `_decode`'s clock."""
+    times = [began] + [t for t, _ in clock]
+    return {"seconds": times[-1] - began, "steps_s": [b - a for a, b in zip(times, times[1:])],
+            "evicted": [e for _, e in clock]}
+
+
+def _timed_decode(batch, convs, args, step_fn) -> dict:
+    """`_timing` of `args.tokens` steps after `args.warmup` untimed ones (the device synchronized before); the rows
+    then leave `batch`, so the next repeat starts empty."""
     _decode(batch, convs, args.warmup, step_fn)
     _sync(args.device)
+    clock: list = []
     began = time.perf_counter()
-    _decode(batch, convs, args.tokens, step_fn)
+    _decode(batch, convs, args.tokens, step_fn, clock)
     _sync(args.device)
-    elapsed = time.perf_counter() - began
     for conv in list(batch.rows):
         batch.leave(conv, keep=False)
-    return elapsed
+    return _timing(began, clock)
 
 
-def run_static(model, args, rows: int, generator, state: dict) -> float:
-    """Seconds for `args.tokens` steps of `rows` rows through the static step (graphs per `--cuda-graphs`)."""
+def run_static(model, args, rows: int, generator, state: dict) -> dict:
+    """`args.tokens` steps of `rows` rows through the static step (graphs per `--cuda-graphs`)."""
     from streaming_engine.cuda_graphs import GraphedDecodeStep, StaticStepConfig
     from streaming_engine.device_sampling import DeviceSampler
     from streaming_engine.static_step import StaticDecodeStep, StaticSinkCache
@@ -138,12 +170,12 @@ def run_static(model, args, rows: int, generator, state: dict) -> float:
     def step_fn(tokens):
         return sampler.sample(graphed(tokens)).tolist()  # the one device->host copy per step
 
-    elapsed = _timed_decode(batch, convs, args, step_fn)
+    timing = _timed_decode(batch, convs, args, step_fn)
     state["captured"] = graphed.captured
-    return elapsed
+    return timing
 
 
-def run_static_overlap(model, args, rows: int, generator, state: dict) -> float:
+def run_static_overlap(model, args, rows: int, generator, state: dict) -> dict:
     """`run_static` through `OverlappedDecodeStep`: the step for token n+1 runs while token n's id comes back."""
     from streaming_engine.cuda_graphs import GraphedDecodeStep, StaticStepConfig
     from streaming_engine.generation import RowSampling
@@ -163,10 +195,10 @@ def run_static_overlap(model, args, rows: int, generator, state: dict) -> float:
     def step_fn(tokens):
         return overlapped.decode(tokens, samplings)[1]
 
-    elapsed = _timed_decode(batch, convs, args, step_fn)
+    timing = _timed_decode(batch, convs, args, step_fn)
     state["captured"] = overlapped.step.captured
     state["taken"], state["taken_back"] = overlapped.taken, overlapped.taken_back
-    return elapsed
+    return timing
 
 
 def compile_mode(args) -> str:
@@ -189,7 +221,7 @@ def compiled_step(model, cache, mode: str | None, backend: str = "inductor"):
     return GraphedDecodeStep(step, StaticStepConfig(cuda_graphs="off"))
 
 
-def run_static_compile(model, args, rows: int, generator, state: dict) -> float:
+def run_static_compile(model, args, rows: int, generator, state: dict) -> dict:
     """`run_static` with `StaticDecodeStep.run` under `torch.compile` (the first call, which compiles, is timed
     apart as `compile_s`)."""
     from streaming_engine.device_sampling import DeviceSampler
@@ -215,7 +247,7 @@ def run_static_compile(model, args, rows: int, generator, state: dict) -> float:
     return _timed_decode(batch, convs, args, step_fn)
 
 
-def run_eager(model, args, rows: int, generator, state: dict) -> float:
+def run_eager(model, args, rows: int, generator, state: dict) -> dict:
     from streaming_engine.batch_cache import BatchedSinkCache
     from streaming_engine.generation import forward_batch
 
@@ -228,33 +260,135 @@ def run_eager(model, args, rows: int, generator, state: dict) -> float:
     return _timed_decode(batch, convs, args, step_fn)
 
 
-def run_generate(model, args, rows: int, generator, state: dict) -> float:
+class _StepClock:
+    """A `generate` streamer that only notes when each `put` arrives: the prompt first, then one put per step,
+    each after that step's ids were copied to the host (transformers' `.cpu()` waits for the device)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _generate_timed(model, args, rows: int, generator, state: dict, **settings) -> dict:
+    """One `generate` call of 1 + `warmup` + `tokens` new tokens; the last `tokens` steps are timed from the
+    streamer's clock (prefill, the first token and the warm-up, where compilation happens, are not). The first
+    decode step's seconds of the first repeat are kept as `first_step_s`."""
     import torch
 
     ids = torch.randint(3, model.config.vocab_size, (rows, args.prompt), generator=generator).to(args.device)
-    settings = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
-    model.generate(ids, max_new_tokens=args.warmup, min_new_tokens=args.warmup, **settings)
-    _sync(args.device)
-    began = time.perf_counter()
-    # Prefill is inside the timing here; it is subtracted with a one-token generate measured right after.
-    model.generate(ids, max_new_tokens=args.tokens + 1, min_new_tokens=args.tokens + 1, **settings)
-    _sync(args.device)
-    total = time.perf_counter() - began
-    began = time.perf_counter()
-    model.generate(ids, max_new_tokens=1, min_new_tokens=1, **settings)
-    _sync(args.device)
-    return max(total - (time.perf_counter() - began), 1e-9)
+    clock = _StepClock()
+    new = 1 + args.warmup + args.tokens
+    model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None,
+                   streamer=clock, **settings)
+    times = clock.times[-(args.tokens + 1):]  # [prompt, first token, warm-up steps..., timed steps...]
+    state.setdefault("first_step_s", clock.times[2] - clock.times[1] if len(clock.times) > 2 else None)
+    return _timing(times[0], [(t, False) for t in times[1:]])
+
+
+def run_generate(model, args, rows: int, generator, state: dict) -> dict:
+    return _generate_timed(model, args, rows, generator, state)
+
+
+def run_hf_static(model, args, rows: int, generator, state: dict, compile_config=None) -> dict:
+    """transformers' StaticCache through `generate`; transformers compiles the decode forward itself where its
+    rules allow (CUDA; `compile_config` lets a test force it elsewhere). `compile_s` is the first decode step of
+    the first repeat, which holds the compilation."""
+    settings = {"cache_implementation": "static"}
+    if compile_config is not None:
+        settings["compile_config"] = compile_config
+    timing = _generate_timed(model, args, rows, generator, state, **settings)
+    state["hf_compiled"] = getattr(model, "_compiled_call", None) is not None
+    state["compile_s"] = state["first_step_s"] if state["hf_compiled"] else None
+    return timing
 
 
 RUNNERS = {"static": run_static, "eager": run_eager, "generate": run_generate, "static-overlap": run_static_overlap,
-           "static-compile": run_static_compile}
+           "static-compile": run_static_compile, "hf-static": run_hf_static}
+
+
+def copy_bandwidth(device: str, mib: int | None = None, repeats: int = 5) -> float:
+    """The device's memory bandwidth in bytes/s as one large copy sees it (read + write, best of `repeats`): the
+    roofline's denominator, measured where the benchmark runs rather than taken from a data sheet."""
+    import torch
+
+    mib = mib or (1024 if device.startswith("cuda") else 256)
+    src = torch.empty(mib * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        began = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - began)
+    return 2 * src.numel() / best
+
+
+def step_bytes(model, rows: int, columns: float) -> dict:
+    """The fewest bytes one decode step of `rows` rows must read: every weight once (an untied input embedding
+    only at the rows' entries), plus each row's keys and values over `columns` cached tokens in every layer."""
+    config = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.get_input_embeddings().weight
+    if embed is not model.get_output_embeddings().weight:  # untied: a lookup reads `rows` of its rows
+        weights -= embed.numel() * embed.element_size() - rows * embed.shape[1] * embed.element_size()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv = rows * config.num_hidden_layers * 2 * config.num_key_value_heads * columns * head_dim * embed.element_size()
+    return {"weight_bytes": int(weights), "kv_bytes": int(kv)}
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    """The `q` quantile (0..1) of `values` by linear interpolation; None for none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    low = int(k)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (k - low)
+
+
+def latency_summary(timings: list[dict]) -> dict:
+    """Inter-token latency of a cell over all its repeats' timed steps (ms): p50/p95 of every step, of the steps
+    where some row evicted and of the others, and `eviction_cost_of_p95` = (evicting median - other median) /
+    other p95: what an eviction adds to a step, as a share of the p95 a reader sees without one."""
+    steps = [(1000 * s, e) for t in timings for s, e in zip(t["steps_s"], t["evicted"])]
+    every = [s for s, _ in steps]
+    evicting = [s for s, e in steps if e]
+    others = [s for s, e in steps if not e]
+    out = {"itl_ms_p50": _percentile(every, 0.5), "itl_ms_p95": _percentile(every, 0.95),
+           "evicting_steps": len(evicting), "other_steps": len(others),
+           "evicting_ms_p50": _percentile(evicting, 0.5), "other_ms_p50": _percentile(others, 0.5),
+           "other_ms_p95": _percentile(others, 0.95)}
+    cost = None
+    if evicting and others and out["other_ms_p95"]:
+        cost = (out["evicting_ms_p50"] - out["other_ms_p50"]) / out["other_ms_p95"]
+    out["eviction_cost_of_p95"] = cost
+    return out
+
+
+def _attended_columns(args, path: str) -> float:
+    """Cached tokens a step of `path` reads per row on average over the timed steps: the sink cache stays full
+    (between capacity - block and capacity: its capacity is the bound), a growing cache holds the prompt, the first
+    token, the warm-up and on average half the timed steps."""
+    if path in GROWING_PATHS:
+        return args.prompt + 1 + args.warmup + args.tokens / 2
+    return args.start_size + args.recent_size
 
 
 def measure(args: argparse.Namespace) -> dict:
     import torch
 
+    from streaming_engine.eviction import block_for
     from streaming_engine.static_step import unsupported_reason
     from . import cli
+    from .runinfo import run_metadata, write_result
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -262,10 +396,21 @@ def measure(args: argparse.Namespace) -> dict:
     cli.check_min(tokens=(args.tokens, 1), warmup=(args.warmup, 1), repeats=(args.repeats, 1), prompt=(args.prompt, 1))
     if args.prompt > args.start_size + args.recent_size - 1:
         raise ValueError("--prompt must leave room in the cache (start + recent - 1 at most)")
+    if args.evict_block is None:
+        args.evict_block = block_for(args.recent_size)  # the engine's default
+    cli.check_min(evict_block=(args.evict_block, 1))
+    if args.evict_block > args.recent_size:
+        raise ValueError(f"--evict-block must be at most --recent-size ({args.recent_size})")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"--device {args.device}: torch sees no CUDA device (use --device cpu)")
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-    runs = []
+    bandwidth = copy_bandwidth(args.device)
+    result = {"device": args.device, "dtype": str(dtype).removeprefix("torch."), "machine_note": args.note,
+              "compile_mode": compile_mode(args) if "static-compile" in args.paths else None,
+              "tokens_per_row": args.tokens, "cache": [args.start_size, args.recent_size],
+              "evict_block": args.evict_block, "prompt": args.prompt, "copy_bandwidth_gb_s": bandwidth / 1e9,
+              "complete": False, "runs": []}
+    runs = result["runs"]
     for shape in args.shapes:
         model = build_model(shape, args.device, dtype)
         reason = unsupported_reason(model)
@@ -273,46 +418,103 @@ def measure(args: argparse.Namespace) -> dict:
             raise RuntimeError(f"{shape}: {reason.code}: {reason.message}")
         params = sum(p.numel() for p in model.parameters())
         for rows in rows_list:
-            seconds = {path: [] for path in args.paths}
+            timings = {path: [] for path in args.paths}
             states = {path: {} for path in args.paths}
             generator = torch.Generator().manual_seed(rows)
             for _ in range(args.repeats):
                 for path in args.paths:  # interleaved: a shared machine slows every path alike
-                    seconds[path].append(RUNNERS[path](model, args, rows, generator, states[path]))
+                    timings[path].append(RUNNERS[path](model, args, rows, generator, states[path]))
             for path in args.paths:
-                rates = [rows * args.tokens / s for s in seconds[path]]
+                seconds = [t["seconds"] for t in timings[path]]
+                rates = [rows * args.tokens / s for s in seconds]
+                need = step_bytes(model, rows, _attended_columns(args, path))
+                roofline = rows * bandwidth / (need["weight_bytes"] + need["kv_bytes"])
                 runs.append({"shape": shape, "parameters": params, "rows": rows, "path": path,
                              "median_tok_s": statistics.median(rates), "tok_s": rates,
-                             "ms_per_step_median": 1000 * statistics.median(seconds[path]) / args.tokens,
+                             "ms_per_step_median": 1000 * statistics.median(seconds) / args.tokens,
+                             **latency_summary(timings[path]), **need, "roofline_tok_s": roofline,
+                             "roofline_share": statistics.median(rates) / roofline,
                              "cuda_graphs_captured": states[path].get("captured"),
                              "compile_s": states[path].get("compile_s"),
+                             "hf_compiled": states[path].get("hf_compiled"),
                              "steps_taken_ahead": states[path].get("taken"),
                              "steps_taken_back": states[path].get("taken_back")})
-        del model
+        del model, states
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()  # the next shape's weights need the room (8B: 16 GB in bf16)
+        _ratios(runs)
+        write_result(args.output, result, run_metadata(args, None, f"python -m {PROG}"))
+    result["complete"] = True
+    return result
+
+
+def _ratios(runs: list[dict]) -> None:
+    """Each run's `ratio_to_eager` and `ratio_to_hf_static` where the same cell has those paths."""
     by_key = {(r["shape"], r["rows"], r["path"]): r["median_tok_s"] for r in runs}
     for r in runs:
-        eager = by_key.get((r["shape"], r["rows"], "eager"))
-        r["ratio_to_eager"] = r["median_tok_s"] / eager if eager else None
-    return {"device": args.device, "dtype": str(dtype).removeprefix("torch."), "machine_note": args.note,
-            "compile_mode": compile_mode(args) if "static-compile" in args.paths else None,
-            "tokens_per_row": args.tokens, "cache": [args.start_size, args.recent_size], "prompt": args.prompt,
-            "runs": runs}
+        for name, path in (("ratio_to_eager", "eager"), ("ratio_to_hf_static", "hf-static")):
+            other = by_key.get((r["shape"], r["rows"], path))
+            r[name] = r["median_tok_s"] / other if other else None
 
 
 def plot(result: dict, path: Path) -> list[str]:
-    return []  # the table is the result; a figure waits for the GPU numbers
+    """Left: aggregate tok/s against conversations decoded together, a line per shape and path (log-log), each
+    shape's roofline dotted. Right: each single-stream cell's share of its roofline."""
+    from .plots import plt, save_png
+
+    runs = result["runs"]
+    if not runs:
+        return []
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [3, 2]})
+    shapes = list(dict.fromkeys(r["shape"] for r in runs))
+    paths = list(dict.fromkeys(r["path"] for r in runs))
+    colors = {p: f"C{k}" for k, p in enumerate(paths)}
+    styles = ("-", "--", ":", "-.")
+    for k, shape in enumerate(shapes):
+        for p in paths:
+            cells = sorted((r["rows"], r["median_tok_s"]) for r in runs if r["shape"] == shape and r["path"] == p)
+            if cells:
+                left.plot(*zip(*cells), marker="o", color=colors[p], linestyle=styles[k % len(styles)],
+                          label=f"{shape} {p}")
+        ceiling = sorted({(r["rows"], r["roofline_tok_s"]) for r in runs
+                          if r["shape"] == shape and r["path"] not in GROWING_PATHS})
+        if ceiling:
+            left.plot(*zip(*ceiling), color="grey", linestyle=styles[k % len(styles)], linewidth=0.8,
+                      label=f"{shape} roofline")
+    left.set_xscale("log", base=2)
+    left.set_yscale("log")
+    left.set_xlabel("conversations decoded together")
+    left.set_ylabel("tokens/s, all rows")
+    left.grid(True, which="both", alpha=0.3)
+    left.legend(fontsize=7, ncol=2)
+    single = [r for r in runs if r["rows"] == min(x["rows"] for x in runs)]
+    labels = [f"{r['shape']}\n{r['path']}" for r in single]
+    right.barh(range(len(single)), [100 * r["roofline_share"] for r in single],
+               color=[colors[r["path"]] for r in single])
+    right.set_yticks(range(len(single)), labels, fontsize=7)
+    right.invert_yaxis()
+    right.set_xlabel(f"% of roofline, {single[0]['rows']} row(s)")
+    fig.suptitle(f"decode, {result['device']} {result['dtype']}, cache {result['cache'][0]}+{result['cache'][1]}, "
+                 f"block {result['evict_block']}, copy bandwidth {result['copy_bandwidth_gb_s']:.0f} GB/s"
+                 + ("" if result.get("complete", True) else " (incomplete)"), fontsize=10)
+    return save_png(fig, path)
 
 
 def table(result: dict) -> str:
-    return "\n".join(f"{r['shape']:13s} rows={r['rows']:<3d} {r['path']:9s} {r['median_tok_s']:9.1f} tok/s  "
-                     f"{r['ms_per_step_median']:7.2f} ms/step  x{(r['ratio_to_eager'] or 0):.2f} vs eager"
+    def ratio(x):
+        return f"x{x:.2f}" if x else "   -"
+
+    return "\n".join(f"{r['shape']:13s} rows={r['rows']:<3d} {r['path']:14s} {r['median_tok_s']:9.1f} tok/s  "
+                     f"{r['ms_per_step_median']:7.2f} ms/step  p95 {r['itl_ms_p95']:7.2f} ms  "
+                     f"{100 * r['roofline_share']:5.1f}% roofline  {ratio(r['ratio_to_eager'])} vs eager  "
+                     f"{ratio(r['ratio_to_hf_static'])} vs hf-static"
                      for r in result["runs"])
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import cli
 
-    p = cli.parser("benchmarks.gpu_decode", __doc__)
+    p = cli.parser(PROG, __doc__)
     p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["smollm2-135m", "llama-1b"])
     p.add_argument("--paths", nargs="+", choices=PATHS, default=list(DEFAULT_PATHS))
     p.add_argument("--compile-mode", default="auto", choices=COMPILE_MODES,
@@ -324,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graphs", default=DEFAULT_CUDA_GRAPHS, choices=CUDA_GRAPH_MODES)
     p.add_argument("--start-size", type=int, default=4)
     p.add_argument("--recent-size", type=int, default=252)
+    p.add_argument("--evict-block", type=int, default=None,
+                   help="fewest tokens one eviction takes (default: the engine's, eviction.block_for(recent))")
     p.add_argument("--prompt", type=int, default=200, help="prompt tokens per row (the cache fills while decoding)")
     p.add_argument("--tokens", type=int, default=128, help="timed decode steps per repeat")
     p.add_argument("--warmup", type=int, default=8, help="untimed steps first (graph capture happens here)")

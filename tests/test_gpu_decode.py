@@ -73,3 +73,101 @@ def test_the_overlapped_path_runs_and_counts_the_steps_it_launched_ahead(tmp_pat
     (run,) = json.loads(out.read_text())["runs"]
     # 13 steps past a full 16-token cache: the steps where no row is full were launched ahead and used.
     assert run["path"] == "static-overlap" and run["median_tok_s"] > 0 and run["steps_taken_ahead"] >= 1
+
+
+@pytest.mark.parametrize("shape, published", [("smollm2-135m", 134.5e6), ("llama-1b", 1.236e9), ("llama-8b", 8.03e9)])
+def test_each_real_shape_has_its_models_published_parameter_count(shape, published):
+    """The shapes stand in for real models: built on the meta device (no memory), each has that model's size."""
+    model = gpu_decode.build_model(shape, "meta", torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(published, rel=0.01)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("rows", [1, 4])
+def test_the_bytes_a_step_reads_are_the_weights_once_plus_the_held_keys_and_values(tied, rows):
+    """The roofline's numerator, against a count made by hand from the config."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    every = sum(p.numel() for p in model.parameters()) * 2  # bf16: 2 bytes
+    expected_weights = every if tied else every - 100 * 16 * 2 + rows * 16 * 2
+    need = gpu_decode.step_bytes(model, rows, columns=10)
+    assert need == {"weight_bytes": expected_weights, "kv_bytes": rows * 2 * 2 * 2 * 10 * 4 * 2}
+
+
+def test_the_latency_summary_splits_evicting_steps_from_the_others():
+    timings = [{"steps_s": [0.010, 0.010, 0.030, 0.012], "evicted": [False, False, True, False]},
+               {"steps_s": [0.011, 0.034], "evicted": [False, True]}]
+    out = gpu_decode.latency_summary(timings)
+    assert (out["evicting_steps"], out["other_steps"]) == (2, 4)
+    assert out["evicting_ms_p50"] == pytest.approx(32.0) and out["other_ms_p50"] == pytest.approx(10.5)
+    assert out["other_ms_p95"] == pytest.approx(11.85)  # linear interpolation between 11 and 12
+    assert out["eviction_cost_of_p95"] == pytest.approx((32.0 - 10.5) / 11.85)
+    assert out["itl_ms_p50"] == pytest.approx(11.5)
+    none = gpu_decode.latency_summary([{"steps_s": [0.01], "evicted": [False]}])
+    assert none["evicting_steps"] == 0 and none["eviction_cost_of_p95"] is None
+
+
+def test_every_timed_step_of_a_run_is_kept_and_the_engine_block_sets_how_often_rows_evict(tmp_path):
+    """One row, a 4+28 cache holding the 30-token prompt, one warm-up step (31 held): the first timed step fills
+    the cache, and from the second on each step must make room. With the engine's block (28 here: at most the
+    window) the second step evicts 28 tokens and the 30th does again: 2 evicting steps of 40. Per-token eviction
+    (block 1) evicts on the 39 steps from the second on."""
+    for block, expected in ((None, 2), (1, 39)):
+        out = tmp_path / f"b{block}.json"
+        argv = ["--device", "cpu", "--threads", "1", "--shapes", "tiny", "--rows", "1", "--paths", "static", "eager",
+                "--tokens", "40", "--warmup", "1", "--repeats", "1", "--prompt", "30", "--recent-size", "28",
+                "--output", str(out)] + ([] if block is None else ["--evict-block", str(block)])
+        assert gpu_decode.main(argv) == 0
+        result = json.loads(out.read_text())
+        assert result["complete"] is True and result["evict_block"] == (block or 28)
+        for run in result["runs"]:
+            assert run["evicting_steps"] + run["other_steps"] == 40
+            assert run["evicting_steps"] == expected, (block, run["path"])
+            assert 0 < run["roofline_share"] and run["itl_ms_p95"] >= run["itl_ms_p50"] > 0
+
+
+def test_transformers_static_cache_path_runs_and_says_whether_it_was_compiled(tmp_path):
+    """hf-static is transformers' own static cache; on CPU transformers leaves it uncompiled (and says so), and
+    forced to compile (dynamo's eager backend: tracing, no kernels) it still decodes every timed step."""
+    from transformers import CompileConfig
+
+    out = tmp_path / "hf.json"
+    argv = ["--device", "cpu", "--threads", "1", "--shapes", "tiny", "--rows", "2", "--paths", "static", "hf-static",
+            "--tokens", "4", "--warmup", "1", "--repeats", "1", "--prompt", "10", "--recent-size", "12",
+            "--output", str(out)]
+    assert gpu_decode.main(argv) == 0
+    runs = {r["path"]: r for r in json.loads(out.read_text())["runs"]}
+    assert runs["hf-static"]["hf_compiled"] is False and runs["hf-static"]["compile_s"] is None
+    assert runs["static"]["ratio_to_hf_static"] > 0 and runs["hf-static"]["other_steps"] == 4
+
+    model = gpu_decode.build_model("tiny", "cpu", torch.float32)
+    forced = CompileConfig(backend="eager")
+    forced._compile_all_devices = True  # transformers' own switch for compiling off CUDA, meant for tests
+    args = argparse.Namespace(device="cpu", prompt=10, warmup=2, tokens=4)
+    state: dict = {}
+    timing = gpu_decode.run_hf_static(model, args, 1, torch.Generator().manual_seed(0), state, compile_config=forced)
+    assert state["hf_compiled"] is True and state["compile_s"] > 0 and len(timing["steps_s"]) == 4
+
+
+def test_a_run_stopped_after_a_shape_keeps_what_it_measured(tmp_path, monkeypatch):
+    """The GPU check runs each part under a timeout: the JSON is written after every shape, marked incomplete."""
+    out = tmp_path / "partial.json"
+    built = gpu_decode.build_model
+
+    def build(shape, device, dtype):
+        if shape == "smollm2-135m":
+            raise RuntimeError("stopped here")  # as a timeout would stop the second shape
+        return built(shape, device, dtype)
+
+    monkeypatch.setattr(gpu_decode, "build_model", build)
+    argv = ["--device", "cpu", "--threads", "1", "--shapes", "tiny", "smollm2-135m", "--rows", "1", "--paths",
+            "static", "--tokens", "2", "--warmup", "1", "--repeats", "1", "--prompt", "10", "--recent-size", "12",
+            "--output", str(out)]
+    with pytest.raises(SystemExit):
+        gpu_decode.main(argv)
+    partial = json.loads(out.read_text())
+    assert partial["complete"] is False and [r["shape"] for r in partial["runs"]] == ["tiny"]
+    assert PROVENANCE_KEY in partial
