@@ -6,7 +6,9 @@ handles session ids. This module keeps the map token -> live session and writes 
 * `start` — a new conversation: a fresh token and a live session. Nothing is stored before the first message.
 * `open` — a page load with a token: re-attach to the token's live session if it still exists (a reload creates
   no session), else re-create it from the store, its cache re-primed from the stored history on the next turn
-  exactly as `history.restore_history` does. After `kill -9` and a restart this brings the conversation back.
+  exactly as `history.restore_history` does, with what recall did in its turns (the quoted passages the model was
+  given, the recall switch), so the model's context is the one it had. After `kill -9` and a restart this brings
+  the conversation back.
   Replicas sharing one store (PostgreSQL) serve any conversation this way; a live session that another replica
   has since moved on (the store's revision differs from the one this process last loaded or wrote) is dropped and
   re-created from the store, so a browser that moved away and back never continues a stale history.
@@ -119,8 +121,8 @@ class Conversations:
         self._deleted: dict[str, Deleted] = {}  # token -> what `undelete` restores, oldest first
         self._parked: dict[str, str | None] = {}  # token -> owner, of live sessions no page shows; oldest first
         self._revisions: dict[str, int] = {}  # token -> store revision this process last loaded or wrote
-        # Conversations whose recall the user switched off (`set_recall`). Kept in this process, not in the store,
-        # and applied again whenever the conversation's session is re-created here.
+        # Conversations whose recall the user switched off (`set_recall`): stored with the conversation too, read
+        # back whenever its session is re-created from the store, and applied to every session made for it here.
         self._recall_off: set[str] = set()
         self._lock = threading.RLock()
 
@@ -213,15 +215,26 @@ class Conversations:
                                        "start a new chat") from None
         if stored is None:
             raise ConversationNotFound("this conversation is no longer available; start a new chat")
-        history = [{"role": m["role"], "content": m["content"]} for m in stored.messages]
-        sid = self._making_room(owner, lambda: self.engine.open_history(history, stored.system_prompt, owner=owner,
-                                                                         origin=origin))
+        sid = self._making_room(owner, lambda: self._open_stored(stored.messages, stored.system_prompt, owner, origin))
+        (self._recall_off.discard if stored.recall else self._recall_off.add)(token)  # another replica may have set it
         if token in self._recall_off:
             self.engine.set_recall_budget(sid, 0)
         self._live[token] = sid
         self._revisions[token] = stored.revision
         self._marks[token] = {i for i, m in enumerate(stored.messages) if m.get("interrupted")}
         return self._opened(token, sid, stored.title, reattached=False)
+
+    def _open_stored(self, messages: list[dict], system_prompt: str | None, owner: str | None, origin: str) -> str:
+        """A session continuing stored `messages` (the store's dicts), with what recall did in their turns, so the
+        model is given the same context again and the "recalled" markers stay."""
+        history = [{"role": m["role"], "content": m["content"]} for m in messages]
+        records = [{k: m[k] for k in ("fed", "recalled") if k in m} for m in messages]
+        return self.engine.open_history(history, system_prompt, owner=owner, origin=origin, records=records)
+
+    def _stored_messages(self, token: str, sid: str) -> list[dict]:
+        """`messages` as the store keeps them: each user message whose turn recalled also has `fed` and
+        `recalled` (`StreamingEngine.recall_records`)."""
+        return [{**m, **r} for m, r in zip(self.messages(token, sid), self.engine.recall_records(sid))]
 
     def _session(self, token: str, owner: str | None, origin: str = "browser") -> str:
         with self._lock:
@@ -275,6 +288,8 @@ class Conversations:
                 self.engine.set_recall_budget(sid, None if enabled else 0)
             except KeyError:  # closed meanwhile: the next session made for it reads `_recall_off`
                 pass
+        if valid_token(token):  # not stored yet (no message): its first save stores the switch
+            self._guarded(token, self.store.set_recall, token, enabled)
 
     def recall_available(self) -> bool:
         """Whether this server recalls at all: an engine-wide `recall_budget=0` (the app's `--recall-budget 0`)
@@ -341,13 +356,13 @@ class Conversations:
         """Store the conversation (all of it, or its first `upto` messages) with its system prompt and title.
         `message`: the turn's accepted user message, added when the worker has not yet appended it to the session's
         history (it does so when it starts the turn). `reply`: the reply so far, stored marked interrupted."""
-        messages = self.messages(token, sid)[:upto]
+        messages = self._stored_messages(token, sid)[:upto]
         if message is not None and upto is not None and len(messages) == upto - 1:
             messages.append({"role": "user", "content": clean_text(message)})
         if reply is not None:
             messages.append({"role": "assistant", "content": reply, "interrupted": True})
         self._guarded(token, self.store.replace, token, messages, system_prompt=self._system_prompt(sid),
-                      title=auto_title(messages))
+                      title=auto_title(messages), recall=token not in self._recall_off)
 
     def _after_turn(self, token: str, sid: str, before: int, ended, started: bool, reply: str,
                     existed: bool = True) -> None:
@@ -509,7 +524,7 @@ class Conversations:
             if sid is not None:
                 history = self.engine.history(sid)
                 system = history[0]["content"] if history and history[0]["role"] == "system" else None
-                messages = self.messages(token, sid)
+                messages = self._stored_messages(token, sid)
             else:
                 stored = self.store.load(token) if valid_token(token) else None
                 if stored is None:
@@ -540,10 +555,8 @@ class Conversations:
             kept = self._deleted.pop(token, None) if isinstance(token, str) else None
         if kept is None:
             raise ConversationNotFound("too late to undo: that conversation was deleted for good")
-        history = [{"role": m["role"], "content": m["content"]} for m in kept.messages]
         try:
-            sid = self._making_room(owner, lambda: self.engine.open_history(history, kept.system_prompt, owner=owner,
-                                                                             origin=origin))
+            sid = self._making_room(owner, lambda: self._open_stored(kept.messages, kept.system_prompt, owner, origin))
         except (EngineBusy, ValueError):
             with self._lock:
                 self._deleted[token] = kept
@@ -554,7 +567,7 @@ class Conversations:
             self._live[token] = sid
             self._marks[token] = {i for i, m in enumerate(kept.messages) if m.get("interrupted")}
         self._guarded(token, self.store.replace, token, kept.messages, system_prompt=kept.system_prompt,
-                      title=kept.title)
+                      title=kept.title, recall=token not in self._recall_off)
         return self._opened(token, sid, kept.title, reattached=False)
 
     def rename(self, token: str, title: str) -> bool:

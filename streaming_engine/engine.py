@@ -47,6 +47,7 @@ from .validate import (  # noqa: F401  (MAX_MESSAGE_CHARS, MAX_OWNER_CHARS, clea
     check_messages,
     check_number,
     check_owner,
+    check_recall_records,
     check_text,
     clean_text,
     preview,
@@ -433,6 +434,12 @@ class StreamingEngine:
         system = [{"role": "system", "content": session.system_prompt}] if session.system_prompt else []
         return system + [dict(m) for m in session.history]
 
+    def recall_records(self, session_id: str) -> list[dict]:
+        """What recall did, per message of `history(session_id)` *after* the system prompt: `{"fed", "recalled"}`
+        for a user message whose turn quoted earlier messages (the text the model was given; their indices in that
+        same list), `{}` otherwise. `open_history(..., records=...)` takes it back."""
+        return self._get(session_id).recall_records()
+
     def stop(self, session_id: str) -> None:
         """End the running turn within one decode step; its partial reply stays in history and cache."""
         handle = self._get(session_id).current
@@ -626,16 +633,19 @@ class StreamingEngine:
         owner: str | None = None,
         origin: str = "browser",
         client: str | None = None,
+        records: list[dict] | None = None,
     ) -> str:
         """Open a new session (engine sizes) that continues `messages` ({"role": "user"|"assistant", "content"}
         dicts, extra keys ignored). Nothing is computed now: the cache is re-primed from the history (sinks + the
         tail that fits) on the next turn. `history.restore_history`, re-opening a stored conversation and a stateless client's
-        conversation (`stateless.open_conversation`, which names its `client`) all come here."""
+        conversation (`stateless.open_conversation`, which names its `client`) all come here. `records`: what
+        recall did, as `recall_records` gave it (a stored conversation's), checked by `check_recall_records`."""
         clean = self.clean_messages(messages, "history 'messages'")
+        records = check_recall_records(records, clean) if records is not None else None
         session_id = self._new_session_pinned_if_possible(mode, system_prompt, owner=owner, origin=origin)
         session = self._get(session_id)
         session.client = client
-        session.load_history(clean)
+        session.load_history(clean, records)
         return session_id
 
 

@@ -303,12 +303,27 @@ class Session:
                 return [i + offset for i in self.recalled[k]]
         return []
 
-    def load_history(self, messages: list[dict]) -> None:
-        """Adopt a validated history; the cache is rebuilt from it on the next turn."""
+    def recall_records(self) -> list[dict]:
+        """Parallel to `history`: for a user message whose turn recalled earlier messages, `{"fed": the text the
+        model was given, "recalled": [their indices in the history]}`; `{}` for every other message. What a store
+        keeps so that `load_history(..., records)` gives the model the same context again."""
+        records = []
+        for k, message in enumerate(self.history):
+            quoted = self.recalled[k] if k < len(self.recalled) else ()
+            fed = self._raw[k]["content"] if k < len(self._raw) else message["content"]
+            records.append({"fed": fed, "recalled": list(quoted)} if message["role"] == "user" and quoted else {})
+        return records
+
+    def load_history(self, messages: list[dict], records: list[dict] | None = None) -> None:
+        """Adopt a validated history; the cache is rebuilt from it on the next turn. `records` (validated,
+        parallel to `messages`, as `recall_records` gives them): what each user turn fed the model and quoted, so
+        the re-primed cache holds the quoted passages again and the markers stay; without them a stored history
+        keeps what was typed only."""
+        records = records or [{}] * len(messages)
         self.history = [dict(m) for m in messages]
-        self._raw = [dict(m) for m in messages]
+        self._raw = [{**m, "content": r.get("fed", m["content"])} for m, r in zip(messages, records)]
         self.spans = [None] * len(messages)  # nothing of it is in the cache until `_prime`
-        self.recalled = [()] * len(messages)  # a stored history keeps what was typed, not what was recalled
+        self.recalled = [tuple(r.get("recalled", ())) for r in records]
         self.turns = sum(1 for m in messages if m["role"] == "user")
         self.status = SessionStatus.UNPRIMED if messages else SessionStatus.READY
         self._refresh_memory()

@@ -7,8 +7,13 @@ shared by replicas), is one small subclass. `stores.open_store` picks the engine
 
 A conversation is found only by its token (`secrets.token_urlsafe`, 192 bits), which only the owning browser
 holds: there is no listing of "all conversations", `list` answers for the tokens the caller presents. Stored per
-conversation: title, system prompt, times, and its visible messages (`{"role", "content"}`, plus
-`"interrupted": True` on a reply that was still being written when it was last saved).
+conversation: title, system prompt, times, its recall switch (`recall`, on unless the user turned it off), and its
+visible messages (`{"role", "content"}`, plus `"interrupted": True` on a reply that was still being written when it
+was last saved). A user message whose turn recalled evicted messages also keeps what recall did (schema 3): `fed`,
+the text the model was given (the typed one with the quoted passages before it), and `recalled`, the indices of
+the earlier messages it quoted, in the same list. They are stored as distances back, so they stay right when the
+oldest messages are dropped at `MAX_STORED_MESSAGES`. A conversation re-opened from the store then gives the model
+the same context as before, and shows the same "recalled" markers.
 
 Durability: the standard library's `sqlite3` in WAL mode with `synchronous=NORMAL`, every change one transaction.
 A process killed at any instant (`kill -9`, out of memory) leaves the file consistent and holding every
@@ -46,7 +51,7 @@ from typing import Iterable
 # The message limits are the engine's (one home): the store keeps whatever the engine accepted.
 from .validate import MAX_MESSAGE_CHARS as MAX_STORED_MESSAGE_CHARS
 from .validate import MAX_MESSAGES as MAX_STORED_MESSAGES
-from .validate import check_int, check_message, check_number, check_text
+from .validate import check_bool, check_int, check_message, check_number, check_text
 
 #: File name of the database inside the data directory.
 DB_FILE_NAME = "chats.sqlite"
@@ -100,6 +105,11 @@ MIGRATIONS: tuple[Migration, ...] = (
     )),
     Migration(2, "a revision per conversation, bumped by every write (optimistic concurrency between replicas)", (
         "ALTER TABLE conversations ADD COLUMN revision INTEGER NOT NULL DEFAULT 0",
+    )),
+    Migration(3, "what recall did: the conversation's switch, and per user message what its turn fed and quoted", (
+        "ALTER TABLE conversations ADD COLUMN recall INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE messages ADD COLUMN fed TEXT",  # NULL: the content itself was fed
+        "ALTER TABLE messages ADD COLUMN recalled TEXT NOT NULL DEFAULT ''",  # distances back, comma-separated
     )),
 )
 #: The newest schema this code reads and writes; a database with a higher number is refused.
@@ -165,24 +175,56 @@ def _clean_title(title) -> str:
     return " ".join(title.replace("\x00", "").split())[:MAX_TITLE_CHARS]
 
 
-def _check_text(value, what: str) -> str:
-    value = check_text(value, what, MAX_STORED_MESSAGE_CHARS, allow_empty=True)
+def _check_text(value, what: str, max_chars: int = MAX_STORED_MESSAGE_CHARS) -> str:
+    value = check_text(value, what, max_chars, allow_empty=True)
     if "\x00" in value:  # PostgreSQL text cannot hold NUL: refused by both engines, so they store the same things
         raise ValueError(f"{what} contains a NUL character, which cannot be stored")
     return value
 
 
-def _rows(messages: Iterable[dict]) -> list[tuple[str, str, int]]:
-    """(role, content, interrupted) for each message, validated; only the newest `MAX_STORED_MESSAGES`."""
+#: The columns of a message row after its position, in the order `_rows` gives them and `_messages` reads them.
+MESSAGE_COLUMNS = "role, content, interrupted, fed, recalled"
+_INSERT_MESSAGE = f"INSERT INTO messages(token, seq, {MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+MessageRow = tuple[str, str, int, "str | None", str]
+
+
+def _recalled(m: dict, i: int) -> str:
+    """Message `i`'s `recalled` (indices of earlier messages in the same list) as the stored distances back."""
+    indices = m.get("recalled", ())
+    if (not isinstance(indices, (list, tuple))
+            or any(isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < i for k in indices)):
+        raise ValueError(f"message {i}'s 'recalled' must list indices of earlier messages; got {indices!r:.80}")
+    return ",".join(str(i - k) for k in sorted(set(indices)))
+
+
+def _rows(messages: Iterable[dict]) -> list[MessageRow]:
+    """(role, content, interrupted, fed, recalled) for each message, validated; only the newest
+    `MAX_STORED_MESSAGES`. `fed` is None where it is the content itself."""
     rows = []
     for i, m in enumerate(messages):
         plain = check_message(m, i)
-        rows.append((plain["role"], _check_text(plain["content"], f"message {i}"), int(bool(m.get("interrupted")))))
+        content = _check_text(plain["content"], f"message {i}")
+        fed = m.get("fed")
+        # The fed text is the typed one after the quoted passages: up to the recall budget longer.
+        fed = None if fed is None or fed == content else _check_text(fed, f"message {i}'s fed text",
+                                                                      2 * MAX_STORED_MESSAGE_CHARS)
+        rows.append((plain["role"], content, int(bool(m.get("interrupted"))), fed, _recalled(m, i)))
     return rows[-MAX_STORED_MESSAGES:]
 
 
-def _message(role: str, content: str, interrupted: int) -> dict:
-    return {"role": role, "content": content, **({"interrupted": True} if interrupted else {})}
+def _messages(rows: Iterable[tuple]) -> list[dict]:
+    """The message dicts of stored rows (`MESSAGE_COLUMNS`, oldest first): `recalled` back to indices in this list
+    (a message quoted before the oldest one kept is left out)."""
+    out = []
+    for i, (role, content, interrupted, fed, recalled) in enumerate(rows):
+        message = {"role": role, "content": content, **({"interrupted": True} if interrupted else {})}
+        if fed is not None:
+            message["fed"] = fed
+        indices = [i - int(d) for d in recalled.split(",") if d] if recalled else []
+        if any(0 <= k < i for k in indices):
+            message["recalled"] = [k for k in indices if 0 <= k < i]
+        out.append(message)
+    return out
 
 
 @dataclass
@@ -205,6 +247,7 @@ class StoredConversation:
     updated_at: float
     messages: list[dict] = field(default_factory=list)
     revision: int = 0  # bumped by every write; pass it to `replace(expected_revision=...)`
+    recall: bool = True  # the conversation's recall switch (`set_recall`)
 
     @property
     def interrupted(self) -> bool:
@@ -292,11 +335,13 @@ class ConversationStore(ABC):
             return db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()[0]
 
     def create(self, *, title: str | None = None, system_prompt: str | None = None, messages: Iterable[dict] = (),
-               token: str | None = None) -> str:
-        """Store a new conversation and return its token (a fresh one unless `token` is given)."""
+               token: str | None = None, recall: bool = True) -> str:
+        """Store a new conversation and return its token (a fresh one unless `token` is given); `recall`: its
+        recall switch."""
         token = _check_token(token) if token is not None else new_token()
         if not self.enabled:
             return token
+        check_bool("recall", recall)
         rows = _rows(messages)
         title = _clean_title(title)
         system_prompt = None if system_prompt is None else _check_text(system_prompt, "system prompt")
@@ -309,10 +354,9 @@ class ConversationStore(ABC):
                                 f"(after {self.retention_days:g} days unused).")
             if db.execute("SELECT 1 FROM conversations WHERE token = ?", (token,)).fetchone():
                 raise ValueError(DUPLICATE_TOKEN)
-            db.execute("INSERT INTO conversations(token, title, system_prompt, created_at, updated_at, revision) "
-                       "VALUES (?, ?, ?, ?, ?, 1)", (token, title, system_prompt, now, now))
-            db.executemany("INSERT INTO messages(token, seq, role, content, interrupted) VALUES (?, ?, ?, ?, ?)",
-                           [(token, seq, *row) for seq, row in enumerate(rows)])
+            db.execute("INSERT INTO conversations(token, title, system_prompt, created_at, updated_at, revision, "
+                       "recall) VALUES (?, ?, ?, ?, ?, 1, ?)", (token, title, system_prompt, now, now, int(recall)))
+            db.executemany(_INSERT_MESSAGE, [(token, seq, *row) for seq, row in enumerate(rows)])
         return token
 
     def _count(self) -> int:
@@ -339,14 +383,14 @@ class ConversationStore(ABC):
         if not self.enabled or not valid_token(token):
             return None
         with self._read() as db:
-            head = db.execute("SELECT title, system_prompt, created_at, updated_at, revision FROM conversations "
-                              "WHERE token = ?", (token,)).fetchone()
+            head = db.execute("SELECT title, system_prompt, created_at, updated_at, revision, recall "
+                              "FROM conversations WHERE token = ?", (token,)).fetchone()
             if head is None:
                 return None
-            rows = db.execute("SELECT role, content, interrupted FROM messages WHERE token = ? ORDER BY seq",
+            rows = db.execute(f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE token = ? ORDER BY seq",
                               (token,)).fetchall()
-        return StoredConversation(token, head[0], head[1], head[2], head[3], [_message(*r) for r in rows],
-                                  revision=head[4])
+        return StoredConversation(token, head[0], head[1], head[2], head[3], _messages(rows), revision=head[4],
+                                  recall=bool(head[5]))
 
     def list(self, tokens: Iterable[str]) -> list[ConversationSummary]:
         """The stored conversations among `tokens` (the ones a browser holds), most recently updated first.
@@ -376,6 +420,20 @@ class ConversationStore(ABC):
             return db.execute("UPDATE conversations SET title = ?, updated_at = ?, revision = revision + 1 "
                               "WHERE token = ?", (title, time.time(), token)).rowcount > 0
 
+    def set_recall(self, token: str, enabled: bool) -> int | None:
+        """Set the conversation's recall switch; returns the new revision (it moves, so other replicas re-load the
+        conversation), None when there is no such conversation or persistence is off."""
+        check_bool("recall", enabled)
+        if not self.enabled or not valid_token(token):
+            return None
+        with self._write() as db:
+            revision = self._locked_revision(db, token)
+            if revision is None:
+                return None
+            db.execute("UPDATE conversations SET recall = ?, updated_at = ?, revision = revision + 1 WHERE token = ?",
+                       (int(enabled), time.time(), token))
+            return revision + 1
+
     def delete(self, token: str) -> bool:
         """Delete the conversation and all its messages (overwritten on disk); False when there was none."""
         if not self.enabled or not valid_token(token):
@@ -387,23 +445,28 @@ class ConversationStore(ABC):
         return found
 
     def replace(self, token: str, messages: Iterable[dict], *, system_prompt: str | None = None,
-                title: str | None = None, expected_revision: int | None = None) -> int | None:
+                title: str | None = None, expected_revision: int | None = None,
+                recall: bool | None = None) -> int | None:
         """Make the stored messages equal `messages` (creating the conversation if needed), in one transaction;
         returns the new revision (None without persistence).
 
         Only what changed is written: rows up to the first difference stay, the rest is replaced (a finished
         reply replaces its interrupted partial; a retry drops the last exchange). `title` is set only while the
         conversation has none. With `expected_revision` (from `load`), raises `StoreConflict` and writes nothing
-        when another writer changed or deleted the conversation since."""
+        when another writer changed or deleted the conversation since. `recall`: set the recall switch too (None:
+        leave it; a conversation created here has it on unless False)."""
         token = _check_token(token)
         if not self.enabled:
             return None
+        if recall is not None:
+            check_bool("recall", recall)
+        messages = list(messages)
         rows = _rows(messages)
         system_prompt = None if system_prompt is None else _check_text(system_prompt, "system prompt")
         if expected_revision is None and not self.exists(token):
             try:
-                self.create(token=token, title=title, system_prompt=system_prompt, messages=[
-                    _message(*row) for row in rows])
+                self.create(token=token, title=title, system_prompt=system_prompt, messages=messages,
+                            recall=recall is not False)
                 return 1
             except ValueError as exc:  # created meanwhile by another writer: fall through to the update
                 if str(exc) != DUPLICATE_TOKEN:
@@ -416,7 +479,7 @@ class ConversationStore(ABC):
                                     "read; reload it to see the newest version.")
             if revision is None:  # deleted between the check above and this transaction
                 raise KeyError("no stored conversation has this token")
-            stored = db.execute("SELECT seq, role, content, interrupted FROM messages WHERE token = ? ORDER BY seq",
+            stored = db.execute(f"SELECT seq, {MESSAGE_COLUMNS} FROM messages WHERE token = ? ORDER BY seq",
                                 (token,)).fetchall()
             keep = 0
             while keep < min(len(stored), len(rows)) and tuple(stored[keep][1:]) == rows[keep]:
@@ -424,24 +487,24 @@ class ConversationStore(ABC):
             if keep < len(stored):
                 db.execute("DELETE FROM messages WHERE token = ? AND seq >= ?", (token, stored[keep][0]))
             first = stored[keep - 1][0] + 1 if keep else 0
-            db.executemany("INSERT INTO messages(token, seq, role, content, interrupted) VALUES (?, ?, ?, ?, ?)",
-                           [(token, first + i, *row) for i, row in enumerate(rows[keep:])])
+            db.executemany(_INSERT_MESSAGE, [(token, first + i, *row) for i, row in enumerate(rows[keep:])])
             db.execute("UPDATE conversations SET system_prompt = ?, updated_at = ?, revision = revision + 1, "
-                       "title = CASE WHEN title = '' THEN ? ELSE title END WHERE token = ?",
-                       (system_prompt, now, _clean_title(title), token))
+                       "title = CASE WHEN title = '' THEN ? ELSE title END, recall = coalesce(?, recall) "
+                       "WHERE token = ?", (system_prompt, now, _clean_title(title),
+                                           None if recall is None else int(recall), token))
             return revision + 1
 
     def append(self, token: str, messages: Iterable[dict]) -> int | None:
         """Add messages at the end (the conversation must exist); the oldest go beyond `MAX_STORED_MESSAGES`.
-        Returns the new revision. Two writers appending at once both land, one after the other."""
+        Returns the new revision. Two writers appending at once both land, one after the other. A `recalled` index
+        counts within `messages`."""
         token = _check_token(token)
         if not self.enabled:
             return None
         rows = _rows(messages)
         with self._write() as db:
             revision, last = self._lock_conversation(db, token)
-            db.executemany("INSERT INTO messages(token, seq, role, content, interrupted) VALUES (?, ?, ?, ?, ?)",
-                           [(token, last + 1 + i, *row) for i, row in enumerate(rows)])
+            db.executemany(_INSERT_MESSAGE, [(token, last + 1 + i, *row) for i, row in enumerate(rows)])
             db.execute("DELETE FROM messages WHERE token = ? AND seq <= ?", (token, last + len(rows) -
                                                                               MAX_STORED_MESSAGES))
             db.execute("UPDATE conversations SET updated_at = ?, revision = revision + 1 WHERE token = ?",

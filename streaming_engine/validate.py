@@ -220,6 +220,33 @@ def check_message(message, index: int, roles: tuple[str, ...] = ROLES) -> dict:
     return {"role": message["role"], "content": message["content"]}
 
 
+def check_recall_records(records, messages: list[dict]) -> list[dict]:
+    """What recall did in a stored conversation (`Session.recall_records`), parallel to its checked `messages`:
+    `{}`, or for a user message `{"fed": text, "recalled": [indices of earlier messages]}`. Returns plain copies.
+    The store keeps and returns these (`store.py`); the check here guards the session against a damaged record,
+    as `check_messages` does for the texts."""
+    if not isinstance(records, list) or len(records) != len(messages):
+        raise ValueError(f"recall records must be a list parallel to the {len(messages):,} messages; got "
+                         f"{preview(records)}")
+    out = []
+    for i, (record, message) in enumerate(zip(records, messages)):
+        if not isinstance(record, dict) or set(record) - {"fed", "recalled"}:
+            raise ValueError(f"recall record {i} must be a dict of 'fed' and 'recalled'; got {preview(record)}")
+        if not record.get("recalled"):
+            out.append({})
+            continue
+        indices = record["recalled"]
+        if (message["role"] != "user" or not isinstance(indices, (list, tuple))
+                or any(isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < i for k in indices)):
+            raise ValueError(f"recall record {i} must belong to a user message and list earlier messages; got "
+                             f"{preview(record)}")
+        # The fed text holds the typed one after the quoted passages, and at most the recall budget more.
+        fed = check_text(record.get("fed", message["content"]), f"recall record {i}'s fed text",
+                         2 * MAX_MESSAGE_CHARS, allow_empty=True)
+        out.append({"fed": fed, "recalled": sorted(set(indices))})
+    return out
+
+
 # --- sampling ----------------------------------------------------------------------------------------------------
 
 

@@ -322,3 +322,53 @@ def test_a_conversation_reopened_from_the_store_after_a_restart_recalls_its_evic
     first.open(off)
     events = list(first.chat(off, QUESTION, **{**GREEDY, "max_new_tokens": 8}))
     assert events[-1].stats["recalled_tokens"] == 0 and events[-1].stats["recall_budget"] == 0
+
+
+# --- what recall did survives a restart and another replica --------------------------------------------------------
+
+#: test_recall's window, where its fact leaves the cache after its topics (the prompt chunk follows the window).
+SMALL_WINDOW = dict(start_size=4, recent_size=124, prefill_chunk_size=None)
+
+def _recall_until_quoted(conversations, token):
+    """Talk until the first message has left a 4+124 cache, then ask about it: the question's turn recalls it."""
+    from test_recall import FACT, QUESTION, TOPICS
+
+    for message in [FACT, *TOPICS, QUESTION]:
+        say(conversations, token, message, max_new_tokens=8)
+    memory = conversations.memory_map(token)
+    assert memory[1]["state"] == "gone" and memory[-2].get("recalled") == [1], memory  # [system, fact, ..., question]
+
+
+def test_a_conversation_reopened_after_a_restart_gives_the_model_the_same_context_and_keeps_its_markers(make):
+    before = make(**SMALL_WINDOW)
+    opened = before.start(system_prompt="You are helpful.")
+    _recall_until_quoted(before, opened.token)
+    fed = before.engine.session(opened.session_id).fed  # what the model was given, quoted passages included
+    markers = [m.get("recalled") for m in before.memory_map(opened.token)]
+
+    after = make(**SMALL_WINDOW)  # a restarted server on the same database
+    again = after.open(opened.token)
+    assert not again.reattached
+    assert after.engine.session(again.session_id).fed == fed
+    assert [m.get("recalled") for m in after.memory_map(opened.token)] == markers
+    assert [m["content"] for m in again.messages] == [m["content"] for m in before.messages(opened.token)]
+    say(after, opened.token, "And the cello?", max_new_tokens=4)  # re-primed from the stored context
+    assert [m.get("recalled") for m in after.memory_map(opened.token)][: len(markers)] == markers
+
+
+def test_the_recall_switch_is_stored_with_the_conversation_and_every_replica_follows_it(make):
+    a, b = make(**SMALL_WINDOW), make(**SMALL_WINDOW)
+    off_from_start = a.start(recall=False)
+    say(a, off_from_start.token, "Hello")  # its first save stores the switch
+    assert not b.recall_enabled(b.open(off_from_start.token).token)
+    assert b.engine.stats(b.open(off_from_start.token).session_id)["recall_budget"] == 0
+
+    opened = a.start()
+    say(a, opened.token, "Hello")
+    a.set_recall(opened.token, False)
+    sid = b.open(opened.token).session_id
+    assert not b.recall_enabled(opened.token) and b.engine.stats(sid)["recall_budget"] == 0
+    a.set_recall(opened.token, True)  # the revision moves: b re-loads the conversation at its next use
+    sid = b.open(opened.token).session_id
+    assert b.recall_enabled(opened.token) and b.engine.stats(sid)["recall_budget"] > 0
+    assert a.open(opened.token).reattached  # a's own write does not make a's session stale

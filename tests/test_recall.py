@@ -414,3 +414,39 @@ def test_the_package_exports_the_recall_function():
 
     assert streaming_engine.recall_snippets is recall_snippets
     assert streaming_engine.Snippet.__name__ == "Snippet"
+
+
+@pytest.mark.parametrize("records, problem", [
+    ([{}], "parallel"),  # one record for two messages
+    ([{}, {"fed": "x", "recalled": [0]}], "user message"),  # the assistant's message recalls nothing
+    ([{"fed": "x", "recalled": [0]}, {}], "earlier"),  # message 0 has nothing before it
+    ([{"fed": 3, "recalled": []}, {}], None),  # recalled nothing: the record is empty, whatever else it says
+    ([{"quoted": [0]}, {}], "'fed' and 'recalled'"),
+])
+def test_recall_records_a_store_hands_back_are_checked_before_a_session_takes_them(
+        tiny_chat_model, default_tokenizer, records, problem):
+    engine = small_engine(tiny_chat_model, default_tokenizer)
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    if problem is None:
+        sid = engine.open_history(messages, records=records)
+        assert engine.recall_records(sid) == [{}, {}]
+        return
+    with pytest.raises(ValueError, match=problem):
+        engine.open_history(messages, records=records)
+
+
+def test_a_session_opened_with_its_recall_records_feeds_the_quoted_text_and_names_what_it_quoted(
+        tiny_chat_model, default_tokenizer):
+    engine = small_engine(tiny_chat_model, default_tokenizer)
+    live = engine.new_session("streaming", "You are helpful.")
+    talk_until_the_fact_is_gone(engine, live)
+    run(engine, live, QUESTION)
+    records = engine.recall_records(live)
+    question = len(records) - 2  # [..., question, reply]
+    assert records[question]["recalled"] == [0] and records[question]["fed"].endswith(QUESTION)
+    assert all(r == {} for k, r in enumerate(records) if k != question)
+    history = engine.history(live)[1:]  # after the system prompt, as the records count
+    again = engine.open_history(history, "You are helpful.", records=records)
+    assert engine.session(again).fed == engine.session(live).fed
+    assert engine.recall_records(again) == records
+    assert engine.memory_map(again)[question + 1]["recalled"] == [1]  # numbered with the system prompt first

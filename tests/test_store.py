@@ -567,3 +567,45 @@ def test_the_app_stores_in_postgresql_when_given_a_database_url_and_never_shows_
         conversations.store.close()
     finally:
         health.PROBLEM_SOURCES.pop("storage", None)
+
+
+# --- what recall did (schema 3) -------------------------------------------------------------------------------------
+
+def test_what_recall_fed_and_quoted_round_trips_and_its_indices_survive_dropping_the_oldest(
+        db, store_opener, monkeypatch):
+    messages = exchange(6)
+    messages[4] = {**messages[4], "fed": "> quoted: message 0\n\nmessage 4", "recalled": [0, 2]}
+    token = db.create(messages=messages, recall=False)
+    loaded = store_opener().load(token)
+    assert loaded.messages == messages and loaded.recall is False
+    db.replace(token, [*messages[:4], {**messages[4], "recalled": [2]}, messages[5]])  # a changed record is rewritten
+    assert db.load(token).messages[4]["recalled"] == [2]
+    # The store keeps the newest messages only: an index then counts in what is kept, and one that fell off goes.
+    monkeypatch.setattr(store_module, "MAX_STORED_MESSAGES", 4)  # messages 2..5 are kept
+    kept = db.load(db.create(messages=messages)).messages
+    assert kept[2] == {**messages[4], "recalled": [0]}  # message 2 is now index 0; message 0 is gone
+    monkeypatch.setattr(store_module, "MAX_STORED_MESSAGES", 2)  # messages 4..5: nothing it quoted is kept
+    assert db.load(db.create(messages=messages)).messages[0] == {k: v for k, v in messages[4].items()
+                                                                  if k != "recalled"}
+
+
+@pytest.mark.parametrize("recalled", [[3], [-1], ["0"], [True], "0"])
+def test_a_recalled_index_must_name_an_earlier_message(db, recalled):
+    messages = exchange(4)
+    messages[2] = {**messages[2], "recalled": recalled}
+    with pytest.raises(ValueError, match="recalled"):
+        db.create(messages=messages)
+
+
+def test_the_recall_switch_is_set_on_its_own_and_by_a_replace(db, store_opener):
+    token = db.create(messages=exchange(2))
+    assert db.load(token).recall is True
+    revision = db.set_recall(token, False)
+    assert revision == db.load(token).revision and store_opener().load(token).recall is False
+    db.replace(token, exchange(4))  # recall=None: left as it is
+    assert db.load(token).recall is False
+    db.replace(token, exchange(4), recall=True)
+    assert db.load(token).recall is True
+    assert db.set_recall(new_token(), False) is None and db.set_recall("not a token", True) is None
+    with pytest.raises(ValueError, match="recall"):
+        db.set_recall(token, "no")
