@@ -114,7 +114,7 @@ class Conversations:
         self._live: dict[str, str] = {}  # token -> live session id
         self._marks: dict[str, set[int]] = {}  # token -> indices of interrupted replies
         # token -> indices of replies the user stopped. Kept with the live session (a reload, a switch back within
-        # `KEEP_RECENT`), not in the store: a conversation re-opened from disk shows those replies unmarked.
+        # `KEEP_RECENT`), and in the store (schema 3), from which a re-opened conversation reads them back.
         self._stopped: dict[str, set[int]] = {}
         self._errors: dict[str, str] = {}  # token -> last storage failure, until `save_error` reads it
         self._storage_problem: str | None = None  # why nothing is being saved (see `storage_problem`)
@@ -222,6 +222,7 @@ class Conversations:
         self._live[token] = sid
         self._revisions[token] = stored.revision
         self._marks[token] = {i for i, m in enumerate(stored.messages) if m.get("interrupted")}
+        self._stopped[token] = {i for i, m in enumerate(stored.messages) if m.get("stopped")}
         return self._opened(token, sid, stored.title, reattached=False)
 
     def _open_stored(self, messages: list[dict], system_prompt: str | None, owner: str | None, origin: str) -> str:
@@ -566,6 +567,7 @@ class Conversations:
         with self._lock:
             self._live[token] = sid
             self._marks[token] = {i for i, m in enumerate(kept.messages) if m.get("interrupted")}
+            self._stopped[token] = {i for i, m in enumerate(kept.messages) if m.get("stopped")}
         self._guarded(token, self.store.replace, token, kept.messages, system_prompt=kept.system_prompt,
                       title=kept.title, recall=token not in self._recall_off)
         return self._opened(token, sid, kept.title, reattached=False)

@@ -9,7 +9,7 @@ A conversation is found only by its token (`secrets.token_urlsafe`, 192 bits), w
 holds: there is no listing of "all conversations", `list` answers for the tokens the caller presents. Stored per
 conversation: title, system prompt, times, its recall switch (`recall`, on unless the user turned it off), and its
 visible messages (`{"role", "content"}`, plus `"interrupted": True` on a reply that was still being written when it
-was last saved). A user message whose turn recalled evicted messages also keeps what recall did (schema 3): `fed`,
+was last saved, `"stopped": True` on one the user stopped). A user message whose turn recalled evicted messages also keeps what recall did (schema 3): `fed`,
 the text the model was given (the typed one with the quoted passages before it), and `recalled`, the indices of
 the earlier messages it quoted, in the same list. They are stored as distances back, so they stay right when the
 oldest messages are dropped at `MAX_STORED_MESSAGES`. A conversation re-opened from the store then gives the model
@@ -106,10 +106,12 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "a revision per conversation, bumped by every write (optimistic concurrency between replicas)", (
         "ALTER TABLE conversations ADD COLUMN revision INTEGER NOT NULL DEFAULT 0",
     )),
-    Migration(3, "what recall did: the conversation's switch, and per user message what its turn fed and quoted", (
+    Migration(3, "what recall did (the conversation's switch; per user message what its turn fed and quoted) and "
+                 "the user's stop of a reply", (
         "ALTER TABLE conversations ADD COLUMN recall INTEGER NOT NULL DEFAULT 1",
         "ALTER TABLE messages ADD COLUMN fed TEXT",  # NULL: the content itself was fed
         "ALTER TABLE messages ADD COLUMN recalled TEXT NOT NULL DEFAULT ''",  # distances back, comma-separated
+        "ALTER TABLE messages ADD COLUMN stopped INTEGER NOT NULL DEFAULT 0",  # a reply the user stopped
     )),
 )
 #: The newest schema this code reads and writes; a database with a higher number is refused.
@@ -183,9 +185,9 @@ def _check_text(value, what: str, max_chars: int = MAX_STORED_MESSAGE_CHARS) -> 
 
 
 #: The columns of a message row after its position, in the order `_rows` gives them and `_messages` reads them.
-MESSAGE_COLUMNS = "role, content, interrupted, fed, recalled"
-_INSERT_MESSAGE = f"INSERT INTO messages(token, seq, {MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
-MessageRow = tuple[str, str, int, "str | None", str]
+MESSAGE_COLUMNS = "role, content, interrupted, fed, recalled, stopped"
+_INSERT_MESSAGE = f"INSERT INTO messages(token, seq, {MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+MessageRow = tuple[str, str, int, "str | None", str, int]
 
 
 def _recalled(m: dict, i: int) -> str:
@@ -198,7 +200,7 @@ def _recalled(m: dict, i: int) -> str:
 
 
 def _rows(messages: Iterable[dict]) -> list[MessageRow]:
-    """(role, content, interrupted, fed, recalled) for each message, validated; only the newest
+    """(role, content, interrupted, fed, recalled, stopped) for each message, validated; only the newest
     `MAX_STORED_MESSAGES`. `fed` is None where it is the content itself."""
     rows = []
     for i, m in enumerate(messages):
@@ -208,7 +210,8 @@ def _rows(messages: Iterable[dict]) -> list[MessageRow]:
         # The fed text is the typed one after the quoted passages: up to the recall budget longer.
         fed = None if fed is None or fed == content else _check_text(fed, f"message {i}'s fed text",
                                                                       2 * MAX_STORED_MESSAGE_CHARS)
-        rows.append((plain["role"], content, int(bool(m.get("interrupted"))), fed, _recalled(m, i)))
+        rows.append((plain["role"], content, int(bool(m.get("interrupted"))), fed, _recalled(m, i),
+                     int(bool(m.get("stopped")))))
     return rows[-MAX_STORED_MESSAGES:]
 
 
@@ -216,8 +219,9 @@ def _messages(rows: Iterable[tuple]) -> list[dict]:
     """The message dicts of stored rows (`MESSAGE_COLUMNS`, oldest first): `recalled` back to indices in this list
     (a message quoted before the oldest one kept is left out)."""
     out = []
-    for i, (role, content, interrupted, fed, recalled) in enumerate(rows):
-        message = {"role": role, "content": content, **({"interrupted": True} if interrupted else {})}
+    for i, (role, content, interrupted, fed, recalled, stopped) in enumerate(rows):
+        message = {"role": role, "content": content, **({"interrupted": True} if interrupted else {}),
+                   **({"stopped": True} if stopped else {})}
         if fed is not None:
             message["fed"] = fed
         indices = [i - int(d) for d in recalled.split(",") if d] if recalled else []

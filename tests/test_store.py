@@ -575,6 +575,7 @@ def test_what_recall_fed_and_quoted_round_trips_and_its_indices_survive_dropping
         db, store_opener, monkeypatch):
     messages = exchange(6)
     messages[4] = {**messages[4], "fed": "> quoted: message 0\n\nmessage 4", "recalled": [0, 2]}
+    messages[3] = {**messages[3], "stopped": True}  # a reply the user stopped keeps that mark too
     token = db.create(messages=messages, recall=False)
     loaded = store_opener().load(token)
     assert loaded.messages == messages and loaded.recall is False

@@ -519,6 +519,29 @@ def test_a_stopped_reply_keeps_its_stopped_label_after_a_reload(conv):
     assert not again.chat[3]["content"].endswith(STOPPED_NOTE) and again.chat[1]["content"].endswith(STOPPED_NOTE)
 
 
+def test_a_stopped_reply_keeps_its_stopped_label_after_a_restart(conv, engine, tmp_path):
+    """The mark is stored with the reply (schema 3): a server started afresh on the same database shows it too."""
+    from webui.render import STOPPED_NOTE
+
+    page = Page(conv, req=request(tab="stopper"))
+    turn = chat_tab.respond(conv, "Talk for a long time", page.chat, page.state, page.record,
+                            "", 0.0, 1.0, 0, MAX_NEW, 1.0, request=request(tab="stopper"))
+    outputs = []
+    for out in turn:
+        outputs.append(out)
+        if len(outputs) == 2:
+            chat_tab.stop_reply(conv, out[3])
+    page._take_turn(outputs)
+    assert page.chat[1]["content"].endswith(STOPPED_NOTE)
+    with ChatStore.open(tmp_path / "data") as store:
+        restarted = Conversations(engine, store)  # knows no live session: it re-opens the chat from the store
+        again = Page(restarted, record=page.record, req=request(tab="after-restart"))
+        again.load()
+        assert again.chat[1]["content"] == page.chat[1]["content"]
+        for sid in list(engine.session_ids()):
+            engine.close(sid)
+
+
 def test_without_persistence_the_list_shows_live_conversations_and_nothing_is_written(engine, tmp_path):
     conv = Conversations(engine, ChatStore.open(tmp_path / "data", persist=False))
     page = Page(conv)
