@@ -45,7 +45,7 @@ from .engine import EngineBusy, StreamingEngine, refusal
 from .history import export_history, parse_history, restore_history
 from .session import Event
 from .store import UNREACHABLE, ConversationStore, ConversationSummary, StoreError, StoreFull, new_token, valid_token
-from .validate import check_bool, check_number, clean_text
+from .validate import RECALL_RECORD_KEYS, check_bool, check_number, clean_text
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ class Conversations:
         """A session continuing stored `messages` (the store's dicts), with what recall did in their turns, so the
         model is given the same context again and the "recalled" markers stay."""
         history = [{"role": m["role"], "content": m["content"]} for m in messages]
-        records = [{k: m[k] for k in ("fed", "recalled") if k in m} for m in messages]
+        records = [{k: m[k] for k in RECALL_RECORD_KEYS if k in m} for m in messages]
         return self.engine.open_history(history, system_prompt, owner=owner, origin=origin, records=records)
 
     def _stored_messages(self, token: str, sid: str) -> list[dict]:

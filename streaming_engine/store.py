@@ -9,9 +9,9 @@ A conversation is found only by its token (`secrets.token_urlsafe`, 192 bits), w
 holds: there is no listing of "all conversations", `list` answers for the tokens the caller presents. Stored per
 conversation: title, system prompt, times, its recall switch (`recall`, on unless the user turned it off), and its
 visible messages (`{"role", "content"}`, plus `"interrupted": True` on a reply that was still being written when it
-was last saved, `"stopped": True` on one the user stopped). A user message whose turn recalled evicted messages also keeps what recall did (schema 3): `fed`,
-the text the model was given (the typed one with the quoted passages before it), and `recalled`, the indices of
-the earlier messages it quoted, in the same list. They are stored as distances back, so they stay right when the
+was last saved, `"stopped": True` on one the user stopped). A user message whose turn recalled evicted messages
+also keeps what recall did (schema 3): `fed`, the text the model was given (the typed one with the quoted passages
+before it), and `recalled`, the indices of the earlier messages it quoted, in the same list. They are stored as distances back, so they stay right when the
 oldest messages are dropped at `MAX_STORED_MESSAGES`. A conversation re-opened from the store then gives the model
 the same context as before, and shows the same "recalled" markers.
 
@@ -51,7 +51,7 @@ from typing import Iterable
 # The message limits are the engine's (one home): the store keeps whatever the engine accepted.
 from .validate import MAX_MESSAGE_CHARS as MAX_STORED_MESSAGE_CHARS
 from .validate import MAX_MESSAGES as MAX_STORED_MESSAGES
-from .validate import check_bool, check_int, check_message, check_number, check_text
+from .validate import MAX_FED_CHARS, RECALL_RECORD_KEYS, check_bool, check_int, check_message, check_number, check_recall_records, check_text
 
 #: File name of the database inside the data directory.
 DB_FILE_NAME = "chats.sqlite"
@@ -190,28 +190,20 @@ _INSERT_MESSAGE = f"INSERT INTO messages(token, seq, {MESSAGE_COLUMNS}) VALUES (
 MessageRow = tuple[str, str, int, "str | None", str, int]
 
 
-def _recalled(m: dict, i: int) -> str:
-    """Message `i`'s `recalled` (indices of earlier messages in the same list) as the stored distances back."""
-    indices = m.get("recalled", ())
-    if (not isinstance(indices, (list, tuple))
-            or any(isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < i for k in indices)):
-        raise ValueError(f"message {i}'s 'recalled' must list indices of earlier messages; got {indices!r:.80}")
-    return ",".join(str(i - k) for k in sorted(set(indices)))
-
-
 def _rows(messages: Iterable[dict]) -> list[MessageRow]:
-    """(role, content, interrupted, fed, recalled, stopped) for each message, validated; only the newest
-    `MAX_STORED_MESSAGES`. `fed` is None where it is the content itself."""
+    """(role, content, interrupted, fed, recalled, stopped) for each message, validated (a recall record by
+    `validate.check_recall_records`); only the newest `MAX_STORED_MESSAGES`. `fed` is None where it is the content
+    itself; `recalled` holds distances back, comma-separated, so that dropping the oldest rows changes none."""
+    messages = list(messages)
+    plain = [check_message(m, i) for i, m in enumerate(messages)]
+    records = check_recall_records([{k: m[k] for k in RECALL_RECORD_KEYS if k in m} for m in messages], plain)
     rows = []
-    for i, m in enumerate(messages):
-        plain = check_message(m, i)
-        content = _check_text(plain["content"], f"message {i}")
-        fed = m.get("fed")
-        # The fed text is the typed one after the quoted passages: up to the recall budget longer.
-        fed = None if fed is None or fed == content else _check_text(fed, f"message {i}'s fed text",
-                                                                      2 * MAX_STORED_MESSAGE_CHARS)
-        rows.append((plain["role"], content, int(bool(m.get("interrupted"))), fed, _recalled(m, i),
-                     int(bool(m.get("stopped")))))
+    for i, (m, p, record) in enumerate(zip(messages, plain, records)):
+        content = _check_text(p["content"], f"message {i}")
+        fed = record.get("fed")
+        fed = None if fed is None or fed == content else _check_text(fed, f"message {i}'s fed text", MAX_FED_CHARS)
+        rows.append((p["role"], content, int(bool(m.get("interrupted"))), fed,
+                     ",".join(str(i - k) for k in record.get("recalled", ())), int(bool(m.get("stopped")))))
     return rows[-MAX_STORED_MESSAGES:]
 
 

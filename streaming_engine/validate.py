@@ -220,17 +220,24 @@ def check_message(message, index: int, roles: tuple[str, ...] = ROLES) -> dict:
     return {"role": message["role"], "content": message["content"]}
 
 
+#: The keys of a recall record (`check_recall_records`), as a stored message carries them beside its own.
+RECALL_RECORD_KEYS = ("fed", "recalled")
+#: Longest text a recall record says was fed: the typed message (at most `MAX_MESSAGE_CHARS`) after the quoted
+#: passages, which the recall budget (under half the window, in tokens) keeps far shorter than another message.
+MAX_FED_CHARS = 2 * MAX_MESSAGE_CHARS
+
+
 def check_recall_records(records, messages: list[dict]) -> list[dict]:
     """What recall did in a stored conversation (`Session.recall_records`), parallel to its checked `messages`:
-    `{}`, or for a user message `{"fed": text, "recalled": [indices of earlier messages]}`. Returns plain copies.
-    The store keeps and returns these (`store.py`); the check here guards the session against a damaged record,
-    as `check_messages` does for the texts."""
+    `{}`, or for a user message `{"fed": text, "recalled": [indices of earlier messages]}`. Returns plain copies,
+    the indices sorted; a record that recalled nothing becomes `{}`. The one check of a record: the store applies it
+    when it writes one (`store.py`), the engine when a session takes one (`StreamingEngine.open_history`)."""
     if not isinstance(records, list) or len(records) != len(messages):
         raise ValueError(f"recall records must be a list parallel to the {len(messages):,} messages; got "
                          f"{preview(records)}")
     out = []
     for i, (record, message) in enumerate(zip(records, messages)):
-        if not isinstance(record, dict) or set(record) - {"fed", "recalled"}:
+        if not isinstance(record, dict) or set(record) - set(RECALL_RECORD_KEYS):
             raise ValueError(f"recall record {i} must be a dict of 'fed' and 'recalled'; got {preview(record)}")
         if not record.get("recalled"):
             out.append({})
@@ -240,9 +247,8 @@ def check_recall_records(records, messages: list[dict]) -> list[dict]:
                 or any(isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < i for k in indices)):
             raise ValueError(f"recall record {i} must belong to a user message and list earlier messages; got "
                              f"{preview(record)}")
-        # The fed text holds the typed one after the quoted passages, and at most the recall budget more.
-        fed = check_text(record.get("fed", message["content"]), f"recall record {i}'s fed text",
-                         2 * MAX_MESSAGE_CHARS, allow_empty=True)
+        fed = check_text(record.get("fed", message["content"]), f"recall record {i}'s fed text", MAX_FED_CHARS,
+                         allow_empty=True)
         out.append({"fed": fed, "recalled": sorted(set(indices))})
     return out
 

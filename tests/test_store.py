@@ -594,7 +594,7 @@ def test_what_recall_fed_and_quoted_round_trips_and_its_indices_survive_dropping
 def test_a_recalled_index_must_name_an_earlier_message(db, recalled):
     messages = exchange(4)
     messages[2] = {**messages[2], "recalled": recalled}
-    with pytest.raises(ValueError, match="recalled"):
+    with pytest.raises(ValueError, match="recall record 2"):
         db.create(messages=messages)
 
 
