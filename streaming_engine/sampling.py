@@ -102,8 +102,12 @@ class Sampler:
         iterable; at most the last `PENALTY_WINDOW` are used, so the cost per token is bounded)."""
         scores = logits.float().unsqueeze(0)  # [1, vocab]
         if self.penalty is not None:
-            history = list(recent_ids)[-PENALTY_WINDOW:] or [0]
-            scores = self.penalty(torch.tensor([history], device=logits.device, dtype=torch.long), scores)
+            history = list(recent_ids)[-PENALTY_WINDOW:] or [0]  # an empty one penalizes token 0, as the reference
+            # An id past the logits (a tokenizer larger than the output layer) cannot be drawn, so it is not
+            # penalized: transformers >= 5.2x drops it itself, earlier 5.x releases index out of bounds.
+            history = [t for t in history if t < scores.shape[-1]]
+            if history:
+                scores = self.penalty(torch.tensor([history], device=logits.device, dtype=torch.long), scores)
         if self.params.greedy:
             return int(scores.argmax(dim=-1).item())
         candidates = None

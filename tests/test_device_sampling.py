@@ -260,6 +260,19 @@ def test_an_empty_history_penalizes_token_zero_until_a_token_comes_in_as_the_ref
     assert int(sampler.sample(logits)[0]) == reference(logits[0], [1]) == 0
 
 
+@pytest.mark.parametrize("history, winner", [([7], 0), ([7, 0], 1), ([0, 9, 8], 1)])
+def test_an_id_past_the_logits_is_never_penalized_by_either_sampler(history, winner):
+    """A tokenizer larger than the output layer can put ids past the logits in a history. Neither sampler may
+    fail on one (transformers 5.17's processor indexes out of bounds), and it penalizes nothing: an id that
+    cannot be drawn has no score. Only the history's ids inside the logits count, so [7] alone penalizes nothing
+    (not even token 0, unlike an empty history)."""
+    params = SamplingParams(temperature=0, repetition_penalty=5.0)
+    sampler, reference = DeviceSampler(1), Sampler(params, torch.device("cpu"))
+    sampler.set_row(0, params, history=history)
+    logits = torch.tensor([[3.0, 2.0, -1.0, -1.0]])  # 4 scores: ids 7, 8, 9 lie past them
+    assert reference(logits[0], history) == winner == int(sampler.sample(logits)[0])
+
+
 class EchoStep:
     """A decode step whose logits favour the token each row was just fed (a fixed random base in [0, 3) plus 3 for
     it), so whether a row's window holds its last token decides its draw (a penalty of 3 takes it below the
