@@ -260,28 +260,16 @@ def run_eager(model, args, rows: int, generator, state: dict) -> dict:
     return _timed_decode(batch, convs, args, step_fn)
 
 
-class _StepClock:
-    """A `generate` streamer that only notes when each `put` arrives: the prompt first, then one put per step,
-    each after that step's ids were copied to the host (transformers' `.cpu()` waits for the device)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, value) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
 def _generate_timed(model, args, rows: int, generator, state: dict, **settings) -> dict:
     """One `generate` call of 1 + `warmup` + `tokens` new tokens; the last `tokens` steps are timed from the
     streamer's clock (prefill, the first token and the warm-up, where compilation happens, are not). The first
     decode step's seconds of the first repeat are kept as `first_step_s`."""
     import torch
 
+    from .serve import TokenClock  # each put comes after the step's ids were copied to the host (`.cpu()` waits)
+
     ids = torch.randint(3, model.config.vocab_size, (rows, args.prompt), generator=generator).to(args.device)
-    clock = _StepClock()
+    clock = TokenClock()
     new = 1 + args.warmup + args.tokens
     model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None,
                    streamer=clock, **settings)
@@ -343,29 +331,20 @@ def step_bytes(model, rows: int, columns: float) -> dict:
     return {"weight_bytes": int(weights), "kv_bytes": int(kv)}
 
 
-def _percentile(values: list[float], q: float) -> float | None:
-    """The `q` quantile (0..1) of `values` by linear interpolation; None for none."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    low = int(k)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (k - low)
-
-
 def latency_summary(timings: list[dict]) -> dict:
-    """Inter-token latency of a cell over all its repeats' timed steps (ms): p50/p95 of every step, of the steps
-    where some row evicted and of the others, and `eviction_cost_of_p95` = (evicting median - other median) /
+    """Inter-token latency of a cell over all its repeats' timed steps (ms): p50/p95 (`stats.percentile`, nearest
+    rank) of every step, of the steps where some row evicted and of the others, and `eviction_cost_of_p95` = (evicting median - other median) /
     other p95: what an eviction adds to a step, as a share of the p95 a reader sees without one."""
+    from .stats import percentile
+
     steps = [(1000 * s, e) for t in timings for s, e in zip(t["steps_s"], t["evicted"])]
     every = [s for s, _ in steps]
     evicting = [s for s, e in steps if e]
     others = [s for s, e in steps if not e]
-    out = {"itl_ms_p50": _percentile(every, 0.5), "itl_ms_p95": _percentile(every, 0.95),
+    out = {"itl_ms_p50": percentile(every, 50), "itl_ms_p95": percentile(every, 95),
            "evicting_steps": len(evicting), "other_steps": len(others),
-           "evicting_ms_p50": _percentile(evicting, 0.5), "other_ms_p50": _percentile(others, 0.5),
-           "other_ms_p95": _percentile(others, 0.95)}
+           "evicting_ms_p50": percentile(evicting, 50), "other_ms_p50": percentile(others, 50),
+           "other_ms_p95": percentile(others, 95)}
     cost = None
     if evicting and others and out["other_ms_p95"]:
         cost = (out["evicting_ms_p50"] - out["other_ms_p50"]) / out["other_ms_p95"]

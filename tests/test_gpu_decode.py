@@ -102,10 +102,11 @@ def test_the_latency_summary_splits_evicting_steps_from_the_others():
                {"steps_s": [0.011, 0.034], "evicted": [False, True]}]
     out = gpu_decode.latency_summary(timings)
     assert (out["evicting_steps"], out["other_steps"]) == (2, 4)
-    assert out["evicting_ms_p50"] == pytest.approx(32.0) and out["other_ms_p50"] == pytest.approx(10.5)
-    assert out["other_ms_p95"] == pytest.approx(11.85)  # linear interpolation between 11 and 12
-    assert out["eviction_cost_of_p95"] == pytest.approx((32.0 - 10.5) / 11.85)
-    assert out["itl_ms_p50"] == pytest.approx(11.5)
+    # Nearest rank (benchmarks.stats.percentile): others are 10, 10, 11, 12; evicting 30, 34; all six together.
+    assert out["evicting_ms_p50"] == pytest.approx(30.0) and out["other_ms_p50"] == pytest.approx(10.0)
+    assert out["other_ms_p95"] == pytest.approx(12.0)
+    assert out["eviction_cost_of_p95"] == pytest.approx((30.0 - 10.0) / 12.0)
+    assert out["itl_ms_p50"] == pytest.approx(11.0) and out["itl_ms_p95"] == pytest.approx(34.0)
     none = gpu_decode.latency_summary([{"steps_s": [0.01], "evicted": [False]}])
     assert none["evicting_steps"] == 0 and none["eviction_cost_of_p95"] is None
 

@@ -498,8 +498,8 @@ def test_parked_conversations_give_way_when_a_session_cap_is_full(tiny_chat_mode
         engine.close(sid)
 
 
-def test_a_stopped_reply_keeps_its_stopped_label_after_a_reload(conv):
-    """Issue 27 item 9: "(stopped)" was only on the page that saw the reply end; a reload dropped it."""
+def stopped_reply_page(conv) -> Page:
+    """A page whose first reply the user stopped while it streamed, its "(stopped)" label checked."""
     from webui.render import STOPPED_NOTE
 
     page = Page(conv, req=request(tab="stopper"))
@@ -512,6 +512,14 @@ def test_a_stopped_reply_keeps_its_stopped_label_after_a_reload(conv):
             chat_tab.stop_reply(conv, out[3])
     page._take_turn(outputs)
     assert page.chat[1]["content"].endswith(STOPPED_NOTE)
+    return page
+
+
+def test_a_stopped_reply_keeps_its_stopped_label_after_a_reload(conv):
+    """Issue 27 item 9: "(stopped)" was only on the page that saw the reply end; a reload dropped it."""
+    from webui.render import STOPPED_NOTE
+
+    page = stopped_reply_page(conv)
     again = Page(conv, record=page.record, req=request(tab="reloaded-stopper"))
     again.load()
     assert again.chat[1]["content"].endswith(STOPPED_NOTE) and again.chat[1]["content"] == page.chat[1]["content"]
@@ -521,18 +529,7 @@ def test_a_stopped_reply_keeps_its_stopped_label_after_a_reload(conv):
 
 def test_a_stopped_reply_keeps_its_stopped_label_after_a_restart(conv, engine, tmp_path):
     """The mark is stored with the reply (schema 3): a server started afresh on the same database shows it too."""
-    from webui.render import STOPPED_NOTE
-
-    page = Page(conv, req=request(tab="stopper"))
-    turn = chat_tab.respond(conv, "Talk for a long time", page.chat, page.state, page.record,
-                            "", 0.0, 1.0, 0, MAX_NEW, 1.0, request=request(tab="stopper"))
-    outputs = []
-    for out in turn:
-        outputs.append(out)
-        if len(outputs) == 2:
-            chat_tab.stop_reply(conv, out[3])
-    page._take_turn(outputs)
-    assert page.chat[1]["content"].endswith(STOPPED_NOTE)
+    page = stopped_reply_page(conv)
     with ChatStore.open(tmp_path / "data") as store:
         restarted = Conversations(engine, store)  # knows no live session: it re-opens the chat from the store
         again = Page(restarted, record=page.record, req=request(tab="after-restart"))
