@@ -3,7 +3,8 @@
 # torch 2.11 / transformers 5.17): every cuda-marked test, then the benchmark in parts, in under 8 minutes (each
 # part has its own timeout; they add up to 470 s, and a part stopped by its timeout keeps the shapes it finished:
 # benchmarks/gpu_decode.py writes its JSON after each). Writes under assets/eval/gpu/ (or $GPU_CHECK_DIR):
-#   gpu_check.json        GPU name, driver, versions, each part's exit status and time (through runinfo)
+#   gpu_check.json        GPU name, driver, versions, each part's exit status and time (through runinfo), and
+#                         the issue's targets with what was measured (benchmarks/gpu_targets.py; also printed)
 #   gpu_check_tests.xml   the cuda tests' JUnit report
 #   static_single.json    (a)+(d) one conversation, 512 timed tokens x 3 rounds, static step with graphs and with
 #                         overlap, the SmolLM2-135M, Llama-3.2-1B and Llama-3.1-8B shapes in bf16, with roofline
@@ -80,9 +81,11 @@ driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null
 python - "$DIR/gpu_check.json" "$REHEARSE" "$tests_rc" "$tests_s" "$driver" "${FILES[*]}" "${PARTS[@]}" <<'PY'
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
+from benchmarks.gpu_targets import check
 from benchmarks.runinfo import run_metadata, write_result
 
 path, rehearse, tests_rc, tests_s, driver, files, *parts = sys.argv[1:]
@@ -97,10 +100,13 @@ payload = {
     "cuda_tests": {"exit_status": int(tests_rc), "seconds": int(tests_s), "junit": "gpu_check_tests.xml"},
     "parts": {name: {"exit_status": int(rc), "seconds": int(seconds), "result": results[name]}
               for name, rc, seconds in zip(parts[::3], parts[1::3], parts[2::3])},
+    # The issue's targets (stated for an H200) against what the parts measured (benchmarks/gpu_targets.py).
+    "targets": check(Path(path).parent),
 }
 write_result(path, payload, run_metadata(args, [], "bash scripts/gpu_check.sh"))
 print("wrote", path)
 PY
+python -m benchmarks.gpu_targets "$DIR"
 failed=$(( tests_rc != 0 ))
 for (( k = 1; k < ${#PARTS[@]}; k += 3 )); do
     [ "${PARTS[$k]}" -eq 0 ] || failed=1

@@ -41,6 +41,11 @@ def test_the_gpu_check_rehearsal_runs_every_part_and_summarizes_them(tmp_path):
     peers = {r["path"] for r in json.loads((tmp_path / "static_peers.json").read_text())["runs"]}
     assert peers == {"static", "generate", "hf-static"}
     assert (tmp_path / "gpu_check_tests.xml").exists()
+    from benchmarks.gpu_targets import TARGETS
+
+    # Toy sizes hold no real shape, so the targets are listed, each unmeasured; the GPU run fills them in.
+    assert [t["name"] for t in summary["targets"]] == [t.name for t in TARGETS]
+    assert "not measured" in done.stdout
 
 
 def test_without_cuda_and_without_rehearsal_the_check_runs_nothing(tmp_path):
@@ -56,3 +61,37 @@ def test_without_cuda_and_without_rehearsal_the_check_runs_nothing(tmp_path):
                           text=True, timeout=120)
     assert done.returncode == 3 and "no CUDA device" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def _part(folder: Path, name: str, runs: list[dict]) -> None:
+    (folder / name).write_text(json.dumps({"runs": runs}))
+
+
+def _run(shape, rows, path, **figures):
+    return {"shape": shape, "rows": rows, "path": path, **figures}
+
+
+def test_each_target_of_the_issue_is_read_off_the_parts_results(tmp_path):
+    from benchmarks.gpu_targets import TARGETS, check
+
+    _part(tmp_path, "static_single.json", [
+        _run("smollm2-135m", 1, "static", median_tok_s=550.0, eviction_cost_of_p95=0.05),
+        _run("smollm2-135m", 1, "static-overlap", median_tok_s=640.0, eviction_cost_of_p95=0.25),  # the best counts
+        _run("smollm2-135m", 1, "generate", median_tok_s=900.0),  # not the static step: never counted
+        _run("llama-8b", 1, "static", roofline_share=0.55, eviction_cost_of_p95=None),
+    ])
+    _part(tmp_path, "static_rows.json", [_run("smollm2-135m", 64, "static", median_tok_s=8100.0),
+                                         _run("smollm2-135m", 64, "eager", median_tok_s=9000.0)])
+    # static_peers.json missing: a part that wrote nothing
+    lines = check(tmp_path)
+    assert [line["name"] for line in lines] == [t.name for t in TARGETS]
+    assert [line["measured"] for line in lines] == [640.0, 8100.0, 0.55, None, 0.25]
+    assert [line["met"] for line in lines] == [True, True, False, None, False]
+
+
+def test_the_targets_of_an_empty_folder_are_all_unmeasured(tmp_path, capsys):
+    from benchmarks import gpu_targets
+
+    assert all(line["measured"] is None and line["met"] is None for line in gpu_targets.check(tmp_path))
+    assert gpu_targets.main([str(tmp_path)]) == 0
+    assert capsys.readouterr().out.count("not measured") == len(gpu_targets.TARGETS)
