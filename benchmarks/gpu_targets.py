@@ -2,17 +2,14 @@
 
 Job: `scripts/gpu_check.sh` writes one JSON per part (`benchmarks.gpu_decode`); `check(folder)` reads them and
 gives each target of the issue's benchmark its measured value and whether it was met, so the GPU run's summary
-(`gpu_check.json`) says at once where the engine stands. The targets were stated for an H200; the summary records
-the GPU that ran. Boundary: reads results only; it measures nothing and never fails a run (a missing part or cell
-is `measured: None`, `met: None`).
-
-    python -m benchmarks.gpu_targets assets/eval/gpu
+(`gpu_check.json`) says at once where the engine stands, and `report` prints it at the end of the run. The
+targets were stated for an H200; the summary records the GPU that ran. Boundary: reads results only; it measures
+nothing and never fails a run (a missing part or cell is `measured: None`, `met: None`).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -77,15 +74,12 @@ def check(folder: str | Path) -> list[dict]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    for line in check(args[0] if args else "assets/eval/gpu"):
+def report(checked: list[dict]) -> str:
+    """`check`'s lines for people: verdict, target, figure."""
+    out = []
+    for line in checked:
         sign = ">=" if line["at_least"] else "<="
         value = "not measured" if line["measured"] is None else f"{line['measured']:.3g}"
         verdict = {True: "met", False: "MISSED", None: "-"}[line["met"]]
-        print(f"{verdict:7s} {line['name']}: {value} (target {sign} {line['bound']:g})")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        out.append(f"{verdict:7s} {line['name']}: {value} (target {sign} {line['bound']:g})")
+    return "\n".join(out)

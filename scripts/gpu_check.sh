@@ -85,7 +85,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.gpu_targets import check
+from benchmarks.gpu_targets import check, report
 from benchmarks.runinfo import run_metadata, write_result
 
 path, rehearse, tests_rc, tests_s, driver, files, *parts = sys.argv[1:]
@@ -105,8 +105,8 @@ payload = {
 }
 write_result(path, payload, run_metadata(args, [], "bash scripts/gpu_check.sh"))
 print("wrote", path)
+print(report(payload["targets"]))
 PY
-python -m benchmarks.gpu_targets "$DIR"
 failed=$(( tests_rc != 0 ))
 for (( k = 1; k < ${#PARTS[@]}; k += 3 )); do
     [ "${PARTS[$k]}" -eq 0 ] || failed=1
