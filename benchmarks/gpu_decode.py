@@ -321,13 +321,13 @@ def copy_bandwidth(device: str, mib: int | None = None, repeats: int = 5) -> flo
 def step_bytes(model, rows: int, columns: float) -> dict:
     """The fewest bytes one decode step of `rows` rows must read: every weight once (an untied input embedding
     only at the rows' entries), plus each row's keys and values over `columns` cached tokens in every layer."""
-    config = model.config
+    from .capacity import kv_bytes_per_token
+
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     embed = model.get_input_embeddings().weight
     if embed is not model.get_output_embeddings().weight:  # untied: a lookup reads `rows` of its rows
         weights -= embed.numel() * embed.element_size() - rows * embed.shape[1] * embed.element_size()
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv = rows * config.num_hidden_layers * 2 * config.num_key_value_heads * columns * head_dim * embed.element_size()
+    kv = rows * columns * kv_bytes_per_token(model.config, embed.dtype)
     return {"weight_bytes": int(weights), "kv_bytes": int(kv)}
 
 
@@ -364,7 +364,7 @@ def _attended_columns(args, path: str) -> float:
 def measure(args: argparse.Namespace) -> dict:
     import torch
 
-    from streaming_engine.eviction import block_for
+    from streaming_engine.eviction import block_for, check_evict_block
     from streaming_engine.static_step import unsupported_reason
     from . import cli
     from .runinfo import run_metadata, write_result
@@ -377,9 +377,7 @@ def measure(args: argparse.Namespace) -> dict:
         raise ValueError("--prompt must leave room in the cache (start + recent - 1 at most)")
     if args.evict_block is None:
         args.evict_block = block_for(args.recent_size)  # the engine's default
-    cli.check_min(evict_block=(args.evict_block, 1))
-    if args.evict_block > args.recent_size:
-        raise ValueError(f"--evict-block must be at most --recent-size ({args.recent_size})")
+    check_evict_block(args.evict_block, args.recent_size)  # the engine's rule for it
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"--device {args.device}: torch sees no CUDA device (use --device cpu)")
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
