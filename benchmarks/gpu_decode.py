@@ -168,7 +168,7 @@ def run_static(model, args, rows: int, generator, state: dict) -> dict:
     convs = _joined(batch, model, args, rows, generator)
 
     def step_fn(tokens):
-        return sampler.sample(graphed(tokens)).tolist()  # the one device->host copy per step
+        return graphed.sampled(tokens, sampler)[1].tolist()  # the draw in the step's graph; one copy back
 
     timing = _timed_decode(batch, convs, args, step_fn)
     state["captured"] = graphed.captured

@@ -96,7 +96,7 @@ def allowed_tokens(
     probs = torch.softmax(scaled_sorted, dim=-1)
     above = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
     keep = keep & (above < top_p[:, None])
-    keep[:, 0] = True  # the best token always stays (top_p > 0)
+    keep[:, 0].fill_(True)  # the best token always stays (top_p > 0); a fill, not a host tensor: graph-safe
     allowed = torch.zeros_like(keep).scatter_(-1, order, keep)
     return scores / temp[:, None], allowed
 
@@ -170,7 +170,9 @@ class DeviceSampler:
         self._penalized = [False] * rows
         self._stale: set[int] = set()
         self._held = [0] * rows
-        self._undo: tuple | None = None  # what `retract` needs to take back the last `sample`
+        #: What `retract` needs to take back the last draw: `(rows, ids, window changes)`, device tensors (after a
+        #: replayed draw, the graph's own outputs: `cuda_graphs.GraphedDecodeStep` sets it).
+        self.last_draw: tuple | None = None
 
     def set_row(self, row: int, params=None, seed: int | None = None, history: Sequence[int] = (),
                 step: int = 0) -> int:
@@ -222,25 +224,60 @@ class DeviceSampler:
         n, vocab = logits.shape
         if n > self.rows:
             raise ValueError(f"{n} rows of logits for a sampler of {self.rows} rows")
-        penalized = any(self._penalized[:n])
+        mode = self.mode(n)
+        self.ready(n, vocab)
+        ids, self.last_draw = self.draw(logits, *mode)
+        return ids
+
+    def mode(self, n: int) -> tuple[bool, bool]:
+        """`(penalized, random)` for rows `0..n-1`, from the host mirrors: whether a draw for them needs the
+        penalty's window and the sort and noise. The ops of a draw depend on these two only (a CUDA graph of a
+        draw is recorded per mode)."""
+        return any(self._penalized[:n]), any(self._random[:n])
+
+    def ready(self, n: int, vocab: int) -> None:
+        """Host-side upkeep before a draw for rows `0..n-1`: the penalty's counts made up to date (rows set since
+        they were last made are rebuilt), so `draw` itself is device work only."""
+        if self.mode(n)[0]:
+            self._ensure_counts(vocab)
+
+    def draw(self, logits: torch.Tensor, penalized: bool, random: bool) -> tuple[torch.Tensor, tuple]:
+        """The device work of `sample` for rows `0..n-1` (logits `[n, vocab]`), after `ready`, under `mode`
+        flags at least as wide as those rows': only tensor ops of shapes fixed by `n`, nothing read back to the
+        host and no host state changed, so `cuda_graphs.GraphedDecodeStep` records it behind the step. Returns
+        `(ids [n], record)`; the caller makes `record` the `last_draw`. Rows beyond the live ones (a padded
+        bucket) draw too; their tokens are dropped and their state is set again before a turn uses them."""
+        n, vocab = logits.shape
         scores = logits
         if penalized:
-            scores = repetition_penalty(logits.float(), self.seen(n, vocab), self.penalty[:n])
-        if not any(self._random[:n]):
-            ids = scores.argmax(dim=-1)
-        else:
+            scores = repetition_penalty(logits.float(), self.counts[:n, :vocab] > 0, self.penalty[:n])
+        if random:
             ids = sample_tokens(scores, self.temperature[:n], self.top_k[:n], self.top_p[:n], self.seed[:n],
                                 self.step[:n])
+        else:
+            ids = scores.argmax(dim=-1)
         self.step[:n] += 1
-        self._undo = (n, ids, self._enter(ids, vocab) if penalized else None)
-        return ids
+        return ids, (n, ids, self._enter(ids, vocab) if penalized else None)
+
+    def snapshot(self) -> tuple[torch.Tensor, ...]:
+        """Copies of what a draw changes (counters, windows, counts): `restore` puts them back. A CUDA graph's
+        warm-up runs draw for real; the capture must leave the rows as it found them."""
+        return tuple(t.clone() for t in self._changing())
+
+    def restore(self, saved: tuple[torch.Tensor, ...]) -> None:
+        for t, kept in zip(self._changing(), saved):
+            t.copy_(kept)
+
+    def _changing(self) -> tuple[torch.Tensor, ...]:
+        return (self.step, self.ring, self.written, self.stand_in) + ((self.counts,) if self.counts is not None
+                                                                      else ())
 
     def retract(self) -> None:
         """Take back the last `sample` (an overlapped step drawn ahead for rows that changed): the counters go
         back and the drawn tokens leave the windows, the tokens they pushed out return. Device ops only; once."""
-        if self._undo is None:
+        if self.last_draw is None:
             raise RuntimeError("nothing to retract: no draw since the last retract")
-        (n, ids, entered), self._undo = self._undo, None
+        (n, ids, entered), self.last_draw = self.last_draw, None
         self.step[:n] -= 1
         if entered is None:
             return
@@ -255,7 +292,8 @@ class DeviceSampler:
 
     def _ensure_counts(self, vocab: int) -> None:
         if self.counts is None or self.counts.shape[1] != vocab + 1:
-            self.counts = torch.zeros(self.rows, vocab + 1, dtype=torch.int32, device=self.device)
+            with torch.inference_mode(False):  # a plain tensor, like the others: updated in place in and out of it
+                self.counts = torch.zeros(self.rows, vocab + 1, dtype=torch.int32, device=self.device)
             self._stale |= {row for row in range(self.rows) if self._penalized[row]}
         for row in sorted(self._stale):  # rows set since the counts were made: rebuilt from their ring
             counts = self.counts[row]
@@ -278,7 +316,7 @@ class DeviceSampler:
         counts = self.counts
         counts.index_put_((rows, leaving), -full, accumulate=True)
         counts[:n, 0] -= stand_in.to(torch.int32)  # the stand-in goes once a real token is there
-        self.stand_in[:n] = 0
+        self.stand_in[:n].zero_()
         self.ring[rows, column] = ids
         counts.index_put_((rows, ids), torch.ones_like(ids, dtype=torch.int32), accumulate=True)
         self.written[:n] += 1
@@ -286,9 +324,10 @@ class DeviceSampler:
 
 
 class SampledDecodeStep:
-    """A fixed-shape decode step (`tokens -> logits [rows, vocab]`: a `cuda_graphs.GraphedDecodeStep`) whose rows
-    are also sampled on the device. `decode(tokens, samplings)` runs the step and draws every row's next token with
-    one `DeviceSampler`: the logits stay on the device, the ids come to the host in one copy.
+    """A fixed-shape decode step (a `cuda_graphs.GraphedDecodeStep`: `step(tokens) -> logits [rows, vocab]`, and
+    `step.sampled(tokens, sampler) -> (logits, ids, rows drawn)`, the draw replayed in the step's graph where graphs
+    run) whose rows are also sampled on the device. `decode(tokens, samplings)` runs the step and draws every row's
+    next token with one `DeviceSampler`: the logits stay on the device, the ids come to the host in one copy.
 
     Which settings each sampler row holds follows the turns, not the batch's bookkeeping: row b is (re)set from
     `samplings[b]` (the turn's `generation.RowSampling`) whenever that object is not the one it was set from (a
@@ -317,16 +356,23 @@ class SampledDecodeStep:
         None when no row has settings."""
         self._own(token_ids, samplings)
         try:
-            logits = self.step(token_ids)
             if all(sampling is None for sampling in samplings):
-                return logits, None
-            ids = self.sampler.sample(logits).tolist()  # the one device->host copy of the step
+                return self.step(token_ids), None
+            logits, ids, drawn = self.step.sampled(token_ids, self.sampler)
+            self._drew(len(token_ids), drawn)
+            ids = ids.tolist()  # the one device->host copy of the step
         except BaseException:
             # The scheduler retries the rows eagerly and their turns sample the token: every row is set again
             # from its turn's history next time.
             self._owners = [None] * len(self._owners)
             raise
         return logits, ids
+
+    def _drew(self, n: int, drawn: int) -> None:
+        """A draw advanced sampler rows `n..drawn-1` too (the padded rows of a replayed bucket): their state no
+        longer matches any turn, so whichever turn takes such a row next sets it again."""
+        for row in range(n, drawn):
+            self._owners[row] = None
 
     def _own(self, token_ids: list[int], samplings: list) -> None:
         """Set every sampler row whose turn changed (see the class docstring)."""

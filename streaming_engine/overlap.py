@@ -130,10 +130,10 @@ class OverlappedDecodeStep(SampledDecodeStep):
             else:
                 self.rewind()
                 self._own(token_ids, samplings)
-                logits = self.step(token_ids)
                 if all(sampling is None for sampling in samplings):
-                    return logits, None
-                ids = self.sampler.sample(logits)
+                    return self.step(token_ids), None
+                logits, ids, drawn = self.step.sampled(token_ids, self.sampler)
+                self._drew(len(token_ids), drawn)
             n = len(token_ids)
             host = self._host_ids[:n]
             host.copy_(ids, non_blocking=True)
@@ -156,16 +156,11 @@ class OverlappedDecodeStep(SampledDecodeStep):
         rows = list(self.cache.rows)
         if any(conv._held >= conv.cache_size for conv in rows):
             return  # a full row evicts before its next token, which its turn decides: no step ahead
-        logits = self.step.launch([0] * len(rows), device_tokens=ids)
+        logits, drawn, advanced = self.step.launch_sampled([0] * len(rows), self.sampler, device_tokens=ids)
+        self._drew(len(rows), advanced)
         # Held aside: the cache must look to the turns as it will after the plain step (counters unchanged), and
         # stays free to change; a change calls `rewind` first.
         bookkeeping, self.cache._step = self.cache._step, None
-        try:
-            drawn = self.sampler.sample(logits)
-        except BaseException:
-            self.cache._step = bookkeeping
-            self.static.abort()
-            raise
         self._launched = _Launched(rows, [_counters(conv) for conv in rows], samplings, None, bookkeeping,
                                    self.static.bucket, logits, drawn)
         self.launched_ahead += 1

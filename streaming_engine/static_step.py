@@ -228,6 +228,9 @@ class StaticDecodeStep:
         self.model, self.cache = model, cache
         self.device = input_device(model)
         self.keyword = cache_keyword(model)
+        output = model.get_output_embeddings()
+        #: The logits' width (the output projection's rows; a checkpoint may pad it past the tokenizer's).
+        self.vocab = output.weight.shape[0] if output is not None else model.config.vocab_size
         rows = cache.rows_allocated
         # token id, position id, column: the per-step inputs, one host->device copy (pinned host memory on CUDA).
         self._host = torch.zeros(rows, 3, dtype=torch.long, pin_memory=self.device.type == "cuda")

@@ -289,6 +289,11 @@ class EchoStep:
         logits[torch.arange(len(token_ids)), torch.tensor(token_ids)] += 3.0
         return logits
 
+    def sampled(self, token_ids, sampler):
+        """The step's logits and the sampler's draw from them (the `GraphedDecodeStep.sampled` contract)."""
+        logits = self(token_ids)
+        return logits, sampler.sample(logits), len(token_ids)
+
 
 def test_a_sampled_step_sets_each_row_from_its_turn_and_again_when_the_row_changes_hands():
     """Two turns decode; after a step turn B's row moves to index 0 (A left): it is set again from its live

@@ -76,14 +76,15 @@ def test_after_a_failed_static_step_the_rows_go_on_with_the_tokens_their_turns_d
     static = make_engine(tiny_chat_model, default_tokenizer, recent_size=60, decode_step="static")
     eager = make_engine(tiny_chat_model, default_tokenizer, recent_size=60, decode_step="eager")
     graphed, calls = static.scheduler.batch.static_step.step, []
+    sampled = graphed.sampled
 
-    def failing_once(tokens):
+    def failing_once(tokens, sampler):
         calls.append(len(tokens))
         if len(calls) == 3:
             raise RuntimeError("injected failure of one static pass")
-        return graphed(tokens)
+        return sampled(tokens, sampler)
 
-    static.scheduler.batch.static_step.step = failing_once
+    graphed.sampled = failing_once
     greedy = dict(GREEDY, repetition_penalty=1.3, max_new_tokens=20)
     plans = {f"u{u}": [(f"Question {u}: what do ships carry?", greedy)] for u in range(3)}
     results = {}
