@@ -83,7 +83,10 @@ def build_ui(engine: StreamingEngine, model_label: str, conversations: Conversat
         build_chat_tab(demo, conversations, visitor_cache_sizes=bool(settings and settings.visitor_cache_sizes))
         build_compare_tab(engine)
         build_about_tab()
-        gr.Markdown(status_line(engine, model_label), elem_classes=["footer-status"], elem_id="status")
+        footer = gr.Markdown(status_line(engine, model_label), elem_classes=["footer-status"], elem_id="status")
+        # Read again on each page load: the decode path can change while the app runs (graphs that fail to record
+        # fall back to the uncaptured step).
+        demo.load(lambda: status_line(engine, model_label), None, footer, queue=False, api_visibility="private")
         webapi.register(engine)
         demo.unload(tab_closed)  # a page went away: free its sessions (see webui/sessions.py)
     return demo

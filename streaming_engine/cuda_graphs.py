@@ -21,7 +21,8 @@ runs draw for real, so the sampler's state is saved before them and put back aft
 the record of the last draw (what `retract` takes back, for an overlapped step) is the graph's own output tensors. A padded row
 draws too and its state is then stale: `device_sampling.SampledDecodeStep` sets such rows again before a turn uses
 them. Should recording the draw fail, sampling stays outside the graphs (one logged line) and the forward pass is
-still replayed.
+still replayed. Should recording a forward pass fail, the step stops capturing and runs uncaptured (one logged
+line; the decode path then reads "static"): a model with an op that syncs with the host mid-step must still serve.
 
 How a body is recorded is one callable, `CudaGraphRecorder` (`recorder(body, warmup) -> (replay, outputs)`); a test
 can pass another with the same contract (outputs are fixed tensors that each `replay()` refreshes) to exercise the
@@ -113,8 +114,9 @@ class GraphedDecodeStep:
     Call it like the step: `logits = graphed(token_ids)`, `[rows, vocab]`, a copy the next step does not
     overwrite; `sampled(token_ids, sampler)` also draws every row's token in the same replay. `captured` lists the
     buckets recorded so far (with a draw or without), `captured_sampled` the `(bucket, penalized, random)` graphs
-    that also draw; `sampling_outside` says why draws stay eager, when recording one failed. `recorder` is how a body
-    is recorded (a `CudaGraphRecorder` unless given; see the module docstring).
+    that also draw; `sampling_outside` says why draws stay eager, when recording one failed, and `graphs_off` why
+    nothing is captured any more, when recording a forward pass failed (`enabled` is then False). `recorder` is how
+    a body is recorded (a `CudaGraphRecorder` unless given; see the module docstring).
     """
 
     def __init__(self, step: StaticDecodeStep, config: StaticStepConfig | None = None,
@@ -124,6 +126,7 @@ class GraphedDecodeStep:
         self.enabled = self.config.captures_on(step.device)
         self.recorder = recorder or CudaGraphRecorder()
         self.sampling_outside: str | None = None
+        self.graphs_off: str | None = None  # why the step stopped capturing (a forward pass failed to record)
         self._graphs: dict[int, tuple[Callable[[], None], torch.Tensor]] = {}
         self._sampled: dict[tuple[int, bool, bool], tuple[Callable[[], None], tuple]] = {}
         self._buffers: tuple | None = None  # addresses the graphs were recorded against
@@ -166,14 +169,34 @@ class GraphedDecodeStep:
             raise
 
     def _logits(self, bucket: int) -> torch.Tensor:
-        if not self.enabled:
+        if self.enabled:
+            self._check_buffers()
+        if not self._forward_recorded(bucket):
             return self.step.run(bucket)
-        self._check_buffers()
-        if bucket not in self._graphs:
-            self._graphs[bucket] = self._record(lambda: self.step.run(bucket))  # [bucket, vocab], the graph's
         replay, logits = self._graphs[bucket]
         replay()
         return logits.clone()
+
+    def _forward_recorded(self, bucket: int) -> bool:
+        """Whether `bucket`'s forward pass has a graph, recording it first if need be. A forward pass that fails
+        to record (a model whose ops sync with the host, such as an index built from a Python list on some
+        transformers releases) turns capture off for good: `enabled` goes False, `graphs_off` says why in the one
+        logged line, and the step runs uncaptured from then on (the decode path then reads "static"). The failed
+        warm-ups and recording ran the step on its staged inputs, which a run repeats unchanged (idempotent)."""
+        if not self.enabled:
+            return False
+        if bucket not in self._graphs:
+            try:
+                self._graphs[bucket] = self._record(lambda: self.step.run(bucket))  # [bucket, vocab], the graph's
+            except Exception as error:  # noqa: BLE001 - the step goes on uncaptured
+                self.enabled = False
+                self.graphs_off = f"{type(error).__name__}: {error}"
+                self._graphs.clear()
+                self._sampled.clear()
+                logger.warning("the static step runs without CUDA graphs (recording bucket %d failed: %s)", bucket,
+                               self.graphs_off)
+                return False
+        return True
 
     @torch.inference_mode()
     def launch_sampled(self, token_ids: list[int], sampler, device_tokens: torch.Tensor | None = None
@@ -196,6 +219,10 @@ class GraphedDecodeStep:
             sampler.ready(n, step.vocab)
             self._check_buffers()
             key = (bucket, *mode)
+            if key not in self._sampled and not self._forward_recorded(bucket):
+                # Recorded alone first, so that a failure is put down to the forward pass, not to the draw.
+                logits = step.run(bucket)[:n]
+                return logits, sampler.sample(logits), n
             if key not in self._sampled and not self._record_sampled(key, sampler):
                 logits = self._logits(bucket)[:n]
                 return logits, sampler.sample(logits), n

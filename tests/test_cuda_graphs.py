@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import tiny_config, tiny_model
+from test_sampled_graphs import FALCON_LIST_INDEX
+from test_static_step import STATIC_FAMILIES
 
 from streaming_engine.batch_cache import ConversationCache
 from streaming_engine.cache import StartRecentKVCache
@@ -109,6 +111,22 @@ def test_graph_replay_equals_the_eager_static_step(dtype, tolerance):
     worst, _, _, graphed = twin_runs(build("cuda", dtype), StaticStepConfig("on"), 60)
     assert worst <= tolerance
     assert graphed.captured == [1, 2, 4]
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("family", STATIC_FAMILIES)
+def test_every_static_family_replays_as_it_runs_or_says_why_it_runs_uncaptured(family):
+    """Each family the static step serves, captured on the GPU: replay equals the uncaptured step (fp32). A family
+    whose forward pass cannot be recorded runs uncaptured instead, with the reason kept; only Falcon on releases
+    whose Falcon indexes with a Python list is expected to (test_sampled_graphs.FALCON_LIST_INDEX)."""
+    model = tiny_model(family, layers=2).to("cuda")
+    worst, tokens, graphed_tokens, graphed = twin_runs(model, StaticStepConfig("on"), 12)
+    assert worst <= 1e-4 and tokens == graphed_tokens
+    if graphed.graphs_off is not None:
+        assert family == "falcon" and FALCON_LIST_INDEX, graphed.graphs_off
+    else:
+        assert graphed.captured == [1, 2, 4]
 
 
 @pytest.mark.cuda

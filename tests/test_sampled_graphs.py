@@ -14,7 +14,9 @@ import logging
 
 import pytest
 import torch
+import transformers
 from conftest import fast_cases, tiny_model
+from packaging.version import Version
 from test_batching import GREEDY, make_engine, run_together
 from test_static_step import STATIC_FAMILIES
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -38,6 +40,8 @@ HOST_READS = frozenset({"_local_scalar_dense", "item", "is_nonzero", "equal", "a
 #: aten ops that bring a host tensor in (`torch.tensor(...)`, `x[i] = python_value`): recorded, its value is frozen
 #: into the graph and a replay would not see the next step's.
 HOST_VALUES = frozenset({"lift_fresh", "lift_fresh_copy"})
+#: Whether this transformers release's Falcon slices its fused qkv with `[..., [-2], :]` (through 5.24).
+FALCON_LIST_INDEX = Version(transformers.__version__).release < (5, 25)
 #: Draw modes (penalized, random) and the settings of the rows that give them.
 MODES = {(False, False): None, (True, False): SamplingParams(temperature=0.0, repetition_penalty=1.3),
          (False, True): SamplingParams(temperature=0.8, top_k=7, top_p=0.9, repetition_penalty=1.0, seed=3),
@@ -106,8 +110,13 @@ def static_rows(model, rows: int = 3, capacity: int = 16):
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 @pytest.mark.parametrize("family", fast_cases(STATIC_FAMILIES))
-def test_the_recorded_body_never_reads_back_to_the_host_nor_freezes_a_host_value(family, attention):
+def test_the_recorded_body_never_reads_back_to_the_host_nor_freezes_a_host_value(family, attention, request):
     """The forward pass and each draw mode, as `GraphedDecodeStep` records them, 3 live rows in a bucket of 4."""
+    if family == "falcon" and FALCON_LIST_INDEX:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "transformers < 5.25 indexes Falcon's fused qkv with a Python list (a host tensor copied in each step):"
+            " its capture fails on CUDA and the step runs uncaptured (test_a_forward_pass_that_cannot_be_recorded"
+            "_turns_graphs_off_in_one_logged_line)")))
     model = tiny_model(family)
     model.config._attn_implementation = attention
     batch, _ = static_rows(model)
@@ -201,6 +210,39 @@ def test_a_draw_that_cannot_be_recorded_stays_outside_the_graphs_in_one_logged_l
     assert graphed.sampling_outside == "RuntimeError: operation not permitted when stream is capturing"
     assert graphed.captured_sampled == [] and graphed.captured  # the forward pass is still replayed
     lines = [r for r in caplog.records if "sampling stays outside" in r.getMessage()]
+    assert len(lines) == 1
+
+
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_a_forward_pass_that_cannot_be_recorded_turns_graphs_off_in_one_logged_line(
+        tiny_chat_model, default_tokenizer, monkeypatch, caplog, overlap):
+    """As with an op that syncs with the host mid-step: the step goes on uncaptured, replies unchanged, and the
+    decode path (footer, /metrics) stops saying "graphs"."""
+    import app
+
+    config = dict(decode_step="static", overlap=overlap, recent_size=24, prefill_chunk_size=16)
+    plans = mixed_plans(sampled=True)
+    plain = replies(make_engine(tiny_chat_model, default_tokenizer, cuda_graphs="off", **config), plans)
+    graphs_on_the_cpu(monkeypatch)
+    engine = make_engine(tiny_chat_model, default_tokenizer, cuda_graphs="auto", **config)
+    graphed = engine.scheduler.batch.static_step.step
+    assert "graphs" in engine.decode_path
+    refused = []
+
+    def refuse(body, warmup):
+        body()
+        refused.append(warmup)
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    graphed.recorder = refuse
+    with caplog.at_level(logging.WARNING, logger="streaming_engine.cuda_graphs"):
+        assert replies(engine, plans) == plain
+    assert len(refused) == 1 and not graphed.enabled and graphed.captured == []
+    assert graphed.graphs_off == "RuntimeError: CUDA error: operation not permitted when stream is capturing"
+    assert graphed.sampling_outside is None  # put down to the forward pass, not the draw
+    assert engine.decode_path == ("static+overlap" if overlap == "on" else "static")
+    assert f"decode {engine.decode_path}" in app.status_line(engine, "tiny").split(" · ")
+    lines = [r for r in caplog.records if "without CUDA graphs" in r.getMessage()]
     assert len(lines) == 1
 
 

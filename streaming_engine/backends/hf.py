@@ -244,9 +244,15 @@ class SinkRows(DecodeBatch):
         self.rows_per_pass = cache.max_batch
         #: The step that runs: "static" or "eager" ("auto" resolved, after any fallback).
         self.decode_step = "static" if static_step is not None else "eager"
-        if static_step is not None:
-            path = DECODE_PATHS[2] if static_step.graphs else DECODE_PATHS[1]
-            self.path = path + "+overlap" if getattr(static_step, "overlaps", False) else path
+
+    @property
+    def path(self) -> str:
+        """Which of `DECODE_PATHS` runs, read when asked: a step whose graphs failed to record goes on uncaptured."""
+        static_step = self.static_step
+        if static_step is None:
+            return DECODE_PATHS[0]
+        path = DECODE_PATHS[2] if static_step.graphs else DECODE_PATHS[1]
+        return path + "+overlap" if getattr(static_step, "overlaps", False) else path
 
     def holds(self, conv) -> bool:
         return conv.attached
