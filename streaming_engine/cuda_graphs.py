@@ -209,8 +209,7 @@ class GraphedDecodeStep:
         bucket = step.prepare(token_ids, device_tokens)
         try:
             if not self.enabled or self.sampling_outside is not None:
-                logits = self._logits(bucket)[:n]
-                return logits, sampler.sample(logits), n
+                return self._draw_after(bucket, n, sampler)
             if self._sampler is None:
                 self._sampler = sampler
             elif sampler is not self._sampler:
@@ -219,13 +218,9 @@ class GraphedDecodeStep:
             sampler.ready(n, step.vocab)
             self._check_buffers()
             key = (bucket, *mode)
-            if key not in self._sampled and not self._forward_recorded(bucket):
-                # Recorded alone first, so that a failure is put down to the forward pass, not to the draw.
-                logits = step.run(bucket)[:n]
-                return logits, sampler.sample(logits), n
-            if key not in self._sampled and not self._record_sampled(key, sampler):
-                logits = self._logits(bucket)[:n]
-                return logits, sampler.sample(logits), n
+            # The forward pass is recorded alone first, so that a failure is put down to it, not to the draw.
+            if key not in self._sampled and not (self._forward_recorded(bucket) and self._record_sampled(key, sampler)):
+                return self._draw_after(bucket, n, sampler)
             replay, (logits, ids, record) = self._sampled[key]
             replay()
             sampler.last_draw = record  # what retract takes back: this replay's draw, held in the graph's outputs
@@ -233,6 +228,11 @@ class GraphedDecodeStep:
         except BaseException:
             step.abort()
             raise
+
+    def _draw_after(self, bucket: int, n: int, sampler) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The draw outside the graphs, eagerly after the (replayed or uncaptured) forward pass."""
+        logits = self._logits(bucket)[:n]
+        return logits, sampler.sample(logits), n
 
     def _record_sampled(self, key: tuple[int, bool, bool], sampler) -> bool:
         """Record the forward pass and the draw for `key` as one graph; False (and `sampling_outside` set, one
