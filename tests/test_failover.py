@@ -156,6 +156,17 @@ def test_no_message_is_lost_over_repeated_kill_9_cycles_of_the_replica_holding_m
         }, run_metadata(options, None, "python -m pytest"))
 
 
+def outage_diagnosis(users, missing, stored, pins_seen, replicas) -> str:
+    """What the outage test saw when a conversation was not stored whole: the stored user messages of the users
+    concerned, which replica each user was pinned to after each cycle, both replicas' log tails."""
+    names = {f"User {u.index} " for u in users if tuple(u.sent) in missing}
+    theirs = [c for c in stored if any(m.startswith(name) for m in c for name in names)]
+    logs = "\n".join(f"replica {i} log (tail):\n" + (replicas.folder / f"replica-{i}.log").read_text(
+        errors="replace")[-3000:] for i in range(len(replicas.ports)))
+    return (f"not stored whole: {sorted(missing)}\nstored for them: {theirs}\n"
+            f"pins after cycles 0, 1, 2: {pins_seen}\n{logs}")
+
+
 def health(url: str) -> dict:
     """A replica's /health (its status code is 200 while it serves, degraded included)."""
     with urllib.request.urlopen(f"{url}/health", timeout=60) as response:
@@ -175,12 +186,14 @@ def test_a_postgresql_restart_under_load_is_reported_by_the_replicas_and_loses_n
             user.say(0)
         for user in users:
             user.carry_on(moved=False)
+        pins_seen = [[pin(user.page) for user in users]]  # per cycle: a user that changed replica shows here
         postgres_server.stop()
         try:
             for user in users:
                 user.say(1)
             for user in users:
                 user.carry_on(moved=False)
+            pins_seen.append([pin(user.page) for user in users])
             served = {pins[pin(user.page)] for user in users}
             for i in served:
                 report = health(replicas.url(i))
@@ -193,8 +206,10 @@ def test_a_postgresql_restart_under_load_is_reported_by_the_replicas_and_loses_n
             user.carry_on(moved=False)
         for i in served:
             assert health(replicas.url(i))["status"] == "ok"
+        pins_seen.append([pin(user.page) for user in users])
         mine = {tuple(u.sent) for u in users}
         stored = {tuple(c) for c in stored_user_messages(replica_database).values()}
-        assert mine <= stored  # every user's three messages, in order, in its own conversation
+        # every user's three messages, in order, in its own conversation
+        assert mine <= stored, outage_diagnosis(users, mine - stored, stored, pins_seen, replicas)
     finally:
         stop_app(front)
