@@ -11,7 +11,9 @@ handles session ids. This module keeps the map token -> live session and writes 
   the conversation back.
   Replicas sharing one store (PostgreSQL) serve any conversation this way; a live session that another replica
   has since moved on (the store's revision differs from the one this process last loaded or wrote) is dropped and
-  re-created from the store, so a browser that moved away and back never continues a stale history.
+  re-created from the store, so a browser that moved away and back never continues a stale history. The one
+  exception is a revision this process may have moved itself: after a failed write (a `COMMIT` whose answer was
+  lost), a live session whose messages begin with the stored ones is kept, with the turns the store lacks.
 * `chat` — `StreamingEngine.chat` plus persistence: the user's message as soon as the turn is accepted, the
   whole conversation with the partial reply at its first piece, then the partial reply every
   `partial_save_interval_s` (marked interrupted), and the whole history once the turn ends.
@@ -121,6 +123,9 @@ class Conversations:
         self._deleted: dict[str, Deleted] = {}  # token -> what `undelete` restores, oldest first
         self._parked: dict[str, str | None] = {}  # token -> owner, of live sessions no page shows; oldest first
         self._revisions: dict[str, int] = {}  # token -> store revision this process last loaded or wrote
+        # Tokens whose last write here failed: the store may hold a write whose answer was lost (a server stopping
+        # mid-commit), so a revision that moved may be this process's own (see `_moved_on`).
+        self._unsure: set[str] = set()
         # Conversations whose recall the user switched off (`set_recall`): stored with the conversation too, read
         # back whenever its session is re-created from the store, and applied to every session made for it here.
         self._recall_off: set[str] = set()
@@ -190,16 +195,36 @@ class Conversations:
             stored = self.store.revision(token)
             if stored is None or stored == self._revisions.get(token) or self.engine.replying(sid):
                 return False
+            if token in self._unsure and self._holds_stored(token, sid):
+                # This process's own write, committed though its answer was lost: the store holds what the live
+                # session holds, or less (writes that failed since). Re-loading would drop those messages.
+                with self._lock:
+                    self._revisions[token] = stored
+                return False
         except (sqlite3.DatabaseError, StoreError, KeyError):
             return False
         logger.info("conversation changed by another replica since it was live here: re-loading it from the store")
         self.release(token)
         return True
 
+    def _holds_stored(self, token: str, sid: str) -> bool:
+        """Whether the live session's messages begin with the stored ones (a stored reply marked interrupted
+        counts as the live reply at its place, which it was a part of)."""
+        stored = self.store.load(token)
+        live = self.messages(token, sid)
+        if stored is None or len(stored.messages) > len(live):
+            return False
+        for i, (kept, mine) in enumerate(zip(stored.messages, live)):
+            partial = kept.get("interrupted") and i == len(stored.messages) - 1 and kept["role"] == "assistant"
+            if kept["role"] != mine["role"] or not (partial or kept["content"] == mine["content"]):
+                return False
+        return True
+
     def _forget(self, token: str) -> None:
         """Drop what is kept in memory for a conversation whose session is gone (the store keeps the rest)."""
         self._live.pop(token, None)
         self._revisions.pop(token, None)
+        self._unsure.discard(token)
         self._marks.pop(token, None)
         self._stopped.pop(token, None)
         self._parked.pop(token, None)
@@ -431,6 +456,7 @@ class Conversations:
                 with self._lock:
                     if token in self._live:
                         self._revisions[token] = revision
+                    self._unsure.discard(token)
             lost = self.store.file_problem()  # a write "succeeds" into a deleted file: say so, as for a full disk
             if lost is not None:
                 raise StoreError(lost)
@@ -438,6 +464,9 @@ class Conversations:
             pass
         except (sqlite3.Error, StoreError, OSError, ValueError) as exc:
             logger.warning("could not save conversation: %s", exc)
+            with self._lock:
+                if token in self._live:
+                    self._unsure.add(token)
             # An unreachable server is not remembered here: the store's `file_problem` reports it while it lasts.
             if isinstance(exc, sqlite3.DatabaseError) or (isinstance(exc, StoreError) and not isinstance(exc, StoreFull)
                                                           and exc.code != UNREACHABLE):

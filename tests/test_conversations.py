@@ -14,7 +14,7 @@ import pytest
 
 from streaming_engine import EngineBusy, EngineConfig, StreamingEngine
 from streaming_engine.conversations import ConversationNotFound, Conversations
-from streaming_engine.store import ChatStore
+from streaming_engine.store import UNREACHABLE, ChatStore, StoreError
 from streaming_engine.history import restore_history
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -300,6 +300,49 @@ def test_a_replica_whose_live_session_another_replica_moved_on_reloads_it_from_t
     assert [m["content"] for m in b.open(opened.token).messages][::2] == ["one", "two", "three"]
     # Its own writes keep a replica's live session current: re-opening re-attaches, nothing is re-primed.
     assert a.rename(opened.token, "renamed") and a.open(opened.token).reattached
+
+
+def test_a_write_committed_as_the_server_stopped_does_not_make_the_replica_drop_what_it_held_meanwhile(
+        make, monkeypatch):
+    """The end-of-turn write reaches the store but its answer is lost (the server stopped mid-commit), then the
+    server is down for a turn: the next turn, once it is back, must store the whole conversation. The revision
+    that moved is this replica's own write, so its live session (holding the turn of the outage) is kept, not
+    re-loaded from the store. A replica that another one moved on still re-loads (the test above)."""
+    a = make()
+    store, mode = a.store, {"now": "up"}
+    replace, save_partial = store.replace, store.save_partial
+
+    def down(*args, **kwargs):
+        raise StoreError("the chat database server is unreachable", code=UNREACHABLE)
+
+    def replacing(*args, **kwargs):
+        if mode["now"] == "down":
+            down()
+        revision = replace(*args, **kwargs)
+        if mode["now"] == "answer lost":
+            mode["now"] = "down"  # committed; the server goes away before it answers
+            down()
+        return revision
+
+    monkeypatch.setattr(store, "replace", replacing)
+    monkeypatch.setattr(store, "save_partial", lambda *a, **k: down() if mode["now"] == "down" else save_partial(*a, **k))
+    for name in ("revision", "exists", "load"):
+        original = getattr(store, name)
+        monkeypatch.setattr(store, name, lambda *a, _o=original, **k: down() if mode["now"] == "down" else _o(*a, **k))
+    token = a.start(owner="me").token
+    events = a.chat(token, "one", **GREEDY, max_new_tokens=4)
+    first = next(events)  # the acceptance and first-piece writes are in
+    assert first.kind == "delta"
+    mode["now"] = "answer lost"
+    assert list(events)[-1].kind == "done"  # its end-of-turn write commits, then the server is gone
+    assert mode["now"] == "down"
+    say(a, token, "two")  # unsaved: the server is down
+    mode["now"] = "up"
+    say(a, token, "three")
+    stored = make().open(token).messages  # another replica reads the store
+    assert [m["content"] for m in stored if m["role"] == "user"] == ["one", "two", "three"]
+    assert [m["role"] for m in stored] == ["user", "assistant"] * 3 and not any(m.get("interrupted") for m in stored)
+    assert [m["content"] for m in stored] == [m["content"] for m in a.messages(token)]
 
 
 def test_a_conversation_reopened_from_the_store_after_a_restart_recalls_its_evicted_fact_and_keeps_recall_off(make):
