@@ -43,9 +43,9 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from .defaults import PARTIAL_SAVE_INTERVAL_S
-from .engine import EngineBusy, StreamingEngine, refusal
+from .engine import EngineBusy, Refused, StreamingEngine, refusal
 from .history import export_history, parse_history, restore_history
-from .session import Event
+from .session import Event, refused
 from .store import UNREACHABLE, ConversationStore, ConversationSummary, StoreError, StoreFull, new_token, valid_token
 from .validate import RECALL_RECORD_KEYS, check_bool, check_number, clean_text
 
@@ -333,24 +333,27 @@ class Conversations:
 
         Not lazy: the turn is submitted, and its user message stored, before this returns, so a page may show the
         message once it holds the iterator and a crash after that loses nothing it showed (issue 28, item 6). The
-        turn's outcome is saved when the iterator ends or is closed, even before its first event."""
+        turn's outcome is saved when the iterator ends or is closed, even before its first event. A message not
+        taken (the conversation cannot be opened, bad settings, busy) comes back as `engine.refusal` can tell, its
+        one event `accepted` False: nothing of it was stored, so a page must not show it as sent."""
         try:
             sid = self._session(token, owner)
             before = len(self.messages(token, sid))
         except (ConversationNotFound, EngineBusy, ValueError) as exc:  # busy: a cap, while re-creating it
-            return iter([Event("error", str(exc), {}, "error", code="busy" if isinstance(exc, EngineBusy) else "invalid")])
+            return Refused(refused(str(exc), "busy" if isinstance(exc, EngineBusy) else "invalid"))
         with self._lock:
             self._marks[token] = {i for i in self._marks.get(token, set()) if i < before}
             self._stopped[token] = {i for i in self._stopped.get(token, set()) if i < before}
         events = self.engine.start_chat(sid, message, **sampling)
+        if refusal(events) is not None:
+            return events
         try:
             existed = self.store.exists(token)
         except (sqlite3.DatabaseError, StoreError):  # unreadable or unreachable: never delete on its word
             existed = True
-        if refusal(events) is None:
-            # Saved as soon as the turn is accepted, not at its first token: a crash during a long prefill (or
-            # before the worker took the turn) must not lose the user's message (issue 28, item 6).
-            self._persist(token, sid, before + 1, message=message)
+        # Saved as soon as the turn is accepted, not at its first token: a crash during a long prefill (or before
+        # the worker took the turn) must not lose the user's message (issue 28, item 6).
+        self._persist(token, sid, before + 1, message=message)
         saving = self._saving(token, sid, before, events, existed)
         next(saving)  # into its `try`: from here on, closing it saves the outcome
         return saving

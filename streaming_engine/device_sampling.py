@@ -225,7 +225,7 @@ class DeviceSampler:
         if n > self.rows:
             raise ValueError(f"{n} rows of logits for a sampler of {self.rows} rows")
         mode = self.mode(n)
-        self.ready(n, vocab)
+        self.ready(vocab, *mode)
         ids, self.last_draw = self.draw(logits, *mode)
         return ids
 
@@ -235,10 +235,11 @@ class DeviceSampler:
         draw is recorded per mode)."""
         return any(self._penalized[:n]), any(self._random[:n])
 
-    def ready(self, n: int, vocab: int) -> None:
-        """Host-side upkeep before a draw for rows `0..n-1`: the penalty's counts made up to date (rows set since
-        they were last made are rebuilt), so `draw` itself is device work only."""
-        if self.mode(n)[0]:
+    def ready(self, vocab: int, penalized: bool, random: bool = False) -> None:
+        """Host-side upkeep before a draw in `mode` `(penalized, random)` (the caller's, so the host mirrors are
+        read once per step): the penalty's counts made up to date (rows set since they were last made are
+        rebuilt), so `draw` itself is device work only. A random draw needs nothing on the host."""
+        if penalized:
             self._ensure_counts(vocab)
 
     def draw(self, logits: torch.Tensor, penalized: bool, random: bool) -> tuple[torch.Tensor, tuple]:

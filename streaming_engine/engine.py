@@ -544,7 +544,7 @@ class StreamingEngine:
         answer before reading (an HTTP status for a refusal) looks at `refusal(events)` first."""
         turn = self._start_turn(session_id, message, sampling)
         if isinstance(turn, Event):
-            return _Refusal(turn)
+            return Refused(turn)
         return self.scheduler.read(turn)
 
     def chat_many(self, session_ids: Iterable[str], message: str, **sampling) -> Iterator[tuple[str, Event]]:
@@ -649,8 +649,9 @@ class StreamingEngine:
         return session_id
 
 
-class _Refusal:
-    """The events of a refused turn (its one "error" event), marked so that `refusal` can tell without reading."""
+class Refused:
+    """The events of a refused turn (its one "error" event, `accepted` False), marked so that `refusal` can tell
+    without reading: a page shows nothing of a message that was not taken."""
 
     def __init__(self, event: Event):
         self.event, self._events = event, iter([event])
@@ -664,5 +665,5 @@ class _Refusal:
 
 def refusal(events) -> Event | None:
     """The refusal event of `start_chat`'s events when the turn was not taken (bad input, busy), else None."""
-    return events.event if isinstance(events, _Refusal) else None
+    return events.event if isinstance(events, Refused) else None
 

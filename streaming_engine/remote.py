@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator
 
 from .counters import _grown
-from .engine import EngineBusy, EngineConfig, SessionNotFound, StreamingEngine, _Refusal
+from .engine import EngineBusy, EngineConfig, Refused, SessionNotFound, StreamingEngine
 from .handoff import SessionState, capture, export_state, import_state, open_state
 from .session import Event, refused
 
@@ -153,7 +153,7 @@ class RemoteTurnsEngine(StreamingEngine):
         scheduler, i.e. run a forward pass in the main process."""
         claims, refused = self._claim([session_id], message, sampling)
         if refused:
-            return _Refusal(refused[0][1])
+            return Refused(refused[0][1])
         return _ClaimedTurn(self, claims, message, sampling)
 
     def chat_many(self, session_ids: Iterable[str], message: str, **sampling) -> Iterator[tuple[str, Event]]:

@@ -153,12 +153,38 @@ def diagnosis(page, console: list[str], replicas, survivor: int, database: str, 
     with psycopg.connect(database, autocommit=True) as conn:
         rows = conn.execute("SELECT token, seq, role, interrupted, length(content) FROM messages "
                             "ORDER BY token, seq").fetchall()
-    log = (replicas.folder / f"replica-{survivor}.log").read_text(errors="replace")[-4000:]
+    logs = {i: (replicas.folder / f"replica-{i}.log").read_text(errors="replace") for i in (0, 1)}
     notices = page.evaluate("() => [...document.querySelectorAll('.toast-body')].map(e => e.innerText)")
+    # The other replica (killed, maybe restarted since): only its lines that are not start-up chatter, which is
+    # where a refusal or a failed write it logged before it died shows.
+    other = [line for line in logs[1 - survivor].splitlines()
+             if line.strip() and not line.startswith(STARTUP_LINES)][-30:]
     return (f"{what}; url {page.url}\n"
             f"chat: {page.inner_text('#chatbot')[-1500:]!r}\nnotices: {notices}\n"
-            f"local storage (key: length): {page.evaluate(LOCAL_STORAGE)}\nconsole: {console[-20:]}\n"
-            f"stored rows: {rows}\nsurvivor's log (tail): {log}")
+            f"local storage (key: length): {page.evaluate(LOCAL_STORAGE)}\nconsole: {console[-30:]}\n"
+            f"stored rows: {rows}\nsurvivor's log (tail): {logs[survivor][-4000:]}\n"
+            f"other replica's log (its last lines past start-up): {other}")
+
+
+#: Lines every replica start writes, left out of `diagnosis`'s view of the killed replica's log.
+STARTUP_LINES = ("Backend:", "Loading", "Model ready", "* Running on", "* To create a public link")
+
+#: An init script for a test's page: each notice (gradio's toast) is logged to the console when it appears, so a
+#: page's `console` list keeps the notices a later reload wiped (a refusal, a failed save), and counted in
+#: `window.noticesSeen` (per page load), which a test can wait on.
+RECORD_NOTICES = """
+window.noticesSeen = 0;
+new MutationObserver(records => {
+  for (const record of records) for (const node of record.addedNodes) {
+    if (!(node instanceof Element)) continue;
+    for (const body of [node, ...node.querySelectorAll('.toast-body')])
+      if (body.classList && body.classList.contains('toast-body')) {
+        window.noticesSeen += 1;
+        console.log('notice: ' + body.innerText);
+      }
+  }
+}).observe(document, {childList: true, subtree: true});
+"""
 
 
 def wait_for(condition, what: str, timeout_s: float = 300):

@@ -26,12 +26,15 @@ from collections import defaultdict
 import pytest
 from browser_util import gauge, reload_page, set_max_new_tokens, stop_app, wait_until_serving
 from fronts import nginx_front
-from replica_cluster import TIMEOUT_MS, diagnosis, interrupted_rows, pin, replica_metrics, send
+from replica_cluster import RECORD_NOTICES, TIMEOUT_MS, diagnosis, interrupted_rows, pin, replica_metrics, send
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 #: Tokens each reply may run to: long enough that the kill finds replies streaming.
 REPLY_TOKENS = 200
+
+#: Sends of one message before a test gives up on it being taken (each refusal is reported).
+SEND_ATTEMPTS = 3
 
 
 def phase_idle(page, turns: int) -> None:
@@ -58,21 +61,36 @@ class User:
     """One browser with its own cookies, chatting through the front."""
 
     def __init__(self, chromium, url: str, index: int):
-        self.index, self.sent, self.url = index, [], url
+        self.index, self.sent, self.url, self.refusals = index, [], url, []
         self.page = chromium.new_context(viewport={"width": 1200, "height": 900}).new_page()
         self.page.set_default_timeout(TIMEOUT_MS)
         self.console: list[str] = []  # for a failure's diagnosis
         self.page.on("console", lambda message: self.console.append(f"{message.type}: {message.text}"))
+        self.page.add_init_script(RECORD_NOTICES)
         self.page.goto(url)
         self.page.wait_for_selector("#msg textarea")
         set_max_new_tokens(self.page, REPLY_TOKENS)
 
     def say(self, cycle: int) -> None:
+        """Send this cycle's message until it is taken. Accepted: the page shows the message, which it does only
+        once the server has stored it (before the first token). A message not taken is never shown: a notice
+        says why and the text is back in the box, so nothing was lost; the user sends it again, as a person
+        would (each refusal is kept in `refusals` and reported)."""
         text = f"User {self.index} in cycle {cycle} says: remember the number {cycle * 31 + self.index}."
-        send(self.page, text)
-        # Accepted: the page shows the message (the server stores it when it accepts it, before the first token).
-        self.page.wait_for_function(f"() => document.querySelector('#chatbot').innerText.includes({text!r})")
-        self.sent.append(text)
+        shown = f"document.querySelector('#chatbot').innerText.includes({text!r})"
+        for attempt in range(1, SEND_ATTEMPTS + 1):
+            seen = self.page.evaluate("() => window.noticesSeen")
+            send(self.page, text)
+            self.page.wait_for_function(f"() => {shown} || window.noticesSeen > {seen}")
+            box = f"document.querySelector('#msg textarea').value === {text!r}"
+            if self.page.evaluate(f"() => !({shown}) && {box}"):  # refused: said why, the text given back
+                notice = next((line for line in reversed(self.console) if line.startswith("log: notice: ")), "?")
+                self.refusals.append(f"cycle {cycle}, attempt {attempt}: {notice}")
+                assert attempt < SEND_ATTEMPTS, f"user {self.index}'s message was refused: {self.refusals}"
+                continue
+            self.page.wait_for_function(f"() => {shown}")
+            self.sent.append(text)
+            return
 
     def carry_on(self, moved: bool) -> None:
         """After the kill: a user whose replica died reloads (the front sends it to the survivor, which loads the
@@ -102,7 +120,13 @@ def test_no_message_is_lost_over_repeated_kill_9_cycles_of_the_replica_holding_m
         users = [User(browser, url, i) for i in range(users_count)]
         for cycle in range(cycles):
             for user in users:
-                user.say(cycle)
+                try:
+                    user.say(cycle)
+                except Exception as error:  # noqa: BLE001 - playwright's TimeoutError: say what the page had
+                    at = pins.get(pin(user.page))
+                    raise AssertionError(diagnosis(
+                        user.page, user.console, replicas, at if at is not None else 0, database, tmp_path,
+                        what=f"user {user.index}'s message in cycle {cycle} was never shown as sent")) from error
             where = [pins.get(pin(user.page)) for user in users]
             victim = max((0, 1), key=where.count)
             survivor = 1 - victim
@@ -152,6 +176,7 @@ def test_no_message_is_lost_over_repeated_kill_9_cycles_of_the_replica_holding_m
             "store": "PostgreSQL (shared by both replicas)", "messages_sent": sum(len(u.sent) for u in users),
             "messages_lost": lost, "kills_with_replies_streaming": kills_mid_reply,
             "user_moves_to_the_survivor": moved_total, "replies_marked_interrupted": interrupted,
+            "messages_refused_then_sent_again": [r for u in users for r in u.refusals],
             "duration_s": round(time.monotonic() - started, 1),
         }, run_metadata(options, None, "python -m pytest"))
 

@@ -26,9 +26,9 @@ from streaming_engine import cuda_graphs
 from streaming_engine.batch_cache import ConversationCache
 from streaming_engine.cache import StartRecentKVCache
 from streaming_engine.cuda_graphs import GraphedDecodeStep, StaticStepConfig
-from streaming_engine.device_sampling import DeviceSampler
+from streaming_engine.device_sampling import DeviceSampler, SampledDecodeStep
 from streaming_engine.families import find_rotary_embedding
-from streaming_engine.generation import forward
+from streaming_engine.generation import RowSampling, forward
 from streaming_engine.sampling import SamplingParams
 from streaming_engine.static_step import StaticDecodeStep, StaticSinkCache
 
@@ -128,7 +128,7 @@ def test_the_recorded_body_never_reads_back_to_the_host_nor_freezes_a_host_value
         assert sampler.mode(3) == (penalized, random)
         with torch.inference_mode():
             bucket = step.prepare([8, 9, 10])
-            sampler.ready(3, step.vocab)
+            sampler.ready(step.vocab, penalized, random)
             ops = OpNames()
             with ops:
                 logits = step.run(bucket)
@@ -260,7 +260,7 @@ def test_recording_a_draw_and_taking_back_its_replay_leave_the_sampler_as_before
     sampler = DeviceSampler(batch.rows_allocated, window=4)
     for row, params in enumerate([MODES[(True, True)], MODES[(True, False)], None]):
         sampler.set_row(row, params, history=[5, 6, 7, 8, 9][row:])
-    sampler.ready(3, graphed.step.vocab)
+    sampler.ready(graphed.step.vocab, *sampler.mode(3))
     before = sampler_state(sampler)
     logits, ids, drawn = graphed.launch_sampled([8, 9, 10], sampler)
     graphed.step.abort()
@@ -281,9 +281,6 @@ def padded_row_draws(monkeypatch, graphs: bool) -> list[int]:
     """A turn `S` holds row 3 of a bucket of 4, leaves (its row is padding for one step of three rows), then comes
     back into row 3 with the same `RowSampling` (as a row that stepped out for a cut-in does). Returns the draws
     of S's two steps."""
-    from streaming_engine.device_sampling import SampledDecodeStep
-    from streaming_engine.generation import RowSampling
-
     if graphs:
         graphs_on_the_cpu(monkeypatch)
     model = tiny_model("llama")

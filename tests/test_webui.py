@@ -18,8 +18,8 @@ import pandas as pd
 import pytest
 from chat_page import GREEDY_INPUTS, SKIP, Page
 
-from streaming_engine import MODES, EngineConfig, StreamingEngine
-from streaming_engine.conversations import Conversations
+from streaming_engine import MODES, EngineBusy, EngineConfig, StreamingEngine
+from streaming_engine.conversations import ConversationUnavailable, Conversations
 from streaming_engine.history import MAX_HISTORY_BYTES
 from streaming_engine.store import UNREACHABLE, ChatStore, StoreError
 from webui import chat_tab, compare_tab
@@ -149,6 +149,48 @@ def test_a_refused_message_goes_back_to_the_box_and_the_chat_is_unchanged(conv, 
                                                                      empty_record(), *inputs))
     assert chat == earlier and box == "Keep this text" and listing == SKIP
     assert conv.messages(state["token"]) == [] and not conv.store.exists(state["token"])  # never taken
+
+
+def _cannot_reopen(conv, monkeypatch):
+    """The live session was released and the store cannot hand the conversation back now."""
+    def unavailable(*args, **kwargs):
+        raise ConversationUnavailable("this conversation cannot be loaded now: the database is restarting")
+    monkeypatch.setattr(conv, "_session", unavailable)
+    return "cannot be loaded now"
+
+
+def _engine_full(conv, monkeypatch):
+    """Re-opening the conversation needs a session the engine has no room for."""
+    def full(*args, **kwargs):
+        raise EngineBusy("too many chats are open right now")
+    monkeypatch.setattr(conv, "_session", full)
+    return "too many chats"
+
+
+def _busy_turns(conv, monkeypatch):
+    """Every reply slot is taken."""
+    monkeypatch.setattr(conv.engine, "_take_slot", lambda: None)
+    return "Server busy"
+
+
+@pytest.mark.parametrize("refuse", [_cannot_reopen, _engine_full, _busy_turns])
+def test_a_message_not_taken_is_never_shown_as_sent_and_stays_in_the_box(conv, monkeypatch, refuse):
+    """A page must show a message only once the conversation holds it (stored): a reload then shows it too. One
+    that was not taken, whatever the reason, never appears in the chat, not even for one update (a browser test
+    that waits for the message to show took a flash of it for acceptance), and the text is given back."""
+    page = Page(conv)
+    page.send("First message")
+    earlier, revision = list(page.chat), conv.store.load(page.token).revision
+    why = refuse(conv, monkeypatch)
+    with pytest.warns(UserWarning, match=why):
+        outputs = list(chat_tab.respond(conv, "Keep this text", earlier, page.state, page.record, *GREEDY_INPUTS))
+    assert outputs, "the page is told something"
+    for chat, box, *_ in outputs:
+        assert chat is SKIP or all("Keep this text" not in m["content"] for m in chat)
+        assert box in (SKIP, "Keep this text")
+    assert outputs[-1][1] == "Keep this text"
+    stored = conv.store.load(page.token)
+    assert stored.revision == revision and [m["content"] for m in stored.messages][0] == "First message"
 
 
 def test_a_failure_mid_reply_keeps_the_message_and_says_what_went_wrong(conv, monkeypatch):

@@ -28,6 +28,7 @@ from streaming_engine.conversations import (
     ConversationUnavailable,
     Opened,
 )
+from streaming_engine.engine import refusal
 from streaming_engine.sampling import MAX_NEW_TOKENS_LIMIT
 from streaming_engine.validate import EMPTY_TEXT, MAX_MESSAGE_CHARS
 
@@ -257,6 +258,11 @@ def stream_turn(conversations, message, messages, state, record, system_prompt, 
                     repetition_penalty=float(rep))
     # Submitted and stored before the page shows the message: what the user saw survives a crash right after.
     events = conversations.chat(token, message, owner=owner, **sampling)
+    not_taken = refusal(events)
+    if not_taken is not None:  # never shown as sent: the text stays in the box, to send again
+        gr.Warning(not_taken.text)
+        yield shown, message, gauges_html(not_taken.stats) if not_taken.stats else SKIP, state, record, SKIP
+        return
     try:
         yield from _streamed(events, conversations, token, messages, shown, message, from_box, state, record)
     finally:  # a page gone mid-reply (gradio closes this generator): the turn's outcome is saved now, not at GC
