@@ -215,7 +215,7 @@ class GraphedDecodeStep:
             elif sampler is not self._sampler:
                 raise ValueError("a GraphedDecodeStep draws with one DeviceSampler")
             mode = sampler.mode(n)
-            sampler.ready(step.vocab, *mode)
+            sampler.ready(step.vocab, penalized=mode[0])
             self._check_buffers()
             key = (bucket, *mode)
             # The forward pass is recorded alone first, so that a failure is put down to it, not to the draw.

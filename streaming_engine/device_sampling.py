@@ -225,7 +225,7 @@ class DeviceSampler:
         if n > self.rows:
             raise ValueError(f"{n} rows of logits for a sampler of {self.rows} rows")
         mode = self.mode(n)
-        self.ready(vocab, *mode)
+        self.ready(vocab, penalized=mode[0])
         ids, self.last_draw = self.draw(logits, *mode)
         return ids
 
@@ -235,8 +235,8 @@ class DeviceSampler:
         draw is recorded per mode)."""
         return any(self._penalized[:n]), any(self._random[:n])
 
-    def ready(self, vocab: int, penalized: bool, random: bool = False) -> None:
-        """Host-side upkeep before a draw in `mode` `(penalized, random)` (the caller's, so the host mirrors are
+    def ready(self, vocab: int, penalized: bool) -> None:
+        """Host-side upkeep before a draw whose mode has `penalized` (the caller's mode, so the host mirrors are
         read once per step): the penalty's counts made up to date (rows set since they were last made are
         rebuilt), so `draw` itself is device work only. A random draw needs nothing on the host."""
         if penalized:

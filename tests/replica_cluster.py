@@ -49,6 +49,10 @@ class Replicas:
     def start(self, i: int) -> subprocess.Popen:
         return start_app(self.args, self.ports[i], self.folder / f"replica-{i}.log")
 
+    def log(self, i: int) -> str:
+        """Everything replica `i` wrote, over all its starts."""
+        return (self.folder / f"replica-{i}.log").read_text(errors="replace")
+
     def url(self, i: int) -> str:
         return f"http://127.0.0.1:{self.ports[i]}"
 
@@ -142,27 +146,28 @@ def browser_secrets(url: str) -> list[str]:
         return sorted(set(re.findall(r'"secret": ?"([^"]+)"', response.read().decode())))
 
 
-def diagnosis(page, console: list[str], replicas, survivor: int, database: str, folder,
-              what: str = "'interrupted' never shown after the reload") -> str:
-    """What a failed wait saw: the page's chat, notices, local storage and console, the stored rows, the survivor's
-    log (a screenshot is saved beside it), so that a failure on a CI machine can be explained from its output
-    alone."""
+def diagnosis(page, console: list[str], replicas, focus: int, database: str, folder,
+              what: str = "'interrupted' never shown after the reload", focus_is: str = "the survivor") -> str:
+    """What a failed wait saw: the page's chat, notices, local storage and console, the stored rows, the log of
+    replica `focus` (`focus_is` says which one that is: the survivor of a kill, the page's replica) and the other
+    replica's lines past start-up (a screenshot is saved beside it), so that a failure on a CI machine can be
+    explained from its output alone."""
     import psycopg
 
     page.screenshot(path=str(folder / "after-reload.png"), full_page=True)
     with psycopg.connect(database, autocommit=True) as conn:
         rows = conn.execute("SELECT token, seq, role, interrupted, length(content) FROM messages "
                             "ORDER BY token, seq").fetchall()
-    logs = {i: (replicas.folder / f"replica-{i}.log").read_text(errors="replace") for i in (0, 1)}
+    logs = {i: replicas.log(i) for i in (0, 1)}
     notices = page.evaluate("() => [...document.querySelectorAll('.toast-body')].map(e => e.innerText)")
     # The other replica (killed, maybe restarted since): only its lines that are not start-up chatter, which is
     # where a refusal or a failed write it logged before it died shows.
-    other = [line for line in logs[1 - survivor].splitlines()
+    other = [line for line in logs[1 - focus].splitlines()
              if line.strip() and not line.startswith(STARTUP_LINES)][-30:]
     return (f"{what}; url {page.url}\n"
             f"chat: {page.inner_text('#chatbot')[-1500:]!r}\nnotices: {notices}\n"
             f"local storage (key: length): {page.evaluate(LOCAL_STORAGE)}\nconsole: {console[-30:]}\n"
-            f"stored rows: {rows}\nsurvivor's log (tail): {logs[survivor][-4000:]}\n"
+            f"stored rows: {rows}\nreplica {focus}'s log ({focus_is}; tail): {logs[focus][-4000:]}\n"
             f"other replica's log (its last lines past start-up): {other}")
 
 

@@ -126,7 +126,9 @@ def test_no_message_is_lost_over_repeated_kill_9_cycles_of_the_replica_holding_m
                     at = pins.get(pin(user.page))
                     raise AssertionError(diagnosis(
                         user.page, user.console, replicas, at if at is not None else 0, database, tmp_path,
-                        what=f"user {user.index}'s message in cycle {cycle} was never shown as sent")) from error
+                        what=f"user {user.index}'s message in cycle {cycle} was never shown as sent",
+                        focus_is="the page's replica" if at is not None else "replica 0: the page was not pinned"
+                    )) from error
             where = [pins.get(pin(user.page)) for user in users]
             victim = max((0, 1), key=where.count)
             survivor = 1 - victim
@@ -186,8 +188,7 @@ def outage_diagnosis(users, missing, stored, pins_seen, replicas) -> str:
     concerned, which replica each user was pinned to after each cycle, both replicas' log tails."""
     names = {f"User {u.index} " for u in users if tuple(u.sent) in missing}
     theirs = [c for c in stored if any(m.startswith(name) for m in c for name in names)]
-    logs = "\n".join(f"replica {i} log (tail):\n" + (replicas.folder / f"replica-{i}.log").read_text(
-        errors="replace")[-3000:] for i in range(len(replicas.ports)))
+    logs = "\n".join(f"replica {i} log (tail):\n" + replicas.log(i)[-3000:] for i in range(len(replicas.ports)))
     return (f"not stored whole: {sorted(missing)}\nstored for them: {theirs}\n"
             f"pins after cycles 0, 1, 2: {pins_seen}\n{logs}")
 

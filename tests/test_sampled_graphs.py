@@ -128,7 +128,7 @@ def test_the_recorded_body_never_reads_back_to_the_host_nor_freezes_a_host_value
         assert sampler.mode(3) == (penalized, random)
         with torch.inference_mode():
             bucket = step.prepare([8, 9, 10])
-            sampler.ready(step.vocab, penalized, random)
+            sampler.ready(step.vocab, penalized)
             ops = OpNames()
             with ops:
                 logits = step.run(bucket)
@@ -260,7 +260,7 @@ def test_recording_a_draw_and_taking_back_its_replay_leave_the_sampler_as_before
     sampler = DeviceSampler(batch.rows_allocated, window=4)
     for row, params in enumerate([MODES[(True, True)], MODES[(True, False)], None]):
         sampler.set_row(row, params, history=[5, 6, 7, 8, 9][row:])
-    sampler.ready(graphed.step.vocab, *sampler.mode(3))
+    sampler.ready(graphed.step.vocab, sampler.mode(3)[0])
     before = sampler_state(sampler)
     logits, ids, drawn = graphed.launch_sampled([8, 9, 10], sampler)
     graphed.step.abort()

@@ -259,9 +259,8 @@ def stream_turn(conversations, message, messages, state, record, system_prompt, 
     # Submitted and stored before the page shows the message: what the user saw survives a crash right after.
     events = conversations.chat(token, message, owner=owner, **sampling)
     not_taken = refusal(events)
-    if not_taken is not None:  # never shown as sent: the text stays in the box, to send again
-        gr.Warning(not_taken.text)
-        yield shown, message, gauges_html(not_taken.stats) if not_taken.stats else SKIP, state, record, SKIP
+    if not_taken is not None:  # never shown as sent
+        yield _given_back(not_taken, shown, message, state, record)
         return
     try:
         yield from _streamed(events, conversations, token, messages, shown, message, from_box, state, record)
@@ -287,21 +286,26 @@ def _streamed(events, conversations, token, messages, shown, message, from_box, 
             messages[-1] = {"role": "assistant", "content": final_reply(event, CONTEXT_FULL_NOTE)}
             messages = mark_memory(messages, conversations.memory_map(token))
             yield messages, SKIP, gauges, state, SKIP, SKIP
-        else:
+        elif event.accepted:  # failed part-way: the conversation kept the message and the partial reply
             gr.Warning(event.text)
-            gauges = gauges_html(event.stats) if event.stats else SKIP
-            if event.accepted:  # failed part-way: the conversation kept the message and the partial reply
-                taken = True
-                messages[-1] = {"role": "assistant", "content": error_reply(event.text)}
-                yield messages, SKIP, gauges, state, SKIP, SKIP
-            else:  # refused (bad setting, busy): nothing happened, give the text back to edit
-                yield shown, message, gauges, state, SKIP, SKIP
+            taken, gauges = True, gauges_html(event.stats) if event.stats else SKIP
+            messages[-1] = {"role": "assistant", "content": error_reply(event.text)}
+            yield messages, SKIP, gauges, state, SKIP, SKIP
+        else:  # refused (bad setting, busy): nothing happened
+            yield _given_back(event, shown, message, state, SKIP)
     problem = conversations.save_error(token)
     if problem:
         gr.Warning(problem)
     if taken:  # the turn is saved now (the conversation saves once its stream ends): list its new title and count,
         # and send the record again: the page has surely mounted by now, so a first write it lost is repaired
         yield messages, SKIP, gauges, state, record, list_update(conversations, record)
+
+
+def _given_back(event, shown, message, state, record):
+    """The update for a turn not taken (`event.accepted` False): the chat as it was, the text back in the box to
+    send again or edit, the reason as a notice."""
+    gr.Warning(event.text)
+    return shown, message, gauges_html(event.stats) if event.stats else SKIP, state, record, SKIP
 
 
 def respond(conversations, message, messages, state, record, system_prompt, temp, p, k, new_tokens, rep,
