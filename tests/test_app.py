@@ -348,3 +348,39 @@ def test_the_recall_budget_is_a_flag_and_an_environment_variable_checked_against
     monkeypatch.setattr(startup, "load", lambda name, **kwargs: (tiny_chat_model, default_tokenizer))
     engine, _ = app.create_engine(app_settings.parse_settings(["--recall-budget", "0", "--recent-size", "96"], env={}))
     assert engine.config.recall_budget == 0 and engine.recall_budget_for("streaming", 96) == 0
+
+
+@pytest.mark.parametrize("name", ["/nonexistent/model", "./missing-model", "../gone/model", "a/b/c", "missing.gguf",
+                                  "models\\local"])
+def test_a_model_name_that_can_only_be_a_missing_path_is_said_to_be_missing_without_asking_the_hub(
+        name, monkeypatch, tmp_path):
+    import app
+    from webui import startup
+
+    from streaming_engine import load
+    from streaming_engine.modelfiles import local_path_only
+
+    monkeypatch.chdir(tmp_path)  # relative names resolve where nothing is
+    asked = []
+    monkeypatch.setattr(startup, "hub_reachable", lambda *a, **k: asked.append(name) or False)
+    assert local_path_only(name)
+    with pytest.raises(FileNotFoundError, match="no such"):
+        load(name)
+    with pytest.raises(SystemExit) as stopped:
+        app.main(["--model", name])
+    message = str(stopped.value)
+    assert f"could not load {name}: no such" in message and "hub" not in message.split("(")[0]
+    assert asked == []  # no connection attempt: a path is never a hub id
+
+
+@pytest.mark.parametrize("name", ["gpt2", "HuggingFaceTB/SmolLM2-135M-Instruct", "owner/model.v2", "org_1/x-y"])
+def test_a_name_with_the_shape_of_a_hub_id_is_not_taken_for_a_path(name, monkeypatch, tmp_path):
+    from webui.startup import ModelSource
+
+    from streaming_engine.modelfiles import local_path_only, missing_local_model
+
+    monkeypatch.chdir(tmp_path)
+    assert not local_path_only(name) and missing_local_model(name) is None
+    assert ModelSource(name, name).from_hub
+    (tmp_path / name).mkdir(parents=True)  # the same name as a folder here: loaded from disk, not the hub
+    assert not ModelSource(name, name).from_hub

@@ -15,7 +15,12 @@ from dataclasses import dataclass
 
 from streaming_engine import load
 from streaming_engine.backends import backend_line, choose_backend
-from streaming_engine.modelfiles import DEFAULT_MODEL_INSTALL, DEFAULT_MODEL_NAME, default_model_available
+from streaming_engine.modelfiles import (
+    DEFAULT_MODEL_INSTALL,
+    DEFAULT_MODEL_NAME,
+    default_model_available,
+    local_path_only,
+)
 
 from .settings import HUB_DEFAULT_MODEL, AppSettings
 
@@ -40,7 +45,9 @@ class ModelSource:
 
     @property
     def from_hub(self) -> bool:
-        return self.name is not None and not os.path.isdir(self.name)
+        """Whether loading it asks the hub: a name that is neither on disk nor only a local path's (a missing
+        folder is said to be missing, not looked up on the hub)."""
+        return self.name is not None and not os.path.exists(self.name) and not local_path_only(self.name)
 
 
 def model_source(settings: AppSettings) -> ModelSource:
