@@ -34,6 +34,7 @@ from .modelfiles import (  # noqa: F401
     default_gguf_path,
     default_model_available,
     gguf_cache_dir,
+    ModelNotFound,
     missing_local_model,
 )
 from .placement import Placement
@@ -166,7 +167,7 @@ def load(
 
     `None` loads the offline default SmolLM2-135M-Instruct; a path to a `.gguf` file is converted once (see
     `convert_gguf`). Any other value goes to `AutoModelForCausalLM` (a hub id needs the hub; a local folder does
-    not; a name that can only be a local path and names nothing raises `FileNotFoundError` at once, see
+    not; a name that can only be a local path and names nothing raises `ModelNotFound` at once, see
     `modelfiles.missing_local_model`). With `require_streaming_support`, an unsupported family is refused from its config alone, before any
     weights are read. `device_map` ("auto", "balanced", "sequential" or a dict), `max_memory` ("0=20GiB,cpu=30GiB"
     or a dict) and `offload_folder` are passed to accelerate (see `placement.py`); `device` and `device_map`
@@ -175,7 +176,7 @@ def load(
     if model_name_or_path is not None:
         missing = missing_local_model(str(model_name_or_path))
         if missing is not None:
-            raise FileNotFoundError(missing)
+            raise ModelNotFound(missing)
     own_loader = model_loader(resolve_backend(backend, model_name_or_path, device, device_map, dtype))
     if own_loader is not None:  # a backend that loads its own kind of model (llama.cpp: a GGUF)
         return own_loader(model_name_or_path, device=device, device_map=device_map, max_memory=max_memory,

@@ -34,6 +34,14 @@ def local_path_only(name: str) -> bool:
     return HUB_ID.fullmatch(name) is None or name.lower().endswith(".gguf")
 
 
+class ModelNotFound(FileNotFoundError, RuntimeError):
+    """`load()` was given a name that can only be a local path, and nothing is there (`missing_local_model`). A
+    `FileNotFoundError`, and a `RuntimeError` like `load()`'s other "could not load" errors, so every caller that
+    reports those (the app, the chat CLI, the benchmarks) reports this one the same way."""
+
+    code = "model_not_found"
+
+
 def missing_local_model(name: str) -> str | None:
     """Why `name` names no model, when it can only be a local path and nothing is there (else None): said before
     anything asks the hub, which would only answer that no such model id exists."""

@@ -358,14 +358,15 @@ def test_a_model_name_that_can_only_be_a_missing_path_is_said_to_be_missing_with
     from webui import startup
 
     from streaming_engine import load
-    from streaming_engine.modelfiles import local_path_only
+    from streaming_engine.modelfiles import ModelNotFound, local_path_only
 
     monkeypatch.chdir(tmp_path)  # relative names resolve where nothing is
     asked = []
     monkeypatch.setattr(startup, "hub_reachable", lambda *a, **k: asked.append(name) or False)
     assert local_path_only(name)
-    with pytest.raises(FileNotFoundError, match="no such"):
+    with pytest.raises(ModelNotFound, match="no such") as refused:
         load(name)
+    assert isinstance(refused.value, FileNotFoundError) and refused.value.code == "model_not_found"
     with pytest.raises(SystemExit) as stopped:
         app.main(["--model", name])
     message = str(stopped.value)

@@ -156,3 +156,16 @@ def test_every_benchmark_cli_hands_the_decode_flags_to_its_engine(cli, tmp_path,
     assert stopped.value.code == 2 and "stopped once the engine was built" in capsys.readouterr().err
     config, path = made[-1]
     assert (config.decode_step, config.cuda_graphs, path) == ("static", "off", "static")
+
+
+def test_a_model_path_that_names_nothing_is_an_error_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    from benchmarks import ppl
+
+    missing = str(tmp_path / "no-such-model")
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))  # prompts piped in: the model is loaded after them
+    assert chat.main(["--model", missing, "--max-new-tokens", "1"]) == 2
+    assert f"error: could not load {missing}: no such folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:  # every benchmark's main goes through benchmarks.cli.run
+        ppl.main(["--model", missing, "--output", str(tmp_path / "ppl.json")])
+    assert stopped.value.code == 2 and f"could not load {missing}: no such folder" in capsys.readouterr().err
+    assert not (tmp_path / "ppl.json").exists()
