@@ -146,6 +146,13 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
     return torch.float32
 
 
+def _require_found(model_name_or_path) -> None:
+    """Raise `ModelNotFound` for a name that can only be a local path where nothing is."""
+    missing = None if model_name_or_path is None else missing_local_model(str(model_name_or_path))
+    if missing is not None:
+        raise ModelNotFound(missing)
+
+
 def load(
     model_name_or_path: str | None = None,
     device: str | torch.device | None = None,
@@ -173,12 +180,9 @@ def load(
     or a dict) and `offload_folder` are passed to accelerate (see `placement.py`); `device` and `device_map`
     exclude each other.
     """
-    if model_name_or_path is not None:
-        missing = missing_local_model(str(model_name_or_path))
-        if missing is not None:
-            raise ModelNotFound(missing)
     own_loader = model_loader(resolve_backend(backend, model_name_or_path, device, device_map, dtype))
     if own_loader is not None:  # a backend that loads its own kind of model (llama.cpp: a GGUF)
+        _require_found(model_name_or_path)
         return own_loader(model_name_or_path, device=device, device_map=device_map, max_memory=max_memory,
                           dtype=dtype, n_threads=n_threads, trust_remote_code=trust_remote_code,
                           require_streaming_support=require_streaming_support)
@@ -188,6 +192,7 @@ def load(
     if device_map is not None and device is not None:
         raise ValueError("give either a device or a device map, not both")
     placement.check_devices()
+    _require_found(model_name_or_path)  # after the settings' checks: a bad option is said first, whatever the name
     device = pick_device(device)  # with a device map: its main device, which decides the default dtype
     dtype = pick_dtype(dtype, device)
     if model_name_or_path is None:

@@ -358,7 +358,7 @@ def test_a_model_name_that_can_only_be_a_missing_path_is_said_to_be_missing_with
     from webui import startup
 
     from streaming_engine import load
-    from streaming_engine.modelfiles import ModelNotFound, local_path_only
+    from streaming_engine.modelfiles import ModelNotFound, llamacpp_available, local_path_only
 
     monkeypatch.chdir(tmp_path)  # relative names resolve where nothing is
     asked = []
@@ -367,6 +367,9 @@ def test_a_model_name_that_can_only_be_a_missing_path_is_said_to_be_missing_with
     with pytest.raises(ModelNotFound, match="no such") as refused:
         load(name)
     assert isinstance(refused.value, FileNotFoundError) and refused.value.code == "model_not_found"
+    if name.endswith(".gguf") and llamacpp_available():  # the llama.cpp backend's own loader says the same
+        with pytest.raises(ModelNotFound, match="no such GGUF file"):
+            load(name, backend="llama.cpp")
     with pytest.raises(SystemExit) as stopped:
         app.main(["--model", name])
     message = str(stopped.value)
