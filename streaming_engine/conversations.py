@@ -638,20 +638,25 @@ class Conversations:
         return self.store.file_problem() or self._storage_problem
 
     def import_history(self, exported: str | bytes, *, owner: str | None = None, origin: str = "browser") -> Opened:
-        """An uploaded history as a new conversation (stored at once). The server decides mode and sizes."""
-        sid = restore_history(self.engine, exported, owner=owner, origin=origin)
+        """An uploaded history as a new conversation (stored at once), with its recall records and marks, so it
+        is the conversation that was downloaded. The server decides mode and sizes."""
+        history = parse_history(exported)
+        sid = restore_history(self.engine, history, owner=owner, origin=origin)
         token = new_token()
         with self._lock:
             self._live[token] = sid
-        # The file's title (a renamed chat keeps its name); restore has read the file, so this parse cannot fail.
-        title = (parse_history(exported).title or "").strip() or auto_title(self.messages(token, sid))
-        self._guarded(token, self.store.replace, token, self.messages(token, sid),
+            self._marks[token] = set(history.marks["interrupted"])
+            self._stopped[token] = set(history.marks["stopped"])
+        # The file's title (a renamed chat keeps its name).
+        title = (history.title or "").strip() or auto_title(self.messages(token, sid))
+        self._guarded(token, self.store.replace, token, self._stored_messages(token, sid),
                       system_prompt=self._system_prompt(sid), title=title)
         stored = self.list([token])  # the title as the store cleaned it
         return self._opened(token, sid, stored[0].title if stored else title, reattached=False)
 
     def export(self, token: str) -> str:
-        """The live conversation as a history file, with its stored title (a rename included)."""
+        """The live conversation as a history file, with its stored title (a rename included), what recall did in
+        its turns and its replies' marks (interrupted, stopped)."""
         sid = self._live.get(token) if isinstance(token, str) else None
         if sid is None:
             raise ConversationNotFound("this conversation is not open")
@@ -659,7 +664,10 @@ class Conversations:
             summary = self.store.list([token])
         except sqlite3.DatabaseError:  # unreadable: the download still works, titled from its first message
             summary = []
-        return export_history(self.engine, sid, title=summary[0].title if summary else auto_title(self.messages(token, sid)))
+        with self._lock:
+            marks = {"interrupted": set(self._marks.get(token, ())), "stopped": set(self._stopped.get(token, ()))}
+        return export_history(self.engine, sid, marks=marks,
+                              title=summary[0].title if summary else auto_title(self.messages(token, sid)))
 
     def _system_prompt(self, sid: str) -> str | None:
         history = self.engine.history(sid)

@@ -10,20 +10,38 @@ What users download and upload to continue a conversation elsewhere (format `str
      "title": text,                                       # optional: the conversation's (renamed) title
      "exported_at": "2025-01-31T12:00:00+00:00"}
 
-A file without "title" (written before it was added) reads as before; the title is not part of the version.
+A message may carry more, as the store keeps it (`store.py`), so that a download uploaded elsewhere is the same
+conversation, not only the same words:
+
+- a user message whose turn recalled evicted messages: `"fed"`, the text the model was given (the quoted passages,
+  then the typed text), and `"recalled"`, the indices in "messages" of the messages it quoted. The restored session
+  gives the model that same text again when it re-primes, and the page shows the same "recalled" markers.
+- a reply: `"interrupted": true` when it was cut off while being written, `"stopped": true` when the user stopped it.
+
+All of these, like "title", are optional and outside the version: a file without them (written before they were
+added, or by hand) reads as before, and a reader that does not know them keeps the role and text only.
 
 `parse_history` checks the size, the encoding and the schema and returns what a restore needs; it never touches a
-session. Whether a message's *text* is acceptable (length, control characters) and whether the mode exists are
-the engine's rules, applied when `restore_history` hands the messages to `StreamingEngine.open_history`.
+session. Whether a message's *text* is acceptable (length, control characters), whether the mode exists and
+whether a recall record is consistent (`validate.check_recall_records`) are the engine's rules, applied when
+`restore_history` hands the messages to `StreamingEngine.open_history`.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Collection, Mapping
 
-from .validate import MAX_MESSAGES, ROLES, check_messages, parse_json  # noqa: F401  (ROLES re-exported)
+from .validate import (  # noqa: F401  (ROLES re-exported)
+    MARK_KEYS,
+    MAX_MESSAGES,
+    RECALL_RECORD_KEYS,
+    ROLES,
+    check_messages,
+    parse_json,
+)
 
 EXPORT_FORMAT = "streaming-llm-chat"
 EXPORT_VERSION = 1
@@ -37,18 +55,34 @@ _LIMIT_TEXT = f"{MAX_HISTORY_BYTES // (1024 * 1024)} MiB"
 
 @dataclass
 class ChatHistory:
-    """A parsed history: `messages` are `{"role", "content"}` dicts with the roles in `ROLES`."""
+    """A parsed history: `messages` are `{"role", "content"}` dicts with the roles in `ROLES`. `records`: what
+    recall did, parallel to `messages` (`{}` or the file's `{"fed", "recalled"}`, unchecked: `open_history` checks
+    them), or None when no message has one. `marks`: per key of `MARK_KEYS`, the indices of the replies the file
+    marks so."""
 
     messages: list[dict]
     mode: str | None = None
     system_prompt: str | None = None
     title: str | None = None  # as the file has it; the store cleans and cuts it (`store.MAX_TITLE_CHARS`)
+    records: list[dict] | None = None
+    marks: dict[str, frozenset[int]] = field(default_factory=lambda: {key: frozenset() for key in MARK_KEYS})
+
+
+def _file_message(message: dict) -> dict:
+    """One message as the file writes it: role and text, then what of `RECALL_RECORD_KEYS` and `MARK_KEYS` it has
+    (a record only when it recalled something; a mark only when set)."""
+    out = {"role": message["role"], "content": message["content"]}
+    if message.get("recalled"):
+        out.update({key: message[key] for key in RECALL_RECORD_KEYS if key in message})
+    out.update({key: True for key in MARK_KEYS if message.get(key)})
+    return out
 
 
 def dump_history(*, mode: str, system_prompt: str | None, start_size: int, recent_size: int,
                  messages: list[dict], title: str | None = None) -> str:
-    """The history as JSON text (indented, non-ASCII kept as is), stamped with the current UTC time; `title` is
-    written only when there is one."""
+    """The history as JSON text (indented, non-ASCII kept as is), stamped with the current UTC time. `messages`
+    as the store keeps them: role and text, and where they have them a recall record and marks (module
+    docstring); `title` is written only when there is one."""
     return json.dumps({
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
@@ -56,7 +90,7 @@ def dump_history(*, mode: str, system_prompt: str | None, start_size: int, recen
         "system_prompt": system_prompt,
         "start_size": start_size,
         "recent_size": recent_size,
-        "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+        "messages": [_file_message(m) for m in messages],
         **({"title": title} if title else {}),
         "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }, ensure_ascii=False, indent=2)
@@ -77,7 +111,10 @@ def parse_history(exported: str | bytes) -> ChatHistory:
     data = parse_json(exported, "history file")  # a nesting bomb is "not valid JSON (nested too deep)"
     if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
         raise ValueError(f"not a chat history exported by this app (expected format {EXPORT_FORMAT!r})")
-    messages = check_messages(data.get("messages"), "history 'messages'")
+    raw = data.get("messages")
+    messages = check_messages(raw, "history 'messages'")
+    records = [{key: m[key] for key in RECALL_RECORD_KEYS if key in m} for m in raw]
+    marks = {key: frozenset(_marked(raw, messages, key)) for key in MARK_KEYS}
     system_prompt = data.get("system_prompt")
     if system_prompt is not None and not isinstance(system_prompt, str):
         raise ValueError("history 'system_prompt' must be text or null")
@@ -87,27 +124,43 @@ def parse_history(exported: str | bytes) -> ChatHistory:
     title = data.get("title")
     if title is not None and not isinstance(title, str):
         raise ValueError("history 'title' must be text or null")
-    return ChatHistory(messages, mode, system_prompt, title)
+    return ChatHistory(messages, mode, system_prompt, title, records if any(records) else None, marks)
 
 
-def export_history(engine, session_id: str, *, title: str | None = None) -> str:
-    """Session `session_id` of `engine` as a history file: the conversation as typed and replied (never a recall
-    block), the session's mode and sizes; `title` is the caller's name for it (the engine keeps none)."""
+def _marked(raw: list, messages: list[dict], key: str) -> list[int]:
+    """The indices of the replies whose `key` mark (`MARK_KEYS`) is set; a mark that is not true or false is
+    refused, one on a user message is ignored (only replies are cut off or stopped)."""
+    for i, m in enumerate(raw):
+        if not isinstance(m.get(key, False), bool):
+            raise ValueError(f"history message {i}'s {key!r} must be true or false; got {m[key]!r:.40}")
+    return [i for i, (m, clean) in enumerate(zip(raw, messages)) if m.get(key) and clean["role"] == "assistant"]
+
+
+def export_history(engine, session_id: str, *, title: str | None = None,
+                   marks: Mapping[str, Collection[int]] | None = None) -> str:
+    """Session `session_id` of `engine` as a history file: the conversation as typed and replied, with what recall
+    did in its turns (`engine.recall_records`), the session's mode and sizes. The engine keeps no title and no
+    marks: `title` is the caller's name for it, `marks` (as `ChatHistory.marks`) the replies it marks."""
     view = engine.session(session_id)
-    messages = [m for m in engine.history(session_id) if m["role"] != "system"]
+    visible = [m for m in engine.history(session_id) if m["role"] != "system"]
+    marks = marks or {}
+    stored = [{**m, **r, **{key: True for key in MARK_KEYS if i in marks.get(key, ()) and m["role"] == "assistant"}}
+              for i, (m, r) in enumerate(zip(visible, engine.recall_records(session_id)))]
     return dump_history(mode=view.mode, system_prompt=view.system_prompt, start_size=view.start_size,
-                        recent_size=view.recent_size, messages=messages, title=title)
+                        recent_size=view.recent_size, messages=stored, title=title)
 
 
-def restore_history(engine, exported: str | bytes, mode: str | None = None, *, allow_file_mode: bool = False,
-                    owner: str | None = None, origin: str = "browser") -> str:
-    """A new session of `engine` holding the history file `exported`; its cache is rebuilt (sinks + the tail that
-    fits) on the first turn. Raises `ValueError` with a clear message on a corrupt or oversized file, and then
-    changes nothing.
+def restore_history(engine, exported: str | bytes | ChatHistory, mode: str | None = None, *,
+                    allow_file_mode: bool = False, owner: str | None = None, origin: str = "browser") -> str:
+    """A new session of `engine` holding the history file `exported` (or a `ChatHistory` already parsed from
+    one), with what recall did in its turns; its cache is rebuilt (sinks + the tail that fits) on the first turn.
+    Raises `ValueError` with a clear message on a corrupt or oversized file, and then changes nothing. Marks are
+    the caller's to keep (`ChatHistory.marks`): the engine keeps none.
 
     The server, not the file, decides the session's mode and sizes: `mode` (default "streaming") with the engine's
     sizes. A file's `"mode"` is only read when the caller passes `allow_file_mode=True`; otherwise an uploaded
     `"mode": "dense"` could turn a bounded chat into a cache that grows to the model's limit."""
-    history = parse_history(exported)
+    history = exported if isinstance(exported, ChatHistory) else parse_history(exported)
     mode = mode or (history.mode if allow_file_mode else None) or "streaming"
-    return engine.open_history(history.messages, history.system_prompt, mode=mode, owner=owner, origin=origin)
+    return engine.open_history(history.messages, history.system_prompt, mode=mode, owner=owner, origin=origin,
+                               records=history.records)

@@ -222,6 +222,8 @@ def check_message(message, index: int, roles: tuple[str, ...] = ROLES) -> dict:
 
 #: The keys of a recall record (`check_recall_records`), as a stored message carries them beside its own.
 RECALL_RECORD_KEYS = ("fed", "recalled")
+#: The marks a stored reply may carry, each `True` when set: cut off while being written, or stopped by the user.
+MARK_KEYS = ("interrupted", "stopped")
 #: Longest text a recall record says was fed: the typed message (at most `MAX_MESSAGE_CHARS`) after the quoted
 #: passages, which the recall budget (under half the window, in tokens) keeps far shorter than another message.
 MAX_FED_CHARS = 2 * MAX_MESSAGE_CHARS

@@ -96,6 +96,35 @@ def test_a_dumped_history_parses_back_to_the_same_conversation(mode, system_prom
         assert (parsed.mode, parsed.system_prompt, parsed.messages) == (mode, system_prompt, MESSAGES)
 
 
+# A conversation as the store keeps it: a stopped reply, a turn that recalled message 0, a reply cut off.
+STORED = [
+    {"role": "user", "content": "My code is 4471."},
+    {"role": "assistant", "content": "Noted", "stopped": True},
+    {"role": "user", "content": "Which code?", "fed": "> My code is 4471.\n\nWhich code?", "recalled": [0]},
+    {"role": "assistant", "content": "It is 44", "interrupted": True},
+]
+
+
+def test_what_recall_fed_and_the_replies_marks_are_written_and_parsed_back_beside_the_text():
+    text = dump_history(mode="streaming", system_prompt=None, start_size=4, recent_size=60, messages=STORED)
+    assert json.loads(text)["messages"] == STORED
+    parsed = parse_history(text)
+    assert parsed.messages == [{"role": m["role"], "content": m["content"]} for m in STORED]
+    assert parsed.records == [{}, {}, {"fed": STORED[2]["fed"], "recalled": [0]}, {}]
+    assert parsed.marks == {"interrupted": {3}, "stopped": {1}}
+    # A file without them (an older download) reads as before: no records, nothing marked.
+    plain = parse_history(dump_history(mode="streaming", system_prompt=None, start_size=4, recent_size=60,
+                                       messages=MESSAGES))
+    assert plain.records is None and plain.marks == {"interrupted": set(), "stopped": set()}
+
+
+def test_a_record_that_recalled_nothing_and_a_false_mark_are_not_written():
+    quiet = [{"role": "user", "content": "a", "fed": "a", "recalled": []},
+             {"role": "assistant", "content": "b", "interrupted": False, "stopped": False}]
+    text = dump_history(mode="streaming", system_prompt=None, start_size=4, recent_size=60, messages=quiet)
+    assert json.loads(text)["messages"] == [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+
+
 @pytest.mark.parametrize("payload,match", [
     (b"x" * (MAX_HISTORY_BYTES + 1), "too large"),
     ("x" * (MAX_HISTORY_BYTES + 1), "at most 8 MiB"),
@@ -104,6 +133,8 @@ def test_a_dumped_history_parses_back_to_the_same_conversation(mode, system_prom
     (json.dumps({"format": EXPORT_FORMAT, "messages": [], "system_prompt": 7}), "system_prompt"),
     (json.dumps({"format": EXPORT_FORMAT, "messages": [], "mode": ["dense"]}), "mode"),
     (json.dumps({"format": EXPORT_FORMAT, "messages": [{"role": "user", "content": None}]}), "message 0"),
+    (json.dumps({"format": EXPORT_FORMAT, "messages": [{"role": "assistant", "content": "a", "stopped": "yes"}]}),
+     "message 0's 'stopped' must be true or false"),
     (json.dumps([1, 2]), "not a chat history"),
 ])
 def test_a_history_outside_the_schema_or_limits_is_refused_with_a_reason(payload, match):

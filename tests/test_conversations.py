@@ -159,6 +159,22 @@ def test_an_uploaded_history_becomes_a_stored_bounded_conversation(make):
     assert [m["content"] for m in conversations.store.load(opened.token).messages] == ["Old question", "Old answer"]
 
 
+def test_an_uploaded_download_is_stored_and_downloaded_again_with_its_recall_records_and_marks(make):
+    stored = [
+        {"role": "user", "content": "My code is 4471."},
+        {"role": "assistant", "content": "Noted", "stopped": True},
+        {"role": "user", "content": "Which code?", "fed": "> My code is 4471.\n\nWhich code?", "recalled": [0]},
+        {"role": "assistant", "content": "It is 44", "interrupted": True},
+    ]
+    conversations = make()
+    opened = conversations.import_history(json.dumps({"format": "streaming-llm-chat", "messages": stored}))
+    assert conversations.store.load(opened.token).messages == stored
+    assert [(m.get("interrupted", False), m.get("stopped", False)) for m in opened.messages] == [
+        (False, False), (False, True), (False, False), (True, False)]
+    assert conversations.engine.memory_map(opened.session_id)[2]["recalled"] == [0]
+    assert json.loads(conversations.export(opened.token))["messages"] == stored
+
+
 def test_without_persistence_a_reload_still_reattaches_and_nothing_is_written(make, tmp_path):
     conversations = make(persist=False)
     token = conversations.start().token

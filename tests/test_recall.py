@@ -450,3 +450,31 @@ def test_a_session_opened_with_its_recall_records_feeds_the_quoted_text_and_name
     assert engine.session(again).fed == engine.session(live).fed
     assert engine.recall_records(again) == records
     assert engine.memory_map(again)[question + 1]["recalled"] == [1]  # numbered with the system prompt first
+
+
+def test_a_downloaded_history_uploaded_again_feeds_the_model_the_same_text_and_keeps_the_markers(
+        tiny_chat_model, default_tokenizer):
+    engine = small_engine(tiny_chat_model, default_tokenizer)
+    live = engine.new_session("streaming", "You are helpful.")
+    talk_until_the_fact_is_gone(engine, live)
+    run(engine, live, QUESTION)
+    records = engine.recall_records(live)
+    assert any(records)
+    again = restore_history(engine, export_history(engine, live))
+    assert engine.recall_records(again) == records
+    assert engine.session(again).fed == engine.session(live).fed
+    question = next(k for k, r in enumerate(records) if r)
+    assert engine.memory_map(again)[question + 1]["recalled"] == engine.memory_map(live)[question + 1]["recalled"]
+
+
+def test_an_uploaded_recall_record_that_points_nowhere_is_refused_and_opens_nothing(
+        tiny_chat_model, default_tokenizer):
+    import json
+
+    engine = small_engine(tiny_chat_model, default_tokenizer)
+    upload = json.dumps({"format": "streaming-llm-chat", "messages": [
+        {"role": "user", "content": "hi", "fed": "hi", "recalled": [5]}, {"role": "assistant", "content": "hello"}]})
+    before = engine.session_ids()
+    with pytest.raises(ValueError, match="recall record 0"):
+        restore_history(engine, upload)
+    assert engine.session_ids() == before

@@ -296,11 +296,31 @@ def test_a_renamed_chat_is_exported_with_its_title_and_uploads_under_it(conv):
     assert page.title == "Remember: pineapple"
 
 
+def test_an_uploaded_download_shows_its_stopped_and_interrupted_replies_and_what_a_turn_recalled(conv):
+    messages = [
+        {"role": "user", "content": "My code is 4471."},
+        {"role": "assistant", "content": "Noted", "stopped": True},
+        {"role": "user", "content": "Which code?", "fed": "> My code is 4471.\n\nWhich code?", "recalled": [0]},
+        {"role": "assistant", "content": "It is 44", "interrupted": True},
+    ]
+    data = json.dumps({"format": "streaming-llm-chat", "messages": messages}).encode()
+    page = Page(conv)
+    page.show(chat_tab.upload_history(conv, data, page.state, page.record))
+    shown = [m["content"] for m in page.chat]
+    assert shown[1].endswith(f"Noted\n\n{chat_tab.STOPPED_NOTE}")
+    assert shown[3].endswith(f"It is 44\n\n{chat_tab.INTERRUPTED_NOTE}")
+    assert 'class="memory-recalled"' in shown[3] and 'href="#recalled-1"' in shown[3]
+    assert page.titles() == ["My code is 4471. · 4 messages · interrupted"]
+
+
 @pytest.mark.parametrize("data,match", [
     (b"{not json", "not valid JSON"),
     (b"[" * 200_000, "nested too deep"),
     (b"x" * (MAX_HISTORY_BYTES + 1), "too large"),
     (None, "no file"),
+    (json.dumps({"format": "streaming-llm-chat", "messages": [
+        {"role": "user", "content": "hi", "fed": "hi", "recalled": [1]}, {"role": "assistant", "content": "yo"}]}).encode(),
+     "recall record 0 must belong to a user message and list earlier messages"),
 ])
 def test_a_bad_upload_is_refused_and_the_chat_stays(conv, data, match):
     with pytest.warns(UserWarning, match=match):
