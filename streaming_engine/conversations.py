@@ -639,7 +639,7 @@ class Conversations:
 
     def import_history(self, exported: str | bytes, *, owner: str | None = None, origin: str = "browser") -> Opened:
         """An uploaded history as a new conversation (stored at once), with its recall records and marks, so it
-        is the conversation that was downloaded. The server decides mode and sizes."""
+        is the conversation that was downloaded, its recall switch included. The server decides mode and sizes."""
         history = parse_history(exported)
         sid = restore_history(self.engine, history, owner=owner, origin=origin)
         token = new_token()
@@ -647,16 +647,18 @@ class Conversations:
             self._live[token] = sid
             self._marks[token] = set(history.marks["interrupted"])
             self._stopped[token] = set(history.marks["stopped"])
+            if history.recall is False:
+                self._recall_off.add(token)
         # The file's title (a renamed chat keeps its name).
         title = (history.title or "").strip() or auto_title(self.messages(token, sid))
         self._guarded(token, self.store.replace, token, self._stored_messages(token, sid),
-                      system_prompt=self._system_prompt(sid), title=title)
+                      system_prompt=self._system_prompt(sid), title=title, recall=token not in self._recall_off)
         stored = self.list([token])  # the title as the store cleaned it
         return self._opened(token, sid, stored[0].title if stored else title, reattached=False)
 
     def export(self, token: str) -> str:
         """The live conversation as a history file, with its stored title (a rename included), what recall did in
-        its turns and its replies' marks (interrupted, stopped)."""
+        its turns, its replies' marks (interrupted, stopped) and its recall switch."""
         sid = self._live.get(token) if isinstance(token, str) else None
         if sid is None:
             raise ConversationNotFound("this conversation is not open")
@@ -666,7 +668,7 @@ class Conversations:
             summary = []
         with self._lock:
             marks = {"interrupted": set(self._marks.get(token, ())), "stopped": set(self._stopped.get(token, ()))}
-        return export_history(self.engine, sid, marks=marks,
+        return export_history(self.engine, sid, marks=marks, recall=token not in self._recall_off,
                               title=summary[0].title if summary else auto_title(self.messages(token, sid)))
 
     def _system_prompt(self, sid: str) -> str | None:

@@ -8,6 +8,7 @@ What users download and upload to continue a conversation elsewhere (format `str
      "start_size": int, "recent_size": int,               # informative: the restoring engine's sizes apply
      "messages": [{"role": "user" | "assistant", "content": text}, ...],
      "title": text,                                       # optional: the conversation's (renamed) title
+     "recall": true | false,                              # optional: the conversation's recall switch
      "exported_at": "2025-01-31T12:00:00+00:00"}
 
 A message may carry more, as the store keeps it (`store.py`), so that a download uploaded elsewhere is the same
@@ -18,7 +19,7 @@ conversation, not only the same words:
   gives the model that same text again when it re-primes, and the page shows the same "recalled" markers.
 - a reply: `"interrupted": true` when it was cut off while being written, `"stopped": true` when the user stopped it.
 
-All of these, like "title", are optional and outside the version: a file without them (written before they were
+All of these, like "title" and "recall", are optional and outside the version: a file without them (written before they were
 added, or by hand) reads as before, and a reader that does not know them keeps the role and text only.
 
 `parse_history` checks the size, the encoding and the schema and returns what a restore needs; it never touches a
@@ -57,7 +58,7 @@ _LIMIT_TEXT = f"{MAX_HISTORY_BYTES // (1024 * 1024)} MiB"
 class ChatHistory:
     """A parsed history: `messages` are `{"role", "content"}` dicts with the roles in `ROLES`. `records`: what
     recall did, parallel to `messages` (`{}` or the file's `{"fed", "recalled"}`, unchecked: `open_history` checks
-    them), or None when no message has one. `marks`: per key of `MARK_KEYS`, the indices of the replies the file
+    them), or None when no message has one. `recall`: the recall switch. `marks`: per key of `MARK_KEYS`, the indices of the replies the file
     marks so."""
 
     messages: list[dict]
@@ -65,6 +66,7 @@ class ChatHistory:
     system_prompt: str | None = None
     title: str | None = None  # as the file has it; the store cleans and cuts it (`store.MAX_TITLE_CHARS`)
     records: list[dict] | None = None
+    recall: bool | None = None  # the conversation's recall switch, None where the file does not say
     marks: dict[str, frozenset[int]] = field(default_factory=lambda: {key: frozenset() for key in MARK_KEYS})
 
 
@@ -79,10 +81,10 @@ def _file_message(message: dict) -> dict:
 
 
 def dump_history(*, mode: str, system_prompt: str | None, start_size: int, recent_size: int,
-                 messages: list[dict], title: str | None = None) -> str:
+                 messages: list[dict], title: str | None = None, recall: bool | None = None) -> str:
     """The history as JSON text (indented, non-ASCII kept as is), stamped with the current UTC time. `messages`
     as the store keeps them: role and text, and where they have them a recall record and marks (module
-    docstring); `title` is written only when there is one."""
+    docstring); `title` is written only when there is one, `recall` (the recall switch) when it is given."""
     return json.dumps({
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
@@ -92,6 +94,7 @@ def dump_history(*, mode: str, system_prompt: str | None, start_size: int, recen
         "recent_size": recent_size,
         "messages": [_file_message(m) for m in messages],
         **({"title": title} if title else {}),
+        **({"recall": recall} if recall is not None else {}),
         "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }, ensure_ascii=False, indent=2)
 
@@ -124,7 +127,10 @@ def parse_history(exported: str | bytes) -> ChatHistory:
     title = data.get("title")
     if title is not None and not isinstance(title, str):
         raise ValueError("history 'title' must be text or null")
-    return ChatHistory(messages, mode, system_prompt, title, records if any(records) else None, marks)
+    recall = data.get("recall")
+    if recall is not None and not isinstance(recall, bool):
+        raise ValueError("history 'recall' must be true, false or null")
+    return ChatHistory(messages, mode, system_prompt, title, records if any(records) else None, recall, marks)
 
 
 def _marked(raw: list, messages: list[dict], key: str) -> list[int]:
@@ -137,23 +143,25 @@ def _marked(raw: list, messages: list[dict], key: str) -> list[int]:
 
 
 def export_history(engine, session_id: str, *, title: str | None = None,
-                   marks: Mapping[str, Collection[int]] | None = None) -> str:
+                   marks: Mapping[str, Collection[int]] | None = None, recall: bool | None = None) -> str:
     """Session `session_id` of `engine` as a history file: the conversation as typed and replied, with what recall
-    did in its turns (`engine.recall_records`), the session's mode and sizes. The engine keeps no title and no
-    marks: `title` is the caller's name for it, `marks` (as `ChatHistory.marks`) the replies it marks."""
+    did in its turns (`engine.recall_records`), the session's mode and sizes. The engine keeps no title, no marks
+    and no switch: `title` is the caller's name for it, `marks` (as `ChatHistory.marks`) the replies it marks,
+    `recall` its recall switch (a session's budget of 0 does not say it: a server without recall gives every
+    session 0)."""
     view = engine.session(session_id)
     visible = [m for m in engine.history(session_id) if m["role"] != "system"]
     marks = marks or {}
     stored = [{**m, **r, **{key: True for key in MARK_KEYS if i in marks.get(key, ()) and m["role"] == "assistant"}}
               for i, (m, r) in enumerate(zip(visible, engine.recall_records(session_id)))]
     return dump_history(mode=view.mode, system_prompt=view.system_prompt, start_size=view.start_size,
-                        recent_size=view.recent_size, messages=stored, title=title)
+                        recent_size=view.recent_size, messages=stored, title=title, recall=recall)
 
 
 def restore_history(engine, exported: str | bytes | ChatHistory, mode: str | None = None, *,
                     allow_file_mode: bool = False, owner: str | None = None, origin: str = "browser") -> str:
     """A new session of `engine` holding the history file `exported` (or a `ChatHistory` already parsed from
-    one), with what recall did in its turns; its cache is rebuilt (sinks + the tail that fits) on the first turn.
+    one), with what recall did in its turns and, where the file switches recall off, recall off; its cache is rebuilt (sinks + the tail that fits) on the first turn.
     Raises `ValueError` with a clear message on a corrupt or oversized file, and then changes nothing. Marks are
     the caller's to keep (`ChatHistory.marks`): the engine keeps none.
 
@@ -162,5 +170,8 @@ def restore_history(engine, exported: str | bytes | ChatHistory, mode: str | Non
     `"mode": "dense"` could turn a bounded chat into a cache that grows to the model's limit."""
     history = exported if isinstance(exported, ChatHistory) else parse_history(exported)
     mode = mode or (history.mode if allow_file_mode else None) or "streaming"
-    return engine.open_history(history.messages, history.system_prompt, mode=mode, owner=owner, origin=origin,
-                               records=history.records)
+    session_id = engine.open_history(history.messages, history.system_prompt, mode=mode, owner=owner,
+                                     origin=origin, records=history.records)
+    if history.recall is False:
+        engine.set_recall_budget(session_id, 0)
+    return session_id

@@ -118,6 +118,14 @@ def test_what_recall_fed_and_the_replies_marks_are_written_and_parsed_back_besid
     assert plain.records is None and plain.marks == {"interrupted": set(), "stopped": set()}
 
 
+@pytest.mark.parametrize("recall", [None, True, False])
+def test_the_recall_switch_is_written_when_given_and_read_back_as_written(recall):
+    text = dump_history(mode="streaming", system_prompt=None, start_size=4, recent_size=60, messages=MESSAGES,
+                        recall=recall)
+    assert json.loads(text).get("recall", "absent") == ("absent" if recall is None else recall)
+    assert parse_history(text).recall is recall
+
+
 def test_a_record_that_recalled_nothing_and_a_false_mark_are_not_written():
     quiet = [{"role": "user", "content": "a", "fed": "a", "recalled": []},
              {"role": "assistant", "content": "b", "interrupted": False, "stopped": False}]
@@ -132,6 +140,7 @@ def test_a_record_that_recalled_nothing_and_a_false_mark_are_not_written():
      "at most 20,000 messages"),
     (json.dumps({"format": EXPORT_FORMAT, "messages": [], "system_prompt": 7}), "system_prompt"),
     (json.dumps({"format": EXPORT_FORMAT, "messages": [], "mode": ["dense"]}), "mode"),
+    (json.dumps({"format": EXPORT_FORMAT, "messages": [], "recall": "off"}), "'recall' must be true, false or null"),
     (json.dumps({"format": EXPORT_FORMAT, "messages": [{"role": "user", "content": None}]}), "message 0"),
     (json.dumps({"format": EXPORT_FORMAT, "messages": [{"role": "assistant", "content": "a", "stopped": "yes"}]}),
      "message 0's 'stopped' must be true or false"),

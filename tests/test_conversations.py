@@ -415,6 +415,28 @@ def test_a_conversation_reopened_after_a_restart_gives_the_model_the_same_contex
     assert [m.get("recalled") for m in after.memory_map(opened.token)][: len(markers)] == markers
 
 
+def test_a_download_uploaded_on_another_server_gives_the_model_the_same_context_and_keeps_the_switch(make):
+    before = make(**SMALL_WINDOW)
+    opened = before.start(system_prompt="You are helpful.")
+    _recall_until_quoted(before, opened.token)
+    before.set_recall(opened.token, False)
+    fed = before.engine.session(opened.session_id).fed
+    markers = [m.get("recalled") for m in before.memory_map(opened.token)]
+    download = before.export(opened.token)
+    assert json.loads(download)["recall"] is False
+
+    after = make(**SMALL_WINDOW)
+    uploaded = after.import_history(download)
+    assert after.engine.session(uploaded.session_id).fed == fed
+    assert [m.get("recalled") for m in after.memory_map(uploaded.token)] == markers
+    assert not after.recall_enabled(uploaded.token) and after.store.load(uploaded.token).recall is False
+    assert after.engine.stats(uploaded.session_id)["recall_budget"] == 0
+    # Switched back on, the next download says so, and an upload of it recalls again.
+    after.set_recall(uploaded.token, True)
+    again = after.import_history(after.export(uploaded.token))
+    assert after.recall_enabled(again.token) and after.engine.stats(again.session_id)["recall_budget"] > 0
+
+
 def test_the_recall_switch_is_stored_with_the_conversation_and_every_replica_follows_it(make):
     a, b = make(**SMALL_WINDOW), make(**SMALL_WINDOW)
     off_from_start = a.start(recall=False)

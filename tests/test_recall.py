@@ -467,6 +467,20 @@ def test_a_downloaded_history_uploaded_again_feeds_the_model_the_same_text_and_k
     assert engine.memory_map(again)[question + 1]["recalled"] == engine.memory_map(live)[question + 1]["recalled"]
 
 
+def test_a_history_file_that_switches_recall_off_opens_a_session_that_recalls_nothing(
+        tiny_chat_model, default_tokenizer):
+    import json
+
+    engine = small_engine(tiny_chat_model, default_tokenizer)
+    live = engine.new_session("streaming", "You are helpful.")
+    talk_until_the_fact_is_gone(engine, live)
+    off = restore_history(engine, export_history(engine, live, recall=False))
+    assert engine.stats(off)["recall_budget"] == 0
+    assert run(engine, off, QUESTION).stats["recalled_tokens"] == 0
+    # The engine keeps no switch: the caller says it, or the file says nothing.
+    assert "recall" not in json.loads(export_history(engine, live))
+
+
 def test_an_uploaded_recall_record_that_points_nowhere_is_refused_and_opens_nothing(
         tiny_chat_model, default_tokenizer):
     import json
