@@ -96,7 +96,8 @@ def test_a_dumped_history_parses_back_to_the_same_conversation(mode, system_prom
         assert (parsed.mode, parsed.system_prompt, parsed.messages) == (mode, system_prompt, MESSAGES)
 
 
-# A conversation as the store keeps it: a stopped reply, a turn that recalled message 0, a reply cut off.
+# A conversation as the store keeps it and a history file writes it: a stopped reply, a turn that recalled message
+# 0, a reply cut off (also uploaded by test_conversations and test_webui).
 STORED = [
     {"role": "user", "content": "My code is 4471."},
     {"role": "assistant", "content": "Noted", "stopped": True},

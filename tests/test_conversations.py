@@ -160,12 +160,8 @@ def test_an_uploaded_history_becomes_a_stored_bounded_conversation(make):
 
 
 def test_an_uploaded_download_is_stored_and_downloaded_again_with_its_recall_records_and_marks(make):
-    stored = [
-        {"role": "user", "content": "My code is 4471."},
-        {"role": "assistant", "content": "Noted", "stopped": True},
-        {"role": "user", "content": "Which code?", "fed": "> My code is 4471.\n\nWhich code?", "recalled": [0]},
-        {"role": "assistant", "content": "It is 44", "interrupted": True},
-    ]
+    from test_config import STORED as stored
+
     conversations = make()
     opened = conversations.import_history(json.dumps({"format": "streaming-llm-chat", "messages": stored}))
     assert conversations.store.load(opened.token).messages == stored

@@ -1,6 +1,7 @@
 """The documentation stays true to the tree: README.md is a short front door that still configures the Space,
 every relative link in README.md, CONTRIBUTING.md and docs/*.md reaches a file (and a heading, when it names
-one), and every path and `module.symbol` that CONTRIBUTING.md names exists.
+one), every test they name (`test_x.py::test_name`, or its beginning before a "…") exists, and every path and
+`module.symbol` that CONTRIBUTING.md names exists.
 
 Static only: modules are parsed, never imported, so this runs in a second and needs neither gradio nor a model.
 `make docs` (mkdocs build --strict) checks the built site on top of this.
@@ -171,6 +172,39 @@ def test_the_symbol_check_can_tell_a_missing_name():
     assert resolves("families.SUPPORTED_FAMILIES") and resolves("cache.StartRecentKVCache.evict_range")
     assert not resolves("families.NO_SUCH_NAME") and not resolves("cache.StartRecentKVCache.no_such_method")
     assert not resolves("no_such_module.anything")
+
+
+#: A test named in the docs: its module, then its name or (before "…") the beginning of its name.
+TEST_REFERENCE = re.compile(r"(test_\w+)\.py::(test_\w+)(…)?")
+
+
+def functions_of(module: str) -> set[str]:
+    """The names of the test functions (any depth: class methods too) of `tests/<module>.py`, parsed."""
+    path = ROOT / "tests" / f"{module}.py"
+    if not path.exists():
+        return set()
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+def names_a_test(module: str, name: str, abridged: bool) -> bool:
+    functions = functions_of(module)
+    return any(f.startswith(name) for f in functions) if abridged else name in functions
+
+
+@pytest.mark.parametrize("page", markdown_files(), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_test_a_page_names_exists(page):
+    """A page that says "tested by X" must name a test that runs: a renamed or deleted test fails here."""
+    text = page.read_text(encoding="utf-8")
+    missing = [m.group(0) for m in TEST_REFERENCE.finditer(text) if not names_a_test(*m.groups()[:2], bool(m[3]))]
+    assert not missing, f"{page.relative_to(ROOT)} names tests that do not exist: {missing}"
+
+
+def test_the_test_name_check_can_tell_a_missing_test():
+    assert names_a_test("test_docs", "test_every_test_a_page_names_exists", False)
+    assert names_a_test("test_docs", "test_every_test_a_page_", True)
+    assert not names_a_test("test_docs", "test_every_test_a_page_", False)  # a beginning only counts before "…"
+    assert not names_a_test("test_docs", "test_no_such_test", True) and not names_a_test("test_nope", "test_x", True)
 
 
 def test_the_site_nav_lists_every_page_once_and_only_pages_that_exist():

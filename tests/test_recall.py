@@ -435,8 +435,11 @@ def test_recall_records_a_store_hands_back_are_checked_before_a_session_takes_th
         engine.open_history(messages, records=records)
 
 
-def test_a_session_opened_with_its_recall_records_feeds_the_quoted_text_and_names_what_it_quoted(
-        tiny_chat_model, default_tokenizer):
+@pytest.mark.parametrize("reopen", ["records", "history file"])
+def test_a_session_reopened_with_its_recall_records_feeds_the_quoted_text_and_names_what_it_quoted(
+        tiny_chat_model, default_tokenizer, reopen):
+    """Reopened from the store (`open_history(records=...)`) or from a downloaded file, a conversation gives the
+    model the text it was given before, quoted passages included, and keeps its "recalled" markers."""
     engine = small_engine(tiny_chat_model, default_tokenizer)
     live = engine.new_session("streaming", "You are helpful.")
     talk_until_the_fact_is_gone(engine, live)
@@ -445,26 +448,14 @@ def test_a_session_opened_with_its_recall_records_feeds_the_quoted_text_and_name
     question = len(records) - 2  # [..., question, reply]
     assert records[question]["recalled"] == [0] and records[question]["fed"].endswith(QUESTION)
     assert all(r == {} for k, r in enumerate(records) if k != question)
-    history = engine.history(live)[1:]  # after the system prompt, as the records count
-    again = engine.open_history(history, "You are helpful.", records=records)
+    if reopen == "records":
+        history = engine.history(live)[1:]  # after the system prompt, as the records count
+        again = engine.open_history(history, "You are helpful.", records=records)
+    else:
+        again = restore_history(engine, export_history(engine, live))
     assert engine.session(again).fed == engine.session(live).fed
     assert engine.recall_records(again) == records
     assert engine.memory_map(again)[question + 1]["recalled"] == [1]  # numbered with the system prompt first
-
-
-def test_a_downloaded_history_uploaded_again_feeds_the_model_the_same_text_and_keeps_the_markers(
-        tiny_chat_model, default_tokenizer):
-    engine = small_engine(tiny_chat_model, default_tokenizer)
-    live = engine.new_session("streaming", "You are helpful.")
-    talk_until_the_fact_is_gone(engine, live)
-    run(engine, live, QUESTION)
-    records = engine.recall_records(live)
-    assert any(records)
-    again = restore_history(engine, export_history(engine, live))
-    assert engine.recall_records(again) == records
-    assert engine.session(again).fed == engine.session(live).fed
-    question = next(k for k, r in enumerate(records) if r)
-    assert engine.memory_map(again)[question + 1]["recalled"] == engine.memory_map(live)[question + 1]["recalled"]
 
 
 def test_a_history_file_that_switches_recall_off_opens_a_session_that_recalls_nothing(

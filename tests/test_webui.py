@@ -297,12 +297,8 @@ def test_a_renamed_chat_is_exported_with_its_title_and_uploads_under_it(conv):
 
 
 def test_an_uploaded_download_shows_its_stopped_and_interrupted_replies_and_what_a_turn_recalled(conv):
-    messages = [
-        {"role": "user", "content": "My code is 4471."},
-        {"role": "assistant", "content": "Noted", "stopped": True},
-        {"role": "user", "content": "Which code?", "fed": "> My code is 4471.\n\nWhich code?", "recalled": [0]},
-        {"role": "assistant", "content": "It is 44", "interrupted": True},
-    ]
+    from test_config import STORED as messages
+
     data = json.dumps({"format": "streaming-llm-chat", "messages": messages}).encode()
     page = Page(conv)
     page.show(chat_tab.upload_history(conv, data, page.state, page.record))
