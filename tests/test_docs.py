@@ -174,8 +174,9 @@ def test_the_symbol_check_can_tell_a_missing_name():
     assert not resolves("no_such_module.anything")
 
 
-#: A test named in the docs: its module, then its name or (before "…") the beginning of its name.
-TEST_REFERENCE = re.compile(r"(test_\w+)\.py::(test_\w+)(…)?")
+#: A test named in the docs: its module (or "…" for the module named just before), then its name or (before "…")
+#: the beginning of its name.
+TEST_REFERENCE = re.compile(r"(?:(test_\w+)\.py|…)::(test_\w+)(…)?")
 
 
 def functions_of(module: str) -> set[str]:
@@ -195,8 +196,11 @@ def names_a_test(module: str, name: str, abridged: bool) -> bool:
 @pytest.mark.parametrize("page", markdown_files(), ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_every_test_a_page_names_exists(page):
     """A page that says "tested by X" must name a test that runs: a renamed or deleted test fails here."""
-    text = page.read_text(encoding="utf-8")
-    missing = [m.group(0) for m in TEST_REFERENCE.finditer(text) if not names_a_test(*m.groups()[:2], bool(m[3]))]
+    missing, module = [], None
+    for found in TEST_REFERENCE.finditer(page.read_text(encoding="utf-8")):
+        module = found[1] or module
+        if module is None or not names_a_test(module, found[2], bool(found[3])):
+            missing.append(found[0])
     assert not missing, f"{page.relative_to(ROOT)} names tests that do not exist: {missing}"
 
 
