@@ -1,7 +1,7 @@
 """The documentation stays true to the tree: README.md is a short front door that still configures the Space,
 every relative link in README.md, CONTRIBUTING.md and docs/*.md reaches a file (and a heading, when it names
-one), every test they name (`test_x.py::test_name`, or its beginning before a "…") exists, and every path and
-`module.symbol` that CONTRIBUTING.md names exists.
+one), every file path and every test they name (`test_x.py::test_name`, or its beginning before a "…") exists,
+and every path and `module.symbol` that CONTRIBUTING.md names exists.
 
 Static only: modules are parsed, never imported, so this runs in a second and needs neither gradio nor a model.
 `make docs` (mkdocs build --strict) checks the built site on top of this.
@@ -86,6 +86,25 @@ def test_every_relative_link_reaches_a_file_and_its_heading(page):
         elif anchor and dest.suffix == ".md" and anchor not in heading_slugs(dest):
             broken.append(f"{target}: no heading with anchor #{anchor}")
     assert not broken, f"{page.relative_to(ROOT)}: " + "; ".join(broken)
+
+
+#: Where a path a page names is looked for: the tree, then the package (`backends/hf.py` in docs/backends.md).
+PATH_ROOTS = (ROOT, ROOT / "streaming_engine")
+
+
+@pytest.mark.parametrize("page", markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_file_path_a_page_names_exists(page):
+    """A backticked file path with a folder in it (`webui/chat_tab.py`, `assets/eval/ppl.json`) names a file of
+    the tree, so a moved module or a renamed result cannot leave a page pointing at nothing. Paths in code blocks
+    are commands' arguments (they may be made by the command) and are not checked."""
+    words = [w for w in CODE.findall(FENCE.sub("", page.read_text(encoding="utf-8")))
+             if is_path(w) and "/" in w and w.endswith(PATH_SUFFIXES) and not w.startswith(".")]
+    missing = []
+    for word in words:
+        pattern = re.sub(r"<[^>]*>", "*", word)
+        if not any(list(root.glob(pattern)) if "*" in pattern else (root / pattern).exists() for root in PATH_ROOTS):
+            missing.append(word)
+    assert not missing, f"{page.relative_to(ROOT)} names files that do not exist: {missing}"
 
 
 def contributing_words() -> list[str]:
