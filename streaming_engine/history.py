@@ -148,14 +148,39 @@ def export_history(engine, session_id: str, *, title: str | None = None,
     did in its turns (`engine.recall_records`), the session's mode and sizes. The engine keeps no title, no marks
     and no switch: `title` is the caller's name for it, `marks` (as `ChatHistory.marks`) the replies it marks,
     `recall` its recall switch (a session's budget of 0 does not say it: a server without recall gives every
-    session 0)."""
+    session 0). A file that would pass the upload limit (`MAX_HISTORY_BYTES`) drops the recall records of its oldest
+    turns until it fits, or until none is left (`upload_limit_note` then says so)."""
     view = engine.session(session_id)
     visible = [m for m in engine.history(session_id) if m["role"] != "system"]
     marks = marks or {}
     stored = [{**m, **r, **{key: True for key in MARK_KEYS if i in marks.get(key, ()) and m["role"] == "assistant"}}
               for i, (m, r) in enumerate(zip(visible, engine.recall_records(session_id)))]
-    return dump_history(mode=view.mode, system_prompt=view.system_prompt, start_size=view.start_size,
-                        recent_size=view.recent_size, messages=stored, title=title, recall=recall)
+
+    def dumped() -> str:
+        return dump_history(mode=view.mode, system_prompt=view.system_prompt, start_size=view.start_size,
+                            recent_size=view.recent_size, messages=stored, title=title, recall=recall)
+
+    text = dumped()
+    # A file past the upload limit could not come back. What recall fed the oldest turns goes first: the text of
+    # every message stays whole, and a re-primed cache holds the newest turns, whose records are kept longest.
+    recorded = [m for m in stored if m.get("recalled")]
+    while recorded and (excess := len(text.encode("utf-8")) - MAX_HISTORY_BYTES) > 0:
+        while recorded and excess > 0:
+            record = {key: recorded[0].pop(key) for key in RECALL_RECORD_KEYS if key in recorded[0]}
+            recorded.pop(0)
+            excess -= len(json.dumps(record, ensure_ascii=False, indent=2).encode("utf-8"))
+        text = dumped()
+    return text
+
+
+def upload_limit_note(exported: str) -> str | None:
+    """None when the history file `exported` can be uploaded back; else why not, in words for users (a
+    conversation whose text alone passes `MAX_HISTORY_BYTES`: the download keeps it whole all the same)."""
+    size = len(exported.encode("utf-8"))
+    if size <= MAX_HISTORY_BYTES:
+        return None
+    return (f"This history is {size / (1024 * 1024):.1f} MiB, more than the {_LIMIT_TEXT} an upload may be: the "
+            "download holds all of it, but it cannot be uploaded back whole.")
 
 
 def restore_history(engine, exported: str | bytes | ChatHistory, mode: str | None = None, *,

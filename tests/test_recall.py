@@ -458,6 +458,38 @@ def test_a_session_reopened_with_its_recall_records_feeds_the_quoted_text_and_na
     assert engine.memory_map(again)[question + 1]["recalled"] == [1]  # numbered with the system prompt first
 
 
+def test_a_download_past_the_upload_limit_drops_the_oldest_recall_records_first_and_keeps_every_text(
+        tiny_chat_model, default_tokenizer, monkeypatch):
+    import json
+
+    from streaming_engine import history
+
+    engine = small_engine(tiny_chat_model, default_tokenizer)
+    live = engine.new_session("streaming", "You are helpful.")
+    talk_until_the_fact_is_gone(engine, live)
+    run(engine, live, QUESTION)
+    run(engine, live, "And my locker code again?")
+    turns = [k for k, r in enumerate(engine.recall_records(live)) if r]
+    assert len(turns) == 2, engine.recall_records(live)
+    whole = export_history(engine, live)
+    texts = [(m["role"], m["content"]) for m in json.loads(whole)["messages"]]
+    assert history.upload_limit_note(whole) is None
+
+    monkeypatch.setattr(history, "MAX_HISTORY_BYTES", len(whole.encode()) - 1)  # one byte too many
+    cut = export_history(engine, live)
+    assert len(cut.encode()) <= history.MAX_HISTORY_BYTES and history.upload_limit_note(cut) is None
+    messages = json.loads(cut)["messages"]
+    assert [(m["role"], m["content"]) for m in messages] == texts
+    assert [k for k, m in enumerate(messages) if "recalled" in m] == turns[1:]  # the newest turn keeps its record
+    assert restore_history(engine, cut)
+
+    monkeypatch.setattr(history, "MAX_HISTORY_BYTES", 1000)  # the text alone is larger
+    over = export_history(engine, live)
+    assert [(m["role"], m["content"]) for m in json.loads(over)["messages"]] == texts
+    assert all("recalled" not in m for m in json.loads(over)["messages"])
+    assert "cannot be uploaded back whole" in history.upload_limit_note(over)
+
+
 def test_a_history_file_that_switches_recall_off_opens_a_session_that_recalls_nothing(
         tiny_chat_model, default_tokenizer):
     import json

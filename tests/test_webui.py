@@ -279,6 +279,18 @@ def test_a_downloaded_history_uploads_into_a_new_conversation_that_continues(con
     assert len(page.chat) == 4
 
 
+def test_a_download_too_large_to_upload_back_is_still_whole_and_says_so(conv, monkeypatch):
+    from streaming_engine import history
+
+    page = Page(conv)
+    page.send("Remember: pineapple")
+    monkeypatch.setattr(history, "MAX_HISTORY_BYTES", 100)
+    with pytest.warns(UserWarning, match="cannot be uploaded back whole"):
+        download = chat_tab.export_history(conv, page.state, page.record)
+    messages = json.loads(open(download["value"], "rb").read())["messages"]
+    assert [m["content"] for m in messages] == [m["content"] for m in conv.messages(page.token)]
+
+
 def test_a_renamed_chat_is_exported_with_its_title_and_uploads_under_it(conv):
     """Issue 27 item 9: the downloaded file carries the chat's (renamed) title, and an upload is listed under it."""
     page = Page(conv)

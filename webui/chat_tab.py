@@ -29,6 +29,7 @@ from streaming_engine.conversations import (
     Opened,
 )
 from streaming_engine.engine import refusal
+from streaming_engine.history import upload_limit_note
 from streaming_engine.sampling import MAX_NEW_TOKENS_LIMIT
 from streaming_engine.validate import EMPTY_TEXT, MAX_MESSAGE_CHARS
 
@@ -507,6 +508,9 @@ def export_history(conversations, state, record, request: gr.Request = None):
     if not data or not conversations.messages(token):
         gr.Warning(NOTHING_YET)
         return gr.update(visible=False)
+    too_large = upload_limit_note(data)
+    if too_large:
+        gr.Warning(too_large)
     folder = files.export_folder()
     path = folder / f"chat-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(data, encoding="utf-8")
