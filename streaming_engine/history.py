@@ -23,9 +23,11 @@ All of these, like "title" and "recall", are optional and outside the version: a
 added, or by hand) reads as before, and a reader that does not know them keeps the role and text only.
 
 `parse_history` checks the size, the encoding and the schema and returns what a restore needs; it never touches a
-session. Whether a message's *text* is acceptable (length, control characters), whether the mode exists and
-whether a recall record is consistent (`validate.check_recall_records`) are the engine's rules, applied when
-`restore_history` hands the messages to `StreamingEngine.open_history`.
+session. A `fed` text must be what this app feeds (a recall block quoting only the messages its record names,
+then the message), so that a shared file cannot give the model text no page shows. Whether a message's *text* is
+acceptable (length, control characters), whether the mode exists and whether a recall record's indices are
+consistent (`validate.check_recall_records`) are the engine's rules, applied when `restore_history` hands the
+messages to `StreamingEngine.open_history`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Collection, Mapping
 
+from .recall import quotes_only
 from .validate import (  # noqa: F401  (ROLES re-exported)
     MARK_KEYS,
     MAX_MESSAGES,
@@ -117,6 +120,7 @@ def parse_history(exported: str | bytes) -> ChatHistory:
     raw = data.get("messages")
     messages = check_messages(raw, "history 'messages'")
     records = [{key: m[key] for key in RECALL_RECORD_KEYS if key in m} for m in raw]
+    _check_fed_texts(records, messages)
     marks = {key: frozenset(_marked(raw, messages, key)) for key in MARK_KEYS}
     system_prompt = data.get("system_prompt")
     if system_prompt is not None and not isinstance(system_prompt, str):
@@ -131,6 +135,22 @@ def parse_history(exported: str | bytes) -> ChatHistory:
     if recall is not None and not isinstance(recall, bool):
         raise ValueError("history 'recall' must be true, false or null")
     return ChatHistory(messages, mode, system_prompt, title, records if any(records) else None, recall, marks)
+
+
+def _check_fed_texts(records: list[dict], messages: list[dict]) -> None:
+    """A file's `fed` text must be what this app feeds: a recall block that quotes only the messages its record
+    names (`recall.quotes_only`), then the message as shown. Otherwise a shared file could give the model text
+    that no page shows. The rest of a record (its indices, its length) is `validate.check_recall_records`'s."""
+    for i, (record, message) in enumerate(zip(records, messages)):
+        fed, quoted = record.get("fed"), record.get("recalled")
+        if (not quoted or not isinstance(fed, str) or not isinstance(quoted, list)
+                or any(type(k) is not int or not 0 <= k < i for k in quoted)):
+            continue  # recalled nothing (the record is dropped), or malformed (refused by the record check)
+        texts = [messages[k]["content"] for k in quoted]
+        content = message["content"]
+        if not (fed.endswith(content) and quotes_only(fed[:len(fed) - len(content)], texts)):
+            raise ValueError(f"history message {i}'s 'fed' text must be a recall block quoting the messages its "
+                             "'recalled' names, then the message itself")
 
 
 def _marked(raw: list, messages: list[dict], key: str) -> list[int]:
