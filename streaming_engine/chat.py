@@ -4,7 +4,8 @@ A user-facing chat in the terminal (the MT-Bench *benchmark* of the same idea is
 
 Reads prompts from a file (a `.jsonl` of MT-Bench style `{"turns": [...]}` records, a `.json` list, or plain text
 with one prompt per line) or from standard input, feeds them one after another into ONE streaming session, prints
-each answer as it streams and the cache statistics after it. Interactive when stdin is a terminal.
+each answer as it streams and the cache statistics after it. Interactive when stdin is a terminal. `--history`
+continues a conversation downloaded from the web app, and `--save` writes one the app can upload (`history.py`).
 """
 
 from __future__ import annotations
@@ -73,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--history", default=None, metavar="FILE",
+                   help="continue the conversation of a history file (the web app's \"Download history\"): its "
+                        "messages, system prompt and recall switch; the cache is rebuilt from them on the first turn")
+    p.add_argument("--save", default=None, metavar="FILE",
+                   help="write the conversation as a history file after every turn (the web app can upload it; "
+                        "may be the --history file)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto (default): transformers; llama.cpp only when asked for (a GGUF on the CPU)")
     p.add_argument("--pin-system", action=argparse.BooleanOptionalAction, default=True,
@@ -94,11 +101,52 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def read_history(path: str, system: str | None):
+    """The history file at `path` (`history.parse_history`), or `SystemExit` with why not. `--system` beside it is
+    refused: the conversation goes on under the system prompt it was held under."""
+    from .history import parse_history
+
+    if system is not None:
+        raise SystemExit("error: --system and --history both give a system prompt; the history file's applies")
+    file = Path(path)
+    if not file.is_file():
+        raise SystemExit(f"error: history file {path!r} does not exist")
+    try:
+        return parse_history(file.read_bytes())
+    except ValueError as exc:
+        raise SystemExit(f"error: history file {path!r}: {exc}") from exc
+
+
+def save_history(path: str, engine, session: str, recall: bool | None) -> None:
+    """Write the conversation to `path` as a history file, whole or not at all (a temporary file beside it,
+    renamed over it), so an interrupted write never leaves half a file where the last good one was."""
+    import os
+    import tempfile
+
+    from .history import export_history, upload_limit_note
+
+    text = export_history(engine, session, recall=recall)
+    target = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".", prefix=f".{target.name}.")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    note = upload_limit_note(text)
+    if note:
+        print(f"[{note}]", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     interactive = args.prompts is None and sys.stdin.isatty()
     prompts = [] if interactive else read_prompts(args.prompts)
+    history = read_history(args.history, args.system) if args.history is not None else None
     from .engine import EngineConfig, StreamingEngine
+    from .history import restore_history
     from .loading import load
     from .placement import describe_placement
 
@@ -113,17 +161,31 @@ def main(argv: list[str] | None = None) -> int:
         if args.device_map is not None:
             print(f"[weights: {describe_placement(model)}]", file=sys.stderr, flush=True)
         engine = StreamingEngine(model, tokenizer, config)
-        session = engine.new_session(args.mode, args.system)
+        session = engine.new_session(args.mode, args.system) if history is None else restore_history(
+            engine, history, args.mode)
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if history is not None:
+        print(f"[continuing {len(history.messages)} messages from {args.history}]", file=sys.stderr, flush=True)
     sampling = dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
     )
 
+    recall = history.recall if history is not None else None  # the file's switch travels on to --save's
+
+    def save() -> None:
+        if args.save is not None:
+            save_history(args.save, engine, session, recall)
+
     def ask(prompt: str) -> bool:
         print(f"\nUSER: {prompt}\n\nASSISTANT: ", end="", flush=True)
+        go_on = answer(prompt)
+        save()  # after every turn, a failed one too
+        return go_on
+
+    def answer(prompt: str) -> bool:
         for event in engine.chat(session, prompt, **sampling):
             if event.kind == "delta":
                 print(event.text, end="", flush=True)
@@ -154,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                     break
     except KeyboardInterrupt:
         engine.stop(session)
+        engine.settle(session)  # the partial reply lands in the history, and so in the saved file
+        save()
         print("\n[interrupted]")
     return 0
 

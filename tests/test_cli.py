@@ -169,3 +169,63 @@ def test_a_model_path_that_names_nothing_is_an_error_line_not_a_traceback(tmp_pa
         ppl.main(["--model", missing, "--output", str(tmp_path / "ppl.json")])
     assert stopped.value.code == 2 and f"could not load {missing}: no such folder" in capsys.readouterr().err
     assert not (tmp_path / "ppl.json").exists()
+
+
+def test_a_saved_chat_continues_from_its_file_and_every_turn_is_saved(tiny_model_dir, tmp_path, capsys):
+    from streaming_engine.history import parse_history
+
+    saved = tmp_path / "chat.json"
+    first = tmp_path / "first.txt"
+    first.write_text("Remember: pineapple\nAnd a second thing\n")
+    common = ["--model", tiny_model_dir, "--recent-size", "60", "--max-new-tokens", "6", "--save", str(saved)]
+    assert chat.main([str(first), *common, "--system", "Be brief."]) == 0
+    before = parse_history(saved.read_bytes())
+    assert [m["role"] for m in before.messages] == ["user", "assistant"] * 2 and before.system_prompt == "Be brief."
+    assert not list(tmp_path.glob(".chat.json.*"))  # the temporary file was renamed over the target
+
+    capsys.readouterr()
+    more = tmp_path / "more.txt"
+    more.write_text("What was the fruit?\n")
+    assert chat.main([str(more), *common, "--history", str(saved)]) == 0
+    assert f"[continuing 4 messages from {saved}]" in capsys.readouterr().err
+    after = parse_history(saved.read_bytes())
+    assert after.messages[:4] == before.messages and after.messages[4]["content"] == "What was the fruit?"
+    assert len(after.messages) == 6 and after.system_prompt == "Be brief."
+
+
+def test_a_chat_interrupted_mid_reply_saves_the_partial_reply(tiny_model_dir, tmp_path, monkeypatch):
+    from streaming_engine.history import parse_history
+
+    class CtrlC(io.StringIO):
+        """Standard output that raises KeyboardInterrupt at the reply's first piece, as Ctrl-C would then."""
+
+        pressed = False
+
+        def write(self, text):
+            if self.getvalue().endswith("ASSISTANT: ") and text and not self.pressed:
+                self.pressed = True
+                raise KeyboardInterrupt
+            return super().write(text)
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Tell me a long story\nNever asked\n")
+    saved = tmp_path / "chat.json"
+    monkeypatch.setattr("sys.stdout", CtrlC())
+    assert chat.main([str(prompts), "--model", tiny_model_dir, "--max-new-tokens", "200", "--save", str(saved)]) == 0
+    messages = parse_history(saved.read_bytes()).messages
+    assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == "Tell me a long story"
+
+
+@pytest.mark.parametrize("setup, match", [
+    (lambda path: None, "does not exist"),
+    (lambda path: path.write_text("{not json"), "not valid JSON"),
+    (lambda path: path.write_text('{"format": "streaming-llm-chat", "messages": []}'), "both give a system prompt"),
+])
+def test_a_history_file_that_cannot_be_continued_is_an_error_line(tiny_model_dir, tmp_path, setup, match):
+    path, prompts = tmp_path / "chat.json", tmp_path / "prompts.txt"
+    setup(path)
+    prompts.write_text("Hello\n")
+    extra = ["--system", "Be brief."] if "system" in match else []
+    with pytest.raises(SystemExit, match=match) as refused:
+        chat.main([str(prompts), "--model", tiny_model_dir, "--history", str(path), *extra])
+    assert "history" in str(refused.value)
