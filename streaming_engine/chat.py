@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 # Only torch-free modules here: `--help` must answer at once. The engine, the loader and torch are imported by
@@ -28,6 +30,7 @@ from .defaults import (
     MODES,
 )
 from .eviction import DEFAULT_EVICT_BLOCK, EVICTION_POLICIES
+from .history import export_history, parse_history, restore_history, upload_limit_note
 from .prompts import jsonl_records
 
 
@@ -104,8 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
 def read_history(path: str, system: str | None):
     """The history file at `path` (`history.parse_history`), or `SystemExit` with why not. `--system` beside it is
     refused: the conversation goes on under the system prompt it was held under."""
-    from .history import parse_history
-
     if system is not None:
         raise SystemExit("error: --system and --history both give a system prompt; the history file's applies")
     file = Path(path)
@@ -120,11 +121,6 @@ def read_history(path: str, system: str | None):
 def save_history(path: str, engine, session: str, recall: bool | None) -> None:
     """Write the conversation to `path` as a history file, whole or not at all (a temporary file beside it,
     renamed over it), so an interrupted write never leaves half a file where the last good one was."""
-    import os
-    import tempfile
-
-    from .history import export_history, upload_limit_note
-
     text = export_history(engine, session, recall=recall)
     target = Path(path)
     handle, temporary = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".", prefix=f".{target.name}.")
@@ -146,7 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [] if interactive else read_prompts(args.prompts)
     history = read_history(args.history, args.system) if args.history is not None else None
     from .engine import EngineConfig, StreamingEngine
-    from .history import restore_history
     from .loading import load
     from .placement import describe_placement
 

@@ -43,6 +43,7 @@ from .validate import (  # noqa: F401  (ROLES re-exported)
     MAX_MESSAGES,
     RECALL_RECORD_KEYS,
     ROLES,
+    check_bool,
     check_messages,
     parse_json,
 )
@@ -132,8 +133,7 @@ def parse_history(exported: str | bytes) -> ChatHistory:
     if title is not None and not isinstance(title, str):
         raise ValueError("history 'title' must be text or null")
     recall = data.get("recall")
-    if recall is not None and not isinstance(recall, bool):
-        raise ValueError("history 'recall' must be true, false or null")
+    recall = None if recall is None else check_bool("history 'recall'", recall)
     return ChatHistory(messages, mode, system_prompt, title, records if any(records) else None, recall, marks)
 
 
@@ -157,8 +157,7 @@ def _marked(raw: list, messages: list[dict], key: str) -> list[int]:
     """The indices of the replies whose `key` mark (`MARK_KEYS`) is set; a mark that is not true or false is
     refused, one on a user message is ignored (only replies are cut off or stopped)."""
     for i, m in enumerate(raw):
-        if not isinstance(m.get(key, False), bool):
-            raise ValueError(f"history message {i}'s {key!r} must be true or false; got {m[key]!r:.40}")
+        check_bool(f"history message {i}'s {key!r}", m.get(key, False))
     return [i for i, (m, clean) in enumerate(zip(raw, messages)) if m.get(key) and clean["role"] == "assistant"]
 
 

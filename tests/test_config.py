@@ -143,7 +143,7 @@ def test_a_record_that_recalled_nothing_and_a_false_mark_are_not_written():
      "at most 20,000 messages"),
     (json.dumps({"format": EXPORT_FORMAT, "messages": [], "system_prompt": 7}), "system_prompt"),
     (json.dumps({"format": EXPORT_FORMAT, "messages": [], "mode": ["dense"]}), "mode"),
-    (json.dumps({"format": EXPORT_FORMAT, "messages": [], "recall": "off"}), "'recall' must be true, false or null"),
+    (json.dumps({"format": EXPORT_FORMAT, "messages": [], "recall": "off"}), "history 'recall' must be true or false"),
     (json.dumps({"format": EXPORT_FORMAT, "messages": [{"role": "user", "content": None}]}), "message 0"),
     (json.dumps({"format": EXPORT_FORMAT, "messages": [{"role": "assistant", "content": "a", "stopped": "yes"}]}),
      "message 0's 'stopped' must be true or false"),
