@@ -19,8 +19,8 @@ conversation, not only the same words:
   gives the model that same text again when it re-primes, and the page shows the same "recalled" markers.
 - a reply: `"interrupted": true` when it was cut off while being written, `"stopped": true` when the user stopped it.
 
-All of these, like "title" and "recall", are optional and outside the version: a file without them (written before they were
-added, or by hand) reads as before, and a reader that does not know them keeps the role and text only.
+All of these, like "title" and "recall", are optional and outside the version: a file without them (written before
+they were added, or by hand) reads as before, and a reader that does not know them keeps the role and text only.
 
 `parse_history` checks the size, the encoding and the schema and returns what a restore needs; it never touches a
 session. A `fed` text must be what this app feeds (a recall block quoting only the messages its record names,
@@ -62,8 +62,8 @@ _LIMIT_TEXT = f"{MAX_HISTORY_BYTES // (1024 * 1024)} MiB"
 class ChatHistory:
     """A parsed history: `messages` are `{"role", "content"}` dicts with the roles in `ROLES`. `records`: what
     recall did, parallel to `messages` (`{}` or the file's `{"fed", "recalled"}`, unchecked: `open_history` checks
-    them), or None when no message has one. `recall`: the recall switch. `marks`: per key of `MARK_KEYS`, the indices of the replies the file
-    marks so."""
+    them), or None when no message has one. `recall`: the recall switch. `marks`: per key of `MARK_KEYS`, the
+    indices of the replies the file marks so."""
 
     messages: list[dict]
     mode: str | None = None
@@ -205,9 +205,10 @@ def upload_limit_note(exported: str) -> str | None:
 def restore_history(engine, exported: str | bytes | ChatHistory, mode: str | None = None, *,
                     allow_file_mode: bool = False, owner: str | None = None, origin: str = "browser") -> str:
     """A new session of `engine` holding the history file `exported` (or a `ChatHistory` already parsed from
-    one), with what recall did in its turns and, where the file switches recall off, recall off; its cache is rebuilt (sinks + the tail that fits) on the first turn.
-    Raises `ValueError` with a clear message on a corrupt or oversized file, and then changes nothing. Marks are
-    the caller's to keep (`ChatHistory.marks`): the engine keeps none.
+    one), with what recall did in its turns and, where the file switches recall off, recall off; its cache is
+    rebuilt (sinks + the tail that fits) on the first turn. Raises `ValueError` with a clear message on a corrupt
+    or oversized file, and then changes nothing. Marks are the caller's to keep (`ChatHistory.marks`): the engine
+    keeps none.
 
     The server, not the file, decides the session's mode and sizes: `mode` (default "streaming") with the engine's
     sizes. A file's `"mode"` is only read when the caller passes `allow_file_mode=True`; otherwise an uploaded

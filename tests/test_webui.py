@@ -327,7 +327,8 @@ def test_an_uploaded_download_shows_its_stopped_and_interrupted_replies_and_what
     (b"x" * (MAX_HISTORY_BYTES + 1), "too large"),
     (None, "no file"),
     (json.dumps({"format": "streaming-llm-chat", "messages": [
-        {"role": "user", "content": "hi", "fed": "hi", "recalled": [1]}, {"role": "assistant", "content": "yo"}]}).encode(),
+        {"role": "user", "content": "hi", "fed": "hi", "recalled": [1]},
+        {"role": "assistant", "content": "yo"}]}).encode(),
      "recall record 0 must belong to a user message and list earlier messages"),
 ])
 def test_a_bad_upload_is_refused_and_the_chat_stays(conv, data, match):
