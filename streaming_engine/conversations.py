@@ -641,7 +641,8 @@ class Conversations:
         """An uploaded history as a new conversation (stored at once), with its recall records and marks, so it
         is the conversation that was downloaded, its recall switch included. The server decides mode and sizes."""
         history = parse_history(exported)
-        sid = restore_history(self.engine, history, owner=owner, origin=origin)
+        # At a full session cap, parked sessions make room, as for a new chat: an upload is one too.
+        sid = self._making_room(owner, lambda: restore_history(self.engine, history, owner=owner, origin=origin))
         token = new_token()
         with self._lock:
             self._live[token] = sid

@@ -159,6 +159,20 @@ def test_an_uploaded_history_becomes_a_stored_bounded_conversation(make):
     assert [m["content"] for m in conversations.store.load(opened.token).messages] == ["Old question", "Old answer"]
 
 
+def test_an_upload_at_a_full_session_cap_makes_room_from_parked_sessions_as_a_new_chat_does(make):
+    conversations = make(max_sessions_per_owner=1)
+    parked = conversations.start(owner="me")
+    say(conversations, parked.token, "Hello")
+    conversations.park(parked.token, owner="me")
+    upload = json.dumps({"format": "streaming-llm-chat", "messages": [
+        {"role": "user", "content": "Old question"}, {"role": "assistant", "content": "Old answer"}]})
+    opened = conversations.import_history(upload, owner="me")
+    assert conversations.parked() == [] and conversations.engine.open_sessions() == 1
+    assert [m["content"] for m in conversations.messages(opened.token)] == ["Old question", "Old answer"]
+    with pytest.raises(EngineBusy):  # nothing parked left: the cap stands
+        conversations.import_history(upload, owner="me")
+
+
 def test_an_uploaded_download_is_stored_and_downloaded_again_with_its_recall_records_and_marks(make):
     from test_config import STORED as stored
 
