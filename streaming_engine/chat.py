@@ -31,6 +31,7 @@ from .defaults import (
 )
 from .eviction import DEFAULT_EVICT_BLOCK, EVICTION_POLICIES
 from .history import export_history, parse_history, restore_history, upload_limit_note
+from .validate import MARK_KEYS
 from .prompts import jsonl_records
 
 
@@ -118,10 +119,11 @@ def read_history(path: str, system: str | None):
         raise SystemExit(f"error: history file {path!r}: {exc}") from exc
 
 
-def save_history(path: str, engine, session: str, recall: bool | None) -> None:
-    """Write the conversation to `path` as a history file, whole or not at all (a temporary file beside it,
-    renamed over it), so an interrupted write never leaves half a file where the last good one was."""
-    text = export_history(engine, session, recall=recall)
+def save_history(path: str, engine, session: str, recall: bool | None, marks: dict[str, set[int]]) -> None:
+    """Write the conversation to `path` as a history file (with its recall switch and its replies' marks), whole
+    or not at all (a temporary file beside it, renamed over it), so an interrupted write never leaves half a file
+    where the last good one was."""
+    text = export_history(engine, session, recall=recall, marks=marks)
     target = Path(path)
     handle, temporary = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".", prefix=f".{target.name}.")
     try:
@@ -168,11 +170,19 @@ def main(argv: list[str] | None = None) -> int:
         repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
     )
 
-    recall = history.recall if history is not None else None  # the file's switch travels on to --save's
+    # The file's switch and marks travel on to --save's; this chat adds the replies it stops or loses.
+    recall = history.recall if history is not None else None
+    marks = {key: set(history.marks[key]) if history is not None else set() for key in MARK_KEYS}
 
     def save() -> None:
         if args.save is not None:
-            save_history(args.save, engine, session, recall)
+            save_history(args.save, engine, session, recall, marks)
+
+    def mark_last_reply(key: str) -> None:
+        """Mark the conversation's last message with `key` ("stopped", "interrupted") when it is a reply."""
+        visible = [m for m in engine.history(session) if m["role"] != "system"]
+        if visible and visible[-1]["role"] == "assistant":
+            marks[key].add(len(visible) - 1)
 
     def ask(prompt: str) -> bool:
         print(f"\nUSER: {prompt}\n\nASSISTANT: ", end="", flush=True)
@@ -186,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(event.text, end="", flush=True)
             elif event.kind == "error":
                 print(f"\n[error] {event.text}", file=sys.stderr)
+                if event.accepted:  # the turn failed part-way: its partial reply is kept, cut off
+                    mark_last_reply("interrupted")
                 return True
             else:
                 s = event.stats
@@ -212,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         engine.stop(session)
         engine.settle(session)  # the partial reply lands in the history, and so in the saved file
+        mark_last_reply("stopped")  # Ctrl-C is the user stopping it, as the app's Stop button
         save()
         print("\n[interrupted]")
     return 0

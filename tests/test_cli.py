@@ -193,7 +193,7 @@ def test_a_saved_chat_continues_from_its_file_and_every_turn_is_saved(tiny_model
     assert len(after.messages) == 6 and after.system_prompt == "Be brief."
 
 
-def test_a_chat_interrupted_mid_reply_saves_the_partial_reply(tiny_model_dir, tmp_path, monkeypatch):
+def test_a_chat_interrupted_mid_reply_saves_the_partial_reply_marked_stopped(tiny_model_dir, tmp_path, monkeypatch):
     from streaming_engine.history import parse_history
 
     class CtrlC(io.StringIO):
@@ -212,8 +212,16 @@ def test_a_chat_interrupted_mid_reply_saves_the_partial_reply(tiny_model_dir, tm
     saved = tmp_path / "chat.json"
     monkeypatch.setattr("sys.stdout", CtrlC())
     assert chat.main([str(prompts), "--model", tiny_model_dir, "--max-new-tokens", "200", "--save", str(saved)]) == 0
-    messages = parse_history(saved.read_bytes()).messages
-    assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == "Tell me a long story"
+    history = parse_history(saved.read_bytes())
+    assert [m["role"] for m in history.messages] == ["user", "assistant"]
+    assert history.messages[0]["content"] == "Tell me a long story" and history.marks["stopped"] == {1}
+    # Continued and saved again, the stopped reply keeps its mark.
+    prompts.write_text("Go on\n")
+    monkeypatch.setattr("sys.stdout", io.StringIO())
+    assert chat.main([str(prompts), "--model", tiny_model_dir, "--max-new-tokens", "3", "--history", str(saved),
+                      "--save", str(saved)]) == 0
+    again = parse_history(saved.read_bytes())
+    assert len(again.messages) == 4 and again.marks == {"stopped": {1}, "interrupted": set()}
 
 
 @pytest.mark.parametrize("setup, match", [
