@@ -31,8 +31,8 @@ from .defaults import (
 )
 from .eviction import DEFAULT_EVICT_BLOCK, EVICTION_POLICIES
 from .history import export_history, parse_history, restore_history, upload_limit_note
-from .validate import MARK_KEYS
 from .prompts import jsonl_records
+from .validate import MARK_KEYS
 
 
 def read_prompts(path: str | None) -> list[str]:
@@ -222,9 +222,11 @@ def main(argv: list[str] | None = None) -> int:
                 if not ask(prompt):
                     break
     except KeyboardInterrupt:
+        replying = engine.replying(session)  # Ctrl-C at the prompt stops no reply
         engine.stop(session)
         engine.settle(session)  # the partial reply lands in the history, and so in the saved file
-        mark_last_reply("stopped")  # Ctrl-C is the user stopping it, as the app's Stop button
+        if replying:
+            mark_last_reply("stopped")  # Ctrl-C is the user stopping it, as the app's Stop button
         save()
         print("\n[interrupted]")
     return 0

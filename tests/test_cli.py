@@ -224,6 +224,29 @@ def test_a_chat_interrupted_mid_reply_saves_the_partial_reply_marked_stopped(tin
     assert len(again.messages) == 4 and again.marks == {"stopped": {1}, "interrupted": set()}
 
 
+def test_ctrl_c_at_the_prompt_saves_the_chat_and_marks_no_finished_reply_stopped(tiny_model_dir, tmp_path,
+                                                                                 monkeypatch):
+    from streaming_engine.history import parse_history
+
+    class Keyboard(io.StringIO):
+        """A terminal: one message, then Ctrl-C while the chat waits for the next."""
+
+        def isatty(self):
+            return True
+
+        def __iter__(self):
+            yield "Hello there\n"
+            raise KeyboardInterrupt
+
+    saved = tmp_path / "chat.json"
+    monkeypatch.setattr("sys.stdin", Keyboard())
+    monkeypatch.setattr("sys.stdout", io.StringIO())
+    assert chat.main(["--model", tiny_model_dir, "--max-new-tokens", "3", "--save", str(saved)]) == 0
+    history = parse_history(saved.read_bytes())
+    assert [m["role"] for m in history.messages] == ["user", "assistant"]
+    assert history.marks == {"stopped": set(), "interrupted": set()}
+
+
 @pytest.mark.parametrize("setup, match", [
     (lambda path: None, "does not exist"),
     (lambda path: path.write_text("{not json"), "not valid JSON"),
