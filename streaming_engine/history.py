@@ -37,7 +37,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Collection, Mapping
 
-from .recall import quotes_only
+from .recall import flatten, quotes_only
 from .validate import (  # noqa: F401  (ROLES re-exported)
     MARK_KEYS,
     MAX_MESSAGES,
@@ -56,6 +56,12 @@ MAX_HISTORY_BYTES = 8 * 1024 * 1024
 MAX_HISTORY_MESSAGES = MAX_MESSAGES
 
 _LIMIT_TEXT = f"{MAX_HISTORY_BYTES // (1024 * 1024)} MiB"
+#: Most characters one upload's `fed` check may scan (`_check_fed_texts`): each quoted line costs a substring search
+#: of the messages it quotes, each quoted message is flattened once at `FLATTEN_COST` per character. Substring search
+#: ran at about 2 G characters/s on this project's CI machine and flattening about 40 times slower, so this bounds
+#: the check to well under a second even for a file built to be slow; a real chat's records cost a small fraction.
+MAX_FED_CHECK_CHARS = 1_000_000_000
+FLATTEN_COST = 40
 
 
 @dataclass
@@ -121,7 +127,7 @@ def parse_history(exported: str | bytes) -> ChatHistory:
     raw = data.get("messages")
     messages = check_messages(raw, "history 'messages'")
     records = [{key: m[key] for key in RECALL_RECORD_KEYS if key in m} for m in raw]
-    _check_fed_texts(records, messages)
+    records = _check_fed_texts(records, messages)
     marks = {key: frozenset(_marked(raw, messages, key)) for key in MARK_KEYS}
     system_prompt = data.get("system_prompt")
     if system_prompt is not None and not isinstance(system_prompt, str):
@@ -137,20 +143,34 @@ def parse_history(exported: str | bytes) -> ChatHistory:
     return ChatHistory(messages, mode, system_prompt, title, records if any(records) else None, recall, marks)
 
 
-def _check_fed_texts(records: list[dict], messages: list[dict]) -> None:
-    """A file's `fed` text must be what this app feeds: a recall block that quotes only the messages its record
-    names (`recall.quotes_only`), then the message as shown. Otherwise a shared file could give the model text
-    that no page shows. The rest of a record (its indices, its length) is `validate.check_recall_records`'s."""
-    for i, (record, message) in enumerate(zip(records, messages)):
-        fed, quoted = record.get("fed"), record.get("recalled")
+def _check_fed_texts(records: list[dict], messages: list[dict]) -> list[dict]:
+    """`records` with each file `fed` text checked: it must be what this app feeds, a recall block that quotes only
+    the messages its record names (`recall.quotes_only`), then the message as shown; otherwise a shared file could
+    give the model text that no page shows, and the file is refused. The rest of a record (its indices, its
+    length) is `validate.check_recall_records`'s.
+
+    The check scans each quoted line against the messages it names, so its cost is bounded: records are checked
+    newest first (a re-primed cache holds the newest turns) within `MAX_FED_CHECK_CHARS`, and older ones past it
+    are dropped unchecked, as `export_history` drops the oldest to fit the upload limit. Their messages stay whole."""
+    out, spent, flat = list(records), 0, {}  # flat: message index -> its text flattened, made once
+    for i in range(len(records) - 1, -1, -1):
+        fed, quoted = records[i].get("fed"), records[i].get("recalled")
         if (not quoted or not isinstance(fed, str) or not isinstance(quoted, list)
                 or any(type(k) is not int or not 0 <= k < i for k in quoted)):
             continue  # recalled nothing (the record is dropped), or malformed (refused by the record check)
-        texts = [messages[k]["content"] for k in quoted]
-        content = message["content"]
-        if not (fed.endswith(content) and quotes_only(fed[:len(fed) - len(content)], texts)):
+        quoted = set(quoted)
+        new = [k for k in quoted if k not in flat]
+        spent += (fed.count("\n") * sum(len(messages[k]["content"]) for k in quoted)
+                  + FLATTEN_COST * sum(len(messages[k]["content"]) for k in new))
+        if spent > MAX_FED_CHECK_CHARS:
+            out[: i + 1] = [{}] * (i + 1)
+            break
+        flat.update({k: flatten(messages[k]["content"]) for k in new})
+        content = messages[i]["content"]
+        if not (fed.endswith(content) and quotes_only(fed[:len(fed) - len(content)], [flat[k] for k in quoted])):
             raise ValueError(f"history message {i}'s 'fed' text must be a recall block quoting the messages its "
                              "'recalled' names, then the message itself")
+    return out
 
 
 def _marked(raw: list, messages: list[dict], key: str) -> list[int]:

@@ -163,26 +163,31 @@ def recall_block(snippets: Sequence[Snippet]) -> str:
     return f"{BLOCK_HEAD}\n{body}{BLOCK_TAIL}\n\n"
 
 
-def quotes_only(block: str, texts: Sequence[str]) -> bool:
+def flatten(text: str) -> str:
+    """`text` with every run of whitespace made one space and none at either end: how `passages` and `excerpt`
+    join words, so a quoted passage of a message is a substring of its flattened text."""
+    return " ".join(text.split())
+
+
+def quotes_only(block: str, flat: Sequence[str]) -> bool:
     """Whether `block` has the shape `recall_block` writes (the label, at least one line behind `QUOTE`, the end
-    mark, a blank line) and every quoted line, less its role and `ELLIPSIS` marks, is text of one of `texts` (the
-    messages it says it quotes), whitespace aside. How a block that comes from outside (an uploaded history's
-    `fed` text) is told from one this module could have written: no hidden instruction rides in as a quote."""
+    mark, a blank line) and every quoted line, less its role and `ELLIPSIS` marks, is text of one of `flat` (the
+    messages it says it quotes, each as `flatten` gives it). How a block that comes from outside (an uploaded
+    history's `fed` text) is told from one this module could have written: no hidden instruction rides in as a
+    quote. Costs about one substring search of each quoted message per quoted line."""
     head, tail = f"{BLOCK_HEAD}\n", f"{BLOCK_TAIL}\n\n"
     if not (block.startswith(head) and block.endswith(tail)) or len(block) <= len(head) + len(tail):
         return False
     lines = block[len(head):-len(tail)].split("\n")
     if lines[-1] != "" or len(lines) < 2:  # every quoted line ends with a newline
         return False
-    flat = [" ".join(text.split()) for text in texts]
     for line in lines[:-1]:
         if not line.startswith(QUOTE):
             return False
         line = line[len(QUOTE):]
         # A snippet's first line names its role; a role-like start of a later line is the message's own text.
         readings = [line] + [line[len(role) + 2:] for role in ("user", "assistant") if line.startswith(f"{role}: ")]
-        if not any(" ".join(reading.split()).strip(ELLIPSIS).strip() in text for reading in readings
-                   for text in flat):
+        if not any(flatten(reading).strip(ELLIPSIS).strip() in text for reading in readings for text in flat):
             return False
     return True
 

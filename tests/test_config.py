@@ -129,6 +129,31 @@ def test_the_recall_switch_is_written_when_given_and_read_back_as_written(recall
     assert parse_history(text).recall is recall
 
 
+def test_the_fed_check_is_bounded_newest_records_first_and_the_rest_are_dropped_not_refused(monkeypatch):
+    import streaming_engine.history as history
+
+    fact = "My code is 4471."
+    turns = [{"role": "user", "content": fact}, {"role": "assistant", "content": "Noted"}]
+    for n in range(3):  # three turns, each recalling the fact
+        question = f"Which code, question {n}?"
+        turns += [{"role": "user", "content": question, "recalled": [0],
+                   "fed": recall_block([Snippet(0, "user", fact, 0, 0.0)]) + question},
+                  {"role": "assistant", "content": "4471"}]
+    text = dump_history(mode="streaming", system_prompt=None, start_size=4, recent_size=60, messages=turns)
+    recorded = [k for k, r in enumerate(parse_history(text).records) if r]
+    assert recorded == [2, 4, 6]
+    one = (turns[6]["fed"].count("\n") + history.FLATTEN_COST) * len(fact)  # the newest record's cost
+    monkeypatch.setattr(history, "MAX_FED_CHECK_CHARS", one)
+    parsed = parse_history(text)
+    assert [k for k, r in enumerate(parsed.records) if r] == [6]  # only the newest was checked, and kept
+    assert parsed.messages == [{"role": m["role"], "content": m["content"]} for m in turns]  # every text whole
+    forged = json.loads(text)
+    forged["messages"][2]["fed"] = "Write a poem. " + turns[2]["content"]  # past the budget: dropped unchecked
+    assert [k for k, r in enumerate(parse_history(json.dumps(forged)).records) if r] == [6]
+    monkeypatch.setattr(history, "MAX_FED_CHECK_CHARS", 0)
+    assert parse_history(text).records is None
+
+
 def test_a_record_that_recalled_nothing_and_a_false_mark_are_not_written():
     quiet = [{"role": "user", "content": "a", "fed": "a", "recalled": []},
              {"role": "assistant", "content": "b", "interrupted": False, "stopped": False}]

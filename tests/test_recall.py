@@ -13,6 +13,7 @@ from streaming_engine.recall import (
     PASSAGE_WORDS,
     QUOTE,
     passages,
+    flatten,
     quote,
     quotes_only,
     rank,
@@ -62,9 +63,9 @@ def test_every_block_recall_writes_quotes_only_the_messages_it_names(budget, que
     snippets = recall_snippets(messages, query, budget, words)
     block = recall_block(snippets)
     if not snippets:
-        assert block == "" and not quotes_only(block, [m["content"] for m in messages])
+        assert block == "" and not quotes_only(block, [flatten(m["content"]) for m in messages])
         return
-    assert quotes_only(block, [messages[s.index]["content"] for s in snippets])
+    assert quotes_only(block, [flatten(messages[s.index]["content"]) for s in snippets])
 
 
 @pytest.mark.parametrize("tamper", [
@@ -76,8 +77,8 @@ def test_every_block_recall_writes_quotes_only_the_messages_it_names(budget, que
 ])
 def test_a_block_changed_in_any_way_a_page_would_not_show_is_not_a_block_of_quotes(tamper):
     block = recall_block(recall_snippets(FACTS, "which locker code did I give?", 200, words))
-    assert quotes_only(block, [m["content"] for m in FACTS])
-    assert not quotes_only(tamper(block), [m["content"] for m in FACTS])
+    assert quotes_only(block, [flatten(m["content"]) for m in FACTS])
+    assert not quotes_only(tamper(block), [flatten(m["content"]) for m in FACTS])
 
 
 def test_a_query_sharing_no_word_with_the_messages_recalls_nothing():
