@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 from .defaults import RECALL_MIN_BUDGET, RECALL_WINDOW_DIVISOR
-from .validate import check_int
+from .validate import ROLES, check_int
 
 #: BM25's term-frequency saturation and length normalization (the usual Okapi values).
 BM25_K1 = 1.2
@@ -186,7 +186,7 @@ def quotes_only(block: str, flat: Sequence[str]) -> bool:
             return False
         line = line[len(QUOTE):]
         # A snippet's first line names its role; a role-like start of a later line is the message's own text.
-        readings = [line] + [line[len(role) + 2:] for role in ("user", "assistant") if line.startswith(f"{role}: ")]
+        readings = [line] + [line[len(role) + 2:] for role in ROLES if line.startswith(f"{role}: ")]
         if not any(flatten(reading).strip(ELLIPSIS).strip() in text for reading in readings for text in flat):
             return False
     return True
