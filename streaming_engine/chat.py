@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 # Only torch-free modules here: `--help` must answer at once. The engine, the loader and torch are imported by
@@ -125,13 +124,12 @@ def save_history(path: str, engine, session: str, recall: bool | None, marks: di
     where the last good one was."""
     text = export_history(engine, session, recall=recall, marks=marks)
     target = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".", prefix=f".{target.name}.")
+    temporary = target.with_name(f".{target.name}.tmp")
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
+        temporary.write_text(text, encoding="utf-8")
         os.replace(temporary, target)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
     note = upload_limit_note(text)
     if note:
