@@ -31,7 +31,7 @@ from .defaults import (
 from .eviction import DEFAULT_EVICT_BLOCK, EVICTION_POLICIES
 from .history import export_history, parse_history, restore_history, upload_limit_note
 from .prompts import jsonl_records
-from .validate import MARK_KEYS
+from .validate import FINISH_MARKS, MARK_KEYS
 
 
 def read_prompts(path: str | None) -> list[str]:
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             save_history(args.save, engine, session, recall, marks)
 
     def mark_last_reply(key: str) -> None:
-        """Mark the conversation's last message with `key` ("stopped", "interrupted") when it is a reply."""
+        """Mark the conversation's last message with `key` (`MARK_KEYS`) when it is a reply."""
         visible = [m for m in engine.history(session) if m["role"] != "system"]
         if visible and visible[-1]["role"] == "assistant":
             marks[key].add(len(visible) - 1)
@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                     mark_last_reply("interrupted")
                 return True
             else:
+                if event.finish_reason in FINISH_MARKS:  # e.g. cut at --max-new-tokens: "truncated", as the app
+                    mark_last_reply(FINISH_MARKS[event.finish_reason])
                 s = event.stats
                 rate = f"{s['tokens_per_s']:.1f} tok/s" if s.get("tokens_per_s") else "-"
                 print(

@@ -47,7 +47,7 @@ from .engine import EngineBusy, Refused, StreamingEngine, refusal
 from .history import export_history, parse_history, restore_history
 from .session import Event, refused
 from .store import UNREACHABLE, ConversationStore, ConversationSummary, StoreError, StoreFull, new_token, valid_token
-from .validate import RECALL_RECORD_KEYS, check_bool, check_number, clean_text
+from .validate import FINISH_MARKS, MARK_KEYS, RECALL_RECORD_KEYS, check_bool, check_number, clean_text
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,11 @@ def auto_title(messages: list[dict]) -> str:
     return line if len(line) <= AUTO_TITLE_CHARS else line[: AUTO_TITLE_CHARS - 1] + "…"
 
 
+def _marks_of(messages: list[dict]) -> dict[str, set[int]]:
+    """Per mark (`MARK_KEYS`), the indices of the stored or uploaded replies that carry it."""
+    return {key: {i for i, m in enumerate(messages) if m.get(key) and m["role"] == "assistant"} for key in MARK_KEYS}
+
+
 class Conversations:
     """Token-addressed conversations over an engine and a store (thread-safe)."""
 
@@ -114,10 +119,10 @@ class Conversations:
         self.store = store
         self.partial_save_interval_s = check_number("partial_save_interval_s", partial_save_interval_s, 0)
         self._live: dict[str, str] = {}  # token -> live session id
-        self._marks: dict[str, set[int]] = {}  # token -> indices of interrupted replies
-        # token -> indices of replies the user stopped. Kept with the live session (a reload, a switch back within
-        # `KEEP_RECENT`), and in the store (schema 3), from which a re-opened conversation reads them back.
-        self._stopped: dict[str, set[int]] = {}
+        # token -> mark (`MARK_KEYS`: interrupted, stopped, truncated) -> indices of the replies carrying it. Kept
+        # with the live session (a reload, a switch back within `KEEP_RECENT`), and in the store, from which a
+        # re-opened conversation reads them back (`_marks_of`).
+        self._marks: dict[str, dict[str, set[int]]] = {}
         self._errors: dict[str, str] = {}  # token -> last storage failure, until `save_error` reads it
         self._storage_problem: str | None = None  # why nothing is being saved (see `storage_problem`)
         self._deleted: dict[str, Deleted] = {}  # token -> what `undelete` restores, oldest first
@@ -220,13 +225,21 @@ class Conversations:
                 return False
         return True
 
+    def _mark(self, token: str, key: str, index: int) -> None:
+        """Reply `index` of the conversation carries mark `key` (`MARK_KEYS`)."""
+        with self._lock:
+            self._marks.setdefault(token, {}).setdefault(key, set()).add(index)
+
+    def _keep_marks(self, token: str, below: int) -> None:
+        """Drop the marks of messages from `below` on (a new turn or a retry replaces them); under the lock."""
+        self._marks[token] = {key: {i for i in marked if i < below} for key, marked in self._marks.get(token, {}).items()}
+
     def _forget(self, token: str) -> None:
         """Drop what is kept in memory for a conversation whose session is gone (the store keeps the rest)."""
         self._live.pop(token, None)
         self._revisions.pop(token, None)
         self._unsure.discard(token)
         self._marks.pop(token, None)
-        self._stopped.pop(token, None)
         self._parked.pop(token, None)
 
     def _reopen(self, token: str, owner: str | None, origin: str) -> Opened:
@@ -246,8 +259,7 @@ class Conversations:
             self.engine.set_recall_budget(sid, 0)
         self._live[token] = sid
         self._revisions[token] = stored.revision
-        self._marks[token] = {i for i, m in enumerate(stored.messages) if m.get("interrupted")}
-        self._stopped[token] = {i for i, m in enumerate(stored.messages) if m.get("stopped")}
+        self._marks[token] = _marks_of(stored.messages)
         return self._opened(token, sid, stored.title, reattached=False)
 
     def _open_stored(self, messages: list[dict], system_prompt: str | None, owner: str | None, origin: str) -> str:
@@ -282,15 +294,14 @@ class Conversations:
         return Opened(token, sid, self.messages(token, sid), system, title, reattached)
 
     def messages(self, token: str, sid: str | None = None) -> list[dict]:
-        """The visible history of a live conversation, interrupted replies marked."""
+        """The visible history of a live conversation, its replies' marks (`MARK_KEYS`) set."""
         sid = sid or self._live.get(token)
         if sid is None:
             raise ConversationNotFound("this conversation is not open")
-        marks, stopped = self._marks.get(token, set()), self._stopped.get(token, set())
+        marks = self._marks.get(token, {})
         visible = [m for m in self.engine.history(sid) if m["role"] != "system"]
-        return [{**m, "interrupted": True} if i in marks and m["role"] == "assistant"
-                else {**m, "stopped": True} if i in stopped and m["role"] == "assistant" else m
-                for i, m in enumerate(visible)]
+        return [{**m, **{key: True for key, marked in marks.items() if i in marked}} if m["role"] == "assistant"
+                else m for i, m in enumerate(visible)]
 
     def memory_map(self, token: str) -> list[dict]:
         """`StreamingEngine.memory_map` of a live conversation (system prompt first when there is one); empty when
@@ -342,8 +353,7 @@ class Conversations:
         except (ConversationNotFound, EngineBusy, ValueError) as exc:  # busy: a cap, while re-creating it
             return Refused(refused(str(exc), "busy" if isinstance(exc, EngineBusy) else "invalid"))
         with self._lock:
-            self._marks[token] = {i for i in self._marks.get(token, set()) if i < before}
-            self._stopped[token] = {i for i in self._stopped.get(token, set()) if i < before}
+            self._keep_marks(token, before)
         events = self.engine.start_chat(sid, message, **sampling)
         if refusal(events) is not None:
             return events
@@ -396,7 +406,8 @@ class Conversations:
     def _after_turn(self, token: str, sid: str, before: int, ended, started: bool, reply: str,
                     existed: bool = True) -> None:
         """Save the turn's outcome. A reply cut off by a failure, or by its reader going away, is marked
-        interrupted; one the user stopped is not (it ends where they wanted)."""
+        interrupted; one the user stopped is marked stopped (it ends where they wanted), one that ended at its
+        `max_new_tokens` truncated (`FINISH_MARKS`)."""
         try:
             now = len(self.messages(token, sid))
         except KeyError:  # the session was closed meanwhile (tab closed, deleted): nothing left to add
@@ -412,16 +423,12 @@ class Conversations:
                 self._guarded(token, self.store.delete, token)
         elif ended:
             if now > before:  # a refused message changed nothing
-                if ended.kind == "error" and now > before + 1:
-                    with self._lock:
-                        self._marks.setdefault(token, set()).add(before + 1)
-                elif ended.finish_reason == "stopped" and now > before + 1:
-                    with self._lock:
-                        self._stopped.setdefault(token, set()).add(before + 1)
+                key = "interrupted" if ended.kind == "error" else FINISH_MARKS.get(ended.finish_reason)
+                if key is not None and now > before + 1:  # the turn left a reply to mark
+                    self._mark(token, key, before + 1)
                 self._persist(token, sid)
         elif started:  # the reader went away mid-reply: keep what it saw, marked interrupted
-            with self._lock:
-                self._marks.setdefault(token, set()).add(before + 1)
+            self._mark(token, "interrupted", before + 1)
             self._guarded(token, self.store.save_partial, token, reply)
 
     def retry(self, token: str, *, owner: str | None = None) -> str:
@@ -429,9 +436,7 @@ class Conversations:
         sid = self._session(token, owner)
         message = self.engine.rewind(sid)
         with self._lock:
-            kept = len(self.messages(token, sid))
-            self._marks[token] = {i for i in self._marks.get(token, set()) if i < kept}
-            self._stopped[token] = {i for i in self._stopped.get(token, set()) if i < kept}
+            self._keep_marks(token, len(self.messages(token, sid)))
         self._persist(token, sid)
         return message
 
@@ -598,8 +603,7 @@ class Conversations:
             self.engine.set_recall_budget(sid, 0)
         with self._lock:
             self._live[token] = sid
-            self._marks[token] = {i for i, m in enumerate(kept.messages) if m.get("interrupted")}
-            self._stopped[token] = {i for i, m in enumerate(kept.messages) if m.get("stopped")}
+            self._marks[token] = _marks_of(kept.messages)
         self._guarded(token, self.store.replace, token, kept.messages, system_prompt=kept.system_prompt,
                       title=kept.title, recall=token not in self._recall_off)
         return self._opened(token, sid, kept.title, reattached=False)
@@ -646,8 +650,7 @@ class Conversations:
         token = new_token()
         with self._lock:
             self._live[token] = sid
-            self._marks[token] = set(history.marks["interrupted"])
-            self._stopped[token] = set(history.marks["stopped"])
+            self._marks[token] = {key: set(marked) for key, marked in history.marks.items()}
             if history.recall is False:
                 self._recall_off.add(token)
         # The file's title (a renamed chat keeps its name).
@@ -659,7 +662,7 @@ class Conversations:
 
     def export(self, token: str) -> str:
         """The live conversation as a history file, with its stored title (a rename included), what recall did in
-        its turns, its replies' marks (interrupted, stopped) and its recall switch."""
+        its turns, its replies' marks (`MARK_KEYS`) and its recall switch."""
         sid = self._live.get(token) if isinstance(token, str) else None
         if sid is None:
             raise ConversationNotFound("this conversation is not open")
@@ -668,7 +671,7 @@ class Conversations:
         except sqlite3.DatabaseError:  # unreadable: the download still works, titled from its first message
             summary = []
         with self._lock:
-            marks = {"interrupted": set(self._marks.get(token, ())), "stopped": set(self._stopped.get(token, ()))}
+            marks = {key: set(marked) for key, marked in self._marks.get(token, {}).items()}
         return export_history(self.engine, sid, marks=marks, recall=token not in self._recall_off,
                               title=summary[0].title if summary else auto_title(self.messages(token, sid)))
 

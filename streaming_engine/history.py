@@ -17,7 +17,8 @@ conversation, not only the same words:
 - a user message whose turn recalled evicted messages: `"fed"`, the text the model was given (the quoted passages,
   then the typed text), and `"recalled"`, the indices in "messages" of the messages it quoted. The restored session
   gives the model that same text again when it re-primes, and the page shows the same "recalled" markers.
-- a reply: `"interrupted": true` when it was cut off while being written, `"stopped": true` when the user stopped it.
+- a reply: `"interrupted": true` when it was cut off while being written, `"stopped": true` when the user stopped it,
+  `"truncated": true` when it ended at its `max_new_tokens` (`validate.MARK_KEYS`).
 
 All of these, like "title" and "recall", are optional and outside the version: a file without them (written before
 they were added, or by hand) reads as before, and a reader that does not know them keeps the role and text only.

@@ -9,7 +9,8 @@ A conversation is found only by its token (`secrets.token_urlsafe`, 192 bits), w
 holds: there is no listing of "all conversations", `list` answers for the tokens the caller presents. Stored per
 conversation: title, system prompt, times, its recall switch (`recall`, on unless the user turned it off), and its
 visible messages (`{"role", "content"}`, plus `"interrupted": True` on a reply that was still being written when it
-was last saved, `"stopped": True` on one the user stopped). A user message whose turn recalled evicted messages
+was last saved, `"stopped": True` on one the user stopped, `"truncated": True` on one that ended at its
+`max_new_tokens`: `validate.MARK_KEYS`, a column each). A user message whose turn recalled evicted messages
 also keeps what recall did (schema 3): `fed`, the text the model was given (the typed one with the quoted passages
 before it), and `recalled`, the indices of the earlier messages it quoted, in the same list. They are stored as distances back, so they stay right when the
 oldest messages are dropped at `MAX_STORED_MESSAGES`. A conversation re-opened from the store then gives the model
@@ -51,7 +52,17 @@ from typing import Iterable
 # The message limits are the engine's (one home): the store keeps whatever the engine accepted.
 from .validate import MAX_MESSAGE_CHARS as MAX_STORED_MESSAGE_CHARS
 from .validate import MAX_MESSAGES as MAX_STORED_MESSAGES
-from .validate import MAX_FED_CHARS, RECALL_RECORD_KEYS, check_bool, check_int, check_message, check_number, check_recall_records, check_text
+from .validate import (
+    MARK_KEYS,
+    MAX_FED_CHARS,
+    RECALL_RECORD_KEYS,
+    check_bool,
+    check_int,
+    check_message,
+    check_number,
+    check_recall_records,
+    check_text,
+)
 
 #: File name of the database inside the data directory.
 DB_FILE_NAME = "chats.sqlite"
@@ -112,6 +123,9 @@ MIGRATIONS: tuple[Migration, ...] = (
         "ALTER TABLE messages ADD COLUMN fed TEXT",  # NULL: the content itself was fed
         "ALTER TABLE messages ADD COLUMN recalled TEXT NOT NULL DEFAULT ''",  # distances back, comma-separated
         "ALTER TABLE messages ADD COLUMN stopped INTEGER NOT NULL DEFAULT 0",  # a reply the user stopped
+    )),
+    Migration(4, "a reply that ended at its max_new_tokens, so its note survives a reload and a restart", (
+        "ALTER TABLE messages ADD COLUMN truncated INTEGER NOT NULL DEFAULT 0",
     )),
 )
 #: The newest schema this code reads and writes; a database with a higher number is refused.
@@ -184,14 +198,17 @@ def _check_text(value, what: str, max_chars: int = MAX_STORED_MESSAGE_CHARS) -> 
     return value
 
 
-#: The columns of a message row after its position, in the order `_rows` gives them and `_messages` reads them.
-MESSAGE_COLUMNS = "role, content, interrupted, fed, recalled, stopped"
-_INSERT_MESSAGE = f"INSERT INTO messages(token, seq, {MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-MessageRow = tuple[str, str, int, "str | None", str, int]
+#: The columns of a message row after its position, in the order `_rows` gives them and `_messages` reads them:
+#: role, content, fed, recalled, then one 0/1 column per mark, named as the mark (`MARK_KEYS`).
+_MESSAGE_FIELDS = ("role", "content", "fed", "recalled", *MARK_KEYS)
+MESSAGE_COLUMNS = ", ".join(_MESSAGE_FIELDS)
+_INSERT_MESSAGE = (f"INSERT INTO messages(token, seq, {MESSAGE_COLUMNS}) "
+                   f"VALUES ({', '.join(['?'] * (2 + len(_MESSAGE_FIELDS)))})")
+MessageRow = tuple  # (role, content, fed or None, recalled, *one int per mark)
 
 
 def _rows(messages: Iterable[dict]) -> list[MessageRow]:
-    """(role, content, interrupted, fed, recalled, stopped) for each message, validated (a recall record by
+    """(role, content, fed, recalled, *marks) for each message (`MESSAGE_COLUMNS`), validated (a recall record by
     `validate.check_recall_records`); only the newest `MAX_STORED_MESSAGES`. `fed` is None where it is the content
     itself; `recalled` holds distances back, comma-separated, so that dropping the oldest rows changes none."""
     messages = list(messages)
@@ -202,8 +219,8 @@ def _rows(messages: Iterable[dict]) -> list[MessageRow]:
         content = _check_text(p["content"], f"message {i}")
         fed = record.get("fed")
         fed = None if fed is None or fed == content else _check_text(fed, f"message {i}'s fed text", MAX_FED_CHARS)
-        rows.append((p["role"], content, int(bool(m.get("interrupted"))), fed,
-                     ",".join(str(i - k) for k in record.get("recalled", ())), int(bool(m.get("stopped")))))
+        rows.append((p["role"], content, fed, ",".join(str(i - k) for k in record.get("recalled", ())),
+                     *(int(bool(m.get(key))) for key in MARK_KEYS)))
     return rows[-MAX_STORED_MESSAGES:]
 
 
@@ -211,9 +228,8 @@ def _messages(rows: Iterable[tuple]) -> list[dict]:
     """The message dicts of stored rows (`MESSAGE_COLUMNS`, oldest first): `recalled` back to indices in this list
     (a message quoted before the oldest one kept is left out)."""
     out = []
-    for i, (role, content, interrupted, fed, recalled, stopped) in enumerate(rows):
-        message = {"role": role, "content": content, **({"interrupted": True} if interrupted else {}),
-                   **({"stopped": True} if stopped else {})}
+    for i, (role, content, fed, recalled, *marks) in enumerate(rows):
+        message = {"role": role, "content": content, **{key: True for key, on in zip(MARK_KEYS, marks) if on}}
         if fed is not None:
             message["fed"] = fed
         indices = [i - int(d) for d in recalled.split(",") if d] if recalled else []

@@ -222,8 +222,12 @@ def check_message(message, index: int, roles: tuple[str, ...] = ROLES) -> dict:
 
 #: The keys of a recall record (`check_recall_records`), as a stored message carries them beside its own.
 RECALL_RECORD_KEYS = ("fed", "recalled")
-#: The marks a stored reply may carry, each `True` when set: cut off while being written, or stopped by the user.
-MARK_KEYS = ("interrupted", "stopped")
+#: The marks a stored reply may carry, each `True` when set: cut off while being written, stopped by the user, or
+#: ended at its `max_new_tokens`. In this order a page picks the one note it shows under a reply.
+MARK_KEYS = ("interrupted", "stopped", "truncated")
+#: The mark a finished reply keeps for why it ended (`session.FinishReason`); the other reasons leave none, and a
+#: turn that failed part-way is "interrupted" (an error event, not a finish reason).
+FINISH_MARKS = {"stopped": "stopped", "length": "truncated"}
 #: Longest text a recall record says was fed: the typed message (at most `MAX_MESSAGE_CHARS`) after the quoted
 #: passages, which the recall budget (under half the window, in tokens) keeps far shorter than another message.
 MAX_FED_CHARS = 2 * MAX_MESSAGE_CHARS

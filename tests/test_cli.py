@@ -221,7 +221,8 @@ def test_a_chat_interrupted_mid_reply_saves_the_partial_reply_marked_stopped(tin
     assert chat.main([str(prompts), "--model", tiny_model_dir, "--max-new-tokens", "3", "--history", str(saved),
                       "--save", str(saved)]) == 0
     again = parse_history(saved.read_bytes())
-    assert len(again.messages) == 4 and again.marks == {"stopped": {1}, "interrupted": set()}
+    # ... and the new reply, cut at --max-new-tokens 3, is marked as the app marks one: truncated.
+    assert len(again.messages) == 4 and again.marks == {"stopped": {1}, "interrupted": set(), "truncated": {3}}
 
 
 def test_ctrl_c_at_the_prompt_saves_the_chat_and_marks_no_finished_reply_stopped(tiny_model_dir, tmp_path,
@@ -244,7 +245,7 @@ def test_ctrl_c_at_the_prompt_saves_the_chat_and_marks_no_finished_reply_stopped
     assert chat.main(["--model", tiny_model_dir, "--max-new-tokens", "3", "--save", str(saved)]) == 0
     history = parse_history(saved.read_bytes())
     assert [m["role"] for m in history.messages] == ["user", "assistant"]
-    assert history.marks == {"stopped": set(), "interrupted": set()}
+    assert history.marks == {"stopped": set(), "interrupted": set(), "truncated": {1}}  # cut at its 3 tokens
 
 
 @pytest.mark.parametrize("setup, match", [

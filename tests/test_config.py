@@ -8,7 +8,7 @@ import pytest
 
 from streaming_engine import MODES, EngineConfig
 from streaming_engine.cache import DEFAULT_RECENT_SIZE, DEFAULT_START_SIZE
-from streaming_engine.validate import check_int, check_number
+from streaming_engine.validate import MARK_KEYS, check_int, check_number
 from streaming_engine.engine import MAX_PREFILL_CHUNK, prefill_chunk_for
 from streaming_engine.history import (
     EXPORT_FORMAT,
@@ -98,13 +98,15 @@ def test_a_dumped_history_parses_back_to_the_same_conversation(mode, system_prom
 
 
 # A conversation as the store keeps it and a history file writes it: a stopped reply, a turn that recalled message
-# 0, a reply cut off (also uploaded by test_conversations and test_webui).
+# 0, a reply cut off, a reply that ended at its length limit (also uploaded by test_conversations and test_webui).
 STORED = [
     {"role": "user", "content": "My code is 4471."},
     {"role": "assistant", "content": "Noted", "stopped": True},
     {"role": "user", "content": "Which code?", "recalled": [0],
      "fed": recall_block([Snippet(0, "user", "My code is 4471.", 0, 0.0)]) + "Which code?"},
     {"role": "assistant", "content": "It is 44", "interrupted": True},
+    {"role": "user", "content": "Tell me a long story."},
+    {"role": "assistant", "content": "Once upon a time", "truncated": True},
 ]
 
 
@@ -113,12 +115,12 @@ def test_what_recall_fed_and_the_replies_marks_are_written_and_parsed_back_besid
     assert json.loads(text)["messages"] == STORED
     parsed = parse_history(text)
     assert parsed.messages == [{"role": m["role"], "content": m["content"]} for m in STORED]
-    assert parsed.records == [{}, {}, {"fed": STORED[2]["fed"], "recalled": [0]}, {}]
-    assert parsed.marks == {"interrupted": {3}, "stopped": {1}}
+    assert parsed.records == [{}, {}, {"fed": STORED[2]["fed"], "recalled": [0]}, {}, {}, {}]
+    assert parsed.marks == {"interrupted": {3}, "stopped": {1}, "truncated": {5}}
     # A file without them (an older download) reads as before: no records, nothing marked.
     plain = parse_history(dump_history(mode="streaming", system_prompt=None, start_size=4, recent_size=60,
                                        messages=MESSAGES))
-    assert plain.records is None and plain.marks == {"interrupted": set(), "stopped": set()}
+    assert plain.records is None and plain.marks == {key: set() for key in MARK_KEYS}
 
 
 @pytest.mark.parametrize("recall", [None, True, False])

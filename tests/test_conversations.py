@@ -15,6 +15,7 @@ import pytest
 from streaming_engine import EngineBusy, EngineConfig, StreamingEngine
 from streaming_engine.conversations import ConversationNotFound, Conversations
 from streaming_engine.store import UNREACHABLE, ChatStore, StoreError
+from streaming_engine.validate import MARK_KEYS
 from streaming_engine.history import restore_history
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,10 +180,28 @@ def test_an_uploaded_download_is_stored_and_downloaded_again_with_its_recall_rec
     conversations = make()
     opened = conversations.import_history(json.dumps({"format": "streaming-llm-chat", "messages": stored}))
     assert conversations.store.load(opened.token).messages == stored
-    assert [(m.get("interrupted", False), m.get("stopped", False)) for m in opened.messages] == [
-        (False, False), (False, True), (False, False), (True, False)]
+    assert [[key for key in MARK_KEYS if m.get(key)] for m in opened.messages] == [
+        [], ["stopped"], [], ["interrupted"], [], ["truncated"]]
     assert conversations.engine.memory_map(opened.session_id)[2]["recalled"] == [0]
     assert json.loads(conversations.export(opened.token))["messages"] == stored
+
+
+def test_a_reply_is_marked_truncated_exactly_when_it_ended_at_its_length_limit_and_keeps_it_across_a_restart(make):
+    """The note under a reply cut at `max_new_tokens` is stored with it, as "(stopped)" is, so a reload, a restart or
+    another replica shows it too; a reply that ended otherwise (here at a stop string) carries no mark."""
+    conversations = make()
+    token = conversations.start().token
+    cut = list(conversations.chat(token, "Tell me everything", **GREEDY, max_new_tokens=4))[-1]
+    ended = list(conversations.chat(token, "Now stop at a space", **GREEDY, max_new_tokens=64, stop=[" "]))[-1]
+    assert (cut.finish_reason, ended.finish_reason) == ("length", "stop")
+    marked = lambda messages: [[key for key in MARK_KEYS if m.get(key)] for m in messages]  # noqa: E731
+    assert marked(conversations.messages(token)) == [[], ["truncated"], [], []]
+    restarted = make()  # a server started afresh on the same database re-opens it from the store
+    assert marked(restarted.open(token).messages) == [[], ["truncated"], [], []]
+    restarted.retry(token)  # the exchange goes, and with it nothing of its marks stays behind
+    restarted.retry(token)
+    say(restarted, token, "Again", max_new_tokens=64, stop=[" "])
+    assert marked(restarted.messages(token)) == [[], []] and marked(restarted.store.load(token).messages) == [[], []]
 
 
 def test_without_persistence_a_reload_still_reattaches_and_nothing_is_written(make, tmp_path):

@@ -7,7 +7,8 @@ import re
 import pytest
 
 from streaming_engine import Event
-from webui.render import final_reply, gauges_html, inert
+from streaming_engine.validate import FINISH_MARKS, MARK_KEYS
+from webui.render import MARK_NOTES, TRUNCATED_NOTE, final_reply, gauges_html, inert, mark_note
 
 
 def test_gauges_show_fill_sinks_evictions_and_context_full():
@@ -54,9 +55,19 @@ def test_a_code_span_cannot_hide_a_tag_across_paragraphs():
     ("", "context_full", "FULL"),
     ("", "eos", "…"),
     ("<b>x</b>", "eos", "&lt;b>x&lt;/b>"),
+    ("Once upon", "length", f"Once upon\n\n{TRUNCATED_NOTE}"),
+    ("Once upon", "stop", "Once upon"),  # its stop string: where the caller wanted it to end
 ])
 def test_a_finished_reply_says_why_it_ended_when_that_is_not_obvious(text, reason, expected):
     assert final_reply(Event("done", text, {}, reason), "FULL") == expected
+
+
+def test_every_mark_a_reply_keeps_has_its_note_and_a_page_may_leave_some_unsaid():
+    assert set(MARK_NOTES) == set(MARK_KEYS) and set(FINISH_MARKS.values()) <= set(MARK_KEYS)
+    for reason, mark in FINISH_MARKS.items():  # the note as it ended is the note after a reload
+        assert final_reply(Event("done", "Hi", {}, reason), "FULL") == f"Hi\n\n{mark_note({mark: True})}"
+    assert final_reply(Event("done", "Hi", {}, "length"), "FULL", marks=("stopped",)) == "Hi"
+    assert mark_note({}) == "" and mark_note({"interrupted": True, "truncated": True}) == MARK_NOTES["interrupted"]
 
 
 CAPACITY = 1024

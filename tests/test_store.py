@@ -15,6 +15,7 @@ import pytest
 
 from streaming_engine import store as store_module
 from streaming_engine.store import ChatStore, StoreConflict, StoreError, StoreFull, new_token
+from streaming_engine.validate import MARK_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -588,6 +589,16 @@ def test_what_recall_fed_and_quoted_round_trips_and_its_indices_survive_dropping
     monkeypatch.setattr(store_module, "MAX_STORED_MESSAGES", 2)  # messages 4..5: nothing it quoted is kept
     assert db.load(db.create(messages=messages)).messages[0] == {k: v for k, v in messages[4].items()
                                                                   if k != "recalled"}
+
+
+@pytest.mark.parametrize("key", MARK_KEYS)
+def test_each_mark_of_a_reply_round_trips_and_a_rewrite_that_clears_it_clears_it(db, store_opener, key):
+    messages = exchange(4)
+    messages[1] = {**messages[1], key: True}
+    token = db.create(messages=messages)
+    assert store_opener().load(token).messages == messages  # read back by another process's view
+    db.replace(token, exchange(4))  # the same text without the mark: only the mark changed, and it goes
+    assert store_opener().load(token).messages == exchange(4)
 
 
 @pytest.mark.parametrize("recalled", [[3], [-1], ["0"], [True], "0"])

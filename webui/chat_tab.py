@@ -48,20 +48,18 @@ from .conversation_list import (
 )
 from .handlers import bind
 from .render import (
-    STOPPED_NOTE,
     Throttle,
     error_reply,
     final_reply,
     gauges_html,
     inert,
     mark_memory,
+    mark_note,
     user_and_pending_reply,
 )
 from .sessions import TABS, conversation_state, owner_of, tab_of
 
 CONTEXT_FULL_NOTE = "*(context full)*"
-#: Shown under a reply that was cut off (the server stopped, or the page went away, while it was written).
-INTERRUPTED_NOTE = "*(interrupted: this reply was cut off)*"
 EMPTY_MESSAGE = f"The message {EMPTY_TEXT}."
 #: Said when a message is sent while this chat's reply is still streaming: the message is not taken, and stays.
 WAIT_FOR_REPLY = ("A reply is still being written: your message stays in the box. Press Enter again once the reply "
@@ -128,12 +126,9 @@ def saved_settings(cfg, saved, visitor_cache_sizes: bool = False) -> list:
 
 
 def shown_messages(messages: list[dict]) -> list[dict]:
-    """A conversation's messages for the Chatbot: text made inert, a cut-off or stopped reply marked (as it was
-    when it ended: `render.final_reply`)."""
-    def note(m):
-        return INTERRUPTED_NOTE if m.get("interrupted") else STOPPED_NOTE if m.get("stopped") else ""
-
-    return [{"role": m["role"], "content": "\n\n".join(part for part in (inert(m["content"]), note(m)) if part)}
+    """A conversation's messages for the Chatbot: text made inert, a reply's mark noted (as it was when it ended:
+    `render.final_reply`)."""
+    return [{"role": m["role"], "content": "\n\n".join(part for part in (inert(m["content"]), mark_note(m)) if part)}
             for m in messages if m["role"] in ("user", "assistant")]
 
 

@@ -105,7 +105,9 @@ def compare_turn(engine, state: dict, message: str, modes: list[str], new_tokens
             # side's gauge says "tokens seen" instead of at the last streamed token.
             if event.stats:
                 series[mode].append({**series_point(event.stats), "latency": None})
-            shown = final_reply(event, CONTEXT_FULL_NOTE)
+            # Every side stops at the same reply length, which this tab sets for the race; a note under each
+            # would only repeat it, so only a stop is noted.
+            shown = final_reply(event, CONTEXT_FULL_NOTE, marks=("stopped",))
         else:
             shown = error_reply(event.text)
         chats[mode][-1] = {"role": "assistant", "content": shown}

@@ -11,6 +11,7 @@ import re
 import time
 
 from streaming_engine.session import MODES
+from streaming_engine.validate import FINISH_MARKS, MARK_KEYS
 
 from .settings import STREAM_UI_INTERVAL_S
 
@@ -72,14 +73,28 @@ def user_and_pending_reply(message: str) -> list[dict]:
     return [{"role": "user", "content": inert(message)}, {"role": "assistant", "content": ""}]
 
 
+#: Under a reply that was cut off (the server stopped, or the page went away, while it was written).
+INTERRUPTED_NOTE = "*(interrupted: this reply was cut off)*"
 #: Under a reply the user stopped.
 STOPPED_NOTE = "*(stopped)*"
+#: Under a reply that ended at its `max_new_tokens`: mid-sentence, which would otherwise look like a fault. (Not "ask
+#: it to go on": the cut reply is still in the cache, but a small model tends to wrap up rather than resume.)
+TRUNCATED_NOTE = "*(cut at the length limit for a reply: raise Max new tokens in Settings for longer ones)*"
+#: The note under a reply carrying each mark (`validate.MARK_KEYS`), as it ended and after a reload alike.
+MARK_NOTES = {"interrupted": INTERRUPTED_NOTE, "stopped": STOPPED_NOTE, "truncated": TRUNCATED_NOTE}
 
 
-def final_reply(event, context_full_note: str) -> str:
+def mark_note(message: dict) -> str:
+    """The note under a stored reply: that of its first mark in `MARK_KEYS` order, "" when it carries none."""
+    return next((MARK_NOTES[key] for key in MARK_KEYS if message.get(key)), "")
+
+
+def final_reply(event, context_full_note: str, marks: tuple[str, ...] = MARK_KEYS) -> str:
     """The Chatbot text of a finished reply: the reply made inert, plus why it ended when that is not obvious
-    (stopped by the user, context full). A reply stopped before its first token says so instead of showing nothing."""
-    note = {"stopped": STOPPED_NOTE, "context_full": context_full_note}.get(event.finish_reason)
+    (context full; or the note of the mark it keeps, `FINISH_MARKS`, among `marks`: stopped by the user, cut at the
+    length limit). A reply stopped before its first token says so instead of showing nothing."""
+    mark = FINISH_MARKS.get(event.finish_reason)
+    note = context_full_note if event.finish_reason == "context_full" else MARK_NOTES.get(mark) if mark in marks else None
     return "\n\n".join(part for part in (inert(event.text), note) if part) or "…"
 
 
