@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+import typing
 
 import pytest
 
 from streaming_engine import Event
+from streaming_engine.session import FinishReason
 from streaming_engine.validate import FINISH_MARKS, MARK_KEYS
 from webui.render import MARK_NOTES, TRUNCATED_NOTE, final_reply, gauges_html, inert, mark_note
 
@@ -64,6 +66,7 @@ def test_a_finished_reply_says_why_it_ended_when_that_is_not_obvious(text, reaso
 
 def test_every_mark_a_reply_keeps_has_its_note_and_a_page_may_leave_some_unsaid():
     assert set(MARK_NOTES) == set(MARK_KEYS) and set(FINISH_MARKS.values()) <= set(MARK_KEYS)
+    assert set(FINISH_MARKS) <= set(typing.get_args(FinishReason))  # keyed by reasons a turn can end with
     for reason, mark in FINISH_MARKS.items():  # the note as it ended is the note after a reload
         assert final_reply(Event("done", "Hi", {}, reason), "FULL") == f"Hi\n\n{mark_note({mark: True})}"
     assert final_reply(Event("done", "Hi", {}, "length"), "FULL", marks=("stopped",)) == "Hi"
