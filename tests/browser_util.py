@@ -67,10 +67,16 @@ RELOAD_RACES = ("ERR_ABORTED", "Not attached to an active page")
 def reload_page(page, attempts: int = 3) -> None:
     """`page.reload()` that survives a navigation the page started itself: after its server was restarted,
     Gradio's frontend may navigate on its own when it reconnects, and our reload then loses the race
-    (`RELOAD_RACES`). Wait for that navigation to land and reload again; any other error is raised."""
+    (`RELOAD_RACES`). Wait for that navigation to land and try again, as a new navigation to the address the page
+    had (what a user's Enter in the address bar does): a reload asks the current document to reload itself, and in
+    a CI run the tab stayed "not attached" to one for all three tries. Any other error is raised."""
+    address = page.url  # before any try: a failed one may leave the tab on Chromium's error page
     for attempt in range(1, attempts + 1):
         try:
-            page.reload()
+            if attempt == 1:
+                page.reload()
+            else:
+                page.goto(address)
             return
         except Exception as error:  # noqa: BLE001 - playwright's Error; this module does not import playwright
             if not any(race in str(error) for race in RELOAD_RACES) or attempt == attempts:
