@@ -31,7 +31,7 @@ from .defaults import (
 from .eviction import DEFAULT_EVICT_BLOCK, EVICTION_POLICIES
 from .history import export_history, parse_history, restore_history, upload_limit_note
 from .prompts import jsonl_records
-from .validate import FINISH_MARKS, MARK_KEYS
+from .validate import MARK_KEYS
 
 
 def read_prompts(path: str | None) -> list[str]:
@@ -190,16 +190,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def answer(prompt: str) -> bool:
         for event in engine.chat(session, prompt, **sampling):
+            if event.mark is not None:  # as the app marks it: a failure part-way, a cut at --max-new-tokens
+                mark_last_reply(event.mark)
             if event.kind == "delta":
                 print(event.text, end="", flush=True)
             elif event.kind == "error":
                 print(f"\n[error] {event.text}", file=sys.stderr)
-                if event.accepted:  # the turn failed part-way: its partial reply is kept, cut off
-                    mark_last_reply("interrupted")
                 return True
             else:
-                if event.finish_reason in FINISH_MARKS:  # e.g. cut at --max-new-tokens: "truncated", as the app
-                    mark_last_reply(FINISH_MARKS[event.finish_reason])
                 s = event.stats
                 rate = f"{s['tokens_per_s']:.1f} tok/s" if s.get("tokens_per_s") else "-"
                 print(

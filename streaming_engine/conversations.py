@@ -47,7 +47,7 @@ from .engine import EngineBusy, Refused, StreamingEngine, refusal
 from .history import export_history, parse_history, restore_history
 from .session import Event, refused
 from .store import UNREACHABLE, ConversationStore, ConversationSummary, StoreError, StoreFull, new_token, valid_token
-from .validate import FINISH_MARKS, MARK_KEYS, RECALL_RECORD_KEYS, check_bool, check_number, clean_text
+from .validate import MARK_KEYS, RECALL_RECORD_KEYS, check_bool, check_number, clean_text
 
 logger = logging.getLogger(__name__)
 
@@ -407,7 +407,7 @@ class Conversations:
                     existed: bool = True) -> None:
         """Save the turn's outcome. A reply cut off by a failure, or by its reader going away, is marked
         interrupted; one the user stopped is marked stopped (it ends where they wanted), one that ended at its
-        `max_new_tokens` truncated (`FINISH_MARKS`)."""
+        `max_new_tokens` truncated (`Event.mark`)."""
         try:
             now = len(self.messages(token, sid))
         except KeyError:  # the session was closed meanwhile (tab closed, deleted): nothing left to add
@@ -423,9 +423,8 @@ class Conversations:
                 self._guarded(token, self.store.delete, token)
         elif ended:
             if now > before:  # a refused message changed nothing
-                key = "interrupted" if ended.kind == "error" else FINISH_MARKS.get(ended.finish_reason)
-                if key is not None and now > before + 1:  # the turn left a reply to mark
-                    self._mark(token, key, before + 1)
+                if ended.mark is not None and now > before + 1:  # the turn left a reply to mark
+                    self._mark(token, ended.mark, before + 1)
                 self._persist(token, sid)
         elif started:  # the reader went away mid-reply: keep what it saw, marked interrupted
             self._mark(token, "interrupted", before + 1)

@@ -56,6 +56,7 @@ from .memory import MessageSpan, measure, turns_in_memory
 from .recall import Snippet, recall_block, recall_snippets
 from .sampling import PENALTY_WINDOW, Sampler, SamplingParams
 from .textstream import TextStream
+from .validate import FINISH_MARKS
 
 EventKind = Literal["delta", "done", "error"]
 #: Why a turn ended: the model's end of turn, `max_new_tokens`, a stop string, the user's Stop, a dense cache out
@@ -105,6 +106,15 @@ class Event:
     def final(self) -> bool:
         """The turn's last event ("done" or "error")."""
         return self.kind in ("done", "error")
+
+    @property
+    def mark(self) -> str | None:
+        """The mark (`validate.MARK_KEYS`) that the reply of a turn ending with this event keeps: "interrupted"
+        when the turn failed part-way, else its finish reason's (`FINISH_MARKS`); None for no mark, for a message
+        never taken and for an event that is not final."""
+        if self.kind == "error":
+            return "interrupted" if self.accepted else None
+        return FINISH_MARKS.get(self.finish_reason) if self.kind == "done" else None
 
 
 @dataclass(frozen=True)

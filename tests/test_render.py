@@ -70,6 +70,9 @@ def test_every_mark_a_reply_keeps_has_its_note_and_a_page_may_leave_some_unsaid(
     for reason, mark in FINISH_MARKS.items():  # the note as it ended is the note after a reload
         assert final_reply(Event("done", "Hi", {}, reason), "FULL") == f"Hi\n\n{mark_note({mark: True})}"
     assert final_reply(Event("done", "Hi", {}, "length"), "FULL", marks=("stopped",)) == "Hi"
+    # A turn that failed part-way leaves its reply interrupted; a message never taken, or a delta, marks nothing.
+    assert Event("error", "failed").mark == "interrupted"
+    assert Event("error", "busy", accepted=False).mark is None and Event("delta", "Hi").mark is None
     assert mark_note({}) == "" and mark_note({"interrupted": True, "truncated": True}) == MARK_NOTES["interrupted"]
 
 

@@ -11,7 +11,7 @@ import re
 import time
 
 from streaming_engine.session import MODES
-from streaming_engine.validate import FINISH_MARKS, MARK_KEYS
+from streaming_engine.validate import MARK_KEYS
 
 from .settings import STREAM_UI_INTERVAL_S
 
@@ -91,10 +91,10 @@ def mark_note(message: dict) -> str:
 
 def final_reply(event, context_full_note: str, marks: tuple[str, ...] = MARK_KEYS) -> str:
     """The Chatbot text of a finished reply: the reply made inert, plus why it ended when that is not obvious
-    (context full; or the note of the mark it keeps, `FINISH_MARKS`, among `marks`: stopped by the user, cut at the
+    (context full; or the note of the mark it keeps, `Event.mark`, among `marks`: stopped by the user, cut at the
     length limit). A reply stopped before its first token says so instead of showing nothing."""
-    mark = FINISH_MARKS.get(event.finish_reason)
-    note = context_full_note if event.finish_reason == "context_full" else MARK_NOTES.get(mark) if mark in marks else None
+    note = (context_full_note if event.finish_reason == "context_full"
+            else MARK_NOTES[event.mark] if event.mark in marks else None)
     return "\n\n".join(part for part in (inert(event.text), note) if part) or "…"
 
 
