@@ -186,5 +186,9 @@ def weight_bytes_by_placement(model: torch.nn.Module) -> dict[str, int]:
 def describe_placement(model: torch.nn.Module) -> str:
     """One line for logs and the UI, e.g. `"cuda:0 1.20 GB, cpu 310.5 MB, disk 95.0 MB"` (weights only)."""
     parts = sorted(weight_bytes_by_placement(model).items(), key=lambda kv: -kv[1])
-    return ", ".join(f"{where} {size / 1e9:.2f} GB" if size >= 1e9 else f"{where} {size / 1e6:.1f} MB"
-                     for where, size in parts)
+    return ", ".join(f"{where} {format_bytes(size)}" for where, size in parts)
+
+
+def format_bytes(size: int) -> str:
+    """A weight size as the placement line writes it: "1.20 GB" from a gigabyte up, else "310.5 MB"."""
+    return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"

@@ -11,15 +11,17 @@ import json
 
 import pytest
 import torch
-
 from conftest import fast_cases, tiny_model
-from streaming_engine import SUPPORTED_FAMILIES, EngineConfig, StreamingEngine, chat, enable_streaming_llm, load
+
 from benchmarks import devicemap_check
 from benchmarks.runinfo import PROVENANCE_KEY
+from streaming_engine import SUPPORTED_FAMILIES, EngineConfig, StreamingEngine, chat, enable_streaming_llm, load
 from streaming_engine.generation import forward
 from streaming_engine.loading import ensure_default_model
 from streaming_engine.placement import (
     Placement,
+    describe_placement,
+    format_bytes,
     input_device,
     parse_max_memory,
     parse_size,
@@ -127,6 +129,15 @@ def chat_checkpoint(tmp_path_factory, tiny_chat_model, default_tokenizer):
     tiny_chat_model.save_pretrained(folder)
     default_tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def test_the_footer_names_a_single_place_once_and_every_place_of_a_spread_model(chat_checkpoint):
+    single, tokenizer = load(chat_checkpoint, "cpu", "float32")
+    spread, _ = load(chat_checkpoint, dtype="float32", device_map=interleaved_map(single))
+    where = StreamingEngine(single, tokenizer, EngineConfig()).backend.describe().where
+    assert where == (f"cpu, {format_bytes(sum(weight_bytes_by_placement(single).values()))} of weights", "float32")
+    where = StreamingEngine(spread, tokenizer, EngineConfig()).backend.describe().where
+    assert where[0] == f"cpu (weights: {describe_placement(spread)})" and "disk" in where[0]
 
 
 @pytest.mark.slow

@@ -48,7 +48,7 @@ class Description:
 
     device: torch.device
     threads: int
-    where: tuple[str, ...]  # e.g. ("cpu (all on cpu)", "float32") or ("cpu, GGUF Q4_1 (llama.cpp)",)
+    where: tuple[str, ...]  # e.g. ("cpu, 269.0 MB of weights", "bfloat16") or ("cpu, GGUF Q4_1 (llama.cpp)",)
 
 
 class DecodeBatch(ABC):

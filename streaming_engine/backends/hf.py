@@ -30,7 +30,7 @@ from ..device_sampling import SampledDecodeStep
 from ..families import batchable, find_rotary_embedding, layer_rope_kinds
 from ..generation import Sampled, forward, forward_batch, forward_padded, padded_prefill_rows
 from ..overlap import OverlappedDecodeStep, resolve_overlap
-from ..placement import describe_placement, input_device
+from ..placement import describe_placement, format_bytes, input_device, weight_bytes_by_placement
 from ..scheduler import DECODE_PATHS
 from ..static_step import StaticDecodeStep, StaticSinkCache, resolve_decode_step, unsupported_reason
 from .base import Backend, DecodeBatch, Description
@@ -229,8 +229,12 @@ class TransformersBackend(Backend):
 
     def describe(self) -> Description:
         device = self.input_device
-        return Description(device, torch.get_num_threads(),
-                           (f"{device} ({describe_placement(self.model)})", str(self.model.dtype).replace("torch.", "")))
+        placement = weight_bytes_by_placement(self.model)
+        # One place (the common case) needs no list: "cpu, 269.0 MB of weights". A map spread over devices names
+        # each, because stored is not where it executes: "cuda:0 (weights: cuda:0 1.20 GB, cpu 310.5 MB)".
+        where = (f"{device}, {format_bytes(placement[str(device)])} of weights" if list(placement) == [str(device)]
+                 else f"{device} (weights: {describe_placement(self.model)})")
+        return Description(device, torch.get_num_threads(), (where, str(self.model.dtype).replace("torch.", "")))
 
 
 class SinkRows(DecodeBatch):
