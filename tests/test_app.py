@@ -10,7 +10,7 @@ import sys
 
 import psutil
 import pytest
-from browser_util import served
+from browser_util import RELOAD_RACES, reload_page, served
 
 from streaming_engine import EngineConfig, StreamingEngine
 from streaming_engine.history import MAX_HISTORY_BYTES
@@ -388,3 +388,41 @@ def test_a_name_with_the_shape_of_a_hub_id_is_not_taken_for_a_path(name, monkeyp
     assert ModelSource(name, name).from_hub
     (tmp_path / name).mkdir(parents=True)  # the same name as a folder here: loaded from disk, not the hub
     assert not ModelSource(name, name).from_hub
+
+
+class RacingPage:
+    """A page whose first `lost` navigations fail with `error` (what Chromium says when Gradio navigated first)."""
+
+    def __init__(self, lost: int, error: str = RELOAD_RACES[1]):
+        self.url, self.lost, self.error, self.calls = "http://127.0.0.1:1/?x=1", lost, error, []
+
+    def _navigate(self, call: tuple) -> None:
+        self.calls.append(call)
+        if len(self.calls) <= self.lost:
+            self.url = "chrome-error://chromewebdata/"  # where a lost race may leave the tab
+            raise RuntimeError(f"Page.reload: {self.error}")
+
+    def reload(self) -> None:
+        self._navigate(("reload",))
+
+    def goto(self, address: str) -> None:
+        self._navigate(("goto", address))
+
+    def wait_for_load_state(self, state: str) -> None:
+        assert state == "load"
+
+
+@pytest.mark.parametrize("lost", [0, 1, 2])
+def test_a_reload_that_loses_a_race_is_retried_as_a_visit_to_the_address_the_page_had(lost):
+    page = RacingPage(lost)
+    reload_page(page)
+    assert page.calls == [("reload",)] + [("goto", "http://127.0.0.1:1/?x=1")] * lost
+
+
+def test_a_reload_raises_a_race_lost_on_every_try_and_at_once_any_other_error():
+    with pytest.raises(RuntimeError, match=RELOAD_RACES[1]):
+        reload_page(RacingPage(lost=3))
+    page = RacingPage(lost=1, error="net::ERR_CONNECTION_REFUSED")
+    with pytest.raises(RuntimeError, match="ERR_CONNECTION_REFUSED"):
+        reload_page(page)
+    assert page.calls == [("reload",)]
