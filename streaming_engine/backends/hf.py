@@ -230,8 +230,8 @@ class TransformersBackend(Backend):
     def describe(self) -> Description:
         device = self.input_device
         placement = weight_bytes_by_placement(self.model)
-        # One place (the common case) needs no list: "cpu, 269.0 MB of weights". A map spread over devices names
-        # each, because stored is not where it executes: "cuda:0 (weights: cuda:0 1.20 GB, cpu 310.5 MB)".
+        # Weights all where the inputs go (the common case) need no list: "cpu, 269.0 MB of weights". A device map
+        # lists where each part is stored, which is not where it runs: "cuda:0 (weights: cuda:0 1.20 GB, cpu 310.5 MB)".
         where = (f"{device}, {format_bytes(placement[str(device)])} of weights" if list(placement) == [str(device)]
                  else f"{device} (weights: {describe_placement(self.model)})")
         return Description(device, torch.get_num_threads(), (where, str(self.model.dtype).replace("torch.", "")))
