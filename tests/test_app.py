@@ -266,7 +266,8 @@ def test_the_engine_is_loaded_as_the_settings_say_and_the_footer_shows_where_it_
     assert err.count("Backend: ") == 1 and "Backend: transformers (auto picks transformers:" in err
     assert err.index("Backend: ") < err.index("Loading ")
     footer = app.status_line(engine, label)
-    assert "cpu, " in footer and " MB of weights" in footer and "float32" in footer and "1 CPU thread ·" in footer and "4 sinks + 96" in footer
+    assert "cpu, " in footer and " MB of weights" in footer and "float32" in footer
+    assert "1 CPU thread ·" in footer and "4 sinks + 96" in footer
     assert "decode eager" in footer.split(" · ") and engine.config.decode_step == "auto"  # auto: eager on a CPU
     static, _ = app.create_engine(app_settings.parse_settings(["--decode-step", "static", "--cuda-graphs", "off"],
                                                               env={}))

@@ -11,11 +11,11 @@ import json
 
 import pytest
 import torch
-from conftest import fast_cases, tiny_model
 
+from conftest import fast_cases, tiny_model
+from streaming_engine import SUPPORTED_FAMILIES, EngineConfig, StreamingEngine, chat, enable_streaming_llm, load
 from benchmarks import devicemap_check
 from benchmarks.runinfo import PROVENANCE_KEY
-from streaming_engine import SUPPORTED_FAMILIES, EngineConfig, StreamingEngine, chat, enable_streaming_llm, load
 from streaming_engine.generation import forward
 from streaming_engine.loading import ensure_default_model
 from streaming_engine.placement import (
