@@ -185,7 +185,13 @@ def weight_bytes_by_placement(model: torch.nn.Module) -> dict[str, int]:
 
 def describe_placement(model: torch.nn.Module) -> str:
     """One line for logs and the UI, e.g. `"cuda:0 1.20 GB, cpu 310.5 MB, disk 95.0 MB"` (weights only)."""
-    parts = sorted(weight_bytes_by_placement(model).items(), key=lambda kv: -kv[1])
+    return format_placement(weight_bytes_by_placement(model))
+
+
+def format_placement(totals: dict[str, int]) -> str:
+    """`weight_bytes_by_placement`'s totals as `describe_placement` writes them, largest first (for a caller that
+    already holds the totals and should not walk the weights again)."""
+    parts = sorted(totals.items(), key=lambda kv: -kv[1])
     return ", ".join(f"{where} {format_bytes(size)}" for where, size in parts)
 
 

@@ -30,7 +30,7 @@ from ..device_sampling import SampledDecodeStep
 from ..families import batchable, find_rotary_embedding, layer_rope_kinds
 from ..generation import Sampled, forward, forward_batch, forward_padded, padded_prefill_rows
 from ..overlap import OverlappedDecodeStep, resolve_overlap
-from ..placement import describe_placement, format_bytes, input_device, weight_bytes_by_placement
+from ..placement import format_bytes, format_placement, input_device, weight_bytes_by_placement
 from ..scheduler import DECODE_PATHS
 from ..static_step import StaticDecodeStep, StaticSinkCache, resolve_decode_step, unsupported_reason
 from .base import Backend, DecodeBatch, Description
@@ -233,7 +233,7 @@ class TransformersBackend(Backend):
         # Weights all where the inputs go (the common case) need no list: "cpu, 269.0 MB of weights". A device map
         # lists where each part is stored, which is not where it runs: "cuda:0 (weights: cuda:0 1.20 GB, cpu 310.5 MB)".
         where = (f"{device}, {format_bytes(placement[str(device)])} of weights" if list(placement) == [str(device)]
-                 else f"{device} (weights: {describe_placement(self.model)})")
+                 else f"{device} (weights: {format_placement(placement)})")
         return Description(device, torch.get_num_threads(), (where, str(self.model.dtype).replace("torch.", "")))
 
 
