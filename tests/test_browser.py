@@ -309,7 +309,7 @@ def test_settings_survive_a_reload(browser, server):
     page.context.close()
 
 
-def test_the_dense_vs_streaming_tab_answers_on_every_side(browser, server):
+def test_the_dense_vs_streaming_tab_answers_on_every_side_and_its_plots_show_every_label(browser, server):
     url, _ = server
     page = new_page(browser, url)
     page.get_by_role("tab", name="Dense vs Streaming").click()
@@ -321,8 +321,26 @@ def test_the_dense_vs_streaming_tab_answers_on_every_side(browser, server):
         assert bot_texts(page, f"#chat-{mode}"), mode
     assert int(page.get_attribute("#gauges-dense [data-key=fill]", "data-held")) > 0
     page.wait_for_function(f"({PLOTTED})('#plot-memory') >= 3 && ({PLOTTED})('#plot-latency') >= 3")
+    assert_plots_say_what_to_look_for_unclipped(page)
     page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
     page.context.close()
+
+
+#: How far (px) any part of a plot - its axis titles, its caption - reaches out of the plot's own block, on any
+#: side; positive: clipped (the block hides what overflows it). null until both titles and the caption are drawn.
+OVERFLOW = """(root) => { const block = document.querySelector(root).getBoundingClientRect();
+    const parts = [...document.querySelectorAll(root + ' .role-axis-title text, ' + root + ' p.caption')];
+    return parts.length < 3 ? null : Math.max(...parts.map(e => e.getBoundingClientRect()).map(r => Math.max(
+        r.bottom - block.bottom, block.top - r.top, r.right - block.right, block.left - r.left))); }"""
+
+
+def assert_plots_say_what_to_look_for_unclipped(page):
+    """Each plot, once drawn, has its caption and both axis titles inside its block: the block hides whatever
+    overflows it, and the chart does not widen its margins when the tick labels widen (`render.plot_frames`)."""
+    for root, caption in (("#plot-memory", compare_tab.MEMORY_CAPTION), ("#plot-latency", compare_tab.LATENCY_CAPTION)):
+        page.wait_for_function(f"() => ({OVERFLOW})('{root}') !== null")
+        assert page.inner_text(f"{root} p.caption") == caption
+        assert page.evaluate(f"({OVERFLOW})('{root}')") <= 0, root
 
 
 #: How many coloured lines (one per mode) a gr.LinePlot has drawn, each through at least 5 points.
@@ -371,6 +389,8 @@ def test_on_a_phone_the_gauges_come_right_under_the_chat_and_the_buttons_are_one
     assert page.evaluate("() => { const r = document.querySelector('#compare-panes');"
                          " return r.scrollWidth > r.clientWidth + 100; }")  # a row that scrolls sideways
     assert page.evaluate("() => document.documentElement.scrollWidth") <= PHONE_VIEWPORT["width"]
+    page.wait_for_function(f"({PLOTTED})('#plot-memory') >= 3 && ({PLOTTED})('#plot-latency') >= 3")
+    assert_plots_say_what_to_look_for_unclipped(page)
     page.screenshot(path=str(ARTIFACTS / "phone-compare.png"), full_page=True)
     page.context.close()
 

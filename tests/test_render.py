@@ -116,6 +116,24 @@ def test_an_empty_gauge_shows_the_configured_capacity_not_one_token():
     assert "0 / 1,024 tokens" in gauges_html(None, capacity=1024)
 
 
+@pytest.mark.parametrize("timed", [0, 1, 40])
+def test_a_plot_is_none_until_it_has_a_point_to_draw_then_a_frame_with_every_mode(timed):
+    """Gradio lays a chart's margins out once, from the labels of the first frame it draws: a plot is None (an empty
+    plot) until it has a real point, so that first frame is one of real data. Memory has a point from the first
+    token; latency only from the first timed one. Once drawn, every mode is in the frame (the legend's colours)."""
+    from streaming_engine import MODES
+    from webui.render import LATENCY_COLUMN, MEMORY_COLUMN, MODE_COLUMN, PLOT_ORDER, plot_frames
+
+    assert plot_frames({}) == (None, None)
+    points = [{"seen": n + 1, "kv": 1000 * (n + 1), "latency": 0.02 if n < timed else None} for n in range(40)]
+    memory, latency = plot_frames({"streaming": points})
+    assert set(memory[MODE_COLUMN]) == set(MODES) and memory[MEMORY_COLUMN].max() > 0
+    if timed:
+        assert set(latency[MODE_COLUMN]) == set(PLOT_ORDER) and latency[LATENCY_COLUMN].max() == pytest.approx(20)
+    else:
+        assert latency is None
+
+
 def test_the_plots_draw_streaming_last_and_their_axes_never_read_0_000000(tiny_chat_model, default_tokenizer):
     """Issue 27 item 9: each plot draws its lines in its colour map's order, the last on top: streaming must come
     last, or window's identical line hides it. Ticks use "~r" (an empty axis reads "0", 120 reads "120"), and the

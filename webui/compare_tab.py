@@ -58,6 +58,13 @@ DEFAULT_COMPARE_NEW_TOKENS = 96
 #: The three chats and gauges repaint at most this often while replies stream (seconds): three panes at the chat
 #: tab's pace kept a browser's main thread busy all the time with a fast model.
 COMPARE_UI_INTERVAL_S = 0.25
+#: What to look for in each plot, said under it once it has something to show.
+_CACHES = (f"{COMPARE_WINDOW_SIZE}-token caches" if COMPARE_CAPACITY["streaming"] == COMPARE_WINDOW_SIZE
+           else f"caches ({COMPARE_CAPACITY['streaming']} and {COMPARE_WINDOW_SIZE} tokens)")
+MEMORY_CAPTION = (f"Dense grows with every token until its {COMPARE_DENSE_CONTEXT}-token budget is full; streaming "
+                  f"and window never hold more than their {_CACHES}, so their lines level off however long the chat "
+                  "runs.")
+LATENCY_CAPTION = "Milliseconds per decoded token; a line ends where its side stops decoding (dense at context full)."
 CONTEXT_FULL_NOTE = "**Context full** — dense attention cannot continue."
 #: What the autopilot sends when `assets/autopilot.json` is missing.
 FALLBACK_SCRIPT = ["Tell me a long story."]
@@ -251,18 +258,20 @@ def build_compare_tab(engine) -> None:
             for m in MODES) + "</div>", elem_id="plot-legend")
         # Drawn in the colour map's order, the last on top: streaming, the line this tab is about, goes last so that
         # window's line (the same until the cache fills) does not hide it. "~r" ticks: an axis with nothing on it
-        # yet reads "0", not "0.000000", and 120 stays "120".
+        # yet reads "0", not "0.000000", and 120 stays "120". Both plots start empty (None): see `plot_frames`.
+        # No fixed height: a block of fixed height hides whatever of the chart overflows it (the x-axis title and
+        # the caption went first).
         colors = {m: COLORS[m] for m in PLOT_ORDER}
         with gr.Row(elem_id="compare-plots"):
             plot_memory = gr.LinePlot(
                 memory_frame, x=X_COLUMN, y=MEMORY_COLUMN, color=MODE_COLUMN, color_map=colors,
                 x_axis_format="~r", y_axis_format="~r", tooltip="none", colors_in_legend=[],
-                label="KV cache memory vs tokens seen", elem_id="plot-memory",
-                height=280, min_width=280)
+                label="KV cache memory vs tokens seen", elem_id="plot-memory", caption=MEMORY_CAPTION,
+                min_width=280)
             plot_latency = gr.LinePlot(
                 latency_frame, x=X_COLUMN, y=LATENCY_COLUMN, color=MODE_COLUMN, color_map=colors,
-                x_axis_format="~r", y_axis_format="~r", tooltip="none", colors_in_legend=[], elem_id="plot-latency",
-                height=280, min_width=280,
+                x_axis_format="~r", y_axis_format="~r", tooltip="none", colors_in_legend=[],
+                elem_id="plot-latency", min_width=280, caption=LATENCY_CAPTION,
                 label=f"Decode latency vs tokens seen (median of the last {LATENCY_MEDIAN_WINDOW} tokens)")
         with gr.Accordion("Settings", open=False, elem_id="compare-settings"):
             with gr.Row():

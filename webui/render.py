@@ -347,7 +347,12 @@ def _rolling_median(values: list[float], window: int) -> list[float]:
 
 def plot_frames(series: dict[str, list[dict]]):
     """The two plots' data as DataFrames (for `gr.LinePlot`): KV memory and rolling-median latency against tokens
-    seen, one line per mode. `series[mode]` is a list of `series_point` dicts."""
+    seen, one line per mode. `series[mode]` is a list of `series_point` dicts.
+
+    A plot with nothing to draw yet gets None (gradio shows an empty plot), never a frame of bare axes: the chart
+    lays out its margins when it is first drawn, from the tick labels it has then, and later data only replaces
+    its points. Drawn first from an empty frame, its margin fitted "0" or no label at all, and the wider labels
+    of real data ("650") pushed the y-axis title out of the block."""
     import pandas as pd
 
     # Every mode starts with a point at 0 tokens seen (no memory yet; latency unknown, so NaN, which is not drawn):
@@ -362,7 +367,11 @@ def plot_frames(series: dict[str, list[dict]]):
                           for p, m in zip(timed, medians)])
     # Numeric dtypes even when empty: gradio reads an axis's type from the column's dtype, and an empty frame's
     # default (object) would make every tick a category.
-    return (_frame(memory, MEMORY_COLUMN), _frame(latency, LATENCY_COLUMN))
+    frames = []
+    for rows, y in ((memory, MEMORY_COLUMN), (latency, LATENCY_COLUMN)):
+        drawn = any(not math.isnan(row[y]) for row in rows[len(PLOT_ORDER):])  # past the starting points
+        frames.append(_frame(rows, y) if drawn else None)
+    return tuple(frames)
 
 
 def _frame(rows: list[dict], y: str):
