@@ -7,10 +7,21 @@ import typing
 
 import pytest
 
-from streaming_engine import Event
+from streaming_engine import MODES, Event
 from streaming_engine.session import FinishReason
 from streaming_engine.validate import FINISH_MARKS, MARK_KEYS
-from webui.render import MARK_NOTES, TRUNCATED_NOTE, final_reply, gauges_html, inert, mark_note
+from webui.render import (
+    LATENCY_COLUMN,
+    MARK_NOTES,
+    MEMORY_COLUMN,
+    MODE_COLUMN,
+    TRUNCATED_NOTE,
+    final_reply,
+    gauges_html,
+    inert,
+    mark_note,
+    plot_frames,
+)
 
 
 def test_gauges_show_fill_sinks_evictions_and_context_full():
@@ -121,15 +132,12 @@ def test_a_plot_is_none_until_it_has_a_point_to_draw_then_a_frame_with_every_mod
     """Gradio lays a chart's margins out once, from the labels of the first frame it draws: a plot is None (an empty
     plot) until it has a real point, so that first frame is one of real data. Memory has a point from the first
     token; latency only from the first timed one. Once drawn, every mode is in the frame (the legend's colours)."""
-    from streaming_engine import MODES
-    from webui.render import LATENCY_COLUMN, MEMORY_COLUMN, MODE_COLUMN, PLOT_ORDER, plot_frames
-
     assert plot_frames({}) == (None, None)
     points = [{"seen": n + 1, "kv": 1000 * (n + 1), "latency": 0.02 if n < timed else None} for n in range(40)]
     memory, latency = plot_frames({"streaming": points})
     assert set(memory[MODE_COLUMN]) == set(MODES) and memory[MEMORY_COLUMN].max() > 0
     if timed:
-        assert set(latency[MODE_COLUMN]) == set(PLOT_ORDER) and latency[LATENCY_COLUMN].max() == pytest.approx(20)
+        assert set(latency[MODE_COLUMN]) == set(MODES) and latency[LATENCY_COLUMN].max() == pytest.approx(20)
     else:
         assert latency is None
 

@@ -365,8 +365,8 @@ def plot_frames(series: dict[str, list[dict]]):
         medians = _rolling_median([p["latency"] * 1000 for p in timed], LATENCY_MEDIAN_WINDOW)
         latency += _thin([{X_COLUMN: p["seen"], LATENCY_COLUMN: m, MODE_COLUMN: mode}
                           for p, m in zip(timed, medians)])
-    # Numeric dtypes even when empty: gradio reads an axis's type from the column's dtype, and an empty frame's
-    # default (object) would make every tick a category.
+    # Numeric dtypes set by `_frame`: gradio reads an axis's type from the column's dtype, and an object column
+    # (what pandas infers from rows it cannot type) would make every tick a category.
     frames = []
     for rows, y in ((memory, MEMORY_COLUMN), (latency, LATENCY_COLUMN)):
         drawn = any(not math.isnan(row[y]) for row in rows[len(PLOT_ORDER):])  # past the starting points
