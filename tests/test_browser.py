@@ -334,13 +334,54 @@ OVERFLOW = """(root) => { const block = document.querySelector(root).getBounding
         r.bottom - block.bottom, block.top - r.top, r.right - block.right, block.left - r.left))); }"""
 
 
+def assert_plot_unclipped(page, root: str, caption: str) -> None:
+    """The plot at `root`, once drawn, has its caption and both axis titles inside its block (the block hides
+    whatever overflows it)."""
+    page.wait_for_function(f"() => ({OVERFLOW})('{root}') !== null")
+    assert page.inner_text(f"{root} p.caption") == caption
+    assert page.evaluate(f"({OVERFLOW})('{root}')") <= 0, root
+
+
 def assert_plots_say_what_to_look_for_unclipped(page):
-    """Each plot, once drawn, has its caption and both axis titles inside its block: the block hides whatever
-    overflows it, and the chart does not widen its margins when the tick labels widen (`render.plot_frames`)."""
-    for root, caption in (("#plot-memory", compare_tab.MEMORY_CAPTION), ("#plot-latency", compare_tab.LATENCY_CAPTION)):
-        page.wait_for_function(f"() => ({OVERFLOW})('{root}') !== null")
-        assert page.inner_text(f"{root} p.caption") == caption
-        assert page.evaluate(f"({OVERFLOW})('{root}')") <= 0, root
+    assert_plot_unclipped(page, "#plot-memory", compare_tab.MEMORY_CAPTION)
+    assert_plot_unclipped(page, "#plot-latency", compare_tab.LATENCY_CAPTION)
+
+
+#: The widest tick label of the plot at `root`, in digits.
+WIDEST_LABEL = """(root) => Math.max(0, ...[...document.querySelectorAll(root + ' .role-axis-label text')]
+    .map(t => t.textContent.replace(/[^0-9]/g, '').length))"""
+
+
+def test_a_plot_whose_tick_labels_widen_lays_its_margins_out_again(browser):
+    """A plot built as the tab builds it, first drawn with labels of one digit, then given data whose labels have
+    six, still shows both axis titles and its caption: `plot_update` moves its axis, and only a moved axis makes
+    the chart lay its margins out anew (new data alone is drawn into the margins it has, and a margin has room for
+    about two more digits than it was laid out for)."""
+    import gradio as gr
+
+    from webui.render import LATENCY_COLUMN, plot_frames
+
+    def points(latency_s):
+        return [{"seen": n + 1, "kv": 2**20, "latency": latency_s} for n in range(30)]
+
+    with gr.Blocks() as demo:
+        plot = compare_tab.comparison_plot(None, LATENCY_COLUMN, "latency", compare_tab.LATENCY_CAPTION, "plot-grow")
+        for name, latency_s in (("narrow", 0.004), ("wide", 300.0)):
+            gr.Button(name, elem_id=name).click(
+                lambda s=latency_s: compare_tab.plot_update(plot_frames({"streaming": points(s)})[1]), None, plot)
+    port = free_port()
+    demo.launch(server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        page = browser.new_page(viewport={"width": 900, "height": 700})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(f"http://127.0.0.1:{port}")
+        for name, digits in (("narrow", 1), ("wide", 6)):
+            page.click(f"#{name}")
+            page.wait_for_function(f"({WIDEST_LABEL})('#plot-grow') >= {digits}")
+            assert_plot_unclipped(page, "#plot-grow", compare_tab.LATENCY_CAPTION)
+        page.close()
+    finally:
+        demo.close()
 
 
 #: How many coloured lines (one per mode) a gr.LinePlot has drawn, each through at least 5 points.

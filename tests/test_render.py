@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import typing
 
@@ -11,11 +12,13 @@ from streaming_engine import MODES, Event
 from streaming_engine.session import FinishReason
 from streaming_engine.validate import FINISH_MARKS, MARK_KEYS
 from webui.render import (
+    AXIS_STEPS,
     LATENCY_COLUMN,
     MARK_NOTES,
     MEMORY_COLUMN,
     MODE_COLUMN,
     TRUNCATED_NOTE,
+    axis_top,
     final_reply,
     gauges_html,
     inert,
@@ -140,6 +143,31 @@ def test_a_plot_is_none_until_it_has_a_point_to_draw_then_a_frame_with_every_mod
         assert set(latency[MODE_COLUMN]) == set(MODES) and latency[LATENCY_COLUMN].max() == pytest.approx(20)
     else:
         assert latency is None
+
+
+def test_an_axis_top_covers_its_value_within_five_thirds_and_stands_still_within_a_step():
+    values = sorted({round(10 ** (k / 97), 9) for k in range(-300, 500)} | {s * 10.0 ** e for s in AXIS_STEPS
+                                                                             for e in range(-3, 5)})
+    tops = [axis_top(v) for v in values]
+    for value, top in zip(values, tops):
+        assert value <= top <= value * 5 / 3 * (1 + 1e-9), value
+        exponent = math.floor(math.log10(top) + 1e-9)
+        assert any(math.isclose(top, step * 10.0 ** exponent) for step in AXIS_STEPS), top
+        assert repr(top) == repr(float(f"{top:.12g}")), top  # no 0.30000000000000004
+    assert tops == sorted(tops)  # a growing line never makes its axis shrink
+    # Growing through one decade, the axis moves (and the chart is laid out anew) once per step, not per redraw.
+    assert len(set(axis_top(v) for v in values if 1 < v <= 10)) == len(AXIS_STEPS) - 1
+    assert axis_top(0) == axis_top(-1) == 1.0
+
+
+def test_a_plot_update_spans_its_data_from_zero_and_keeps_its_axis_while_the_data_fits():
+    from webui.compare_tab import plot_update
+
+    points = [{"seen": n + 1, "kv": 2**20 * (n + 1) / 10, "latency": 0.2 + n / 1000} for n in range(30)]
+    memory, latency = (plot_update(frame) for frame in plot_frames({"dense": points}))
+    assert memory["y_lim"] == [0, 3] and latency["y_lim"] == [0, 300]  # 3.0 MiB; medians just over 200 ms
+    assert plot_update(plot_frames({"dense": points[:25]})[0])["y_lim"] == [0, 3]  # 2.5 MiB: the axis stays
+    assert plot_update(None) is None
 
 
 def test_the_plots_draw_streaming_last_and_their_axes_never_read_0_000000(tiny_chat_model, default_tokenizer):

@@ -32,6 +32,7 @@ from .render import (
     PLOT_ORDER,
     X_COLUMN,
     Throttle,
+    axis_top,
     error_reply,
     final_reply,
     gauges_html,
@@ -130,9 +131,18 @@ def compare_outputs(chats: dict, stats: dict, state: dict, note: str, plots=None
         out.append(chats.get(mode, []))
     for mode in MODES:
         out.append(gauges_html(stats.get(mode), mode, phase) if stats.get(mode) else gr.skip())
-    out += list(plots) if plots else [gr.skip(), gr.skip()]
+    out += [plot_update(frame) for frame in plots] if plots else [gr.skip(), gr.skip()]
     out.append(state)
     return out
+
+
+def plot_update(frame):
+    """A plot's new data (None: an empty plot) with its y axis from 0 to `render.axis_top` of the data, so the
+    axis, and with it the chart's layout, changes only when the data outgrows it."""
+    if frame is None:
+        return None
+    (y,) = [column for column in (MEMORY_COLUMN, LATENCY_COLUMN) if column in frame]
+    return gr.update(value=frame, y_lim=[0, axis_top(float(frame[y].max()))])
 
 
 def autopilot_note(number: int, total: int, prompt: str, stats: dict, finished: str = "") -> str:
@@ -214,6 +224,18 @@ def compare_reset(engine, state, request: gr.Request = None):
 # --- layout ---------------------------------------------------------------------------------------------------
 
 
+def comparison_plot(frame, y: str, label: str, caption: str, elem_id: str) -> gr.LinePlot:
+    """One of the tab's plots of `y` against tokens seen, a line per mode, fed by `plot_update`.
+
+    Lines are drawn in the colour map's order, the last on top: streaming, the line this tab is about, goes last so
+    that window's line (the same until the cache fills) does not hide it. "~r" ticks: no axis reads "0.000000",
+    and 120 stays "120". No fixed height: a block of fixed height hides whatever of the chart overflows it (the x-axis
+    title and the caption went first). A plot starts empty (None, see `render.plot_frames`)."""
+    return gr.LinePlot(frame, x=X_COLUMN, y=y, color=MODE_COLUMN, color_map={m: COLORS[m] for m in PLOT_ORDER},
+                       x_axis_format="~r", y_axis_format="~r", tooltip="none", colors_in_legend=[], label=label,
+                       caption=caption, elem_id=elem_id, min_width=280)
+
+
 def build_compare_tab(engine) -> None:
     """The Dense vs Streaming tab inside the current `gr.Blocks`.
 
@@ -256,23 +278,13 @@ def build_compare_tab(engine) -> None:
         gr.HTML('<div class="plot-legend">' + "".join(
             f'<span class="legend-item"><span class="legend-swatch" style="background:{COLORS[m]}"></span>{m}</span>'
             for m in MODES) + "</div>", elem_id="plot-legend")
-        # Drawn in the colour map's order, the last on top: streaming, the line this tab is about, goes last so that
-        # window's line (the same until the cache fills) does not hide it. "~r" ticks: an axis with nothing on it
-        # yet reads "0", not "0.000000", and 120 stays "120". Both plots start empty (None): see `plot_frames`.
-        # No fixed height: a block of fixed height hides whatever of the chart overflows it (the x-axis title and
-        # the caption went first).
-        colors = {m: COLORS[m] for m in PLOT_ORDER}
         with gr.Row(elem_id="compare-plots"):
-            plot_memory = gr.LinePlot(
-                memory_frame, x=X_COLUMN, y=MEMORY_COLUMN, color=MODE_COLUMN, color_map=colors,
-                x_axis_format="~r", y_axis_format="~r", tooltip="none", colors_in_legend=[],
-                label="KV cache memory vs tokens seen", elem_id="plot-memory", caption=MEMORY_CAPTION,
-                min_width=280)
-            plot_latency = gr.LinePlot(
-                latency_frame, x=X_COLUMN, y=LATENCY_COLUMN, color=MODE_COLUMN, color_map=colors,
-                x_axis_format="~r", y_axis_format="~r", tooltip="none", colors_in_legend=[],
-                elem_id="plot-latency", min_width=280, caption=LATENCY_CAPTION,
-                label=f"Decode latency vs tokens seen (median of the last {LATENCY_MEDIAN_WINDOW} tokens)")
+            plot_memory = comparison_plot(memory_frame, MEMORY_COLUMN, "KV cache memory vs tokens seen",
+                                          MEMORY_CAPTION, "plot-memory")
+            plot_latency = comparison_plot(
+                latency_frame, LATENCY_COLUMN,
+                f"Decode latency vs tokens seen (median of the last {LATENCY_MEDIAN_WINDOW} tokens)",
+                LATENCY_CAPTION, "plot-latency")
         with gr.Accordion("Settings", open=False, elem_id="compare-settings"):
             with gr.Row():
                 with_window = gr.Checkbox(True, label="Include window attention (no sinks)", elem_id="with-window")

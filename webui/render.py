@@ -320,6 +320,13 @@ PLOT_INTERVAL_S = 1.0
 #: The order the plots draw their lines in, the last on top: streaming last, so that window's line, identical until
 #: the cache fills, does not hide it.
 PLOT_ORDER = tuple(m for m in MODES if m != "streaming") + ("streaming",)
+#: Where a plot's y axis may end: the data's highest point rounded up to one of these times a power of ten
+#: (`axis_top`). The axis moves only when the data outgrows it (or shrinks well below it), and each move makes
+#: gradio draw the chart anew, laying its margins out again for the new labels. A data update alone never does,
+#: and a margin has room for only about two more digits than the labels it was laid out for: beyond that the
+#: y-axis title is pushed out of the block. Between moves the axis stands still instead of rescaling at every
+#: redraw.
+AXIS_STEPS = (1, 1.5, 2, 3, 5, 7.5, 10)
 #: Column names, which are also the plots' axis titles.
 X_COLUMN, MEMORY_COLUMN, LATENCY_COLUMN, MODE_COLUMN = "tokens seen", "KV cache (MiB)", "ms per token", "mode"
 
@@ -372,6 +379,16 @@ def plot_frames(series: dict[str, list[dict]]):
         drawn = any(not math.isnan(row[y]) for row in rows[len(PLOT_ORDER):])  # past the starting points
         frames.append(_frame(rows, y) if drawn else None)
     return tuple(frames)
+
+
+def axis_top(value: float) -> float:
+    """The top of a y axis that shows `value`: the smallest `AXIS_STEPS` step times a power of ten at or above it
+    (1.0 for nothing above zero). At most 5/3 of `value`, so the lines fill most of the plot's height."""
+    if not value > 0:
+        return 1.0
+    scale = 10.0 ** math.floor(math.log10(value))
+    # Rounded: 3 * 0.1 is 0.30000000000000004, which would be an axis top of 0.30000000000000004.
+    return next(round(step * scale, 12) for step in AXIS_STEPS if round(step * scale, 12) >= value)
 
 
 def _frame(rows: list[dict], y: str):
