@@ -158,6 +158,7 @@ def test_an_axis_top_covers_its_value_within_five_thirds_and_stands_still_within
     # Growing through one decade, the axis moves (and the chart is laid out anew) once per step, not per redraw.
     assert len(set(axis_top(v) for v in values if 1 < v <= 10)) == len(AXIS_STEPS) - 1
     assert axis_top(0) == axis_top(-1) == 1.0
+    assert axis_top(2.5e-15) == 3e-15 and axis_top(4e12) == 5e12  # any magnitude
 
 
 def test_a_plot_update_spans_its_data_from_zero_and_keeps_its_axis_while_the_data_fits():

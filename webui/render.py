@@ -387,8 +387,9 @@ def axis_top(value: float) -> float:
     if not value > 0:
         return 1.0
     scale = 10.0 ** math.floor(math.log10(value))
-    # Rounded: 3 * 0.1 is 0.30000000000000004, which would be an axis top of 0.30000000000000004.
-    return next(round(step * scale, 12) for step in AXIS_STEPS if round(step * scale, 12) >= value)
+    # To 12 significant digits: 3 * 0.1 is 0.30000000000000004, which would be the axis's top label.
+    tops = (float(f"{step * scale:.12g}") for step in AXIS_STEPS)
+    return next(top for top in tops if top >= value)
 
 
 def _frame(rows: list[dict], y: str):
