@@ -693,7 +693,10 @@ def test_one_message_reaches_every_side_and_the_plots_follow(engine):
     for mode, chat, html in zip(MODES, chats, gauges):
         assert chat[0]["content"] == "What is the capital of Italy?" and chat[1]["content"], mode
         assert gauge_value(html, "turns") == 1 and phase(html) == "idle" and f'data-mode="{mode}"' in html
-    assert all(isinstance(frame, pd.DataFrame) and set(frame["mode"]) == set(MODES) for frame in plots)
+    for plot in plots:  # each plot's data, with its y axis from 0 to at least its highest point
+        frame, (bottom, top) = plot["value"], plot["y_lim"]
+        assert isinstance(frame, pd.DataFrame) and set(frame["mode"]) == set(MODES)
+        assert bottom == 0 and top >= frame[frame.columns[1]].max() > 0
     assert set(state["sids"]) == set(MODES) and all(state["series"][m] for m in MODES)
     assert gauge_value(gauges[1], "sink_tokens") == 0 and gauge_value(gauges[0], "sink_tokens") == 4
 
