@@ -60,8 +60,8 @@ DEFAULT_COMPARE_NEW_TOKENS = 96
 #: tab's pace kept a browser's main thread busy all the time with a fast model.
 COMPARE_UI_INTERVAL_S = 0.25
 #: What to look for in each plot, said under it once it has something to show.
-_CACHES = (f"{COMPARE_WINDOW_SIZE}-token caches" if COMPARE_CAPACITY["streaming"] == COMPARE_WINDOW_SIZE
-           else f"caches ({COMPARE_CAPACITY['streaming']} and {COMPARE_WINDOW_SIZE} tokens)")
+_CACHES = (f"{COMPARE_CAPACITY['window']}-token caches" if COMPARE_CAPACITY["streaming"] == COMPARE_CAPACITY["window"]
+           else f"caches ({COMPARE_CAPACITY['streaming']} and {COMPARE_CAPACITY['window']} tokens)")
 MEMORY_CAPTION = (f"Dense grows with every token until its {COMPARE_DENSE_CONTEXT}-token budget is full; streaming "
                   f"and window never hold more than their {_CACHES}, so their lines level off however long the chat "
                   "runs.")

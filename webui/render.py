@@ -374,11 +374,10 @@ def plot_frames(series: dict[str, list[dict]]):
                           for p, m in zip(timed, medians)])
     # Numeric dtypes set by `_frame`: gradio reads an axis's type from the column's dtype, and an object column
     # (what pandas infers from rows it cannot type) would make every tick a category.
-    frames = []
-    for rows, y in ((memory, MEMORY_COLUMN), (latency, LATENCY_COLUMN)):
-        drawn = any(not math.isnan(row[y]) for row in rows[len(PLOT_ORDER):])  # past the starting points
-        frames.append(_frame(rows, y) if drawn else None)
-    return tuple(frames)
+    # Every row past the starting points is a real point (memory from a token, latency from a timed one).
+    drawn = len(PLOT_ORDER)
+    return tuple(_frame(rows, y) if len(rows) > drawn else None
+                 for rows, y in ((memory, MEMORY_COLUMN), (latency, LATENCY_COLUMN)))
 
 
 def axis_top(value: float) -> float:
