@@ -4,7 +4,8 @@ A user-facing chat in the terminal (the MT-Bench *benchmark* of the same idea is
 
 Reads prompts from a file (a `.jsonl` of MT-Bench style `{"turns": [...]}` records, a `.json` list, or plain text
 with one prompt per line) or from standard input, feeds them one after another into ONE streaming session, prints
-each answer as it streams and the cache statistics after it. Interactive when stdin is a terminal. `--history`
+each answer as it streams and the cache statistics after it. A prompt `/continue` goes on with the last reply where
+it ended (`StreamingEngine.continue_reply`). Interactive when stdin is a terminal. `--history`
 continues a conversation downloaded from the web app, and `--save` writes one the app can upload (`history.py`).
 """
 
@@ -32,6 +33,9 @@ from .eviction import DEFAULT_EVICT_BLOCK, EVICTION_POLICIES
 from .history import export_history, parse_history, restore_history, upload_limit_note
 from .prompts import jsonl_records
 from .validate import MARK_KEYS
+
+#: A prompt line that continues the last reply (cut at --max-new-tokens, or stopped) instead of sending a message.
+CONTINUE_COMMAND = "/continue"
 
 
 def read_prompts(path: str | None) -> list[str]:
@@ -62,7 +66,8 @@ def read_prompts(path: str | None) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m streaming_engine.chat", description=__doc__.split("\n\n")[0])
-    p.add_argument("prompts", nargs="?", help="prompt file (.jsonl, .json or text); default: stdin")
+    p.add_argument("prompts", nargs="?", help=f"prompt file (.jsonl, .json or text); default: stdin. A prompt "
+                                              f"{CONTINUE_COMMAND} goes on with the last reply where it was cut")
     p.add_argument("--model", default=None, help=f"Hugging Face id or local path (default: offline {DEFAULT_MODEL_NAME})")
     p.add_argument("--start-size", type=int, default=DEFAULT_START_SIZE,
                    help=f"attention sinks kept (default {DEFAULT_START_SIZE})")
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     interactive = args.prompts is None and sys.stdin.isatty()
     prompts = [] if interactive else read_prompts(args.prompts)
     history = read_history(args.history, args.system) if args.history is not None else None
-    from .engine import EngineConfig, StreamingEngine
+    from .engine import EngineConfig, StreamingEngine, refusal
     from .loading import load
     from .placement import describe_placement
 
@@ -183,13 +188,22 @@ def main(argv: list[str] | None = None) -> int:
             marks[key].add(len(visible) - 1)
 
     def ask(prompt: str) -> bool:
-        print(f"\nUSER: {prompt}\n\nASSISTANT: ", end="", flush=True)
-        go_on = answer(prompt)
+        if prompt.strip() == CONTINUE_COMMAND:
+            events = engine.continue_reply(session, **sampling)
+            if refusal(events) is None:  # taken: the reply's mark is the one its new end gives it
+                print("\n[continuing the last reply] ", end="", flush=True)
+                reply = len([m for m in engine.history(session) if m["role"] != "system"]) - 1
+                for kept in marks.values():
+                    kept.discard(reply)
+        else:
+            print(f"\nUSER: {prompt}\n\nASSISTANT: ", end="", flush=True)
+            events = engine.chat(session, prompt, **sampling)
+        go_on = answer(events)
         save()  # after every turn, a failed one too
         return go_on
 
-    def answer(prompt: str) -> bool:
-        for event in engine.chat(session, prompt, **sampling):
+    def answer(events) -> bool:
+        for event in events:
             if event.mark is not None:  # as the app marks it: a failure part-way, a cut at --max-new-tokens
                 mark_last_reply(event.mark)
             if event.kind == "delta":
@@ -211,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if interactive:
-            print("Type a message (Ctrl-D to quit).")
+            print(f"Type a message ({CONTINUE_COMMAND} goes on with a cut reply; Ctrl-D to quit).")
             for line in sys.stdin:
                 if line.strip() and not ask(line.rstrip("\n")):
                     break

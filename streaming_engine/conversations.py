@@ -368,9 +368,30 @@ class Conversations:
         next(saving)  # into its `try`: from here on, closing it saves the outcome
         return saving
 
-    def _saving(self, token: str, sid: str, before: int, events: Iterator[Event], existed: bool):
-        """The turn's events, saving as they come; `chat` primes it (its first `yield` hands back nothing)."""
-        reply, started, ended, last_save = "", False, None, time.monotonic()
+    def continue_reply(self, token: str, *, owner: str | None = None, **sampling) -> Iterator[Event]:
+        """`StreamingEngine.continue_reply` on the token's conversation, saving as `chat` does: the last reply grows
+        in place (stored marked interrupted while it streams), and ends with the mark of its new end, the old one
+        dropped. Refused (one event, `accepted` False) as the engine refuses it; nothing is stored then."""
+        try:
+            sid = self._session(token, owner)
+            shown = self.messages(token, sid)
+        except (ConversationNotFound, EngineBusy, ValueError) as exc:
+            return Refused(refused(str(exc), "busy" if isinstance(exc, EngineBusy) else "invalid"))
+        events = self.engine.continue_reply(sid, **sampling)
+        if refusal(events) is not None:
+            return events
+        reply_at = len(shown) - 1  # the engine took it, so the last message is the reply
+        with self._lock:
+            self._keep_marks(token, reply_at)
+        # `_saving` counts from the message before the reply, as for a turn whose user message is at `before`.
+        saving = self._saving(token, sid, reply_at - 1, events, True, reply=shown[-1]["content"])
+        next(saving)
+        return saving
+
+    def _saving(self, token: str, sid: str, before: int, events: Iterator[Event], existed: bool, reply: str = ""):
+        """The turn's events, saving as they come; `chat` primes it (its first `yield` hands back nothing).
+        `reply`: the text the reply already has (a continued one's)."""
+        started, ended, last_save = False, None, time.monotonic()
         try:
             yield None
             for event in events:

@@ -200,6 +200,9 @@ def prefill_chunk_for(recent_size: int, ceiling: int = MAX_PREFILL_CHUNK) -> int
 class StreamingEngine:
     """Multi-session chat over one model. Thread-safe; generation runs on one worker thread."""
 
+    #: Whether `continue_reply` can run here (a page shows its Continue button only then).
+    continues_replies = True
+
     def __init__(self, model, tokenizer, config: EngineConfig | None = None):
         self.model = model
         self.tokenizer = tokenizer
@@ -547,6 +550,14 @@ class StreamingEngine:
             return Refused(turn)
         return self.scheduler.read(turn)
 
+    def continue_reply(self, session_id: str, **sampling) -> Iterator[Event]:
+        """Extend the last reply where it ended: one cut at `max_new_tokens` or stopped, still in the cache as it
+        ended (`Session.continue_turn`). Submitted now, like `start_chat`; its events are a turn's, the new text as
+        "delta"s and the whole reply in the "done" event, and the history's last message grows in place. Refused
+        (one event, `accepted` False, saying why and what to do instead) when there is no such reply."""
+        turn = self.admit_turn(session_id, None, sampling, self._submit)
+        return Refused(turn) if isinstance(turn, Event) else self.scheduler.read(turn)
+
     def chat_many(self, session_ids: Iterable[str], message: str, **sampling) -> Iterator[tuple[str, Event]]:
         """Send one user message to several sessions at once; yields `(session_id, event)` as events arrive.
 
@@ -569,14 +580,15 @@ class StreamingEngine:
             raise
         yield from self.scheduler.read_many(handles)
 
-    def admit_turn(self, session_id: str, message: str, sampling: dict, start: Callable) -> object:
+    def admit_turn(self, session_id: str, message: str | None, sampling: dict, start: Callable) -> object:
         """Admission of one turn, the same on every engine (local, ZeroGPU): check the message and the sampling
         settings, refuse while the chat is still replying, take a slot (`_take_slot`: None when the server is at
         its cap), then, under the session's lock, `start(session, message, params, slot)`, whose result is
-        returned; or the refusal event (`refused`, with its `code`) when the message is not taken."""
+        returned; or the refusal event (`refused`, with its `code`) when the message is not taken. A `message` of
+        None asks to continue the last reply (`continue_reply`), refused unless `Session.continue_refusal` allows."""
         try:
             session = self._get(session_id)
-            message = self._check_text(message, "message")
+            message = None if message is None else self._check_text(message, "message")
             unknown = set(sampling) - set(SamplingParams.__dataclass_fields__)
             if unknown:
                 raise ValueError(f"unknown sampling setting(s): {', '.join(sorted(unknown))}")
@@ -586,6 +598,9 @@ class StreamingEngine:
         with session.lock:
             if session.current is not None and not session.current.finished.is_set():
                 return refused(RUNNING_REFUSAL, "running", session.stats())
+            cannot = session.continue_refusal() if message is None else None
+            if cannot is not None:
+                return refused(cannot, "invalid", session.stats())
             slot = self._take_slot()
             if slot is None:
                 return refused(BUSY_REFUSAL, "busy", session.stats())
@@ -599,12 +614,15 @@ class StreamingEngine:
         """Admit and submit one turn: its handle, or the refusal event when the message is not taken."""
         return self.admit_turn(session_id, message, sampling, self._submit)
 
-    def _submit(self, session: Session, message: str, params: SamplingParams, slot) -> TurnHandle:
-        # Rendering and encoding the history happen here, on the caller's thread: the worker gets token ids.
-        plan = session.plan_turn(self.runtime, message, params.max_new_tokens)
+    def _submit(self, session: Session, message: str | None, params: SamplingParams, slot) -> TurnHandle:
         handle = TurnHandle(on_crash=lambda exc: Event("error", f"Generation failed ({type(exc).__name__}).", {},
                                                        "error", code="failed"))
-        turn = session.turn(self.runtime, message, params, handle.stop_event, plan)
+        if message is None:  # a continuation feeds no text, so there is nothing to render
+            turn = session.continue_turn(self.runtime, params, handle.stop_event)
+        else:
+            # Rendering and encoding the history happen here, on the caller's thread: the worker gets token ids.
+            plan = session.plan_turn(self.runtime, message, params.max_new_tokens)
+            turn = session.turn(self.runtime, message, params, handle.stop_event, plan)
         handle.steps = self.counters.watch(session, turn)
         session.current = handle
         self.scheduler.submit(handle)

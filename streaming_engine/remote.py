@@ -37,7 +37,7 @@ from typing import Callable, Iterable, Iterator
 from .counters import _grown
 from .engine import EngineBusy, EngineConfig, Refused, SessionNotFound, StreamingEngine
 from .handoff import SessionState, capture, export_state, import_state, open_state
-from .session import Event, refused
+from .session import CONTINUE_ELSEWHERE, Event, refused
 
 #: How often the worker's stop watcher looks at its stop slots (seconds): well under one decode step on a CPU.
 STOP_POLL_S = 0.02
@@ -112,6 +112,8 @@ class RemoteTurnsEngine(StreamingEngine):
     """A `StreamingEngine` whose forward passes run inside `run_elsewhere(fn)` calls (e.g. `spaces.GPU(...)`),
     one call per `chat`/`chat_many`, while its sessions stay in this process."""
 
+    continues_replies = False  # see `continue_reply`
+
     def __init__(self, model, tokenizer, config: EngineConfig | None = None, *,
                  run_elsewhere: Callable[[Callable], Callable] | None = None):
         config = config or EngineConfig()
@@ -155,6 +157,11 @@ class RemoteTurnsEngine(StreamingEngine):
         if refused:
             return Refused(refused[0][1])
         return _ClaimedTurn(self, claims, message, sampling)
+
+    def continue_reply(self, session_id: str, **sampling) -> Iterator[Event]:
+        """Refused: a reply continues from the cache exactly as it ended (its last token not fed yet), which the
+        session state shipped to a worker does not carry."""
+        return Refused(refused(CONTINUE_ELSEWHERE, "invalid"))
 
     def chat_many(self, session_ids: Iterable[str], message: str, **sampling) -> Iterator[tuple[str, Event]]:
         """As `StreamingEngine.chat_many`, with every turn of this call running in one `run_elsewhere` call."""

@@ -83,6 +83,16 @@ class SessionStatus(enum.Enum):
 #: The wording of each refusal every engine gives (local and ZeroGPU: `StreamingEngine.admit_turn`).
 RUNNING_REFUSAL = "A reply is still being written in this chat; stop it or wait."
 BUSY_REFUSAL = "Server busy: too many replies are being written right now. Try again shortly."
+#: Why a Continue is refused (`Session.continue_refusal`; `CONTINUE_ELSEWHERE` on an engine whose turns run in
+#: another process). Each says what to do instead.
+NO_REPLY_TO_CONTINUE = "There is no reply to continue yet: send a message first."
+REPLY_FINISHED = ("The last reply is finished: only a reply cut at its length limit or stopped can be continued. "
+                  "Send a message to go on.")
+REPLY_NOT_IN_CACHE = ("The last reply can no longer be continued: the model's cache was rebuilt since it was written "
+                      "(the chat was reopened, or a turn failed). Send a message such as \"go on\" instead.")
+CONTINUE_CONTEXT_FULL = "The chat's context is full: nothing more fits in it. Start a new chat, or retry shorter."
+CONTINUE_ELSEWHERE = ("Continue is not available on this server (its replies are written in another process). Send a "
+                      "message such as \"go on\" instead.")
 
 
 @dataclass
@@ -209,6 +219,8 @@ class Session:
         self._raw: list[dict] = []
         self.stream_text = ""
         self.pending_ids: list[int] = []
+        # The last reply ended before its end of turn and is in the cache as it ended: `continue_turn` may extend it.
+        self.open_reply = False
         self.recent_ids: deque[int] = deque(maxlen=PENALTY_WINDOW)
         self.turns = 0
         self.status = SessionStatus.READY
@@ -335,6 +347,7 @@ class Session:
         self.spans = [None] * len(messages)  # nothing of it is in the cache until `_prime`
         self.recalled = [tuple(r.get("recalled", ())) for r in records]
         self.turns = sum(1 for m in messages if m["role"] == "user")
+        self.open_reply = False  # what the cache held, if anything, is not this history's
         self.status = SessionStatus.UNPRIMED if messages else SessionStatus.READY
         self._refresh_memory()
 
@@ -356,6 +369,7 @@ class Session:
         self.spans, self.system_span = [], None
         self.recalled, self.recalled_tokens, self.recalled_tokens_total = [], 0, 0
         self.stream_text, self.pending_ids = "", []
+        self.open_reply = False
         self.recent_ids.clear()
         self.turns, self.reply_tokens = 0, 0
         self.status = SessionStatus.READY
@@ -502,78 +516,85 @@ class Session:
         self.recalled_tokens = plan.recalled_tokens
         self.recalled_tokens_total += plan.recalled_tokens
         if self.status is SessionStatus.FULL:
+            self.open_reply = False
             yield self._final("", "context_full")
             return
-        stream = TextStream(rt.tokenizer, params.stop)
-        reply_ids: list[int] = []
-        try:
+
+        def feed() -> Generator:
             if plan.error is not None:
                 raise plan.error
             if plan.prime is not None:
                 yield from self._prime(plan.prime)
-            text = plan.text
             prompt_ids = self._turn_ids(plan)
             self.pending_ids = []
-            self.stream_text += text
+            self.stream_text += plan.text
             self.recent_ids.extend(prompt_ids)
-            sampler = Sampler(params, rt.device)
-            steps = generate_reply(
-                self.cache,
-                prompt_ids,
-                lambda logits: sampler(logits, self.recent_ids),
-                max_new_tokens=params.max_new_tokens,
-                eos_ids=rt.eos_ids,
-                evict=self.evicts,
-                chunk_size=self.chunk_size,
-                context_limit=self.context_limit,
-                should_stop=lambda: stop_event.is_set() or stream.stopped_at is not None,
-                # The same settings and history for a worker that samples the batch on the device (static step).
-                sampling=RowSampling(params, self.recent_ids),
-            )
-            reason = "stopped"
-            last_time = first_time = None
-            answer = None
-            while True:
-                try:
-                    step = steps.send(answer)
-                except StopIteration:
-                    break
-                answer = None
-                if isinstance(step, (Prefill, Decode)):
-                    answer = yield step  # the worker runs the forward pass (batched with others for a Decode)
-                elif step.kind == "prefill":
-                    yield Event("delta", "", self._live_stats())
-                elif step.kind == "token":
-                    now = time.perf_counter()
-                    if last_time is None:
-                        self.time_to_first_token_s = now - started
-                        first_time = now
-                    else:
-                        self.last_token_latency_s = now - last_time
-                        self.tokens_per_s = len(reply_ids) / max(now - first_time, 1e-9)
-                    last_time = now
-                    reply_ids.append(step.token_id)
-                    self.recent_ids.append(step.token_id)
-                    self.reply_tokens = len(reply_ids)
-                    yield Event("delta", stream.push(step.token_id), self._live_stats())
-                else:
-                    reason = step.reason
+            return prompt_ids
+
+        yield from self._run(rt, params, stop_event, started, feed())
+
+    def continue_refusal(self) -> str | None:
+        """Why `continue_turn` cannot extend the last reply now (the wording a person reads), or None when it can:
+        the reply must be the last message, have ended before its end of turn (cut at `max_new_tokens`, or
+        stopped), and still be in the cache as it ended, its last token waiting in `pending_ids`."""
+        if not self.history or self.history[-1]["role"] != "assistant":
+            return NO_REPLY_TO_CONTINUE
+        if self.status is SessionStatus.FULL:
+            return CONTINUE_CONTEXT_FULL
+        if not self.open_reply:
+            return REPLY_NOT_IN_CACHE if self.status is SessionStatus.UNPRIMED else REPLY_FINISHED
+        return None
+
+    def continue_turn(self, rt: Runtime, params: SamplingParams, stop_event: threading.Event) -> Generator:
+        """Coroutine that extends the last reply where it ended, as `turn` runs a new one (the engine admits it only
+        when `continue_refusal()` is None). No template text is fed: the reply's last token, held in
+        `pending_ids`, goes into the cache and decoding goes on from there, so a greedy reply cut at N tokens and
+        continued for M is token for token the reply of N + M tokens. The new text joins the last message of the
+        history (and of `_raw` and `stream_text`), whose span stays open; its "done" event carries the whole
+        reply."""
+        started = time.perf_counter()
+        self.last_active = self.clock()
+        self.reply_tokens = 0
+        self.time_to_first_token_s = self.tokens_per_s = self.last_token_latency_s = None
+        context = list(self.pending_ids)
+
+        def feed() -> Generator:
+            self.pending_ids = []
+            return context
+            yield  # a generator like `turn`'s, which may re-encode first; this one has nothing to re-encode
+
+        yield from self._run(rt, params, stop_event, started, feed(), context)
+
+    def _run(self, rt: Runtime, params: SamplingParams, stop_event: threading.Event, started: float,
+             feed: Generator, context: list[int] | None = None) -> Generator:
+        """The body `turn` and `continue_turn` share: `feed` (a coroutine, so it may yield the re-encoding's
+        passes) returns the prompt ids, then the reply is generated, recorded and reported. `context`: the ids of
+        the reply being continued that are decoded with the new ones (None: a new reply)."""
+        stream = TextStream(rt.tokenizer, params.stop, context=context)
+        reply_ids: list[int] = []
+        self.open_reply = False
+        seen = self.cache.seen_tokens
+        prefix = self.history[-1]["content"] if context is not None else ""
+        try:
+            prompt_ids = yield from feed
+            reason = yield from self._reply(rt, prompt_ids, params, stop_event, stream, reply_ids, started)
             if reason == "stopped" and stream.stopped_at is not None and not stop_event.is_set():
                 reason = "stop"
             tail = stream.finish()
-            self._record_reply(rt, reply_ids, stream, reason)
+            self._record_reply(rt, reply_ids, stream, reason, context, fed=self.cache.seen_tokens > seen)
             if tail:
                 yield Event("delta", tail, self._live_stats())
-            yield self._final(stream.emitted, reason)
+            yield self._final(prefix + stream.emitted, reason)
         except TurnStopped:  # stopped while the history was being re-encoded: it is re-encoded next turn
             self._record_reply(rt, reply_ids, stream, "stopped")
             yield self._final(stream.emitted, "stopped")
         except Exception as exc:  # noqa: BLE001 - report, keep the history, rebuild the cache next turn
-            self._record_reply(rt, reply_ids, stream, "error")
+            self._record_reply(rt, reply_ids, stream, "error", context)
             self.cache.reset()
             self.stream_text, self.pending_ids = "", []
             self.spans, self.system_span = [None] * len(self.history), None
             self.status = SessionStatus.UNPRIMED
+            self.open_reply = False
             yield Event(
                 "error",
                 f"Generation failed ({type(exc).__name__}: {exc}). Your conversation is kept; "
@@ -585,19 +606,79 @@ class Session:
         finally:
             self.last_active = self.clock()
 
+    def _reply(self, rt: Runtime, prompt_ids: list[int], params: SamplingParams, stop_event: threading.Event,
+               stream: TextStream, reply_ids: list[int], started: float) -> Generator:
+        """Feed `prompt_ids` and sample the reply into `reply_ids`, yielding the passes and a "delta" per token;
+        returns why it ended (`FinishReason`)."""
+        sampler = Sampler(params, rt.device)
+        steps = generate_reply(
+            self.cache,
+            prompt_ids,
+            lambda logits: sampler(logits, self.recent_ids),
+            max_new_tokens=params.max_new_tokens,
+            eos_ids=rt.eos_ids,
+            evict=self.evicts,
+            chunk_size=self.chunk_size,
+            context_limit=self.context_limit,
+            should_stop=lambda: stop_event.is_set() or stream.stopped_at is not None,
+            # The same settings and history for a worker that samples the batch on the device (static step).
+            sampling=RowSampling(params, self.recent_ids),
+        )
+        reason = "stopped"
+        last_time = first_time = None
+        answer = None
+        while True:
+            try:
+                step = steps.send(answer)
+            except StopIteration:
+                break
+            answer = None
+            if isinstance(step, (Prefill, Decode)):
+                answer = yield step  # the worker runs the forward pass (batched with others for a Decode)
+            elif step.kind == "prefill":
+                yield Event("delta", "", self._live_stats())
+            elif step.kind == "token":
+                now = time.perf_counter()
+                if last_time is None:
+                    self.time_to_first_token_s = now - started
+                    first_time = now
+                else:
+                    self.last_token_latency_s = now - last_time
+                    self.tokens_per_s = len(reply_ids) / max(now - first_time, 1e-9)
+                last_time = now
+                reply_ids.append(step.token_id)
+                self.recent_ids.append(step.token_id)
+                self.reply_tokens = len(reply_ids)
+                yield Event("delta", stream.push(step.token_id), self._live_stats())
+            else:
+                reason = step.reason
+        return reason
+
     def _final(self, text: str, reason: str) -> Event:
         if reason == "context_full":
             self.status = SessionStatus.FULL
         return Event("done", text, self._live_stats(), reason)
 
-    def _record_reply(self, rt: Runtime, reply_ids: list[int], stream: TextStream, reason: str) -> None:
+    def _record_reply(self, rt: Runtime, reply_ids: list[int], stream: TextStream, reason: str,
+                      context: list[int] | None = None, fed: bool = True) -> None:
+        """Add the reply to the history (or, continuing one, `context` its held ids, join the new text to it). Its
+        last token waits in `pending_ids`, fed at the start of the next turn; a reply that ended before its end of
+        turn (cut at `max_new_tokens`, or stopped) stays open to `continue_turn`. `fed`: whether the turn fed
+        anything (a continuation stopped before its first pass still holds its token back)."""
         if not reply_ids:
+            if context is not None and not fed:  # nothing reached the cache: the reply is still open, as it was
+                self.pending_ids, self.open_reply = context, True
             return
         ended_with_eos = reply_ids[-1] in rt.eos_ids
-        raw = rt.tokenizer.decode(reply_ids[:-1] if ended_with_eos else reply_ids, skip_special_tokens=False)
-        self.stream_text += rt.tokenizer.decode(reply_ids, skip_special_tokens=False)
+        raw = _decoded_after(rt.tokenizer, context, reply_ids[:-1] if ended_with_eos else reply_ids)
+        self.stream_text += _decoded_after(rt.tokenizer, context, reply_ids)
         self.pending_ids = reply_ids[-1:]
+        self.open_reply = reason in ("length", "stopped") and not ended_with_eos
         shown = stream.emitted if reason != "error" else stream.text()
+        if context is not None:
+            self.history[-1]["content"] += shown
+            self._raw[-1]["content"] += raw
+            return
         self.history.append({"role": "assistant", "content": shown})
         self._raw.append({"role": "assistant", "content": raw})
         self.spans.append(None)
@@ -779,3 +860,13 @@ class TurnPlan:
     content: str | None = None
     recalled: tuple[Snippet, ...] = ()
     recalled_tokens: int = 0
+
+
+def _decoded_after(tokenizer, context: list[int] | None, ids: list[int]) -> str:
+    """The text `ids` add after `context` (special tokens kept): decoded together with it, so that a leading
+    space or a character split across the boundary comes out as one decode of the whole reply would give it."""
+    if not context:
+        return tokenizer.decode(ids, skip_special_tokens=False)
+    head = tokenizer.decode(context, skip_special_tokens=False)
+    whole = tokenizer.decode(context + ids, skip_special_tokens=False)
+    return whole[len(head):] if whole.startswith(head) else tokenizer.decode(ids, skip_special_tokens=False)

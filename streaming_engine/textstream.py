@@ -58,11 +58,15 @@ def incremental_decoder(tokenizer):
 
 
 class TextStream:
-    def __init__(self, tokenizer, stop: list[str] | None = None):
+    def __init__(self, tokenizer, stop: list[str] | None = None, context: list[int] | None = None):
+        """`context`: ids already shown before this stream (the end of a reply being continued), decoded first and
+        not handed out, so that the first new token's text (a leading space, say) comes out as in one decode."""
         self.tokenizer = tokenizer
         self.stop = list(stop or [])
         self.ids: list[int] = []
         self._decoder = incremental_decoder(tokenizer)
+        for token_id in context or ():
+            self._decoder.step(token_id)
         self._shown: list[str] = []  # text handed out, in pieces (joined only on request)
         self._shown_chars = 0
         self._held = ""  # decoded text not handed out yet: a suffix that could still become a stop string

@@ -33,6 +33,12 @@ class Page:
         self._take_turn(outputs)
         return outputs
 
+    def continue_(self, inputs=GREEDY_INPUTS):
+        outputs = list(chat_tab.continue_last(self.conv, self.chat, self.state, self.record, *inputs,
+                                              request=self.req))
+        self._take_turn(outputs)
+        return outputs
+
     def _take_turn(self, outputs):
         for chat, _box, _gauges, state, record, listing in outputs:
             self.chat, self.state = chat, state

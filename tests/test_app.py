@@ -66,7 +66,7 @@ def test_the_launched_app_chats_through_its_api_and_keeps_sessions_apart(launche
 def test_ui_handlers_are_private_and_the_layout_has_every_control(launched):
     _, _, demo = launched
     ids = {getattr(block, "elem_id", None) for block in demo.blocks.values()}
-    for needed in ("chatbot", "msg", "send", "stop", "retry", "new-chat", "export", "upload", "gauges",
+    for needed in ("chatbot", "msg", "send", "stop", "retry", "continue", "new-chat", "export", "upload", "gauges",
                    "conversations", "conversation-title", "rename-conversation", "delete-conversation",
                    "chat-streaming", "chat-dense", "chat-window", "compare-autopilot", "plot-memory", "diagram"):
         assert needed in ids, needed

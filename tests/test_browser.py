@@ -33,7 +33,7 @@ from streaming_engine.conversations import Conversations
 from streaming_engine.store import ChatStore
 from webui import browser_key, compare_tab, sessions
 from webui.browser_key import BROWSER_KEY_COOKIE
-from webui.render import GAUGE_HELP
+from webui.render import GAUGE_HELP, TRUNCATED_NOTE
 
 pytestmark = [pytest.mark.browser, pytest.mark.model]
 
@@ -404,6 +404,25 @@ def test_autopilot_plots_update_while_the_first_reply_is_still_streaming(browser
     page.context.close()
 
 
+def test_continue_grows_a_cut_reply_in_its_own_bubble(browser, server):
+    url, _ = server
+    page = new_page(browser, url)
+    set_max_new_tokens(page, 8)
+    send_and_wait(page, "Tell me a very long story about a dragon.", 1)
+    [cut] = bot_texts(page)
+    assert cut.endswith(TRUNCATED_NOTE.strip("*"))
+    seen = gauge(page, "seen_tokens")
+    page.click("#continue")
+    # 8 more tokens fed: the waiting last token of the cut reply, then 7 of the 8 new ones (the 8th waits in turn).
+    page.wait_for_function(f"""() => {{ const g = document.querySelector('#gauges .gauges');
+        return g.dataset.phase === 'idle' && g.querySelector('[data-key=seen_tokens]').dataset.value === '{seen + 8:g}'; }}""")
+    [grown] = bot_texts(page)  # still one reply, longer, with the note again at its new end
+    assert grown.startswith(cut[: -len(TRUNCATED_NOTE.strip("*"))].rstrip()) and len(grown) > len(cut)
+    assert grown.endswith(TRUNCATED_NOTE.strip("*")) and gauge(page, "turns") == 1
+    page.screenshot(path=str(ARTIFACTS / "chat-continued.png"))
+    page.context.close()
+
+
 def test_on_a_phone_the_gauges_come_right_under_the_chat_and_the_buttons_are_one_row_of_icons(browser, server):
     url, _ = server
     page = open_page(browser, url, timeout_ms=TIMEOUT_MS, viewport=PHONE_VIEWPORT)
@@ -413,7 +432,7 @@ def test_on_a_phone_the_gauges_come_right_under_the_chat_and_the_buttons_are_one
         ("bar", "#gauges [data-key=fill]"))}
     assert box["chat"]["y"] < box["gauges"]["y"] < box["examples"]["y"] < box["settings"]["y"]
     assert box["bar"]["y"] + box["bar"]["height"] <= PHONE_VIEWPORT["height"]  # the fill bar is on the first screen
-    buttons = [page.locator(sel).bounding_box() for sel in ("#stop", "#retry", "#new-chat", "#export", "#upload")]
+    buttons = [page.locator(sel).bounding_box() for sel in ("#stop", "#retry", "#continue", "#new-chat", "#export", "#upload")]
     assert len({round(b["y"]) for b in buttons}) == 1  # one row
     assert all(b["x"] + b["width"] <= PHONE_VIEWPORT["width"] for b in buttons)
     assert page.evaluate("() => document.documentElement.scrollWidth") <= PHONE_VIEWPORT["width"]  # no sideways page

@@ -193,6 +193,23 @@ def test_a_saved_chat_continues_from_its_file_and_every_turn_is_saved(tiny_model
     assert len(after.messages) == 6 and after.system_prompt == "Be brief."
 
 
+def test_a_continue_prompt_grows_the_cut_reply_into_the_reply_never_cut_and_saves_it(tiny_model_dir, tmp_path,
+                                                                                     capsys):
+    from streaming_engine.history import parse_history
+
+    prompts, whole = tmp_path / "prompts.txt", tmp_path / "whole.txt"
+    prompts.write_text(f"{chat.CONTINUE_COMMAND}\nTell me a story\n{chat.CONTINUE_COMMAND}\n")
+    whole.write_text("Tell me a story\n")
+    common = ["--model", tiny_model_dir, "--recent-size", "200"]
+    assert chat.main([str(prompts), *common, "--max-new-tokens", "6", "--save", str(tmp_path / "cut.json")]) == 0
+    out, err = capsys.readouterr()
+    assert "There is no reply to continue yet" in err and "[continuing the last reply]" in out
+    assert chat.main([str(whole), *common, "--max-new-tokens", "12", "--save", str(tmp_path / "whole.json")]) == 0
+    cut, uncut = (parse_history((tmp_path / f"{name}.json").read_bytes()) for name in ("cut", "whole"))
+    assert cut.messages == uncut.messages and len(cut.messages) == 2  # one reply of 6 + 6 tokens
+    assert cut.marks["truncated"] == uncut.marks["truncated"] == {1}
+
+
 def test_a_chat_interrupted_mid_reply_saves_the_partial_reply_marked_stopped(tiny_model_dir, tmp_path, monkeypatch):
     from streaming_engine.history import parse_history
 

@@ -313,6 +313,20 @@ def test_stop_ends_a_reply_and_the_chat_goes_on(llama):
 
 @needs_llamacpp
 @pytest.mark.model
+def test_a_cut_reply_continued_on_llamacpp_is_the_reply_never_cut(llama):
+    engine = llama_engine(llama)
+    whole, cut = engine.new_session(), engine.new_session()
+    prompt = "Tell me a very long story about a dragon."
+    _, uncut = reply(engine, whole, prompt, max_new_tokens=30)
+    shown, first = reply(engine, cut, prompt, max_new_tokens=12)
+    assert uncut.finish_reason == first.finish_reason == "length"
+    events = list(engine.continue_reply(cut, max_new_tokens=18, **GREEDY))
+    assert shown + "".join(e.text for e in events if e.kind == "delta") == events[-1].text == uncut.text
+    assert engine.history(cut) == engine.history(whole)
+
+
+@needs_llamacpp
+@pytest.mark.model
 def test_export_and_restore_continue_the_conversation(llama):
     engine = llama_engine(llama, max_new_tokens=16)
     sid = engine.new_session(system_prompt="You are terse.")

@@ -263,6 +263,48 @@ def test_retry_replaces_the_last_exchange_instead_of_adding_one(conv):
         assert last(chat_tab.retry_last(conv, [], {}, empty_record(), *GREEDY_INPUTS))[1] == SKIP
 
 
+def test_continue_grows_the_cut_reply_in_its_bubble_into_the_reply_never_cut_and_stores_it(conv):
+    page, whole = Page(conv), Page(conv)
+    page.send("Tell me a story")
+    assert page.chat[1]["content"].endswith(render.TRUNCATED_NOTE)
+    outputs = page.continue_()
+    assert all(out[1] == SKIP for out in outputs)  # the message box is left alone: the user may be typing
+    assert len(page.chat) == 2 and page.chat[1]["content"].endswith(render.TRUNCATED_NOTE)  # cut again, at 8 more
+    whole.send("Tell me a story", ("", 0.0, 1.0, 0, 16, 1.0))
+    assert page.texts("assistant") == whole.texts("assistant")  # 8 + 8 greedy tokens are the 16-token reply
+    stored = conv.store.load(page.token).messages
+    assert len(stored) == 2 and stored[1]["content"] == conv.messages(page.token)[1]["content"]
+    assert stored[1].get("truncated") and not stored[1].get("interrupted")
+    assert gauge_value(outputs[-1][2], "turns") == 1
+
+
+def test_a_continue_stopped_half_way_keeps_the_stopped_mark_instead_of_the_cut_one(conv):
+    page = Page(conv)
+    page.send("Tell me a story")
+    events = conv.continue_reply(page.token, temperature=0.0, max_new_tokens=MAX_NEW)
+    for event in events:
+        if event.kind == "delta" and event.text:
+            conv.stop(page.token)
+    assert event.finish_reason == "stopped"
+    reply = conv.messages(page.token)[1]
+    assert reply.get("stopped") and not reply.get("truncated")
+    assert conv.store.load(page.token).messages[1] == {"role": "assistant", "content": reply["content"],
+                                                       "stopped": True}
+
+
+def test_continue_says_why_not_and_what_to_do_instead(conv, engine, tmp_path):
+    with pytest.warns(UserWarning, match="no reply to continue yet"):
+        assert last(Page(conv).continue_())[0] == []
+    page = Page(conv)
+    page.send("Hello")
+    restarted = Conversations(engine, conv.store)  # a server restart: the chat comes back from the store
+    again = Page(restarted, record=page.record)
+    again.load()
+    with pytest.warns(UserWarning, match="can no longer be continued"):
+        again.continue_()
+    assert again.chat == chat_tab.shown_messages(restarted.messages(again.token))  # unchanged
+
+
 def test_a_downloaded_history_uploads_into_a_new_conversation_that_continues(conv):
     page = Page(conv)
     page.send("Remember: pineapple")

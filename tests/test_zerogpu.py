@@ -248,6 +248,17 @@ def test_stop_in_the_main_process_ends_the_reply_running_in_the_worker(engine, t
     assert len(page.chat) == 4 and engine.stats(sid)["turns"] == 2
 
 
+def test_continue_is_refused_under_zerogpu_with_what_to_do_instead(engine, tmp_path):
+    """A reply continues from the cache as it ended, which the state shipped to a worker does not carry."""
+    conv = conversations(engine, tmp_path / "data")
+    page = ChatPage(conv)
+    page.send("Tell me a story")
+    before = list(page.chat)
+    with pytest.warns(UserWarning, match="Continue is not available on this server"):
+        page.continue_()
+    assert page.chat == before and not engine.continues_replies  # so the page hides its Continue button
+
+
 def test_a_reader_that_leaves_mid_reply_still_lands_the_partial_turn(engine):
     sid = engine.new_session()
     events = engine.chat(sid, "Write a very long story.", max_new_tokens=4000, **GREEDY)

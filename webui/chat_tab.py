@@ -1,5 +1,5 @@
-"""The Chat tab: one streaming conversation at a time beside live cache gauges, with stop, retry, new chat, history
-download/upload, and the list of this browser's conversations (switch, rename, delete).
+"""The Chat tab: one streaming conversation at a time beside live cache gauges, with stop, retry, continue, new chat,
+history download/upload, and the list of this browser's conversations (switch, rename, delete).
 
 Conversations live on the server (`streaming_engine.conversations`; stored in SQLite unless `--no-persist`). The
 browser keeps only their random tokens (`conversation_list.py`). A page load re-attaches to the conversation the
@@ -31,6 +31,7 @@ from streaming_engine.conversations import (
 from streaming_engine.engine import refusal
 from streaming_engine.history import upload_limit_note
 from streaming_engine.sampling import MAX_NEW_TOKENS_LIMIT
+from streaming_engine.session import NO_REPLY_TO_CONTINUE
 from streaming_engine.validate import EMPTY_TEXT, MAX_MESSAGE_CHARS
 
 from . import files
@@ -266,9 +267,10 @@ def stream_turn(conversations, message, messages, state, record, system_prompt, 
             close()
 
 
-def _streamed(events, conversations, token, messages, shown, message, from_box, state, record):
-    """`stream_turn`'s updates while the turn's events come."""
-    reply, throttle, taken = "", Throttle(), False
+def _streamed(events, conversations, token, messages, shown, message, from_box, state, record, reply=""):
+    """`stream_turn`'s updates while the turn's events come (and `continue_last`'s, into the reply that has
+    `reply` already: the page's last message)."""
+    throttle, taken = Throttle(), False
     yield messages, "" if from_box else SKIP, SKIP, state, record, SKIP
     for event in events:
         if event.kind == "delta":
@@ -358,6 +360,40 @@ def retry_last(conversations, messages, state, record, system_prompt, temp, p, k
         return
     yield from stream_turn(conversations, message, shown, state, record, system_prompt, temp, p, k, new_tokens,
                            rep, request, start, recent, from_box=False)
+
+
+def continue_last(conversations, messages, state, record, system_prompt, temp, p, k, new_tokens, rep,
+                  request: gr.Request = None, start=None, recent=None):
+    """Continue: the last reply, cut at its length limit or stopped, goes on where it ended, in its own bubble
+    (`Conversations.continue_reply`; its note goes until the reply ends again). The message box is left alone.
+    Outputs: a turn's (`start`, `recent` and the system prompt are taken as for a turn, and apply to nothing)."""
+    state, record = bound(state, request), browser_record(record)
+    try:
+        token = attach(conversations, state, record, request)
+        if not token:
+            raise ValueError(NO_REPLY_TO_CONTINUE)
+    except (ValueError, KeyError, EngineBusy) as exc:
+        gr.Warning(str(exc))
+        yield messages, SKIP, SKIP, state, SKIP, SKIP
+        return
+    sampling = dict(temperature=float(temp), top_p=float(p), top_k=int(k), max_new_tokens=int(new_tokens),
+                    repetition_penalty=float(rep))
+    events = conversations.continue_reply(token, owner=owner_of(request), **sampling)
+    not_taken = refusal(events)
+    if not_taken is not None:
+        gr.Warning(not_taken.text)
+        yield messages, SKIP, gauges_html(not_taken.stats) if not_taken.stats else SKIP, state, SKIP, SKIP
+        return
+    stored = conversations.messages(token)
+    shown = mark_memory(shown_messages(stored[:-1]) + [{"role": "assistant", "content": inert(stored[-1]["content"])}],
+                        conversations.memory_map(token))
+    try:
+        yield from _streamed(events, conversations, token, shown, shown, SKIP, False, state, record,
+                             reply=stored[-1]["content"])
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
 
 
 def stop_reply(conversations, state, request: gr.Request = None) -> None:
@@ -560,6 +596,8 @@ def build_chat_tab(demo: gr.Blocks, conversations: Conversations, visitor_cache_
                 with gr.Row(elem_id="chat-actions", elem_classes=["icon-row"]):
                     stop = gr.Button("Stop", elem_id="stop", size="sm", icon=icon("stop"), min_width=40)
                     retry = gr.Button("Retry", elem_id="retry", size="sm", icon=icon("retry"), min_width=40)
+                    go_on = gr.Button("Continue", elem_id="continue", size="sm", icon=icon("continue"), min_width=40,
+                                      visible=conversations.engine.continues_replies)
                     new_chat = gr.Button("New chat", elem_id="new-chat", size="sm", icon=icon("new"), min_width=40)
                     export_btn = gr.Button("Download history", elem_id="export", size="sm", icon=icon("download"),
                                            min_width=40)
@@ -624,6 +662,8 @@ def build_chat_tab(demo: gr.Blocks, conversations: Conversations, visitor_cache_
         for trigger in (msg.submit, send.click)
     ]
     turns.append(retry.click(bind(retry_last, c), [chatbot, chat_state, saved, *sampling_inputs],
+                             turn_outputs, concurrency_id="chat", api_visibility="private"))
+    turns.append(go_on.click(bind(continue_last, c), [chatbot, chat_state, saved, *sampling_inputs],
                              turn_outputs, concurrency_id="chat", api_visibility="private"))
     stop.click(bind(stop_reply, c), [chat_state], None, queue=False, api_visibility="private")
     recall.input(bind(set_recall, c), [recall, chat_state], [chat_state], queue=False, api_visibility="private")

@@ -77,9 +77,9 @@ def user_and_pending_reply(message: str) -> list[dict]:
 INTERRUPTED_NOTE = "*(interrupted: this reply was cut off)*"
 #: Under a reply the user stopped.
 STOPPED_NOTE = "*(stopped)*"
-#: Under a reply that ended at its `max_new_tokens`: mid-sentence, which would otherwise look like a fault. (Not "ask
-#: it to go on": the cut reply is still in the cache, but a small model tends to wrap up rather than resume.)
-TRUNCATED_NOTE = "*(cut at the length limit for a reply: raise Max new tokens in Settings for longer ones)*"
+#: Under a reply that ended at its `max_new_tokens`: mid-sentence, which would otherwise look like a fault. Continue
+#: resumes it exactly (not "ask it to go on": a new user turn makes a small model wrap up rather than resume).
+TRUNCATED_NOTE = "*(cut at the length limit: press Continue to go on, or raise Max new tokens in Settings)*"
 #: The note under a reply carrying each mark (`validate.MARK_KEYS`), as it ended and after a reload alike.
 MARK_NOTES = {"interrupted": INTERRUPTED_NOTE, "stopped": STOPPED_NOTE, "truncated": TRUNCATED_NOTE}
 
