@@ -267,7 +267,9 @@ class Conversations:
         model is given the same context again and the "recalled" markers stay."""
         history = [{"role": m["role"], "content": m["content"]} for m in messages]
         records = [{k: m[k] for k in RECALL_RECORD_KEYS if k in m} for m in messages]
-        return self.engine.open_history(history, system_prompt, owner=owner, origin=origin, records=records)
+        marked = bool(messages) and any(messages[-1].get(key) for key in MARK_KEYS)  # a reply that can go on
+        return self.engine.open_history(history, system_prompt, owner=owner, origin=origin, records=records,
+                                        last_reply_open=marked)
 
     def _stored_messages(self, token: str, sid: str) -> list[dict]:
         """`messages` as the store keeps them: each user message whose turn recalled also has `fed` and

@@ -614,11 +614,15 @@ class StreamingEngine:
         """Admit and submit one turn: its handle, or the refusal event when the message is not taken."""
         return self.admit_turn(session_id, message, sampling, self._submit)
 
-    def _submit(self, session: Session, message: str | None, params: SamplingParams, slot) -> TurnHandle:
+    def _submit(self, session: Session, message: str | None, params: SamplingParams, slot) -> TurnHandle | Event:
         handle = TurnHandle(on_crash=lambda exc: Event("error", f"Generation failed ({type(exc).__name__}).", {},
                                                        "error", code="failed"))
-        if message is None:  # a continuation feeds no text, so there is nothing to render
-            turn = session.continue_turn(self.runtime, params, handle.stop_event)
+        if message is None:  # a continuation feeds no text: only a history out of the cache is re-encoded
+            try:
+                prime = session.plan_continue(self.runtime)
+            except ValueError as exc:  # the reply's end cannot be found in the rendering
+                return refused(str(exc), "invalid", session.stats())
+            turn = session.continue_turn(self.runtime, params, handle.stop_event, prime)
         else:
             # Rendering and encoding the history happen here, on the caller's thread: the worker gets token ids.
             plan = session.plan_turn(self.runtime, message, params.max_new_tokens)
@@ -652,18 +656,21 @@ class StreamingEngine:
         origin: str = "browser",
         client: str | None = None,
         records: list[dict] | None = None,
+        last_reply_open: bool = False,
     ) -> str:
         """Open a new session (engine sizes) that continues `messages` ({"role": "user"|"assistant", "content"}
         dicts, extra keys ignored). Nothing is computed now: the cache is re-primed from the history (sinks + the
         tail that fits) on the next turn. `history.restore_history`, re-opening a stored conversation and a stateless client's
         conversation (`stateless.open_conversation`, which names its `client`) all come here. `records`: what
-        recall did, as `recall_records` gave it (a stored conversation's), checked by `check_recall_records`."""
+        recall did, as `recall_records` gave it (a stored conversation's), checked by `check_recall_records`.
+        `last_reply_open`: the last message is a reply that ended before its end of turn (marked cut, stopped or
+        interrupted where it was kept), so `continue_reply` may extend it."""
         clean = self.clean_messages(messages, "history 'messages'")
         records = check_recall_records(records, clean) if records is not None else None
         session_id = self._new_session_pinned_if_possible(mode, system_prompt, owner=owner, origin=origin)
         session = self._get(session_id)
         session.client = client
-        session.load_history(clean, records)
+        session.load_history(clean, records, last_reply_open)
         return session_id
 
 

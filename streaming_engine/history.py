@@ -80,6 +80,11 @@ class ChatHistory:
     recall: bool | None = None  # the conversation's recall switch, None where the file does not say
     marks: dict[str, frozenset[int]] = field(default_factory=lambda: {key: frozenset() for key in MARK_KEYS})
 
+    @property
+    def last_reply_open(self) -> bool:
+        """The last message is a reply the file marks (cut, stopped, cut off): one a Continue may extend."""
+        return bool(self.messages) and any(len(self.messages) - 1 in marked for marked in self.marks.values())
+
 
 def _file_message(message: dict) -> dict:
     """One message as the file writes it: role and text, then what of `RECALL_RECORD_KEYS` and `MARK_KEYS` it has
@@ -237,7 +242,7 @@ def restore_history(engine, exported: str | bytes | ChatHistory, mode: str | Non
     history = exported if isinstance(exported, ChatHistory) else parse_history(exported)
     mode = mode or (history.mode if allow_file_mode else None) or "streaming"
     session_id = engine.open_history(history.messages, history.system_prompt, mode=mode, owner=owner,
-                                     origin=origin, records=history.records)
+                                     origin=origin, records=history.records, last_reply_open=history.last_reply_open)
     if history.recall is False:
         engine.set_recall_budget(session_id, 0)
     return session_id

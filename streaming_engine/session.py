@@ -88,8 +88,8 @@ BUSY_REFUSAL = "Server busy: too many replies are being written right now. Try a
 NO_REPLY_TO_CONTINUE = "There is no reply to continue yet: send a message first."
 REPLY_FINISHED = ("The last reply is finished: only a reply cut at its length limit or stopped can be continued. "
                   "Send a message to go on.")
-REPLY_NOT_IN_CACHE = ("The last reply can no longer be continued: the model's cache was rebuilt since it was written "
-                      "(the chat was reopened, or a turn failed). Send a message such as \"go on\" instead.")
+REPLY_NOT_FOUND = ("The last reply cannot be continued with this model: its chat template changes the reply's text, "
+                   "so where the reply ended cannot be found. Send a message such as \"go on\" instead.")
 CONTINUE_CONTEXT_FULL = "The chat's context is full: nothing more fits in it. Start a new chat, or retry shorter."
 CONTINUE_ELSEWHERE = ("Continue is not available on this server (its replies are written in another process). Send a "
                       "message such as \"go on\" instead.")
@@ -336,18 +336,20 @@ class Session:
             records.append({"fed": fed, "recalled": list(quoted)} if message["role"] == "user" and quoted else {})
         return records
 
-    def load_history(self, messages: list[dict], records: list[dict] | None = None) -> None:
+    def load_history(self, messages: list[dict], records: list[dict] | None = None,
+                     last_reply_open: bool = False) -> None:
         """Adopt a validated history; the cache is rebuilt from it on the next turn. `records` (validated,
         parallel to `messages`, as `recall_records` gives them): what each user turn fed the model and quoted, so
         the re-primed cache holds the quoted passages again and the markers stay; without them a stored history
-        keeps what was typed only."""
+        keeps what was typed only. `last_reply_open`: the last message is a reply that ended before its end of
+        turn (cut, stopped, cut off), which `continue_turn` may then extend."""
         records = records or [{}] * len(messages)
         self.history = [dict(m) for m in messages]
         self._raw = [{**m, "content": r.get("fed", m["content"])} for m, r in zip(messages, records)]
         self.spans = [None] * len(messages)  # nothing of it is in the cache until `_prime`
         self.recalled = [tuple(r.get("recalled", ())) for r in records]
         self.turns = sum(1 for m in messages if m["role"] == "user")
-        self.open_reply = False  # what the cache held, if anything, is not this history's
+        self.open_reply = bool(last_reply_open) and bool(messages) and messages[-1]["role"] == "assistant"
         self.status = SessionStatus.UNPRIMED if messages else SessionStatus.READY
         self._refresh_memory()
 
@@ -541,42 +543,53 @@ class Session:
             return NO_REPLY_TO_CONTINUE
         if self.status is SessionStatus.FULL:
             return CONTINUE_CONTEXT_FULL
-        if not self.open_reply:
-            return REPLY_NOT_IN_CACHE if self.status is SessionStatus.UNPRIMED else REPLY_FINISHED
-        return None
+        return None if self.open_reply else REPLY_FINISHED
 
-    def continue_turn(self, rt: Runtime, params: SamplingParams, stop_event: threading.Event) -> Generator:
+    def plan_continue(self, rt: Runtime) -> "PrimePlan | None":
+        """What `continue_turn` re-encodes first, on the caller's thread (as `plan_turn`): None when the cache holds
+        the reply as it ended; for a history not in the cache (`UNPRIMED`: re-opened, or after a failure), the
+        prime of the history with its last reply left open, its last token held back (`PrimePlan.hold_last`).
+        Raises ValueError (`REPLY_NOT_FOUND`) when the rendering does not show where the reply's text ends."""
+        return self._plan_prime(rt, open_last=True) if self.status is SessionStatus.UNPRIMED else None
+
+    def continue_turn(self, rt: Runtime, params: SamplingParams, stop_event: threading.Event,
+                      prime: "PrimePlan | None" = None) -> Generator:
         """Coroutine that extends the last reply where it ended, as `turn` runs a new one (the engine admits it only
         when `continue_refusal()` is None). No template text is fed: the reply's last token, held in
         `pending_ids`, goes into the cache and decoding goes on from there, so a greedy reply cut at N tokens and
         continued for M is token for token the reply of N + M tokens. The new text joins the last message of the
         history (and of `_raw` and `stream_text`), whose span stays open; its "done" event carries the whole
-        reply."""
+        reply. `prime` (`plan_continue`): the history re-encoded first, up to the reply's last token, which is then
+        the one held back."""
         started = time.perf_counter()
         self.last_active = self.clock()
         self.reply_tokens = 0
         self.time_to_first_token_s = self.tokens_per_s = self.last_token_latency_s = None
-        context = list(self.pending_ids)
 
         def feed() -> Generator:
-            self.pending_ids = []
-            return context
-            yield  # a generator like `turn`'s, which may re-encode first; this one has nothing to re-encode
+            if prime is not None:
+                yield from self._prime(prime)
+            held, self.pending_ids = self.pending_ids, []
+            return held
 
-        yield from self._run(rt, params, stop_event, started, feed(), context)
+        yield from self._run(rt, params, stop_event, started, feed(), continuing=True)
 
     def _run(self, rt: Runtime, params: SamplingParams, stop_event: threading.Event, started: float,
-             feed: Generator, context: list[int] | None = None) -> Generator:
+             feed: Generator, continuing: bool = False) -> Generator:
         """The body `turn` and `continue_turn` share: `feed` (a coroutine, so it may yield the re-encoding's
-        passes) returns the prompt ids, then the reply is generated, recorded and reported. `context`: the ids of
-        the reply being continued that are decoded with the new ones (None: a new reply)."""
-        stream = TextStream(rt.tokenizer, params.stop, context=context)
+        passes) returns the prompt ids, then the reply is generated, recorded and reported. `continuing`: the
+        prompt is the held last token of the reply being continued, decoded with the new ones as their context."""
+        stream = TextStream(rt.tokenizer, params.stop)
         reply_ids: list[int] = []
+        context = None
         self.open_reply = False
-        seen = self.cache.seen_tokens
-        prefix = self.history[-1]["content"] if context is not None else ""
+        prefix = self.history[-1]["content"] if continuing else ""
         try:
             prompt_ids = yield from feed
+            seen = self.cache.seen_tokens
+            if continuing:
+                context = prompt_ids
+                stream = TextStream(rt.tokenizer, params.stop, context=context)
             reason = yield from self._reply(rt, prompt_ids, params, stop_event, stream, reply_ids, started)
             if reason == "stopped" and stream.stopped_at is not None and not stop_event.is_set():
                 reason = "stop"
@@ -587,14 +600,16 @@ class Session:
             yield self._final(prefix + stream.emitted, reason)
         except TurnStopped:  # stopped while the history was being re-encoded: it is re-encoded next turn
             self._record_reply(rt, reply_ids, stream, "stopped")
-            yield self._final(stream.emitted, "stopped")
+            self.open_reply = continuing  # a reply being continued is still open, as it was
+            yield self._final(prefix + stream.emitted, "stopped")
         except Exception as exc:  # noqa: BLE001 - report, keep the history, rebuild the cache next turn
             self._record_reply(rt, reply_ids, stream, "error", context)
             self.cache.reset()
             self.stream_text, self.pending_ids = "", []
             self.spans, self.system_span = [None] * len(self.history), None
             self.status = SessionStatus.UNPRIMED
-            self.open_reply = False
+            # A reply cut off by the failure may be continued once the cache is rebuilt (`plan_continue`).
+            self.open_reply = bool(reply_ids) or continuing
             yield Event(
                 "error",
                 f"Generation failed ({type(exc).__name__}: {exc}). Your conversation is kept; "
@@ -711,28 +726,35 @@ class Session:
         self.cache.mark_boundary(self._reply_start)
         return ids
 
-    def _plan_prime(self, rt: Runtime) -> "PrimePlan":
-        """The re-encoding of the history before the new turn (see `_prime`); reads the session, changes nothing."""
+    def _plan_prime(self, rt: Runtime, open_last: bool = False) -> "PrimePlan":
+        """The re-encoding of the history before the new turn (see `_prime`); reads the session, changes nothing.
+        `open_last`: the last message is a reply to continue, so the rendering stops where its text ends (the
+        template's end-of-turn marker left out) and its last token is held back (`plan_continue`)."""
         messages = self.template_messages()  # everything before the user turn about to run
         if not any(m["role"] != "system" for m in messages):
             return PrimePlan("", [], None, empty=True)
         text = rt.templater.render(messages, add_generation_prompt=False)
+        closing = _closing(rt, text, messages[-1]["content"]) if open_last else ""
+        text = text[:len(text) - len(closing)]
         parts = self._prime_parts(rt, messages)
+        if parts is not None and closing:
+            parts = _opened(rt, messages, parts, closing)
         if parts is not None:
-            return PrimePlan(text, [], parts)
+            return PrimePlan(text, [], parts, hold_last=open_last)
         # A template that rewrites earlier turns: no per-message cut, so no spans either.
         ids = rt.templater.encode(text)
         budget, head = self._prime_budget(0)
         cut = len(ids) > budget
         if cut:
             ids = ids[:head] + ids[len(ids) - (budget - head):]
-        return PrimePlan(text, ids, None, cut=cut)
+        return PrimePlan(text, ids, None, cut=cut, hold_last=open_last)
 
     def _prime(self, plan: "PrimePlan") -> Generator:
         """Re-encode the history into an empty cache, keeping the protected head (the pinned system prompt, or the
         sinks) and the tail that fits (yields `Prefill` requests), as `plan` (`_plan_prime`) says. Each message
         was encoded on its own so that its span is known; under eviction="turns" the tail starts at a message.
-        Until it completes, the status stays `UNPRIMED`, so a stop or a failure half-way is retried."""
+        Until it completes, the status stays `UNPRIMED`, so a stop or a failure half-way is retried. With
+        `plan.hold_last` the last token is not fed but left in `pending_ids`, as a reply's last sampled token is."""
         self.cache.reset()
         self.stream_text, self.pending_ids = "", []
         self.spans, self.system_span = [None] * len(self.history), None
@@ -750,9 +772,10 @@ class Session:
                     pinned = len(part)
                 ids += part
             self.cache.pin(pinned)
-        yield from prefill_requests(self.cache, ids, self.chunk_size, self.evicts)
+        held = ids[-1:] if plan.hold_last else []
+        yield from prefill_requests(self.cache, ids[:len(ids) - len(held)], self.chunk_size, self.evicts)
         self.status = SessionStatus.READY
-        self.stream_text = plan.text
+        self.stream_text, self.pending_ids = plan.text, held
         self.recent_ids.extend(ids)
 
     def _prime_budget(self, pinned: int) -> tuple[int, int]:
@@ -836,6 +859,7 @@ class PrimePlan:
     parts: list[tuple[int, list[int], int]] | None
     empty: bool = False
     cut: bool = False  # `ids` leave part of the rendering out (the one-run case)
+    hold_last: bool = False  # the last id is not fed but held back, a reply's last token (`Session.plan_continue`)
 
     @property
     def stream_text(self) -> str:
@@ -870,3 +894,38 @@ def _decoded_after(tokenizer, context: list[int] | None, ids: list[int]) -> str:
     head = tokenizer.decode(context, skip_special_tokens=False)
     whole = tokenizer.decode(context + ids, skip_special_tokens=False)
     return whole[len(head):] if whole.startswith(head) else tokenizer.decode(ids, skip_special_tokens=False)
+
+
+#: A reply's text in the short conversation that shows what a template writes after a reply (`_closing`).
+_PROBE_REPLY = "Probe reply 7f3a"
+
+
+def _closing(rt: Runtime, text: str, content: str) -> str:
+    """What the rendering `text` writes after the last message, a reply with `content`: the template's
+    end-of-turn marker, which a continued reply must not be fed. Learnt from a two-message probe conversation,
+    then checked against `text`; raises ValueError (`REPLY_NOT_FOUND`) when `text` does not end with the reply's
+    text and that marker (a template that strips or rewrites replies)."""
+    try:
+        probe = rt.templater.render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE_REPLY}],
+                                    add_generation_prompt=False)
+    except Exception:  # noqa: BLE001 - a template that refuses the probe cannot be read this way
+        raise ValueError(REPLY_NOT_FOUND) from None
+    at = probe.rfind(_PROBE_REPLY)
+    closing = probe[at + len(_PROBE_REPLY):] if at >= 0 else None
+    shown = rt.templater.neutralize(content)
+    if closing is None or not shown or not text.endswith(shown + closing):
+        raise ValueError(REPLY_NOT_FOUND)
+    return closing
+
+
+def _opened(rt: Runtime, messages: list[dict], parts: list, closing: str) -> list:
+    """`parts` (`Session._prime_parts`) with the last message's piece re-encoded without `closing`, its front cut
+    (tokens left out) kept as it was. Raises ValueError (`REPLY_NOT_FOUND`) when the piece does not end so."""
+    k, ids, missing = parts[-1]
+    piece = rt.templater.local_piece(messages, k)
+    if k != len(messages) - 1 or piece is None or not piece.endswith(closing):
+        raise ValueError(REPLY_NOT_FOUND)
+    open_ids = rt.templater.encode(piece[:len(piece) - len(closing)])[missing:]
+    if not open_ids:
+        raise ValueError(REPLY_NOT_FOUND)
+    return parts[:-1] + [(k, open_ids, missing)]

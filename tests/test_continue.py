@@ -12,7 +12,6 @@ from streaming_engine.session import (
     CONTINUE_CONTEXT_FULL,
     NO_REPLY_TO_CONTINUE,
     REPLY_FINISHED,
-    REPLY_NOT_IN_CACHE,
     RUNNING_REFUSAL,
     SessionStatus,
 )
@@ -70,6 +69,54 @@ def test_a_reply_cut_and_continued_is_token_for_token_the_reply_never_cut(tiny_c
     assert after[0].text == after[1].text and counters(engine, cut_sid) == counters(engine, whole)
 
 
+@pytest.mark.parametrize("system_prompt", [None, "You are terse."])
+@pytest.mark.parametrize("mode", ["streaming", "dense"])
+def test_a_reopened_cut_reply_continues_as_generate_continues_the_template_left_open(tiny_chat_model,
+                                                                                  default_tokenizer, system_prompt,
+                                                                                  mode):
+    """After a restart the cache is rebuilt from the history, whose template closes every reply. A reply marked
+    cut is rebuilt left open instead: the oracle is transformers' own `continue_final_message` rendering, greedily
+    continued by `model.generate` without any cache of ours."""
+    import torch
+
+    engine = make_engine(tiny_chat_model, default_tokenizer, recent_size=300)
+    live = engine.new_session(mode=mode, system_prompt=system_prompt)
+    reply_of(engine.chat(live, "Tell me a story.", max_new_tokens=12, **GREEDY))
+    history = [m for m in engine.history(live) if m["role"] != "system"]
+    reopened = engine.open_history(history, system_prompt, mode=mode, last_reply_open=True)
+    more, final = reply_of(engine.continue_reply(reopened, max_new_tokens=10, **GREEDY))
+    assert final.kind == "done" and final.finish_reason == "length"
+
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    text = default_tokenizer.apply_chat_template(system + history, tokenize=False, continue_final_message=True)
+    ids = default_tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = tiny_chat_model.generate(ids, max_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(ids))
+    assert more == default_tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert final.text == history[-1]["content"] + more == engine.history(reopened)[-1]["content"]
+    # Then the chat goes on from the cache: the next turn feeds only its own text.
+    assert engine.session(reopened).status is SessionStatus.READY
+    reply_of(engine.chat(reopened, "And then?", max_new_tokens=4, **GREEDY))
+    session = engine.session(reopened)
+    rendered = ChatTemplater(default_tokenizer).render(list(session.fed), add_generation_prompt=False)
+    assert rendered.startswith(session.stream_text)
+
+
+@pytest.mark.parametrize("eviction", ["tokens", "turns"])
+def test_a_reopened_reply_longer_than_the_cache_continues_from_the_part_that_fits(tiny_chat_model, default_tokenizer,
+                                                                                    eviction):
+    engine = make_engine(tiny_chat_model, default_tokenizer, recent_size=48, eviction=eviction)
+    reply = " ".join(f"word{i}" for i in range(80))  # far more tokens than the rebuilt cache keeps
+    sid = engine.open_history([{"role": "user", "content": "Count"}, {"role": "assistant", "content": reply}],
+                              last_reply_open=True)
+    more, final = reply_of(engine.continue_reply(sid, max_new_tokens=6, **GREEDY))
+    assert final.kind == "done" and final.text == reply + more and engine.stats(sid)["reply_tokens"] == 6
+    stats = engine.stats(sid)
+    assert stats["cache_tokens"] <= 52 and stats["seen_tokens"] == stats["cache_tokens"] + stats["evicted_tokens"]
+    memory = engine.memory_map(sid)
+    assert memory[-1]["state"] == "partial"  # the reply's head left out, its tail (and the continuation) held
+
+
 def test_a_reply_can_be_continued_again_and_again_until_it_ends(tiny_chat_model, default_tokenizer):
     engine = make_engine(tiny_chat_model, default_tokenizer, recent_size=200)
     whole, sid = engine.new_session(), engine.new_session()
@@ -102,6 +149,29 @@ def test_a_stopped_reply_continues_in_place_and_the_stream_still_matches_the_tem
     assert rendered.startswith(session.stream_text)
 
 
+def test_a_reply_cut_off_by_a_failure_continues_once_the_cache_is_rebuilt(tiny_chat_model, default_tokenizer):
+    engine = make_engine(tiny_chat_model, default_tokenizer, recent_size=300)
+    sid = engine.new_session()
+    calls = {"n": 0}
+
+    def flaky(module, args):
+        calls["n"] += 1
+        if calls["n"] >= 4:  # the prompt's pass, then two decode steps, then a lasting fault (one pass is retried)
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+    hook = tiny_chat_model.register_forward_pre_hook(flaky)
+    try:
+        _, failed = reply_of(engine.chat(sid, "Tell me a story.", max_new_tokens=20, **GREEDY))
+    finally:
+        hook.remove()
+    assert failed.kind == "error" and failed.mark == "interrupted"
+    partial = engine.history(sid)[-1]["content"]
+    assert partial and engine.session(sid).status is SessionStatus.UNPRIMED
+    more, final = reply_of(engine.continue_reply(sid, max_new_tokens=5, **GREEDY))
+    assert final.kind == "done" and more and final.text == partial + more == engine.history(sid)[-1]["content"]
+    assert engine.session(sid).status is SessionStatus.READY
+
+
 def refusal(engine, sid, **sampling):
     events = engine.continue_reply(sid, **sampling)
     event = next(iter(events))
@@ -125,8 +195,9 @@ def test_continue_is_refused_with_what_to_do_instead_and_changes_nothing(tiny_ch
     cut = engine.new_session()
     reply_of(engine.chat(cut, "Hello", max_new_tokens=3, **GREEDY))
     assert refusal(engine, cut, max_new_tokens=0).startswith("max_new_tokens")  # the settings are checked as for chat
-    reopened = restore_history(engine, export_history(engine, cut))  # the same history, a cache rebuilt from it
-    assert refusal(engine, reopened) == REPLY_NOT_IN_CACHE
+    # The same history in a new session, its cache rebuilt from it: the engine keeps no marks, so only a caller
+    # that says the last reply was cut (`last_reply_open`, from a stored or downloaded mark) may continue it.
+    assert refusal(engine, restore_history(engine, export_history(engine, cut))) == REPLY_FINISHED
 
     full = engine.new_session("dense", max_context=60)
     assert reply_of(engine.chat(full, "Hello", max_new_tokens=100, **GREEDY))[1].finish_reason == "context_full"

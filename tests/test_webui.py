@@ -292,17 +292,25 @@ def test_a_continue_stopped_half_way_keeps_the_stopped_mark_instead_of_the_cut_o
                                                        "stopped": True}
 
 
-def test_continue_says_why_not_and_what_to_do_instead(conv, engine, tmp_path):
+def test_continue_says_why_not_when_there_is_no_reply_to_continue(conv):
     with pytest.warns(UserWarning, match="no reply to continue yet"):
         assert last(Page(conv).continue_())[0] == []
+
+
+def test_a_cut_reply_continues_after_a_restart_from_the_store(conv, engine):
     page = Page(conv)
-    page.send("Hello")
+    page.send("Tell me a story")
+    cut = conv.store.load(page.token).messages[1]["content"]
     restarted = Conversations(engine, conv.store)  # a server restart: the chat comes back from the store
     again = Page(restarted, record=page.record)
     again.load()
-    with pytest.warns(UserWarning, match="can no longer be continued"):
-        again.continue_()
-    assert again.chat == chat_tab.shown_messages(restarted.messages(again.token))  # unchanged
+    outputs = again.continue_()
+    grown = conv.store.load(again.token).messages[1]
+    assert grown["content"].startswith(cut) and len(grown["content"]) > len(cut) and grown["truncated"]
+    assert len(again.chat) == 2 and again.chat == chat_tab.shown_messages(restarted.messages(again.token))
+    assert gauge_value(outputs[-1][2], "turns") == 1
+    again.continue_()  # and again, now from the cache as the last continuation left it
+    assert conv.store.load(again.token).messages[1]["content"].startswith(grown["content"])
 
 
 def test_a_downloaded_history_uploads_into_a_new_conversation_that_continues(conv):
