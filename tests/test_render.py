@@ -107,7 +107,11 @@ CAPACITY = 1024
      "memory stays flat"),
     # After a reload: the history has 8 turns, the cache is rebuilt on the next message.
     ({"mode": "streaming", "cache_tokens": 0, "seen_tokens": 0, "turns": 8}, "restored", "Restored",
-     "8 earlier turn(s) are in the history but not in the cache yet"),
+     "History not in the cache yet (8 earlier turns)"),
+    ({"mode": "streaming", "cache_tokens": 0, "seen_tokens": 0, "turns": 1}, "restored", "Restored",
+     "(1 earlier turn)"),
+    ({"mode": "streaming", "cache_tokens": 1023, "evicted_tokens": 400, "seen_tokens": 1423, "turns": 5},
+     "reserved", "Room reserved", "Room made for the reply: 1 token free."),
     ({"mode": "dense", "cache_tokens": 512, "cache_capacity": 512, "context_full": True, "turns": 3},
      "context-full", "Context full", "cannot go on"),
 ])
@@ -228,5 +232,5 @@ def test_a_reply_that_recalled_messages_links_to_each_of_them_and_repaints_witho
 def test_the_gauges_count_recalled_tokens():
     html = gauges_html({"cache_tokens": 90, "cache_capacity": 128, "recalled_tokens": 21,
                         "recalled_messages": [1, 2]})
-    assert 'data-key="recalled_tokens" data-value="21"' in html and "21 tokens from 2 message(s)" in html
+    assert 'data-key="recalled_tokens" data-value="21"' in html and "21 tokens from 2 messages" in html
     assert 'data-key="recalled_tokens" data-value="0"' in gauges_html({"cache_tokens": 5, "cache_capacity": 128})

@@ -3,8 +3,9 @@
 Run `python tools/make_screenshots.py` (after `make install-test`). It serves the app on a free loopback port
 with a 4 + 252 cache, then, as a visitor would:
 
-* `assets/screenshot.png`: chats on the Chat tab until tokens have been evicted (at least three turns), so the
-  evicted count has climbed while the fill stays near capacity;
+* `assets/screenshot.png`: chats on the Chat tab until tokens have been evicted and the cache is full (at least
+  three turns; at most one turn per prompt of `CHAT_PROMPTS`), so the evicted count has climbed while the fill
+  stays at or next to capacity;
 * `assets/screenshot-compare.png`: sends the autopilot's prompts (`assets/autopilot.json`) one by one on the Dense
   vs Streaming tab until dense reports *context full*, then one more, which streaming and window still answer;
 * `assets/screenshot-phone.png`: the Chat tab on a 390 x 844 phone screen after two turns: the chat, the row of
@@ -51,7 +52,8 @@ def chat_tab(page, path: Path) -> None:
         page.fill("#msg textarea", prompt)
         page.click("#send")
         wait_idle(page, "#gauges", turn, REPLY_TIMEOUT_MS)
-        if turn >= MIN_CHAT_TURNS and gauge(page, "evicted_tokens") > 0:
+        full = page.get_attribute("#gauges [data-key=fill]", "data-held") == str(START + RECENT)
+        if turn >= MIN_CHAT_TURNS and gauge(page, "evicted_tokens") > 0 and full:
             break
     page.screenshot(path=str(path))
 

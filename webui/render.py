@@ -204,18 +204,24 @@ GAUGE_HELP = {
     "recalled_tokens": "Tokens of earlier, evicted messages quoted back into the last turn's prompt because they "
                        "matched your message (recall); they are fed and evicted like any other tokens.",
 }
-#: What the cache is doing, as a short label and one sentence (`{free}`, `{capacity}`, `{turns}` filled in).
+#: What the cache is doing, as a short label and one sentence (`{free}`, `{capacity}` and `{turns}` filled in,
+#: each a count with its noun: "1 token", "213 tokens", "8 earlier turns").
 GAUGE_STATES = {
-    "empty": ("Empty", "The cache fills as you chat: room for {capacity:,} tokens."),
-    "filling": ("Filling", "{free:,} tokens free before the first eviction."),
-    "dense": ("Filling", "Dense attention never evicts: {free:,} of {capacity:,} tokens left."),
-    "reserved": ("Room reserved", "Room made for the reply: {free:,} tokens free. Each turn evicts once, up front, "
+    "empty": ("Empty", "The cache fills as you chat: room for {capacity}."),
+    "filling": ("Filling", "{free} free before the first eviction."),
+    "dense": ("Filling", "Dense attention never evicts: {free} left of {capacity}."),
+    "reserved": ("Room reserved", "Room made for the reply: {free} free. Each turn evicts once, up front, "
                                   "enough for its prompt and the longest reply allowed."),
     "evicting": ("Evicting", "At capacity: each new token pushes the oldest recent one out; memory stays flat."),
-    "restored": ("Restored", "{turns} earlier turn(s) are in the history but not in the cache yet: your next message "
-                             "rebuilds it (the sinks and the most recent part), and tokens seen count from there."),
+    "restored": ("Restored", "History not in the cache yet ({turns}): your next message rebuilds it (the sinks and "
+                             "the most recent part), and tokens seen count from there."),
     "context-full": ("Context full", "Dense attention cannot go on. Reset to start over."),
 }
+
+
+def counted(n: int, noun: str) -> str:
+    """`n` and its noun, singular for one: "1 token", "1,024 tokens"."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
 def gauge_state(stats: dict) -> str:
@@ -261,7 +267,8 @@ def gauges_html(stats: dict | None, title: str = "Cache", phase: str = "idle", c
     state = gauge_state(s)
     fill_class = "gauge-fill" + {"context-full": " dense-full", "evicting": " full"}.get(state, "")
     label, sentence = GAUGE_STATES[state]
-    note = sentence.format(free=max(0, capacity - held), capacity=capacity, turns=s.get("turns", 0))
+    note = sentence.format(free=counted(max(0, capacity - held), "token"), capacity=counted(capacity, "token"),
+                           turns=counted(int(s.get("turns", 0)), "earlier turn"))
 
     def row(key, name, value, shown):
         tip = html.escape(GAUGE_HELP[key], quote=True)
@@ -299,7 +306,8 @@ def gauges_html(stats: dict | None, title: str = "Cache", phase: str = "idle", c
         + row("pinned_tokens", "Pinned system prompt", s.get("pinned_tokens", 0),
               f"{s.get('pinned_tokens', 0)} tokens" if s.get("pinned_tokens") else "–")
         + row("recalled_tokens", "Recalled (last turn)", s.get("recalled_tokens", 0),
-              f"{s.get('recalled_tokens', 0)} tokens from {len(s.get('recalled_messages') or ())} message(s)"
+              f"{counted(s.get('recalled_tokens', 0), 'token')} from "
+              f"{counted(len(s.get('recalled_messages') or ()), 'message')}"
               if s.get("recalled_tokens") else "–")
         + '</div><details class="gauge-help"><summary>What do these mean?</summary>'
         f'<ul>{help_items}</ul></details></div>'
