@@ -551,10 +551,12 @@ class StreamingEngine:
         return self.scheduler.read(turn)
 
     def continue_reply(self, session_id: str, **sampling) -> Iterator[Event]:
-        """Extend the last reply where it ended: one cut at `max_new_tokens` or stopped, still in the cache as it
-        ended (`Session.continue_turn`). Submitted now, like `start_chat`; its events are a turn's, the new text as
-        "delta"s and the whole reply in the "done" event, and the history's last message grows in place. Refused
-        (one event, `accepted` False, saying why and what to do instead) when there is no such reply."""
+        """Extend the last reply where it ended: one cut at `max_new_tokens`, stopped, or cut off by a failure
+        (`Session.continue_turn`), from the cache as it ended, or from a cache rebuilt with the reply left open
+        (a history opened with `last_reply_open`). Submitted now, like `start_chat`; its events are a turn's, the
+        new text as "delta"s and the whole reply in the "done" event, and the history's last message grows in
+        place. Refused (one event, `accepted` False, saying why and what to do instead) when there is no such
+        reply."""
         turn = self.admit_turn(session_id, None, sampling, self._submit)
         return Refused(turn) if isinstance(turn, Event) else self.scheduler.read(turn)
 

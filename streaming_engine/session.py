@@ -11,7 +11,9 @@ Bookkeeping that keeps multi-round chat exact:
   next turn's prompt is the chat template's rendering of the whole conversation minus `stream_text` (see
   `templating.py`), so only the new turn is ever encoded.
 * The last sampled token of a reply (usually the end-of-turn token) is kept in `pending_ids` and fed at the start
-  of the next turn, so it ends up in the cache without an extra forward pass at the end of every reply.
+  of the next turn, so it ends up in the cache without an extra forward pass at the end of every reply. A reply
+  that ended before its end of turn (cut at `max_new_tokens`, stopped) is `open_reply`: `continue_turn` feeds only
+  that waiting token and decodes on, extending the reply in place, exactly as if it had never been cut.
 * Everything a turn computes from the history (the rendering, the re-encoded prime, the turn's token ids) is
   computed by `plan_turn` on the *caller's* thread (an HTTP request thread, a gradio handler) before the turn is
   submitted; the coroutine the worker drives only applies that `TurnPlan` and feeds token ids. So a 20,000-message
@@ -219,7 +221,8 @@ class Session:
         self._raw: list[dict] = []
         self.stream_text = ""
         self.pending_ids: list[int] = []
-        # The last reply ended before its end of turn and is in the cache as it ended: `continue_turn` may extend it.
+        # The last reply ended before its end of turn (cut, stopped, cut off): `continue_turn` may extend it, from the
+        # cache as it ended, or from a cache rebuilt with the reply left open (`plan_continue`).
         self.open_reply = False
         self.recent_ids: deque[int] = deque(maxlen=PENALTY_WINDOW)
         self.turns = 0

@@ -364,7 +364,7 @@ def retry_last(conversations, messages, state, record, system_prompt, temp, p, k
 
 def continue_last(conversations, messages, state, record, system_prompt, temp, p, k, new_tokens, rep,
                   request: gr.Request = None, start=None, recent=None):
-    """Continue: the last reply, cut at its length limit or stopped, goes on where it ended, in its own bubble
+    """Continue: the last reply, cut at its length limit or stopped, goes on where it ended, in the bubble it has
     (`Conversations.continue_reply`; its note goes until the reply ends again). The message box is left alone.
     Outputs: a turn's (`start`, `recent` and the system prompt are taken as for a turn, and apply to nothing)."""
     state, record = bound(state, request), browser_record(record)
@@ -372,6 +372,8 @@ def continue_last(conversations, messages, state, record, system_prompt, temp, p
         token = attach(conversations, state, record, request)
         if not token:
             raise ValueError(NO_REPLY_TO_CONTINUE)
+        # Read before the continuation is submitted: the worker extends the reply in the history when it ends.
+        stored = conversations.open(token, owner=owner_of(request)).messages
     except (ValueError, KeyError, EngineBusy) as exc:
         gr.Warning(str(exc))
         yield messages, SKIP, SKIP, state, SKIP, SKIP
@@ -384,7 +386,6 @@ def continue_last(conversations, messages, state, record, system_prompt, temp, p
         gr.Warning(not_taken.text)
         yield messages, SKIP, gauges_html(not_taken.stats) if not_taken.stats else SKIP, state, SKIP, SKIP
         return
-    stored = conversations.messages(token)
     shown = mark_memory(shown_messages(stored[:-1]) + [{"role": "assistant", "content": inert(stored[-1]["content"])}],
                         conversations.memory_map(token))
     try:
