@@ -159,6 +159,8 @@ class SessionView:
     system_prompt: str | None
     start_size: int
     recent_size: int
+    #: The last reply ended before its end of turn, so `StreamingEngine.continue_reply` may extend it.
+    open_reply: bool = False
 
 
 def refused(text: str, code: EventCode, stats: dict | None = None) -> Event:
@@ -268,7 +270,7 @@ class Session:
                            turn is not None and not turn.finished.is_set(), self.turns, self.last_active,
                            self.stream_text, tuple(self.recent_ids), self.cache, tuple(self.template_messages()),
                            tuple(self.spans), self.system_span, self.system_prompt, self.start_size,
-                           self.recent_size)
+                           self.recent_size, self.open_reply)
 
     def _refresh_memory(self) -> None:
         """Recompute the memory map from the cache's stream positions (worker thread, or an idle session)."""

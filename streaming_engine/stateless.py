@@ -54,8 +54,9 @@ def find_conversation(engine, messages, client: str, exclude=()) -> str | None:
     return best
 
 
-def open_conversation(engine, messages, client: str, mode: str = "streaming") -> str:
+def open_conversation(engine, messages, client: str, mode: str = "streaming", last_reply_open: bool = False) -> str:
     """A new session for `client` holding `messages`; nothing is computed until its first turn. Origin "api": it is
-    reaped on the API's shorter idle timeout."""
+    reaped on the API's shorter idle timeout. `last_reply_open`: `messages` end with a reply to continue."""
     system, turns = conversation(engine, messages)
-    return engine.open_history(turns, system, mode=mode, origin="api", client=client)
+    return engine.open_history(turns, system, mode=mode, origin="api", client=client,
+                               last_reply_open=last_reply_open)

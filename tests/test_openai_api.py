@@ -160,6 +160,38 @@ def test_a_history_that_extends_no_live_conversation_opens_a_primed_session(clie
     assert extra["prefill_tokens"] == reply.usage.prompt_tokens > 10  # the history was encoded once, here
 
 
+def test_a_reply_cut_at_max_tokens_continues_with_continue_final_message_into_the_reply_never_cut(client):
+    """vLLM's `continue_final_message`: the last message is the assistant's reply to go on with, and the answer is
+    the new text only. The live session still holds the cut reply, so nothing is re-encoded."""
+    messages = [{"role": "user", "content": "Tell me a story about a fox."}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, **greedy(max_tokens=12))
+    first = client.chat.completions.create(model=MODEL, messages=messages, **greedy(max_tokens=5))
+    assert first.choices[0].finish_reason == "length"
+    cut = first.choices[0].message.content
+    rest = client.chat.completions.create(
+        model=MODEL, messages=messages + [{"role": "assistant", "content": cut}], extra_body={
+            "continue_final_message": True}, **greedy(max_tokens=7))
+    assert cut + rest.choices[0].message.content == whole.choices[0].message.content
+    assert rest.choices[0].finish_reason == "length" and rest.usage.completion_tokens == 7
+    assert rest.model_extra["streaming_llm"]["session_reused"] is True
+
+
+def test_continue_final_message_goes_on_with_a_reply_the_client_wrote(client):
+    """A prefix the client wrote (no live session holds it) is re-encoded left open, then continued, streamed or
+    not alike; a last message that is not the assistant's is a 400 naming `messages`."""
+    messages = [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "My favourite is"}]
+    extra = {"continue_final_message": True}
+    plain = client.chat.completions.create(model=MODEL, messages=messages, extra_body=extra, **greedy(max_tokens=6))
+    assert plain.model_extra["streaming_llm"]["session_reused"] is False and plain.usage.completion_tokens == 6
+    stream = client.chat.completions.create(model=MODEL, messages=messages, extra_body=extra, stream=True,
+                                            **greedy(max_tokens=6))
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert streamed == plain.choices[0].message.content and streamed
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=messages[:1], extra_body=extra, **greedy())
+    assert err.value.body["param"] == "messages" and "continue_final_message" in err.value.body["message"]
+
+
 def test_sampling_settings_are_honoured(client):
     def sample(seed):
         return client.chat.completions.create(

@@ -76,7 +76,7 @@ OWNER = "openai"
 KNOWN_FIELDS = {
     "model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "stream",
     "stream_options", "n", "user", "presence_penalty", "frequency_penalty", "logprobs", "top_k",
-    "repetition_penalty", "recall_budget",
+    "repetition_penalty", "recall_budget", "continue_final_message",
 }
 #: Engine finish reasons in OpenAI's words ("context_full": a dense cache ran out, which the API never opens).
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context_full": "length", "stopped": "stop"}
@@ -120,12 +120,16 @@ def _text_of(content, index: int) -> str:
 @dataclass
 class ChatRequest:
     """A validated `/v1/chat/completions` body: the conversation before the new user message, that message, and
-    the engine's sampling keywords. Raises `APIError` (400) naming the parameter on bad input."""
+    the engine's sampling keywords. Raises `APIError` (400) naming the parameter on bad input.
+
+    With `continue_final_message` (vLLM's name for it) the last message is an assistant reply to go on with
+    (`StreamingEngine.continue_reply`): `prior` is then the whole conversation and `message` None."""
 
     body: dict
     default_max_tokens: int
     prior: list[dict] = field(init=False)
-    message: str = field(init=False)
+    message: str | None = field(init=False)
+    continue_final: bool = field(init=False)
     sampling: dict = field(init=False)
     stream: bool = field(init=False)
     include_usage: bool = field(init=False)
@@ -139,6 +143,7 @@ class ChatRequest:
             raise APIError(400, f"Unrecognized request argument supplied: {', '.join(unknown)}", param=unknown[0])
         if not isinstance(body.get("model"), str) or not body["model"]:
             raise APIError(400, "you must provide a model parameter", param="model")
+        self.continue_final = self._flag("continue_final_message")
         self._parse_messages(body.get("messages"))
         self.stream = self._flag("stream")
         options = body.get("stream_options") or {}
@@ -184,13 +189,19 @@ class ChatRequest:
             if role == "system" and i != 0:
                 raise APIError(400, "a system message is only supported as the first message", param="messages")
             parsed.append({"role": role, "content": _text_of(m.get("content"), i)})
-        if parsed[-1]["role"] != "user":
-            raise APIError(400, "the last message must come from the user", param="messages")
+        wanted = "assistant" if self.continue_final else "user"
+        if parsed[-1]["role"] != wanted:
+            raise APIError(400, "with continue_final_message the last message must be the assistant's reply to go on "
+                           "with" if self.continue_final else "the last message must come from the user",
+                           param="messages")
         try:  # an empty or over-long new message is the caller's mistake (400), refused before a session is used
             check_text(parsed[-1]["content"], "the last message's content", MAX_MESSAGE_CHARS)
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages", code="invalid_message") from None
-        self.prior, self.message = parsed[:-1], parsed[-1]["content"]
+        if self.continue_final:
+            self.prior, self.message = parsed, None
+        else:
+            self.prior, self.message = parsed[:-1], parsed[-1]["content"]
 
     def _parse_sampling(self, body: dict) -> None:
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -230,18 +241,22 @@ class ConversationPool:
         self._claimed: set[str] = set()
         self._recent: OrderedDict[str, str] = OrderedDict()  # session id -> client, least recently used first
 
-    def acquire(self, prior: list[dict], client: str = OWNER) -> tuple[str, bool]:
+    def acquire(self, prior: list[dict], client: str = OWNER, last_reply_open: bool = False) -> tuple[str, bool]:
         """`(session_id, reused)` for `client`'s conversation whose messages so far are `prior`. Only the same
-        client's sessions are continued: an identical history from another client opens its own session."""
+        client's sessions are continued: an identical history from another client opens its own session.
+        `last_reply_open`: `prior` ends with a reply to continue, so a live session counts only if its reply is
+        still open, and a new one is opened with it open (re-encoded up to the reply's last token)."""
         with self._lock:
             live = set(self.engine.session_ids())
             for sid in [s for s in self._recent if s not in live]:  # closed by the engine (idle) meanwhile
                 del self._recent[sid]
             sid = find_conversation(self.engine, prior, client, exclude=self._claimed)
+            if sid is not None and last_reply_open and not self.engine.session(sid).open_reply:
+                sid = None  # its reply ended: a session rebuilt with the reply left open can go on with it
             reused = sid is not None
             if not reused:
                 self._make_room(client)
-                sid = open_conversation(self.engine, prior, client)
+                sid = open_conversation(self.engine, prior, client, last_reply_open=last_reply_open)
             self._claimed.add(sid)
             self._recent[sid] = client
             self._recent.move_to_end(sid)
@@ -408,7 +423,7 @@ def mount(app: FastAPI, engine: StreamingEngine, *, model_name: str, auth: tuple
         sid = None
         try:
             try:
-                sid, reused = await run_in_threadpool(pool.acquire, chat.prior, client)
+                sid, reused = await run_in_threadpool(pool.acquire, chat.prior, client, chat.continue_final)
                 stats = engine.stats(sid)
             except EngineBusy as exc:
                 raise APIError(429, str(exc), "server_busy", code="server_busy") from exc
@@ -426,8 +441,12 @@ def mount(app: FastAPI, engine: StreamingEngine, *, model_name: str, auth: tuple
                 raise APIError(400, str(exc), param="recall_budget") from exc
             account = TurnAccount(stats["cache_tokens"], stats["seen_tokens"], reused,
                                   sum(m["role"] != "system" for m in chat.prior))
-            # Submitted now, so a refusal (busy, bad message) is an HTTP status even for a streamed request.
-            events = await run_in_threadpool(lambda: engine.start_chat(sid, chat.message, **chat.sampling))
+            # Submitted now, so a refusal (busy, bad message) is an HTTP status even for a streamed request. A
+            # continuation answers with the new text only, as vLLM does: the client has the reply so far.
+            held = engine.history(sid)[-1]["content"] if chat.continue_final else ""
+            events = await run_in_threadpool(
+                lambda: engine.continue_reply(sid, **chat.sampling) if chat.continue_final
+                else engine.start_chat(sid, chat.message, **chat.sampling))
             refused = refusal(events)
             if refused is not None:
                 raise _error_from_event(refused)
@@ -460,7 +479,7 @@ def mount(app: FastAPI, engine: StreamingEngine, *, model_name: str, auth: tuple
             "model": model_name,
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": final.text},
+                "message": {"role": "assistant", "content": final.text[len(held):]},
                 "finish_reason": FINISH_REASONS.get(final.finish_reason, "stop"),
                 "logprobs": None,
             }],
