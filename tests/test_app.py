@@ -71,7 +71,7 @@ def test_ui_handlers_are_private_and_the_layout_has_every_control(launched):
                    "chat-streaming", "chat-dense", "chat-window", "compare-autopilot", "plot-memory", "diagram"):
         assert needed in ids, needed
     public = {d.get("api_name") for d in demo.config["dependencies"] if d.get("api_visibility") == "public"}
-    assert public == {"new_session", "chat", "history", "close_session", "health"}
+    assert public == {"new_session", "chat", "continue_reply", "history", "close_session", "health"}
 
 
 def test_a_page_load_never_copies_the_engine(launched):

@@ -205,7 +205,9 @@ def test_chat_shows_its_sampling_parameters_by_name_and_type(described):
 
 
 #: Each endpoint that takes arguments, called with a session id of the wrong JSON type (a number).
-BAD_CALLS = {"/chat": (12, "hi"), "/history": (12,), "/close_session": (12,)}
+BAD_CALLS = {"/chat": (12, "hi"), "/continue_reply": (12,), "/history": (12,), "/close_session": (12,)}
+#: The inputs after those of `BAD_CALLS` that a raw call must still send (gradio fills in none of them).
+OPTIONAL_INPUTS = {"/chat": 6, "/continue_reply": 6}
 
 
 @pytest.mark.parametrize("api_name", sorted(BAD_CALLS))
@@ -213,9 +215,29 @@ def test_a_bad_argument_is_refused_alike_on_every_endpoint(launched, api_name):
     url, _ = launched
     code, message = refusal(client(url, "203.0.113.21").predict, *BAD_CALLS[api_name], api_name=api_name)
     assert code == "invalid_argument" and message.startswith("session_id must be the id /new_session returned")
-    body = json.dumps({"data": list(BAD_CALLS[api_name]) + ([None] * 6 if api_name == "/chat" else [])})
+    body = json.dumps({"data": list(BAD_CALLS[api_name]) + [None] * OPTIONAL_INPUTS.get(api_name, 0)})
     kind, data = raw_call(url, api_name.strip("/"), body)  # over plain HTTP: the same code and message
     assert kind == "event: error" and (data["title"], data["error"]) == (code, message)
+
+
+def test_continue_reply_streams_the_cut_reply_grown_in_place_and_refuses_when_there_is_none(launched):
+    from streaming_engine.session import NO_REPLY_TO_CONTINUE
+
+    url, engine = launched
+    c = client(url, "203.0.113.23")
+    sid = c.predict(api_name="/new_session")
+    try:
+        assert refusal(c.predict, sid, api_name="/continue_reply") == ("refused", NO_REPLY_TO_CONTINUE)
+        cut, stats = c.predict(sid, "Tell me a story", 4, 0, api_name="/chat")
+        assert stats["finish_reason"] == "length"
+        updates = list(c.submit(sid, 4, 0, api_name="/continue_reply"))
+        reply, stats = updates[-1]
+        assert all(update[0].startswith(cut) for update in updates) and len(reply) > len(cut)
+        assert stats["finish_reason"] == "length" and stats["reply_tokens"] == 4
+        assert c.predict(sid, api_name="/history") == [{"role": "user", "content": "Tell me a story"},
+                                                     {"role": "assistant", "content": reply}]
+    finally:
+        c.predict(sid, api_name="/close_session")
 
 
 def test_results_are_json_objects_and_lists_not_text(launched):

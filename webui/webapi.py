@@ -10,6 +10,9 @@ Endpoints (call them with `gradio_client.Client(url).predict(..., api_name=...)`
   (reply_so_far: str, stats: dict)`, streamed; the sampling settings are optional (null keeps the engine's
   default). With `MAX_ACTIVE_TURNS` replies already being written the answer is "Server busy" at once: the
   endpoint has no queue limit of its own, so the engine's limit decides instead of a wait in gradio's queue;
+* `/continue_reply(session_id, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed) ->
+  (reply_so_far: str, stats: dict)`, streamed as `/chat`: the last reply, cut at its `max_new_tokens` or stopped,
+  goes on where it ended (`StreamingEngine.continue_reply`); the reply so far is the whole reply, grown;
 * `/history(session_id) -> list[dict]` ({role, content} messages) and `/close_session(session_id) -> "closed"`;
 * `/health() -> dict` with the process's current and peak resident memory, open sessions and running turns.
 
@@ -125,8 +128,31 @@ def register(engine: StreamingEngine, max_new_tokens_default: int = DEFAULT_API_
             engine.stats(sid)  # an unknown id is unknown_session here as on /history, not a refused turn
         except (ValueError, SessionNotFound) as exc:
             raise api_error(exc) from exc
-        reply = ""
-        for event in engine.chat(sid, text, **sampling):
+        yield from streamed(engine.chat(sid, text, **sampling))
+
+    def continue_reply(session_id: str, max_new_tokens: int = max_new_tokens_default,
+                       temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                       repetition_penalty: float | None = None,
+                       seed: int | None = None) -> Iterator[tuple[str, Stats]]:
+        """Stream the rest of the last reply, when it was cut at its max_new_tokens or stopped: it goes on where it
+        ended. session_id: from /new_session; the sampling settings as for /chat. Yields (the whole reply so far,
+        stats object); the last update's stats has "finish_reason". A reply that finished is refused, saying
+        so."""
+        optional = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                        seed=seed)
+        try:
+            sid = validate.session_id(session_id)
+            sampling = validate.sampling_arguments(dict(max_new_tokens=max_new_tokens, **{
+                name: value for name, value in optional.items() if value is not None}))
+            held = engine.history(sid)  # an unknown id is unknown_session here as on /chat
+        except (ValueError, SessionNotFound) as exc:
+            raise api_error(exc) from exc
+        yield from streamed(engine.continue_reply(sid, **sampling), held[-1]["content"] if held else "")
+
+    def streamed(events, reply: str = "") -> Iterator[tuple[str, Stats]]:
+        """A turn's events as the endpoints stream them: (the reply so far, after `reply`; stats), the last with
+        "finish_reason"; an "error" event raised with its code."""
+        for event in events:
             if event.kind == "delta":
                 reply += event.text
                 yield reply, dict(event.stats)
@@ -163,10 +189,11 @@ def register(engine: StreamingEngine, max_new_tokens_default: int = DEFAULT_API_
     gr.api(typed(new_session, str), api_name="new_session")
     # No queue limit: the engine answers "Server busy" at once beyond its active-turn limit.
     gr.api(typed(chat, tuple[str, Stats]), api_name="chat", concurrency_limit=None)
+    gr.api(typed(continue_reply, tuple[str, Stats]), api_name="continue_reply", concurrency_limit=None)
     gr.api(typed(history, list[Message]), api_name="history")
     gr.api(typed(close_session, str), api_name="close_session")
     gr.api(typed(health, dict[str, int]), api_name="health")
 
 
 #: The named endpoints `register` adds, in order (tests and docs walk them).
-ENDPOINTS = ("/new_session", "/chat", "/history", "/close_session", "/health")
+ENDPOINTS = ("/new_session", "/chat", "/continue_reply", "/history", "/close_session", "/health")
