@@ -198,6 +198,8 @@ def test_continue_is_refused_with_what_to_do_instead_and_changes_nothing(tiny_ch
     # The same history in a new session, its cache rebuilt from it: the engine keeps no marks, so only a caller
     # that says the last reply was cut (`last_reply_open`, from a stored or downloaded mark) may continue it.
     assert refusal(engine, restore_history(engine, export_history(engine, cut))) == REPLY_FINISHED
+    marked = restore_history(engine, export_history(engine, cut, marks={"truncated": {1}}))  # a downloaded file's
+    assert reply_of(engine.continue_reply(marked, max_new_tokens=3, **GREEDY))[1].finish_reason == "length"
 
     full = engine.new_session("dense", max_context=60)
     assert reply_of(engine.chat(full, "Hello", max_new_tokens=100, **GREEDY))[1].finish_reason == "context_full"
