@@ -5,6 +5,7 @@ is, token for token and cache counter for counter, the greedy reply of N + M tok
 from __future__ import annotations
 
 import pytest
+import torch
 
 from streaming_engine import EngineConfig, StreamingEngine
 from streaming_engine.history import export_history, restore_history
@@ -67,6 +68,42 @@ def test_a_reply_cut_and_continued_is_token_for_token_the_reply_never_cut(tiny_c
     assert engine.session(cut_sid).status is SessionStatus.READY
     after = [reply_of(engine.chat(sid, "And then?", max_new_tokens=12, **sampling))[1] for sid in (whole, cut_sid)]
     assert after[0].text == after[1].text and counters(engine, cut_sid) == counters(engine, whole)
+
+
+def cut_and_continued_equals_uncut(engine, cut=9, total=100, companions=2):
+    """The oracle of `test_a_reply_cut_and_continued_is_token_for_token_the_reply_never_cut` with other chats
+    decoding in the same batch meanwhile: (the uncut reply, the cut one continued)."""
+    whole, cut_sid = engine.new_session(), engine.new_session()
+    others = [engine.new_session() for _ in range(companions)]
+    prompt = "Tell me a long story."
+    uncut = reply_of(engine.chat(whole, prompt, max_new_tokens=total, **GREEDY))[1]
+    reply_of(engine.chat(cut_sid, prompt, max_new_tokens=cut, **GREEDY))
+    streams = [engine.start_chat(sid, f"Chat {k} goes on meanwhile.", max_new_tokens=60, **GREEDY)
+               for k, sid in enumerate(others)]
+    continued = reply_of(engine.continue_reply(cut_sid, max_new_tokens=total - cut, **GREEDY))[1]
+    for events in streams:
+        assert reply_of(events)[1].kind == "done"
+    assert counters(engine, cut_sid) == counters(engine, whole)
+    return uncut.text, continued.text
+
+
+@pytest.mark.parametrize("decode", [dict(decode_step="eager"), dict(decode_step="static"),
+                                    dict(decode_step="static", overlap="on")], ids=["eager", "static", "overlap"])
+def test_a_continued_reply_is_the_uncut_one_on_every_decode_path_among_other_chats(tiny_chat_model,
+                                                                                   default_tokenizer, decode):
+    engine = make_engine(tiny_chat_model, default_tokenizer, **decode)
+    uncut, continued = cut_and_continued_equals_uncut(engine)
+    assert continued == uncut
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh runs it on one)")
+def test_on_cuda_a_continued_reply_is_the_uncut_one_with_graphs_and_overlap(cuda_chat_model):
+    model, tokenizer = cuda_chat_model
+    engine = make_engine(model, tokenizer)  # "auto": the static step, graphed and overlapped on CUDA
+    assert engine.decode_path == "static+graphs+overlap"
+    uncut, continued = cut_and_continued_equals_uncut(engine)
+    assert continued == uncut
 
 
 @pytest.mark.parametrize("system_prompt", [None, "You are terse."])
