@@ -58,8 +58,14 @@ def test_a_replica_killed_mid_reply_is_replaced_by_another_with_the_whole_conver
         set_max_new_tokens(page, 1024)
         send(page, "Tell me a very long story.")
         # Killed while the reply streams on A, once a part of it is saved (marked interrupted until it ends).
-        wait_for(lambda: interrupted_rows(database) > cut_before and replica_metrics(replicas.url(victim))[
-            "turns_active"] >= 1, "the partial reply on the victim to be saved")
+        try:
+            wait_for(lambda: interrupted_rows(database) > cut_before and replica_metrics(replicas.url(victim))[
+                "turns_active"] >= 1, "the partial reply on the victim to be saved")
+        except AssertionError as error:  # say what the page asked for and what A wrote: a reply that ended already?
+            asked = page.input_value("#max-new-tokens input[type=number]")
+            raise AssertionError(diagnosis(page, [], replicas, victim, database, tmp_path,
+                                           what=f"{error}; Max new tokens on the page: {asked}",
+                                           focus_is="the victim")) from error
         secrets = [browser_secrets(replicas.url(i)) for i in (victim, survivor)]
         storage = page.evaluate(LOCAL_STORAGE)
         replicas.kill(victim)
