@@ -181,18 +181,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.save is not None:
             save_history(args.save, engine, session, recall, marks)
 
+    def last_reply() -> int | None:
+        """The index (as `marks` counts, the system prompt left out) of the last message when it is a reply."""
+        visible = [m for m in engine.history(session) if m["role"] != "system"]
+        return len(visible) - 1 if visible and visible[-1]["role"] == "assistant" else None
+
     def mark_last_reply(key: str) -> None:
         """Mark the conversation's last message with `key` (`MARK_KEYS`) when it is a reply."""
-        visible = [m for m in engine.history(session) if m["role"] != "system"]
-        if visible and visible[-1]["role"] == "assistant":
-            marks[key].add(len(visible) - 1)
+        reply = last_reply()
+        if reply is not None:
+            marks[key].add(reply)
 
     def ask(prompt: str) -> bool:
         if prompt.strip() == CONTINUE_COMMAND:
             events = engine.continue_reply(session, **sampling)
             if refusal(events) is None:  # taken: the reply's mark is the one its new end gives it
                 print("\n[continuing the last reply] ", end="", flush=True)
-                reply = len([m for m in engine.history(session) if m["role"] != "system"]) - 1
+                reply = last_reply()  # a reply: the engine took the continuation
                 for kept in marks.values():
                     kept.discard(reply)
         else:

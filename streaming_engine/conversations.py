@@ -110,6 +110,12 @@ def _marks_of(messages: list[dict]) -> dict[str, set[int]]:
     return {key: {i for i, m in enumerate(messages) if m.get(key) and m["role"] == "assistant"} for key in MARK_KEYS}
 
 
+def _not_taken(exc: Exception) -> Refused:
+    """The events of a turn refused before the engine saw it (the conversation cannot be opened, a cap, a stored
+    history the engine refuses), as `engine.refusal` tells them."""
+    return Refused(refused(str(exc), "busy" if isinstance(exc, EngineBusy) else "invalid"))
+
+
 class Conversations:
     """Token-addressed conversations over an engine and a store (thread-safe)."""
 
@@ -353,7 +359,7 @@ class Conversations:
             sid = self._session(token, owner)
             before = len(self.messages(token, sid))
         except (ConversationNotFound, EngineBusy, ValueError) as exc:  # busy: a cap, while re-creating it
-            return Refused(refused(str(exc), "busy" if isinstance(exc, EngineBusy) else "invalid"))
+            return _not_taken(exc)
         with self._lock:
             self._keep_marks(token, before)
         events = self.engine.start_chat(sid, message, **sampling)
@@ -378,7 +384,7 @@ class Conversations:
             sid = self._session(token, owner)
             shown = self.messages(token, sid)
         except (ConversationNotFound, EngineBusy, ValueError) as exc:
-            return Refused(refused(str(exc), "busy" if isinstance(exc, EngineBusy) else "invalid"))
+            return _not_taken(exc)
         events = self.engine.continue_reply(sid, **sampling)
         if refusal(events) is not None:
             return events

@@ -542,8 +542,9 @@ class Session:
 
     def continue_refusal(self) -> str | None:
         """Why `continue_turn` cannot extend the last reply now (the wording a person reads), or None when it can:
-        the reply must be the last message, have ended before its end of turn (cut at `max_new_tokens`, or
-        stopped), and still be in the cache as it ended, its last token waiting in `pending_ids`."""
+        the reply must be the last message and have ended before its end of turn (cut at `max_new_tokens`,
+        stopped, cut off: `open_reply`), in a cache that has room. It need not be in the cache: `plan_continue`
+        rebuilds one with it left open."""
         if not self.history or self.history[-1]["role"] != "assistant":
             return NO_REPLY_TO_CONTINUE
         if self.status is SessionStatus.FULL:

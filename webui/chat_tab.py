@@ -251,52 +251,58 @@ def stream_turn(conversations, message, messages, state, record, system_prompt, 
     except ConversationNotFound:  # its live session closed meanwhile: `chat` re-creates it from the store
         shown = list(messages or [])
     messages = mark_memory(shown + user_and_pending_reply(message), conversations.memory_map(token))
-    sampling = dict(temperature=float(temp), top_p=float(p), top_k=int(k), max_new_tokens=int(new_tokens),
-                    repetition_penalty=float(rep))
+    sampling = turn_sampling(temp, p, k, new_tokens, rep)
     # Submitted and stored before the page shows the message: what the user saw survives a crash right after.
     events = conversations.chat(token, message, owner=owner, **sampling)
     not_taken = refusal(events)
     if not_taken is not None:  # never shown as sent
         yield _given_back(not_taken, shown, message, state, record)
         return
-    try:
-        yield from _streamed(events, conversations, token, messages, shown, message, from_box, state, record)
-    finally:  # a page gone mid-reply (gradio closes this generator): the turn's outcome is saved now, not at GC
-        close = getattr(events, "close", None)
-        if close is not None:
-            close()
+    yield from _streamed(events, conversations, token, messages, shown, message, from_box, state, record)
+
+
+def turn_sampling(temp, p, k, new_tokens, rep) -> dict:
+    """The Settings sliders' values as the engine's sampling keywords (Send, Retry and Continue alike)."""
+    return dict(temperature=float(temp), top_p=float(p), top_k=int(k), max_new_tokens=int(new_tokens),
+                repetition_penalty=float(rep))
 
 
 def _streamed(events, conversations, token, messages, shown, message, from_box, state, record, reply=""):
     """`stream_turn`'s updates while the turn's events come (and `continue_last`'s, into the reply that has
-    `reply` already: the page's last message)."""
-    throttle, taken = Throttle(), False
-    yield messages, "" if from_box else SKIP, SKIP, state, record, SKIP
-    for event in events:
-        if event.kind == "delta":
-            reply += event.text
-            if throttle.due():
-                messages[-1] = {"role": "assistant", "content": inert(reply)}
-                messages = mark_memory(messages, conversations.memory_map(token))  # live: evictions fade older ones
-                yield messages, SKIP, gauges_html(event.stats, phase="generating"), state, SKIP, SKIP
-        elif event.kind == "done":
-            taken, gauges = True, gauges_html(event.stats)
-            messages[-1] = {"role": "assistant", "content": final_reply(event, CONTEXT_FULL_NOTE)}
-            messages = mark_memory(messages, conversations.memory_map(token))
-            yield messages, SKIP, gauges, state, SKIP, SKIP
-        elif event.accepted:  # failed part-way: the conversation kept the message and the partial reply
-            gr.Warning(event.text)
-            taken, gauges = True, gauges_html(event.stats) if event.stats else SKIP
-            messages[-1] = {"role": "assistant", "content": error_reply(event.text)}
-            yield messages, SKIP, gauges, state, SKIP, SKIP
-        else:  # refused (bad setting, busy): nothing happened
-            yield _given_back(event, shown, message, state, SKIP)
-    problem = conversations.save_error(token)
-    if problem:
-        gr.Warning(problem)
-    if taken:  # the turn is saved now (the conversation saves once its stream ends): list its new title and count,
-        # and send the record again: the page has surely mounted by now, so a first write it lost is repaired
-        yield messages, SKIP, gauges, state, record, list_update(conversations, record)
+    `reply` already: the page's last message). A page gone mid-reply (gradio closes this generator) closes
+    `events`, so the turn's outcome is saved now, not at garbage collection."""
+    try:
+        throttle, taken = Throttle(), False
+        yield messages, "" if from_box else SKIP, SKIP, state, record, SKIP
+        for event in events:
+            if event.kind == "delta":
+                reply += event.text
+                if throttle.due():
+                    messages[-1] = {"role": "assistant", "content": inert(reply)}
+                    messages = mark_memory(messages, conversations.memory_map(token))  # live: evictions fade older ones
+                    yield messages, SKIP, gauges_html(event.stats, phase="generating"), state, SKIP, SKIP
+            elif event.kind == "done":
+                taken, gauges = True, gauges_html(event.stats)
+                messages[-1] = {"role": "assistant", "content": final_reply(event, CONTEXT_FULL_NOTE)}
+                messages = mark_memory(messages, conversations.memory_map(token))
+                yield messages, SKIP, gauges, state, SKIP, SKIP
+            elif event.accepted:  # failed part-way: the conversation kept the message and the partial reply
+                gr.Warning(event.text)
+                taken, gauges = True, gauges_html(event.stats) if event.stats else SKIP
+                messages[-1] = {"role": "assistant", "content": error_reply(event.text)}
+                yield messages, SKIP, gauges, state, SKIP, SKIP
+            else:  # refused (bad setting, busy): nothing happened
+                yield _given_back(event, shown, message, state, SKIP)
+        problem = conversations.save_error(token)
+        if problem:
+            gr.Warning(problem)
+        if taken:  # the turn is saved now (the conversation saves once its stream ends): list its new title and count,
+            # and send the record again: the page has surely mounted by now, so a first write it lost is repaired
+            yield messages, SKIP, gauges, state, record, list_update(conversations, record)
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
 
 
 def _given_back(event, shown, message, state, record):
@@ -378,8 +384,7 @@ def continue_last(conversations, messages, state, record, system_prompt, temp, p
         gr.Warning(str(exc))
         yield messages, SKIP, SKIP, state, SKIP, SKIP
         return
-    sampling = dict(temperature=float(temp), top_p=float(p), top_k=int(k), max_new_tokens=int(new_tokens),
-                    repetition_penalty=float(rep))
+    sampling = turn_sampling(temp, p, k, new_tokens, rep)
     events = conversations.continue_reply(token, owner=owner_of(request), **sampling)
     not_taken = refusal(events)
     if not_taken is not None:
@@ -388,13 +393,8 @@ def continue_last(conversations, messages, state, record, system_prompt, temp, p
         return
     shown = mark_memory(shown_messages(stored[:-1]) + [{"role": "assistant", "content": inert(stored[-1]["content"])}],
                         conversations.memory_map(token))
-    try:
-        yield from _streamed(events, conversations, token, shown, shown, SKIP, False, state, record,
-                             reply=stored[-1]["content"])
-    finally:
-        close = getattr(events, "close", None)
-        if close is not None:
-            close()
+    yield from _streamed(events, conversations, token, shown, shown, SKIP, False, state, record,
+                         reply=stored[-1]["content"])
 
 
 def stop_reply(conversations, state, request: gr.Request = None) -> None:

@@ -443,10 +443,7 @@ def mount(app: FastAPI, engine: StreamingEngine, *, model_name: str, auth: tuple
                                   sum(m["role"] != "system" for m in chat.prior))
             # Submitted now, so a refusal (busy, bad message) is an HTTP status even for a streamed request. A
             # continuation answers with the new text only, as vLLM does: the client has the reply so far.
-            held = engine.history(sid)[-1]["content"] if chat.continue_final else ""
-            events = await run_in_threadpool(
-                lambda: engine.continue_reply(sid, **chat.sampling) if chat.continue_final
-                else engine.start_chat(sid, chat.message, **chat.sampling))
+            held, events = await run_in_threadpool(_submit_turn, engine, sid, chat)
             refused = refusal(events)
             if refused is not None:
                 raise _error_from_event(refused)
@@ -507,6 +504,14 @@ def mount(app: FastAPI, engine: StreamingEngine, *, model_name: str, auth: tuple
 
     app.add_api_route("/v1/{path:path}", not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     return pool
+
+
+def _submit_turn(engine: StreamingEngine, sid: str, chat: ChatRequest) -> tuple[str, Iterator]:
+    """Submit the request's turn: (the reply's text so far, which a continuation's answer leaves out; its events).
+    Run on a worker thread: reading the history copies it, and submitting renders and encodes."""
+    if chat.continue_final:
+        return engine.history(sid)[-1]["content"], engine.continue_reply(sid, **chat.sampling)
+    return "", engine.start_chat(sid, chat.message, **chat.sampling)
 
 
 def _last_event(events: Iterator):

@@ -76,6 +76,11 @@ def api_error(exc: BaseException | None = None, *, code: str | None = None, mess
     return gr.Error(text or ERROR_CODES[code], title=code, print_exception=False)
 
 
+def given(**settings) -> dict:
+    """The optional sampling settings a caller gave (null: the engine's default, so left out)."""
+    return {name: value for name, value in settings.items() if value is not None}
+
+
 def typed(fn: Callable, returns) -> Callable:
     """`fn` with `returns` as its signature's return annotation: what gradio reads as the endpoint's outputs (a
     tuple: one output per item). Needed for a generator, whose honest annotation (an Iterator) gradio cannot split,
@@ -119,12 +124,11 @@ def register(engine: StreamingEngine, max_new_tokens_default: int = DEFAULT_API_
         temperature: in [0, 5] (0 = greedy); top_p: in (0, 1]; top_k: >= 0 (0 = off); repetition_penalty: in
         (0, 10] (1 = off); seed: >= 0. Ints are accepted where numbers are; null (the default) keeps the engine's
         setting. Yields (reply so far, stats object); the last update's stats has "finish_reason"."""
-        optional = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                        seed=seed)
         try:
             sid, text, sampling = validate.chat_arguments(
                 session_id, message, engine.config.max_message_chars, max_new_tokens=max_new_tokens,
-                **{name: value for name, value in optional.items() if value is not None})
+                **given(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                        seed=seed))
             engine.stats(sid)  # an unknown id is unknown_session here as on /history, not a refused turn
         except (ValueError, SessionNotFound) as exc:
             raise api_error(exc) from exc
@@ -138,12 +142,10 @@ def register(engine: StreamingEngine, max_new_tokens_default: int = DEFAULT_API_
         ended. session_id: from /new_session; the sampling settings as for /chat. Yields (the whole reply so far,
         stats object); the last update's stats has "finish_reason". A reply that finished is refused, saying
         so."""
-        optional = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                        seed=seed)
         try:
             sid = validate.session_id(session_id)
-            sampling = validate.sampling_arguments(dict(max_new_tokens=max_new_tokens, **{
-                name: value for name, value in optional.items() if value is not None}))
+            sampling = validate.sampling_arguments(dict(max_new_tokens=max_new_tokens, **given(
+                temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed)))
             held = engine.history(sid)  # an unknown id is unknown_session here as on /chat
         except (ValueError, SessionNotFound) as exc:
             raise api_error(exc) from exc
